@@ -1,0 +1,5 @@
+import { Demo } from './demo.tsx';
+
+export default function Page() {
+  return <Demo />;
+}

@@ -1,0 +1,69 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { Readable, pipeline } from 'node:stream';
+import type { InboundRequest, ProxyResponse } from './proxy.ts';
+
+/**
+ * The two ways a request reaches the proxy core: a Web `Request` (Next route handler, Vercel) and
+ * a Node `IncomingMessage` (the fast-path server). Only shape conversion lives here.
+ */
+
+const BODYLESS = new Set(['GET', 'HEAD']);
+
+export function inboundFromWeb(request: Request, remoteAddress: string | undefined): InboundRequest {
+  const url = new URL(request.url);
+  return {
+    method: request.method,
+    rawUrl: url.pathname + url.search,
+    header: (name) => request.headers.get(name) ?? undefined,
+    headerPairs: () => request.headers.entries(),
+    remoteAddress,
+    body: request.body && !BODYLESS.has(request.method) ? Readable.fromWeb(request.body as import('node:stream/web').ReadableStream) : null,
+    signal: request.signal,
+  };
+}
+
+export function webResponseFrom(answer: ProxyResponse): Response {
+  const headers = new Headers();
+  for (const [name, value] of answer.headers) headers.append(name, value);
+  const body =
+    answer.body === null ? null : typeof answer.body === 'string' ? answer.body : (Readable.toWeb(answer.body) as unknown as ReadableStream<Uint8Array>);
+  return new Response(body, { status: answer.status, headers });
+}
+
+export function inboundFromNode(request: IncomingMessage, response: ServerResponse): InboundRequest {
+  const controller = new AbortController();
+  // The response closing before it finished means the browser went away: stop the upstream too.
+  response.once('close', () => {
+    if (!response.writableFinished) controller.abort();
+  });
+  return {
+    method: request.method ?? 'GET',
+    rawUrl: request.url ?? '/',
+    header: (name) => {
+      const value = request.headers[name];
+      return Array.isArray(value) ? value.join(', ') : value;
+    },
+    headerPairs: function* () {
+      const raw = request.rawHeaders;
+      for (let i = 0; i < raw.length; i += 2) yield [raw[i] as string, raw[i + 1] as string];
+    },
+    remoteAddress: request.socket.remoteAddress,
+    body: BODYLESS.has(request.method ?? 'GET') ? null : request,
+    signal: controller.signal,
+  };
+}
+
+export function writeNodeResponse(answer: ProxyResponse, response: ServerResponse): void {
+  const headers: Record<string, string | string[]> = {};
+  for (const [name, value] of answer.headers) {
+    const existing = headers[name];
+    headers[name] = existing === undefined ? value : Array.isArray(existing) ? [...existing, value] : [existing, value];
+  }
+  response.writeHead(answer.status, headers);
+  if (answer.body === null || typeof answer.body === 'string') {
+    response.end(answer.body ?? undefined);
+    return;
+  }
+  // Backpressure both ways; if the browser leaves, pipeline destroys the upstream body too.
+  pipeline(answer.body, response, () => undefined);
+}

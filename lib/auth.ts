@@ -1,0 +1,198 @@
+import { ConfigError, getConfig } from './config.ts';
+import { GatehouseError, asGatehouseError, errorBody, errors } from './errors.ts';
+import { NO_STORE, checkCsrf, jsonHeaders, safeReturnTo } from './http.ts';
+import { describeCause, log } from './log.ts';
+import * as oidc from './oidc.ts';
+import {
+  clearSessionCookieHeader,
+  clearTransactionCookieHeader,
+  createSession,
+  destroySession,
+  getStore,
+  readTransaction,
+  sessionCookieHeader,
+  sessionExpiresAt,
+  sessionFromCookieHeader,
+  touchSession,
+  transactionCookieHeader,
+  userClaims,
+  type Session,
+} from './session.ts';
+import { sessionHash } from './tokens.ts';
+
+/**
+ * The auth endpoints, as functions from a Web Request to a Web Response, so route handlers stay
+ * one line and the same code could serve any runtime with fetch-style handlers.
+ */
+
+export function jsonResponse(status: number, body: unknown, extraHeaders: HeadersInit = {}): Response {
+  const headers = new Headers(jsonHeaders());
+  for (const [name, value] of new Headers(extraHeaders)) headers.append(name, value);
+  return new Response(JSON.stringify(body), { status, headers });
+}
+
+/** API failures as JSON; the cause goes to the log, never into the answer. */
+export function apiError(caught: unknown, event: string): Response {
+  const error = configAware(caught);
+  if (error.status >= 500) log('error', event, { code: error.code, ...describeCause(error.cause) });
+  const headers = new Headers(jsonHeaders());
+  if (error.clearSession) headers.append('set-cookie', clearSessionCookieHeader());
+  return new Response(errorBody(error), { status: error.status, headers });
+}
+
+function configAware(caught: unknown): GatehouseError {
+  if (caught instanceof ConfigError) {
+    log('error', 'config.invalid', { problems: caught.problems });
+    return new GatehouseError('misconfigured', 500, 'Gatehouse is not configured correctly; the server log names the setting.');
+  }
+  return asGatehouseError(caught);
+}
+
+const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+/** Browser navigations get a readable page with a way forward, never JSON or a stack trace. */
+export function errorPage(caught: unknown, event: string, retryPath = '/api/auth/login'): Response {
+  const error = configAware(caught);
+  log(error.status >= 500 ? 'error' : 'warn', event, { code: error.code, ...describeCause(error.cause) });
+  const html = `<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Sign-in problem</title><style>body{font:16px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;color:#1d2330}code{background:#eef1f6;padding:.1rem .3rem;border-radius:4px}a{color:#2454c7}</style></head>
+<body><main><h1>We could not sign you in</h1><p>${escapeHtml(error.message)}</p><p>Error code: <code>${escapeHtml(error.code)}</code></p>
+<p><a href="${escapeHtml(retryPath)}">Try again</a> · <a href="/">Back to the application</a></p></main></body></html>`;
+  return new Response(html, {
+    status: error.status === 502 || error.status === 503 ? 502 : error.status >= 500 ? 500 : 400,
+    headers: { 'content-type': 'text/html; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff', 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'" },
+  });
+}
+
+function redirect(location: string, cookies: string[] = []): Response {
+  const headers = new Headers({ location, ...NO_STORE });
+  for (const cookie of cookies) headers.append('set-cookie', cookie);
+  return new Response(null, { status: 302, headers });
+}
+
+export function requireCsrf(request: Request): void {
+  if (!checkCsrf((name) => request.headers.get(name), getConfig().appBaseUrl.origin).ok) throw errors.csrf();
+}
+
+// --- login -------------------------------------------------------------------------------------
+
+export async function startLogin(request: Request): Promise<Response> {
+  const url = new URL(request.url);
+  const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
+  const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
+  const authorization = oidc.newAuthorizationRequest(prompt);
+  const location = await oidc.buildAuthorizationUrl(authorization);
+  log('info', 'auth.login_started', { silent: Boolean(prompt) });
+  return redirect(location.href, [await transactionCookieHeader({ ...authorization, returnTo })]);
+}
+
+function withAuthError(returnTo: string, code: string): string {
+  const target = new URL(returnTo, getConfig().appBaseUrl);
+  target.searchParams.set('authError', code);
+  return target.pathname + target.search + target.hash;
+}
+
+export async function finishLogin(request: Request): Promise<Response> {
+  const url = new URL(request.url);
+  const cookieHeader = request.headers.get('cookie');
+  const state = url.searchParams.get('state');
+  const transaction = await readTransaction(cookieHeader, state);
+  if (!transaction || !state) {
+    // No matching login in progress: a forged, stale or replayed callback.
+    throw new GatehouseError('invalid_state', 400, 'This sign-in link is not valid any more. Start again.');
+  }
+  const clearTransaction = clearTransactionCookieHeader(state);
+  const idpError = url.searchParams.get('error');
+  if (idpError && transaction.prompt === 'none') {
+    // Silent login: tell the SPA instead of showing the IdP's UI.
+    const code = /^[a-z_]{1,64}$/.test(idpError) ? idpError : 'login_required';
+    log('info', 'auth.silent_login', { outcome: code });
+    return redirect(withAuthError(transaction.returnTo, code), [clearTransaction]);
+  }
+  const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction);
+
+  const previous = await sessionFromCookieHeader(cookieHeader);
+  if (previous.session) await destroySession(previous.session.id);
+
+  const session = await createSession({
+    sub: claims.sub,
+    idpSid: typeof claims.sid === 'string' ? claims.sid : undefined,
+    secrets: { accessToken: tokens.accessToken, refreshToken: tokens.refreshToken, idToken: tokens.idToken, claims: userClaims(claims) },
+    accessTokenExpiresAt: tokens.accessTokenExpiresAt,
+    userAgent: request.headers.get('user-agent') ?? undefined,
+  });
+  log('info', 'auth.login', { session: sessionHash(session.id), refreshToken: Boolean(tokens.refreshToken) });
+  return redirect(new URL(transaction.returnTo, getConfig().appBaseUrl).href, [await sessionCookieHeader(session.id), clearTransaction]);
+}
+
+// --- session -----------------------------------------------------------------------------------
+
+export async function describeSession(request: Request): Promise<Response> {
+  requireCsrf(request);
+  const { session, stale } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!session) return jsonResponse(200, { authenticated: false }, stale ? { 'set-cookie': clearSessionCookieHeader() } : {});
+  await touchSession(session, true);
+  return jsonResponse(200, {
+    authenticated: true,
+    user: session.secrets.claims,
+    expiresAt: Math.floor(sessionExpiresAt(session.record) / 1000),
+    logoutUrl: `/api/auth/logout?sid=${encodeURIComponent(session.record.logoutToken)}`,
+  });
+}
+
+// --- logout ------------------------------------------------------------------------------------
+
+function constantTimeEqual(a: string, b: string): boolean {
+  if (a.length !== b.length) return false;
+  let difference = 0;
+  for (let i = 0; i < a.length; i++) difference |= a.charCodeAt(i) ^ b.charCodeAt(i);
+  return difference === 0;
+}
+
+/** Ends the session here and at the IdP's token layer; returns where the browser should go next. */
+async function endSession(session: Session): Promise<string> {
+  await destroySession(session.id);
+  const { refreshToken, idToken } = session.secrets;
+  const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
+  log('info', 'auth.logout', { session: sessionHash(session.id), revoked });
+  const endSessionUrl = await oidc.buildEndSessionUrl(idToken);
+  return endSessionUrl?.href ?? '/';
+}
+
+/** GET with the session's own `sid`: a top-level navigation that a cross-site link cannot forge. */
+export async function logoutByNavigation(request: Request): Promise<Response> {
+  const sid = new URL(request.url).searchParams.get('sid');
+  if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
+  const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!session) return redirect('/', [clearSessionCookieHeader()]);
+  if (!constantTimeEqual(sid, session.record.logoutToken)) {
+    throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
+  }
+  return redirect(await endSession(session), [clearSessionCookieHeader()]);
+}
+
+/** POST with X-CSRF for SPAs: ends the session and hands back the IdP logout URL to navigate to. */
+export async function logoutByApi(request: Request): Promise<Response> {
+  requireCsrf(request);
+  const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  const redirectTo = session ? await endSession(session) : '/';
+  return jsonResponse(200, { redirectTo }, { 'set-cookie': clearSessionCookieHeader() });
+}
+
+// --- health ------------------------------------------------------------------------------------
+
+export async function checkHealth(): Promise<Response> {
+  getConfig();
+  const [store, idp] = await Promise.all([
+    getStore().ping().then(
+      () => 'ok',
+      () => 'unavailable',
+    ),
+    oidc.checkDiscovery().then(
+      () => 'ok',
+      () => 'unavailable',
+    ),
+  ]);
+  const healthy = store === 'ok' && idp === 'ok';
+  return jsonResponse(healthy ? 200 : 503, healthy ? { status: 'ok', store, idp } : { error: 'unhealthy', message: `Not ready: ${[store !== 'ok' && 'store', idp !== 'ok' && 'idp'].filter(Boolean).join(' and ')} unavailable.`, store, idp });
+}

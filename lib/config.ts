@@ -1,0 +1,295 @@
+import { z } from 'zod';
+
+/**
+ * The whole configuration, read from the environment once, on first use. Validating at import
+ * time would break `next build`, which imports route modules without any secrets present.
+ */
+export interface Config {
+  production: boolean;
+  appBaseUrl: URL;
+  /** Secure cookies and the `__Host-` prefix: everywhere except plain-http loopback. */
+  secureCookies: boolean;
+  oidc: {
+    issuer: URL;
+    clientId: string;
+    clientAuth: 'client_secret_basic' | 'client_secret_post' | 'private_key_jwt';
+    clientSecret: string | undefined;
+    privateKeyJwk: JsonWebKeyWithKid | undefined;
+    scopes: string;
+    redirectUri: string;
+    postLogoutRedirectUri: string;
+    /** http:// endpoints are allowed only when the issuer is on loopback. */
+    allowInsecureRequests: boolean;
+    timeoutMs: number;
+  };
+  session: {
+    /** First entry seals, every entry unseals. */
+    secrets: string[];
+    /** First entry encrypts, every entry decrypts. */
+    tokenKeys: string[];
+    cookieName: string;
+    sameSite: 'strict' | 'lax';
+    idleTimeoutSec: number;
+    absoluteTimeoutSec: number;
+    /** The sliding expiry is pushed forward at most this often per session, not on every call. */
+    touchIntervalSec: number;
+  };
+  refresh: { skewSec: number; lockLeaseMs: number };
+  store:
+    | { kind: 'memory' }
+    | { kind: 'redis'; url: string }
+    | { kind: 'upstash'; url: string; token: string };
+  keyPrefix: string;
+  apis: Record<string, ApiConfig>;
+  logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
+}
+
+export interface JsonWebKeyWithKid extends JsonWebKey {
+  kid?: string;
+}
+
+export interface ApiConfig {
+  name: string;
+  url: URL;
+  auth: 'user' | 'user-optional' | 'client' | 'none';
+  scope: string | undefined;
+  resource: string | undefined;
+  timeoutMs: number;
+  maxBodyBytes: number;
+}
+
+const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
+
+export function isLoopback(url: URL): boolean {
+  return LOOPBACK_HOSTS.has(url.hostname);
+}
+
+/** https anywhere; http only on loopback, so a production build can be tested locally. */
+const endpointUrl = z
+  .string({ error: 'is required' })
+  .trim()
+  .min(1, 'is required')
+  .transform((value, ctx) => {
+    let url: URL;
+    try {
+      url = new URL(value);
+    } catch {
+      ctx.addIssue({ code: 'custom', message: `is not a URL ("${value.slice(0, 80)}")` });
+      return z.NEVER;
+    }
+    if (url.protocol !== 'https:' && !(url.protocol === 'http:' && isLoopback(url))) {
+      ctx.addIssue({ code: 'custom', message: 'must be https:// (http:// is accepted only for localhost, 127.0.0.1 and [::1])' });
+      return z.NEVER;
+    }
+    if (url.username || url.password) {
+      ctx.addIssue({ code: 'custom', message: 'must not contain credentials' });
+      return z.NEVER;
+    }
+    return url;
+  });
+
+const secretList = (minLength: number) =>
+  z
+    .string({ error: 'is required' })
+    .transform((value) => value.split(',').map((entry) => entry.trim()).filter(Boolean))
+    .refine((list) => list.length > 0, 'is required')
+    .refine((list) => list.every((entry) => entry.length >= minLength), `every comma-separated entry must be at least ${minLength} characters`)
+    .refine((list) => new Set(list).size === list.length, 'must not list the same secret twice');
+
+const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
+
+const apiSchema = z
+  .object({
+    url: endpointUrl,
+    auth: z.enum(['user', 'user-optional', 'client', 'none']).default('user'),
+    scope: z.string().trim().min(1).optional(),
+    resource: z.url().optional(),
+    timeoutMs: z.number().int().positive().max(600_000).default(30_000),
+    maxBodyBytes: z.number().int().nonnegative().default(10 * 1024 * 1024),
+  })
+  .strict();
+
+const apisSchema = z
+  .string({ error: 'is required (JSON, e.g. {"todos":{"url":"https://api.example.com/v1"}})' })
+  .transform((value, ctx) => {
+    try {
+      return JSON.parse(value) as unknown;
+    } catch {
+      ctx.addIssue({ code: 'custom', message: 'is not valid JSON' });
+      return z.NEVER;
+    }
+  })
+  .pipe(z.record(z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'API names are lowercase letters, digits, "-" and "_"'), apiSchema));
+
+const envSchema = z.object({
+  NODE_ENV: z.string().optional(),
+  APP_BASE_URL: endpointUrl,
+  OIDC_ISSUER: endpointUrl,
+  OIDC_CLIENT_ID: z.string({ error: 'is required' }).trim().min(1, 'is required'),
+  OIDC_CLIENT_SECRET: z.string().trim().min(1).optional(),
+  OIDC_CLIENT_AUTH: z.enum(['client_secret_basic', 'client_secret_post', 'private_key_jwt']).default('client_secret_basic'),
+  OIDC_PRIVATE_KEY: z
+    .string()
+    .optional()
+    .transform((value, ctx) => {
+      if (value === undefined) return undefined;
+      try {
+        const jwk = JSON.parse(value) as JsonWebKeyWithKid;
+        if (typeof jwk !== 'object' || jwk === null || typeof jwk.kty !== 'string' || typeof jwk.d !== 'string') throw new Error();
+        return jwk;
+      } catch {
+        ctx.addIssue({ code: 'custom', message: 'must be a private JWK as JSON' });
+        return z.NEVER;
+      }
+    }),
+  OIDC_SCOPES: z.string().trim().default('openid profile email offline_access').refine((s) => s.split(/\s+/).includes('openid'), 'must include "openid"'),
+  OIDC_TIMEOUT_MS: z.coerce.number().int().positive().max(60_000).default(10_000),
+  SESSION_SECRET: secretList(32),
+  TOKEN_ENCRYPTION_KEY: secretList(32).optional(),
+  SESSION_COOKIE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, "-" and "_" only').default('gatehouse'),
+  SESSION_COOKIE_SAMESITE: z.enum(['strict', 'lax']).default('strict'),
+  SESSION_IDLE_TIMEOUT: seconds(8 * 3600),
+  SESSION_ABSOLUTE_TIMEOUT: seconds(7 * 24 * 3600),
+  SESSION_TOUCH_INTERVAL: seconds(60),
+  TOKEN_REFRESH_SKEW: z.coerce.number().int().nonnegative().default(30),
+  REFRESH_LOCK_LEASE_MS: z.coerce.number().int().positive().default(25_000),
+  SESSION_STORE: z.enum(['memory', 'redis', 'upstash']).optional(),
+  REDIS_URL: z.string().trim().regex(/^rediss?:\/\//, 'must start with redis:// or rediss://').optional(),
+  UPSTASH_REDIS_REST_URL: endpointUrl.optional(),
+  UPSTASH_REDIS_REST_TOKEN: z.string().trim().min(1).optional(),
+  REDIS_KEY_PREFIX: z.string().regex(/^[A-Za-z0-9:_-]{1,64}$/).default('gatehouse:'),
+  BFF_APIS: apisSchema,
+  LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),
+});
+
+type Env = z.output<typeof envSchema>;
+
+export class ConfigError extends Error {
+  readonly problems: string[];
+  constructor(problems: string[]) {
+    super(`Gatehouse configuration is invalid:\n${problems.map((p) => `  - ${p}`).join('\n')}`);
+    this.name = 'ConfigError';
+    this.problems = problems;
+  }
+}
+
+/** Checks that need several variables at once; each problem still names its variable. */
+function crossCheck(env: Env): string[] {
+  const problems: string[] = [];
+  const production = env.NODE_ENV === 'production';
+  if (env.OIDC_CLIENT_AUTH === 'private_key_jwt' && !env.OIDC_PRIVATE_KEY) {
+    problems.push('OIDC_PRIVATE_KEY: is required when OIDC_CLIENT_AUTH=private_key_jwt');
+  }
+  if (env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
+    problems.push(`OIDC_CLIENT_SECRET: is required when OIDC_CLIENT_AUTH=${env.OIDC_CLIENT_AUTH}`);
+  }
+  if (env.SESSION_IDLE_TIMEOUT > env.SESSION_ABSOLUTE_TIMEOUT) {
+    problems.push('SESSION_IDLE_TIMEOUT: must not be longer than SESSION_ABSOLUTE_TIMEOUT');
+  }
+  if (env.REFRESH_LOCK_LEASE_MS <= env.OIDC_TIMEOUT_MS) {
+    // A lease shorter than the token call would let a second instance refresh while the first still waits.
+    problems.push('REFRESH_LOCK_LEASE_MS: must be longer than OIDC_TIMEOUT_MS');
+  }
+  const hasUpstash = Boolean(env.UPSTASH_REDIS_REST_URL || env.UPSTASH_REDIS_REST_TOKEN);
+  if (hasUpstash && !(env.UPSTASH_REDIS_REST_URL && env.UPSTASH_REDIS_REST_TOKEN)) {
+    problems.push(`${env.UPSTASH_REDIS_REST_URL ? 'UPSTASH_REDIS_REST_TOKEN' : 'UPSTASH_REDIS_REST_URL'}: Upstash needs both UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN`);
+  }
+  if (env.SESSION_STORE === 'redis' && !env.REDIS_URL) problems.push('REDIS_URL: is required when SESSION_STORE=redis');
+  if (env.SESSION_STORE === 'upstash' && !hasUpstash) problems.push('UPSTASH_REDIS_REST_URL: is required when SESSION_STORE=upstash');
+  if (production && !env.SESSION_STORE && !env.REDIS_URL && !hasUpstash) {
+    problems.push(
+      'REDIS_URL: a session store is required in production (set REDIS_URL, or UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN; SESSION_STORE=memory only for a single-instance trial)',
+    );
+  }
+  for (const [name, api] of Object.entries(env.BFF_APIS)) {
+    if (api.auth === 'client' && env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
+      problems.push(`BFF_APIS.${name}.auth: "client" needs client credentials`);
+    }
+  }
+  return problems;
+}
+
+function pickStore(env: Env): Config['store'] {
+  const kind = env.SESSION_STORE ?? (env.UPSTASH_REDIS_REST_URL ? 'upstash' : env.REDIS_URL ? 'redis' : 'memory');
+  if (kind === 'redis') return { kind, url: env.REDIS_URL as string };
+  if (kind === 'upstash') return { kind, url: (env.UPSTASH_REDIS_REST_URL as URL).href, token: env.UPSTASH_REDIS_REST_TOKEN as string };
+  return { kind: 'memory' };
+}
+
+export function parseConfig(source: Record<string, string | undefined>): Config {
+  const parsed = envSchema.safeParse(source);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((issue) => {
+      const [variable, ...rest] = issue.path.map(String);
+      const where = rest.length ? `${variable}.${rest.join('.')}` : variable;
+      return `${where ?? '(environment)'}: ${issue.message}`;
+    });
+    throw new ConfigError(problems);
+  }
+  const env = parsed.data;
+  const problems = crossCheck(env);
+  if (env.APP_BASE_URL.pathname !== '/' || env.APP_BASE_URL.search || env.APP_BASE_URL.hash) {
+    // Cookies are scoped to Path=/ (required by the __Host- prefix), so Gatehouse owns the whole origin.
+    problems.unshift('APP_BASE_URL: must be an origin such as https://app.example.com, without a path');
+  }
+  if (problems.length) throw new ConfigError(problems);
+
+  const appBaseUrl = new URL(env.APP_BASE_URL.origin);
+  const secureCookies = appBaseUrl.protocol === 'https:';
+  const base = appBaseUrl.origin;
+  return {
+    production: env.NODE_ENV === 'production',
+    appBaseUrl,
+    secureCookies,
+    oidc: {
+      issuer: env.OIDC_ISSUER,
+      clientId: env.OIDC_CLIENT_ID,
+      clientAuth: env.OIDC_CLIENT_AUTH,
+      clientSecret: env.OIDC_CLIENT_SECRET,
+      privateKeyJwk: env.OIDC_PRIVATE_KEY,
+      scopes: env.OIDC_SCOPES.split(/\s+/).join(' '),
+      redirectUri: `${base}/api/auth/callback`,
+      postLogoutRedirectUri: `${base}/`,
+      allowInsecureRequests: env.OIDC_ISSUER.protocol === 'http:',
+      timeoutMs: env.OIDC_TIMEOUT_MS,
+    },
+    session: {
+      secrets: env.SESSION_SECRET,
+      tokenKeys: env.TOKEN_ENCRYPTION_KEY ?? env.SESSION_SECRET,
+      cookieName: secureCookies ? `__Host-${env.SESSION_COOKIE_NAME}` : env.SESSION_COOKIE_NAME,
+      sameSite: env.SESSION_COOKIE_SAMESITE,
+      idleTimeoutSec: env.SESSION_IDLE_TIMEOUT,
+      absoluteTimeoutSec: env.SESSION_ABSOLUTE_TIMEOUT,
+      touchIntervalSec: Math.min(env.SESSION_TOUCH_INTERVAL, env.SESSION_IDLE_TIMEOUT),
+    },
+    refresh: { skewSec: env.TOKEN_REFRESH_SKEW, lockLeaseMs: env.REFRESH_LOCK_LEASE_MS },
+    store: pickStore(env),
+    keyPrefix: env.REDIS_KEY_PREFIX,
+    apis: Object.fromEntries(
+      Object.entries(env.BFF_APIS).map(([name, api]) => [
+        name,
+        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes },
+      ]),
+    ),
+    logLevel: env.LOG_LEVEL,
+  };
+}
+
+let cached: Config | undefined;
+
+/** Parses on first call and remembers the answer; a bad environment throws a ConfigError naming every variable. */
+export function getConfig(): Config {
+  cached ??= parseConfig(process.env);
+  return cached;
+}
+
+/** For server start-up: print every problem and stop, rather than serve errors. */
+export function exitOnInvalidConfig(): Config {
+  try {
+    return getConfig();
+  } catch (error) {
+    if (!(error instanceof ConfigError)) throw error;
+    process.stderr.write(`${error.message}\n`);
+    process.exit(1);
+  }
+}

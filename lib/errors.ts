@@ -1,0 +1,40 @@
+/**
+ * One error type for everything Gatehouse answers with. `code` is stable (the SPA branches on it),
+ * `message` is safe to show, `cause` is for the log only and never leaves the server.
+ */
+export class GatehouseError extends Error {
+  readonly code: string;
+  readonly status: number;
+  /** The browser's session cookie no longer leads anywhere and should be cleared with this answer. */
+  readonly clearSession: boolean;
+
+  constructor(code: string, status: number, message: string, options: { cause?: unknown; clearSession?: boolean } = {}) {
+    super(message, { cause: options.cause });
+    this.name = 'GatehouseError';
+    this.code = code;
+    this.status = status;
+    this.clearSession = options.clearSession ?? false;
+  }
+}
+
+export const errors = {
+  csrf: (message = 'This request must come from the application itself (X-CSRF: 1, same origin).') =>
+    new GatehouseError('csrf_failed', 403, message),
+  unauthenticated: (clearSession = false) =>
+    new GatehouseError('unauthenticated', 401, 'Sign in to continue.', { clearSession }),
+  sessionExpired: (cause?: unknown) =>
+    new GatehouseError('session_expired', 401, 'Your session has ended. Sign in again.', { cause, clearSession: true }),
+  idpUnavailable: (cause?: unknown) =>
+    new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause }),
+  storeUnavailable: (cause?: unknown) =>
+    new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause }),
+  internal: (cause?: unknown) => new GatehouseError('internal_error', 500, 'Something went wrong on our side.', { cause }),
+};
+
+export function asGatehouseError(error: unknown): GatehouseError {
+  return error instanceof GatehouseError ? error : errors.internal(error);
+}
+
+export function errorBody(error: GatehouseError): string {
+  return JSON.stringify({ error: error.code, message: error.message });
+}

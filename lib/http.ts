@@ -1,0 +1,63 @@
+/**
+ * Request checks shared by middleware (edge runtime) and every route handler. Edge-safe: no Node
+ * APIs, no I/O, no configuration parsing — callers pass the application origin in.
+ */
+
+export type HeaderLookup = (name: string) => string | null | undefined;
+
+export interface CsrfVerdict {
+  ok: boolean;
+  reason?: 'missing_header' | 'cross_origin' | 'cross_site';
+}
+
+/**
+ * The anti-forgery rule for every API call from the SPA: a custom header (which a cross-site form
+ * or a simple request cannot send without a CORS preflight we never grant) and, when the browser
+ * tells us, an Origin and Sec-Fetch-Site that show the same origin.
+ */
+export function checkCsrf(header: HeaderLookup, appOrigin: string | undefined): CsrfVerdict {
+  const site = header('sec-fetch-site');
+  if (site && site !== 'same-origin' && site !== 'none') return { ok: false, reason: 'cross_site' };
+  const origin = header('origin');
+  if (origin && (!appOrigin || origin !== appOrigin)) return { ok: false, reason: 'cross_origin' };
+  if (header('x-csrf') !== '1') return { ok: false, reason: 'missing_header' };
+  return { ok: true };
+}
+
+const CONTROL_OR_BACKSLASH = /[\u0000-\u001f\u007f\\]/;
+const PLACEHOLDER_ORIGIN = 'https://gatehouse.invalid';
+
+/**
+ * A `returnTo` that can only lead back into this application: a relative path, same origin, with
+ * every percent-decoding layer checked too (so `/%2F%2Fevil.example` cannot become `//evil.example`
+ * later in someone else's hands). Anything else becomes `/`.
+ */
+export function safeReturnTo(raw: string | null | undefined): string {
+  if (!raw || raw.length > 2048) return '/';
+  let layer = raw;
+  for (let depth = 0; depth < 4; depth++) {
+    if (!layer.startsWith('/') || layer.startsWith('//') || CONTROL_OR_BACKSLASH.test(layer)) return '/';
+    let decoded: string;
+    try {
+      decoded = decodeURIComponent(layer);
+    } catch {
+      return '/';
+    }
+    if (decoded === layer) break;
+    layer = decoded;
+  }
+  let url: URL;
+  try {
+    url = new URL(raw, PLACEHOLDER_ORIGIN);
+  } catch {
+    return '/';
+  }
+  if (url.origin !== PLACEHOLDER_ORIGIN) return '/';
+  return url.pathname + url.search + url.hash;
+}
+
+export const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' } as const;
+
+export function jsonHeaders(): Record<string, string> {
+  return { 'content-type': 'application/json; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff' };
+}

@@ -1,0 +1,267 @@
+import * as oauth from 'oauth4webapi';
+import { getConfig } from './config.ts';
+import { GatehouseError, errors } from './errors.ts';
+
+/**
+ * The only module that talks to the identity provider. Every exchange is a request and a check of
+ * its response (oauth4webapi), and every failure comes out as one of three kinds, because the
+ * caller must treat them differently: `invalid_grant` ends a session, `unavailable` must not.
+ */
+
+export interface TokenSet {
+  accessToken: string;
+  refreshToken: string | undefined;
+  idToken: string | undefined;
+  /** Epoch milliseconds; null when the IdP did not say. */
+  accessTokenExpiresAt: number | null;
+  scope: string | undefined;
+}
+
+export interface LoginResult {
+  tokens: TokenSet;
+  claims: oauth.IDToken;
+}
+
+export type IdpFailureKind = 'invalid_grant' | 'unavailable' | 'rejected';
+
+export class IdpError extends Error {
+  readonly kind: IdpFailureKind;
+  constructor(kind: IdpFailureKind, message: string, cause?: unknown) {
+    super(message, { cause });
+    this.name = 'IdpError';
+    this.kind = kind;
+  }
+}
+
+const DISCOVERY_TTL_MS = 60 * 60 * 1000;
+let discovery: { value: Promise<oauth.AuthorizationServer>; at: number } | undefined;
+/** Filled by oauth4webapi itself; one per process so the JWKS is fetched once, not per login. */
+const jwksCache: oauth.JWKSCacheInput = {};
+
+function requestOptions() {
+  const config = getConfig();
+  return { [oauth.allowInsecureRequests]: config.oidc.allowInsecureRequests, signal: AbortSignal.timeout(config.oidc.timeoutMs) };
+}
+
+export function getAuthorizationServer(): Promise<oauth.AuthorizationServer> {
+  if (discovery && Date.now() - discovery.at < DISCOVERY_TTL_MS) return discovery.value;
+  const issuer = getConfig().oidc.issuer;
+  const value = (async () => {
+    try {
+      const response = await oauth.discoveryRequest(issuer, { ...requestOptions(), algorithm: 'oidc' });
+      return await oauth.processDiscoveryResponse(issuer, response);
+    } catch (error) {
+      throw classify(error, 'discovery');
+    }
+  })();
+  discovery = { value, at: Date.now() };
+  // A failed discovery must not be remembered, or one IdP blip would break logins for an hour.
+  value.catch(() => {
+    if (discovery?.value === value) discovery = undefined;
+  });
+  return value;
+}
+
+function client(): oauth.Client {
+  return { client_id: getConfig().oidc.clientId };
+}
+
+let privateKey: Promise<oauth.PrivateKey> | undefined;
+
+async function clientAuth(): Promise<oauth.ClientAuth> {
+  const { oidc } = getConfig();
+  if (oidc.clientAuth === 'client_secret_post') return oauth.ClientSecretPost(oidc.clientSecret as string);
+  if (oidc.clientAuth === 'client_secret_basic') return oauth.ClientSecretBasic(oidc.clientSecret as string);
+  privateKey ??= importPrivateKey();
+  return oauth.PrivateKeyJwt(await privateKey);
+}
+
+async function importPrivateKey(): Promise<oauth.PrivateKey> {
+  const jwk = getConfig().oidc.privateKeyJwk as JsonWebKey & { kid?: string };
+  const algorithm =
+    jwk.kty === 'EC'
+      ? { name: 'ECDSA', namedCurve: jwk.crv ?? 'P-256' }
+      : jwk.kty === 'OKP'
+        ? { name: 'Ed25519' }
+        : { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256' };
+  const key = await crypto.subtle.importKey('jwk', jwk, algorithm, false, ['sign']);
+  return { key, kid: jwk.kid };
+}
+
+export interface AuthorizationRequest {
+  state: string;
+  nonce: string;
+  codeVerifier: string;
+  prompt?: string;
+}
+
+export function newAuthorizationRequest(prompt?: string): AuthorizationRequest {
+  return {
+    state: oauth.generateRandomState(),
+    nonce: oauth.generateRandomNonce(),
+    codeVerifier: oauth.generateRandomCodeVerifier(),
+    ...(prompt ? { prompt } : {}),
+  };
+}
+
+export async function buildAuthorizationUrl(request: AuthorizationRequest): Promise<URL> {
+  const as = await getAuthorizationServer();
+  const { oidc } = getConfig();
+  if (!as.authorization_endpoint) throw new IdpError('rejected', 'The IdP has no authorization_endpoint');
+  const url = new URL(as.authorization_endpoint);
+  url.searchParams.set('response_type', 'code');
+  url.searchParams.set('client_id', oidc.clientId);
+  url.searchParams.set('redirect_uri', oidc.redirectUri);
+  url.searchParams.set('scope', oidc.scopes);
+  url.searchParams.set('state', request.state);
+  url.searchParams.set('nonce', request.nonce);
+  url.searchParams.set('code_challenge', await oauth.calculatePKCECodeChallenge(request.codeVerifier));
+  url.searchParams.set('code_challenge_method', 'S256');
+  if (request.prompt) url.searchParams.set('prompt', request.prompt);
+  // offline_access is only honoured with prompt=consent by some IdPs; we ask for it but cope without.
+  return url;
+}
+
+const CLOCK_SKEW_SEC = 60;
+const MAX_ID_TOKEN_AGE_SEC = 10 * 60;
+
+/**
+ * Checks the authorization response (state, iss per RFC 9207, error), redeems the code with PKCE
+ * and client authentication, and validates the id_token including its signature and `iat`.
+ */
+export async function redeemAuthorizationCode(callbackUrl: URL, request: AuthorizationRequest): Promise<LoginResult> {
+  const as = await getAuthorizationServer();
+  let params: URLSearchParams;
+  try {
+    params = oauth.validateAuthResponse(as, client(), callbackUrl.searchParams, request.state);
+  } catch (error) {
+    if (error instanceof oauth.AuthorizationResponseError) {
+      throw new GatehouseError(error.error === 'access_denied' ? 'access_denied' : 'idp_error', 400, 'The identity provider did not sign you in.', { cause: error });
+    }
+    throw new GatehouseError('invalid_callback', 400, 'The sign-in response was not valid for this sign-in attempt.', { cause: error });
+  }
+  try {
+    const { oidc } = getConfig();
+    const response = await oauth.authorizationCodeGrantRequest(as, client(), await clientAuth(), params, oidc.redirectUri, request.codeVerifier, requestOptions());
+    const result = await oauth.processAuthorizationCodeResponse(as, client(), response, { expectedNonce: request.nonce, requireIdToken: true });
+    await oauth.validateApplicationLevelSignature(as, response, { ...requestOptions(), [oauth.jwksCache]: jwksCache });
+    const claims = oauth.getValidatedIdTokenClaims(result);
+    if (!claims) throw new IdpError('rejected', 'The token response had no id_token');
+    const now = Math.floor(Date.now() / 1000);
+    if (claims.iat > now + CLOCK_SKEW_SEC || claims.iat < now - MAX_ID_TOKEN_AGE_SEC) {
+      throw new IdpError('rejected', 'The id_token iat is out of range');
+    }
+    return { tokens: toTokenSet(result), claims };
+  } catch (error) {
+    const failure = classify(error, 'code exchange');
+    if (failure.kind === 'unavailable') throw new GatehouseError('idp_unavailable', 502, 'The identity provider could not be reached. Try again.', { cause: error });
+    throw new GatehouseError('token_exchange_failed', 400, 'The sign-in could not be completed.', { cause: error });
+  }
+}
+
+/**
+ * Refresh-token grant. The caller owns the refresh lock; this only talks to the IdP and checks
+ * the answer, including that a new id_token still names the same user (OIDC Core 12.2).
+ */
+export async function refreshTokens(refreshToken: string, expectedSub: string, extra: { resource?: string; scope?: string } = {}): Promise<TokenSet> {
+  try {
+    const as = await getAuthorizationServer();
+    const additionalParameters: Record<string, string> = {};
+    if (extra.resource) additionalParameters.resource = extra.resource;
+    if (extra.scope) additionalParameters.scope = extra.scope;
+    const response = await oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(), additionalParameters });
+    const result = await oauth.processRefreshTokenResponse(as, client(), response);
+    const claims = oauth.getValidatedIdTokenClaims(result);
+    if (claims && claims.sub !== expectedSub) throw new IdpError('invalid_grant', 'The refreshed id_token names another subject');
+    return toTokenSet(result);
+  } catch (error) {
+    throw classify(error, 'refresh');
+  }
+}
+
+export async function clientCredentialsToken(extra: { resource?: string; scope?: string }): Promise<TokenSet> {
+  try {
+    const as = await getAuthorizationServer();
+    const parameters: Record<string, string> = {};
+    if (extra.resource) parameters.resource = extra.resource;
+    if (extra.scope) parameters.scope = extra.scope;
+    const response = await oauth.clientCredentialsGrantRequest(as, client(), await clientAuth(), parameters, requestOptions());
+    return toTokenSet(await oauth.processClientCredentialsResponse(as, client(), response));
+  } catch (error) {
+    throw classify(error, 'client credentials');
+  }
+}
+
+/** RFC 7009. Best effort: a failure here must never keep a user from signing out. */
+export async function revokeToken(token: string, hint: 'refresh_token' | 'access_token'): Promise<boolean> {
+  try {
+    const as = await getAuthorizationServer();
+    if (!as.revocation_endpoint) return false;
+    const response = await oauth.revocationRequest(as, client(), await clientAuth(), token, { ...requestOptions(), additionalParameters: { token_type_hint: hint } });
+    await oauth.processRevocationResponse(response);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The IdP's RP-initiated logout URL, or null when it has none (or cannot be reached right now). */
+export async function buildEndSessionUrl(idToken: string | undefined): Promise<URL | null> {
+  let as: oauth.AuthorizationServer;
+  try {
+    as = await getAuthorizationServer();
+  } catch {
+    return null;
+  }
+  if (!as.end_session_endpoint) return null;
+  const { oidc } = getConfig();
+  const url = new URL(as.end_session_endpoint);
+  url.searchParams.set('client_id', oidc.clientId);
+  url.searchParams.set('post_logout_redirect_uri', oidc.postLogoutRedirectUri);
+  if (idToken) url.searchParams.set('id_token_hint', idToken);
+  return url;
+}
+
+function toTokenSet(result: oauth.TokenEndpointResponse): TokenSet {
+  return {
+    accessToken: result.access_token,
+    refreshToken: result.refresh_token,
+    idToken: result.id_token,
+    accessTokenExpiresAt: typeof result.expires_in === 'number' ? Date.now() + result.expires_in * 1000 : null,
+    scope: result.scope,
+  };
+}
+
+function isNetworkFailure(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  return error.name === 'TimeoutError' || error.name === 'AbortError' || (error instanceof TypeError && /fetch failed|network/i.test(error.message));
+}
+
+/** Sorts any failure of an IdP exchange into what the caller must do about it. */
+export function classify(error: unknown, operation: string): IdpError {
+  if (error instanceof IdpError) return error;
+  if (error instanceof oauth.ResponseBodyError) {
+    if (error.error === 'invalid_grant') return new IdpError('invalid_grant', `${operation}: invalid_grant`, error);
+    if (error.status >= 500) return new IdpError('unavailable', `${operation}: IdP answered ${error.status}`, error);
+    return new IdpError('rejected', `${operation}: IdP answered ${error.error}`, error);
+  }
+  if (error instanceof oauth.OperationProcessingError && error.cause instanceof Response && error.cause.status >= 500) {
+    return new IdpError('unavailable', `${operation}: IdP answered ${error.cause.status}`, error);
+  }
+  if (isNetworkFailure(error)) return new IdpError('unavailable', `${operation}: IdP not reachable`, error);
+  if (error instanceof GatehouseError) return new IdpError('rejected', error.message, error);
+  return new IdpError('rejected', `${operation}: unexpected IdP response`, error);
+}
+
+export function idpErrorToGatehouse(error: IdpError): GatehouseError {
+  if (error.kind === 'invalid_grant') return errors.sessionExpired(error);
+  if (error.kind === 'unavailable') return errors.idpUnavailable(error);
+  return new GatehouseError('idp_error', 502, 'The identity provider refused the request.', { cause: error });
+}
+
+/** A live discovery fetch for health checks: the cached document would hide an outage. */
+export async function checkDiscovery(): Promise<void> {
+  const issuer = getConfig().oidc.issuer;
+  const response = await oauth.discoveryRequest(issuer, { ...requestOptions(), signal: AbortSignal.timeout(3_000), algorithm: 'oidc' });
+  await oauth.processDiscoveryResponse(issuer, response);
+}

@@ -1,0 +1,375 @@
+import { parseCookie, stringifySetCookie, type SetCookie } from 'cookie';
+import { sealData, unsealData } from 'iron-session';
+import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
+import { getConfig } from './config.ts';
+import { errors } from './errors.ts';
+import { createStore, type Store } from './store/index.ts';
+
+/**
+ * Cookie ↔ store. The browser holds only a sealed reference (the session id); everything else
+ * lives in one store key per session, with the tokens encrypted so a store dump reveals none.
+ */
+
+/** The secret part of a session: encrypted at rest as one JWE. */
+export interface SessionSecrets {
+  accessToken: string;
+  refreshToken: string | undefined;
+  idToken: string | undefined;
+  claims: Record<string, unknown>;
+  /** Access tokens per RFC 8707 resource, for APIs that need an audience of their own. */
+  resourceTokens?: Record<string, { accessToken: string; expiresAt: number | null }>;
+}
+
+/** What is stored under the session key. Bump `v` when the shape changes; older records end cleanly. */
+export interface SessionRecord {
+  v: 1;
+  sub: string;
+  /** The IdP's session id (`sid` claim), for back-channel logout. */
+  idpSid: string | undefined;
+  createdAt: number;
+  absoluteExpiresAt: number;
+  accessTokenExpiresAt: number | null;
+  /** Proves that a logout link came from this session's own page (the `sid` query parameter). */
+  logoutToken: string;
+  userAgent: string | undefined;
+  sealed: string;
+}
+
+export interface Session {
+  id: string;
+  record: SessionRecord;
+  secrets: SessionSecrets;
+}
+
+export const SESSION_FORMAT_VERSION = 1;
+
+let store: Store | undefined;
+export function getStore(): Store {
+  store ??= createStore(getConfig().store);
+  return store;
+}
+
+export function sessionKey(id: string): string {
+  // The hash tag keeps a session and its refresh lock in one Redis Cluster slot.
+  return `${getConfig().keyPrefix}session:{${id}}`;
+}
+
+export function refreshLockKey(id: string): string {
+  return `${getConfig().keyPrefix}refresh-lock:{${id}}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing: iron-session for cookies, JWE (jose, dir + A256GCM) for tokens at rest.
+
+/**
+ * iron-session picks the highest numeric id to seal with. Ids derived from the secret itself stay
+ * stable while the list is rotated, and sealing with a one-entry map makes the first entry win.
+ */
+async function secretId(secret: string): Promise<number> {
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(secret)));
+  return new DataView(digest.buffer).getUint32(0) + 1;
+}
+
+let passwordMaps: Promise<{ seal: Record<number, string>; unseal: Record<number, string> }> | undefined;
+function cookiePasswords() {
+  passwordMaps ??= (async () => {
+    const { secrets } = getConfig().session;
+    const ids = await Promise.all(secrets.map(secretId));
+    return {
+      seal: { [ids[0] as number]: secrets[0] as string },
+      unseal: Object.fromEntries(ids.map((id, index) => [id, secrets[index] as string])),
+    };
+  })();
+  return passwordMaps;
+}
+
+interface TokenKey {
+  kid: string;
+  key: Uint8Array;
+}
+
+let tokenKeys: Promise<TokenKey[]> | undefined;
+function getTokenKeys(): Promise<TokenKey[]> {
+  tokenKeys ??= Promise.all(
+    getConfig().session.tokenKeys.map(async (secret) => {
+      const material = await crypto.subtle.importKey('raw', new TextEncoder().encode(secret), 'HKDF', false, ['deriveBits']);
+      const bits = await crypto.subtle.deriveBits(
+        { name: 'HKDF', hash: 'SHA-256', salt: new TextEncoder().encode('gatehouse'), info: new TextEncoder().encode('token encryption v1') },
+        material,
+        256,
+      );
+      const key = new Uint8Array(bits);
+      const kid = base64url.encode(new Uint8Array(await crypto.subtle.digest('SHA-256', key))).slice(0, 12);
+      return { kid, key };
+    }),
+  );
+  return tokenKeys;
+}
+
+export async function encryptSecrets(secrets: SessionSecrets): Promise<string> {
+  const [current] = await getTokenKeys();
+  if (!current) throw new Error('no token encryption key');
+  return new CompactEncrypt(new TextEncoder().encode(JSON.stringify(secrets)))
+    .setProtectedHeader({ alg: 'dir', enc: 'A256GCM', kid: current.kid })
+    .encrypt(current.key);
+}
+
+/** Null when no configured key opens it (the key was rotated out): that session has ended. */
+export async function decryptSecrets(sealed: string): Promise<SessionSecrets | null> {
+  const keys = await getTokenKeys();
+  try {
+    const { plaintext } = await compactDecrypt(sealed, (header) => {
+      const match = keys.find((candidate) => candidate.kid === header.kid);
+      if (!match) throw new Error('unknown token key');
+      return match.key;
+    });
+    return JSON.parse(new TextDecoder().decode(plaintext)) as SessionSecrets;
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The session cookie.
+
+export function readCookie(cookieHeader: string | null | undefined, name: string): string | undefined {
+  if (!cookieHeader) return undefined;
+  return parseCookie(cookieHeader)[name];
+}
+
+const unsealCache = new Map<string, { id: string; until: number }>();
+const UNSEAL_CACHE_LIMIT = 10_000;
+const UNSEAL_CACHE_MS = 5 * 60 * 1000;
+
+/**
+ * The session id sealed in a cookie value, or null for a tampered, expired or foreign seal.
+ * Unsealing costs two HMACs and a decryption, so a verified value is remembered for a while: the
+ * key is the exact sealed string, which only someone holding that cookie can present.
+ */
+export async function unsealSessionId(cookieValue: string): Promise<string | null> {
+  const now = Date.now();
+  const cached = unsealCache.get(cookieValue);
+  if (cached && cached.until > now) return cached.id;
+  let data: { id?: unknown };
+  try {
+    const { unseal } = await cookiePasswords();
+    data = await unsealData<{ id?: unknown }>(cookieValue, { password: unseal, ttl: sealTtlSec() });
+  } catch {
+    // iron-session re-throws malformed input it does not recognise; for us that is just "no session".
+    return null;
+  }
+  if (typeof data.id !== 'string' || !/^[A-Za-z0-9_-]{43}$/.test(data.id)) return null;
+  if (unsealCache.size >= UNSEAL_CACHE_LIMIT) unsealCache.delete(unsealCache.keys().next().value as string);
+  unsealCache.set(cookieValue, { id: data.id, until: now + UNSEAL_CACHE_MS });
+  return data.id;
+}
+
+/** The seal outlives the cookie, so a browser never presents a cookie whose seal has expired. */
+function sealTtlSec(): number {
+  return getConfig().session.absoluteTimeoutSec + 120;
+}
+
+export async function sessionCookieHeader(id: string): Promise<string> {
+  const { session, secureCookies } = getConfig();
+  const { seal } = await cookiePasswords();
+  const value = await sealData({ id }, { password: seal, ttl: sealTtlSec() });
+  return serializeCookie(session.cookieName, value, {
+    httpOnly: true,
+    secure: secureCookies,
+    sameSite: session.sameSite,
+    path: '/',
+    maxAge: session.absoluteTimeoutSec,
+  });
+}
+
+export function clearSessionCookieHeader(): string {
+  const { session, secureCookies } = getConfig();
+  return serializeCookie(session.cookieName, '', { httpOnly: true, secure: secureCookies, sameSite: session.sameSite, path: '/', maxAge: 0 });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records.
+
+function serializeCookie(name: string, value: string, attributes: Omit<SetCookie, 'name' | 'value'>): string {
+  return stringifySetCookie({ name, value, ...attributes });
+}
+
+function randomToken(bytes = 32): string {
+  return base64url.encode(crypto.getRandomValues(new Uint8Array(bytes)));
+}
+
+const PROTOCOL_CLAIMS = new Set(['iss', 'aud', 'exp', 'iat', 'nbf', 'nonce', 'at_hash', 'c_hash', 's_hash', 'auth_time', 'azp', 'sid', 'jti']);
+
+/** The id_token claims worth showing the SPA: who the user is, not protocol bookkeeping. */
+export function userClaims(claims: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(claims).filter(([name]) => !PROTOCOL_CLAIMS.has(name)));
+}
+
+export interface NewSession {
+  sub: string;
+  idpSid: string | undefined;
+  secrets: SessionSecrets;
+  accessTokenExpiresAt: number | null;
+  userAgent: string | undefined;
+}
+
+/** Always a fresh id: a session never survives or adopts an id from before the login (fixation). */
+export async function createSession(input: NewSession): Promise<Session> {
+  const { session } = getConfig();
+  const now = Date.now();
+  const id = randomToken();
+  const record: SessionRecord = {
+    v: SESSION_FORMAT_VERSION,
+    sub: input.sub,
+    idpSid: input.idpSid,
+    createdAt: now,
+    absoluteExpiresAt: now + session.absoluteTimeoutSec * 1000,
+    accessTokenExpiresAt: input.accessTokenExpiresAt,
+    logoutToken: randomToken(16),
+    userAgent: input.userAgent?.slice(0, 256),
+    sealed: await encryptSecrets(input.secrets),
+  };
+  const written = await storeCall(() =>
+    getStore().set(sessionKey(id), JSON.stringify(record), { ttlMs: session.idleTimeoutSec * 1000, onlyIfAbsent: true }),
+  );
+  if (!written) throw errors.internal(new Error('session id collision'));
+  lastTouched.set(id, now);
+  return { id, record, secrets: input.secrets };
+}
+
+/** Store failures are transient by nature: they become a retryable 503, never a logout. */
+export async function storeCall<T>(operation: () => Promise<T>): Promise<T> {
+  try {
+    return await operation();
+  } catch (error) {
+    throw errors.storeUnavailable(error);
+  }
+}
+
+function parseRecord(raw: string): SessionRecord | null {
+  try {
+    const record = JSON.parse(raw) as Partial<SessionRecord>;
+    if (record.v !== SESSION_FORMAT_VERSION || typeof record.sealed !== 'string' || typeof record.sub !== 'string') return null;
+    return record as SessionRecord;
+  } catch {
+    return null;
+  }
+}
+
+/** Read without side effects: null when absent, expired, of an unknown format or undecryptable. */
+export async function readSession(id: string): Promise<Session | null> {
+  const raw = await storeCall(() => getStore().get(sessionKey(id)));
+  if (raw === null) return null;
+  const record = parseRecord(raw);
+  const secrets = record && record.absoluteExpiresAt > Date.now() ? await decryptSecrets(record.sealed) : null;
+  if (!record || !secrets) {
+    // Unreadable for good (old format, rotated-out key, past its absolute end): end it cleanly.
+    await storeCall(() => getStore().del(sessionKey(id)));
+    return null;
+  }
+  return { id, record, secrets };
+}
+
+const lastTouched = new Map<string, number>();
+const TOUCH_MEMORY_LIMIT = 50_000;
+
+/** When the session ends if nothing else happens: idle timeout from now, capped by the absolute end. */
+export function sessionExpiresAt(record: SessionRecord, now = Date.now()): number {
+  return Math.min(record.absoluteExpiresAt, now + getConfig().session.idleTimeoutSec * 1000);
+}
+
+/**
+ * Slides the idle expiry, at most once per touch interval per session and process, so the hot
+ * path does not write to the store on every call. PEXPIRE never recreates a deleted session.
+ */
+export async function touchSession(session: Session, force = false): Promise<void> {
+  const now = Date.now();
+  const { touchIntervalSec } = getConfig().session;
+  const previous = lastTouched.get(session.id);
+  if (!force && previous !== undefined && now - previous < touchIntervalSec * 1000) return;
+  if (lastTouched.size >= TOUCH_MEMORY_LIMIT) lastTouched.delete(lastTouched.keys().next().value as string);
+  lastTouched.set(session.id, now);
+  const ttlMs = sessionExpiresAt(session.record, now) - now;
+  if (ttlMs <= 0) {
+    await destroySession(session.id);
+    return;
+  }
+  await storeCall(() => getStore().expire(sessionKey(session.id), ttlMs));
+}
+
+/** Writes new tokens into an existing session; false when it was deleted meanwhile (no resurrection). */
+export async function updateSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session | null> {
+  const record: SessionRecord = { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) };
+  const written = await storeCall(() => getStore().replace(sessionKey(session.id), JSON.stringify(record)));
+  return written ? { id: session.id, record, secrets } : null;
+}
+
+export async function destroySession(id: string): Promise<void> {
+  lastTouched.delete(id);
+  await storeCall(() => getStore().del(sessionKey(id)));
+}
+
+/**
+ * The session a request's cookie leads to. `stale` is true when a cookie was sent but leads
+ * nowhere (tampered, foreign secret, session gone), so the answer should clear it.
+ */
+export async function sessionFromCookieHeader(cookieHeader: string | null | undefined): Promise<{ session: Session | null; stale: boolean }> {
+  const value = readCookie(cookieHeader, getConfig().session.cookieName);
+  if (!value) return { session: null, stale: false };
+  const id = await unsealSessionId(value);
+  if (!id) return { session: null, stale: true };
+  const session = await readSession(id);
+  return { session, stale: session === null };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The login transaction: a short-lived sealed cookie per login attempt, so several tabs can log
+// in at once and an anonymous visitor costs the store nothing.
+
+export interface LoginTransaction {
+  state: string;
+  nonce: string;
+  codeVerifier: string;
+  returnTo: string;
+  prompt?: string;
+}
+
+const TRANSACTION_TTL_SEC = 10 * 60;
+
+export function transactionCookieName(state: string): string {
+  const { secureCookies } = getConfig();
+  // Derived from state so the callback finds the right one among concurrent logins.
+  const suffix = state.replace(/[^A-Za-z0-9_-]/g, '').slice(0, 16);
+  return `${secureCookies ? '__Host-' : ''}gatehouse-tx-${suffix}`;
+}
+
+export async function transactionCookieHeader(transaction: LoginTransaction): Promise<string> {
+  const { seal } = await cookiePasswords();
+  const value = await sealData(transaction, { password: seal, ttl: TRANSACTION_TTL_SEC + 60 });
+  return serializeCookie(transactionCookieName(transaction.state), value, {
+    httpOnly: true,
+    secure: getConfig().secureCookies,
+    // Lax, not Strict: the IdP's redirect back to the callback is a cross-site navigation.
+    sameSite: 'lax',
+    path: '/',
+    maxAge: TRANSACTION_TTL_SEC,
+  });
+}
+
+export async function readTransaction(cookieHeader: string | null | undefined, state: string | null): Promise<LoginTransaction | null> {
+  if (!state) return null;
+  const value = readCookie(cookieHeader, transactionCookieName(state));
+  if (!value) return null;
+  try {
+    const { unseal } = await cookiePasswords();
+    const data = await unsealData<Partial<LoginTransaction>>(value, { password: unseal, ttl: TRANSACTION_TTL_SEC + 60 });
+    if (typeof data.state !== 'string' || typeof data.nonce !== 'string' || typeof data.codeVerifier !== 'string' || typeof data.returnTo !== 'string') return null;
+    return data as LoginTransaction;
+  } catch {
+    return null;
+  }
+}
+
+export function clearTransactionCookieHeader(state: string): string {
+  return serializeCookie(transactionCookieName(state), '', { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'lax', path: '/', maxAge: 0 });
+}

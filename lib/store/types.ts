@@ -1,0 +1,30 @@
+/**
+ * The one interface Gatehouse needs from a key-value store. Every method touches exactly one
+ * key, so the same code runs on a single Redis, on Redis Cluster and on Upstash.
+ */
+export interface Store {
+  get(key: string): Promise<string | null>;
+  /**
+   * Writes with a time to live. `onlyIfAbsent` is SET NX (locks, replay markers),
+   * `onlyIfPresent` is SET XX (never resurrect a deleted session). Returns whether it wrote.
+   */
+  set(key: string, value: string, options: { ttlMs: number; onlyIfAbsent?: boolean; onlyIfPresent?: boolean }): Promise<boolean>;
+  /** Overwrites an existing key and keeps its TTL (SET XX KEEPTTL); false when the key is gone. */
+  replace(key: string, value: string): Promise<boolean>;
+  /** Sets a new TTL on an existing key (PEXPIRE); false when the key is gone. */
+  expire(key: string, ttlMs: number): Promise<boolean>;
+  /** Returns whether the key existed. */
+  del(key: string): Promise<boolean>;
+  /** Deletes the key only while it still holds `expected` (lock release by its owner, atomically). */
+  delIfEquals(key: string, expected: string): Promise<boolean>;
+  /**
+   * A per-owner index of members that each expire on their own (a sorted set scored by expiry).
+   * `keyTtlMs` keeps the whole index from outliving its last member.
+   */
+  indexAdd(key: string, member: string, expiresAtMs: number, keyTtlMs: number): Promise<void>;
+  /** Members whose expiry is still in the future; expired ones are pruned as a side effect. */
+  indexMembers(key: string, nowMs: number): Promise<string[]>;
+  indexRemove(key: string, member: string): Promise<void>;
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
