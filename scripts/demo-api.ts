@@ -1,0 +1,252 @@
+// Development-only resource API: the target of the demo's proxied calls, the end-to-end tests and the benchmarks.
+// It accepts JWT access tokens from the dev IdP and reports back exactly what reached it.
+import { once } from 'node:events';
+import { createServer } from 'node:http';
+import type { IncomingHttpHeaders, IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { createRemoteJWKSet, jwtVerify } from 'jose';
+import type { JWTPayload } from 'jose';
+
+export interface DemoApiOptions {
+  /** 0 picks a free port; the default audience then uses the real one. */
+  port?: number;
+  host?: string;
+  issuer?: string;
+  audience?: string;
+}
+
+export interface DemoRequestRecord {
+  method: string;
+  path: string;
+  query: Record<string, string>;
+  headers: IncomingHttpHeaders;
+  at: number;
+}
+
+export interface DemoApiHandle {
+  url: string;
+  audience: string;
+  /** Most recent requests first, capped; /__demo/* calls are not recorded. */
+  lastRequests: DemoRequestRecord[];
+  stats: { aborted: number; requests: number };
+  close(): Promise<void>;
+}
+
+type Verification = { ok: true; claims: JWTPayload } | { ok: false };
+
+const ROUTES = new Set(['echo', 'whoami', 'public', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', '__demo']);
+const MAX_ECHO_BODY = 1024 * 1024;
+const CHUNK = Buffer.alloc(64 * 1024, 'x');
+
+export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoApiHandle> {
+  if (process.env.NODE_ENV === 'production') {
+    throw new Error('demo API refuses to start with NODE_ENV=production: it echoes every header, tokens included');
+  }
+  const issuer = (options.issuer ?? 'http://localhost:4000').replace(/\/+$/, '');
+  const lastRequests: DemoRequestRecord[] = [];
+  const stats = { aborted: 0, requests: 0 };
+  let audience = options.audience ?? '';
+
+  // Discovery is lazy so the API can start before the IdP and survive IdP restarts.
+  let jwks: ReturnType<typeof createRemoteJWKSet> | undefined;
+  async function verify(req: IncomingMessage): Promise<Verification> {
+    const match = /^Bearer ([\w.~+/-]+=*)$/i.exec(req.headers.authorization ?? '');
+    if (!match?.[1]) return { ok: false };
+    if (!jwks) {
+      const res = await fetch(`${issuer}/.well-known/openid-configuration`);
+      if (!res.ok) throw new Error(`discovery at ${issuer} answered ${res.status}`);
+      const { jwks_uri: jwksUri } = (await res.json()) as { jwks_uri?: string };
+      if (!jwksUri) throw new Error(`discovery at ${issuer} has no jwks_uri`);
+      jwks = createRemoteJWKSet(new URL(jwksUri));
+    }
+    try {
+      const { payload } = await jwtVerify(match[1], jwks, { issuer, audience, typ: 'at+jwt' });
+      return { ok: true, claims: payload };
+    } catch {
+      return { ok: false };
+    }
+  }
+
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://demo.invalid');
+    const segments = url.pathname.split('/').filter(Boolean);
+    const at = segments.findIndex((segment) => ROUTES.has(segment));
+    const route = segments[at] ?? '';
+    const rest = at >= 0 ? segments.slice(at + 1) : [];
+    const query = Object.fromEntries(url.searchParams);
+    const method = req.method ?? 'GET';
+
+    if (route === '__demo') {
+      if (rest[0] === 'stats') return json(res, 200, stats);
+      if (rest[0] === 'last') return json(res, lastRequests[0] ? 200 : 404, lastRequests[0] ?? { error: 'no_requests' });
+      return json(res, 404, { error: 'not_found' });
+    }
+    stats.requests += 1;
+    lastRequests.unshift({ method, path: url.pathname, query, headers: req.headers, at: Date.now() });
+    lastRequests.length = Math.min(lastRequests.length, 50);
+
+    const verification = await verify(req);
+    if (route === 'public') {
+      return json(res, 200, verification.ok ? { anonymous: false, sub: verification.claims.sub } : { anonymous: true });
+    }
+    if (!verification.ok) {
+      res.setHeader('www-authenticate', 'Bearer error="invalid_token"');
+      return json(res, 401, { error: 'invalid_token' });
+    }
+    const { claims } = verification;
+
+    switch (route) {
+      case 'echo':
+      case 'whoami': {
+        const body = await readBody(req);
+        if (body === undefined) return json(res, 413, { error: 'body_too_large' });
+        const { sub, aud, scope } = claims;
+        return json(res, 200, { sub, aud, scope, method, path: url.pathname, query, headers: req.headers, body });
+      }
+      case 'events':
+        return streamEvents(res, clampInt(query.count, 5, 0, 10_000), clampInt(query.intervalMs, 200, 0, 60_000));
+      case 'download':
+        return download(res, clampInt(query.bytes, 1024, 0, Number.MAX_SAFE_INTEGER));
+      case 'upload': {
+        let bytes = 0;
+        for await (const chunk of req) bytes += (chunk as Buffer).length;
+        return json(res, 200, { bytes });
+      }
+      case 'slow': {
+        const ms = clampInt(query.ms, 1000, 0, 600_000);
+        const timer = setTimeout(() => json(res, 200, { waitedMs: ms }), ms);
+        res.once('close', () => {
+          if (res.writableFinished) return;
+          clearTimeout(timer);
+          stats.aborted += 1;
+        });
+        return;
+      }
+      case 'set-cookie':
+        res.writeHead(200, {
+          'content-type': 'application/json',
+          'set-cookie': 'upstream=1; Path=/; HttpOnly',
+          // Hop-by-hop headers a proxy must drop, next to an end-to-end one it must keep.
+          'keep-alive': 'timeout=5',
+          'proxy-authenticate': 'x',
+          upgrade: 'h2c',
+          trailer: 'X-T',
+          'x-upstream': 'yes',
+        });
+        res.write(JSON.stringify({ ok: true }));
+        res.addTrailers({ 'x-t': '1' });
+        res.end();
+        return;
+      case 'redirect':
+        res.writeHead(302, { location: '/echo/after-redirect' }).end();
+        return;
+      case 'status': {
+        const status = clampInt(rest[0], 200, 200, 599);
+        if (status === 204 || status === 304) return void res.writeHead(status).end();
+        return json(res, status, { status });
+      }
+      default:
+        return json(res, 404, { error: 'not_found', path: url.pathname });
+    }
+  }
+
+  const server = createServer((req, res) => {
+    handle(req, res).catch((err: unknown) => {
+      if (res.headersSent) return void res.destroy();
+      json(res, 503, { error: 'temporarily_unavailable', error_description: String(err) });
+    });
+  });
+  const port = await listen(server, options.port ?? 4001, options.host);
+  const url = `http://localhost:${port}`;
+  audience ||= url;
+
+  return {
+    url,
+    audience,
+    lastRequests,
+    stats,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
+  };
+}
+
+function json(res: ServerResponse, status: number, body: unknown): void {
+  const payload = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) });
+  res.end(payload);
+}
+
+function clampInt(raw: string | undefined, fallback: number, min: number, max: number): number {
+  const value = raw === undefined ? NaN : Number.parseInt(raw, 10);
+  return Number.isFinite(value) ? Math.min(max, Math.max(min, value)) : fallback;
+}
+
+async function readBody(req: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length;
+    if (size > MAX_ECHO_BODY) return undefined;
+    chunks.push(chunk as Buffer);
+  }
+  if (size === 0) return null;
+  const text = Buffer.concat(chunks).toString('utf8');
+  if (!/\bjson\b/i.test(req.headers['content-type'] ?? '')) return text;
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return text;
+  }
+}
+
+async function streamEvents(res: ServerResponse, count: number, intervalMs: number): Promise<void> {
+  res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store', 'x-accel-buffering': 'no' });
+  res.flushHeaders();
+  for (let n = 0; n < count && !res.destroyed; n += 1) {
+    if (n > 0) await new Promise((resolve) => setTimeout(resolve, intervalMs));
+    res.write(`data: ${JSON.stringify({ n, at: Date.now() })}\n\n`);
+  }
+  res.end();
+}
+
+async function download(res: ServerResponse, bytes: number): Promise<void> {
+  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': bytes });
+  for (let left = bytes; left > 0 && !res.destroyed; left -= CHUNK.length) {
+    // Honour backpressure so large downloads stream instead of piling up in memory.
+    if (!res.write(left >= CHUNK.length ? CHUNK : CHUNK.subarray(0, left))) {
+      await Promise.race([once(res, 'drain'), once(res, 'close')]);
+    }
+  }
+  res.end();
+}
+
+function listen(server: Server, port: number, host: string | undefined): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve((server.address() as AddressInfo).port);
+    });
+  });
+}
+
+if (import.meta.main) {
+  try {
+    const api = await startDemoApi({
+      port: process.env.DEMO_API_PORT ? Number(process.env.DEMO_API_PORT) : undefined,
+      host: process.env.DEMO_API_HOST || undefined,
+      issuer: process.env.DEMO_API_ISSUER || undefined,
+      audience: process.env.DEMO_API_AUDIENCE || undefined,
+    });
+    console.log(`demo API listening on ${api.url}`);
+    const stop = () => void api.close().then(() => process.exit(0));
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  } catch (err) {
+    console.error(err instanceof Error ? err.message : err);
+    process.exit(1);
+  }
+}

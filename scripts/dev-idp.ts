@@ -1,0 +1,415 @@
+// Development-only OpenID Provider for the zero-config demo, the end-to-end tests and the benchmarks.
+// Never deploy this: any username/password signs in and all state lives in process memory.
+import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose';
+import type { JWK } from 'jose';
+import Provider, { errors } from 'oidc-provider';
+import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, KoaContextWithOIDC } from 'oidc-provider';
+
+export interface DevIdpOptions {
+  /** 0 picks a free port; the issuer then uses the real one. */
+  port?: number;
+  /** Listen address; by default every interface so both 127.0.0.1 and ::1 reach "localhost". */
+  host?: string;
+  clientId?: string;
+  clientSecret?: string;
+  /** Several base URLs let tests run more than one app instance against the same client. */
+  appBaseUrl?: string | string[];
+  tokenEndpointAuthMethod?: 'client_secret_basic' | 'client_secret_post';
+  /** A second client (same secret and URLs) authenticating with client_secret_post; null disables it. */
+  postClientId?: string | null;
+  accessTokenTtl?: number;
+  refreshTokenTtl?: number;
+  apiAudiences?: string[];
+  apiScope?: string;
+  /** Reuse the store and cookie keys of an earlier (closed) instance to simulate an IdP restart. */
+  state?: DevIdpState;
+}
+
+export interface DevIdpState {
+  readonly store: Map<string, StoredEntry>;
+  readonly cookieKeys: string[];
+}
+
+export interface GrantCounters {
+  success: Record<string, number>;
+  error: Record<string, number>;
+  errorCodes: Record<string, number>;
+  byAccount: Record<string, Record<string, number>>;
+  bySid: Record<string, Record<string, number>>;
+}
+
+export interface DevIdpHandle {
+  issuer: string;
+  port: number;
+  provider: Provider;
+  state: DevIdpState;
+  /** Live counters of token endpoint outcomes, also served at GET /__dev/grants. */
+  readonly grants: GrantCounters;
+  resetGrants(): void;
+  /** Revokes every grant (and so every refresh token) of an account; resolves to how many grants. */
+  revokeGrants(accountId: string): Promise<number>;
+  /** Closes the listener but keeps the provider and its state: pair with resume() to simulate an outage. */
+  stop(): Promise<void>;
+  resume(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface StoredEntry {
+  payload: AdapterPayload;
+  expiresAt: number;
+}
+
+export const DEV_IDP_DEFAULTS = {
+  port: 4000,
+  clientId: 'gatehouse-dev',
+  clientSecret: 'dev-only-secret-gatehouse-0123456789abcdef',
+  appBaseUrl: 'http://localhost:3000',
+  accessTokenTtl: 300,
+  refreshTokenTtl: 24 * 60 * 60,
+  apiAudiences: ['http://localhost:4001'],
+  apiScope: 'api:read api:write',
+} as const;
+
+const GRANT_BOUND_MODELS = new Set(['AccessToken', 'AuthorizationCode', 'RefreshToken', 'DeviceCode', 'BackchannelAuthenticationRequest']);
+
+// One key set per process: restarts within a test keep tokens verifiable, nothing ever lands on disk.
+// Thumbprint kids differ between processes, so verifiers notice a restarted CLI and refetch the JWKS.
+let processKeys: Promise<JWK[]> | undefined;
+function signingKeys(): Promise<JWK[]> {
+  processKeys ??= Promise.all(
+    (['RS256', 'ES256'] as const).map(async (alg) => {
+      const { privateKey } = await generateKeyPair(alg, { extractable: true });
+      const jwk = await exportJWK(privateKey);
+      return { ...jwk, alg, use: 'sig', kid: await calculateJwkThumbprint(jwk) };
+    }),
+  );
+  return processKeys;
+}
+
+export function createDevIdpState(): DevIdpState {
+  return { store: new Map(), cookieKeys: [randomBytes(32).toString('base64url')] };
+}
+
+// oidc-provider's bundled memory adapter is an LRU capped at 1000 entries (benchmarks exceed that) and
+// cannot list grants by account, which /__dev/revoke-grants needs.
+function mapAdapter(store: Map<string, StoredEntry>) {
+  const live = (key: string): StoredEntry | undefined => {
+    const entry = store.get(key);
+    if (entry && entry.expiresAt <= Date.now()) {
+      store.delete(key);
+      return undefined;
+    }
+    return entry;
+  };
+  let writes = 0;
+  return (model: string): Adapter => ({
+    async upsert(id, payload, expiresIn) {
+      store.set(`${model}:${id}`, { payload, expiresAt: expiresIn ? Date.now() + expiresIn * 1000 : Infinity });
+      if (++writes % 1000 === 0) for (const key of store.keys()) live(key);
+    },
+    async find(id) {
+      return live(`${model}:${id}`)?.payload;
+    },
+    async findByUid(uid) {
+      for (const [key, entry] of store) {
+        if (key.startsWith(`${model}:`) && entry.payload.uid === uid) return live(key)?.payload;
+      }
+      return undefined;
+    },
+    async findByUserCode(userCode) {
+      for (const [key, entry] of store) {
+        if (key.startsWith(`${model}:`) && entry.payload.userCode === userCode) return live(key)?.payload;
+      }
+      return undefined;
+    },
+    async consume(id) {
+      const entry = live(`${model}:${id}`);
+      if (entry) entry.payload.consumed = Math.floor(Date.now() / 1000);
+    },
+    async destroy(id) {
+      store.delete(`${model}:${id}`);
+    },
+    async revokeByGrantId(grantId) {
+      for (const [key, entry] of store) {
+        if (key.startsWith(`${model}:`) && entry.payload.grantId === grantId) store.delete(key);
+      }
+    },
+  });
+}
+
+function displayName(accountId: string): string {
+  const first = accountId.split(/[@._-]/)[0] || accountId;
+  return `${first.charAt(0).toUpperCase()}${first.slice(1)} Example`;
+}
+
+function emptyCounters(): GrantCounters {
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {} };
+}
+
+function bump(table: Record<string, number>, key: string): void {
+  table[key] = (table[key] ?? 0) + 1;
+}
+
+function listen(server: Server, port: number, host: string | undefined): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve((server.address() as AddressInfo).port);
+    });
+  });
+}
+
+function shutdown(server: Server): Promise<void> {
+  return new Promise((resolve) => {
+    if (!server.listening) return resolve();
+    server.close(() => resolve());
+    // Keep-alive sockets would otherwise keep serving, which defeats simulating an outage.
+    server.closeAllConnections();
+  });
+}
+
+export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHandle> {
+  if (process.env.NODE_ENV === 'production') {
+    throw new Error('dev IdP refuses to start with NODE_ENV=production: it signs anyone in with any password');
+  }
+  const clientId = options.clientId ?? DEV_IDP_DEFAULTS.clientId;
+  const clientSecret = options.clientSecret ?? DEV_IDP_DEFAULTS.clientSecret;
+  const appBaseUrls = [options.appBaseUrl ?? DEV_IDP_DEFAULTS.appBaseUrl].flat().map((url) => url.replace(/\/+$/, ''));
+  const accessTokenTtl = options.accessTokenTtl ?? DEV_IDP_DEFAULTS.accessTokenTtl;
+  const refreshTokenTtl = options.refreshTokenTtl ?? DEV_IDP_DEFAULTS.refreshTokenTtl;
+  const audiences = options.apiAudiences ?? [...DEV_IDP_DEFAULTS.apiAudiences];
+  const apiScope = options.apiScope ?? DEV_IDP_DEFAULTS.apiScope;
+  const postClientId = options.postClientId === undefined ? `${clientId}-post` : options.postClientId;
+  const state = options.state ?? createDevIdpState();
+  const firstApp = appBaseUrls[0];
+  if (!firstApp) throw new Error('dev IdP needs at least one appBaseUrl');
+
+  const keys = await signingKeys();
+  let counters = emptyCounters();
+  // The issuer embeds the real port, so the provider only exists once the listener is bound.
+  let providerHandler: ((req: IncomingMessage, res: ServerResponse) => unknown) | undefined;
+  const server = createServer((req, res) => {
+    if (req.url?.startsWith('/__dev/')) {
+      devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
+    } else if (providerHandler) {
+      providerHandler(req, res);
+    } else {
+      sendJson(res, 503, { error: 'starting' });
+    }
+  });
+  const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host);
+  const issuer = `http://localhost:${port}`;
+
+  const client = (id: string, method: ClientAuthMethod): ClientMetadata => ({
+    client_id: id,
+    client_secret: clientSecret,
+    redirect_uris: appBaseUrls.map((url) => `${url}/api/auth/callback`),
+    post_logout_redirect_uris: appBaseUrls.map((url) => `${url}/`),
+    // Only one URI is possible per client: app instances sharing a session store only need one notice.
+    backchannel_logout_uri: `${firstApp}/api/auth/backchannel-logout`,
+    backchannel_logout_session_required: true,
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    response_types: ['code'],
+    token_endpoint_auth_method: method,
+  });
+
+  const configuration: Configuration = {
+    adapter: mapAdapter(state.store),
+    clients: [
+      client(clientId, options.tokenEndpointAuthMethod ?? 'client_secret_basic'),
+      ...(postClientId ? [client(postClientId, 'client_secret_post')] : []),
+    ],
+    jwks: { keys },
+    cookies: { keys: state.cookieKeys },
+    responseTypes: ['code'],
+    scopes: ['openid', 'offline_access', 'profile', 'email'],
+    claims: { openid: ['sub'], profile: ['name', 'preferred_username'], email: ['email', 'email_verified'] },
+    // Access tokens are minted for the APIs (aud != userinfo), so the BFF reads the profile from the ID token.
+    conformIdTokenClaims: false,
+    findAccount: (_ctx, accountId) => ({
+      accountId,
+      claims: () => ({
+        sub: accountId,
+        name: displayName(accountId),
+        preferred_username: accountId,
+        email: accountId.includes('@') ? accountId : `${accountId}@example.test`,
+        email_verified: true,
+      }),
+    }),
+    // oidc-provider's SSRF guard refuses loopback addresses, but the back-channel logout target of the
+    // demo is localhost: drop its dispatcher (only for outgoing calls of this dev IdP).
+    fetch: (input, init) => {
+      const { dispatcher: _guard, ...rest } = (init ?? {}) as RequestInit & { dispatcher?: unknown };
+      return fetch(input, rest);
+    },
+    pkce: { required: () => true },
+    rotateRefreshToken: true,
+    issueRefreshToken: (_ctx, c) => c.grantTypeAllowed('refresh_token'),
+    // A first-party client: record consent for whatever was asked so users only ever see the login form.
+    loadExistingGrant: async (ctx) => {
+      const { oidc } = ctx;
+      if (!oidc.session || !oidc.client || !oidc.session.accountId) return undefined;
+      const grantId = oidc.result?.consent?.grantId ?? oidc.session.grantIdFor(oidc.client.clientId);
+      const grant = (grantId ? await oidc.provider.Grant.find(grantId) : undefined)
+        ?? new oidc.provider.Grant({ clientId: oidc.client.clientId, accountId: oidc.session.accountId });
+      grant.addOIDCScope([...oidc.requestParamOIDCScopes].join(' '));
+      for (const [indicator, resourceServer] of Object.entries(oidc.resourceServers ?? {})) {
+        grant.addResourceScope(indicator, resourceServer.scope);
+      }
+      await grant.save();
+      return grant;
+    },
+    ttl: {
+      AuthorizationCode: 60,
+      IdToken: 3600,
+      Interaction: 600,
+      AccessToken: accessTokenTtl,
+      ClientCredentials: accessTokenTtl,
+      RefreshToken: refreshTokenTtl,
+      Grant: refreshTokenTtl,
+      Session: refreshTokenTtl,
+    },
+    features: {
+      devInteractions: { enabled: true },
+      revocation: { enabled: true },
+      clientCredentials: { enabled: true },
+      backchannelLogout: { enabled: true },
+      rpInitiatedLogout: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        // Authorization requests get every API so a later refresh may target any of them with `resource`;
+        // when one must be picked (token endpoint), the first configured API wins.
+        defaultResource: (ctx, _client, oneOf) => {
+          if (oneOf) return audiences.find((aud) => oneOf.includes(aud)) ?? oneOf[0];
+          return ctx.oidc.route === 'token' ? audiences[0] : audiences;
+        },
+        // Without this the code exchange (openid scope, no `resource`) would yield an opaque userinfo token.
+        useGrantedResource: () => true,
+        getResourceServerInfo: (_ctx, indicator) => {
+          if (!audiences.includes(indicator)) throw new errors.InvalidTarget();
+          return { scope: apiScope, audience: indicator, accessTokenTTL: accessTokenTtl, accessTokenFormat: 'jwt' };
+        },
+      },
+    },
+  };
+
+  let provider: Provider;
+  try {
+    provider = new Provider(issuer, configuration);
+  } catch (err) {
+    await shutdown(server);
+    throw err;
+  }
+  providerHandler = provider.callback();
+  const tally = (ctx: KoaContextWithOIDC, outcome: 'success' | 'error', code?: string) => {
+    const grantType = String(ctx.oidc.params?.grant_type ?? 'unknown');
+    bump(counters[outcome], grantType);
+    if (code) bump(counters.errorCodes, code);
+    if (outcome !== 'success') return;
+    const { Account, RefreshToken, AuthorizationCode } = ctx.oidc.entities;
+    if (Account) bump((counters.byAccount[Account.accountId] ??= {}), grantType);
+    const sid = RefreshToken?.sid ?? AuthorizationCode?.sid;
+    if (sid) bump((counters.bySid[sid] ??= {}), grantType);
+  };
+  provider.on('grant.success', (ctx) => tally(ctx, 'success'));
+  provider.on('grant.error', (ctx, err) => tally(ctx, 'error', err.error));
+
+  async function revokeGrants(accountId: string): Promise<number> {
+    const grantIds = [...state.store]
+      .filter(([key, entry]) => key.startsWith('Grant:') && entry.payload.accountId === accountId)
+      .map(([key]) => key.slice('Grant:'.length));
+    for (const grantId of grantIds) {
+      state.store.delete(`Grant:${grantId}`);
+      for (const [key, entry] of state.store) {
+        const model = key.slice(0, key.indexOf(':'));
+        if (GRANT_BOUND_MODELS.has(model) && entry.payload.grantId === grantId) state.store.delete(key);
+      }
+    }
+    return grantIds.length;
+  }
+
+  async function devRoute(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', issuer);
+    if (req.method === 'GET' && url.pathname === '/__dev/grants') return sendJson(res, 200, counters);
+    if (req.method === 'POST' && url.pathname === '/__dev/grants/reset') {
+      counters = emptyCounters();
+      return sendJson(res, 200, counters);
+    }
+    if (req.method === 'POST' && url.pathname === '/__dev/revoke-grants') {
+      const sub = url.searchParams.get('sub');
+      if (!sub) return sendJson(res, 400, { error: 'sub query parameter required' });
+      return sendJson(res, 200, { sub, revoked: await revokeGrants(sub) });
+    }
+    sendJson(res, 404, { error: 'not_found' });
+  }
+
+  let closed = false;
+  return {
+    issuer,
+    port,
+    provider,
+    state,
+    get grants() {
+      return counters;
+    },
+    resetGrants() {
+      counters = emptyCounters();
+    },
+    revokeGrants,
+    stop: () => shutdown(server),
+    async resume() {
+      if (closed) throw new Error('dev IdP was closed; start a new one with { state } instead');
+      if (!server.listening) await listen(server, port, options.host);
+    },
+    async close() {
+      closed = true;
+      await shutdown(server);
+    },
+  };
+}
+
+function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store' });
+  res.end(JSON.stringify(body));
+}
+
+function intFromEnv(name: string): number | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return undefined;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 0) throw new Error(`${name} must be a non-negative integer, got "${raw}"`);
+  return value;
+}
+
+function listFromEnv(name: string): string[] | undefined {
+  const list = process.env[name]?.split(',').map((item) => item.trim()).filter(Boolean);
+  return list?.length ? list : undefined;
+}
+
+if (import.meta.main) {
+  try {
+    const idp = await startDevIdp({
+      port: intFromEnv('IDP_PORT'),
+      host: process.env.IDP_HOST || undefined,
+      clientId: process.env.IDP_CLIENT_ID || undefined,
+      clientSecret: process.env.IDP_CLIENT_SECRET || undefined,
+      appBaseUrl: listFromEnv('IDP_APP_BASE_URLS'),
+      tokenEndpointAuthMethod: process.env.IDP_TOKEN_AUTH_METHOD === 'client_secret_post' ? 'client_secret_post' : undefined,
+      accessTokenTtl: intFromEnv('IDP_ACCESS_TOKEN_TTL'),
+      refreshTokenTtl: intFromEnv('IDP_REFRESH_TOKEN_TTL'),
+      apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
+    });
+    console.log(`dev IdP listening on ${idp.issuer}`);
+    const stop = () => void idp.close().then(() => process.exit(0));
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  } catch (err) {
+    console.error(err instanceof Error ? err.message : err);
+    process.exit(1);
+  }
+}

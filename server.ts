@@ -1,0 +1,83 @@
+import cluster from 'node:cluster';
+import http from 'node:http';
+import { availableParallelism } from 'node:os';
+import next from 'next';
+import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
+import { exitOnInvalidConfig } from './lib/config.ts';
+import { log } from './lib/log.ts';
+import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
+
+/**
+ * `npm start` on Node hosts. /api/proxy/* goes straight to the proxy core — Next's per-request
+ * cost is as large as the whole proxy job — and everything else to Next's own request handler.
+ * One worker per core by default; sessions live in the store, so any worker serves any request.
+ */
+
+const port = Number(process.env.PORT ?? 3000);
+const hostname = process.env.HOSTNAME ?? '0.0.0.0';
+const workerCount = Number(process.env.GATEHOUSE_WORKERS ?? availableParallelism());
+const DRAIN_DEADLINE_MS = Number(process.env.GATEHOUSE_DRAIN_MS ?? 30_000);
+
+if (!Number.isInteger(workerCount) || workerCount < 1) {
+  process.stderr.write('GATEHOUSE_WORKERS: must be a whole number of at least 1\n');
+  process.exit(1);
+}
+
+if (cluster.isPrimary && workerCount > 1) {
+  exitOnInvalidConfig();
+  let stopping = false;
+  for (let i = 0; i < workerCount; i++) cluster.fork();
+  cluster.on('exit', (worker, code, signal) => {
+    if (stopping) return;
+    log('error', 'server.worker_died', { pid: worker.process.pid, code, signal });
+    cluster.fork();
+  });
+  const stop = () => {
+    if (stopping) return;
+    stopping = true;
+    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+    const exitWhenAllGone = () => {
+      if (Object.keys(cluster.workers ?? {}).length === 0) process.exit(0);
+    };
+    cluster.on('exit', exitWhenAllGone);
+    exitWhenAllGone();
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+} else {
+  await serve();
+}
+
+async function serve(): Promise<void> {
+  exitOnInvalidConfig();
+  const app = next({ dev: false, dir: import.meta.dirname, hostname, port });
+  await app.prepare();
+  const handleWithNext = app.getRequestHandler();
+  const server = http.createServer((request, response) => {
+    if (request.url?.startsWith(PROXY_PREFIX)) {
+      forwardRequest(inboundFromNode(request, response)).then(
+        (answer) => writeNodeResponse(answer, response),
+        () => response.destroy(),
+      );
+      return;
+    }
+    void handleWithNext(request, response);
+  });
+  // Longer than typical load-balancer idle timeouts, so they close idle connections first.
+  server.keepAliveTimeout = 65_000;
+  server.listen(port, hostname, () => {
+    log('info', 'server.listening', { port, pid: process.pid, fastPath: PROXY_PREFIX });
+  });
+
+  let draining = false;
+  const drain = () => {
+    if (draining) return;
+    draining = true;
+    // Stop accepting; in-flight requests and streams finish; idle keep-alive sockets go now.
+    server.close(() => process.exit(0));
+    server.closeIdleConnections();
+    setTimeout(() => process.exit(0), DRAIN_DEADLINE_MS).unref();
+  };
+  process.on('SIGTERM', drain);
+  process.on('SIGINT', drain);
+}

@@ -1,0 +1,95 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, parseConfig } from '../../lib/config.ts';
+
+const valid = {
+  APP_BASE_URL: 'https://app.example.com',
+  OIDC_ISSUER: 'https://idp.example.com',
+  OIDC_CLIENT_ID: 'gatehouse',
+  OIDC_CLIENT_SECRET: 'client-secret',
+  SESSION_SECRET: 'x'.repeat(32),
+  BFF_APIS: '{"todos":{"url":"https://api.example.com/v1"}}',
+  REDIS_URL: 'redis://127.0.0.1:6379',
+};
+
+function problemsOf(env: Record<string, string | undefined>): string[] {
+  try {
+    parseConfig(env);
+  } catch (error) {
+    if (error instanceof ConfigError) return error.problems;
+    throw error;
+  }
+  throw new Error('expected a ConfigError');
+}
+
+describe('configuration', () => {
+  it('accepts a complete production environment with documented defaults', () => {
+    const config = parseConfig({ ...valid, NODE_ENV: 'production' });
+    expect(config.oidc.scopes).toBe('openid profile email offline_access');
+    expect(config.oidc.redirectUri).toBe('https://app.example.com/api/auth/callback');
+    expect(config.oidc.clientAuth).toBe('client_secret_basic');
+    expect(config.session.cookieName).toBe('__Host-gatehouse');
+    expect(config.session.sameSite).toBe('strict');
+    expect(config.secureCookies).toBe(true);
+    expect(config.store).toEqual({ kind: 'redis', url: 'redis://127.0.0.1:6379' });
+    expect(config.apis.todos?.auth).toBe('user');
+    expect(config.apis.todos?.url.href).toBe('https://api.example.com/v1');
+  });
+
+  it('names every missing variable at once', () => {
+    const problems = problemsOf({});
+    for (const name of ['APP_BASE_URL', 'OIDC_ISSUER', 'OIDC_CLIENT_ID', 'SESSION_SECRET', 'BFF_APIS']) {
+      expect(problems.some((p) => p.startsWith(`${name}:`)), `${name} in ${problems.join(' | ')}`).toBe(true);
+    }
+  });
+
+  it('names malformed values without echoing secrets', () => {
+    const problems = problemsOf({ ...valid, SESSION_SECRET: 'too-short-secret', BFF_APIS: '{not json', OIDC_SCOPES: 'profile' });
+    expect(problems).toContain('SESSION_SECRET: every comma-separated entry must be at least 32 characters');
+    expect(problems).toContain('BFF_APIS: is not valid JSON');
+    expect(problems.some((p) => p.startsWith('OIDC_SCOPES:'))).toBe(true);
+    expect(problems.join('\n')).not.toContain('too-short-secret');
+  });
+
+  it('points into BFF_APIS entries', () => {
+    const problems = problemsOf({ ...valid, BFF_APIS: '{"todos":{"url":"ftp://x"},"Bad Name":{"url":"https://a.example"},"x":{"url":"https://a.example","extra":1}}' });
+    expect(problems.some((p) => p.startsWith('BFF_APIS.todos.url:'))).toBe(true);
+    expect(problems.some((p) => p.startsWith('BFF_APIS.Bad Name:'))).toBe(true);
+    expect(problems.some((p) => p.startsWith('BFF_APIS.x:'))).toBe(true);
+  });
+
+  it('accepts http:// only for loopback hosts, and then leaves Secure off', () => {
+    expect(problemsOf({ ...valid, OIDC_ISSUER: 'http://idp.example.com' })[0]).toMatch(/^OIDC_ISSUER: must be https:\/\//);
+    expect(problemsOf({ ...valid, APP_BASE_URL: 'http://10.0.0.5:3000' })[0]).toMatch(/^APP_BASE_URL:/);
+    const local = parseConfig({ ...valid, APP_BASE_URL: 'http://localhost:3000', OIDC_ISSUER: 'http://127.0.0.1:4000' });
+    expect(local.secureCookies).toBe(false);
+    expect(local.session.cookieName).toBe('gatehouse');
+    expect(local.oidc.allowInsecureRequests).toBe(true);
+  });
+
+  it('refuses a production start without a session store, naming the variable', () => {
+    const { REDIS_URL: _omitted, ...withoutStore } = valid;
+    expect(problemsOf({ ...withoutStore, NODE_ENV: 'production' })[0]).toMatch(/^REDIS_URL: a session store is required in production/);
+    expect(parseConfig({ ...withoutStore, NODE_ENV: 'production', SESSION_STORE: 'memory' }).store).toEqual({ kind: 'memory' });
+    expect(parseConfig({ ...withoutStore }).store).toEqual({ kind: 'memory' });
+  });
+
+  it('selects Upstash when its two variables are set, and wants both', () => {
+    const { REDIS_URL: _omitted, ...withoutStore } = valid;
+    const config = parseConfig({ ...withoutStore, UPSTASH_REDIS_REST_URL: 'https://eu1.upstash.io', UPSTASH_REDIS_REST_TOKEN: 't' });
+    expect(config.store).toEqual({ kind: 'upstash', url: 'https://eu1.upstash.io/', token: 't' });
+    expect(problemsOf({ ...withoutStore, UPSTASH_REDIS_REST_URL: 'https://eu1.upstash.io' })[0]).toMatch(/^UPSTASH_REDIS_REST_TOKEN:/);
+  });
+
+  it('checks settings that depend on each other', () => {
+    expect(problemsOf({ ...valid, SESSION_IDLE_TIMEOUT: '100', SESSION_ABSOLUTE_TIMEOUT: '50' })[0]).toMatch(/^SESSION_IDLE_TIMEOUT:/);
+    expect(problemsOf({ ...valid, OIDC_CLIENT_AUTH: 'private_key_jwt' })[0]).toMatch(/^OIDC_PRIVATE_KEY:/);
+    expect(problemsOf({ ...valid, OIDC_TIMEOUT_MS: '30000', REFRESH_LOCK_LEASE_MS: '20000' })[0]).toMatch(/^REFRESH_LOCK_LEASE_MS:/);
+    expect(problemsOf({ ...valid, APP_BASE_URL: 'https://app.example.com/sub' })[0]).toMatch(/^APP_BASE_URL: must be an origin/);
+  });
+
+  it('reads a comma-separated SESSION_SECRET as a rotation list, first entry first', () => {
+    const config = parseConfig({ ...valid, SESSION_SECRET: `${'b'.repeat(32)}, ${'a'.repeat(32)}` });
+    expect(config.session.secrets).toEqual(['b'.repeat(32), 'a'.repeat(32)]);
+    expect(config.session.tokenKeys).toEqual(config.session.secrets);
+  });
+});

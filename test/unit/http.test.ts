@@ -1,0 +1,70 @@
+import { describe, expect, it } from 'vitest';
+import { checkCsrf, safeReturnTo } from '../../lib/http.ts';
+
+const APP = 'https://app.example.com';
+const headers = (values: Record<string, string>) => (name: string) => values[name];
+
+describe('safeReturnTo', () => {
+  const openRedirects = [
+    'https://evil.example',
+    'http://evil.example/path',
+    '//evil.example',
+    '///evil.example',
+    '/\\evil.example',
+    '\\\\evil.example',
+    '/%2F%2Fevil.example',
+    '/%2f%2fevil.example',
+    '%2F%2Fevil.example',
+    '/%5Cevil.example',
+    '/%252F%252Fevil.example',
+    'javascript:alert(1)',
+    '/javascript:alert(1)\n',
+    'JAVASCRIPT:alert(1)',
+    'data:text/html,hi',
+    '/\tevil',
+    '/\u0000',
+    '/%0d%0aSet-Cookie:x=1',
+    ' /leading-space',
+    'relative/path',
+    '',
+    '/' + 'a'.repeat(3000),
+  ];
+  it.each(openRedirects)('refuses %j', (payload) => {
+    expect(safeReturnTo(payload)).toBe('/');
+  });
+
+  it.each([
+    ['/', '/'],
+    ['/orders', '/orders'],
+    ['/orders?id=7&tab=items', '/orders?id=7&tab=items'],
+    ['/a/b#section', '/a/b#section'],
+    ['/search?q=caf%C3%A9', '/search?q=caf%C3%A9'],
+  ])('keeps the same-origin path %j', (input, expected) => {
+    expect(safeReturnTo(input)).toBe(expected);
+  });
+
+  it('falls back for a missing value', () => {
+    expect(safeReturnTo(null)).toBe('/');
+    expect(safeReturnTo(undefined)).toBe('/');
+  });
+});
+
+describe('checkCsrf', () => {
+  it('passes a same-origin call with the header', () => {
+    expect(checkCsrf(headers({ 'x-csrf': '1', origin: APP, 'sec-fetch-site': 'same-origin' }), APP)).toEqual({ ok: true });
+    expect(checkCsrf(headers({ 'x-csrf': '1' }), APP)).toEqual({ ok: true });
+  });
+  it('refuses a call without X-CSRF: 1', () => {
+    expect(checkCsrf(headers({}), APP)).toEqual({ ok: false, reason: 'missing_header' });
+    expect(checkCsrf(headers({ 'x-csrf': 'true' }), APP).ok).toBe(false);
+  });
+  it('refuses another origin even with the header', () => {
+    expect(checkCsrf(headers({ 'x-csrf': '1', origin: 'https://evil.example' }), APP)).toEqual({ ok: false, reason: 'cross_origin' });
+    expect(checkCsrf(headers({ 'x-csrf': '1', origin: 'null' }), APP).ok).toBe(false);
+    expect(checkCsrf(headers({ 'x-csrf': '1', origin: 'https://app.example.com:8443' }), APP).ok).toBe(false);
+  });
+  it('refuses what the browser marks cross-site or same-site', () => {
+    expect(checkCsrf(headers({ 'x-csrf': '1', 'sec-fetch-site': 'cross-site' }), APP)).toEqual({ ok: false, reason: 'cross_site' });
+    expect(checkCsrf(headers({ 'x-csrf': '1', 'sec-fetch-site': 'same-site' }), APP).ok).toBe(false);
+  });
+});
