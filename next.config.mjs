@@ -1,7 +1,7 @@
 /** @type {import('next').NextConfig} */
 const nextConfig = {
-  // `next build` emits a self-contained server for Node hosts (see README: deploying).
-  output: 'standalone',
+  // Lets parallel builds (CI legs, benchmarks) keep separate outputs; the default is Next's own.
+  distDir: process.env.NEXT_DIST_DIR || '.next',
   poweredByHeader: false,
   // `npm run typecheck` (tsc, strict) checks the whole project once in CI; the build need not repeat it.
   typescript: { ignoreBuildErrors: true },

@@ -66,7 +66,8 @@ async function serve(): Promise<void> {
   // Longer than typical load-balancer idle timeouts, so they close idle connections first.
   server.keepAliveTimeout = 65_000;
   server.listen(port, hostname, () => {
-    log('info', 'server.listening', { port, pid: process.pid, fastPath: PROXY_PREFIX });
+    // Printed whatever LOG_LEVEL says: operators and the test harness wait for this line.
+    process.stdout.write(`Gatehouse listening on http://${hostname}:${port} (pid ${process.pid})\n`);
   });
 
   let draining = false;

@@ -263,6 +263,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     const forwardedFor = inbound.header('x-forwarded-for');
     headers.push(
+      ['host', url.host],
       ['x-forwarded-for', [forwardedFor, inbound.remoteAddress].filter(Boolean).join(', ')],
       ['x-forwarded-proto', config.appBaseUrl.protocol.slice(0, -1)],
       ['x-forwarded-host', config.appBaseUrl.host],

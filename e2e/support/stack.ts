@@ -1,0 +1,164 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:net';
+import path from 'node:path';
+
+/**
+ * Starts the real parts a test needs as separate processes — the dev IdP (oidc-provider), the
+ * demo API and Gatehouse itself (production build) — on free loopback ports, and stops them.
+ */
+
+export const ROOT = path.resolve(import.meta.dirname, '..', '..');
+const NODE = process.execPath;
+
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.unref();
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
+    });
+  });
+}
+
+export interface RunningProcess {
+  name: string;
+  child: ChildProcess;
+  output: () => string;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** Spawns a process and resolves once a line of its output matches `ready`; rejects if it exits first. */
+export function startProcess(name: string, args: string[], env: Record<string, string>, ready: RegExp | ((output: string) => boolean), timeoutMs = 60_000): Promise<RunningProcess> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(NODE, args, { cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    let settled = false;
+    const timer = setTimeout(() => fail(new Error(`${name} did not become ready within ${timeoutMs} ms`)), timeoutMs);
+    const fail = (error: Error) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      child.kill('SIGKILL');
+      reject(new Error(`${error.message}\n--- ${name} output ---\n${output.slice(-4000)}`));
+    };
+    const onData = (chunk: Buffer) => {
+      output += chunk.toString();
+      if (output.length > 200_000) output = output.slice(-100_000);
+      if (!settled && (typeof ready === 'function' ? ready(output) : ready.test(output))) {
+        settled = true;
+        clearTimeout(timer);
+        resolve({
+          name,
+          child,
+          output: () => output,
+          stop: (signal = 'SIGTERM') =>
+            new Promise<void>((done) => {
+              if (child.exitCode !== null || child.signalCode !== null) return done();
+              const killer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+              child.once('exit', () => {
+                clearTimeout(killer);
+                done();
+              });
+              child.kill(signal);
+            }),
+        });
+      }
+    };
+    child.stdout?.on('data', onData);
+    child.stderr?.on('data', onData);
+    child.once('exit', (code, signal) => fail(new Error(`${name} exited early (code ${code}, signal ${signal})`)));
+  });
+}
+
+export interface StackOptions {
+  /** How many Gatehouse instances (each its own process, sharing Redis). */
+  instances?: number;
+  /** 'fast' runs `node server.ts` (npm start); 'next' runs `next start` only. */
+  server?: 'fast' | 'next';
+  workers?: number;
+  accessTokenTtl?: number;
+  env?: Record<string, string>;
+  redisUrl?: string;
+}
+
+export interface Stack {
+  issuer: string;
+  idp: RunningProcess;
+  apiUrl: string;
+  api: RunningProcess;
+  apps: Array<{ url: string; process: RunningProcess; env: Record<string, string> }>;
+  keyPrefix: string;
+  appEnv: Record<string, string>;
+  clientId: string;
+  stop(): Promise<void>;
+}
+
+export const CLIENT_ID = 'gatehouse-e2e';
+export const CLIENT_SECRET = 'e2e-client-secret-' + 'x'.repeat(24);
+
+export async function startStack(options: StackOptions = {}): Promise<Stack> {
+  const instances = options.instances ?? 1;
+  const [idpPort, apiPort, ...appPorts] = await Promise.all([freePort(), freePort(), ...Array.from({ length: instances }, freePort)]);
+  const appUrls = appPorts.map((port) => `http://localhost:${port}`);
+  const issuer = `http://localhost:${idpPort}`;
+  const apiUrl = `http://localhost:${apiPort}`;
+  const idp = await startProcess(
+    'dev-idp',
+    ['scripts/dev-idp.ts'],
+    {
+      NODE_ENV: 'development',
+      IDP_PORT: String(idpPort),
+      IDP_CLIENT_ID: CLIENT_ID,
+      IDP_CLIENT_SECRET: CLIENT_SECRET,
+      IDP_APP_BASE_URLS: appUrls.join(','),
+      IDP_API_AUDIENCES: apiUrl,
+      ...(options.accessTokenTtl ? { IDP_ACCESS_TOKEN_TTL: String(options.accessTokenTtl) } : {}),
+    },
+    /dev IdP listening/,
+  );
+  const api = await startProcess(
+    'demo-api',
+    ['scripts/demo-api.ts'],
+    { NODE_ENV: 'development', DEMO_API_PORT: String(apiPort), DEMO_API_ISSUER: issuer, DEMO_API_AUDIENCE: apiUrl },
+    /demo API listening/,
+  );
+  const keyPrefix = `gh-test-${randomBytes(6).toString('hex')}:`;
+  const appEnv: Record<string, string> = {
+    NODE_ENV: 'production',
+    OIDC_ISSUER: issuer,
+    OIDC_CLIENT_ID: CLIENT_ID,
+    OIDC_CLIENT_SECRET: CLIENT_SECRET,
+    OIDC_SCOPES: 'openid profile email offline_access api:read api:write',
+    SESSION_SECRET: randomBytes(32).toString('base64url'),
+    REDIS_URL: options.redisUrl ?? process.env.REDIS_URL ?? 'redis://127.0.0.1:6379',
+    REDIS_KEY_PREFIX: keyPrefix,
+    BFF_APIS: JSON.stringify({
+      demo: { url: apiUrl },
+      public: { url: `${apiUrl}/public`, auth: 'user-optional' },
+    }),
+    LOG_LEVEL: 'warn',
+    ...options.env,
+  };
+  const apps: Stack['apps'] = [];
+  const stopAll = async () => {
+    await Promise.all([...apps.map((app) => app.process.stop()), api.stop(), idp.stop()]);
+  };
+  try {
+    for (const [index, port] of appPorts.entries()) {
+      const env = { ...appEnv, APP_BASE_URL: appUrls[index] as string, PORT: String(port), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(options.workers ?? 2) };
+      const args = options.server === 'next' ? ['node_modules/next/dist/bin/next', 'start', '-p', String(port), '-H', '127.0.0.1'] : ['server.ts'];
+      const workers = options.workers ?? 2;
+      const ready =
+        options.server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
+      const app = await startProcess(`gatehouse-${index}`, args, env, ready);
+      apps.push({ url: appUrls[index] as string, process: app, env });
+    }
+  } catch (error) {
+    await stopAll();
+    throw error;
+  }
+  return { issuer, idp, apiUrl, api, apps, keyPrefix, appEnv, clientId: CLIENT_ID, stop: stopAll };
+}

@@ -1,0 +1,201 @@
+import { Cluster, Redis } from 'ioredis';
+import type { ClusterNode, RedisOptions } from 'ioredis';
+import type { Store } from './types.ts';
+import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
+
+export interface RedisStoreOptions {
+  /** Prepended by ioredis to every key (also to the KEYS of scripts). */
+  keyPrefix?: string;
+  /** Treat the URL (or each URL of a comma-separated list) as seed nodes of a Redis Cluster. */
+  cluster?: boolean;
+  /**
+   * Upper bound for one command, counted from the call, so it also covers time spent in the
+   * offline queue while reconnecting. A timed-out write may still have been applied.
+   */
+  commandTimeoutMs?: number;
+  /** Upper bound for establishing a TCP (and TLS) connection. */
+  connectTimeoutMs?: number;
+}
+
+const DEL_IF_EQUALS_LUA = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+`;
+
+// ioredis adds methods from defineCommand at run time; this is the shape it adds.
+interface WithScripts {
+  gatehouseDelIfEquals(key: string, expected: string): Promise<number>;
+}
+
+/**
+ * Rebuilds an ioredis failure as an Error that names only the command and the kind of failure.
+ * ioredis attaches the full argument list (session data, lock tokens) to its reply errors, so
+ * neither the original error nor its properties may travel up into logs.
+ */
+function storeError(command: string, error: unknown): Error {
+  let kind = 'unknown error';
+  if (error instanceof Error) {
+    const code = (error as { code?: unknown }).code;
+    if (error.name === 'ReplyError') {
+      // Redis error replies start with an upper-case code (ERR, WRONGTYPE, READONLY, ...).
+      kind = /^[A-Z][A-Z_-]*(?=\s|$)/.exec(error.message)?.[0] ?? 'ReplyError';
+    } else if (typeof code === 'string') {
+      kind = code;
+    } else if (error.message === 'Command timed out') {
+      kind = 'timeout';
+    } else {
+      kind = error.name;
+    }
+  }
+  return new Error(`Redis ${command} failed: ${kind}`);
+}
+
+async function run<T>(command: string, promise: Promise<T>): Promise<T> {
+  try {
+    return await promise;
+  } catch (error) {
+    throw storeError(command, error);
+  }
+}
+
+type ExecResult = [error: Error | null, result: unknown][] | null;
+
+function execResults(command: string, results: ExecResult): unknown[] {
+  if (results === null) throw new Error(`Redis ${command} failed: transaction aborted`);
+  return results.map(([error, result]) => {
+    if (error) throw storeError(command, error);
+    return result;
+  });
+}
+
+function clusterNodes(url: string): { nodes: ClusterNode[]; redisOptions: RedisOptions } {
+  const parts = url.split(',').map((part) => part.trim()).filter(Boolean);
+  const first = new URL(parts[0] ?? '');
+  const nodes = parts.map((part) => {
+    const parsed = new URL(part.includes('://') ? part : `${first.protocol}//${part}`);
+    return { host: parsed.hostname, port: parsed.port ? Number(parsed.port) : 6379 };
+  });
+  const redisOptions: RedisOptions = {};
+  // Every node of one cluster shares credentials and transport, so the first URL speaks for all.
+  if (first.username) redisOptions.username = decodeURIComponent(first.username);
+  if (first.password) redisOptions.password = decodeURIComponent(first.password);
+  if (first.protocol === 'rediss:') redisOptions.tls = {};
+  return { nodes, redisOptions };
+}
+
+export function createRedisStore(url: string, options: RedisStoreOptions = {}): Store {
+  const connectTimeout = options.connectTimeoutMs ?? 2_000;
+  const commandTimeout = options.commandTimeoutMs ?? 2_000;
+  const common = {
+    keyPrefix: options.keyPrefix ?? '',
+    // Concurrent requests' commands share one round trip without any code here batching them.
+    enableAutoPipelining: true,
+  };
+  const perConnection: RedisOptions = {
+    connectTimeout,
+    commandTimeout,
+    // Queued commands fail after two reconnect attempts (and at the latest at commandTimeout),
+    // so an outage turns into rejected promises instead of requests waiting for Redis to return.
+    maxRetriesPerRequest: 2,
+  };
+  // Short, capped backoff: together with maxRetriesPerRequest the delays decide how fast each
+  // request fails during an outage, so they stay well under commandTimeout.
+  const retryStrategy = (times: number): number => Math.min(50 * 2 ** (times - 1), 500);
+
+  const isCluster = options.cluster === true || url.includes(',');
+  let client: Redis | Cluster;
+  if (isCluster) {
+    const { nodes, redisOptions } = clusterNodes(url);
+    client = new Cluster(nodes, {
+      ...common,
+      clusterRetryStrategy: retryStrategy,
+      redisOptions: { ...redisOptions, ...perConnection },
+    });
+  } else {
+    client = new Redis(url, { ...common, ...perConnection, retryStrategy });
+  }
+  // Failures reach callers as rejected commands; without a listener ioredis would also print
+  // every reconnect attempt as an unhandled error event.
+  client.on('error', () => {});
+  client.defineCommand('gatehouseDelIfEquals', { numberOfKeys: 1, lua: DEL_IF_EQUALS_LUA });
+  const scripts = client as unknown as WithScripts;
+
+  return {
+    async get(key) {
+      return run('GET', client.get(key));
+    },
+
+    async set(key, value, { ttlMs, onlyIfAbsent, onlyIfPresent }) {
+      checkSetOptions({ ttlMs, onlyIfAbsent, onlyIfPresent });
+      const reply = onlyIfAbsent
+        ? client.set(key, value, 'PX', ttlMs, 'NX')
+        : onlyIfPresent
+          ? client.set(key, value, 'PX', ttlMs, 'XX')
+          : client.set(key, value, 'PX', ttlMs);
+      return (await run('SET', reply)) === 'OK';
+    },
+
+    async replace(key, value) {
+      return (await run('SET', client.set(key, value, 'KEEPTTL', 'XX'))) === 'OK';
+    },
+
+    async expire(key, ttlMs) {
+      checkExpireTtl(ttlMs);
+      return (await run('PEXPIRE', client.pexpire(key, ttlMs))) === 1;
+    },
+
+    async del(key) {
+      return (await run('DEL', client.del(key))) > 0;
+    },
+
+    async delIfEquals(key, expected) {
+      return (await run('EVALSHA', scripts.gatehouseDelIfEquals(key, expected))) === 1;
+    },
+
+    async indexAdd(key, member, expiresAtMs, keyTtlMs) {
+      checkTimestamp('expiresAtMs', expiresAtMs);
+      checkTtl('keyTtlMs', keyTtlMs);
+      // GT alone never sets a TTL on a key that has none (Redis treats that as infinite), so a
+      // freshly created index first gets one through NX; after that the TTL only grows.
+      const results = await run(
+        'MULTI',
+        client.multi().zadd(key, expiresAtMs, member).pexpire(key, keyTtlMs, 'NX').pexpire(key, keyTtlMs, 'GT').exec(),
+      );
+      execResults('ZADD', results);
+    },
+
+    async indexMembers(key, nowMs) {
+      checkTimestamp('nowMs', nowMs);
+      const results = await run(
+        'MULTI',
+        client.multi().zremrangebyscore(key, '-inf', String(nowMs)).zrange(key, '0', '-1').exec(),
+      );
+      const members = execResults('ZRANGE', results)[1];
+      return Array.isArray(members) ? members.map(String) : [];
+    },
+
+    async indexRemove(key, member) {
+      await run('ZREM', client.zrem(key, member));
+    },
+
+    async ping() {
+      await run('PING', client.ping());
+    },
+
+    async close() {
+      // QUIT waits for replies still in flight; a client that is not connected has nothing to
+      // wait for and QUIT would only sit in the offline queue.
+      if (client.status === 'ready') {
+        try {
+          await client.quit();
+          return;
+        } catch {
+          // Fall through: the connection is going away anyway.
+        }
+      }
+      client.disconnect();
+    },
+  };
+}

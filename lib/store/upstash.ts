@@ -1,0 +1,137 @@
+import { Redis } from '@upstash/redis';
+import type { Store } from './types.ts';
+import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
+
+const DEL_IF_EQUALS_LUA = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+`;
+
+const REQUEST_TIMEOUT_MS = 5_000;
+
+/**
+ * @upstash/redis puts the whole request body (keys, session data, lock tokens) into its error
+ * messages, so failures are rebuilt from the command name and the Redis error code alone.
+ */
+function storeError(command: string, error: unknown): Error {
+  let kind = 'unknown error';
+  if (error instanceof Error) {
+    // Reply errors arrive as "ERR ...", "WRONGTYPE ..." or "Command failed: WRONGTYPE ...".
+    const code = /(?:^|: )([A-Z][A-Z_-]+)(?=\s)/.exec(error.message)?.[1];
+    kind = error.name === 'TimeoutError' || error.name === 'AbortError' ? 'timeout' : (code ?? error.name);
+  }
+  return new Error(`Upstash ${command} failed: ${kind}`);
+}
+
+async function run<T>(command: string, promise: Promise<T>): Promise<T> {
+  try {
+    return await promise;
+  } catch (error) {
+    throw storeError(command, error);
+  }
+}
+
+export function createUpstashStore(url: string, token: string): Store {
+  const redis = new Redis({
+    url,
+    token,
+    // Values are opaque strings to Gatehouse; JSON-parsing them would turn "123" into a number.
+    automaticDeserialization: false,
+    // base64 (the default) keeps any byte sequence intact through the JSON transport.
+    responseEncoding: 'base64',
+    // Concurrent requests' commands share one HTTP round trip (as ioredis auto-pipelining does).
+    enableAutoPipelining: true,
+    // Only network failures are retried (never error replies). Keep it short so an outage
+    // surfaces in well under a second of backoff instead of the default five attempts (~4 s).
+    retry: { retries: 2, backoff: (retryCount) => 50 * 2 ** retryCount },
+    // A fresh signal per request: a function-valued signal makes an abort reject, whereas a
+    // plain AbortSignal makes the client resolve with a fake "Aborted" result.
+    signal: () => AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    // No SDK/runtime/platform headers to a third party from an auth server.
+    enableTelemetry: false,
+    latencyLogging: false,
+  });
+  let closed = false;
+
+  function open(): void {
+    if (closed) throw new Error('Store is closed');
+  }
+
+  return {
+    async get(key) {
+      open();
+      const value = await run('GET', redis.get<string>(key));
+      return value ?? null;
+    },
+
+    async set(key, value, { ttlMs, onlyIfAbsent, onlyIfPresent }) {
+      open();
+      checkSetOptions({ ttlMs, onlyIfAbsent, onlyIfPresent });
+      const reply = onlyIfAbsent
+        ? redis.set(key, value, { px: ttlMs, nx: true })
+        : onlyIfPresent
+          ? redis.set(key, value, { px: ttlMs, xx: true })
+          : redis.set(key, value, { px: ttlMs });
+      return (await run('SET', reply)) === 'OK';
+    },
+
+    async replace(key, value) {
+      open();
+      return (await run('SET', redis.set(key, value, { keepTtl: true, xx: true }))) === 'OK';
+    },
+
+    async expire(key, ttlMs) {
+      open();
+      checkExpireTtl(ttlMs);
+      return Number(await run('PEXPIRE', redis.pexpire(key, ttlMs))) === 1;
+    },
+
+    async del(key) {
+      open();
+      return Number(await run('DEL', redis.del(key))) > 0;
+    },
+
+    async delIfEquals(key, expected) {
+      open();
+      return Number(await run('EVAL', redis.eval(DEL_IF_EQUALS_LUA, [key], [expected]))) === 1;
+    },
+
+    async indexAdd(key, member, expiresAtMs, keyTtlMs) {
+      open();
+      checkTimestamp('expiresAtMs', expiresAtMs);
+      checkTtl('keyTtlMs', keyTtlMs);
+      // GT alone never sets a TTL on a key without one, so NX gives a new index its first TTL.
+      const tx = redis
+        .multi()
+        .zadd(key, { score: expiresAtMs, member })
+        .pexpire(key, keyTtlMs, 'NX')
+        .pexpire(key, keyTtlMs, 'GT');
+      await run('MULTI', tx.exec());
+    },
+
+    async indexMembers(key, nowMs) {
+      open();
+      checkTimestamp('nowMs', nowMs);
+      const tx = redis.multi().zremrangebyscore(key, '-inf', nowMs).zrange<string[]>(key, 0, -1);
+      const [, members] = await run('MULTI', tx.exec());
+      return Array.isArray(members) ? members.map(String) : [];
+    },
+
+    async indexRemove(key, member) {
+      open();
+      await run('ZREM', redis.zrem(key, member));
+    },
+
+    async ping() {
+      open();
+      await run('PING', redis.ping());
+    },
+
+    async close() {
+      // Stateless HTTP: nothing to tear down, but later calls should fail like a closed socket.
+      closed = true;
+    },
+  };
+}
