@@ -192,12 +192,12 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const keys = await signingKeys();
   let counters = emptyCounters();
   // The issuer embeds the real port, so the provider only exists once the listener is bound.
-  let providerHandler: ((req: IncomingMessage, res: ServerResponse) => unknown) | undefined;
+  const providerSlot: { handler?: (req: IncomingMessage, res: ServerResponse) => unknown } = {};
   const server = createServer((req, res) => {
     if (req.url?.startsWith('/__dev/')) {
       devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
-    } else if (providerHandler) {
-      providerHandler(req, res);
+    } else if (providerSlot.handler) {
+      providerSlot.handler(req, res);
     } else {
       sendJson(res, 503, { error: 'starting' });
     }
@@ -305,7 +305,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     await shutdown(server);
     throw err;
   }
-  providerHandler = provider.callback();
+  providerSlot.handler = provider.callback();
   const tally = (ctx: KoaContextWithOIDC, outcome: 'success' | 'error', code?: string) => {
     const grantType = String(ctx.oidc.params?.grant_type ?? 'unknown');
     bump(counters[outcome], grantType);

@@ -28,7 +28,7 @@ async function rejectionOf(promise: Promise<unknown>): Promise<Error> {
     await promise;
   } catch (error) {
     if (error instanceof Error) return error;
-    throw new Error('rejected with a non-Error value');
+    throw new Error('rejected with a non-Error value', { cause: error });
   }
   throw new Error('expected a rejection');
 }

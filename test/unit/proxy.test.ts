@@ -1,0 +1,117 @@
+import { describe, expect, it } from 'vitest';
+import type { ApiConfig } from '../../lib/config.ts';
+import { filterRequestHeaders, filterResponseHeaders, resolveUpstream } from '../../lib/proxy.ts';
+
+const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
+const apis = { todos: api('https://api.example.com/v1') };
+
+describe('resolveUpstream', () => {
+  it.each([
+    ['/api/proxy/todos/items', 'https://api.example.com/v1/items'],
+    ['/api/proxy/todos/items/7?x=1&y=%20', 'https://api.example.com/v1/items/7?x=1&y=%20'],
+    ['/api/proxy/todos', 'https://api.example.com/v1/'],
+    ['/api/proxy/todos/', 'https://api.example.com/v1/'],
+    ['/api/proxy/todos/a/b/', 'https://api.example.com/v1/a/b/'],
+    ['/api/proxy/todos/caf%C3%A9', 'https://api.example.com/v1/caf%C3%A9'],
+  ])('maps %s', (raw, expected) => {
+    expect(resolveUpstream(raw, apis).url.href).toBe(expected);
+  });
+
+  it.each([
+    '/api/proxy/todos/../admin',
+    '/api/proxy/todos/%2e%2e/admin',
+    '/api/proxy/todos/%2E%2E/admin',
+    '/api/proxy/todos/.%2e/admin',
+    '/api/proxy/todos/a/%2e%2e%2f%2e%2e/admin',
+    '/api/proxy/todos/%252e%252e/admin',
+    '/api/proxy/todos/a%2fb',
+    '/api/proxy/todos/a%5cb',
+    '/api/proxy/todos/a\\b',
+    '/api/proxy/todos//evil.example/x',
+    '/api/proxy/todos/http:%2f%2fevil.example',
+    '/api/proxy/todos/https:',
+    '/api/proxy/todos/user@evil.example',
+    '/api/proxy/todos/a%40b',
+    '/api/proxy/todos/a%00b',
+    '/api/proxy/todos/a%0d%0aHost:%20evil',
+    '/api/proxy/todos/%E0%A4%A',
+    '/api/proxy/todos/./x',
+    '/api/proxy/todos/x?a=1#frag',
+  ])('refuses %s with invalid_path', (raw) => {
+    expect(() => resolveUpstream(raw, apis)).toThrow(expect.objectContaining({ code: 'invalid_path', status: 400 }));
+  });
+
+  it('answers unknown APIs with 404, including inherited property names', () => {
+    for (const raw of ['/api/proxy/nope/x', '/api/proxy/__proto__/x', '/api/proxy/constructor/x']) {
+      expect(() => resolveUpstream(raw, apis)).toThrow(expect.objectContaining({ code: 'unknown_api', status: 404 }));
+    }
+  });
+
+  it('keeps every accepted path under the configured origin and base path', () => {
+    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x']) {
+      const { url } = resolveUpstream(raw, apis);
+      expect(url.origin).toBe('https://api.example.com');
+      expect(url.pathname.startsWith('/v1/')).toBe(true);
+    }
+  });
+});
+
+describe('header hygiene', () => {
+  it('drops credentials, hop-by-hop headers and whatever Connection names on the way up', () => {
+    const kept = filterRequestHeaders(
+      [
+        ['Cookie', 'gatehouse=sealed'],
+        ['Authorization', 'Bearer stolen'],
+        ['X-CSRF', '1'],
+        ['Connection', 'close, X-Secret-Hop'],
+        ['X-Secret-Hop', 'v'],
+        ['Keep-Alive', 'timeout=5'],
+        ['TE', 'trailers'],
+        ['Trailer', 'X-T'],
+        ['Transfer-Encoding', 'chunked'],
+        ['Upgrade', 'websocket'],
+        ['Proxy-Authorization', 'Basic x'],
+        ['Host', 'evil.example'],
+        ['X-Forwarded-For', '6.6.6.6'],
+        ['Accept', 'application/json'],
+        ['Range', 'bytes=0-10'],
+        ['If-None-Match', '"abc"'],
+        ['Content-Type', 'application/json'],
+      ],
+      'close, X-Secret-Hop',
+    );
+    expect(kept).toEqual([
+      ['accept', 'application/json'],
+      ['range', 'bytes=0-10'],
+      ['if-none-match', '"abc"'],
+      ['content-type', 'application/json'],
+    ]);
+  });
+
+  it('drops Set-Cookie and hop-by-hop headers on the way down, keeps end-to-end ones', () => {
+    const kept = filterResponseHeaders([
+      'Set-Cookie', 'upstream=1',
+      'Connection', 'keep-alive, X-Hop',
+      'X-Hop', 'v',
+      'Keep-Alive', 'timeout=5',
+      'Proxy-Authenticate', 'Basic',
+      'Upgrade', 'h2c',
+      'Trailer', 'X-T',
+      'Transfer-Encoding', 'chunked',
+      'Content-Type', 'application/json',
+      'ETag', '"v1"',
+      'Cache-Control', 'max-age=60',
+      'Location', '/next',
+      'X-Upstream', 'yes',
+      'X-Upstream', 'twice',
+    ]);
+    expect(kept).toEqual([
+      ['content-type', 'application/json'],
+      ['etag', '"v1"'],
+      ['cache-control', 'max-age=60'],
+      ['location', '/next'],
+      ['x-upstream', 'yes'],
+      ['x-upstream', 'twice'],
+    ]);
+  });
+});
