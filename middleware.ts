@@ -11,7 +11,7 @@ export function middleware(request: NextRequest): NextResponse {
   if (verdict.ok) return NextResponse.next();
   return new NextResponse(JSON.stringify({ error: 'csrf_failed', message: 'This request must come from the application itself (X-CSRF: 1, same origin).' }), {
     status: 403,
-    headers: jsonHeaders(),
+    headers: { ...jsonHeaders(), 'x-gatehouse-error': 'csrf_failed' },
   });
 }
 

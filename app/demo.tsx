@@ -1,17 +1,13 @@
 'use client';
 
-import { useCallback, useEffect, useState } from 'react';
-import { api, getSession, login, logout, GatehouseClientError, type SessionInfo } from '../lib/client/index.ts';
+import { useState } from 'react';
+import { GatehouseClientError, api, login, logout } from 'gatehouse/client';
+import { useSession } from 'gatehouse/client/react';
 
 export function Demo() {
-  const [session, setSession] = useState<SessionInfo | null>(null);
+  const session = useSession();
   const [answer, setAnswer] = useState<string>('');
   const [busy, setBusy] = useState(false);
-
-  const load = useCallback(() => {
-    getSession().then(setSession, () => setSession({ authenticated: false }));
-  }, []);
-  useEffect(load, [load]);
 
   const callApi = async () => {
     setBusy(true);
@@ -19,7 +15,6 @@ export function Demo() {
       setAnswer(JSON.stringify(await api('demo').get('whoami'), null, 2));
     } catch (error) {
       setAnswer(error instanceof GatehouseClientError ? `${error.code}: ${error.message}` : String(error));
-      if (error instanceof GatehouseClientError && (error.code === 'session_expired' || error.code === 'unauthenticated')) load();
     } finally {
       setBusy(false);
     }
@@ -33,10 +28,14 @@ export function Demo() {
         <h1>Gatehouse demo</h1>
         <p className="tagline">The tokens stay on the server. This page only has a cookie it cannot read.</p>
       </header>
-      {authError && <p role="alert" className="notice">Sign-in: {authError}</p>}
-      {session === null ? (
+      {authError && (
+        <p role="alert" className="notice">
+          Sign-in: {authError}
+        </p>
+      )}
+      {session.status === 'loading' ? (
         <p aria-live="polite">Loading…</p>
-      ) : session.authenticated ? (
+      ) : session.status === 'authenticated' && session.user ? (
         <section className="card" aria-labelledby="who">
           <h2 id="who">
             Signed in as <span data-testid="user-name">{String(session.user.name ?? session.user.sub)}</span>
@@ -51,7 +50,7 @@ export function Demo() {
               </>
             )}
             <dt>Session ends</dt>
-            <dd data-testid="expires-at">{new Date(session.expiresAt * 1000).toLocaleString()}</dd>
+            <dd data-testid="expires-at">{session.expiresAt ? new Date(session.expiresAt * 1000).toLocaleString() : '—'}</dd>
           </dl>
           <div className="actions">
             <button type="button" onClick={callApi} disabled={busy} data-testid="call-api">

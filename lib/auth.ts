@@ -36,6 +36,7 @@ export function apiError(caught: unknown, event: string): Response {
   const error = configAware(caught);
   if (error.status >= 500) log('error', event, { code: error.code, ...describeCause(error.cause) });
   const headers = new Headers(jsonHeaders());
+  headers.set('x-gatehouse-error', error.code);
   if (error.clearSession) headers.append('set-cookie', clearSessionCookieHeader());
   return new Response(errorBody(error), { status: error.status, headers });
 }

@@ -49,6 +49,8 @@ export function jsonError(error: GatehouseError, extraHeaders: Array<[string, st
     ['content-type', 'application/json; charset=utf-8'],
     ['cache-control', 'no-store'],
     ['x-content-type-options', 'nosniff'],
+    // Tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
+    ['x-gatehouse-error', error.code],
     ...extraHeaders,
   ];
   if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);

@@ -24,7 +24,7 @@ const idp = usesOwnIdp ? await startDevIdp({ port: DEV_IDP_DEFAULTS.port, appBas
 const issuer = process.env.OIDC_ISSUER ?? (idp as { issuer: string }).issuer;
 const demoApi = process.env.BFF_APIS ? undefined : await startDemoApi({ port: 4001, issuer });
 
-const env: Record<string, string | undefined> = {
+const env: NodeJS.ProcessEnv = {
   ...process.env,
   APP_BASE_URL: appBaseUrl,
   OIDC_ISSUER: issuer,

@@ -1,57 +1,97 @@
 /**
- * The browser side of Gatehouse: same-origin calls with the anti-forgery header, Gatehouse's JSON
- * errors as typed errors. No tokens ever reach this code; the cookie does the work.
+ * The browser side of Gatehouse: same-origin calls with the anti-forgery header, and Gatehouse's
+ * own JSON errors as typed errors. No token ever reaches this code; the cookie does the work.
+ * No dependencies: the React hook lives in ./react.ts.
  */
 
 export type SessionInfo =
   | { authenticated: false }
   | { authenticated: true; user: Record<string, unknown> & { sub: string }; expiresAt: number; logoutUrl: string };
 
+/** The codes Gatehouse answers with (an upstream API's own errors come back as `upstream_<status>`). */
+export type GatehouseErrorCode =
+  | 'unauthenticated'
+  | 'session_expired'
+  | 'csrf_failed'
+  | 'idp_unavailable'
+  | 'store_unavailable'
+  | 'unknown_api'
+  | 'invalid_path'
+  | 'payload_too_large'
+  | 'method_not_allowed'
+  | 'upstream_unavailable'
+  | 'upstream_timeout'
+  | `upstream_${number}`
+  | 'network_error'
+  | (string & {});
+
 export class GatehouseClientError extends Error {
-  readonly code: string;
+  readonly code: GatehouseErrorCode;
   readonly status: number;
-  constructor(code: string, status: number, message: string) {
+  /** The upstream API's answer, for `upstream_<status>` errors. */
+  readonly response: Response | undefined;
+  constructor(code: GatehouseErrorCode, status: number, message: string, response?: Response) {
     super(message);
     this.name = 'GatehouseClientError';
     this.code = code;
     this.status = status;
+    this.response = response;
   }
 }
 
+/** Fired on `window` whenever a call finds the session gone; `useSession` listens for it. */
 export const SESSION_ENDED_EVENT = 'gatehouse:session-ended';
 
-/** fetch with `X-CSRF: 1` and same-origin credentials; throws GatehouseClientError for Gatehouse's errors. */
+const settings = { redirectToLoginOnSessionEnd: false };
+
+/** `redirectToLoginOnSessionEnd`: send the user to login (coming back here) when a call finds the session gone. */
+export function configure(options: Partial<typeof settings>): void {
+  Object.assign(settings, options);
+}
+
+function currentLocation(): string {
+  return window.location.pathname + window.location.search + window.location.hash;
+}
+
+/** fetch with `X-CSRF: 1` and same-origin credentials; Gatehouse's own errors throw GatehouseClientError. */
 export async function bffFetch(input: string, init: RequestInit = {}): Promise<Response> {
   const headers = new Headers(init.headers);
   headers.set('X-CSRF', '1');
-  const response = await fetch(input, { ...init, headers, credentials: 'same-origin' });
-  if (response.ok) return response;
-  const type = response.headers.get('content-type') ?? '';
-  if (!type.includes('application/json')) return response;
-  const body = (await response.clone().json().catch(() => null)) as { error?: unknown; message?: unknown } | null;
-  if (!body || typeof body.error !== 'string') return response;
-  if ((body.error === 'session_expired' || body.error === 'unauthenticated') && typeof window !== 'undefined') {
-    window.dispatchEvent(new CustomEvent(SESSION_ENDED_EVENT, { detail: { code: body.error } }));
+  let response: Response;
+  try {
+    response = await fetch(input, { ...init, headers, credentials: 'same-origin' });
+  } catch (error) {
+    throw new GatehouseClientError('network_error', 0, error instanceof Error ? error.message : 'Network error');
   }
-  throw new GatehouseClientError(body.error, response.status, typeof body.message === 'string' ? body.message : body.error);
+  const code = response.headers.get('x-gatehouse-error');
+  if (!code) return response;
+  const body = (await response.json().catch(() => ({}))) as { message?: unknown };
+  if (code === 'session_expired' || code === 'unauthenticated') {
+    if (typeof window !== 'undefined') {
+      window.dispatchEvent(new CustomEvent(SESSION_ENDED_EVENT, { detail: { code } }));
+      if (settings.redirectToLoginOnSessionEnd) login(currentLocation());
+    }
+  }
+  throw new GatehouseClientError(code, response.status, typeof body.message === 'string' ? body.message : code);
 }
 
-async function parse(response: Response): Promise<unknown> {
+async function parseBody(response: Response): Promise<unknown> {
+  if (response.status === 204 || response.status === 205) return null;
   const type = response.headers.get('content-type') ?? '';
-  if (response.status === 204) return null;
   return type.includes('json') ? response.json() : response.text();
 }
 
+/** Calls to one API named in BFF_APIS; resolves with the parsed body, rejects on any non-2xx. */
 export function api(name: string) {
-  const call = async (method: string, path: string, body?: unknown) => {
+  const call = async (method: string, path: string, body?: unknown): Promise<unknown> => {
     const init: RequestInit = { method };
     if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers = { 'content-type': 'application/json' };
     }
     const response = await bffFetch(`/api/proxy/${encodeURIComponent(name)}/${path.replace(/^\/+/, '')}`, init);
-    if (!response.ok) throw new GatehouseClientError(`upstream_${response.status}`, response.status, `The API answered ${response.status}.`);
-    return parse(response);
+    if (!response.ok) throw new GatehouseClientError(`upstream_${response.status}`, response.status, `The API answered ${response.status}.`, response);
+    return parseBody(response);
   };
   return {
     get: (path: string) => call('GET', path),
@@ -67,11 +107,12 @@ export async function getSession(): Promise<SessionInfo> {
   return (await response.json()) as SessionInfo;
 }
 
-export function login(returnTo = window.location.pathname + window.location.search): void {
+/** Top-level navigation to the IdP; Gatehouse brings the user back to `returnTo` (same origin only). */
+export function login(returnTo: string = currentLocation()): void {
   window.location.assign(`/api/auth/login?returnTo=${encodeURIComponent(returnTo)}`);
 }
 
-/** Ends the session server-side, then lets the IdP end its own session by navigation. */
+/** Ends the session in Gatehouse, then lets the IdP end its own session by navigation. */
 export async function logout(): Promise<void> {
   const response = await bffFetch('/api/auth/logout', { method: 'POST' });
   const { redirectTo } = (await response.json()) as { redirectTo: string };

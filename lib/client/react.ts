@@ -1,0 +1,87 @@
+'use client';
+
+import { useEffect, useSyncExternalStore } from 'react';
+import { SESSION_ENDED_EVENT, getSession, type SessionInfo } from './index.ts';
+
+/**
+ * One session state per page, shared by every component that asks: however many mount, at most
+ * one request is in flight. Refetched on window focus and whenever a call finds the session gone.
+ */
+
+export interface UseSessionResult {
+  status: 'loading' | 'authenticated' | 'unauthenticated';
+  user: (Record<string, unknown> & { sub: string }) | null;
+  expiresAt: number | null;
+  logoutUrl: string | null;
+  refresh: () => Promise<void>;
+}
+
+type Snapshot = Omit<UseSessionResult, 'refresh'>;
+
+const LOADING: Snapshot = { status: 'loading', user: null, expiresAt: null, logoutUrl: null };
+let snapshot: Snapshot = LOADING;
+let inFlight: Promise<void> | null = null;
+let loadedOnce = false;
+const listeners = new Set<() => void>();
+
+function toSnapshot(info: SessionInfo): Snapshot {
+  return info.authenticated
+    ? { status: 'authenticated', user: info.user, expiresAt: info.expiresAt, logoutUrl: info.logoutUrl }
+    : { status: 'unauthenticated', user: null, expiresAt: null, logoutUrl: null };
+}
+
+function publish(next: Snapshot): void {
+  snapshot = next;
+  for (const listener of listeners) listener();
+}
+
+/** Fetches the session once for every caller that asks while a fetch is running. */
+export function refreshSession(): Promise<void> {
+  inFlight ??= getSession()
+    .then(
+      (info) => publish(toSnapshot(info)),
+      // A failed check (store or network blip) keeps what we knew rather than signing the user out.
+      () => {
+        if (snapshot.status === 'loading') publish({ ...LOADING, status: 'unauthenticated' });
+      },
+    )
+    .finally(() => {
+      inFlight = null;
+    });
+  return inFlight;
+}
+
+const onWindowEvent = () => void refreshSession();
+
+function subscribe(listener: () => void): () => void {
+  listeners.add(listener);
+  if (listeners.size === 1) {
+    window.addEventListener('focus', onWindowEvent);
+    window.addEventListener(SESSION_ENDED_EVENT, onWindowEvent);
+  }
+  return () => {
+    listeners.delete(listener);
+    if (listeners.size === 0) {
+      window.removeEventListener('focus', onWindowEvent);
+      window.removeEventListener(SESSION_ENDED_EVENT, onWindowEvent);
+    }
+  };
+}
+
+export function useSession(): UseSessionResult {
+  const state = useSyncExternalStore(subscribe, () => snapshot, () => LOADING);
+  useEffect(() => {
+    if (!loadedOnce) {
+      loadedOnce = true;
+      void refreshSession();
+    }
+  }, []);
+  return { ...state, refresh: refreshSession };
+}
+
+/** For tests: forget the shared state. */
+export function resetSessionStateForTests(): void {
+  snapshot = LOADING;
+  inFlight = null;
+  loadedOnce = false;
+}

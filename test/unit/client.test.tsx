@@ -1,0 +1,123 @@
+// @vitest-environment happy-dom
+import { act } from 'react';
+import { createRoot } from 'react-dom/client';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { GatehouseClientError, SESSION_ENDED_EVENT, api, bffFetch, configure, getSession } from '../../lib/client/index.ts';
+import { refreshSession, resetSessionStateForTests, useSession } from '../../lib/client/react.ts';
+
+// The network is the one thing faked here: these tests pin the client's own behaviour; the
+// end-to-end suite drives the same client against the real server in Chromium.
+const fetchMock = vi.fn<typeof fetch>();
+
+function json(status: number, body: unknown, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), { status, headers: { 'content-type': 'application/json', ...headers } });
+}
+
+beforeEach(() => {
+  fetchMock.mockReset();
+  vi.stubGlobal('fetch', fetchMock);
+  configure({ redirectToLoginOnSessionEnd: false });
+  resetSessionStateForTests();
+  (globalThis as { IS_REACT_ACT_ENVIRONMENT?: boolean }).IS_REACT_ACT_ENVIRONMENT = true;
+});
+afterEach(() => vi.unstubAllGlobals());
+
+describe('bffFetch', () => {
+  it('always sends X-CSRF: 1 with same-origin credentials, whatever the caller passed', async () => {
+    fetchMock.mockResolvedValue(json(200, {}));
+    await bffFetch('/api/proxy/demo/x', { headers: { 'X-CSRF': '0', accept: 'application/json' }, credentials: 'include' });
+    await api('demo').post('items', { a: 1 });
+    for (const [, init] of fetchMock.mock.calls) {
+      expect(new Headers(init?.headers).get('x-csrf')).toBe('1');
+      expect(init?.credentials).toBe('same-origin');
+    }
+    const [url, init] = fetchMock.mock.calls[1]!;
+    expect(url).toBe('/api/proxy/demo/items');
+    expect(init?.method).toBe('POST');
+    expect(new Headers(init?.headers).get('content-type')).toBe('application/json');
+    expect(init?.body).toBe('{"a":1}');
+  });
+
+  it.each(['session_expired', 'unauthenticated', 'idp_unavailable', 'upstream_timeout', 'upstream_unavailable', 'csrf_failed'])(
+    'turns Gatehouse error %s into a typed error',
+    async (code) => {
+      fetchMock.mockResolvedValue(json(503, { error: code, message: `m-${code}` }, { 'x-gatehouse-error': code }));
+      const error = await bffFetch('/api/proxy/demo/x').catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(GatehouseClientError);
+      expect(error).toMatchObject({ code, status: 503, message: `m-${code}` });
+    },
+  );
+
+  it("leaves an upstream API's own JSON errors to the caller, and api() reports them as upstream_<status>", async () => {
+    fetchMock.mockResolvedValue(json(404, { error: 'not_found' }));
+    const response = await bffFetch('/api/proxy/demo/x');
+    expect(response.status).toBe(404);
+    await expect(api('demo').get('x')).rejects.toMatchObject({ code: 'upstream_404', status: 404 });
+  });
+
+  it('announces an ended session, and sends the user to login when configured', async () => {
+    const ended = vi.fn();
+    window.addEventListener(SESSION_ENDED_EVENT, ended);
+    const assign = vi.spyOn(window.location, 'assign').mockImplementation(() => undefined);
+    fetchMock.mockImplementation(async () => json(401, { error: 'session_expired', message: 'ended' }, { 'x-gatehouse-error': 'session_expired' }));
+    await expect(bffFetch('/api/proxy/demo/x')).rejects.toMatchObject({ code: 'session_expired' });
+    expect(ended).toHaveBeenCalledTimes(1);
+    expect(assign).not.toHaveBeenCalled();
+    configure({ redirectToLoginOnSessionEnd: true });
+    window.history.replaceState(null, '', '/orders?id=7');
+    await expect(bffFetch('/api/proxy/demo/x')).rejects.toMatchObject({ code: 'session_expired' });
+    expect(assign).toHaveBeenCalledWith('/api/auth/login?returnTo=%2Forders%3Fid%3D7');
+    window.removeEventListener(SESSION_ENDED_EVENT, ended);
+  });
+
+  it('reads the session', async () => {
+    fetchMock.mockResolvedValue(json(200, { authenticated: false }));
+    expect(await getSession()).toEqual({ authenticated: false });
+    expect(fetchMock.mock.calls[0]![0]).toBe('/api/auth/session');
+  });
+});
+
+describe('useSession', () => {
+  function Probe({ id }: { id: number }) {
+    const session = useSession();
+    return <span data-probe={id}>{session.status === 'authenticated' ? String(session.user?.sub) : session.status}</span>;
+  }
+
+  it('makes one session request however many components ask, and refetches on focus and on session end', async () => {
+    let answer: unknown = { authenticated: true, user: { sub: 'alice' }, expiresAt: 1, logoutUrl: '/api/auth/logout?sid=x' };
+    fetchMock.mockImplementation(async () => json(200, answer));
+    const container = document.createElement('div');
+    document.body.append(container);
+    const root = createRoot(container);
+    await act(async () => {
+      root.render(
+        <>
+          {Array.from({ length: 25 }, (_, i) => (
+            <Probe key={i} id={i} />
+          ))}
+        </>,
+      );
+    });
+    await vi.waitFor(() => expect(container.textContent).toBe('alice'.repeat(25)));
+    expect(fetchMock).toHaveBeenCalledTimes(1);
+
+    answer = { authenticated: false };
+    await act(async () => {
+      window.dispatchEvent(new Event('focus'));
+    });
+    await vi.waitFor(() => expect(container.textContent).toBe('unauthenticated'.repeat(25)));
+    expect(fetchMock).toHaveBeenCalledTimes(2);
+
+    await act(async () => {
+      window.dispatchEvent(new CustomEvent(SESSION_ENDED_EVENT));
+    });
+    await vi.waitFor(() => expect(fetchMock).toHaveBeenCalledTimes(3));
+
+    // Many callers of refresh at once (say, every component after a failed call) share one request.
+    await act(async () => {
+      await Promise.all([refreshSession(), refreshSession(), refreshSession(), refreshSession()]);
+    });
+    expect(fetchMock).toHaveBeenCalledTimes(4);
+    act(() => root.unmount());
+  });
+});
