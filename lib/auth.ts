@@ -8,7 +8,10 @@ import {
   clearTransactionCookieHeader,
   createSession,
   destroySession,
+  destroySessionsFor,
   getStore,
+  listUserSessions,
+  readSession,
   readTransaction,
   sessionCookieHeader,
   sessionExpiresAt,
@@ -18,6 +21,7 @@ import {
   userClaims,
   type Session,
 } from './session.ts';
+import { createHash } from 'node:crypto';
 import { sessionHash } from './tokens.ts';
 
 /**
@@ -113,7 +117,7 @@ export async function finishLogin(request: Request): Promise<Response> {
   const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction);
 
   const previous = await sessionFromCookieHeader(cookieHeader);
-  if (previous.session) await destroySession(previous.session.id);
+  if (previous.session) await destroySession(previous.session.id, previous.session.record);
 
   const session = await createSession({
     sub: claims.sub,
@@ -152,7 +156,7 @@ function constantTimeEqual(a: string, b: string): boolean {
 
 /** Ends the session here and at the IdP's token layer; returns where the browser should go next. */
 async function endSession(session: Session): Promise<string> {
-  await destroySession(session.id);
+  await destroySession(session.id, session.record);
   const { refreshToken, idToken } = session.secrets;
   const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHash(session.id), revoked });
@@ -196,4 +200,122 @@ export async function checkHealth(): Promise<Response> {
   ]);
   const healthy = store === 'ok' && idp === 'ok';
   return jsonResponse(healthy ? 200 : 503, healthy ? { status: 'ok', store, idp } : { error: 'unhealthy', message: `Not ready: ${[store !== 'ok' && 'store', idp !== 'ok' && 'idp'].filter(Boolean).join(' and ')} unavailable.`, store, idp });
+}
+
+// --- a user's sessions -------------------------------------------------------------------------
+
+async function requireSession(request: Request): Promise<Session> {
+  requireCsrf(request);
+  const { session, stale } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!session) throw errors.unauthenticated(stale);
+  return session;
+}
+
+/** "Chrome on macOS"-style, from a user agent string: enough to recognise a device, nothing more. */
+export function describeDevice(userAgent: string | undefined): string {
+  if (!userAgent) return 'Unknown device';
+  const browser = /Edg\//.test(userAgent)
+    ? 'Edge'
+    : /Firefox\//.test(userAgent)
+      ? 'Firefox'
+      : /Chrome\/|Chromium\//.test(userAgent)
+        ? 'Chrome'
+        : /Safari\//.test(userAgent)
+          ? 'Safari'
+          : /curl\//.test(userAgent)
+            ? 'curl'
+            : 'Browser';
+  const os = /Android/.test(userAgent)
+    ? 'Android'
+    : /iPhone|iPad/.test(userAgent)
+      ? 'iOS'
+      : /Mac OS X/.test(userAgent)
+        ? 'macOS'
+        : /Windows/.test(userAgent)
+          ? 'Windows'
+          : /Linux/.test(userAgent)
+            ? 'Linux'
+            : undefined;
+  return os ? `${browser} on ${os}` : browser;
+}
+
+export async function listSessions(request: Request): Promise<Response> {
+  const current = await requireSession(request);
+  const sessions = await listUserSessions(current);
+  return jsonResponse(200, {
+    sessions: sessions.map((entry) => ({
+      handle: entry.handle,
+      createdAt: Math.floor(entry.createdAt / 1000),
+      lastUsedAt: Math.floor(entry.lastUsedAt / 1000),
+      expiresAt: Math.floor(entry.expiresAt / 1000),
+      device: describeDevice(entry.userAgent),
+      current: entry.current,
+    })),
+  });
+}
+
+/** Ends one of the user's own sessions by its handle (another user's handle is simply not found). */
+export async function endSessionByHandle(request: Request, handle: string): Promise<Response> {
+  const current = await requireSession(request);
+  const target = (await listUserSessions(current)).find((entry) => entry.handle === handle);
+  if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
+  const session = target.current ? current : await readSession(target.id);
+  if (session) await endSession(session);
+  const clear: Record<string, string> = target.current ? { 'set-cookie': clearSessionCookieHeader() } : {};
+  return jsonResponse(200, { ended: 1 }, clear);
+}
+
+/** "Sign out everywhere else": every session of this user but the one making the request. */
+export async function endOtherSessions(request: Request): Promise<Response> {
+  const current = await requireSession(request);
+  let ended = 0;
+  for (const entry of await listUserSessions(current)) {
+    if (entry.current) continue;
+    const session = await readSession(entry.id);
+    if (session) {
+      await endSession(session);
+      ended++;
+    }
+  }
+  log('info', 'auth.sessions_ended', { session: sessionHash(current.id), ended });
+  return jsonResponse(200, { ended });
+}
+
+// --- back-channel logout -----------------------------------------------------------------------
+
+function logoutTokenReplayKey(jti: string): string {
+  return `${getConfig().keyPrefix}logout-jti:{${createHash('sha256').update(jti).digest('base64url').slice(0, 22)}}`;
+}
+
+/** OIDC Back-Channel Logout: the IdP tells us a user signed out there; end the matching sessions. */
+export async function backchannelLogout(request: Request): Promise<Response> {
+  const headers = { ...NO_STORE };
+  const refuse = (reason: string, cause?: unknown) => {
+    log('warn', 'auth.backchannel_logout', { outcome: 'refused', reason, ...describeCause(cause) });
+    return jsonResponse(400, { error: 'invalid_request', message: 'The logout token is not valid.' }, headers);
+  };
+  const type = request.headers.get('content-type') ?? '';
+  if (!type.startsWith('application/x-www-form-urlencoded')) return refuse('content_type');
+  const form = new URLSearchParams(await request.text());
+  const token = form.get('logout_token');
+  if (!token) return refuse('missing_token');
+  let claims: oidc.LogoutTokenClaims;
+  try {
+    claims = await oidc.verifyLogoutToken(token);
+  } catch (error) {
+    return refuse('invalid_token', error);
+  }
+  const replayKey = logoutTokenReplayKey(claims.jti);
+  const ttlMs = Math.max(1_000, claims.replayableUntil * 1000 - Date.now());
+  const firstUse = await getStore().set(replayKey, '1', { ttlMs, onlyIfAbsent: true });
+  if (!firstUse) return refuse('replayed_jti');
+  try {
+    const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid });
+    log('info', 'auth.backchannel_logout', { outcome: 'ok', ended, by: claims.sid ? 'sid' : 'sub' });
+    return new Response(null, { status: 200, headers });
+  } catch (error) {
+    // Let the IdP retry: the token was not used up if we could not act on it.
+    await getStore().del(replayKey).catch(() => undefined);
+    throw error;
+  }
 }

@@ -1,5 +1,6 @@
 import { parseCookie, stringifySetCookie, type SetCookie } from 'cookie';
 import { sealData, unsealData } from 'iron-session';
+import { createHash } from 'node:crypto';
 import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
@@ -56,6 +57,26 @@ export function sessionKey(id: string): string {
 
 export function refreshLockKey(id: string): string {
   return `${getConfig().keyPrefix}refresh-lock:{${id}}`;
+}
+
+/** Short, one-way: what logs and the sessions list may show instead of a session id. */
+export function sessionHandle(id: string): string {
+  return createHash('sha256').update(id).digest('base64url').slice(0, 16);
+}
+
+// Index keys hash what they are about: `sub`/`sid` are IdP-chosen strings that could contain braces.
+function indexHash(value: string): string {
+  return createHash('sha256').update(value).digest('base64url').slice(0, 22);
+}
+
+/** A user's live sessions (sorted set scored by each session's expiry): "sign out everywhere". */
+export function userSessionsKey(sub: string): string {
+  return `${getConfig().keyPrefix}user-sessions:{${indexHash(sub)}}`;
+}
+
+/** Sessions per IdP session id, for back-channel logout by `sid`. */
+export function idpSessionKey(idpSid: string): string {
+  return `${getConfig().keyPrefix}idp-sid:{${indexHash(idpSid)}}`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -234,7 +255,20 @@ export async function createSession(input: NewSession): Promise<Session> {
   );
   if (!written) throw errors.internal(new Error('session id collision'));
   lastTouched.set(id, now);
-  return { id, record, secrets: input.secrets };
+  const created = { id, record, secrets: input.secrets };
+  await indexSession(created, sessionExpiresAt(record, now));
+  return created;
+}
+
+async function indexSession(session: Session, expiresAtMs: number): Promise<void> {
+  const keyTtlMs = getConfig().session.absoluteTimeoutSec * 1000;
+  const { sub, idpSid } = session.record;
+  await storeCall(() =>
+    Promise.all([
+      getStore().indexAdd(userSessionsKey(sub), session.id, expiresAtMs, keyTtlMs),
+      idpSid ? getStore().indexAdd(idpSessionKey(idpSid), session.id, expiresAtMs, keyTtlMs) : undefined,
+    ]),
+  );
 }
 
 /** Store failures are transient by nature: they become a retryable 503, never a logout. */
@@ -289,12 +323,14 @@ export async function touchSession(session: Session, force = false): Promise<voi
   if (!force && previous !== undefined && now - previous < touchIntervalSec * 1000) return;
   if (lastTouched.size >= TOUCH_MEMORY_LIMIT) lastTouched.delete(lastTouched.keys().next().value as string);
   lastTouched.set(session.id, now);
-  const ttlMs = sessionExpiresAt(session.record, now) - now;
-  if (ttlMs <= 0) {
-    await destroySession(session.id);
+  const expiresAt = sessionExpiresAt(session.record, now);
+  if (expiresAt <= now) {
+    await destroySession(session.id, session.record);
     return;
   }
-  await storeCall(() => getStore().expire(sessionKey(session.id), ttlMs));
+  const extended = await storeCall(() => getStore().expire(sessionKey(session.id), expiresAt - now));
+  // The index score doubles as "last used" (expiry minus idle timeout) for the sessions list.
+  if (extended) await indexSession(session, expiresAt);
 }
 
 /** Writes new tokens into an existing session; false when it was deleted meanwhile (no resurrection). */
@@ -304,9 +340,72 @@ export async function updateSessionTokens(session: Session, secrets: SessionSecr
   return written ? { id: session.id, record, secrets } : null;
 }
 
-export async function destroySession(id: string): Promise<void> {
+/** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
+export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
   lastTouched.delete(id);
   await storeCall(() => getStore().del(sessionKey(id)));
+  if (!record) return;
+  await storeCall(() =>
+    Promise.all([
+      getStore().indexRemove(userSessionsKey(record.sub), id),
+      record.idpSid ? getStore().indexRemove(idpSessionKey(record.idpSid), id) : undefined,
+    ]),
+  );
+}
+
+export interface SessionSummary {
+  handle: string;
+  createdAt: number;
+  lastUsedAt: number;
+  expiresAt: number;
+  userAgent: string | undefined;
+  current: boolean;
+}
+
+/** The user's live sessions, newest first; entries whose session is gone are pruned on the way. */
+export async function listUserSessions(current: Session): Promise<Array<SessionSummary & { id: string }>> {
+  const now = Date.now();
+  const idleMs = getConfig().session.idleTimeoutSec * 1000;
+  const indexKey = userSessionsKey(current.record.sub);
+  const entries = await storeCall(() => getStore().indexMembers(indexKey, now));
+  const summaries = await Promise.all(
+    entries.map(async ({ member: id, expiresAtMs }) => {
+      const raw = await storeCall(() => getStore().get(sessionKey(id)));
+      const record = raw === null ? null : parseRecord(raw);
+      if (!record || record.sub !== current.record.sub) {
+        await storeCall(() => getStore().indexRemove(indexKey, id));
+        return null;
+      }
+      return {
+        id,
+        handle: sessionHandle(id),
+        createdAt: record.createdAt,
+        lastUsedAt: Math.max(record.createdAt, Math.min(now, expiresAtMs - idleMs)),
+        expiresAt: expiresAtMs,
+        userAgent: record.userAgent,
+        current: id === current.id,
+      };
+    }),
+  );
+  return summaries.filter((entry) => entry !== null).sort((a, b) => b.createdAt - a.createdAt);
+}
+
+/** Ends every session that an IdP back-channel logout names: by its `sid`, or all of a `sub`'s. */
+export async function destroySessionsFor(target: { sub?: string; idpSid?: string }): Promise<number> {
+  const now = Date.now();
+  const indexKey = target.idpSid ? idpSessionKey(target.idpSid) : userSessionsKey(target.sub as string);
+  const entries = await storeCall(() => getStore().indexMembers(indexKey, now));
+  let ended = 0;
+  for (const { member: id } of entries) {
+    const raw = await storeCall(() => getStore().get(sessionKey(id)));
+    const record = raw === null ? null : parseRecord(raw);
+    // With both claims present, a session must match both (the spec's sid is scoped to the sub).
+    if (record && target.sub && record.sub !== target.sub) continue;
+    if (record) ended++;
+    await destroySession(id, record ?? undefined);
+    await storeCall(() => getStore().indexRemove(indexKey, id));
+  }
+  return ended;
 }
 
 /**

@@ -92,7 +92,7 @@ async function refreshUnderLock(stale: Session, rejectedToken: string | undefine
   const refreshToken = current.secrets.refreshToken;
   if (!refreshToken) {
     log('info', 'token.refresh', { session: hash, outcome: 'no_refresh_token', ms: 0 });
-    await destroySession(current.id);
+    await destroySession(current.id, current.record);
     throw errors.sessionExpired();
   }
   try {
@@ -111,7 +111,7 @@ async function refreshUnderLock(stale: Session, rejectedToken: string | undefine
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', { session: hash, outcome: error.kind, ms: Math.round(performance.now() - started) });
-      if (error.kind === 'invalid_grant') await destroySession(current.id);
+      if (error.kind === 'invalid_grant') await destroySession(current.id, current.record);
       throw idpErrorToGatehouse(error);
     }
     throw error;

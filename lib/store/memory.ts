@@ -166,7 +166,7 @@ export function createMemoryStore(): Store {
       }
       // Redis deletes a sorted set once it has no members left.
       if (members.size === 0) data.delete(key);
-      return [...members].sort(compareMembers).map(([member]) => member);
+      return [...members].sort(compareMembers).map(([member, expiresAtMs]) => ({ member, expiresAtMs }));
     },
 
     async indexRemove(key, member) {

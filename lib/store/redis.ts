@@ -1,6 +1,6 @@
 import { Cluster, Redis } from 'ioredis';
 import type { ClusterNode, RedisOptions } from 'ioredis';
-import type { Store } from './types.ts';
+import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
 
 export interface RedisStoreOptions {
@@ -170,10 +170,9 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
       checkTimestamp('nowMs', nowMs);
       const results = await run(
         'MULTI',
-        client.multi().zremrangebyscore(key, '-inf', String(nowMs)).zrange(key, '0', '-1').exec(),
+        client.multi().zremrangebyscore(key, '-inf', String(nowMs)).zrange(key, '0', '-1', 'WITHSCORES').exec(),
       );
-      const members = execResults('ZRANGE', results)[1];
-      return Array.isArray(members) ? members.map(String) : [];
+      return pairsToEntries(execResults('ZRANGE', results)[1]);
     },
 
     async indexRemove(key, member) {
@@ -199,3 +198,4 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
     },
   };
 }
+

@@ -2,6 +2,11 @@
  * The one interface Gatehouse needs from a key-value store. Every method touches exactly one
  * key, so the same code runs on a single Redis, on Redis Cluster and on Upstash.
  */
+export interface IndexEntry {
+  member: string;
+  expiresAtMs: number;
+}
+
 export interface Store {
   get(key: string): Promise<string | null>;
   /**
@@ -22,9 +27,17 @@ export interface Store {
    * `keyTtlMs` keeps the whole index from outliving its last member.
    */
   indexAdd(key: string, member: string, expiresAtMs: number, keyTtlMs: number): Promise<void>;
-  /** Members whose expiry is still in the future; expired ones are pruned as a side effect. */
-  indexMembers(key: string, nowMs: number): Promise<string[]>;
+  /** Members whose expiry is still in the future, soonest first; expired ones are pruned as a side effect. */
+  indexMembers(key: string, nowMs: number): Promise<IndexEntry[]>;
   indexRemove(key: string, member: string): Promise<void>;
   ping(): Promise<void>;
   close(): Promise<void>;
+}
+
+/** ZRANGE … WITHSCORES answers [member, score, member, score, …]. */
+export function pairsToEntries(reply: unknown): IndexEntry[] {
+  if (!Array.isArray(reply)) return [];
+  const entries: IndexEntry[] = [];
+  for (let i = 0; i + 1 < reply.length; i += 2) entries.push({ member: String(reply[i]), expiresAtMs: Number(reply[i + 1]) });
+  return entries;
 }

@@ -1,5 +1,5 @@
 import { Redis } from '@upstash/redis';
-import type { Store } from './types.ts';
+import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
 
 const DEL_IF_EQUALS_LUA = `
@@ -114,9 +114,9 @@ export function createUpstashStore(url: string, token: string): Store {
     async indexMembers(key, nowMs) {
       open();
       checkTimestamp('nowMs', nowMs);
-      const tx = redis.multi().zremrangebyscore(key, '-inf', nowMs).zrange<string[]>(key, 0, -1);
+      const tx = redis.multi().zremrangebyscore(key, '-inf', nowMs).zrange<unknown[]>(key, 0, -1, { withScores: true });
       const [, members] = await run('MULTI', tx.exec());
-      return Array.isArray(members) ? members.map(String) : [];
+      return pairsToEntries(members);
     },
 
     async indexRemove(key, member) {

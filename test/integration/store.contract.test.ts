@@ -15,6 +15,10 @@ const LONG_TTL = 60_000;
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 /** Polls instead of sleeping a fixed time, so slow machines wait longer and fast ones less. */
+async function members(store: Store, key: string, nowMs: number): Promise<string[]> {
+  return (await store.indexMembers(key, nowMs)).map((entry) => entry.member);
+}
+
 async function eventually(condition: () => Promise<boolean>, timeoutMs = 3_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await condition())) {
@@ -165,16 +169,18 @@ function describeStoreContract(name: string, makeStore: () => Promise<Store>): v
     it('index returns live members ordered by expiry and prunes expired ones', async () => {
       const k = key('index');
       const now = Date.now();
-      expect(await store.indexMembers(k, now)).toEqual([]);
+      expect(await members(store, k, now)).toEqual([]);
       await store.indexAdd(k, 'later', now + 20_000, LONG_TTL);
       await store.indexAdd(k, 'sooner', now + 10_000, LONG_TTL);
       await store.indexAdd(k, 'past', now - 1, LONG_TTL);
-      expect(await store.indexMembers(k, now)).toEqual(['sooner', 'later']);
+      expect(await members(store, k, now)).toEqual(['sooner', 'later']);
 
       // A member expiring exactly at nowMs is no longer live.
-      expect(await store.indexMembers(k, now + 10_000)).toEqual(['later']);
+      expect(await members(store, k, now + 10_000)).toEqual(['later']);
       // Pruning is permanent: an earlier clock does not bring 'sooner' back.
-      expect(await store.indexMembers(k, now)).toEqual(['later']);
+      expect(await members(store, k, now)).toEqual(['later']);
+      // Each member comes back with its expiry, exactly as added.
+      expect(await store.indexMembers(k, now)).toEqual([{ member: 'later', expiresAtMs: now + 20_000 }]);
     });
 
     it('index re-adding a member moves its expiry', async () => {
@@ -183,8 +189,8 @@ function describeStoreContract(name: string, makeStore: () => Promise<Store>): v
       await store.indexAdd(k, 'a', now + 1_000, LONG_TTL);
       await store.indexAdd(k, 'b', now + 2_000, LONG_TTL);
       await store.indexAdd(k, 'a', now + 3_000, LONG_TTL);
-      expect(await store.indexMembers(k, now)).toEqual(['b', 'a']);
-      expect(await store.indexMembers(k, now + 2_500)).toEqual(['a']);
+      expect(await members(store, k, now)).toEqual(['b', 'a']);
+      expect(await members(store, k, now + 2_500)).toEqual(['a']);
     });
 
     it('index orders members with equal expiry by their UTF-8 bytes, as Redis does', async () => {
@@ -192,7 +198,7 @@ function describeStoreContract(name: string, makeStore: () => Promise<Store>): v
       const at = Date.now() + 10_000;
       // U+FF01 sorts before U+1F511 in UTF-8 but after it in JavaScript's UTF-16 order.
       for (const member of ['\u{1F511}', 'b', '\uFF01', 'a']) await store.indexAdd(k, member, at, LONG_TTL);
-      expect(await store.indexMembers(k, Date.now())).toEqual(['a', 'b', '\uFF01', '\u{1F511}']);
+      expect(await members(store, k, Date.now())).toEqual(['a', 'b', '\uFF01', '\u{1F511}']);
     });
 
     it('indexRemove removes one member and tolerates missing ones', async () => {
@@ -203,16 +209,16 @@ function describeStoreContract(name: string, makeStore: () => Promise<Store>): v
       await store.indexRemove(k, 'a');
       await store.indexRemove(k, 'not-there');
       await store.indexRemove(key('index-none'), 'a');
-      expect(await store.indexMembers(k, now)).toEqual(['b']);
+      expect(await members(store, k, now)).toEqual(['b']);
       await store.indexRemove(k, 'b');
-      expect(await store.indexMembers(k, now)).toEqual([]);
+      expect(await members(store, k, now)).toEqual([]);
     });
 
     it('the index key expires after keyTtlMs even while members are live', async () => {
       const k = key('index-ttl');
       await store.indexAdd(k, 'a', Date.now() + LONG_TTL, 80);
-      expect(await store.indexMembers(k, Date.now())).toEqual(['a']);
-      await eventually(async () => (await store.indexMembers(k, Date.now())).length === 0);
+      expect(await members(store, k, Date.now())).toEqual(['a']);
+      await eventually(async () => (await members(store, k, Date.now())).length === 0);
     });
 
     it('a shorter keyTtlMs never shortens the index key TTL', async () => {
@@ -220,7 +226,7 @@ function describeStoreContract(name: string, makeStore: () => Promise<Store>): v
       await store.indexAdd(k, 'a', Date.now() + LONG_TTL, LONG_TTL);
       await store.indexAdd(k, 'b', Date.now() + LONG_TTL, 50);
       await sleep(150);
-      expect(await store.indexMembers(k, Date.now())).toEqual(['a', 'b']);
+      expect(await members(store, k, Date.now())).toEqual(['a', 'b']);
     });
 
     it('a longer keyTtlMs extends the index key TTL', async () => {
@@ -228,7 +234,7 @@ function describeStoreContract(name: string, makeStore: () => Promise<Store>): v
       await store.indexAdd(k, 'a', Date.now() + LONG_TTL, 60);
       await store.indexAdd(k, 'b', Date.now() + LONG_TTL, LONG_TTL);
       await sleep(150);
-      expect(await store.indexMembers(k, Date.now())).toEqual(['a', 'b']);
+      expect(await members(store, k, Date.now())).toEqual(['a', 'b']);
     });
 
     it('rejects type mismatches without putting keys or values into the error', async () => {
