@@ -4,8 +4,8 @@ import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose';
-import type { JWK } from 'jose';
+import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK } from 'jose';
+import type { JWK, JWTPayload } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, KoaContextWithOIDC } from 'oidc-provider';
 
@@ -339,6 +339,18 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (req.method === 'POST' && url.pathname === '/__dev/grants/reset') {
       counters = emptyCounters();
       return sendJson(res, 200, counters);
+    }
+    if (req.method === 'POST' && url.pathname === '/__dev/sign') {
+      // Test-only: signs any claims with the IdP's own RS256 key, so tests can forge logout tokens
+      // that pass the signature check and fail exactly the check under test.
+      const chunks: Buffer[] = [];
+      for await (const chunk of req) chunks.push(chunk as Buffer);
+      const { payload, header } = JSON.parse(Buffer.concat(chunks).toString()) as { payload: JWTPayload; header?: Record<string, unknown> };
+      const rsa = keys.find((key) => key.alg === 'RS256') as JWK;
+      const jws = await new SignJWT(payload)
+        .setProtectedHeader({ alg: 'RS256', kid: rsa.kid, typ: 'logout+jwt', ...header })
+        .sign(await importJWK(rsa, 'RS256'));
+      return sendJson(res, 200, { jws });
     }
     if (req.method === 'POST' && url.pathname === '/__dev/revoke-grants') {
       const sub = url.searchParams.get('sub');

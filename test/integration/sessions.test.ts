@@ -1,0 +1,262 @@
+import { randomBytes, randomUUID } from 'node:crypto';
+import { SignJWT, generateKeyPair } from 'jose';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
+import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+
+/**
+ * Issue "Sessions and logout, complete", from outside: real IdP process, real Redis, the
+ * production server. Forged logout tokens are signed with the IdP's own key (its dev-only
+ * /__dev/sign endpoint) so each one fails exactly the check it is named after.
+ */
+
+const EVENT = 'http://schemas.openid.net/event/backchannel-logout';
+let stack: Stack;
+let app: string;
+let redis: Redis;
+
+const cookieHeader = (cookies: Map<string, string>) => [...cookies].map(([name, value]) => `${name}=${value}`).join('; ');
+
+async function sessionOf(cookies: Map<string, string> | string): Promise<{ authenticated: boolean; user?: { sub: string } }> {
+  const cookie = typeof cookies === 'string' ? cookies : cookieHeader(cookies);
+  const response = await fetch(`${app}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } });
+  expect(response.status).toBe(200);
+  return (await response.json()) as { authenticated: boolean };
+}
+
+async function sessionKeys(): Promise<string[]> {
+  return redis.keys(`${stack.keyPrefix}session:*`);
+}
+
+async function signWithIdp(payload: Record<string, unknown>, header: Record<string, unknown> = {}): Promise<string> {
+  const response = await fetch(`${stack.issuer}/__dev/sign`, { method: 'POST', body: JSON.stringify({ payload, header }) });
+  return ((await response.json()) as { jws: string }).jws;
+}
+
+function logoutClaims(overrides: Record<string, unknown> = {}): Record<string, unknown> {
+  const now = Math.floor(Date.now() / 1000);
+  return { iss: stack.issuer, aud: stack.clientId, iat: now, exp: now + 120, jti: randomUUID(), events: { [EVENT]: {} }, ...overrides };
+}
+
+function postLogoutToken(token: string): Promise<Response> {
+  return fetch(`${app}/api/auth/backchannel-logout`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ logout_token: token }),
+  });
+}
+
+async function login(username: string, jars?: CookieJars) {
+  return loginThroughRp({ startUrl: `${app}/api/auth/login`, username, jars });
+}
+
+beforeAll(async () => {
+  stack = await startStack({ workers: 1 });
+  app = stack.apps[0]!.url;
+  redis = new Redis(stack.appEnv.REDIS_URL as string);
+});
+
+afterAll(async () => {
+  redis?.disconnect();
+  await stack?.stop();
+});
+
+describe('back-channel logout', () => {
+  it('ends the Gatehouse session when the user signs out at the IdP, within one request', async () => {
+    const session = await login('bcl-user');
+    expect((await sessionOf(session.rpCookies)).authenticated).toBe(true);
+    const endSession = new URL(`${stack.issuer}/session/end`);
+    endSession.searchParams.set('client_id', stack.clientId);
+    await confirmDevIdpLogout({ endSessionUrl: endSession, jars: session.jars });
+    // oidc-provider delivers the logout token before it answers the logout form.
+    const after = await fetch(`${app}/api/auth/session`, { headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
+    expect(await after.json()).toEqual({ authenticated: false });
+    expect(after.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+  });
+
+  it('refuses forged tokens with 400 invalid_request and deletes nothing', async () => {
+    const victim = await login('forgery-target');
+    const sub = 'forgery-target';
+    const keysBefore = await sessionKeys();
+    const { privateKey: attackerKey } = await generateKeyPair('RS256');
+    const now = Math.floor(Date.now() / 1000);
+    const replayed = logoutClaims({ sub: 'someone-else' });
+    expect((await postLogoutToken(await signWithIdp(replayed))).status).toBe(200);
+
+    const forgeries: Record<string, string> = {
+      'bad signature': await new SignJWT(logoutClaims({ sub })).setProtectedHeader({ alg: 'RS256', typ: 'logout+jwt' }).sign(attackerKey),
+      'alg none':
+        Buffer.from(JSON.stringify({ alg: 'none', typ: 'logout+jwt' })).toString('base64url') + '.' + Buffer.from(JSON.stringify(logoutClaims({ sub }))).toString('base64url') + '.',
+      'wrong aud': await signWithIdp(logoutClaims({ sub, aud: 'another-client' })),
+      'wrong iss': await signWithIdp(logoutClaims({ sub, iss: 'https://evil.example' })),
+      'missing events': await signWithIdp(logoutClaims({ sub, events: undefined })),
+      'wrong event': await signWithIdp(logoutClaims({ sub, events: { 'http://example.com/other': {} } })),
+      'with a nonce': await signWithIdp(logoutClaims({ sub, nonce: 'n' })),
+      expired: await signWithIdp(logoutClaims({ sub, iat: now - 3600, exp: now - 1800 })),
+      'replayed jti': await signWithIdp({ ...replayed, sub }),
+      'neither sid nor sub': await signWithIdp(logoutClaims()),
+      'no jti': await signWithIdp(logoutClaims({ sub, jti: undefined })),
+      'not a JWT': 'garbage',
+    };
+    for (const [name, token] of Object.entries(forgeries)) {
+      const response = await postLogoutToken(token);
+      expect(response.status, name).toBe(400);
+      expect(await response.json(), name).toEqual({ error: 'invalid_request', message: 'The logout token is not valid.' });
+      expect(response.headers.get('cache-control'), name).toContain('no-store');
+    }
+    const wrongType = await fetch(`${app}/api/auth/backchannel-logout`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ logout_token: forgeries['wrong aud'] }) });
+    expect(wrongType.status).toBe(400);
+
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
+    expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
+  });
+
+  it('ends every session of a sub, or only the one session of a sid', async () => {
+    const first = await login('many-sessions');
+    const second = await login('many-sessions');
+    const bystander = await login('bystander');
+    const ok = await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'many-sessions' })));
+    expect(ok.status).toBe(200);
+    expect(ok.headers.get('cache-control')).toContain('no-store');
+    expect((await sessionOf(first.rpCookies)).authenticated).toBe(false);
+    expect((await sessionOf(second.rpCookies)).authenticated).toBe(false);
+    expect((await sessionOf(bystander.rpCookies)).authenticated).toBe(true);
+
+    // A sid names one IdP session; the id_token of each login carried it.
+    const a = await login('by-sid');
+    const b = await login('by-sid');
+    const stored = await Promise.all((await sessionKeys()).map(async (key) => JSON.parse((await redis.get(key)) ?? '{}') as { sub?: string; idpSid?: string; createdAt?: number }));
+    const bySid = stored.filter((record) => record.sub === 'by-sid').sort((x, y) => (x.createdAt ?? 0) - (y.createdAt ?? 0));
+    expect(bySid).toHaveLength(2);
+    expect(bySid[0]?.idpSid).toBeTruthy();
+    expect(bySid[0]?.idpSid).not.toBe(bySid[1]?.idpSid);
+    expect((await postLogoutToken(await signWithIdp(logoutClaims({ sid: bySid[0]?.idpSid })))).status).toBe(200);
+    expect((await sessionOf(a.rpCookies)).authenticated).toBe(false);
+    expect((await sessionOf(b.rpCookies)).authenticated).toBe(true);
+  });
+});
+
+describe("a user's sessions", () => {
+  it('lists them without secrets, ends one, and signs out everywhere else', async () => {
+    const laptop = await login('two-browsers');
+    const phone = await login('two-browsers');
+    const other = await login('someone-else-entirely');
+    const headers = (cookies: Map<string, string>) => ({ cookie: cookieHeader(cookies), 'x-csrf': '1' });
+
+    const listing = await fetch(`${app}/api/auth/sessions`, { headers: headers(laptop.rpCookies) });
+    expect(listing.status).toBe(200);
+    expect(listing.headers.get('cache-control')).toContain('no-store');
+    const text = await listing.text();
+    const { sessions } = JSON.parse(text) as { sessions: Array<{ handle: string; current: boolean; createdAt: number; lastUsedAt: number; device: string }> };
+    expect(sessions).toHaveLength(2);
+    expect(sessions.filter((entry) => entry.current)).toHaveLength(1);
+    for (const entry of sessions) {
+      expect(Object.keys(entry).sort()).toEqual(['createdAt', 'current', 'device', 'expiresAt', 'handle', 'lastUsedAt']);
+      expect(entry.lastUsedAt).toBeGreaterThanOrEqual(entry.createdAt);
+    }
+    // No token, no sealed cookie, no raw session id (ids are 43 characters; handles are 16).
+    expect(text).not.toMatch(/eyJ|[A-Za-z0-9_-]{43}/);
+    for (const value of [...laptop.rpCookies.values(), ...phone.rpCookies.values()]) expect(text).not.toContain(value);
+
+    // Without X-CSRF nothing is listed or ended.
+    expect((await fetch(`${app}/api/auth/sessions`, { headers: { cookie: cookieHeader(laptop.rpCookies) } })).status).toBe(403);
+    expect((await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: { cookie: cookieHeader(laptop.rpCookies) } })).status).toBe(403);
+    expect((await sessionOf(phone.rpCookies)).authenticated).toBe(true);
+
+    // Another user's handle is not found, and ends nothing.
+    const foreign = (await (await fetch(`${app}/api/auth/sessions`, { headers: headers(other.rpCookies) })).json()) as { sessions: Array<{ handle: string }> };
+    const foreignHandle = foreign.sessions[0]!.handle;
+    expect((await fetch(`${app}/api/auth/sessions/${foreignHandle}`, { method: 'DELETE', headers: headers(laptop.rpCookies) })).status).toBe(404);
+    expect((await sessionOf(other.rpCookies)).authenticated).toBe(true);
+
+    const ended = await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: headers(laptop.rpCookies) });
+    expect(await ended.json()).toEqual({ ended: 1 });
+    expect((await sessionOf(phone.rpCookies)).authenticated).toBe(false);
+    expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(true);
+
+    const third = await login('two-browsers');
+    const again = (await (await fetch(`${app}/api/auth/sessions`, { headers: headers(laptop.rpCookies) })).json()) as { sessions: Array<{ handle: string; current: boolean }> };
+    const thirdHandle = again.sessions.find((entry) => !entry.current)!.handle;
+    expect((await fetch(`${app}/api/auth/sessions/${thirdHandle}`, { method: 'DELETE', headers: headers(laptop.rpCookies) })).status).toBe(200);
+    expect((await sessionOf(third.rpCookies)).authenticated).toBe(false);
+  });
+});
+
+describe('logout for SPAs and silent login', () => {
+  it('POST /api/auth/logout needs X-CSRF, then ends the session and hands back the end-session URL', async () => {
+    const session = await login('spa-logout');
+    const refused = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(session.rpCookies) } });
+    expect(refused.status).toBe(403);
+    expect((await sessionOf(session.rpCookies)).authenticated).toBe(true);
+    const response = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
+    expect(response.status).toBe(200);
+    const { redirectTo } = (await response.json()) as { redirectTo: string };
+    const target = new URL(redirectTo);
+    expect(target.origin + target.pathname).toBe(`${stack.issuer}/session/end`);
+    expect(target.searchParams.get('post_logout_redirect_uri')).toBe(`${app}/`);
+    expect(target.searchParams.get('id_token_hint')).toBeTruthy();
+    expect(response.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+    expect((await sessionOf(session.rpCookies)).authenticated).toBe(false);
+  });
+
+  it('prompt=none returns to returnTo with authError instead of showing the IdP, and signs in silently when the IdP session exists', async () => {
+    const jars: CookieJars = new Map();
+    let url = new URL(`${app}/api/auth/login?prompt=none&returnTo=${encodeURIComponent('/orders?tab=1')}`);
+    const visited: string[] = [];
+    for (let step = 0; step < 10; step++) {
+      const response = await browserRequest(url, jars);
+      await response.body?.cancel();
+      visited.push(url.href);
+      const location = response.headers.get('location');
+      if (!location) break;
+      url = new URL(location, url);
+      if (url.origin === app && !url.pathname.startsWith('/api/')) break;
+    }
+    expect(url.pathname + url.search).toBe('/orders?tab=1&authError=login_required');
+    expect(visited.some((step) => step.includes('/interaction/'))).toBe(false);
+
+    // After a real login at the IdP, the same silent request comes back signed in.
+    await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: 'silent-user', jars });
+    url = new URL(`${app}/api/auth/login?prompt=none&returnTo=/welcome`);
+    for (let step = 0; step < 10; step++) {
+      const response = await browserRequest(url, jars);
+      await response.body?.cancel();
+      const location = response.headers.get('location');
+      if (!location) break;
+      url = new URL(location, url);
+      if (url.origin === app && !url.pathname.startsWith('/api/')) break;
+    }
+    expect(url.pathname + url.search).toBe('/welcome');
+    const cookies = jars.get(new URL(app).origin) ?? new Map<string, string>();
+    expect(await sessionOf(cookies)).toMatchObject({ authenticated: true, user: { sub: 'silent-user' } });
+  });
+});
+
+describe('secret rotation across deploys', () => {
+  it('a session sealed with secret A survives "B,A" and ends with "B" alone', async () => {
+    const current = stack.apps[0]!;
+    const secretA = current.env.SESSION_SECRET as string;
+    const secretB = randomBytes(32).toString('base64url');
+    const session = await login('rotation-user');
+    const cookie = cookieHeader(session.rpCookies);
+
+    const redeploy = async (secret: string) => {
+      await current.process.stop();
+      current.process = await startProcess('gatehouse-redeployed', ['server.ts'], { ...current.env, SESSION_SECRET: secret }, /Gatehouse listening/);
+    };
+    await redeploy(`${secretB},${secretA}`);
+    expect(await sessionOf(cookie)).toMatchObject({ authenticated: true, user: { sub: 'rotation-user' } });
+    const proxied = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie, 'x-csrf': '1' } });
+    expect(proxied.status).toBe(200);
+
+    await redeploy(secretB);
+    const ended = await fetch(`${app}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } });
+    expect(await ended.json()).toEqual({ authenticated: false });
+    expect(ended.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+
+    // New sessions work under B alone.
+    const fresh = await login('rotation-user');
+    expect((await sessionOf(fresh.rpCookies)).authenticated).toBe(true);
+  });
+});
