@@ -1,17 +1,27 @@
 import { NextResponse, type NextRequest } from 'next/server';
-import { checkCsrf, jsonHeaders } from './lib/http.ts';
+import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './lib/http.ts';
 
 /**
  * The edge gate: rejects forged API calls before any I/O happens. It is an early exit only; every
- * route handler enforces the same rule itself, because middleware can be bypassed (CVE-2025-29927).
+ * route handler enforces the same rules itself, because middleware can be bypassed (CVE-2025-29927).
+ * Its answers look exactly like the proxy core's, so the SPA cannot tell which one refused.
  */
 export function middleware(request: NextRequest): NextResponse {
   const appOrigin = process.env.APP_BASE_URL ? new URL(process.env.APP_BASE_URL).origin : request.nextUrl.origin;
-  const verdict = checkCsrf((name) => request.headers.get(name), appOrigin);
-  if (verdict.ok) return NextResponse.next();
-  return new NextResponse(JSON.stringify({ error: 'csrf_failed', message: 'This request must come from the application itself (X-CSRF: 1, same origin).' }), {
-    status: 403,
-    headers: { ...jsonHeaders(), 'x-gatehouse-error': 'csrf_failed' },
+  if (!checkCsrf((name) => request.headers.get(name), appOrigin).ok) {
+    return refuse(request, 403, 'csrf_failed', 'This request must come from the application itself (X-CSRF: 1, same origin).');
+  }
+  // Next only routes the methods a route handler exports; answer the others as the proxy core would.
+  if (request.nextUrl.pathname.startsWith('/api/proxy/') && !PROXY_METHODS.includes(request.method)) {
+    return refuse(request, 405, 'method_not_allowed', 'This method is not supported by the proxy.', { allow: PROXY_METHODS.join(', ') });
+  }
+  return NextResponse.next();
+}
+
+function refuse(request: NextRequest, status: number, code: string, message: string, extra: Record<string, string> = {}): NextResponse {
+  return new NextResponse(JSON.stringify({ error: code, message }), {
+    status,
+    headers: { ...jsonHeaders(), 'x-gatehouse-error': code, 'x-request-id': requestIdFrom(request.headers.get('x-request-id')), ...extra },
   });
 }
 

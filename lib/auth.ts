@@ -13,6 +13,7 @@ import {
   listUserSessions,
   readSession,
   readTransaction,
+  retireSession,
   sessionCookieHeader,
   sessionExpiresAt,
   sessionFromCookieHeader,
@@ -117,7 +118,7 @@ export async function finishLogin(request: Request): Promise<Response> {
   const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction);
 
   const previous = await sessionFromCookieHeader(cookieHeader);
-  if (previous.session) await destroySession(previous.session.id, previous.session.record);
+  if (previous.session) await retireSession(previous.session);
 
   const session = await createSession({
     sub: claims.sub,

@@ -61,3 +61,13 @@ export const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' } as c
 export function jsonHeaders(): Record<string, string> {
   return { 'content-type': 'application/json; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff' };
 }
+
+/** Methods the proxy forwards; anything else is a 405 (shared by middleware and the proxy core). */
+export const PROXY_METHODS: readonly string[] = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'];
+
+const SANE_REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+
+/** The caller's X-Request-Id when it is sane, else a fresh one. */
+export function requestIdFrom(value: string | null | undefined): string {
+  return value && SANE_REQUEST_ID.test(value) ? value : crypto.randomUUID();
+}

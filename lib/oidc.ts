@@ -39,9 +39,8 @@ let discovery: { value: Promise<oauth.AuthorizationServer>; at: number } | undef
 /** Filled by oauth4webapi itself; one per process so the JWKS is fetched once, not per login. */
 const jwksCache: oauth.JWKSCacheInput = {};
 
-function requestOptions() {
-  const config = getConfig();
-  return { [oauth.allowInsecureRequests]: config.oidc.allowInsecureRequests, signal: AbortSignal.timeout(config.oidc.timeoutMs) };
+function requestOptions(timeoutMs = getConfig().oidc.timeoutMs) {
+  return { [oauth.allowInsecureRequests]: getConfig().oidc.allowInsecureRequests, signal: AbortSignal.timeout(timeoutMs) };
 }
 
 export function getAuthorizationServer(): Promise<oauth.AuthorizationServer> {
@@ -164,13 +163,17 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
  * Refresh-token grant. The caller owns the refresh lock; this only talks to the IdP and checks
  * the answer, including that a new id_token still names the same user (OIDC Core 12.2).
  */
-export async function refreshTokens(refreshToken: string, expectedSub: string, extra: { resource?: string; scope?: string } = {}): Promise<TokenSet> {
+export async function refreshTokens(
+  refreshToken: string,
+  expectedSub: string,
+  extra: { resource?: string; scope?: string; timeoutMs?: number } = {},
+): Promise<TokenSet> {
   try {
     const as = await getAuthorizationServer();
     const additionalParameters: Record<string, string> = {};
     if (extra.resource) additionalParameters.resource = extra.resource;
     if (extra.scope) additionalParameters.scope = extra.scope;
-    const response = await oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(), additionalParameters });
+    const response = await oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(extra.timeoutMs), additionalParameters });
     const result = await oauth.processRefreshTokenResponse(as, client(), response);
     const claims = oauth.getValidatedIdTokenClaims(result);
     if (claims && claims.sub !== expectedSub) throw new IdpError('invalid_grant', 'The refreshed id_token names another subject');

@@ -1,10 +1,9 @@
 import http from 'node:http';
 import https from 'node:https';
-import { randomUUID } from 'node:crypto';
 import { Transform, type Readable } from 'node:stream';
 import { getConfig, type ApiConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errors } from './errors.ts';
-import { checkCsrf } from './http.ts';
+import { PROXY_METHODS, checkCsrf, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
@@ -37,12 +36,12 @@ export interface ProxyResponse {
 }
 
 export const PROXY_PREFIX = '/api/proxy/';
-const SUPPORTED_METHODS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']);
+const SUPPORTED_METHODS = new Set(PROXY_METHODS);
 const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
 /** Never forwarded upstream: the browser's credentials are for Gatehouse only. */
-const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'x-request-id']);
-const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2', 'content-length']);
+const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
+const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2']);
 
 export function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   const headers: Array<[string, string]> = [
@@ -71,7 +70,8 @@ export function filterRequestHeaders(pairs: Iterable<[string, string]>, connecti
   const kept: Array<[string, string]> = [];
   for (const [rawName, value] of pairs) {
     const name = rawName.toLowerCase();
-    if (isHopByHop(name, listed) || REQUEST_DENYLIST.has(name) || listed.has(name)) continue;
+    // Every X-Forwarded-* is replaced by Gatehouse's own: the browser's claims about them are not ours to pass on.
+    if (isHopByHop(name, listed) || REQUEST_DENYLIST.has(name) || name.startsWith('x-forwarded-')) continue;
     kept.push([name, value]);
   }
   return kept;
@@ -179,7 +179,7 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
     throw errors.unauthenticated(stale);
   }
-  const { token, session: current, refreshed } = await getAccessToken(session);
+  const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
   void touchSession(current).catch(() => undefined);
   return { token, session: current, staleCookie: false, refreshed };
 }
@@ -243,7 +243,7 @@ function sendUpstream(
 export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
   const config = getConfig();
-  const requestId = validRequestId(inbound.header('x-request-id')) ?? randomUUID();
+  const requestId = requestIdFrom(inbound.header('x-request-id'));
   let apiName: string | undefined;
   let refreshed = false;
   let result: ProxyResponse;
@@ -280,7 +280,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     if (mayRetry && credentials.session && credentials.token) {
       // The token looked valid but was refused (revoked, clock skew): one refresh, one retry.
       answer.body.resume();
-      const retried = await getAccessToken(credentials.session, credentials.token);
+      const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);
@@ -293,13 +293,9 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const error = asGatehouseError(caught);
     if (error.status >= 500) log('warn', 'proxy.error', { requestId, api: apiName, code: error.code, ...describeCause(error.cause) });
     const extra: Array<[string, string]> = [['x-request-id', requestId]];
-    if (error.code === 'method_not_allowed') extra.push(['allow', [...SUPPORTED_METHODS].join(', ')]);
+    if (error.code === 'method_not_allowed') extra.push(['allow', PROXY_METHODS.join(', ')]);
     result = jsonError(error, extra);
   }
   log('info', 'proxy.request', { requestId, method: inbound.method, api: apiName, status: result.status, ms: Math.round(performance.now() - started), refreshed });
   return result;
-}
-
-function validRequestId(value: string | undefined): string | undefined {
-  return value && /^[A-Za-z0-9._:-]{1,128}$/.test(value) ? value : undefined;
 }

@@ -34,6 +34,8 @@ export interface SessionRecord {
   logoutToken: string;
   userAgent: string | undefined;
   sealed: string;
+  /** Set when a new login in the same browser replaced this session (see retireSession). */
+  retiredAt?: number;
 }
 
 export interface Session {
@@ -158,6 +160,7 @@ export function readCookie(cookieHeader: string | null | undefined, name: string
   return parseCookie(cookieHeader)[name];
 }
 
+const ISSUED_SEAL = /^Fe26\.2\*[^~]+~2$/;
 const unsealCache = new Map<string, { id: string; until: number }>();
 const UNSEAL_CACHE_LIMIT = 10_000;
 const UNSEAL_CACHE_MS = 5 * 60 * 1000;
@@ -168,6 +171,8 @@ const UNSEAL_CACHE_MS = 5 * 60 * 1000;
  * key is the exact sealed string, which only someone holding that cookie can present.
  */
 export async function unsealSessionId(cookieValue: string): Promise<string | null> {
+  // iron-session's `~<version>` suffix sits outside the seal's MAC: accept only the form we issue.
+  if (!ISSUED_SEAL.test(cookieValue)) return null;
   const now = Date.now();
   const cached = unsealCache.get(cookieValue);
   if (cached && cached.until > now) return cached.id;
@@ -255,6 +260,7 @@ export async function createSession(input: NewSession): Promise<Session> {
   );
   if (!written) throw errors.internal(new Error('session id collision'));
   lastTouched.set(id, now);
+  rememberSecrets(id, record.sealed, input.secrets);
   const created = { id, record, secrets: input.secrets };
   await indexSession(created, sessionExpiresAt(record, now));
   return created;
@@ -295,7 +301,9 @@ export async function readSession(id: string): Promise<Session | null> {
   const raw = await storeCall(() => getStore().get(sessionKey(id)));
   if (raw === null) return null;
   const record = parseRecord(raw);
-  const secrets = record && record.absoluteExpiresAt > Date.now() ? await decryptSecrets(record.sealed) : null;
+  const now = Date.now();
+  const live = record && record.absoluteExpiresAt > now && !(record.retiredAt && now - record.retiredAt > REPLACED_SESSION_GRACE_MS);
+  const secrets = live ? await openSecrets(id, record.sealed) : null;
   if (!record || !secrets) {
     // Unreadable for good (old format, rotated-out key, past its absolute end): end it cleanly.
     await storeCall(() => getStore().del(sessionKey(id)));
@@ -304,12 +312,35 @@ export async function readSession(id: string): Promise<Session | null> {
   return { id, record, secrets };
 }
 
+/**
+ * Decrypted secrets per session id, valid only while the stored JWE is byte for byte the same: a
+ * refresh or logout changes or deletes the record, so a stale entry can never be served. Saves a
+ * base64 decode and an AES-GCM decryption on every proxied request.
+ */
+const openedSecrets = new Map<string, { sealed: string; secrets: SessionSecrets }>();
+const OPENED_SECRETS_LIMIT = 10_000;
+
+function rememberSecrets(id: string, sealed: string, secrets: SessionSecrets): void {
+  if (openedSecrets.size >= OPENED_SECRETS_LIMIT && !openedSecrets.has(id)) openedSecrets.delete(openedSecrets.keys().next().value as string);
+  openedSecrets.set(id, { sealed, secrets });
+}
+
+async function openSecrets(id: string, sealed: string): Promise<SessionSecrets | null> {
+  const cached = openedSecrets.get(id);
+  if (cached?.sealed === sealed) return cached.secrets;
+  const secrets = await decryptSecrets(sealed);
+  if (secrets) rememberSecrets(id, sealed, secrets);
+  else openedSecrets.delete(id);
+  return secrets;
+}
+
 const lastTouched = new Map<string, number>();
 const TOUCH_MEMORY_LIMIT = 50_000;
 
 /** When the session ends if nothing else happens: idle timeout from now, capped by the absolute end. */
 export function sessionExpiresAt(record: SessionRecord, now = Date.now()): number {
-  return Math.min(record.absoluteExpiresAt, now + getConfig().session.idleTimeoutSec * 1000);
+  const ends = Math.min(record.absoluteExpiresAt, now + getConfig().session.idleTimeoutSec * 1000);
+  return record.retiredAt ? Math.min(ends, record.retiredAt + REPLACED_SESSION_GRACE_MS) : ends;
 }
 
 /**
@@ -319,6 +350,7 @@ export function sessionExpiresAt(record: SessionRecord, now = Date.now()): numbe
 export async function touchSession(session: Session, force = false): Promise<void> {
   const now = Date.now();
   const { touchIntervalSec } = getConfig().session;
+  if (session.record.retiredAt) return;
   const previous = lastTouched.get(session.id);
   if (!force && previous !== undefined && now - previous < touchIntervalSec * 1000) return;
   if (lastTouched.size >= TOUCH_MEMORY_LIMIT) lastTouched.delete(lastTouched.keys().next().value as string);
@@ -337,20 +369,43 @@ export async function touchSession(session: Session, force = false): Promise<voi
 export async function updateSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session | null> {
   const record: SessionRecord = { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) };
   const written = await storeCall(() => getStore().replace(sessionKey(session.id), JSON.stringify(record)));
-  return written ? { id: session.id, record, secrets } : null;
+  if (!written) return null;
+  rememberSecrets(session.id, record.sealed, secrets);
+  return { id: session.id, record, secrets };
 }
 
-/** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
-export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
-  lastTouched.delete(id);
-  await storeCall(() => getStore().del(sessionKey(id)));
-  if (!record) return;
+/**
+ * A session replaced by a new login in the same browser. Other tabs may be mid-request with its
+ * cookie; if it vanished at once, their answers would clear the cookie by name — the new one.
+ * So it lingers briefly, unlisted and never extended, then ends on its own.
+ */
+export const REPLACED_SESSION_GRACE_MS = 30_000;
+
+export async function retireSession(session: Session): Promise<void> {
+  lastTouched.delete(session.id);
+  const record: SessionRecord = { ...session.record, retiredAt: Date.now() };
+  const key = sessionKey(session.id);
+  if (await storeCall(() => getStore().replace(key, JSON.stringify(record)))) {
+    await storeCall(() => getStore().expire(key, REPLACED_SESSION_GRACE_MS));
+  }
+  await removeFromIndexes(session.id, record);
+}
+
+async function removeFromIndexes(id: string, record: SessionRecord): Promise<void> {
   await storeCall(() =>
     Promise.all([
       getStore().indexRemove(userSessionsKey(record.sub), id),
       record.idpSid ? getStore().indexRemove(idpSessionKey(record.idpSid), id) : undefined,
     ]),
   );
+}
+
+/** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
+export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
+  lastTouched.delete(id);
+  openedSecrets.delete(id);
+  await storeCall(() => getStore().del(sessionKey(id)));
+  if (record) await removeFromIndexes(id, record);
 }
 
 export interface SessionSummary {

@@ -77,6 +77,9 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     const method = req.method ?? 'GET';
 
     if (route === '__demo') {
+      // Test introspection shows raw headers (bearer tokens included): for direct callers only,
+      // never for a browser reaching it through a proxy.
+      if (req.headers['x-forwarded-host']) return json(res, 404, { error: 'not_found' });
       if (rest[0] === 'stats') return json(res, 200, stats);
       if (rest[0] === 'last') return json(res, lastRequests[0] ? 200 : 404, lastRequests[0] ?? { error: 'no_requests' });
       return json(res, 404, { error: 'not_found' });
@@ -100,8 +103,10 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       case 'whoami': {
         const body = await readBody(req);
         if (body === undefined) return json(res, 413, { error: 'body_too_large' });
-        const { sub, aud, scope } = claims;
-        return json(res, 200, { sub, aud, scope, method, path: url.pathname, query, headers: req.headers, body });
+        const { sub, aud, scope, client_id } = claims;
+        // The answer reaches the browser: show that a bearer arrived, never the token itself.
+        const headers = { ...req.headers, ...(req.headers.authorization ? { authorization: 'Bearer [redacted]' } : {}) };
+        return json(res, 200, { sub, aud, scope, client_id, method, path: url.pathname, query, headers, body });
       }
       case 'events':
         return streamEvents(res, clampInt(query.count, 5, 0, 10_000), clampInt(query.intervalMs, 200, 0, 60_000));

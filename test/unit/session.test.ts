@@ -54,6 +54,9 @@ describe('session cookie', () => {
     const sealed = cookieValue(await session.sessionCookieHeader(ID));
     const flipped = sealed.slice(0, 20) + (sealed[20] === 'A' ? 'B' : 'A') + sealed.slice(21);
     expect(await session.unsealSessionId(flipped)).toBeNull();
+    // The version suffix is outside iron-session's MAC; an altered one is refused all the same.
+    expect(await session.unsealSessionId(`${sealed}x`)).toBeNull();
+    expect(await session.unsealSessionId(sealed.replace(/~2$/, '~3'))).toBeNull();
     expect(await session.unsealSessionId('not-a-seal')).toBeNull();
     expect(await session.unsealSessionId('Fe26.2*1*x*y*z*1*a*b~2')).toBeNull();
     const other = await deploy(B);
@@ -135,5 +138,28 @@ describe('session records', () => {
     expect(await session.updateSessionTokens(created, secrets, null)).toBeNull();
     await session.touchSession(created, true);
     expect(await session.getStore().get(session.sessionKey(created.id))).toBeNull();
+  });
+});
+
+describe('a session replaced by a new login', () => {
+  it('lingers only for the grace period, unlisted, and is never extended', async () => {
+    const session = await deploy(A);
+    const old = await session.createSession({ sub: 'alice', idpSid: 'sid-9', secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    await session.retireSession(old);
+    const retired = await session.readSession(old.id);
+    expect(retired?.record.retiredAt).toBeTypeOf('number');
+    expect(session.sessionExpiresAt(retired!.record)).toBeLessThanOrEqual(Date.now() + session.REPLACED_SESSION_GRACE_MS);
+    expect(await session.getStore().indexMembers(session.userSessionsKey('alice'), Date.now())).toEqual([]);
+    expect(await session.getStore().indexMembers(session.idpSessionKey('sid-9'), Date.now())).toEqual([]);
+
+    // A use of the old cookie must not slide its expiry back out to the idle timeout.
+    vi.useFakeTimers({ now: Date.now() + 20_000, toFake: ['Date'] });
+    try {
+      await session.touchSession(retired!, true);
+      vi.setSystemTime(Date.now() + 15_000);
+      expect(await session.readSession(old.id)).toBeNull();
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
