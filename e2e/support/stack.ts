@@ -82,6 +82,10 @@ export interface StackOptions {
   accessTokenTtl?: number;
   env?: Record<string, string>;
   redisUrl?: string;
+  /** Extra demo APIs, each its own RFC 8707 resource (audience) at the IdP. */
+  resourceApis?: number;
+  /** BFF_APIS built from the URLs the stack picked (they are only known once it starts). */
+  apis?: (urls: { apiUrl: string; resourceApiUrls: string[] }) => Record<string, unknown>;
 }
 
 export interface Stack {
@@ -89,6 +93,8 @@ export interface Stack {
   idp: RunningProcess;
   apiUrl: string;
   api: RunningProcess;
+  /** URLs of the extra demo APIs; each URL is also its audience. */
+  resourceApiUrls: string[];
   apps: Array<{ url: string; process: RunningProcess; env: Record<string, string> }>;
   keyPrefix: string;
   appEnv: Record<string, string>;
@@ -102,6 +108,7 @@ export const CLIENT_SECRET = 'e2e-client-secret-' + 'x'.repeat(24);
 export async function startStack(options: StackOptions = {}): Promise<Stack> {
   const instances = options.instances ?? 1;
   const [idpPort, apiPort, ...appPorts] = await Promise.all([freePort(), freePort(), ...Array.from({ length: instances }, freePort)]);
+  const resourceApiUrls = await Promise.all(Array.from({ length: options.resourceApis ?? 0 }, async () => `http://localhost:${await freePort()}`));
   const appUrls = appPorts.map((port) => `http://localhost:${port}`);
   const issuer = `http://localhost:${idpPort}`;
   const apiUrl = `http://localhost:${apiPort}`;
@@ -114,7 +121,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       IDP_CLIENT_ID: CLIENT_ID,
       IDP_CLIENT_SECRET: CLIENT_SECRET,
       IDP_APP_BASE_URLS: appUrls.join(','),
-      IDP_API_AUDIENCES: apiUrl,
+      IDP_API_AUDIENCES: [apiUrl, ...resourceApiUrls].join(','),
       ...(options.accessTokenTtl ? { IDP_ACCESS_TOKEN_TTL: String(options.accessTokenTtl) } : {}),
     },
     /dev IdP listening/,
@@ -124,6 +131,16 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
     ['scripts/demo-api.ts'],
     { NODE_ENV: 'development', DEMO_API_PORT: String(apiPort), DEMO_API_ISSUER: issuer, DEMO_API_AUDIENCE: apiUrl },
     /demo API listening/,
+  );
+  const resourceApis = await Promise.all(
+    resourceApiUrls.map((url, index) =>
+      startProcess(
+        `resource-api-${index}`,
+        ['scripts/demo-api.ts'],
+        { NODE_ENV: 'development', DEMO_API_PORT: new URL(url).port, DEMO_API_ISSUER: issuer, DEMO_API_AUDIENCE: url },
+        /demo API listening/,
+      ),
+    ),
   );
   const keyPrefix = `gh-test-${randomBytes(6).toString('hex')}:`;
   const appEnv: Record<string, string> = {
@@ -135,16 +152,18 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
     SESSION_SECRET: randomBytes(32).toString('base64url'),
     REDIS_URL: options.redisUrl ?? process.env.REDIS_URL ?? 'redis://127.0.0.1:6379',
     REDIS_KEY_PREFIX: keyPrefix,
-    BFF_APIS: JSON.stringify({
-      demo: { url: apiUrl },
-      public: { url: `${apiUrl}/public`, auth: 'user-optional' },
-    }),
-    LOG_LEVEL: 'warn',
+    BFF_APIS: JSON.stringify(
+      options.apis?.({ apiUrl, resourceApiUrls }) ?? {
+        demo: { url: apiUrl },
+        public: { url: `${apiUrl}/public`, auth: 'user-optional' },
+      },
+    ),
+    LOG_LEVEL: process.env.STACK_LOG_LEVEL ?? 'warn',
     ...options.env,
   };
   const apps: Stack['apps'] = [];
   const stopAll = async () => {
-    await Promise.all([...apps.map((app) => app.process.stop()), api.stop(), idp.stop()]);
+    await Promise.all([...apps.map((app) => app.process.stop()), ...resourceApis.map((process) => process.stop()), api.stop(), idp.stop()]);
   };
   try {
     for (const [index, port] of appPorts.entries()) {
@@ -160,5 +179,5 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
     await stopAll();
     throw error;
   }
-  return { issuer, idp, apiUrl, api, apps, keyPrefix, appEnv, clientId: CLIENT_ID, stop: stopAll };
+  return { issuer, idp, apiUrl, api, resourceApiUrls, apps, keyPrefix, appEnv, clientId: CLIENT_ID, stop: stopAll };
 }
