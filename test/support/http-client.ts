@@ -1,0 +1,198 @@
+// Small helpers for integration tests that drive a running Gatehouse stack over HTTP and look at
+// its Redis keys: a browser-like call with the session cookie, the dev IdP's grant counters, and
+// bounded polling instead of fixed sleeps.
+import { readFileSync } from 'node:fs';
+import { Redis } from 'ioredis';
+import { loginThroughRp } from '../../e2e/support/headless-login.ts';
+
+export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+export interface CallResult {
+  status: number;
+  /** Parsed JSON when the body is JSON, otherwise the raw text. */
+  body: unknown;
+  setCookies: string[];
+  ms: number;
+}
+
+/** One SPA-style request: the session cookie, `X-CSRF: 1`, never following redirects. */
+export async function call(
+  baseUrl: string,
+  path: string,
+  cookie: string | undefined,
+  { method = 'GET', signal }: { method?: string; signal?: AbortSignal } = {},
+): Promise<CallResult> {
+  const started = performance.now();
+  const headers = new Headers({ 'x-csrf': '1', accept: 'application/json' });
+  if (cookie) headers.set('cookie', cookie);
+  const res = await fetch(new URL(path, baseUrl), { method, headers, redirect: 'manual', signal });
+  const text = await res.text();
+  let body: unknown = text;
+  if ((res.headers.get('content-type') ?? '').includes('json')) {
+    try {
+      body = JSON.parse(text) as unknown;
+    } catch {
+      // Keep the text: a broken JSON body is itself worth seeing in a failure message.
+    }
+  }
+  return { status: res.status, body, setCookies: res.headers.getSetCookie(), ms: performance.now() - started };
+}
+
+/** Logs `username` in through Gatehouse and the dev IdP; returns a ready `Cookie` header value. */
+export async function login(appUrl: string, username: string): Promise<string> {
+  const { rpCookies } = await loginThroughRp({ startUrl: `${appUrl}/api/auth/login`, username });
+  const value = rpCookies.get('gatehouse');
+  if (!value) throw new Error(`login of ${username} produced no gatehouse cookie (got ${[...rpCookies.keys()].join(', ') || 'none'})`);
+  return `gatehouse=${value}`;
+}
+
+/** True when a Set-Cookie line clears the Gatehouse session cookie. */
+export function clearsSessionCookie(setCookies: string[]): boolean {
+  return setCookies.some((line) => /^gatehouse=;/.test(line) && /max-age=0/i.test(line));
+}
+
+export interface GrantCounters {
+  success: Record<string, number>;
+  error: Record<string, number>;
+  errorCodes: Record<string, number>;
+  byAccount: Record<string, Record<string, number>>;
+  bySid: Record<string, Record<string, number>>;
+}
+
+export async function idpGrants(issuer: string): Promise<GrantCounters> {
+  const res = await fetch(`${issuer}/__dev/grants`);
+  if (!res.ok) throw new Error(`GET /__dev/grants answered ${res.status}`);
+  return (await res.json()) as GrantCounters;
+}
+
+export async function resetIdpGrants(issuer: string): Promise<void> {
+  const res = await fetch(`${issuer}/__dev/grants/reset`, { method: 'POST' });
+  if (!res.ok) throw new Error(`POST /__dev/grants/reset answered ${res.status}`);
+}
+
+export async function revokeIdpGrants(issuer: string, sub: string): Promise<number> {
+  const res = await fetch(`${issuer}/__dev/revoke-grants?sub=${encodeURIComponent(sub)}`, { method: 'POST' });
+  if (!res.ok) throw new Error(`POST /__dev/revoke-grants answered ${res.status}`);
+  return ((await res.json()) as { revoked: number }).revoked;
+}
+
+export function refreshGrantsOf(grants: GrantCounters, account: string): number {
+  return grants.byAccount[account]?.refresh_token ?? 0;
+}
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Polls `probe` until it returns something other than undefined, at most `timeoutMs`; the error
+ * names `what` so a failure says which condition never held.
+ */
+export async function waitFor<T>(what: string, probe: () => Promise<T | undefined> | T | undefined, timeoutMs = 10_000, intervalMs = 50): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(Math.max(1, Math.min(intervalMs, deadline - Date.now())));
+  }
+}
+
+/** Waits until the wall clock reaches `epochMs` (a deadline derived from observed state, not a guess). */
+export async function waitUntil(what: string, epochMs: number, maxWaitMs = 60_000): Promise<void> {
+  await waitFor(what, () => (Date.now() >= epochMs ? true : undefined), maxWaitMs, 100);
+}
+
+/** The stored session record as Gatehouse wrote it (tokens stay encrypted in `sealed`). */
+export interface StoredSessionRecord {
+  sub: string;
+  createdAt: number;
+  absoluteExpiresAt: number;
+  accessTokenExpiresAt: number | null;
+  sealed: string;
+}
+
+/** Read-only view on one stack's Redis keys. */
+export class RedisProbe {
+  readonly redis: Redis;
+  readonly keyPrefix: string;
+
+  constructor(keyPrefix: string, url = REDIS_URL) {
+    this.redis = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2 });
+    this.keyPrefix = keyPrefix;
+  }
+
+  async keys(kind: 'session' | 'refresh-lock'): Promise<string[]> {
+    const found: string[] = [];
+    let cursor = '0';
+    do {
+      const [next, batch] = await this.redis.scan(cursor, 'MATCH', `${this.keyPrefix}${kind}:*`, 'COUNT', 1000);
+      cursor = next;
+      found.push(...batch);
+    } while (cursor !== '0');
+    return found;
+  }
+
+  /** The session key of `sub`'s only session (records name their subject in clear). */
+  async sessionKeyOf(sub: string): Promise<string | undefined> {
+    const matches: string[] = [];
+    for (const key of await this.keys('session')) {
+      const raw = await this.redis.get(key);
+      if (raw && (JSON.parse(raw) as StoredSessionRecord).sub === sub) matches.push(key);
+    }
+    if (matches.length > 1) throw new Error(`${sub} has ${matches.length} sessions; the tests expect one`);
+    return matches[0];
+  }
+
+  async record(key: string): Promise<StoredSessionRecord | undefined> {
+    const raw = await this.redis.get(key);
+    return raw === null ? undefined : (JSON.parse(raw) as StoredSessionRecord);
+  }
+
+  /** The refresh lock that belongs to a session key (same id, same hash tag). */
+  lockKeyFor(sessionKey: string): string {
+    return sessionKey.replace(`${this.keyPrefix}session:`, `${this.keyPrefix}refresh-lock:`);
+  }
+
+  async exists(key: string): Promise<boolean> {
+    return (await this.redis.exists(key)) === 1;
+  }
+
+  /** Removes everything under the prefix (the stack's own keys only). */
+  async cleanup(): Promise<void> {
+    const keys = [...(await this.keys('session')), ...(await this.keys('refresh-lock'))];
+    if (keys.length) await this.redis.del(...keys);
+  }
+
+  async close(): Promise<void> {
+    await this.redis.quit().catch(() => this.redis.disconnect());
+  }
+}
+
+/**
+ * Every process of a spawned process tree (the cluster primary and its workers), children first
+ * read from /proc, so a test can SIGKILL a whole Gatehouse instance by pid.
+ */
+export function processTree(pid: number): number[] {
+  const pids = [pid];
+  for (let i = 0; i < pids.length; i++) {
+    const current = pids[i] as number;
+    let children: string;
+    try {
+      children = readFileSync(`/proc/${current}/task/${current}/children`, 'utf8');
+    } catch {
+      continue; // already gone
+    }
+    for (const child of children.trim().split(/\s+/).filter(Boolean)) pids.push(Number(child));
+  }
+  return pids;
+}
+
+/** False once the process is gone or only a zombie waiting to be reaped (it runs no code any more). */
+export function isAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // "pid (comm) S ...": the state follows the last closing parenthesis.
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
