@@ -1,6 +1,5 @@
 import cluster from 'node:cluster';
 import http from 'node:http';
-import { availableParallelism } from 'node:os';
 import next from 'next';
 import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
 import { exitOnInvalidConfig } from './lib/config.ts';
@@ -13,18 +12,10 @@ import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
  * One worker per core by default; sessions live in the store, so any worker serves any request.
  */
 
-const port = Number(process.env.PORT ?? 3000);
-const hostname = process.env.HOSTNAME ?? '0.0.0.0';
-const workerCount = Number(process.env.GATEHOUSE_WORKERS ?? availableParallelism());
-const DRAIN_DEADLINE_MS = Number(process.env.GATEHOUSE_DRAIN_MS ?? 30_000);
-
-if (!Number.isInteger(workerCount) || workerCount < 1) {
-  process.stderr.write('GATEHOUSE_WORKERS: must be a whole number of at least 1\n');
-  process.exit(1);
-}
+// Every process checks the configuration before it does anything; a bad one stops here, naming the variables.
+const { port, hostname, workers: workerCount, drainMs } = exitOnInvalidConfig().server;
 
 if (cluster.isPrimary && workerCount > 1) {
-  exitOnInvalidConfig();
   let stopping = false;
   for (let i = 0; i < workerCount; i++) cluster.fork();
   cluster.on('exit', (worker, code, signal) => {
@@ -49,7 +40,6 @@ if (cluster.isPrimary && workerCount > 1) {
 }
 
 async function serve(): Promise<void> {
-  exitOnInvalidConfig();
   const app = next({ dev: false, dir: import.meta.dirname, hostname, port });
   await app.prepare();
   const handleWithNext = app.getRequestHandler();
@@ -74,10 +64,12 @@ async function serve(): Promise<void> {
   const drain = () => {
     if (draining) return;
     draining = true;
-    // Stop accepting; in-flight requests and streams finish; idle keep-alive sockets go now.
+    // Stop accepting; in-flight requests and streams finish; keep-alive sockets go as soon as
+    // they fall idle (not only those idle right now), so the process exits once the last answer is out.
     server.close(() => process.exit(0));
+    setInterval(() => server.closeIdleConnections(), 100).unref();
     server.closeIdleConnections();
-    setTimeout(() => process.exit(0), DRAIN_DEADLINE_MS).unref();
+    setTimeout(() => process.exit(0), drainMs).unref();
   };
   process.on('SIGTERM', drain);
   process.on('SIGINT', drain);

@@ -1,46 +1,12 @@
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { test as base, expect, type BrowserContext, type Page } from '@playwright/test';
+import { expect } from '@playwright/test';
+import { env, sessionCookie, signInThroughIdp, test } from './support/fixtures.ts';
 
 // The real browser journey through the demo page: sign in at the dev IdP, call the API through the
 // proxy, sign out at Gatehouse and at the IdP. The stack comes from e2e/global-setup.ts.
 
-function env(name: string): string {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set: run the e2e tests through playwright.config.ts (global setup)`);
-  return value;
-}
-
-const test = base.extend({
-  // Known only once global setup has run, so resolved per test rather than in the config.
-  // Playwright reads fixture dependencies from the destructuring pattern, so it must be there.
-  // eslint-disable-next-line no-empty-pattern
-  baseURL: async ({}, use) => {
-    await use(env('GATEHOUSE_URL'));
-  },
-  context: async ({ context }, use) => {
-    // The dev IdP's pages @import a web font; there is no internet here, so answer that at once.
-    await context.route(/^https?:\/\/fonts\.(googleapis|gstatic)\.com\//, (route) => route.abort());
-    await use(context);
-  },
-});
-
 const SCREENSHOT = path.resolve(import.meta.dirname, '..', 'docs', 'demo.png');
-
-async function sessionCookie(context: BrowserContext, appUrl: string) {
-  return (await context.cookies(appUrl)).find((cookie) => cookie.name === 'gatehouse');
-}
-
-/** From the demo page's "Log in" button through the dev IdP's form and back to the demo page. */
-async function signInThroughIdp(page: Page, username: string): Promise<void> {
-  const idp = env('IDP_URL');
-  await page.getByTestId('login').click();
-  await page.waitForURL((url) => url.href.startsWith(`${idp}/interaction/`));
-  await page.locator('input[name="login"]').fill(username);
-  await page.locator('input[name="password"]').fill('any-password');
-  await page.getByRole('button', { name: 'Sign-in' }).click();
-  await page.waitForURL((url) => url.origin === new URL(env('GATEHOUSE_URL')).origin && url.pathname === '/');
-}
 
 test('sign in at the IdP, call the API through the proxy, sign out everywhere', async ({ page, context, request }) => {
   const appUrl = env('GATEHOUSE_URL');

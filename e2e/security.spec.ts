@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { test as base, expect, type APIResponse } from '@playwright/test';
+import { expect, type APIResponse } from '@playwright/test';
+import { env, test } from './support/fixtures.ts';
 import { Redis } from 'ioredis';
 import { compactDecrypt } from 'jose';
 import { CLIENT_SECRET } from './support/stack.ts';
@@ -8,25 +9,6 @@ import { browserRequest, followFlow, loginThroughRp, type CookieJars } from './s
 // The negative cases of the public contract, from outside: Playwright's request context for the
 // HTTP checks, the headless IdP helper where a login is needed, and the browser for the two tabs.
 // Every refusal is checked for its status and body, and for what must not happen as a result.
-
-function env(name: string): string {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set: run the e2e tests through playwright.config.ts (global setup)`);
-  return value;
-}
-
-const test = base.extend({
-  // Playwright reads fixture dependencies from the destructuring pattern, so it must be there.
-  // eslint-disable-next-line no-empty-pattern
-  baseURL: async ({}, use) => {
-    await use(env('GATEHOUSE_URL'));
-  },
-  context: async ({ context }, use) => {
-    // The dev IdP's pages @import a web font; there is no internet here, so answer that at once.
-    await context.route(/^https?:\/\/fonts\.(googleapis|gstatic)\.com\//, (route) => route.abort());
-    await use(context);
-  },
-});
 
 const app = () => env('GATEHOUSE_URL');
 const idp = () => env('IDP_URL');

@@ -1,5 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import type { InboundRequest, ProxyResponse } from './proxy.ts';
 
 /**
@@ -22,11 +24,16 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
   };
 }
 
-export function webResponseFrom(answer: ProxyResponse): Response {
+/** Bodies this small, with a declared length, are read whole: a web stream costs more per chunk than they take to arrive. */
+const SMALL_BODY_BYTES = 64 * 1024;
+
+export async function webResponseFrom(answer: ProxyResponse): Promise<Response> {
   const headers = new Headers();
   for (const [name, value] of answer.headers) headers.append(name, value);
-  const body =
-    answer.body === null ? null : typeof answer.body === 'string' ? answer.body : (Readable.toWeb(answer.body) as unknown as ReadableStream<Uint8Array>);
+  let body: BodyInit | null;
+  if (answer.body === null || typeof answer.body === 'string') body = answer.body;
+  else if (Number(headers.get('content-length') ?? Infinity) <= SMALL_BODY_BYTES) body = Buffer.concat(await answer.body.toArray());
+  else body = Readable.toWeb(answer.body) as unknown as ReadableStream<Uint8Array>;
   return new Response(body, { status: answer.status, headers });
 }
 
@@ -53,6 +60,33 @@ export function inboundFromNode(request: IncomingMessage, response: ServerRespon
   };
 }
 
+/**
+ * Every 64 KB socket read of a streamed body is a fresh off-heap buffer, freed only when V8 next
+ * collects; V8 waits for about 64 MB of such memory before it does. A large download would lift
+ * each worker's footprint by that much. A young-generation collection every few megabytes of large
+ * bodies (well under a millisecond each) keeps streaming memory flat without touching the hot path.
+ */
+const LARGE_BODY_BYTES = 1024 * 1024;
+const COLLECT_EVERY_BYTES = 8 * 1024 * 1024;
+let collectYoungGeneration: (() => void) | undefined;
+let streamedSinceCollect = 0;
+
+function keepStreamingMemoryFlat(body: Readable, declaredLength: string | undefined): void {
+  if (declaredLength !== undefined && Number(declaredLength) < LARGE_BODY_BYTES) return;
+  if (!collectYoungGeneration) {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc') as (options: { type: 'minor' }) => void;
+    collectYoungGeneration = () => gc({ type: 'minor' });
+  }
+  const collect = collectYoungGeneration;
+  body.on('data', (chunk: Buffer) => {
+    streamedSinceCollect += chunk.length;
+    if (streamedSinceCollect < COLLECT_EVERY_BYTES) return;
+    streamedSinceCollect = 0;
+    collect();
+  });
+}
+
 export function writeNodeResponse(answer: ProxyResponse, response: ServerResponse): void {
   const headers: Record<string, string | string[]> = {};
   for (const [name, value] of answer.headers) {
@@ -68,6 +102,7 @@ export function writeNodeResponse(answer: ProxyResponse, response: ServerRespons
   // DOMException per response, which showed in the hot-path profile.) Teardown is ours: a browser
   // that leaves drops the upstream body, an upstream that breaks mid-body cuts the response.
   const body = answer.body;
+  keepStreamingMemoryFlat(body, answer.headers.find(([name]) => name === 'content-length')?.[1]);
   body.once('error', () => response.destroy());
   response.once('close', () => {
     if (!body.readableEnded) body.destroy();

@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { z } from 'zod';
 
 /**
@@ -42,6 +43,8 @@ export interface Config {
   keyPrefix: string;
   apis: Record<string, ApiConfig>;
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
+  /** For `npm start` (server.ts) only. */
+  server: { port: number; hostname: string; workers: number; drainMs: number };
 }
 
 export interface JsonWebKeyWithKid extends JsonWebKey {
@@ -160,7 +163,14 @@ const envSchema = z.object({
   REDIS_KEY_PREFIX: z.string().regex(/^[A-Za-z0-9:_-]{1,64}$/).default('gatehouse:'),
   BFF_APIS: apisSchema,
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),
+  PORT: z.coerce.number().int().min(0).max(65_535).default(3000),
+  HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),
+  GATEHOUSE_WORKERS: z.coerce.number().int().min(1).max(256).optional(),
+  GATEHOUSE_DRAIN_MS: z.coerce.number().int().min(0).default(30_000),
 });
+
+/** Every variable Gatehouse reads; the README's configuration table is checked against this list. */
+export const CONFIG_VARIABLES: readonly string[] = Object.keys(envSchema.shape).filter((name) => name !== 'NODE_ENV');
 
 type Env = z.output<typeof envSchema>;
 
@@ -272,6 +282,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       ]),
     ),
     logLevel: env.LOG_LEVEL,
+    server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
   };
 }
 

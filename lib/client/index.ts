@@ -118,3 +118,56 @@ export async function logout(): Promise<void> {
   const { redirectTo } = (await response.json()) as { redirectTo: string };
   window.location.assign(redirectTo);
 }
+
+export interface SessionEntry {
+  handle: string;
+  createdAt: number;
+  lastUsedAt: number;
+  expiresAt: number;
+  device: string;
+  current: boolean;
+}
+
+/** The signed-in user's sessions (devices), newest first. */
+export async function listSessions(): Promise<SessionEntry[]> {
+  const response = await bffFetch('/api/auth/sessions');
+  return ((await response.json()) as { sessions: SessionEntry[] }).sessions;
+}
+
+/** Ends one of the user's sessions; ending the current one signs this browser out too. */
+export async function endSession(handle: string): Promise<void> {
+  await bffFetch(`/api/auth/sessions/${encodeURIComponent(handle)}`, { method: 'DELETE' });
+}
+
+/** "Sign out everywhere else": every session of this user except this browser's. Resolves to how many ended. */
+export async function endOtherSessions(): Promise<number> {
+  const response = await bffFetch('/api/auth/sessions', { method: 'DELETE' });
+  return ((await response.json()) as { ended: number }).ended;
+}
+
+/**
+ * Reads a server-sent event stream through the proxy. EventSource cannot send the X-CSRF header,
+ * so this reads the response body as it arrives and hands over each event's data.
+ */
+export async function streamEvents(path: string, onData: (data: string) => void, signal?: AbortSignal): Promise<void> {
+  const response = await bffFetch(path, { headers: { accept: 'text/event-stream' }, signal });
+  if (!response.ok || !response.body) throw new GatehouseClientError(`upstream_${response.status}`, response.status, `The API answered ${response.status}.`, response);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffered += value;
+    let boundary: number;
+    while ((boundary = buffered.search(/\r?\n\r?\n/)) !== -1) {
+      const block = buffered.slice(0, boundary);
+      buffered = buffered.slice(boundary).replace(/^\r?\n\r?\n/, '');
+      const data = block
+        .split(/\r?\n/)
+        .filter((line) => line.startsWith('data:'))
+        .map((line) => line.slice(5).replace(/^ /, ''))
+        .join('\n');
+      if (data) onData(data);
+    }
+  }
+}

@@ -1,0 +1,36 @@
+import { test as base, type BrowserContext, type Page } from '@playwright/test';
+
+/** The stack's addresses, set by e2e/global-setup.ts (known only once it has run). */
+export function env(name: string): string {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set: run the e2e tests through playwright.config.ts (global setup)`);
+  return value;
+}
+
+export const test = base.extend({
+  // Playwright reads fixture dependencies from the destructuring pattern, so it must be there.
+  // eslint-disable-next-line no-empty-pattern -- Playwright needs the (empty) pattern to see there are no dependencies
+  baseURL: async ({}, use) => {
+    await use(env('GATEHOUSE_URL'));
+  },
+  context: async ({ context }, use) => {
+    // The dev IdP's pages @import a web font; there is no internet here, so answer that at once.
+    await context.route(/^https?:\/\/fonts\.(googleapis|gstatic)\.com\//, (route) => route.abort());
+    await use(context);
+  },
+});
+
+export async function sessionCookie(context: BrowserContext, appUrl: string) {
+  return (await context.cookies(appUrl)).find((cookie) => cookie.name === 'gatehouse');
+}
+
+/** From the demo page's "Log in" button through the dev IdP's form and back to the demo page. */
+export async function signInThroughIdp(page: Page, username: string): Promise<void> {
+  const idp = env('IDP_URL');
+  await page.getByTestId('login').click();
+  await page.waitForURL((url) => url.href.startsWith(`${idp}/interaction/`));
+  await page.locator('input[name="login"]').fill(username);
+  await page.locator('input[name="password"]').fill('any-password');
+  await page.getByRole('button', { name: 'Sign-in' }).click();
+  await page.waitForURL((url) => url.origin === new URL(env('GATEHOUSE_URL')).origin && url.pathname === '/');
+}
