@@ -227,7 +227,9 @@ function pickStore(env: Env): Config['store'] {
 }
 
 export function parseConfig(source: Record<string, string | undefined>): Config {
-  const parsed = envSchema.safeParse(source);
+  // Deployment dashboards often keep a variable with an empty value: that means "not set".
+  const present = Object.fromEntries(Object.entries(source).filter(([, value]) => value !== undefined && value.trim() !== ''));
+  const parsed = envSchema.safeParse(present);
   if (!parsed.success) {
     const problems = parsed.error.issues.map((issue) => {
       const [variable, ...rest] = issue.path.map(String);

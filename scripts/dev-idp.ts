@@ -21,6 +21,8 @@ export interface DevIdpOptions {
   tokenEndpointAuthMethod?: 'client_secret_basic' | 'client_secret_post';
   /** A second client (same secret and URLs) authenticating with client_secret_post; null disables it. */
   postClientId?: string | null;
+  /** Public JWK of a third client, `${clientId}-pkjwt`, that authenticates with private_key_jwt. */
+  privateKeyJwtPublicJwk?: JWK;
   accessTokenTtl?: number;
   refreshTokenTtl?: number;
   apiAudiences?: string[];
@@ -205,9 +207,10 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host);
   const issuer = `http://localhost:${port}`;
 
-  const client = (id: string, method: ClientAuthMethod): ClientMetadata => ({
+  const client = (id: string, method: ClientAuthMethod, extra: Partial<ClientMetadata> = {}): ClientMetadata => ({
+    ...extra,
     client_id: id,
-    client_secret: clientSecret,
+    ...(method === 'private_key_jwt' ? {} : { client_secret: clientSecret }),
     redirect_uris: appBaseUrls.map((url) => `${url}/api/auth/callback`),
     post_logout_redirect_uris: appBaseUrls.map((url) => `${url}/`),
     // Only one URI is possible per client: app instances sharing a session store only need one notice.
@@ -223,6 +226,9 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     clients: [
       client(clientId, options.tokenEndpointAuthMethod ?? 'client_secret_basic'),
       ...(postClientId ? [client(postClientId, 'client_secret_post')] : []),
+      ...(options.privateKeyJwtPublicJwk
+        ? [client(`${clientId}-pkjwt`, 'private_key_jwt', { jwks: { keys: [options.privateKeyJwtPublicJwk] }, token_endpoint_auth_signing_alg: 'ES256' })]
+        : []),
     ],
     jwks: { keys },
     cookies: { keys: state.cookieKeys },
@@ -415,6 +421,7 @@ if (import.meta.main) {
       accessTokenTtl: intFromEnv('IDP_ACCESS_TOKEN_TTL'),
       refreshTokenTtl: intFromEnv('IDP_REFRESH_TOKEN_TTL'),
       apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
+      privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
     });
     console.log(`dev IdP listening on ${idp.issuer}`);
     const stop = () => void idp.close().then(() => process.exit(0));

@@ -84,6 +84,8 @@ export interface StackOptions {
   redisUrl?: string;
   /** Extra demo APIs, each its own RFC 8707 resource (audience) at the IdP. */
   resourceApis?: number;
+  /** Extra environment for the dev IdP process (e.g. IDP_PKJWT_PUBLIC_JWK). */
+  idpEnv?: Record<string, string>;
   /** BFF_APIS built from the URLs the stack picked (they are only known once it starts). */
   apis?: (urls: { apiUrl: string; resourceApiUrls: string[] }) => Record<string, unknown>;
 }
@@ -123,6 +125,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       IDP_APP_BASE_URLS: appUrls.join(','),
       IDP_API_AUDIENCES: [apiUrl, ...resourceApiUrls].join(','),
       ...(options.accessTokenTtl ? { IDP_ACCESS_TOKEN_TTL: String(options.accessTokenTtl) } : {}),
+      ...options.idpEnv,
     },
     /dev IdP listening/,
   );

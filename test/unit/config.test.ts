@@ -42,6 +42,11 @@ describe('configuration', () => {
     }
   });
 
+  it('treats an empty variable as unset', () => {
+    expect(problemsOf({ ...valid, SESSION_SECRET: '', OIDC_CLIENT_ID: '  ' })).toEqual(expect.arrayContaining(['SESSION_SECRET: is required', 'OIDC_CLIENT_ID: is required']));
+    expect(parseConfig({ ...valid, OIDC_SCOPES: '' }).oidc.scopes).toBe('openid profile email offline_access');
+  });
+
   it('names malformed values without echoing secrets', () => {
     const problems = problemsOf({ ...valid, SESSION_SECRET: 'too-short-secret', BFF_APIS: '{not json', OIDC_SCOPES: 'profile' });
     expect(problems).toContain('SESSION_SECRET: every comma-separated entry must be at least 32 characters');

@@ -1,0 +1,54 @@
+import { exportJWK, generateKeyPair } from 'jose';
+import { afterAll, describe, expect, it } from 'vitest';
+import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { call, login } from '../support/http-client.ts';
+
+/**
+ * The three client authentication methods against the real IdP: each stack's IdP knows the client
+ * only with that method, so a login, a refresh and a logout can only succeed if Gatehouse
+ * authenticates exactly that way.
+ */
+
+const stacks: Stack[] = [];
+afterAll(async () => {
+  await Promise.all(stacks.map((stack) => stack.stop()));
+});
+
+async function exercise(stack: Stack, user: string): Promise<void> {
+  const app = stack.apps[0]!.url;
+  const cookie = await login(app, user);
+  expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  // The token is due at once (skew ≥ its lifetime), so this call refreshes: the refresh grant authenticates too.
+  const before = (await (await fetch(`${stack.issuer}/__dev/grants`)).json()) as { byAccount: Record<string, Record<string, number>> };
+  expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  const after = (await (await fetch(`${stack.issuer}/__dev/grants`)).json()) as { byAccount: Record<string, Record<string, number>> };
+  expect((after.byAccount[user]?.refresh_token ?? 0) - (before.byAccount[user]?.refresh_token ?? 0)).toBe(1);
+}
+
+describe('client authentication', () => {
+  it('client_secret_post', async () => {
+    const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { TOKEN_REFRESH_SKEW: '120' } });
+    stacks.push(stack);
+    // The dev IdP registers `<id>-post` for client_secret_post only.
+    await stack.apps[0]!.process.stop();
+    stack.apps[0]!.process = await startProcess('gatehouse-post', ['server.ts'], { ...stack.apps[0]!.env, GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post', TOKEN_REFRESH_SKEW: '120' }, /Gatehouse listening/);
+    await exercise(stack, 'post-user');
+  });
+
+  it('private_key_jwt, with no shared secret configured at all', async () => {
+    const { publicKey, privateKey } = await generateKeyPair('ES256', { extractable: true });
+    const publicJwk = { ...(await exportJWK(publicKey)), alg: 'ES256', use: 'sig', kid: 'gatehouse-test' };
+    const privateJwk = { ...(await exportJWK(privateKey)), alg: 'ES256', kid: 'gatehouse-test' };
+    const stack = await startStack({ workers: 1, accessTokenTtl: 60, idpEnv: { IDP_PKJWT_PUBLIC_JWK: JSON.stringify(publicJwk) } });
+    stacks.push(stack);
+    await stack.apps[0]!.process.stop();
+    const { OIDC_CLIENT_SECRET: _secret, ...envWithoutSecret } = stack.apps[0]!.env;
+    stack.apps[0]!.process = await startProcess(
+      'gatehouse-pkjwt',
+      ['server.ts'],
+      { ...envWithoutSecret, GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-pkjwt`, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(privateJwk), TOKEN_REFRESH_SKEW: '120' },
+      /Gatehouse listening/,
+    );
+    await exercise(stack, 'pkjwt-user');
+  });
+});
