@@ -16,25 +16,29 @@ if (process.env.NODE_ENV === 'production') {
 }
 
 const root = path.resolve(import.meta.dirname, '..');
-const appPort = Number(process.env.PORT ?? 3000);
-const appBaseUrl = process.env.APP_BASE_URL ?? `http://localhost:${appPort}`;
+const appPort = Number(process.env.PORT || 3000);
+const appBaseUrl = process.env.APP_BASE_URL || `http://localhost:${appPort}`;
+// Empty variables count as unset, as they do for Gatehouse itself.
 const usesOwnIdp = !process.env.OIDC_ISSUER;
 
-const idp = usesOwnIdp ? await startDevIdp({ port: DEV_IDP_DEFAULTS.port, appBaseUrl }) : undefined;
-const issuer = process.env.OIDC_ISSUER ?? (idp as { issuer: string }).issuer;
-const demoApi = process.env.BFF_APIS ? undefined : await startDemoApi({ port: 4001, issuer });
+const demoApiPort = Number(process.env.DEMO_API_PORT || 4001);
+// The IdP mints access tokens whose audience is the demo API's own URL, which the API checks.
+const apiAudiences = [`http://localhost:${demoApiPort}`];
+const idp = usesOwnIdp ? await startDevIdp({ port: Number(process.env.IDP_PORT || DEV_IDP_DEFAULTS.port), appBaseUrl, apiAudiences }) : undefined;
+const issuer = process.env.OIDC_ISSUER || (idp as { issuer: string }).issuer;
+const demoApi = process.env.BFF_APIS ? undefined : await startDemoApi({ port: demoApiPort, issuer });
 
 const env: NodeJS.ProcessEnv = {
   ...process.env,
   APP_BASE_URL: appBaseUrl,
   OIDC_ISSUER: issuer,
-  OIDC_CLIENT_ID: process.env.OIDC_CLIENT_ID ?? DEV_IDP_DEFAULTS.clientId,
-  OIDC_CLIENT_SECRET: process.env.OIDC_CLIENT_SECRET ?? DEV_IDP_DEFAULTS.clientSecret,
-  OIDC_SCOPES: process.env.OIDC_SCOPES ?? 'openid profile email offline_access api:read api:write',
+  OIDC_CLIENT_ID: process.env.OIDC_CLIENT_ID || DEV_IDP_DEFAULTS.clientId,
+  OIDC_CLIENT_SECRET: process.env.OIDC_CLIENT_SECRET || DEV_IDP_DEFAULTS.clientSecret,
+  OIDC_SCOPES: process.env.OIDC_SCOPES || 'openid profile email offline_access api:read api:write',
   // A fresh secret per run: the in-memory sessions do not survive a restart anyway.
-  SESSION_SECRET: process.env.SESSION_SECRET ?? randomBytes(32).toString('base64url'),
+  SESSION_SECRET: process.env.SESSION_SECRET || randomBytes(32).toString('base64url'),
   BFF_APIS:
-    process.env.BFF_APIS ??
+    process.env.BFF_APIS ||
     JSON.stringify({ demo: { url: demoApi?.url }, public: { url: `${demoApi?.url}/public`, auth: 'user-optional' } }),
 };
 
