@@ -2,7 +2,9 @@
 // fetch. mod_auth_openidc answers 401 instead of redirecting to the IdP when a request does not
 // look like a top-level navigation, and fetch always sends `Sec-Fetch-Mode: cors`; node:http sends
 // only the headers given here (Sec-Fetch-Mode: navigate, like a browser following a link).
+// Only the transport differs: cookie jars and form parsing are headless-login's own.
 import http from 'node:http';
+import { jarFor, parseForm, storeCookies, type CookieJars } from '../e2e/support/headless-login.ts';
 
 type Jar = Map<string, string>;
 
@@ -43,65 +45,21 @@ function request(url: URL, jar: Jar, form?: URLSearchParams): Promise<Answer> {
   });
 }
 
-function store(jar: Jar, setCookies: string[]): void {
-  for (const line of setCookies) {
-    const [pair = '', ...attributes] = line.split(';');
-    const eq = pair.indexOf('=');
-    if (eq <= 0) continue;
-    const name = pair.slice(0, eq).trim();
-    const value = pair.slice(eq + 1).trim();
-    const expired = attributes.some((attr) => {
-      const [key = '', val = ''] = attr.split('=').map((part) => part.trim());
-      if (/^max-age$/i.test(key)) return Number(val) <= 0;
-      return /^expires$/i.test(key) && Date.parse(val) <= Date.now();
-    });
-    if (expired || value === '') jar.delete(name);
-    else jar.set(name, value);
-  }
-}
-
-function decode(text: string): string {
-  return text.replace(/&(amp|lt|gt|quot|#39|#x27);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', '#39': "'", '#x27': "'" })[e] ?? '');
-}
-
-function attributes(tag: string): Record<string, string> {
-  const found: Record<string, string> = {};
-  for (const [, name = '', value = ''] of tag.matchAll(/([\w-]+)\s*=\s*"([^"]*)"/g)) found[name.toLowerCase()] = decode(value);
-  return found;
-}
-
-function parseForm(html: string, pageUrl: URL): { action: URL; fields: Record<string, string> } | undefined {
-  const formMatch = /<form\b[^>]*>([\s\S]*?)<\/form>/i.exec(html);
-  if (!formMatch) return undefined;
-  const formTag = /<form\b[^>]*>/i.exec(formMatch[0])?.[0] ?? '';
-  const fields: Record<string, string> = {};
-  for (const [input] of (formMatch[1] ?? '').matchAll(/<input\b[^>]*>/gi)) {
-    const { name, value } = attributes(input);
-    if (name) fields[name] = value ?? '';
-  }
-  return { action: new URL(attributes(formTag).action ?? pageUrl.href, pageUrl), fields };
-}
-
 /**
  * Logs into a relying party from `startUrl` (its login URL or any protected URL) through the dev
  * IdP's login form, up to and including the RP's callback. Returns the RP's cookies as a header value.
  */
 export async function benchLogin(startUrl: string, username: string): Promise<{ cookieHeader: string; cookies: Jar; loggedInAt: number }> {
   const start = new URL(startUrl);
-  const jars = new Map<string, Jar>();
-  const jarFor = (origin: string) => {
-    let jar = jars.get(origin);
-    if (!jar) jars.set(origin, (jar = new Map()));
-    return jar;
-  };
+  const jars: CookieJars = new Map();
   let url = start;
   let form: URLSearchParams | undefined;
   let leftRp = false;
   for (let step = 0; step < 25; step += 1) {
-    const jar = jarFor(url.origin);
+    const jar = jarFor(jars, url.origin);
     const res = await request(url, jar, form);
     form = undefined;
-    store(jar, res.setCookies);
+    storeCookies(jar, res.setCookies);
     if (url.origin !== start.origin) leftRp = true;
     if (res.status >= 300 && res.status < 400) {
       if (!res.location) throw new Error(`${res.status} without Location at ${url.href}`);
@@ -127,7 +85,7 @@ export async function benchLogin(startUrl: string, username: string): Promise<{ 
   throw new Error(`login at ${startUrl} did not finish`);
 
   function done() {
-    const cookies = jarFor(start.origin);
+    const cookies = jarFor(jars, start.origin);
     return { cookieHeader: [...cookies].map(([name, value]) => `${name}=${value}`).join('; '), cookies, loggedInAt: Date.now() };
   }
 }

@@ -18,13 +18,13 @@ interface HtmlForm {
   fields: Record<string, string>;
 }
 
-function jarFor(jars: CookieJars, origin: string): Map<string, string> {
+export function jarFor(jars: CookieJars, origin: string): Map<string, string> {
   let jar = jars.get(origin);
   if (!jar) jars.set(origin, (jar = new Map()));
   return jar;
 }
 
-function storeCookies(jar: Map<string, string>, setCookies: string[]): void {
+export function storeCookies(jar: Map<string, string>, setCookies: string[]): void {
   for (const line of setCookies) {
     const [pair = '', ...attributes] = line.split(';');
     const eq = pair.indexOf('=');
@@ -66,7 +66,7 @@ function attributes(tag: string): Record<string, string> {
   return found;
 }
 
-function parseForm(html: string, pageUrl: URL): HtmlForm | undefined {
+export function parseForm(html: string, pageUrl: URL): HtmlForm | undefined {
   const formMatch = /<form\b[^>]*>([\s\S]*?)<\/form>/i.exec(html);
   if (!formMatch) return undefined;
   const formTag = /<form\b[^>]*>/i.exec(formMatch[0])?.[0] ?? '';

@@ -6,10 +6,10 @@
 //
 // Two complete stacks (each its own dev IdP and demo API) because an IdP only knows the app URLs it
 // was started with; the upstream views are compared after normalising ports and per-stack tokens.
-import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
+import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
 
 const USER = 'adapter-user';
 
@@ -24,83 +24,9 @@ interface Target {
 let fast: Target;
 let next: Target;
 
-interface RawResponse {
-  status: number;
-  headers: Array<[string, string]>;
-  body: string;
-  get(name: string): string | undefined;
-  all(name: string): string[];
-}
-
-/** One request written byte for byte; one HTTP/1.1 answer parsed (`null`: closed without one). */
-function raw(port: number, request: string, timeoutMs = 10_000): Promise<RawResponse | null> {
-  return new Promise((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1');
-    let buffer = Buffer.alloc(0);
-    let done = false;
-    const finish = (result: RawResponse | null, error?: Error) => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      socket.destroy();
-      if (error) reject(error);
-      else resolve(result);
-    };
-    const timer = setTimeout(() => finish(null, new Error(`no complete answer within ${timeoutMs} ms:\n${buffer.toString('latin1').slice(0, 500)}`)), timeoutMs);
-    const tryParse = (ended: boolean) => {
-      const headEnd = buffer.indexOf('\r\n\r\n');
-      if (headEnd === -1) {
-        if (ended) finish(null);
-        return;
-      }
-      const [statusLine = '', ...lines] = buffer.subarray(0, headEnd).toString('latin1').split('\r\n');
-      const status = Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine)?.[1]);
-      const headers: Array<[string, string]> = lines.map((line) => {
-        const colon = line.indexOf(':');
-        return [line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()];
-      });
-      const get = (name: string) => headers.find(([key]) => key === name)?.[1];
-      let rest = buffer.subarray(headEnd + 4);
-      let body: Buffer | undefined;
-      const length = get('content-length');
-      if (length !== undefined) {
-        if (rest.length >= Number(length)) body = rest.subarray(0, Number(length));
-      } else if (/chunked/i.test(get('transfer-encoding') ?? '')) {
-        const parts: Buffer[] = [];
-        for (;;) {
-          const lineEnd = rest.indexOf('\r\n');
-          if (lineEnd === -1) break;
-          const size = Number.parseInt(rest.subarray(0, lineEnd).toString('latin1'), 16);
-          if (size === 0) {
-            body = Buffer.concat(parts);
-            break;
-          }
-          if (rest.length < lineEnd + 2 + size + 2) break;
-          parts.push(rest.subarray(lineEnd + 2, lineEnd + 2 + size));
-          rest = rest.subarray(lineEnd + 2 + size + 2);
-        }
-      } else if (ended || status === 204 || status === 304) body = rest;
-      if (body === undefined) {
-        if (ended) finish(null, new Error(`connection closed mid-answer:\n${buffer.toString('latin1').slice(0, 500)}`));
-        return;
-      }
-      finish({ status, headers, body: body.toString('utf8'), get, all: (name) => headers.filter(([key]) => key === name).map(([, value]) => value) });
-    };
-    socket.on('data', (chunk: Buffer) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      tryParse(false);
-    });
-    socket.on('end', () => tryParse(true));
-    socket.on('close', () => tryParse(true));
-    socket.on('error', () => tryParse(true));
-    socket.write(request);
-  });
-}
-
-/** A request head for `target` with CRLF line ends: Host first, `Connection: close` last. */
+/** A request head for `target` with CRLF line ends: Host first, `Connection: close` last (also when `headers` has one). */
 function head(target: Target, method: string, path: string, headers: Array<[string, string]>, body = ''): string {
-  const all: Array<[string, string]> = [['Host', target.host], ...headers, ['Connection', 'close']];
-  return `${method} ${path} HTTP/1.1\r\n${all.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n${body}`;
+  return requestHead(method, path, [['Host', target.host], ...headers, ['Connection', 'close']], body);
 }
 
 async function demoStats(target: Target): Promise<{ requests: number; aborted: number }> {
@@ -144,7 +70,7 @@ async function both(build: (target: Target) => string): Promise<{ fast: View; ne
   const result = { reachedUpstream: { fast: 0, next: 0 } } as { fast: View; next: View; reachedUpstream: { fast: number; next: number } };
   for (const target of [fast, next]) {
     const before = await demoStats(target);
-    result[target.name] = viewOf(await raw(target.port, build(target)));
+    result[target.name] = viewOf(await rawRequest(target.port, build(target)));
     result.reachedUpstream[target.name] = (await demoStats(target)).requests - before.requests;
   }
   return result;
@@ -285,7 +211,7 @@ describe('hostile requests: identical answers from both adapters, nothing forwar
     expect(result.reachedUpstream.fast).toBe(0);
     const normalised = new URL(path, 'http://x.invalid').pathname;
     const before = await demoStats(next);
-    const direct = viewOf(await raw(next.port, head(next, 'GET', normalised, csrf(next))));
+    const direct = viewOf(await rawRequest(next.port, head(next, 'GET', normalised, csrf(next))));
     const reachedDirect = (await demoStats(next)).requests - before.requests;
     expect(withoutRequestIds(result.next)).toEqual(withoutRequestIds(direct));
     expect(result.reachedUpstream.next).toBe(reachedDirect);
@@ -303,7 +229,7 @@ describe('hostile requests: identical answers from both adapters, nothing forwar
     const result = await both((t) => head(t, 'GET', path, csrf(t)));
     expect(result.fast).toMatchObject({ status: 400, body: { error: 'invalid_path' } });
     expect(result.reachedUpstream).toEqual({ fast: 0, next: 0 });
-    const nextRes = await raw(next.port, head(next, 'GET', path, csrf(next)));
+    const nextRes = await rawRequest(next.port, head(next, 'GET', path, csrf(next)));
     expect(nextRes?.status).toBe(308);
     const location = nextRes?.get('location') ?? '';
     expect(location.startsWith('/') && !location.startsWith('//') && !location.includes('\\')).toBe(true);
@@ -353,8 +279,8 @@ describe('ordinary requests: the upstream sees the same request from both adapte
         ['X-Hop', 'dropped'],
         ['Authorization', 'Bearer attacker'],
       ]);
-    const fastView = normalise(fast, await raw(fast.port, request(fast)));
-    const nextView = normalise(next, await raw(next.port, request(next)));
+    const fastView = normalise(fast, await rawRequest(fast.port, request(fast)));
+    const nextView = normalise(next, await rawRequest(next.port, request(next)));
     expect(fastView.status).toBe(200);
     expect(fastView.echo).toMatchObject({ sub: USER, method: 'GET', path: '/echo/items/42', query: { q: 'a b', x: '1' }, body: null });
     expect(fastView.echo.headers['x-hop']).toBeUndefined();
@@ -365,8 +291,8 @@ describe('ordinary requests: the upstream sees the same request from both adapte
     const body = JSON.stringify({ name: 'Ada', list: [1, 2, 3] });
     const request = (t: Target) =>
       head(t, 'POST', '/api/proxy/demo/echo/items', [...csrf(t), ['Content-Type', 'application/json'], ['Content-Length', String(Buffer.byteLength(body))], ['X-Custom', 'v']], body);
-    const fastView = normalise(fast, await raw(fast.port, request(fast)));
-    const nextView = normalise(next, await raw(next.port, request(next)));
+    const fastView = normalise(fast, await rawRequest(fast.port, request(fast)));
+    const nextView = normalise(next, await rawRequest(next.port, request(next)));
     expect(fastView.status).toBe(200);
     expect(fastView.echo).toMatchObject({ sub: USER, method: 'POST', path: '/echo/items', body: { name: 'Ada', list: [1, 2, 3] } });
     expect(nextView).toEqual(fastView);

@@ -5,10 +5,11 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
-import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
+import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
+import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
 
 const USER = 'proxy-user';
 const MiB = 1024 * 1024;
@@ -24,18 +25,6 @@ let cookie: string;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-async function waitFor<T>(what: string, probe: () => Promise<T | undefined> | T | undefined, timeoutMs = 5_000, intervalMs = 25): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(intervalMs);
-  }
-}
 
 interface DemoRecord {
   method: string;
@@ -68,91 +57,15 @@ async function json<T = Record<string, unknown>>(res: Response): Promise<T> {
   return (await res.json()) as T;
 }
 
-interface RawResponse {
-  status: number;
-  /** In wire order, names lower-cased. */
-  headers: Array<[string, string]>;
-  body: string;
-  get(name: string): string | undefined;
-  all(name: string): string[];
-}
-
-/**
- * Writes `request` byte for byte to the app's port and parses one HTTP/1.1 answer. Resolves
- * `null` when the server closes the connection without answering at all.
- */
-function raw(request: string | Buffer, { port = appPort, timeoutMs = 10_000 } = {}): Promise<RawResponse | null> {
-  return new Promise((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1');
-    let buffer = Buffer.alloc(0);
-    let done = false;
-    const finish = (result: RawResponse | null, error?: Error) => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      socket.destroy();
-      if (error) reject(error);
-      else resolve(result);
-    };
-    const timer = setTimeout(() => finish(null, new Error(`raw request got no complete answer within ${timeoutMs} ms:\n${buffer.toString('latin1').slice(0, 500)}`)), timeoutMs);
-    const tryParse = (ended: boolean) => {
-      const headEnd = buffer.indexOf('\r\n\r\n');
-      if (headEnd === -1) {
-        if (ended) finish(null);
-        return;
-      }
-      const [statusLine = '', ...lines] = buffer.subarray(0, headEnd).toString('latin1').split('\r\n');
-      const status = Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine)?.[1]);
-      const headers: Array<[string, string]> = lines.map((line) => {
-        const colon = line.indexOf(':');
-        return [line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()];
-      });
-      const get = (name: string) => headers.find(([key]) => key === name)?.[1];
-      let rest = buffer.subarray(headEnd + 4);
-      let body: Buffer | undefined;
-      const length = get('content-length');
-      if (length !== undefined) {
-        if (rest.length >= Number(length)) body = rest.subarray(0, Number(length));
-      } else if (/chunked/i.test(get('transfer-encoding') ?? '')) {
-        const parts: Buffer[] = [];
-        for (;;) {
-          const lineEnd = rest.indexOf('\r\n');
-          if (lineEnd === -1) break;
-          const size = Number.parseInt(rest.subarray(0, lineEnd).toString('latin1'), 16);
-          if (size === 0) {
-            body = Buffer.concat(parts);
-            break;
-          }
-          if (rest.length < lineEnd + 2 + size + 2) break;
-          parts.push(rest.subarray(lineEnd + 2, lineEnd + 2 + size));
-          rest = rest.subarray(lineEnd + 2 + size + 2);
-        }
-      } else if (ended || status === 304 || status === 204) body = rest;
-      if (body === undefined) {
-        if (ended) finish(null, new Error(`connection closed mid-answer:\n${buffer.toString('latin1').slice(0, 500)}`));
-        return;
-      }
-      const text = body.toString('utf8');
-      finish({ status, headers, body: text, get, all: (name) => headers.filter(([key]) => key === name).map(([, value]) => value) });
-    };
-    socket.on('data', (chunk: Buffer) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      tryParse(false);
-    });
-    socket.on('end', () => tryParse(true));
-    socket.on('close', () => tryParse(true));
-    // A reset after a rejected request is an answer too ("closed without answering").
-    socket.on('error', () => tryParse(true));
-    socket.write(request);
-  });
-}
+/** Every raw request here goes to the one Gatehouse instance under test. */
+const raw = (request: string | Buffer) => rawRequest(appPort, request);
 
 /** A request head with CRLF line ends; `Host` and `Connection: close` unless given. */
 function head(method: string, target: string, headers: Array<[string, string]>): string {
   const all: Array<[string, string]> = [...headers];
   if (!all.some(([name]) => name.toLowerCase() === 'host')) all.unshift(['Host', appHost]);
   if (!all.some(([name]) => name.toLowerCase() === 'connection')) all.push(['Connection', 'close']);
-  return `${method} ${target} HTTP/1.1\r\n${all.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`;
+  return requestHead(method, target, all);
 }
 
 const withSession = (): Array<[string, string]> => [
@@ -163,21 +76,6 @@ const withSession = (): Array<[string, string]> => [
 function bodyJson(res: RawResponse | null): Record<string, unknown> {
   if (!res) throw new Error('no answer');
   return JSON.parse(res.body) as Record<string, unknown>;
-}
-
-/** Every pid of a process tree (a cluster primary and its workers), read from /proc. */
-function processTree(pid: number): number[] {
-  const pids = [pid];
-  for (let i = 0; i < pids.length; i++) {
-    const current = pids[i] as number;
-    try {
-      const children = readFileSync(`/proc/${current}/task/${current}/children`, 'utf8');
-      for (const child of children.trim().split(/\s+/).filter(Boolean)) pids.push(Number(child));
-    } catch {
-      // gone already
-    }
-  }
-  return pids;
 }
 
 function treeRss(pid: number): number {
@@ -230,11 +128,6 @@ function generatedBody(total: number, chunkSize = 64 * 1024): ReadableStream<Uin
       controller.enqueue(size === chunkSize ? chunk.slice() : chunk.slice(0, size));
     },
   });
-}
-
-async function idpGrants(): Promise<{ success: Record<string, number>; error: Record<string, number> }> {
-  const res = await fetch(`${stack.issuer}/__dev/grants`);
-  return json(res);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,14 +249,14 @@ describe('streaming', () => {
       (error: unknown) => (error instanceof Error ? error.name : 'error'),
     );
     // Abort once the call is known to be waiting at the upstream (and at least ~300 ms in).
-    await waitFor('the slow call to reach the demo API', async () => ((await demoStats()).requests > before.requests ? true : undefined));
-    await waitFor('300 ms to pass', () => (Date.now() - started >= 300 ? true : undefined));
+    await waitFor('the slow call to reach the demo API', async () => ((await demoStats()).requests > before.requests ? true : undefined), 5_000, 25);
+    await waitFor('300 ms to pass', () => (Date.now() - started >= 300 ? true : undefined), 5_000, 25);
     controller.abort();
     expect(await pending).toBe('AbortError');
     const after = await waitFor('the demo API to see the abort', async () => {
       const stats = await demoStats();
       return stats.aborted > before.aborted ? stats : undefined;
-    }, 3_000);
+    }, 3_000, 25);
     expect(after.aborted).toBe(before.aborted + 1);
     // Well before the upstream would have answered on its own.
     expect(Date.now() - started).toBeLessThan(4_000);
@@ -393,7 +286,7 @@ describe('credentials per API', () => {
   });
 
   it('client: the BFF’s own client-credentials token, fetched once for many calls', async () => {
-    const before = (await idpGrants()).success.client_credentials ?? 0;
+    const before = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
     // Ten at once (single flight), then ten one after another (cache), with and without a session.
     const burst = await Promise.all(Array.from({ length: 10 }, (_, i) => proxyFetch('/api/proxy/client/whoami', { anonymous: i % 2 === 0 })));
     const bodies = await Promise.all(burst.map((res) => json<{ sub?: string; aud?: unknown }>(res)));
@@ -408,7 +301,7 @@ describe('credentials per API', () => {
       expect(body.sub).toBe(CLIENT_ID);
       expect(body.aud).toBe(stack.apiUrl);
     }
-    const after = (await idpGrants()).success.client_credentials ?? 0;
+    const after = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
     expect(after - before).toBe(1);
   });
 });
@@ -432,7 +325,7 @@ describe('failures', () => {
     expect(await json(res)).toMatchObject({ error: 'upstream_timeout' });
     expect(elapsed).toBeGreaterThanOrEqual(450);
     expect(elapsed).toBeLessThan(2_000);
-    await waitFor('the demo API to see the timed-out call go away', async () => ((await demoStats()).aborted > before.aborted ? true : undefined), 3_000);
+    await waitFor('the demo API to see the timed-out call go away', async () => ((await demoStats()).aborted > before.aborted ? true : undefined), 3_000, 25);
   });
 
   it('Content-Length over maxBodyBytes → 413 before anything reaches the upstream', async () => {

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
+import { idpGrants } from '../support/http-client.ts';
 
 /**
  * Per-API audiences (RFC 8707) and the BFF's own client-credentials tokens, against the real
@@ -10,15 +11,6 @@ import { startStack, type Stack } from '../../e2e/support/stack.ts';
 let stack: Stack;
 let app: string;
 let reportsUrl: string;
-
-interface Grants {
-  success: Record<string, number>;
-  byAccount: Record<string, Record<string, number>>;
-}
-
-async function grants(): Promise<Grants> {
-  return (await (await fetch(`${stack.issuer}/__dev/grants`)).json()) as Grants;
-}
 
 beforeAll(async () => {
   stack = await startStack({
@@ -47,12 +39,12 @@ describe('per-API tokens', () => {
       return { status: response.status, body: (await response.json()) as { aud?: string; sub?: string } };
     };
 
-    const before = await grants();
+    const before = await idpGrants(stack.issuer);
     expect(await call('demo/whoami')).toMatchObject({ status: 200, body: { aud: stack.apiUrl, sub: 'audience-user' } });
     for (let i = 0; i < 5; i++) {
       expect(await call('reports/whoami')).toMatchObject({ status: 200, body: { aud: reportsUrl, sub: 'audience-user' } });
     }
-    const after = await grants();
+    const after = await idpGrants(stack.issuer);
     const refreshes = (after.byAccount['audience-user']?.refresh_token ?? 0) - (before.byAccount['audience-user']?.refresh_token ?? 0);
     expect(refreshes).toBe(1);
     // The grant rotated the refresh token; the session kept the new one and every token still works.
@@ -61,7 +53,7 @@ describe('per-API tokens', () => {
   });
 
   it('gives "client" APIs the BFF\'s own token, fetched once and reused', async () => {
-    const before = (await grants()).success.client_credentials ?? 0;
+    const before = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
     for (let i = 0; i < 10; i++) {
       const response = await fetch(`${app}/api/proxy/backoffice/whoami`, { headers: { 'x-csrf': '1' } });
       expect(response.status).toBe(200);
@@ -71,6 +63,6 @@ describe('per-API tokens', () => {
       // oidc-provider names the client itself as the subject of a client-credentials token.
       expect(body.sub).toBe(stack.clientId);
     }
-    expect(((await grants()).success.client_credentials ?? 0) - before).toBe(1);
+    expect(((await idpGrants(stack.issuer)).success.client_credentials ?? 0) - before).toBe(1);
   });
 });

@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { Redis } from 'ioredis';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
+import type { GrantCounters } from '../../scripts/dev-idp.ts';
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 
@@ -49,14 +50,6 @@ export async function login(appUrl: string, username: string): Promise<string> {
 /** True when a Set-Cookie line clears the Gatehouse session cookie. */
 export function clearsSessionCookie(setCookies: string[]): boolean {
   return setCookies.some((line) => /^gatehouse=;/.test(line) && /max-age=0/i.test(line));
-}
-
-export interface GrantCounters {
-  success: Record<string, number>;
-  error: Record<string, number>;
-  errorCodes: Record<string, number>;
-  byAccount: Record<string, Record<string, number>>;
-  bySid: Record<string, Record<string, number>>;
 }
 
 export async function idpGrants(issuer: string): Promise<GrantCounters> {

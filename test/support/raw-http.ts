@@ -1,0 +1,89 @@
+// A raw-socket HTTP/1.1 client for tests whose point is the exact bytes on the wire: duplicate
+// headers, CR/LF in values, `..` segments and oversized heads that fetch would normalise or refuse.
+import { connect } from 'node:net';
+
+export interface RawResponse {
+  status: number;
+  /** In wire order, names lower-cased. */
+  headers: Array<[string, string]>;
+  body: string;
+  get(name: string): string | undefined;
+  all(name: string): string[];
+}
+
+/**
+ * Writes `request` byte for byte to 127.0.0.1:`port` and parses one HTTP/1.1 answer. Resolves
+ * `null` when the server closes the connection without answering at all.
+ */
+export function rawRequest(port: number, request: string | Buffer, timeoutMs = 10_000): Promise<RawResponse | null> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1');
+    let buffer = Buffer.alloc(0);
+    let done = false;
+    const finish = (result: RawResponse | null, error?: Error) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      socket.destroy();
+      if (error) reject(error);
+      else resolve(result);
+    };
+    const timer = setTimeout(() => finish(null, new Error(`raw request got no complete answer within ${timeoutMs} ms:\n${buffer.toString('latin1').slice(0, 500)}`)), timeoutMs);
+    const tryParse = (ended: boolean) => {
+      const headEnd = buffer.indexOf('\r\n\r\n');
+      if (headEnd === -1) {
+        if (ended) finish(null);
+        return;
+      }
+      const [statusLine = '', ...lines] = buffer.subarray(0, headEnd).toString('latin1').split('\r\n');
+      const status = Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine)?.[1]);
+      const headers: Array<[string, string]> = lines.map((line) => {
+        const colon = line.indexOf(':');
+        return [line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()];
+      });
+      const get = (name: string) => headers.find(([key]) => key === name)?.[1];
+      let rest = buffer.subarray(headEnd + 4);
+      let body: Buffer | undefined;
+      const length = get('content-length');
+      if (length !== undefined) {
+        if (rest.length >= Number(length)) body = rest.subarray(0, Number(length));
+      } else if (/chunked/i.test(get('transfer-encoding') ?? '')) {
+        const parts: Buffer[] = [];
+        for (;;) {
+          const lineEnd = rest.indexOf('\r\n');
+          if (lineEnd === -1) break;
+          const size = Number.parseInt(rest.subarray(0, lineEnd).toString('latin1'), 16);
+          if (size === 0) {
+            body = Buffer.concat(parts);
+            break;
+          }
+          if (rest.length < lineEnd + 2 + size + 2) break;
+          parts.push(rest.subarray(lineEnd + 2, lineEnd + 2 + size));
+          rest = rest.subarray(lineEnd + 2 + size + 2);
+        }
+      } else if (ended || status === 204 || status === 304) body = rest;
+      if (body === undefined) {
+        if (ended) finish(null, new Error(`connection closed mid-answer:\n${buffer.toString('latin1').slice(0, 500)}`));
+        return;
+      }
+      finish({ status, headers, body: body.toString('utf8'), get, all: (name) => headers.filter(([key]) => key === name).map(([, value]) => value) });
+    };
+    socket.on('data', (chunk: Buffer) => {
+      buffer = Buffer.concat([buffer, chunk]);
+      tryParse(false);
+    });
+    socket.on('end', () => tryParse(true));
+    socket.on('close', () => tryParse(true));
+    // A reset after a rejected request is an answer too ("closed without answering").
+    socket.on('error', () => tryParse(true));
+    socket.write(request);
+  });
+}
+
+/**
+ * A request head with CRLF line ends and exactly the given headers in the given order (no Host or
+ * Connection added: callers decide, since some tests send those on purpose), followed by `body`.
+ */
+export function requestHead(method: string, target: string, headers: Array<[string, string]>, body = ''): string {
+  return `${method} ${target} HTTP/1.1\r\n${headers.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n${body}`;
+}
