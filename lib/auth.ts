@@ -17,13 +17,14 @@ import {
   sessionCookieHeader,
   sessionExpiresAt,
   sessionFromCookieHeader,
+  sessionHandle,
+  shortDigest,
   touchSession,
   transactionCookieHeader,
   userClaims,
   type Session,
 } from './session.ts';
-import { createHash } from 'node:crypto';
-import { sessionHash } from './tokens.ts';
+import { timingSafeEqual } from 'node:crypto';
 
 /**
  * The auth endpoints, as functions from a Web Request to a Web Response, so route handlers stay
@@ -127,7 +128,7 @@ export async function finishLogin(request: Request): Promise<Response> {
     accessTokenExpiresAt: tokens.accessTokenExpiresAt,
     userAgent: request.headers.get('user-agent') ?? undefined,
   });
-  log('info', 'auth.login', { session: sessionHash(session.id), refreshToken: Boolean(tokens.refreshToken) });
+  log('info', 'auth.login', { session: sessionHandle(session.id), refreshToken: Boolean(tokens.refreshToken) });
   return redirect(new URL(transaction.returnTo, getConfig().appBaseUrl).href, [await sessionCookieHeader(session.id), clearTransaction]);
 }
 
@@ -149,10 +150,9 @@ export async function describeSession(request: Request): Promise<Response> {
 // --- logout ------------------------------------------------------------------------------------
 
 function constantTimeEqual(a: string, b: string): boolean {
-  if (a.length !== b.length) return false;
-  let difference = 0;
-  for (let i = 0; i < a.length; i++) difference |= a.charCodeAt(i) ^ b.charCodeAt(i);
-  return difference === 0;
+  const left = Buffer.from(a);
+  const right = Buffer.from(b);
+  return left.length === right.length && timingSafeEqual(left, right);
 }
 
 /** Ends the session here and at the IdP's token layer; returns where the browser should go next. */
@@ -160,7 +160,7 @@ async function endSession(session: Session): Promise<string> {
   await destroySession(session.id, session.record);
   const { refreshToken, idToken } = session.secrets;
   const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
-  log('info', 'auth.logout', { session: sessionHash(session.id), revoked });
+  log('info', 'auth.logout', { session: sessionHandle(session.id), revoked });
   const endSessionUrl = await oidc.buildEndSessionUrl(idToken);
   return endSessionUrl?.href ?? '/';
 }
@@ -278,14 +278,14 @@ export async function endOtherSessions(request: Request): Promise<Response> {
       ended++;
     }
   }
-  log('info', 'auth.sessions_ended', { session: sessionHash(current.id), ended });
+  log('info', 'auth.sessions_ended', { session: sessionHandle(current.id), ended });
   return jsonResponse(200, { ended });
 }
 
 // --- back-channel logout -----------------------------------------------------------------------
 
 function logoutTokenReplayKey(jti: string): string {
-  return `${getConfig().keyPrefix}logout-jti:{${createHash('sha256').update(jti).digest('base64url').slice(0, 22)}}`;
+  return `${getConfig().keyPrefix}logout-jti:{${shortDigest(jti)}}`;
 }
 
 /** OIDC Back-Channel Logout: the IdP tells us a user signed out there; end the matching sessions. */

@@ -3,7 +3,7 @@ import https from 'node:https';
 import { Transform, type Readable } from 'node:stream';
 import { getConfig, type ApiConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errors } from './errors.ts';
-import { PROXY_METHODS, checkCsrf, requestIdFrom } from './http.ts';
+import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
@@ -44,14 +44,8 @@ const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', '
 const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2']);
 
 export function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
-  const headers: Array<[string, string]> = [
-    ['content-type', 'application/json; charset=utf-8'],
-    ['cache-control', 'no-store'],
-    ['x-content-type-options', 'nosniff'],
-    // Tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
-    ['x-gatehouse-error', error.code],
-    ...extraHeaders,
-  ];
+  // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
+  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ['x-gatehouse-error', error.code], ...extraHeaders];
   if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
   return { status: error.status, headers, body: errorBody(error) };
 }

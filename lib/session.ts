@@ -61,24 +61,25 @@ export function refreshLockKey(id: string): string {
   return `${getConfig().keyPrefix}refresh-lock:{${id}}`;
 }
 
-/** Short, one-way: what logs and the sessions list may show instead of a session id. */
-export function sessionHandle(id: string): string {
-  return createHash('sha256').update(id).digest('base64url').slice(0, 16);
+/** A short one-way digest (SHA-256, base64url): safe to show or to use inside a key. */
+export function shortDigest(value: string, length = 22): string {
+  return createHash('sha256').update(value).digest('base64url').slice(0, length);
 }
 
-// Index keys hash what they are about: `sub`/`sid` are IdP-chosen strings that could contain braces.
-function indexHash(value: string): string {
-  return createHash('sha256').update(value).digest('base64url').slice(0, 22);
+/** What logs and the sessions list show instead of a session id. */
+export function sessionHandle(id: string): string {
+  return shortDigest(id, 16);
 }
 
 /** A user's live sessions (sorted set scored by each session's expiry): "sign out everywhere". */
 export function userSessionsKey(sub: string): string {
-  return `${getConfig().keyPrefix}user-sessions:{${indexHash(sub)}}`;
+  // Hashed: `sub` and `sid` are IdP-chosen strings that could contain the braces of a hash tag.
+  return `${getConfig().keyPrefix}user-sessions:{${shortDigest(sub)}}`;
 }
 
 /** Sessions per IdP session id, for back-channel logout by `sid`. */
 export function idpSessionKey(idpSid: string): string {
-  return `${getConfig().keyPrefix}idp-sid:{${indexHash(idpSid)}}`;
+  return `${getConfig().keyPrefix}idp-sid:{${shortDigest(idpSid)}}`;
 }
 
 // ---------------------------------------------------------------------------------------------

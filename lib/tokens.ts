@@ -1,9 +1,9 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
 import { log } from './log.ts';
 import { idpErrorToGatehouse, refreshTokens, IdpError } from './oidc.ts';
-import { destroySession, getStore, readSession, refreshLockKey, storeCall, updateSessionTokens, type Session, type SessionSecrets } from './session.ts';
+import { destroySession, getStore, readSession, refreshLockKey, sessionHandle, storeCall, updateSessionTokens, type Session, type SessionSecrets } from './session.ts';
 
 /**
  * Access tokens for a session, refreshed transparently and never twice for one session: requests
@@ -31,10 +31,6 @@ interface HeldToken {
 const inFlight = new Map<string, Promise<Session>>();
 const POLL_MIN_MS = 25;
 const POLL_MAX_MS = 250;
-
-export function sessionHash(id: string): string {
-  return createHash('sha256').update(id).digest('base64url').slice(0, 12);
-}
 
 function heldToken(session: Session, resource: string | undefined): HeldToken | undefined {
   if (!resource) return { token: session.secrets.accessToken, expiresAt: session.record.accessTokenExpiresAt };
@@ -125,7 +121,7 @@ async function refreshUnderLock(stale: Session, request: TokenRequest): Promise<
   if (isSettled(current, stale, request)) return current;
 
   const started = performance.now();
-  const outcome = (result: string) => ({ session: sessionHash(current.id), resource: request.resource, outcome: result, ms: Math.round(performance.now() - started) });
+  const outcome = (result: string) => ({ session: sessionHandle(current.id), resource: request.resource, outcome: result, ms: Math.round(performance.now() - started) });
   const refreshToken = current.secrets.refreshToken;
   if (!refreshToken) {
     log('info', 'token.refresh', outcome('no_refresh_token'));

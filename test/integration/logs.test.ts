@@ -42,7 +42,7 @@ describe('logs', () => {
       expect(typeof event.ms).toBe('number');
     }
     expect(events.map((event) => event.event)).toEqual(expect.arrayContaining(['auth.login_started', 'auth.login', 'token.refresh', 'auth.logout']));
-    expect(events.find((event) => event.event === 'token.refresh')).toMatchObject({ outcome: 'ok', session: expect.stringMatching(/^[A-Za-z0-9_-]{12}$/) });
+    expect(events.find((event) => event.event === 'token.refresh')).toMatchObject({ outcome: 'ok', session: expect.stringMatching(/^[A-Za-z0-9_-]{16}$/) });
 
     const everything = stack.apps[0]!.process.output();
     expect(everything).not.toMatch(/eyJ[A-Za-z0-9_-]{10,}/); // no JWT: access, id or logout token
