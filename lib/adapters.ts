@@ -1,8 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
-import v8 from 'node:v8';
-import vm from 'node:vm';
-import type { InboundRequest, ProxyResponse } from './proxy.ts';
+import { noteStreamedBytes, type InboundRequest, type ProxyResponse } from './proxy.ts';
 
 /**
  * The two ways a request reaches the proxy core: a Web `Request` (Next route handler, Vercel) and
@@ -60,32 +58,8 @@ export function inboundFromNode(request: IncomingMessage, response: ServerRespon
   };
 }
 
-/**
- * Every 64 KB socket read of a streamed body is a fresh off-heap buffer, freed only when V8 next
- * collects; V8 waits for about 64 MB of such memory before it does. A large download would lift
- * each worker's footprint by that much. A young-generation collection every few megabytes of large
- * bodies (well under a millisecond each) keeps streaming memory flat without touching the hot path.
- */
+/** Only large bodies are counted; a small one is over before it could matter. */
 const LARGE_BODY_BYTES = 1024 * 1024;
-const COLLECT_EVERY_BYTES = 8 * 1024 * 1024;
-let collectYoungGeneration: (() => void) | undefined;
-let streamedSinceCollect = 0;
-
-function keepStreamingMemoryFlat(body: Readable, declaredLength: string | undefined): void {
-  if (declaredLength !== undefined && Number(declaredLength) < LARGE_BODY_BYTES) return;
-  if (!collectYoungGeneration) {
-    v8.setFlagsFromString('--expose-gc');
-    const gc = vm.runInNewContext('gc') as (options: { type: 'minor' }) => void;
-    collectYoungGeneration = () => gc({ type: 'minor' });
-  }
-  const collect = collectYoungGeneration;
-  body.on('data', (chunk: Buffer) => {
-    streamedSinceCollect += chunk.length;
-    if (streamedSinceCollect < COLLECT_EVERY_BYTES) return;
-    streamedSinceCollect = 0;
-    collect();
-  });
-}
 
 export function writeNodeResponse(answer: ProxyResponse, response: ServerResponse): void {
   const headers: Record<string, string | string[]> = {};
@@ -102,7 +76,8 @@ export function writeNodeResponse(answer: ProxyResponse, response: ServerRespons
   // DOMException per response, which showed in the hot-path profile.) Teardown is ours: a browser
   // that leaves drops the upstream body, an upstream that breaks mid-body cuts the response.
   const body = answer.body;
-  keepStreamingMemoryFlat(body, answer.headers.find(([name]) => name === 'content-length')?.[1]);
+  const declaredLength = answer.headers.find(([name]) => name === 'content-length')?.[1];
+  if (declaredLength === undefined || Number(declaredLength) >= LARGE_BODY_BYTES) body.on('data', (chunk: Buffer) => noteStreamedBytes(chunk.length));
   body.once('error', () => response.destroy());
   response.once('close', () => {
     if (!body.readableEnded) body.destroy();
