@@ -52,12 +52,26 @@ function storeError(command: string, error: unknown): Error {
   return new Error(`Redis ${command} failed: ${kind}`);
 }
 
-async function run<T>(command: string, promise: Promise<T>): Promise<T> {
+async function runCommand<T>(command: string, promise: Promise<T>): Promise<T> {
   try {
     return await promise;
   } catch (error) {
     throw storeError(command, error);
   }
+}
+
+/**
+ * Rejects with ioredis's own timeout message once `ms` have passed. A Cluster parks commands in
+ * its own offline queue while it has no connected node (and keeps reconnecting forever), and the
+ * per-node commandTimeout only starts once a command reaches a node: without this bound a cluster
+ * outage would hold every request open instead of failing it.
+ */
+function withDeadline<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error('Command timed out')), ms);
+  });
+  return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
 }
 
 type ExecResult = [error: Error | null, result: unknown][] | null;
@@ -121,6 +135,8 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   client.on('error', () => {});
   client.defineCommand('gatehouseDelIfEquals', { numberOfKeys: 1, lua: DEL_IF_EQUALS_LUA });
   const scripts = client as unknown as WithScripts;
+  const run = <T>(command: string, promise: Promise<T>): Promise<T> =>
+    runCommand(command, isCluster ? withDeadline(promise, commandTimeout) : promise);
 
   return {
     async get(key) {
