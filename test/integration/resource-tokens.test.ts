@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
-import { idpGrants } from '../support/http-client.ts';
+import { call, idpGrants, login, refreshGrantsOf } from '../support/http-client.ts';
 
 /**
  * Per-API audiences (RFC 8707) and the BFF's own client-credentials tokens, against the real
@@ -64,5 +64,25 @@ describe('per-API tokens', () => {
       expect(body.sub).toBe(stack.clientId);
     }
     expect(((await idpGrants(stack.issuer)).success.client_credentials ?? 0) - before).toBe(1);
+  });
+
+  it('an upstream 401 to a token that looked valid earns one refresh and one retry, for requests without a body only', async () => {
+    const cookie = await login(app, 'rejected-user');
+    const refreshes = async () => refreshGrantsOf(await idpGrants(stack.issuer), 'rejected-user');
+    const before = await refreshes();
+
+    // The demo API answers 401 on this route whatever the token: one refresh, one retry, then the 401 goes back.
+    const rejected = await call(app, '/api/proxy/demo/status/401', cookie);
+    expect(rejected.status).toBe(401);
+    expect(await refreshes()).toBe(before + 1);
+
+    // A request with a body cannot be replayed: its 401 is passed on without a refresh.
+    const response = await fetch(`${app}/api/proxy/demo/status/401`, { method: 'POST', headers: { cookie, 'x-csrf': '1', 'content-type': 'application/json' }, body: '{"a":1}' });
+    expect(response.status).toBe(401);
+    expect(await refreshes()).toBe(before + 1);
+
+    // The refreshed token is the session's token from now on.
+    expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'rejected-user' } });
+    expect(await refreshes()).toBe(before + 1);
   });
 });
