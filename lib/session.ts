@@ -297,7 +297,7 @@ function parseRecord(raw: string): SessionRecord | null {
   }
 }
 
-/** Read without side effects: null when absent, expired, of an unknown format or undecryptable. */
+/** The session, or null when absent, expired, of an unknown format or undecryptable (such a record is deleted). */
 export async function readSession(id: string): Promise<Session | null> {
   const raw = await storeCall(() => getStore().get(sessionKey(id)));
   if (raw === null) return null;
