@@ -42,7 +42,7 @@ const env: NodeJS.ProcessEnv = {
     JSON.stringify({ demo: { url: demoApi?.url }, public: { url: `${demoApi?.url}/public`, auth: 'user-optional' } }),
 };
 
-console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  dev IdP:        ${issuer} (any username, any password)\n  demo API:       ${demoApi?.url ?? '(from BFF_APIS)'}\n`);
+console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  dev IdP:        ${issuer} (sign in with any name)\n  demo API:       ${demoApi?.url ?? '(from BFF_APIS)'}\n`);
 
 const next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(appPort)], { cwd: root, env, stdio: 'inherit' });
 

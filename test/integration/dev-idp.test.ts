@@ -5,6 +5,7 @@ import { decodeJwt } from 'jose';
 import * as oauth from 'oauth4webapi';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { confirmDevIdpLogout, loginThroughRp, loginWithDevIdp } from '../../e2e/support/headless-login.ts';
+import { waitFor } from '../support/http-client.ts';
 import { startDemoApi } from '../../scripts/demo-api.ts';
 import type { DemoApiHandle } from '../../scripts/demo-api.ts';
 import { DEV_IDP_DEFAULTS, startDevIdp } from '../../scripts/dev-idp.ts';
@@ -217,13 +218,14 @@ describe('dev IdP + demo API', () => {
     expect(await (await fetch(`${api.url}/public/x`)).json()).toEqual({ anonymous: true });
     expect(await (await fetch(`${api.url}/public/x`, { headers: auth })).json()).toEqual({ anonymous: false, sub: client.client_id });
 
+    const stats = async () => (await (await fetch(`${api.url}/__demo/stats`)).json()) as { requests: number; aborted: number };
+    const requestsBefore = (await stats()).requests;
     const aborter = new AbortController();
     const slow = fetch(`${api.url}/slow?ms=2000`, { headers: auth, signal: aborter.signal }).catch(() => 'aborted');
-    await new Promise((resolve) => setTimeout(resolve, 100));
+    await waitFor('the slow request to arrive', async () => ((await stats()).requests > requestsBefore ? true : undefined), 2_000, 10);
     aborter.abort();
     expect(await slow).toBe('aborted');
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    expect((await (await fetch(`${api.url}/__demo/stats`)).json()).aborted).toBe(1);
+    await waitFor('the abort to be recorded', async () => ((await stats()).aborted === 1 ? true : undefined), 2_000, 10);
     expect((await (await fetch(`${api.url}/__demo/last`)).json()).path).toBe('/slow');
   });
 
