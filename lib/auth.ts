@@ -71,6 +71,28 @@ export function errorPage(caught: unknown, event: string, retryPath = '/api/auth
   });
 }
 
+/** A route handler for an API endpoint: JSON errors. */
+export function apiRoute<Args extends unknown[]>(handler: (request: Request, ...args: Args) => Promise<Response>, event: string) {
+  return async (request: Request, ...args: Args): Promise<Response> => {
+    try {
+      return await handler(request, ...args);
+    } catch (error) {
+      return apiError(error, event);
+    }
+  };
+}
+
+/** A route handler for a browser navigation: readable error pages with a way forward. */
+export function pageRoute(handler: (request: Request) => Promise<Response>, event: string, retryPath?: string) {
+  return async (request: Request): Promise<Response> => {
+    try {
+      return await handler(request);
+    } catch (error) {
+      return errorPage(error, event, retryPath);
+    }
+  };
+}
+
 function redirect(location: string, cookies: string[] = []): Response {
   const headers = new Headers({ location, ...NO_STORE });
   for (const cookie of cookies) headers.append('set-cookie', cookie);

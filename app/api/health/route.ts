@@ -1,11 +1,5 @@
-import { apiError, checkHealth } from '../../../lib/auth.ts';
+import { apiRoute, checkHealth } from '../../../lib/auth.ts';
 
 export const dynamic = 'force-dynamic';
 
-export async function GET(): Promise<Response> {
-  try {
-    return await checkHealth();
-  } catch (error) {
-    return apiError(error, 'health_failed');
-  }
-}
+export const GET = apiRoute(checkHealth, 'health_failed');

@@ -1,12 +1,6 @@
-import { apiError, backchannelLogout } from '../../../../lib/auth.ts';
+import { apiRoute, backchannelLogout } from '../../../../lib/auth.ts';
 
 // Server-to-server from the IdP: no cookie, no CSRF header; the signed logout token is the proof.
 export const dynamic = 'force-dynamic';
 
-export async function POST(request: Request): Promise<Response> {
-  try {
-    return await backchannelLogout(request);
-  } catch (error) {
-    return apiError(error, 'auth.backchannel_logout_failed');
-  }
-}
+export const POST = apiRoute(backchannelLogout, 'auth.backchannel_logout_failed');

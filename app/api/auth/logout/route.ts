@@ -1,19 +1,8 @@
-import { apiError, errorPage, logoutByApi, logoutByNavigation } from '../../../../lib/auth.ts';
+import { apiRoute, logoutByApi, logoutByNavigation, pageRoute } from '../../../../lib/auth.ts';
 
 export const dynamic = 'force-dynamic';
 
-export async function GET(request: Request): Promise<Response> {
-  try {
-    return await logoutByNavigation(request);
-  } catch (error) {
-    return errorPage(error, 'auth.logout_failed', '/');
-  }
-}
-
-export async function POST(request: Request): Promise<Response> {
-  try {
-    return await logoutByApi(request);
-  } catch (error) {
-    return apiError(error, 'auth.logout_failed');
-  }
-}
+/** A top-level navigation from the session's own logoutUrl. */
+export const GET = pageRoute(logoutByNavigation, 'auth.logout_failed', '/');
+/** For SPAs: X-CSRF, answers { redirectTo }. */
+export const POST = apiRoute(logoutByApi, 'auth.logout_failed');
