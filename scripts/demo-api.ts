@@ -6,6 +6,7 @@ import type { IncomingHttpHeaders, IncomingMessage, Server, ServerResponse } fro
 import type { AddressInfo } from 'node:net';
 import { createRemoteJWKSet, jwtVerify } from 'jose';
 import type { JWTPayload } from 'jose';
+import { runUntilSignal } from './cli.ts';
 
 export interface DemoApiOptions {
   /** 0 picks a free port; the default audience then uses the real one. */
@@ -40,7 +41,7 @@ const CHUNK = Buffer.alloc(64 * 1024, 'x');
 
 export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoApiHandle> {
   if (process.env.NODE_ENV === 'production') {
-    throw new Error('demo API refuses to start with NODE_ENV=production: it echoes every header, tokens included');
+    throw new Error('demo API refuses to start with NODE_ENV=production: it records request headers, bearer tokens included, for tests');
   }
   const issuer = (options.issuer ?? 'http://localhost:4000').replace(/\/+$/, '');
   const lastRequests: DemoRequestRecord[] = [];
@@ -239,19 +240,14 @@ function listen(server: Server, port: number, host: string | undefined): Promise
 }
 
 if (import.meta.main) {
-  try {
-    const api = await startDemoApi({
-      port: process.env.DEMO_API_PORT ? Number(process.env.DEMO_API_PORT) : undefined,
-      host: process.env.DEMO_API_HOST || undefined,
-      issuer: process.env.DEMO_API_ISSUER || undefined,
-      audience: process.env.DEMO_API_AUDIENCE || undefined,
-    });
-    console.log(`demo API listening on ${api.url}`);
-    const stop = () => void api.close().then(() => process.exit(0));
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-  } catch (err) {
-    console.error(err instanceof Error ? err.message : err);
-    process.exit(1);
-  }
+  await runUntilSignal(
+    () =>
+      startDemoApi({
+        port: process.env.DEMO_API_PORT ? Number(process.env.DEMO_API_PORT) : undefined,
+        host: process.env.DEMO_API_HOST || undefined,
+        issuer: process.env.DEMO_API_ISSUER || undefined,
+        audience: process.env.DEMO_API_AUDIENCE || undefined,
+      }),
+    (api) => `demo API listening on ${api.url}`,
+  );
 }

@@ -8,6 +8,7 @@ import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK 
 import type { JWK, JWTPayload } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, KoaContextWithOIDC } from 'oidc-provider';
+import { runUntilSignal } from './cli.ts';
 
 export interface DevIdpOptions {
   /** 0 picks a free port; the issuer then uses the real one. */
@@ -410,25 +411,20 @@ function listFromEnv(name: string): string[] | undefined {
 }
 
 if (import.meta.main) {
-  try {
-    const idp = await startDevIdp({
-      port: intFromEnv('IDP_PORT'),
-      host: process.env.IDP_HOST || undefined,
-      clientId: process.env.IDP_CLIENT_ID || undefined,
-      clientSecret: process.env.IDP_CLIENT_SECRET || undefined,
-      appBaseUrl: listFromEnv('IDP_APP_BASE_URLS'),
-      tokenEndpointAuthMethod: process.env.IDP_TOKEN_AUTH_METHOD === 'client_secret_post' ? 'client_secret_post' : undefined,
-      accessTokenTtl: intFromEnv('IDP_ACCESS_TOKEN_TTL'),
-      refreshTokenTtl: intFromEnv('IDP_REFRESH_TOKEN_TTL'),
-      apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
-      privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
-    });
-    console.log(`dev IdP listening on ${idp.issuer}`);
-    const stop = () => void idp.close().then(() => process.exit(0));
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-  } catch (err) {
-    console.error(err instanceof Error ? err.message : err);
-    process.exit(1);
-  }
+  await runUntilSignal(
+    () =>
+      startDevIdp({
+        port: intFromEnv('IDP_PORT'),
+        host: process.env.IDP_HOST || undefined,
+        clientId: process.env.IDP_CLIENT_ID || undefined,
+        clientSecret: process.env.IDP_CLIENT_SECRET || undefined,
+        appBaseUrl: listFromEnv('IDP_APP_BASE_URLS'),
+        tokenEndpointAuthMethod: process.env.IDP_TOKEN_AUTH_METHOD === 'client_secret_post' ? 'client_secret_post' : undefined,
+        accessTokenTtl: intFromEnv('IDP_ACCESS_TOKEN_TTL'),
+        refreshTokenTtl: intFromEnv('IDP_REFRESH_TOKEN_TTL'),
+        apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
+        privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
+      }),
+    (idp) => `dev IdP listening on ${idp.issuer}`,
+  );
 }

@@ -1,0 +1,16 @@
+/**
+ * Runs a dev-only server as a command: prints its ready line (what the test harness waits for),
+ * closes it cleanly on SIGINT/SIGTERM, and exits 1 with just the message if it cannot start.
+ */
+export async function runUntilSignal<T extends { close(): Promise<void> }>(start: () => Promise<T>, readyLine: (handle: T) => string): Promise<void> {
+  try {
+    const handle = await start();
+    console.log(readyLine(handle));
+    const stop = () => void handle.close().then(() => process.exit(0));
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  } catch (err) {
+    console.error(err instanceof Error ? err.message : err);
+    process.exit(1);
+  }
+}
