@@ -1,3 +1,4 @@
+import { timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errors } from './errors.ts';
 import { NO_STORE, checkCsrf, jsonHeaders, safeReturnTo } from './http.ts';
@@ -24,7 +25,6 @@ import {
   userClaims,
   type Session,
 } from './session.ts';
-import { timingSafeEqual } from 'node:crypto';
 
 /**
  * The auth endpoints, as functions from a Web Request to a Web Response, so route handlers stay
