@@ -31,14 +31,14 @@ import {
  * one line and the same code could serve any runtime with fetch-style handlers.
  */
 
-export function jsonResponse(status: number, body: unknown, extraHeaders: HeadersInit = {}): Response {
+function jsonResponse(status: number, body: unknown, extraHeaders: HeadersInit = {}): Response {
   const headers = new Headers(jsonHeaders());
   for (const [name, value] of new Headers(extraHeaders)) headers.append(name, value);
   return new Response(JSON.stringify(body), { status, headers });
 }
 
 /** API failures as JSON; the cause goes to the log, never into the answer. */
-export function apiError(caught: unknown, event: string): Response {
+function apiError(caught: unknown, event: string): Response {
   const error = configAware(caught);
   if (error.status >= 500) log('error', event, { code: error.code, ...describeCause(error.cause) });
   const headers = new Headers(jsonHeaders());
@@ -58,7 +58,7 @@ function configAware(caught: unknown): GatehouseError {
 const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 /** Browser navigations get a readable page with a way forward, never JSON or a stack trace. */
-export function errorPage(caught: unknown, event: string, retryPath = '/api/auth/login'): Response {
+function errorPage(caught: unknown, event: string, retryPath = '/api/auth/login'): Response {
   const error = configAware(caught);
   log(error.status >= 500 ? 'error' : 'warn', event, { code: error.code, ...describeCause(error.cause) });
   const html = `<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
@@ -99,7 +99,7 @@ function redirect(location: string, cookies: string[] = []): Response {
   return new Response(null, { status: 302, headers });
 }
 
-export function requireCsrf(request: Request): void {
+function requireCsrf(request: Request): void {
   if (!checkCsrf((name) => request.headers.get(name), getConfig().appBaseUrl.origin).ok) throw errors.csrf();
 }
 
@@ -235,7 +235,7 @@ async function requireSession(request: Request): Promise<Session> {
 }
 
 /** "Chrome on macOS"-style, from a user agent string: enough to recognise a device, nothing more. */
-export function describeDevice(userAgent: string | undefined): string {
+function describeDevice(userAgent: string | undefined): string {
   if (!userAgent) return 'Unknown device';
   const browser = /Edg\//.test(userAgent)
     ? 'Edge'

@@ -43,7 +43,7 @@ function requestOptions(timeoutMs = getConfig().oidc.timeoutMs) {
   return { [oauth.allowInsecureRequests]: getConfig().oidc.allowInsecureRequests, signal: AbortSignal.timeout(timeoutMs) };
 }
 
-export function getAuthorizationServer(): Promise<oauth.AuthorizationServer> {
+function getAuthorizationServer(): Promise<oauth.AuthorizationServer> {
   if (discovery && Date.now() - discovery.at < DISCOVERY_TTL_MS) return discovery.value;
   const issuer = getConfig().oidc.issuer;
   const value = (async () => {
@@ -242,7 +242,7 @@ function isNetworkFailure(error: unknown): boolean {
 }
 
 /** Sorts any failure of an IdP exchange into what the caller must do about it. */
-export function classify(error: unknown, operation: string): IdpError {
+function classify(error: unknown, operation: string): IdpError {
   if (error instanceof IdpError) return error;
   if (error instanceof oauth.ResponseBodyError) {
     if (error.error === 'invalid_grant') return new IdpError('invalid_grant', `${operation}: invalid_grant`, error);
@@ -270,7 +270,7 @@ export async function checkDiscovery(): Promise<void> {
   await oauth.processDiscoveryResponse(issuer, response);
 }
 
-export const BACKCHANNEL_LOGOUT_EVENT = 'http://schemas.openid.net/event/backchannel-logout';
+const BACKCHANNEL_LOGOUT_EVENT = 'http://schemas.openid.net/event/backchannel-logout';
 const LOGOUT_TOKEN_MAX_AGE_SEC = 5 * 60;
 
 export interface LogoutTokenClaims {

@@ -45,7 +45,7 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transf
 const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
 const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2']);
 
-export function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
+function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
   const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ['x-gatehouse-error', error.code], ...extraHeaders];
   if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
@@ -57,7 +57,7 @@ function connectionListed(connection: string | undefined): Set<string> {
   return new Set((connection ?? '').split(',').map((name) => name.trim().toLowerCase()).filter(Boolean));
 }
 
-export function isHopByHop(name: string, listed: Set<string>): boolean {
+function isHopByHop(name: string, listed: Set<string>): boolean {
   return HOP_BY_HOP.has(name) || name.startsWith('proxy-') || listed.has(name);
 }
 

@@ -44,7 +44,7 @@ export interface Session {
   secrets: SessionSecrets;
 }
 
-export const SESSION_FORMAT_VERSION = 1;
+const SESSION_FORMAT_VERSION = 1;
 
 let store: Store | undefined;
 export function getStore(): Store {
@@ -156,7 +156,7 @@ export async function decryptSecrets(sealed: string): Promise<SessionSecrets | n
 // ---------------------------------------------------------------------------------------------
 // The session cookie.
 
-export function readCookie(cookieHeader: string | null | undefined, name: string): string | undefined {
+function readCookie(cookieHeader: string | null | undefined, name: string): string | undefined {
   if (!cookieHeader) return undefined;
   return parseCookie(cookieHeader)[name];
 }
@@ -491,7 +491,7 @@ export interface LoginTransaction {
 
 const TRANSACTION_TTL_SEC = 10 * 60;
 
-export function transactionCookieName(state: string): string {
+function transactionCookieName(state: string): string {
   const { secureCookies } = getConfig();
   // Derived from state so the callback finds the right one among concurrent logins.
   const suffix = state.replace(/[^A-Za-z0-9_-]/g, '').slice(0, 16);
