@@ -17,6 +17,8 @@ export interface Config {
     clientSecret: string | undefined;
     privateKeyJwk: JsonWebKeyWithKid | undefined;
     scopes: string;
+    /** Extra authorization request parameters some IdPs need (Google's access_type, Auth0's audience). */
+    authorizationParams: Array<[string, string]>;
     redirectUri: string;
     postLogoutRedirectUri: string;
     /** http:// endpoints are allowed only when the issuer is on loopback. */
@@ -99,6 +101,21 @@ const secretList = (minLength: number) =>
     .refine((list) => list.every((entry) => entry.length >= minLength), `every comma-separated entry must be at least ${minLength} characters`)
     .refine((list) => new Set(list).size === list.length, 'must not list the same secret twice');
 
+/** Parameters that carry the flow's security (PKCE, state, nonce, redirect) are never configurable. */
+const RESERVED_AUTHORIZATION_PARAMS = new Set([
+  'response_type',
+  'client_id',
+  'redirect_uri',
+  'scope',
+  'state',
+  'nonce',
+  'code_challenge',
+  'code_challenge_method',
+  'response_mode',
+  'request',
+  'request_uri',
+]);
+
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
 
 const apiSchema = z
@@ -146,6 +163,18 @@ const envSchema = z.object({
       }
     }),
   OIDC_SCOPES: z.string().trim().default('openid profile email offline_access').refine((s) => s.split(/\s+/).includes('openid'), 'must include "openid"'),
+  OIDC_AUTHORIZATION_PARAMS: z
+    .string()
+    .optional()
+    .transform((value, ctx) => {
+      const pairs = [...new URLSearchParams(value ?? '')];
+      const reserved = pairs.map(([name]) => name).filter((name) => RESERVED_AUTHORIZATION_PARAMS.has(name));
+      if (reserved.length) {
+        ctx.addIssue({ code: 'custom', message: `must not set ${reserved.join(', ')}: Gatehouse sets those itself` });
+        return z.NEVER;
+      }
+      return pairs;
+    }),
   OIDC_TIMEOUT_MS: z.coerce.number().int().positive().max(60_000).default(10_000),
   SESSION_SECRET: secretList(32),
   TOKEN_ENCRYPTION_KEY: secretList(32).optional(),
@@ -260,6 +289,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       clientSecret: env.OIDC_CLIENT_SECRET,
       privateKeyJwk: env.OIDC_PRIVATE_KEY,
       scopes: env.OIDC_SCOPES.split(/\s+/).join(' '),
+      authorizationParams: env.OIDC_AUTHORIZATION_PARAMS,
       redirectUri: `${base}/api/auth/callback`,
       postLogoutRedirectUri: `${base}/`,
       allowInsecureRequests: env.OIDC_ISSUER.protocol === 'http:',

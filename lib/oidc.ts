@@ -117,6 +117,7 @@ export async function buildAuthorizationUrl(request: AuthorizationRequest): Prom
   url.searchParams.set('nonce', request.nonce);
   url.searchParams.set('code_challenge', await oauth.calculatePKCECodeChallenge(request.codeVerifier));
   url.searchParams.set('code_challenge_method', 'S256');
+  for (const [name, value] of oidc.authorizationParams) url.searchParams.set(name, value);
   if (request.prompt) url.searchParams.set('prompt', request.prompt);
   // offline_access is only honoured with prompt=consent by some IdPs; we ask for it but cope without.
   return url;

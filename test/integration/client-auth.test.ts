@@ -51,4 +51,16 @@ describe('client authentication', () => {
     );
     await exercise(stack, 'pkjwt-user');
   });
+
+  it('extra authorization parameters (OIDC_AUTHORIZATION_PARAMS) reach the IdP, and the login still completes', async () => {
+    const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { OIDC_AUTHORIZATION_PARAMS: 'ui_locales=de&claims_locales=de', TOKEN_REFRESH_SKEW: '120' } });
+    stacks.push(stack);
+    const app = stack.apps[0]!.url;
+    const start = await fetch(`${app}/api/auth/login`, { redirect: 'manual' });
+    const authorize = new URL(start.headers.get('location') ?? '');
+    expect(authorize.searchParams.get('ui_locales')).toBe('de');
+    expect(authorize.searchParams.get('claims_locales')).toBe('de');
+    expect(authorize.searchParams.get('code_challenge_method')).toBe('S256');
+    await exercise(stack, 'locale-user');
+  });
 });

@@ -42,6 +42,17 @@ describe('configuration', () => {
     }
   });
 
+  it('takes extra authorization parameters, but never the ones that carry the flow', () => {
+    expect(parseConfig({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'access_type=offline&audience=https%3A%2F%2Fapi.example.com' }).oidc.authorizationParams).toEqual([
+      ['access_type', 'offline'],
+      ['audience', 'https://api.example.com'],
+    ]);
+    expect(parseConfig(valid).oidc.authorizationParams).toEqual([]);
+    expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'state=x&code_challenge_method=plain&ui_locales=de' })).toEqual([
+      'OIDC_AUTHORIZATION_PARAMS: must not set state, code_challenge_method: Gatehouse sets those itself',
+    ]);
+  });
+
   it('treats an empty variable as unset', () => {
     expect(problemsOf({ ...valid, SESSION_SECRET: '', OIDC_CLIENT_ID: '  ' })).toEqual(expect.arrayContaining(['SESSION_SECRET: is required', 'OIDC_CLIENT_ID: is required']));
     expect(parseConfig({ ...valid, OIDC_SCOPES: '' }).oidc.scopes).toBe('openid profile email offline_access');
