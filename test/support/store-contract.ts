@@ -9,11 +9,21 @@ export const LONG_TTL = 60_000;
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
-/** Polls instead of sleeping a fixed time, so slow machines wait longer and fast ones less. */
 async function members(store: Store, key: string, nowMs: number): Promise<string[]> {
   return (await store.indexMembers(key, nowMs)).map((entry) => entry.member);
 }
 
+/**
+ * Waits until the store itself has expired a control key written now with `ttlMs`: from then on,
+ * a key that was given that TTL and then a longer one must still be there. No guessed sleep.
+ */
+async function outlive(store: Store, ttlMs: number): Promise<void> {
+  const control = `${RUN_PREFIX}control:{${randomUUID()}}`;
+  await store.set(control, 'x', { ttlMs });
+  await eventually(async () => (await store.get(control)) === null);
+}
+
+/** Polls instead of sleeping a fixed time, so slow machines wait longer and fast ones less. */
 async function eventually(condition: () => Promise<boolean>, timeoutMs = 3_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await condition())) {
@@ -100,7 +110,7 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       const k = key('set-ttl');
       await store.set(k, 'short', { ttlMs: 60 });
       await store.set(k, 'long', { ttlMs: LONG_TTL });
-      await sleep(150);
+      await outlive(store, 60);
       expect(await store.get(k)).toBe('long');
     });
 
@@ -140,7 +150,7 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       const extended = key('expire-long');
       await store.set(extended, 'v', { ttlMs: 60 });
       expect(await store.expire(extended, LONG_TTL)).toBe(true);
-      await sleep(150);
+      await outlive(store, 60);
       expect(await store.get(extended)).toBe('v');
     });
 
@@ -228,7 +238,7 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       const k = key('index-ttl-grow');
       await store.indexAdd(k, 'a', Date.now() + LONG_TTL, LONG_TTL);
       await store.indexAdd(k, 'b', Date.now() + LONG_TTL, 50);
-      await sleep(150);
+      await outlive(store, 50);
       expect(await members(store, k, Date.now())).toEqual(['a', 'b']);
     });
 
@@ -236,7 +246,7 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       const k = key('index-ttl-extend');
       await store.indexAdd(k, 'a', Date.now() + LONG_TTL, 60);
       await store.indexAdd(k, 'b', Date.now() + LONG_TTL, LONG_TTL);
-      await sleep(150);
+      await outlive(store, 60);
       expect(await members(store, k, Date.now())).toEqual(['a', 'b']);
     });
 
