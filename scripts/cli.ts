@@ -1,3 +1,6 @@
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
 /**
  * Runs a dev-only server as a command: prints its ready line (what the test harness waits for),
  * closes it cleanly on SIGINT/SIGTERM, and exits 1 with just the message if it cannot start.
@@ -13,4 +16,15 @@ export async function runUntilSignal<T extends { close(): Promise<void> }>(start
     console.error(err instanceof Error ? err.message : err);
     process.exit(1);
   }
+}
+
+/** Listens and resolves to the real port (port 0 picks a free one); a bind error rejects. */
+export function listen(server: Server, port: number, host: string | undefined): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve((server.address() as AddressInfo).port);
+    });
+  });
 }

@@ -2,11 +2,10 @@
 // It accepts JWT access tokens from the dev IdP and reports back exactly what reached it.
 import { once } from 'node:events';
 import { createServer } from 'node:http';
-import type { IncomingHttpHeaders, IncomingMessage, Server, ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { createRemoteJWKSet, jwtVerify } from 'jose';
 import type { JWTPayload } from 'jose';
-import { runUntilSignal } from './cli.ts';
+import { listen, runUntilSignal } from './cli.ts';
 
 export interface DemoApiOptions {
   /** 0 picks a free port; the default audience then uses the real one. */
@@ -227,16 +226,6 @@ async function download(res: ServerResponse, bytes: number): Promise<void> {
     }
   }
   res.end();
-}
-
-function listen(server: Server, port: number, host: string | undefined): Promise<number> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve((server.address() as AddressInfo).port);
-    });
-  });
 }
 
 if (import.meta.main) {

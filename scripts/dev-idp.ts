@@ -3,12 +3,11 @@
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK } from 'jose';
 import type { JWK, JWTPayload } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, KoaContextWithOIDC } from 'oidc-provider';
-import { runUntilSignal } from './cli.ts';
+import { listen, runUntilSignal } from './cli.ts';
 
 export interface DevIdpOptions {
   /** 0 picks a free port; the issuer then uses the real one. */
@@ -155,16 +154,6 @@ function emptyCounters(): GrantCounters {
 
 function bump(table: Record<string, number>, key: string): void {
   table[key] = (table[key] ?? 0) + 1;
-}
-
-function listen(server: Server, port: number, host: string | undefined): Promise<number> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve((server.address() as AddressInfo).port);
-    });
-  });
 }
 
 function shutdown(server: Server): Promise<void> {
