@@ -213,6 +213,8 @@ describe('streaming', () => {
       const res = await proxyFetch(`/api/proxy/demo/download?bytes=${BULK_BYTES}`);
       expect(res.status).toBe(200);
       expect(res.headers.get('content-type')).toBe('application/octet-stream');
+      // The upstream's declared length passes through, so the browser can show progress.
+      expect(res.headers.get('content-length')).toBe(String(BULK_BYTES));
       return drain(res);
     });
     expect(first.result).toBe(BULK_BYTES);

@@ -94,6 +94,8 @@ describe('back-channel logout', () => {
       'wrong event': await signWithIdp(logoutClaims({ sub, events: { 'http://example.com/other': {} } })),
       'with a nonce': await signWithIdp(logoutClaims({ sub, nonce: 'n' })),
       expired: await signWithIdp(logoutClaims({ sub, iat: now - 3600, exp: now - 1800 })),
+      'issued too long ago': await signWithIdp(logoutClaims({ sub, iat: now - 3600, exp: now + 600 })),
+      'issued in the future': await signWithIdp(logoutClaims({ sub, iat: now + 3600, exp: now + 7200 })),
       'replayed jti': await signWithIdp({ ...replayed, sub }),
       'neither sid nor sub': await signWithIdp(logoutClaims()),
       'no jti': await signWithIdp(logoutClaims({ sub, jti: undefined })),
