@@ -125,11 +125,17 @@ function invalidPath(): GatehouseError {
   return new GatehouseError('invalid_path', 400, 'The API path is not allowed.');
 }
 
+/**
+ * Idle upstream connections are closed by us first: Node's agent honours an upstream's
+ * `Keep-Alive: timeout=N` hint (closing a second early) only when it has an idle timeout of its
+ * own, and without one it would keep sockets the upstream is about to close.
+ */
+const IDLE_UPSTREAM_SOCKET_MS = 30_000;
 const agents = new Map<string, http.Agent>();
 function agentFor(url: URL): http.Agent {
   let agent = agents.get(url.origin);
   if (!agent) {
-    const options = { keepAlive: true, maxSockets: 512, maxFreeSockets: 64, scheduling: 'lifo' as const };
+    const options = { keepAlive: true, maxSockets: 512, maxFreeSockets: 64, scheduling: 'lifo' as const, timeout: IDLE_UPSTREAM_SOCKET_MS };
     agent = url.protocol === 'https:' ? new https.Agent(options) : new http.Agent(options);
     agents.set(url.origin, agent);
   }
@@ -224,6 +230,13 @@ interface UpstreamAnswer {
   body: http.IncomingMessage;
 }
 
+/**
+ * A kept-alive connection can be closed by the upstream just as a request goes out on it (its
+ * idle timeout fired first). That request never reached the upstream's application, so a bodiless
+ * request of an idempotent method is sent once more on a new connection instead of failing.
+ */
+const STALE_CONNECTION_CODES = new Set(['ECONNRESET', 'EPIPE']);
+
 function sendUpstream(
   api: ApiConfig,
   url: URL,
@@ -234,27 +247,39 @@ function sendUpstream(
 ): Promise<UpstreamAnswer> {
   return new Promise((resolve, reject) => {
     const transport = url.protocol === 'https:' ? https : http;
-    const request = transport.request(url, { method, headers: headers.flat(), agent: agentFor(url) });
+    const mayResend = body === null && REPLAYABLE_METHODS.has(method);
+    let request: http.ClientRequest;
     const timer = setTimeout(() => request.destroy(new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.')), api.timeoutMs);
     const onAbort = () => request.destroy(new GatehouseError('client_closed', 499, 'The client went away.'));
     signal.addEventListener('abort', onAbort, { once: true });
-    request.on('response', (response) => {
-      clearTimeout(timer);
-      // From here on the browser's disconnect aborts the upstream body too.
-      response.on('close', () => signal.removeEventListener('abort', onAbort));
-      resolve({ status: response.statusCode ?? 502, rawHeaders: response.rawHeaders, body: response });
-    });
-    request.on('error', (error) => {
-      clearTimeout(timer);
-      signal.removeEventListener('abort', onAbort);
-      if (error instanceof GatehouseError) reject(error);
-      else if (error instanceof BodyTooLarge) reject(new GatehouseError('payload_too_large', 413, 'The request body is too large for this API.'));
-      else reject(new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error }));
-    });
-    if (body) {
-      body.on('error', (error) => request.destroy(error));
-      body.pipe(request);
-    } else request.end();
+
+    const send = (onFreshConnection: boolean) => {
+      // agent: false is a one-off connection: the pool may hold more sockets closed the same way.
+      request = transport.request(url, { method, headers: headers.flat(), agent: onFreshConnection ? false : agentFor(url) });
+      request.on('response', (response) => {
+        clearTimeout(timer);
+        // From here on the browser's disconnect aborts the upstream body too.
+        response.on('close', () => signal.removeEventListener('abort', onAbort));
+        resolve({ status: response.statusCode ?? 502, rawHeaders: response.rawHeaders, body: response });
+      });
+      request.on('error', (error) => {
+        const code = (error as NodeJS.ErrnoException).code;
+        if (!onFreshConnection && mayResend && request.reusedSocket && code && STALE_CONNECTION_CODES.has(code) && !signal.aborted) {
+          log('debug', 'proxy.resend', { api: api.name, causeCode: code });
+          return send(true);
+        }
+        clearTimeout(timer);
+        signal.removeEventListener('abort', onAbort);
+        if (error instanceof GatehouseError) reject(error);
+        else if (error instanceof BodyTooLarge) reject(new GatehouseError('payload_too_large', 413, 'The request body is too large for this API.'));
+        else reject(new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error }));
+      });
+      if (body) {
+        body.on('error', (error) => request.destroy(error));
+        body.pipe(request);
+      } else request.end();
+    };
+    send(false);
   });
 }
 

@@ -5,6 +5,7 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
+import { createServer as createTcpServer, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
@@ -22,6 +23,8 @@ let app: string;
 let appPort: number;
 let appHost: string;
 let cookie: string;
+let keptAlive: KeptAliveUpstream;
+let shortKeptAlive: KeptAliveUpstream;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -130,6 +133,66 @@ function generatedBody(total: number, chunkSize = 64 * 1024): ReadableStream<Uin
   });
 }
 
+interface KeptAliveUpstream {
+  port: number;
+  /** Request lines in arrival order, with the number of the connection each came on. */
+  requests: Array<{ line: string; connection: number }>;
+  /** Per connection: ms between its last answer and the client closing it; undefined while open. */
+  closedByClientAfterMs: Map<number, number>;
+  close(): Promise<void>;
+}
+
+/**
+ * A raw upstream that answers the first request of each connection with `Keep-Alive: timeout=N`
+ * and resets the connection when a second request arrives on it, unanswered: on demand, the race
+ * of an upstream's idle timeout firing just as the proxy reuses the connection.
+ */
+async function startKeptAliveUpstream(keepAliveSec: number): Promise<KeptAliveUpstream> {
+  const requests: KeptAliveUpstream['requests'] = [];
+  const closedByClientAfterMs = new Map<number, number>();
+  const sockets = new Set<Socket>();
+  let connections = 0;
+  const server = createTcpServer((socket) => {
+    const connection = ++connections;
+    sockets.add(socket);
+    let buffered = '';
+    let answered = 0;
+    let answeredAt = 0;
+    socket.on('data', (chunk) => {
+      buffered += chunk.toString('latin1');
+      while (buffered.includes('\r\n\r\n')) {
+        const headEnd = buffered.indexOf('\r\n\r\n');
+        const line = buffered.slice(0, buffered.indexOf('\r\n'));
+        buffered = buffered.slice(headEnd + 4);
+        requests.push({ line, connection });
+        if (answered > 0) return void socket.resetAndDestroy();
+        answered += 1;
+        answeredAt = performance.now();
+        const body = JSON.stringify({ connection });
+        socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nkeep-alive: timeout=${keepAliveSec}\r\n\r\n${body}`);
+      }
+    });
+    socket.on('end', () => {
+      if (answered > 0) closedByClientAfterMs.set(connection, performance.now() - answeredAt);
+      socket.end();
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as { port: number }).port;
+  return {
+    port,
+    requests,
+    closedByClientAfterMs,
+    close: () =>
+      new Promise((resolve) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 
 beforeAll(async () => {
@@ -141,6 +204,8 @@ beforeAll(async () => {
   await first.process.stop();
   const closedPort = await freePort();
   const apiUrl = stack.apiUrl;
+  keptAlive = await startKeptAliveUpstream(60);
+  shortKeptAlive = await startKeptAliveUpstream(2);
   const env = {
     ...first.env,
     BFF_APIS: JSON.stringify({
@@ -153,6 +218,8 @@ beforeAll(async () => {
       bulk: { url: apiUrl, maxBodyBytes: 256 * MiB },
       jail: { url: `${apiUrl}/echo/jail` },
       dead: { url: `http://127.0.0.1:${closedPort}`, auth: 'none' },
+      keptalive: { url: `http://127.0.0.1:${keptAlive.port}`, auth: 'none' },
+      shortkeptalive: { url: `http://127.0.0.1:${shortKeptAlive.port}`, auth: 'none' },
     }),
   };
   const process = await startProcess('gatehouse-proxy', ['server.ts'], env, /Gatehouse listening/);
@@ -168,6 +235,8 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await stack?.stop();
+  await keptAlive?.close();
+  await shortKeptAlive?.close();
 });
 
 describe('streaming', () => {
@@ -316,6 +385,40 @@ describe('failures', () => {
     expect(res.status).toBe(502);
     expect(res.headers.get('x-gatehouse-error')).toBe('upstream_unavailable');
     expect(await json(res)).toMatchObject({ error: 'upstream_unavailable' });
+  });
+
+  it('a kept-alive connection the upstream closes as it is reused: an idempotent bodiless request is sent again on a new connection; a POST is not', async () => {
+    const first = await proxyFetch('/api/proxy/keptalive/first', { anonymous: true });
+    expect({ status: first.status, body: await json(first) }).toEqual({ status: 200, body: { connection: 1 } });
+
+    // Reuses connection 1, which the upstream resets: sent once more, on connection 2.
+    const second = await proxyFetch('/api/proxy/keptalive/second', { anonymous: true });
+    expect({ status: second.status, body: await json(second) }).toEqual({ status: 200, body: { connection: 2 } });
+    expect(keptAlive.requests).toEqual([
+      { line: 'GET /first HTTP/1.1', connection: 1 },
+      { line: 'GET /second HTTP/1.1', connection: 1 },
+      { line: 'GET /second HTTP/1.1', connection: 2 },
+    ]);
+
+    // A POST on a reused connection that fails is not replayed: the upstream may have acted on it.
+    const warm = await proxyFetch('/api/proxy/keptalive/warm', { anonymous: true });
+    expect(warm.status).toBe(200);
+    await warm.arrayBuffer();
+    const seen = keptAlive.requests.length;
+    const post = await proxyFetch('/api/proxy/keptalive/order', { anonymous: true, method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"n":1}' });
+    expect(post.status).toBe(502);
+    expect(await json(post)).toMatchObject({ error: 'upstream_unavailable' });
+    expect(keptAlive.requests.slice(seen)).toEqual([{ line: 'POST /order HTTP/1.1', connection: keptAlive.requests[seen - 1]?.connection }]);
+  });
+
+  it('honours the upstream’s Keep-Alive timeout: an idle connection is closed by Gatehouse before the upstream would close it', async () => {
+    const res = await proxyFetch('/api/proxy/shortkeptalive/ping', { anonymous: true });
+    expect(res.status).toBe(200);
+    await res.arrayBuffer();
+    const closedAfterMs = await waitFor('Gatehouse to close the idle upstream connection', async () => shortKeptAlive.closedByClientAfterMs.get(1), 4_000, 25);
+    // The upstream said timeout=2: Gatehouse lets go about a second earlier, never after it.
+    expect(closedAfterMs).toBeGreaterThan(500);
+    expect(closedAfterMs).toBeLessThan(2_000);
   });
 
   it('upstream slower than timeoutMs → 504 upstream_timeout, and the upstream call is abandoned', async () => {
