@@ -3,6 +3,8 @@ import http from 'node:http';
 import next from 'next';
 import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
 import { exitOnInvalidConfig } from './lib/config.ts';
+import { GatehouseError, errorBody } from './lib/errors.ts';
+import { jsonHeaders } from './lib/http.ts';
 import { log } from './lib/log.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
 
@@ -11,6 +13,12 @@ import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
  * cost is as large as the whole proxy job — and everything else to Next's own request handler.
  * One worker per core by default; sessions live in the store, so any worker serves any request.
  */
+
+/**
+ * The fetch API cannot represent a TRACE request, and Next builds a `Request` for its routes and
+ * middleware: it would answer 500 and log a stack trace instead of refusing the method.
+ */
+const methodNotAllowed = errorBody(new GatehouseError('method_not_allowed', 405, 'This method is not supported.'));
 
 // Every process checks the configuration before it does anything; a bad one stops here, naming the variables.
 const { port, hostname, workers: workerCount, drainMs } = exitOnInvalidConfig().server;
@@ -49,6 +57,10 @@ async function serve(): Promise<void> {
         (answer) => writeNodeResponse(answer, response),
         () => response.destroy(),
       );
+      return;
+    }
+    if (request.method === 'TRACE') {
+      response.writeHead(405, { ...jsonHeaders(), 'x-gatehouse-error': 'method_not_allowed' }).end(methodNotAllowed);
       return;
     }
     void handleWithNext(request, response);

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { call, isAlive, login, processTree, waitFor } from '../support/http-client.ts';
+import { rawRequest, requestHead } from '../support/raw-http.ts';
 
 /**
  * `npm start` (server.ts) as an operator meets it: workers that die are replaced, SIGTERM lets
@@ -36,6 +37,21 @@ describe('npm start', () => {
     expect(now).toHaveLength(2);
     expect(now).not.toContain(workers[0]);
     for (let i = 0; i < 10; i++) expect((await call(app, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+  });
+
+  it('answers TRACE with 405 JSON on every path, never a 500 or a logged stack trace', async () => {
+    const { port, host } = new URL(app);
+    const logBefore = stack.apps[0]!.process.output().length;
+    for (const path of ['/', '/api/auth/session', '/api/auth/login', '/api/proxy/demo/whoami']) {
+      const answer = await rawRequest(Number(port), requestHead('TRACE', path, [['Host', host], ['X-CSRF', '1'], ['Cookie', cookie], ['Connection', 'close']]));
+      expect({ path, status: answer?.status }).toEqual({ path, status: 405 });
+      expect(JSON.parse(answer?.body ?? '')).toMatchObject({ error: 'method_not_allowed' });
+      // TRACE echoes the request back: the cookie must not come back in any form.
+      expect(answer?.body).not.toContain(cookie.split('=')[1]);
+    }
+    const logged = stack.apps[0]!.process.output().slice(logBefore);
+    expect(logged).not.toMatch(/\n\s+at /);
+    expect(logged).not.toContain('TypeError');
   });
 
   it('on SIGTERM lets an in-flight event stream finish, then exits by itself', async () => {
