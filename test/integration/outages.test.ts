@@ -1,7 +1,7 @@
-import { spawn, type ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { call, clearsSessionCookie, login, waitFor } from '../support/http-client.ts';
+import { startPrivateRedis, type PrivateRedis } from '../support/private-redis.ts';
 
 /**
  * Transient faults never cost a session: a Redis that stops answering (a private redis-server,
@@ -9,39 +9,22 @@ import { call, clearsSessionCookie, login, waitFor } from '../support/http-clien
  * session works again once they are back. /api/health names the failing dependency.
  */
 
-let redis: ChildProcess;
+let redis: PrivateRedis;
 let stack: Stack;
 let app: string;
 let cookie: string;
 
-async function redisAnswers(url: string): Promise<boolean> {
-  const { Redis } = await import('ioredis');
-  const client = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, connectTimeout: 500 });
-  client.on('error', () => undefined); // not up yet: the caller polls
-  try {
-    await client.connect();
-    return (await client.ping()) === 'PONG';
-  } catch {
-    return false;
-  } finally {
-    client.disconnect();
-  }
-}
-
 beforeAll(async () => {
-  const port = await freePort();
-  redis = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
-  const redisUrl = `redis://127.0.0.1:${port}`;
-  await waitFor('the private redis-server', async () => ((await redisAnswers(redisUrl)) ? true : undefined), 10_000, 100);
-  stack = await startStack({ workers: 1, redisUrl, env: { OIDC_TIMEOUT_MS: '1500', REFRESH_LOCK_LEASE_MS: '3000' } });
+  redis = await startPrivateRedis();
+  stack = await startStack({ workers: 1, redisUrl: redis.url, env: { OIDC_TIMEOUT_MS: '1500', REFRESH_LOCK_LEASE_MS: '3000' } });
   app = stack.apps[0]!.url;
   cookie = await login(app, 'outage-user');
 });
 
 afterAll(async () => {
-  for (const child of [redis, stack?.idp.child]) if (child?.pid) process.kill(child.pid, 'SIGCONT');
+  if (stack?.idp.child.pid) process.kill(stack.idp.child.pid, 'SIGCONT');
   await stack?.stop();
-  redis?.kill('SIGKILL');
+  redis?.stop();
 });
 
 describe('transient faults', () => {
@@ -52,7 +35,7 @@ describe('transient faults', () => {
   });
 
   it('a Redis that stops answering is a 503 store_unavailable, not a logout; the session works once it is back', async () => {
-    process.kill(redis.pid as number, 'SIGSTOP');
+    process.kill(redis.child.pid as number, 'SIGSTOP');
     try {
       const proxied = await call(app, '/api/proxy/demo/whoami', cookie);
       expect(proxied.status).toBe(503);
@@ -65,7 +48,7 @@ describe('transient faults', () => {
       expect(health.status).toBe(503);
       expect(await health.json()).toMatchObject({ error: 'unhealthy', store: 'unavailable', idp: 'ok' });
     } finally {
-      process.kill(redis.pid as number, 'SIGCONT');
+      process.kill(redis.child.pid as number, 'SIGCONT');
     }
     await waitFor('the session to answer again', async () => ((await call(app, '/api/proxy/demo/whoami', cookie)).status === 200 ? true : undefined), 10_000, 100);
     expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'outage-user' } } });
