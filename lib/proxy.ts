@@ -176,7 +176,8 @@ async function clientToken(api: ApiConfig): Promise<string> {
 async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<Credentials> {
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
-  const { session, stale } = await sessionFromCookieHeader(inbound.header('cookie'));
+  // The hot path may use the store's coherent copy; the refresh path re-reads under its lock.
+  const { session, stale } = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
   if (!session) {
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
     throw errors.unauthenticated(stale);

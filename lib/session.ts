@@ -297,9 +297,23 @@ function parseRecord(raw: string): SessionRecord | null {
   }
 }
 
-/** The session, or null when absent, expired, of an unknown format or undecryptable (such a record is deleted). */
-export async function readSession(id: string): Promise<Session | null> {
-  const raw = await storeCall(() => getStore().get(sessionKey(id)));
+/**
+ * How old a per-process copy of a session record may be when the store serves one (Redis with
+ * client tracking). A logout or refresh elsewhere drops the copy within a round trip; this bounds
+ * the staleness only if the invalidation connection is silently cut.
+ */
+const SESSION_COPY_MAX_AGE_MS = 1_000;
+
+/**
+ * The session, or null when absent, expired, of an unknown format or undecryptable (such a record
+ * is deleted). `coherentCopy` lets the store answer from its coherent per-process copy: right for
+ * the proxy's hot path, never for the refresh path, which must see the latest refresh token.
+ */
+export async function readSession(id: string, { coherentCopy = false } = {}): Promise<Session | null> {
+  const store = getStore();
+  const raw = await storeCall(() =>
+    coherentCopy && store.getCoherent ? store.getCoherent(sessionKey(id), SESSION_COPY_MAX_AGE_MS) : store.get(sessionKey(id)),
+  );
   if (raw === null) return null;
   const record = parseRecord(raw);
   const now = Date.now();
@@ -468,12 +482,15 @@ export async function destroySessionsFor(target: { sub?: string; idpSid?: string
  * The session a request's cookie leads to. `stale` is true when a cookie was sent but leads
  * nowhere (tampered, foreign secret, session gone), so the answer should clear it.
  */
-export async function sessionFromCookieHeader(cookieHeader: string | null | undefined): Promise<{ session: Session | null; stale: boolean }> {
+export async function sessionFromCookieHeader(
+  cookieHeader: string | null | undefined,
+  { coherentCopy = false } = {},
+): Promise<{ session: Session | null; stale: boolean }> {
   const value = readCookie(cookieHeader, getConfig().session.cookieName);
   if (!value) return { session: null, stale: false };
   const id = await unsealSessionId(value);
   if (!id) return { session: null, stale: true };
-  const session = await readSession(id);
+  const session = await readSession(id, { coherentCopy });
   return { session, stale: session === null };
 }
 

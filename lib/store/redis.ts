@@ -99,6 +99,105 @@ function clusterNodes(url: string): { nodes: ClusterNode[]; redisOptions: RedisO
   return { nodes, redisOptions };
 }
 
+const INVALIDATION_CHANNEL = '__redis__:invalidate';
+const COHERENT_COPIES_LIMIT = 10_000;
+
+interface CoherentReads {
+  get(key: string, maxAgeMs: number): Promise<string | null>;
+  /** Drops this process's copy at once; Redis's own invalidation for the write arrives later. */
+  forget(key: string): void;
+  close(): Promise<void>;
+}
+
+/**
+ * Per-process copies of values read from Redis, kept coherent by server-assisted client-side
+ * caching (CLIENT TRACKING with REDIRECT to a second connection subscribed to invalidations): a
+ * write or expiry anywhere drops the copy everywhere within a round trip. A copy is used only
+ * while both connections have been up since it was read, and only if no invalidation arrived
+ * while it was being read (the reply and the invalidation travel on different connections).
+ */
+function coherentReads(client: Redis, keyPrefix: string, read: (key: string) => Promise<[string | null, number]>): CoherentReads {
+  const copies = new Map<string, { value: string; readAt: number; keyExpiresAt: number }>();
+  // Bumped by every invalidation and every connection change: a read that saw it move is not kept.
+  let generation = 0;
+  // Bumped when either connection drops: tracking set up before that no longer holds.
+  let connectionEpoch = 0;
+  let tracking = false;
+  let closing = false;
+  let subscriberId: number | undefined;
+  // RESP2: Redis then sends invalidations as pub/sub messages, which ioredis passes on (it drops RESP3 `invalidate` pushes).
+  const subscriber = client.duplicate({ autoResubscribe: false, keyPrefix: '', protocol: 2 });
+  subscriber.on('error', () => {});
+
+  const stopUsingCopies = () => {
+    tracking = false;
+    connectionEpoch++;
+    generation++;
+    copies.clear();
+  };
+
+  const trackReads = async () => {
+    const started = connectionEpoch;
+    if (subscriberId === undefined || client.status !== 'ready') return;
+    try {
+      await client.client('TRACKING', 'ON', 'REDIRECT', String(subscriberId));
+      if (connectionEpoch === started && !closing) tracking = true;
+    } catch {
+      // Redis without CLIENT TRACKING (older than 6, or the command renamed away): plain reads.
+    }
+  };
+
+  subscriber.on('ready', async () => {
+    try {
+      const id = (await subscriber.client('ID')) as number;
+      await subscriber.subscribe(INVALIDATION_CHANNEL);
+      subscriberId = id;
+      await trackReads();
+    } catch {
+      // Reconnecting already; the next 'ready' tries again.
+    }
+  });
+  subscriber.on('close', () => {
+    subscriberId = undefined;
+    stopUsingCopies();
+  });
+  subscriber.on('messageBuffer', (channel: Buffer, keys: Buffer[] | null) => {
+    if (channel.toString() !== INVALIDATION_CHANNEL) return;
+    generation++;
+    // null: the whole database was flushed.
+    if (!Array.isArray(keys)) return void copies.clear();
+    for (const key of keys) copies.delete(key.toString());
+  });
+  client.on('close', stopUsingCopies);
+  client.on('ready', () => void trackReads());
+
+  return {
+    async get(key, maxAgeMs) {
+      const fullKey = keyPrefix + key;
+      const now = Date.now();
+      const copy = copies.get(fullKey);
+      if (copy && now - copy.readAt < maxAgeMs && now < copy.keyExpiresAt) return copy.value;
+      const readAt = generation;
+      const wasTracking = tracking;
+      const [value, ttlMs] = await read(key);
+      if (value !== null && wasTracking && tracking && generation === readAt && ttlMs > 0) {
+        if (copies.size >= COHERENT_COPIES_LIMIT && !copies.has(fullKey)) copies.delete(copies.keys().next().value as string);
+        copies.set(fullKey, { value, readAt: now, keyExpiresAt: now + ttlMs });
+      }
+      return value;
+    },
+    forget(key) {
+      generation++;
+      copies.delete(keyPrefix + key);
+    },
+    async close() {
+      closing = true;
+      stopUsingCopies();
+      subscriber.disconnect();
+    },
+  };
+}
+
 export function createRedisStore(url: string, options: RedisStoreOptions = {}): Store {
   const connectTimeout = options.connectTimeoutMs ?? 2_000;
   const commandTimeout = options.commandTimeoutMs ?? 2_000;
@@ -137,14 +236,28 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   const scripts = client as unknown as WithScripts;
   const run = <T>(command: string, promise: Promise<T>): Promise<T> =>
     runCommand(command, isCluster ? withDeadline(promise, commandTimeout) : promise);
+  // A cluster would need tracking per node and slot migrations handled: it reads every time.
+  const coherent = isCluster
+    ? undefined
+    : coherentReads(client as Redis, common.keyPrefix, async (key) => {
+        const results = await run('GET', client.pipeline().get(key).pttl(key).exec());
+        const [value, ttlMs] = execResults('GET', results);
+        return [typeof value === 'string' ? value : null, Number(ttlMs)];
+      });
+  const forget = (key: string) => coherent?.forget(key);
 
   return {
     async get(key) {
       return run('GET', client.get(key));
     },
 
+    async getCoherent(key, maxAgeMs) {
+      return coherent ? coherent.get(key, maxAgeMs) : run('GET', client.get(key));
+    },
+
     async set(key, value, { ttlMs, onlyIfAbsent, onlyIfPresent }) {
       checkSetOptions({ ttlMs, onlyIfAbsent, onlyIfPresent });
+      forget(key);
       const reply = onlyIfAbsent
         ? client.set(key, value, 'PX', ttlMs, 'NX')
         : onlyIfPresent
@@ -154,19 +267,23 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
     },
 
     async replace(key, value) {
+      forget(key);
       return (await run('SET', client.set(key, value, 'KEEPTTL', 'XX'))) === 'OK';
     },
 
     async expire(key, ttlMs) {
       checkExpireTtl(ttlMs);
+      forget(key);
       return (await run('PEXPIRE', client.pexpire(key, ttlMs))) === 1;
     },
 
     async del(key) {
+      forget(key);
       return (await run('DEL', client.del(key))) > 0;
     },
 
     async delIfEquals(key, expected) {
+      forget(key);
       return (await run('EVALSHA', scripts.gatehouseDelIfEquals(key, expected))) === 1;
     },
 
@@ -200,6 +317,7 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
     },
 
     async close() {
+      await coherent?.close();
       // QUIT waits for replies still in flight; a client that is not connected has nothing to
       // wait for and QUIT would only sit in the offline queue.
       if (client.status === 'ready') {

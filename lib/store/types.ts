@@ -10,6 +10,12 @@ export interface IndexEntry {
 export interface Store {
   get(key: string): Promise<string | null>;
   /**
+   * Like `get`, but may answer from a per-process copy that the store keeps coherent: dropped as
+   * soon as the key changes anywhere (Redis client-side caching), and never older than
+   * `maxAgeMs`. Stores that cannot keep a copy coherent simply read.
+   */
+  getCoherent?(key: string, maxAgeMs: number): Promise<string | null>;
+  /**
    * Writes with a time to live. `onlyIfAbsent` is SET NX (locks, replay markers),
    * `onlyIfPresent` is SET XX (never resurrect a deleted session). Returns whether it wrote.
    */

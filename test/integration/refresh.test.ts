@@ -35,7 +35,8 @@ const MANY = Array.from({ length: 20 }, (_, i) => `refresh-many-${String(i).padS
 const REVOKED = 'refresh-revoked';
 const OUTAGE = 'refresh-outage';
 const ORPHAN = 'refresh-orphan-lock';
-const USERS = [SOLO, ...MANY, REVOKED, OUTAGE, ORPHAN];
+const LOGGED_OUT = 'refresh-logout-elsewhere';
+const USERS = [SOLO, ...MANY, REVOKED, OUTAGE, ORPHAN, LOGGED_OUT];
 
 let stack: Stack;
 let probe: RedisProbe;
@@ -252,6 +253,22 @@ describe('transparent token refresh across two instances', () => {
   });
 
   // Must stay the last test: it kills instance A for good.
+  it('a logout on one instance is seen at once by every process of the other, which answered from its coherent copy until then', async () => {
+    const cookie = cookieOf(LOGGED_OUT);
+    // Several connections at once, twice, so both of B's workers hold a copy of the session.
+    for (let round = 0; round < 2; round++) {
+      const warm = await Promise.all(Array.from({ length: 8 }, () => call(appB, WHOAMI, cookie)));
+      expect(summarize(warm)).toEqual({ '200': 8 });
+    }
+    const logout = await call(appA, '/api/auth/logout', cookie, { method: 'POST' });
+    expect(logout.status).toBe(200);
+    expect(await probe.exists(keyOf(LOGGED_OUT))).toBe(false);
+
+    const after = await Promise.all(Array.from({ length: 8 }, () => call(appB, WHOAMI, cookie)));
+    expect(summarize(after)).toEqual({ '401 unauthenticated': 8 });
+    for (const result of after) expect(clearsSessionCookie(result.setCookies)).toBe(true);
+  });
+
   it('an instance killed while holding the refresh lock: the other instance takes over after the lease, within the bound', async () => {
     // Design: the IdP is frozen *before* A's refresh starts, so A's token request is at most sitting
     // unread in the IdP's socket buffer when A dies. The kernel then closes A's sockets (FIN), and
