@@ -4,7 +4,7 @@ import next from 'next';
 import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
 import { exitOnInvalidConfig } from './lib/config.ts';
 import { GatehouseError, errorBody } from './lib/errors.ts';
-import { jsonHeaders } from './lib/http.ts';
+import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
 import { log } from './lib/log.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
 
@@ -60,7 +60,7 @@ async function serve(): Promise<void> {
       return;
     }
     if (request.method === 'TRACE') {
-      response.writeHead(405, { ...jsonHeaders(), 'x-gatehouse-error': 'method_not_allowed' }).end(methodNotAllowed);
+      response.writeHead(405, { ...jsonHeaders(), 'x-gatehouse-error': 'method_not_allowed', allow: PROXY_METHODS.join(', ') }).end(methodNotAllowed);
       return;
     }
     void handleWithNext(request, response);

@@ -12,7 +12,7 @@ export interface Store {
   /**
    * Like `get`, but may answer from a per-process copy that the store keeps coherent: dropped as
    * soon as the key changes anywhere (Redis client-side caching), and never older than
-   * `maxAgeMs`. Stores that cannot keep a copy coherent simply read.
+   * `maxAgeMs`. Stores that cannot keep a copy coherent leave it out, and callers use `get`.
    */
   getCoherent?(key: string, maxAgeMs: number): Promise<string | null>;
   /**

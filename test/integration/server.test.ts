@@ -46,6 +46,9 @@ describe('npm start', () => {
       const answer = await rawRequest(Number(port), requestHead('TRACE', path, [['Host', host], ['X-CSRF', '1'], ['Cookie', cookie], ['Connection', 'close']]));
       expect({ path, status: answer?.status }).toEqual({ path, status: 405 });
       expect(JSON.parse(answer?.body ?? '')).toMatchObject({ error: 'method_not_allowed' });
+      // A 405 must say what is allowed (RFC 9110 15.5.6); TRACE never is.
+      expect(answer?.get('allow')).toMatch(/^GET, /);
+      expect(answer?.get('allow')).not.toContain('TRACE');
       // TRACE echoes the request back: the cookie must not come back in any form.
       expect(answer?.body).not.toContain(cookie.split('=')[1]);
     }
