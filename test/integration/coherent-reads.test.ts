@@ -122,6 +122,17 @@ describe('coherent copies on Redis', () => {
     await readerSees(again, 'after');
   });
 
+  it('when the reading connection itself drops, its copies go too', async () => {
+    const key = await copiedKey('before');
+    // Every normal connection but the admin's: the reader's and the writer's command connections.
+    await admin.call('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes');
+    await waitFor('the reader to stop using its copy', async () => ((await redisGetsDuring(() => reader.getCoherent!(key, MAX_AGE_MS))) === 1 ? true : undefined), 5_000, 10);
+    // And once reconnected, it copies and invalidates as before.
+    const again = await copiedKey('tracked');
+    await writer.set(again, 'after', { ttlMs: LONG_TTL });
+    await readerSees(again, 'after');
+  });
+
   it('a flushed database drops every copy', async () => {
     const keys = [await copiedKey('a'), await copiedKey('b')];
     await admin.flushdb();
