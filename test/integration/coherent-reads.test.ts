@@ -2,7 +2,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createRedisStore } from '../../lib/store/redis.ts';
 import type { Store } from '../../lib/store/types.ts';
-import { waitFor } from '../support/http-client.ts';
+import { waitFor, waitUntil } from '../support/http-client.ts';
 import { startPrivateRedis, type PrivateRedis } from '../support/private-redis.ts';
 
 /**
@@ -101,8 +101,10 @@ describe('coherent copies on Redis', () => {
     expect(await reader.getCoherent!('short', MAX_AGE_MS)).toBeNull();
 
     const key = await copiedKey('aged');
+    // The copy was read before this moment, so from copiedBy + 50 on it is at least 50 ms old.
+    const copiedBy = Date.now();
     expect(await redisGetsDuring(() => reader.getCoherent!(key, MAX_AGE_MS))).toBe(0);
-    await new Promise((resolve) => setTimeout(resolve, 60));
+    await waitUntil('the copy to be older than 50 ms', copiedBy + 50);
     expect(await redisGetsDuring(() => reader.getCoherent!(key, 50))).toBe(1);
   });
 
