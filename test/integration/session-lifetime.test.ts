@@ -5,7 +5,7 @@
 // per interval" is per process and the store is the only shared truth.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
-import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, waitFor, waitUntil, type CallResult } from '../support/http-client.ts';
+import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, unreadBytesAt, waitFor, waitUntil, type CallResult } from '../support/http-client.ts';
 
 const IDLE_SEC = 3;
 const TOUCH_SEC = 1;
@@ -202,6 +202,7 @@ describe('no resurrection after logout', () => {
     const { cookie, key, record } = await newSession(user);
     const lockKey = probe.lockKeyFor(key);
     const idpPid = stack.idp.child.pid as number;
+    const idpPort = Number(new URL(stack.issuer).port);
     // Until the token is due, keep the session from idling out (the session endpoint touches it
     // but never refreshes tokens).
     const dueAt = (record.accessTokenExpiresAt ?? 0) - REFRESH_SKEW_SEC * 1000 + 50;
@@ -217,6 +218,10 @@ describe('no resurrection after logout', () => {
     try {
       const pending = call(apps[0], WHOAMI, cookie);
       await waitFor('the refresh to take its lock', async () => ((await probe.exists(lockKey)) ? true : undefined), OIDC_TIMEOUT_MS - 1_000, 10);
+      // Under its lock the refresh reads the session once more before asking the IdP; deleting the
+      // session before that read would test the earlier check, not the write-back. So wait until
+      // the token request sits unread in the frozen IdP's socket.
+      await waitFor('the token request to reach the frozen IdP', () => (unreadBytesAt(idpPort) > 0 ? true : undefined), OIDC_TIMEOUT_MS - 2_000, 10);
       expect(await probe.redis.del(key)).toBe(1); // the concurrent logout
       process.kill(idpPid, 'SIGCONT');
       result = await pending;

@@ -189,3 +189,29 @@ export function isAlive(pid: number): boolean {
     return false;
   }
 }
+
+/**
+ * Bytes that clients have sent to a local server on `port` and that it has not read yet, from the
+ * kernel's socket table. With the server frozen (SIGSTOP) this is how a test knows a request has
+ * left the client and is waiting in the server's socket — "in flight" as a fact, not a guess.
+ */
+export function unreadBytesAt(port: number): number {
+  const ESTABLISHED = '01';
+  let unread = 0;
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let rows: string[];
+    try {
+      rows = readFileSync(table, 'utf8').trim().split('\n').slice(1);
+    } catch {
+      continue; // no IPv6 on this machine
+    }
+    for (const row of rows) {
+      // "sl local_address rem_address st tx_queue:rx_queue ...", addresses as HEXIP:HEXPORT.
+      const [, local, , state, queues] = row.trim().split(/\s+/);
+      if (state !== ESTABLISHED || !local || !queues) continue;
+      if (Number.parseInt(local.slice(local.lastIndexOf(':') + 1), 16) !== port) continue;
+      unread += Number.parseInt(queues.slice(queues.indexOf(':') + 1), 16);
+    }
+  }
+  return unread;
+}
