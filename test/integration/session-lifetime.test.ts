@@ -217,11 +217,11 @@ describe('no resurrection after logout', () => {
     let result: CallResult;
     try {
       const pending = call(apps[0], WHOAMI, cookie);
-      await waitFor('the refresh to take its lock', async () => ((await probe.exists(lockKey)) ? true : undefined), OIDC_TIMEOUT_MS - 1_000, 10);
       // Under its lock the refresh reads the session once more before asking the IdP; deleting the
       // session before that read would test the earlier check, not the write-back. So wait until
-      // the token request sits unread in the frozen IdP's socket.
-      await waitFor('the token request to reach the frozen IdP', () => (unreadBytesAt(idpPort) > 0 ? true : undefined), OIDC_TIMEOUT_MS - 2_000, 10);
+      // the token request sits unread in the frozen IdP's socket — by then the lock must be held.
+      await waitFor('the token request to reach the frozen IdP', () => (unreadBytesAt(idpPort) > 0 ? true : undefined), OIDC_TIMEOUT_MS - 1_000, 10);
+      expect(await probe.exists(lockKey)).toBe(true);
       expect(await probe.redis.del(key)).toBe(1); // the concurrent logout
       process.kill(idpPid, 'SIGCONT');
       result = await pending;
