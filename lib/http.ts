@@ -27,33 +27,59 @@ export function checkCsrf(header: HeaderLookup, appOrigin: string | undefined): 
 const CONTROL_OR_BACKSLASH = /[\u0000-\u001f\u007f\\]/;
 const PLACEHOLDER_ORIGIN = 'https://gatehouse.invalid';
 
-/**
- * A `returnTo` that can only lead back into this application: a relative path, same origin, with
- * every percent-decoding layer checked too (so `/%2F%2Fevil.example` cannot become `//evil.example`
- * later in someone else's hands). Anything else becomes `/`.
- */
-export function safeReturnTo(raw: string | null | undefined): string {
-  if (!raw || raw.length > 2048) return '/';
-  let layer = raw;
+/** No layer of percent-decoding turns the value into something that is not a plain absolute path. */
+function isPlainPathInEveryLayer(value: string): boolean {
+  let layer = value;
   for (let depth = 0; depth < 4; depth++) {
-    if (!layer.startsWith('/') || layer.startsWith('//') || CONTROL_OR_BACKSLASH.test(layer)) return '/';
+    if (!layer.startsWith('/') || layer.startsWith('//') || CONTROL_OR_BACKSLASH.test(layer)) return false;
     let decoded: string;
     try {
       decoded = decodeURIComponent(layer);
     } catch {
-      return '/';
+      return false;
     }
-    if (decoded === layer) break;
+    if (decoded === layer) return true;
     layer = decoded;
   }
+  return false;
+}
+
+function normalisedPath(value: string): string | null {
   let url: URL;
   try {
-    url = new URL(raw, PLACEHOLDER_ORIGIN);
+    url = new URL(value, PLACEHOLDER_ORIGIN);
   } catch {
-    return '/';
+    return null;
   }
-  if (url.origin !== PLACEHOLDER_ORIGIN) return '/';
-  return url.pathname + url.search + url.hash;
+  return url.origin === PLACEHOLDER_ORIGIN ? url.pathname + url.search + url.hash : null;
+}
+
+/**
+ * A `returnTo` that can only lead back into this application, or `/`. The decision is made on the
+ * normalised target — what a browser will actually be sent to — because the parser resolves dot
+ * segments: `/.//evil.example` passes every check on the raw string and normalises to the
+ * protocol-relative `//evil.example`. Every percent-decoding layer is checked too, so
+ * `/%2F%2Fevil.example` cannot become `//evil.example` later in someone else's hands.
+ */
+export function safeReturnTo(raw: string | null | undefined): string {
+  if (!raw || raw.length > 2048 || !isPlainPathInEveryLayer(raw)) return '/';
+  const target = normalisedPath(raw);
+  if (target === null || !isPlainPathInEveryLayer(target) || normalisedPath(target) !== target) return '/';
+  return target;
+}
+
+/**
+ * The absolute URL a login ends at: `returnTo` resolved against the app, and the app's root if that
+ * would leave the app's origin whatever the stored value says (the last line of defence).
+ */
+export function sameOriginRedirect(returnTo: string, appBaseUrl: URL): string {
+  let target: URL;
+  try {
+    target = new URL(safeReturnTo(returnTo), appBaseUrl);
+  } catch {
+    return new URL('/', appBaseUrl).href;
+  }
+  return target.origin === appBaseUrl.origin ? target.href : new URL('/', appBaseUrl).href;
 }
 
 export const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' } as const;
