@@ -14,6 +14,11 @@ export interface DevIdpOptions {
   port?: number;
   /** Listen address; by default every interface so both 127.0.0.1 and ::1 reach "localhost". */
   host?: string;
+  /**
+   * The issuer's host name. Tests use `127.0.0.1` with an app on `localhost`: two sites, so
+   * SameSite=Strict cookies behave in the browser as they do with a real IdP elsewhere.
+   */
+  issuerHost?: string;
   clientId?: string;
   clientSecret?: string;
   /** Several base URLs let tests run more than one app instance against the same client. */
@@ -183,9 +188,18 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
 
   const keys = await signingKeys();
   let counters = emptyCounters();
+  /** Test-only: the next `remaining` token requests get this answer (rate limiting, outages). */
+  let tokenFault: { status: number; retryAfter: string | undefined; remaining: number } | undefined;
   // The issuer embeds the real port, so the provider only exists once the listener is bound.
   const providerSlot: { handler?: (req: IncomingMessage, res: ServerResponse) => unknown } = {};
   const server = createServer((req, res) => {
+    if (tokenFault && tokenFault.remaining > 0 && req.method === 'POST' && req.url?.startsWith('/token')) {
+      tokenFault.remaining--;
+      res.writeHead(tokenFault.status, { 'content-type': 'text/plain', ...(tokenFault.retryAfter ? { 'retry-after': tokenFault.retryAfter } : {}) });
+      res.end('fault injected by /__dev/token-fault');
+      req.resume();
+      return;
+    }
     if (req.url?.startsWith('/__dev/')) {
       devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
     } else if (providerSlot.handler) {
@@ -195,7 +209,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     }
   });
   const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host);
-  const issuer = `http://localhost:${port}`;
+  const issuer = `http://${options.issuerHost ?? 'localhost'}:${port}`;
 
   const client = (id: string, method: ClientAuthMethod, extra: Partial<ClientMetadata> = {}): ClientMetadata => ({
     ...extra,
@@ -348,6 +362,13 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
         .sign(await importJWK(rsa, 'RS256'));
       return sendJson(res, 200, { jws });
     }
+    if (req.method === 'POST' && url.pathname === '/__dev/token-fault') {
+      const status = Number(url.searchParams.get('status') ?? 429);
+      const remaining = Number(url.searchParams.get('count') ?? 1);
+      if (!Number.isInteger(status) || status < 400 || status > 599 || !Number.isInteger(remaining)) return sendJson(res, 400, { error: 'status 400-599, integer count' });
+      tokenFault = { status, retryAfter: url.searchParams.get('retryAfter') ?? undefined, remaining };
+      return sendJson(res, 200, tokenFault);
+    }
     if (req.method === 'POST' && url.pathname === '/__dev/revoke-grants') {
       const sub = url.searchParams.get('sub');
       if (!sub) return sendJson(res, 400, { error: 'sub query parameter required' });
@@ -405,6 +426,7 @@ if (import.meta.main) {
       startDevIdp({
         port: intFromEnv('IDP_PORT'),
         host: process.env.IDP_HOST || undefined,
+        issuerHost: process.env.IDP_ISSUER_HOST || undefined,
         clientId: process.env.IDP_CLIENT_ID || undefined,
         clientSecret: process.env.IDP_CLIENT_SECRET || undefined,
         appBaseUrl: listFromEnv('IDP_APP_BASE_URLS'),

@@ -84,6 +84,11 @@ export interface StackOptions {
   redisUrl?: string;
   /** Extra demo APIs, each its own RFC 8707 resource (audience) at the IdP. */
   resourceApis?: number;
+  /**
+   * The IdP's host name; by default `127.0.0.1` while the apps are on `localhost`, so the IdP is on
+   * another site, as in production, and SameSite=Strict cookies behave in browsers as they will for users.
+   */
+  idpHost?: string;
   /** Extra environment for the dev IdP process (e.g. IDP_PKJWT_PUBLIC_JWK). */
   idpEnv?: Record<string, string>;
   /** BFF_APIS built from the URLs the stack picked (they are only known once it starts). */
@@ -112,7 +117,8 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
   const [idpPort, apiPort, ...appPorts] = await Promise.all([freePort(), freePort(), ...Array.from({ length: instances }, freePort)]);
   const resourceApiUrls = await Promise.all(Array.from({ length: options.resourceApis ?? 0 }, async () => `http://localhost:${await freePort()}`));
   const appUrls = appPorts.map((port) => `http://localhost:${port}`);
-  const issuer = `http://localhost:${idpPort}`;
+  const idpHost = options.idpHost ?? '127.0.0.1';
+  const issuer = `http://${idpHost}:${idpPort}`;
   const apiUrl = `http://localhost:${apiPort}`;
   const idp = await startProcess(
     'dev-idp',
@@ -120,6 +126,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
     {
       NODE_ENV: 'development',
       IDP_PORT: String(idpPort),
+      IDP_ISSUER_HOST: idpHost,
       IDP_CLIENT_ID: CLIENT_ID,
       IDP_CLIENT_SECRET: CLIENT_SECRET,
       IDP_APP_BASE_URLS: appUrls.join(','),
@@ -170,17 +177,36 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
   };
   try {
     for (const [index, port] of appPorts.entries()) {
-      const env = { ...appEnv, APP_BASE_URL: appUrls[index] as string, PORT: String(port), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(options.workers ?? 2) };
-      const args = options.server === 'next' ? ['node_modules/next/dist/bin/next', 'start', '-p', String(port), '-H', '127.0.0.1'] : ['server.ts'];
-      const workers = options.workers ?? 2;
-      const ready =
-        options.server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
-      const app = await startProcess(`gatehouse-${index}`, args, env, ready);
-      apps.push({ url: appUrls[index] as string, process: app, env });
+      apps.push(await startGatehouse({ name: `gatehouse-${index}`, port, server: options.server, workers: options.workers, env: appEnv }));
     }
   } catch (error) {
     await stopAll();
     throw error;
   }
   return { issuer, idp, apiUrl, api, resourceApiUrls, apps, keyPrefix, appEnv, clientId: CLIENT_ID, stop: stopAll };
+}
+
+/**
+ * One Gatehouse server on `http://localhost:<port>` with `env` (as startStack builds it): `npm start`
+ * (`fast`, the default) or `next start` (`next`).
+ */
+export async function startGatehouse({
+  name = 'gatehouse',
+  port,
+  server = 'fast',
+  workers = 2,
+  env: baseEnv,
+}: {
+  name?: string;
+  port?: number;
+  server?: 'fast' | 'next';
+  workers?: number;
+  env: Record<string, string>;
+}): Promise<{ url: string; process: RunningProcess; env: Record<string, string> }> {
+  const listenPort = port ?? (await freePort());
+  const url = `http://localhost:${listenPort}`;
+  const env = { ...baseEnv, APP_BASE_URL: url, PORT: String(listenPort), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(workers) };
+  const args = server === 'next' ? ['node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : ['server.ts'];
+  const ready = server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
+  return { url, process: await startProcess(name, args, env, ready), env };
 }
