@@ -1,12 +1,12 @@
 import { timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
-import { GatehouseError, asGatehouseError, errorBody, errors } from './errors.ts';
-import { NO_STORE, checkCsrf, jsonHeaders, safeReturnTo } from './http.ts';
+import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
+import { NO_STORE, checkCsrf, jsonHeaders, safeReturnTo, sameOriginRedirect } from './http.ts';
 import { describeCause, log } from './log.ts';
 import * as oidc from './oidc.ts';
 import {
   clearSessionCookieHeader,
-  clearTransactionCookieHeader,
+  clearTransactionCookieHeaders,
   createSession,
   destroySession,
   destroySessionsFor,
@@ -14,14 +14,16 @@ import {
   listUserSessions,
   readSession,
   readTransaction,
-  retireSession,
+  replaceSession,
   sessionCookieHeader,
   sessionExpiresAt,
   sessionFromCookieHeader,
   sessionHandle,
+  sessionIdFromCookieHeader,
   shortDigest,
   touchSession,
   transactionCookieHeader,
+  transactionCookiesToDrop,
   userClaims,
   type Session,
 } from './session.ts';
@@ -41,8 +43,7 @@ function jsonResponse(status: number, body: unknown, extraHeaders: HeadersInit =
 function apiError(caught: unknown, event: string): Response {
   const error = configAware(caught);
   if (error.status >= 500) log('error', event, { code: error.code, ...describeCause(error.cause) });
-  const headers = new Headers(jsonHeaders());
-  headers.set('x-gatehouse-error', error.code);
+  const headers = new Headers([...Object.entries(jsonHeaders()), ...errorHeaders(error)]);
   if (error.clearSession) headers.append('set-cookie', clearSessionCookieHeader());
   return new Response(errorBody(error), { status: error.status, headers });
 }
@@ -52,23 +53,25 @@ function configAware(caught: unknown): GatehouseError {
     log('error', 'config.invalid', { problems: caught.problems });
     return new GatehouseError('misconfigured', 500, 'Gatehouse is not configured correctly; the server log names the setting.');
   }
+  if (caught instanceof oidc.IdpError) return oidc.idpErrorToGatehouse(caught);
   return asGatehouseError(caught);
 }
 
 const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 /** Browser navigations get a readable page with a way forward, never JSON or a stack trace. */
-function errorPage(caught: unknown, event: string, retryPath = '/api/auth/login'): Response {
+function errorPage(caught: unknown, event: string, retryPath = '/api/auth/login', cookies: string[] = []): Response {
   const error = configAware(caught);
   log(error.status >= 500 ? 'error' : 'warn', event, { code: error.code, ...describeCause(error.cause) });
   const html = `<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>Sign-in problem</title><style>body{font:16px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;color:#1d2330}code{background:#eef1f6;padding:.1rem .3rem;border-radius:4px}a{color:#2454c7}</style></head>
 <body><main><h1>We could not sign you in</h1><p>${escapeHtml(error.message)}</p><p>Error code: <code>${escapeHtml(error.code)}</code></p>
 <p><a href="${escapeHtml(retryPath)}">Try again</a> · <a href="/">Back to the application</a></p></main></body></html>`;
-  return new Response(html, {
-    status: error.status === 502 || error.status === 503 ? 502 : error.status >= 500 ? 500 : 400,
-    headers: { 'content-type': 'text/html; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff', 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'" },
-  });
+  const headers = new Headers({ 'content-type': 'text/html; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff', 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'" });
+  if (error.retryAfterSec !== undefined) headers.set('retry-after', String(error.retryAfterSec));
+  for (const cookie of cookies) headers.append('set-cookie', cookie);
+  const status = error.status >= 500 ? (error.status === 502 || error.status === 503 ? error.status : 500) : 400;
+  return new Response(html, { status, headers });
 }
 
 /** A route handler for an API endpoint: JSON errors. */
@@ -107,51 +110,83 @@ function requireCsrf(request: Request): void {
 
 export async function startLogin(request: Request): Promise<Response> {
   const url = new URL(request.url);
+  const cookieHeader = request.headers.get('cookie');
   const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
   const authorization = oidc.newAuthorizationRequest(prompt);
   const location = await oidc.buildAuthorizationUrl(authorization);
+  const previousSessionId = (await sessionIdFromCookieHeader(cookieHeader)) ?? undefined;
+  const transaction = { ...authorization, returnTo, startedAt: Date.now(), ...(previousSessionId ? { previousSessionId } : {}) };
   log('info', 'auth.login_started', { silent: Boolean(prompt) });
-  return redirect(location.href, [await transactionCookieHeader({ ...authorization, returnTo })]);
+  return redirect(location.href, [...(await transactionCookiesToDrop(cookieHeader)), await transactionCookieHeader(transaction)]);
 }
 
 function withAuthError(returnTo: string, code: string): string {
-  const target = new URL(returnTo, getConfig().appBaseUrl);
+  const target = new URL(sameOriginRedirect(returnTo, getConfig().appBaseUrl));
   target.searchParams.set('authError', code);
-  return target.pathname + target.search + target.hash;
+  return target.href;
 }
 
+/** The callback: whatever its outcome, the attempt's transaction cookie goes. */
 export async function finishLogin(request: Request): Promise<Response> {
+  const state = new URL(request.url).searchParams.get('state');
+  const clearTransaction = clearTransactionCookieHeaders(request.headers.get('cookie'), state);
+  try {
+    return await completeLogin(request, clearTransaction);
+  } catch (error) {
+    return errorPage(error, 'auth.callback_failed', '/api/auth/login', clearTransaction);
+  }
+}
+
+async function completeLogin(request: Request, clearTransaction: string[]): Promise<Response> {
   const url = new URL(request.url);
   const cookieHeader = request.headers.get('cookie');
-  const state = url.searchParams.get('state');
-  const transaction = await readTransaction(cookieHeader, state);
-  if (!transaction || !state) {
+  const transaction = await readTransaction(cookieHeader, url.searchParams.get('state'));
+  if (!transaction) {
     // No matching login in progress: a forged, stale or replayed callback.
     throw new GatehouseError('invalid_state', 400, 'This sign-in link is not valid any more. Start again.');
   }
-  const clearTransaction = clearTransactionCookieHeader(state);
   const idpError = url.searchParams.get('error');
   if (idpError && transaction.prompt === 'none') {
     // Silent login: tell the SPA instead of showing the IdP's UI.
     const code = /^[a-z_]{1,64}$/.test(idpError) ? idpError : 'login_required';
     log('info', 'auth.silent_login', { outcome: code });
-    return redirect(withAuthError(transaction.returnTo, code), [clearTransaction]);
+    return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
   const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction);
 
-  const previous = await sessionFromCookieHeader(cookieHeader);
-  if (previous.session) await retireSession(previous.session);
+  // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP the
+  // cookie arrives here too. Either way, the session this login replaces ends now.
+  const idpSid = typeof claims.sid === 'string' ? claims.sid : undefined;
+  const previousId = transaction.previousSessionId ?? (await sessionIdFromCookieHeader(cookieHeader));
+  if (previousId) await endReplacedSession(previousId, { sub: claims.sub, idpSid });
 
   const session = await createSession({
     sub: claims.sub,
-    idpSid: typeof claims.sid === 'string' ? claims.sid : undefined,
+    idpSid,
     secrets: { accessToken: tokens.accessToken, refreshToken: tokens.refreshToken, idToken: tokens.idToken, claims: userClaims(claims) },
     accessTokenExpiresAt: tokens.accessTokenExpiresAt,
     userAgent: request.headers.get('user-agent') ?? undefined,
   });
-  log('info', 'auth.login', { session: sessionHandle(session.id), refreshToken: Boolean(tokens.refreshToken) });
-  return redirect(new URL(transaction.returnTo, getConfig().appBaseUrl).href, [await sessionCookieHeader(session.id), clearTransaction]);
+  log('info', 'auth.login', { session: sessionHandle(session.id), refreshToken: Boolean(tokens.refreshToken), replaced: Boolean(previousId) });
+  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction]);
+}
+
+/**
+ * A new login in the same browser: the old session stops authorising at once, and its refresh
+ * token is revoked (RFC 7009) — unless it came from the same IdP session as the new login. IdPs
+ * such as oidc-provider and Keycloak revoke the whole grant with a refresh token, and a silent
+ * re-login within one IdP session continues that grant: revoking it would end the new login too.
+ * The old token is then only dropped with the record.
+ */
+async function endReplacedSession(id: string, successor: { sub: string; idpSid: string | undefined }): Promise<void> {
+  const previous = await readSession(id);
+  if (!previous) return;
+  await replaceSession(previous);
+  const { refreshToken } = previous.secrets;
+  const sameIdpSession = previous.record.sub === successor.sub && (successor.idpSid === undefined || previous.record.idpSid === successor.idpSid);
+  const revoked = refreshToken && !sameIdpSession ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
+  log('info', 'auth.session_replaced', { session: sessionHandle(id), revoked, sameIdpSession });
 }
 
 // --- session -----------------------------------------------------------------------------------
@@ -192,8 +227,9 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   const sid = new URL(request.url).searchParams.get('sid');
   if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (!session) return redirect('/', [clearSessionCookieHeader()]);
-  if (!constantTimeEqual(sid, session.record.logoutToken)) {
+  // Without a matching session nothing changes, the cookie included: under SameSite=Strict a
+  // cross-site link arrives without the cookie, and clearing it then would let any site sign users out.
+  if (!session || !constantTimeEqual(sid, session.record.logoutToken)) {
     throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   }
   return redirect(await endSession(session), [clearSessionCookieHeader()]);
@@ -229,8 +265,8 @@ export async function checkHealth(): Promise<Response> {
 
 async function requireSession(request: Request): Promise<Session> {
   requireCsrf(request);
-  const { session, stale } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (!session) throw errors.unauthenticated(stale);
+  const { session, stale, replaced } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!session) throw replaced ? errors.sessionReplaced() : errors.unauthenticated(stale);
   return session;
 }
 

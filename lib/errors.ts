@@ -7,13 +7,16 @@ export class GatehouseError extends Error {
   readonly status: number;
   /** The browser's session cookie no longer leads anywhere and should be cleared with this answer. */
   readonly clearSession: boolean;
+  /** Seconds, for a `Retry-After` header: passed on from an IdP that said when to come back. */
+  readonly retryAfterSec: number | undefined;
 
-  constructor(code: string, status: number, message: string, options: { cause?: unknown; clearSession?: boolean } = {}) {
+  constructor(code: string, status: number, message: string, options: { cause?: unknown; clearSession?: boolean; retryAfterSec?: number } = {}) {
     super(message, { cause: options.cause });
     this.name = 'GatehouseError';
     this.code = code;
     this.status = status;
     this.clearSession = options.clearSession ?? false;
+    this.retryAfterSec = options.retryAfterSec;
   }
 }
 
@@ -22,10 +25,12 @@ export const errors = {
     new GatehouseError('csrf_failed', 403, message),
   unauthenticated: (clearSession = false) =>
     new GatehouseError('unauthenticated', 401, 'Sign in to continue.', { clearSession }),
+  /** A new login in this browser replaced the session a moment ago; the browser already has the new cookie. */
+  sessionReplaced: () => new GatehouseError('session_replaced', 401, 'This session was replaced by a new sign-in. Retry the request.'),
   sessionExpired: (cause?: unknown) =>
     new GatehouseError('session_expired', 401, 'Your session has ended. Sign in again.', { cause, clearSession: true }),
-  idpUnavailable: (cause?: unknown) =>
-    new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause }),
+  idpUnavailable: (cause?: unknown, retryAfterSec?: number) =>
+    new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   storeUnavailable: (cause?: unknown) =>
     new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause }),
   internal: (cause?: unknown) => new GatehouseError('internal_error', 500, 'Something went wrong on our side.', { cause }),
@@ -33,6 +38,13 @@ export const errors = {
 
 export function asGatehouseError(error: unknown): GatehouseError {
   return error instanceof GatehouseError ? error : errors.internal(error);
+}
+
+/** The headers every rendering of an error carries besides its body. */
+export function errorHeaders(error: GatehouseError): Array<[string, string]> {
+  const headers: Array<[string, string]> = [['x-gatehouse-error', error.code]];
+  if (error.retryAfterSec !== undefined) headers.push(['retry-after', String(error.retryAfterSec)]);
+  return headers;
 }
 
 export function errorBody(error: GatehouseError): string {

@@ -27,10 +27,13 @@ export type IdpFailureKind = 'invalid_grant' | 'unavailable' | 'rejected';
 
 export class IdpError extends Error {
   readonly kind: IdpFailureKind;
-  constructor(kind: IdpFailureKind, message: string, cause?: unknown) {
+  /** From the IdP's own `Retry-After`, when it said when to come back. */
+  readonly retryAfterSec: number | undefined;
+  constructor(kind: IdpFailureKind, message: string, cause?: unknown, retryAfterSec?: number) {
     super(message, { cause });
     this.name = 'IdpError';
     this.kind = kind;
+    this.retryAfterSec = retryAfterSec;
   }
 }
 
@@ -155,7 +158,7 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
     return { tokens: toTokenSet(result), claims };
   } catch (error) {
     const failure = classify(error, 'code exchange');
-    if (failure.kind === 'unavailable') throw new GatehouseError('idp_unavailable', 502, 'The identity provider could not be reached. Try again.', { cause: error });
+    if (failure.kind === 'unavailable') throw idpErrorToGatehouse(failure);
     throw new GatehouseError('token_exchange_failed', 400, 'The sign-in could not be completed.', { cause: error });
   }
 }
@@ -242,17 +245,38 @@ function isNetworkFailure(error: unknown): boolean {
   return error.name === 'TimeoutError' || error.name === 'AbortError' || (error instanceof TypeError && /fetch failed|network/i.test(error.message));
 }
 
+/** The IdP's HTTP answer behind an oauth4webapi error, when there was one. */
+function responseOf(error: unknown): Response | undefined {
+  if (error instanceof oauth.ResponseBodyError) return error.response;
+  if (error instanceof oauth.OperationProcessingError && error.cause instanceof Response) return error.cause;
+  return undefined;
+}
+
+/** An IdP that is rate limiting or failing is coming back: the caller should retry, not give up. */
+function isTransientStatus(status: number): boolean {
+  return status === 429 || status >= 500;
+}
+
+const MAX_RETRY_AFTER_SEC = 600;
+
+/** `Retry-After` in seconds (delta-seconds or an HTTP date), capped: an IdP cannot park clients for days. */
+export function parseRetryAfter(value: string | null | undefined, now = Date.now()): number | undefined {
+  if (!value) return undefined;
+  const trimmed = value.trim();
+  const seconds = /^\d{1,10}$/.test(trimmed) ? Number(trimmed) : Math.ceil((Date.parse(trimmed) - now) / 1000);
+  if (!Number.isFinite(seconds)) return undefined;
+  return Math.min(Math.max(seconds, 0), MAX_RETRY_AFTER_SEC);
+}
+
 /** Sorts any failure of an IdP exchange into what the caller must do about it. */
 function classify(error: unknown, operation: string): IdpError {
   if (error instanceof IdpError) return error;
-  if (error instanceof oauth.ResponseBodyError) {
-    if (error.error === 'invalid_grant') return new IdpError('invalid_grant', `${operation}: invalid_grant`, error);
-    if (error.status >= 500) return new IdpError('unavailable', `${operation}: IdP answered ${error.status}`, error);
-    return new IdpError('rejected', `${operation}: IdP answered ${error.error}`, error);
+  if (error instanceof oauth.ResponseBodyError && error.error === 'invalid_grant') return new IdpError('invalid_grant', `${operation}: invalid_grant`, error);
+  const response = responseOf(error);
+  if (response && isTransientStatus(response.status)) {
+    return new IdpError('unavailable', `${operation}: IdP answered ${response.status}`, error, parseRetryAfter(response.headers.get('retry-after')));
   }
-  if (error instanceof oauth.OperationProcessingError && error.cause instanceof Response && error.cause.status >= 500) {
-    return new IdpError('unavailable', `${operation}: IdP answered ${error.cause.status}`, error);
-  }
+  if (error instanceof oauth.ResponseBodyError) return new IdpError('rejected', `${operation}: IdP answered ${error.error}`, error);
   if (isNetworkFailure(error)) return new IdpError('unavailable', `${operation}: IdP not reachable`, error);
   if (error instanceof GatehouseError) return new IdpError('rejected', error.message, error);
   return new IdpError('rejected', `${operation}: unexpected IdP response`, error);
@@ -260,7 +284,7 @@ function classify(error: unknown, operation: string): IdpError {
 
 export function idpErrorToGatehouse(error: IdpError): GatehouseError {
   if (error.kind === 'invalid_grant') return errors.sessionExpired(error);
-  if (error.kind === 'unavailable') return errors.idpUnavailable(error);
+  if (error.kind === 'unavailable') return errors.idpUnavailable(error, error.retryAfterSec);
   return new GatehouseError('idp_error', 502, 'The identity provider refused the request.', { cause: error });
 }
 

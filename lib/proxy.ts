@@ -4,7 +4,7 @@ import { Transform, type Readable } from 'node:stream';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import { getConfig, type ApiConfig } from './config.ts';
-import { GatehouseError, asGatehouseError, errorBody, errors } from './errors.ts';
+import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
@@ -47,7 +47,7 @@ const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2']);
 
 function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
-  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ['x-gatehouse-error', error.code], ...extraHeaders];
+  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...errorHeaders(error), ...extraHeaders];
   if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
   return { status: error.status, headers, body: errorBody(error) };
 }
@@ -177,10 +177,10 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
   // The hot path may use the store's coherent copy; the refresh path re-reads under its lock.
-  const { session, stale } = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
+  const { session, stale, replaced } = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
   if (!session) {
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
-    throw errors.unauthenticated(stale);
+    throw replaced ? errors.sessionReplaced() : errors.unauthenticated(stale);
   }
   const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
   void touchSession(current).catch(() => undefined);

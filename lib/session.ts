@@ -4,6 +4,7 @@ import { createHash } from 'node:crypto';
 import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
+import { log } from './log.ts';
 import { createStore, type Store } from './store/index.ts';
 
 /**
@@ -34,8 +35,6 @@ export interface SessionRecord {
   logoutToken: string;
   userAgent: string | undefined;
   sealed: string;
-  /** Set when a new login in the same browser replaced this session (see retireSession). */
-  retiredAt?: number;
 }
 
 export interface Session {
@@ -59,6 +58,11 @@ export function sessionKey(id: string): string {
 
 export function refreshLockKey(id: string): string {
   return `${getConfig().keyPrefix}refresh-lock:{${id}}`;
+}
+
+/** Left behind for a short while when a new login replaces a session (see replaceSession). */
+function replacedMarkerKey(id: string): string {
+  return `${getConfig().keyPrefix}replaced:{${id}}`;
 }
 
 /** A short one-way digest (SHA-256, base64url): safe to show or to use inside a key. */
@@ -161,34 +165,48 @@ function readCookie(cookieHeader: string | null | undefined, name: string): stri
   return parseCookie(cookieHeader)[name];
 }
 
-const ISSUED_SEAL = /^Fe26\.2\*[^~]+~2$/;
+const ISSUED_SEAL = /^Fe26\.2\*([^*~]*)\*[^~]+~2$/;
 const unsealCache = new Map<string, { id: string; until: number }>();
 const UNSEAL_CACHE_LIMIT = 10_000;
 const UNSEAL_CACHE_MS = 5 * 60 * 1000;
 
 /**
- * The session id sealed in a cookie value, or null for a tampered, expired or foreign seal.
- * Unsealing costs two HMACs and a decryption, so a verified value is remembered for a while: the
- * key is the exact sealed string, which only someone holding that cookie can present.
+ * `unknown_key`: sealed under a password id this instance does not have — a secret rotated out, or
+ * one a newer instance already seals with during a rolling rotation. Clearing such a cookie could
+ * sign the user out of the instances that can read it, so it is only "no session" here.
  */
-export async function unsealSessionId(cookieValue: string): Promise<string | null> {
+type UnsealedCookie = { kind: 'id'; id: string } | { kind: 'invalid' } | { kind: 'unknown_key' };
+
+/**
+ * The session id sealed in a cookie value, or why there is none. Unsealing costs two HMACs and a
+ * decryption, so a verified value is remembered for a while: the key is the exact sealed string,
+ * which only someone holding that cookie can present.
+ */
+async function unsealCookieValue(cookieValue: string): Promise<UnsealedCookie> {
   // iron-session's `~<version>` suffix sits outside the seal's MAC: accept only the form we issue.
-  if (!ISSUED_SEAL.test(cookieValue)) return null;
+  const issued = ISSUED_SEAL.exec(cookieValue);
+  if (!issued) return { kind: 'invalid' };
   const now = Date.now();
   const cached = unsealCache.get(cookieValue);
-  if (cached && cached.until > now) return cached.id;
+  if (cached && cached.until > now) return { kind: 'id', id: cached.id };
+  const { unseal } = await cookiePasswords();
+  if (!Object.hasOwn(unseal, issued[1] as string)) return { kind: 'unknown_key' };
   let data: { id?: unknown };
   try {
-    const { unseal } = await cookiePasswords();
     data = await unsealData<{ id?: unknown }>(cookieValue, { password: unseal, ttl: sealTtlSec() });
   } catch {
     // iron-session re-throws malformed input it does not recognise; for us that is just "no session".
-    return null;
+    return { kind: 'invalid' };
   }
-  if (typeof data.id !== 'string' || !/^[A-Za-z0-9_-]{43}$/.test(data.id)) return null;
+  if (typeof data.id !== 'string' || !/^[A-Za-z0-9_-]{43}$/.test(data.id)) return { kind: 'invalid' };
   if (unsealCache.size >= UNSEAL_CACHE_LIMIT) unsealCache.delete(unsealCache.keys().next().value as string);
   unsealCache.set(cookieValue, { id: data.id, until: now + UNSEAL_CACHE_MS });
-  return data.id;
+  return { kind: 'id', id: data.id };
+}
+
+export async function unsealSessionId(cookieValue: string): Promise<string | null> {
+  const unsealed = await unsealCookieValue(cookieValue);
+  return unsealed.kind === 'id' ? unsealed.id : null;
 }
 
 /** The seal outlives the cookie, so a browser never presents a cookie whose seal has expired. */
@@ -305,26 +323,60 @@ function parseRecord(raw: string): SessionRecord | null {
 const SESSION_COPY_MAX_AGE_MS = 1_000;
 
 /**
- * The session, or null when absent, expired, of an unknown format or undecryptable (such a record
- * is deleted). `coherentCopy` lets the store answer from its coherent per-process copy: right for
- * the proxy's hot path, never for the refresh path, which must see the latest refresh token.
+ * Why a cookie's session cannot be used: `gone` (never existed, ended, expired: the cookie may be
+ * cleared), `replaced` (a new login in this browser ended it moments ago: the browser already holds
+ * the new cookie, which an answer clearing the cookie by name would destroy), `unreadable` (a record
+ * this instance cannot open — written by a newer release or under a key it does not have yet during
+ * a rolling deploy: someone else can read it, so it is neither deleted nor its cookie cleared).
  */
-export async function readSession(id: string, { coherentCopy = false } = {}): Promise<Session | null> {
+export type SessionMiss = 'gone' | 'replaced' | 'unreadable';
+
+const loggedUnreadable = new Set<string>();
+const LOGGED_UNREADABLE_LIMIT = 10_000;
+
+/** One warning per record and process: a fleet mid-deploy would otherwise log on every request. */
+function warnUnreadable(id: string, reason: string): void {
+  const handle = sessionHandle(id);
+  if (loggedUnreadable.has(handle)) return;
+  if (loggedUnreadable.size >= LOGGED_UNREADABLE_LIMIT) loggedUnreadable.clear();
+  loggedUnreadable.add(handle);
+  log('warn', 'session.unreadable', { session: handle, reason });
+}
+
+/**
+ * The session behind an id, or why there is none. Only a record that has passed its absolute end by
+ * our own clock is deleted here; what this instance cannot read is left for those that can.
+ * `coherentCopy` lets the store answer from its coherent per-process copy: right for the proxy's hot
+ * path, never for the refresh path, which must see the latest refresh token.
+ */
+export async function loadSession(id: string, { coherentCopy = false } = {}): Promise<{ session: Session; miss?: undefined } | { session: null; miss: SessionMiss }> {
   const store = getStore();
   const raw = await storeCall(() =>
     coherentCopy && store.getCoherent ? store.getCoherent(sessionKey(id), SESSION_COPY_MAX_AGE_MS) : store.get(sessionKey(id)),
   );
-  if (raw === null) return null;
-  const record = parseRecord(raw);
-  const now = Date.now();
-  const live = record && record.absoluteExpiresAt > now && !(record.retiredAt && now - record.retiredAt > REPLACED_SESSION_GRACE_MS);
-  const secrets = live ? await openSecrets(id, record.sealed) : null;
-  if (!record || !secrets) {
-    // Unreadable for good (old format, rotated-out key, past its absolute end): end it cleanly.
-    await storeCall(() => getStore().del(sessionKey(id)));
-    return null;
+  if (raw === null) {
+    const replaced = await storeCall(() => store.get(replacedMarkerKey(id)));
+    return { session: null, miss: replaced === null ? 'gone' : 'replaced' };
   }
-  return { id, record, secrets };
+  const record = parseRecord(raw);
+  if (!record) {
+    warnUnreadable(id, 'unknown_format');
+    return { session: null, miss: 'unreadable' };
+  }
+  if (record.absoluteExpiresAt <= Date.now()) {
+    await destroySession(id, record);
+    return { session: null, miss: 'gone' };
+  }
+  const secrets = await openSecrets(id, record.sealed);
+  if (!secrets) {
+    warnUnreadable(id, 'unknown_token_key');
+    return { session: null, miss: 'unreadable' };
+  }
+  return { session: { id, record, secrets } };
+}
+
+export async function readSession(id: string, options: { coherentCopy?: boolean } = {}): Promise<Session | null> {
+  return (await loadSession(id, options)).session;
 }
 
 /**
@@ -354,8 +406,7 @@ const TOUCH_MEMORY_LIMIT = 50_000;
 
 /** When the session ends if nothing else happens: idle timeout from now, capped by the absolute end. */
 export function sessionExpiresAt(record: SessionRecord, now = Date.now()): number {
-  const ends = Math.min(record.absoluteExpiresAt, now + getConfig().session.idleTimeoutSec * 1000);
-  return record.retiredAt ? Math.min(ends, record.retiredAt + REPLACED_SESSION_GRACE_MS) : ends;
+  return Math.min(record.absoluteExpiresAt, now + getConfig().session.idleTimeoutSec * 1000);
 }
 
 /**
@@ -365,7 +416,6 @@ export function sessionExpiresAt(record: SessionRecord, now = Date.now()): numbe
 export async function touchSession(session: Session, force = false): Promise<void> {
   const now = Date.now();
   const { touchIntervalSec } = getConfig().session;
-  if (session.record.retiredAt) return;
   const previous = lastTouched.get(session.id);
   if (!force && previous !== undefined && now - previous < touchIntervalSec * 1000) return;
   if (lastTouched.size >= TOUCH_MEMORY_LIMIT) lastTouched.delete(lastTouched.keys().next().value as string);
@@ -390,20 +440,16 @@ export async function updateSessionTokens(session: Session, secrets: SessionSecr
 }
 
 /**
- * A session replaced by a new login in the same browser. Other tabs may be mid-request with its
- * cookie; if it vanished at once, their answers would clear the cookie by name — the new one.
- * So it lingers briefly, unlisted and never extended, then ends on its own.
+ * How long a replaced session's marker lives. Other tabs may be mid-request with the old cookie;
+ * the marker lets their answers say "replaced" (401, cookie left alone) instead of "gone" (which
+ * clears the cookie by name — by then, the new session's cookie).
  */
-export const REPLACED_SESSION_GRACE_MS = 30_000;
+export const REPLACED_SESSION_MARKER_MS = 60_000;
 
-export async function retireSession(session: Session): Promise<void> {
-  lastTouched.delete(session.id);
-  const record: SessionRecord = { ...session.record, retiredAt: Date.now() };
-  const key = sessionKey(session.id);
-  if (await storeCall(() => getStore().replace(key, JSON.stringify(record)))) {
-    await storeCall(() => getStore().expire(key, REPLACED_SESSION_GRACE_MS));
-  }
-  await removeFromIndexes(session.id, record);
+/** Ends a session that a new login in the same browser replaces: at once, leaving only a marker. */
+export async function replaceSession(session: Session): Promise<void> {
+  await storeCall(() => getStore().set(replacedMarkerKey(session.id), '1', { ttlMs: REPLACED_SESSION_MARKER_MS }));
+  await destroySession(session.id, session.record);
 }
 
 async function removeFromIndexes(id: string, record: SessionRecord): Promise<void> {
@@ -478,20 +524,28 @@ export async function destroySessionsFor(target: { sub?: string; idpSid?: string
   return ended;
 }
 
-/**
- * The session a request's cookie leads to. `stale` is true when a cookie was sent but leads
- * nowhere (tampered, foreign secret, session gone), so the answer should clear it.
- */
-export async function sessionFromCookieHeader(
-  cookieHeader: string | null | undefined,
-  { coherentCopy = false } = {},
-): Promise<{ session: Session | null; stale: boolean }> {
+/** The session id sealed in the request's session cookie, without asking the store. */
+export async function sessionIdFromCookieHeader(cookieHeader: string | null | undefined): Promise<string | null> {
   const value = readCookie(cookieHeader, getConfig().session.cookieName);
-  if (!value) return { session: null, stale: false };
-  const id = await unsealSessionId(value);
-  if (!id) return { session: null, stale: true };
-  const session = await readSession(id, { coherentCopy });
-  return { session, stale: session === null };
+  return value ? unsealSessionId(value) : null;
+}
+
+export interface CookieSession {
+  session: Session | null;
+  /** A cookie was sent that leads nowhere (tampered, or its session is gone): clear it. */
+  stale: boolean;
+  /** The session was replaced by a new login in this browser moments ago: leave the cookie alone. */
+  replaced: boolean;
+}
+
+/** The session a request's cookie leads to, and what to do about the cookie when there is none. */
+export async function sessionFromCookieHeader(cookieHeader: string | null | undefined, { coherentCopy = false } = {}): Promise<CookieSession> {
+  const value = readCookie(cookieHeader, getConfig().session.cookieName);
+  if (!value) return { session: null, stale: false, replaced: false };
+  const unsealed = await unsealCookieValue(value);
+  if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false };
+  const loaded = await loadSession(unsealed.id, { coherentCopy });
+  return { session: loaded.session, stale: loaded.miss === 'gone', replaced: loaded.miss === 'replaced' };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,15 +558,33 @@ export interface LoginTransaction {
   codeVerifier: string;
   returnTo: string;
   prompt?: string;
+  /** Epoch ms; the oldest attempts are dropped first when a browser piles them up. */
+  startedAt: number;
+  /**
+   * The browser's session when the login started. Login start is a same-site navigation, so the
+   * Strict session cookie arrives there; the callback ends a cross-site redirect chain and does not
+   * see it. Recording it here lets the callback end the session this login replaces.
+   */
+  previousSessionId?: string;
 }
 
 const TRANSACTION_TTL_SEC = 10 * 60;
+/** Each attempt is a cookie of up to ~3 KB: a handful left unfinished would make every request too large (431). */
+export const MAX_LIVE_TRANSACTIONS = 3;
+const TRANSACTION_COOKIE_STEM = 'gatehouse-tx-';
+
+function transactionCookiePrefix(): string {
+  return `${getConfig().secureCookies ? '__Host-' : ''}${TRANSACTION_COOKIE_STEM}`;
+}
 
 function transactionCookieName(state: string): string {
-  const { secureCookies } = getConfig();
   // Derived from state so the callback finds the right one among concurrent logins.
   const suffix = state.replace(/[^A-Za-z0-9_-]/g, '').slice(0, 16);
-  return `${secureCookies ? '__Host-' : ''}gatehouse-tx-${suffix}`;
+  return `${transactionCookiePrefix()}${suffix}`;
+}
+
+function clearCookieHeader(name: string): string {
+  return serializeCookie(name, '', { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'lax', path: '/', maxAge: 0 });
 }
 
 export async function transactionCookieHeader(transaction: LoginTransaction): Promise<string> {
@@ -528,20 +600,45 @@ export async function transactionCookieHeader(transaction: LoginTransaction): Pr
   });
 }
 
-export async function readTransaction(cookieHeader: string | null | undefined, state: string | null): Promise<LoginTransaction | null> {
-  if (!state) return null;
-  const value = readCookie(cookieHeader, transactionCookieName(state));
-  if (!value) return null;
+async function openTransaction(value: string): Promise<LoginTransaction | null> {
   try {
     const { unseal } = await cookiePasswords();
     const data = await unsealData<Partial<LoginTransaction>>(value, { password: unseal, ttl: TRANSACTION_TTL_SEC + 60 });
     if (typeof data.state !== 'string' || typeof data.nonce !== 'string' || typeof data.codeVerifier !== 'string' || typeof data.returnTo !== 'string') return null;
+    if (typeof data.startedAt !== 'number') return null;
     return data as LoginTransaction;
   } catch {
     return null;
   }
 }
 
-export function clearTransactionCookieHeader(state: string): string {
-  return serializeCookie(transactionCookieName(state), '', { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'lax', path: '/', maxAge: 0 });
+export async function readTransaction(cookieHeader: string | null | undefined, state: string | null): Promise<LoginTransaction | null> {
+  if (!state) return null;
+  const value = readCookie(cookieHeader, transactionCookieName(state));
+  if (!value) return null;
+  const transaction = await openTransaction(value);
+  // The cookie's name is derived from state, so also insist the sealed state is the one presented.
+  return transaction?.state === state ? transaction : null;
+}
+
+/** Clears the transaction cookie of `state` if the browser sent one (whatever the callback's outcome). */
+export function clearTransactionCookieHeaders(cookieHeader: string | null | undefined, state: string | null): string[] {
+  if (!state) return [];
+  const name = transactionCookieName(state);
+  return readCookie(cookieHeader, name) === undefined ? [] : [clearCookieHeader(name)];
+}
+
+/**
+ * Clearing headers for the transaction cookies a new login must not add to: unreadable ones, and
+ * the oldest beyond the newest `MAX_LIVE_TRANSACTIONS - 1`, so that with the new one at most
+ * `MAX_LIVE_TRANSACTIONS` live in the browser.
+ */
+export async function transactionCookiesToDrop(cookieHeader: string | null | undefined): Promise<string[]> {
+  if (!cookieHeader) return [];
+  const prefix = transactionCookiePrefix();
+  const present = Object.entries(parseCookie(cookieHeader)).filter((entry): entry is [string, string] => entry[0].startsWith(prefix) && entry[1] !== undefined);
+  if (present.length < MAX_LIVE_TRANSACTIONS) return [];
+  const opened = await Promise.all(present.map(async ([name, value]) => ({ name, startedAt: (await openTransaction(value))?.startedAt ?? -Infinity })));
+  opened.sort((a, b) => b.startedAt - a.startedAt);
+  return opened.slice(MAX_LIVE_TRANSACTIONS - 1).map(({ name }) => clearCookieHeader(name));
 }

@@ -12,6 +12,7 @@ export type SessionInfo =
 export type GatehouseErrorCode =
   | 'unauthenticated'
   | 'session_expired'
+  | 'session_replaced'
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'
@@ -57,11 +58,19 @@ function currentLocation(): string {
 export async function bffFetch(input: string, init: RequestInit = {}): Promise<Response> {
   const headers = new Headers(init.headers);
   headers.set('X-CSRF', '1');
-  let response: Response;
-  try {
-    response = await fetch(input, { ...init, headers, credentials: 'same-origin' });
-  } catch (error) {
-    throw new GatehouseClientError('network_error', 0, error instanceof Error ? error.message : 'Network error');
+  const send = async () => {
+    try {
+      return await fetch(input, { ...init, headers, credentials: 'same-origin' });
+    } catch (error) {
+      throw new GatehouseClientError('network_error', 0, error instanceof Error ? error.message : 'Network error');
+    }
+  };
+  let response = await send();
+  // Sent with the cookie of a session that a sign-in in another tab replaced a moment ago: the
+  // browser holds the new cookie by now, so one retry is made with it (when the body can be re-sent).
+  if (response.headers.get('x-gatehouse-error') === 'session_replaced' && !(init.body instanceof ReadableStream)) {
+    await response.body?.cancel();
+    response = await send();
   }
   const code = response.headers.get('x-gatehouse-error');
   if (!code) return response;

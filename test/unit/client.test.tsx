@@ -70,6 +70,23 @@ describe('bffFetch', () => {
     window.removeEventListener(SESSION_ENDED_EVENT, ended);
   });
 
+  it('retries once, and announces nothing, when a sign-in in another tab replaced the session mid-request', async () => {
+    const ended = vi.fn();
+    window.addEventListener(SESSION_ENDED_EVENT, ended);
+    const replaced = () => json(401, { error: 'session_replaced', message: 'replaced' }, { 'x-gatehouse-error': 'session_replaced' });
+    fetchMock.mockResolvedValueOnce(replaced()).mockResolvedValueOnce(json(200, { ok: true }));
+    expect(await api('demo').post('items', { a: 1 })).toEqual({ ok: true });
+    expect(fetchMock).toHaveBeenCalledTimes(2);
+    expect(fetchMock.mock.calls[1]![1]?.body).toBe('{"a":1}');
+    // Twice in a row is not a race any more: the caller hears it, still without a session-ended alarm.
+    fetchMock.mockReset();
+    fetchMock.mockImplementation(async () => replaced());
+    await expect(bffFetch('/api/proxy/demo/x')).rejects.toMatchObject({ code: 'session_replaced', status: 401 });
+    expect(fetchMock).toHaveBeenCalledTimes(2);
+    expect(ended).not.toHaveBeenCalled();
+    window.removeEventListener(SESSION_ENDED_EVENT, ended);
+  });
+
   it('reads the session', async () => {
     fetchMock.mockResolvedValue(json(200, { authenticated: false }));
     expect(await getSession()).toEqual({ authenticated: false });

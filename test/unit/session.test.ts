@@ -63,6 +63,15 @@ describe('session cookie', () => {
     expect(await other.unsealSessionId(sealed)).toBeNull();
   });
 
+  it('clears a tampered cookie but not one sealed under a secret this instance lacks (a rotation in progress elsewhere)', async () => {
+    const sealedWithB = cookieValue(await (await deploy(B)).sessionCookieHeader(ID));
+    const session = await deploy(A);
+    const sealedWithA = cookieValue(await session.sessionCookieHeader(ID));
+    const tampered = sealedWithA.slice(0, -6) + (sealedWithA.at(-6) === 'A' ? 'B' : 'A') + sealedWithA.slice(-5);
+    expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${tampered}`)).toEqual({ session: null, stale: true, replaced: false });
+    expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${sealedWithB}`)).toEqual({ session: null, stale: false, replaced: false });
+  });
+
   it('rotates: A-sealed cookies survive "B,A", new seals use B, and "B" alone ends A-only cookies', async () => {
     const sealedWithA = cookieValue(await (await deploy(A)).sessionCookieHeader(ID));
     const rotating = await deploy(`${B},${A}`);
@@ -85,7 +94,7 @@ describe('session cookie', () => {
 describe('login transaction cookie', () => {
   it('is SameSite=Lax (the IdP redirect back is cross-site) and found only by its own state', async () => {
     const session = await deploy(A);
-    const transaction = { state: 'state-one-abcdefghijklmnop', nonce: 'n', codeVerifier: 'v', returnTo: '/orders' };
+    const transaction = { state: 'state-one-abcdefghijklmnop', nonce: 'n', codeVerifier: 'v', returnTo: '/orders', startedAt: Date.now() };
     const header = await session.transactionCookieHeader(transaction);
     expect(header).toContain('SameSite=Lax');
     expect(header).toContain('HttpOnly');
@@ -94,6 +103,25 @@ describe('login transaction cookie', () => {
     expect(await session.readTransaction(cookie, transaction.state)).toEqual(transaction);
     expect(await session.readTransaction(cookie, 'state-two-abcdefghijklmnop')).toBeNull();
     expect(await session.readTransaction(cookie, null)).toBeNull();
+  });
+
+  it('are bounded per browser: a new login drops the oldest and any unreadable ones', async () => {
+    const session = await deploy(A);
+    const cookies: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const header = await session.transactionCookieHeader({ state: `state-${i}-abcdefghijklmnop`, nonce: 'n', codeVerifier: 'v', returnTo: '/', startedAt: 1_000 + i });
+      cookies.push(header.split(';')[0]!);
+    }
+    cookies.push('__Host-gatehouse-tx-garbage=not-a-seal', '__Host-gatehouse=unrelated');
+    const dropped = await session.transactionCookiesToDrop(cookies.join('; '));
+    const names = dropped.map((line) => line.split('=')[0]);
+    // The newest MAX_LIVE_TRANSACTIONS - 1 stay, so the login about to start makes MAX_LIVE_TRANSACTIONS.
+    const kept = ['state-4', 'state-3'].map((state) => `__Host-gatehouse-tx-${state}-abcdefgh`);
+    expect(session.MAX_LIVE_TRANSACTIONS).toBe(3);
+    expect(names.sort()).toEqual(['__Host-gatehouse-tx-garbage', ...['state-0', 'state-1', 'state-2'].map((state) => `__Host-gatehouse-tx-${state}-abcdefgh`)].sort());
+    for (const name of kept) expect(names).not.toContain(name);
+    for (const line of dropped) expect(line).toMatch(/Max-Age=0/);
+    expect(await session.transactionCookiesToDrop(cookies.slice(0, 2).join('; '))).toEqual([]);
   });
 });
 
@@ -118,7 +146,7 @@ describe('tokens at rest', () => {
 });
 
 describe('session records', () => {
-  it('get a fresh id each time and end cleanly when their format is unknown', async () => {
+  it('get a fresh id each time', async () => {
     const session = await deploy(A);
     const input = { sub: 'alice', idpSid: 'sid-1', secrets, accessTokenExpiresAt: null, userAgent: 'test' };
     const first = await session.createSession(input);
@@ -126,9 +154,26 @@ describe('session records', () => {
     expect(first.id).not.toBe(second.id);
     expect(first.id).toMatch(/^[A-Za-z0-9_-]{43}$/);
     expect((await session.readSession(first.id))?.secrets).toEqual(secrets);
-    await session.getStore().set(session.sessionKey(second.id), JSON.stringify({ v: 0, legacy: true }), { ttlMs: 60_000 });
-    expect(await session.readSession(second.id)).toBeNull();
-    expect(await session.getStore().get(session.sessionKey(second.id))).toBeNull();
+  });
+
+  it('that this instance cannot read are never deleted: another release or key may read them', async () => {
+    const session = await deploy(A);
+    const input = { sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined };
+    const newerFormat = await session.createSession(input);
+    const key = session.sessionKey(newerFormat.id);
+    const written = JSON.stringify({ v: 2, shape: 'of a newer release' });
+    await session.getStore().replace(key, written);
+    expect(await session.loadSession(newerFormat.id)).toEqual({ session: null, miss: 'unreadable' });
+    expect(await session.getStore().get(key)).toBe(written);
+
+    // Tokens encrypted under a key this instance does not have yet (a rotation rolling out).
+    const rotatedAhead = await deploy(A, { TOKEN_ENCRYPTION_KEY: B });
+    const ahead = await rotatedAhead.createSession(input);
+    const behind = await deploy(A, { TOKEN_ENCRYPTION_KEY: A });
+    const record = await rotatedAhead.getStore().get(rotatedAhead.sessionKey(ahead.id));
+    await behind.getStore().set(behind.sessionKey(ahead.id), record!, { ttlMs: 60_000 });
+    expect(await behind.loadSession(ahead.id)).toEqual({ session: null, miss: 'unreadable' });
+    expect(await behind.getStore().get(behind.sessionKey(ahead.id))).toBe(record);
   });
 
   it('are never resurrected by a token update after deletion', async () => {
@@ -142,22 +187,22 @@ describe('session records', () => {
 });
 
 describe('a session replaced by a new login', () => {
-  it('lingers only for the grace period, unlisted, and is never extended', async () => {
+  it('stops at once, unlisted; for a short while its cookie reads as "replaced", then as gone', async () => {
     const session = await deploy(A);
     const old = await session.createSession({ sub: 'alice', idpSid: 'sid-9', secrets, accessTokenExpiresAt: null, userAgent: undefined });
-    await session.retireSession(old);
-    const retired = await session.readSession(old.id);
-    expect(retired?.record.retiredAt).toBeTypeOf('number');
-    expect(session.sessionExpiresAt(retired!.record)).toBeLessThanOrEqual(Date.now() + session.REPLACED_SESSION_GRACE_MS);
+    const cookie = (await session.sessionCookieHeader(old.id)).split(';')[0]!;
+    await session.replaceSession(old);
+    expect(await session.getStore().get(session.sessionKey(old.id))).toBeNull();
+    expect(await session.sessionFromCookieHeader(cookie)).toEqual({ session: null, stale: false, replaced: true });
     expect(await session.getStore().indexMembers(session.userSessionsKey('alice'), Date.now())).toEqual([]);
     expect(await session.getStore().indexMembers(session.idpSessionKey('sid-9'), Date.now())).toEqual([]);
+    // A late token write-back (a refresh in flight) cannot bring it back.
+    expect(await session.updateSessionTokens(old, secrets, null)).toBeNull();
 
-    // A use of the old cookie must not slide its expiry back out to the idle timeout.
-    vi.useFakeTimers({ now: Date.now() + 20_000, toFake: ['Date'] });
+    // The memory store expires keys by Date.now(): past the marker's lifetime the cookie is just stale.
+    vi.useFakeTimers({ now: Date.now() + session.REPLACED_SESSION_MARKER_MS + 1, toFake: ['Date'] });
     try {
-      await session.touchSession(retired!, true);
-      vi.setSystemTime(Date.now() + 15_000);
-      expect(await session.readSession(old.id)).toBeNull();
+      expect(await session.sessionFromCookieHeader(cookie)).toEqual({ session: null, stale: true, replaced: false });
     } finally {
       vi.useRealTimers();
     }

@@ -1,0 +1,227 @@
+import fc from 'fast-check';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { browserRequest, followFlow, jarFor, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
+import { CLIENT_SECRET, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { hostileReturnTo } from '../support/hostile-inputs.ts';
+import { redeemRefreshToken, storedSecrets } from '../support/stored-session.ts';
+
+/**
+ * Login, re-login, logout and the login transaction, attacked from outside through the real IdP
+ * (on another site than the app, as in production), real Redis and both server shapes.
+ */
+
+const SHAPES = ['fast', 'next'] as const;
+// Shorter than the refresh skew (30 s): every proxied call refreshes, so a refresh can be made to meet an IdP fault.
+const ACCESS_TOKEN_TTL_SEC = 20;
+
+const cookieLine = (jar: Map<string, string>) => [...jar].map(([name, value]) => `${name}=${value}`).join('; ');
+const spa = (cookie: string | undefined) => ({ 'x-csrf': '1', ...(cookie ? { cookie } : {}) });
+
+describe.each(SHAPES)('login and logout on %s', (shape) => {
+  let stack: Stack;
+  let app: string;
+  let redis: Redis;
+
+  beforeAll(async () => {
+    stack = await startStack({ server: shape, workers: 1, accessTokenTtl: ACCESS_TOKEN_TTL_SEC });
+    app = stack.apps[0]!.url;
+    redis = new Redis(stack.appEnv.REDIS_URL as string);
+  });
+  afterAll(async () => {
+    redis?.disconnect();
+    await stack?.stop();
+  });
+
+  const sessionKeysOf = async () => redis.keys(`${stack.keyPrefix}session:*`);
+
+  /** A login, and the one store key it created. */
+  async function loginWithKey(username: string, jars: CookieJars) {
+    const before = new Set(await sessionKeysOf());
+    const result = await login(username, '/', jars);
+    const created = (await sessionKeysOf()).filter((key) => !before.has(key));
+    expect(created).toHaveLength(1);
+    return { ...result, key: created[0] as string };
+  }
+
+  /** Logs in with `jars` (reusing its IdP session, if any); returns where the callback sent the browser. */
+  async function login(username: string, returnTo: string, jars: CookieJars, prompt?: 'none') {
+    const query = new URLSearchParams({ returnTo, ...(prompt ? { prompt } : {}) });
+    return loginThroughRp({ startUrl: `${app}/api/auth/login?${query}`, username, jars });
+  }
+
+  it('never redirects off-site after login, whatever returnTo says (generated, through the real callback)', async () => {
+    const jars: CookieJars = new Map();
+    const control = await login('olga', '/a/./b/../c?tab=2', jars);
+    expect(control.finalUrl).toBe(`${app}/a/c?tab=2`);
+    await fc.assert(
+      fc.asyncProperty(hostileReturnTo, async (returnTo) => {
+        const { finalUrl, callbackStatus } = await login('olga', returnTo, jars);
+        expect(callbackStatus).toBe(302);
+        expect(new URL(finalUrl).origin, `returnTo=${JSON.stringify(returnTo)} → ${finalUrl}`).toBe(app);
+      }),
+      { numRuns: 40, examples: [['/.//evil.example'], ['/a/..//evil.example'], ['/%2e//evil.example']] },
+    );
+  });
+
+  it('never redirects off-site after a silent login, signed in at the IdP or not', async () => {
+    const signedIn: CookieJars = new Map();
+    await login('pia', '/', signedIn);
+    await fc.assert(
+      fc.asyncProperty(hostileReturnTo, fc.boolean(), async (returnTo, atIdp) => {
+        const { finalUrl } = await login('pia', returnTo, atIdp ? signedIn : new Map(), 'none');
+        const target = new URL(finalUrl);
+        expect(target.origin, `returnTo=${JSON.stringify(returnTo)} → ${finalUrl}`).toBe(app);
+        if (!atIdp) expect(target.searchParams.get('authError')).toBe('login_required');
+      }),
+      { numRuns: 30, examples: [['/.//evil.example', false], ['/.//evil.example', true]] },
+    );
+  });
+
+  it('GET logout without a matching session changes nothing: 400 and no Set-Cookie', async () => {
+    // A cross-site link arrives without the Strict cookie; a stale cookie leads nowhere either.
+    const { rpCookies, key } = await loginWithKey('quinn', new Map());
+    const live = cookieLine(rpCookies);
+    const described = (await (await fetch(`${app}/api/auth/session`, { headers: spa(live) })).json()) as { logoutUrl: string };
+    expect(await redis.del(key)).toBe(1);
+    for (const cookie of [undefined, live]) {
+      for (const sid of ['anything', new URL(described.logoutUrl, app).searchParams.get('sid') as string]) {
+        const res = await fetch(`${app}/api/auth/logout?sid=${encodeURIComponent(sid)}`, { headers: cookie ? { cookie } : {}, redirect: 'manual' });
+        expect(res.status).toBe(400);
+        expect(res.headers.get('content-type')).toMatch(/^text\/html/);
+        expect(res.headers.getSetCookie()).toEqual([]);
+        expect(await res.text()).toContain('<code>invalid_request</code>');
+      }
+    }
+  });
+
+  /**
+   * Logs in again with `jars`. Login start is a same-site navigation and carries the session cookie;
+   * the callback ends a cross-site redirect chain, where the browser leaves the Strict cookie off.
+   */
+  async function reLoginAsBrowserWouldUnderStrict(username: string, jars: CookieJars): Promise<string> {
+    const start = new URL(`${app}/api/auth/login?returnTo=%2Fagain`);
+    let leftApp = false;
+    const callback = await followFlow(start, (next) => (leftApp ||= next.origin !== start.origin) && next.origin === start.origin, { username, jars });
+    const appJar = jarFor(jars, start.origin);
+    const previous = appJar.get('gatehouse');
+    appJar.delete('gatehouse');
+    const landed = await browserRequest(callback, jars);
+    expect(landed.status).toBe(302);
+    expect(landed.headers.get('location')).toBe(`${app}/again`);
+    expect(appJar.get('gatehouse')).toBeTruthy();
+    expect(appJar.get('gatehouse')).not.toBe(previous);
+    return `gatehouse=${appJar.get('gatehouse')}`;
+  }
+
+  async function expectReplaced(oldCookie: string, newCookie: string): Promise<void> {
+    // The old session authorises nothing, at once; its answers leave the (new) cookie alone.
+    const proxied = await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(oldCookie) });
+    expect(proxied.status).toBe(401);
+    expect(proxied.headers.get('x-gatehouse-error')).toBe('session_replaced');
+    expect(await proxied.json()).toMatchObject({ error: 'session_replaced' });
+    expect(proxied.headers.getSetCookie()).toEqual([]);
+    const described = await fetch(`${app}/api/auth/session`, { headers: spa(oldCookie) });
+    expect(await described.json()).toEqual({ authenticated: false });
+    expect(described.headers.getSetCookie()).toEqual([]);
+    const listing = (await (await fetch(`${app}/api/auth/sessions`, { headers: spa(newCookie) })).json()) as { sessions: Array<{ current: boolean }> };
+    expect(listing.sessions).toEqual([expect.objectContaining({ current: true })]);
+    // The new session works, its refresh included (every call refreshes with tokens this short-lived).
+    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(newCookie) })).status).toBe(200);
+    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(newCookie) })).status).toBe(200);
+  }
+
+  it('a new login ends the session it replaces although the Strict cookie never reaches the callback, and revokes its refresh token', async () => {
+    const first = await loginWithKey('rita', new Map());
+    const oldCookie = cookieLine(first.rpCookies);
+    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(oldCookie) })).status).toBe(200);
+    // Read after that call: with tokens this short-lived, it rotated the refresh token.
+    const { refreshToken: oldRefreshToken } = await storedSecrets(stack.appEnv.REDIS_URL as string, first.key, stack.appEnv.SESSION_SECRET as string);
+
+    // The same browser signs in again after its IdP session ended: a new IdP session, a new grant.
+    const browser: CookieJars = new Map([[app, new Map(first.rpCookies)]]);
+    const newCookie = await reLoginAsBrowserWouldUnderStrict('rita', browser);
+    await expectReplaced(oldCookie, newCookie);
+    expect(await redeemRefreshToken(stack.issuer, stack.clientId, CLIENT_SECRET, oldRefreshToken!)).toMatchObject({ status: 400, error: 'invalid_grant' });
+  });
+
+  it('a silent re-login within the same IdP session ends the old session without revoking the grant both share', async () => {
+    const jars: CookieJars = new Map();
+    const first = await login('ruth', '/', jars);
+    const oldCookie = cookieLine(first.rpCookies);
+    const newCookie = await reLoginAsBrowserWouldUnderStrict('ruth', jars);
+    await expectReplaced(oldCookie, newCookie);
+  });
+
+  it('keeps at most three unfinished logins per browser, and clears the attempt on every callback outcome', async () => {
+    const appJar = new Map<string, string>();
+    const states: string[] = [];
+    for (let attempt = 0; attempt < 6; attempt++) {
+      const res = await fetch(`${app}/api/auth/login`, { headers: { cookie: cookieLine(appJar) }, redirect: 'manual' });
+      expect(res.status).toBe(302);
+      states.push(new URL(res.headers.get('location') as string).searchParams.get('state') as string);
+      for (const line of res.headers.getSetCookie()) {
+        const [pair = ''] = line.split(';');
+        const [name = '', value = ''] = [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)];
+        if (value) appJar.set(name, value);
+        else appJar.delete(name);
+      }
+      const live = [...appJar.keys()].filter((name) => name.startsWith('gatehouse-tx-'));
+      expect(live.length).toBeLessThanOrEqual(3);
+      // The newest attempt is always among them.
+      expect(live).toContain(`gatehouse-tx-${states.at(-1)!.replace(/[^A-Za-z0-9_-]/g, '').slice(0, 16)}`);
+    }
+    const txName = (state: string) => `gatehouse-tx-${state.replace(/[^A-Za-z0-9_-]/g, '').slice(0, 16)}`;
+    const [errorState, badCodeState] = states.slice(-2) as [string, string];
+    const outcomes: Array<{ query: Record<string, string>; status: number; code: string; state: string }> = [
+      { query: { state: errorState, error: 'access_denied', iss: stack.issuer }, status: 400, code: 'access_denied', state: errorState },
+      { query: { state: badCodeState, code: 'not-a-code', iss: stack.issuer }, status: 400, code: 'token_exchange_failed', state: badCodeState },
+    ];
+    for (const outcome of outcomes) {
+      const res = await fetch(`${app}/api/auth/callback?${new URLSearchParams(outcome.query)}`, { headers: { cookie: cookieLine(appJar) }, redirect: 'manual' });
+      expect(res.status).toBe(outcome.status);
+      expect(await res.text()).toContain(`<code>${outcome.code}</code>`);
+      expect(res.headers.getSetCookie()).toEqual([expect.stringMatching(new RegExp(`^${txName(outcome.state)}=;.*Max-Age=0`, 'i'))]);
+    }
+  });
+
+  it('an IdP that rate limits a refresh gives 503 idp_unavailable with its Retry-After, and the session stays', async () => {
+    const { rpCookies } = await login('sven', '/', new Map());
+    const cookie = cookieLine(rpCookies);
+    await fetch(`${stack.issuer}/__dev/token-fault?status=429&retryAfter=7&count=1`, { method: 'POST' });
+    const limited = await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(cookie) });
+    expect(limited.status).toBe(503);
+    expect(limited.headers.get('retry-after')).toBe('7');
+    expect(limited.headers.get('x-gatehouse-error')).toBe('idp_unavailable');
+    expect(await limited.json()).toMatchObject({ error: 'idp_unavailable' });
+    expect(limited.headers.getSetCookie()).toEqual([]);
+    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(cookie) })).status).toBe(200);
+  });
+
+  it('an IdP failing the code exchange is a readable 503 page, idp_unavailable, with its Retry-After', async () => {
+    const jars: CookieJars = new Map();
+    const start = new URL(`${app}/api/auth/login`);
+    let leftApp = false;
+    const callback = await followFlow(start, (next) => (leftApp ||= next.origin !== start.origin) && next.origin === start.origin, { username: 'tara', jars });
+    await fetch(`${stack.issuer}/__dev/token-fault?status=503&retryAfter=3&count=1`, { method: 'POST' });
+    const res = await browserRequest(callback, jars);
+    expect(res.status).toBe(503);
+    expect(res.headers.get('retry-after')).toBe('3');
+    expect(await res.text()).toContain('<code>idp_unavailable</code>');
+    expect(jarFor(jars, start.origin).get('gatehouse')).toBeUndefined();
+  });
+
+  it('a login while the IdP cannot be reached at all is a readable 503 page, not a 500', async () => {
+    const unreachable = `http://127.0.0.1:1`;
+    const lonely = await startGatehouse({ name: `gatehouse-no-idp-${shape}`, server: shape, workers: 1, env: { ...stack.appEnv, OIDC_ISSUER: unreachable } });
+    try {
+      const res = await fetch(`${lonely.url}/api/auth/login`, { redirect: 'manual' });
+      expect(res.status).toBe(503);
+      const html = await res.text();
+      expect(html).toContain('<code>idp_unavailable</code>');
+      expect(html).not.toMatch(/\bat [\w.<>$]+ \(|node_modules|\.ts:\d+/);
+    } finally {
+      await lonely.process.stop();
+    }
+  });
+});
