@@ -6,7 +6,8 @@ import { freePort } from '../e2e/support/stack.ts';
 
 /**
  * `npm test`: type-check, lint, unit, production build, integration (real Redis, real IdP
- * processes) and end-to-end (real Chromium). Starts a private Redis when none is reachable.
+ * processes) and end-to-end (real Chromium). Installs redis-server and chromium when missing (as
+ * root on Debian) and starts a private Redis when none is reachable.
  */
 
 const root = path.resolve(import.meta.dirname, '..');
@@ -29,7 +30,7 @@ async function ensureRedis(): Promise<{ url: string; server?: ChildProcess }> {
   const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
   if (await redisAnswers(new URL(url))) return { url };
   if (spawnSync('redis-server', ['--version']).status !== 0) {
-    throw new Error(`No Redis answers at ${url} and redis-server is not installed (apt-get install redis-server, or run .ci/run).`);
+    throw new Error(`No Redis answers at ${url} and redis-server is not installed (apt-get install redis-server).`);
   }
   const port = await freePort();
   const server = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
@@ -50,11 +51,34 @@ function run(script: string, env: NodeJS.ProcessEnv): Promise<number> {
   });
 }
 
-const chromium = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
-if (!existsSync(chromium)) {
-  console.error(`Chromium not found at ${chromium}: apt-get install chromium (or set CHROMIUM_PATH), or run .ci/run.`);
-  process.exit(1);
+/**
+ * The suite needs Debian's redis-server and chromium (Playwright cannot download browsers here).
+ * As root on Debian, missing ones are installed, so the README's test command works by itself on a
+ * fresh machine; anyone else is told exactly what to install.
+ */
+function ensureSystemPackages(): void {
+  const chromium = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
+  const missing = [
+    ...(spawnSync('redis-server', ['--version']).status === 0 ? [] : ['redis-server']),
+    ...(existsSync(chromium) ? [] : ['chromium']),
+  ];
+  if (missing.length === 0) return;
+  const canInstall = process.getuid?.() === 0 && spawnSync('apt-get', ['--version']).status === 0 && !process.env.CHROMIUM_PATH;
+  if (!canInstall) {
+    console.error(`Missing: ${missing.join(', ')}. Install with: apt-get install ${missing.join(' ')} (or set CHROMIUM_PATH to a Chromium).`);
+    process.exit(1);
+  }
+  console.log(`\n=== installing ${missing.join(', ')} (apt-get)\n`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  for (const args of [['update', '-qq'], ['install', '-y', '-qq', '--no-install-recommends', ...missing, 'fonts-dejavu-core']]) {
+    if (spawnSync('apt-get', args, { stdio: 'inherit', env }).status !== 0) {
+      console.error(`apt-get ${args[0]} failed: install ${missing.join(' ')} by hand.`);
+      process.exit(1);
+    }
+  }
 }
+
+ensureSystemPackages();
 
 const redis = await ensureRedis();
 const env = { ...process.env, REDIS_URL: redis.url };

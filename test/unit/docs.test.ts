@@ -20,3 +20,16 @@ describe('README configuration reference', () => {
     expect(documentedVariables()).toEqual([...CONFIG_VARIABLES].sort());
   });
 });
+
+describe("README's test command", () => {
+  it('is exactly what CI runs', () => {
+    const root = path.resolve(import.meta.dirname, '..', '..');
+    const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
+    const quickStart = /```sh\n([\s\S]*?)```/.exec(readme.split(/^## Quick start$/m)[1] ?? '')?.[1] ?? '';
+    const testLine = quickStart.split('\n').find((line) => /\bnpm test\b/.test(line)) ?? '';
+    const command = testLine.replace(/\s+#.*$/, '').trim();
+    expect(command).toBe('npm ci && npm test');
+    const ciLines = readFileSync(path.join(root, '.ci', 'run'), 'utf8').split('\n').filter((line) => line.trim() && !line.startsWith('#'));
+    expect(ciLines.at(-1)).toBe(command);
+  });
+});
