@@ -3,7 +3,7 @@ import { SignJWT, generateKeyPair } from 'jose';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
-import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { startGatehouse, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 
 /**
  * Issue "Sessions and logout, complete", from outside: real IdP process, real Redis, the
@@ -252,10 +252,35 @@ describe('secret rotation across deploys', () => {
     const proxied = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie, 'x-csrf': '1' } });
     expect(proxied.status).toBe(200);
 
+    // A session created now is sealed, and its tokens encrypted, under B.
+    const sealedWithB = cookieHeader((await login('rolling-user')).rpCookies);
+    const proxiedWithB = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
+    expect(proxiedWithB.status).toBe(200);
+
+    // Instances of the fleet that lack B (not yet redeployed, or given B for cookies but not for
+    // tokens) cannot read it: no session for that request, but nothing deleted and no cookie cleared.
+    const behindEnvs: Array<Record<string, string>> = [{ SESSION_SECRET: secretA }, { SESSION_SECRET: `${secretA},${secretB}`, TOKEN_ENCRYPTION_KEY: secretA }];
+    for (const behindEnv of behindEnvs) {
+      const behind = await startGatehouse({ name: 'gatehouse-behind', workers: 1, env: { ...current.env, ...behindEnv } });
+      try {
+        const described = await fetch(`${behind.url}/api/auth/session`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
+        expect(await described.json()).toEqual({ authenticated: false });
+        expect(described.headers.getSetCookie()).toEqual([]);
+        const proxied = await fetch(`${behind.url}/api/proxy/demo/whoami`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
+        expect(proxied.status).toBe(401);
+        expect(proxied.headers.getSetCookie()).toEqual([]);
+      } finally {
+        await behind.process.stop();
+      }
+      expect(await sessionOf(sealedWithB)).toMatchObject({ authenticated: true, user: { sub: 'rolling-user' } });
+    }
+
     await redeploy(secretB);
     const ended = await fetch(`${app}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } });
     expect(await ended.json()).toEqual({ authenticated: false });
-    expect(ended.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+    // Sealed under a secret this deployment does not have: it could be another instance's, so it is left alone.
+    expect(ended.headers.getSetCookie()).toEqual([]);
+    expect(await sessionOf(sealedWithB)).toMatchObject({ authenticated: true, user: { sub: 'rolling-user' } });
 
     // New sessions work under B alone.
     const fresh = await login('rotation-user');
