@@ -47,6 +47,12 @@ function postLogoutToken(token: string): Promise<Response> {
   });
 }
 
+async function expectRefused(response: Response, name: string): Promise<void> {
+  expect(response.status, name).toBe(400);
+  expect(await response.json(), name).toEqual({ error: 'invalid_request', message: 'The logout token is not valid.' });
+  expect(response.headers.get('cache-control'), name).toContain('no-store');
+}
+
 async function login(username: string, jars?: CookieJars) {
   return loginThroughRp({ startUrl: `${app}/api/auth/login`, username, jars });
 }
@@ -101,17 +107,58 @@ describe('back-channel logout', () => {
       'no jti': await signWithIdp(logoutClaims({ sub, jti: undefined })),
       'not a JWT': 'garbage',
     };
-    for (const [name, token] of Object.entries(forgeries)) {
-      const response = await postLogoutToken(token);
-      expect(response.status, name).toBe(400);
-      expect(await response.json(), name).toEqual({ error: 'invalid_request', message: 'The logout token is not valid.' });
-      expect(response.headers.get('cache-control'), name).toContain('no-store');
-    }
+    for (const [name, token] of Object.entries(forgeries)) await expectRefused(await postLogoutToken(token), name);
     const wrongType = await fetch(`${app}/api/auth/backchannel-logout`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ logout_token: forgeries['wrong aud'] }) });
     expect(wrongType.status).toBe(400);
 
     expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
     expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
+  });
+
+  it('refuses what sections 2.4 and 2.6 forbid beyond the JWT basics, and the session keeps working', async () => {
+    const victim = await login('strict-target');
+    const sub = 'strict-target';
+    const keysBefore = await sessionKeys();
+    const now = Math.floor(Date.now() / 1000);
+    const refused: Record<string, Promise<string>> = {
+      'events member is a string': signWithIdp(logoutClaims({ sub, events: { [EVENT]: 'logout' } })),
+      'events member is null': signWithIdp(logoutClaims({ sub, events: { [EVENT]: null } })),
+      'events member is an array': signWithIdp(logoutClaims({ sub, events: { [EVENT]: [] } })),
+      'events is an array': signWithIdp(logoutClaims({ sub, events: [EVENT] })),
+      'events is a string': signWithIdp(logoutClaims({ sub, events: EVENT })),
+      'no exp': signWithIdp(logoutClaims({ sub, exp: undefined })),
+      'exp not a number': signWithIdp(logoutClaims({ sub, exp: String(now + 120) })),
+      'exp before iat': signWithIdp(logoutClaims({ sub, iat: now, exp: now - 10 })),
+      'typ at+jwt (an access token)': signWithIdp(logoutClaims({ sub }), { typ: 'at+jwt' }),
+      'typ application/at+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'application/at+jwt' }),
+      'typ secevent+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'secevent+jwt' }),
+      'typ not a string': signWithIdp(logoutClaims({ sub }), { typ: 7 }),
+      'aud with an extra audience': signWithIdp(logoutClaims({ sub, aud: [stack.clientId, 'https://other.example'] })),
+      'jti not a string': signWithIdp(logoutClaims({ sub, jti: 42 })),
+      'empty jti': signWithIdp(logoutClaims({ sub, jti: '' })),
+      'sub not a string': signWithIdp(logoutClaims({ sub: 42, sid: 'some-idp-session' })),
+    };
+    for (const [name, token] of Object.entries(refused)) await expectRefused(await postLogoutToken(await token), name);
+
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
+    expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
+  });
+
+  it('accepts what the spec allows: typ JWT or none, a one-element aud array, a far exp with a short-lived replay marker', async () => {
+    const sub = 'nobody-logged-in';
+    const now = Math.floor(Date.now() / 1000);
+    const accepted: Record<string, Promise<string>> = {
+      'typ JWT': signWithIdp(logoutClaims({ sub }), { typ: 'JWT' }),
+      'no typ': signWithIdp(logoutClaims({ sub }), { typ: null }),
+      'typ application/logout+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'application/logout+jwt' }),
+      'aud as a one-element array': signWithIdp(logoutClaims({ sub, aud: [stack.clientId] })),
+      'exp ten years away': signWithIdp(logoutClaims({ sub, exp: now + 10 * 365 * 86400 })),
+    };
+    for (const [name, token] of Object.entries(accepted)) expect((await postLogoutToken(await token)).status, name).toBe(200);
+    // The token is refused once iat is 5 minutes old whatever exp says, so no marker needs to outlive that.
+    const markers = await redis.keys(`${stack.keyPrefix}logout-jti:*`);
+    const ttls = await Promise.all(markers.map((key) => redis.pttl(key)));
+    for (const ttl of ttls) expect(ttl).toBeLessThanOrEqual((5 * 60 + 60) * 1000);
   });
 
   it('ends every session of a sub, or only the one session of a sid', async () => {
