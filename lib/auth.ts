@@ -320,7 +320,10 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   const type = request.headers.get('content-type') ?? '';
   if (!type.startsWith('application/x-www-form-urlencoded')) return refuse('content_type');
   const form = new URLSearchParams(await request.text());
-  const token = form.get('logout_token');
+  const tokens = form.getAll('logout_token');
+  // Two tokens are ambiguous: which one the IdP meant is not ours to guess.
+  if (tokens.length > 1) return refuse('several_tokens');
+  const token = tokens[0];
   if (!token) return refuse('missing_token');
   let claims: oidc.LogoutTokenClaims;
   try {

@@ -39,11 +39,11 @@ function logoutClaims(overrides: Record<string, unknown> = {}): Record<string, u
   return { iss: stack.issuer, aud: stack.clientId, iat: now, exp: now + 120, jti: randomUUID(), events: { [EVENT]: {} }, ...overrides };
 }
 
-function postLogoutToken(token: string): Promise<Response> {
+function postLogoutToken(token: string | URLSearchParams): Promise<Response> {
   return fetch(`${app}/api/auth/backchannel-logout`, {
     method: 'POST',
     headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: new URLSearchParams({ logout_token: token }),
+    body: typeof token === 'string' ? new URLSearchParams({ logout_token: token }) : token,
   });
 }
 
@@ -120,6 +120,7 @@ describe('back-channel logout', () => {
     const sub = 'strict-target';
     const keysBefore = await sessionKeys();
     const now = Math.floor(Date.now() / 1000);
+    const valid = () => signWithIdp(logoutClaims({ sub }));
     const refused: Record<string, Promise<string>> = {
       'events member is a string': signWithIdp(logoutClaims({ sub, events: { [EVENT]: 'logout' } })),
       'events member is null': signWithIdp(logoutClaims({ sub, events: { [EVENT]: null } })),
@@ -139,6 +140,9 @@ describe('back-channel logout', () => {
       'sub not a string': signWithIdp(logoutClaims({ sub: 42, sid: 'some-idp-session' })),
     };
     for (const [name, token] of Object.entries(refused)) await expectRefused(await postLogoutToken(await token), name);
+    // Two logout_token fields are ambiguous, even when each alone would be accepted.
+    const twoTokens = new URLSearchParams([['logout_token', await valid()], ['logout_token', await valid()]]);
+    await expectRefused(await postLogoutToken(twoTokens), 'two logout_token fields');
 
     expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
     expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
