@@ -4,6 +4,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { rawUpload, requestHead } from '../support/raw-http.ts';
 
 /**
  * Issue "Sessions and logout, complete", from outside: real IdP process, real Redis, the
@@ -163,6 +164,40 @@ describe('back-channel logout', () => {
     const markers = await redis.keys(`${stack.keyPrefix}logout-jti:*`);
     const ttls = await Promise.all(markers.map((key) => redis.pttl(key)));
     for (const ttl of ttls) expect(ttl).toBeLessThanOrEqual((5 * 60 + 60) * 1000);
+  });
+
+  it('refuses a body past 64 KiB with 413 while it is still arriving, declared or chunked, and keeps working', async () => {
+    const victim = await login('big-body-target');
+    const port = Number(new URL(app).port);
+    const total = 64 * 1024 * 1024;
+    const chunk = Buffer.alloc(64 * 1024, 'a');
+    const plain = function* () {
+      for (let sent = 0; sent < total; sent += chunk.length) yield chunk;
+    };
+    const chunked = function* () {
+      const frame = Buffer.concat([Buffer.from(`${chunk.length.toString(16)}\r\n`), chunk, Buffer.from('\r\n')]);
+      for (let sent = 0; sent < total; sent += chunk.length) yield frame;
+      yield Buffer.from('0\r\n\r\n');
+    };
+    const head = (framing: [string, string]) =>
+      requestHead('POST', '/api/auth/backchannel-logout', [['Host', `127.0.0.1:${port}`], ['Content-Type', 'application/x-www-form-urlencoded'], framing]);
+
+    for (const [name, upload] of [
+      ['declared length', () => rawUpload(port, head(['Content-Length', String(total)]), plain())],
+      ['chunked', () => rawUpload(port, head(['Transfer-Encoding', 'chunked']), chunked())],
+    ] as const) {
+      const { response, sentBytes, finishedSending } = await upload();
+      expect(response?.status, name).toBe(413);
+      expect(response?.get('x-gatehouse-error'), name).toBe('payload_too_large');
+      expect(JSON.parse(response?.body ?? '{}'), name).toMatchObject({ error: 'payload_too_large' });
+      // Answered while most of the body was still unsent: it was never read whole.
+      expect(finishedSending, name).toBe(false);
+      expect(sentBytes, name).toBeLessThan(total / 2);
+    }
+
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
+    expect((await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'big-body-target' })))).status).toBe(200);
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(false);
   });
 
   it('ends every session of a sub, or only the one session of a sid', async () => {
