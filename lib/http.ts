@@ -2,7 +2,8 @@ import { errors } from './errors.ts';
 
 /**
  * Request checks shared by middleware (edge runtime) and every route handler. Edge-safe: no Node
- * APIs, no I/O, no configuration parsing — callers pass the application origin in.
+ * APIs, no I/O beyond reading the request handed in, no configuration parsing — callers pass the
+ * application origin in.
  */
 
 export type HeaderLookup = (name: string) => string | null | undefined;

@@ -92,7 +92,7 @@ const claimSets = fc.record({
 });
 
 const headers = fc.record({
-  typ: member<unknown>(ABSENT, 'logout+jwt', 'application/logout+jwt', 'Logout+JWT', 'JWT', 'jwt', 'application/jwt', 'at+jwt', 'application/at+jwt', 'secevent+jwt', 'id_token+jwt', '', 7, null),
+  typ: member<unknown>('logout+jwt', ABSENT, 'application/logout+jwt', 'Logout+JWT', 'JWT', 'jwt', 'application/jwt', 'at+jwt', 'application/at+jwt', 'secevent+jwt', 'id_token+jwt', '', 7, null),
   signer: member<'trusted' | 'stranger'>('trusted', 'stranger'),
 });
 
