@@ -1,7 +1,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
-import { NO_STORE, checkCsrf, jsonHeaders, safeReturnTo, sameOriginRedirect } from './http.ts';
+import { NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
 import { describeCause, log } from './log.ts';
 import * as oidc from './oidc.ts';
 import {
@@ -342,6 +342,9 @@ export async function endOtherSessions(request: Request): Promise<Response> {
 
 // --- back-channel logout -----------------------------------------------------------------------
 
+/** A logout token is a few hundred bytes to a few KiB; anything near this is not one. */
+const LOGOUT_BODY_MAX_BYTES = 64 * 1024;
+
 function logoutTokenReplayKey(jti: string): string {
   return `${getConfig().keyPrefix}logout-jti:{${shortDigest(jti)}}`;
 }
@@ -355,8 +358,11 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   };
   const type = request.headers.get('content-type') ?? '';
   if (!type.startsWith('application/x-www-form-urlencoded')) return refuse('content_type');
-  const form = new URLSearchParams(await request.text());
-  const token = form.get('logout_token');
+  const form = new URLSearchParams(new TextDecoder().decode(await readBodyUpTo(request, LOGOUT_BODY_MAX_BYTES)));
+  const tokens = form.getAll('logout_token');
+  // Two tokens are ambiguous: which one the IdP meant is not ours to guess.
+  if (tokens.length > 1) return refuse('several_tokens');
+  const token = tokens[0];
   if (!token) return refuse('missing_token');
   let claims: oidc.LogoutTokenClaims;
   try {

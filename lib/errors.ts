@@ -33,6 +33,7 @@ export const errors = {
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   storeUnavailable: (cause?: unknown) =>
     new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause }),
+  payloadTooLarge: (message = 'The request body is too large.') => new GatehouseError('payload_too_large', 413, message),
   internal: (cause?: unknown) => new GatehouseError('internal_error', 500, 'Something went wrong on our side.', { cause }),
 };
 

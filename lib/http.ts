@@ -1,6 +1,9 @@
+import { errors } from './errors.ts';
+
 /**
  * Request checks shared by middleware (edge runtime) and every route handler. Edge-safe: no Node
- * APIs, no I/O, no configuration parsing — callers pass the application origin in.
+ * APIs, no I/O beyond reading the request handed in, no configuration parsing — callers pass the
+ * application origin in.
  */
 
 export type HeaderLookup = (name: string) => string | null | undefined;
@@ -96,4 +99,39 @@ const SANE_REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 /** The caller's X-Request-Id when it is sane, else a fresh one. */
 export function requestIdFrom(value: string | null | undefined): string {
   return value && SANE_REQUEST_ID.test(value) ? value : crypto.randomUUID();
+}
+
+/**
+ * A request body of at most `maxBytes`, else 413 `payload_too_large`: an oversized declared
+ * Content-Length is refused before any byte is read, and a streamed (chunked) body as soon as it
+ * passes the cap, so an unauthenticated sender cannot make us hold more than the cap in memory.
+ * Web streams only, so it runs on the edge too.
+ */
+export async function readBodyUpTo(request: Request, maxBytes: number): Promise<Uint8Array> {
+  if (Number(request.headers.get('content-length') ?? 0) > maxBytes) throw errors.payloadTooLarge();
+  if (!request.body) return new Uint8Array(0);
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let length = 0;
+  for (let next = await reader.read(); !next.done; next = await reader.read()) {
+    length += next.value.byteLength;
+    if (length > maxBytes) {
+      // Release rather than cancel: cancelling destroys a Node request mid-body, and with it the
+      // socket the 413 still has to go out on. Released and unread, the sender is simply not read.
+      reader.releaseLock();
+      throw errors.payloadTooLarge();
+    }
+    chunks.push(next.value);
+  }
+  return concatBytes(chunks, length);
+}
+
+function concatBytes(chunks: Uint8Array[], length: number): Uint8Array {
+  const bytes = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return bytes;
 }

@@ -272,7 +272,7 @@ function sendUpstream(
         clearTimeout(timer);
         signal.removeEventListener('abort', onAbort);
         if (error instanceof GatehouseError) reject(error);
-        else if (error instanceof BodyTooLarge) reject(new GatehouseError('payload_too_large', 413, 'The request body is too large for this API.'));
+        else if (error instanceof BodyTooLarge) reject(errors.payloadTooLarge('The request body is too large for this API.'));
         else reject(new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error }));
       });
       if (body) {
@@ -302,7 +302,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const { api, url } = resolveUpstream(inbound.rawUrl, config.apis);
     apiName = api.name;
     const declaredLength = Number(inbound.header('content-length') ?? 0);
-    if (declaredLength > api.maxBodyBytes) throw new GatehouseError('payload_too_large', 413, 'The request body is too large for this API.');
+    if (declaredLength > api.maxBodyBytes) throw errors.payloadTooLarge('The request body is too large for this API.');
     const hasBody = inbound.body !== null && (declaredLength > 0 || inbound.header('transfer-encoding') !== undefined);
 
     let credentials = await credentialsFor(api, inbound);

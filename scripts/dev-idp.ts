@@ -357,8 +357,10 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       for await (const chunk of req) chunks.push(chunk as Buffer);
       const { payload, header } = JSON.parse(Buffer.concat(chunks).toString()) as { payload: JWTPayload; header?: Record<string, unknown> };
       const rsa = keys.find((key) => key.alg === 'RS256') as JWK;
+      // JSON has no undefined: a header member set to null is left out (e.g. a token with no typ).
+      const protectedHeader = Object.fromEntries(Object.entries({ alg: 'RS256', kid: rsa.kid, typ: 'logout+jwt', ...header }).filter(([, value]) => value !== null));
       const jws = await new SignJWT(payload)
-        .setProtectedHeader({ alg: 'RS256', kid: rsa.kid, typ: 'logout+jwt', ...header })
+        .setProtectedHeader(protectedHeader as { alg: string })
         .sign(await importJWK(rsa, 'RS256'));
       return sendJson(res, 200, { jws });
     }

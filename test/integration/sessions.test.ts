@@ -4,6 +4,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { startGatehouse, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { rawUpload, requestHead } from '../support/raw-http.ts';
 
 /**
  * Issue "Sessions and logout, complete", from outside: real IdP process, real Redis, the
@@ -39,12 +40,18 @@ function logoutClaims(overrides: Record<string, unknown> = {}): Record<string, u
   return { iss: stack.issuer, aud: stack.clientId, iat: now, exp: now + 120, jti: randomUUID(), events: { [EVENT]: {} }, ...overrides };
 }
 
-function postLogoutToken(token: string): Promise<Response> {
+function postLogoutToken(token: string | URLSearchParams): Promise<Response> {
   return fetch(`${app}/api/auth/backchannel-logout`, {
     method: 'POST',
     headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: new URLSearchParams({ logout_token: token }),
+    body: typeof token === 'string' ? new URLSearchParams({ logout_token: token }) : token,
   });
+}
+
+async function expectRefused(response: Response, name: string): Promise<void> {
+  expect(response.status, name).toBe(400);
+  expect(await response.json(), name).toEqual({ error: 'invalid_request', message: 'The logout token is not valid.' });
+  expect(response.headers.get('cache-control'), name).toContain('no-store');
 }
 
 async function login(username: string, jars?: CookieJars) {
@@ -101,17 +108,96 @@ describe('back-channel logout', () => {
       'no jti': await signWithIdp(logoutClaims({ sub, jti: undefined })),
       'not a JWT': 'garbage',
     };
-    for (const [name, token] of Object.entries(forgeries)) {
-      const response = await postLogoutToken(token);
-      expect(response.status, name).toBe(400);
-      expect(await response.json(), name).toEqual({ error: 'invalid_request', message: 'The logout token is not valid.' });
-      expect(response.headers.get('cache-control'), name).toContain('no-store');
-    }
+    for (const [name, token] of Object.entries(forgeries)) await expectRefused(await postLogoutToken(token), name);
     const wrongType = await fetch(`${app}/api/auth/backchannel-logout`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ logout_token: forgeries['wrong aud'] }) });
     expect(wrongType.status).toBe(400);
 
     expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
     expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
+  });
+
+  it('refuses what sections 2.4 and 2.6 forbid beyond the JWT basics, and the session keeps working', async () => {
+    const victim = await login('strict-target');
+    const sub = 'strict-target';
+    const keysBefore = await sessionKeys();
+    const now = Math.floor(Date.now() / 1000);
+    const valid = () => signWithIdp(logoutClaims({ sub }));
+    const refused: Record<string, Promise<string>> = {
+      'events member is a string': signWithIdp(logoutClaims({ sub, events: { [EVENT]: 'logout' } })),
+      'events member is null': signWithIdp(logoutClaims({ sub, events: { [EVENT]: null } })),
+      'events member is an array': signWithIdp(logoutClaims({ sub, events: { [EVENT]: [] } })),
+      'events is an array': signWithIdp(logoutClaims({ sub, events: [EVENT] })),
+      'events is a string': signWithIdp(logoutClaims({ sub, events: EVENT })),
+      'no exp': signWithIdp(logoutClaims({ sub, exp: undefined })),
+      'exp not a number': signWithIdp(logoutClaims({ sub, exp: String(now + 120) })),
+      'exp before iat': signWithIdp(logoutClaims({ sub, iat: now, exp: now - 10 })),
+      'typ at+jwt (an access token)': signWithIdp(logoutClaims({ sub }), { typ: 'at+jwt' }),
+      'typ application/at+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'application/at+jwt' }),
+      'typ secevent+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'secevent+jwt' }),
+      'typ not a string': signWithIdp(logoutClaims({ sub }), { typ: 7 }),
+      'aud with an extra audience': signWithIdp(logoutClaims({ sub, aud: [stack.clientId, 'https://other.example'] })),
+      'jti not a string': signWithIdp(logoutClaims({ sub, jti: 42 })),
+      'empty jti': signWithIdp(logoutClaims({ sub, jti: '' })),
+      'sub not a string': signWithIdp(logoutClaims({ sub: 42, sid: 'some-idp-session' })),
+    };
+    for (const [name, token] of Object.entries(refused)) await expectRefused(await postLogoutToken(await token), name);
+    // Two logout_token fields are ambiguous, even when each alone would be accepted.
+    const twoTokens = new URLSearchParams([['logout_token', await valid()], ['logout_token', await valid()]]);
+    await expectRefused(await postLogoutToken(twoTokens), 'two logout_token fields');
+
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
+    expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
+  });
+
+  it('accepts what the spec allows: typ JWT or none, a one-element aud array, a far exp with a short-lived replay marker', async () => {
+    const sub = 'nobody-logged-in';
+    const now = Math.floor(Date.now() / 1000);
+    const accepted: Record<string, Promise<string>> = {
+      'typ JWT': signWithIdp(logoutClaims({ sub }), { typ: 'JWT' }),
+      'no typ': signWithIdp(logoutClaims({ sub }), { typ: null }),
+      'typ application/logout+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'application/logout+jwt' }),
+      'aud as a one-element array': signWithIdp(logoutClaims({ sub, aud: [stack.clientId] })),
+      'exp ten years away': signWithIdp(logoutClaims({ sub, exp: now + 10 * 365 * 86400 })),
+    };
+    for (const [name, token] of Object.entries(accepted)) expect((await postLogoutToken(await token)).status, name).toBe(200);
+    // The token is refused once iat is 5 minutes old whatever exp says, so no marker needs to outlive that.
+    const markers = await redis.keys(`${stack.keyPrefix}logout-jti:*`);
+    const ttls = await Promise.all(markers.map((key) => redis.pttl(key)));
+    for (const ttl of ttls) expect(ttl).toBeLessThanOrEqual((5 * 60 + 60) * 1000);
+  });
+
+  it('refuses a body past 64 KiB with 413 while it is still arriving, declared or chunked, and keeps working', async () => {
+    const victim = await login('big-body-target');
+    const port = Number(new URL(app).port);
+    const total = 64 * 1024 * 1024;
+    const chunk = Buffer.alloc(64 * 1024, 'a');
+    const plain = function* () {
+      for (let sent = 0; sent < total; sent += chunk.length) yield chunk;
+    };
+    const chunked = function* () {
+      const frame = Buffer.concat([Buffer.from(`${chunk.length.toString(16)}\r\n`), chunk, Buffer.from('\r\n')]);
+      for (let sent = 0; sent < total; sent += chunk.length) yield frame;
+      yield Buffer.from('0\r\n\r\n');
+    };
+    const head = (framing: [string, string]) =>
+      requestHead('POST', '/api/auth/backchannel-logout', [['Host', `127.0.0.1:${port}`], ['Content-Type', 'application/x-www-form-urlencoded'], framing]);
+
+    for (const [name, upload] of [
+      ['declared length', () => rawUpload(port, head(['Content-Length', String(total)]), plain())],
+      ['chunked', () => rawUpload(port, head(['Transfer-Encoding', 'chunked']), chunked())],
+    ] as const) {
+      const { response, sentBytes, finishedSending } = await upload();
+      expect(response?.status, name).toBe(413);
+      expect(response?.get('x-gatehouse-error'), name).toBe('payload_too_large');
+      expect(JSON.parse(response?.body ?? '{}'), name).toMatchObject({ error: 'payload_too_large' });
+      // Answered while most of the body was still unsent: it was never read whole.
+      expect(finishedSending, name).toBe(false);
+      expect(sentBytes, name).toBeLessThan(total / 2);
+    }
+
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
+    expect((await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'big-body-target' })))).status).toBe(200);
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(false);
   });
 
   it('ends every session of a sub, or only the one session of a sid', async () => {

@@ -1,6 +1,6 @@
 // A raw-socket HTTP/1.1 client for tests whose point is the exact bytes on the wire: duplicate
 // headers, CR/LF in values, `..` segments and oversized heads that fetch would normalise or refuse.
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 
 export interface RawResponse {
   status: number;
@@ -16,6 +16,53 @@ export interface RawResponse {
  * `null` when the server closes the connection without answering at all.
  */
 export function rawRequest(port: number, request: string | Buffer, timeoutMs = 10_000): Promise<RawResponse | null> {
+  return exchange(port, timeoutMs, (socket) => socket.write(request));
+}
+
+export interface UploadOutcome {
+  response: RawResponse | null;
+  /** Body bytes handed to the socket before the answer arrived. */
+  sentBytes: number;
+  /** Whether every body byte had been handed over by then. */
+  finishedSending: boolean;
+}
+
+/**
+ * Writes `head`, then `body` chunk by chunk, waiting for the socket to drain between chunks, and
+ * stops as soon as an answer arrives. A server that refuses the body without reading it answers
+ * while most of it is still unsent; one that reads it all can only answer once all was sent.
+ */
+export async function rawUpload(port: number, head: string, body: Iterable<Buffer>, timeoutMs = 60_000): Promise<UploadOutcome> {
+  let sentBytes = 0;
+  let finishedSending = false;
+  const response = await exchange(port, timeoutMs, (socket, answered) => {
+    socket.write(head);
+    void (async () => {
+      const chunks = body[Symbol.iterator]();
+      for (let next = chunks.next(); !next.done && !answered() && !socket.destroyed; ) {
+        sentBytes += next.value.length;
+        const flushed = socket.write(next.value);
+        next = chunks.next();
+        finishedSending = next.done === true;
+        // Yield either way, so an answer that arrived is parsed before the next chunk goes out.
+        await (flushed ? new Promise(setImmediate) : drainedOrClosed(socket));
+      }
+    })();
+  });
+  return { response, sentBytes, finishedSending };
+}
+
+function drainedOrClosed(socket: Socket): Promise<void> {
+  return new Promise((resume) => {
+    const done = () => {
+      socket.off('drain', done).off('close', done);
+      resume();
+    };
+    socket.on('drain', done).on('close', done);
+  });
+}
+
+function exchange(port: number, timeoutMs: number, send: (socket: Socket, answered: () => boolean) => void): Promise<RawResponse | null> {
   return new Promise((resolve, reject) => {
     const socket = connect(port, '127.0.0.1');
     let buffer = Buffer.alloc(0);
@@ -76,7 +123,7 @@ export function rawRequest(port: number, request: string | Buffer, timeoutMs = 1
     socket.on('close', () => tryParse(true));
     // A reset after a rejected request is an answer too ("closed without answering").
     socket.on('error', () => tryParse(true));
-    socket.write(request);
+    send(socket, () => done);
   });
 }
 
