@@ -82,7 +82,7 @@ ensureSystemPackages();
 
 const redis = await ensureRedis();
 const env = { ...process.env, REDIS_URL: redis.url };
-const steps = ['typecheck', 'lint', 'test:unit', 'build', 'test:integration', 'test:e2e'];
+const steps = ['typecheck', 'lint', 'test:unit', 'build', 'test:integration', 'test:e2e', 'test:e2e:next'];
 let failed: string | undefined;
 for (const step of steps) {
   if ((await run(step, env)) !== 0) {

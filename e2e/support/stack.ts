@@ -73,10 +73,15 @@ export function startProcess(name: string, args: string[], env: Record<string, s
   });
 }
 
+/** The server shape a test gets unless it asks for one: `GATEHOUSE_TEST_SERVER=next` runs a suite on `next start`. */
+export function defaultServerShape(): 'fast' | 'next' {
+  return process.env.GATEHOUSE_TEST_SERVER === 'next' ? 'next' : 'fast';
+}
+
 export interface StackOptions {
   /** How many Gatehouse instances (each its own process, sharing Redis). */
   instances?: number;
-  /** 'fast' runs `node server.ts` (npm start); 'next' runs `next start` only. */
+  /** 'fast' runs `node server.ts` (npm start); 'next' runs `next start` only. Default: defaultServerShape(). */
   server?: 'fast' | 'next';
   workers?: number;
   accessTokenTtl?: number;
@@ -193,7 +198,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
 export async function startGatehouse({
   name = 'gatehouse',
   port,
-  server = 'fast',
+  server = defaultServerShape(),
   workers = 2,
   env: baseEnv,
 }: {

@@ -196,7 +196,7 @@ async function startKeptAliveUpstream(keepAliveSec: number): Promise<KeptAliveUp
 // ---------------------------------------------------------------------------------------------
 
 beforeAll(async () => {
-  stack = await startStack({ server: 'fast', workers: 1 });
+  stack = await startStack({ workers: 1 });
   // The extra APIs must point at the demo API, whose port only exists once the stack is up: restart
   // the Gatehouse instance on the same port (same APP_BASE_URL, so the IdP still knows it) with them.
   const first = stack.apps[0];
