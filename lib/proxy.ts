@@ -87,9 +87,20 @@ export function filterResponseHeaders(rawHeaders: string[]): Array<[string, stri
 }
 
 /**
+ * `.` and `..`, also followed by `;params`: Tomcat and Spring strip path parameters from a segment
+ * before resolving dot segments, so `..;x` climbs a level there.
+ */
+const DOT_SEGMENT = /^\.\.?(?:;.*)?$/s;
+
+/** A lenient upstream may decode once more, so `..%3b` counts too (a `%2e` there is refused on its own). */
+function isDotSegment(decoded: string): boolean {
+  return DOT_SEGMENT.test(decoded) || DOT_SEGMENT.test(decoded.replace(/%3b/gi, ';'));
+}
+
+/**
  * The upstream URL for `/api/proxy/<api>/<rest>`: the API's base URL plus `rest`, or an error for
- * anything that could step outside that base (dot segments in any encoding, encoded slashes or
- * backslashes, empty segments, `@`, a scheme, control characters).
+ * anything that could step outside that base (dot segments in any encoding, with or without
+ * `;params`, encoded slashes or backslashes, empty segments, `@`, a scheme, control characters).
  */
 export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>): { api: ApiConfig; url: URL } {
   const queryStart = rawUrl.indexOf('?');
@@ -107,7 +118,7 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
       throw invalidPath();
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
-    if ((segment === '' && !isEmptyAllowed) || decoded === '.' || decoded === '..') throw invalidPath();
+    if ((segment === '' && !isEmptyAllowed) || isDotSegment(decoded)) throw invalidPath();
     // Decoded once here, possibly again by a lenient upstream: refuse separators in either layer.
     if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(decoded)) throw invalidPath();
     if (index === 0 && /^[a-z][a-z0-9+.-]*:/i.test(decoded)) throw invalidPath();

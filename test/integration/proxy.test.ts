@@ -647,6 +647,12 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     '/api/proxy/jail/x%00y',
     '/api/proxy/jail/x%0d%0aInjected:%20yes',
     '/api/proxy/jail/%zz',
+    // `..;` and `.;` are dot segments to Tomcat and Spring, which drop `;params` first.
+    '/api/proxy/jail/..;/..;/whoami',
+    '/api/proxy/jail/x/..;jsessionid=1/..;/..;/whoami',
+    '/api/proxy/jail/.;/whoami',
+    '/api/proxy/jail/%2e%2e%3b/%2e%2e%3b/whoami',
+    '/api/proxy/jail/..%253b/whoami',
   ];
 
   it.each(escapes)('%s → 400 invalid_path, no upstream request', async (target) => {

@@ -37,6 +37,14 @@ describe('resolveUpstream', () => {
     '/api/proxy/todos/%E0%A4%A',
     '/api/proxy/todos/./x',
     '/api/proxy/todos/x?a=1#frag',
+    // Tomcat and Spring drop `;params` before resolving dot segments.
+    '/api/proxy/todos/..;/admin',
+    '/api/proxy/todos/a/..;jsessionid=1/..;/admin',
+    '/api/proxy/todos/.;/x',
+    '/api/proxy/todos/%2e%2e;/admin',
+    '/api/proxy/todos/..%3b/admin',
+    '/api/proxy/todos/%2E.%3Bx/admin',
+    '/api/proxy/todos/..%253b/admin',
   ])('refuses %s with invalid_path', (raw) => {
     expect(() => resolveUpstream(raw, apis)).toThrow(expect.objectContaining({ code: 'invalid_path', status: 400 }));
   });
@@ -48,7 +56,7 @@ describe('resolveUpstream', () => {
   });
 
   it('keeps every accepted path under the configured origin and base path', () => {
-    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x']) {
+    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x', '/api/proxy/todos/a;v=1', '/api/proxy/todos/...;', '/api/proxy/todos/;x']) {
       const { url } = resolveUpstream(raw, apis);
       expect(url.origin).toBe('https://api.example.com');
       expect(url.pathname.startsWith('/v1/')).toBe(true);
