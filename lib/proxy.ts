@@ -43,7 +43,39 @@ const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
 /** Never forwarded upstream: the browser's credentials are for Gatehouse only. */
 const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
-const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2']);
+/**
+ * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
+ * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do. Headers
+ * that act on documents only (CSP, X-Frame-Options, Refresh) are left alone: a proxied answer is
+ * never a document, since a navigation cannot send X-CSRF.
+ */
+const RESPONSE_DENYLIST = new Set([
+  // Gatehouse's own signals. x-request-id: Gatehouse sends its own, exactly one (x-gatehouse-* below).
+  'x-request-id',
+  // The origin's cookies (the session cookie among them) and everything stored for it.
+  'set-cookie',
+  'set-cookie2',
+  'clear-site-data',
+  // Origin-wide transport policy: HSTS (max-age=0 would lift the app's own), alternative services
+  // (another host or port serving the app's origin).
+  'strict-transport-security',
+  'alt-svc',
+  // Persistent reporting policy: network-error reports about every later request to the origin,
+  // sent to the API's choice of endpoint.
+  'nel',
+  'report-to',
+  'reporting-endpoints',
+  // Widens a service worker's scope to the whole origin.
+  'service-worker-allowed',
+  // The origin's login status as the browser records it (FedCM).
+  'set-login',
+  // Front servers (nginx, Apache, lighttpd) replace the answer with the internal path or file named.
+  'x-accel-redirect',
+  'x-sendfile',
+  'x-lighttpd-send-file',
+]);
+/** The browser client reads x-gatehouse-error as "Gatehouse says"; the whole namespace is Gatehouse's. */
+const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
 
 function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
@@ -52,9 +84,9 @@ function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> 
   return { status: error.status, headers, body: errorBody(error) };
 }
 
-/** Names a `Connection` header lists are hop-by-hop too (RFC 9110 7.6.1). */
-function connectionListed(connection: string | undefined): Set<string> {
-  return new Set((connection ?? '').split(',').map((name) => name.trim().toLowerCase()).filter(Boolean));
+/** Names a `Connection` header lists are hop-by-hop too (RFC 9110 7.6.1); repeated headers list more. */
+function connectionListed(...connections: Array<string | undefined>): Set<string> {
+  return new Set(connections.flatMap((connection) => (connection ?? '').split(',')).map((name) => name.trim().toLowerCase()).filter(Boolean));
 }
 
 function isHopByHop(name: string, listed: Set<string>): boolean {
@@ -74,13 +106,13 @@ export function filterRequestHeaders(pairs: Iterable<[string, string]>, connecti
 }
 
 export function filterResponseHeaders(rawHeaders: string[]): Array<[string, string]> {
-  let connection: string | undefined;
-  for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connection = rawHeaders[i + 1];
-  const listed = connectionListed(connection);
+  const connections: string[] = [];
+  for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connections.push(rawHeaders[i + 1] as string);
+  const listed = connectionListed(...connections);
   const kept: Array<[string, string]> = [];
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = (rawHeaders[i] as string).toLowerCase();
-    if (isHopByHop(name, listed) || RESPONSE_DENYLIST.has(name)) continue;
+    if (isHopByHop(name, listed) || RESPONSE_DENYLIST.has(name) || name.startsWith(GATEHOUSE_HEADER_PREFIX)) continue;
     kept.push([name, rawHeaders[i + 1] as string]);
   }
   return kept;

@@ -6,10 +6,12 @@
 //
 // Two complete stacks (each its own dev IdP and demo API) because an IdP only knows the app URLs it
 // was started with; the upstream views are compared after normalising ports and per-stack tokens.
+import type { Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
+import { rawAnswer, startScriptedUpstream, type ScriptedUpstream, type UpstreamRequest } from '../support/scripted-upstream.ts';
 
 const USER = 'adapter-user';
 
@@ -19,6 +21,8 @@ interface Target {
   port: number;
   host: string;
   cookie: string;
+  /** This stack's raw upstream (API `scripted`), for answers no real API gives. */
+  upstream: ScriptedUpstream;
 }
 
 let fast: Target;
@@ -88,20 +92,68 @@ const csrf = (target: Target): Array<[string, string]> => [
   ['Cookie', target.cookie],
 ];
 
+/** Upstream signals Gatehouse must not let through, each with the reason it is dangerous in the browser. */
+const FORGED_HEADERS: Array<[string, string]> = [
+  ['X-Gatehouse-Error', 'session_expired'], // the browser client would believe the session ended
+  ['x-gatehouse-error', 'unauthenticated'],
+  ['X-Gatehouse-Anything', 'forged'], // the whole namespace is Gatehouse's
+  ['Clear-Site-Data', '"cookies", "storage"'], // would drop the session cookie and the SPA's storage
+  ['X-Request-Id', 'forged-1'], // only Gatehouse's own id may reach the browser
+  ['x-request-id', 'forged-2'],
+  ['Set-Cookie', 'gatehouse=; Max-Age=0; Path=/'],
+  ['Strict-Transport-Security', 'max-age=0'],
+  ['Alt-Svc', 'h2="evil.example:443"; ma=86400'],
+  ['NEL', '{"report_to":"evil","max_age":86400}'],
+  ['Report-To', '{"group":"evil","max_age":86400,"endpoints":[{"url":"https://evil.example/r"}]}'],
+  ['Reporting-Endpoints', 'evil="https://evil.example/r"'],
+  ['Service-Worker-Allowed', '/'],
+  ['Set-Login', 'logged-out'],
+  ['X-Accel-Redirect', '/internal/secrets'],
+  ['X-Sendfile', '/etc/passwd'],
+  ['X-Lighttpd-Send-File', '/etc/passwd'],
+];
+/** Ordinary API headers next to them, which must arrive unchanged. */
+const ORDINARY_HEADERS: Array<[string, string]> = [
+  ['Content-Type', 'application/json'],
+  ['Cache-Control', 'private, max-age=60'],
+  ['ETag', '"v7"'],
+  ['Content-Language', 'de'],
+  ['X-Accel-Buffering', 'no'],
+  ['X-Api-Version', '3'],
+];
+
+/** A raw upstream for one stack. */
+async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream }> {
+  const reply = (request: UpstreamRequest, socket: Socket) => {
+    if (request.path === '/forge') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [...FORGED_HEADERS, ...ORDINARY_HEADERS], '{"forged":true}'));
+    socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json']], JSON.stringify({ path: request.path })));
+  };
+  return { upstream: await startScriptedUpstream(reply) };
+}
+
 beforeAll(async () => {
-  const [fastStack, nextStack] = await Promise.all([startStack({ server: 'fast', workers: 1 }), startStack({ server: 'next' })]);
-  const targetOf = async (name: Target['name'], stack: Stack): Promise<Target> => {
+  const [fastUpstream, nextUpstream] = await Promise.all([startTargetUpstream(), startTargetUpstream()]);
+  const apisWith = (upstream: ScriptedUpstream) => ({ apiUrl }: { apiUrl: string }) => ({
+    demo: { url: apiUrl },
+    public: { url: `${apiUrl}/public`, auth: 'user-optional' },
+    scripted: { url: upstream.url, auth: 'none' },
+  });
+  const [fastStack, nextStack] = await Promise.all([
+    startStack({ server: 'fast', workers: 1, apis: apisWith(fastUpstream.upstream) }),
+    startStack({ server: 'next', apis: apisWith(nextUpstream.upstream) }),
+  ]);
+  const targetOf = async (name: Target['name'], stack: Stack, scripted: Awaited<ReturnType<typeof startTargetUpstream>>): Promise<Target> => {
     const url = new URL(stack.apps[0]?.url ?? '');
     const { rpCookies } = await loginThroughRp({ startUrl: `${url.origin}/api/auth/login`, username: USER });
     const value = rpCookies.get('gatehouse');
     if (!value) throw new Error(`${name}: login produced no session cookie`);
-    return { name, stack, port: Number(url.port), host: url.host, cookie: `gatehouse=${value}` };
+    return { name, stack, port: Number(url.port), host: url.host, cookie: `gatehouse=${value}`, ...scripted };
   };
-  [fast, next] = await Promise.all([targetOf('fast', fastStack), targetOf('next', nextStack)]);
+  [fast, next] = await Promise.all([targetOf('fast', fastStack, fastUpstream), targetOf('next', nextStack, nextUpstream)]);
 });
 
 afterAll(async () => {
-  await Promise.all([fast?.stack.stop(), next?.stack.stop()]);
+  await Promise.all([fast?.stack.stop(), next?.stack.stop(), fast?.upstream.close(), next?.upstream.close()]);
 });
 
 const ERROR_HEADERS = { 'content-type': 'application/json; charset=utf-8', 'cache-control': 'no-store' };
@@ -304,5 +356,22 @@ describe('ordinary requests: the upstream sees the same request from both adapte
     expect(fastView.status).toBe(200);
     expect(fastView.echo).toMatchObject({ sub: USER, method: 'POST', path: '/echo/items', body: { name: 'Ada', list: [1, 2, 3] } });
     expect(nextView).toEqual(fastView);
+  });
+});
+
+describe('what an upstream or a leaving browser can do: the same on both adapters', () => {
+  const scripted = (t: Target, path: string, extra: Array<[string, string]> = []) => head(t, 'GET', `/api/proxy/scripted${path}`, [['X-CSRF', '1'], ...extra]);
+
+  it('an upstream cannot forge Gatehouse’s signals or the app origin’s browser state; ordinary headers pass', async () => {
+    for (const target of [fast, next]) {
+      const res = await rawRequest(target.port, scripted(target, '/forge', [['X-Request-Id', 'trace-forge-1']]));
+      expect(res?.status, target.name).toBe(200);
+      expect(JSON.parse(res?.body ?? ''), target.name).toEqual({ forged: true });
+      const leaked = FORGED_HEADERS.map(([name]) => name.toLowerCase()).filter((name) => name !== 'x-request-id' && res?.get(name) !== undefined);
+      expect(leaked, target.name).toEqual([]);
+      // Exactly one X-Request-Id, Gatehouse's: the one the browser sent, which the log carries too.
+      expect(res?.all('x-request-id'), target.name).toEqual(['trace-forge-1']);
+      for (const [name, value] of ORDINARY_HEADERS) expect(res?.get(name.toLowerCase()), `${target.name}: ${name}`).toBe(value);
+    }
   });
 });

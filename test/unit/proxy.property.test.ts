@@ -1,11 +1,11 @@
-// Property tests for the proxy's pure gates, starting with the upstream URL it builds. The examples
-// in proxy.test.ts pin known payloads; these generate the payloads nobody listed, from the pieces
-// path attacks are made of.
+// Property tests for the proxy's two pure gates: the upstream URL it builds and the headers it lets
+// through. The examples in proxy.test.ts pin known payloads; these generate the payloads nobody
+// listed, from the pieces path and header attacks are made of.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
 import { GatehouseError } from '../../lib/errors.ts';
-import { resolveUpstream } from '../../lib/proxy.ts';
+import { filterRequestHeaders, filterResponseHeaders, resolveUpstream } from '../../lib/proxy.ts';
 
 const RUNS = 3000;
 
@@ -85,6 +85,75 @@ describe('resolveUpstream (generated paths)', () => {
       fc.property(fc.array(fc.constantFrom('a', 'items', '7'), { maxLength: 3 }), dotSegment, fc.array(fc.constantFrom('a', 'admin'), { maxLength: 3 }), (before, dot, after) => {
         const rawUrl = `/api/proxy/todos/${[...before, dot, ...after].join('/')}`;
         expect(() => resolveUpstream(rawUrl, apis)).toThrow(expect.objectContaining({ code: 'invalid_path', status: 400 }));
+      }),
+      { numRuns: RUNS },
+    );
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Header filtering. The lists here are the specification, written out independently of lib/proxy.ts,
+// so that dropping an entry there fails here.
+
+const HOP_BY_HOP = ['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings'];
+const REQUEST_DENIED = ['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id'];
+const RESPONSE_DENIED = [
+  'set-cookie', 'set-cookie2', 'x-request-id', 'clear-site-data', 'strict-transport-security', 'alt-svc', 'nel', 'report-to',
+  'reporting-endpoints', 'service-worker-allowed', 'set-login', 'x-accel-redirect', 'x-sendfile', 'x-lighttpd-send-file',
+];
+const REQUEST_DENIED_PREFIXES = ['x-forwarded-', 'proxy-'];
+const RESPONSE_DENIED_PREFIXES = ['x-gatehouse-', 'proxy-'];
+/** Names no list mentions, some of them close to listed ones. */
+const ORDINARY = ['accept', 'content-type', 'etag', 'cache-control', 'x-accel-buffering', 'x-forwarded', 'x-gatehouse', 'cookies', 'x-requestid', 'tee', 'www-authenticate', 'vary'];
+
+const token = fc.stringMatching(/^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,16}$/);
+function headerName(listed: string[], prefixes: string[]): fc.Arbitrary<string> {
+  const base = fc.oneof(
+    fc.constantFrom(...listed, ...HOP_BY_HOP, ...ORDINARY),
+    fc.tuple(fc.constantFrom(...prefixes), token).map(([prefix, rest]) => prefix + rest),
+    token,
+  );
+  // Header names are case-insensitive: every letter may arrive in either case.
+  return fc.tuple(base, fc.array(fc.boolean(), { minLength: 32, maxLength: 32 })).map(([name, upper]) =>
+    [...name].map((char, i) => (upper[i % upper.length] ? char.toUpperCase() : char.toLowerCase())).join(''),
+  );
+}
+const headerValue = fc.stringMatching(/^[\x20-\x7e]{0,20}$/);
+
+/** Headers plus one or more Connection headers that list some of their names (and others). */
+function headerSet(listed: string[], prefixes: string[]) {
+  const name = headerName(listed, prefixes);
+  return fc
+    .tuple(fc.array(fc.tuple(name, headerValue), { maxLength: 20 }), fc.array(fc.array(name, { maxLength: 4 }), { minLength: 1, maxLength: 2 }), fc.constantFrom(',', ', ', ' ,  '))
+    .chain(([headers, connectionLists, separator]) => {
+      const connections = connectionLists.map((names): [string, string] => ['Connection', names.join(separator)]);
+      return fc.shuffledSubarray([...headers, ...connections], { minLength: headers.length + connections.length }).map((all) => ({ all, connections }));
+    });
+}
+
+function expectedSurvivors(all: Array<[string, string]>, connections: Array<[string, string]>, denied: string[], prefixes: string[]): Array<[string, string]> {
+  const listed = new Set(connections.flatMap(([, value]) => value.split(',').map((name) => name.trim().toLowerCase())));
+  return all
+    .map(([name, value]): [string, string] => [name.toLowerCase(), value])
+    .filter(([name]) => !HOP_BY_HOP.includes(name) && !denied.includes(name) && !listed.has(name) && !prefixes.some((prefix) => name.startsWith(prefix)));
+}
+
+describe('header filtering (generated headers)', () => {
+  it('on the way up: nothing denied or hop-by-hop survives, nothing else is dropped, order and values kept', () => {
+    fc.assert(
+      fc.property(headerSet(REQUEST_DENIED, REQUEST_DENIED_PREFIXES), ({ all, connections }) => {
+        // Node joins repeated Connection headers into one value; so do both adapters.
+        const connection = connections.map(([, value]) => value).join(', ');
+        expect(filterRequestHeaders(all, connection)).toEqual(expectedSurvivors(all, connections, REQUEST_DENIED, REQUEST_DENIED_PREFIXES));
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('on the way down: nothing denied or hop-by-hop survives, nothing else is dropped, order and values kept', () => {
+    fc.assert(
+      fc.property(headerSet(RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES), ({ all, connections }) => {
+        expect(filterResponseHeaders(all.flat())).toEqual(expectedSurvivors(all, connections, RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES));
       }),
       { numRuns: RUNS },
     );

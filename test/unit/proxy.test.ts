@@ -96,9 +96,19 @@ describe('header hygiene', () => {
     ]);
   });
 
-  it('drops Set-Cookie and hop-by-hop headers on the way down, keeps end-to-end ones', () => {
+  it('drops Set-Cookie, Gatehouse’s own signals, origin-wide state and hop-by-hop headers on the way down, keeps end-to-end ones', () => {
     const kept = filterResponseHeaders([
       'Set-Cookie', 'upstream=1',
+      'X-Gatehouse-Error', 'session_expired',
+      'X-Request-Id', 'forged',
+      'Clear-Site-Data', '"cookies"',
+      'Strict-Transport-Security', 'max-age=0',
+      'Alt-Svc', 'h2="evil.example:443"',
+      'NEL', '{}',
+      'X-Accel-Redirect', '/internal',
+      'Connection', 'X-Second-Hop',
+      'X-Second-Hop', 'v',
+      'X-Accel-Buffering', 'no',
       'Connection', 'keep-alive, X-Hop',
       'X-Hop', 'v',
       'Keep-Alive', 'timeout=5',
@@ -114,6 +124,7 @@ describe('header hygiene', () => {
       'X-Upstream', 'twice',
     ]);
     expect(kept).toEqual([
+      ['x-accel-buffering', 'no'],
       ['content-type', 'application/json'],
       ['etag', '"v1"'],
       ['cache-control', 'max-age=60'],
