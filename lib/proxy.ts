@@ -327,6 +327,16 @@ function sendUpstream(
   });
 }
 
+/**
+ * Statuses both adapters can pass on: Node's writeHead throws below 100 (a crash of the worker),
+ * a Fetch `Response` (the Next adapter) throws outside 200–599. A 1xx is an interim answer
+ * (RFC 9110 §15.2) that Node's client handles itself; one that arrives as final (a 101 without
+ * an upgrade) is no answer a browser's fetch could take either.
+ */
+function isFinalStatus(status: number): boolean {
+  return status >= 200 && status <= 599;
+}
+
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
 export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
@@ -372,6 +382,10 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);
+    }
+    if (!isFinalStatus(answer.status)) {
+      answer.body.destroy();
+      throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
     const responseHeaders = filterResponseHeaders(answer.rawHeaders);
     responseHeaders.push(['x-request-id', requestId]);

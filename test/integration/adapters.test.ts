@@ -125,6 +125,8 @@ const ORDINARY_HEADERS: Array<[string, string]> = [
 /** A raw upstream for one stack. */
 async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream }> {
   const reply = (request: UpstreamRequest, socket: Socket) => {
+    const status = /^\/status\/(\d{3})$/.exec(request.path)?.[1];
+    if (status) return void socket.write(rawAnswer(`HTTP/1.1 ${status} Odd`, [['content-type', 'text/plain']], 'odd'));
     if (request.path === '/forge') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [...FORGED_HEADERS, ...ORDINARY_HEADERS], '{"forged":true}'));
     socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json']], JSON.stringify({ path: request.path })));
   };
@@ -373,5 +375,13 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
       expect(res?.all('x-request-id'), target.name).toEqual(['trace-forge-1']);
       for (const [name, value] of ORDINARY_HEADERS) expect(res?.get(name.toLowerCase()), `${target.name}: ${name}`).toBe(value);
     }
+  });
+
+  it.each(['600', '099', '000', '999', '101'])('upstream status %s → 502 upstream_unavailable from both; Gatehouse keeps serving', async (code) => {
+    const { fast: fastView, next: nextView } = await both((t) => scripted(t, `/status/${code}`));
+    expect(fastView).toMatchObject({ status: 502, body: { error: 'upstream_unavailable' }, headers: { ...ERROR_HEADERS, 'x-gatehouse-error': 'upstream_unavailable' }, hasRequestId: true });
+    expect(nextView).toEqual(fastView);
+    // No crashed worker: the next request is served.
+    for (const target of [fast, next]) expect((await rawRequest(target.port, scripted(target, '/after-odd-status')))?.status, target.name).toBe(200);
   });
 });
