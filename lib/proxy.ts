@@ -164,6 +164,10 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
   return { api, url };
 }
 
+function clientClosed(): GatehouseError {
+  return new GatehouseError('client_closed', 499, 'The client went away.');
+}
+
 function invalidPath(): GatehouseError {
   return new GatehouseError('invalid_path', 400, 'The API path is not allowed.');
 }
@@ -289,18 +293,24 @@ function sendUpstream(
   body: Readable | null,
   signal: AbortSignal,
 ): Promise<UpstreamAnswer> {
+  // The browser may have left while its session or token was read: an 'abort' listener added now
+  // would never fire, and nothing must go upstream on behalf of a browser that is gone.
+  if (signal.aborted) return Promise.reject(clientClosed());
   return new Promise((resolve, reject) => {
     const transport = url.protocol === 'https:' ? https : http;
     const mayResend = body === null && REPLAYABLE_METHODS.has(method);
     let request: http.ClientRequest;
+    // Once an answer has begun, the upstream has acted on the request: a later reset is no stale connection.
+    let answered = false;
     const timer = setTimeout(() => request.destroy(new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.')), api.timeoutMs);
-    const onAbort = () => request.destroy(new GatehouseError('client_closed', 499, 'The client went away.'));
+    const onAbort = () => request.destroy(clientClosed());
     signal.addEventListener('abort', onAbort, { once: true });
 
     const send = (onFreshConnection: boolean) => {
       // agent: false is a one-off connection: the pool may hold more sockets closed the same way.
       request = transport.request(url, { method, headers: headers.flat(), agent: onFreshConnection ? false : agentFor(url) });
       request.on('response', (response) => {
+        answered = true;
         clearTimeout(timer);
         // From here on the browser's disconnect aborts the upstream body too.
         response.on('close', () => signal.removeEventListener('abort', onAbort));
@@ -308,7 +318,8 @@ function sendUpstream(
       });
       request.on('error', (error) => {
         const code = (error as NodeJS.ErrnoException).code;
-        if (!onFreshConnection && mayResend && request.reusedSocket && code && STALE_CONNECTION_CODES.has(code) && !signal.aborted) {
+        const staleConnection = !onFreshConnection && request.reusedSocket && code !== undefined && STALE_CONNECTION_CODES.has(code);
+        if (staleConnection && mayResend && !answered && !signal.aborted) {
           log('debug', 'proxy.resend', { api: api.name, causeCode: code });
           return send(true);
         }

@@ -10,7 +10,8 @@ import type { Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
-import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
+import { serverHoldsConnection, unreadBytesAt, waitFor } from '../support/http-client.ts';
+import { openRawRequest, rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
 import { rawAnswer, startScriptedUpstream, type ScriptedUpstream, type UpstreamRequest } from '../support/scripted-upstream.ts';
 
 const USER = 'adapter-user';
@@ -21,8 +22,10 @@ interface Target {
   port: number;
   host: string;
   cookie: string;
-  /** This stack's raw upstream (API `scripted`), for answers no real API gives. */
+  /** This stack's raw upstream (APIs `scripted` and `clientprobe`), for answers no real API gives. */
   upstream: ScriptedUpstream;
+  /** Resets the connection on which the upstream left an answer unfinished (`/partial`). */
+  breakOff(): void;
 }
 
 let fast: Target;
@@ -122,15 +125,21 @@ const ORDINARY_HEADERS: Array<[string, string]> = [
   ['X-Api-Version', '3'],
 ];
 
-/** A raw upstream for one stack. */
-async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream }> {
+/** A raw upstream for one stack; `breakOff` resets the connection of the last unfinished `/partial` answer. */
+async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream; breakOff: () => void }> {
+  let unfinished: Socket | undefined;
   const reply = (request: UpstreamRequest, socket: Socket) => {
     const status = /^\/status\/(\d{3})$/.exec(request.path)?.[1];
     if (status) return void socket.write(rawAnswer(`HTTP/1.1 ${status} Odd`, [['content-type', 'text/plain']], 'odd'));
     if (request.path === '/forge') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [...FORGED_HEADERS, ...ORDINARY_HEADERS], '{"forged":true}'));
+    // On a reused connection: the head and a first chunk, then nothing until the test breaks it off.
+    if (request.path === '/partial' && request.nth > 1) {
+      unfinished = socket;
+      return void socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n');
+    }
     socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json']], JSON.stringify({ path: request.path })));
   };
-  return { upstream: await startScriptedUpstream(reply) };
+  return { upstream: await startScriptedUpstream(reply), breakOff: () => unfinished?.resetAndDestroy() };
 }
 
 beforeAll(async () => {
@@ -139,6 +148,8 @@ beforeAll(async () => {
     demo: { url: apiUrl },
     public: { url: `${apiUrl}/public`, auth: 'user-optional' },
     scripted: { url: upstream.url, auth: 'none' },
+    // Needs the BFF's own token from the IdP first: a request can wait there, before anything goes upstream.
+    clientprobe: { url: upstream.url, auth: 'client' },
   });
   const [fastStack, nextStack] = await Promise.all([
     startStack({ server: 'fast', workers: 1, apis: apisWith(fastUpstream.upstream) }),
@@ -383,5 +394,45 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
     expect(nextView).toEqual(fastView);
     // No crashed worker: the next request is served.
     for (const target of [fast, next]) expect((await rawRequest(target.port, scripted(target, '/after-odd-status')))?.status, target.name).toBe(200);
+  });
+
+  it('a browser that leaves while Gatehouse still waits for a token: nothing is sent upstream', async () => {
+    for (const target of [fast, next]) {
+      const idpPid = target.stack.idp.child.pid as number;
+      const idpPort = Number(new URL(target.stack.issuer).port);
+      const seen = target.upstream.requests.length;
+      let marker: Promise<RawResponse | null>;
+      // Frozen, not closed: the IdP's socket accepts the request and nothing answers it.
+      process.kill(idpPid, 'SIGSTOP');
+      try {
+        const leaving = await openRawRequest(target.port, head(target, 'GET', '/api/proxy/clientprobe/left', [['X-CSRF', '1']]));
+        await waitFor(`${target.name}: the client-credentials call to reach the frozen IdP`, () => (unreadBytesAt(idpPort) > 0 ? true : undefined), 5_000, 10);
+        leaving.leave();
+        await waitFor(`${target.name}: Gatehouse to close the connection the browser left`, () => (serverHoldsConnection(target.port, leaving.localPort) ? undefined : true), 5_000, 10);
+        // Started after the browser left, so it goes upstream after the one that left would have.
+        marker = rawRequest(target.port, head(target, 'GET', '/api/proxy/clientprobe/marker', [['X-CSRF', '1']]));
+      } finally {
+        process.kill(idpPid, 'SIGCONT');
+      }
+      expect((await marker)?.status, target.name).toBe(200);
+      expect(target.upstream.requests.slice(seen).map((request) => request.path), target.name).toEqual(['/marker']);
+    }
+  });
+
+  it('an upstream that breaks off an answer already under way: the GET is not sent again', async () => {
+    for (const target of [fast, next]) {
+      // Leaves a kept-alive connection in Gatehouse's pool, so /partial goes out on a reused one.
+      expect((await rawRequest(target.port, scripted(target, '/warm')))?.status, target.name).toBe(200);
+      const seen = target.upstream.requests.length;
+      const partial = await openRawRequest(target.port, scripted(target, '/partial'));
+      expect(await partial.head, target.name).toMatch(/^HTTP\/1\.1 200 /);
+      target.breakOff();
+      await partial.closed;
+      expect((await rawRequest(target.port, scripted(target, '/marker')))?.status, target.name).toBe(200);
+      const since = target.upstream.requests.slice(seen);
+      // The case the resend logic exists for (a reused connection reset), but after the answer began.
+      expect(since[0]?.nth, target.name).toBeGreaterThan(1);
+      expect(since.map((request) => request.path), target.name).toEqual(['/partial', '/marker']);
+    }
   });
 });
