@@ -348,6 +348,18 @@ function isFinalStatus(status: number): boolean {
   return status >= 200 && status <= 599;
 }
 
+/**
+ * The X-Forwarded-For sent upstream. Only the last `trustedHops` entries were appended by reverse
+ * proxies we run; anything before them is whatever the browser claimed. The socket peer comes
+ * last; the Next adapter is never told it (`undefined`), so there only the trusted entries go.
+ */
+export function forwardedForChain(inbound: string | undefined, peer: string | undefined, trustedHops: number): string | undefined {
+  const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
+  const chain = trustedHops > 0 ? entries.slice(-trustedHops) : [];
+  if (peer) chain.push(peer);
+  return chain.length ? chain.join(', ') : undefined;
+}
+
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
 export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
@@ -372,14 +384,14 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     let credentials = await credentialsFor(api, inbound);
     refreshed = credentials.refreshed;
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
-    const forwardedFor = inbound.header('x-forwarded-for');
     headers.push(
       ['host', url.host],
-      ['x-forwarded-for', [forwardedFor, inbound.remoteAddress].filter(Boolean).join(', ')],
       ['x-forwarded-proto', config.appBaseUrl.protocol.slice(0, -1)],
       ['x-forwarded-host', config.appBaseUrl.host],
       ['x-request-id', requestId],
     );
+    const forwardedFor = forwardedForChain(inbound.header('x-forwarded-for'), inbound.remoteAddress, config.trustedProxyHops);
+    if (forwardedFor) headers.push(['x-forwarded-for', forwardedFor]);
     if (hasBody && declaredLength > 0) headers.push(['content-length', String(declaredLength)]);
     const body = hasBody && inbound.body ? limitBody(inbound.body, api.maxBodyBytes) : null;
     const withToken = (token: string | undefined) => (token ? [...headers, ['authorization', `Bearer ${token}`] as [string, string]] : headers);

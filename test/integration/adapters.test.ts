@@ -396,6 +396,16 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
     for (const target of [fast, next]) expect((await rawRequest(target.port, scripted(target, '/after-odd-status')))?.status, target.name).toBe(200);
   });
 
+  it('TRUSTED_PROXY_HOPS=0 (default): the browser’s X-Forwarded-For never reaches the upstream', async () => {
+    const seen: Record<string, string | undefined> = {};
+    for (const target of [fast, next]) {
+      const res = await rawRequest(target.port, head(target, 'GET', '/api/proxy/demo/echo/xff', [...csrf(target), ['X-Forwarded-For', '203.0.113.7, 198.51.100.1']]));
+      seen[target.name] = (JSON.parse(res?.body ?? '{}') as { headers: Record<string, string | undefined> }).headers['x-forwarded-for'];
+    }
+    // The fast path knows the socket's peer; a Next route handler is never told it, so it sends none.
+    expect(seen).toEqual({ fast: '127.0.0.1', next: undefined });
+  });
+
   it('a browser that leaves while Gatehouse still waits for a token: nothing is sent upstream', async () => {
     for (const target of [fast, next]) {
       const idpPid = target.stack.idp.child.pid as number;

@@ -607,9 +607,30 @@ describe('header hygiene (raw sockets)', () => {
     expect(replaced).not.toContain('script');
     expect(replaced).toMatch(/^[0-9a-f-]{36}$/);
 
-    // A browser-supplied X-Forwarded-For is kept as the chain's start; the real peer is appended.
-    const chained = await raw(head('GET', '/api/proxy/demo/echo/fwd', [...withSession(), ['X-Forwarded-For', '203.0.113.7']]));
-    expect((bodyJson(chained) as unknown as Echo).headers['x-forwarded-for']).toBe('203.0.113.7, 127.0.0.1');
+    // With no trusted proxy in front (TRUSTED_PROXY_HOPS=0), a browser's X-Forwarded-For is its own claim: dropped.
+    const claimed = await raw(head('GET', '/api/proxy/demo/echo/fwd', [...withSession(), ['X-Forwarded-For', '203.0.113.7'], ['X-Forwarded-For', '198.51.100.1']]));
+    expect((bodyJson(claimed) as unknown as Echo).headers['x-forwarded-for']).toBe('127.0.0.1');
+  });
+
+  it('TRUSTED_PROXY_HOPS=2: the last two X-Forwarded-For entries (the trusted proxies’) are kept, the socket peer appended', async () => {
+    const first = stack.apps[0];
+    if (!first) throw new Error('no Gatehouse instance');
+    const port = await freePort();
+    const env = { ...first.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, GATEHOUSE_WORKERS: '1', TRUSTED_PROXY_HOPS: '2' };
+    const behindProxies = await startProcess('gatehouse-trusted-hops', ['server.ts'], env, /Gatehouse listening/);
+    try {
+      const forwardedFor = async (...inbound: string[]) => {
+        const res = await rawRequest(port, requestHead('GET', '/api/proxy/none/public/fwd', [['Host', `localhost:${port}`], ['X-CSRF', '1'], ...inbound.map((value): [string, string] => ['X-Forwarded-For', value]), ['Connection', 'close']]));
+        expect(res?.status).toBe(200);
+        return (await demoLast())?.headers['x-forwarded-for'];
+      };
+      // What a browser claimed before the first trusted proxy is not passed on; what they appended is.
+      expect(await forwardedFor('6.6.6.6, 203.0.113.7', '198.51.100.1')).toBe('203.0.113.7, 198.51.100.1, 127.0.0.1');
+      expect(await forwardedFor('198.51.100.1')).toBe('198.51.100.1, 127.0.0.1');
+      expect(await forwardedFor()).toBe('127.0.0.1');
+    } finally {
+      await behindProxies.stop();
+    }
   });
 
   it('a 302 passes through with its Location unchanged and is not followed', async () => {

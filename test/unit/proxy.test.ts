@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
-import { filterRequestHeaders, filterResponseHeaders, resolveUpstream } from '../../lib/proxy.ts';
+import { filterRequestHeaders, filterResponseHeaders, forwardedForChain, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -132,5 +132,21 @@ describe('header hygiene', () => {
       ['x-upstream', 'yes'],
       ['x-upstream', 'twice'],
     ]);
+  });
+});
+
+describe('forwardedForChain', () => {
+  it.each([
+    // [inbound X-Forwarded-For, socket peer, TRUSTED_PROXY_HOPS, sent upstream]
+    ['203.0.113.7', '10.0.0.2', 0, '10.0.0.2'],
+    [undefined, '10.0.0.2', 0, '10.0.0.2'],
+    ['203.0.113.7', undefined, 0, undefined],
+    ['6.6.6.6, 203.0.113.7', '10.0.0.2', 1, '203.0.113.7, 10.0.0.2'],
+    ['6.6.6.6,203.0.113.7 , 198.51.100.1', '10.0.0.2', 2, '203.0.113.7, 198.51.100.1, 10.0.0.2'],
+    ['203.0.113.7', '10.0.0.2', 3, '203.0.113.7, 10.0.0.2'],
+    ['203.0.113.7', undefined, 1, '203.0.113.7'],
+    [' , ', undefined, 2, undefined],
+  ] as const)('%s from %s with %i trusted hops → %s', (inbound, peer, hops, expected) => {
+    expect(forwardedForChain(inbound, peer, hops)).toBe(expected);
   });
 });
