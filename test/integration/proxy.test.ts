@@ -5,12 +5,12 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
-import { createServer as createTcpServer, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
+import { rawAnswer, startScriptedUpstream } from '../support/scripted-upstream.ts';
 
 const USER = 'proxy-user';
 const MiB = 1024 * 1024;
@@ -148,48 +148,21 @@ interface KeptAliveUpstream {
  * of an upstream's idle timeout firing just as the proxy reuses the connection.
  */
 async function startKeptAliveUpstream(keepAliveSec: number): Promise<KeptAliveUpstream> {
-  const requests: KeptAliveUpstream['requests'] = [];
   const closedByClientAfterMs = new Map<number, number>();
-  const sockets = new Set<Socket>();
-  let connections = 0;
-  const server = createTcpServer((socket) => {
-    const connection = ++connections;
-    sockets.add(socket);
-    let buffered = '';
-    let answered = 0;
-    let answeredAt = 0;
-    socket.on('data', (chunk) => {
-      buffered += chunk.toString('latin1');
-      while (buffered.includes('\r\n\r\n')) {
-        const headEnd = buffered.indexOf('\r\n\r\n');
-        const line = buffered.slice(0, buffered.indexOf('\r\n'));
-        buffered = buffered.slice(headEnd + 4);
-        requests.push({ line, connection });
-        if (answered > 0) return void socket.resetAndDestroy();
-        answered += 1;
-        answeredAt = performance.now();
-        const body = JSON.stringify({ connection });
-        socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nkeep-alive: timeout=${keepAliveSec}\r\n\r\n${body}`);
-      }
-    });
-    socket.on('end', () => {
-      if (answered > 0) closedByClientAfterMs.set(connection, performance.now() - answeredAt);
-      socket.end();
-    });
-    socket.on('error', () => undefined);
-    socket.on('close', () => sockets.delete(socket));
+  const upstream = await startScriptedUpstream((request, socket) => {
+    if (request.nth > 1) return void socket.resetAndDestroy();
+    const answeredAt = performance.now();
+    socket.once('end', () => closedByClientAfterMs.set(request.connection, performance.now() - answeredAt));
+    const headers: Array<[string, string]> = [['content-type', 'application/json'], ['keep-alive', `timeout=${keepAliveSec}`]];
+    socket.write(rawAnswer('HTTP/1.1 200 OK', headers, JSON.stringify({ connection: request.connection })));
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as { port: number }).port;
   return {
-    port,
-    requests,
+    port: Number(new URL(upstream.url).port),
+    get requests() {
+      return upstream.requests.map(({ line, connection }) => ({ line, connection }));
+    },
     closedByClientAfterMs,
-    close: () =>
-      new Promise((resolve) => {
-        for (const socket of sockets) socket.destroy();
-        server.close(() => resolve());
-      }),
+    close: upstream.close,
   };
 }
 

@@ -37,7 +37,8 @@ export async function startScriptedUpstream(reply: Reply): Promise<ScriptedUpstr
     socket.on('data', (chunk) => {
       buffered += chunk.toString('latin1');
       let headEnd: number;
-      while ((headEnd = buffered.indexOf('\r\n\r\n')) !== -1) {
+      // A reply may reset the connection: whatever else was buffered on it was never received.
+      while (!socket.destroyed && (headEnd = buffered.indexOf('\r\n\r\n')) !== -1) {
         const [line = '', ...lines] = buffered.slice(0, headEnd).split('\r\n');
         buffered = buffered.slice(headEnd + 4);
         const headers = lines.map((header): [string, string] => {
