@@ -5,7 +5,7 @@ import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
 import { exitOnInvalidConfig } from './lib/config.ts';
 import { GatehouseError, errorBody } from './lib/errors.ts';
 import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
-import { log } from './lib/log.ts';
+import { describeCause, log } from './lib/log.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
 
 /**
@@ -53,10 +53,13 @@ async function serve(): Promise<void> {
   const handleWithNext = app.getRequestHandler();
   const server = http.createServer((request, response) => {
     if (request.url?.startsWith(PROXY_PREFIX)) {
-      forwardRequest(inboundFromNode(request, response)).then(
-        (answer) => writeNodeResponse(answer, response),
-        () => response.destroy(),
-      );
+      // A throw while writing costs this one answer, never the worker and every request it serves.
+      forwardRequest(inboundFromNode(request, response))
+        .then((answer) => writeNodeResponse(answer, response))
+        .catch((error: unknown) => {
+          log('error', 'proxy.write_failed', describeCause(error));
+          response.destroy();
+        });
       return;
     }
     if (request.method === 'TRACE') {

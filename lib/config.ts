@@ -44,6 +44,8 @@ export interface Config {
     | { kind: 'upstash'; url: string; token: string };
   keyPrefix: string;
   apis: Record<string, ApiConfig>;
+  /** Reverse proxies in front of Gatehouse whose X-Forwarded-For entries are believed (the last N). */
+  trustedProxyHops: number;
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   /** For `npm start` (server.ts) only. */
   server: { port: number; hostname: string; workers: number; drainMs: number };
@@ -191,6 +193,7 @@ const envSchema = z.object({
   UPSTASH_REDIS_REST_TOKEN: z.string().trim().min(1).optional(),
   REDIS_KEY_PREFIX: z.string().regex(/^[A-Za-z0-9:_-]{1,64}$/).default('gatehouse:'),
   BFF_APIS: apisSchema,
+  TRUSTED_PROXY_HOPS: z.coerce.number().int().min(0).max(16).default(0),
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),
   PORT: z.coerce.number().int().min(0).max(65_535).default(3000),
   HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),
@@ -313,6 +316,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
         { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes },
       ]),
     ),
+    trustedProxyHops: env.TRUSTED_PROXY_HOPS,
     logLevel: env.LOG_LEVEL,
     server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
   };

@@ -43,7 +43,39 @@ const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
 /** Never forwarded upstream: the browser's credentials are for Gatehouse only. */
 const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
-const RESPONSE_DENYLIST = new Set(['set-cookie', 'set-cookie2']);
+/**
+ * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
+ * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do. Headers
+ * that act on documents only (CSP, X-Frame-Options, Refresh) are left alone: a proxied answer is
+ * never a document, since a navigation cannot send X-CSRF.
+ */
+const RESPONSE_DENYLIST = new Set([
+  // Gatehouse's own signals. x-request-id: Gatehouse sends its own, exactly one (x-gatehouse-* below).
+  'x-request-id',
+  // The origin's cookies (the session cookie among them) and everything stored for it.
+  'set-cookie',
+  'set-cookie2',
+  'clear-site-data',
+  // Origin-wide transport policy: HSTS (max-age=0 would lift the app's own), alternative services
+  // (another host or port serving the app's origin).
+  'strict-transport-security',
+  'alt-svc',
+  // Persistent reporting policy: network-error reports about every later request to the origin,
+  // sent to the API's choice of endpoint.
+  'nel',
+  'report-to',
+  'reporting-endpoints',
+  // Widens a service worker's scope to the whole origin.
+  'service-worker-allowed',
+  // The origin's login status as the browser records it (FedCM).
+  'set-login',
+  // Front servers (nginx, Apache, lighttpd) replace the answer with the internal path or file named.
+  'x-accel-redirect',
+  'x-sendfile',
+  'x-lighttpd-send-file',
+]);
+/** The browser client reads x-gatehouse-error as "Gatehouse says"; the whole namespace is Gatehouse's. */
+const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
 
 function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
@@ -52,9 +84,9 @@ function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> 
   return { status: error.status, headers, body: errorBody(error) };
 }
 
-/** Names a `Connection` header lists are hop-by-hop too (RFC 9110 7.6.1). */
-function connectionListed(connection: string | undefined): Set<string> {
-  return new Set((connection ?? '').split(',').map((name) => name.trim().toLowerCase()).filter(Boolean));
+/** Names a `Connection` header lists are hop-by-hop too (RFC 9110 7.6.1); repeated headers list more. */
+function connectionListed(...connections: Array<string | undefined>): Set<string> {
+  return new Set(connections.flatMap((connection) => (connection ?? '').split(',')).map((name) => name.trim().toLowerCase()).filter(Boolean));
 }
 
 function isHopByHop(name: string, listed: Set<string>): boolean {
@@ -74,22 +106,33 @@ export function filterRequestHeaders(pairs: Iterable<[string, string]>, connecti
 }
 
 export function filterResponseHeaders(rawHeaders: string[]): Array<[string, string]> {
-  let connection: string | undefined;
-  for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connection = rawHeaders[i + 1];
-  const listed = connectionListed(connection);
+  const connections: string[] = [];
+  for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connections.push(rawHeaders[i + 1] as string);
+  const listed = connectionListed(...connections);
   const kept: Array<[string, string]> = [];
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = (rawHeaders[i] as string).toLowerCase();
-    if (isHopByHop(name, listed) || RESPONSE_DENYLIST.has(name)) continue;
+    if (isHopByHop(name, listed) || RESPONSE_DENYLIST.has(name) || name.startsWith(GATEHOUSE_HEADER_PREFIX)) continue;
     kept.push([name, rawHeaders[i + 1] as string]);
   }
   return kept;
 }
 
 /**
+ * `.` and `..`, also followed by `;params`: Tomcat and Spring strip path parameters from a segment
+ * before resolving dot segments, so `..;x` climbs a level there.
+ */
+const DOT_SEGMENT = /^\.\.?(?:;.*)?$/s;
+
+/** A lenient upstream may decode once more, so `..%3b` counts too (a `%2e` there is refused on its own). */
+function isDotSegment(decoded: string): boolean {
+  return DOT_SEGMENT.test(decoded) || DOT_SEGMENT.test(decoded.replace(/%3b/gi, ';'));
+}
+
+/**
  * The upstream URL for `/api/proxy/<api>/<rest>`: the API's base URL plus `rest`, or an error for
- * anything that could step outside that base (dot segments in any encoding, encoded slashes or
- * backslashes, empty segments, `@`, a scheme, control characters).
+ * anything that could step outside that base (dot segments in any encoding, with or without
+ * `;params`, encoded slashes or backslashes, empty segments, `@`, a scheme, control characters).
  */
 export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>): { api: ApiConfig; url: URL } {
   const queryStart = rawUrl.indexOf('?');
@@ -107,7 +150,7 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
       throw invalidPath();
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
-    if ((segment === '' && !isEmptyAllowed) || decoded === '.' || decoded === '..') throw invalidPath();
+    if ((segment === '' && !isEmptyAllowed) || isDotSegment(decoded)) throw invalidPath();
     // Decoded once here, possibly again by a lenient upstream: refuse separators in either layer.
     if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(decoded)) throw invalidPath();
     if (index === 0 && /^[a-z][a-z0-9+.-]*:/i.test(decoded)) throw invalidPath();
@@ -119,6 +162,10 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
   url.search = query;
   if (url.origin !== api.url.origin || !url.pathname.startsWith(basePath)) throw invalidPath();
   return { api, url };
+}
+
+function clientClosed(): GatehouseError {
+  return new GatehouseError('client_closed', 499, 'The client went away.');
 }
 
 function invalidPath(): GatehouseError {
@@ -246,18 +293,24 @@ function sendUpstream(
   body: Readable | null,
   signal: AbortSignal,
 ): Promise<UpstreamAnswer> {
+  // The browser may have left while its session or token was read: an 'abort' listener added now
+  // would never fire, and nothing must go upstream on behalf of a browser that is gone.
+  if (signal.aborted) return Promise.reject(clientClosed());
   return new Promise((resolve, reject) => {
     const transport = url.protocol === 'https:' ? https : http;
     const mayResend = body === null && REPLAYABLE_METHODS.has(method);
     let request: http.ClientRequest;
+    // Once an answer has begun, the upstream has acted on the request: a later reset is no stale connection.
+    let answered = false;
     const timer = setTimeout(() => request.destroy(new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.')), api.timeoutMs);
-    const onAbort = () => request.destroy(new GatehouseError('client_closed', 499, 'The client went away.'));
+    const onAbort = () => request.destroy(clientClosed());
     signal.addEventListener('abort', onAbort, { once: true });
 
     const send = (onFreshConnection: boolean) => {
       // agent: false is a one-off connection: the pool may hold more sockets closed the same way.
       request = transport.request(url, { method, headers: headers.flat(), agent: onFreshConnection ? false : agentFor(url) });
       request.on('response', (response) => {
+        answered = true;
         clearTimeout(timer);
         // From here on the browser's disconnect aborts the upstream body too.
         response.on('close', () => signal.removeEventListener('abort', onAbort));
@@ -265,7 +318,8 @@ function sendUpstream(
       });
       request.on('error', (error) => {
         const code = (error as NodeJS.ErrnoException).code;
-        if (!onFreshConnection && mayResend && request.reusedSocket && code && STALE_CONNECTION_CODES.has(code) && !signal.aborted) {
+        const staleConnection = !onFreshConnection && request.reusedSocket && code !== undefined && STALE_CONNECTION_CODES.has(code);
+        if (staleConnection && mayResend && !answered && !signal.aborted) {
           log('debug', 'proxy.resend', { api: api.name, causeCode: code });
           return send(true);
         }
@@ -282,6 +336,28 @@ function sendUpstream(
     };
     send(false);
   });
+}
+
+/**
+ * Statuses both adapters can pass on: Node's writeHead throws below 100 (a crash of the worker),
+ * a Fetch `Response` (the Next adapter) throws outside 200–599. A 1xx is an interim answer
+ * (RFC 9110 §15.2) that Node's client handles itself; one that arrives as final (a 101 without
+ * an upgrade) is no answer a browser's fetch could take either.
+ */
+function isFinalStatus(status: number): boolean {
+  return status >= 200 && status <= 599;
+}
+
+/**
+ * The X-Forwarded-For sent upstream. Only the last `trustedHops` entries were appended by reverse
+ * proxies we run; anything before them is whatever the browser claimed. The socket peer comes
+ * last; the Next adapter is never told it (`undefined`), so there only the trusted entries go.
+ */
+export function forwardedForChain(inbound: string | undefined, peer: string | undefined, trustedHops: number): string | undefined {
+  const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
+  const chain = trustedHops > 0 ? entries.slice(-trustedHops) : [];
+  if (peer) chain.push(peer);
+  return chain.length ? chain.join(', ') : undefined;
 }
 
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
@@ -308,14 +384,14 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     let credentials = await credentialsFor(api, inbound);
     refreshed = credentials.refreshed;
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
-    const forwardedFor = inbound.header('x-forwarded-for');
     headers.push(
       ['host', url.host],
-      ['x-forwarded-for', [forwardedFor, inbound.remoteAddress].filter(Boolean).join(', ')],
       ['x-forwarded-proto', config.appBaseUrl.protocol.slice(0, -1)],
       ['x-forwarded-host', config.appBaseUrl.host],
       ['x-request-id', requestId],
     );
+    const forwardedFor = forwardedForChain(inbound.header('x-forwarded-for'), inbound.remoteAddress, config.trustedProxyHops);
+    if (forwardedFor) headers.push(['x-forwarded-for', forwardedFor]);
     if (hasBody && declaredLength > 0) headers.push(['content-length', String(declaredLength)]);
     const body = hasBody && inbound.body ? limitBody(inbound.body, api.maxBodyBytes) : null;
     const withToken = (token: string | undefined) => (token ? [...headers, ['authorization', `Bearer ${token}`] as [string, string]] : headers);
@@ -329,6 +405,10 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);
+    }
+    if (!isFinalStatus(answer.status)) {
+      answer.body.destroy();
+      throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
     const responseHeaders = filterResponseHeaders(answer.rawHeaders);
     responseHeaders.push(['x-request-id', requestId]);

@@ -6,10 +6,13 @@
 //
 // Two complete stacks (each its own dev IdP and demo API) because an IdP only knows the app URLs it
 // was started with; the upstream views are compared after normalising ports and per-stack tokens.
+import type { Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
-import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
+import { serverHoldsConnection, unreadBytesAt, waitFor } from '../support/http-client.ts';
+import { openRawRequest, rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
+import { rawAnswer, startScriptedUpstream, type ScriptedUpstream, type UpstreamRequest } from '../support/scripted-upstream.ts';
 
 const USER = 'adapter-user';
 
@@ -19,6 +22,10 @@ interface Target {
   port: number;
   host: string;
   cookie: string;
+  /** This stack's raw upstream (APIs `scripted` and `clientprobe`), for answers no real API gives. */
+  upstream: ScriptedUpstream;
+  /** Resets the connection on which the upstream left an answer unfinished (`/partial`). */
+  breakOff(): void;
 }
 
 let fast: Target;
@@ -88,20 +95,78 @@ const csrf = (target: Target): Array<[string, string]> => [
   ['Cookie', target.cookie],
 ];
 
+/** Upstream signals Gatehouse must not let through, each with the reason it is dangerous in the browser. */
+const FORGED_HEADERS: Array<[string, string]> = [
+  ['X-Gatehouse-Error', 'session_expired'], // the browser client would believe the session ended
+  ['x-gatehouse-error', 'unauthenticated'],
+  ['X-Gatehouse-Anything', 'forged'], // the whole namespace is Gatehouse's
+  ['Clear-Site-Data', '"cookies", "storage"'], // would drop the session cookie and the SPA's storage
+  ['X-Request-Id', 'forged-1'], // only Gatehouse's own id may reach the browser
+  ['x-request-id', 'forged-2'],
+  ['Set-Cookie', 'gatehouse=; Max-Age=0; Path=/'],
+  ['Strict-Transport-Security', 'max-age=0'],
+  ['Alt-Svc', 'h2="evil.example:443"; ma=86400'],
+  ['NEL', '{"report_to":"evil","max_age":86400}'],
+  ['Report-To', '{"group":"evil","max_age":86400,"endpoints":[{"url":"https://evil.example/r"}]}'],
+  ['Reporting-Endpoints', 'evil="https://evil.example/r"'],
+  ['Service-Worker-Allowed', '/'],
+  ['Set-Login', 'logged-out'],
+  ['X-Accel-Redirect', '/internal/secrets'],
+  ['X-Sendfile', '/etc/passwd'],
+  ['X-Lighttpd-Send-File', '/etc/passwd'],
+];
+/** Ordinary API headers next to them, which must arrive unchanged. */
+const ORDINARY_HEADERS: Array<[string, string]> = [
+  ['Content-Type', 'application/json'],
+  ['Cache-Control', 'private, max-age=60'],
+  ['ETag', '"v7"'],
+  ['Content-Language', 'de'],
+  ['X-Accel-Buffering', 'no'],
+  ['X-Api-Version', '3'],
+];
+
+/** A raw upstream for one stack; `breakOff` resets the connection of the last unfinished `/partial` answer. */
+async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream; breakOff: () => void }> {
+  let unfinished: Socket | undefined;
+  const reply = (request: UpstreamRequest, socket: Socket) => {
+    const status = /^\/status\/(\d{3})$/.exec(request.path)?.[1];
+    if (status) return void socket.write(rawAnswer(`HTTP/1.1 ${status} Odd`, [['content-type', 'text/plain']], 'odd'));
+    if (request.path === '/forge') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [...FORGED_HEADERS, ...ORDINARY_HEADERS], '{"forged":true}'));
+    // On a reused connection: the head and a first chunk, then nothing until the test breaks it off.
+    if (request.path === '/partial' && request.nth > 1) {
+      unfinished = socket;
+      return void socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n');
+    }
+    socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json']], JSON.stringify({ path: request.path })));
+  };
+  return { upstream: await startScriptedUpstream(reply), breakOff: () => unfinished?.resetAndDestroy() };
+}
+
 beforeAll(async () => {
-  const [fastStack, nextStack] = await Promise.all([startStack({ server: 'fast', workers: 1 }), startStack({ server: 'next' })]);
-  const targetOf = async (name: Target['name'], stack: Stack): Promise<Target> => {
+  const [fastUpstream, nextUpstream] = await Promise.all([startTargetUpstream(), startTargetUpstream()]);
+  const apisWith = (upstream: ScriptedUpstream) => ({ apiUrl }: { apiUrl: string }) => ({
+    demo: { url: apiUrl },
+    public: { url: `${apiUrl}/public`, auth: 'user-optional' },
+    scripted: { url: upstream.url, auth: 'none' },
+    // Needs the BFF's own token from the IdP first: a request can wait there, before anything goes upstream.
+    clientprobe: { url: upstream.url, auth: 'client' },
+  });
+  const [fastStack, nextStack] = await Promise.all([
+    startStack({ server: 'fast', workers: 1, apis: apisWith(fastUpstream.upstream) }),
+    startStack({ server: 'next', apis: apisWith(nextUpstream.upstream) }),
+  ]);
+  const targetOf = async (name: Target['name'], stack: Stack, scripted: Awaited<ReturnType<typeof startTargetUpstream>>): Promise<Target> => {
     const url = new URL(stack.apps[0]?.url ?? '');
     const { rpCookies } = await loginThroughRp({ startUrl: `${url.origin}/api/auth/login`, username: USER });
     const value = rpCookies.get('gatehouse');
     if (!value) throw new Error(`${name}: login produced no session cookie`);
-    return { name, stack, port: Number(url.port), host: url.host, cookie: `gatehouse=${value}` };
+    return { name, stack, port: Number(url.port), host: url.host, cookie: `gatehouse=${value}`, ...scripted };
   };
-  [fast, next] = await Promise.all([targetOf('fast', fastStack), targetOf('next', nextStack)]);
+  [fast, next] = await Promise.all([targetOf('fast', fastStack, fastUpstream), targetOf('next', nextStack, nextUpstream)]);
 });
 
 afterAll(async () => {
-  await Promise.all([fast?.stack.stop(), next?.stack.stop()]);
+  await Promise.all([fast?.stack.stop(), next?.stack.stop(), fast?.upstream.close(), next?.upstream.close()]);
 });
 
 const ERROR_HEADERS = { 'content-type': 'application/json; charset=utf-8', 'cache-control': 'no-store' };
@@ -119,6 +184,14 @@ const hostile: Array<[string, (target: Target) => string, number, string]> = [
   ['@', (t) => head(t, 'GET', '/api/proxy/demo/user@evil.example', csrf(t)), 400, 'invalid_path'],
   ['http:', (t) => head(t, 'GET', '/api/proxy/demo/http:%2f%2fevil.example', csrf(t)), 400, 'invalid_path'],
   ['%00', (t) => head(t, 'GET', '/api/proxy/demo/x%00y', csrf(t)), 400, 'invalid_path'],
+  // Tomcat and Spring strip `;params` from a segment before resolving dot segments: `..;` is `..` there.
+  ['..;', (t) => head(t, 'GET', '/api/proxy/demo/x/..;/..;/whoami', csrf(t)), 400, 'invalid_path'],
+  ['..;param', (t) => head(t, 'GET', '/api/proxy/demo/..;jsessionid=1/whoami', csrf(t)), 400, 'invalid_path'],
+  ['.;', (t) => head(t, 'GET', '/api/proxy/demo/.;/whoami', csrf(t)), 400, 'invalid_path'],
+  ['%2e%2e;', (t) => head(t, 'GET', '/api/proxy/demo/%2e%2e;/whoami', csrf(t)), 400, 'invalid_path'],
+  ['..%3b', (t) => head(t, 'GET', '/api/proxy/demo/..%3b/whoami', csrf(t)), 400, 'invalid_path'],
+  ['%2E.%3Bx', (t) => head(t, 'GET', '/api/proxy/demo/%2E.%3Bx/whoami', csrf(t)), 400, 'invalid_path'],
+  ['..%253b (decoded twice upstream)', (t) => head(t, 'GET', '/api/proxy/demo/..%253b/whoami', csrf(t)), 400, 'invalid_path'],
   ['no session', (t) => head(t, 'GET', '/api/proxy/demo/whoami', [['X-CSRF', '1']]), 401, 'unauthenticated'],
   ['unknown API', (t) => head(t, 'GET', '/api/proxy/nope/whoami', csrf(t)), 404, 'unknown_api'],
   ['tampered session cookie', (t) => head(t, 'GET', '/api/proxy/demo/whoami', [['X-CSRF', '1'], ['Cookie', `${t.cookie.slice(0, -6)}AAAAAA`]]), 401, 'unauthenticated'],
@@ -296,5 +369,80 @@ describe('ordinary requests: the upstream sees the same request from both adapte
     expect(fastView.status).toBe(200);
     expect(fastView.echo).toMatchObject({ sub: USER, method: 'POST', path: '/echo/items', body: { name: 'Ada', list: [1, 2, 3] } });
     expect(nextView).toEqual(fastView);
+  });
+});
+
+describe('what an upstream or a leaving browser can do: the same on both adapters', () => {
+  const scripted = (t: Target, path: string, extra: Array<[string, string]> = []) => head(t, 'GET', `/api/proxy/scripted${path}`, [['X-CSRF', '1'], ...extra]);
+
+  it('an upstream cannot forge Gatehouse’s signals or the app origin’s browser state; ordinary headers pass', async () => {
+    for (const target of [fast, next]) {
+      const res = await rawRequest(target.port, scripted(target, '/forge', [['X-Request-Id', 'trace-forge-1']]));
+      expect(res?.status, target.name).toBe(200);
+      expect(JSON.parse(res?.body ?? ''), target.name).toEqual({ forged: true });
+      const leaked = FORGED_HEADERS.map(([name]) => name.toLowerCase()).filter((name) => name !== 'x-request-id' && res?.get(name) !== undefined);
+      expect(leaked, target.name).toEqual([]);
+      // Exactly one X-Request-Id, Gatehouse's: the one the browser sent, which the log carries too.
+      expect(res?.all('x-request-id'), target.name).toEqual(['trace-forge-1']);
+      for (const [name, value] of ORDINARY_HEADERS) expect(res?.get(name.toLowerCase()), `${target.name}: ${name}`).toBe(value);
+    }
+  });
+
+  it.each(['600', '099', '000', '999', '101'])('upstream status %s → 502 upstream_unavailable from both; Gatehouse keeps serving', async (code) => {
+    const { fast: fastView, next: nextView } = await both((t) => scripted(t, `/status/${code}`));
+    expect(fastView).toMatchObject({ status: 502, body: { error: 'upstream_unavailable' }, headers: { ...ERROR_HEADERS, 'x-gatehouse-error': 'upstream_unavailable' }, hasRequestId: true });
+    expect(nextView).toEqual(fastView);
+    // No crashed worker: the next request is served.
+    for (const target of [fast, next]) expect((await rawRequest(target.port, scripted(target, '/after-odd-status')))?.status, target.name).toBe(200);
+  });
+
+  it('TRUSTED_PROXY_HOPS=0 (default): the browser’s X-Forwarded-For never reaches the upstream', async () => {
+    const seen: Record<string, string | undefined> = {};
+    for (const target of [fast, next]) {
+      const res = await rawRequest(target.port, head(target, 'GET', '/api/proxy/demo/echo/xff', [...csrf(target), ['X-Forwarded-For', '203.0.113.7, 198.51.100.1']]));
+      seen[target.name] = (JSON.parse(res?.body ?? '{}') as { headers: Record<string, string | undefined> }).headers['x-forwarded-for'];
+    }
+    // The fast path knows the socket's peer; a Next route handler is never told it, so it sends none.
+    expect(seen).toEqual({ fast: '127.0.0.1', next: undefined });
+  });
+
+  it('a browser that leaves while Gatehouse still waits for a token: nothing is sent upstream', async () => {
+    for (const target of [fast, next]) {
+      const idpPid = target.stack.idp.child.pid as number;
+      const idpPort = Number(new URL(target.stack.issuer).port);
+      const seen = target.upstream.requests.length;
+      let marker: Promise<RawResponse | null>;
+      // Frozen, not closed: the IdP's socket accepts the request and nothing answers it.
+      process.kill(idpPid, 'SIGSTOP');
+      try {
+        const leaving = await openRawRequest(target.port, head(target, 'GET', '/api/proxy/clientprobe/left', [['X-CSRF', '1']]));
+        await waitFor(`${target.name}: the client-credentials call to reach the frozen IdP`, () => (unreadBytesAt(idpPort) > 0 ? true : undefined), 5_000, 10);
+        leaving.leave();
+        await waitFor(`${target.name}: Gatehouse to close the connection the browser left`, () => (serverHoldsConnection(target.port, leaving.localPort) ? undefined : true), 5_000, 10);
+        // Started after the browser left, so it goes upstream after the one that left would have.
+        marker = rawRequest(target.port, head(target, 'GET', '/api/proxy/clientprobe/marker', [['X-CSRF', '1']]));
+      } finally {
+        process.kill(idpPid, 'SIGCONT');
+      }
+      expect((await marker)?.status, target.name).toBe(200);
+      expect(target.upstream.requests.slice(seen).map((request) => request.path), target.name).toEqual(['/marker']);
+    }
+  });
+
+  it('an upstream that breaks off an answer already under way: the GET is not sent again', async () => {
+    for (const target of [fast, next]) {
+      // Leaves a kept-alive connection in Gatehouse's pool, so /partial goes out on a reused one.
+      expect((await rawRequest(target.port, scripted(target, '/warm')))?.status, target.name).toBe(200);
+      const seen = target.upstream.requests.length;
+      const partial = await openRawRequest(target.port, scripted(target, '/partial'));
+      expect(await partial.head, target.name).toMatch(/^HTTP\/1\.1 200 /);
+      target.breakOff();
+      await partial.closed;
+      expect((await rawRequest(target.port, scripted(target, '/marker')))?.status, target.name).toBe(200);
+      const since = target.upstream.requests.slice(seen);
+      // The case the resend logic exists for (a reused connection reset), but after the answer began.
+      expect(since[0]?.nth, target.name).toBeGreaterThan(1);
+      expect(since.map((request) => request.path), target.name).toEqual(['/partial', '/marker']);
+    }
   });
 });

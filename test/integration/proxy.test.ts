@@ -5,12 +5,12 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
-import { createServer as createTcpServer, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
+import { rawAnswer, startScriptedUpstream } from '../support/scripted-upstream.ts';
 
 const USER = 'proxy-user';
 const MiB = 1024 * 1024;
@@ -148,48 +148,21 @@ interface KeptAliveUpstream {
  * of an upstream's idle timeout firing just as the proxy reuses the connection.
  */
 async function startKeptAliveUpstream(keepAliveSec: number): Promise<KeptAliveUpstream> {
-  const requests: KeptAliveUpstream['requests'] = [];
   const closedByClientAfterMs = new Map<number, number>();
-  const sockets = new Set<Socket>();
-  let connections = 0;
-  const server = createTcpServer((socket) => {
-    const connection = ++connections;
-    sockets.add(socket);
-    let buffered = '';
-    let answered = 0;
-    let answeredAt = 0;
-    socket.on('data', (chunk) => {
-      buffered += chunk.toString('latin1');
-      while (buffered.includes('\r\n\r\n')) {
-        const headEnd = buffered.indexOf('\r\n\r\n');
-        const line = buffered.slice(0, buffered.indexOf('\r\n'));
-        buffered = buffered.slice(headEnd + 4);
-        requests.push({ line, connection });
-        if (answered > 0) return void socket.resetAndDestroy();
-        answered += 1;
-        answeredAt = performance.now();
-        const body = JSON.stringify({ connection });
-        socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nkeep-alive: timeout=${keepAliveSec}\r\n\r\n${body}`);
-      }
-    });
-    socket.on('end', () => {
-      if (answered > 0) closedByClientAfterMs.set(connection, performance.now() - answeredAt);
-      socket.end();
-    });
-    socket.on('error', () => undefined);
-    socket.on('close', () => sockets.delete(socket));
+  const upstream = await startScriptedUpstream((request, socket) => {
+    if (request.nth > 1) return void socket.resetAndDestroy();
+    const answeredAt = performance.now();
+    socket.once('end', () => closedByClientAfterMs.set(request.connection, performance.now() - answeredAt));
+    const headers: Array<[string, string]> = [['content-type', 'application/json'], ['keep-alive', `timeout=${keepAliveSec}`]];
+    socket.write(rawAnswer('HTTP/1.1 200 OK', headers, JSON.stringify({ connection: request.connection })));
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as { port: number }).port;
   return {
-    port,
-    requests,
+    port: Number(new URL(upstream.url).port),
+    get requests() {
+      return upstream.requests.map(({ line, connection }) => ({ line, connection }));
+    },
     closedByClientAfterMs,
-    close: () =>
-      new Promise((resolve) => {
-        for (const socket of sockets) socket.destroy();
-        server.close(() => resolve());
-      }),
+    close: upstream.close,
   };
 }
 
@@ -607,9 +580,30 @@ describe('header hygiene (raw sockets)', () => {
     expect(replaced).not.toContain('script');
     expect(replaced).toMatch(/^[0-9a-f-]{36}$/);
 
-    // A browser-supplied X-Forwarded-For is kept as the chain's start; the real peer is appended.
-    const chained = await raw(head('GET', '/api/proxy/demo/echo/fwd', [...withSession(), ['X-Forwarded-For', '203.0.113.7']]));
-    expect((bodyJson(chained) as unknown as Echo).headers['x-forwarded-for']).toBe('203.0.113.7, 127.0.0.1');
+    // With no trusted proxy in front (TRUSTED_PROXY_HOPS=0), a browser's X-Forwarded-For is its own claim: dropped.
+    const claimed = await raw(head('GET', '/api/proxy/demo/echo/fwd', [...withSession(), ['X-Forwarded-For', '203.0.113.7'], ['X-Forwarded-For', '198.51.100.1']]));
+    expect((bodyJson(claimed) as unknown as Echo).headers['x-forwarded-for']).toBe('127.0.0.1');
+  });
+
+  it('TRUSTED_PROXY_HOPS=2: the last two X-Forwarded-For entries (the trusted proxies’) are kept, the socket peer appended', async () => {
+    const first = stack.apps[0];
+    if (!first) throw new Error('no Gatehouse instance');
+    const port = await freePort();
+    const env = { ...first.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, GATEHOUSE_WORKERS: '1', TRUSTED_PROXY_HOPS: '2' };
+    const behindProxies = await startProcess('gatehouse-trusted-hops', ['server.ts'], env, /Gatehouse listening/);
+    try {
+      const forwardedFor = async (...inbound: string[]) => {
+        const res = await rawRequest(port, requestHead('GET', '/api/proxy/none/public/fwd', [['Host', `localhost:${port}`], ['X-CSRF', '1'], ...inbound.map((value): [string, string] => ['X-Forwarded-For', value]), ['Connection', 'close']]));
+        expect(res?.status).toBe(200);
+        return (await demoLast())?.headers['x-forwarded-for'];
+      };
+      // What a browser claimed before the first trusted proxy is not passed on; what they appended is.
+      expect(await forwardedFor('6.6.6.6, 203.0.113.7', '198.51.100.1')).toBe('203.0.113.7, 198.51.100.1, 127.0.0.1');
+      expect(await forwardedFor('198.51.100.1')).toBe('198.51.100.1, 127.0.0.1');
+      expect(await forwardedFor()).toBe('127.0.0.1');
+    } finally {
+      await behindProxies.stop();
+    }
   });
 
   it('a 302 passes through with its Location unchanged and is not followed', async () => {
@@ -647,6 +641,12 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     '/api/proxy/jail/x%00y',
     '/api/proxy/jail/x%0d%0aInjected:%20yes',
     '/api/proxy/jail/%zz',
+    // `..;` and `.;` are dot segments to Tomcat and Spring, which drop `;params` first.
+    '/api/proxy/jail/..;/..;/whoami',
+    '/api/proxy/jail/x/..;jsessionid=1/..;/..;/whoami',
+    '/api/proxy/jail/.;/whoami',
+    '/api/proxy/jail/%2e%2e%3b/%2e%2e%3b/whoami',
+    '/api/proxy/jail/..%253b/whoami',
   ];
 
   it.each(escapes)('%s → 400 invalid_path, no upstream request', async (target) => {

@@ -190,14 +190,17 @@ export function isAlive(pid: number): boolean {
   }
 }
 
-/**
- * Bytes that clients have sent to a local server on `port` and that it has not read yet, from the
- * kernel's socket table. With the server frozen (SIGSTOP) this is how a test knows a request has
- * left the client and is waiting in the server's socket — "in flight" as a fact, not a guess.
- */
-export function unreadBytesAt(port: number): number {
-  const ESTABLISHED = '01';
-  let unread = 0;
+interface TcpRow {
+  localPort: number;
+  remotePort: number;
+  /** The kernel's state code: '01' ESTABLISHED, '08' CLOSE_WAIT, … */
+  state: string;
+  unreadBytes: number;
+}
+
+/** Every TCP socket of this machine, from the kernel's socket tables. */
+function* tcpRows(): Generator<TcpRow> {
+  const portOf = (address: string) => Number.parseInt(address.slice(address.lastIndexOf(':') + 1), 16);
   for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
     let rows: string[];
     try {
@@ -207,11 +210,35 @@ export function unreadBytesAt(port: number): number {
     }
     for (const row of rows) {
       // "sl local_address rem_address st tx_queue:rx_queue ...", addresses as HEXIP:HEXPORT.
-      const [, local, , state, queues] = row.trim().split(/\s+/);
-      if (state !== ESTABLISHED || !local || !queues) continue;
-      if (Number.parseInt(local.slice(local.lastIndexOf(':') + 1), 16) !== port) continue;
-      unread += Number.parseInt(queues.slice(queues.indexOf(':') + 1), 16);
+      const [, local, remote, state, queues] = row.trim().split(/\s+/);
+      if (!local || !remote || !state || !queues) continue;
+      yield { localPort: portOf(local), remotePort: portOf(remote), state, unreadBytes: Number.parseInt(queues.slice(queues.indexOf(':') + 1), 16) };
     }
   }
+}
+
+/**
+ * Bytes that clients have sent to a local server on `port` and that it has not read yet, from the
+ * kernel's socket table. With the server frozen (SIGSTOP) this is how a test knows a request has
+ * left the client and is waiting in the server's socket — "in flight" as a fact, not a guess.
+ */
+export function unreadBytesAt(port: number): number {
+  const ESTABLISHED = '01';
+  let unread = 0;
+  for (const row of tcpRows()) if (row.state === ESTABLISHED && row.localPort === port) unread += row.unreadBytes;
   return unread;
+}
+
+/**
+ * Whether the server on `serverPort` still holds its end of the connection from a client's
+ * `clientPort` (open, or closed by the client and not yet by the server): how a test knows the
+ * server has noticed a client that left.
+ */
+export function serverHoldsConnection(serverPort: number, clientPort: number): boolean {
+  const CLOSE_WAIT = '08';
+  const ESTABLISHED = '01';
+  for (const row of tcpRows()) {
+    if (row.localPort === serverPort && row.remotePort === clientPort && (row.state === ESTABLISHED || row.state === CLOSE_WAIT)) return true;
+  }
+  return false;
 }

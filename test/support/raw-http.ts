@@ -1,5 +1,6 @@
 // A raw-socket HTTP/1.1 client for tests whose point is the exact bytes on the wire: duplicate
 // headers, CR/LF in values, `..` segments and oversized heads that fetch would normalise or refuse.
+import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
 
 export interface RawResponse {
@@ -133,4 +134,39 @@ function exchange(port: number, timeoutMs: number, send: (socket: Socket, answer
  */
 export function requestHead(method: string, target: string, headers: Array<[string, string]>, body = ''): string {
   return `${method} ${target} HTTP/1.1\r\n${headers.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n${body}`;
+}
+
+export interface OpenRawRequest {
+  /** The client's port, to find this connection in the kernel's socket table. */
+  localPort: number;
+  /** The answer's head (status line and headers), or null if the connection closed before one came. */
+  head: Promise<string | null>;
+  /** Everything received, once the connection has closed. */
+  closed: Promise<string>;
+  /** The browser leaves: the connection is closed from this side. */
+  leave(): void;
+}
+
+/** Sends `request` and keeps the connection, for tests that act while the answer is pending or streaming. */
+export async function openRawRequest(port: number, request: string): Promise<OpenRawRequest> {
+  const socket = connect(port, '127.0.0.1');
+  await once(socket, 'connect');
+  let received = '';
+  let onHead: (head: string | null) => void = () => undefined;
+  const head = new Promise<string | null>((resolve) => (onHead = resolve));
+  socket.on('data', (chunk: Buffer) => {
+    received += chunk.toString('latin1');
+    const end = received.indexOf('\r\n\r\n');
+    if (end !== -1) onHead(received.slice(0, end));
+  });
+  // A reset is one more way for the connection to end; `closed` says what arrived before it.
+  socket.on('error', () => undefined);
+  const closed = new Promise<string>((resolve) =>
+    socket.once('close', () => {
+      onHead(null);
+      resolve(received);
+    }),
+  );
+  socket.write(request);
+  return { localPort: socket.localPort as number, head, closed, leave: () => socket.destroy() };
 }

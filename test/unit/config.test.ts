@@ -35,6 +35,13 @@ describe('configuration', () => {
     expect(config.apis.todos?.url.href).toBe('https://api.example.com/v1');
   });
 
+  it('trusts no X-Forwarded-For entries unless told how many proxies stand in front', () => {
+    expect(parseConfig(valid).trustedProxyHops).toBe(0);
+    expect(parseConfig({ ...valid, TRUSTED_PROXY_HOPS: '2' }).trustedProxyHops).toBe(2);
+    expect(problemsOf({ ...valid, TRUSTED_PROXY_HOPS: '-1' })[0]).toMatch(/^TRUSTED_PROXY_HOPS: /);
+    expect(problemsOf({ ...valid, TRUSTED_PROXY_HOPS: 'all' })[0]).toMatch(/^TRUSTED_PROXY_HOPS: /);
+  });
+
   it('names every missing variable at once', () => {
     const problems = problemsOf({});
     for (const name of ['APP_BASE_URL', 'OIDC_ISSUER', 'OIDC_CLIENT_ID', 'SESSION_SECRET', 'BFF_APIS']) {

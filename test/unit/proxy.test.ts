@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
-import { filterRequestHeaders, filterResponseHeaders, resolveUpstream } from '../../lib/proxy.ts';
+import { filterRequestHeaders, filterResponseHeaders, forwardedForChain, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -37,6 +37,14 @@ describe('resolveUpstream', () => {
     '/api/proxy/todos/%E0%A4%A',
     '/api/proxy/todos/./x',
     '/api/proxy/todos/x?a=1#frag',
+    // Tomcat and Spring drop `;params` before resolving dot segments.
+    '/api/proxy/todos/..;/admin',
+    '/api/proxy/todos/a/..;jsessionid=1/..;/admin',
+    '/api/proxy/todos/.;/x',
+    '/api/proxy/todos/%2e%2e;/admin',
+    '/api/proxy/todos/..%3b/admin',
+    '/api/proxy/todos/%2E.%3Bx/admin',
+    '/api/proxy/todos/..%253b/admin',
   ])('refuses %s with invalid_path', (raw) => {
     expect(() => resolveUpstream(raw, apis)).toThrow(expect.objectContaining({ code: 'invalid_path', status: 400 }));
   });
@@ -48,7 +56,7 @@ describe('resolveUpstream', () => {
   });
 
   it('keeps every accepted path under the configured origin and base path', () => {
-    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x']) {
+    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x', '/api/proxy/todos/a;v=1', '/api/proxy/todos/...;', '/api/proxy/todos/;x']) {
       const { url } = resolveUpstream(raw, apis);
       expect(url.origin).toBe('https://api.example.com');
       expect(url.pathname.startsWith('/v1/')).toBe(true);
@@ -88,9 +96,19 @@ describe('header hygiene', () => {
     ]);
   });
 
-  it('drops Set-Cookie and hop-by-hop headers on the way down, keeps end-to-end ones', () => {
+  it('drops Set-Cookie, Gatehouse’s own signals, origin-wide state and hop-by-hop headers on the way down, keeps end-to-end ones', () => {
     const kept = filterResponseHeaders([
       'Set-Cookie', 'upstream=1',
+      'X-Gatehouse-Error', 'session_expired',
+      'X-Request-Id', 'forged',
+      'Clear-Site-Data', '"cookies"',
+      'Strict-Transport-Security', 'max-age=0',
+      'Alt-Svc', 'h2="evil.example:443"',
+      'NEL', '{}',
+      'X-Accel-Redirect', '/internal',
+      'Connection', 'X-Second-Hop',
+      'X-Second-Hop', 'v',
+      'X-Accel-Buffering', 'no',
       'Connection', 'keep-alive, X-Hop',
       'X-Hop', 'v',
       'Keep-Alive', 'timeout=5',
@@ -106,6 +124,7 @@ describe('header hygiene', () => {
       'X-Upstream', 'twice',
     ]);
     expect(kept).toEqual([
+      ['x-accel-buffering', 'no'],
       ['content-type', 'application/json'],
       ['etag', '"v1"'],
       ['cache-control', 'max-age=60'],
@@ -113,5 +132,21 @@ describe('header hygiene', () => {
       ['x-upstream', 'yes'],
       ['x-upstream', 'twice'],
     ]);
+  });
+});
+
+describe('forwardedForChain', () => {
+  it.each([
+    // [inbound X-Forwarded-For, socket peer, TRUSTED_PROXY_HOPS, sent upstream]
+    ['203.0.113.7', '10.0.0.2', 0, '10.0.0.2'],
+    [undefined, '10.0.0.2', 0, '10.0.0.2'],
+    ['203.0.113.7', undefined, 0, undefined],
+    ['6.6.6.6, 203.0.113.7', '10.0.0.2', 1, '203.0.113.7, 10.0.0.2'],
+    ['6.6.6.6,203.0.113.7 , 198.51.100.1', '10.0.0.2', 2, '203.0.113.7, 198.51.100.1, 10.0.0.2'],
+    ['203.0.113.7', '10.0.0.2', 3, '203.0.113.7, 10.0.0.2'],
+    ['203.0.113.7', undefined, 1, '203.0.113.7'],
+    [' , ', undefined, 2, undefined],
+  ] as const)('%s from %s with %i trusted hops → %s', (inbound, peer, hops, expected) => {
+    expect(forwardedForChain(inbound, peer, hops)).toBe(expected);
   });
 });
