@@ -40,6 +40,8 @@ export interface ProxyResponse {
 export const PROXY_PREFIX = '/api/proxy/';
 const SUPPORTED_METHODS = new Set(PROXY_METHODS);
 const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
+/** Answers that carry no body by definition (RFC 9110 §6.4.1); a Web `Response` refuses to be built with one. */
+const BODYLESS_STATUSES = new Set([204, 205, 304]);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
 /** Never forwarded upstream: the browser's credentials are for Gatehouse only. */
 const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
@@ -413,7 +415,8 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const responseHeaders = filterResponseHeaders(answer.rawHeaders);
     responseHeaders.push(['x-request-id', requestId]);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
-    result = { status: answer.status, headers: responseHeaders, body: method === 'HEAD' ? (answer.body.resume(), null) : answer.body };
+    const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
+    result = { status: answer.status, headers: responseHeaders, body: bodyless ? (answer.body.resume(), null) : answer.body };
   } catch (caught) {
     const error = asGatehouseError(caught);
     if (error.status >= 500) log('warn', 'proxy.error', { requestId, api: apiName, code: error.code, ...describeCause(error.cause) });

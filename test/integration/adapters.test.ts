@@ -129,6 +129,8 @@ const ORDINARY_HEADERS: Array<[string, string]> = [
 async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream; breakOff: () => void }> {
   let unfinished: Socket | undefined;
   const reply = (request: UpstreamRequest, socket: Socket) => {
+    const bodiless = /^\/bodiless\/(\d{3})$/.exec(request.path)?.[1];
+    if (bodiless) return void socket.write(`HTTP/1.1 ${bodiless} No Body\r\netag: "v1"\r\n\r\n`);
     const status = /^\/status\/(\d{3})$/.exec(request.path)?.[1];
     if (status) return void socket.write(rawAnswer(`HTTP/1.1 ${status} Odd`, [['content-type', 'text/plain']], 'odd'));
     if (request.path === '/forge') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [...FORGED_HEADERS, ...ORDINARY_HEADERS], '{"forged":true}'));
@@ -394,6 +396,36 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
     expect(nextView).toEqual(fastView);
     // No crashed worker: the next request is served.
     for (const target of [fast, next]) expect((await rawRequest(target.port, scripted(target, '/after-odd-status')))?.status, target.name).toBe(200);
+  });
+
+  it('every final status HTTP allows reaches the browser as sent, with its body, from both', async () => {
+    for (let code = 200; code <= 599; code++) {
+      if ([204, 205, 304].includes(code)) continue;
+      for (const target of [fast, next]) {
+        const res = await rawRequest(target.port, scripted(target, `/status/${code}`));
+        expect({ status: res?.status, body: res?.body, gatehouse: res?.get('x-gatehouse-error') }, `${target.name}: ${code}`).toEqual({ status: code, body: 'odd', gatehouse: undefined });
+      }
+    }
+  });
+
+  it.each(['204', '205', '304'])('upstream %s: passed on with its headers and no body from both, never a 500', async (code) => {
+    for (const target of [fast, next]) {
+      const res = await rawRequest(target.port, scripted(target, `/bodiless/${code}`, [['If-None-Match', '"v1"']]));
+      expect(res?.status, target.name).toBe(Number(code));
+      expect(res?.body, target.name).toBe('');
+      expect(res?.get('etag'), target.name).toBe('"v1"');
+      expect(res?.get('x-gatehouse-error'), target.name).toBeUndefined();
+      expect(res?.all('x-request-id'), target.name).toHaveLength(1);
+    }
+  });
+
+  it('HEAD: the status and headers of the GET, no body, from both', async () => {
+    for (const target of [fast, next]) {
+      const res = await rawRequest(target.port, head(target, 'HEAD', '/api/proxy/scripted/anything', [['X-CSRF', '1']]));
+      expect(res?.status, target.name).toBe(200);
+      expect(res?.get('content-type'), target.name).toBe('application/json');
+      expect(res?.body, target.name).toBe('');
+    }
   });
 
   it('TRUSTED_PROXY_HOPS=0 (default): the browser’s X-Forwarded-For never reaches the upstream', async () => {

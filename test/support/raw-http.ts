@@ -17,7 +17,9 @@ export interface RawResponse {
  * `null` when the server closes the connection without answering at all.
  */
 export function rawRequest(port: number, request: string | Buffer, timeoutMs = 10_000): Promise<RawResponse | null> {
-  return exchange(port, timeoutMs, (socket) => socket.write(request));
+  // The answer to a HEAD announces a length but carries no body.
+  const bodiless = (typeof request === 'string' ? request : request.toString('latin1', 0, 5)).startsWith('HEAD ');
+  return exchange(port, timeoutMs, (socket) => socket.write(request), bodiless);
 }
 
 export interface UploadOutcome {
@@ -63,7 +65,7 @@ function drainedOrClosed(socket: Socket): Promise<void> {
   });
 }
 
-function exchange(port: number, timeoutMs: number, send: (socket: Socket, answered: () => boolean) => void): Promise<RawResponse | null> {
+function exchange(port: number, timeoutMs: number, send: (socket: Socket, answered: () => boolean) => void, bodiless = false): Promise<RawResponse | null> {
   return new Promise((resolve, reject) => {
     const socket = connect(port, '127.0.0.1');
     let buffer = Buffer.alloc(0);
@@ -93,7 +95,8 @@ function exchange(port: number, timeoutMs: number, send: (socket: Socket, answer
       let rest = buffer.subarray(headEnd + 4);
       let body: Buffer | undefined;
       const length = get('content-length');
-      if (length !== undefined) {
+      if (bodiless || status === 204 || status === 205 || status === 304) body = Buffer.alloc(0);
+      else if (length !== undefined) {
         if (rest.length >= Number(length)) body = rest.subarray(0, Number(length));
       } else if (/chunked/i.test(get('transfer-encoding') ?? '')) {
         const parts: Buffer[] = [];
@@ -109,7 +112,7 @@ function exchange(port: number, timeoutMs: number, send: (socket: Socket, answer
           parts.push(rest.subarray(lineEnd + 2, lineEnd + 2 + size));
           rest = rest.subarray(lineEnd + 2 + size + 2);
         }
-      } else if (ended || status === 204 || status === 304) body = rest;
+      } else if (ended) body = rest;
       if (body === undefined) {
         if (ended) finish(null, new Error(`connection closed mid-answer:\n${buffer.toString('latin1').slice(0, 500)}`));
         return;
