@@ -25,6 +25,17 @@ function refuse(request: NextRequest, status: number, code: string, message: str
   });
 }
 
+/**
+ * On /api/proxy/* the gate runs only for requests that cannot be the SPA's (no `X-CSRF: 1`), so it
+ * still turns forged calls away before a function starts. The SPA's own calls skip it: Next buffers
+ * the body of every request its middleware sees (a copy for the middleware, cut at 10 MiB with
+ * only a logged warning), which would truncate uploads and hold them in memory, and the middleware
+ * sandbox costs every proxied call. The proxy core repeats every check, this one included.
+ */
 export const config = {
-  matcher: ['/api/proxy/:path*', '/api/auth/session', '/api/auth/sessions/:path*'],
+  matcher: [
+    { source: '/api/proxy/:path*', missing: [{ type: 'header', key: 'x-csrf', value: '1' }] },
+    '/api/auth/session',
+    '/api/auth/sessions/:path*',
+  ],
 };

@@ -28,7 +28,7 @@ export interface DemoApiHandle {
   audience: string;
   /** Most recent requests first, capped; /__demo/* calls are not recorded. */
   lastRequests: DemoRequestRecord[];
-  stats: { aborted: number; requests: number };
+  stats: { aborted: number; requests: number; uploads: number[] };
   close(): Promise<void>;
 }
 
@@ -44,7 +44,7 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   }
   const issuer = (options.issuer ?? 'http://localhost:4000').replace(/\/+$/, '');
   const lastRequests: DemoRequestRecord[] = [];
-  const stats = { aborted: 0, requests: 0 };
+  const stats = { aborted: 0, requests: 0, uploads: [] as number[] };
   let audience = options.audience ?? '';
 
   // Discovery is lazy so the API can start before the IdP and survive IdP restarts.
@@ -115,6 +115,8 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       case 'upload': {
         let bytes = 0;
         for await (const chunk of req) bytes += (chunk as Buffer).length;
+        // What arrived whole, so a test can tell a refused upload from a shortened one.
+        stats.uploads.push(bytes);
         return json(res, 200, { bytes });
       }
       case 'slow': {

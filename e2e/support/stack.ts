@@ -215,3 +215,12 @@ export async function startGatehouse({
   const ready = server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   return { url, process: await startProcess(name, args, env, ready), env };
 }
+
+/** Stops `app` and starts it again on the same URL (so the IdP still knows it) with `env` applied on top. */
+export async function restartGatehouse(app: Stack['apps'][number], env: Record<string, string>, name = 'gatehouse-restarted'): Promise<void> {
+  await app.process.stop();
+  const merged = { ...app.env, ...env };
+  const restarted = await startGatehouse({ name, port: Number(new URL(app.url).port), workers: Number(merged.GATEHOUSE_WORKERS ?? 2), env: merged });
+  app.process = restarted.process;
+  app.env = restarted.env;
+}

@@ -1,6 +1,6 @@
 import { exportJWK, generateKeyPair } from 'jose';
 import { afterAll, describe, expect, it } from 'vitest';
-import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { restartGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { call, login } from '../support/http-client.ts';
 
 /**
@@ -30,8 +30,7 @@ describe('client authentication', () => {
     const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { TOKEN_REFRESH_SKEW: '120' } });
     stacks.push(stack);
     // The dev IdP registers `<id>-post` for client_secret_post only.
-    await stack.apps[0]!.process.stop();
-    stack.apps[0]!.process = await startProcess('gatehouse-post', ['server.ts'], { ...stack.apps[0]!.env, GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post', TOKEN_REFRESH_SKEW: '120' }, /Gatehouse listening/);
+    await restartGatehouse(stack.apps[0]!, { GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post', TOKEN_REFRESH_SKEW: '120' }, 'gatehouse-post');
     await exercise(stack, 'post-user');
   });
 
@@ -41,13 +40,13 @@ describe('client authentication', () => {
     const privateJwk = { ...(await exportJWK(privateKey)), alg: 'ES256', kid: 'gatehouse-test' };
     const stack = await startStack({ workers: 1, accessTokenTtl: 60, idpEnv: { IDP_PKJWT_PUBLIC_JWK: JSON.stringify(publicJwk) } });
     stacks.push(stack);
-    await stack.apps[0]!.process.stop();
-    const { OIDC_CLIENT_SECRET: _secret, ...envWithoutSecret } = stack.apps[0]!.env;
-    stack.apps[0]!.process = await startProcess(
+    const app = stack.apps[0]!;
+    const { OIDC_CLIENT_SECRET: _secret, ...envWithoutSecret } = app.env;
+    app.env = envWithoutSecret;
+    await restartGatehouse(
+      app,
+      { GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-pkjwt`, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(privateJwk), TOKEN_REFRESH_SKEW: '120' },
       'gatehouse-pkjwt',
-      ['server.ts'],
-      { ...envWithoutSecret, GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-pkjwt`, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(privateJwk), TOKEN_REFRESH_SKEW: '120' },
-      /Gatehouse listening/,
     );
     await exercise(stack, 'pkjwt-user');
   });

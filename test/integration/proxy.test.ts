@@ -6,7 +6,7 @@
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLIENT_ID, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { CLIENT_ID, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
@@ -37,9 +37,9 @@ interface DemoRecord {
   at: number;
 }
 
-async function demoStats(): Promise<{ aborted: number; requests: number }> {
+async function demoStats(): Promise<{ aborted: number; requests: number; uploads: number[] }> {
   const res = await fetch(`${stack.apiUrl}/__demo/stats`);
-  return (await res.json()) as { aborted: number; requests: number };
+  return (await res.json()) as { aborted: number; requests: number; uploads: number[] };
 }
 
 async function demoLast(): Promise<DemoRecord | undefined> {
@@ -169,19 +169,12 @@ async function startKeptAliveUpstream(keepAliveSec: number): Promise<KeptAliveUp
 // ---------------------------------------------------------------------------------------------
 
 beforeAll(async () => {
-  stack = await startStack({ workers: 1 });
-  // The extra APIs must point at the demo API, whose port only exists once the stack is up: restart
-  // the Gatehouse instance on the same port (same APP_BASE_URL, so the IdP still knows it) with them.
-  const first = stack.apps[0];
-  if (!first) throw new Error('no Gatehouse instance');
-  await first.process.stop();
   const closedPort = await freePort();
-  const apiUrl = stack.apiUrl;
   keptAlive = await startKeptAliveUpstream(60);
   shortKeptAlive = await startKeptAliveUpstream(2);
-  const env = {
-    ...first.env,
-    BFF_APIS: JSON.stringify({
+  stack = await startStack({
+    workers: 1,
+    apis: ({ apiUrl }) => ({
       demo: { url: apiUrl },
       public: { url: `${apiUrl}/public`, auth: 'user-optional' },
       none: { url: apiUrl, auth: 'none' },
@@ -189,15 +182,15 @@ beforeAll(async () => {
       slow: { url: apiUrl, timeoutMs: 500 },
       small: { url: apiUrl, maxBodyBytes: 1024 },
       bulk: { url: apiUrl, maxBodyBytes: 256 * MiB },
+      tenmib: { url: apiUrl, maxBodyBytes: 10 * MiB },
       jail: { url: `${apiUrl}/echo/jail` },
       dead: { url: `http://127.0.0.1:${closedPort}`, auth: 'none' },
       keptalive: { url: `http://127.0.0.1:${keptAlive.port}`, auth: 'none' },
       shortkeptalive: { url: `http://127.0.0.1:${shortKeptAlive.port}`, auth: 'none' },
     }),
-  };
-  const process = await startProcess('gatehouse-proxy', ['server.ts'], env, /Gatehouse listening/);
-  // stack.stop() stops whatever stack.apps holds.
-  stack.apps[0] = { url: first.url, process, env };
+  });
+  const first = stack.apps[0];
+  if (!first) throw new Error('no Gatehouse instance');
   app = first.url;
   appPort = Number(new URL(app).port);
   appHost = new URL(app).host;
@@ -282,6 +275,25 @@ describe('streaming', () => {
     expect(second.result).toEqual({ status: 200, body: { bytes: 2 * BULK_BYTES } });
     expect(second.samples).toBeGreaterThan(5);
     expect(second.peak - first.peak, `peak RSS ${first.peak} B over 100 MB, ${second.peak} B over 200 MB`).toBeLessThan(RSS_GROWTH_LIMIT);
+  });
+
+  const chunkedUpload = (api: string, bytes: number) =>
+    proxyFetch(`/api/proxy/${api}/upload`, { method: 'POST', headers: { 'content-type': 'application/octet-stream' }, body: generatedBody(bytes), duplex: 'half' } as RequestInit);
+
+  it('a chunked upload larger than any framework buffer (12 MiB) reaches the upstream whole', async () => {
+    const res = await chunkedUpload('bulk', 12 * MiB);
+    expect({ status: res.status, body: await json(res) }).toEqual({ status: 200, body: { bytes: 12 * MiB } });
+  });
+
+  it('a chunked upload just over maxBodyBytes (10 MiB) is a 413; the upstream never completes a shortened body', async () => {
+    const before = await demoStats();
+    const res = await chunkedUpload('tenmib', 10 * MiB + 64 * 1024);
+    expect(res.status).toBe(413);
+    expect(await json(res)).toMatchObject({ error: 'payload_too_large' });
+    expect((await demoStats()).uploads.slice(before.uploads.length)).toEqual([]);
+    // A body of exactly the limit is fine.
+    const atLimit = await chunkedUpload('tenmib', 10 * MiB);
+    expect(await json(atLimit)).toEqual({ bytes: 10 * MiB });
   });
 
   it('aborts the upstream request when the browser goes away', async () => {
@@ -588,9 +600,8 @@ describe('header hygiene (raw sockets)', () => {
   it('TRUSTED_PROXY_HOPS=2: the last two X-Forwarded-For entries (the trusted proxies’) are kept, the socket peer appended', async () => {
     const first = stack.apps[0];
     if (!first) throw new Error('no Gatehouse instance');
-    const port = await freePort();
-    const env = { ...first.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, GATEHOUSE_WORKERS: '1', TRUSTED_PROXY_HOPS: '2' };
-    const behindProxies = await startProcess('gatehouse-trusted-hops', ['server.ts'], env, /Gatehouse listening/);
+    const behindProxies = await startGatehouse({ name: 'gatehouse-trusted-hops', workers: 1, env: { ...first.env, TRUSTED_PROXY_HOPS: '2' } });
+    const port = Number(new URL(behindProxies.url).port);
     try {
       const forwardedFor = async (...inbound: string[]) => {
         const res = await rawRequest(port, requestHead('GET', '/api/proxy/none/public/fwd', [['Host', `localhost:${port}`], ['X-CSRF', '1'], ...inbound.map((value): [string, string] => ['X-Forwarded-For', value]), ['Connection', 'close']]));
@@ -602,7 +613,7 @@ describe('header hygiene (raw sockets)', () => {
       expect(await forwardedFor('198.51.100.1')).toBe('198.51.100.1, 127.0.0.1');
       expect(await forwardedFor()).toBe('127.0.0.1');
     } finally {
-      await behindProxies.stop();
+      await behindProxies.process.stop();
     }
   });
 

@@ -3,7 +3,7 @@ import { SignJWT, generateKeyPair } from 'jose';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
-import { startGatehouse, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { rawUpload, requestHead } from '../support/raw-http.ts';
 
 /**
@@ -330,8 +330,7 @@ describe('secret rotation across deploys', () => {
     const cookie = cookieHeader(session.rpCookies);
 
     const redeploy = async (secret: string) => {
-      await current.process.stop();
-      current.process = await startProcess('gatehouse-redeployed', ['server.ts'], { ...current.env, SESSION_SECRET: secret }, /Gatehouse listening/);
+      await restartGatehouse(current, { SESSION_SECRET: secret }, 'gatehouse-redeployed');
     };
     await redeploy(`${secretB},${secretA}`);
     expect(await sessionOf(cookie)).toMatchObject({ authenticated: true, user: { sub: 'rotation-user' } });
