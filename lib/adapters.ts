@@ -1,5 +1,8 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { Readable } from 'node:stream';
+import { Readable, type Transform } from 'node:stream';
+import { createBrotliDecompress, createGunzip, createInflate, createZstdDecompress } from 'node:zlib';
+import { GatehouseError, errorBody, errorHeaders } from './errors.ts';
+import { jsonHeaders } from './http.ts';
 import { noteStreamedBytes, type InboundRequest, type ProxyResponse } from './proxy.ts';
 
 /**
@@ -9,17 +12,64 @@ import { noteStreamedBytes, type InboundRequest, type ProxyResponse } from './pr
 
 const BODYLESS = new Set(['GET', 'HEAD']);
 
+/**
+ * Next (and Vercel after it) drops Content-Encoding and Content-Length from a route handler's
+ * answer and may compress it again itself, so an upstream's encoded bytes would reach the browser
+ * under the wrong label. The web adapter therefore asks upstreams only for codings it can undo,
+ * and undoes them before Next sees the body.
+ */
+const DECODERS: Record<string, () => Transform> = {
+  gzip: createGunzip,
+  'x-gzip': createGunzip,
+  deflate: createInflate,
+  br: createBrotliDecompress,
+  zstd: createZstdDecompress,
+};
+
+/** The browser's Accept-Encoding, less the codings the web adapter could not undo (`*` included). */
+function decodableAcceptEncoding(value: string): string {
+  const kept = value
+    .split(',')
+    .map((token) => token.trim())
+    .filter((token) => {
+      const coding = token.split(';')[0]?.trim().toLowerCase() ?? '';
+      return coding === 'identity' || Object.hasOwn(DECODERS, coding);
+    });
+  return kept.length ? kept.join(', ') : 'identity';
+}
+
 export function inboundFromWeb(request: Request, remoteAddress: string | undefined): InboundRequest {
   const url = new URL(request.url);
+  const header = (name: string) => {
+    const value = request.headers.get(name);
+    if (value === null) return undefined;
+    return name === 'accept-encoding' ? decodableAcceptEncoding(value) : value;
+  };
   return {
     method: request.method,
     rawUrl: url.pathname + url.search,
-    header: (name) => request.headers.get(name) ?? undefined,
-    headerPairs: () => request.headers.entries(),
+    header,
+    headerPairs: function* () {
+      for (const [name, value] of request.headers) yield [name, name === 'accept-encoding' ? decodableAcceptEncoding(value) : value];
+    },
     remoteAddress,
     body: request.body && !BODYLESS.has(request.method) ? Readable.fromWeb(request.body as import('node:stream/web').ReadableStream) : null,
     signal: request.signal,
   };
+}
+
+/** The body with every content coding undone (codings apply in the order listed), or null for one we cannot undo. */
+function decodedBody(body: Readable, contentEncoding: string): Readable | null {
+  const codings = contentEncoding.split(',').map((coding) => coding.trim().toLowerCase()).filter((coding) => coding && coding !== 'identity');
+  let decoded = body;
+  for (const coding of codings.reverse()) {
+    const decoder = Object.hasOwn(DECODERS, coding) ? DECODERS[coding] : undefined;
+    if (!decoder) return null;
+    const stage = decoder();
+    decoded.on('error', (error) => stage.destroy(error));
+    decoded = decoded.pipe(stage);
+  }
+  return decoded;
 }
 
 /** Bodies this small, with a declared length, are read whole: a web stream costs more per chunk than they take to arrive. */
@@ -28,10 +78,23 @@ const SMALL_BODY_BYTES = 64 * 1024;
 export async function webResponseFrom(answer: ProxyResponse): Promise<Response> {
   const headers = new Headers();
   for (const [name, value] of answer.headers) headers.append(name, value);
+  let upstreamBody = answer.body;
+  const contentEncoding = headers.get('content-encoding');
+  if (contentEncoding !== null && upstreamBody !== null && typeof upstreamBody !== 'string') {
+    const decoded = decodedBody(upstreamBody, contentEncoding);
+    if (!decoded) {
+      upstreamBody.destroy();
+      const error = new GatehouseError('upstream_unavailable', 502, 'The API answered in an encoding that cannot be passed on.');
+      return new Response(errorBody(error), { status: error.status, headers: [...Object.entries(jsonHeaders()), ...errorHeaders(error), ['x-request-id', headers.get('x-request-id') ?? '']] });
+    }
+    upstreamBody = decoded;
+    headers.delete('content-encoding');
+    headers.delete('content-length');
+  }
   let body: BodyInit | null;
-  if (answer.body === null || typeof answer.body === 'string') body = answer.body;
-  else if (Number(headers.get('content-length') ?? Infinity) <= SMALL_BODY_BYTES) body = Buffer.concat(await answer.body.toArray());
-  else body = Readable.toWeb(answer.body) as unknown as ReadableStream<Uint8Array>;
+  if (upstreamBody === null || typeof upstreamBody === 'string') body = upstreamBody;
+  else if (Number(headers.get('content-length') ?? Infinity) <= SMALL_BODY_BYTES) body = Buffer.concat(await upstreamBody.toArray());
+  else body = Readable.toWeb(upstreamBody) as unknown as ReadableStream<Uint8Array>;
   return new Response(body, { status: answer.status, headers });
 }
 

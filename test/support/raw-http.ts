@@ -8,6 +8,8 @@ export interface RawResponse {
   /** In wire order, names lower-cased. */
   headers: Array<[string, string]>;
   body: string;
+  /** The body's bytes as received (still content-encoded, if it was). */
+  bytes: Buffer;
   get(name: string): string | undefined;
   all(name: string): string[];
 }
@@ -117,7 +119,7 @@ function exchange(port: number, timeoutMs: number, send: (socket: Socket, answer
         if (ended) finish(null, new Error(`connection closed mid-answer:\n${buffer.toString('latin1').slice(0, 500)}`));
         return;
       }
-      finish({ status, headers, body: body.toString('utf8'), get, all: (name) => headers.filter(([key]) => key === name).map(([, value]) => value) });
+      finish({ status, headers, body: body.toString('utf8'), bytes: body, get, all: (name) => headers.filter(([key]) => key === name).map(([, value]) => value) });
     };
     socket.on('data', (chunk: Buffer) => {
       buffer = Buffer.concat([buffer, chunk]);

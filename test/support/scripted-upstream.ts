@@ -66,7 +66,10 @@ export async function startScriptedUpstream(reply: Reply): Promise<ScriptedUpstr
 }
 
 /** A complete answer with a Content-Length, the connection left open for the next request. */
-export function rawAnswer(statusLine: string, headers: Array<[string, string]>, body: string): string {
+export function rawAnswer(statusLine: string, headers: Array<[string, string]>, body: string): string;
+export function rawAnswer(statusLine: string, headers: Array<[string, string]>, body: Buffer): Buffer;
+export function rawAnswer(statusLine: string, headers: Array<[string, string]>, body: string | Buffer): string | Buffer {
   const head = [statusLine, ...headers.map(([name, value]) => `${name}: ${value}`), `content-length: ${Buffer.byteLength(body)}`];
-  return `${head.join('\r\n')}\r\n\r\n${body}`;
+  const headText = `${head.join('\r\n')}\r\n\r\n`;
+  return typeof body === 'string' ? headText + body : Buffer.concat([Buffer.from(headText, 'latin1'), body]);
 }
