@@ -134,10 +134,25 @@ describe('session records', () => {
   it('are never resurrected by a token update after deletion', async () => {
     const session = await deploy(A);
     const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    await session.getStore().set(session.refreshLockKey(created.id), 'owner', { ttlMs: 60_000, onlyIfAbsent: true });
     await session.destroySession(created.id);
-    expect(await session.updateSessionTokens(created, secrets, null)).toBeNull();
+    expect(await session.updateSessionTokens(created, secrets, null, 'owner')).toBeNull();
     await session.touchSession(created, true);
     expect(await session.getStore().get(session.sessionKey(created.id))).toBeNull();
+  });
+});
+
+describe('a token update', () => {
+  it('is written only while the refresh lock is still its owner\'s', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const renewed = { ...secrets, accessToken: 'at-new' };
+    expect(await session.updateSessionTokens(created, renewed, null, 'owner')).toBeNull();
+    await session.getStore().set(session.refreshLockKey(created.id), 'successor', { ttlMs: 60_000, onlyIfAbsent: true });
+    expect(await session.updateSessionTokens(created, renewed, null, 'owner')).toBeNull();
+    expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-123');
+    expect((await session.updateSessionTokens(created, renewed, null, 'successor'))?.secrets.accessToken).toBe('at-new');
+    expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-new');
   });
 });
 
