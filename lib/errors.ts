@@ -24,6 +24,9 @@ export const errors = {
     new GatehouseError('unauthenticated', 401, 'Sign in to continue.', { clearSession }),
   sessionExpired: (cause?: unknown) =>
     new GatehouseError('session_expired', 401, 'Your session has ended. Sign in again.', { cause, clearSession: true }),
+  /** The session lives on, but this call needs a token it cannot get without a new sign-in. */
+  reauthenticationRequired: () =>
+    new GatehouseError('reauthentication_required', 403, 'This needs a fresh sign-in: the session cannot obtain the token it requires.'),
   idpUnavailable: (cause?: unknown) =>
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause }),
   storeUnavailable: (cause?: unknown) =>

@@ -56,14 +56,28 @@ function isFresh(held: HeldToken | undefined, now = Date.now()): boolean {
 /** A usable access token for the session (and resource), refreshing first when it expires within the skew. */
 export async function getAccessToken(session: Session, request: TokenRequest = {}): Promise<{ token: string; session: Session; refreshed: boolean }> {
   const held = heldToken(session, request.resource);
+  if (!session.secrets.refreshToken) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
-  // Without a refresh token there is nothing to gain by ending early: use the token to its last second.
-  const lastUsable = !session.secrets.refreshToken && !request.rejectedToken && held?.expiresAt != null && held.expiresAt > Date.now();
-  if (held && (!needsRefresh || lastUsable)) return { token: held.token, session, refreshed: false };
+  if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
   const refreshed = await refreshOnce(session, request);
   const token = heldToken(refreshed, request.resource);
   if (!token) throw errors.internal(new Error('refresh stored no token'));
   return { token: token.token, session: refreshed, refreshed: true };
+}
+
+/**
+ * Without a refresh token a token is used to its last second: nothing is gained by ending early.
+ * Past that, the session ends only once its own access token has expired; a resource token it
+ * never got, or a refused token it cannot replace, fails just that call and keeps the session.
+ */
+async function usableWithoutRefresh(session: Session, held: HeldToken | undefined, request: TokenRequest): Promise<string> {
+  const now = Date.now();
+  if (held && !request.rejectedToken && (held.expiresAt === null || held.expiresAt > now)) return held.token;
+  const expiresAt = session.record.accessTokenExpiresAt;
+  if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
+  log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
+  await destroySession(session.id, session.record);
+  throw errors.sessionExpired();
 }
 
 function refreshOnce(session: Session, request: TokenRequest): Promise<Session> {
@@ -169,9 +183,8 @@ async function refreshUnderLock(stale: Session, request: TokenRequest, lock: Hel
   const outcome = (result: string) => ({ session: sessionHandle(current.id), resource: request.resource, outcome: result, ms: Math.round(performance.now() - started) });
   const refreshToken = current.secrets.refreshToken;
   if (!refreshToken) {
-    log('info', 'token.refresh', outcome('no_refresh_token'));
-    await destroySession(current.id, current.record);
-    throw errors.sessionExpired();
+    await usableWithoutRefresh(current, heldToken(current, request.resource), request);
+    return current;
   }
   try {
     const tokens = await refreshTokens(refreshToken, current.record.sub, { resource: request.resource, signal: lock.signal });

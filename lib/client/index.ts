@@ -12,6 +12,7 @@ export type SessionInfo =
 export type GatehouseErrorCode =
   | 'unauthenticated'
   | 'session_expired'
+  | 'reauthentication_required'
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'

@@ -115,3 +115,34 @@ describe('a refresh slower than the lock lease', () => {
     expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
   });
 });
+
+describe('a session without a refresh token', () => {
+  it('an API that needs its own audience answers 403 reauthentication_required and an upstream 401 passes through, both keeping the session; it ends when its access token expires', async () => {
+    const user = `${NO_REFRESH_TOKEN_PREFIX}user`;
+    const { cookie, key } = await newSession(appA, user);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+
+    const reports = await call(appA, '/api/proxy/reports/whoami', cookie);
+    expect(reports).toMatchObject({ status: 403, body: { error: 'reauthentication_required' } });
+    expect(clearsSessionCookie(reports.setCookies)).toBe(false);
+    expect(await probe.exists(key)).toBe(true);
+
+    // The upstream's own 401, unchanged: there is nothing to refresh with.
+    const rejected = await call(appB, '/api/proxy/demo/status/401', cookie);
+    expect(rejected).toMatchObject({ status: 401, body: { status: 401 } });
+    expect(clearsSessionCookie(rejected.setCookies)).toBe(false);
+    expect(await probe.exists(key)).toBe(true);
+
+    // Used to its last second, also after it is due...
+    const expiresAt = await storedExpiry(key);
+    await waitUntil(`${user}'s token to become due`, expiresAt - REFRESH_SKEW_SEC * 1000 + 50);
+    expect(await call(appB, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    // ...and then the session ends.
+    await waitUntil(`${user}'s token to expire`, expiresAt + 50);
+    const ended = await call(appA, WHOAMI, cookie);
+    expect(ended).toMatchObject({ status: 401, body: { error: 'session_expired' } });
+    expect(clearsSessionCookie(ended.setCookies)).toBe(true);
+    expect(await probe.exists(key)).toBe(false);
+    expect((await refreshesOf(user)).ok).toBe(0);
+  });
+});
