@@ -61,6 +61,11 @@ export function refreshLockKey(id: string): string {
   return `${getConfig().keyPrefix}refresh-lock:{${id}}`;
 }
 
+/** Present while an upstream 401 may not force another refresh of this session. */
+export function forcedRefreshKey(id: string): string {
+  return `${getConfig().keyPrefix}forced-refresh:{${id}}`;
+}
+
 /** A short one-way digest (SHA-256, base64url): safe to show or to use inside a key. */
 export function shortDigest(value: string, length = 22): string {
   return createHash('sha256').update(value).digest('base64url').slice(0, length);

@@ -5,6 +5,7 @@ import { log } from './log.ts';
 import { idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   destroySession,
+  forcedRefreshKey,
   getStore,
   readSession,
   refreshLockKey,
@@ -78,6 +79,20 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
   await destroySession(session.id, session.record);
   throw errors.sessionExpired();
+}
+
+/**
+ * An upstream 401 may force a refresh at most once per session per FORCED_REFRESH_INTERVAL, across
+ * instances (one SET NX PX, on the 401 path only), so an API that answers 401 to everything cannot
+ * drive the IdP at the browser's request rate. False, too, when there is nothing to refresh with
+ * or the store cannot say: the upstream's 401 then goes back unchanged.
+ */
+export async function mayForceRefresh(session: Session): Promise<boolean> {
+  if (!session.secrets.refreshToken) return false;
+  const ttlMs = getConfig().refresh.forcedIntervalSec * 1000;
+  return getStore()
+    .set(forcedRefreshKey(session.id), '1', { ttlMs, onlyIfAbsent: true })
+    .catch(() => false);
 }
 
 function refreshOnce(session: Session, request: TokenRequest): Promise<Session> {

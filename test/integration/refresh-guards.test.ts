@@ -146,3 +146,29 @@ describe('a session without a refresh token', () => {
     expect((await refreshesOf(user)).ok).toBe(0);
   });
 });
+
+describe('forced refreshes', () => {
+  it('an API that always answers 401: at most one forced refresh per session per FORCED_REFRESH_INTERVAL across instances, every 401 passed through', async () => {
+    const user = 'always-401';
+    const { cookie, key } = await newSession(appA, user);
+    const limitKey = key.replace(`${stack.keyPrefix}session:`, `${stack.keyPrefix}forced-refresh:`);
+    const before = await refreshesOf(user);
+
+    for (let i = 0; i < 6; i++) {
+      const rejected = await call(i % 2 === 0 ? appA : appB, '/api/proxy/demo/status/401', cookie);
+      expect(rejected).toMatchObject({ status: 401, body: { status: 401 } });
+      expect(clearsSessionCookie(rejected.setCookies)).toBe(false);
+    }
+    expect((await refreshesOf(user)).ok - before.ok).toBe(1);
+    const limitTtl = await probe.redis.pttl(limitKey);
+    expect(limitTtl).toBeGreaterThan(0);
+    expect(limitTtl).toBeLessThanOrEqual(FORCED_REFRESH_INTERVAL_SEC * 1000);
+
+    // Once the interval is over, the next 401 may force one refresh again.
+    await waitFor('the forced-refresh interval to end', async () => ((await probe.exists(limitKey)) ? undefined : true), FORCED_REFRESH_INTERVAL_SEC * 1000 + 2_000);
+    expect((await call(appB, '/api/proxy/demo/status/401', cookie)).status).toBe(401);
+    expect((await refreshesOf(user)).ok - before.ok).toBe(2);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    expect((await refreshesOf(user)).refused).toBe(before.refused);
+  });
+});
