@@ -37,7 +37,8 @@ export interface Config {
     /** The sliding expiry is pushed forward at most this often per session, not on every call. */
     touchIntervalSec: number;
   };
-  refresh: { skewSec: number; lockLeaseMs: number };
+  /** `forcedIntervalSec`: an upstream 401 forces at most one refresh per session this often. */
+  refresh: { skewSec: number; lockLeaseMs: number; forcedIntervalSec: number };
   store:
     | { kind: 'memory' }
     | { kind: 'redis'; url: string }
@@ -187,6 +188,7 @@ const envSchema = z.object({
   SESSION_TOUCH_INTERVAL: seconds(60),
   TOKEN_REFRESH_SKEW: z.coerce.number().int().nonnegative().default(30),
   REFRESH_LOCK_LEASE_MS: z.coerce.number().int().positive().default(25_000),
+  FORCED_REFRESH_INTERVAL: seconds(60),
   SESSION_STORE: z.enum(['memory', 'redis', 'upstash']).optional(),
   REDIS_URL: z.string().trim().regex(/^rediss?:\/\//, 'must start with redis:// or rediss://').optional(),
   UPSTASH_REDIS_REST_URL: endpointUrl.optional(),
@@ -307,7 +309,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       absoluteTimeoutSec: env.SESSION_ABSOLUTE_TIMEOUT,
       touchIntervalSec: Math.min(env.SESSION_TOUCH_INTERVAL, env.SESSION_IDLE_TIMEOUT),
     },
-    refresh: { skewSec: env.TOKEN_REFRESH_SKEW, lockLeaseMs: env.REFRESH_LOCK_LEASE_MS },
+    refresh: { skewSec: env.TOKEN_REFRESH_SKEW, lockLeaseMs: env.REFRESH_LOCK_LEASE_MS, forcedIntervalSec: env.FORCED_REFRESH_INTERVAL },
     store: pickStore(env),
     keyPrefix: env.REDIS_KEY_PREFIX,
     apis: Object.fromEntries(

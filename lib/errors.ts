@@ -29,6 +29,9 @@ export const errors = {
   sessionReplaced: () => new GatehouseError('session_replaced', 401, 'This session was replaced by a new sign-in. Retry the request.'),
   sessionExpired: (cause?: unknown) =>
     new GatehouseError('session_expired', 401, 'Your session has ended. Sign in again.', { cause, clearSession: true }),
+  /** The session lives on, but this call needs a token it cannot get without a new sign-in. */
+  reauthenticationRequired: () =>
+    new GatehouseError('reauthentication_required', 403, 'This needs a fresh sign-in: the session cannot obtain the token it requires.'),
   idpUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   storeUnavailable: (cause?: unknown) =>

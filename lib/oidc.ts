@@ -45,11 +45,29 @@ let discovery: { value: Promise<oauth.AuthorizationServer>; at: number } | undef
 /** Filled by oauth4webapi itself; one per process so the JWKS is fetched once, not per login. */
 const jwksCache: oauth.JWKSCacheInput = {};
 
-function requestOptions(timeoutMs = getConfig().oidc.timeoutMs) {
-  return { [oauth.allowInsecureRequests]: getConfig().oidc.allowInsecureRequests, signal: AbortSignal.timeout(timeoutMs) };
+function requestOptions(signal: AbortSignal = AbortSignal.timeout(getConfig().oidc.timeoutMs)) {
+  return { [oauth.allowInsecureRequests]: getConfig().oidc.allowInsecureRequests, signal };
 }
 
-function getAuthorizationServer(): Promise<oauth.AuthorizationServer> {
+/**
+ * Waits for `promise`, but no longer than `signal` allows. The promise itself runs on: a shared
+ * discovery fetch must not fail for everyone because one caller's deadline passed.
+ */
+function untilAborted<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    if (signal.aborted) return onAbort();
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
+function getAuthorizationServer(signal?: AbortSignal): Promise<oauth.AuthorizationServer> {
+  return untilAborted(discover(), signal);
+}
+
+function discover(): Promise<oauth.AuthorizationServer> {
   if (discovery && Date.now() - discovery.at < DISCOVERY_TTL_MS) return discovery.value;
   const issuer = getConfig().oidc.issuer;
   const value = (async () => {
@@ -169,18 +187,19 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
 /**
  * Refresh-token grant. The caller owns the refresh lock; this only talks to the IdP and checks
  * the answer, including that a new id_token still names the same user (OIDC Core 12.2).
+ * `signal` is the lock's one deadline: it bounds a discovery refetch and the grant together.
  */
 export async function refreshTokens(
   refreshToken: string,
   expectedSub: string,
-  extra: { resource?: string; scope?: string; timeoutMs?: number } = {},
+  extra: { resource?: string; scope?: string; signal?: AbortSignal } = {},
 ): Promise<TokenSet> {
   try {
-    const as = await getAuthorizationServer();
+    const as = await getAuthorizationServer(extra.signal);
     const additionalParameters: Record<string, string> = {};
     if (extra.resource) additionalParameters.resource = extra.resource;
     if (extra.scope) additionalParameters.scope = extra.scope;
-    const response = await oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(extra.timeoutMs), additionalParameters });
+    const response = await oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(extra.signal), additionalParameters });
     const result = await oauth.processRefreshTokenResponse(as, client(), response);
     const claims = oauth.getValidatedIdTokenClaims(result);
     if (claims && claims.sub !== expectedSub) throw new IdpError('invalid_grant', 'The refreshed id_token names another subject');

@@ -9,7 +9,7 @@ import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts'
 import { describeCause, log } from './log.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
-import { getAccessToken } from './tokens.ts';
+import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
  * The proxy core, framework-free: an inbound request in, a streamed answer out. The Next route
@@ -399,7 +399,8 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const withToken = (token: string | undefined) => (token ? [...headers, ['authorization', `Bearer ${token}`] as [string, string]] : headers);
 
     let answer = await sendUpstream(api, url, method, withToken(credentials.token), body, inbound.signal);
-    const mayRetry = answer.status === 401 && credentials.session && credentials.token && !hasBody && REPLAYABLE_METHODS.has(method);
+    const mayRetry =
+      answer.status === 401 && credentials.session && credentials.token && !hasBody && REPLAYABLE_METHODS.has(method) && (await mayForceRefresh(credentials.session));
     if (mayRetry && credentials.session && credentials.token) {
       // The token looked valid but was refused (revoked, clock skew): one refresh, one retry.
       answer.body.resume();

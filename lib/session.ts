@@ -65,6 +65,11 @@ function replacedMarkerKey(id: string): string {
   return `${getConfig().keyPrefix}replaced:{${id}}`;
 }
 
+/** Present while an upstream 401 may not force another refresh of this session. */
+export function forcedRefreshKey(id: string): string {
+  return `${getConfig().keyPrefix}forced-refresh:{${id}}`;
+}
+
 /** A short one-way digest (SHA-256, base64url): safe to show or to use inside a key. */
 export function shortDigest(value: string, length = 22): string {
   return createHash('sha256').update(value).digest('base64url').slice(0, length);
@@ -430,10 +435,14 @@ export async function touchSession(session: Session, force = false): Promise<voi
   if (extended) await indexSession(session, expiresAt);
 }
 
-/** Writes new tokens into an existing session; false when it was deleted meanwhile (no resurrection). */
-export async function updateSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session | null> {
+/**
+ * Writes new tokens into an existing session, in one atomic step with a check that the refresh
+ * lock is still `lockOwner`'s. Null when the session was deleted meanwhile (no resurrection) or
+ * the lock was lost (its lease ran out and another instance may be refreshing).
+ */
+export async function updateSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null, lockOwner: string): Promise<Session | null> {
   const record: SessionRecord = { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) };
-  const written = await storeCall(() => getStore().replace(sessionKey(session.id), JSON.stringify(record)));
+  const written = await storeCall(() => getStore().replaceIfHeld(sessionKey(session.id), JSON.stringify(record), refreshLockKey(session.id), lockOwner));
   if (!written) return null;
   rememberSecrets(session.id, record.sealed, secrets);
   return { id: session.id, record, secrets };

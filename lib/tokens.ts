@@ -2,8 +2,20 @@ import { randomUUID } from 'node:crypto';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
 import { log } from './log.ts';
-import { idpErrorToGatehouse, refreshTokens, IdpError } from './oidc.ts';
-import { destroySession, getStore, readSession, refreshLockKey, sessionHandle, storeCall, updateSessionTokens, type Session, type SessionSecrets } from './session.ts';
+import { idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
+import {
+  destroySession,
+  forcedRefreshKey,
+  getStore,
+  readSession,
+  refreshLockKey,
+  sessionHandle,
+  sessionKey,
+  storeCall,
+  updateSessionTokens,
+  type Session,
+  type SessionSecrets,
+} from './session.ts';
 
 /**
  * Access tokens for a session, refreshed transparently and never twice for one session: requests
@@ -45,14 +57,42 @@ function isFresh(held: HeldToken | undefined, now = Date.now()): boolean {
 /** A usable access token for the session (and resource), refreshing first when it expires within the skew. */
 export async function getAccessToken(session: Session, request: TokenRequest = {}): Promise<{ token: string; session: Session; refreshed: boolean }> {
   const held = heldToken(session, request.resource);
+  if (!session.secrets.refreshToken) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
-  // Without a refresh token there is nothing to gain by ending early: use the token to its last second.
-  const lastUsable = !session.secrets.refreshToken && !request.rejectedToken && held?.expiresAt != null && held.expiresAt > Date.now();
-  if (held && (!needsRefresh || lastUsable)) return { token: held.token, session, refreshed: false };
+  if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
   const refreshed = await refreshOnce(session, request);
   const token = heldToken(refreshed, request.resource);
   if (!token) throw errors.internal(new Error('refresh stored no token'));
   return { token: token.token, session: refreshed, refreshed: true };
+}
+
+/**
+ * Without a refresh token a token is used to its last second: nothing is gained by ending early.
+ * Past that, the session ends only once its own access token has expired; a resource token it
+ * never got, or a refused token it cannot replace, fails just that call and keeps the session.
+ */
+async function usableWithoutRefresh(session: Session, held: HeldToken | undefined, request: TokenRequest): Promise<string> {
+  const now = Date.now();
+  if (held && !request.rejectedToken && (held.expiresAt === null || held.expiresAt > now)) return held.token;
+  const expiresAt = session.record.accessTokenExpiresAt;
+  if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
+  log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
+  await destroySession(session.id, session.record);
+  throw errors.sessionExpired();
+}
+
+/**
+ * An upstream 401 may force a refresh at most once per session per FORCED_REFRESH_INTERVAL, across
+ * instances (one SET NX PX, on the 401 path only), so an API that answers 401 to everything cannot
+ * drive the IdP at the browser's request rate. False, too, when there is nothing to refresh with
+ * or the store cannot say: the upstream's 401 then goes back unchanged.
+ */
+export async function mayForceRefresh(session: Session): Promise<boolean> {
+  if (!session.secrets.refreshToken) return false;
+  const ttlMs = getConfig().refresh.forcedIntervalSec * 1000;
+  return getStore()
+    .set(forcedRefreshKey(session.id), '1', { ttlMs, onlyIfAbsent: true })
+    .catch(() => false);
 }
 
 function refreshOnce(session: Session, request: TokenRequest): Promise<Session> {
@@ -80,12 +120,7 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest): Pr
   for (;;) {
     const owner = randomUUID();
     const acquired = await storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true }));
-    if (acquired) {
-      // The lock is held until the grant settles, not until the caller stops waiting; a failed
-      // release is harmless, the lease expires on its own.
-      const grant = refreshUnderLock(stale, request).finally(() => getStore().delIfEquals(lockKey, owner).catch(() => undefined));
-      return answerWithin(grant, getConfig().oidc.timeoutMs);
-    }
+    if (acquired) return answerWithin(refreshHoldingLock(stale, request, owner), getConfig().oidc.timeoutMs);
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);
     const current = await readSession(stale.id);
@@ -96,10 +131,10 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest): Pr
 }
 
 /**
- * The caller hears "IdP unavailable" after the usual IdP timeout, but the grant itself runs on
- * until just before the lease ends. A stalled IdP that answers late still gets its rotated tokens
- * stored; giving up on the request would strand them, and the next refresh would be a replay that
- * makes the IdP revoke the whole grant.
+ * The caller hears "IdP unavailable" after the usual IdP timeout, but the work under the lock runs
+ * on until its own deadline. A stalled IdP that answers late still gets its rotated tokens stored;
+ * giving up on the request would strand them, and the next refresh would be a replay that makes
+ * the IdP revoke the whole grant.
  */
 function answerWithin(grant: Promise<Session>, timeoutMs: number): Promise<Session> {
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -109,12 +144,51 @@ function answerWithin(grant: Promise<Session>, timeoutMs: number): Promise<Sessi
   return Promise.race([grant, deadline]).finally(() => clearTimeout(timer));
 }
 
-function grantTimeoutMs(): number {
+/**
+ * One deadline, counted from the lock's acquisition, for everything done under it: a discovery
+ * refetch and the grant may each take the IdP timeout (or together the lease less a second, when
+ * that is longer). The lease is renewed meanwhile, so no other instance takes over a live owner's
+ * lock; the deadline is what keeps a live owner from holding it for ever.
+ */
+function lockedWorkMs(): number {
   const { refresh, oidc } = getConfig();
-  return Math.max(oidc.timeoutMs, refresh.lockLeaseMs - 1_000);
+  return Math.max(2 * oidc.timeoutMs, refresh.lockLeaseMs - 1_000);
 }
 
-async function refreshUnderLock(stale: Session, request: TokenRequest): Promise<Session> {
+interface HeldLock {
+  owner: string;
+  signal: AbortSignal;
+}
+
+/** The lock is held until the work settles, not until the caller stops waiting. */
+function refreshHoldingLock(stale: Session, request: TokenRequest, owner: string): Promise<Session> {
+  const stopRenewing = renewLease(stale.id, owner);
+  const lock = { owner, signal: AbortSignal.timeout(lockedWorkMs()) };
+  return refreshUnderLock(stale, request, lock).finally(async () => {
+    stopRenewing();
+    // A failed release is harmless: the lease expires on its own.
+    await getStore().delIfEquals(refreshLockKey(stale.id), owner).catch(() => undefined);
+  });
+}
+
+/** Renews the lease well before it runs out, and only while it is still ours (compare-and-pexpire). */
+function renewLease(id: string, owner: string): () => void {
+  const { lockLeaseMs } = getConfig().refresh;
+  const timer = setInterval(() => {
+    getStore()
+      .expireIfEquals(refreshLockKey(id), owner, lockLeaseMs)
+      .then((held) => {
+        if (held) return;
+        clearInterval(timer);
+        log('warn', 'token.refresh_lock_lost', { session: sessionHandle(id) });
+      })
+      // A store blip: the next tick tries again while the lease lasts.
+      .catch(() => undefined);
+  }, Math.max(1, Math.floor(lockLeaseMs / 3)));
+  return () => clearInterval(timer);
+}
+
+async function refreshUnderLock(stale: Session, request: TokenRequest, lock: HeldLock): Promise<Session> {
   // Another instance may have finished a refresh between our read and our lock.
   const current = await readSession(stale.id);
   if (!current) throw errors.sessionExpired();
@@ -124,29 +198,20 @@ async function refreshUnderLock(stale: Session, request: TokenRequest): Promise<
   const outcome = (result: string) => ({ session: sessionHandle(current.id), resource: request.resource, outcome: result, ms: Math.round(performance.now() - started) });
   const refreshToken = current.secrets.refreshToken;
   if (!refreshToken) {
-    log('info', 'token.refresh', outcome('no_refresh_token'));
-    await destroySession(current.id, current.record);
-    throw errors.sessionExpired();
+    await usableWithoutRefresh(current, heldToken(current, request.resource), request);
+    return current;
   }
   try {
-    const tokens = await refreshTokens(refreshToken, current.record.sub, { resource: request.resource, timeoutMs: grantTimeoutMs() });
-    const secrets: SessionSecrets = {
-      ...current.secrets,
-      // Without rotation the IdP returns no new refresh token: keep using the old one.
-      refreshToken: tokens.refreshToken ?? refreshToken,
-      idToken: tokens.idToken ?? current.secrets.idToken,
-    };
-    let accessTokenExpiresAt = current.record.accessTokenExpiresAt;
-    if (request.resource) {
-      secrets.resourceTokens = { ...secrets.resourceTokens, [request.resource]: { accessToken: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt } };
-    } else {
-      secrets.accessToken = tokens.accessToken;
-      accessTokenExpiresAt = tokens.accessTokenExpiresAt;
+    const tokens = await refreshTokens(refreshToken, current.record.sub, { resource: request.resource, signal: lock.signal });
+    const updated = await storeTokens(current, request, tokens, lock.owner);
+    if (updated) {
+      log('info', 'token.refresh', outcome('ok'));
+      return updated;
     }
-    const updated = await updateSessionTokens(current, secrets, accessTokenExpiresAt);
-    log('info', 'token.refresh', outcome(updated ? 'ok' : 'session_gone'));
-    if (!updated) throw errors.sessionExpired();
-    return updated;
+    await revokeUnstored(tokens, refreshToken);
+    const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
+    log('warn', 'token.refresh', outcome(gone ? 'session_gone' : 'lock_lost'));
+    throw gone ? errors.sessionExpired() : errors.idpUnavailable(new Error('refresh lock lost before the write-back'));
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', outcome(error.kind));
@@ -155,4 +220,31 @@ async function refreshUnderLock(stale: Session, request: TokenRequest): Promise<
     }
     throw error;
   }
+}
+
+/** Writes the new tokens into the session, only while the lock is still ours; null otherwise. */
+async function storeTokens(current: Session, request: TokenRequest, tokens: TokenSet, lockOwner: string): Promise<Session | null> {
+  const secrets: SessionSecrets = {
+    ...current.secrets,
+    // Without rotation the IdP returns no new refresh token: keep using the old one.
+    refreshToken: tokens.refreshToken ?? current.secrets.refreshToken,
+    idToken: tokens.idToken ?? current.secrets.idToken,
+  };
+  let accessTokenExpiresAt = current.record.accessTokenExpiresAt;
+  if (request.resource) {
+    secrets.resourceTokens = { ...secrets.resourceTokens, [request.resource]: { accessToken: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt } };
+  } else {
+    secrets.accessToken = tokens.accessToken;
+    accessTokenExpiresAt = tokens.accessTokenExpiresAt;
+  }
+  return updateSessionTokens(current, secrets, accessTokenExpiresAt, lockOwner);
+}
+
+/**
+ * A rotated refresh token that cannot be stored (the session was logged out meanwhile, or the
+ * lock was lost) is revoked at the IdP (RFC 7009) rather than stranded. Without rotation the IdP
+ * sent none, and the session's own token is not ours to revoke.
+ */
+async function revokeUnstored(tokens: TokenSet, previous: string): Promise<void> {
+  if (tokens.refreshToken && tokens.refreshToken !== previous) await revokeToken(tokens.refreshToken, 'refresh_token');
 }

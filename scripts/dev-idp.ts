@@ -32,6 +32,8 @@ export interface DevIdpOptions {
   refreshTokenTtl?: number;
   apiAudiences?: string[];
   apiScope?: string;
+  /** Accounts whose name starts with this get no refresh token (sessions that cannot refresh). */
+  noRefreshTokenPrefix?: string;
   /** Reuse the store and cookie keys of an earlier (closed) instance to simulate an IdP restart. */
   state?: DevIdpState;
 }
@@ -47,6 +49,14 @@ export interface GrantCounters {
   errorCodes: Record<string, number>;
   byAccount: Record<string, Record<string, number>>;
   bySid: Record<string, Record<string, number>>;
+  /** Grants revoked through the revocation endpoint (RFC 7009), per account. */
+  revocations: Record<string, number>;
+}
+
+/** Test-only slowness: requests to discovery or the token endpoint wait this long before the provider sees them. */
+export interface IdpDelays {
+  discoveryMs: number;
+  tokenMs: number;
 }
 
 export interface DevIdpHandle {
@@ -154,7 +164,7 @@ function displayName(accountId: string): string {
 }
 
 function emptyCounters(): GrantCounters {
-  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {} };
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, revocations: {} };
 }
 
 function bump(table: Record<string, number>, key: string): void {
@@ -190,6 +200,8 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   let counters = emptyCounters();
   /** Test-only: the next `remaining` token requests get this answer (rate limiting, outages). */
   let tokenFault: { status: number; retryAfter: string | undefined; remaining: number } | undefined;
+  const delays: IdpDelays = { discoveryMs: 0, tokenMs: 0 };
+  const delayed = { discovery: 0, token: 0 };
   // The issuer embeds the real port, so the provider only exists once the listener is bound.
   const providerSlot: { handler?: (req: IncomingMessage, res: ServerResponse) => unknown } = {};
   const server = createServer((req, res) => {
@@ -203,11 +215,28 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (req.url?.startsWith('/__dev/')) {
       devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
     } else if (providerSlot.handler) {
-      providerSlot.handler(req, res);
+      const handler = providerSlot.handler;
+      const delayMs = delayFor(req);
+      if (delayMs > 0) setTimeout(() => handler(req, res), delayMs);
+      else handler(req, res);
     } else {
       sendJson(res, 503, { error: 'starting' });
     }
   });
+
+  // A slow IdP, for tests: the request reaches the provider late, and is then handled in full.
+  function delayFor(req: IncomingMessage): number {
+    const path = req.url?.split('?')[0];
+    if (path === '/.well-known/openid-configuration' && delays.discoveryMs > 0) {
+      delayed.discovery++;
+      return delays.discoveryMs;
+    }
+    if (path === '/token' && req.method === 'POST' && delays.tokenMs > 0) {
+      delayed.token++;
+      return delays.tokenMs;
+    }
+    return 0;
+  }
   const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host);
   const issuer = `http://${options.issuerHost ?? 'localhost'}:${port}`;
 
@@ -259,7 +288,8 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     },
     pkce: { required: () => true },
     rotateRefreshToken: true,
-    issueRefreshToken: (_ctx, c) => c.grantTypeAllowed('refresh_token'),
+    issueRefreshToken: (_ctx, c, source) =>
+      c.grantTypeAllowed('refresh_token') && !(options.noRefreshTokenPrefix && source.accountId?.startsWith(options.noRefreshTokenPrefix)),
     // A first-party client: record consent for whatever was asked so users only ever see the login form.
     loadExistingGrant: async (ctx) => {
       const { oidc } = ctx;
@@ -328,6 +358,12 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   };
   provider.on('grant.success', (ctx) => tally(ctx, 'success'));
   provider.on('grant.error', (ctx, err) => tally(ctx, 'error', err.error));
+  provider.on('grant.revoked', (ctx) => {
+    // Replay detection at the token endpoint revokes grants too; only RFC 7009 revocations count here.
+    if (ctx.oidc.route !== 'revocation') return;
+    const { RefreshToken, AccessToken } = ctx.oidc.entities;
+    bump(counters.revocations, RefreshToken?.accountId ?? AccessToken?.accountId ?? 'unknown');
+  });
 
   async function revokeGrants(accountId: string): Promise<number> {
     const grantIds = [...state.store]
@@ -349,6 +385,10 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (req.method === 'POST' && url.pathname === '/__dev/grants/reset') {
       counters = emptyCounters();
       return sendJson(res, 200, counters);
+    }
+    if (url.pathname === '/__dev/delays') {
+      if (req.method === 'POST') Object.assign(delays, await readDelays(req));
+      return sendJson(res, 200, { ...delays, delayed });
     }
     if (req.method === 'POST' && url.pathname === '/__dev/sign') {
       // Test-only: signs any claims with the IdP's own RS256 key, so tests can forge logout tokens
@@ -409,6 +449,20 @@ function sendJson(res: ServerResponse, status: number, body: unknown): void {
   res.end(JSON.stringify(body));
 }
 
+async function readDelays(req: IncomingMessage): Promise<Partial<IdpDelays>> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of req) chunks.push(chunk as Buffer);
+  const body = JSON.parse(Buffer.concat(chunks).toString() || '{}') as Partial<Record<keyof IdpDelays, unknown>>;
+  const picked: Partial<IdpDelays> = {};
+  for (const name of ['discoveryMs', 'tokenMs'] as const) {
+    const value = body[name];
+    if (value === undefined) continue;
+    if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 60_000) throw new Error(`${name} must be an integer from 0 to 60000`);
+    picked[name] = value;
+  }
+  return picked;
+}
+
 function intFromEnv(name: string): number | undefined {
   const raw = process.env[name];
   if (raw === undefined || raw === '') return undefined;
@@ -436,6 +490,7 @@ if (import.meta.main) {
         accessTokenTtl: intFromEnv('IDP_ACCESS_TOKEN_TTL'),
         refreshTokenTtl: intFromEnv('IDP_REFRESH_TOKEN_TTL'),
         apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
+        noRefreshTokenPrefix: process.env.IDP_NO_REFRESH_TOKEN_PREFIX || undefined,
         privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
       }),
     (idp) => `dev IdP listening on ${idp.issuer}`,

@@ -13,6 +13,7 @@ export type GatehouseErrorCode =
   | 'unauthenticated'
   | 'session_expired'
   | 'session_replaced'
+  | 'reauthentication_required'
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'

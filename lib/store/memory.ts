@@ -82,6 +82,22 @@ export function createMemoryStore(): Store {
     return entry;
   }
 
+  /** The key's entry while it holds exactly `expected` (GET and compare, as the Lua scripts do). */
+  function heldBy(key: string, expected: string): Entry | undefined {
+    const entry = live(key);
+    if (entry === undefined) return undefined;
+    if (entry.type !== 'string') throw wrongType();
+    return entry.value === expected ? entry : undefined;
+  }
+
+  /** SET XX KEEPTTL: replaces a key of any type and keeps its expiry. */
+  function replaceLive(key: string, value: string): boolean {
+    const entry = live(key);
+    if (entry === undefined) return false;
+    data.set(key, { type: 'string', value, expiresAt: entry.expiresAt });
+    return true;
+  }
+
   function zset(key: string): Map<string, number> | undefined {
     const entry = live(key);
     if (entry === undefined) return undefined;
@@ -108,11 +124,7 @@ export function createMemoryStore(): Store {
     },
 
     async replace(key, value) {
-      const entry = live(key);
-      if (entry === undefined) return false;
-      // SET replaces a key of any type.
-      data.set(key, { type: 'string', value, expiresAt: entry.expiresAt });
-      return true;
+      return replaceLive(key, value);
     },
 
     async expire(key, ttlMs) {
@@ -131,12 +143,21 @@ export function createMemoryStore(): Store {
     },
 
     async delIfEquals(key, expected) {
-      const entry = live(key);
-      if (entry === undefined) return false;
-      if (entry.type !== 'string') throw wrongType();
-      if (entry.value !== expected) return false;
+      if (!heldBy(key, expected)) return false;
       data.delete(key);
       return true;
+    },
+
+    async expireIfEquals(key, expected, ttlMs) {
+      checkTtl('ttlMs', ttlMs);
+      const entry = heldBy(key, expected);
+      if (!entry) return false;
+      entry.expiresAt = Date.now() + ttlMs;
+      return true;
+    },
+
+    async replaceIfHeld(key, value, lockKey, owner) {
+      return heldBy(lockKey, owner) !== undefined && replaceLive(key, value);
     },
 
     async indexAdd(key, member, expiresAtMs, keyTtlMs) {

@@ -2,6 +2,7 @@ import { Cluster, Redis } from 'ioredis';
 import type { ClusterNode, RedisOptions } from 'ioredis';
 import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
+import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA } from './scripts.ts';
 
 export interface RedisStoreOptions {
   /** Prepended by ioredis to every key (also to the KEYS of scripts). */
@@ -17,16 +18,11 @@ export interface RedisStoreOptions {
   connectTimeoutMs?: number;
 }
 
-const DEL_IF_EQUALS_LUA = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-`;
-
 // ioredis adds methods from defineCommand at run time; this is the shape it adds.
 interface WithScripts {
   gatehouseDelIfEquals(key: string, expected: string): Promise<number>;
+  gatehouseExpireIfEquals(key: string, expected: string, ttlMs: number): Promise<number>;
+  gatehouseReplaceIfHeld(key: string, lockKey: string, value: string, owner: string): Promise<number>;
 }
 
 /**
@@ -233,6 +229,8 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   // every reconnect attempt as an unhandled error event.
   client.on('error', () => {});
   client.defineCommand('gatehouseDelIfEquals', { numberOfKeys: 1, lua: DEL_IF_EQUALS_LUA });
+  client.defineCommand('gatehouseExpireIfEquals', { numberOfKeys: 1, lua: EXPIRE_IF_EQUALS_LUA });
+  client.defineCommand('gatehouseReplaceIfHeld', { numberOfKeys: 2, lua: REPLACE_IF_HELD_LUA });
   const scripts = client as unknown as WithScripts;
   const run = <T>(command: string, promise: Promise<T>): Promise<T> =>
     runCommand(command, isCluster ? withDeadline(promise, commandTimeout) : promise);
@@ -285,6 +283,17 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
     async delIfEquals(key, expected) {
       forget(key);
       return (await run('EVALSHA', scripts.gatehouseDelIfEquals(key, expected))) === 1;
+    },
+
+    async expireIfEquals(key, expected, ttlMs) {
+      checkTtl('ttlMs', ttlMs);
+      forget(key);
+      return (await run('EVALSHA', scripts.gatehouseExpireIfEquals(key, expected, ttlMs))) === 1;
+    },
+
+    async replaceIfHeld(key, value, lockKey, owner) {
+      forget(key);
+      return (await run('EVALSHA', scripts.gatehouseReplaceIfHeld(key, lockKey, value, owner))) === 1;
     },
 
     async indexAdd(key, member, expiresAtMs, keyTtlMs) {

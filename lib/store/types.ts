@@ -28,6 +28,14 @@ export interface Store {
   del(key: string): Promise<boolean>;
   /** Deletes the key only while it still holds `expected` (lock release by its owner, atomically). */
   delIfEquals(key: string, expected: string): Promise<boolean>;
+  /** Sets a new TTL only while the key still holds `expected` (lease renewal by its owner, atomically). */
+  expireIfEquals(key: string, expected: string, ttlMs: number): Promise<boolean>;
+  /**
+   * `replace`, in one atomic step with a check that `lockKey` still holds `owner`: the write-back
+   * of a lock owner whose lease ran out must not land. The two keys must share a hash tag (one
+   * Redis Cluster slot). False when the lock is not the owner's or the key is gone.
+   */
+  replaceIfHeld(key: string, value: string, lockKey: string, owner: string): Promise<boolean>;
   /**
    * A per-owner index of members that each expire on their own (a sorted set scored by expiry).
    * `keyTtlMs` keeps the whole index from outliving its last member.

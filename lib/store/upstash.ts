@@ -1,13 +1,8 @@
 import { Redis } from '@upstash/redis';
 import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
+import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA } from './scripts.ts';
 
-const DEL_IF_EQUALS_LUA = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-`;
 
 const REQUEST_TIMEOUT_MS = 5_000;
 
@@ -96,6 +91,17 @@ export function createUpstashStore(url: string, token: string): Store {
     async delIfEquals(key, expected) {
       open();
       return Number(await run('EVAL', redis.eval(DEL_IF_EQUALS_LUA, [key], [expected]))) === 1;
+    },
+
+    async expireIfEquals(key, expected, ttlMs) {
+      open();
+      checkTtl('ttlMs', ttlMs);
+      return Number(await run('EVAL', redis.eval(EXPIRE_IF_EQUALS_LUA, [key], [expected, ttlMs]))) === 1;
+    },
+
+    async replaceIfHeld(key, value, lockKey, owner) {
+      open();
+      return Number(await run('EVAL', redis.eval(REPLACE_IF_HELD_LUA, [key, lockKey], [value, owner]))) === 1;
     },
 
     async indexAdd(key, member, expiresAtMs, keyTtlMs) {

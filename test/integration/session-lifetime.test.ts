@@ -197,7 +197,7 @@ describe('no resurrection after logout', () => {
     await expectStaysAbsent(key);
   });
 
-  it('a refresh that completes after the session was deleted does not write it back', async () => {
+  it('a refresh that completes after the session was deleted does not write it back, and revokes the refresh token it got', async () => {
     const user = 'lifetime-logout-refresh';
     const { cookie, key, record } = await newSession(user);
     const lockKey = probe.lockKeyFor(key);
@@ -236,6 +236,13 @@ describe('no resurrection after logout', () => {
     expect(clearsSessionCookie(result.setCookies)).toBe(true);
     expect(await probe.exists(lockKey)).toBe(false);
     await expectStaysAbsent(key);
+    // The rotated refresh token it could not store is revoked at the IdP (RFC 7009), not stranded.
+    const revocations = async () => ((await idpGrants(stack.issuer)).revocations[user] ?? 0) - (before.revocations[user] ?? 0);
+    const revoked = await waitFor('the IdP to see the new refresh token revoked', async () => {
+      const count = await revocations();
+      return count > 0 ? count : undefined;
+    }, OIDC_TIMEOUT_MS);
+    expect(revoked).toBe(1);
     const again = await call(apps[1], WHOAMI, cookie);
     expect(again.status).toBe(401);
     await expectStaysAbsent(key, 200);

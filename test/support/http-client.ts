@@ -4,7 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { Redis } from 'ioredis';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
-import type { GrantCounters } from '../../scripts/dev-idp.ts';
+import type { GrantCounters, IdpDelays } from '../../scripts/dev-idp.ts';
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 
@@ -67,6 +67,13 @@ export async function revokeIdpGrants(issuer: string, sub: string): Promise<numb
   const res = await fetch(`${issuer}/__dev/revoke-grants?sub=${encodeURIComponent(sub)}`, { method: 'POST' });
   if (!res.ok) throw new Error(`POST /__dev/revoke-grants answered ${res.status}`);
   return ((await res.json()) as { revoked: number }).revoked;
+}
+
+/** Makes the dev IdP's discovery and/or token endpoint slow; answers how many requests it delayed so far. */
+export async function setIdpDelays(issuer: string, delays: Partial<IdpDelays>): Promise<IdpDelays & { delayed: { discovery: number; token: number } }> {
+  const res = await fetch(`${issuer}/__dev/delays`, { method: 'POST', body: JSON.stringify(delays) });
+  if (!res.ok) throw new Error(`POST /__dev/delays answered ${res.status}`);
+  return (await res.json()) as IdpDelays & { delayed: { discovery: number; token: number } };
 }
 
 export function refreshGrantsOf(grants: GrantCounters, account: string): number {

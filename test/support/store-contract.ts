@@ -54,6 +54,11 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
   describe(`Store contract: ${name}`, () => {
     let store: Store;
     const key = (label: string) => (hashTags ? `${RUN_PREFIX}${name}:${label}:{${randomUUID()}}` : `${RUN_PREFIX}${name}:${label}:${randomUUID()}`);
+    /** A value key and its lock, sharing one hash tag (one Cluster slot) as a session and its refresh lock do. */
+    const lockedPair = (label: string) => {
+      const tag = randomUUID();
+      return { k: `${RUN_PREFIX}${name}:${label}:{${tag}}`, lock: `${RUN_PREFIX}${name}:${label}-lock:{${tag}}` };
+    };
 
     beforeAll(async () => {
       store = await makeStore();
@@ -177,6 +182,44 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       expect(await store.get(k)).toBe('owner');
       expect(await store.delIfEquals(k, 'owner')).toBe(true);
       expect(await store.get(k)).toBeNull();
+    });
+
+    it('expireIfEquals renews a lease only for its owner', async () => {
+      const k = key('lease');
+      expect(await store.expireIfEquals(k, 'owner', LONG_TTL)).toBe(false);
+      expect(await store.get(k)).toBeNull();
+      await store.set(k, 'owner', { ttlMs: 60, onlyIfAbsent: true });
+      expect(await store.expireIfEquals(k, 'intruder', LONG_TTL)).toBe(false);
+      expect(await store.expireIfEquals(k, 'owner', LONG_TTL)).toBe(true);
+      await outlive(store, 60);
+      expect(await store.get(k)).toBe('owner');
+      await expect(store.expireIfEquals(k, 'owner', 0)).rejects.toThrow();
+    });
+
+    it('replaceIfHeld writes only while the lock holds the owner, keeps the TTL and never creates the key', async () => {
+      const { k, lock } = lockedPair('held');
+      await store.set(k, 'v1', { ttlMs: 150 });
+      await store.set(lock, 'owner', { ttlMs: LONG_TTL, onlyIfAbsent: true });
+      expect(await store.replaceIfHeld(k, 'v2', lock, 'owner')).toBe(true);
+      expect(await store.get(k)).toBe('v2');
+      expect(await store.get(lock)).toBe('owner');
+      // KEEPTTL: the write did not make the key outlive its TTL.
+      await eventually(async () => (await store.get(k)) === null);
+      expect(await store.replaceIfHeld(k, 'back', lock, 'owner')).toBe(false);
+      expect(await store.get(k)).toBeNull();
+    });
+
+    it('replaceIfHeld refuses the write once the lock was taken over or has expired', async () => {
+      const { k, lock } = lockedPair('taken');
+      await store.set(k, 'v1', { ttlMs: LONG_TTL });
+      await store.set(lock, 'owner', { ttlMs: 60, onlyIfAbsent: true });
+      await eventually(async () => (await store.get(lock)) === null);
+      expect(await store.replaceIfHeld(k, 'stale-owner', lock, 'owner')).toBe(false);
+      await store.set(lock, 'successor', { ttlMs: LONG_TTL, onlyIfAbsent: true });
+      expect(await store.replaceIfHeld(k, 'stale-owner', lock, 'owner')).toBe(false);
+      expect(await store.get(k)).toBe('v1');
+      expect(await store.replaceIfHeld(k, 'v2', lock, 'successor')).toBe(true);
+      expect(await store.get(k)).toBe('v2');
     });
 
     it('index returns live members ordered by expiry and prunes expired ones', async () => {

@@ -179,10 +179,25 @@ describe('session records', () => {
   it('are never resurrected by a token update after deletion', async () => {
     const session = await deploy(A);
     const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    await session.getStore().set(session.refreshLockKey(created.id), 'owner', { ttlMs: 60_000, onlyIfAbsent: true });
     await session.destroySession(created.id);
-    expect(await session.updateSessionTokens(created, secrets, null)).toBeNull();
+    expect(await session.updateSessionTokens(created, secrets, null, 'owner')).toBeNull();
     await session.touchSession(created, true);
     expect(await session.getStore().get(session.sessionKey(created.id))).toBeNull();
+  });
+});
+
+describe('a token update', () => {
+  it('is written only while the refresh lock is still its owner\'s', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const renewed = { ...secrets, accessToken: 'at-new' };
+    expect(await session.updateSessionTokens(created, renewed, null, 'owner')).toBeNull();
+    await session.getStore().set(session.refreshLockKey(created.id), 'successor', { ttlMs: 60_000, onlyIfAbsent: true });
+    expect(await session.updateSessionTokens(created, renewed, null, 'owner')).toBeNull();
+    expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-123');
+    expect((await session.updateSessionTokens(created, renewed, null, 'successor'))?.secrets.accessToken).toBe('at-new');
+    expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-new');
   });
 });
 
@@ -196,8 +211,9 @@ describe('a session replaced by a new login', () => {
     expect(await session.sessionFromCookieHeader(cookie)).toEqual({ session: null, stale: false, replaced: true });
     expect(await session.getStore().indexMembers(session.userSessionsKey('alice'), Date.now())).toEqual([]);
     expect(await session.getStore().indexMembers(session.idpSessionKey('sid-9'), Date.now())).toEqual([]);
-    // A late token write-back (a refresh in flight) cannot bring it back.
-    expect(await session.updateSessionTokens(old, secrets, null)).toBeNull();
+    // A late token write-back (a refresh in flight, still holding its lock) cannot bring it back.
+    await session.getStore().set(session.refreshLockKey(old.id), 'refresh-owner', { ttlMs: 60_000 });
+    expect(await session.updateSessionTokens(old, secrets, null, 'refresh-owner')).toBeNull();
 
     // The memory store expires keys by Date.now(): past the marker's lifetime the cookie is just stale.
     vi.useFakeTimers({ now: Date.now() + session.REPLACED_SESSION_MARKER_MS + 1, toFake: ['Date'] });

@@ -1,0 +1,174 @@
+// The refresh path's guards against a slow IdP, a session that cannot refresh, and an API that
+// answers 401 to everything — against real processes: the dev IdP (oidc-provider, rotating
+// refresh tokens, a replayed one revokes the grant), the demo APIs, real Redis and two Gatehouse
+// instances. Refresh grants are counted at the IdP (/__dev/grants), never inside Gatehouse.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startStack, type Stack } from '../../e2e/support/stack.ts';
+import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
+
+// Tokens are due 8 s after each refresh and expire 20 s after it.
+const ACCESS_TOKEN_TTL_SEC = 20;
+const REFRESH_SKEW_SEC = 12;
+// A lease a little longer than one IdP call, shorter than two: a refresh that needs a discovery
+// refetch and a grant, both slow but each within OIDC_TIMEOUT_MS, outlasts the nominal lease.
+const OIDC_TIMEOUT_MS = 2_500;
+const LOCK_LEASE_MS = 3_000;
+const SLOW_IDP_MS = 2_000;
+const FORCED_REFRESH_INTERVAL_SEC = 3;
+const NO_REFRESH_TOKEN_PREFIX = 'no-rt-';
+const WHOAMI = '/api/proxy/demo/whoami';
+
+let stack: Stack;
+let probe: RedisProbe;
+let appA: string;
+let appB: string;
+
+beforeAll(async () => {
+  stack = await startStack({
+    instances: 2,
+    workers: 1,
+    accessTokenTtl: ACCESS_TOKEN_TTL_SEC,
+    resourceApis: 1,
+    apis: ({ apiUrl, resourceApiUrls: [reports] }) => ({ demo: { url: apiUrl }, reports: { url: reports, resource: reports } }),
+    idpEnv: { IDP_NO_REFRESH_TOKEN_PREFIX: NO_REFRESH_TOKEN_PREFIX },
+    env: {
+      TOKEN_REFRESH_SKEW: String(REFRESH_SKEW_SEC),
+      OIDC_TIMEOUT_MS: String(OIDC_TIMEOUT_MS),
+      REFRESH_LOCK_LEASE_MS: String(LOCK_LEASE_MS),
+      FORCED_REFRESH_INTERVAL: String(FORCED_REFRESH_INTERVAL_SEC),
+    },
+  });
+  probe = new RedisProbe(stack.keyPrefix);
+  [appA, appB] = stack.apps.map((app) => app.url) as [string, string];
+}, 60_000);
+
+afterAll(async () => {
+  if (stack) await setIdpDelays(stack.issuer, { discoveryMs: 0, tokenMs: 0 }).catch(() => undefined);
+  await probe?.cleanup();
+  await probe?.close();
+  await stack?.stop();
+});
+
+/** Logs in through `app` and returns the cookie and the session key. */
+async function newSession(app: string, user: string): Promise<{ cookie: string; key: string }> {
+  const cookie = await login(app, user);
+  const key = await probe.sessionKeyOf(user);
+  if (!key) throw new Error(`no session key for ${user}`);
+  return { cookie, key };
+}
+
+async function refreshesOf(user: string): Promise<{ ok: number; refused: number }> {
+  const grants = await idpGrants(stack.issuer);
+  return { ok: refreshGrantsOf(grants, user), refused: grants.error.refresh_token ?? 0 };
+}
+
+async function storedExpiry(key: string): Promise<number> {
+  const expiresAt = (await probe.record(key))?.accessTokenExpiresAt;
+  if (!expiresAt) throw new Error(`${key}: no stored access token expiry`);
+  return expiresAt;
+}
+
+// Must stay first: it needs instance A's proxy to fetch the discovery document for the first time.
+describe('a refresh slower than the lock lease', () => {
+  it('slow discovery + slow grant: the owner keeps its lock past the nominal lease, a second instance waits for it, one grant, no replay', async () => {
+    const user = 'slow-idp';
+    const { cookie, key } = await newSession(appB, user);
+    // The demo API fetches the IdP's discovery document on its first call: not during the delays.
+    expect(await call(appB, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    const lockKey = probe.lockKeyFor(key);
+    const recordBefore = await probe.record(key);
+    await waitUntil(`${user}'s token to become due`, (await storedExpiry(key)) - REFRESH_SKEW_SEC * 1000 + 50);
+    const before = await refreshesOf(user);
+    const delaysBefore = await setIdpDelays(stack.issuer, { discoveryMs: SLOW_IDP_MS, tokenMs: SLOW_IDP_MS });
+
+    let lockHeldAfterLease: boolean;
+    let viaA, viaB;
+    try {
+      const pendingA = call(appA, WHOAMI, cookie);
+      const lockSeenAt = await waitFor('instance A to take the refresh lock', async () => ((await probe.exists(lockKey)) ? Date.now() : undefined), OIDC_TIMEOUT_MS, 10);
+      // A is still busy (slow discovery, then a slow grant) when its nominal lease runs out.
+      await waitUntil('the nominal lease to run out', lockSeenAt + LOCK_LEASE_MS + 100);
+      lockHeldAfterLease = await probe.exists(lockKey);
+      viaB = await call(appB, WHOAMI, cookie);
+      viaA = await pendingA;
+      // Whoever still holds the lock is done only once it lets go; the IdP's counters are final then.
+      await waitFor('the refresh lock to be released', async () => ((await probe.exists(lockKey)) ? undefined : true), 4 * OIDC_TIMEOUT_MS + 2 * SLOW_IDP_MS, 25);
+    } finally {
+      await setIdpDelays(stack.issuer, { discoveryMs: 0, tokenMs: 0 });
+    }
+    const delaysAfter = await setIdpDelays(stack.issuer, {});
+    const after = await refreshesOf(user);
+
+    // A refetched discovery and waited on the slow token endpoint; B never went to the IdP. One
+    // token request in all: a second one would replay the refresh token A's request rotated.
+    expect(delaysAfter.delayed.discovery - delaysBefore.delayed.discovery).toBe(1);
+    expect(delaysAfter.delayed.token - delaysBefore.delayed.token).toBe(1);
+    // Exactly one refresh grant, and no replay refused.
+    expect({ ok: after.ok - before.ok, refused: after.refused - before.refused }).toEqual({ ok: 1, refused: 0 });
+    expect(viaB).toMatchObject({ status: 200, body: { sub: user } });
+    expect(clearsSessionCookie(viaA.setCookies)).toBe(false);
+    expect([200, 503]).toContain(viaA.status);
+    expect(lockHeldAfterLease).toBe(true);
+    // The session survives with the new tokens.
+    const recordAfter = await probe.record(key);
+    expect(recordAfter?.sealed).not.toBe(recordBefore?.sealed);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  });
+});
+
+describe('a session without a refresh token', () => {
+  it('an API that needs its own audience answers 403 reauthentication_required and an upstream 401 passes through, both keeping the session; it ends when its access token expires', async () => {
+    const user = `${NO_REFRESH_TOKEN_PREFIX}user`;
+    const { cookie, key } = await newSession(appA, user);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+
+    const reports = await call(appA, '/api/proxy/reports/whoami', cookie);
+    expect(reports).toMatchObject({ status: 403, body: { error: 'reauthentication_required' } });
+    expect(clearsSessionCookie(reports.setCookies)).toBe(false);
+    expect(await probe.exists(key)).toBe(true);
+
+    // The upstream's own 401, unchanged: there is nothing to refresh with.
+    const rejected = await call(appB, '/api/proxy/demo/status/401', cookie);
+    expect(rejected).toMatchObject({ status: 401, body: { status: 401 } });
+    expect(clearsSessionCookie(rejected.setCookies)).toBe(false);
+    expect(await probe.exists(key)).toBe(true);
+
+    // Used to its last second, also after it is due...
+    const expiresAt = await storedExpiry(key);
+    await waitUntil(`${user}'s token to become due`, expiresAt - REFRESH_SKEW_SEC * 1000 + 50);
+    expect(await call(appB, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    // ...and then the session ends.
+    await waitUntil(`${user}'s token to expire`, expiresAt + 50);
+    const ended = await call(appA, WHOAMI, cookie);
+    expect(ended).toMatchObject({ status: 401, body: { error: 'session_expired' } });
+    expect(clearsSessionCookie(ended.setCookies)).toBe(true);
+    expect(await probe.exists(key)).toBe(false);
+    expect((await refreshesOf(user)).ok).toBe(0);
+  });
+});
+
+describe('forced refreshes', () => {
+  it('an API that always answers 401: at most one forced refresh per session per FORCED_REFRESH_INTERVAL across instances, every 401 passed through', async () => {
+    const user = 'always-401';
+    const { cookie, key } = await newSession(appA, user);
+    const limitKey = key.replace(`${stack.keyPrefix}session:`, `${stack.keyPrefix}forced-refresh:`);
+    const before = await refreshesOf(user);
+
+    for (let i = 0; i < 6; i++) {
+      const rejected = await call(i % 2 === 0 ? appA : appB, '/api/proxy/demo/status/401', cookie);
+      expect(rejected).toMatchObject({ status: 401, body: { status: 401 } });
+      expect(clearsSessionCookie(rejected.setCookies)).toBe(false);
+    }
+    expect((await refreshesOf(user)).ok - before.ok).toBe(1);
+    const limitTtl = await probe.redis.pttl(limitKey);
+    expect(limitTtl).toBeGreaterThan(0);
+    expect(limitTtl).toBeLessThanOrEqual(FORCED_REFRESH_INTERVAL_SEC * 1000);
+
+    // Once the interval is over, the next 401 may force one refresh again.
+    await waitFor('the forced-refresh interval to end', async () => ((await probe.exists(limitKey)) ? undefined : true), FORCED_REFRESH_INTERVAL_SEC * 1000 + 2_000);
+    expect((await call(appB, '/api/proxy/demo/status/401', cookie)).status).toBe(401);
+    expect((await refreshesOf(user)).ok - before.ok).toBe(2);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    expect((await refreshesOf(user)).refused).toBe(before.refused);
+  });
+});
