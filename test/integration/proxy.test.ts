@@ -6,12 +6,14 @@
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLIENT_ID, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { CLIENT_ID, defaultServerShape, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
 import { rawAnswer, startScriptedUpstream } from '../support/scripted-upstream.ts';
 
+/** This suite runs once per server shape (vitest projects integration and integration-next). */
+const SHAPE = defaultServerShape();
 const USER = 'proxy-user';
 const MiB = 1024 * 1024;
 const BULK_BYTES = 100 * MiB;
@@ -248,8 +250,9 @@ describe('streaming', () => {
       const res = await proxyFetch(`/api/proxy/demo/download?bytes=${BULK_BYTES}`);
       expect(res.status).toBe(200);
       expect(res.headers.get('content-type')).toBe('application/octet-stream');
-      // The upstream's declared length passes through, so the browser can show progress.
-      expect(res.headers.get('content-length')).toBe(String(BULK_BYTES));
+      // The upstream's declared length passes through, so the browser can show progress. Next drops
+      // Content-Length from every route handler answer (it may re-encode the body), so not there.
+      expect(res.headers.get('content-length')).toBe(SHAPE === 'fast' ? String(BULK_BYTES) : null);
       return drain(res);
     });
     expect(first.result).toBe(BULK_BYTES);
@@ -449,6 +452,12 @@ describe('failures', () => {
     const before = await demoStats();
     for (const method of ['TRACE', 'PROPFIND', 'PURGE']) {
       const res = await raw(head(method, '/api/proxy/demo/echo', withSession()));
+      if (SHAPE === 'next') {
+        // Next refuses methods no route handler can export before Gatehouse sees them: TRACE with a
+        // bare 500 (the fetch API cannot represent it), the others with a bare 400.
+        expect(res?.status, method).toBe(method === 'TRACE' ? 500 : 400);
+        continue;
+      }
       expect(res?.status, method).toBe(405);
       expect(res?.get('allow'), method).toBe('GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS');
       expect(bodyJson(res), method).toMatchObject({ error: 'method_not_allowed' });
@@ -574,7 +583,8 @@ describe('header hygiene (raw sockets)', () => {
     const seen = (bodyJson(forged) as unknown as Echo).headers;
     expect(seen['x-forwarded-host']).toBe(appHost);
     expect(seen['x-forwarded-proto']).toBe('http');
-    expect(seen['x-forwarded-for']).toBe('127.0.0.1');
+    // A Next route handler is never told the socket peer (see TRUSTED_PROXY_HOPS in the README).
+    expect(seen['x-forwarded-for']).toBe(SHAPE === 'fast' ? '127.0.0.1' : undefined);
     expect(seen.forwarded).toBeUndefined();
     // The port is part of X-Forwarded-Host; a browser-supplied X-Forwarded-Port must not pass.
     expect(seen['x-forwarded-port']).toBeUndefined();
@@ -594,7 +604,7 @@ describe('header hygiene (raw sockets)', () => {
 
     // With no trusted proxy in front (TRUSTED_PROXY_HOPS=0), a browser's X-Forwarded-For is its own claim: dropped.
     const claimed = await raw(head('GET', '/api/proxy/demo/echo/fwd', [...withSession(), ['X-Forwarded-For', '203.0.113.7'], ['X-Forwarded-For', '198.51.100.1']]));
-    expect((bodyJson(claimed) as unknown as Echo).headers['x-forwarded-for']).toBe('127.0.0.1');
+    expect((bodyJson(claimed) as unknown as Echo).headers['x-forwarded-for']).toBe(SHAPE === 'fast' ? '127.0.0.1' : undefined);
   });
 
   it('TRUSTED_PROXY_HOPS=2: the last two X-Forwarded-For entries (the trusted proxies’) are kept, the socket peer appended', async () => {
@@ -609,8 +619,11 @@ describe('header hygiene (raw sockets)', () => {
         return (await demoLast())?.headers['x-forwarded-for'];
       };
       // What a browser claimed before the first trusted proxy is not passed on; what they appended is.
-      expect(await forwardedFor('6.6.6.6, 203.0.113.7', '198.51.100.1')).toBe('203.0.113.7, 198.51.100.1, 127.0.0.1');
-      expect(await forwardedFor('198.51.100.1')).toBe('198.51.100.1, 127.0.0.1');
+      // Under next start the peer is unknown to the route handler; Next itself puts it in
+      // X-Forwarded-For only when the request came without one (as a proxy in front would).
+      const peer = SHAPE === 'fast' ? ', 127.0.0.1' : '';
+      expect(await forwardedFor('6.6.6.6, 203.0.113.7', '198.51.100.1')).toBe(`203.0.113.7, 198.51.100.1${peer}`);
+      expect(await forwardedFor('198.51.100.1')).toBe(`198.51.100.1${peer}`);
       expect(await forwardedFor()).toBe('127.0.0.1');
     } finally {
       await behindProxies.process.stop();
@@ -660,20 +673,36 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     '/api/proxy/jail/..%253b/whoami',
   ];
 
-  it.each(escapes)('%s → 400 invalid_path, no upstream request', async (target) => {
+  it.each(escapes)('%s → refused (400 invalid_path on the fast path), never a request outside the jail', async (target) => {
     const before = await demoStats();
     const res = await raw(head('GET', target, withSession()));
+    const reached = (await demoStats()).requests - before.requests;
+    if (SHAPE === 'next') {
+      // Next resolves dot segments (even %2e%2e), redirects `//` and `\` paths and fails on
+      // malformed escapes before the route handler sees the request: whatever it makes of the path,
+      // nothing may reach the upstream outside the API's base path.
+      if (reached > 0) expect((await demoLast())?.path.startsWith('/echo/jail/'), target).toBe(true);
+      else expect(res?.status, target).toBeGreaterThanOrEqual(300);
+      return;
+    }
     expect(res?.status).toBe(400);
     // Paths with characters the request line cannot carry are refused by Node's parser (plain 400);
     // everything else is Gatehouse's own answer.
     if (res?.get('content-type')?.includes('json')) expect(bodyJson(res)).toMatchObject({ error: 'invalid_path' });
-    expect((await demoStats()).requests).toBe(before.requests);
+    expect(reached).toBe(0);
   });
 
   it('an unknown API name → 404 unknown_api; a dot-dot API name is no API either', async () => {
-    for (const target of ['/api/proxy/nope/x', '/api/proxy/../proxy/jail/x', '/api/proxy/%2e%2e/jail/x', '/api/proxy/__proto__/x', '/api/proxy/constructor/x']) {
+    const dotDot = ['/api/proxy/../proxy/jail/x', '/api/proxy/%2e%2e/jail/x'];
+    for (const target of ['/api/proxy/nope/x', ...dotDot, '/api/proxy/__proto__/x', '/api/proxy/constructor/x']) {
       const before = await demoStats();
       const res = await raw(head('GET', target, withSession()));
+      // Next resolves `/api/proxy/../proxy/jail/x` to `/api/proxy/jail/x` first: a real API, inside its base.
+      if (SHAPE === 'next' && dotDot.includes(target)) {
+        if (res?.status === 200) expect((await demoLast())?.path, target).toBe('/echo/jail/x');
+        else expect((await demoStats()).requests, target).toBe(before.requests);
+        continue;
+      }
       expect(res?.status, target).toBe(404);
       expect(bodyJson(res), target).toMatchObject({ error: 'unknown_api' });
       expect((await demoStats()).requests, target).toBe(before.requests);
