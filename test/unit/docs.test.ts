@@ -33,3 +33,22 @@ describe("README's test command", () => {
     expect(ciLines.at(-1)).toBe(command);
   });
 });
+
+describe('README error codes', () => {
+  it('list every code Gatehouse can answer with', () => {
+    const root = path.resolve(import.meta.dirname, '..', '..');
+    const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
+    const sources = ['lib/errors.ts', 'lib/auth.ts', 'lib/proxy.ts', 'lib/oidc.ts', 'lib/adapters.ts', 'lib/tokens.ts', 'middleware.ts'];
+    const codes = new Set<string>();
+    for (const source of sources) {
+      const text = readFileSync(path.join(root, source), 'utf8');
+      for (const match of text.matchAll(/GatehouseError\(\s*'([a-z_]+)'/g)) codes.add(match[1] as string);
+      for (const match of text.matchAll(/refuse\(\s*(?:request,\s*)?\d{3},\s*'([a-z_]+)'/g)) codes.add(match[1] as string);
+    }
+    // client_closed is logged only: the browser it would be for has gone.
+    codes.delete('client_closed');
+    expect(codes.size).toBeGreaterThan(15);
+    const missing = [...codes].filter((code) => !readme.includes(`\`${code}\``));
+    expect(missing).toEqual([]);
+  });
+});
