@@ -25,7 +25,7 @@ const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const DIST_DIR = process.env.NEXT_DIST_DIR || '.next';
 const WORKERS = availableParallelism();
 
-type LegId = 'a' | 'b' | 'c' | 'd';
+type LegId = 'a' | 'b' | 'c' | 'd' | 'e';
 interface Leg {
   id: LegId;
   title: string;
@@ -69,6 +69,26 @@ function ensureBuild(): void {
   log(`building into ${DIST_DIR} (npm run build)`);
   const result = spawnSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'inherit', env: { ...process.env, NEXT_DIST_DIR: DIST_DIR } });
   if (result.status !== 0) throw new Error('npm run build failed');
+}
+
+const FLOOR_DIR = 'bench/next-floor';
+
+/**
+ * Leg (e), the framework's floor: a bare Next app (bench/next-floor) forwarding with no auth. Built
+ * with webpack because Turbopack takes the repository root (the lock file's folder) as its project
+ * root and would bundle Gatehouse's own middleware and instrumentation into it.
+ */
+function ensureFloorBuild(): void {
+  if (existsSync(path.join(ROOT, FLOOR_DIR, '.next', 'BUILD_ID')) && process.env.BENCH_BUILD !== '1') return;
+  log(`building the floor app (${FLOOR_DIR})`);
+  const result = spawnSync('node_modules/.bin/next', ['build', '--webpack', FLOOR_DIR], { cwd: ROOT, stdio: 'inherit' });
+  if (result.status !== 0) throw new Error('building the floor app failed');
+}
+
+async function startFloor(port: number, upstreamPort: number): Promise<RunningProcess> {
+  const proc = await startProcess(`next-floor:${port}`, ['node_modules/next/dist/bin/next', 'start', FLOOR_DIR, '-p', String(port), '-H', '127.0.0.1'], { NODE_ENV: 'production', UPSTREAM_URL: `http://127.0.0.1:${upstreamPort}` }, /Ready in/);
+  cleanups.push(() => proc.stop());
+  return proc;
 }
 
 function redisHostPort(): string {
@@ -395,14 +415,16 @@ async function main(): Promise<void> {
   ensureTools();
   await ensureRedis();
   ensureBuild();
+  ensureFloorBuild();
 
   const legsTitle: Record<LegId, string> = {
     a: 'upstream directly',
     b: 'Gatehouse npm start (fast path)',
     c: 'Gatehouse next start (route handler)',
     d: 'Apache + mod_auth_openidc',
+    e: 'bare Next route handler, no auth (floor)',
   };
-  const [idpPort, fastPort, nextPort, apachePort, profilePort] = await Promise.all([freePort(), freePort(), freePort(), freePort(), freePort()]);
+  const [idpPort, fastPort, nextPort, apachePort, profilePort, floorPort] = await Promise.all([freePort(), freePort(), freePort(), freePort(), freePort(), freePort()]);
   const fastUrl = `http://localhost:${fastPort}`;
   const nextUrl = `http://localhost:${nextPort}`;
   const profileUrl = `http://localhost:${profilePort}`;
@@ -415,6 +437,7 @@ async function main(): Promise<void> {
   const issuer = `http://localhost:${idpPort}`;
   const fast = await startGatehouse('fast', gatehouseEnv(issuer, upstream.port, fastPort));
   const nextServer = await startGatehouse('next', gatehouseEnv(issuer, upstream.port, nextPort));
+  const floor = await startFloor(floorPort, upstream.port);
   let apache: RunningApache | undefined = await startApache({
     port: apachePort,
     issuer,
@@ -437,6 +460,8 @@ async function main(): Promise<void> {
     { id: 'b', title: legsTitle.b, url: `http://127.0.0.1:${fastPort}${proxyPath}`, headers: proxyHeaders(fastLogin.cookieHeader, fastPort), pids: () => processTree(fast.child.pid as number) },
     { id: 'c', title: legsTitle.c, url: `http://127.0.0.1:${nextPort}${proxyPath}`, headers: proxyHeaders(nextLogin.cookieHeader, nextPort), pids: () => processTree(nextServer.child.pid as number) },
     { id: 'd', title: legsTitle.d, url: `http://127.0.0.1:${apachePort}${proxyPath}`, headers: proxyHeaders(apacheLogin.cookieHeader, apachePort), pids: () => processTree((apache as RunningApache).pid) },
+    // The browser's own Authorization header is passed along: the upstream's bearer check holds without any session work.
+    { id: 'e', title: legsTitle.e, url: `http://127.0.0.1:${floorPort}${proxyPath}`, headers: { 'X-CSRF': '1', Authorization: 'Bearer floor-leg' }, pids: () => processTree(floor.child.pid as number) },
   ];
   for (const leg of legs) await checkOnce(leg, upstream);
 
@@ -577,7 +602,7 @@ async function main(): Promise<void> {
   };
   lines.push(`| Ratio (req/s) | ${CONCURRENCIES.map((c) => `-c${c}`).join(' | ')} |`);
   lines.push(`|---|${CONCURRENCIES.map(() => '---:').join('|')}|`);
-  for (const [x, y, label] of [['b', 'd', '(b)/(d) fast path vs Apache'], ['c', 'd', '(c)/(d) next start vs Apache'], ['b', 'a', '(b)/(a) fast path vs direct']] as const) {
+  for (const [x, y, label] of [['b', 'd', '(b)/(d) fast path vs Apache'], ['c', 'd', '(c)/(d) next start vs Apache'], ['c', 'e', '(c)/(e) next start vs the bare route handler'], ['b', 'a', '(b)/(a) fast path vs direct']] as const) {
     lines.push(`| ${label} | ${CONCURRENCIES.map((c) => `${fmt(ratio(x, y, c), 2)}×`).join(' | ')} |`);
   }
   lines.push('');
@@ -606,6 +631,10 @@ async function main(): Promise<void> {
   const verdict = (ok: boolean) => (ok ? 'PASS' : 'FAIL');
   for (const c of [32, 128].filter((c) => CONCURRENCIES.includes(c))) {
     targets.push(`- (b) ≥ 1.5× (d) at -c${c}: ${verdict(ratio('b', 'd', c) >= 1.5)} (${fmt(ratio('b', 'd', c), 2)}×)`);
+  }
+  for (const c of [32, 128].filter((c) => CONCURRENCIES.includes(c))) {
+    const cpuRatio = stat('c', c).cpuUs / stat('e', c).cpuUs;
+    targets.push(`- (c) ≥ 0.75× (e) at -c${c}: ${verdict(ratio('c', 'e', c) >= 0.75)} (${fmt(ratio('c', 'e', c), 2)}×); CPU per request (c) ≤ 1.4× (e): ${verdict(cpuRatio <= 1.4)} (${fmt(cpuRatio, 2)}×)`);
   }
   if (c1) targets.push(`- (b) added latency at -c1 ≤ (d)'s: ${verdict(added('b') <= added('d'))} (${fmt(added('b'), 2)} ms vs ${fmt(added('d'), 2)} ms)`);
   for (const s of streams) targets.push(`- ${s.direction} 100 MB, RSS growth < 50 MB: ${verdict(s.rssPeak - s.rssBefore < 50 * 1024 * 1024)} (${mb(s.rssPeak - s.rssBefore)})`);
