@@ -4,6 +4,12 @@ import { forwardRequest } from '../../../../lib/proxy.ts';
 // The Vercel / `next start` adapter. On Node hosts `npm start` serves /api/proxy/* from the same
 // core without passing through Next (server.ts).
 export const dynamic = 'force-dynamic';
+// The proxy core uses node:http, node:stream and node:zlib.
+export const runtime = 'nodejs';
+// Vercel ends a function at maxDuration (300 s is the default on every plan with Fluid compute;
+// Pro and Enterprise may raise it to 800): a server-sent event stream through the proxy ends
+// there, and the SPA opens it again (README, "Deploying to Vercel").
+export const maxDuration = 300;
 
 async function handle(request: Request): Promise<Response> {
   return webResponseFrom(await forwardRequest(inboundFromWeb(request, undefined)));
