@@ -1,8 +1,11 @@
+import nextEnv from '@next/env';
 import cluster from 'node:cluster';
+import { existsSync } from 'node:fs';
 import http from 'node:http';
+import path from 'node:path';
 import next from 'next';
 import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
-import { exitOnInvalidConfig } from './lib/config.ts';
+import { ConfigError, getConfig, type Config } from './lib/config.ts';
 import { GatehouseError, errorBody } from './lib/errors.ts';
 import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
@@ -20,16 +23,75 @@ import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
  */
 const methodNotAllowed = errorBody(new GatehouseError('method_not_allowed', 405, 'This method is not supported.'));
 
-// Every process checks the configuration before it does anything; a bad one stops here, naming the variables.
-const { port, hostname, workers: workerCount, drainMs } = exitOnInvalidConfig().server;
+// `npm start` is the production server, whatever the shell says: Next's server would switch to
+// production anyway, and a check run under another NODE_ENV than the workers' would pass where
+// theirs fail.
+(process.env as Record<string, string>).NODE_ENV = 'production';
+// .env files exactly as `next start` reads them (.env.production.local, .env.local,
+// .env.production, .env; the process environment wins over all of them).
+const envFiles = nextEnv.loadEnvConfig(import.meta.dirname, false, { info: () => undefined, error: (...args: unknown[]) => process.stderr.write(`${args.join(' ')}\n`) }).loadedEnvFiles;
+
+/** Everything a worker would refuse, checked once up front so a bad start ends with one message. */
+function startProblems(): { config?: Config; problems: string[] } {
+  let config: Config;
+  try {
+    config = getConfig();
+  } catch (error) {
+    if (error instanceof ConfigError) return { problems: error.problems };
+    throw error;
+  }
+  const problems: string[] = [];
+  if (config.store.kind === 'memory' && config.server.workers > 1) {
+    problems.push(
+      `GATEHOUSE_WORKERS: the in-memory session store lives inside one process, so ${config.server.workers} workers would each see only the sessions they created; use GATEHOUSE_WORKERS=1 with SESSION_STORE=memory, or a shared store (REDIS_URL, Upstash)`,
+    );
+  }
+  const distDir = process.env.NEXT_DIST_DIR || '.next';
+  if (!existsSync(path.join(import.meta.dirname, distDir, 'BUILD_ID'))) {
+    problems.push(`NEXT_DIST_DIR: no production build in ${distDir}/ — run \`npm run build\` first`);
+  }
+  return { config, problems };
+}
+
+const checked = cluster.isPrimary ? startProblems() : { config: getConfig(), problems: [] };
+if (checked.problems.length || !checked.config) {
+  process.stderr.write(`Gatehouse cannot start:\n${checked.problems.map((problem) => `  - ${problem}`).join('\n')}\n`);
+  process.exit(1);
+}
+const { port, hostname, workers: workerCount, drainMs } = checked.config.server;
+if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { files: envFiles.map((file) => file.path) });
+
+/** A worker that cannot start tells the primary why, instead of being respawned into the same failure. */
+interface StartFailure {
+  type: 'gatehouse:start_failed';
+  reason: string;
+}
+
+/** Workers that die this often this fast are in a loop that respawning will not end. */
+const CRASH_LOOP_DEATHS = 5;
+const CRASH_LOOP_WINDOW_MS = 60_000;
 
 if (cluster.isPrimary && workerCount > 1) {
   let stopping = false;
+  const deaths: number[] = [];
+  const giveUp = (reason: string) => {
+    stopping = true;
+    process.stderr.write(`Gatehouse cannot start: ${reason}\n`);
+    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+    process.exit(1);
+  };
+  cluster.on('message', (_worker, message: Partial<StartFailure>) => {
+    if (message?.type === 'gatehouse:start_failed') giveUp(`a worker failed to start: ${message.reason ?? 'unknown reason'}`);
+  });
   for (let i = 0; i < workerCount; i++) cluster.fork();
   cluster.on('exit', (worker, code, signal) => {
     if (stopping) return;
     log('error', 'server.worker_died', { pid: worker.process.pid, code, signal });
-    cluster.fork();
+    const now = Date.now();
+    deaths.push(now);
+    while (deaths.length && (deaths[0] as number) < now - CRASH_LOOP_WINDOW_MS) deaths.shift();
+    if (deaths.length >= CRASH_LOOP_DEATHS) giveUp(`${deaths.length} workers died within ${CRASH_LOOP_WINDOW_MS / 1000} s (last: code ${code}, signal ${signal}); see the log above`);
+    else cluster.fork();
   });
   const stop = () => {
     if (stopping) return;
@@ -44,7 +106,12 @@ if (cluster.isPrimary && workerCount > 1) {
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
 } else {
-  await serve();
+  await serve().catch((error: unknown) => {
+    const reason = error instanceof Error ? error.message : String(error);
+    if (cluster.isWorker) process.send?.({ type: 'gatehouse:start_failed', reason } satisfies StartFailure);
+    else process.stderr.write(`Gatehouse cannot start: ${reason}\n`);
+    process.exit(1);
+  });
 }
 
 async function serve(): Promise<void> {
@@ -70,10 +137,17 @@ async function serve(): Promise<void> {
   });
   // Longer than typical load-balancer idle timeouts, so they close idle connections first.
   server.keepAliveTimeout = 65_000;
-  server.listen(port, hostname, () => {
-    // Printed whatever LOG_LEVEL says: operators and the test harness wait for this line.
-    process.stdout.write(`Gatehouse listening on http://${hostname}:${port} (pid ${process.pid})\n`);
+  await new Promise<void>((resolve, reject) => {
+    const refuse = (error: NodeJS.ErrnoException) =>
+      reject(error.code === 'EADDRINUSE' ? new Error(`PORT: ${hostname}:${port} is already in use`) : error.code === 'EACCES' ? new Error(`PORT: no permission to listen on ${hostname}:${port}`) : error);
+    server.once('error', refuse);
+    server.listen(port, hostname, () => {
+      server.off('error', refuse);
+      resolve();
+    });
   });
+  // Printed whatever LOG_LEVEL says: operators and the test harness wait for this line.
+  process.stdout.write(`Gatehouse listening on http://${hostname}:${port} (pid ${process.pid})\n`);
 
   let draining = false;
   const drain = () => {

@@ -218,7 +218,7 @@ export class ConfigError extends Error {
 }
 
 /** Checks that need several variables at once; each problem still names its variable. */
-function crossCheck(env: Env): string[] {
+function crossCheck(env: Partial<Env>): string[] {
   const problems: string[] = [];
   const production = env.NODE_ENV === 'production';
   if (env.OIDC_CLIENT_AUTH === 'private_key_jwt' && !env.OIDC_PRIVATE_KEY) {
@@ -227,10 +227,10 @@ function crossCheck(env: Env): string[] {
   if (env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
     problems.push(`OIDC_CLIENT_SECRET: is required when OIDC_CLIENT_AUTH=${env.OIDC_CLIENT_AUTH}`);
   }
-  if (env.SESSION_IDLE_TIMEOUT > env.SESSION_ABSOLUTE_TIMEOUT) {
+  if (env.SESSION_IDLE_TIMEOUT !== undefined && env.SESSION_ABSOLUTE_TIMEOUT !== undefined && env.SESSION_IDLE_TIMEOUT > env.SESSION_ABSOLUTE_TIMEOUT) {
     problems.push('SESSION_IDLE_TIMEOUT: must not be longer than SESSION_ABSOLUTE_TIMEOUT');
   }
-  if (env.REFRESH_LOCK_LEASE_MS <= env.OIDC_TIMEOUT_MS) {
+  if (env.REFRESH_LOCK_LEASE_MS !== undefined && env.OIDC_TIMEOUT_MS !== undefined && env.REFRESH_LOCK_LEASE_MS <= env.OIDC_TIMEOUT_MS) {
     // A lease shorter than the token call would let a second instance refresh while the first still waits.
     problems.push('REFRESH_LOCK_LEASE_MS: must be longer than OIDC_TIMEOUT_MS');
   }
@@ -245,7 +245,7 @@ function crossCheck(env: Env): string[] {
       'REDIS_URL: a session store is required in production (set REDIS_URL, or UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN; SESSION_STORE=memory only for a single-instance trial)',
     );
   }
-  for (const [name, api] of Object.entries(env.BFF_APIS)) {
+  for (const [name, api] of Object.entries(env.BFF_APIS ?? {})) {
     if (api.auth === 'client' && env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
       problems.push(`BFF_APIS.${name}.auth: "client" needs client credentials`);
     }
@@ -270,6 +270,11 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       const where = rest.length ? `${variable}.${rest.join('.')}` : variable;
       return `${where ?? '(environment)'}: ${issue.message}`;
     });
+    // The checks across variables run too, on what did parse, so one start names every problem
+    // instead of revealing them one fix at a time.
+    const bad = new Set(parsed.error.issues.map((issue) => String(issue.path[0])));
+    const usable = envSchema.partial().safeParse(Object.fromEntries(Object.entries(present).filter(([name]) => !bad.has(name))));
+    if (usable.success) problems.push(...crossCheck(usable.data).filter((problem) => !bad.has(problem.slice(0, problem.indexOf(':')))));
     throw new ConfigError(problems);
   }
   const env = parsed.data;

@@ -2,6 +2,7 @@ import { createRemoteJWKSet } from 'jose';
 import * as oauth from 'oauth4webapi';
 import { getConfig } from './config.ts';
 import { GatehouseError, errors } from './errors.ts';
+import { sharedState } from './shared-state.ts';
 import { checkLogoutToken, type LogoutTokenClaims } from './logout-token.ts';
 
 export type { LogoutTokenClaims } from './logout-token.ts';
@@ -41,9 +42,10 @@ export class IdpError extends Error {
 }
 
 const DISCOVERY_TTL_MS = 60 * 60 * 1000;
-let discovery: { value: Promise<oauth.AuthorizationServer>; at: number } | undefined;
+/** Shared with every copy of this module in the process (see shared-state.ts). */
+const cache = sharedState('idp', () => ({ discovery: undefined as { value: Promise<oauth.AuthorizationServer>; at: number } | undefined, jwks: {} as oauth.JWKSCacheInput }));
 /** Filled by oauth4webapi itself; one per process so the JWKS is fetched once, not per login. */
-const jwksCache: oauth.JWKSCacheInput = {};
+const jwksCache = cache.jwks;
 
 function requestOptions(signal: AbortSignal = AbortSignal.timeout(getConfig().oidc.timeoutMs)) {
   return { [oauth.allowInsecureRequests]: getConfig().oidc.allowInsecureRequests, signal };
@@ -68,6 +70,7 @@ function getAuthorizationServer(signal?: AbortSignal): Promise<oauth.Authorizati
 }
 
 function discover(): Promise<oauth.AuthorizationServer> {
+  const { discovery } = cache;
   if (discovery && Date.now() - discovery.at < DISCOVERY_TTL_MS) return discovery.value;
   const issuer = getConfig().oidc.issuer;
   const value = (async () => {
@@ -78,10 +81,10 @@ function discover(): Promise<oauth.AuthorizationServer> {
       throw classify(error, 'discovery');
     }
   })();
-  discovery = { value, at: Date.now() };
+  cache.discovery = { value, at: Date.now() };
   // A failed discovery must not be remembered, or one IdP blip would break logins for an hour.
   value.catch(() => {
-    if (discovery?.value === value) discovery = undefined;
+    if (cache.discovery?.value === value) cache.discovery = undefined;
   });
   return value;
 }

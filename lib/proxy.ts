@@ -7,6 +7,7 @@ import { getConfig, type ApiConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
+import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
@@ -180,7 +181,7 @@ function invalidPath(): GatehouseError {
  * own, and without one it would keep sockets the upstream is about to close.
  */
 const IDLE_UPSTREAM_SOCKET_MS = 30_000;
-const agents = new Map<string, http.Agent>();
+const agents = sharedState('upstream-agents', () => new Map<string, http.Agent>());
 function agentFor(url: URL): http.Agent {
   let agent = agents.get(url.origin);
   if (!agent) {
@@ -198,7 +199,7 @@ interface Credentials {
   refreshed: boolean;
 }
 
-const clientTokens = new Map<string, { token: string; expiresAt: number } | Promise<{ token: string; expiresAt: number }>>();
+const clientTokens = sharedState('client-tokens', () => new Map<string, { token: string; expiresAt: number } | Promise<{ token: string; expiresAt: number }>>());
 
 /** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
 async function clientToken(api: ApiConfig): Promise<string> {

@@ -5,6 +5,7 @@ import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
 import { log } from './log.ts';
+import { sharedState } from './shared-state.ts';
 import { createStore, type Store } from './store/index.ts';
 
 /**
@@ -45,10 +46,18 @@ export interface Session {
 
 const SESSION_FORMAT_VERSION = 1;
 
-let store: Store | undefined;
+/** Shared with every copy of this module in the process (see shared-state.ts). */
+const state = sharedState('session', () => ({
+  store: undefined as Store | undefined,
+  unsealCache: new Map<string, { id: string; until: number }>(),
+  loggedUnreadable: new Set<string>(),
+  openedSecrets: new Map<string, { sealed: string; secrets: SessionSecrets }>(),
+  lastTouched: new Map<string, number>(),
+}));
+
 export function getStore(): Store {
-  store ??= createStore(getConfig().store);
-  return store;
+  state.store ??= createStore(getConfig().store);
+  return state.store;
 }
 
 export function sessionKey(id: string): string {
@@ -171,7 +180,7 @@ function readCookie(cookieHeader: string | null | undefined, name: string): stri
 }
 
 const ISSUED_SEAL = /^Fe26\.2\*([^*~]*)\*[^~]+~2$/;
-const unsealCache = new Map<string, { id: string; until: number }>();
+const unsealCache = state.unsealCache;
 const UNSEAL_CACHE_LIMIT = 10_000;
 const UNSEAL_CACHE_MS = 5 * 60 * 1000;
 
@@ -336,7 +345,7 @@ const SESSION_COPY_MAX_AGE_MS = 1_000;
  */
 export type SessionMiss = 'gone' | 'replaced' | 'unreadable';
 
-const loggedUnreadable = new Set<string>();
+const loggedUnreadable = state.loggedUnreadable;
 const LOGGED_UNREADABLE_LIMIT = 10_000;
 
 /** One warning per record and process: a fleet mid-deploy would otherwise log on every request. */
@@ -389,7 +398,7 @@ export async function readSession(id: string, options: { coherentCopy?: boolean 
  * refresh or logout changes or deletes the record, so a stale entry can never be served. Saves a
  * base64 decode and an AES-GCM decryption on every proxied request.
  */
-const openedSecrets = new Map<string, { sealed: string; secrets: SessionSecrets }>();
+const openedSecrets = state.openedSecrets;
 const OPENED_SECRETS_LIMIT = 10_000;
 
 function rememberSecrets(id: string, sealed: string, secrets: SessionSecrets): void {
@@ -406,7 +415,7 @@ async function openSecrets(id: string, sealed: string): Promise<SessionSecrets |
   return secrets;
 }
 
-const lastTouched = new Map<string, number>();
+const lastTouched = state.lastTouched;
 const TOUCH_MEMORY_LIMIT = 50_000;
 
 /** When the session ends if nothing else happens: idle timeout from now, capped by the absolute end. */

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
 import { log } from './log.ts';
+import { sharedState } from './shared-state.ts';
 import { idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   destroySession,
@@ -40,7 +41,8 @@ interface HeldToken {
   expiresAt: number | null;
 }
 
-const inFlight = new Map<string, Promise<Session>>();
+/** Per process, not per module copy: one refresh per session and process (see shared-state.ts). */
+const inFlight = sharedState('refreshes-in-flight', () => new Map<string, Promise<Session>>());
 const POLL_MIN_MS = 25;
 const POLL_MAX_MS = 250;
 

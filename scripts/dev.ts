@@ -1,3 +1,4 @@
+import nextEnv from '@next/env';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
@@ -6,8 +7,10 @@ import { DEV_IDP_DEFAULTS, startDevIdp } from './dev-idp.ts';
 
 /**
  * `npm run dev`: the zero-config demo. An embedded development IdP, the demo API and the app in
- * development mode with the in-memory store. Any variable already set in the environment wins,
- * so the same command can run against a real IdP or Redis.
+ * development mode with the in-memory store. Any variable already set — in the environment or in
+ * the .env files Next reads (.env.development.local, .env.local, .env.development, .env) — wins, so
+ * the same command runs against a real IdP (set OIDC_ISSUER, OIDC_CLIENT_ID, OIDC_CLIENT_SECRET)
+ * or Redis (REDIS_URL).
  */
 
 if (process.env.NODE_ENV === 'production') {
@@ -16,24 +19,40 @@ if (process.env.NODE_ENV === 'production') {
 }
 
 const root = path.resolve(import.meta.dirname, '..');
+// Read before deciding anything: an OIDC_ISSUER in .env.local means "use my IdP", not the dev one.
+const { loadedEnvFiles } = nextEnv.loadEnvConfig(root, true, { info: () => undefined, error: console.error });
+
+/** A busy port ends the command with the variable that moves it, not a stack trace. */
+async function orExplain<T>(what: string, variable: string, port: number, start: () => Promise<T>): Promise<T> {
+  try {
+    return await start();
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+      console.error(`npm run dev: port ${port} for the ${what} is in use. Stop what holds it, or set ${variable} to another port.`);
+      process.exit(1);
+    }
+    throw error;
+  }
+}
 const appPort = Number(process.env.PORT || 3000);
 const appBaseUrl = process.env.APP_BASE_URL || `http://localhost:${appPort}`;
 // Empty variables count as unset, as they do for Gatehouse itself.
-const usesOwnIdp = !process.env.OIDC_ISSUER;
+const usesDevIdp = !process.env.OIDC_ISSUER;
 
 const demoApiPort = Number(process.env.DEMO_API_PORT || 4001);
 // The IdP mints access tokens whose audience is the demo API's own URL, which the API checks.
 const apiAudiences = [`http://localhost:${demoApiPort}`];
-const idp = usesOwnIdp ? await startDevIdp({ port: Number(process.env.IDP_PORT || DEV_IDP_DEFAULTS.port), appBaseUrl, apiAudiences }) : undefined;
+const idpPort = Number(process.env.IDP_PORT || DEV_IDP_DEFAULTS.port);
+const idp = usesDevIdp ? await orExplain('development IdP', 'IDP_PORT', idpPort, () => startDevIdp({ port: idpPort, appBaseUrl, apiAudiences })) : undefined;
 const issuer = process.env.OIDC_ISSUER || (idp as { issuer: string }).issuer;
-const demoApi = process.env.BFF_APIS ? undefined : await startDemoApi({ port: demoApiPort, issuer });
+const demoApi = process.env.BFF_APIS ? undefined : await orExplain('demo API', 'DEMO_API_PORT', demoApiPort, () => startDemoApi({ port: demoApiPort, issuer }));
 
 const env: NodeJS.ProcessEnv = {
   ...process.env,
   APP_BASE_URL: appBaseUrl,
   OIDC_ISSUER: issuer,
-  OIDC_CLIENT_ID: process.env.OIDC_CLIENT_ID || DEV_IDP_DEFAULTS.clientId,
-  OIDC_CLIENT_SECRET: process.env.OIDC_CLIENT_SECRET || DEV_IDP_DEFAULTS.clientSecret,
+  // The dev IdP's client, only with the dev IdP: against your own, a missing one is named at start.
+  ...(usesDevIdp ? { OIDC_CLIENT_ID: process.env.OIDC_CLIENT_ID || DEV_IDP_DEFAULTS.clientId, OIDC_CLIENT_SECRET: process.env.OIDC_CLIENT_SECRET || DEV_IDP_DEFAULTS.clientSecret } : {}),
   OIDC_SCOPES: process.env.OIDC_SCOPES || 'openid profile email offline_access api:read api:write',
   // A fresh secret per run: the in-memory sessions do not survive a restart anyway.
   SESSION_SECRET: process.env.SESSION_SECRET || randomBytes(32).toString('base64url'),
@@ -42,7 +61,10 @@ const env: NodeJS.ProcessEnv = {
     JSON.stringify({ demo: { url: demoApi?.url }, public: { url: `${demoApi?.url}/public`, auth: 'user-optional' } }),
 };
 
-console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  dev IdP:        ${issuer} (sign in with any name)\n  demo API:       ${demoApi?.url ?? '(from BFF_APIS)'}\n`);
+const idpLine = usesDevIdp
+  ? `${issuer} — the embedded development IdP (sign in with any name); set OIDC_ISSUER to use your own`
+  : `${issuer} — your own (OIDC_ISSUER${loadedEnvFiles.length ? ` from the environment or ${loadedEnvFiles.map((file) => file.path).join(', ')}` : ''})`;
+console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  IdP:            ${idpLine}\n  APIs:           ${demoApi ? `${demoApi.url} (the demo API)` : 'from BFF_APIS'}\n  sessions:       ${process.env.REDIS_URL ? 'Redis (REDIS_URL)' : 'in memory (gone on restart)'}\n`);
 
 const next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(appPort)], { cwd: root, env, stdio: 'inherit' });
 

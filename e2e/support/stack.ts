@@ -69,7 +69,8 @@ export function startProcess(name: string, args: string[], env: Record<string, s
     };
     child.stdout?.on('data', onData);
     child.stderr?.on('data', onData);
-    child.once('exit', (code, signal) => fail(new Error(`${name} exited early (code ${code}, signal ${signal})`)));
+    // 'close', not 'exit': only then has all of its output (the reason it stopped) been read.
+    child.once('close', (code, signal) => fail(new Error(`${name} exited early (code ${code}, signal ${signal})`)));
   });
 }
 

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
-import { call, isAlive, login, processTree, waitFor } from '../support/http-client.ts';
+import { createServer } from 'node:net';
+import { freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { call, idpGrants, isAlive, login, processTree, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead } from '../support/raw-http.ts';
 
 /**
@@ -91,7 +92,7 @@ describe('npm start', () => {
       (error: Error) => error.message,
     );
     expect(exit).toContain('exited early (code 1');
-    expect(exit).toContain('Gatehouse configuration is invalid');
+    expect(exit).toContain('Gatehouse cannot start');
     for (const variable of ['SESSION_SECRET:', 'BFF_APIS.demo.url:', 'GATEHOUSE_WORKERS:']) expect(exit).toContain(variable);
     expect(exit).not.toContain('short');
     expect(exit).not.toMatch(/\n\s+at /);
@@ -106,5 +107,70 @@ describe('npm start', () => {
     expect(exit).toContain('exited early (code 1');
     expect(exit).toContain('SESSION_SECRET:');
     expect(exit).toContain('OIDC_ISSUER: must be https://');
+  });
+
+  /** Starts server.ts expecting it to refuse; resolves to everything it printed before exiting. */
+  async function refusal(name: string, env: Record<string, string>): Promise<string> {
+    const started = Date.now();
+    const output = await startProcess(name, ['server.ts'], env, () => false, 30_000).then(
+      () => 'started',
+      (error: Error) => error.message,
+    );
+    expect(output).toContain('exited early (code 1');
+    expect(output).toContain('Gatehouse cannot start');
+    // One refusal, not a respawn loop: no worker ever died, and it was quick.
+    expect(output).not.toContain('server.worker_died');
+    expect(Date.now() - started).toBeLessThan(20_000);
+    expect(output).not.toMatch(/\n\s+at /);
+    return output;
+  }
+
+  it('refuses the in-memory store with more than one worker, saying why', async () => {
+    const output = await refusal('memory-two-workers', { ...stack.apps[0]!.env, SESSION_STORE: 'memory', REDIS_URL: '', GATEHOUSE_WORKERS: '2', PORT: '0' });
+    expect(output).toContain('GATEHOUSE_WORKERS: the in-memory session store lives inside one process');
+  });
+
+  it('without a production build: one message naming the fix, exit 1, no respawning', async () => {
+    const output = await refusal('no-build', { ...stack.apps[0]!.env, NEXT_DIST_DIR: '.next-never-built', GATEHOUSE_WORKERS: '2', PORT: '0' });
+    expect(output).toContain('npm run build');
+  });
+
+  it('NODE_ENV unset and no store: the same refusal as with NODE_ENV=production, once', async () => {
+    const output = await refusal('no-store', { ...stack.apps[0]!.env, NODE_ENV: '', REDIS_URL: '', GATEHOUSE_WORKERS: '2', PORT: '0' });
+    expect(output).toContain('REDIS_URL: a session store is required in production');
+    expect(output.match(/^\s+- /gm)).toHaveLength(1);
+  });
+
+  it('a port already in use: the workers cannot start, and the server says so and exits instead of respawning them', async () => {
+    const blocker = createServer();
+    const port = await freePort();
+    await new Promise<void>((resolve) => blocker.listen(port, '127.0.0.1', resolve));
+    try {
+      const output = await refusal('busy-port', { ...stack.apps[0]!.env, PORT: String(port), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: '2' });
+      expect(output).toContain(`PORT: 127.0.0.1:${port} is already in use`);
+    } finally {
+      blocker.close();
+    }
+  });
+});
+
+describe('npm start with the in-memory store (a single-process trial)', () => {
+  it('one worker: login, proxied calls, a refresh and logout all see the same sessions', async () => {
+    // One access token expiry's worth of skew: every proxied call refreshes first.
+    const trial = await startStack({ server: 'fast', workers: 1, env: { SESSION_STORE: 'memory', REDIS_URL: '', TOKEN_REFRESH_SKEW: '3600' } });
+    try {
+      const url = trial.apps[0]!.url;
+      const trialCookie = await login(url, 'memory-user');
+      expect(await call(url, '/api/auth/session', trialCookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'memory-user' } } });
+      const grantsBefore = refreshGrantsOf(await idpGrants(trial.issuer), 'memory-user');
+      // Served by server.ts's own proxy core, on a session the Next route handler created.
+      expect(await call(url, '/api/proxy/demo/whoami', trialCookie)).toMatchObject({ status: 200, body: { sub: 'memory-user' } });
+      expect(await call(url, '/api/proxy/demo/whoami', trialCookie)).toMatchObject({ status: 200, body: { sub: 'memory-user' } });
+      expect(refreshGrantsOf(await idpGrants(trial.issuer), 'memory-user') - grantsBefore).toBe(2);
+      expect(await call(url, '/api/auth/logout', trialCookie, { method: 'POST' })).toMatchObject({ status: 200 });
+      expect(await call(url, '/api/proxy/demo/whoami', trialCookie)).toMatchObject({ status: 401 });
+    } finally {
+      await trial.stop();
+    }
   });
 });

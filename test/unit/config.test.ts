@@ -49,6 +49,13 @@ describe('configuration', () => {
     }
   });
 
+  it('names the problems across variables in the same start as malformed ones (not one fix at a time)', () => {
+    const problems = problemsOf({ ...valid, OIDC_CLIENT_SECRET: undefined, SESSION_SECRET: 'short', APP_BASE_URL: 'ftp://x', SESSION_IDLE_TIMEOUT: '900', SESSION_ABSOLUTE_TIMEOUT: '600', NODE_ENV: 'production', REDIS_URL: undefined });
+    const named = problems.map((problem) => problem.slice(0, problem.indexOf(':')));
+    expect(named).toEqual(expect.arrayContaining(['SESSION_SECRET', 'APP_BASE_URL', 'OIDC_CLIENT_SECRET', 'SESSION_IDLE_TIMEOUT', 'REDIS_URL']));
+    expect(problems.join('\n')).toContain('OIDC_CLIENT_SECRET: is required when OIDC_CLIENT_AUTH=client_secret_basic');
+  });
+
   it('takes extra authorization parameters, but never the ones that carry the flow', () => {
     expect(parseConfig({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'access_type=offline&audience=https%3A%2F%2Fapi.example.com' }).oidc.authorizationParams).toEqual([
       ['access_type', 'offline'],

@@ -15,9 +15,12 @@ function documentedVariables(): string[] {
   return [...names].sort();
 }
 
+/** Read by `npm run dev` (scripts/dev.ts), not by Gatehouse itself. */
+const DEV_SCRIPT_VARIABLES = ['IDP_PORT', 'DEMO_API_PORT'];
+
 describe('README configuration reference', () => {
-  it('documents exactly the variables the schema reads', () => {
-    expect(documentedVariables()).toEqual([...CONFIG_VARIABLES].sort());
+  it('documents exactly the variables the schema and the dev command read', () => {
+    expect(documentedVariables()).toEqual([...CONFIG_VARIABLES, ...DEV_SCRIPT_VARIABLES].sort());
   });
 });
 
@@ -50,5 +53,13 @@ describe('README error codes', () => {
     expect(codes.size).toBeGreaterThan(15);
     const missing = [...codes].filter((code) => !readme.includes(`\`${code}\``));
     expect(missing).toEqual([]);
+  });
+});
+
+describe('.env.example', () => {
+  it('mentions every variable the schema reads', () => {
+    const example = readFileSync(path.resolve(import.meta.dirname, '..', '..', '.env.example'), 'utf8');
+    const mentioned = new Set([...example.matchAll(/^#?\s*([A-Z][A-Z0-9_]+)=/gm)].map((match) => match[1]));
+    expect([...CONFIG_VARIABLES, ...DEV_SCRIPT_VARIABLES].filter((name) => !mentioned.has(name))).toEqual([]);
   });
 });

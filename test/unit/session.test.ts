@@ -6,6 +6,8 @@ const B = 'b'.repeat(32);
 /** Loads lib/session.ts afresh under the given secrets, as a new deployment would. */
 async function deploy(sessionSecret: string, extra: Record<string, string> = {}) {
   vi.resetModules();
+  // A new deployment is a new process: drop what the process-wide home (lib/shared-state.ts) holds.
+  delete (globalThis as Record<symbol, unknown>)[Symbol.for('gatehouse.shared-state')];
   vi.unstubAllEnvs();
   const env: Record<string, string> = {
     APP_BASE_URL: 'https://app.example.com',
