@@ -1,6 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import path from 'node:path';
+import { ROOT, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { call, idpGrants, isAlive, login, processTree, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead } from '../support/raw-http.ts';
 
@@ -150,6 +152,24 @@ describe('npm start', () => {
       expect(output).toContain(`PORT: 127.0.0.1:${port} is already in use`);
     } finally {
       blocker.close();
+    }
+  });
+});
+
+describe('npm start and .env files', () => {
+  it('reads them as next start does, and the process environment wins over them', async () => {
+    const file = path.join(ROOT, '.env.production.local');
+    // LOG_LEVEL only from the file: the start-up line that lists the files read shows at info level.
+    writeFileSync(file, 'LOG_LEVEL=info\nPORT=1\n');
+    const port = await freePort();
+    const { LOG_LEVEL: _fromTheStack, ...env } = stack.apps[0]!.env;
+    const withFile = await startProcess('dotenv', ['server.ts'], { ...env, PORT: String(port), GATEHOUSE_WORKERS: '1' }, /Gatehouse listening/).finally(() => rmSync(file));
+    try {
+      expect(withFile.output()).toContain('server.env_files');
+      expect(withFile.output()).toContain('.env.production.local');
+      expect(withFile.output()).toContain(`Gatehouse listening on http://127.0.0.1:${port}`);
+    } finally {
+      await withFile.stop();
     }
   });
 });
