@@ -155,7 +155,7 @@ interface StreamedEvent {
 
 function EventsCard() {
   const [events, setEvents] = useState<StreamedEvent[]>([]);
-  const [state, setState] = useState<'idle' | 'streaming' | 'done' | string>('idle');
+  const [state, setState] = useState<'idle' | 'streaming' | 'done' | 'stopped' | string>('idle');
   const controller = useRef<AbortController | null>(null);
   useEffect(() => () => controller.current?.abort(), []);
 
@@ -175,7 +175,8 @@ function EventsCard() {
       );
       setState('done');
     } catch (error) {
-      setState(controller.current?.signal.aborted ? 'idle' : describeError(error));
+      // Stopped by the button: say so, and keep what arrived on screen.
+      setState(controller.current?.signal.aborted ? 'stopped' : describeError(error));
     }
   };
 
@@ -188,7 +189,7 @@ function EventsCard() {
           {state === 'streaming' ? 'Streaming…' : 'Start the stream'}
         </button>
         {state === 'streaming' && (
-          <button type="button" className="secondary" onClick={() => controller.current?.abort()}>
+          <button type="button" className="secondary" onClick={() => controller.current?.abort()} data-testid="stop-stream">
             Stop
           </button>
         )}
@@ -202,7 +203,7 @@ function EventsCard() {
       </ol>
       {state !== 'idle' && state !== 'streaming' && (
         <p className="muted" data-testid="stream-state">
-          {state === 'done' ? 'Stream finished.' : state}
+          {state === 'done' ? 'Stream finished.' : state === 'stopped' ? `Stream stopped after ${events.length} event${events.length === 1 ? '' : 's'}.` : state}
         </p>
       )}
     </section>

@@ -1,5 +1,5 @@
 import { expect, type Page } from '@playwright/test';
-import { env, signInThroughIdp, test } from './support/fixtures.ts';
+import { env, refuseExternalRequests, signInThroughIdp, test } from './support/fixtures.ts';
 
 // The demo SPA driven as a user would: everything here goes through gatehouse/client and the
 // useSession hook, against the production server, the dev IdP and the demo API.
@@ -11,6 +11,11 @@ async function signedInPage(page: Page, username: string): Promise<void> {
 }
 
 test('the demo: see the user, call both APIs, watch the stream arrive event by event', async ({ page }) => {
+  // Nothing the page loads is missing (a 404 favicon included).
+  const missing: string[] = [];
+  page.on('response', (response) => {
+    if (response.status() === 404) missing.push(response.url());
+  });
   await signedInPage(page, 'erin');
   await expect(page.getByTestId('user-name')).toHaveText('Erin Example');
   await expect(page.getByTestId('expires-at')).toContainText('extended while you use it');
@@ -35,6 +40,14 @@ test('the demo: see the user, call both APIs, watch the stream arrive event by e
   expect(offsets[7]).toBeGreaterThan(2_000);
   for (let i = 1; i < offsets.length; i++) expect(offsets[i]).toBeGreaterThan(offsets[i - 1] as number);
 
+  // Stopping a stream says so and keeps what arrived.
+  await page.getByTestId('start-stream').click();
+  await expect(page.getByTestId('event')).toHaveCount(1);
+  await page.getByTestId('stop-stream').click();
+  await expect(page.getByTestId('stream-state')).toHaveText(/^Stream stopped after [1-8] events?\.$/);
+  await expect(page.getByTestId('start-stream')).toBeEnabled();
+  expect(missing).toEqual([]);
+
   // Keyboard: the main actions are reachable with Tab and work with Enter.
   await page.getByTestId('call-api').focus();
   await page.keyboard.press('Tab');
@@ -44,7 +57,7 @@ test('the demo: see the user, call both APIs, watch the stream arrive event by e
 test('sign out everywhere else from a second browser; the first notices and offers login', async ({ browser }) => {
   const laptop = await browser.newContext();
   const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, userAgent: 'Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Safari/604.1' });
-  for (const context of [laptop, phone]) await context.route(/^https?:\/\/fonts\.(googleapis|gstatic)\.com\//, (route) => route.abort());
+  const offline = await Promise.all([laptop, phone].map(refuseExternalRequests));
   const laptopPage = await laptop.newPage();
   const phonePage = await phone.newPage();
   try {
@@ -70,6 +83,7 @@ test('sign out everywhere else from a second browser; the first notices and offe
     // The phone is still signed in.
     await phonePage.reload();
     await expect(phonePage.getByTestId('user-sub')).toHaveText('frank');
+    for (const external of offline) expect(external).toEqual([]);
   } finally {
     await laptop.close();
     await phone.close();
@@ -79,7 +93,7 @@ test('sign out everywhere else from a second browser; the first notices and offe
 test('a browser that was signed out elsewhere notices when its window regains focus', async ({ browser }) => {
   const first = await browser.newContext();
   const second = await browser.newContext();
-  for (const context of [first, second]) await context.route(/^https?:\/\/fonts\.(googleapis|gstatic)\.com\//, (route) => route.abort());
+  const offline = await Promise.all([first, second].map(refuseExternalRequests));
   try {
     const a = await first.newPage();
     const b = await second.newPage();
@@ -89,6 +103,7 @@ test('a browser that was signed out elsewhere notices when its window regains fo
     await expect(b.getByTestId('sessions-message')).toHaveText('Signed out 1 other session.');
     await a.evaluate(() => window.dispatchEvent(new Event('focus')));
     await expect(a.getByTestId('login')).toBeVisible();
+    for (const external of offline) expect(external).toEqual([]);
   } finally {
     await first.close();
     await second.close();

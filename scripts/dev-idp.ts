@@ -215,6 +215,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (req.url?.startsWith('/__dev/')) {
       devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
     } else if (providerSlot.handler) {
+      withoutWebFonts(res);
       const handler = providerSlot.handler;
       const delayMs = delayFor(req);
       if (delayMs > 0) setTimeout(() => handler(req, res), delayMs);
@@ -442,6 +443,26 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       await shutdown(server);
     },
   };
+}
+
+/**
+ * oidc-provider's built-in pages @import a web font from Google: the demo must work offline and
+ * should not tell a third party who opens it. The import is blanked with spaces of the same
+ * length, so the Content-Length oidc-provider already set stays right.
+ */
+const WEB_FONT_IMPORT = /@import url\(https:\/\/fonts\.googleapis\.com\/[^)]*\);/g;
+
+function withoutWebFonts(res: ServerResponse): void {
+  const end = res.end.bind(res) as (...args: unknown[]) => ServerResponse;
+  res.end = ((chunk?: unknown, ...rest: unknown[]) => {
+    const html = String(res.getHeader('content-type') ?? '').startsWith('text/html');
+    if (html && (typeof chunk === 'string' || Buffer.isBuffer(chunk))) {
+      const text = Buffer.isBuffer(chunk) ? chunk.toString('utf8') : chunk;
+      const blanked = text.replace(WEB_FONT_IMPORT, (match) => ' '.repeat(Buffer.byteLength(match)));
+      return end(Buffer.isBuffer(chunk) ? Buffer.from(blanked, 'utf8') : blanked, ...rest);
+    }
+    return end(chunk, ...rest);
+  }) as ServerResponse['end'];
 }
 
 function sendJson(res: ServerResponse, status: number, body: unknown): void {

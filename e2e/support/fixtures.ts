@@ -1,4 +1,4 @@
-import { test as base, type BrowserContext, type Page } from '@playwright/test';
+import { test as base, expect, type BrowserContext, type Page } from '@playwright/test';
 
 /** The stack's addresses, set by e2e/global-setup.ts (known only once it has run). */
 export function env(name: string): string {
@@ -14,11 +14,24 @@ export const test = base.extend({
     await use(env('GATEHOUSE_URL'));
   },
   context: async ({ context }, use) => {
-    // The dev IdP's pages @import a web font; there is no internet here, so answer that at once.
-    await context.route(/^https?:\/\/fonts\.(googleapis|gstatic)\.com\//, (route) => route.abort());
+    const external = await refuseExternalRequests(context);
     await use(context);
+    expect(external, 'requests that left the machine').toEqual([]);
   },
 });
+
+/**
+ * Everything the demo and the dev IdP show works offline: a request that would leave the machine
+ * (a web font, an analytics script) is refused, and recorded in the returned list for the test to check.
+ */
+export async function refuseExternalRequests(context: BrowserContext): Promise<string[]> {
+  const external: string[] = [];
+  await context.route(/^https?:\/\/(?!(localhost|127\.0\.0\.1|\[::1\])[:/])/, (route) => {
+    external.push(route.request().url());
+    return route.abort();
+  });
+  return external;
+}
 
 export async function sessionCookie(context: BrowserContext, appUrl: string) {
   return (await context.cookies(appUrl)).find((cookie) => cookie.name === 'gatehouse');
