@@ -49,6 +49,11 @@ export function Demo() {
       ) : (
         <section className="card" aria-labelledby="signed-out">
           <h2 id="signed-out">You are not signed in</h2>
+          {session.signedOutReason && (
+            <p role="status" className="notice" data-testid="signed-out-reason">
+              {session.signedOutReason}
+            </p>
+          )}
           <p>Sign in with the identity provider. You will come straight back here.</p>
           <button type="button" onClick={() => login()} data-testid="login">
             Log in

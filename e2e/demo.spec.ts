@@ -80,6 +80,7 @@ test('sign out everywhere else from a second browser; the first notices and offe
     await laptopPage.getByTestId('call-api').click();
     await expect(laptopPage.getByTestId('login')).toBeVisible();
     await expect(laptopPage.getByRole('heading', { name: 'You are not signed in' })).toBeVisible();
+    await expect(laptopPage.getByTestId('signed-out-reason')).toHaveText('You were signed out from another device.');
     // The phone is still signed in.
     await phonePage.reload();
     await expect(phonePage.getByTestId('user-sub')).toHaveText('frank');
@@ -103,6 +104,7 @@ test('a browser that was signed out elsewhere notices when its window regains fo
     await expect(b.getByTestId('sessions-message')).toHaveText('Signed out 1 other session.');
     await a.evaluate(() => window.dispatchEvent(new Event('focus')));
     await expect(a.getByTestId('login')).toBeVisible();
+    await expect(a.getByTestId('signed-out-reason')).toHaveText('You were signed out from another device.');
     for (const external of offline) expect(external).toEqual([]);
   } finally {
     await first.close();

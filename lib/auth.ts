@@ -10,6 +10,7 @@ import {
   createSession,
   destroySession,
   destroySessionsFor,
+  endSessionBecause,
   getStore,
   listUserSessions,
   readSession,
@@ -193,8 +194,8 @@ async function endReplacedSession(id: string, successor: { sub: string; idpSid: 
 
 export async function describeSession(request: Request): Promise<Response> {
   requireCsrf(request);
-  const { session, stale } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (!session) return jsonResponse(200, { authenticated: false }, stale ? { 'set-cookie': clearSessionCookieHeader() } : {});
+  const { session, stale, endedBy } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!session) return jsonResponse(200, { authenticated: false, ...(endedBy ? { endedBy } : {}) }, stale ? { 'set-cookie': clearSessionCookieHeader() } : {});
   await touchSession(session, true);
   return jsonResponse(200, {
     authenticated: true,
@@ -212,9 +213,13 @@ function constantTimeEqual(a: string, b: string): boolean {
   return left.length === right.length && timingSafeEqual(left, right);
 }
 
-/** Ends the session here and at the IdP's token layer; returns where the browser should go next. */
-async function endSession(session: Session): Promise<string> {
-  await destroySession(session.id, session.record);
+/**
+ * Ends the session here and at the IdP's token layer; returns where the browser should go next.
+ * Ended from another device, it leaves a marker so its own browser hears why.
+ */
+async function endSession(session: Session, fromAnotherDevice = false): Promise<string> {
+  if (fromAnotherDevice) await endSessionBecause(session.id, session.record, 'elsewhere');
+  else await destroySession(session.id, session.record);
   const { refreshToken, idToken } = session.secrets;
   const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHandle(session.id), revoked });
@@ -265,8 +270,8 @@ export async function checkHealth(): Promise<Response> {
 
 async function requireSession(request: Request): Promise<Session> {
   requireCsrf(request);
-  const { session, stale, replaced } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (!session) throw replaced ? errors.sessionReplaced() : errors.unauthenticated(stale);
+  const { session, stale, replaced, endedBy } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!session) throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
   return session;
 }
 
@@ -319,7 +324,7 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   const target = (await listUserSessions(current)).find((entry) => entry.handle === handle);
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
   const session = target.current ? current : await readSession(target.id);
-  if (session) await endSession(session);
+  if (session) await endSession(session, !target.current);
   const clear: Record<string, string> = target.current ? { 'set-cookie': clearSessionCookieHeader() } : {};
   return jsonResponse(200, { ended: 1 }, clear);
 }
@@ -332,7 +337,7 @@ export async function endOtherSessions(request: Request): Promise<Response> {
     if (entry.current) continue;
     const session = await readSession(entry.id);
     if (session) {
-      await endSession(session);
+      await endSession(session, true);
       ended++;
     }
   }

@@ -227,10 +227,10 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
   // The hot path may use the store's coherent copy; the refresh path re-reads under its lock.
-  const { session, stale, replaced } = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
+  const { session, stale, replaced, endedBy } = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
   if (!session) {
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
-    throw replaced ? errors.sessionReplaced() : errors.unauthenticated(stale);
+    throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
   }
   const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
   void touchSession(current).catch(() => undefined);

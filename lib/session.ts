@@ -69,9 +69,9 @@ export function refreshLockKey(id: string): string {
   return `${getConfig().keyPrefix}refresh-lock:{${id}}`;
 }
 
-/** Left behind for a short while when a new login replaces a session (see replaceSession). */
-function replacedMarkerKey(id: string): string {
-  return `${getConfig().keyPrefix}replaced:{${id}}`;
+/** Left behind for a while when a session is ended for a reason its browser should hear (see EndedBy). */
+function endedMarkerKey(id: string): string {
+  return `${getConfig().keyPrefix}ended:{${id}}`;
 }
 
 /** Present while an upstream 401 may not force another refresh of this session. */
@@ -343,7 +343,16 @@ const SESSION_COPY_MAX_AGE_MS = 1_000;
  * this instance cannot open — written by a newer release or under a key it does not have yet during
  * a rolling deploy: someone else can read it, so it is neither deleted nor its cookie cleared).
  */
-export type SessionMiss = 'gone' | 'replaced' | 'unreadable';
+export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'ended_elsewhere' | 'ended_at_idp';
+
+/**
+ * Why a session was ended by someone other than its browser: a new login in the same browser
+ * (`replaced`), "sign out everywhere else" or ending it from the sessions list on another device
+ * (`elsewhere`), a logout at the IdP (`idp`, back-channel).
+ */
+export type EndedBy = 'replaced' | 'elsewhere' | 'idp';
+
+const MISS_BY_MARKER: Record<string, SessionMiss> = { replaced: 'replaced', elsewhere: 'ended_elsewhere', idp: 'ended_at_idp' };
 
 const loggedUnreadable = state.loggedUnreadable;
 const LOGGED_UNREADABLE_LIMIT = 10_000;
@@ -369,8 +378,8 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
     coherentCopy && store.getCoherent ? store.getCoherent(sessionKey(id), SESSION_COPY_MAX_AGE_MS) : store.get(sessionKey(id)),
   );
   if (raw === null) {
-    const replaced = await storeCall(() => store.get(replacedMarkerKey(id)));
-    return { session: null, miss: replaced === null ? 'gone' : 'replaced' };
+    const marker = await storeCall(() => store.get(endedMarkerKey(id)));
+    return { session: null, miss: marker !== null && Object.hasOwn(MISS_BY_MARKER, marker) ? (MISS_BY_MARKER[marker] as SessionMiss) : 'gone' };
   }
   const record = parseRecord(raw);
   if (!record) {
@@ -463,11 +472,19 @@ export async function updateSessionTokens(session: Session, secrets: SessionSecr
  * clears the cookie by name — by then, the new session's cookie).
  */
 export const REPLACED_SESSION_MARKER_MS = 60_000;
+/** Long enough for a tab left open to hear why it was signed out when it next asks. */
+const ENDED_ELSEWHERE_MARKER_MS = 60 * 60 * 1000;
 
 /** Ends a session that a new login in the same browser replaces: at once, leaving only a marker. */
 export async function replaceSession(session: Session): Promise<void> {
-  await storeCall(() => getStore().set(replacedMarkerKey(session.id), '1', { ttlMs: REPLACED_SESSION_MARKER_MS }));
-  await destroySession(session.id, session.record);
+  await endSessionBecause(session.id, session.record, 'replaced');
+}
+
+/** Deletes the session and leaves a marker saying why, for its browser's next request. */
+export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: EndedBy): Promise<void> {
+  const ttlMs = why === 'replaced' ? REPLACED_SESSION_MARKER_MS : ENDED_ELSEWHERE_MARKER_MS;
+  await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs }));
+  await destroySession(id, record);
 }
 
 async function removeFromIndexes(id: string, record: SessionRecord): Promise<void> {
@@ -536,7 +553,7 @@ export async function destroySessionsFor(target: { sub?: string; idpSid?: string
     // With both claims present, a session must match both (the spec's sid is scoped to the sub).
     if (record && target.sub && record.sub !== target.sub) continue;
     if (record) ended++;
-    await destroySession(id, record ?? undefined);
+    await endSessionBecause(id, record ?? undefined, 'idp');
     await storeCall(() => getStore().indexRemove(indexKey, id));
   }
   return ended;
@@ -554,6 +571,8 @@ export interface CookieSession {
   stale: boolean;
   /** The session was replaced by a new login in this browser moments ago: leave the cookie alone. */
   replaced: boolean;
+  /** The session was ended from another device or at the IdP: the browser should hear why. */
+  endedBy?: 'elsewhere' | 'idp';
 }
 
 /** The session a request's cookie leads to, and what to do about the cookie when there is none. */
@@ -563,7 +582,8 @@ export async function sessionFromCookieHeader(cookieHeader: string | null | unde
   const unsealed = await unsealCookieValue(value);
   if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false };
   const loaded = await loadSession(unsealed.id, { coherentCopy });
-  return { session: loaded.session, stale: loaded.miss === 'gone', replaced: loaded.miss === 'replaced' };
+  const endedBy = loaded.miss === 'ended_elsewhere' ? 'elsewhere' : loaded.miss === 'ended_at_idp' ? 'idp' : undefined;
+  return { session: loaded.session, stale: loaded.miss === 'gone' || endedBy !== undefined, replaced: loaded.miss === 'replaced', ...(endedBy ? { endedBy } : {}) };
 }
 
 // ---------------------------------------------------------------------------------------------

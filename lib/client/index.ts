@@ -5,7 +5,8 @@
  */
 
 export type SessionInfo =
-  | { authenticated: false }
+  /** `endedBy`: the session was ended from another device or at the identity provider. */
+  | { authenticated: false; endedBy?: 'elsewhere' | 'idp' }
   | { authenticated: true; user: Record<string, unknown> & { sub: string }; expiresAt: number; logoutUrl: string };
 
 /** The codes Gatehouse answers with (an upstream API's own errors come back as `upstream_<status>`). */
@@ -78,7 +79,8 @@ export async function bffFetch(input: string, init: RequestInit = {}): Promise<R
   const body = (await response.json().catch(() => ({}))) as { message?: unknown };
   if (code === 'session_expired' || code === 'unauthenticated') {
     if (typeof window !== 'undefined') {
-      window.dispatchEvent(new CustomEvent(SESSION_ENDED_EVENT, { detail: { code } }));
+      // The message says why (e.g. "You were signed out from another device."), for the page to show.
+      window.dispatchEvent(new CustomEvent(SESSION_ENDED_EVENT, { detail: { code, message: typeof body.message === 'string' ? body.message : undefined } }));
       if (settings.redirectToLoginOnSessionEnd) login(currentLocation());
     }
   }

@@ -13,22 +13,29 @@ export interface UseSessionResult {
   user: (Record<string, unknown> & { sub: string }) | null;
   expiresAt: number | null;
   logoutUrl: string | null;
+  /** Why this page's session ended, when it ended while the page was open (for the user to read). */
+  signedOutReason: string | null;
   refresh: () => Promise<void>;
 }
 
 type Snapshot = Omit<UseSessionResult, 'refresh'>;
 
-const LOADING: Snapshot = { status: 'loading', user: null, expiresAt: null, logoutUrl: null };
+const LOADING: Snapshot = { status: 'loading', user: null, expiresAt: null, logoutUrl: null, signedOutReason: null };
+const ENDED_BY_TEXT = { elsewhere: 'You were signed out from another device.', idp: 'You signed out at the identity provider.' } as const;
 let snapshot: Snapshot = LOADING;
 let inFlight: Promise<void> | null = null;
 let loadedOnce = false;
 const listeners = new Set<() => void>();
 
 function toSnapshot(info: SessionInfo): Snapshot {
-  return info.authenticated
-    ? { status: 'authenticated', user: info.user, expiresAt: info.expiresAt, logoutUrl: info.logoutUrl }
-    : { status: 'unauthenticated', user: null, expiresAt: null, logoutUrl: null };
+  if (info.authenticated) return { status: 'authenticated', user: info.user, expiresAt: info.expiresAt, logoutUrl: info.logoutUrl, signedOutReason: null };
+  // A session that was signed in a moment ago keeps the reason a failed call already gave.
+  const reason = info.endedBy ? ENDED_BY_TEXT[info.endedBy] : snapshot.status === 'authenticated' ? pendingReason : snapshot.signedOutReason;
+  return { status: 'unauthenticated', user: null, expiresAt: null, logoutUrl: null, signedOutReason: reason ?? null };
 }
+
+/** The reason carried by the last session-ended event, until the refetch it triggers lands. */
+let pendingReason: string | null = null;
 
 function publish(next: Snapshot): void {
   snapshot = next;
@@ -51,7 +58,10 @@ export function refreshSession(): Promise<void> {
   return inFlight;
 }
 
-const onWindowEvent = () => void refreshSession();
+const onWindowEvent = (event: Event) => {
+  if (event.type === SESSION_ENDED_EVENT) pendingReason = (event as CustomEvent<{ message?: string }>).detail?.message ?? null;
+  void refreshSession();
+};
 
 function subscribe(listener: () => void): () => void {
   listeners.add(listener);
@@ -84,4 +94,5 @@ export function resetSessionStateForTests(): void {
   snapshot = LOADING;
   inFlight = null;
   loadedOnce = false;
+  pendingReason = null;
 }

@@ -202,7 +202,7 @@ describe('a Gatehouse stack on the cluster', () => {
     expect(logout.status).toBe(200);
 
     const session = await call(app, '/api/auth/session', cookie);
-    expect({ status: session.status, body: session.body }).toEqual({ status: 200, body: { authenticated: false } });
+    expect({ status: session.status, body: session.body }).toEqual({ status: 200, body: { authenticated: false, endedBy: 'idp' } });
     expect(await waitFor('the session key to be gone', async () => ((await probe.exists(sessionKey)) === 0 ? true : undefined), 2_000)).toBe(true);
     const proxied = await call(app, WHOAMI, cookie);
     expect(proxied.status).toBe(401);

@@ -78,8 +78,12 @@ describe('back-channel logout', () => {
     await confirmDevIdpLogout({ endSessionUrl: endSession, jars: session.jars });
     // oidc-provider delivers the logout token before it answers the logout form.
     const after = await fetch(`${app}/api/auth/session`, { headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
-    expect(await after.json()).toEqual({ authenticated: false });
+    // The page hears why: it was signed out at the IdP.
+    expect(await after.json()).toEqual({ authenticated: false, endedBy: 'idp' });
     expect(after.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+    const proxied = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
+    expect(proxied.status).toBe(401);
+    expect(await proxied.json()).toEqual({ error: 'session_expired', message: 'You signed out at the identity provider.' });
   });
 
   it('refuses forged tokens with 400 invalid_request and deletes nothing', async () => {
@@ -260,14 +264,17 @@ describe("a user's sessions", () => {
 
     const ended = await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: headers(laptop.rpCookies) });
     expect(await ended.json()).toEqual({ ended: 1 });
-    expect((await sessionOf(phone.rpCookies)).authenticated).toBe(false);
+    // The phone hears why on its next look, and its next API call says so too.
+    expect(await sessionOf(phone.rpCookies)).toEqual({ authenticated: false, endedBy: 'elsewhere' });
+    const phoneCall = await fetch(`${app}/api/proxy/demo/whoami`, { headers: headers(phone.rpCookies) });
+    expect(await phoneCall.json()).toEqual({ error: 'session_expired', message: 'You were signed out from another device.' });
     expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(true);
 
     const third = await login('two-browsers');
     const again = (await (await fetch(`${app}/api/auth/sessions`, { headers: headers(laptop.rpCookies) })).json()) as { sessions: Array<{ handle: string; current: boolean }> };
     const thirdHandle = again.sessions.find((entry) => !entry.current)!.handle;
     expect((await fetch(`${app}/api/auth/sessions/${thirdHandle}`, { method: 'DELETE', headers: headers(laptop.rpCookies) })).status).toBe(200);
-    expect((await sessionOf(third.rpCookies)).authenticated).toBe(false);
+    expect(await sessionOf(third.rpCookies)).toEqual({ authenticated: false, endedBy: 'elsewhere' });
   });
 });
 

@@ -137,4 +137,38 @@ describe('useSession', () => {
     expect(fetchMock).toHaveBeenCalledTimes(4);
     act(() => root.unmount());
   });
+
+  it('says why the session ended: from the failed call that found out, or from the session endpoint', async () => {
+    function Reason() {
+      const session = useSession();
+      return <span>{session.status === 'unauthenticated' ? `out: ${session.signedOutReason ?? 'no reason'}` : session.status}</span>;
+    }
+    let answer: unknown = { authenticated: true, user: { sub: 'alice' }, expiresAt: 1, logoutUrl: '/x' };
+    fetchMock.mockImplementation(async (input) =>
+      String(input).startsWith('/api/proxy/')
+        ? json(401, { error: 'session_expired', message: 'You were signed out from another device.' }, { 'x-gatehouse-error': 'session_expired' })
+        : json(200, answer),
+    );
+    const container = document.createElement('div');
+    document.body.append(container);
+    const root = createRoot(container);
+    await act(async () => root.render(<Reason />));
+    await vi.waitFor(() => expect(container.textContent).toBe('authenticated'));
+
+    // A call finds the session ended; the refetch only says "not signed in" (its cookie was cleared).
+    answer = { authenticated: false };
+    await act(async () => {
+      await expect(api('demo').get('x')).rejects.toMatchObject({ code: 'session_expired' });
+    });
+    await vi.waitFor(() => expect(container.textContent).toBe('out: You were signed out from another device.'));
+
+    // The session endpoint's own word, for a page that was idle (focus) rather than calling.
+    resetSessionStateForTests();
+    answer = { authenticated: false, endedBy: 'idp' };
+    await act(async () => {
+      await refreshSession();
+    });
+    await vi.waitFor(() => expect(container.textContent).toBe('out: You signed out at the identity provider.'));
+    act(() => root.unmount());
+  });
 });
