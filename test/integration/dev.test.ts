@@ -1,5 +1,8 @@
+import { rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { freePort, startProcess, type RunningProcess } from '../../e2e/support/stack.ts';
+import { ROOT, freePort, startProcess, type RunningProcess } from '../../e2e/support/stack.ts';
 import { call, login } from '../support/http-client.ts';
 
 /**
@@ -30,4 +33,39 @@ describe('npm run dev', () => {
     expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'dev-user' } } });
     expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'dev-user', aud: `http://localhost:${apiPort}` } });
   }, 180_000);
+
+  it('a busy dev IdP port ends the command with the variable that moves it, not a stack trace', async () => {
+    const blocker = createServer();
+    const [busy, appPort, apiPort] = await Promise.all([freePort(), freePort(), freePort()]);
+    await new Promise<void>((resolve) => blocker.listen(busy, resolve));
+    try {
+      const exit = await startProcess('npm-run-dev-busy', ['scripts/dev.ts'], { OIDC_ISSUER: '', BFF_APIS: '', NODE_ENV: '', PORT: String(appPort), IDP_PORT: String(busy), DEMO_API_PORT: String(apiPort) }, () => false, 30_000).then(
+        () => 'started',
+        (error: Error) => error.message,
+      );
+      expect(exit).toContain('exited early (code 1');
+      expect(exit).toContain(`port ${busy} for the development IdP is in use`);
+      expect(exit).toContain('IDP_PORT');
+      expect(exit).not.toMatch(/\n\s+at /);
+    } finally {
+      blocker.close();
+    }
+  });
+
+  it('reads OIDC_ISSUER from .env.local like Next, says it uses that IdP, and starts no dev IdP', async () => {
+    const file = path.join(ROOT, '.env.local');
+    writeFileSync(file, 'OIDC_ISSUER=https://idp.example.com/realms/main\nOIDC_CLIENT_ID=from-dotenv\nOIDC_CLIENT_SECRET=from-dotenv-secret\n');
+    const [appPort, idpPort, apiPort] = await Promise.all([freePort(), freePort(), freePort()]);
+    let started: RunningProcess | undefined;
+    try {
+      // undefined drops a variable from the child's environment (an empty one would count as set and win over the file).
+      started = await startProcess('npm-run-dev-own-idp', ['scripts/dev.ts'], { OIDC_ISSUER: undefined as unknown as string, NODE_ENV: '', PORT: String(appPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /IdP: .*\n/, 30_000);
+      expect(started.output()).toContain('IdP:            https://idp.example.com/realms/main — your own (OIDC_ISSUER from the environment or .env.local)');
+      // Nothing listens where the dev IdP would have.
+      await expect(fetch(`http://127.0.0.1:${idpPort}/.well-known/openid-configuration`)).rejects.toThrow();
+    } finally {
+      rmSync(file, { force: true });
+      await started?.stop();
+    }
+  });
 });
