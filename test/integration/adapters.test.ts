@@ -162,6 +162,8 @@ beforeAll(async () => {
   const apisWith = (upstream: ScriptedUpstream) => ({ apiUrl }: { apiUrl: string }) => ({
     demo: { url: apiUrl },
     public: { url: `${apiUrl}/public`, auth: 'user-optional' },
+    // Above Next's 10 MiB middleware buffer, which is also the default maxBodyBytes.
+    big: { url: apiUrl, maxBodyBytes: 64 * 1024 * 1024 },
     scripted: { url: upstream.url, auth: 'none' },
     // Needs the BFF's own token from the IdP first: a request can wait there, before anything goes upstream.
     clientprobe: { url: upstream.url, auth: 'client' },
@@ -450,6 +452,41 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
       const told = res?.get('content-encoding');
       const decoded = told ? decode(told, res!.bytes) : res!.bytes;
       expect(decoded.toString('utf8'), `${target.name} (told ${told ?? 'identity'})`).toBe(ENCODED_JSON);
+    }
+  });
+
+  it('a chunked 12 MiB upload reaches the upstream whole through both (no framework buffer cuts it)', async () => {
+    const total = 12 * 1024 * 1024;
+    for (const target of [fast, next]) {
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        pull(controller) {
+          if (sent >= total) return controller.close();
+          const size = Math.min(64 * 1024, total - sent);
+          sent += size;
+          controller.enqueue(new Uint8Array(size));
+        },
+      });
+      const res = await fetch(`http://${target.host}/api/proxy/big/upload`, { method: 'POST', headers: { 'x-csrf': '1', cookie: target.cookie, 'content-type': 'application/octet-stream' }, body, duplex: 'half' } as RequestInit);
+      expect({ status: res.status, body: await res.json() }, target.name).toEqual({ status: 200, body: { bytes: total } });
+    }
+  });
+
+  it('server-sent events arrive one by one through both, not all at the end', async () => {
+    for (const target of [fast, next]) {
+      const res = await fetch(`http://${target.host}/api/proxy/demo/events?count=4&intervalMs=300`, { headers: { 'x-csrf': '1', cookie: target.cookie, accept: 'text/event-stream' } });
+      expect(res.headers.get('content-type'), target.name).toMatch(/^text\/event-stream/);
+      const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+      const arrivals: number[] = [];
+      let text = '';
+      for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) {
+        const before = (text.match(/\n\n/g) ?? []).length;
+        text += chunk.value;
+        for (let i = before; i < (text.match(/\n\n/g) ?? []).length; i++) arrivals.push(performance.now());
+      }
+      expect(arrivals, target.name).toHaveLength(4);
+      // Three intervals of 300 ms between the first and the last: a buffering adapter would deliver them together.
+      expect((arrivals[3] as number) - (arrivals[0] as number), target.name).toBeGreaterThan(600);
     }
   });
 
