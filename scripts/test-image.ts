@@ -72,6 +72,9 @@ function ensureBaseImage(): void {
   }
 }
 
+const HEALTH_POLL_MS = 250;
+
+/** Polls /api/health until it answers 200 (the container's start takes seconds), bounded by `timeoutMs`. */
 async function waitForHealth(url: string, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let last = 'no answer';
@@ -83,7 +86,7 @@ async function waitForHealth(url: string, timeoutMs: number): Promise<void> {
     } catch (error) {
       last = error instanceof Error ? error.message : String(error);
     }
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    await new Promise((resolve) => setTimeout(resolve, HEALTH_POLL_MS));
   }
   throw new Error(`the container did not become healthy within ${timeoutMs} ms (last: ${last})`);
 }
