@@ -8,6 +8,12 @@ const nextConfig = {
   reactStrictMode: true,
   // Packages with native or dynamic requires stay outside the server bundle.
   serverExternalPackages: ['ioredis'],
+  // SPA_DIR (a built SPA served on this origin): known at build time here, because Next compiles
+  // rewrites into the build. Everything outside /api and /_next goes to the SPA route handler.
+  async rewrites() {
+    if (!process.env.SPA_DIR) return [];
+    return { beforeFiles: [{ source: '/:path((?!api/|api$|_next/).*)', destination: '/api/spa/:path' }] };
+  },
   async headers() {
     return [
       {

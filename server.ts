@@ -10,6 +10,7 @@ import { GatehouseError, errorBody } from './lib/errors.ts';
 import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
+import { serveSpa } from './lib/spa.ts';
 
 /**
  * `npm start` on Node hosts. /api/proxy/* goes straight to the proxy core — Next's per-request
@@ -59,6 +60,7 @@ if (checked.problems.length || !checked.config) {
   process.exit(1);
 }
 const { port, hostname, workers: workerCount, drainMs } = checked.config.server;
+const { spa } = checked.config;
 if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { files: envFiles.map((file) => file.path) });
 
 /** A worker that cannot start tells the primary why, instead of being respawned into the same failure. */
@@ -131,6 +133,16 @@ async function serve(): Promise<void> {
     }
     if (request.method === 'TRACE') {
       response.writeHead(405, { ...jsonHeaders(), 'x-gatehouse-error': 'method_not_allowed', allow: PROXY_METHODS.join(', ') }).end(methodNotAllowed);
+      return;
+    }
+    if (spa) {
+      // The SPA's files and routes first; what it does not serve (Gatehouse's API, Next's assets) goes to Next.
+      serveSpa(request.method ?? 'GET', request.url ?? '/', spa.dir, spa.contentSecurityPolicy)
+        .then((answer) => (answer ? writeNodeResponse(answer, response) : handleWithNext(request, response)))
+        .catch((error: unknown) => {
+          log('error', 'spa.failed', describeCause(error));
+          response.destroy();
+        });
       return;
     }
     void handleWithNext(request, response);

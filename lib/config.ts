@@ -1,4 +1,6 @@
+import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
+import path from 'node:path';
 import { z } from 'zod';
 
 /**
@@ -47,6 +49,8 @@ export interface Config {
   apis: Record<string, ApiConfig>;
   /** Reverse proxies in front of Gatehouse whose X-Forwarded-For entries are believed (the last N). */
   trustedProxyHops: number;
+  /** A built SPA served on this origin (absolute path), with the CSP for its pages. */
+  spa: { dir: string; contentSecurityPolicy: string | undefined } | undefined;
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   /** For `npm start` (server.ts) only. */
   server: { port: number; hostname: string; workers: number; drainMs: number };
@@ -196,6 +200,8 @@ const envSchema = z.object({
   REDIS_KEY_PREFIX: z.string().regex(/^[A-Za-z0-9:_-]{1,64}$/).default('gatehouse:'),
   BFF_APIS: apisSchema,
   TRUSTED_PROXY_HOPS: z.coerce.number().int().min(0).max(16).default(0),
+  SPA_DIR: z.string().trim().min(1).optional(),
+  SPA_CONTENT_SECURITY_POLICY: z.string().trim().min(1).optional(),
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),
   PORT: z.coerce.number().int().min(0).max(65_535).default(3000),
   HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),
@@ -244,6 +250,9 @@ function crossCheck(env: Partial<Env>): string[] {
     problems.push(
       'REDIS_URL: a session store is required in production (set REDIS_URL, or UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN; SESSION_STORE=memory only for a single-instance trial)',
     );
+  }
+  if (env.SPA_DIR && !existsSync(path.join(path.resolve(env.SPA_DIR), 'index.html'))) {
+    problems.push(`SPA_DIR: no index.html in ${path.resolve(env.SPA_DIR)} (point it at the SPA's build output)`);
   }
   for (const [name, api] of Object.entries(env.BFF_APIS ?? {})) {
     if (api.auth === 'client' && env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
@@ -324,6 +333,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,
+    spa: env.SPA_DIR ? { dir: path.resolve(env.SPA_DIR), contentSecurityPolicy: env.SPA_CONTENT_SECURITY_POLICY } : undefined,
     logLevel: env.LOG_LEVEL,
     server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
   };

@@ -1,3 +1,6 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, parseConfig } from '../../lib/config.ts';
 
@@ -54,6 +57,18 @@ describe('configuration', () => {
     const named = problems.map((problem) => problem.slice(0, problem.indexOf(':')));
     expect(named).toEqual(expect.arrayContaining(['SESSION_SECRET', 'APP_BASE_URL', 'OIDC_CLIENT_SECRET', 'SESSION_IDLE_TIMEOUT', 'REDIS_URL']));
     expect(problems.join('\n')).toContain('OIDC_CLIENT_SECRET: is required when OIDC_CLIENT_AUTH=client_secret_basic');
+  });
+
+  it('names an SPA_DIR without an index.html, and takes one that has it', () => {
+    const problems = problemsOf({ ...valid, SPA_DIR: '/nonexistent/spa/dist' });
+    expect(problems).toEqual([expect.stringMatching(/^SPA_DIR: no index\.html in \/nonexistent\/spa\/dist/)]);
+    const dir = mkdtempSync(path.join(tmpdir(), 'spa-'));
+    writeFileSync(path.join(dir, 'index.html'), '<!doctype html>');
+    try {
+      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self'" }).spa).toEqual({ dir, contentSecurityPolicy: "default-src 'self'" });
+    } finally {
+      rmSync(dir, { recursive: true });
+    }
   });
 
   it('takes extra authorization parameters, but never the ones that carry the flow', () => {

@@ -1,0 +1,87 @@
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loginThroughRp } from '../../e2e/support/headless-login.ts';
+import { ROOT, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { rawRequest } from '../support/raw-http.ts';
+
+/**
+ * SPA_DIR: a built SPA served on Gatehouse's own origin, on both server shapes. `next start` needs
+ * SPA_DIR at build time (Next compiles rewrites into the build), so it gets a build of its own.
+ */
+
+const spaDir = mkdtempSync(path.join(tmpdir(), 'gatehouse-spa-'));
+const INDEX = '<!doctype html><html><head><title>My SPA</title><script type="module" src="/assets/app-Ab12Cd34.js"></script></head><body><div id="root"></div></body></html>';
+const APP_JS = 'console.log("the SPA");';
+const SPA_DIST_DIR = '.next-spa';
+
+mkdirSync(path.join(spaDir, 'assets'));
+writeFileSync(path.join(spaDir, 'index.html'), INDEX);
+writeFileSync(path.join(spaDir, 'assets', 'app-Ab12Cd34.js'), APP_JS);
+writeFileSync(path.join(spaDir, 'robots.txt'), 'User-agent: *\n');
+
+const stacks: Stack[] = [];
+afterAll(async () => {
+  await Promise.all(stacks.map((stack) => stack.stop()));
+  rmSync(spaDir, { recursive: true, force: true });
+});
+
+describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
+  let app: string;
+  beforeAll(async () => {
+    if (shape === 'next') {
+      const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, SPA_DIR: spaDir, NEXT_DIST_DIR: SPA_DIST_DIR } });
+      expect(build.status, `${build.stdout}${build.stderr}`).toBe(0);
+    }
+    const stack = await startStack({ server: shape, workers: 1, env: { SPA_DIR: spaDir, ...(shape === 'next' ? { NEXT_DIST_DIR: SPA_DIST_DIR } : {}) } });
+    stacks.push(stack);
+    app = stack.apps[0]!.url;
+  }, 240_000);
+
+  const get = (pathname: string, accept = 'text/html') => fetch(`${app}${pathname}`, { headers: { accept }, redirect: 'manual' });
+
+  it('serves index.html for / and for any route of the SPA, never cached, with a Content-Security-Policy', async () => {
+    for (const pathname of ['/', '/orders/42', '/deep/link?tab=2']) {
+      const res = await get(pathname);
+      expect(res.status, pathname).toBe(200);
+      expect(res.headers.get('content-type'), pathname).toBe('text/html; charset=utf-8');
+      expect(res.headers.get('cache-control'), pathname).toBe('no-cache');
+      expect(res.headers.get('content-security-policy'), pathname).toContain("frame-ancestors 'none'");
+      expect(res.headers.get('x-content-type-options'), pathname).toBe('nosniff');
+      expect(await res.text(), pathname).toBe(INDEX);
+    }
+  });
+
+  it('serves hashed assets for good, other files revalidated, each with its type; a missing file is a 404', async () => {
+    const js = await get('/assets/app-Ab12Cd34.js', '*/*');
+    expect(js.status).toBe(200);
+    expect(js.headers.get('content-type')).toBe('text/javascript; charset=utf-8');
+    expect(js.headers.get('cache-control')).toBe('public, max-age=31536000, immutable');
+    expect(await js.text()).toBe(APP_JS);
+    const robots = await get('/robots.txt', '*/*');
+    expect(robots.headers.get('content-type')).toBe('text/plain; charset=utf-8');
+    expect(robots.headers.get('cache-control')).toBe('no-cache');
+    expect((await get('/assets/missing-Zz99Yy88.js', '*/*')).status).toBe(404);
+  });
+
+  it('never serves a file outside SPA_DIR, however the path is spelled', async () => {
+    const port = Number(new URL(app).port);
+    for (const target of ['/../../../../etc/passwd', '/%2e%2e/%2e%2e/%2e%2e/etc/passwd', '/..%2f..%2f..%2fetc%2fpasswd', '/assets/..%5c..%5cetc%5cpasswd', '/%252e%252e/etc/passwd']) {
+      const res = await rawRequest(port, `GET ${target} HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: text/html\r\nConnection: close\r\n\r\n`);
+      expect(res?.body ?? '', target).not.toContain('root:');
+    }
+  });
+
+  it("leaves Gatehouse's own endpoints alone, and a login lands on the SPA", async () => {
+    const session = await fetch(`${app}/api/auth/session`, { headers: { 'x-csrf': '1' } });
+    expect(await session.json()).toEqual({ authenticated: false });
+    const { finalUrl, rpCookies } = await loginThroughRp({ startUrl: `${app}/api/auth/login?returnTo=%2Forders%2F42`, username: 'spa-user' });
+    expect(finalUrl).toBe(`${app}/orders/42`);
+    const page = await fetch(finalUrl, { headers: { accept: 'text/html', cookie: `gatehouse=${rpCookies.get('gatehouse')}` } });
+    expect(await page.text()).toBe(INDEX);
+    const signedIn = await fetch(`${app}/api/auth/session`, { headers: { 'x-csrf': '1', cookie: `gatehouse=${rpCookies.get('gatehouse')}` } });
+    expect(await signedIn.json()).toMatchObject({ authenticated: true, user: { sub: 'spa-user' } });
+  });
+});
