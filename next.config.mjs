@@ -8,10 +8,11 @@ const nextConfig = {
   reactStrictMode: true,
   // Packages with native or dynamic requires stay outside the server bundle.
   serverExternalPackages: ['ioredis'],
-  // SPA_DIR (a built SPA served on this origin): known at build time here, because Next compiles
-  // rewrites into the build. Everything outside /api and /_next goes to the SPA route handler.
+  // SPA_DIR or SPA_UPSTREAM_URL (a built SPA served on this origin): known at build time here,
+  // because Next compiles rewrites into the build. Everything outside /api and /_next goes to the
+  // SPA route handler, which reads the source at run time.
   async rewrites() {
-    if (!process.env.SPA_DIR) return [];
+    if (!process.env.SPA_DIR && !process.env.SPA_UPSTREAM_URL) return [];
     return { beforeFiles: [{ source: '/:path((?!api/|api$|_next/).*)', destination: '/api/spa/:path' }] };
   },
   async headers() {

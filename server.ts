@@ -10,7 +10,7 @@ import { GatehouseError, errorBody } from './lib/errors.ts';
 import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
-import { serveSpa } from './lib/spa.ts';
+import { serveSpaFrom } from './lib/spa.ts';
 
 /**
  * `npm start` on Node hosts. /api/proxy/* goes straight to the proxy core — Next's per-request
@@ -137,7 +137,11 @@ async function serve(): Promise<void> {
     }
     if (spa) {
       // The SPA's files and routes first; what it does not serve (Gatehouse's API, Next's assets) goes to Next.
-      serveSpa(request.method ?? 'GET', request.url ?? '/', spa.dir, spa.contentSecurityPolicy)
+      const header = (name: string) => {
+        const value = request.headers[name];
+        return Array.isArray(value) ? value.join(', ') : value;
+      };
+      serveSpaFrom(spa, request.method ?? 'GET', request.url ?? '/', header)
         .then((answer) => (answer ? writeNodeResponse(answer, response) : handleWithNext(request, response)))
         .catch((error: unknown) => {
           log('error', 'spa.failed', describeCause(error));

@@ -7,6 +7,10 @@ import { z } from 'zod';
  * The whole configuration, read from the environment once, on first use. Validating at import
  * time would break `next build`, which imports route modules without any secrets present.
  */
+export type SpaSource =
+  | { kind: 'dir'; dir: string; contentSecurityPolicy: string | undefined }
+  | { kind: 'origin'; url: URL; contentSecurityPolicy: string | undefined };
+
 export interface Config {
   production: boolean;
   appBaseUrl: URL;
@@ -49,8 +53,8 @@ export interface Config {
   apis: Record<string, ApiConfig>;
   /** Reverse proxies in front of Gatehouse whose X-Forwarded-For entries are believed (the last N). */
   trustedProxyHops: number;
-  /** A built SPA served on this origin (absolute path), with the CSP for its pages. */
-  spa: { dir: string; contentSecurityPolicy: string | undefined } | undefined;
+  /** A built SPA served on this origin, from a folder or from another origin, with the CSP for its pages. */
+  spa: SpaSource | undefined;
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   /** For `npm start` (server.ts) only. */
   server: { port: number; hostname: string; workers: number; drainMs: number };
@@ -201,6 +205,7 @@ const envSchema = z.object({
   BFF_APIS: apisSchema,
   TRUSTED_PROXY_HOPS: z.coerce.number().int().min(0).max(16).default(0),
   SPA_DIR: z.string().trim().min(1).optional(),
+  SPA_UPSTREAM_URL: endpointUrl.optional(),
   SPA_CONTENT_SECURITY_POLICY: z.string().trim().min(1).optional(),
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),
   PORT: z.coerce.number().int().min(0).max(65_535).default(3000),
@@ -251,6 +256,7 @@ function crossCheck(env: Partial<Env>): string[] {
       'REDIS_URL: a session store is required in production (set REDIS_URL, or UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN; SESSION_STORE=memory only for a single-instance trial)',
     );
   }
+  if (env.SPA_DIR && env.SPA_UPSTREAM_URL) problems.push('SPA_UPSTREAM_URL: set SPA_DIR or SPA_UPSTREAM_URL, not both');
   if (env.SPA_DIR && !existsSync(path.join(path.resolve(env.SPA_DIR), 'index.html'))) {
     problems.push(`SPA_DIR: no index.html in ${path.resolve(env.SPA_DIR)} (point it at the SPA's build output)`);
   }
@@ -333,7 +339,11 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,
-    spa: env.SPA_DIR ? { dir: path.resolve(env.SPA_DIR), contentSecurityPolicy: env.SPA_CONTENT_SECURITY_POLICY } : undefined,
+    spa: env.SPA_DIR
+      ? { kind: 'dir', dir: path.resolve(env.SPA_DIR), contentSecurityPolicy: env.SPA_CONTENT_SECURITY_POLICY }
+      : env.SPA_UPSTREAM_URL
+        ? { kind: 'origin', url: env.SPA_UPSTREAM_URL, contentSecurityPolicy: env.SPA_CONTENT_SECURITY_POLICY }
+        : undefined,
     logLevel: env.LOG_LEVEL,
     server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
   };

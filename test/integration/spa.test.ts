@@ -1,5 +1,7 @@
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -83,5 +85,74 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     expect(await page.text()).toBe(INDEX);
     const signedIn = await fetch(`${app}/api/auth/session`, { headers: { 'x-csrf': '1', cookie: `gatehouse=${rpCookies.get('gatehouse')}` } });
     expect(await signedIn.json()).toMatchObject({ authenticated: true, user: { sub: 'spa-user' } });
+  });
+});
+
+/**
+ * A static host for the same files under /app/ (ETag, Cache-Control, 304s), with a file outside
+ * that base path that must never be reachable through Gatehouse. It records what it was sent.
+ */
+function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; server: Server }> {
+  const seen: IncomingHttpHeaders[] = [];
+  const server = createServer((req, res) => {
+    seen.push(req.headers);
+    const pathname = new URL(req.url ?? '/', 'http://x').pathname;
+    if (pathname === '/secret.txt') return void res.writeHead(200, { 'content-type': 'text/plain' }).end('SECRET');
+    const file = pathname.startsWith('/app/') ? path.join(spaDir, pathname.slice('/app/'.length)) : '';
+    if (!file.startsWith(spaDir) || !existsSync(file) || !file.includes('.')) return void res.writeHead(404).end('not found');
+    const body = readFileSync(file);
+    const etag = `"${createHash('sha256').update(body).digest('hex').slice(0, 16)}"`;
+    const headers = {
+      etag,
+      'cache-control': file.includes('/assets/') ? 'public, max-age=31536000, immutable' : 'no-cache',
+      'content-type': file.endsWith('.html') ? 'text/html; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : 'text/plain',
+      'set-cookie': 'cdn=1; Path=/',
+    };
+    if (req.headers['if-none-match'] === etag) return void res.writeHead(304, headers).end();
+    res.writeHead(200, headers).end(body);
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}/app/`, seen, server })));
+}
+
+describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
+  let app: string;
+  let origin: Awaited<ReturnType<typeof startSpaOrigin>>;
+  beforeAll(async () => {
+    origin = await startSpaOrigin();
+    // next start reuses the build made above: its rewrite only needs "an SPA is configured".
+    const stack = await startStack({ server: shape, workers: 1, env: { SPA_UPSTREAM_URL: origin.url, ...(shape === 'next' ? { NEXT_DIST_DIR: SPA_DIST_DIR } : {}) } });
+    stacks.push(stack);
+    app = stack.apps[0]!.url;
+  }, 120_000);
+  afterAll(() => origin?.server.close());
+
+  it('serves the SPA from its origin on this one: index.html for routes, files as they are, its caching headers kept', async () => {
+    for (const pathname of ['/', '/orders/42']) {
+      const res = await fetch(`${app}${pathname}`, { headers: { accept: 'text/html', cookie: 'gatehouse=secret-cookie' } });
+      expect(res.status, pathname).toBe(200);
+      expect(await res.text(), pathname).toBe(INDEX);
+      expect(res.headers.get('content-security-policy'), pathname).toContain("frame-ancestors 'none'");
+      expect(res.headers.get('cache-control'), pathname).toBe('no-cache');
+      expect(res.headers.get('set-cookie'), pathname).toBeNull();
+    }
+    const js = await fetch(`${app}/assets/app-Ab12Cd34.js`);
+    expect(await js.text()).toBe(APP_JS);
+    expect(js.headers.get('cache-control')).toBe('public, max-age=31536000, immutable');
+    const etag = js.headers.get('etag');
+    expect(etag).toMatch(/^"[0-9a-f]{16}"$/);
+    const again = await fetch(`${app}/assets/app-Ab12Cd34.js`, { headers: { 'if-none-match': etag as string } });
+    expect(again.status).toBe(304);
+    expect((await fetch(`${app}/assets/missing-Zz99Yy88.js`)).status).toBe(404);
+    // The browser's cookie (its session) never reaches the static host.
+    expect(origin.seen.some((headers) => headers.cookie !== undefined || headers.authorization !== undefined)).toBe(false);
+  });
+
+  it('never reaches outside the origin’s base path, however the path is spelled', async () => {
+    const port = Number(new URL(app).port);
+    for (const target of ['/../secret.txt', '/%2e%2e/secret.txt', '/..%2fsecret.txt', '/%252e%252e/secret.txt', '/assets/..%5c..%5csecret.txt']) {
+      const res = await rawRequest(port, `GET ${target} HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: */*\r\nConnection: close\r\n\r\n`);
+      expect(res?.body ?? '', target).not.toContain('SECRET');
+    }
+    expect(origin.seen.length).toBeGreaterThan(0);
   });
 });

@@ -65,10 +65,16 @@ describe('configuration', () => {
     const dir = mkdtempSync(path.join(tmpdir(), 'spa-'));
     writeFileSync(path.join(dir, 'index.html'), '<!doctype html>');
     try {
-      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self'" }).spa).toEqual({ dir, contentSecurityPolicy: "default-src 'self'" });
+      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self'" }).spa).toEqual({ kind: 'dir', dir, contentSecurityPolicy: "default-src 'self'" });
     } finally {
       rmSync(dir, { recursive: true });
     }
+  });
+
+  it('takes SPA_UPSTREAM_URL as an endpoint (https, or http on loopback), and refuses it next to SPA_DIR', () => {
+    expect(parseConfig({ ...valid, SPA_UPSTREAM_URL: 'https://cdn.example.com/app/' }).spa).toMatchObject({ kind: 'origin', url: new URL('https://cdn.example.com/app/') });
+    expect(problemsOf({ ...valid, SPA_UPSTREAM_URL: 'http://cdn.example.com/app/' })).toEqual([expect.stringMatching(/^SPA_UPSTREAM_URL: must be https:\/\//)]);
+    expect(problemsOf({ ...valid, SPA_UPSTREAM_URL: 'https://cdn.example.com/', SPA_DIR: '/nonexistent' })).toContain('SPA_UPSTREAM_URL: set SPA_DIR or SPA_UPSTREAM_URL, not both');
   });
 
   it('takes extra authorization parameters, but never the ones that carry the flow', () => {
