@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { startDemoApi } from './demo-api.ts';
+import { startDevFront } from './dev-front.ts';
 import { DEV_IDP_DEFAULTS, startDevIdp } from './dev-idp.ts';
 
 /**
@@ -66,11 +67,17 @@ const idpLine = usesDevIdp
   : `${issuer} — your own (OIDC_ISSUER${loadedEnvFiles.length ? ` from the environment or ${loadedEnvFiles.map((file) => file.path).join(', ')}` : ''})`;
 console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  IdP:            ${idpLine}\n  APIs:           ${demoApi ? `${demoApi.url} (the demo API)` : 'from BFF_APIS'}\n  sessions:       ${process.env.REDIS_URL ? 'Redis (REDIS_URL)' : 'in memory (gone on restart)'}\n`);
 
-const next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(appPort)], { cwd: root, env, stdio: 'inherit' });
+// SPA_DEV_URL: the SPA's own dev server and Gatehouse on one origin (appPort); next dev moves inside.
+const spaDevUrl = process.env.SPA_DEV_URL ? new URL(process.env.SPA_DEV_URL) : undefined;
+const nextPort = spaDevUrl ? Number(process.env.NEXT_DEV_PORT || appPort + 1) : appPort;
+const front = spaDevUrl ? await orExplain('front server', 'PORT', appPort, () => startDevFront(appPort, new URL(`http://127.0.0.1:${nextPort}`), spaDevUrl)) : undefined;
+if (spaDevUrl) console.log(`  SPA:            ${spaDevUrl.origin} (its dev server, hot reload included), on ${appBaseUrl}; next dev on :${nextPort}\n`);
+
+const next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(nextPort)], { cwd: root, env, stdio: 'inherit' });
 
 const shutdown = async (code: number) => {
   next.kill('SIGTERM');
-  await Promise.allSettled([idp?.close(), demoApi?.close()]);
+  await Promise.allSettled([idp?.close(), demoApi?.close(), front?.close()]);
   process.exit(code);
 };
 next.on('exit', (code) => void shutdown(code ?? 0));

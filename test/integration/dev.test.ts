@@ -1,5 +1,8 @@
 import { rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { createServer as createHttpServer } from 'node:http';
+import { connect, createServer } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ROOT, freePort, startProcess, type RunningProcess } from '../../e2e/support/stack.ts';
@@ -32,6 +35,9 @@ describe('npm run dev', () => {
     const cookie = await login(app, 'dev-user');
     expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'dev-user' } } });
     expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'dev-user', aud: `http://localhost:${apiPort}` } });
+    // Next allows one `next dev` per project folder: stop this one before the next test starts another.
+    await dev.stop();
+    dev = undefined;
   }, 180_000);
 
   it('a busy dev IdP port ends the command with the variable that moves it, not a stack trace', async () => {
@@ -68,4 +74,51 @@ describe('npm run dev', () => {
       await started?.stop();
     }
   });
+
+  it('SPA_DEV_URL: the SPA dev server and Gatehouse on one origin, hot-reload WebSocket included; login lands on the SPA', async () => {
+    // A stand-in for Vite: any page is its index, and its HMR WebSocket echoes what it is sent.
+    const spaDev = createHttpServer((_req, res) => res.writeHead(200, { 'content-type': 'text/html' }).end('<!doctype html><title>SPA dev server</title>'));
+    spaDev.on('upgrade', (_req, socket: Duplex) => {
+      socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
+      socket.pipe(socket);
+    });
+    const spaPort = await freePort();
+    await new Promise<void>((resolve) => spaDev.listen(spaPort, '127.0.0.1', resolve));
+    const [appPort, nextPort, idpPort, apiPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
+    const clean = Object.fromEntries(
+      Object.keys(process.env)
+        .filter((name) => /^(OIDC_|SESSION_|BFF_|REDIS_|UPSTASH_|APP_BASE_URL|TOKEN_|NEXT_DIST_DIR|SPA_)/.test(name))
+        .map((name) => [name, '']),
+    );
+    let running: RunningProcess | undefined;
+    try {
+      running = await startProcess('npm-run-dev-spa', ['scripts/dev.ts'], { ...clean, NODE_ENV: '', SPA_DEV_URL: `http://127.0.0.1:${spaPort}`, PORT: String(appPort), NEXT_DEV_PORT: String(nextPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /Ready in/, 90_000);
+      const app = `http://localhost:${appPort}`;
+      expect(await (await fetch(`${app}/orders/42`)).text()).toContain('SPA dev server');
+      expect(await call(app, '/api/auth/session', undefined)).toMatchObject({ status: 200, body: { authenticated: false } });
+
+      const socket = connect(appPort, '127.0.0.1');
+      socket.write(`GET /vite-hmr HTTP/1.1\r\nHost: localhost:${appPort}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+      const received = await new Promise<string>((resolve, reject) => {
+        let text = '';
+        socket.on('data', (chunk) => {
+          text += chunk.toString('latin1');
+          if (text.includes('\r\n\r\n') && !text.includes('hot-reload-ping')) socket.write('hot-reload-ping');
+          if (text.includes('hot-reload-ping')) resolve(text);
+        });
+        socket.on('error', reject);
+        setTimeout(() => reject(new Error(`no echo through the tunnel: ${text}`)), 10_000).unref();
+      });
+      socket.destroy();
+      expect(received).toMatch(/^HTTP\/1\.1 101 /);
+
+      const { finalUrl, rpCookies } = await loginThroughRp({ startUrl: `${app}/api/auth/login?returnTo=%2Forders%2F42`, username: 'spa-dev-user' });
+      expect(finalUrl).toBe(`${app}/orders/42`);
+      const cookie = `gatehouse=${rpCookies.get('gatehouse')}`;
+      expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'spa-dev-user' } });
+    } finally {
+      await running?.stop();
+      spaDev.close();
+    }
+  }, 240_000);
 });
