@@ -20,6 +20,7 @@ if (process.env.NODE_ENV === 'production') {
 }
 
 const root = path.resolve(import.meta.dirname, '..');
+const NEXT_EXIT_WAIT_MS = 10_000;
 // Read before deciding anything: an OIDC_ISSUER in .env.local means "use my IdP", not the dev one.
 const { loadedEnvFiles } = nextEnv.loadEnvConfig(root, true, { info: () => undefined, error: console.error });
 
@@ -75,8 +76,17 @@ if (spaDevUrl) console.log(`  SPA:            ${spaDevUrl.origin} (its dev serve
 
 const next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(nextPort)], { cwd: root, env, stdio: 'inherit' });
 
+let stopping = false;
 const shutdown = async (code: number) => {
-  next.kill('SIGTERM');
+  if (stopping) return;
+  stopping = true;
+  // Wait for next dev to be gone: it holds a per-folder lock, and one left behind would make the
+  // next `npm run dev` refuse to start.
+  if (next.exitCode === null && next.signalCode === null) {
+    const exited = new Promise((resolve) => next.once('exit', resolve));
+    next.kill('SIGTERM');
+    await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, NEXT_EXIT_WAIT_MS))]);
+  }
   await Promise.allSettled([idp?.close(), demoApi?.close(), front?.close()]);
   process.exit(code);
 };
