@@ -288,7 +288,8 @@ const MAX_RETRY_AFTER_SEC = 600;
 export function parseRetryAfter(value: string | null | undefined, now = Date.now()): number | undefined {
   if (!value) return undefined;
   const trimmed = value.trim();
-  const seconds = /^\d{1,10}$/.test(trimmed) ? Number(trimmed) : Math.ceil((Date.parse(trimmed) - now) / 1000);
+  // delta-seconds, or an IMF-fixdate (RFC 9110 §10.2.3); anything else, Date.parse's guesses included, is unreadable.
+  const seconds = /^\d{1,10}$/.test(trimmed) ? Number(trimmed) : / GMT$/.test(trimmed) ? Math.ceil((Date.parse(trimmed) - now) / 1000) : NaN;
   if (!Number.isFinite(seconds)) return undefined;
   return Math.min(Math.max(seconds, 0), MAX_RETRY_AFTER_SEC);
 }

@@ -48,10 +48,10 @@ const HASHED_ASSET = /[.-][A-Za-z0-9_-]{8,}\.[a-z0-9]+$/;
 export const DEFAULT_SPA_CSP =
   "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'";
 
+/** What index.html adds to the headers every served file carries (nosniff among them). */
 function documentHeaders(csp: string): Array<[string, string]> {
   return [
     ['content-security-policy', csp],
-    ['x-content-type-options', 'nosniff'],
     ['referrer-policy', 'same-origin'],
     ['x-frame-options', 'DENY'],
     ['cross-origin-opener-policy', 'same-origin'],
@@ -97,7 +97,7 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
     ['cache-control', !isDocument && HASHED_ASSET.test(served.file) ? 'public, max-age=31536000, immutable' : 'no-cache'],
     ['x-content-type-options', 'nosniff'],
   ];
-  if (isDocument) headers.push(...documentHeaders(csp).filter(([name]) => name !== 'x-content-type-options'));
+  if (isDocument) headers.push(...documentHeaders(csp));
   return { status: 200, headers, body: method === 'HEAD' ? null : createReadStream(served.file) };
 }
 
@@ -155,7 +155,7 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
     if (typeof value === 'string') headers.push([name, value]);
   }
   headers.push(['x-content-type-options', 'nosniff']);
-  if (String(answer.headers['content-type'] ?? '').startsWith('text/html')) headers.push(...documentHeaders(csp).filter(([name]) => name !== 'x-content-type-options'));
+  if (String(answer.headers['content-type'] ?? '').startsWith('text/html')) headers.push(...documentHeaders(csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;
   if (bodyless) answer.resume();
   return { status, headers, body: bodyless ? null : answer };

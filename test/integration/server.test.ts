@@ -156,6 +156,23 @@ describe('npm start', () => {
   });
 });
 
+describe('npm start crash loops', () => {
+  it('five worker deaths within a minute end the server with the cause instead of respawning for ever', async () => {
+    const looping = await startProcess('crash-loop', ['server.ts'], { ...stack.apps[0]!.env, PORT: String(await freePort()), GATEHOUSE_WORKERS: '2' }, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
+    const primary = looping.child.pid as number;
+    const exited = new Promise<number | null>((resolve) => looping.child.once('exit', (code) => resolve(code)));
+    for (let death = 1; death <= 5 && isAlive(primary); death++) {
+      const [worker] = processTree(primary).filter((pid) => pid !== primary);
+      if (worker === undefined) break;
+      process.kill(worker, 'SIGKILL');
+      // Wait for the replacement (or, after the fifth death, for the primary to give up).
+      await waitFor(`death ${death} to be noticed`, () => ((looping.output().match(/server\.worker_died/g) ?? []).length >= death ? true : undefined), 30_000);
+    }
+    expect(await exited).toBe(1);
+    expect(looping.output()).toContain('Gatehouse cannot start: 5 workers died within 60 s');
+  });
+});
+
 describe('npm start and .env files', () => {
   it('reads them as next start does, and the process environment wins over them', async () => {
     const file = path.join(ROOT, '.env.production.local');

@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { resolveSpaFile, resolveSpaUrl } from '../../lib/spa.ts';
+import { resolveSpaFile, resolveSpaUrl, serveSpaFrom } from '../../lib/spa.ts';
 
 const ROOT = '/srv/spa';
 const PIECES = ['/', '.', '..', '%2e', '%2E', '%2f', '%2F', '%5c', '\\', '%00', '%252e', 'etc', 'passwd', 'assets', 'a.js', ';', '%'];
@@ -44,5 +44,14 @@ describe('resolveSpaUrl (generated paths)', () => {
       }),
       { numRuns: 20_000 },
     );
+  });
+});
+
+describe('serveSpaFrom, remote origin', () => {
+  it('answers 502 with a short page when the SPA origin cannot be reached, never throws', async () => {
+    const answer = await serveSpaFrom({ kind: 'origin', url: new URL('http://127.0.0.1:1/app/'), contentSecurityPolicy: undefined }, 'GET', '/orders/42', () => undefined);
+    expect(answer?.status).toBe(502);
+    expect(answer?.body).toBe('The application could not be loaded. Try again shortly.');
+    expect(answer?.headers).toContainEqual(['cache-control', 'no-store']);
   });
 });
