@@ -1,5 +1,5 @@
 import nextEnv from '@next/env';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { startDemoApi } from './demo-api.ts';
@@ -21,6 +21,39 @@ if (process.env.NODE_ENV === 'production') {
 
 const root = path.resolve(import.meta.dirname, '..');
 const NEXT_EXIT_WAIT_MS = 10_000;
+
+// Stopping is set up before anything starts: a signal that arrived while next dev was being
+// spawned, with no handler yet, killed this process and left next dev running on its own (seen in
+// CI: the orphan kept Next's per-folder lock, and the next `npm run dev` printed "Ready" and exited).
+const closers: Array<() => Promise<void> | undefined> = [];
+let next: ChildProcess | undefined;
+let stopping = false;
+
+/** Signals next dev's whole process group; false once nothing in it is left. */
+function signalNextGroup(signal: NodeJS.Signals | 0): boolean {
+  if (next?.pid === undefined) return false;
+  try {
+    process.kill(-next.pid, signal);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function shutdown(code: number): Promise<void> {
+  if (stopping) return;
+  stopping = true;
+  // Wait for every process of next dev to be gone, even one it forked while being stopped: one
+  // left behind holds the folder's lock and makes the next `npm run dev` refuse to start.
+  signalNextGroup('SIGTERM');
+  const deadline = Date.now() + NEXT_EXIT_WAIT_MS;
+  while (signalNextGroup(0) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+  signalNextGroup('SIGKILL');
+  await Promise.allSettled(closers.map((close) => close()));
+  process.exit(code);
+}
+process.on('SIGINT', () => void shutdown(0));
+process.on('SIGTERM', () => void shutdown(0));
 // Read before deciding anything: an OIDC_ISSUER in .env.local means "use my IdP", not the dev one.
 const { loadedEnvFiles } = nextEnv.loadEnvConfig(root, true, { info: () => undefined, error: console.error });
 
@@ -46,8 +79,10 @@ const demoApiPort = Number(process.env.DEMO_API_PORT || 4001);
 const apiAudiences = [`http://localhost:${demoApiPort}`];
 const idpPort = Number(process.env.IDP_PORT || DEV_IDP_DEFAULTS.port);
 const idp = usesDevIdp ? await orExplain('development IdP', 'IDP_PORT', idpPort, () => startDevIdp({ port: idpPort, appBaseUrl, apiAudiences })) : undefined;
+if (idp) closers.push(() => idp.close());
 const issuer = process.env.OIDC_ISSUER || (idp as { issuer: string }).issuer;
 const demoApi = process.env.BFF_APIS ? undefined : await orExplain('demo API', 'DEMO_API_PORT', demoApiPort, () => startDemoApi({ port: demoApiPort, issuer }));
+if (demoApi) closers.push(() => demoApi.close());
 
 const env: NodeJS.ProcessEnv = {
   ...process.env,
@@ -72,24 +107,12 @@ console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  IdP:            ${idpLine}\n  
 const spaDevUrl = process.env.SPA_DEV_URL ? new URL(process.env.SPA_DEV_URL) : undefined;
 const nextPort = spaDevUrl ? Number(process.env.NEXT_DEV_PORT || appPort + 1) : appPort;
 const front = spaDevUrl ? await orExplain('front server', 'PORT', appPort, () => startDevFront(appPort, new URL(`http://127.0.0.1:${nextPort}`), spaDevUrl)) : undefined;
+if (front) closers.push(() => front.close());
 if (spaDevUrl) console.log(`  SPA:            ${spaDevUrl.origin} (its dev server, hot reload included), on ${appBaseUrl}; next dev on :${nextPort}\n`);
 
-const next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(nextPort)], { cwd: root, env, stdio: 'inherit' });
-
-let stopping = false;
-const shutdown = async (code: number) => {
-  if (stopping) return;
-  stopping = true;
-  // Wait for next dev to be gone: it holds a per-folder lock, and one left behind would make the
-  // next `npm run dev` refuse to start.
-  if (next.exitCode === null && next.signalCode === null) {
-    const exited = new Promise((resolve) => next.once('exit', resolve));
-    next.kill('SIGTERM');
-    await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, NEXT_EXIT_WAIT_MS))]);
-  }
-  await Promise.allSettled([idp?.close(), demoApi?.close(), front?.close()]);
-  process.exit(code);
-};
-next.on('exit', (code) => void shutdown(code ?? 0));
-process.on('SIGINT', () => void shutdown(0));
-process.on('SIGTERM', () => void shutdown(0));
+// Its own process group, so that stopping reaches every process next dev starts. No stdin: a
+// background group reading the terminal would be stopped by it; Ctrl-C reaches us, and we stop the group.
+if (!stopping) {
+  next = spawn(process.execPath, [path.join(root, 'node_modules/next/dist/bin/next'), 'dev', '-p', String(nextPort)], { cwd: root, env, stdio: ['ignore', 'inherit', 'inherit'], detached: true });
+  next.on('exit', (code) => void shutdown(code ?? 0));
+}

@@ -1,10 +1,11 @@
-import { rmSync, writeFileSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import { readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { connect, createServer } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import path from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ROOT, freePort, startProcess, type RunningProcess } from '../../e2e/support/stack.ts';
 import { call, login } from '../support/http-client.ts';
 
@@ -13,10 +14,30 @@ import { call, login } from '../support/http-client.ts';
  * the demo API and the app with the in-memory store, and a user can sign in and call the API.
  */
 
-let dev: RunningProcess | undefined;
-afterAll(async () => {
-  await dev?.stop();
-});
+/**
+ * Every process of one `npm run dev` carries this marker in its environment (children inherit it),
+ * so a test can see whether anything of it outlived the command: a `next dev` left behind keeps
+ * Next's per-folder lock, and the next `npm run dev` then prints "Ready" and exits.
+ */
+function marker(): Record<string, string> {
+  return { GATEHOUSE_TEST_MARK: randomUUID() };
+}
+
+function processesMarked(mark: Record<string, string>): string[] {
+  const wanted = `GATEHOUSE_TEST_MARK=${mark.GATEHOUSE_TEST_MARK}`;
+  const found: string[] = [];
+  for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+    try {
+      if (!readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(wanted)) continue;
+      const command = readFileSync(`/proc/${pid}/cmdline`, 'latin1').replaceAll('\0', ' ');
+      // Next's telemetry upload is detached on purpose, outlives the command by design and holds no lock.
+      if (!command.includes('next/dist/telemetry/detached-flush.js')) found.push(`${pid}: ${command}`);
+    } catch {
+      // Gone while we looked, or not ours to read: either way not a leftover of this command.
+    }
+  }
+  return found;
+}
 
 describe('npm run dev', () => {
   it('needs no configuration: sign in at the embedded IdP and call the demo API', async () => {
@@ -27,17 +48,21 @@ describe('npm run dev', () => {
         .filter((name) => /^(OIDC_|SESSION_|BFF_|REDIS_|UPSTASH_|APP_BASE_URL|TOKEN_|NEXT_DIST_DIR)/.test(name))
         .map((name) => [name, '']),
     );
-    dev = await startProcess('npm-run-dev', ['scripts/dev.ts'], { ...clean, NODE_ENV: '', PORT: String(appPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /Ready in/, 90_000);
-    const app = `http://localhost:${appPort}`;
-    const page = await fetch(app);
-    expect(page.status).toBe(200);
-    expect(await page.text()).toContain('Gatehouse demo');
-    const cookie = await login(app, 'dev-user');
-    expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'dev-user' } } });
-    expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'dev-user', aud: `http://localhost:${apiPort}` } });
-    // Next allows one `next dev` per project folder: stop this one before the next test starts another.
-    await dev.stop();
-    dev = undefined;
+    const mark = marker();
+    // Next allows one `next dev` per project folder: this one must be gone before the next test starts another.
+    const dev = await startProcess('npm-run-dev', ['scripts/dev.ts'], { ...clean, ...mark, NODE_ENV: '', PORT: String(appPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /Ready in/, 90_000);
+    try {
+      const app = `http://localhost:${appPort}`;
+      const page = await fetch(app);
+      expect(page.status).toBe(200);
+      expect(await page.text()).toContain('Gatehouse demo');
+      const cookie = await login(app, 'dev-user');
+      expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'dev-user' } } });
+      expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'dev-user', aud: `http://localhost:${apiPort}` } });
+    } finally {
+      await dev.stop();
+    }
+    expect(processesMarked(mark)).toEqual([]);
   }, 180_000);
 
   it('a busy dev IdP port ends the command with the variable that moves it, not a stack trace', async () => {
@@ -63,17 +88,33 @@ describe('npm run dev', () => {
     writeFileSync(file, 'OIDC_ISSUER=https://idp.example.com/realms/main\nOIDC_CLIENT_ID=from-dotenv\nOIDC_CLIENT_SECRET=from-dotenv-secret\n');
     const [appPort, idpPort, apiPort] = await Promise.all([freePort(), freePort(), freePort()]);
     let started: RunningProcess | undefined;
+    const mark = marker();
     try {
       // undefined drops a variable from the child's environment (an empty one would count as set and win over the file).
-      started = await startProcess('npm-run-dev-own-idp', ['scripts/dev.ts'], { OIDC_ISSUER: undefined as unknown as string, NODE_ENV: '', PORT: String(appPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /IdP: .*\n/, 30_000);
+      started = await startProcess('npm-run-dev-own-idp', ['scripts/dev.ts'], { ...mark, OIDC_ISSUER: undefined as unknown as string, NODE_ENV: '', PORT: String(appPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /IdP: .*\n/, 30_000);
       expect(started.output()).toContain('IdP:            https://idp.example.com/realms/main — your own (OIDC_ISSUER from the environment or .env.local)');
       // Nothing listens where the dev IdP would have.
       await expect(fetch(`http://127.0.0.1:${idpPort}/.well-known/openid-configuration`)).rejects.toThrow();
     } finally {
       rmSync(file, { force: true });
+      // Stopped while next dev is still starting: the moment an orphan is most likely.
       await started?.stop();
     }
+    expect(processesMarked(mark)).toEqual([]);
   });
+
+  it('stopped at any moment of its start, it leaves no process behind', async () => {
+    // A stop that lands while next dev is being spawned is the one that left an orphan holding Next's lock.
+    for (const delayMs of [0, 0, 5, 10, 20, 50, 100, 300]) {
+      const [appPort, apiPort] = await Promise.all([freePort(), freePort()]);
+      const mark = marker();
+      const env = { ...mark, OIDC_ISSUER: 'https://idp.example.com/realms/main', OIDC_CLIENT_ID: 'x', OIDC_CLIENT_SECRET: 'y', NODE_ENV: '', PORT: String(appPort), DEMO_API_PORT: String(apiPort) };
+      const started = await startProcess('npm-run-dev-stopped', ['scripts/dev.ts'], env, /IdP: .*\n/, 30_000);
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+      await started.stop();
+      expect(processesMarked(mark), `stopped ${delayMs} ms after it named the IdP`).toEqual([]);
+    }
+  }, 120_000);
 
   it('SPA_DEV_URL: the SPA dev server and Gatehouse on one origin, hot-reload WebSocket included; login lands on the SPA', async () => {
     // A stand-in for Vite: any page is its index, and its HMR WebSocket echoes what it is sent.
@@ -91,11 +132,13 @@ describe('npm run dev', () => {
         .map((name) => [name, '']),
     );
     let running: RunningProcess | undefined;
+    const mark = marker();
     try {
-      running = await startProcess('npm-run-dev-spa', ['scripts/dev.ts'], { ...clean, NODE_ENV: '', SPA_DEV_URL: `http://127.0.0.1:${spaPort}`, PORT: String(appPort), NEXT_DEV_PORT: String(nextPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /Ready in/, 90_000);
+      running = await startProcess('npm-run-dev-spa', ['scripts/dev.ts'], { ...clean, ...mark, NODE_ENV: '', SPA_DEV_URL: `http://127.0.0.1:${spaPort}`, PORT: String(appPort), NEXT_DEV_PORT: String(nextPort), IDP_PORT: String(idpPort), DEMO_API_PORT: String(apiPort) }, /Ready in/, 90_000);
       const app = `http://localhost:${appPort}`;
       expect(await (await fetch(`${app}/orders/42`)).text()).toContain('SPA dev server');
-      expect(await call(app, '/api/auth/session', undefined)).toMatchObject({ status: 200, body: { authenticated: false } });
+      // "Ready" is printed before next dev takes the folder's lock; say why, should it then exit.
+      expect(await call(app, '/api/auth/session', undefined), running.output()).toMatchObject({ status: 200, body: { authenticated: false } });
 
       const socket = connect(appPort, '127.0.0.1');
       socket.write(`GET /vite-hmr HTTP/1.1\r\nHost: localhost:${appPort}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`);
@@ -120,5 +163,6 @@ describe('npm run dev', () => {
       await running?.stop();
       spaDev.close();
     }
+    expect(processesMarked(mark)).toEqual([]);
   }, 240_000);
 });
