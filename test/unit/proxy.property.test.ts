@@ -127,11 +127,14 @@ function headerSet(listed: string[], prefixes: string[]) {
     .tuple(fc.array(fc.tuple(name, headerValue), { maxLength: 20 }), fc.array(fc.array(name, { maxLength: 4 }), { minLength: 1, maxLength: 2 }), fc.constantFrom(',', ', ', ' ,  '))
     .chain(([headers, connectionLists, separator]) => {
       const connections = connectionLists.map((names): [string, string] => ['Connection', names.join(separator)]);
-      return fc.shuffledSubarray([...headers, ...connections], { minLength: headers.length + connections.length }).map((all) => ({ all, connections }));
+      return fc.shuffledSubarray([...headers, ...connections], { minLength: headers.length + connections.length }).map((all) => ({ all }));
     });
 }
 
-function expectedSurvivors(all: Array<[string, string]>, connections: Array<[string, string]>, denied: string[], prefixes: string[]): Array<[string, string]> {
+function expectedSurvivors(all: Array<[string, string]>, denied: string[], prefixes: string[]): Array<[string, string]> {
+  // Every Connection header counts, also one the name generator happened to spell (CI once drew
+  // `connection: 5`, which rightly removed a header named `5`).
+  const connections = all.filter(([name]) => name.toLowerCase() === 'connection');
   const listed = new Set(connections.flatMap(([, value]) => value.split(',').map((name) => name.trim().toLowerCase())));
   return all
     .map(([name, value]): [string, string] => [name.toLowerCase(), value])
@@ -141,10 +144,10 @@ function expectedSurvivors(all: Array<[string, string]>, connections: Array<[str
 describe('header filtering (generated headers)', () => {
   it('on the way up: nothing denied or hop-by-hop survives, nothing else is dropped, order and values kept', () => {
     fc.assert(
-      fc.property(headerSet(REQUEST_DENIED, REQUEST_DENIED_PREFIXES), ({ all, connections }) => {
+      fc.property(headerSet(REQUEST_DENIED, REQUEST_DENIED_PREFIXES), ({ all }) => {
         // Node joins repeated Connection headers into one value; so do both adapters.
-        const connection = connections.map(([, value]) => value).join(', ');
-        expect(filterRequestHeaders(all, connection)).toEqual(expectedSurvivors(all, connections, REQUEST_DENIED, REQUEST_DENIED_PREFIXES));
+        const connection = all.filter(([name]) => name.toLowerCase() === 'connection').map(([, value]) => value).join(', ');
+        expect(filterRequestHeaders(all, connection)).toEqual(expectedSurvivors(all, REQUEST_DENIED, REQUEST_DENIED_PREFIXES));
       }),
       { numRuns: RUNS },
     );
@@ -152,8 +155,8 @@ describe('header filtering (generated headers)', () => {
 
   it('on the way down: nothing denied or hop-by-hop survives, nothing else is dropped, order and values kept', () => {
     fc.assert(
-      fc.property(headerSet(RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES), ({ all, connections }) => {
-        expect(filterResponseHeaders(all.flat())).toEqual(expectedSurvivors(all, connections, RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES));
+      fc.property(headerSet(RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES), ({ all }) => {
+        expect(filterResponseHeaders(all.flat())).toEqual(expectedSurvivors(all, RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES));
       }),
       { numRuns: RUNS },
     );
