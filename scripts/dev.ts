@@ -78,7 +78,10 @@ const demoApiPort = Number(process.env.DEMO_API_PORT || 4001);
 // The IdP mints access tokens whose audience is the demo API's own URL, which the API checks.
 const apiAudiences = [`http://localhost:${demoApiPort}`];
 const idpPort = Number(process.env.IDP_PORT || DEV_IDP_DEFAULTS.port);
-const idp = usesDevIdp ? await orExplain('development IdP', 'IDP_PORT', idpPort, () => startDevIdp({ port: idpPort, appBaseUrl, apiAudiences })) : undefined;
+// 127.0.0.1 while the app is on localhost: the IdP is on another site, as it is in production, so
+// the SameSite=Strict cookie behaves in the demo as it will for users.
+const devIdpHost = '127.0.0.1';
+const idp = usesDevIdp ? await orExplain('development IdP', 'IDP_PORT', idpPort, () => startDevIdp({ port: idpPort, issuerHost: devIdpHost, appBaseUrl, apiAudiences })) : undefined;
 if (idp) closers.push(() => idp.close());
 const issuer = process.env.OIDC_ISSUER || (idp as { issuer: string }).issuer;
 const demoApi = process.env.BFF_APIS ? undefined : await orExplain('demo API', 'DEMO_API_PORT', demoApiPort, () => startDemoApi({ port: demoApiPort, issuer }));
