@@ -1,3 +1,21 @@
+import path from 'node:path';
+
+/**
+ * SPA_DIR for a build: on Vercel each route handler runs as a function that holds only the files
+ * Next traced for it, so the SPA's files are listed for the SPA route. They must then live inside
+ * the project (built there before `next build`); a folder outside it cannot ship with the function.
+ */
+function spaTracing() {
+  if (!process.env.SPA_DIR) return {};
+  const relative = path.relative(process.cwd(), path.resolve(process.env.SPA_DIR));
+  if (!relative || relative.startsWith('..') || path.isAbsolute(relative)) {
+    console.warn(`SPA_DIR ${process.env.SPA_DIR} is not a folder inside the project: next start on this machine serves it, a Vercel deployment would not contain it.`);
+    return {};
+  }
+  // The key is a glob over route names, so the route's brackets cannot be spelled literally.
+  return { outputFileTracingIncludes: { '/api/spa/**': [`${relative.split(path.sep).join('/')}/**/*`] } };
+}
+
 /** @type {import('next').NextConfig} */
 const nextConfig = {
   // Lets parallel builds (CI legs, benchmarks) keep separate outputs; the default is Next's own.
@@ -8,6 +26,7 @@ const nextConfig = {
   reactStrictMode: true,
   // Packages with native or dynamic requires stay outside the server bundle.
   serverExternalPackages: ['ioredis'],
+  ...spaTracing(),
   // SPA_DIR or SPA_UPSTREAM_URL (a built SPA served on this origin): known at build time here,
   // because Next compiles rewrites into the build. Everything outside /api and /_next goes to the
   // SPA route handler, which reads the source at run time.

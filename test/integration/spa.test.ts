@@ -2,7 +2,6 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
@@ -14,7 +13,9 @@ import { rawRequest } from '../support/raw-http.ts';
  * SPA_DIR at build time (Next compiles rewrites into the build), so it gets a build of its own.
  */
 
-const spaDir = mkdtempSync(path.join(tmpdir(), 'gatehouse-spa-'));
+// Inside the project, where a Vercel build needs it (its files must ship with the function).
+mkdirSync(path.join(ROOT, '.test-tmp'), { recursive: true });
+const spaDir = mkdtempSync(path.join(ROOT, '.test-tmp', 'spa-'));
 const INDEX = '<!doctype html><html><head><title>My SPA</title><script type="module" src="/assets/app-Ab12Cd34.js"></script></head><body><div id="root"></div></body></html>';
 const APP_JS = 'console.log("the SPA");';
 const SPA_DIST_DIR = '.next-spa';
@@ -43,6 +44,14 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
   }, 240_000);
 
   const get = (pathname: string, accept = 'text/html') => fetch(`${app}${pathname}`, { headers: { accept }, redirect: 'manual' });
+
+  if (shape === 'next') {
+    it('the build traces every SPA file into the SPA route (on Vercel the function holds only traced files)', () => {
+      const trace = path.join(ROOT, SPA_DIST_DIR, 'server/app/api/spa/[[...path]]/route.js.nft.json');
+      const traced = new Set((JSON.parse(readFileSync(trace, 'utf8')) as { files: string[] }).files.map((file) => path.resolve(path.dirname(trace), file)));
+      for (const file of ['index.html', 'assets/app-Ab12Cd34.js', 'robots.txt']) expect(traced, file).toContain(path.join(spaDir, file));
+    });
+  }
 
   it('serves index.html for / and for any route of the SPA, never cached, with a Content-Security-Policy', async () => {
     for (const pathname of ['/', '/orders/42', '/deep/link?tab=2']) {
