@@ -2,7 +2,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/', '**/.next*/', 'next-env.d.ts', 'test-results/', 'playwright-report/', 'bench/results/', 'packages/client/dist/'] },
+  { ignores: ['node_modules/', '**/.next*/', 'next-env.d.ts', 'test-results/', 'playwright-report/', 'bench/results/', 'packages/client/dist/', 'examples/*/dist/', '.test-tmp/'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

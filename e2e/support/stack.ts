@@ -31,9 +31,9 @@ export interface RunningProcess {
 }
 
 /** Spawns a process and resolves once a line of its output matches `ready`; rejects if it exits first. */
-export function startProcess(name: string, args: string[], env: Record<string, string>, ready: RegExp | ((output: string) => boolean), timeoutMs = 60_000): Promise<RunningProcess> {
+export function startProcess(name: string, args: string[], env: Record<string, string>, ready: RegExp | ((output: string) => boolean), timeoutMs = 60_000, cwd = ROOT): Promise<RunningProcess> {
   return new Promise((resolve, reject) => {
-    const child = spawn(NODE, args, { cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(NODE, args, { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     let output = '';
     let settled = false;
     const timer = setTimeout(() => fail(new Error(`${name} did not become ready within ${timeoutMs} ms`)), timeoutMs);
