@@ -44,7 +44,8 @@ export interface Config {
     touchIntervalSec: number;
   };
   /** `forcedIntervalSec`: an upstream 401 forces at most one refresh per session this often. */
-  refresh: { skewSec: number; lockLeaseMs: number; forcedIntervalSec: number };
+  /** `waitMs`: how long a call waits for a refresh (its own or another instance's) before a 503. */
+  refresh: { skewSec: number; lockLeaseMs: number; forcedIntervalSec: number; waitMs: number };
   store:
     | { kind: 'memory' }
     | { kind: 'redis'; url: string }
@@ -196,6 +197,7 @@ const envSchema = z.object({
   SESSION_TOUCH_INTERVAL: seconds(60),
   TOKEN_REFRESH_SKEW: z.coerce.number().int().nonnegative().default(30),
   REFRESH_LOCK_LEASE_MS: z.coerce.number().int().positive().default(25_000),
+  REFRESH_WAIT_MS: z.coerce.number().int().positive().max(60_000).default(2_000),
   FORCED_REFRESH_INTERVAL: seconds(60),
   SESSION_STORE: z.enum(['memory', 'redis', 'upstash']).optional(),
   REDIS_URL: z.string().trim().regex(/^rediss?:\/\//, 'must start with redis:// or rediss://').optional(),
@@ -329,7 +331,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       absoluteTimeoutSec: env.SESSION_ABSOLUTE_TIMEOUT,
       touchIntervalSec: Math.min(env.SESSION_TOUCH_INTERVAL, env.SESSION_IDLE_TIMEOUT),
     },
-    refresh: { skewSec: env.TOKEN_REFRESH_SKEW, lockLeaseMs: env.REFRESH_LOCK_LEASE_MS, forcedIntervalSec: env.FORCED_REFRESH_INTERVAL },
+    refresh: { skewSec: env.TOKEN_REFRESH_SKEW, lockLeaseMs: env.REFRESH_LOCK_LEASE_MS, forcedIntervalSec: env.FORCED_REFRESH_INTERVAL, waitMs: env.REFRESH_WAIT_MS },
     store: pickStore(env),
     keyPrefix: env.REDIS_KEY_PREFIX,
     apis: Object.fromEntries(

@@ -62,7 +62,9 @@ export async function getAccessToken(session: Session, request: TokenRequest = {
   if (!session.secrets.refreshToken) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
   if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
-  const refreshed = await refreshOnce(session, request);
+  const refresh = refreshOnce(session, request);
+  finishEvenIfUnanswered(refresh);
+  const refreshed = await answerWithin(refresh, getConfig().refresh.waitMs);
   const token = heldToken(refreshed, request.resource);
   if (!token) throw errors.internal(new Error('refresh stored no token'));
   return { token: token.token, session: refreshed, refreshed: true };
@@ -122,7 +124,7 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest): Pr
   for (;;) {
     const owner = randomUUID();
     const acquired = await storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true }));
-    if (acquired) return answerWithin(refreshHoldingLock(stale, request, owner), getConfig().oidc.timeoutMs);
+    if (acquired) return refreshHoldingLock(stale, request, owner);
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);
     const current = await readSession(stale.id);
@@ -133,17 +135,43 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest): Pr
 }
 
 /**
- * The caller hears "IdP unavailable" after the usual IdP timeout, but the work under the lock runs
- * on until its own deadline. A stalled IdP that answers late still gets its rotated tokens stored;
- * giving up on the request would strand them, and the next refresh would be a replay that makes
- * the IdP revoke the whole grant.
+ * A refresh its caller stopped waiting for must still finish and store its tokens. A Node host's
+ * process lives on; a serverless function (Vercel) is frozen once it has answered unless Next is
+ * told about the work. So the route handler hands over Next's `after` here (importing it in this
+ * file would break `npm start`, whose server.ts loads lib/ outside Next's runtime).
  */
-function answerWithin(grant: Promise<Session>, timeoutMs: number): Promise<Session> {
+let finishAfterResponse: ((work: Promise<unknown>) => void) | undefined;
+
+export function finishRefreshesWith(runner: (work: Promise<unknown>) => void): void {
+  finishAfterResponse = runner;
+}
+
+function finishEvenIfUnanswered(work: Promise<unknown>): void {
+  try {
+    finishAfterResponse?.(
+      work.then(
+        () => undefined,
+        () => undefined,
+      ),
+    );
+  } catch {
+    // Outside a Next request scope: nothing freezes this process.
+  }
+}
+
+/**
+ * A caller waits REFRESH_WAIT_MS for a refresh — its own, one another request of this process
+ * started, or another instance's — then hears "IdP unavailable, retry shortly", while the work
+ * under the lock runs on until its own deadline. A stalled IdP that answers late still gets its
+ * rotated tokens stored (giving up on the grant would strand them, and the next refresh would be a
+ * replay that makes the IdP revoke the whole grant); the caller's retry then finds them.
+ */
+function answerWithin(refresh: Promise<Session>, waitMs: number): Promise<Session> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const deadline = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(errors.idpUnavailable(new Error('refresh still running'))), timeoutMs);
+    timer = setTimeout(() => reject(errors.idpUnavailable(new Error('refresh still running'), Math.ceil(waitMs / 1000))), waitMs);
   });
-  return Promise.race([grant, deadline]).finally(() => clearTimeout(timer));
+  return Promise.race([refresh, deadline]).finally(() => clearTimeout(timer));
 }
 
 /**

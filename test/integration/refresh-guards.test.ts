@@ -36,6 +36,8 @@ beforeAll(async () => {
       OIDC_TIMEOUT_MS: String(OIDC_TIMEOUT_MS),
       REFRESH_LOCK_LEASE_MS: String(LOCK_LEASE_MS),
       FORCED_REFRESH_INTERVAL: String(FORCED_REFRESH_INTERVAL_SEC),
+      // B must be able to wait out A's slow refresh here (refresh-wait.test.ts holds the short default).
+      REFRESH_WAIT_MS: String(LOCK_LEASE_MS + 2 * OIDC_TIMEOUT_MS),
     },
   });
   probe = new RedisProbe(stack.keyPrefix);

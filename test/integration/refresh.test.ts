@@ -128,6 +128,8 @@ beforeAll(async () => {
       TOKEN_REFRESH_SKEW: String(REFRESH_SKEW_SEC),
       OIDC_TIMEOUT_MS: String(OIDC_TIMEOUT_MS),
       REFRESH_LOCK_LEASE_MS: String(LOCK_LEASE_MS),
+      // A caller waits as long as one IdP call may take (refresh-wait.test.ts holds the default).
+      REFRESH_WAIT_MS: String(OIDC_TIMEOUT_MS),
     },
   });
   probe = new RedisProbe(stack.keyPrefix);
@@ -313,13 +315,22 @@ describe('transparent token refresh across two instances', () => {
     } finally {
       process.kill(idpPid, 'SIGCONT');
     }
-    const viaB = await call(appB, WHOAMI, cookieOf(ORPHAN));
+    const firstViaB = await call(appB, WHOAMI, cookieOf(ORPHAN));
 
-    // B waited for the dead owner's lease rather than breaking the lock...
-    expect(viaB.ms).toBeGreaterThanOrEqual(lockTtlAtTakeover - 100);
-    // ...and no longer than the lease plus the waiters' grace (2 s): no request hangs past the bound.
-    expect(viaB.ms).toBeLessThan(LOCK_LEASE_MS + 2_000);
-    expect(Date.now() - lockSeenAt).toBeLessThan(LOCK_LEASE_MS + 3_000);
+    // B never breaks a lock whose lease still runs: while it runs, B's caller hears "retry
+    // shortly" after REFRESH_WAIT_MS (the session kept); a call that got more waited for the
+    // lease to run out. Either way no request hangs past the bound.
+    if (firstViaB.status === 503) {
+      expect(firstViaB.body).toMatchObject({ error: 'idp_unavailable' });
+      expect(clearsSessionCookie(firstViaB.setCookies)).toBe(false);
+    } else {
+      expect(firstViaB.ms).toBeGreaterThanOrEqual(lockTtlAtTakeover - 100);
+    }
+    expect(firstViaB.ms).toBeLessThan(OIDC_TIMEOUT_MS + 1_000);
+    // Once the dead owner's lease has run out, B takes over (the retry an SPA makes after a 503).
+    await waitFor("the dead owner's lease to run out", async () => ((await probe.exists(lockKey)) ? undefined : true), LOCK_LEASE_MS + 1_000, 25);
+    const viaB = firstViaB.status === 503 ? await call(appB, WHOAMI, cookieOf(ORPHAN)) : firstViaB;
+    expect(Date.now() - lockSeenAt).toBeLessThan(LOCK_LEASE_MS + 3_000 + OIDC_TIMEOUT_MS);
     await expectRecoveredUnlessIdpRanTheAbandonedGrant(ORPHAN, before, viaB);
     if (viaB.status === 200) {
       // The refreshed session keeps working on the surviving instance.

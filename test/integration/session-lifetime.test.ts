@@ -33,6 +33,8 @@ beforeAll(async () => {
       TOKEN_REFRESH_SKEW: String(REFRESH_SKEW_SEC),
       OIDC_TIMEOUT_MS: String(OIDC_TIMEOUT_MS),
       REFRESH_LOCK_LEASE_MS: String(OIDC_TIMEOUT_MS + 3_000),
+      // The write-back test needs its caller to see the refresh's own outcome, however slow the machine.
+      REFRESH_WAIT_MS: String(OIDC_TIMEOUT_MS),
     },
   });
   probe = new RedisProbe(stack.keyPrefix);

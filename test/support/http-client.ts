@@ -13,6 +13,7 @@ export interface CallResult {
   /** Parsed JSON when the body is JSON, otherwise the raw text. */
   body: unknown;
   setCookies: string[];
+  headers: Headers;
   ms: number;
 }
 
@@ -36,7 +37,7 @@ export async function call(
       // Keep the text: a broken JSON body is itself worth seeing in a failure message.
     }
   }
-  return { status: res.status, body, setCookies: res.headers.getSetCookie(), ms: performance.now() - started };
+  return { status: res.status, body, setCookies: res.headers.getSetCookie(), headers: res.headers, ms: performance.now() - started };
 }
 
 /** Logs `username` in through Gatehouse and the dev IdP; returns a ready `Cookie` header value. */

@@ -131,6 +131,14 @@ describe('configuration', () => {
     expect(problemsOf({ ...withoutStore, UPSTASH_REDIS_REST_URL: 'https://eu1.upstash.io' })[0]).toMatch(/^UPSTASH_REDIS_REST_TOKEN:/);
   });
 
+  it('bounds how long a call waits for a refresh: 2 s by default, at most a minute', () => {
+    expect(parseConfig(valid).refresh.waitMs).toBe(2_000);
+    expect(parseConfig({ ...valid, REFRESH_WAIT_MS: '500' }).refresh.waitMs).toBe(500);
+    // A timer past 2^31 ms would fire at once: every refresh would answer 503 immediately.
+    expect(problemsOf({ ...valid, REFRESH_WAIT_MS: String(2 ** 31) }).join('\n')).toMatch(/^REFRESH_WAIT_MS: /m);
+    expect(problemsOf({ ...valid, REFRESH_WAIT_MS: '0' }).join('\n')).toMatch(/^REFRESH_WAIT_MS: /m);
+  });
+
   it('checks settings that depend on each other', () => {
     expect(problemsOf({ ...valid, SESSION_IDLE_TIMEOUT: '100', SESSION_ABSOLUTE_TIMEOUT: '50' })[0]).toMatch(/^SESSION_IDLE_TIMEOUT:/);
     expect(problemsOf({ ...valid, OIDC_CLIENT_AUTH: 'private_key_jwt' })[0]).toMatch(/^OIDC_PRIVATE_KEY:/);

@@ -1,5 +1,7 @@
+import { after } from 'next/server';
 import { inboundFromWeb, webResponseFrom } from '../../../../lib/adapters.ts';
 import { forwardRequest } from '../../../../lib/proxy.ts';
+import { finishRefreshesWith } from '../../../../lib/tokens.ts';
 
 // The Vercel / `next start` adapter. On Node hosts `npm start` serves /api/proxy/* from the same
 // core without passing through Next (server.ts).
@@ -10,6 +12,9 @@ export const runtime = 'nodejs';
 // Pro and Enterprise may raise it to 800): a server-sent event stream through the proxy ends
 // there, and the SPA opens it again (README, "Deploying to Vercel").
 export const maxDuration = 300;
+// A refresh the caller stopped waiting for (REFRESH_WAIT_MS) runs on after the response: on
+// Vercel only work handed to after() is not frozen with the function.
+finishRefreshesWith(after);
 
 async function handle(request: Request): Promise<Response> {
   return webResponseFrom(await forwardRequest(inboundFromWeb(request, undefined)));
