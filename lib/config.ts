@@ -1,4 +1,5 @@
-import { existsSync } from 'node:fs';
+import { X509Certificate } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
@@ -48,7 +49,7 @@ export interface Config {
   refresh: { skewSec: number; lockLeaseMs: number; forcedIntervalSec: number; waitMs: number };
   store:
     | { kind: 'memory' }
-    | { kind: 'redis'; url: string }
+    | { kind: 'redis'; url: string; tlsCa?: string }
     | { kind: 'upstash'; url: string; token: string };
   keyPrefix: string;
   apis: Record<string, ApiConfig>;
@@ -201,6 +202,7 @@ const envSchema = z.object({
   FORCED_REFRESH_INTERVAL: seconds(60),
   SESSION_STORE: z.enum(['memory', 'redis', 'upstash']).optional(),
   REDIS_URL: z.string().trim().regex(/^rediss?:\/\//, 'must start with redis:// or rediss://').optional(),
+  REDIS_TLS_CA: z.string().trim().min(1).optional(),
   UPSTASH_REDIS_REST_URL: endpointUrl.optional(),
   UPSTASH_REDIS_REST_TOKEN: z.string().trim().min(1).optional(),
   REDIS_KEY_PREFIX: z.string().regex(/^[A-Za-z0-9:_-]{1,64}$/).default('gatehouse:'),
@@ -252,6 +254,11 @@ function crossCheck(env: Partial<Env>): string[] {
     problems.push(`${env.UPSTASH_REDIS_REST_URL ? 'UPSTASH_REDIS_REST_TOKEN' : 'UPSTASH_REDIS_REST_URL'}: Upstash needs both UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN`);
   }
   if (env.SESSION_STORE === 'redis' && !env.REDIS_URL) problems.push('REDIS_URL: is required when SESSION_STORE=redis');
+  if (env.REDIS_TLS_CA && !env.REDIS_URL?.startsWith('rediss://')) problems.push('REDIS_TLS_CA: only used for TLS, with a rediss:// REDIS_URL');
+  if (env.REDIS_TLS_CA) {
+    const problem = tlsCaProblem(env.REDIS_TLS_CA);
+    if (problem) problems.push(`REDIS_TLS_CA: ${problem}`);
+  }
   if (env.SESSION_STORE === 'upstash' && !hasUpstash) problems.push('UPSTASH_REDIS_REST_URL: is required when SESSION_STORE=upstash');
   if (production && !env.SESSION_STORE && !env.REDIS_URL && !hasUpstash) {
     problems.push(
@@ -270,9 +277,33 @@ function crossCheck(env: Partial<Env>): string[] {
   return problems;
 }
 
+/**
+ * REDIS_TLS_CA holds the certificates themselves (a secret store's usual form, where newlines are
+ * often written as `\n`) or names a PEM file.
+ */
+function tlsCaText(value: string): string {
+  const text = value.includes('-----BEGIN CERTIFICATE-----') ? value.replaceAll('\\n', '\n') : readFileSync(value, 'utf8');
+  return `${text.trim()}\n`;
+}
+
+function tlsCaProblem(value: string): string | undefined {
+  let text: string;
+  try {
+    text = tlsCaText(value);
+  } catch {
+    return `neither PEM certificates nor a readable file (${value.length > 80 ? `${value.slice(0, 80)}…` : value})`;
+  }
+  try {
+    new X509Certificate(text);
+    return undefined;
+  } catch {
+    return 'not a PEM certificate (expected -----BEGIN CERTIFICATE-----)';
+  }
+}
+
 function pickStore(env: Env): Config['store'] {
   const kind = env.SESSION_STORE ?? (env.UPSTASH_REDIS_REST_URL ? 'upstash' : env.REDIS_URL ? 'redis' : 'memory');
-  if (kind === 'redis') return { kind, url: env.REDIS_URL as string };
+  if (kind === 'redis') return { kind, url: env.REDIS_URL as string, ...(env.REDIS_TLS_CA ? { tlsCa: tlsCaText(env.REDIS_TLS_CA) } : {}) };
   if (kind === 'upstash') return { kind, url: (env.UPSTASH_REDIS_REST_URL as URL).href, token: env.UPSTASH_REDIS_REST_TOKEN as string };
   return { kind: 'memory' };
 }

@@ -52,7 +52,8 @@ function run(script: string, env: NodeJS.ProcessEnv): Promise<number> {
 }
 
 /**
- * The suite needs Debian's redis-server and chromium (Playwright cannot download browsers here).
+ * The suite needs Debian's redis-server and chromium (Playwright cannot download browsers here),
+ * and openssl (the TLS Redis test's certificates).
  * As root on Debian, missing ones are installed, so the README's test command works by itself on a
  * fresh machine; anyone else is told exactly what to install.
  */
@@ -61,6 +62,7 @@ function ensureSystemPackages(): void {
   const missing = [
     ...(spawnSync('redis-server', ['--version']).status === 0 ? [] : ['redis-server']),
     ...(existsSync(chromium) ? [] : ['chromium']),
+    ...(spawnSync('openssl', ['version']).status === 0 ? [] : ['openssl']),
   ];
   if (missing.length === 0) return;
   const canInstall = process.getuid?.() === 0 && spawnSync('apt-get', ['--version']).status === 0 && !process.env.CHROMIUM_PATH;

@@ -7,7 +7,7 @@ export type { Store };
 
 export type StoreConfig =
   | { kind: 'memory' }
-  | { kind: 'redis'; url: string }
+  | { kind: 'redis'; url: string; tlsCa?: string }
   | { kind: 'upstash'; url: string; token: string };
 
 export function createStore(config: StoreConfig): Store {
@@ -15,7 +15,7 @@ export function createStore(config: StoreConfig): Store {
     case 'memory':
       return createMemoryStore();
     case 'redis':
-      return createRedisStore(config.url);
+      return createRedisStore(config.url, { tlsCa: config.tlsCa });
     case 'upstash':
       return createUpstashStore(config.url, config.token);
   }

@@ -16,6 +16,8 @@ export interface RedisStoreOptions {
   commandTimeoutMs?: number;
   /** Upper bound for establishing a TCP (and TLS) connection. */
   connectTimeoutMs?: number;
+  /** PEM certificates trusted for rediss:// in place of the system's (a private CA's). */
+  tlsCa?: string;
 }
 
 // ioredis adds methods from defineCommand at run time; this is the shape it adds.
@@ -80,7 +82,7 @@ function execResults(command: string, results: ExecResult): unknown[] {
   });
 }
 
-function clusterNodes(url: string): { nodes: ClusterNode[]; redisOptions: RedisOptions } {
+function clusterNodes(url: string, tlsCa: string | undefined): { nodes: ClusterNode[]; redisOptions: RedisOptions } {
   const parts = url.split(',').map((part) => part.trim()).filter(Boolean);
   const first = new URL(parts[0] ?? '');
   const nodes = parts.map((part) => {
@@ -91,7 +93,7 @@ function clusterNodes(url: string): { nodes: ClusterNode[]; redisOptions: RedisO
   // Every node of one cluster shares credentials and transport, so the first URL speaks for all.
   if (first.username) redisOptions.username = decodeURIComponent(first.username);
   if (first.password) redisOptions.password = decodeURIComponent(first.password);
-  if (first.protocol === 'rediss:') redisOptions.tls = {};
+  if (first.protocol === 'rediss:') redisOptions.tls = tlsCa ? { ca: tlsCa } : {};
   return { nodes, redisOptions };
 }
 
@@ -216,14 +218,15 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   const isCluster = options.cluster === true || url.includes(',');
   let client: Redis | Cluster;
   if (isCluster) {
-    const { nodes, redisOptions } = clusterNodes(url);
+    const { nodes, redisOptions } = clusterNodes(url, options.tlsCa);
     client = new Cluster(nodes, {
       ...common,
       clusterRetryStrategy: retryStrategy,
       redisOptions: { ...redisOptions, ...perConnection },
     });
   } else {
-    client = new Redis(url, { ...common, ...perConnection, retryStrategy });
+    const tls = url.startsWith('rediss://') && options.tlsCa ? { tls: { ca: options.tlsCa } } : {};
+    client = new Redis(url, { ...common, ...perConnection, ...tls, retryStrategy });
   }
   // Failures reach callers as rejected commands; without a listener ioredis would also print
   // every reconnect attempt as an unhandled error event.

@@ -14,6 +14,21 @@ const valid = {
   REDIS_URL: 'redis://127.0.0.1:6379',
 };
 
+/** A self-signed certificate whose key was thrown away: only its PEM form matters here. */
+const TEST_CA_PEM = `-----BEGIN CERTIFICATE-----
+MIIBtjCCAVugAwIBAgIUPvSE4Xs+JX8gcOSdesfs6XamaZcwCgYIKoZIzj0EAwIw
+LzEtMCsGA1UEAwwkR2F0ZWhvdXNlIHVuaXQtdGVzdCBDQSAobm8ga2V5IGtlcHQp
+MCAXDTI2MTIwMjEyNDUxOFoYDzIxMjYxMTA4MTI0NTE4WjAvMS0wKwYDVQQDDCRH
+YXRlaG91c2UgdW5pdC10ZXN0IENBIChubyBrZXkga2VwdCkwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAAS5TR0BoYO9xeoGzdVkoSKJOYT1SuqtDlA9dmjDBTXRdRY8
+RF6TbxPIRp0ADawjC8YBdV0zX7uIa9w/OKOS1opao1MwUTAdBgNVHQ4EFgQUpW56
+YXrUNnN87z6acL1ET1oUBkUwHwYDVR0jBBgwFoAUpW56YXrUNnN87z6acL1ET1oU
+BkUwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEAuwQL4Dkdvu5P
+W3U3c6tm7+7nn3ynGgjc8gJEVVfJK+oCIQD9qz4u9pBjpJ/DhUCW7yZU2krz228K
+38U85wBIORRaBA==
+-----END CERTIFICATE-----
+`;
+
 function problemsOf(env: Record<string, string | undefined>): string[] {
   try {
     parseConfig(env);
@@ -137,6 +152,28 @@ describe('configuration', () => {
     // A timer past 2^31 ms would fire at once: every refresh would answer 503 immediately.
     expect(problemsOf({ ...valid, REFRESH_WAIT_MS: String(2 ** 31) }).join('\n')).toMatch(/^REFRESH_WAIT_MS: /m);
     expect(problemsOf({ ...valid, REFRESH_WAIT_MS: '0' }).join('\n')).toMatch(/^REFRESH_WAIT_MS: /m);
+  });
+
+  it('takes REDIS_TLS_CA as PEM text (newlines escaped or not) or a PEM file, only for rediss://, and names anything else', () => {
+    const dir = mkdtempSync(path.join(tmpdir(), 'gatehouse-ca-'));
+    try {
+      const tls = { ...valid, REDIS_URL: 'rediss://redis.example.com:6380' };
+      const file = path.join(dir, 'ca.pem');
+      writeFileSync(file, TEST_CA_PEM);
+      expect(parseConfig({ ...tls, REDIS_TLS_CA: file }).store).toEqual({ kind: 'redis', url: tls.REDIS_URL, tlsCa: `${TEST_CA_PEM.trim()}\n` });
+      expect(parseConfig({ ...tls, REDIS_TLS_CA: TEST_CA_PEM }).store).toMatchObject({ tlsCa: `${TEST_CA_PEM.trim()}\n` });
+      expect(parseConfig({ ...tls, REDIS_TLS_CA: TEST_CA_PEM.replaceAll('\n', '\\n') }).store).toMatchObject({ tlsCa: `${TEST_CA_PEM.trim()}\n` });
+      expect(problemsOf({ ...valid, REDIS_TLS_CA: file })).toContain('REDIS_TLS_CA: only used for TLS, with a rediss:// REDIS_URL');
+      const notPem = path.join(dir, 'not.pem');
+      writeFileSync(notPem, 'hello');
+      expect(problemsOf({ ...tls, REDIS_TLS_CA: notPem })).toContain('REDIS_TLS_CA: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)');
+      expect(problemsOf({ ...tls, REDIS_TLS_CA: dir }).join('\n')).toMatch(/^REDIS_TLS_CA: neither PEM certificates nor a readable file/m);
+      const long = `/nowhere/${'x'.repeat(200)}`;
+      const [problem] = problemsOf({ ...tls, REDIS_TLS_CA: long });
+      expect(problem?.length).toBeLessThan(200);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('checks settings that depend on each other', () => {
