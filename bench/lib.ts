@@ -27,6 +27,11 @@ export function ensureTools(): void {
   } catch {
     missing.push('libapache2-mod-auth-openidc');
   }
+  aptInstall(missing);
+}
+
+/** Installs Debian packages (none when the list is empty), as root or through sudo. */
+export function aptInstall(missing: string[]): void {
   if (missing.length === 0) return;
   if (!have('apt-get')) throw new Error(`missing ${missing.join(', ')} and no apt-get to install them`);
   const sudo = process.getuid?.() === 0 ? [] : ['sudo'];

@@ -49,6 +49,8 @@ export interface GrantCounters {
   errorCodes: Record<string, number>;
   byAccount: Record<string, Record<string, number>>;
   bySid: Record<string, Record<string, number>>;
+  /** When each successful refresh_token grant happened (epoch ms), per IdP session: a load test's proof of one grant per expiry. */
+  refreshTimesBySid: Record<string, number[]>;
   /** Grants revoked through the revocation endpoint (RFC 7009), per account. */
   revocations: Record<string, number>;
 }
@@ -164,7 +166,7 @@ function displayName(accountId: string): string {
 }
 
 function emptyCounters(): GrantCounters {
-  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, revocations: {} };
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {} };
 }
 
 function bump(table: Record<string, number>, key: string): void {
@@ -356,6 +358,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (Account) bump((counters.byAccount[Account.accountId] ??= {}), grantType);
     const sid = RefreshToken?.sid ?? AuthorizationCode?.sid;
     if (sid) bump((counters.bySid[sid] ??= {}), grantType);
+    if (sid && grantType === 'refresh_token') (counters.refreshTimesBySid[sid] ??= []).push(Date.now());
   };
   provider.on('grant.success', (ctx) => tally(ctx, 'success'));
   provider.on('grant.error', (ctx, err) => tally(ctx, 'error', err.error));

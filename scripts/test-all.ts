@@ -53,7 +53,7 @@ function run(script: string, env: NodeJS.ProcessEnv): Promise<number> {
 
 /**
  * The suite needs Debian's redis-server and chromium (Playwright cannot download browsers here),
- * and openssl (the TLS Redis test's certificates).
+ * nginx (the balancer of the load test) and openssl (the TLS Redis test's certificates).
  * As root on Debian, missing ones are installed, so the README's test command works by itself on a
  * fresh machine; anyone else is told exactly what to install.
  */
@@ -62,6 +62,7 @@ function ensureSystemPackages(): void {
   const missing = [
     ...(spawnSync('redis-server', ['--version']).status === 0 ? [] : ['redis-server']),
     ...(existsSync(chromium) ? [] : ['chromium']),
+    ...(existsSync('/usr/sbin/nginx') ? [] : ['nginx']),
     ...(spawnSync('openssl', ['version']).status === 0 ? [] : ['openssl']),
   ];
   if (missing.length === 0) return;

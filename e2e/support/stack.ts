@@ -97,6 +97,8 @@ export interface StackOptions {
   idpHost?: string;
   /** Extra environment for the dev IdP process (e.g. IDP_PKJWT_PUBLIC_JWK). */
   idpEnv?: Record<string, string>;
+  /** A balancer's URL in front of the instances: every instance's APP_BASE_URL, and a redirect target the IdP knows. */
+  publicUrl?: string;
   /** BFF_APIS built from the URLs the stack picked (they are only known once it starts). */
   apis?: (urls: { apiUrl: string; resourceApiUrls: string[] }) => Record<string, unknown>;
 }
@@ -135,7 +137,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       IDP_ISSUER_HOST: idpHost,
       IDP_CLIENT_ID: CLIENT_ID,
       IDP_CLIENT_SECRET: CLIENT_SECRET,
-      IDP_APP_BASE_URLS: appUrls.join(','),
+      IDP_APP_BASE_URLS: [...appUrls, ...(options.publicUrl ? [options.publicUrl] : [])].join(','),
       IDP_API_AUDIENCES: [apiUrl, ...resourceApiUrls].join(','),
       ...(options.accessTokenTtl ? { IDP_ACCESS_TOKEN_TTL: String(options.accessTokenTtl) } : {}),
       ...options.idpEnv,
@@ -183,7 +185,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
   };
   try {
     for (const [index, port] of appPorts.entries()) {
-      apps.push(await startGatehouse({ name: `gatehouse-${index}`, port, server: options.server, workers: options.workers, env: appEnv }));
+      apps.push(await startGatehouse({ name: `gatehouse-${index}`, port, server: options.server, workers: options.workers, env: appEnv, publicUrl: options.publicUrl }));
     }
   } catch (error) {
     await stopAll();
@@ -202,16 +204,19 @@ export async function startGatehouse({
   server = defaultServerShape(),
   workers = 2,
   env: baseEnv,
+  publicUrl,
 }: {
   name?: string;
   port?: number;
   server?: 'fast' | 'next';
   workers?: number;
   env: Record<string, string>;
+  /** The URL users reach it by, when a balancer stands in front; by default its own. */
+  publicUrl?: string;
 }): Promise<{ url: string; process: RunningProcess; env: Record<string, string> }> {
   const listenPort = port ?? (await freePort());
   const url = `http://localhost:${listenPort}`;
-  const env = { ...baseEnv, APP_BASE_URL: url, PORT: String(listenPort), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(workers) };
+  const env = { ...baseEnv, APP_BASE_URL: publicUrl ?? url, PORT: String(listenPort), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(workers) };
   const args = server === 'next' ? ['node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : ['server.ts'];
   const ready = server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   return { url, process: await startProcess(name, args, env, ready), env };
