@@ -37,8 +37,8 @@ export const errors = {
     new GatehouseError('reauthentication_required', 403, 'This needs a fresh sign-in: the session cannot obtain the token it requires.'),
   idpUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
-  storeUnavailable: (cause?: unknown) =>
-    new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause }),
+  storeUnavailable: (cause?: unknown, retryAfterSec?: number) =>
+    new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   payloadTooLarge: (message = 'The request body is too large.') => new GatehouseError('payload_too_large', 413, message),
   internal: (cause?: unknown) => new GatehouseError('internal_error', 500, 'Something went wrong on our side.', { cause }),
 };

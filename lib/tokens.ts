@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { getConfig } from './config.ts';
-import { errors } from './errors.ts';
+import { GatehouseError, errors } from './errors.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
@@ -42,7 +42,31 @@ interface HeldToken {
 }
 
 /** Per process, not per module copy: one refresh per session and process (see shared-state.ts). */
-const inFlight = sharedState('refreshes-in-flight', () => new Map<string, Promise<Session>>());
+const inFlight = sharedState('refreshes-in-flight', () => new Map<string, Flight>());
+
+/**
+ * One refresh of one session (and resource) in this process, and what it waits on right now, so a
+ * caller who stops waiting hears what is slow: the store (`store_unavailable`, e.g. Redis
+ * restarting) while a store call of ours has been outstanding for a while, otherwise the IdP
+ * (`idp_unavailable`): our own grant, or another instance's that we wait for.
+ */
+interface Flight {
+  result: Promise<Session>;
+  waitingOn: 'store' | 'idp';
+}
+
+const SLOW_STORE_MS = 100;
+
+async function onStore<T>(flight: Flight, call: () => Promise<T>): Promise<T> {
+  // A healthy store answers within a few ms: only a call still pending after that counts.
+  const slow = setTimeout(() => (flight.waitingOn = 'store'), SLOW_STORE_MS);
+  try {
+    return await call();
+  } finally {
+    clearTimeout(slow);
+    flight.waitingOn = 'idp';
+  }
+}
 const POLL_MIN_MS = 25;
 const POLL_MAX_MS = 250;
 
@@ -62,9 +86,9 @@ export async function getAccessToken(session: Session, request: TokenRequest = {
   if (!session.secrets.refreshToken) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
   if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
-  const refresh = refreshOnce(session, request);
-  finishEvenIfUnanswered(refresh);
-  const refreshed = await answerWithin(refresh, getConfig().refresh.waitMs);
+  const flight = refreshOnce(session, request);
+  finishEvenIfUnanswered(flight.result);
+  const refreshed = await answerWithin(flight, getConfig().refresh.waitMs);
   const token = heldToken(refreshed, request.resource);
   if (!token) throw errors.internal(new Error('refresh stored no token'));
   return { token: token.token, session: refreshed, refreshed: true };
@@ -99,11 +123,12 @@ export async function mayForceRefresh(session: Session): Promise<boolean> {
     .catch(() => false);
 }
 
-function refreshOnce(session: Session, request: TokenRequest): Promise<Session> {
+function refreshOnce(session: Session, request: TokenRequest): Flight {
   const key = `${session.id}\u0000${request.resource ?? ''}`;
   const running = inFlight.get(key);
   if (running) return running;
-  const flight = refreshAcrossInstances(session, request).finally(() => inFlight.delete(key));
+  const flight: Flight = { result: Promise.resolve(session), waitingOn: 'idp' };
+  flight.result = refreshAcrossInstances(session, request, flight).finally(() => inFlight.delete(key));
   inFlight.set(key, flight);
   return flight;
 }
@@ -115,7 +140,7 @@ function isSettled(current: Session, stale: Session, request: TokenRequest): boo
   return isFresh(now) || (now !== undefined && now.token !== heldToken(stale, request.resource)?.token);
 }
 
-async function refreshAcrossInstances(stale: Session, request: TokenRequest): Promise<Session> {
+async function refreshAcrossInstances(stale: Session, request: TokenRequest, flight: Flight): Promise<Session> {
   const { lockLeaseMs } = getConfig().refresh;
   const lockKey = refreshLockKey(stale.id);
   // A waiter gives up a little after a dead owner's lease would have run out.
@@ -123,11 +148,11 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest): Pr
   let pause = POLL_MIN_MS;
   for (;;) {
     const owner = randomUUID();
-    const acquired = await storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true }));
-    if (acquired) return refreshHoldingLock(stale, request, owner);
+    const acquired = await onStore(flight, () => storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true })));
+    if (acquired) return refreshHoldingLock(stale, request, owner, flight);
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);
-    const current = await readSession(stale.id);
+    const current = await onStore(flight, () => readSession(stale.id));
     if (!current) throw errors.sessionExpired();
     if (isSettled(current, stale, request)) return current;
     if (Date.now() > deadline) throw errors.idpUnavailable(new Error('timed out waiting for another instance to refresh'));
@@ -166,12 +191,16 @@ function finishEvenIfUnanswered(work: Promise<unknown>): void {
  * rotated tokens stored (giving up on the grant would strand them, and the next refresh would be a
  * replay that makes the IdP revoke the whole grant); the caller's retry then finds them.
  */
-function answerWithin(refresh: Promise<Session>, waitMs: number): Promise<Session> {
+function answerWithin(flight: Flight, waitMs: number): Promise<Session> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const deadline = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(errors.idpUnavailable(new Error('refresh still running'), Math.ceil(waitMs / 1000))), waitMs);
+    timer = setTimeout(() => {
+      const cause = new Error(`refresh still running (waiting on the ${flight.waitingOn})`);
+      const retryAfterSec = Math.ceil(waitMs / 1000);
+      reject(flight.waitingOn === 'idp' ? errors.idpUnavailable(cause, retryAfterSec) : errors.storeUnavailable(cause, retryAfterSec));
+    }, waitMs);
   });
-  return Promise.race([refresh, deadline]).finally(() => clearTimeout(timer));
+  return Promise.race([flight.result, deadline]).finally(() => clearTimeout(timer));
 }
 
 /**
@@ -191,10 +220,10 @@ interface HeldLock {
 }
 
 /** The lock is held until the work settles, not until the caller stops waiting. */
-function refreshHoldingLock(stale: Session, request: TokenRequest, owner: string): Promise<Session> {
+function refreshHoldingLock(stale: Session, request: TokenRequest, owner: string, flight: Flight): Promise<Session> {
   const stopRenewing = renewLease(stale.id, owner);
   const lock = { owner, signal: AbortSignal.timeout(lockedWorkMs()) };
-  return refreshUnderLock(stale, request, lock).finally(async () => {
+  return refreshUnderLock(stale, request, lock, flight).finally(async () => {
     stopRenewing();
     // A failed release is harmless: the lease expires on its own.
     await getStore().delIfEquals(refreshLockKey(stale.id), owner).catch(() => undefined);
@@ -218,9 +247,9 @@ function renewLease(id: string, owner: string): () => void {
   return () => clearInterval(timer);
 }
 
-async function refreshUnderLock(stale: Session, request: TokenRequest, lock: HeldLock): Promise<Session> {
+async function refreshUnderLock(stale: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {
   // Another instance may have finished a refresh between our read and our lock.
-  const current = await readSession(stale.id);
+  const current = await onStore(flight, () => readSession(stale.id));
   if (!current) throw errors.sessionExpired();
   if (isSettled(current, stale, request)) return current;
 
@@ -233,7 +262,7 @@ async function refreshUnderLock(stale: Session, request: TokenRequest, lock: Hel
   }
   try {
     const tokens = await refreshTokens(refreshToken, current.record.sub, { resource: request.resource, signal: lock.signal });
-    const updated = await storeTokens(current, request, tokens, lock.owner);
+    const updated = await onStore(flight, () => storeTokensDespiteOutage(current, request, tokens, lock));
     if (updated) {
       log('info', 'token.refresh', outcome('ok'));
       return updated;
@@ -249,6 +278,26 @@ async function refreshUnderLock(stale: Session, request: TokenRequest, lock: Hel
       throw idpErrorToGatehouse(error);
     }
     throw error;
+  }
+}
+
+/**
+ * Once the IdP has answered, only the new refresh token works (with rotation): a write-back the
+ * store refuses for a moment — a Redis restart or failover — is tried again until the lock's work
+ * deadline instead of given up, which would strand the new token and make the session's next
+ * refresh a replay that the IdP answers by revoking the whole grant.
+ */
+async function storeTokensDespiteOutage(current: Session, request: TokenRequest, tokens: TokenSet, lock: HeldLock): Promise<Session | null> {
+  for (let pause = 100; ; pause = Math.min(pause * 2, 1_000)) {
+    try {
+      return await storeTokens(current, request, tokens, lock.owner);
+    } catch (error) {
+      if (!(error instanceof GatehouseError && error.code === 'store_unavailable') || lock.signal.aborted) {
+        log('error', 'token.refresh', { session: sessionHandle(current.id), resource: request.resource, outcome: 'write_back_failed' });
+        throw error;
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
   }
 }
 

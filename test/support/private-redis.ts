@@ -7,6 +7,8 @@ import { waitFor } from './http-client.ts';
 export interface PrivateRedis {
   url: string;
   child: ChildProcess;
+  /** Shuts the server down (SIGTERM: an append-only file is flushed), waits `downMs`, starts it again on the same port. */
+  restart(downMs: number): Promise<void>;
   stop(): void;
 }
 
@@ -26,15 +28,26 @@ async function redisAnswers(url: string): Promise<boolean> {
 
 export async function startPrivateRedis(extraArgs: string[] = []): Promise<PrivateRedis> {
   const port = await freePort();
-  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extraArgs], { stdio: 'ignore' });
   const url = `redis://127.0.0.1:${port}`;
-  await waitFor('the private redis-server', async () => ((await redisAnswers(url)) ? true : undefined), 10_000, 100);
-  return {
+  const start = async () => {
+    const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extraArgs], { stdio: 'ignore' });
+    await waitFor('the private redis-server', async () => ((await redisAnswers(url)) ? true : undefined), 10_000, 100);
+    return child;
+  };
+  const redis: PrivateRedis = {
     url,
-    child,
+    child: await start(),
+    restart: async (downMs) => {
+      const exited = new Promise((resolve) => redis.child.once('exit', resolve));
+      redis.child.kill('SIGTERM');
+      await exited;
+      await new Promise((resolve) => setTimeout(resolve, downMs));
+      redis.child = await start();
+    },
     stop: () => {
-      if (child.pid) process.kill(child.pid, 'SIGCONT');
-      child.kill('SIGKILL');
+      if (redis.child.pid) process.kill(redis.child.pid, 'SIGCONT');
+      redis.child.kill('SIGKILL');
     },
   };
+  return redis;
 }
