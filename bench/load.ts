@@ -12,7 +12,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
-import { connect } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import type { GrantCounters } from '../scripts/dev-idp.ts';
@@ -40,10 +40,11 @@ export interface LoadOptions {
  * What goes wrong during the load, from `atSec` for `forSec`: `kill-instance` SIGKILLs the first
  * instance's processes and starts it again; `stall-idp` freezes the IdP (SIGSTOP: connections are
  * accepted, nothing answers); `restart-redis` and `restart-redis-aof` stop a private Redis (without
- * and with an append-only file) and start it again on the same port.
+ * and with an append-only file) and start it again on the same port; `reset-upstream` makes the
+ * APIs' connections (through a TCP relay in front of them) reset at random, one request in ten.
  */
 export interface Fault {
-  kind: 'kill-instance' | 'stall-idp' | 'restart-redis' | 'restart-redis-aof';
+  kind: 'kill-instance' | 'stall-idp' | 'restart-redis' | 'restart-redis-aof' | 'reset-upstream';
   atSec: number;
   forSec: number;
 }
@@ -78,6 +79,8 @@ export interface LoadReport {
   failureLog: Array<{ atMs: number; status: number; code: string | null }>;
   /** Each user's session after the load (and the fault) ended, asked once more: answers by status and code. */
   sessionsAfter: Record<string, number>;
+  /** reset-upstream: how many requests the relay answered with a reset. */
+  upstreamResets?: number;
 }
 
 const NGINX = '/usr/sbin/nginx';
@@ -213,8 +216,46 @@ function redisPings(port: number): Promise<boolean> {
   });
 }
 
+/**
+ * A TCP relay in front of the APIs that, while `resetting` is on, resets a connection instead of
+ * passing on one request in ten (RST: the upstream neither answers nor closes politely).
+ */
+async function startResettingRelay(port: number, target: URL): Promise<{ resetting: boolean; resets: number; close(): Promise<void> }> {
+  const relay = { resetting: false, resets: 0, close: async () => undefined as void };
+  const open = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = connect(Number(target.port), '127.0.0.1');
+    open.add(client).add(upstream);
+    client.on('data', (chunk) => {
+      if (relay.resetting && Math.random() < 0.1) {
+        relay.resets++;
+        client.resetAndDestroy();
+        upstream.destroy();
+        return;
+      }
+      upstream.write(chunk);
+    });
+    upstream.pipe(client);
+    const close = () => {
+      client.destroy();
+      upstream.destroy();
+      open.delete(client);
+      open.delete(upstream);
+    };
+    client.on('error', close).on('close', close);
+    upstream.on('error', close).on('close', close);
+  });
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  relay.close = () =>
+    new Promise((resolve) => {
+      server.close(() => resolve());
+      for (const socket of open) socket.destroy();
+    });
+  return relay;
+}
+
 /** Brings the fault about at its time and undoes it; resolves with when it began and ended. */
-async function injectFault(fault: Fault, stack: Stack, redis: Awaited<ReturnType<typeof startOwnRedis>> | undefined, publicUrl: string, started: number): Promise<{ fromMs: number; toMs: number }> {
+async function injectFault(fault: Fault, stack: Stack, redis: Awaited<ReturnType<typeof startOwnRedis>> | undefined, publicUrl: string, started: number, relay: Awaited<ReturnType<typeof startResettingRelay>> | undefined): Promise<{ fromMs: number; toMs: number }> {
   await sleep(started + fault.atSec * 1000 - Date.now());
   const fromMs = Date.now() - started;
   log(`fault: ${fault.kind} for ${fault.forSec} s`);
@@ -225,6 +266,10 @@ async function injectFault(fault: Fault, stack: Stack, redis: Awaited<ReturnType
     const port = Number(new URL(app.url).port);
     const restarted = await startGatehouse({ name: 'gatehouse-0-restarted', port, workers: Number(app.env.GATEHOUSE_WORKERS), env: app.env, publicUrl });
     app.process = restarted.process;
+  } else if (fault.kind === 'reset-upstream') {
+    (relay as NonNullable<typeof relay>).resetting = true;
+    await sleep(fault.forSec * 1000);
+    (relay as NonNullable<typeof relay>).resetting = false;
   } else if (fault.kind === 'stall-idp') {
     const pid = stack.idp.child.pid as number;
     process.kill(pid, 'SIGSTOP');
@@ -272,6 +317,9 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
   let stack: Stack | undefined;
   let nginx: { url: string; stop(): Promise<void> } | undefined;
   const redis = options.fault?.kind.startsWith('restart-redis') ? await startOwnRedis(options.fault.kind === 'restart-redis-aof') : undefined;
+  // With reset-upstream the APIs are reached through the relay, whose port is known up front.
+  const relayPort = options.fault?.kind === 'reset-upstream' ? await freePort() : undefined;
+  let relay: Awaited<ReturnType<typeof startResettingRelay>> | undefined;
   try {
     stack = await startStack({
       instances: options.instances,
@@ -279,8 +327,10 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
       accessTokenTtl: options.accessTokenTtlSec,
       publicUrl,
       ...(redis ? { redisUrl: redis.url } : options.redisUrl ? { redisUrl: options.redisUrl } : {}),
+      ...(relayPort ? { apis: () => ({ demo: { url: `http://localhost:${relayPort}` }, public: { url: `http://localhost:${relayPort}/public`, auth: 'user-optional' } }) } : {}),
       env: { TOKEN_REFRESH_SKEW: String(options.refreshSkewSec), LOG_LEVEL: 'error' },
     });
+    if (relayPort) relay = await startResettingRelay(relayPort, new URL(stack.apiUrl));
     nginx = await startNginx(publicPort, stack.apps.map((app) => app.url));
     log(`${options.instances} instances behind nginx at ${nginx.url}; signing in ${options.virtualUsers} users`);
     const users = await signIn(nginx.url, options.virtualUsers, options.loginConcurrency);
@@ -297,7 +347,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
     // Halfway and at the end: growth that stops (heap sized to the load) versus growth that goes on.
     let memoryHalfway: number[] = [];
     const halfway = setTimeout(() => (memoryHalfway = instanceMemoryMb(stack as Stack)), (options.seconds * 1000) / 2);
-    const faultDone = options.fault ? injectFault(options.fault, stack, redis, publicUrl, started) : undefined;
+    const faultDone = options.fault ? injectFault(options.fault, stack, redis, publicUrl, started, relay) : undefined;
     await Promise.all(
       users.map(async (user, index) => {
         // Spread the users over one think time so they do not beat in step.
@@ -353,9 +403,11 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
       ...(faultWindow ? { faultWindow } : {}),
       failureLog,
       sessionsAfter,
+      ...(relay ? { upstreamResets: relay.resets } : {}),
     };
   } finally {
     await nginx?.stop();
+    await relay?.close();
     await stack?.stop();
     await redis?.stop();
   }
@@ -419,6 +471,9 @@ export function problemsIn(report: LoadReport): string[] {
     'kill-instance': (f) => (inWindow(f) && [502, 503, 504].includes(f.status)) || (f.status === 401 && lost <= report.refusedRefreshes),
     // The store away: 503, never a logout.
     'restart-redis-aof': (f) => inWindow(f) && f.status === 503 && RETRY_SHORTLY.includes(f.code ?? ''),
+    // Only the requests whose connection was reset, each a 502 (a bodiless one met on a reused
+    // connection is sent once more, so fewer fail than were reset).
+    'reset-upstream': (f) => inWindow(f) && f.status === 502 && f.code === 'upstream_unavailable',
     // The store away, then every session gone: 503 while away, then 401 with the cookie cleared.
     'restart-redis': (f) => (inWindow(f) && f.status === 503 && RETRY_SHORTLY.includes(f.code ?? '')) || (f.atMs >= window.fromMs && f.status === 401),
   };
@@ -451,7 +506,7 @@ export function formatReport(report: LoadReport): string {
     `| refresh grants | ${report.refreshGrants} for ${report.expiriesInUse} expiries in use over ${report.sessions} sessions; sessions with two grants in one lifetime: ${report.sessionsWithTwoGrantsInOneLifetime}; refused: ${report.refusedRefreshes} |`,
     ...(report.options.fault && report.faultWindow
       ? [
-          `| fault | ${report.options.fault.kind} from ${(report.faultWindow.fromMs / 1000).toFixed(1)} s to ${(report.faultWindow.toMs / 1000).toFixed(1)} s; last failure ${lastFailureAfter(report)} |`,
+          `| fault | ${report.options.fault.kind} from ${(report.faultWindow.fromMs / 1000).toFixed(1)} s to ${(report.faultWindow.toMs / 1000).toFixed(1)} s; last failure ${lastFailureAfter(report)}${report.upstreamResets !== undefined ? `; ${report.upstreamResets} upstream requests reset` : ''} |`,
           `| failures | ${JSON.stringify(countByAnswer(report.failureLog))} |`,
           `| sessions after | ${JSON.stringify(report.sessionsAfter)} |`,
         ]
@@ -471,7 +526,7 @@ if (import.meta.filename === process.argv[1]) {
   const faultAt = { atSec: Math.round(seconds / 3), forSec: Math.min(20, Math.round(seconds / 3)) };
   const runs: Array<Partial<LoadOptions>> = [
     base,
-    ...(process.env.LOAD_FAULTS === '1' ? (['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis'] as const).map((kind) => ({ ...base, fault: { kind, ...faultAt } })) : []),
+    ...(process.env.LOAD_FAULTS === '1' ? (['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis', 'reset-upstream'] as const).map((kind) => ({ ...base, fault: { kind, ...faultAt } })) : []),
   ];
   const sections: string[] = [];
   let failed = false;

@@ -17,7 +17,7 @@ describe('a fleet under load (15 s)', () => {
     expect(report.refreshGrants).toBeGreaterThanOrEqual(report.expiriesInUse);
   }, 120_000);
 
-  it.each<Fault['kind']>(['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis'])('with %s for 5 s: only what that fault may cost', async (kind) => {
+  it.each<Fault['kind']>(['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis', 'reset-upstream'])('with %s for 5 s: only what that fault may cost', async (kind) => {
     const report = await runLoad({ ...SHORT, fault: { kind, atSec: 5, forSec: 5 } });
     console.log(formatReport(report));
     expect(problemsIn(report)).toEqual([]);
