@@ -1,10 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
-import { call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor } from '../support/http-client.ts';
+import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor } from '../support/http-client.ts';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { startPrivateRedis, type PrivateRedis } from '../support/private-redis.ts';
 
 /**
@@ -109,7 +108,12 @@ describe('the store away while a refresh writes back', () => {
     const ownApp = ownStack.apps[0]!.url;
     const ownCookie = await login(ownApp, user);
     expect((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status).toBe(200);
-    await sleep((TTL_SEC - SKEW_SEC) * 1000 + 200);
+    const probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
+    try {
+      await probe.waitUntilDue(user, SKEW_SEC);
+    } finally {
+      await probe.close();
+    }
     const before = await idpGrants(ownStack.issuer);
     const delays = await setIdpDelays(ownStack.issuer, { tokenMs: 600 });
     let during;

@@ -8,8 +8,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort, startStack, type Stack } from '../../e2e/support/stack.ts';
-import { call, login, waitFor, waitUntil } from '../support/http-client.ts';
+import { freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { RedisProbe, call, login, waitFor } from '../support/http-client.ts';
 
 /** The commands the README's "Redis as you deploy it" lists; the ACL below allows these and nothing else. */
 const README = readFileSync(path.resolve(import.meta.dirname, '../../README.md'), 'utf8');
@@ -19,12 +19,13 @@ const ACCESS_TOKEN_TTL_SEC = 20;
 const REFRESH_SKEW_SEC = 17;
 const dir = mkdtempSync(path.join(tmpdir(), 'gatehouse-redis-tls-'));
 const password = randomBytes(18).toString('base64url');
-// The test's own eyes on the server: denied commands (ACL LOG) and client flags (CLIENT LIST).
 const adminPassword = randomBytes(18).toString('base64url');
 let redis: ChildProcess;
 let port: number;
 let stack: Stack;
 let app: string;
+// The test's own eyes on the server, as its admin user: session records, ACL LOG, CLIENT LIST.
+let probe: RedisProbe;
 
 function openssl(...args: string[]): void {
   const result = spawnSync('openssl', args, { cwd: dir, encoding: 'utf8' });
@@ -56,9 +57,11 @@ beforeAll(async () => {
     env: { REDIS_KEY_PREFIX: prefix, REDIS_TLS_CA: path.join(dir, 'ca.crt'), TOKEN_REFRESH_SKEW: String(REFRESH_SKEW_SEC) },
   });
   app = stack.apps[0]!.url;
+  probe = new RedisProbe(prefix, `rediss://admin:${adminPassword}@localhost:${port}`, { tls: { ca: readFileSync(path.join(dir, 'ca.crt'), 'utf8') } });
 }, 120_000);
 
 afterAll(async () => {
+  await probe?.close();
   await stack?.stop();
   redis?.kill('SIGKILL');
   rmSync(dir, { recursive: true, force: true });
@@ -77,7 +80,7 @@ describe('Redis over TLS with a least-privilege ACL user', () => {
     expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
 
     // A refresh: the lock, the guarded write-back, the lock's release.
-    await waitUntil('the token to become due', Date.now() + (ACCESS_TOKEN_TTL_SEC - REFRESH_SKEW_SEC) * 1000 + 200);
+    await probe.waitUntilDue(user, REFRESH_SKEW_SEC);
     expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
 
     // A second session; the list shows both; the first ends the second.
@@ -105,21 +108,13 @@ describe('Redis over TLS with a least-privilege ACL user', () => {
 
     // Some failures are absorbed on purpose (a lost lease renewal, coherent copies switched off), so
     // the server itself is asked: nothing was denied, and the session cache's tracking is on.
-    const { Redis } = await import('ioredis');
-    const admin = new Redis({ host: 'localhost', port, username: 'admin', password: adminPassword, tls: { ca: readFileSync(path.join(dir, 'ca.crt'), 'utf8') }, lazyConnect: true });
-    try {
-      await admin.connect();
-      expect(await admin.call('ACL', 'LOG')).toEqual([]);
-      const clients = String(await admin.call('CLIENT', 'LIST')).split('\n').filter((line) => / user=gatehouse /.test(line));
-      expect(clients.some((line) => /\bflags=\S*t/.test(line)), clients.join('\n')).toBe(true);
-    } finally {
-      admin.disconnect();
-    }
+    expect(await probe.redis.call('ACL', 'LOG')).toEqual([]);
+    const clients = String(await probe.redis.call('CLIENT', 'LIST')).split('\n').filter((line) => / user=gatehouse /.test(line));
+    expect(clients.some((line) => /\bflags=\S*t/.test(line)), clients.join('\n')).toBe(true);
   }, 90_000);
 
   it('without REDIS_TLS_CA the private CA is not trusted: the store is unavailable, and says so', async () => {
     const { REDIS_TLS_CA: _ignored, ...env } = stack.appEnv;
-    const { startGatehouse } = await import('../../e2e/support/stack.ts');
     const untrusting = await startGatehouse({ name: 'gatehouse-no-ca', workers: 1, env: { ...env, REDIS_URL: `rediss://gatehouse:${password}@localhost:${port}` } });
     try {
       const health = await fetch(`${untrusting.url}/api/health`);

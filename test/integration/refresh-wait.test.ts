@@ -4,7 +4,7 @@
 // the dev IdP (its token endpoint delayed on demand), real Redis, two Gatehouse instances.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
-import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
+import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor } from '../support/http-client.ts';
 
 const ACCESS_TOKEN_TTL_SEC = 20;
 const REFRESH_SKEW_SEC = 15;
@@ -44,8 +44,7 @@ describe('a stalled IdP while tokens are due', () => {
     for (const app of [appA, appB]) expect(await call(app, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
     const key = await probe.sessionKeyOf(user);
     if (!key) throw new Error('no session key');
-    const expiresAt = (await probe.record(key))?.accessTokenExpiresAt ?? 0;
-    await waitUntil(`${user}'s token to become due`, expiresAt - REFRESH_SKEW_SEC * 1000 + 50);
+    await probe.waitUntilDue(user, REFRESH_SKEW_SEC);
     const grantsBefore = refreshGrantsOf(await idpGrants(stack.issuer), user);
     const sealedBefore = (await probe.record(key))?.sealed;
     const delaysBefore = await setIdpDelays(stack.issuer, { tokenMs: STALL_MS });

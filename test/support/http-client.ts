@@ -2,7 +2,7 @@
 // its Redis keys: a browser-like call with the session cookie, the dev IdP's grant counters, and
 // bounded polling instead of fixed sleeps.
 import { readFileSync } from 'node:fs';
-import { Redis } from 'ioredis';
+import { Redis, type RedisOptions } from 'ioredis';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import type { GrantCounters, IdpDelays } from '../../scripts/dev-idp.ts';
 
@@ -116,8 +116,8 @@ export class RedisProbe {
   readonly redis: Redis;
   readonly keyPrefix: string;
 
-  constructor(keyPrefix: string, url = REDIS_URL) {
-    this.redis = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2 });
+  constructor(keyPrefix: string, url = REDIS_URL, options: RedisOptions = {}) {
+    this.redis = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2, ...options });
     this.keyPrefix = keyPrefix;
   }
 
@@ -146,6 +146,14 @@ export class RedisProbe {
   async record(key: string): Promise<StoredSessionRecord | undefined> {
     const raw = await this.redis.get(key);
     return raw === null ? undefined : (JSON.parse(raw) as StoredSessionRecord);
+  }
+
+  /** Waits until `sub`'s stored access token is due (its expiry less the refresh skew), read from the store. */
+  async waitUntilDue(sub: string, skewSec: number): Promise<void> {
+    const key = await this.sessionKeyOf(sub);
+    const expiresAt = key ? (await this.record(key))?.accessTokenExpiresAt : undefined;
+    if (!expiresAt) throw new Error(`${sub}: no stored access token expiry`);
+    await waitUntil(`${sub}'s token to become due`, expiresAt - skewSec * 1000 + 50);
   }
 
   /** The refresh lock that belongs to a session key (same id, same hash tag). */
