@@ -15,9 +15,10 @@ import http from 'node:http';
 import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import type { GrantCounters } from '../scripts/dev-idp.ts';
 import { loginThroughRp } from '../e2e/support/headless-login.ts';
 import { ROOT, freePort, startGatehouse, startStack, type Stack } from '../e2e/support/stack.ts';
+import { idpGrants } from '../test/support/http-client.ts';
+import { startPrivateRedis, type PrivateRedis } from '../test/support/private-redis.ts';
 import { aptInstall, log, percentile, processTree, rssBytes, sleep } from './lib.ts';
 
 export interface LoadOptions {
@@ -172,47 +173,15 @@ function get(url: URL, cookie: string): Promise<Answer> {
   });
 }
 
-/** A redis-server of the run's own, for the faults that restart it; same port and folder each time. */
-async function startOwnRedis(appendOnly: boolean): Promise<{ url: string; restart(downMs: number): Promise<void>; stop(): Promise<void> }> {
-  const port = await freePort();
+/** A redis-server of the run's own, for the faults that restart it (with an append-only file in a folder of its own when asked). */
+async function startOwnRedis(appendOnly: boolean): Promise<PrivateRedis & { close(): void }> {
   const dir = mkdtempSync(path.join(tmpdir(), 'gatehouse-load-redis-'));
-  const args = ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', '', '--appendonly', appendOnly ? 'yes' : 'no', '--appendfsync', 'always'];
-  let child: ChildProcess;
-  const start = async () => {
-    child = spawn('redis-server', args, { stdio: 'ignore' });
-    for (let i = 0; !(await redisPings(port)); i++) {
-      if (i > 100) throw new Error('the load test\'s redis-server did not start');
-      await sleep(50);
-    }
-  };
-  const stop = async () => {
-    const exited = new Promise((resolve) => (child.exitCode !== null ? resolve(undefined) : child.once('exit', resolve)));
-    child.kill('SIGTERM');
-    await exited;
-  };
-  await start();
-  return {
-    url: `redis://127.0.0.1:${port}`,
-    restart: async (downMs) => {
-      await stop();
-      await sleep(downMs);
-      await start();
-    },
-    stop: async () => {
-      await stop();
+  const redis = await startPrivateRedis(appendOnly ? ['--appendonly', 'yes', '--appendfsync', 'always', '--dir', dir] : ['--dir', dir]);
+  return Object.assign(redis, {
+    close: () => {
+      redis.stop();
       rmSync(dir, { recursive: true, force: true });
     },
-  };
-}
-
-function redisPings(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(port, '127.0.0.1', () => socket.write('PING\r\n'));
-    socket.once('data', (data) => {
-      socket.destroy();
-      resolve(data.toString().startsWith('+PONG'));
-    });
-    socket.once('error', () => resolve(false));
   });
 }
 
@@ -296,11 +265,6 @@ async function signIn(base: string, count: number, concurrency: number): Promise
     }),
   );
   return users;
-}
-
-async function idpGrants(issuer: string): Promise<GrantCounters> {
-  const response = await fetch(`${issuer}/__dev/grants`);
-  return (await response.json()) as GrantCounters;
 }
 
 function instanceMemoryMb(stack: Stack): number[] {
@@ -409,7 +373,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
     await nginx?.stop();
     await relay?.close();
     await stack?.stop();
-    await redis?.stop();
+    redis?.close();
   }
 }
 

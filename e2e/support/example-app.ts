@@ -1,5 +1,6 @@
 import { spawnSync } from 'node:child_process';
 import { expect, type Page } from '@playwright/test';
+import { signInThroughIdp } from './fixtures.ts';
 import { ROOT } from './stack.ts';
 
 /**
@@ -18,13 +19,7 @@ export function buildExample(): string {
 
 /** From the example's "Sign in" through the IdP's form, back to where the user was. */
 export async function signInFromExample(page: Page, idp: string, username: string): Promise<void> {
-  const before = new URL(page.url());
-  await page.getByTestId('login').click();
-  await page.waitForURL((url) => url.href.startsWith(`${idp}/interaction/`));
-  await page.locator('input[name="login"]').fill(username);
-  await page.locator('input[name="password"]').fill('any-password');
-  await page.getByRole('button', { name: 'Sign-in' }).click();
-  await page.waitForURL((url) => url.origin === before.origin && url.pathname === before.pathname);
+  await signInThroughIdp(page, username, { idp, landing: new URL(page.url()) });
   await expect(page.getByTestId('user-sub')).toHaveText(username);
 }
 

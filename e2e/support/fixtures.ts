@@ -37,13 +37,15 @@ export async function sessionCookie(context: BrowserContext, appUrl: string) {
   return (await context.cookies(appUrl)).find((cookie) => cookie.name === 'gatehouse');
 }
 
-/** From the demo page's "Log in" button through the dev IdP's form and back to the demo page. */
-export async function signInThroughIdp(page: Page, username: string): Promise<void> {
-  const idp = env('IDP_URL');
+/**
+ * From the page's "Log in" button (test id `login`) through the dev IdP's form and back to
+ * `landing`: by default the global stack's IdP and the demo page.
+ */
+export async function signInThroughIdp(page: Page, username: string, { idp = env('IDP_URL'), landing = new URL('/', env('GATEHOUSE_URL')) }: { idp?: string; landing?: URL } = {}): Promise<void> {
   await page.getByTestId('login').click();
   await page.waitForURL((url) => url.href.startsWith(`${idp}/interaction/`));
   await page.locator('input[name="login"]').fill(username);
   await page.locator('input[name="password"]').fill('any-password');
   await page.getByRole('button', { name: 'Sign-in' }).click();
-  await page.waitForURL((url) => url.origin === new URL(env('GATEHOUSE_URL')).origin && url.pathname === '/');
+  await page.waitForURL((url) => url.origin === landing.origin && url.pathname === landing.pathname);
 }
