@@ -225,9 +225,34 @@ function refreshHoldingLock(stale: Session, request: TokenRequest, owner: string
   const lock = { owner, signal: AbortSignal.timeout(lockedWorkMs()) };
   return refreshUnderLock(stale, request, lock, flight).finally(async () => {
     stopRenewing();
-    // A failed release is harmless: the lease expires on its own.
-    await getStore().delIfEquals(refreshLockKey(stale.id), owner).catch(() => undefined);
+    await releaseLock(stale.id, owner);
   });
+}
+
+/**
+ * A release the store refused (a restart, a failover) is tried again in the background while the
+ * lease lasts: a lock left behind would make every call of this session wait out the whole lease
+ * (503s for up to REFRESH_LOCK_LEASE_MS after the store is back, seen in the failover load run).
+ */
+async function releaseLock(id: string, owner: string): Promise<void> {
+  const release = () => getStore().delIfEquals(refreshLockKey(id), owner);
+  try {
+    await release();
+  } catch {
+    const giveUpAt = Date.now() + getConfig().refresh.lockLeaseMs;
+    const retry = async () => {
+      for (let pause = POLL_MIN_MS; Date.now() + pause < giveUpAt; pause = Math.min(pause * 2, POLL_MAX_MS)) {
+        await new Promise((resolve) => setTimeout(resolve, pause));
+        try {
+          await release();
+          return;
+        } catch {
+          // Still away: the next pause, until the lease would have ended anyway.
+        }
+      }
+    };
+    finishEvenIfUnanswered(retry());
+  }
 }
 
 /** Renews the lease well before it runs out, and only while it is still ours (compare-and-pexpire). */

@@ -208,10 +208,18 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const providerSlot: { handler?: (req: IncomingMessage, res: ServerResponse) => unknown } = {};
   const server = createServer((req, res) => {
     if (tokenFault && tokenFault.remaining > 0 && req.method === 'POST' && req.url?.startsWith('/token')) {
-      tokenFault.remaining--;
-      res.writeHead(tokenFault.status, { 'content-type': 'text/plain', ...(tokenFault.retryAfter ? { 'retry-after': tokenFault.retryAfter } : {}) });
-      res.end('fault injected by /__dev/token-fault');
+      const fault = tokenFault;
+      fault.remaining--;
       req.resume();
+      // With a token delay set, the fault comes as late as an answer would: an IdP failing slowly.
+      const answer = () => {
+        res.writeHead(fault.status, { 'content-type': 'text/plain', ...(fault.retryAfter ? { 'retry-after': fault.retryAfter } : {}) });
+        res.end('fault injected by /__dev/token-fault');
+      };
+      if (delays.tokenMs > 0) {
+        delayed.token++;
+        setTimeout(answer, delays.tokenMs);
+      } else answer();
       return;
     }
     if (req.url?.startsWith('/__dev/')) {

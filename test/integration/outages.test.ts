@@ -137,4 +137,45 @@ describe('the store away while a refresh writes back', () => {
     expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
     expect(await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).toMatchObject({ status: 200, body: { sub: user } });
   }, 60_000);
+
+  it('a lock the store refused to release is released once it is back, not left for its whole lease', async () => {
+    // The IdP fails the grant (slowly, 503) while Redis restarts: the refresh ends, its release is
+    // refused. Left behind, the lock (kept by the append-only file) would hold every call of this
+    // session at 503 until its 20 s lease ran out, as the cluster failover load run showed.
+    const user = 'release-outage';
+    const ownApp = ownStack.apps[0]!.url;
+    const ownCookie = await login(ownApp, user);
+    let probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
+    let lockKey: string;
+    try {
+      await probe.waitUntilDue(user, SKEW_SEC);
+      lockKey = probe.lockKeyFor((await probe.sessionKeyOf(user)) as string);
+    } finally {
+      await probe.close();
+    }
+    const before = await idpGrants(ownStack.issuer);
+    await fetch(`${ownStack.issuer}/__dev/token-fault?status=503&count=1`, { method: 'POST' });
+    const delays = await setIdpDelays(ownStack.issuer, { tokenMs: 1_500 });
+    let during;
+    try {
+      const pending = call(ownApp, '/api/proxy/demo/whoami', ownCookie);
+      await waitFor('the grant to reach the IdP', async () => ((await setIdpDelays(ownStack.issuer, {})).delayed.token > delays.delayed.token ? true : undefined), 5_000, 20);
+      const restarted = ownRedis.restart(4_000);
+      during = await pending;
+      await restarted;
+    } finally {
+      await setIdpDelays(ownStack.issuer, { tokenMs: 0 });
+    }
+    expect(during.status).toBe(503);
+    expect(clearsSessionCookie(during.setCookies)).toBe(false);
+    probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
+    try {
+      await waitFor('the refused release to land', async () => ((await probe.exists(lockKey)) ? undefined : true), 3_000, 50);
+    } finally {
+      await probe.close();
+    }
+    expect(await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).toMatchObject({ status: 200, body: { sub: user } });
+    const after = await idpGrants(ownStack.issuer);
+    expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
+  }, 60_000);
 });
