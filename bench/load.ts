@@ -6,8 +6,9 @@
 // timestamps) and each instance's memory, and fails (exit 1) on any failed request, any refused
 // refresh (a replay), or two grants for one session within one token lifetime.
 // With LOAD_FAULTS=1 it then runs each fault scenario under the same load — an instance killed and
-// restarted, the IdP stalled, Redis restarted with and without persistence — each with the outcome
-// it must have, checked from outside (see `problemsIn`).
+// restarted, the IdP stalled, Redis restarted with and without persistence, a Redis Cluster master
+// killed and failed over, the APIs resetting connections — each with the outcome it must have,
+// checked from outside (see `problemsIn`).
 // `runLoad` is also what test/integration/load.test.ts runs for 15 s in `npm test`.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -17,8 +18,11 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { loginThroughRp } from '../e2e/support/headless-login.ts';
 import { ROOT, freePort, startGatehouse, startStack, type Stack } from '../e2e/support/stack.ts';
+import { Cluster } from 'ioredis';
+import { sessionHandle } from '../lib/session.ts';
 import { idpGrants } from '../test/support/http-client.ts';
 import { startPrivateRedis, type PrivateRedis } from '../test/support/private-redis.ts';
+import { startRedisCluster, type RedisCluster } from '../test/support/redis-cluster.ts';
 import { aptInstall, log, percentile, processTree, rssBytes, sleep } from './lib.ts';
 
 export interface LoadOptions {
@@ -42,10 +46,12 @@ export interface LoadOptions {
  * instance's processes and starts it again; `stall-idp` freezes the IdP (SIGSTOP: connections are
  * accepted, nothing answers); `restart-redis` and `restart-redis-aof` stop a private Redis (without
  * and with an append-only file) and start it again on the same port; `reset-upstream` makes the
- * APIs' connections (through a TCP relay in front of them) reset at random, one request in ten.
+ * APIs' connections (through a TCP relay in front of them) reset at random, one request in ten;
+ * `failover-cluster` runs the fleet on a Redis Cluster (3 masters, each with a replica), SIGKILLs
+ * one master, lets its replica take over, and starts the killed node again after `forSec`.
  */
 export interface Fault {
-  kind: 'kill-instance' | 'stall-idp' | 'restart-redis' | 'restart-redis-aof' | 'reset-upstream';
+  kind: 'kill-instance' | 'stall-idp' | 'restart-redis' | 'restart-redis-aof' | 'reset-upstream' | 'failover-cluster';
   atSec: number;
   forSec: number;
 }
@@ -76,12 +82,17 @@ export interface LoadReport {
   memory: Array<{ instance: string; beforeMb: number; halfwayMb: number; afterMb: number }>;
   /** When the fault began and ended, in ms from the start of the load. */
   faultWindow?: { fromMs: number; toMs: number };
-  /** Every failed answer: when (ms from the start of the load), its status and Gatehouse's code. */
-  failureLog: Array<{ atMs: number; status: number; code: string | null }>;
+  /** Every failed answer: when (ms from the start of the load), its status, Gatehouse's code, and whose call it was. */
+  failureLog: Array<{ atMs: number; status: number; code: string | null; user: number }>;
   /** Each user's session after the load (and the fault) ended, asked once more: answers by status and code. */
   sessionsAfter: Record<string, number>;
   /** reset-upstream: how many requests the relay answered with a reset. */
   upstreamResets?: number;
+  /**
+   * failover-cluster: the users whose session lived on the killed master, and how long from the
+   * kill until a replica served its slots with the cluster ok again.
+   */
+  failover?: { usersOnFailedShard: number[]; failoverMs: number };
 }
 
 const NGINX = '/usr/sbin/nginx';
@@ -223,12 +234,51 @@ async function startResettingRelay(port: number, target: URL): Promise<{ resetti
   return relay;
 }
 
-/** Brings the fault about at its time and undoes it; resolves with when it began and ended. */
-async function injectFault(fault: Fault, stack: Stack, redis: Awaited<ReturnType<typeof startOwnRedis>> | undefined, publicUrl: string, started: number, relay: Awaited<ReturnType<typeof startResettingRelay>> | undefined): Promise<{ fromMs: number; toMs: number }> {
+/** Which master holds each user's session key: the users' own sessions lists name their current session's handle. */
+async function sessionShards(cluster: RedisCluster, keyPrefix: string, base: string, users: VirtualUser[]): Promise<number[]> {
+  const [seed] = cluster.urls.map((url) => new URL(url));
+  const client = new Cluster([{ host: seed?.hostname ?? '127.0.0.1', port: Number(seed?.port) }]);
+  client.on('error', () => undefined);
+  const portByHandle = new Map<string, number>();
+  try {
+    await new Promise((resolve) => client.once('ready', resolve));
+    for (const node of client.nodes('master')) {
+      let cursor = '0';
+      do {
+        const [next, keys] = await node.scan(cursor, 'MATCH', `${keyPrefix}session:{*}`, 'COUNT', 1000);
+        cursor = next;
+        for (const key of keys) portByHandle.set(sessionHandle(key.slice(key.indexOf('{') + 1, -1)), Number(node.options.port));
+      }
+      while (cursor !== '0');
+    }
+  } finally {
+    client.disconnect();
+  }
+  return Promise.all(
+    users.map(async (user, index) => {
+      const response = await fetch(new URL('/api/auth/sessions', base), { headers: { cookie: user.cookie, 'x-csrf': '1' } });
+      const { sessions } = (await response.json()) as { sessions: Array<{ handle: string; current: boolean }> };
+      const port = portByHandle.get(sessions.find((entry) => entry.current)?.handle ?? '');
+      if (port === undefined) throw new Error(`no session key found for load-${index}`);
+      return port;
+    }),
+  );
+}
+
+/** Brings the fault about at its time and undoes it; resolves with when it began and ended (and, for a failover, how long that took). */
+async function injectFault(fault: Fault, stack: Stack, redis: Awaited<ReturnType<typeof startOwnRedis>> | undefined, publicUrl: string, started: number, relay: Awaited<ReturnType<typeof startResettingRelay>> | undefined, cluster: { cluster: RedisCluster; victim: number; keyOnVictim: string } | undefined): Promise<{ fromMs: number; toMs: number; failoverMs?: number }> {
   await sleep(started + fault.atSec * 1000 - Date.now());
   const fromMs = Date.now() - started;
   log(`fault: ${fault.kind} for ${fault.forSec} s`);
-  if (fault.kind === 'kill-instance') {
+  if (fault.kind === 'failover-cluster') {
+    const { cluster: redisCluster, victim, keyOnVictim } = cluster as NonNullable<typeof cluster>;
+    redisCluster.kill(victim);
+    const failoverMs = await redisCluster.failedOver(keyOnVictim, victim, 60_000);
+    log(`failover: a replica serves the killed master's slots after ${failoverMs} ms`);
+    await sleep(started + (fault.atSec + fault.forSec) * 1000 - Date.now());
+    await redisCluster.restart(victim);
+    return { fromMs, toMs: Date.now() - started, failoverMs };
+  } else if (fault.kind === 'kill-instance') {
     const app = stack.apps[0] as Stack['apps'][number];
     for (const pid of processTree(app.process.child.pid as number)) process.kill(pid, 'SIGKILL');
     await sleep(fault.forSec * 1000);
@@ -281,6 +331,9 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
   let stack: Stack | undefined;
   let nginx: { url: string; stop(): Promise<void> } | undefined;
   const redis = options.fault?.kind.startsWith('restart-redis') ? await startOwnRedis(options.fault.kind === 'restart-redis-aof') : undefined;
+  // Failover is what replicas are for; `cluster-require-full-coverage no` is what the README
+  // recommends, so that the shards whose master lives keep serving meanwhile.
+  const cluster = options.fault?.kind === 'failover-cluster' ? await startRedisCluster({ nodes: 3, replicas: 1, nodeTimeoutMs: 2_000, requireFullCoverage: false }) : undefined;
   // With reset-upstream the APIs are reached through the relay, whose port is known up front.
   const relayPort = options.fault?.kind === 'reset-upstream' ? await freePort() : undefined;
   let relay: Awaited<ReturnType<typeof startResettingRelay>> | undefined;
@@ -290,7 +343,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
       workers: options.workersPerInstance,
       accessTokenTtl: options.accessTokenTtlSec,
       publicUrl,
-      ...(redis ? { redisUrl: redis.url } : options.redisUrl ? { redisUrl: options.redisUrl } : {}),
+      ...(redis ? { redisUrl: redis.url } : cluster ? { redisUrl: cluster.url } : options.redisUrl ? { redisUrl: options.redisUrl } : {}),
       ...(relayPort ? { apis: () => ({ demo: { url: `http://localhost:${relayPort}` }, public: { url: `http://localhost:${relayPort}/public`, auth: 'user-optional' } }) } : {}),
       env: { TOKEN_REFRESH_SKEW: String(options.refreshSkewSec), LOG_LEVEL: 'error' },
     });
@@ -300,6 +353,16 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
     const users = await signIn(nginx.url, options.virtualUsers, options.loginConcurrency);
     const grantsBefore = await idpGrants(stack.issuer);
     const memoryBefore = instanceMemoryMb(stack);
+    let failover: { victim: number; keyOnVictim: string; usersOnFailedShard: number[] } | undefined;
+    if (cluster) {
+      const shards = await sessionShards(cluster, stack.keyPrefix, nginx.url, users);
+      const victim = shards[0] as number;
+      const usersOnFailedShard = shards.flatMap((port, index) => (port === victim ? [index] : []));
+      failover = { victim, keyOnVictim: `${stack.keyPrefix}session:{probe-${victim}}`, usersOnFailedShard };
+      // Any key of a slot the victim serves will do for watching the failover: find one by name.
+      for (let i = 0; (await cluster.masterOf(failover.keyOnVictim)) !== victim; i++) failover.keyOnVictim = `${stack.keyPrefix}session:{probe-${i}}`;
+      log(`sessions per master: ${JSON.stringify(countBy(shards))}; the master on :${victim} will be killed`);
+    }
 
     const latencies: number[] = [];
     const failures: Record<string, number> = {};
@@ -311,7 +374,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
     // Halfway and at the end: growth that stops (heap sized to the load) versus growth that goes on.
     let memoryHalfway: number[] = [];
     const halfway = setTimeout(() => (memoryHalfway = instanceMemoryMb(stack as Stack)), (options.seconds * 1000) / 2);
-    const faultDone = options.fault ? injectFault(options.fault, stack, redis, publicUrl, started, relay) : undefined;
+    const faultDone = options.fault ? injectFault(options.fault, stack, redis, publicUrl, started, relay, cluster && failover ? { cluster, ...failover } : undefined) : undefined;
     await Promise.all(
       users.map(async (user, index) => {
         // Spread the users over one think time so they do not beat in step.
@@ -323,7 +386,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
             latencies.push(answer.ms);
             if (answer.status >= 200 && answer.status < 300) continue;
             failures[answer.status] = (failures[answer.status] ?? 0) + 1;
-            if (failureLog.length < 20_000) failureLog.push({ atMs: sentAt, status: answer.status, code: answer.code });
+            if (failureLog.length < 20_000) failureLog.push({ atMs: sentAt, status: answer.status, code: answer.code, user: index });
           }
           user.calledUntil = Date.now();
           await sleep(options.thinkMs);
@@ -332,7 +395,8 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
     );
     clearTimeout(halfway);
     const elapsedSec = (Date.now() - started) / 1000;
-    const faultWindow = await faultDone;
+    const faultOutcome = await faultDone;
+    const faultWindow = faultOutcome && { fromMs: faultOutcome.fromMs, toMs: faultOutcome.toMs };
     // The grants of refreshes still under way settle within a moment; then every session is asked once more.
     await sleep(500);
     const sessionsAfter: Record<string, number> = {};
@@ -368,13 +432,21 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
       failureLog,
       sessionsAfter,
       ...(relay ? { upstreamResets: relay.resets } : {}),
+      ...(failover ? { failover: { usersOnFailedShard: failover.usersOnFailedShard, failoverMs: faultOutcome?.failoverMs ?? Number.NaN } } : {}),
     };
   } finally {
     await nginx?.stop();
     await relay?.close();
     await stack?.stop();
     redis?.close();
+    await cluster?.stop();
   }
+}
+
+function countBy(values: Array<string | number>): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const value of values) counts[String(value)] = (counts[String(value)] ?? 0) + 1;
+  return counts;
 }
 
 /** When the last failed call (other than a 401 for a session that is gone) was sent, relative to the fault's end. */
@@ -440,7 +512,12 @@ export function problemsIn(report: LoadReport): string[] {
     'reset-upstream': (f) => inWindow(f) && f.status === 502 && f.code === 'upstream_unavailable',
     // The store away, then every session gone: 503 while away, then 401 with the cookie cleared.
     'restart-redis': (f) => (inWindow(f) && f.status === 503 && RETRY_SHORTLY.includes(f.code ?? '')) || (f.atMs >= window.fromMs && f.status === 401),
+    // Only the sessions on the failed shard, told to retry while its replica takes over; a write
+    // the old master acknowledged but never replicated can lose a rotated refresh token, which the
+    // IdP then refuses as a replay (one lost session per refused grant, as for kill-instance).
+    'failover-cluster': (f) => onFailedShard.has(f.user) && ((inWindow(f) && f.status === 503 && RETRY_SHORTLY.includes(f.code ?? '')) || (f.status === 401 && lost <= report.refusedRefreshes)),
   };
+  const onFailedShard = new Set(report.failover?.usersOnFailedShard);
   const unexpected = report.failureLog.filter((f) => !allowed[fault.kind](f));
   if (unexpected.length) problems.push(`failures a ${fault.kind} must not cause: ${describe(unexpected)}`);
   if (fault.kind === 'restart-redis') {
@@ -448,7 +525,11 @@ export function problemsIn(report: LoadReport): string[] {
     if ((report.sessionsAfter['200'] ?? 0) > 0 || Object.keys(report.sessionsAfter).some((key) => !key.startsWith('401'))) problems.push(`sessions after Redis lost them: ${JSON.stringify(report.sessionsAfter)}`);
     return problems;
   }
-  if (fault.kind === 'kill-instance') {
+  if (fault.kind === 'failover-cluster') {
+    const elsewhere = report.failureLog.filter((f) => !onFailedShard.has(f.user));
+    if (elsewhere.length) problems.push(`sessions outside the failed shard noticed: ${describe(elsewhere)}`);
+  }
+  if (fault.kind === 'kill-instance' || fault.kind === 'failover-cluster') {
     if (lost > report.refusedRefreshes) problems.push(`${lost} sessions lost but only ${report.refusedRefreshes} refused grants: ${JSON.stringify(report.sessionsAfter)}`);
     return problems;
   }
@@ -470,13 +551,25 @@ export function formatReport(report: LoadReport): string {
     `| refresh grants | ${report.refreshGrants} for ${report.expiriesInUse} expiries in use over ${report.sessions} sessions; sessions with two grants in one lifetime: ${report.sessionsWithTwoGrantsInOneLifetime}; refused: ${report.refusedRefreshes} |`,
     ...(report.options.fault && report.faultWindow
       ? [
-          `| fault | ${report.options.fault.kind} from ${(report.faultWindow.fromMs / 1000).toFixed(1)} s to ${(report.faultWindow.toMs / 1000).toFixed(1)} s; last failure ${lastFailureAfter(report)}${report.upstreamResets !== undefined ? `; ${report.upstreamResets} upstream requests reset` : ''} |`,
+          `| fault | ${report.options.fault.kind} from ${(report.faultWindow.fromMs / 1000).toFixed(1)} s to ${(report.faultWindow.toMs / 1000).toFixed(1)} s; last failure ${lastFailureAfter(report)}${report.upstreamResets !== undefined ? `; ${report.upstreamResets} upstream requests reset` : ''}${report.failover ? `; failed over in ${(report.failover.failoverMs / 1000).toFixed(1)} s; ${report.failover.usersOnFailedShard.length} of ${report.sessions} sessions on the failed shard; failures of sessions elsewhere: ${report.failureLog.filter((f) => !report.failover?.usersOnFailedShard.includes(f.user)).length}` : ''} |`,
           `| failures | ${JSON.stringify(countByAnswer(report.failureLog))} |`,
           `| sessions after | ${JSON.stringify(report.sessionsAfter)} |`,
         ]
       : []),
     `| memory (RSS: signed in → halfway → end) | ${report.memory.map((m) => `${m.instance}: ${m.beforeMb.toFixed(0)} → ${m.halfwayMb.toFixed(0)} → ${m.afterMb.toFixed(0)} MB`).join('; ')} |`,
   ].join('\n');
+}
+
+const FAULT_KINDS: Array<Fault['kind']> = ['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis', 'reset-upstream', 'failover-cluster'];
+
+/** LOAD_FAULTS=1: every fault; or a comma-separated list of fault kinds. */
+function faultsAsked(value: string | undefined): Array<Fault['kind']> {
+  if (!value) return [];
+  if (value === '1') return FAULT_KINDS;
+  const kinds = value.split(',').map((kind) => kind.trim());
+  const unknown = kinds.filter((kind) => !FAULT_KINDS.includes(kind as Fault['kind']));
+  if (unknown.length) throw new Error(`LOAD_FAULTS: unknown fault ${unknown.join(', ')} (known: 1, ${FAULT_KINDS.join(', ')})`);
+  return kinds as Array<Fault['kind']>;
 }
 
 if (import.meta.filename === process.argv[1]) {
@@ -490,7 +583,7 @@ if (import.meta.filename === process.argv[1]) {
   const faultAt = { atSec: Math.round(seconds / 3), forSec: Math.min(20, Math.round(seconds / 3)) };
   const runs: Array<Partial<LoadOptions>> = [
     base,
-    ...(process.env.LOAD_FAULTS === '1' ? (['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis', 'reset-upstream'] as const).map((kind) => ({ ...base, fault: { kind, ...faultAt } })) : []),
+    ...faultsAsked(process.env.LOAD_FAULTS).map((kind) => ({ ...base, fault: { kind, ...faultAt } })),
   ];
   const sections: string[] = [];
   let failed = false;

@@ -1,6 +1,7 @@
 // The 15-second versions of `npm run bench:load`: two `npm start` instances behind nginx, one
 // Redis, users each with their own login calling two APIs at once while their tokens expire again
-// and again — first with nothing going wrong, then with each fault the bench injects, every run
+// and again — first with nothing going wrong, then with each fault the bench injects (the cluster
+// failover on a Redis Cluster of 3 masters and 3 replicas started for it), every run
 // checked by bench/load.ts's `problemsIn` for what the fault may cost and nothing more.
 import { describe, expect, it } from 'vitest';
 import { formatReport, problemsIn, runLoad, type Fault } from '../../bench/load.ts';
@@ -17,12 +18,18 @@ describe('a fleet under load (15 s)', () => {
     expect(report.refreshGrants).toBeGreaterThanOrEqual(report.expiriesInUse);
   }, 120_000);
 
-  it.each<Fault['kind']>(['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis', 'reset-upstream'])('with %s for 5 s: only what that fault may cost', async (kind) => {
+  it.each<Fault['kind']>(['stall-idp', 'kill-instance', 'restart-redis-aof', 'restart-redis', 'reset-upstream', 'failover-cluster'])('with %s for 5 s: only what that fault may cost', async (kind) => {
     const report = await runLoad({ ...SHORT, fault: { kind, atSec: 5, forSec: 5 } });
     console.log(formatReport(report));
     expect(problemsIn(report)).toEqual([]);
     // The fault was felt (or, for an instance the balancer routed around, at least happened).
     expect(report.faultWindow).toBeDefined();
     if (kind !== 'kill-instance') expect(report.failureLog.length).toBeGreaterThan(0);
+    if (kind === 'failover-cluster') {
+      // Sessions both on and off the failed shard, or "no one elsewhere noticed" would prove nothing.
+      expect(report.failover?.usersOnFailedShard.length).toBeGreaterThan(0);
+      expect(report.failover?.usersOnFailedShard.length).toBeLessThan(report.sessions);
+      expect(report.failover?.failoverMs).toBeLessThan(report.options.fault?.forSec as number * 1000);
+    }
   }, 120_000);
 });

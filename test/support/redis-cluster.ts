@@ -1,6 +1,7 @@
-// A throwaway Redis Cluster for tests: N masters (no replicas) as separate `redis-server`
-// processes on free loopback ports, sharing one temp directory that stop() removes again.
+// A throwaway Redis Cluster for tests: N masters (and, when asked, a replica of each) as separate
+// `redis-server` processes on free loopback ports, sharing one temp directory that stop() removes.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -13,7 +14,29 @@ export interface RedisCluster {
   urls: string[];
   /** All node URLs joined by commas: what REDIS_URL takes for a cluster. */
   url: string;
+  /** The port of the node that serves `key` now (a master). */
+  masterOf(key: string): Promise<number>;
+  /** SIGKILLs the node on `port`: no goodbye to its replicas or clients, as a crashed host. */
+  kill(port: number): void;
+  /** Starts the killed node on `port` again with its old cluster config (it rejoins, as a replica once failed over). */
+  restart(port: number): Promise<void>;
+  /** Resolves once a master other than `port` serves `key` and the cluster says ok; the ms that took. */
+  failedOver(key: string, port: number, timeoutMs: number): Promise<number>;
   stop(): Promise<void>;
+}
+
+export interface ClusterOptions {
+  /** Masters (at least 3). */
+  nodes?: number;
+  /** Replicas per master. */
+  replicas?: number;
+  /** How long a node may be unreachable before it is failed (and its replica promoted). */
+  nodeTimeoutMs?: number;
+  /**
+   * Redis's own default (`yes`) refuses every query while any slot is uncovered, i.e. on every
+   * shard between a master's failure and its replica's promotion; `no` keeps the other shards serving.
+   */
+  requireFullCoverage?: boolean;
 }
 
 const STARTUP_TIMEOUT_MS = 15_000;
@@ -24,7 +47,9 @@ interface Node {
   output: () => string;
 }
 
-function spawnNode(port: number, dir: string): Node {
+function spawnNode(port: number, dir: string, options: Required<Pick<ClusterOptions, 'nodeTimeoutMs' | 'requireFullCoverage'>>): Node {
+  const nodeDir = path.join(dir, String(port));
+  mkdirSync(nodeDir, { recursive: true });
   const child = spawn(
     'redis-server',
     [
@@ -32,10 +57,13 @@ function spawnNode(port: number, dir: string): Node {
       '--bind', '127.0.0.1',
       '--cluster-enabled', 'yes',
       '--cluster-config-file', path.join(dir, `nodes-${port}.conf`),
-      '--cluster-node-timeout', '5000',
+      '--cluster-node-timeout', String(options.nodeTimeoutMs),
+      '--cluster-require-full-coverage', options.requireFullCoverage ? 'yes' : 'no',
       '--save', '',
       '--appendonly', 'no',
-      '--dir', dir,
+      // A folder per node: a replica saves the snapshot it syncs as dump.rdb there, which a shared
+      // folder would hand to whichever node starts next.
+      '--dir', nodeDir,
     ],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
@@ -99,8 +127,10 @@ function runCli(args: string[], timeoutMs: number): Promise<string> {
   });
 }
 
-export async function startRedisCluster({ nodes: count = 3 }: { nodes?: number } = {}): Promise<RedisCluster> {
-  if (count < 3) throw new Error('redis-cli --cluster create needs at least 3 masters');
+export async function startRedisCluster({ nodes: masters = 3, replicas = 0, nodeTimeoutMs = 5_000, requireFullCoverage = true }: ClusterOptions = {}): Promise<RedisCluster> {
+  if (masters < 3) throw new Error('redis-cli --cluster create needs at least 3 masters');
+  const count = masters * (1 + replicas);
+  const nodeOptions = { nodeTimeoutMs, requireFullCoverage };
   const dir = await mkdtemp(path.join(tmpdir(), 'gatehouse-redis-cluster-'));
   const nodes: Node[] = [];
   // Should the test process die without running afterAll, the servers go down with it.
@@ -117,7 +147,7 @@ export async function startRedisCluster({ nodes: count = 3 }: { nodes?: number }
     const ports = new Set<number>();
     // freePort() releases the port before returning it, so two calls may hand out the same one.
     while (ports.size < count) ports.add(await freePort());
-    for (const port of ports) nodes.push(spawnNode(port, dir));
+    for (const port of ports) nodes.push(spawnNode(port, dir, nodeOptions));
 
     for (const node of nodes) {
       await waitFor(
@@ -131,7 +161,7 @@ export async function startRedisCluster({ nodes: count = 3 }: { nodes?: number }
     }
 
     const addresses = nodes.map((node) => `127.0.0.1:${node.port}`);
-    await runCli(['--cluster', 'create', ...addresses, '--cluster-replicas', '0', '--cluster-yes'], STARTUP_TIMEOUT_MS);
+    await runCli(['--cluster', 'create', ...addresses, '--cluster-replicas', String(replicas), '--cluster-yes'], STARTUP_TIMEOUT_MS);
 
     for (const node of nodes) {
       await waitFor(
@@ -147,5 +177,57 @@ export async function startRedisCluster({ nodes: count = 3 }: { nodes?: number }
   }
 
   const urls = nodes.map((node) => `redis://127.0.0.1:${node.port}`);
-  return { urls, url: urls.join(','), stop };
+  const alive = () => nodes.filter((node) => !exited(node));
+  /** Asks the live nodes in turn: which port serves this key's slot, and is the cluster ok. */
+  const ownerOf = async (key: string): Promise<{ port: number; ok: boolean } | undefined> => {
+    for (const node of alive()) {
+      const slot = await ask(node.port, 'CLUSTER', 'KEYSLOT', key);
+      const info = await ask(node.port, 'CLUSTER', 'INFO');
+      const table = await ask(node.port, 'CLUSTER', 'NODES');
+      if (slot === undefined || info === undefined || table === undefined) continue;
+      for (const line of table.split('\n')) {
+        const [, address, flags, , , , , state, ...ranges] = line.split(' ');
+        if (!address || !flags?.includes('master') || flags.includes('fail') || state !== 'connected') continue;
+        const covers = ranges.some((range) => {
+          const [from, to = from] = range.split('-').map(Number);
+          return Number(slot) >= (from as number) && Number(slot) <= (to as number);
+        });
+        if (covers) return { port: Number(address.split('@')[0]?.split(':')[1]), ok: info.includes('cluster_state:ok') };
+      }
+    }
+    return undefined;
+  };
+  return {
+    urls,
+    url: urls.join(','),
+    async masterOf(key) {
+      const owner = await ownerOf(key);
+      if (!owner) throw new Error(`no live master serves ${key}`);
+      return owner.port;
+    },
+    kill(port) {
+      nodes.find((node) => node.port === port)?.child.kill('SIGKILL');
+    },
+    async restart(port) {
+      const index = nodes.findIndex((node) => node.port === port);
+      if (index < 0) throw new Error(`no node on port ${port}`);
+      const node = spawnNode(port, dir, nodeOptions);
+      nodes[index] = node;
+      await waitFor(`redis-server on port ${port} to answer PING again`, async () => ((await ask(port, 'PING')) === 'PONG' ? true : undefined), STARTUP_TIMEOUT_MS);
+    },
+    async failedOver(key, port, timeoutMs) {
+      const started = Date.now();
+      await waitFor(
+        `a master other than :${port} serving ${key}`,
+        async () => {
+          const owner = await ownerOf(key);
+          return owner && owner.port !== port && owner.ok ? true : undefined;
+        },
+        timeoutMs,
+        50,
+      );
+      return Date.now() - started;
+    },
+    stop,
+  };
 }
