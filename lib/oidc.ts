@@ -187,10 +187,10 @@ function usesPushedAuthorization(as: oauth.AuthorizationServer): boolean {
 export function pushedAuthorizationProblem(as: oauth.AuthorizationServer, usePar = getConfig().oidc.usePar): string | undefined {
   if (as.pushed_authorization_request_endpoint) return undefined;
   if (as.require_pushed_authorization_requests === true) {
-    return `OIDC_ISSUER: the IdP (${as.issuer}) requires pushed authorization requests (require_pushed_authorization_requests: true) but its discovery document has no pushed_authorization_request_endpoint`;
+    return `OIDC_ISSUER: the IdP requires pushed authorization requests (require_pushed_authorization_requests: true) but publishes no pushed_authorization_request_endpoint (${as.issuer})`;
   }
   if (usePar) {
-    return `OIDC_USE_PAR: is true, but the IdP (${as.issuer}) publishes no pushed_authorization_request_endpoint; enable pushed authorization requests at the IdP, or unset OIDC_USE_PAR`;
+    return `OIDC_USE_PAR: is true, but the IdP publishes no pushed_authorization_request_endpoint; enable PAR at the IdP or unset OIDC_USE_PAR (${as.issuer})`;
   }
   return undefined;
 }

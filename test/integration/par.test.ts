@@ -257,7 +257,7 @@ describe(`an IdP with no PAR endpoint (${shape})`, () => {
     );
     expect(exit).toContain('exited early (code 1');
     expect(exit).toContain('Gatehouse cannot start');
-    expect(exit).toContain(`OIDC_USE_PAR: is true, but the IdP (${stack.issuer}) publishes no pushed_authorization_request_endpoint`);
+    expect(exit).toContain(`OIDC_USE_PAR: is true, but the IdP publishes no pushed_authorization_request_endpoint; enable PAR at the IdP or unset OIDC_USE_PAR (${stack.issuer})`);
     expect(exit).not.toMatch(/\n\s+at /);
     expect(Date.now() - started).toBeLessThan(30_000);
   });
@@ -283,7 +283,7 @@ describe(`an IdP with no PAR endpoint (${shape})`, () => {
       expect(html).toContain('<code>par_unsupported</code>');
       expect(html).not.toMatch(/\bat [\w.<>$]+ \(|node_modules|\.ts:\d+/);
       // The log names the problem for the operator.
-      await waitFor('the logged problem', () => (lateComer.process.output().includes('OIDC_USE_PAR: is true, but the IdP') ? true : undefined));
+      await waitFor('the logged problem', () => (lateComer.process.output().includes(`OIDC_USE_PAR: is true, but the IdP publishes no pushed_authorization_request_endpoint; enable PAR at the IdP or unset OIDC_USE_PAR (${stack.issuer})`) ? true : undefined));
       expect(await call(lateComer.url, '/api/health', undefined)).toMatchObject({ status: 503, body: { error: 'unhealthy', store: 'ok', idp: 'misconfigured' } });
     } finally {
       await lateComer.process.stop();
