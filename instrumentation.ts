@@ -6,5 +6,14 @@ export async function register(): Promise<void> {
   if (process.env.NEXT_RUNTIME === 'nodejs') {
     const { exitOnInvalidConfig } = await import('./lib/config.ts');
     exitOnInvalidConfig();
+    // npm start (server.ts) checked the IdP before it started any worker. On Vercel every cold start
+    // would pay for a discovery fetch: there the check runs at each login only.
+    if (process.env.GATEHOUSE_START_CHECKED || process.env.VERCEL) return;
+    const { idpStartProblems } = await import('./lib/oidc.ts');
+    const problems = await idpStartProblems();
+    if (problems.length) {
+      process.stderr.write(`Gatehouse cannot start:\n${problems.map((problem) => `  - ${problem}`).join('\n')}\n`);
+      process.exit(1);
+    }
   }
 }

@@ -9,6 +9,7 @@ import { ConfigError, getConfig, type Config } from './lib/config.ts';
 import { GatehouseError, errorBody } from './lib/errors.ts';
 import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
+import { idpStartProblems } from './lib/oidc.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
 import { serveSpaFrom } from './lib/spa.ts';
 
@@ -33,7 +34,7 @@ const methodNotAllowed = errorBody(new GatehouseError('method_not_allowed', 405,
 const envFiles = nextEnv.loadEnvConfig(import.meta.dirname, false, { info: () => undefined, error: (...args: unknown[]) => process.stderr.write(`${args.join(' ')}\n`) }).loadedEnvFiles;
 
 /** Everything a worker would refuse, checked once up front so a bad start ends with one message. */
-function startProblems(): { config?: Config; problems: string[] } {
+async function startProblems(): Promise<{ config?: Config; problems: string[] }> {
   let config: Config;
   try {
     config = getConfig();
@@ -51,14 +52,18 @@ function startProblems(): { config?: Config; problems: string[] } {
   if (!existsSync(path.join(import.meta.dirname, distDir, 'BUILD_ID'))) {
     problems.push(`NEXT_DIST_DIR: no production build in ${distDir}/ — run \`npm run build\` first`);
   }
+  // Only once the variables are right: the check reads the IdP they name.
+  if (!problems.length) problems.push(...(await idpStartProblems()));
   return { config, problems };
 }
 
-const checked = cluster.isPrimary ? startProblems() : { config: getConfig(), problems: [] };
+const checked = cluster.isPrimary ? await startProblems() : { config: getConfig(), problems: [] };
 if (checked.problems.length || !checked.config) {
   process.stderr.write(`Gatehouse cannot start:\n${checked.problems.map((problem) => `  - ${problem}`).join('\n')}\n`);
   process.exit(1);
 }
+// The workers, and Next's instrumentation hook in whichever process serves, need not ask the IdP again.
+process.env.GATEHOUSE_START_CHECKED = '1';
 const { port, hostname, workers: workerCount, drainMs } = checked.config.server;
 const { spa } = checked.config;
 if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { files: envFiles.map((file) => file.path) });

@@ -257,13 +257,15 @@ export async function checkHealth(): Promise<Response> {
       () => 'ok',
       () => 'unavailable',
     ),
+    // An IdP that answers but cannot take this server's logins (PAR required, no endpoint) is not ready either.
     oidc.checkDiscovery().then(
-      () => 'ok',
+      (as) => (oidc.pushedAuthorizationProblem(as) ? 'misconfigured' : 'ok'),
       () => 'unavailable',
     ),
   ]);
   const healthy = store === 'ok' && idp === 'ok';
-  return jsonResponse(healthy ? 200 : 503, healthy ? { status: 'ok', store, idp } : { error: 'unhealthy', message: `Not ready: ${[store !== 'ok' && 'store', idp !== 'ok' && 'idp'].filter(Boolean).join(' and ')} unavailable.`, store, idp });
+  const failing = [store !== 'ok' && `store ${store}`, idp !== 'ok' && `idp ${idp}`].filter(Boolean).join(' and ');
+  return jsonResponse(healthy ? 200 : 503, healthy ? { status: 'ok', store, idp } : { error: 'unhealthy', message: `Not ready: ${failing}.`, store, idp });
 }
 
 // --- a user's sessions -------------------------------------------------------------------------

@@ -26,6 +26,8 @@ export interface Config {
     scopes: string;
     /** Extra authorization request parameters some IdPs need (Google's access_type, Auth0's audience). */
     authorizationParams: Array<[string, string]>;
+    /** RFC 9126 even where the IdP does not require it; an IdP that does is obeyed either way. */
+    usePar: boolean;
     redirectUri: string;
     postLogoutRedirectUri: string;
     /** http:// endpoints are allowed only when the issuer is on loopback. */
@@ -188,6 +190,7 @@ const envSchema = z.object({
       }
       return pairs;
     }),
+  OIDC_USE_PAR: z.stringbool({ error: 'must be true or false' }).default(false),
   OIDC_TIMEOUT_MS: z.coerce.number().int().positive().max(60_000).default(10_000),
   SESSION_SECRET: secretList(32),
   TOKEN_ENCRYPTION_KEY: secretList(32).optional(),
@@ -348,6 +351,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       privateKeyJwk: env.OIDC_PRIVATE_KEY,
       scopes: env.OIDC_SCOPES.split(/\s+/).join(' '),
       authorizationParams: env.OIDC_AUTHORIZATION_PARAMS,
+      usePar: env.OIDC_USE_PAR,
       redirectUri: `${base}/api/auth/callback`,
       postLogoutRedirectUri: `${base}/`,
       allowInsecureRequests: env.OIDC_ISSUER.protocol === 'http:',

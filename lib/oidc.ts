@@ -2,6 +2,7 @@ import { createRemoteJWKSet } from 'jose';
 import * as oauth from 'oauth4webapi';
 import { getConfig } from './config.ts';
 import { GatehouseError, errors } from './errors.ts';
+import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { checkLogoutToken, type LogoutTokenClaims } from './logout-token.ts';
 
@@ -131,23 +132,82 @@ export function newAuthorizationRequest(prompt?: string): AuthorizationRequest {
   };
 }
 
+/**
+ * Where the browser goes to sign in. With PAR (RFC 9126) the parameters travel server to server,
+ * client authentication included, and the browser carries only `client_id` and `request_uri`: they
+ * cannot be read or altered on the way, and the IdP knows the request came from this client.
+ */
 export async function buildAuthorizationUrl(request: AuthorizationRequest): Promise<URL> {
   const as = await getAuthorizationServer();
-  const { oidc } = getConfig();
   if (!as.authorization_endpoint) throw new IdpError('rejected', 'The IdP has no authorization_endpoint');
+  const parameters = await authorizationParameters(request);
   const url = new URL(as.authorization_endpoint);
-  url.searchParams.set('response_type', 'code');
-  url.searchParams.set('client_id', oidc.clientId);
-  url.searchParams.set('redirect_uri', oidc.redirectUri);
-  url.searchParams.set('scope', oidc.scopes);
-  url.searchParams.set('state', request.state);
-  url.searchParams.set('nonce', request.nonce);
-  url.searchParams.set('code_challenge', await oauth.calculatePKCECodeChallenge(request.codeVerifier));
-  url.searchParams.set('code_challenge_method', 'S256');
-  for (const [name, value] of oidc.authorizationParams) url.searchParams.set(name, value);
-  if (request.prompt) url.searchParams.set('prompt', request.prompt);
-  // offline_access is only honoured with prompt=consent by some IdPs; we ask for it but cope without.
+  if (!usesPushedAuthorization(as)) {
+    for (const [name, value] of parameters) url.searchParams.set(name, value);
+    return url;
+  }
+  const problem = pushedAuthorizationProblem(as);
+  if (problem) {
+    throw new GatehouseError('par_unsupported', 502, 'Sign-in is not possible: the identity provider does not accept the sign-in request this server must send. The server log names the problem.', {
+      cause: new Error(problem),
+    });
+  }
+  url.searchParams.set('client_id', getConfig().oidc.clientId);
+  url.searchParams.set('request_uri', await pushAuthorizationRequest(as, parameters));
   return url;
+}
+
+async function authorizationParameters(request: AuthorizationRequest): Promise<URLSearchParams> {
+  const { oidc } = getConfig();
+  const parameters = new URLSearchParams({
+    response_type: 'code',
+    client_id: oidc.clientId,
+    redirect_uri: oidc.redirectUri,
+    scope: oidc.scopes,
+    state: request.state,
+    nonce: request.nonce,
+    code_challenge: await oauth.calculatePKCECodeChallenge(request.codeVerifier),
+    code_challenge_method: 'S256',
+  });
+  for (const [name, value] of oidc.authorizationParams) parameters.set(name, value);
+  if (request.prompt) parameters.set('prompt', request.prompt);
+  // offline_access is only honoured with prompt=consent by some IdPs; we ask for it but cope without.
+  return parameters;
+}
+
+function usesPushedAuthorization(as: oauth.AuthorizationServer): boolean {
+  return getConfig().oidc.usePar || as.require_pushed_authorization_requests === true;
+}
+
+/**
+ * Why no login can work with this IdP as configured, or undefined: PAR is required (by the IdP or
+ * by OIDC_USE_PAR) and the IdP publishes nowhere to push to. Checked at start-up and by every login,
+ * since the document may change under a running server.
+ */
+export function pushedAuthorizationProblem(as: oauth.AuthorizationServer, usePar = getConfig().oidc.usePar): string | undefined {
+  if (as.pushed_authorization_request_endpoint) return undefined;
+  if (as.require_pushed_authorization_requests === true) {
+    return `OIDC_ISSUER: the IdP requires pushed authorization requests (require_pushed_authorization_requests: true) but publishes no pushed_authorization_request_endpoint (${as.issuer})`;
+  }
+  if (usePar) {
+    return `OIDC_USE_PAR: is true, but the IdP publishes no pushed_authorization_request_endpoint; enable PAR at the IdP or unset OIDC_USE_PAR (${as.issuer})`;
+  }
+  return undefined;
+}
+
+/** RFC 9126 section 2: resolves to the `request_uri` that stands for `parameters` at the IdP. */
+async function pushAuthorizationRequest(as: oauth.AuthorizationServer, parameters: URLSearchParams): Promise<string> {
+  try {
+    const response = await oauth.pushedAuthorizationRequest(as, client(), await clientAuth(), parameters, requestOptions());
+    return (await oauth.processPushedAuthorizationResponse(as, client(), response)).request_uri;
+  } catch (error) {
+    const failure = classify(error, 'pushed authorization request');
+    if (failure.kind === 'unavailable') throw idpErrorToGatehouse(failure);
+    // A refusal here is a setup problem (redirect URI, client authentication, scope): the operator
+    // needs the IdP's own words, which go to the log with the cause, never to the page.
+    const description = error instanceof oauth.ResponseBodyError && error.error_description ? ` (${error.error_description.slice(0, 120)})` : '';
+    throw new GatehouseError('idp_error', 502, 'The identity provider refused the sign-in request.', { cause: new IdpError('rejected', `${failure.message}${description}`, error) });
+  }
 }
 
 const CLOCK_SKEW_SEC = 60;
@@ -272,7 +332,7 @@ function isNetworkFailure(error: unknown): boolean {
 
 /** The IdP's HTTP answer behind an oauth4webapi error, when there was one. */
 function responseOf(error: unknown): Response | undefined {
-  if (error instanceof oauth.ResponseBodyError) return error.response;
+  if (error instanceof oauth.ResponseBodyError || error instanceof oauth.WWWAuthenticateChallengeError) return error.response;
   if (error instanceof oauth.OperationProcessingError && error.cause instanceof Response) return error.cause;
   return undefined;
 }
@@ -314,11 +374,28 @@ export function idpErrorToGatehouse(error: IdpError): GatehouseError {
   return new GatehouseError('idp_error', 502, 'The identity provider refused the request.', { cause: error });
 }
 
-/** A live discovery fetch for health checks: the cached document would hide an outage. */
-export async function checkDiscovery(): Promise<void> {
+/** A live discovery fetch for health and start-up checks: the cached document would hide an outage. */
+export async function checkDiscovery(): Promise<oauth.AuthorizationServer> {
   const issuer = getConfig().oidc.issuer;
   const response = await oauth.discoveryRequest(issuer, { ...requestOptions(), signal: AbortSignal.timeout(3_000), algorithm: 'oidc' });
-  await oauth.processDiscoveryResponse(issuer, response);
+  return oauth.processDiscoveryResponse(issuer, response);
+}
+
+/**
+ * For server start-up: what the IdP's discovery document says that no login could work with. An IdP
+ * that cannot be reached right now is no reason to stay down (sessions and APIs work without it),
+ * so then this names nothing, and the same check runs at every login instead.
+ */
+export async function idpStartProblems(): Promise<string[]> {
+  let as: oauth.AuthorizationServer;
+  try {
+    as = await checkDiscovery();
+  } catch (error) {
+    log('warn', 'server.idp_unchecked', { ...describeCause(error), retry: 'at the first login' });
+    return [];
+  }
+  const problem = pushedAuthorizationProblem(as);
+  return problem ? [problem] : [];
 }
 
 const LOGOUT_TOKEN_MAX_AGE_SEC = 5 * 60;

@@ -36,7 +36,18 @@ export interface DevIdpOptions {
   noRefreshTokenPrefix?: string;
   /** Reuse the store and cookie keys of an earlier (closed) instance to simulate an IdP restart. */
   state?: DevIdpState;
+  /**
+   * Pushed authorization requests (RFC 9126). `enabled` (the default, as in oidc-provider) publishes
+   * the endpoint; `required` refuses every authorization request that was not pushed and says so in
+   * discovery; `required-per-client` refuses them too, through each client's registration
+   * (`require_pushed_authorization_requests`), which discovery does not show; `disabled` publishes
+   * no endpoint.
+   */
+  par?: DevIdpPar;
 }
+
+export const DEV_IDP_PAR_MODES = ['disabled', 'enabled', 'required', 'required-per-client'] as const;
+export type DevIdpPar = (typeof DEV_IDP_PAR_MODES)[number];
 
 export interface DevIdpState {
   readonly store: Map<string, StoredEntry>;
@@ -92,6 +103,11 @@ export const DEV_IDP_DEFAULTS = {
   apiAudiences: ['http://localhost:4001'],
   apiScope: 'api:read api:write',
 } as const;
+
+/** Endpoints a test can make fail for a while: /__dev/token-fault, /__dev/par-fault. */
+const FAULTY_ENDPOINTS = ['token', 'par'] as const;
+type FaultyEndpoint = (typeof FAULTY_ENDPOINTS)[number];
+const FAULT_PATHS: Record<FaultyEndpoint, string> = { token: '/token', par: '/request' };
 
 const GRANT_BOUND_MODELS = new Set(['AccessToken', 'AuthorizationCode', 'RefreshToken', 'DeviceCode', 'BackchannelAuthenticationRequest']);
 
@@ -200,23 +216,24 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
 
   const keys = await signingKeys();
   let counters = emptyCounters();
-  /** Test-only: the next `remaining` token requests get this answer (rate limiting, outages). */
-  let tokenFault: { status: number; retryAfter: string | undefined; remaining: number } | undefined;
+  /** Test-only: the next `remaining` requests to an endpoint get this answer (rate limiting, outages). */
+  const faults: Partial<Record<FaultyEndpoint, { status: number; retryAfter: string | undefined; remaining: number }>> = {};
   const delays: IdpDelays = { discoveryMs: 0, tokenMs: 0 };
   const delayed = { discovery: 0, token: 0 };
   // The issuer embeds the real port, so the provider only exists once the listener is bound.
   const providerSlot: { handler?: (req: IncomingMessage, res: ServerResponse) => unknown } = {};
   const server = createServer((req, res) => {
-    if (tokenFault && tokenFault.remaining > 0 && req.method === 'POST' && req.url?.startsWith('/token')) {
-      const fault = tokenFault;
+    const endpoint = req.method === 'POST' ? FAULTY_ENDPOINTS.find((name) => req.url?.startsWith(FAULT_PATHS[name])) : undefined;
+    const fault = endpoint && faults[endpoint];
+    if (fault && fault.remaining > 0) {
       fault.remaining--;
       req.resume();
-      // With a token delay set, the fault comes as late as an answer would: an IdP failing slowly.
+      // With a token delay set, a token fault comes as late as an answer would: an IdP failing slowly.
       const answer = () => {
         res.writeHead(fault.status, { 'content-type': 'text/plain', ...(fault.retryAfter ? { 'retry-after': fault.retryAfter } : {}) });
-        res.end('fault injected by /__dev/token-fault');
+        res.end(`fault injected by /__dev/${endpoint}-fault`);
       };
-      if (delays.tokenMs > 0) {
+      if (endpoint === 'token' && delays.tokenMs > 0) {
         delayed.token++;
         setTimeout(answer, delays.tokenMs);
       } else answer();
@@ -250,6 +267,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   }
   const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host);
   const issuer = `http://${options.issuerHost ?? 'localhost'}:${port}`;
+  const par = options.par ?? 'enabled';
 
   const client = (id: string, method: ClientAuthMethod, extra: Partial<ClientMetadata> = {}): ClientMetadata => ({
     ...extra,
@@ -263,6 +281,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
     response_types: ['code'],
     token_endpoint_auth_method: method,
+    ...(par === 'required-per-client' ? { require_pushed_authorization_requests: true } : {}),
   });
 
   const configuration: Configuration = {
@@ -328,6 +347,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     features: {
       devInteractions: { enabled: true },
       revocation: { enabled: true },
+      pushedAuthorizationRequests: { enabled: par !== 'disabled', requirePushedAuthorizationRequests: par === 'required' },
       clientCredentials: { enabled: true },
       backchannelLogout: { enabled: true },
       rpInitiatedLogout: { enabled: true },
@@ -416,12 +436,14 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
         .sign(await importJWK(rsa, 'RS256'));
       return sendJson(res, 200, { jws });
     }
-    if (req.method === 'POST' && url.pathname === '/__dev/token-fault') {
+    const faulty = FAULTY_ENDPOINTS.find((name) => url.pathname === `/__dev/${name}-fault`);
+    if (req.method === 'POST' && faulty) {
       const status = Number(url.searchParams.get('status') ?? 429);
       const remaining = Number(url.searchParams.get('count') ?? 1);
       if (!Number.isInteger(status) || status < 400 || status > 599 || !Number.isInteger(remaining)) return sendJson(res, 400, { error: 'status 400-599, integer count' });
-      tokenFault = { status, retryAfter: url.searchParams.get('retryAfter') ?? undefined, remaining };
-      return sendJson(res, 200, tokenFault);
+      const fault = { status, retryAfter: url.searchParams.get('retryAfter') ?? undefined, remaining };
+      faults[faulty] = fault;
+      return sendJson(res, 200, fault);
     }
     if (req.method === 'POST' && url.pathname === '/__dev/revoke-grants') {
       const sub = url.searchParams.get('sub');
@@ -503,6 +525,14 @@ function intFromEnv(name: string): number | undefined {
   return value;
 }
 
+/** IDP_PAR for the CLI, and for `npm run dev` (scripts/dev.ts). */
+export function parFromEnv(name = 'IDP_PAR'): DevIdpPar | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return undefined;
+  if (!(DEV_IDP_PAR_MODES as readonly string[]).includes(raw)) throw new Error(`${name} must be one of ${DEV_IDP_PAR_MODES.join(', ')}, got "${raw}"`);
+  return raw as DevIdpPar;
+}
+
 function listFromEnv(name: string): string[] | undefined {
   const list = process.env[name]?.split(',').map((item) => item.trim()).filter(Boolean);
   return list?.length ? list : undefined;
@@ -524,6 +554,7 @@ if (import.meta.main) {
         apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
         noRefreshTokenPrefix: process.env.IDP_NO_REFRESH_TOKEN_PREFIX || undefined,
         privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
+        par: parFromEnv(),
       }),
     (idp) => `dev IdP listening on ${idp.issuer}`,
   );

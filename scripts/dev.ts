@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { startDemoApi } from './demo-api.ts';
 import { startDevFront } from './dev-front.ts';
-import { DEV_IDP_DEFAULTS, startDevIdp } from './dev-idp.ts';
+import { DEV_IDP_DEFAULTS, parFromEnv, startDevIdp } from './dev-idp.ts';
 
 /**
  * `npm run dev`: the zero-config demo. An embedded development IdP, the demo API and the app in
@@ -81,7 +81,17 @@ const idpPort = Number(process.env.IDP_PORT || DEV_IDP_DEFAULTS.port);
 // 127.0.0.1 while the app is on localhost: the IdP is on another site, as it is in production, so
 // the SameSite=Strict cookie behaves in the demo as it will for users.
 const devIdpHost = '127.0.0.1';
-const idp = usesDevIdp ? await orExplain('development IdP', 'IDP_PORT', idpPort, () => startDevIdp({ port: idpPort, issuerHost: devIdpHost, appBaseUrl, apiAudiences })) : undefined;
+let idpPar: ReturnType<typeof parFromEnv>;
+try {
+  // IDP_PAR=required: a dev IdP that takes only pushed authorization requests, as some production IdPs do.
+  idpPar = parFromEnv();
+} catch (error) {
+  console.error(`npm run dev: ${(error as Error).message}`);
+  process.exit(1);
+}
+const idp = usesDevIdp
+  ? await orExplain('development IdP', 'IDP_PORT', idpPort, () => startDevIdp({ port: idpPort, issuerHost: devIdpHost, appBaseUrl, apiAudiences, par: idpPar }))
+  : undefined;
 if (idp) closers.push(() => idp.close());
 const issuer = process.env.OIDC_ISSUER || (idp as { issuer: string }).issuer;
 const demoApi = process.env.BFF_APIS ? undefined : await orExplain('demo API', 'DEMO_API_PORT', demoApiPort, () => startDemoApi({ port: demoApiPort, issuer }));

@@ -103,6 +103,13 @@ describe('configuration', () => {
     ]);
   });
 
+  it('takes OIDC_USE_PAR as a boolean, off by default, and names anything else', () => {
+    expect(parseConfig(valid).oidc.usePar).toBe(false);
+    expect(parseConfig({ ...valid, OIDC_USE_PAR: 'true' }).oidc.usePar).toBe(true);
+    expect(parseConfig({ ...valid, OIDC_USE_PAR: 'false' }).oidc.usePar).toBe(false);
+    expect(problemsOf({ ...valid, OIDC_USE_PAR: 'sometimes' })).toEqual(['OIDC_USE_PAR: must be true or false']);
+  });
+
   it('treats an empty variable as unset', () => {
     expect(problemsOf({ ...valid, SESSION_SECRET: '', OIDC_CLIENT_ID: '  ' })).toEqual(expect.arrayContaining(['SESSION_SECRET: is required', 'OIDC_CLIENT_ID: is required']));
     expect(parseConfig({ ...valid, OIDC_SCOPES: '' }).oidc.scopes).toBe('openid profile email offline_access');

@@ -16,7 +16,7 @@ function documentedVariables(): string[] {
 }
 
 /** Read by `npm run dev` (scripts/dev.ts), not by Gatehouse itself. */
-const DEV_SCRIPT_VARIABLES = ['IDP_PORT', 'DEMO_API_PORT', 'SPA_DEV_URL', 'NEXT_DEV_PORT'];
+const DEV_SCRIPT_VARIABLES = ['IDP_PORT', 'IDP_PAR', 'DEMO_API_PORT', 'SPA_DEV_URL', 'NEXT_DEV_PORT'];
 
 describe('README configuration reference', () => {
   it('documents exactly the variables the schema and the dev command read', () => {

@@ -1,0 +1,31 @@
+import type { AuthorizationServer } from 'oauth4webapi';
+import { describe, expect, it } from 'vitest';
+import { pushedAuthorizationProblem } from '../../lib/oidc.ts';
+
+/** What start-up and every login refuse: PAR required (by the IdP or OIDC_USE_PAR) with nowhere to push to. */
+describe('pushedAuthorizationProblem', () => {
+  const issuer = 'https://idp.example.com';
+  const endpoint = { pushed_authorization_request_endpoint: `${issuer}/par` };
+
+  it('names an IdP that requires PAR and publishes no endpoint, whatever OIDC_USE_PAR says', () => {
+    const as: AuthorizationServer = { issuer, require_pushed_authorization_requests: true };
+    for (const usePar of [false, true]) {
+      expect(pushedAuthorizationProblem(as, usePar)).toBe(
+        `OIDC_ISSUER: the IdP requires pushed authorization requests (require_pushed_authorization_requests: true) but publishes no pushed_authorization_request_endpoint (${issuer})`,
+      );
+    }
+  });
+
+  it('names OIDC_USE_PAR when the IdP publishes no endpoint', () => {
+    expect(pushedAuthorizationProblem({ issuer }, true)).toBe(
+      `OIDC_USE_PAR: is true, but the IdP publishes no pushed_authorization_request_endpoint; enable PAR at the IdP or unset OIDC_USE_PAR (${issuer})`,
+    );
+  });
+
+  it('has nothing to say when there is an endpoint, or when nobody asks for PAR', () => {
+    expect(pushedAuthorizationProblem({ issuer, ...endpoint, require_pushed_authorization_requests: true }, false)).toBeUndefined();
+    expect(pushedAuthorizationProblem({ issuer, ...endpoint }, true)).toBeUndefined();
+    expect(pushedAuthorizationProblem({ issuer }, false)).toBeUndefined();
+    expect(pushedAuthorizationProblem({ issuer, require_pushed_authorization_requests: false }, false)).toBeUndefined();
+  });
+});
