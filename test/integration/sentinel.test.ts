@@ -1,8 +1,8 @@
 // Redis Sentinel as the session store, on a real deployment: one master, one replica and three
 // sentinels (quorum 2), each a redis-server on loopback, the data nodes and the sentinels with
-// passwords of their own. First the store contract, then what a failover does to the store (its
-// coherent copies, and a failover that leaves the old master running), then a whole Gatehouse stack
-// whose master is SIGKILLed under a live session.
+// passwords of their own. First the store contract, on plain TCP and on TLS only, then what a
+// failover does to the store (its coherent copies, and a failover that leaves the old master
+// running), then a whole Gatehouse stack whose master is SIGKILLed under a live session.
 import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -36,6 +36,37 @@ function storeOn(deployment: RedisSentinel, keyPrefix = ''): Store {
 describeStoreContract('redis sentinel', async () => {
   if (!shared) throw new Error('sentinel deployment not started');
   return storeOn(shared);
+});
+
+describe('over TLS: rediss+sentinel://, with REDIS_TLS_CA for the sentinels and the data nodes alike', () => {
+  let tls: RedisSentinel | undefined;
+  const deployment = () => {
+    if (!tls) throw new Error('TLS sentinel deployment not started');
+    return tls;
+  };
+
+  beforeAll(async () => {
+    tls = await startRedisSentinel({ tls: true });
+  }, 60_000);
+
+  afterAll(async () => {
+    await tls?.stop();
+  });
+
+  describeStoreContract('redis sentinel over TLS', async () =>
+    createRedisStore(deployment().url, { sentinelPassword: deployment().sentinelPassword, tlsCa: deployment().tlsCa }),
+  );
+
+  it('does not trust the private CA without REDIS_TLS_CA: no sentinel is reachable, and commands fail within the command timeout', async () => {
+    const store = createRedisStore(deployment().url, { sentinelPassword: deployment().sentinelPassword, commandTimeoutMs: 1_000 });
+    try {
+      const started = Date.now();
+      await expect(store.ping()).rejects.toThrow(/^Redis PING failed: /);
+      expect(Date.now() - started).toBeLessThan(2_500);
+    } finally {
+      await store.close();
+    }
+  });
 });
 
 /** GETs that reached one data node while `work` ran (its own counters: the copies' proof). */

@@ -1,19 +1,24 @@
 // A throwaway Redis Sentinel deployment for tests: one master, one replica and three sentinels
 // (quorum 2), each a `redis-server` process on a free loopback port, with their files in one temp
 // directory that stop() removes. The data nodes and the sentinels have passwords of their own, as
-// in production, so a password sent to the wrong side fails here.
+// in production, so a password sent to the wrong side fails here. With `tls`, everything speaks
+// only TLS, with certificates from a private CA.
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Redis } from 'ioredis';
+import { Redis, type RedisOptions } from 'ioredis';
 import { freePort } from '../../e2e/support/stack.ts';
 import { waitFor } from './http-client.ts';
 import { ask, hasExited, startRedisGroup } from './redis-process.ts';
+import { makeTestCertificates } from './test-ca.ts';
 
 export interface RedisSentinel {
   masterName: string;
-  /** What REDIS_URL takes: `redis+sentinel://:<password>@127.0.0.1:<port>,…/<masterName>`. */
+  /** What REDIS_URL takes: `redis+sentinel://:<password>@127.0.0.1:<port>,…/<masterName>` (`rediss+sentinel` with TLS). */
   url: string;
+  /** With TLS: the private CA's certificate (PEM text) that every node's certificate is signed by. */
+  tlsCa: string | undefined;
   /** The sentinels' own password (their `requirepass`): what REDIS_SENTINEL_PASSWORD takes. */
   sentinelPassword: string;
   sentinelPorts: number[];
@@ -48,28 +53,46 @@ function fields(reply: unknown): Record<string, string> {
   return out;
 }
 
-function testClient(port: number, password: string): Redis {
-  const client = new Redis({ host: '127.0.0.1', port, password, maxRetriesPerRequest: 1, connectTimeout: 1_000 });
+function testClient(port: number, password: string, options: RedisOptions): Redis {
+  const client = new Redis({ host: '127.0.0.1', port, password, maxRetriesPerRequest: 1, connectTimeout: 1_000, ...options });
   client.on('error', () => {});
   return client;
 }
 
-export async function startRedisSentinel(): Promise<RedisSentinel> {
+/** `tls`: every node and sentinel speaks only TLS, with a certificate from a private CA. */
+export async function startRedisSentinel({ tls = false }: { tls?: boolean } = {}): Promise<RedisSentinel> {
   const group = await startRedisGroup('redis-sentinel');
   const { dir, processes } = group;
   const password = randomBytes(12).toString('hex');
   const sentinelPassword = randomBytes(12).toString('hex');
+  const certificates = tls ? makeTestCertificates(dir) : undefined;
+  const tlsCa = certificates ? readFileSync(certificates.ca, 'utf8') : undefined;
+  const clientTls: RedisOptions = tlsCa ? { tls: { ca: tlsCa } } : {};
+  // As settings, `--name value` on the command line or `name value` in a sentinel's file: the
+  // listening port, TLS only if asked for (also to the master, for replicas and sentinels).
+  const listen = (port: number): Array<[string, string]> =>
+    certificates
+      ? [
+          ['port', '0'],
+          ['tls-port', String(port)],
+          ['tls-cert-file', certificates.cert],
+          ['tls-key-file', certificates.key],
+          ['tls-ca-cert-file', certificates.ca],
+          ['tls-auth-clients', 'no'],
+          ['tls-replication', 'yes'],
+        ]
+      : [['port', String(port)]];
 
   const ports = new Set<number>();
   // freePort() releases the port before returning it, so two calls may hand out the same one.
   while (ports.size < 5) ports.add(await freePort());
   const [masterPort, replicaPort, ...sentinelPorts] = [...ports] as [number, number, number, number, number];
-  const dataAuth = { password };
-  const sentinelAuth = { password: sentinelPassword };
+  const dataAuth = { password, ...clientTls };
+  const sentinelAuth = { password: sentinelPassword, ...clientTls };
 
   const dataNode = (port: number, extra: string[]) =>
     group.spawn(port, [
-      '--port', String(port),
+      ...listen(port).flatMap(([name, value]) => [`--${name}`, value]),
       '--bind', '127.0.0.1',
       '--dir', dir,
       '--dbfilename', `dump-${port}.rdb`,
@@ -101,7 +124,7 @@ export async function startRedisSentinel(): Promise<RedisSentinel> {
       await writeFile(
         file,
         [
-          `port ${port}`,
+          ...listen(port).map(([name, value]) => `${name} ${value}`),
           'bind 127.0.0.1',
           `dir ${dir}`,
           // Sentinels announce themselves and name nodes by IP: loopback, so clients here can reach them.
@@ -142,7 +165,8 @@ export async function startRedisSentinel(): Promise<RedisSentinel> {
   const namedMasters = () => Promise.all(sentinelPorts.map(addressFrom));
   return {
     masterName: MASTER_NAME,
-    url: `redis+sentinel://:${password}@${sentinelPorts.map((port) => `127.0.0.1:${port}`).join(',')}/${MASTER_NAME}`,
+    url: `${tls ? 'rediss' : 'redis'}+sentinel://:${password}@${sentinelPorts.map((port) => `127.0.0.1:${port}`).join(',')}/${MASTER_NAME}`,
+    tlsCa,
     sentinelPassword,
     sentinelPorts,
     dataPorts: [masterPort, replicaPort],
@@ -168,10 +192,10 @@ export async function startRedisSentinel(): Promise<RedisSentinel> {
       );
     },
     dataClient(port) {
-      return testClient(port, password);
+      return testClient(port, password, clientTls);
     },
     sentinelClient() {
-      return testClient(sentinelPorts[0], sentinelPassword);
+      return testClient(sentinelPorts[0], sentinelPassword, clientTls);
     },
     async kill(port) {
       const node = processes.find((candidate) => candidate.port === port && !hasExited(candidate));
