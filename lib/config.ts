@@ -3,6 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
+import { isSentinelUrl, parseSentinelUrl } from './store/sentinel-url.ts';
 
 /**
  * The whole configuration, read from the environment once, on first use. Validating at import
@@ -51,7 +52,7 @@ export interface Config {
   refresh: { skewSec: number; lockLeaseMs: number; forcedIntervalSec: number; waitMs: number };
   store:
     | { kind: 'memory' }
-    | { kind: 'redis'; url: string; tlsCa?: string }
+    | { kind: 'redis'; url: string; tlsCa?: string; sentinelPassword?: string }
     | { kind: 'upstash'; url: string; token: string };
   keyPrefix: string;
   apis: Record<string, ApiConfig>;
@@ -204,8 +205,21 @@ const envSchema = z.object({
   REFRESH_WAIT_MS: z.coerce.number().int().positive().max(60_000).default(2_000),
   FORCED_REFRESH_INTERVAL: seconds(60),
   SESSION_STORE: z.enum(['memory', 'redis', 'upstash']).optional(),
-  REDIS_URL: z.string().trim().regex(/^rediss?:\/\//, 'must start with redis:// or rediss://').optional(),
+  REDIS_URL: z
+    .string()
+    .trim()
+    .regex(/^rediss?(\+sentinel)?:\/\//, 'must start with redis://, rediss://, redis+sentinel:// or rediss+sentinel://')
+    .superRefine((value, ctx) => {
+      if (!isSentinelUrl(value)) return;
+      try {
+        parseSentinelUrl(value);
+      } catch (error) {
+        ctx.addIssue({ code: 'custom', message: (error as Error).message });
+      }
+    })
+    .optional(),
   REDIS_TLS_CA: z.string().trim().min(1).optional(),
+  REDIS_SENTINEL_PASSWORD: z.string().min(1).optional(),
   UPSTASH_REDIS_REST_URL: endpointUrl.optional(),
   UPSTASH_REDIS_REST_TOKEN: z.string().trim().min(1).optional(),
   REDIS_KEY_PREFIX: z.string().regex(/^[A-Za-z0-9:_-]{1,64}$/).default('gatehouse:'),
@@ -257,7 +271,12 @@ function crossCheck(env: Partial<Env>): string[] {
     problems.push(`${env.UPSTASH_REDIS_REST_URL ? 'UPSTASH_REDIS_REST_TOKEN' : 'UPSTASH_REDIS_REST_URL'}: Upstash needs both UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN`);
   }
   if (env.SESSION_STORE === 'redis' && !env.REDIS_URL) problems.push('REDIS_URL: is required when SESSION_STORE=redis');
-  if (env.REDIS_TLS_CA && !env.REDIS_URL?.startsWith('rediss://')) problems.push('REDIS_TLS_CA: only used for TLS, with a rediss:// REDIS_URL');
+  if (env.REDIS_TLS_CA && !/^rediss(\+sentinel)?:\/\//.test(env.REDIS_URL ?? '')) {
+    problems.push('REDIS_TLS_CA: only used for TLS, with a rediss:// or rediss+sentinel:// REDIS_URL');
+  }
+  if (env.REDIS_SENTINEL_PASSWORD && !isSentinelUrl(env.REDIS_URL ?? '')) {
+    problems.push('REDIS_SENTINEL_PASSWORD: only used with a redis+sentinel:// or rediss+sentinel:// REDIS_URL');
+  }
   if (env.REDIS_TLS_CA) {
     const problem = tlsCaProblem(env.REDIS_TLS_CA);
     if (problem) problems.push(`REDIS_TLS_CA: ${problem}`);
@@ -306,7 +325,14 @@ function tlsCaProblem(value: string): string | undefined {
 
 function pickStore(env: Env): Config['store'] {
   const kind = env.SESSION_STORE ?? (env.UPSTASH_REDIS_REST_URL ? 'upstash' : env.REDIS_URL ? 'redis' : 'memory');
-  if (kind === 'redis') return { kind, url: env.REDIS_URL as string, ...(env.REDIS_TLS_CA ? { tlsCa: tlsCaText(env.REDIS_TLS_CA) } : {}) };
+  if (kind === 'redis') {
+    return {
+      kind,
+      url: env.REDIS_URL as string,
+      ...(env.REDIS_TLS_CA ? { tlsCa: tlsCaText(env.REDIS_TLS_CA) } : {}),
+      ...(env.REDIS_SENTINEL_PASSWORD ? { sentinelPassword: env.REDIS_SENTINEL_PASSWORD } : {}),
+    };
+  }
   if (kind === 'upstash') return { kind, url: (env.UPSTASH_REDIS_REST_URL as URL).href, token: env.UPSTASH_REDIS_REST_TOKEN as string };
   return { kind: 'memory' };
 }

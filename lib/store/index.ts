@@ -7,7 +7,7 @@ export type { Store };
 
 export type StoreConfig =
   | { kind: 'memory' }
-  | { kind: 'redis'; url: string; tlsCa?: string }
+  | { kind: 'redis'; url: string; tlsCa?: string; sentinelPassword?: string }
   | { kind: 'upstash'; url: string; token: string };
 
 export function createStore(config: StoreConfig): Store {
@@ -15,7 +15,7 @@ export function createStore(config: StoreConfig): Store {
     case 'memory':
       return createMemoryStore();
     case 'redis':
-      return createRedisStore(config.url, { tlsCa: config.tlsCa });
+      return createRedisStore(config.url, { tlsCa: config.tlsCa, sentinelPassword: config.sentinelPassword });
     case 'upstash':
       return createUpstashStore(config.url, config.token);
   }

@@ -3,6 +3,7 @@ import type { ClusterNode, RedisOptions } from 'ioredis';
 import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
 import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA } from './scripts.ts';
+import { isSentinelUrl, parseSentinelUrl } from './sentinel-url.ts';
 
 export interface RedisStoreOptions {
   /** Prepended by ioredis to every key (also to the KEYS of scripts). */
@@ -18,6 +19,8 @@ export interface RedisStoreOptions {
   connectTimeoutMs?: number;
   /** PEM certificates trusted for rediss:// in place of the system's (a private CA's). */
   tlsCa?: string;
+  /** For redis+sentinel:// URLs: the sentinels' own password (their `requirepass`); none if unset. */
+  sentinelPassword?: string;
 }
 
 // ioredis adds methods from defineCommand at run time; this is the shape it adds.
@@ -97,6 +100,29 @@ function clusterNodes(url: string, tlsCa: string | undefined): { nodes: ClusterN
   return { nodes, redisOptions };
 }
 
+/**
+ * A client that asks the sentinels for the master (again on every reconnect). The URL's
+ * credentials are the data nodes'; sentinels usually have a password of their own or none, and an
+ * ACL user made for Gatehouse on the data nodes does not exist on them.
+ */
+function sentinelOptions(url: string, tlsCa: string | undefined, sentinelPassword: string | undefined): RedisOptions {
+  const parsed = parseSentinelUrl(url);
+  const tls = parsed.tls ? (tlsCa ? { ca: tlsCa } : {}) : undefined;
+  return {
+    sentinels: parsed.sentinels,
+    name: parsed.masterName,
+    ...(parsed.username ? { username: parsed.username } : {}),
+    ...(parsed.password ? { password: parsed.password } : {}),
+    ...(sentinelPassword ? { sentinelPassword } : {}),
+    // rediss+sentinel: TLS to the sentinels and to the data nodes they name, with the same CA.
+    ...(tls ? { tls, sentinelTLS: tls, enableTLSForSentinelMode: true } : {}),
+    // Without this, after a failover that leaves the old master running (a manual one, or one across
+    // a partition) the connections stay on it, and its writes are lost, until the sentinels demote
+    // it about ten seconds later; with it, the sentinels' +switch-master moves them at once.
+    failoverDetector: true,
+  };
+}
+
 const INVALIDATION_CHANNEL = '__redis__:invalidate';
 const COHERENT_COPIES_LIMIT = 10_000;
 
@@ -107,6 +133,11 @@ interface CoherentReads {
   close(): Promise<void>;
 }
 
+/** Which server a connection is on: its run_id, new with every start of a redis-server. */
+async function serverOf(connection: Redis): Promise<string | undefined> {
+  return /^run_id:(\w+)/m.exec(String(await connection.info('server')))?.[1];
+}
+
 /**
  * Per-process copies of values read from Redis, kept coherent by server-assisted client-side
  * caching (CLIENT TRACKING with REDIRECT to a second connection subscribed to invalidations): a
@@ -114,7 +145,13 @@ interface CoherentReads {
  * while both connections have been up since it was read, and only if no invalidation arrived
  * while it was being read (the reply and the invalidation travel on different connections).
  */
-function coherentReads(client: Redis, keyPrefix: string, read: (key: string) => Promise<[string | null, number]>): CoherentReads {
+function coherentReads(
+  client: Redis,
+  keyPrefix: string,
+  read: (key: string) => Promise<[string | null, number]>,
+  /** Sentinel: each connection may be moved to another server on its own (see trackReads). */
+  movable: boolean,
+): CoherentReads {
   const copies = new Map<string, { value: string; readAt: number; keyExpiresAt: number }>();
   // Bumped by every invalidation and every connection change: a read that saw it move is not kept.
   let generation = 0;
@@ -123,6 +160,8 @@ function coherentReads(client: Redis, keyPrefix: string, read: (key: string) => 
   let tracking = false;
   let closing = false;
   let subscriberId: number | undefined;
+  // The run_id of the server the subscriber is on; see trackReads.
+  let subscriberServer: string | undefined;
   // RESP2: Redis then sends invalidations as pub/sub messages, which ioredis passes on (it drops RESP3 `invalidate` pushes).
   const subscriber = client.duplicate({ autoResubscribe: false, keyPrefix: '', protocol: 2 });
   subscriber.on('error', () => {});
@@ -136,9 +175,15 @@ function coherentReads(client: Redis, keyPrefix: string, read: (key: string) => 
 
   const trackReads = async () => {
     const started = connectionEpoch;
-    if (subscriberId === undefined || client.status !== 'ready') return;
+    const target = subscriberId;
+    if (target === undefined || client.status !== 'ready') return;
     try {
-      await client.client('TRACKING', 'ON', 'REDIRECT', String(subscriberId));
+      // Client ids are per server, and behind Sentinel the two connections find the master each
+      // on their own: during a failover they can land on different servers, where the id may name
+      // some other client and the invalidations would go to it. Copies wait until both agree; a
+      // reconnect of either (the sentinels end both on the old master) tries again.
+      if (movable && (await serverOf(client)) !== subscriberServer) return;
+      await client.client('TRACKING', 'ON', 'REDIRECT', String(target));
       if (connectionEpoch === started && !closing) tracking = true;
     } catch {
       // Redis without CLIENT TRACKING (older than 6, or the command renamed away): plain reads.
@@ -148,7 +193,10 @@ function coherentReads(client: Redis, keyPrefix: string, read: (key: string) => 
   subscriber.on('ready', async () => {
     try {
       const id = (await subscriber.client('ID')) as number;
+      // Asked before SUBSCRIBE: a RESP2 connection in subscriber mode takes no other commands.
+      const server = movable ? await serverOf(subscriber) : undefined;
       await subscriber.subscribe(INVALIDATION_CHANNEL);
+      subscriberServer = server;
       subscriberId = id;
       await trackReads();
     } catch {
@@ -157,6 +205,7 @@ function coherentReads(client: Redis, keyPrefix: string, read: (key: string) => 
   });
   subscriber.on('close', () => {
     subscriberId = undefined;
+    subscriberServer = undefined;
     stopUsingCopies();
   });
   subscriber.on('messageBuffer', (channel: Buffer, keys: Buffer[] | null) => {
@@ -215,9 +264,21 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   // request fails during an outage, so they stay well under commandTimeout.
   const retryStrategy = (times: number): number => Math.min(50 * 2 ** (times - 1), 500);
 
-  const isCluster = options.cluster === true || url.includes(',');
+  const sentinel = isSentinelUrl(url);
+  const isCluster = !sentinel && (options.cluster === true || url.includes(','));
   let client: Redis | Cluster;
-  if (isCluster) {
+  if (sentinel) {
+    client = new Redis({
+      ...sentinelOptions(url, options.tlsCa, options.sentinelPassword),
+      ...common,
+      ...perConnection,
+      retryStrategy,
+      // While no sentinel answers, commands wait in the offline queue: commandTimeout bounds them.
+      sentinelRetryStrategy: retryStrategy,
+      // A sentinel that accepts the connection but never answers must not stall the reconnect.
+      sentinelCommandTimeout: commandTimeout,
+    });
+  } else if (isCluster) {
     const { nodes, redisOptions } = clusterNodes(url, options.tlsCa);
     client = new Cluster(nodes, {
       ...common,
@@ -244,7 +305,7 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
         const results = await run('GET', client.pipeline().get(key).pttl(key).exec());
         const [value, ttlMs] = execResults('GET', results);
         return [typeof value === 'string' ? value : null, Number(ttlMs)];
-      });
+      }, sentinel);
   const forget = (key: string) => coherent?.forget(key);
 
   return {

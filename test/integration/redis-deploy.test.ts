@@ -10,6 +10,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { RedisProbe, call, login, waitFor } from '../support/http-client.ts';
+import { makeTestCertificates } from '../support/test-ca.ts';
 
 /** The commands the README's "Redis as you deploy it" lists; the ACL below allows these and nothing else. */
 const README = readFileSync(path.resolve(import.meta.dirname, '../../README.md'), 'utf8');
@@ -27,17 +28,9 @@ let app: string;
 // The test's own eyes on the server, as its admin user: session records, ACL LOG, CLIENT LIST.
 let probe: RedisProbe;
 
-function openssl(...args: string[]): void {
-  const result = spawnSync('openssl', args, { cwd: dir, encoding: 'utf8' });
-  if (result.status !== 0) throw new Error(`openssl ${args.join(' ')}: ${result.stderr}`);
-}
-
 beforeAll(async () => {
-  // A private CA and a server certificate for localhost.
-  openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '1', '-subj', '/CN=Gatehouse test CA');
-  openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=localhost');
-  writeFileSync(path.join(dir, 'san.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
-  openssl('x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'server.crt', '-days', '1', '-extfile', 'san.cnf');
+  // A private CA and a server certificate for localhost (server.crt, server.key, ca.crt in dir).
+  makeTestCertificates(dir);
   port = await freePort();
   expect(ACL_LINE, 'the README lists the ACL').toMatch(/^ACL SETUSER gatehouse on /);
   // The README's ACL line, with this run's password and key prefix; the default user is off.

@@ -1,13 +1,11 @@
 // A throwaway Redis Cluster for tests: N masters (and, when asked, a replica of each) as separate
 // `redis-server` processes on free loopback ports, sharing one temp directory that stop() removes.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Redis } from 'ioredis';
 import { freePort } from '../../e2e/support/stack.ts';
 import { waitFor } from './http-client.ts';
+import { ask, hasExited, startRedisGroup } from './redis-process.ts';
 
 export interface RedisCluster {
   /** One `redis://127.0.0.1:<port>` URL per node. */
@@ -39,73 +37,26 @@ export interface ClusterOptions {
   requireFullCoverage?: boolean;
 }
 
+type NodeOptions = Required<Pick<ClusterOptions, 'nodeTimeoutMs' | 'requireFullCoverage'>>;
+
 const STARTUP_TIMEOUT_MS = 15_000;
 
-interface Node {
-  port: number;
-  child: ChildProcess;
-  output: () => string;
-}
-
-function spawnNode(port: number, dir: string, options: Required<Pick<ClusterOptions, 'nodeTimeoutMs' | 'requireFullCoverage'>>): Node {
+function nodeArgs(port: number, dir: string, options: NodeOptions): string[] {
+  // A folder per node: a replica saves the snapshot it syncs as dump.rdb there, which a shared
+  // folder would hand to whichever node starts next.
   const nodeDir = path.join(dir, String(port));
   mkdirSync(nodeDir, { recursive: true });
-  const child = spawn(
-    'redis-server',
-    [
-      '--port', String(port),
-      '--bind', '127.0.0.1',
-      '--cluster-enabled', 'yes',
-      '--cluster-config-file', path.join(dir, `nodes-${port}.conf`),
-      '--cluster-node-timeout', String(options.nodeTimeoutMs),
-      '--cluster-require-full-coverage', options.requireFullCoverage ? 'yes' : 'no',
-      '--save', '',
-      '--appendonly', 'no',
-      // A folder per node: a replica saves the snapshot it syncs as dump.rdb there, which a shared
-      // folder would hand to whichever node starts next.
-      '--dir', nodeDir,
-    ],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let output = '';
-  const collect = (chunk: Buffer) => {
-    output = (output + chunk.toString()).slice(-8_000);
-  };
-  child.stdout?.on('data', collect);
-  child.stderr?.on('data', collect);
-  child.on('error', (error) => collect(Buffer.from(`spawn error: ${error.message}\n`)));
-  return { port, child, output: () => output };
-}
-
-function stopNode(node: Node): Promise<void> {
-  return new Promise<void>((resolve) => {
-    const { child } = node;
-    if (child.exitCode !== null || child.signalCode !== null) return resolve();
-    const killer = setTimeout(() => child.kill('SIGKILL'), 5_000);
-    child.once('exit', () => {
-      clearTimeout(killer);
-      resolve();
-    });
-    child.kill('SIGTERM');
-  });
-}
-
-function exited(node: Node): boolean {
-  return node.child.exitCode !== null || node.child.signalCode !== null;
-}
-
-/** Runs one short-lived client against a node; connection failures read as `undefined`. */
-async function ask(port: number, command: string, ...args: string[]): Promise<string | undefined> {
-  const client = new Redis({ host: '127.0.0.1', port, lazyConnect: true, connectTimeout: 1_000, maxRetriesPerRequest: 0, retryStrategy: () => null });
-  client.on('error', () => {});
-  try {
-    await client.connect();
-    return String(await client.call(command, ...args));
-  } catch {
-    return undefined;
-  } finally {
-    client.disconnect();
-  }
+  return [
+    '--port', String(port),
+    '--bind', '127.0.0.1',
+    '--cluster-enabled', 'yes',
+    '--cluster-config-file', path.join(dir, `nodes-${port}.conf`),
+    '--cluster-node-timeout', String(options.nodeTimeoutMs),
+    '--cluster-require-full-coverage', options.requireFullCoverage ? 'yes' : 'no',
+    '--save', '',
+    '--appendonly', 'no',
+    '--dir', nodeDir,
+  ];
 }
 
 function runCli(args: string[], timeoutMs: number): Promise<string> {
@@ -131,29 +82,19 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
   if (masters < 3) throw new Error('redis-cli --cluster create needs at least 3 masters');
   const count = masters * (1 + replicas);
   const nodeOptions = { nodeTimeoutMs, requireFullCoverage };
-  const dir = await mkdtemp(path.join(tmpdir(), 'gatehouse-redis-cluster-'));
-  const nodes: Node[] = [];
-  // Should the test process die without running afterAll, the servers go down with it.
-  const killAll = () => {
-    for (const node of nodes) if (!exited(node)) node.child.kill('SIGKILL');
-  };
-  process.once('exit', killAll);
-  const stop = async () => {
-    process.off('exit', killAll);
-    await Promise.all(nodes.map(stopNode));
-    await rm(dir, { recursive: true, force: true });
-  };
+  const group = await startRedisGroup('redis-cluster');
+  const nodes = group.processes;
   try {
     const ports = new Set<number>();
     // freePort() releases the port before returning it, so two calls may hand out the same one.
     while (ports.size < count) ports.add(await freePort());
-    for (const port of ports) nodes.push(spawnNode(port, dir, nodeOptions));
+    for (const port of ports) group.spawn(port, nodeArgs(port, group.dir, nodeOptions));
 
     for (const node of nodes) {
       await waitFor(
         `redis-server on port ${node.port} to answer PING`,
         async () => {
-          if (exited(node)) throw new Error(`redis-server on port ${node.port} exited:\n${node.output()}`);
+          if (hasExited(node)) throw new Error(`redis-server on port ${node.port} exited:\n${node.output()}`);
           return (await ask(node.port, 'PING')) === 'PONG' ? true : undefined;
         },
         STARTUP_TIMEOUT_MS,
@@ -166,33 +107,30 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
     for (const node of nodes) {
       await waitFor(
         `cluster_state:ok on port ${node.port}`,
-        async () => ((await ask(node.port, 'CLUSTER', 'INFO'))?.includes('cluster_state:ok') ? true : undefined),
+        async () => (String(await ask(node.port, 'CLUSTER', ['INFO'])).includes('cluster_state:ok') ? true : undefined),
         STARTUP_TIMEOUT_MS,
       );
     }
   } catch (error) {
-    const logs = nodes.map((node) => `--- redis-server :${node.port} ---\n${node.output()}`).join('\n');
-    await stop();
-    throw new Error(`${error instanceof Error ? error.message : String(error)}\n${logs}`, { cause: error });
+    throw await group.failed(error);
   }
 
   const urls = nodes.map((node) => `redis://127.0.0.1:${node.port}`);
-  const alive = () => nodes.filter((node) => !exited(node));
   /** Asks the live nodes in turn: which port serves this key's slot, and is the cluster ok. */
   const ownerOf = async (key: string): Promise<{ port: number; ok: boolean } | undefined> => {
-    for (const node of alive()) {
-      const slot = await ask(node.port, 'CLUSTER', 'KEYSLOT', key);
-      const info = await ask(node.port, 'CLUSTER', 'INFO');
-      const table = await ask(node.port, 'CLUSTER', 'NODES');
+    for (const node of nodes.filter((candidate) => !hasExited(candidate))) {
+      const slot = await ask(node.port, 'CLUSTER', ['KEYSLOT', key]);
+      const info = await ask(node.port, 'CLUSTER', ['INFO']);
+      const table = await ask(node.port, 'CLUSTER', ['NODES']);
       if (slot === undefined || info === undefined || table === undefined) continue;
-      for (const line of table.split('\n')) {
+      for (const line of String(table).split('\n')) {
         const [, address, flags, , , , , state, ...ranges] = line.split(' ');
         if (!address || !flags?.includes('master') || flags.includes('fail') || state !== 'connected') continue;
         const covers = ranges.some((range) => {
           const [from, to = from] = range.split('-').map(Number);
           return Number(slot) >= (from as number) && Number(slot) <= (to as number);
         });
-        if (covers) return { port: Number(address.split('@')[0]?.split(':')[1]), ok: info.includes('cluster_state:ok') };
+        if (covers) return { port: Number(address.split('@')[0]?.split(':')[1]), ok: String(info).includes('cluster_state:ok') };
       }
     }
     return undefined;
@@ -211,8 +149,8 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
     async restart(port) {
       const index = nodes.findIndex((node) => node.port === port);
       if (index < 0) throw new Error(`no node on port ${port}`);
-      const node = spawnNode(port, dir, nodeOptions);
-      nodes[index] = node;
+      nodes.splice(index, 1);
+      group.spawn(port, nodeArgs(port, group.dir, nodeOptions));
       await waitFor(`redis-server on port ${port} to answer PING again`, async () => ((await ask(port, 'PING')) === 'PONG' ? true : undefined), STARTUP_TIMEOUT_MS);
     },
     async failedOver(key, port, timeoutMs) {
@@ -228,6 +166,6 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
       );
       return Date.now() - started;
     },
-    stop,
+    stop: group.stop,
   };
 }

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, parseConfig } from '../../lib/config.ts';
+import { parseSentinelUrl } from '../../lib/store/sentinel-url.ts';
 
 const valid = {
   APP_BASE_URL: 'https://app.example.com',
@@ -170,7 +171,9 @@ describe('configuration', () => {
       expect(parseConfig({ ...tls, REDIS_TLS_CA: file }).store).toEqual({ kind: 'redis', url: tls.REDIS_URL, tlsCa: `${TEST_CA_PEM.trim()}\n` });
       expect(parseConfig({ ...tls, REDIS_TLS_CA: TEST_CA_PEM }).store).toMatchObject({ tlsCa: `${TEST_CA_PEM.trim()}\n` });
       expect(parseConfig({ ...tls, REDIS_TLS_CA: TEST_CA_PEM.replaceAll('\n', '\\n') }).store).toMatchObject({ tlsCa: `${TEST_CA_PEM.trim()}\n` });
-      expect(problemsOf({ ...valid, REDIS_TLS_CA: file })).toContain('REDIS_TLS_CA: only used for TLS, with a rediss:// REDIS_URL');
+      expect(problemsOf({ ...valid, REDIS_TLS_CA: file })).toContain('REDIS_TLS_CA: only used for TLS, with a rediss:// or rediss+sentinel:// REDIS_URL');
+      expect(parseConfig({ ...valid, REDIS_URL: 'rediss+sentinel://s1:26379/mymaster', REDIS_TLS_CA: file }).store).toMatchObject({ tlsCa: `${TEST_CA_PEM.trim()}\n` });
+      expect(problemsOf({ ...valid, REDIS_URL: 'redis+sentinel://s1:26379/mymaster', REDIS_TLS_CA: file })).toContain('REDIS_TLS_CA: only used for TLS, with a rediss:// or rediss+sentinel:// REDIS_URL');
       const notPem = path.join(dir, 'not.pem');
       writeFileSync(notPem, 'hello');
       expect(problemsOf({ ...tls, REDIS_TLS_CA: notPem })).toContain('REDIS_TLS_CA: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)');
@@ -180,6 +183,49 @@ describe('configuration', () => {
       expect(problem?.length).toBeLessThan(200);
     } finally {
       rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('takes a Sentinel deployment as redis+sentinel://, with the sentinels\' own password apart', () => {
+    const url = 'redis+sentinel://gatehouse:p%40ss@s1.example.com:26379,s2.example.com,[::1]:26380/mymaster';
+    const config = parseConfig({ ...valid, REDIS_URL: url, REDIS_SENTINEL_PASSWORD: 'sentinel-secret' });
+    expect(config.store).toEqual({ kind: 'redis', url, sentinelPassword: 'sentinel-secret' });
+    expect(parseSentinelUrl(url)).toEqual({
+      tls: false,
+      sentinels: [
+        { host: 's1.example.com', port: 26379 },
+        { host: 's2.example.com', port: 26379 },
+        { host: '::1', port: 26380 },
+      ],
+      masterName: 'mymaster',
+      username: 'gatehouse',
+      password: 'p@ss',
+    });
+    expect(parseSentinelUrl('rediss+sentinel://:secret@s1:26379/mymaster/')).toMatchObject({ tls: true, username: undefined, password: 'secret', masterName: 'mymaster' });
+    // A password pasted without percent-encoding is still taken whole.
+    expect(parseSentinelUrl('redis+sentinel://:a/b@c,d@s1:26379/mymaster')).toMatchObject({ password: 'a/b@c,d', sentinels: [{ host: 's1', port: 26379 }] });
+    expect(problemsOf({ ...valid, REDIS_SENTINEL_PASSWORD: 'sentinel-secret' })).toEqual([
+      'REDIS_SENTINEL_PASSWORD: only used with a redis+sentinel:// or rediss+sentinel:// REDIS_URL',
+    ]);
+  });
+
+  it('refuses a malformed Sentinel REDIS_URL at start-up, naming REDIS_URL and what is wrong, never echoing the password', () => {
+    const cases: Array<[string, RegExp]> = [
+      ['redis+sentinel://:hunter22@s1:26379', /^REDIS_URL: names no master/],
+      ['redis+sentinel://:hunter22@s1:26379/', /^REDIS_URL: names no master/],
+      ['redis+sentinel://:hunter22@/mymaster', /^REDIS_URL: names no sentinel/],
+      ['redis+sentinel://:hunter22@s1:26379,,s2:26379/mymaster', /^REDIS_URL: names a sentinel that is not host:port \(""\)/],
+      ['redis+sentinel://:hunter22@s1:99999/mymaster', /^REDIS_URL: names a sentinel that is not host:port \("s1:99999"\)/],
+      ['redis+sentinel://:hunter22@s1:port/mymaster', /^REDIS_URL: names a sentinel that is not host:port/],
+      ['redis+sentinel://:hunter22@s1:26379/mymaster/0', /^REDIS_URL: has more than a master name/],
+      ['redis+sentinel://:hunter22@s1:26379/mymaster?db=1', /^REDIS_URL: takes no query or fragment/],
+      ['redis+sentinel://:hunter%zz@s1:26379/mymaster', /^REDIS_URL: its password is not percent-encoded correctly/],
+      ['sentinel://:hunter22@s1:26379/mymaster', /^REDIS_URL: must start with redis:\/\/, rediss:\/\/, redis\+sentinel:\/\/ or rediss\+sentinel:\/\//],
+    ];
+    for (const [url, expected] of cases) {
+      const problems = problemsOf({ ...valid, REDIS_URL: url });
+      expect(problems.join('\n'), url).toMatch(expected);
+      expect(problems.join('\n'), url).not.toContain('hunter');
     }
   });
 
