@@ -82,8 +82,11 @@ export interface LoadReport {
   memory: Array<{ instance: string; beforeMb: number; halfwayMb: number; afterMb: number }>;
   /** When the fault began and ended, in ms from the start of the load. */
   faultWindow?: { fromMs: number; toMs: number };
-  /** Every failed answer: when (ms from the start of the load), its status, Gatehouse's code, and whose call it was. */
-  failureLog: Array<{ atMs: number; status: number; code: string | null; user: number }>;
+  /**
+   * Every failed answer: when it was sent and when it came back (ms from the start of the load),
+   * its status, Gatehouse's code, and whose call it was.
+   */
+  failureLog: Array<{ atMs: number; answeredAtMs: number; status: number; code: string | null; user: number }>;
   /** Each user's session after the load (and the fault) ended, asked once more: answers by status and code. */
   sessionsAfter: Record<string, number>;
   /** reset-upstream: how many requests the relay answered with a reset. */
@@ -386,7 +389,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
             latencies.push(answer.ms);
             if (answer.status >= 200 && answer.status < 300) continue;
             failures[answer.status] = (failures[answer.status] ?? 0) + 1;
-            if (failureLog.length < 20_000) failureLog.push({ atMs: sentAt, status: answer.status, code: answer.code, user: index });
+            if (failureLog.length < 20_000) failureLog.push({ atMs: sentAt, answeredAtMs: Math.round(sentAt + answer.ms), status: answer.status, code: answer.code, user: index });
           }
           user.calledUntil = Date.now();
           await sleep(options.thinkMs);
@@ -494,7 +497,9 @@ export function problemsIn(report: LoadReport): string[] {
     return problems;
   }
   if (!window) return [...problems, 'the fault never happened'];
-  const inWindow = (f: { atMs: number }) => f.atMs >= window.fromMs - 1_000 && f.atMs <= window.toMs + FAULT_TAIL_MS;
+  // A call sent before the fault may meet it (a saturated machine answers seconds later), so the
+  // window opens on when it was answered and closes on when it was sent.
+  const inWindow = (f: { atMs: number; answeredAtMs: number }) => f.answeredAtMs >= window.fromMs && f.atMs <= window.toMs + FAULT_TAIL_MS;
   // A grant the killed instance got but never stored makes the survivor's refresh a replay, and an
   // IdP that rotates refresh tokens without a grace period then revokes that grant: at most one
   // lost session per refused grant, reported rather than hidden (README, "Reliability").
