@@ -13,7 +13,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
-import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { loginThroughRp } from '../e2e/support/headless-login.ts';
@@ -23,6 +22,7 @@ import { sessionHandle } from '../lib/session.ts';
 import { idpGrants } from '../test/support/http-client.ts';
 import { startPrivateRedis, type PrivateRedis } from '../test/support/private-redis.ts';
 import { startRedisCluster, type RedisCluster } from '../test/support/redis-cluster.ts';
+import { startTcpRelay } from '../test/support/tcp-relay.ts';
 import { aptInstall, log, percentile, processTree, rssBytes, sleep } from './lib.ts';
 
 export interface LoadOptions {
@@ -205,35 +205,20 @@ async function startOwnRedis(appendOnly: boolean): Promise<PrivateRedis & { clos
  */
 async function startResettingRelay(port: number, target: URL): Promise<{ resetting: boolean; resets: number; close(): Promise<void> }> {
   const relay = { resetting: false, resets: 0, close: async () => undefined as void };
-  const open = new Set<Socket>();
-  const server = createServer((client) => {
-    const upstream = connect(Number(target.port), '127.0.0.1');
-    open.add(client).add(upstream);
-    client.on('data', (chunk) => {
-      if (relay.resetting && Math.random() < 0.1) {
+  const { close } = await startTcpRelay(
+    port,
+    { host: '127.0.0.1', port: Number(target.port) },
+    {
+      fromClient(_chunk, { client, upstream }) {
+        if (!relay.resetting || Math.random() >= 0.1) return true;
         relay.resets++;
         client.resetAndDestroy();
         upstream.destroy();
-        return;
-      }
-      upstream.write(chunk);
-    });
-    upstream.pipe(client);
-    const close = () => {
-      client.destroy();
-      upstream.destroy();
-      open.delete(client);
-      open.delete(upstream);
-    };
-    client.on('error', close).on('close', close);
-    upstream.on('error', close).on('close', close);
-  });
-  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
-  relay.close = () =>
-    new Promise((resolve) => {
-      server.close(() => resolve());
-      for (const socket of open) socket.destroy();
-    });
+        return false;
+      },
+    },
+  );
+  relay.close = close;
   return relay;
 }
 

@@ -146,9 +146,22 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest, fli
   // A waiter gives up a little after a dead owner's lease would have run out.
   const deadline = Date.now() + lockLeaseMs + 2_000;
   let pause = POLL_MIN_MS;
+  // One owner id for every attempt of this flight, so an attempt can recognise a lock it took itself.
+  const owner = randomUUID();
   for (;;) {
-    const owner = randomUUID();
-    const acquired = await onStore(flight, () => storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true })));
+    let acquired: boolean;
+    try {
+      acquired = await onStore(flight, () => storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true })));
+    } catch (error) {
+      // The store may have taken the lock and lost only its answer (a connection cut, a master
+      // killed before it replied but after its replica had the write): nobody would release it, and
+      // every call of this session would wait out the whole lease. Ours to release, if it is ours.
+      finishEvenIfUnanswered(releaseLock(stale.id, owner));
+      throw error;
+    }
+    // "Taken" may mean taken by us: a client that lost a connection mid-command sends it again once
+    // reconnected, and the resent SET NX finds the lock the first one set. Compare-and-renew tells.
+    acquired ||= await onStore(flight, () => storeCall(() => getStore().expireIfEquals(lockKey, owner, lockLeaseMs)));
     if (acquired) return refreshHoldingLock(stale, request, owner, flight);
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);

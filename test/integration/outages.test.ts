@@ -4,6 +4,7 @@ import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsO
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { startLossyRedisRelay, type LossyRedisRelay } from '../support/lossy-redis-relay.ts';
 import { startPrivateRedis, type PrivateRedis } from '../support/private-redis.ts';
 
 /**
@@ -175,6 +176,55 @@ describe('the store away while a refresh writes back', () => {
       await probe.close();
     }
     expect(await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).toMatchObject({ status: 200, body: { sub: user } });
+    const after = await idpGrants(ownStack.issuer);
+    expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
+  }, 60_000);
+});
+
+/**
+ * The lock taken, its answer lost: Redis executed the SET NX, the connection dropped before the
+ * reply (a master killed after its replica had the write does this; the cluster failover load run
+ * left sessions answering 503 for the rest of a 25 s lease that way). The client resends the
+ * command once reconnected and is told "taken" — by itself. Nobody would release that lock.
+ */
+describe('a refresh lock whose answer was lost', () => {
+  let ownRedis: PrivateRedis;
+  let relay: LossyRedisRelay;
+  let ownStack: Stack;
+  const TTL_SEC = 60;
+  const SKEW_SEC = 50;
+
+  beforeAll(async () => {
+    ownRedis = await startPrivateRedis();
+    relay = await startLossyRedisRelay(ownRedis.url);
+    ownStack = await startStack({ workers: 1, redisUrl: relay.url, accessTokenTtl: TTL_SEC, env: { TOKEN_REFRESH_SKEW: String(SKEW_SEC), OIDC_TIMEOUT_MS: '8000', REFRESH_LOCK_LEASE_MS: '20000' } });
+  });
+
+  afterAll(async () => {
+    await ownStack?.stop();
+    await relay?.close();
+    ownRedis?.stop();
+  });
+
+  it('is recognised as ours: the session refreshes within seconds, not after the 20 s lease', async () => {
+    const user = 'lost-lock-answer';
+    const ownApp = ownStack.apps[0]!.url;
+    const ownCookie = await login(ownApp, user);
+    const probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
+    try {
+      await probe.waitUntilDue(user, SKEW_SEC);
+    } finally {
+      await probe.close();
+    }
+    const before = await idpGrants(ownStack.issuer);
+    const cut = relay.loseAnswerTo('refresh-lock:');
+    const first = await call(ownApp, '/api/proxy/demo/whoami', ownCookie);
+    await cut;
+    expect([200, 503]).toContain(first.status);
+    expect(clearsSessionCookie(first.setCookies)).toBe(false);
+    const cutAt = Date.now();
+    await waitFor('the session to answer 200 again', async () => ((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status === 200 ? true : undefined), 5_000, 200);
+    expect(Date.now() - cutAt).toBeLessThan(5_000);
     const after = await idpGrants(ownStack.issuer);
     expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
   }, 60_000);
