@@ -67,6 +67,10 @@ process.env.GATEHOUSE_START_CHECKED = '1';
 const { port, hostname, workers: workerCount, drainMs } = checked.config.server;
 const { spa } = checked.config;
 if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { files: envFiles.map((file) => file.path) });
+if (cluster.isPrimary && workerCount === 1 && typeof globalThis.gc !== 'function') {
+  // One worker serves from this very process, whose flags are already set.
+  log('warn', 'server.no_expose_gc', { message: 'started without --expose-gc: large streamed bodies may hold up to ~64 MB until V8 collects (npm start passes the flag)' });
+}
 
 /** A worker that cannot start tells the primary why, instead of being respawned into the same failure. */
 interface StartFailure {
@@ -90,6 +94,9 @@ if (cluster.isPrimary && workerCount > 1) {
   cluster.on('message', (_worker, message: Partial<StartFailure>) => {
     if (message?.type === 'gatehouse:start_failed') giveUp(`a worker failed to start: ${message.reason ?? 'unknown reason'}`);
   });
+  // The workers collect streamed buffers as they go (lib/proxy.ts `noteStreamedBytes`), which needs
+  // V8's gc exposed from their start: whoever started the primary, they get the flag.
+  if (!process.execArgv.includes('--expose-gc')) cluster.setupPrimary({ execArgv: [...process.execArgv, '--expose-gc'] });
   for (let i = 0; i < workerCount; i++) cluster.fork();
   cluster.on('exit', (worker, code, signal) => {
     if (stopping) return;

@@ -194,7 +194,8 @@ function gatehouseEnv(issuer: string, upstreamPort: number, port: number, extra:
 
 async function startGatehouse(kind: 'fast' | 'next', env: Record<string, string>, nodeFlags: string[] = []): Promise<RunningProcess> {
   const workers = Number(env.GATEHOUSE_WORKERS);
-  const args = kind === 'next' ? ['node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string, '-H', '127.0.0.1'] : [...nodeFlags, 'server.ts'];
+  // As `npm start` and `npm run start:next` start them: V8's gc exposed (see lib/proxy.ts).
+  const args = kind === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string, '-H', '127.0.0.1'] : ['--expose-gc', ...nodeFlags, 'server.ts'];
   const ready = kind === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   const proc = await startProcess(`gatehouse-${kind}:${env.PORT}`, args, env, ready);
   cleanups.push(() => proc.stop());

@@ -1,8 +1,6 @@
 import http from 'node:http';
 import https from 'node:https';
 import { Transform, type Readable } from 'node:stream';
-import v8 from 'node:v8';
-import vm from 'node:vm';
 import { getConfig, type ApiConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
@@ -242,21 +240,19 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
  * collects; V8 waits for about 64 MB of such memory before it does, so a large transfer would lift
  * each worker's footprint by that much. A young-generation collection every few megabytes streamed
  * (well under a millisecond each) keeps streaming memory flat; small requests never trigger one.
+ * The collector is V8's `gc`, there only when the process was started with `--expose-gc`
+ * (`npm start`, its workers and `npm run start:next` are; Node documents flipping V8 flags after
+ * start-up as unsafe, so nothing here does). Without it, streams still work and memory settles
+ * higher.
  */
 const COLLECT_EVERY_BYTES = 8 * 1024 * 1024;
 let streamedSinceCollect = 0;
-let collectYoungGeneration: (() => void) | undefined;
 
 export function noteStreamedBytes(bytes: number): void {
   streamedSinceCollect += bytes;
   if (streamedSinceCollect < COLLECT_EVERY_BYTES) return;
   streamedSinceCollect = 0;
-  if (!collectYoungGeneration) {
-    v8.setFlagsFromString('--expose-gc');
-    const gc = vm.runInNewContext('gc') as (options: { type: 'minor' }) => void;
-    collectYoungGeneration = () => gc({ type: 'minor' });
-  }
-  collectYoungGeneration();
+  globalThis.gc?.({ type: 'minor' });
 }
 
 class BodyTooLarge extends Error {}

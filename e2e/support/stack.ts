@@ -217,7 +217,8 @@ export async function startGatehouse({
   const listenPort = port ?? (await freePort());
   const url = `http://localhost:${listenPort}`;
   const env = { ...baseEnv, APP_BASE_URL: publicUrl ?? url, PORT: String(listenPort), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(workers) };
-  const args = server === 'next' ? ['node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : ['server.ts'];
+  // As `npm start` and `npm run start:next` start them: with V8's gc exposed (see lib/proxy.ts).
+  const args = server === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : ['--expose-gc', 'server.ts'];
   const ready = server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   return { url, process: await startProcess(name, args, env, ready), env };
 }

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { ROOT, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
@@ -40,6 +40,25 @@ describe('npm start', () => {
     expect(now).toHaveLength(2);
     expect(now).not.toContain(workers[0]);
     for (let i = 0; i < 10; i++) expect((await call(app, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+  });
+
+  it('gives its workers V8\'s gc from their start, even when the primary was started without it (no V8 flag flipped at run time)', async () => {
+    // The streamed-buffer collection in lib/proxy.ts needs `gc`; Node calls setting V8 flags after
+    // start-up unsafe, so the flag must be on the workers' command line.
+    const port = await freePort();
+    const plain = await startProcess('gatehouse-no-flag', ['server.ts'], { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}` }, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
+    try {
+      const primary = plain.child.pid as number;
+      const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      expect(cmdline(primary)).not.toContain('--expose-gc');
+      const workers = processTree(primary).filter((pid) => pid !== primary);
+      expect(workers).toHaveLength(2);
+      for (const worker of workers) expect(cmdline(worker)).toContain('--expose-gc');
+      expect((await call(`http://localhost:${port}`, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+    } finally {
+      await plain.stop();
+    }
+    for (const file of ['lib/proxy.ts', 'lib/adapters.ts', 'server.ts']) expect(readFileSync(path.join(ROOT, file), 'utf8')).not.toMatch(/setFlagsFromString/);
   });
 
   it('answers TRACE with 405 JSON on every path, never a 500 or a logged stack trace', async () => {
