@@ -10,6 +10,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
+import { stepUpChallenge, stepUpDetails } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -363,6 +364,22 @@ export function forwardedForChain(inbound: string | undefined, peer: string | un
   return chain.length ? chain.join(', ') : undefined;
 }
 
+/**
+ * An upstream 401 that asks for a stronger or fresher sign-in (RFC 9470) becomes Gatehouse's own
+ * `step_up_required`, which the browser client understands: the session stays, and no refresh is
+ * forced. Only a call that carried the user's token can be answered by the user signing in again;
+ * any other 401 goes on as the upstream sent it.
+ */
+async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Credentials, where: { requestId: string; api: string }): Promise<void> {
+  if (answer.status !== 401 || !credentials.session || !credentials.token) return;
+  const challenge = await stepUpChallenge(answer.rawHeaders);
+  if (!challenge) return;
+  answer.body.resume();
+  // The API's own wording (error_description) is not passed on: only the checked values are.
+  log('info', 'proxy.step_up_required', { ...where, from: 'upstream', ...(challenge.dropped.length ? { dropped: challenge.dropped } : {}) });
+  throw errors.stepUpRequired(stepUpDetails(challenge));
+}
+
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
 export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
@@ -400,6 +417,8 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const withToken = (token: string | undefined) => (token ? [...headers, ['authorization', `Bearer ${token}`] as [string, string]] : headers);
 
     let answer = await sendUpstream(api, url, method, withToken(credentials.token), body, inbound.signal);
+    // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
+    await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     const mayRetry =
       answer.status === 401 && credentials.session && credentials.token && !hasBody && REPLAYABLE_METHODS.has(method) && (await mayForceRefresh(credentials.session));
     if (mayRetry && credentials.session && credentials.token) {
@@ -409,6 +428,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);
+      await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     }
     if (!isFinalStatus(answer.status)) {
       answer.body.destroy();
