@@ -53,6 +53,9 @@ export const errors = {
    */
   stepUpRequired: (details: Record<string, string | number>) =>
     new GatehouseError('step_up_required', 401, 'This needs a stronger or more recent sign-in. Sign in again to continue.', { details }),
+  /** Login only: the IdP signed the user in, but not as strongly or as recently as this login asked. */
+  stepUpFailed: (cause?: unknown) =>
+    new GatehouseError('step_up_failed', 400, 'The identity provider did not confirm the stronger or more recent sign-in that was asked for.', { cause }),
   payloadTooLarge: (message = 'The request body is too large.') => new GatehouseError('payload_too_large', 413, message),
   internal: (cause?: unknown) => new GatehouseError('internal_error', 500, 'Something went wrong on our side.', { cause }),
 };

@@ -21,7 +21,7 @@ export interface StepUp {
 export const ACR_VALUE = /^[A-Za-z0-9._~:/?#[\]@!$&'()*+,;=%-]{1,128}$/;
 /** Both bounds keep the login attempt's cookie, which records them, well under a browser's 4 KB. */
 export const MAX_ACR_VALUES = 8;
-const MAX_ACR_VALUES_LENGTH = 512;
+export const MAX_ACR_VALUES_LENGTH = 256;
 /** A sign-in older than ten years is no sign-in: a larger value is a mistake, not a policy. */
 export const MAX_AGE_LIMIT_SEC = 10 * 365 * 24 * 3600;
 

@@ -1,9 +1,10 @@
-// Step-up (RFC 9470) as pure functions: reading an API's challenge. The examples pin the RFC's own
-// shapes; the properties feed the challenge reader what hostile or broken APIs send and check that
-// only checked values come out.
+// Step-up (RFC 9470) as pure functions: reading an API's challenge, and a login's query. The
+// examples pin the RFC's own shapes; the properties feed the challenge reader what hostile or broken
+// APIs send and check that only checked values come out.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { errorBody, errors } from '../../lib/errors.ts';
+import { requestedStepUp } from '../../lib/auth.ts';
+import { GatehouseError, errorBody, errors } from '../../lib/errors.ts';
 import { ACR_VALUE, MAX_AGE_LIMIT_SEC, parseAcrValues, parseMaxAge, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
 
 const RUNS = 2000;
@@ -147,5 +148,23 @@ describe('parseAcrValues and parseMaxAge', () => {
     expect(parseMaxAge('0')).toBe(0);
     expect(parseMaxAge('300')).toBe(300);
     for (const bad of ['', '-1', '1.5', '1e3', ' 1', '0x10', '99999999999']) expect(parseMaxAge(bad), bad).toBeUndefined();
+  });
+});
+
+describe('requestedStepUp (login query)', () => {
+  const query = (text: string) => requestedStepUp(new URLSearchParams(text));
+  it('reads acr_values and max_age', () => {
+    expect(query('returnTo=/x')).toEqual({});
+    expect(query('acr_values=urn%3Agatehouse%3Amfa+gold&max_age=0')).toEqual({ acrValues: ['urn:gatehouse:mfa', 'gold'], maxAge: 0 });
+  });
+  it.each(['acr_values=', 'acr_values=%22x%22', 'acr_values=a&acr_values=b', 'max_age=', 'max_age=-5', 'max_age=soon', 'max_age=1&max_age=2'])('refuses %s with invalid_request', (text) => {
+    let caught: unknown;
+    try {
+      query(text);
+    } catch (error) {
+      caught = error;
+    }
+    expect(caught).toBeInstanceOf(GatehouseError);
+    expect(caught).toMatchObject({ code: 'invalid_request', status: 400 });
   });
 });
