@@ -10,7 +10,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
-import { stepUpChallenge, stepUpDetails } from './step-up.ts';
+import { missingAuthentication, stepUpChallenge, stepUpDetails } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -224,7 +224,7 @@ async function clientToken(api: ApiConfig): Promise<string> {
   }
 }
 
-async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<Credentials> {
+async function credentialsFor(api: ApiConfig, inbound: InboundRequest, requestId: string): Promise<Credentials> {
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
   // The hot path may use the store's coherent copy; the refresh path re-reads under its lock.
@@ -232,6 +232,12 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
   if (!session) {
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
     throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
+  }
+  // Before any token is fetched or refreshed: a call this sign-in may not make costs the IdP nothing.
+  const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, session.record);
+  if (lacking) {
+    log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'config' });
+    throw errors.stepUpRequired(stepUpDetails(lacking));
   }
   const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
   void touchSession(current).catch(() => undefined);
@@ -401,7 +407,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     if (declaredLength > api.maxBodyBytes) throw errors.payloadTooLarge('The request body is too large for this API.');
     const hasBody = inbound.body !== null && (declaredLength > 0 || inbound.header('transfer-encoding') !== undefined);
 
-    let credentials = await credentialsFor(api, inbound);
+    let credentials = await credentialsFor(api, inbound, requestId);
     refreshed = credentials.refreshed;
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     headers.push(

@@ -1,11 +1,11 @@
-// Step-up (RFC 9470) as pure functions: reading an API's challenge, and a login's query. The
-// examples pin the RFC's own shapes; the properties feed the challenge reader what hostile or broken
-// APIs send and check that only checked values come out.
+// Step-up (RFC 9470) as pure functions: reading an API's challenge, checking a sign-in against a
+// requirement, and a login's query. The examples pin the RFC's own shapes; the properties feed the
+// challenge reader what hostile or broken APIs send and check that only checked values come out.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { requestedStepUp } from '../../lib/auth.ts';
 import { GatehouseError, errorBody, errors } from '../../lib/errors.ts';
-import { ACR_VALUE, MAX_AGE_LIMIT_SEC, parseAcrValues, parseMaxAge, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
+import { ACR_VALUE, MAX_AGE_LIMIT_SEC, missingAuthentication, parseAcrValues, parseMaxAge, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
 
 const RUNS = 2000;
 const headers = (...values: string[]) => values.flatMap((value) => ['WWW-Authenticate', value]);
@@ -148,6 +148,22 @@ describe('parseAcrValues and parseMaxAge', () => {
     expect(parseMaxAge('0')).toBe(0);
     expect(parseMaxAge('300')).toBe(300);
     for (const bad of ['', '-1', '1.5', '1e3', ' 1', '0x10', '99999999999']) expect(parseMaxAge(bad), bad).toBeUndefined();
+  });
+});
+
+describe('missingAuthentication', () => {
+  const now = 1_000_000;
+  it('is met by any one of the ACRs and a recent enough sign-in', () => {
+    expect(missingAuthentication({}, {}, now)).toBeUndefined();
+    expect(missingAuthentication({ acrValues: ['mfa', 'hwk'] }, { acr: 'hwk' }, now)).toBeUndefined();
+    expect(missingAuthentication({ maxAge: 60 }, { authTime: now - 60 }, now)).toBeUndefined();
+  });
+  it('asks for the whole requirement when any part is lacking, an unknown ACR or time included', () => {
+    expect(missingAuthentication({ acrValues: ['mfa'] }, { acr: 'pwd' }, now)).toEqual({ acrValues: ['mfa'] });
+    expect(missingAuthentication({ acrValues: ['mfa'] }, {}, now)).toEqual({ acrValues: ['mfa'] });
+    expect(missingAuthentication({ maxAge: 60 }, { authTime: now - 61 }, now)).toEqual({ maxAge: 60 });
+    expect(missingAuthentication({ maxAge: 60 }, {}, now)).toEqual({ maxAge: 60 });
+    expect(missingAuthentication({ acrValues: ['mfa'], maxAge: 60 }, { acr: 'mfa', authTime: now - 61 }, now)).toEqual({ acrValues: ['mfa'], maxAge: 60 });
   });
 });
 
