@@ -3,6 +3,7 @@
 import { useCallback, useEffect, useRef, useState } from 'react';
 import {
   GatehouseClientError,
+  StepUpRequiredError,
   api,
   endOtherSessions,
   endSession,
@@ -41,8 +42,9 @@ export function Demo() {
         <p aria-live="polite">Loading…</p>
       ) : session.status === 'authenticated' && session.user ? (
         <>
-          <UserCard user={session.user} expiresAt={session.expiresAt} />
+          <UserCard user={session.user} expiresAt={session.expiresAt} acr={session.acr} authTime={session.authTime} />
           <ApiCard />
+          <StepUpCard />
           <EventsCard />
           <SessionsCard />
         </>
@@ -70,7 +72,7 @@ function useSearchParam(name: string): string | null {
   return value;
 }
 
-function UserCard({ user, expiresAt }: { user: Record<string, unknown> & { sub: string }; expiresAt: number | null }) {
+function UserCard({ user, expiresAt, acr, authTime }: { user: Record<string, unknown> & { sub: string }; expiresAt: number | null; acr: string | null; authTime: number | null }) {
   return (
     <section className="card" aria-labelledby="who">
       <h2 id="who">
@@ -85,6 +87,11 @@ function UserCard({ user, expiresAt }: { user: Record<string, unknown> & { sub: 
             <dd>{user.email}</dd>
           </>
         )}
+        <dt>Signed in with</dt>
+        <dd>
+          <code data-testid="user-acr">{acr ?? 'unknown'}</code>
+          {authTime !== null && <> at {new Date(authTime * 1000).toLocaleTimeString()}</>}
+        </dd>
         <dt>Session ends</dt>
         <dd data-testid="expires-at">{expiresAt ? <Countdown until={expiresAt} /> : '—'}</dd>
       </dl>
@@ -148,6 +155,63 @@ function ApiCard() {
           </pre>
         </figure>
       ))}
+    </section>
+  );
+}
+
+/** Where a step-up sign-in comes back to: this page, told to make the call that needed it again. */
+const RETRY_AFTER_STEP_UP = '/?retry=mfa';
+
+/**
+ * Step-up (RFC 9470): the demo API's mfa/* routes need a sign-in with a second factor. The call
+ * fails with StepUpRequiredError; signing in again as it says comes back here, and the call is made
+ * again by itself.
+ */
+function StepUpCard() {
+  const [answer, setAnswer] = useState<string | null>(null);
+  const [stepUp, setStepUp] = useState<StepUpRequiredError | null>(null);
+  const [busy, setBusy] = useState(false);
+  const callMfa = useCallback(async () => {
+    setBusy(true);
+    setStepUp(null);
+    setAnswer('…');
+    try {
+      setAnswer(JSON.stringify(await api('demo').get('mfa/whoami'), null, 2));
+    } catch (error) {
+      if (error instanceof StepUpRequiredError) setStepUp(error);
+      setAnswer(describeError(error));
+    } finally {
+      setBusy(false);
+    }
+  }, []);
+  useEffect(() => {
+    const url = new URL(window.location.href);
+    if (url.searchParams.get('retry') !== 'mfa') return;
+    url.searchParams.delete('retry');
+    window.history.replaceState(null, '', url.pathname + url.search + url.hash);
+    void callMfa();
+  }, [callMfa]);
+  return (
+    <section className="card" aria-labelledby="step-up">
+      <h2 id="step-up">Step-up: an API that needs a second factor</h2>
+      <p className="muted">
+        <code>/api/proxy/demo/mfa/whoami</code> answers only to a sign-in with a second factor; a password sign-in gets <code>step_up_required</code>.
+      </p>
+      <div className="actions">
+        <button type="button" onClick={() => void callMfa()} disabled={busy} data-testid="call-mfa">
+          Call the MFA-protected API
+        </button>
+        {stepUp && (
+          <button type="button" onClick={() => login({ acrValues: stepUp.acrValues, maxAge: stepUp.maxAge, returnTo: RETRY_AFTER_STEP_UP })} data-testid="step-up">
+            Sign in with a second factor
+          </button>
+        )}
+      </div>
+      {answer !== null && (
+        <pre className="answer" data-testid="mfa-answer" aria-live="polite">
+          {answer}
+        </pre>
+      )}
     </section>
   );
 }

@@ -26,8 +26,10 @@ import {
   transactionCookieHeader,
   transactionCookiesToDrop,
   userClaims,
+  type LoginTransaction,
   type Session,
 } from './session.ts';
+import { MAX_ACR_VALUES, parseAcrValues, parseMaxAge, type StepUp } from './step-up.ts';
 
 /**
  * The auth endpoints, as functions from a Web Request to a Web Response, so route handlers stay
@@ -109,16 +111,51 @@ function requireCsrf(request: Request): void {
 
 // --- login -------------------------------------------------------------------------------------
 
+/**
+ * The step-up a login asks for: `acr_values` (space-separated ACRs) and `max_age` (seconds), each at
+ * most once. A value that is not one is refused rather than dropped: a login without the step-up it
+ * was meant to bring would only meet the API's refusal again.
+ */
+export function requestedStepUp(query: URLSearchParams): StepUp {
+  const stepUp: StepUp = {};
+  const acrValues = query.getAll('acr_values');
+  if (acrValues.length) {
+    const parsed = acrValues.length === 1 ? parseAcrValues(acrValues[0] as string) : undefined;
+    if (!parsed) throw invalidLoginRequest(`acr_values must be one list of up to ${MAX_ACR_VALUES} ACR values separated by spaces`);
+    stepUp.acrValues = parsed;
+  }
+  const maxAges = query.getAll('max_age');
+  if (maxAges.length) {
+    const parsed = maxAges.length === 1 ? parseMaxAge(maxAges[0] as string) : undefined;
+    if (parsed === undefined) throw invalidLoginRequest('max_age must be one whole number of seconds');
+    stepUp.maxAge = parsed;
+  }
+  return stepUp;
+}
+
+function invalidLoginRequest(problem: string): GatehouseError {
+  return new GatehouseError('invalid_request', 400, `This sign-in link is not valid: ${problem}.`);
+}
+
+/** The login start that asks for the same step-up and returns to the same place: a failed step-up's "Try again". */
+function loginPathFor(transaction: LoginTransaction): string {
+  const query = new URLSearchParams({ returnTo: transaction.returnTo });
+  if (transaction.acrValues) query.set('acr_values', transaction.acrValues.join(' '));
+  if (transaction.maxAge !== undefined) query.set('max_age', String(transaction.maxAge));
+  return `/api/auth/login?${query}`;
+}
+
 export async function startLogin(request: Request): Promise<Response> {
   const url = new URL(request.url);
   const cookieHeader = request.headers.get('cookie');
   const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
-  const authorization = oidc.newAuthorizationRequest(prompt);
+  const stepUp = requestedStepUp(url.searchParams);
+  const authorization = oidc.newAuthorizationRequest({ prompt, ...stepUp });
   const location = await oidc.buildAuthorizationUrl(authorization);
   const previousSessionId = (await sessionIdFromCookieHeader(cookieHeader)) ?? undefined;
   const transaction = { ...authorization, returnTo, startedAt: Date.now(), ...(previousSessionId ? { previousSessionId } : {}) };
-  log('info', 'auth.login_started', { silent: Boolean(prompt) });
+  log('info', 'auth.login_started', { silent: Boolean(prompt), ...(stepUp.acrValues ? { acrValues: stepUp.acrValues.length } : {}), ...(stepUp.maxAge !== undefined ? { maxAge: stepUp.maxAge } : {}) });
   return redirect(location.href, [...(await transactionCookiesToDrop(cookieHeader)), await transactionCookieHeader(transaction)]);
 }
 
@@ -132,14 +169,15 @@ function withAuthError(returnTo: string, code: string): string {
 export async function finishLogin(request: Request): Promise<Response> {
   const state = new URL(request.url).searchParams.get('state');
   const clearTransaction = clearTransactionCookieHeaders(request.headers.get('cookie'), state);
+  const retry = { path: '/api/auth/login' };
   try {
-    return await completeLogin(request, clearTransaction);
+    return await completeLogin(request, clearTransaction, retry);
   } catch (error) {
-    return errorPage(error, 'auth.callback_failed', '/api/auth/login', clearTransaction);
+    return errorPage(error, 'auth.callback_failed', retry.path, clearTransaction);
   }
 }
 
-async function completeLogin(request: Request, clearTransaction: string[]): Promise<Response> {
+async function completeLogin(request: Request, clearTransaction: string[], retry: { path: string }): Promise<Response> {
   const url = new URL(request.url);
   const cookieHeader = request.headers.get('cookie');
   const transaction = await readTransaction(cookieHeader, url.searchParams.get('state'));
@@ -147,6 +185,7 @@ async function completeLogin(request: Request, clearTransaction: string[]): Prom
     // No matching login in progress: a forged, stale or replayed callback.
     throw new GatehouseError('invalid_state', 400, 'This sign-in link is not valid any more. Start again.');
   }
+  if (transaction.acrValues || transaction.maxAge !== undefined) retry.path = loginPathFor(transaction);
   const idpError = url.searchParams.get('error');
   if (idpError && transaction.prompt === 'none') {
     // Silent login: tell the SPA instead of showing the IdP's UI.
@@ -168,8 +207,15 @@ async function completeLogin(request: Request, clearTransaction: string[]): Prom
     secrets: { accessToken: tokens.accessToken, refreshToken: tokens.refreshToken, idToken: tokens.idToken, claims: userClaims(claims) },
     accessTokenExpiresAt: tokens.accessTokenExpiresAt,
     userAgent: request.headers.get('user-agent') ?? undefined,
+    acr: typeof claims.acr === 'string' ? claims.acr : undefined,
+    authTime: claims.auth_time,
   });
-  log('info', 'auth.login', { session: sessionHandle(session.id), refreshToken: Boolean(tokens.refreshToken), replaced: Boolean(previousId) });
+  log('info', 'auth.login', {
+    session: sessionHandle(session.id),
+    refreshToken: Boolean(tokens.refreshToken),
+    replaced: Boolean(previousId),
+    ...(transaction.acrValues || transaction.maxAge !== undefined ? { stepUp: true } : {}),
+  });
   return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction]);
 }
 
@@ -197,10 +243,14 @@ export async function describeSession(request: Request): Promise<Response> {
   const { session, stale, endedBy } = await sessionFromCookieHeader(request.headers.get('cookie'));
   if (!session) return jsonResponse(200, { authenticated: false, ...(endedBy ? { endedBy } : {}) }, stale ? { 'set-cookie': clearSessionCookieHeader() } : {});
   await touchSession(session, true);
+  const { acr, authTime } = session.record;
   return jsonResponse(200, {
     authenticated: true,
     user: session.secrets.claims,
     expiresAt: Math.floor(sessionExpiresAt(session.record) / 1000),
+    // How and when the user signed in (the id_token's acr and auth_time), so the SPA can tell whether a step-up is due.
+    ...(acr !== undefined ? { acr } : {}),
+    ...(authTime !== undefined ? { authTime } : {}),
     logoutUrl: `/api/auth/logout?sid=${encodeURIComponent(session.record.logoutToken)}`,
   });
 }

@@ -3,6 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
+import { ACR_VALUE, MAX_ACR_VALUES, MAX_AGE_LIMIT_SEC } from './step-up.ts';
 import { isSentinelUrl, parseSentinelUrl } from './store/sentinel-url.ts';
 
 /**
@@ -77,6 +78,10 @@ export interface ApiConfig {
   resource: string | undefined;
   timeoutMs: number;
   maxBodyBytes: number;
+  /** The session's sign-in must have one of these ACRs, or the call is refused with `step_up_required`. */
+  acr?: string[];
+  /** Seconds: the session's sign-in must be at most this old, or the call is refused with `step_up_required`. */
+  maxAge?: number;
 }
 
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
@@ -134,6 +139,8 @@ const RESERVED_AUTHORIZATION_PARAMS = new Set([
 
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
 
+const acrValue = z.string().regex(ACR_VALUE, 'an ACR value is 1 to 128 URI characters (no spaces or quotes)');
+
 const apiSchema = z
   .object({
     url: endpointUrl,
@@ -142,6 +149,12 @@ const apiSchema = z
     resource: z.url().optional(),
     timeoutMs: z.number().int().positive().max(600_000).default(30_000),
     maxBodyBytes: z.number().int().nonnegative().default(10 * 1024 * 1024),
+    acr: z
+      .union([acrValue, z.array(acrValue).min(1).max(MAX_ACR_VALUES)])
+      .transform((value) => [...new Set([value].flat())])
+      .optional(),
+    // Zero would refuse every call, a fresh sign-in's included: no sign-in is younger than the call it allows.
+    maxAge: z.number().int().positive().max(MAX_AGE_LIMIT_SEC).optional(),
   })
   .strict();
 
@@ -295,6 +308,10 @@ function crossCheck(env: Partial<Env>): string[] {
     if (api.auth === 'client' && env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
       problems.push(`BFF_APIS.${name}.auth: "client" needs client credentials`);
     }
+    // Another mode would forward the call without a user whose sign-in could be checked.
+    for (const field of ['acr', 'maxAge'] as const) {
+      if (api[field] !== undefined && api.auth !== 'user') problems.push(`BFF_APIS.${name}.${field}: needs "auth": "user" (the default)`);
+    }
   }
   return problems;
 }
@@ -398,7 +415,17 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
     apis: Object.fromEntries(
       Object.entries(env.BFF_APIS).map(([name, api]) => [
         name,
-        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes },
+        {
+          name,
+          url: api.url,
+          auth: api.auth,
+          scope: api.scope,
+          resource: api.resource,
+          timeoutMs: api.timeoutMs,
+          maxBodyBytes: api.maxBodyBytes,
+          ...(api.acr ? { acr: api.acr } : {}),
+          ...(api.maxAge !== undefined ? { maxAge: api.maxAge } : {}),
+        },
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,

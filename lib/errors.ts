@@ -9,14 +9,22 @@ export class GatehouseError extends Error {
   readonly clearSession: boolean;
   /** Seconds, for a `Retry-After` header: passed on from an IdP that said when to come back. */
   readonly retryAfterSec: number | undefined;
+  /** Further members of the JSON answer, for errors the SPA acts on with data (step-up's `acr_values`). */
+  readonly details: Readonly<Record<string, string | number>> | undefined;
 
-  constructor(code: string, status: number, message: string, options: { cause?: unknown; clearSession?: boolean; retryAfterSec?: number } = {}) {
+  constructor(
+    code: string,
+    status: number,
+    message: string,
+    options: { cause?: unknown; clearSession?: boolean; retryAfterSec?: number; details?: Record<string, string | number> } = {},
+  ) {
     super(message, { cause: options.cause });
     this.name = 'GatehouseError';
     this.code = code;
     this.status = status;
     this.clearSession = options.clearSession ?? false;
     this.retryAfterSec = options.retryAfterSec;
+    this.details = options.details;
   }
 }
 
@@ -39,6 +47,15 @@ export const errors = {
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   storeUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
+  /**
+   * The API needs a stronger or more recent sign-in than the session's (RFC 9470). The session stays;
+   * `details` says what the new sign-in must bring, under RFC 9470's names `acr_values` and `max_age`.
+   */
+  stepUpRequired: (details: Record<string, string | number>) =>
+    new GatehouseError('step_up_required', 401, 'This needs a stronger or more recent sign-in. Sign in again to continue.', { details }),
+  /** Login only: the IdP signed the user in, but not as strongly or as recently as this login asked. */
+  stepUpFailed: (cause?: unknown) =>
+    new GatehouseError('step_up_failed', 400, 'The identity provider did not confirm the stronger or more recent sign-in that was asked for.', { cause }),
   payloadTooLarge: (message = 'The request body is too large.') => new GatehouseError('payload_too_large', 413, message),
   internal: (cause?: unknown) => new GatehouseError('internal_error', 500, 'Something went wrong on our side.', { cause }),
 };
@@ -55,5 +72,8 @@ export function errorHeaders(error: GatehouseError): Array<[string, string]> {
 }
 
 export function errorBody(error: GatehouseError): string {
-  return JSON.stringify({ error: error.code, message: error.message });
+  const body: Record<string, string | number> = { error: error.code, message: error.message };
+  // Details come after the two members every error has, and can never replace them.
+  for (const [name, value] of Object.entries(error.details ?? {})) if (!Object.hasOwn(body, name)) body[name] = value;
+  return JSON.stringify(body);
 }

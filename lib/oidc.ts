@@ -5,6 +5,7 @@ import { GatehouseError, errors } from './errors.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { checkLogoutToken, type LogoutTokenClaims } from './logout-token.ts';
+import type { StepUp } from './step-up.ts';
 
 export type { LogoutTokenClaims } from './logout-token.ts';
 
@@ -116,19 +117,21 @@ async function importPrivateKey(): Promise<oauth.PrivateKey> {
   return { key, kid: jwk.kid };
 }
 
-export interface AuthorizationRequest {
+export interface AuthorizationRequest extends StepUp {
   state: string;
   nonce: string;
   codeVerifier: string;
   prompt?: string;
 }
 
-export function newAuthorizationRequest(prompt?: string): AuthorizationRequest {
+export function newAuthorizationRequest({ prompt, acrValues, maxAge }: { prompt?: string | undefined } & StepUp = {}): AuthorizationRequest {
   return {
     state: oauth.generateRandomState(),
     nonce: oauth.generateRandomNonce(),
     codeVerifier: oauth.generateRandomCodeVerifier(),
     ...(prompt ? { prompt } : {}),
+    ...(acrValues ? { acrValues } : {}),
+    ...(maxAge !== undefined ? { maxAge } : {}),
   };
 }
 
@@ -171,6 +174,9 @@ async function authorizationParameters(request: AuthorizationRequest): Promise<U
   });
   for (const [name, value] of oidc.authorizationParams) parameters.set(name, value);
   if (request.prompt) parameters.set('prompt', request.prompt);
+  // A login's own step-up replaces what OIDC_AUTHORIZATION_PARAMS may set: it is what the callback checks.
+  if (request.acrValues) parameters.set('acr_values', request.acrValues.join(' '));
+  if (request.maxAge !== undefined) parameters.set('max_age', String(request.maxAge));
   // offline_access is only honoured with prompt=consent by some IdPs; we ask for it but cope without.
   return parameters;
 }
@@ -213,9 +219,32 @@ async function pushAuthorizationRequest(as: oauth.AuthorizationServer, parameter
 const CLOCK_SKEW_SEC = 60;
 const MAX_ID_TOKEN_AGE_SEC = 10 * 60;
 
+/** oauth4webapi's verdict on an id_token whose `auth_time` is missing or older than the `max_age` asked for. */
+function isAuthTimeShortfall(error: unknown): boolean {
+  if (!(error instanceof oauth.OperationProcessingError)) return false;
+  const cause = error.cause as { claim?: unknown; claims?: { auth_time?: unknown } } | undefined;
+  if (error.code === oauth.JWT_TIMESTAMP_CHECK) return cause?.claim === 'auth_time';
+  // A missing claim is named only in the message; should that wording change, this is a token_exchange_failed.
+  return error.code === oauth.INVALID_RESPONSE && cause?.claims !== undefined && cause.claims.auth_time === undefined && error.message.includes('"auth_time"');
+}
+
+/**
+ * OIDC Core treats `acr_values` as a wish the IdP may not grant. A login that asked for them is a
+ * step-up, and a session without one of them would meet the same refusal at the API again: such a
+ * sign-in is refused here instead of recorded.
+ */
+function checkRequestedAcr(claims: oauth.IDToken, acrValues: string[] | undefined): void {
+  if (!acrValues) return;
+  if (typeof claims.acr === 'string' && acrValues.includes(claims.acr)) return;
+  throw errors.stepUpFailed(new Error(`requested acr ${acrValues.join(' ')}, the id_token says ${typeof claims.acr === 'string' ? claims.acr.slice(0, 80) : 'none'}`));
+}
+
 /**
  * Checks the authorization response (state, iss per RFC 9207, error), redeems the code with PKCE
- * and client authentication, and validates the id_token including its signature and `iat`.
+ * and client authentication, and validates the id_token including its signature and `iat`, and
+ * what a step-up asked for: `auth_time` within `max_age` (oauth4webapi's check, with its 30 s clock
+ * tolerance), `acr` among `acr_values`. Tokens of a sign-in refused for falling short are dropped,
+ * not revoked: IdPs that revoke a whole grant with one token would end the session the user still has.
  */
 export async function redeemAuthorizationCode(callbackUrl: URL, request: AuthorizationRequest): Promise<LoginResult> {
   const as = await getAuthorizationServer();
@@ -231,7 +260,11 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
   try {
     const { oidc } = getConfig();
     const response = await oauth.authorizationCodeGrantRequest(as, client(), await clientAuth(), params, oidc.redirectUri, request.codeVerifier, requestOptions());
-    const result = await oauth.processAuthorizationCodeResponse(as, client(), response, { expectedNonce: request.nonce, requireIdToken: true });
+    const result = await oauth.processAuthorizationCodeResponse(as, client(), response, {
+      expectedNonce: request.nonce,
+      requireIdToken: true,
+      ...(request.maxAge !== undefined ? { maxAge: request.maxAge } : {}),
+    });
     await oauth.validateApplicationLevelSignature(as, response, { ...requestOptions(), [oauth.jwksCache]: jwksCache });
     const claims = oauth.getValidatedIdTokenClaims(result);
     if (!claims) throw new IdpError('rejected', 'The token response had no id_token');
@@ -239,8 +272,11 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
     if (claims.iat > now + CLOCK_SKEW_SEC || claims.iat < now - MAX_ID_TOKEN_AGE_SEC) {
       throw new IdpError('rejected', 'The id_token iat is out of range');
     }
+    checkRequestedAcr(claims, request.acrValues);
     return { tokens: toTokenSet(result), claims };
   } catch (error) {
+    if (error instanceof GatehouseError && error.code === 'step_up_failed') throw error;
+    if (request.maxAge !== undefined && isAuthTimeShortfall(error)) throw errors.stepUpFailed(error);
     const failure = classify(error, 'code exchange');
     if (failure.kind === 'unavailable') throw idpErrorToGatehouse(failure);
     throw new GatehouseError('token_exchange_failed', 400, 'The sign-in could not be completed.', { cause: error });

@@ -8,6 +8,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
+import { missingAuthentication, stepUpChallenge, stepUpDetails } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -221,7 +222,7 @@ async function clientToken(api: ApiConfig): Promise<string> {
   }
 }
 
-async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<Credentials> {
+async function credentialsFor(api: ApiConfig, inbound: InboundRequest, requestId: string): Promise<Credentials> {
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
   // The hot path may use the store's coherent copy; the refresh path re-reads under its lock.
@@ -229,6 +230,12 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
   if (!session) {
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
     throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
+  }
+  // Before any token is fetched or refreshed: a call this sign-in may not make costs the IdP nothing.
+  const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, session.record);
+  if (lacking) {
+    log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'config' });
+    throw errors.stepUpRequired(stepUpDetails(lacking));
   }
   const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
   void touchSession(current).catch(() => undefined);
@@ -359,6 +366,22 @@ export function forwardedForChain(inbound: string | undefined, peer: string | un
   return chain.length ? chain.join(', ') : undefined;
 }
 
+/**
+ * An upstream 401 that asks for a stronger or fresher sign-in (RFC 9470) becomes Gatehouse's own
+ * `step_up_required`, which the browser client understands: the session stays, and no refresh is
+ * forced. Only a call that carried the user's token can be answered by the user signing in again;
+ * any other 401 goes on as the upstream sent it.
+ */
+async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Credentials, where: { requestId: string; api: string }): Promise<void> {
+  if (answer.status !== 401 || !credentials.session || !credentials.token) return;
+  const challenge = await stepUpChallenge(answer.rawHeaders);
+  if (!challenge) return;
+  answer.body.resume();
+  // The API's own wording (error_description) is not passed on: only the checked values are.
+  log('info', 'proxy.step_up_required', { ...where, from: 'upstream', ...(challenge.dropped.length ? { dropped: challenge.dropped } : {}) });
+  throw errors.stepUpRequired(stepUpDetails(challenge));
+}
+
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
 export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
@@ -380,7 +403,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     if (declaredLength > api.maxBodyBytes) throw errors.payloadTooLarge('The request body is too large for this API.');
     const hasBody = inbound.body !== null && (declaredLength > 0 || inbound.header('transfer-encoding') !== undefined);
 
-    let credentials = await credentialsFor(api, inbound);
+    let credentials = await credentialsFor(api, inbound, requestId);
     refreshed = credentials.refreshed;
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     headers.push(
@@ -396,6 +419,8 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const withToken = (token: string | undefined) => (token ? [...headers, ['authorization', `Bearer ${token}`] as [string, string]] : headers);
 
     let answer = await sendUpstream(api, url, method, withToken(credentials.token), body, inbound.signal);
+    // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
+    await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     const mayRetry =
       answer.status === 401 && credentials.session && credentials.token && !hasBody && REPLAYABLE_METHODS.has(method) && (await mayForceRefresh(credentials.session));
     if (mayRetry && credentials.session && credentials.token) {
@@ -405,6 +430,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);
+      await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     }
     if (!isFinalStatus(answer.status)) {
       answer.body.destroy();

@@ -35,6 +35,12 @@ export interface SessionRecord {
   /** Proves that a logout link came from this session's own page (the `sid` query parameter). */
   logoutToken: string;
   userAgent: string | undefined;
+  /**
+   * How and when the user signed in, as the login's id_token says (`acr`, `auth_time` in epoch
+   * seconds); absent when the IdP did not say, and in records written before step-up existed.
+   */
+  acr?: string;
+  authTime?: number;
   sealed: string;
 }
 
@@ -257,7 +263,8 @@ function randomToken(bytes = 32): string {
   return base64url.encode(crypto.getRandomValues(new Uint8Array(bytes)));
 }
 
-const PROTOCOL_CLAIMS = new Set(['iss', 'aud', 'exp', 'iat', 'nbf', 'nonce', 'at_hash', 'c_hash', 's_hash', 'auth_time', 'azp', 'sid', 'jti']);
+/** `acr` and `auth_time` describe the sign-in, not the user: the session keeps them on its record. */
+const PROTOCOL_CLAIMS = new Set(['iss', 'aud', 'exp', 'iat', 'nbf', 'nonce', 'at_hash', 'c_hash', 's_hash', 'auth_time', 'acr', 'azp', 'sid', 'jti']);
 
 /** The id_token claims worth showing the SPA: who the user is, not protocol bookkeeping. */
 export function userClaims(claims: Record<string, unknown>): Record<string, unknown> {
@@ -270,6 +277,9 @@ export interface NewSession {
   secrets: SessionSecrets;
   accessTokenExpiresAt: number | null;
   userAgent: string | undefined;
+  /** The id_token's `acr` and `auth_time`, when it has them. */
+  acr?: string | undefined;
+  authTime?: number | undefined;
 }
 
 /** Always a fresh id: a session never survives or adopts an id from before the login (fixation). */
@@ -286,6 +296,8 @@ export async function createSession(input: NewSession): Promise<Session> {
     accessTokenExpiresAt: input.accessTokenExpiresAt,
     logoutToken: randomToken(16),
     userAgent: input.userAgent?.slice(0, 256),
+    ...(input.acr !== undefined ? { acr: input.acr } : {}),
+    ...(input.authTime !== undefined ? { authTime: input.authTime } : {}),
     sealed: await encryptSecrets(input.secrets),
   };
   const written = await storeCall(() =>
@@ -596,6 +608,9 @@ export interface LoginTransaction {
   codeVerifier: string;
   returnTo: string;
   prompt?: string;
+  /** What this login asked the IdP for (step-up): the callback refuses a sign-in that does not bring it. */
+  acrValues?: string[];
+  maxAge?: number;
   /** Epoch ms; the oldest attempts are dropped first when a browser piles them up. */
   startedAt: number;
   /**
@@ -644,6 +659,8 @@ async function openTransaction(value: string): Promise<LoginTransaction | null> 
     const data = await unsealData<Partial<LoginTransaction>>(value, { password: unseal, ttl: TRANSACTION_TTL_SEC + 60 });
     if (typeof data.state !== 'string' || typeof data.nonce !== 'string' || typeof data.codeVerifier !== 'string' || typeof data.returnTo !== 'string') return null;
     if (typeof data.startedAt !== 'number') return null;
+    if (data.acrValues !== undefined && !(Array.isArray(data.acrValues) && data.acrValues.every((value) => typeof value === 'string'))) return null;
+    if (data.maxAge !== undefined && typeof data.maxAge !== 'number') return null;
     return data as LoginTransaction;
   } catch {
     return null;

@@ -1,4 +1,4 @@
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 /**
@@ -27,4 +27,16 @@ export function listen(server: Server, port: number, host: string | undefined): 
       resolve((server.address() as AddressInfo).port);
     });
   });
+}
+
+/** A dev server's request body, or undefined once it passes `maxBytes` (the rest is left unread). */
+export async function readBodyUpTo(req: IncomingMessage, maxBytes: number): Promise<Buffer | undefined> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length;
+    if (size > maxBytes) return undefined;
+    chunks.push(chunk as Buffer);
+  }
+  return Buffer.concat(chunks);
 }

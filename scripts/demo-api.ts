@@ -5,7 +5,7 @@ import { createServer } from 'node:http';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { createRemoteJWKSet, jwtVerify } from 'jose';
 import type { JWTPayload } from 'jose';
-import { listen, runUntilSignal } from './cli.ts';
+import { listen, readBodyUpTo, runUntilSignal } from './cli.ts';
 
 export interface DemoApiOptions {
   /** 0 picks a free port; the default audience then uses the real one. */
@@ -34,7 +34,9 @@ export interface DemoApiHandle {
 
 type Verification = { ok: true; claims: JWTPayload } | { ok: false };
 
-const ROUTES = new Set(['echo', 'whoami', 'public', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', '__demo']);
+const ROUTES = new Set(['echo', 'whoami', 'public', 'mfa', 'recent', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', '__demo']);
+/** The dev IdP's second-factor ACR (scripts/dev-idp.ts DEV_IDP_ACR.mfa), which `mfa/*` requires. */
+const MFA_ACR = 'urn:gatehouse:mfa';
 const MAX_ECHO_BODY = 1024 * 1024;
 const CHUNK = Buffer.alloc(64 * 1024, 'x');
 
@@ -99,6 +101,20 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     const { claims } = verification;
 
     switch (route) {
+      case 'mfa':
+      case 'recent': {
+        // RFC 9470: `mfa/*` needs the second factor's ACR, `recent?maxAge=N` a sign-in at most N seconds old.
+        const { sub, acr, auth_time: authTime } = claims;
+        const maxAge = clampInt(query.maxAge, 300, 0, 86_400);
+        const lacking =
+          route === 'mfa' ? acr !== MFA_ACR : typeof authTime !== 'number' || authTime + maxAge < Math.floor(Date.now() / 1000);
+        if (lacking) {
+          const wanted = route === 'mfa' ? `acr_values="${MFA_ACR}"` : `max_age=${maxAge}`;
+          res.setHeader('www-authenticate', `Bearer error="insufficient_user_authentication", error_description="A stronger or more recent sign-in is required", ${wanted}`);
+          return json(res, 401, { error: 'insufficient_user_authentication' });
+        }
+        return json(res, 200, { sub, acr, auth_time: authTime, path: url.pathname });
+      }
       case 'echo':
       case 'whoami': {
         const body = await readBody(req);
@@ -192,15 +208,10 @@ function clampInt(raw: string | undefined, fallback: number, min: number, max: n
 }
 
 async function readBody(req: IncomingMessage): Promise<unknown> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_ECHO_BODY) return undefined;
-    chunks.push(chunk as Buffer);
-  }
-  if (size === 0) return null;
-  const text = Buffer.concat(chunks).toString('utf8');
+  const body = await readBodyUpTo(req, MAX_ECHO_BODY);
+  if (body === undefined) return undefined;
+  if (body.length === 0) return null;
+  const text = body.toString('utf8');
   if (!/\bjson\b/i.test(req.headers['content-type'] ?? '')) return text;
   try {
     return JSON.parse(text) as unknown;

@@ -5,9 +5,9 @@ import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK } from 'jose';
 import type { JWK, JWTPayload } from 'jose';
-import Provider, { errors } from 'oidc-provider';
-import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, KoaContextWithOIDC } from 'oidc-provider';
-import { listen, runUntilSignal } from './cli.ts';
+import Provider, { errors, interactionPolicy } from 'oidc-provider';
+import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, InteractionResults, KoaContextWithOIDC } from 'oidc-provider';
+import { listen, readBodyUpTo, runUntilSignal } from './cli.ts';
 
 export interface DevIdpOptions {
   /** 0 picks a free port; the issuer then uses the real one. */
@@ -103,6 +103,12 @@ export const DEV_IDP_DEFAULTS = {
   apiAudiences: ['http://localhost:4001'],
   apiScope: 'api:read api:write',
 } as const;
+
+/**
+ * The dev IdP's Authentication Context Classes: a sign-in with a password, and one with a second
+ * factor as well (any 6-digit code, shown only when a login asks for it with `acr_values`).
+ */
+export const DEV_IDP_ACR = { password: 'urn:gatehouse:pwd', mfa: 'urn:gatehouse:mfa' } as const;
 
 /** Endpoints a test can make fail for a while: /__dev/token-fault, /__dev/par-fault. */
 const FAULTY_ENDPOINTS = ['token', 'par'] as const;
@@ -221,7 +227,11 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const delays: IdpDelays = { discoveryMs: 0, tokenMs: 0 };
   const delayed = { discovery: 0, token: 0 };
   // The issuer embeds the real port, so the provider only exists once the listener is bound.
-  const providerSlot: { handler?: (req: IncomingMessage, res: ServerResponse) => unknown } = {};
+  const providerSlot: {
+    handler?: (req: IncomingMessage, res: ServerResponse) => unknown;
+    /** The sign-in page: true when it answered, false when the interaction is not a login (consent goes to devInteractions). */
+    login?: (req: IncomingMessage, res: ServerResponse) => Promise<boolean>;
+  } = {};
   const server = createServer((req, res) => {
     const endpoint = req.method === 'POST' ? FAULTY_ENDPOINTS.find((name) => req.url?.startsWith(FAULT_PATHS[name])) : undefined;
     const fault = endpoint && faults[endpoint];
@@ -241,6 +251,13 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     }
     if (req.url?.startsWith('/__dev/')) {
       devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
+    } else if (providerSlot.handler && providerSlot.login && INTERACTION_PATH.test(req.url ?? '') && (req.method === 'GET' || req.method === 'POST')) {
+      const { handler, login } = providerSlot;
+      login(req, res)
+        .then((handled) => {
+          if (!handled) handler(req, res);
+        })
+        .catch((err: unknown) => sendHtml(res, 500, `<p>${escapeHtml(String(err))}</p>`));
     } else if (providerSlot.handler) {
       withoutWebFonts(res);
       const handler = providerSlot.handler;
@@ -281,6 +298,10 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
     response_types: ['code'],
     token_endpoint_auth_method: method,
+    // Every id_token says how and when the user signed in (acr, auth_time), as Keycloak's do; a
+    // login's own acr_values replace the default (OIDC Dynamic Client Registration, section 2).
+    default_acr_values: [DEV_IDP_ACR.password],
+    require_auth_time: true,
     ...(par === 'required-per-client' ? { require_pushed_authorization_requests: true } : {}),
   });
 
@@ -294,6 +315,14 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
         : []),
     ],
     jwks: { keys },
+    acrValues: [DEV_IDP_ACR.password, DEV_IDP_ACR.mfa],
+    interactions: { policy: stepUpPolicy() },
+    // The APIs judge a call by how the user signed in (RFC 9470): the access token says, as the id_token does.
+    extraTokenClaims: (ctx) => {
+      const { AuthorizationCode, RefreshToken } = ctx.oidc.entities;
+      const source = AuthorizationCode ?? RefreshToken;
+      return source?.acr ? { acr: source.acr, ...(source.authTime ? { auth_time: source.authTime } : {}) } : undefined;
+    },
     cookies: { keys: state.cookieKeys },
     responseTypes: ['code'],
     scopes: ['openid', 'offline_access', 'profile', 'email'],
@@ -377,6 +406,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     throw err;
   }
   providerSlot.handler = provider.callback();
+  providerSlot.login = (req, res) => loginInteraction(provider, req, res);
   const tally = (ctx: KoaContextWithOIDC, outcome: 'success' | 'error', code?: string) => {
     const grantType = String(ctx.oidc.params?.grant_type ?? 'unknown');
     bump(counters[outcome], grantType);
@@ -476,6 +506,114 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       await shutdown(server);
     },
   };
+}
+
+const INTERACTION_PATH = /^\/interaction\/[\w-]+$/;
+const MAX_FORM_BYTES = 16 * 1024;
+/** Test-only: a login may say it happened this many seconds ago (an IdP that ignores max_age, for Gatehouse to catch). */
+const MAX_BACKDATE_SEC = 24 * 3600;
+
+/**
+ * oidc-provider's login prompt, plus one check: a login that asks for the second factor's ACR
+ * prompts a signed-in user to sign in again unless their IdP session already has it. (acr_values
+ * alone is voluntary in OIDC Core, so oidc-provider would otherwise answer from the session.)
+ */
+function stepUpPolicy() {
+  const policy = interactionPolicy.base();
+  policy.get('login')?.checks.add(
+    new interactionPolicy.Check('acr_step_up', 'a stronger sign-in was asked for', (ctx) => {
+      const asked = String(ctx.oidc.params?.acr_values ?? '').split(' ');
+      // Once this interaction signed the user in, its answer stands: asking again would loop.
+      if (!asked.includes(DEV_IDP_ACR.mfa) || ctx.oidc.result?.login) return interactionPolicy.Check.NO_NEED_TO_PROMPT;
+      return ctx.oidc.session?.acr === DEV_IDP_ACR.mfa ? interactionPolicy.Check.NO_NEED_TO_PROMPT : interactionPolicy.Check.REQUEST_PROMPT;
+    }),
+  );
+  return policy;
+}
+
+/**
+ * The sign-in page, in place of devInteractions' for the login prompt, because that one records no
+ * ACR. Any login and password sign in; when the login asks for the second factor, a code field
+ * appears: any 6 digits give `urn:gatehouse:mfa`, an empty field `urn:gatehouse:pwd` (an IdP may
+ * answer acr_values with less, and Gatehouse must notice). Resolves false for another prompt.
+ */
+async function loginInteraction(provider: Provider, req: IncomingMessage, res: ServerResponse): Promise<boolean> {
+  let details: Awaited<ReturnType<Provider['interactionDetails']>>;
+  try {
+    details = await provider.interactionDetails(req, res);
+  } catch {
+    // No such interaction (expired, or no cookie): oidc-provider's own error page says so.
+    return false;
+  }
+  if (details.prompt.name !== 'login') return false;
+  const { uid, params, session } = details;
+  const mfaAsked = String(params.acr_values ?? '').split(' ').includes(DEV_IDP_ACR.mfa);
+  const page = (status: number, notice?: string) =>
+    sendHtml(res, status, loginPage({ uid, mfaAsked, login: typeof params.login_hint === 'string' ? params.login_hint : session?.accountId, notice }));
+  if (req.method === 'GET') {
+    page(200);
+    return true;
+  }
+  const form = await readForm(req);
+  const accountId = form?.get('login')?.trim();
+  // Only a login that asked for the second factor can have it: the code field is shown for no other.
+  const code = mfaAsked ? (form?.get('otp')?.trim() ?? '') : '';
+  const backdate = Number(form?.get('auth_age') ?? 0);
+  if (!form || !accountId || !form.get('password')) {
+    page(400, 'Enter a login and a password.');
+    return true;
+  }
+  if (code && !/^\d{6}$/.test(code)) {
+    page(400, 'The code is 6 digits.');
+    return true;
+  }
+  if (!Number.isInteger(backdate) || backdate < 0 || backdate > MAX_BACKDATE_SEC) {
+    page(400, 'auth_age must be whole seconds, at most a day.');
+    return true;
+  }
+  const login: NonNullable<InteractionResults['login']> = {
+    accountId,
+    acr: code ? DEV_IDP_ACR.mfa : DEV_IDP_ACR.password,
+    amr: code ? ['pwd', 'otp'] : ['pwd'],
+    ...(backdate ? { ts: Math.floor(Date.now() / 1000) - backdate } : {}),
+  };
+  await provider.interactionFinished(req, res, { login }, { mergeWithLastSubmission: false });
+  return true;
+}
+
+function loginPage({ uid, mfaAsked, login, notice }: { uid: string; mfaAsked: boolean; login: string | undefined; notice: string | undefined }): string {
+  const action = `/interaction/${encodeURIComponent(uid)}`;
+  const code = mfaAsked
+    ? `<label for="otp">Second factor: any 6-digit code (left empty, you sign in with the password only)</label>
+  <input type="text" id="otp" name="otp" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{6}" maxlength="6" placeholder="6-digit code">`
+    : '';
+  return `<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Sign-in</title><style>body{font:16px/1.4 system-ui,sans-serif;margin:3rem auto;max-width:22rem;padding:0 1rem;color:#1d2330}form{display:grid;gap:.6rem}
+input{font:inherit;padding:.55rem;border:1px solid #b8c0cc;border-radius:4px}label{font-size:.9rem;color:#4a5160}button{font:inherit;font-weight:600;padding:.6rem;border:0;border-radius:4px;background:#2454c7;color:#fff;cursor:pointer}
+.notice{color:#a4261c}.step-up{background:#eef1f6;padding:.5rem;border-radius:4px}a{color:#4a5160;font-size:.9rem}</style></head>
+<body><main><h1>Sign-in</h1>${mfaAsked ? '<p class="step-up">This application asks for a sign-in with a second factor.</p>' : ''}${notice ? `<p class="notice" role="alert">${escapeHtml(notice)}</p>` : ''}
+<form autocomplete="off" action="${escapeHtml(action)}" method="post">
+  <input type="hidden" name="prompt" value="login">
+  <input required type="text" name="login" placeholder="Enter any login" aria-label="Login"${login ? ` value="${escapeHtml(login)}"` : ' autofocus'}>
+  <input required type="password" name="password" placeholder="and password" aria-label="Password"${login ? ' autofocus' : ''}>
+  ${code}
+  <button type="submit">Sign-in</button>
+</form>
+<p><a href="${escapeHtml(`${action}/abort`)}">[ Cancel ]</a></p></main></body></html>`;
+}
+
+async function readForm(req: IncomingMessage): Promise<URLSearchParams | undefined> {
+  if (!String(req.headers['content-type'] ?? '').startsWith('application/x-www-form-urlencoded')) return undefined;
+  const body = await readBodyUpTo(req, MAX_FORM_BYTES);
+  return body && new URLSearchParams(body.toString('utf8'));
+}
+
+const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function sendHtml(res: ServerResponse, status: number, html: string): void {
+  if (res.headersSent) return void res.end();
+  res.writeHead(status, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+  res.end(html);
 }
 
 /**

@@ -38,14 +38,25 @@ export async function sessionCookie(context: BrowserContext, appUrl: string) {
 }
 
 /**
- * From the page's "Log in" button (test id `login`) through the dev IdP's form and back to
- * `landing`: by default the global stack's IdP and the demo page.
+ * From the page's "Log in" button (test id `login`, or `button`) through the dev IdP's form and
+ * back to `landing`: by default the global stack's IdP and the demo page. `fields` fills more of the
+ * form (the second factor's `otp`); `atIdp` looks at the IdP's page before it is sent.
  */
-export async function signInThroughIdp(page: Page, username: string, { idp = env('IDP_URL'), landing = new URL('/', env('GATEHOUSE_URL')) }: { idp?: string; landing?: URL } = {}): Promise<void> {
-  await page.getByTestId('login').click();
+export async function signInThroughIdp(
+  page: Page,
+  username: string,
+  {
+    idp = env('IDP_URL'),
+    landing = new URL('/', env('GATEHOUSE_URL')),
+    button = 'login',
+    fields = {},
+    atIdp,
+  }: { idp?: string; landing?: URL; button?: string; fields?: Record<string, string>; atIdp?: (page: Page) => Promise<void> } = {},
+): Promise<void> {
+  await page.getByTestId(button).click();
   await page.waitForURL((url) => url.href.startsWith(`${idp}/interaction/`));
-  await page.locator('input[name="login"]').fill(username);
-  await page.locator('input[name="password"]').fill('any-password');
+  await atIdp?.(page);
+  for (const [name, value] of Object.entries({ login: username, password: 'any-password', ...fields })) await page.locator(`input[name="${name}"]`).fill(value);
   await page.getByRole('button', { name: 'Sign-in' }).click();
   await page.waitForURL((url) => url.origin === landing.origin && url.pathname === landing.pathname);
 }

@@ -11,6 +11,11 @@ export interface FlowOptions {
   password?: string;
   jars?: CookieJars;
   maxSteps?: number;
+  /**
+   * More fields for the sign-in form, e.g. the dev IdP's second-factor `otp` (any 6 digits) or its
+   * test-only `auth_age` (seconds the sign-in claims to be old).
+   */
+  fields?: Record<string, string>;
 }
 
 interface HtmlForm {
@@ -85,7 +90,7 @@ export function parseForm(html: string, pageUrl: URL): HtmlForm | undefined {
 export async function followFlow(
   startUrl: URL,
   stop: (next: URL) => boolean,
-  { username, password = 'password', jars = new Map(), maxSteps = 20 }: FlowOptions,
+  { username, password = 'password', jars = new Map(), maxSteps = 20, fields = {} }: FlowOptions,
 ): Promise<URL> {
   let url = startUrl;
   let form: URLSearchParams | undefined;
@@ -107,6 +112,7 @@ export async function followFlow(
     if ('login' in page.fields) {
       page.fields.login = username;
       page.fields.password = password;
+      Object.assign(page.fields, fields);
     }
     url = page.action;
     form = new URLSearchParams(page.fields);
@@ -144,11 +150,13 @@ export async function loginThroughRp({
   username,
   password,
   jars = new Map(),
+  fields,
 }: {
   startUrl: string | URL;
   username: string;
   password?: string;
   jars?: CookieJars;
+  fields?: Record<string, string>;
 }): Promise<{ rpCookies: Map<string, string>; finalUrl: string; callbackStatus: number; jars: CookieJars }> {
   const start = new URL(startUrl);
   let leftRp = false;
@@ -158,7 +166,7 @@ export async function loginThroughRp({
       if (next.origin !== start.origin) leftRp = true;
       return leftRp && next.origin === start.origin;
     },
-    { username, password, jars },
+    { username, password, jars, ...(fields ? { fields } : {}) },
   );
   const res = await browserRequest(callback, jars);
   await res.body?.cancel();

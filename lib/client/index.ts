@@ -7,7 +7,15 @@
 export type SessionInfo =
   /** `endedBy`: the session was ended from another device or at the identity provider. */
   | { authenticated: false; endedBy?: 'elsewhere' | 'idp' }
-  | { authenticated: true; user: Record<string, unknown> & { sub: string }; expiresAt: number; logoutUrl: string };
+  | {
+      authenticated: true;
+      user: Record<string, unknown> & { sub: string };
+      expiresAt: number;
+      /** How and when the user signed in (the id_token's `acr`, `auth_time` in epoch seconds), when the IdP said. */
+      acr?: string;
+      authTime?: number;
+      logoutUrl: string;
+    };
 
 /** The codes Gatehouse answers with (an upstream API's own errors come back as `upstream_<status>`). */
 export type GatehouseErrorCode =
@@ -15,6 +23,7 @@ export type GatehouseErrorCode =
   | 'session_expired'
   | 'session_replaced'
   | 'reauthentication_required'
+  | 'step_up_required'
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'
@@ -39,6 +48,23 @@ export class GatehouseClientError extends Error {
     this.code = code;
     this.status = status;
     this.response = response;
+  }
+}
+
+/**
+ * The API needs a stronger or more recent sign-in (RFC 9470 step-up). The session is still there;
+ * `login({ acrValues, maxAge })` with this error's values signs in again as the API asked.
+ */
+export class StepUpRequiredError extends GatehouseClientError {
+  /** Any one of these Authentication Context Class References will do; undefined when the API named none. */
+  readonly acrValues: string[] | undefined;
+  /** Seconds: the new sign-in may be at most this old; undefined when the API set no limit. */
+  readonly maxAge: number | undefined;
+  constructor(status: number, message: string, acrValues: string[] | undefined, maxAge: number | undefined) {
+    super('step_up_required', status, message);
+    this.name = 'StepUpRequiredError';
+    this.acrValues = acrValues;
+    this.maxAge = maxAge;
   }
 }
 
@@ -76,7 +102,13 @@ export async function bffFetch(input: string, init: RequestInit = {}): Promise<R
   }
   const code = response.headers.get('x-gatehouse-error');
   if (!code) return response;
-  const body = (await response.json().catch(() => ({}))) as { message?: unknown };
+  const body = (await response.json().catch(() => ({}))) as { message?: unknown; acr_values?: unknown; max_age?: unknown };
+  const message = typeof body.message === 'string' ? body.message : code;
+  if (code === 'step_up_required') {
+    const acrValues = typeof body.acr_values === 'string' ? body.acr_values.split(' ').filter(Boolean) : [];
+    const maxAge = typeof body.max_age === 'number' && Number.isSafeInteger(body.max_age) && body.max_age >= 0 ? body.max_age : undefined;
+    throw new StepUpRequiredError(response.status, message, acrValues.length ? acrValues : undefined, maxAge);
+  }
   if (code === 'session_expired' || code === 'unauthenticated') {
     if (typeof window !== 'undefined') {
       // The message says why (e.g. "You were signed out from another device."), for the page to show.
@@ -84,7 +116,7 @@ export async function bffFetch(input: string, init: RequestInit = {}): Promise<R
       if (settings.redirectToLoginOnSessionEnd) login(currentLocation());
     }
   }
-  throw new GatehouseClientError(code, response.status, typeof body.message === 'string' ? body.message : code);
+  throw new GatehouseClientError(code, response.status, message);
 }
 
 async function parseBody(response: Response): Promise<unknown> {
@@ -119,9 +151,26 @@ export async function getSession(): Promise<SessionInfo> {
   return (await response.json()) as SessionInfo;
 }
 
-/** Top-level navigation to the IdP; Gatehouse brings the user back to `returnTo` (same origin only). */
-export function login(returnTo: string = currentLocation()): void {
-  window.location.assign(`/api/auth/login?returnTo=${encodeURIComponent(returnTo)}`);
+export interface LoginOptions {
+  /** Where Gatehouse brings the user back to (same origin only); the current page by default. */
+  returnTo?: string;
+  /** Step-up: ask the IdP for a sign-in with one of these ACRs (a StepUpRequiredError's `acrValues`). */
+  acrValues?: string | readonly string[];
+  /** Step-up: ask for a sign-in at most this many seconds old (a StepUpRequiredError's `maxAge`). */
+  maxAge?: number;
+}
+
+/**
+ * Top-level navigation to the IdP; Gatehouse brings the user back to `returnTo` (same origin only).
+ * `login('/path')` is short for `login({ returnTo: '/path' })`.
+ */
+export function login(options: string | LoginOptions = {}): void {
+  const { returnTo = currentLocation(), acrValues, maxAge } = typeof options === 'string' ? { returnTo: options } : options;
+  let query = `returnTo=${encodeURIComponent(returnTo)}`;
+  const acr = typeof acrValues === 'string' ? acrValues : acrValues?.join(' ');
+  if (acr) query += `&acr_values=${encodeURIComponent(acr)}`;
+  if (maxAge !== undefined) query += `&max_age=${encodeURIComponent(String(maxAge))}`;
+  window.location.assign(`/api/auth/login?${query}`);
 }
 
 /** Ends the session in Gatehouse, then lets the IdP end its own session by navigation. */

@@ -12,6 +12,9 @@ export interface UseSessionResult {
   status: 'loading' | 'authenticated' | 'unauthenticated';
   user: (Record<string, unknown> & { sub: string }) | null;
   expiresAt: number | null;
+  /** How and when the user signed in (the id_token's `acr`, `auth_time` in epoch seconds), when known. */
+  acr: string | null;
+  authTime: number | null;
   logoutUrl: string | null;
   /** Why this page's session ended, when it ended while the page was open (for the user to read). */
   signedOutReason: string | null;
@@ -20,7 +23,7 @@ export interface UseSessionResult {
 
 type Snapshot = Omit<UseSessionResult, 'refresh'>;
 
-const LOADING: Snapshot = { status: 'loading', user: null, expiresAt: null, logoutUrl: null, signedOutReason: null };
+const LOADING: Snapshot = { status: 'loading', user: null, expiresAt: null, acr: null, authTime: null, logoutUrl: null, signedOutReason: null };
 const ENDED_BY_TEXT = { elsewhere: 'You were signed out from another device.', idp: 'You signed out at the identity provider.' } as const;
 let snapshot: Snapshot = LOADING;
 let inFlight: Promise<void> | null = null;
@@ -28,10 +31,12 @@ let loadedOnce = false;
 const listeners = new Set<() => void>();
 
 function toSnapshot(info: SessionInfo): Snapshot {
-  if (info.authenticated) return { status: 'authenticated', user: info.user, expiresAt: info.expiresAt, logoutUrl: info.logoutUrl, signedOutReason: null };
+  if (info.authenticated) {
+    return { status: 'authenticated', user: info.user, expiresAt: info.expiresAt, acr: info.acr ?? null, authTime: info.authTime ?? null, logoutUrl: info.logoutUrl, signedOutReason: null };
+  }
   // A session that was signed in a moment ago keeps the reason a failed call already gave.
   const reason = info.endedBy ? ENDED_BY_TEXT[info.endedBy] : snapshot.status === 'authenticated' ? pendingReason : snapshot.signedOutReason;
-  return { status: 'unauthenticated', user: null, expiresAt: null, logoutUrl: null, signedOutReason: reason ?? null };
+  return { status: 'unauthenticated', user: null, expiresAt: null, acr: null, authTime: null, logoutUrl: null, signedOutReason: reason ?? null };
 }
 
 /** The reason carried by the last session-ended event, until the refetch it triggers lands. */

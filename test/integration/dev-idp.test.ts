@@ -8,7 +8,7 @@ import { confirmDevIdpLogout, loginThroughRp, loginWithDevIdp } from '../../e2e/
 import { waitFor } from '../support/http-client.ts';
 import { startDemoApi } from '../../scripts/demo-api.ts';
 import type { DemoApiHandle } from '../../scripts/demo-api.ts';
-import { DEV_IDP_DEFAULTS, startDevIdp } from '../../scripts/dev-idp.ts';
+import { DEV_IDP_ACR, DEV_IDP_DEFAULTS, startDevIdp } from '../../scripts/dev-idp.ts';
 import type { DevIdpHandle } from '../../scripts/dev-idp.ts';
 
 const insecure = { [oauth.allowInsecureRequests]: true };
@@ -118,6 +118,8 @@ describe('dev IdP + demo API', () => {
     expect(as.end_session_endpoint).toBe(`${idp.issuer}/session/end`);
     expect(as.revocation_endpoint).toBeTruthy();
     expect(as.backchannel_logout_session_supported).toBe(true);
+    // Step-up: a password sign-in, and one with a second factor (test/integration/step-up.test.ts).
+    expect(as.acr_values_supported).toEqual([DEV_IDP_ACR.password, DEV_IDP_ACR.mfa]);
   });
 
   it('refuses to start in production', async () => {

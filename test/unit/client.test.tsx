@@ -2,7 +2,7 @@
 import { act } from 'react';
 import { createRoot } from 'react-dom/client';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { GatehouseClientError, SESSION_ENDED_EVENT, api, bffFetch, configure, getSession } from '../../lib/client/index.ts';
+import { GatehouseClientError, SESSION_ENDED_EVENT, StepUpRequiredError, api, bffFetch, configure, getSession, login } from '../../lib/client/index.ts';
 import { refreshSession, resetSessionStateForTests, useSession } from '../../lib/client/react.ts';
 
 // The network is the one thing faked here: these tests pin the client's own behaviour; the
@@ -87,6 +87,45 @@ describe('bffFetch', () => {
     window.removeEventListener(SESSION_ENDED_EVENT, ended);
   });
 
+  it('turns step_up_required into a StepUpRequiredError with what the new sign-in must bring, and announces no session end', async () => {
+    const ended = vi.fn();
+    window.addEventListener(SESSION_ENDED_EVENT, ended);
+    const assign = vi.spyOn(window.location, 'assign').mockImplementation(() => undefined);
+    configure({ redirectToLoginOnSessionEnd: true });
+    const stepUp = (body: Record<string, unknown>) => json(401, { error: 'step_up_required', message: 'stronger', ...body }, { 'x-gatehouse-error': 'step_up_required' });
+    fetchMock.mockResolvedValueOnce(stepUp({ acr_values: 'urn:gatehouse:mfa urn:x:hwk', max_age: 300 }));
+    const error = await api('demo').get('mfa/whoami').catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(StepUpRequiredError);
+    expect(error).toBeInstanceOf(GatehouseClientError);
+    expect(error).toMatchObject({ code: 'step_up_required', status: 401, message: 'stronger', acrValues: ['urn:gatehouse:mfa', 'urn:x:hwk'], maxAge: 300 });
+    // Values of another shape are not guessed at.
+    for (const body of [{}, { acr_values: ['x'], max_age: '300' }, { acr_values: '', max_age: -1 }, { acr_values: 7, max_age: 1.5 }]) {
+      fetchMock.mockResolvedValueOnce(stepUp(body));
+      await expect(bffFetch('/api/proxy/demo/x')).rejects.toMatchObject({ code: 'step_up_required', acrValues: undefined, maxAge: undefined });
+    }
+    expect(ended).not.toHaveBeenCalled();
+    expect(assign).not.toHaveBeenCalled();
+    window.removeEventListener(SESSION_ENDED_EVENT, ended);
+  });
+
+  it('login() asks for a step-up with acrValues and maxAge, and still takes a bare returnTo', () => {
+    const assign = vi.spyOn(window.location, 'assign').mockImplementation(() => undefined);
+    window.history.replaceState(null, '', '/orders?id=7');
+    login();
+    login('/x');
+    login({ acrValues: ['urn:gatehouse:mfa', 'gold'], maxAge: 0 });
+    login({ returnTo: '/pay', acrValues: 'urn:gatehouse:mfa' });
+    const error = new StepUpRequiredError(401, 'm', ['urn:gatehouse:mfa'], 60);
+    login({ acrValues: error.acrValues, maxAge: error.maxAge, returnTo: '/pay' });
+    expect(assign.mock.calls.map(([url]) => String(url))).toEqual([
+      '/api/auth/login?returnTo=%2Forders%3Fid%3D7',
+      '/api/auth/login?returnTo=%2Fx',
+      '/api/auth/login?returnTo=%2Forders%3Fid%3D7&acr_values=urn%3Agatehouse%3Amfa%20gold&max_age=0',
+      '/api/auth/login?returnTo=%2Fpay&acr_values=urn%3Agatehouse%3Amfa',
+      '/api/auth/login?returnTo=%2Fpay&acr_values=urn%3Agatehouse%3Amfa&max_age=60',
+    ]);
+  });
+
   it('reads the session', async () => {
     fetchMock.mockResolvedValue(json(200, { authenticated: false }));
     expect(await getSession()).toEqual({ authenticated: false });
@@ -169,6 +208,28 @@ describe('useSession', () => {
       await refreshSession();
     });
     await vi.waitFor(() => expect(container.textContent).toBe('out: You signed out at the identity provider.'));
+    act(() => root.unmount());
+  });
+});
+
+describe('useSession and step-up', () => {
+  it('tells how and when the user signed in, so a page can offer the step-up before calling', async () => {
+    function SignIn() {
+      const session = useSession();
+      return <span>{session.status === 'authenticated' ? `${session.acr ?? 'no acr'} at ${session.authTime ?? 'unknown'}` : session.status}</span>;
+    }
+    let answer: unknown = { authenticated: true, user: { sub: 'alice' }, expiresAt: 1, acr: 'urn:gatehouse:mfa', authTime: 1700000000, logoutUrl: '/x' };
+    fetchMock.mockImplementation(async () => json(200, answer));
+    const container = document.createElement('div');
+    document.body.append(container);
+    const root = createRoot(container);
+    await act(async () => root.render(<SignIn />));
+    await vi.waitFor(() => expect(container.textContent).toBe('urn:gatehouse:mfa at 1700000000'));
+    answer = { authenticated: true, user: { sub: 'alice' }, expiresAt: 1, logoutUrl: '/x' };
+    await act(async () => {
+      await refreshSession();
+    });
+    await vi.waitFor(() => expect(container.textContent).toBe('no acr at unknown'));
     act(() => root.unmount());
   });
 });

@@ -131,6 +131,30 @@ describe('configuration', () => {
     expect(problems.some((p) => p.startsWith('BFF_APIS.x:'))).toBe(true);
   });
 
+  it('reads an API’s sign-in requirement (acr, maxAge) and refuses one no user could meet', () => {
+    const apis = (entries: Record<string, unknown>) => ({ ...valid, BFF_APIS: JSON.stringify(entries) });
+    const config = parseConfig(apis({ one: { url: 'https://a.example', acr: 'urn:mfa' }, list: { url: 'https://a.example', acr: ['gold', 'silver', 'gold'], maxAge: 300 }, plain: { url: 'https://a.example' } }));
+    expect(config.apis.one).toMatchObject({ acr: ['urn:mfa'] });
+    expect(config.apis.list).toMatchObject({ acr: ['gold', 'silver'], maxAge: 300 });
+    expect(config.apis.plain).not.toHaveProperty('acr');
+    expect(config.apis.plain).not.toHaveProperty('maxAge');
+    const problems = problemsOf(
+      apis({
+        spaced: { url: 'https://a.example', acr: 'gold silver' },
+        empty: { url: 'https://a.example', acr: [] },
+        zero: { url: 'https://a.example', maxAge: 0 },
+        anonymous: { url: 'https://a.example', auth: 'user-optional', acr: 'gold' },
+        machine: { url: 'https://a.example', auth: 'client', maxAge: 60 },
+      }),
+    );
+    for (const where of ['BFF_APIS.spaced.acr:', 'BFF_APIS.empty.acr:', 'BFF_APIS.zero.maxAge:']) expect(problems.some((p) => p.startsWith(where)), where).toBe(true);
+    // Cross-checks run on what parsed: a fixed environment names these next, so show them now.
+    expect(problemsOf(apis({ anonymous: { url: 'https://a.example', auth: 'user-optional', acr: 'gold' }, machine: { url: 'https://a.example', auth: 'client', maxAge: 60 } }))).toEqual([
+      'BFF_APIS.anonymous.acr: needs "auth": "user" (the default)',
+      'BFF_APIS.machine.maxAge: needs "auth": "user" (the default)',
+    ]);
+  });
+
   it('accepts http:// only for loopback hosts, and then leaves Secure off', () => {
     expect(problemsOf({ ...valid, OIDC_ISSUER: 'http://idp.example.com' })[0]).toMatch(/^OIDC_ISSUER: must be https:\/\//);
     expect(problemsOf({ ...valid, APP_BASE_URL: 'http://10.0.0.5:3000' })[0]).toMatch(/^APP_BASE_URL:/);
