@@ -75,8 +75,15 @@ export interface ApiConfig {
   auth: 'user' | 'user-optional' | 'client' | 'none';
   scope: string | undefined;
   resource: string | undefined;
+  /** RFC 8693: the API's token is the session's access token exchanged for one meant for it. */
+  tokenExchange: TokenExchangeTarget | undefined;
   timeoutMs: number;
   maxBodyBytes: number;
+}
+
+export interface TokenExchangeTarget {
+  audience: string;
+  scope: string | undefined;
 }
 
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
@@ -140,10 +147,25 @@ const apiSchema = z
     auth: z.enum(['user', 'user-optional', 'client', 'none']).default('user'),
     scope: z.string().trim().min(1).optional(),
     resource: z.url().optional(),
+    tokenExchange: z
+      .object({
+        audience: z.string({ error: 'is required: the audience the IdP issues the exchanged token for' }).trim().min(1, 'must not be empty'),
+        scope: z.string({ error: 'must be a string of space-separated scopes' }).trim().min(1, 'must not be empty (leave it out for the IdP\'s default)').optional(),
+      })
+      .strict()
+      .optional(),
     timeoutMs: z.number().int().positive().max(600_000).default(30_000),
     maxBodyBytes: z.number().int().nonnegative().default(10 * 1024 * 1024),
   })
-  .strict();
+  .strict()
+  .superRefine((api, ctx) => {
+    // Both would name the token's audience, each its own way, and only one token can be sent.
+    if (api.tokenExchange && api.resource) ctx.addIssue({ code: 'custom', message: 'set "resource" or "tokenExchange", not both' });
+    // Only a user's session has an access token to exchange.
+    if (api.tokenExchange && (api.auth === 'client' || api.auth === 'none')) {
+      ctx.addIssue({ code: 'custom', path: ['tokenExchange'], message: `needs auth "user" or "user-optional" (a session's token is what gets exchanged), not "${api.auth}"` });
+    }
+  });
 
 const apisSchema = z
   .string({ error: 'is required (JSON, e.g. {"todos":{"url":"https://api.example.com/v1"}})' })
@@ -398,7 +420,16 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
     apis: Object.fromEntries(
       Object.entries(env.BFF_APIS).map(([name, api]) => [
         name,
-        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes },
+        {
+          name,
+          url: api.url,
+          auth: api.auth,
+          scope: api.scope,
+          resource: api.resource,
+          tokenExchange: api.tokenExchange && { audience: api.tokenExchange.audience, scope: api.tokenExchange.scope },
+          timeoutMs: api.timeoutMs,
+          maxBodyBytes: api.maxBodyBytes,
+        },
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,
