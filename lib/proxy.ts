@@ -10,7 +10,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
-import { getAccessToken, mayForceRefresh } from './tokens.ts';
+import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
 /**
  * The proxy core, framework-free: an inbound request in, a streamed answer out. The Next route
@@ -223,6 +223,11 @@ async function clientToken(api: ApiConfig): Promise<string> {
   }
 }
 
+/** Which of the session's tokens an API gets: the session's own, its resource's, or an exchanged one. */
+function tokenRequestFor(api: ApiConfig): TokenRequest {
+  return { resource: api.resource, exchange: api.tokenExchange };
+}
+
 async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<Credentials> {
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
@@ -232,7 +237,7 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest): Promise<
     if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
     throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
   }
-  const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
+  const { token, session: current, refreshed } = await getAccessToken(session, tokenRequestFor(api));
   void touchSession(current).catch(() => undefined);
   return { token, session: current, staleCookie: false, refreshed };
 }
@@ -401,11 +406,16 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
 
     let answer = await sendUpstream(api, url, method, withToken(credentials.token), body, inbound.signal);
     const mayRetry =
-      answer.status === 401 && credentials.session && credentials.token && !hasBody && REPLAYABLE_METHODS.has(method) && (await mayForceRefresh(credentials.session));
+      answer.status === 401 &&
+      credentials.session &&
+      credentials.token &&
+      !hasBody &&
+      REPLAYABLE_METHODS.has(method) &&
+      (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
     if (mayRetry && credentials.session && credentials.token) {
-      // The token looked valid but was refused (revoked, clock skew): one refresh, one retry.
+      // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange), one retry.
       answer.body.resume();
-      const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
+      const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: credentials.token });
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);

@@ -15,6 +15,7 @@ export type GatehouseErrorCode =
   | 'session_expired'
   | 'session_replaced'
   | 'reauthentication_required'
+  | 'token_exchange_refused'
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'

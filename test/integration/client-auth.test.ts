@@ -1,13 +1,19 @@
 import { exportJWK, generateKeyPair } from 'jose';
 import { afterAll, describe, expect, it } from 'vitest';
-import { restartGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
-import { call, login } from '../support/http-client.ts';
+import { restartGatehouse, startStack, type Stack, type StackOptions } from '../../e2e/support/stack.ts';
+import { call, exchangeGrantsOf, idpGrants, login, refreshGrantsOf } from '../support/http-client.ts';
 
 /**
  * The three client authentication methods against the real IdP: each stack's IdP knows the client
- * only with that method, so a login, a refresh and a logout can only succeed if Gatehouse
- * authenticates exactly that way.
+ * only with that method, so a login, a refresh, a token exchange and a logout can only succeed if
+ * Gatehouse authenticates exactly that way.
  */
+
+/** Every stack here has an API whose token comes from a token exchange (RFC 8693). */
+const withExchangedApi: Pick<StackOptions, 'resourceApis' | 'apis'> = {
+  resourceApis: 1,
+  apis: ({ apiUrl, resourceApiUrls: [ledger] }) => ({ demo: { url: apiUrl }, ledger: { url: ledger, tokenExchange: { audience: ledger } } }),
+};
 
 const stacks: Stack[] = [];
 afterAll(async () => {
@@ -19,15 +25,23 @@ async function exercise(stack: Stack, user: string): Promise<void> {
   const cookie = await login(app, user);
   expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
   // The token is due at once (skew ≥ its lifetime), so this call refreshes: the refresh grant authenticates too.
-  const before = (await (await fetch(`${stack.issuer}/__dev/grants`)).json()) as { byAccount: Record<string, Record<string, number>> };
+  const before = await idpGrants(stack.issuer);
   expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
-  const after = (await (await fetch(`${stack.issuer}/__dev/grants`)).json()) as { byAccount: Record<string, Record<string, number>> };
-  expect((after.byAccount[user]?.refresh_token ?? 0) - (before.byAccount[user]?.refresh_token ?? 0)).toBe(1);
+  const after = await idpGrants(stack.issuer);
+  expect(refreshGrantsOf(after, user) - refreshGrantsOf(before, user)).toBe(1);
+  // The token exchange authenticates too (after one more refresh: the session's token is due again).
+  const ledger = stack.resourceApiUrls[0];
+  expect(await call(app, '/api/proxy/ledger/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user, aud: ledger } });
+  const exchanged = await idpGrants(stack.issuer);
+  expect({ refreshed: refreshGrantsOf(exchanged, user) - refreshGrantsOf(after, user), exchanged: exchangeGrantsOf(exchanged, user) - exchangeGrantsOf(after, user) }).toEqual({
+    refreshed: 1,
+    exchanged: 1,
+  });
 }
 
 describe('client authentication', () => {
   it('client_secret_post', async () => {
-    const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { TOKEN_REFRESH_SKEW: '120' } });
+    const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { TOKEN_REFRESH_SKEW: '120' }, ...withExchangedApi });
     stacks.push(stack);
     // The dev IdP registers `<id>-post` for client_secret_post only.
     await restartGatehouse(stack.apps[0]!, { GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post', TOKEN_REFRESH_SKEW: '120' }, 'gatehouse-post');
@@ -38,7 +52,7 @@ describe('client authentication', () => {
     const { publicKey, privateKey } = await generateKeyPair('ES256', { extractable: true });
     const publicJwk = { ...(await exportJWK(publicKey)), alg: 'ES256', use: 'sig', kid: 'gatehouse-test' };
     const privateJwk = { ...(await exportJWK(privateKey)), alg: 'ES256', kid: 'gatehouse-test' };
-    const stack = await startStack({ workers: 1, accessTokenTtl: 60, idpEnv: { IDP_PKJWT_PUBLIC_JWK: JSON.stringify(publicJwk) } });
+    const stack = await startStack({ workers: 1, accessTokenTtl: 60, idpEnv: { IDP_PKJWT_PUBLIC_JWK: JSON.stringify(publicJwk) }, ...withExchangedApi });
     stacks.push(stack);
     const app = stack.apps[0]!;
     const { OIDC_CLIENT_SECRET: _secret, ...envWithoutSecret } = app.env;
@@ -51,8 +65,9 @@ describe('client authentication', () => {
     await exercise(stack, 'pkjwt-user');
   });
 
+  // client_secret_basic, the default, is the client of this stack from the start.
   it('extra authorization parameters (OIDC_AUTHORIZATION_PARAMS) reach the IdP, and the login still completes', async () => {
-    const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { OIDC_AUTHORIZATION_PARAMS: 'ui_locales=de&claims_locales=de', TOKEN_REFRESH_SKEW: '120' } });
+    const stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { OIDC_AUTHORIZATION_PARAMS: 'ui_locales=de&claims_locales=de', TOKEN_REFRESH_SKEW: '120' }, ...withExchangedApi });
     stacks.push(stack);
     const app = stack.apps[0]!.url;
     const start = await fetch(`${app}/api/auth/login`, { redirect: 'manual' });

@@ -91,6 +91,26 @@ export function refreshGrantsOf(grants: GrantCounters, account: string): number 
   return grants.byAccount[account]?.refresh_token ?? 0;
 }
 
+/** RFC 8693's grant type: the dev IdP counts token exchanges under it. */
+export const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+
+export function exchangeGrantsOf(grants: GrantCounters, account: string): number {
+  return grants.byAccount[account]?.[TOKEN_EXCHANGE_GRANT] ?? 0;
+}
+
+/**
+ * The bearer token a demo API received last, asked of the API directly (its introspection route
+ * answers no proxied caller): what Gatehouse sent upstream, which the browser must never see.
+ */
+export async function lastBearerAt(apiUrl: string): Promise<string> {
+  const res = await fetch(`${apiUrl}/__demo/last`);
+  if (!res.ok) throw new Error(`GET ${apiUrl}/__demo/last answered ${res.status}`);
+  const { headers } = (await res.json()) as { headers: Record<string, string | undefined> };
+  const token = /^Bearer (.+)$/.exec(headers.authorization ?? '')?.[1];
+  if (!token) throw new Error(`the last request to ${apiUrl} carried no bearer token`);
+  return token;
+}
+
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 /**
