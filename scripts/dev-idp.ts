@@ -73,6 +73,12 @@ export interface GrantCounters {
   revocations: Record<string, number>;
   /** Each account's last successful grant types in order (at most 20): proof that a refresh came before the exchange that needed it. */
   orderByAccount: Record<string, string[]>;
+  /**
+   * Successful grants per grant type and the client authentication they came with. oidc-provider
+   * takes client_secret_basic and client_secret_post alike from a client registered for either, so
+   * only this shows which one a client really used.
+   */
+  clientAuth: Record<string, Record<string, number>>;
 }
 
 /** Test-only slowness: requests to discovery or the token endpoint wait this long before the provider sees them. */
@@ -196,7 +202,15 @@ function displayName(accountId: string): string {
 }
 
 function emptyCounters(): GrantCounters {
-  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, orderByAccount: {} };
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, orderByAccount: {}, clientAuth: {} };
+}
+
+/** The client authentication a token request came with (this IdP registers no client_secret_jwt client). */
+function clientAuthUsed(ctx: KoaContextWithOIDC): string {
+  if (/^basic /i.test(ctx.headers.authorization ?? '')) return 'client_secret_basic';
+  if (ctx.oidc.params?.client_assertion) return 'private_key_jwt';
+  if (ctx.oidc.params?.client_secret) return 'client_secret_post';
+  return 'none';
 }
 
 function bump(table: Record<string, number>, key: string): void {
@@ -414,6 +428,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     bump(counters[outcome], grantType);
     if (code) bump(counters.errorCodes, code);
     if (outcome !== 'success') return;
+    bump((counters.clientAuth[grantType] ??= {}), clientAuthUsed(ctx));
     const { Account, RefreshToken, AuthorizationCode } = ctx.oidc.entities;
     if (Account) {
       bump((counters.byAccount[Account.accountId] ??= {}), grantType);

@@ -1,12 +1,14 @@
 import { exportJWK, generateKeyPair } from 'jose';
 import { afterAll, describe, expect, it } from 'vitest';
 import { restartGatehouse, startStack, type Stack, type StackOptions } from '../../e2e/support/stack.ts';
-import { call, exchangeGrantsOf, idpGrants, login, refreshGrantsOf } from '../support/http-client.ts';
+import { TOKEN_EXCHANGE_GRANT, call, exchangeGrantsOf, idpGrants, login, refreshGrantsOf } from '../support/http-client.ts';
 
 /**
  * The three client authentication methods against the real IdP: each stack's IdP knows the client
- * only with that method, so a login, a refresh, a token exchange and a logout can only succeed if
- * Gatehouse authenticates exactly that way.
+ * only with that method, so a login, a refresh and a token exchange can only succeed if Gatehouse
+ * authenticates that way. oidc-provider takes client_secret_basic and client_secret_post alike from
+ * a client registered for either, so the IdP's count of grants by the method they came with is
+ * checked as well.
  */
 
 /** Every stack here has an API whose token comes from a token exchange (RFC 8693). */
@@ -20,7 +22,7 @@ afterAll(async () => {
   await Promise.all(stacks.map((stack) => stack.stop()));
 });
 
-async function exercise(stack: Stack, user: string): Promise<void> {
+async function exercise(stack: Stack, user: string, method: 'client_secret_basic' | 'client_secret_post' | 'private_key_jwt'): Promise<void> {
   const app = stack.apps[0]!.url;
   const cookie = await login(app, user);
   expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: user } });
@@ -37,6 +39,10 @@ async function exercise(stack: Stack, user: string): Promise<void> {
     refreshed: 1,
     exchanged: 1,
   });
+  // This stack's IdP saw no other client authentication (it takes basic and post alike, so it must be looked at).
+  for (const grantType of ['authorization_code', 'refresh_token', TOKEN_EXCHANGE_GRANT]) {
+    expect(Object.keys(exchanged.clientAuth[grantType] ?? {}), grantType).toEqual([method]);
+  }
 }
 
 describe('client authentication', () => {
@@ -45,7 +51,7 @@ describe('client authentication', () => {
     stacks.push(stack);
     // The dev IdP registers `<id>-post` for client_secret_post only.
     await restartGatehouse(stack.apps[0]!, { GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post', TOKEN_REFRESH_SKEW: '120' }, 'gatehouse-post');
-    await exercise(stack, 'post-user');
+    await exercise(stack, 'post-user', 'client_secret_post');
   });
 
   it('private_key_jwt, with no shared secret configured at all', async () => {
@@ -62,7 +68,7 @@ describe('client authentication', () => {
       { GATEHOUSE_WORKERS: '1', OIDC_CLIENT_ID: `${stack.clientId}-pkjwt`, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(privateJwk), TOKEN_REFRESH_SKEW: '120' },
       'gatehouse-pkjwt',
     );
-    await exercise(stack, 'pkjwt-user');
+    await exercise(stack, 'pkjwt-user', 'private_key_jwt');
   });
 
   // client_secret_basic, the default, is the client of this stack from the start.
@@ -75,6 +81,6 @@ describe('client authentication', () => {
     expect(authorize.searchParams.get('ui_locales')).toBe('de');
     expect(authorize.searchParams.get('claims_locales')).toBe('de');
     expect(authorize.searchParams.get('code_challenge_method')).toBe('S256');
-    await exercise(stack, 'locale-user');
+    await exercise(stack, 'locale-user', 'client_secret_basic');
   });
 });

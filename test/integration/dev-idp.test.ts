@@ -206,17 +206,19 @@ describe('dev IdP + demo API', () => {
     expect(decodeJwt((await exchange(subject, { audience: api.audience })).access_token)).toMatchObject({ aud: api.audience, scope: 'api:read api:write' });
     expect(idp.grants.byAccount.frank).toEqual({ authorization_code: 1, [TOKEN_EXCHANGE_GRANT]: 2 });
     expect(idp.grants.orderByAccount.frank).toEqual(['authorization_code', TOKEN_EXCHANGE_GRANT, TOKEN_EXCHANGE_GRANT]);
+    expect(idp.grants.clientAuth).toEqual({ authorization_code: { client_secret_basic: 1 }, [TOKEN_EXCHANGE_GRANT]: { client_secret_basic: 2 } });
 
     await expect(exchange(subject, { audience: OTHER_API, scope: 'api:read openid' })).rejects.toMatchObject({ error: 'invalid_scope' });
     await expect(exchange(subject, { audience: 'http://localhost:1/unknown' })).rejects.toMatchObject({ error: 'invalid_target' });
     await expect(exchange(subject, { audience: OTHER_API, subject_token_type: 'urn:ietf:params:oauth:token-type:id_token' })).rejects.toMatchObject({ error: 'invalid_request' });
     await expect(exchange(`${subject.slice(0, -4)}AAAA`, { audience: OTHER_API })).rejects.toMatchObject({ error: 'invalid_grant' });
-    // Another client's token, and a token that stands for no user's grant (the client's own).
+    // Another client's token, and a token that stands for no user's grant (a client's own).
     const postClient: oauth.Client = { client_id: `${DEV_IDP_DEFAULTS.clientId}-post` };
     const postAuth = oauth.ClientSecretPost(DEV_IDP_DEFAULTS.clientSecret);
     await expect(exchange(subject, { audience: OTHER_API }, postClient, postAuth)).rejects.toMatchObject({ error: 'invalid_grant' });
-    const { access_token: clientToken } = await oauth.processClientCredentialsResponse(as, client, await oauth.clientCredentialsGrantRequest(as, client, clientAuth, {}, insecure));
-    await expect(exchange(clientToken, { audience: OTHER_API })).rejects.toMatchObject({ error: 'invalid_grant' });
+    const { access_token: clientToken } = await oauth.processClientCredentialsResponse(as, postClient, await oauth.clientCredentialsGrantRequest(as, postClient, postAuth, {}, insecure));
+    expect(idp.grants.clientAuth.client_credentials).toEqual({ client_secret_post: 1 });
+    await expect(exchange(clientToken, { audience: OTHER_API }, postClient, postAuth)).rejects.toMatchObject({ error: 'invalid_grant' });
     // A revoked grant: the subject still verifies, but the IdP no longer stands behind it.
     await fetch(`${idp.issuer}/__dev/revoke-grants?sub=frank`, { method: 'POST' });
     await expect(exchange(subject, { audience: OTHER_API })).rejects.toMatchObject({ error: 'invalid_grant' });
