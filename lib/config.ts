@@ -76,12 +76,19 @@ export interface ApiConfig {
   auth: 'user' | 'user-optional' | 'client' | 'none';
   scope: string | undefined;
   resource: string | undefined;
+  /** RFC 8693: the API's token is the session's access token exchanged for one meant for it. */
+  tokenExchange: TokenExchangeTarget | undefined;
   timeoutMs: number;
   maxBodyBytes: number;
   /** The session's sign-in must have one of these ACRs, or the call is refused with `step_up_required`. */
   acr?: string[];
   /** Seconds: the session's sign-in must be at most this old, or the call is refused with `step_up_required`. */
   maxAge?: number;
+}
+
+export interface TokenExchangeTarget {
+  audience: string;
+  scope: string | undefined;
 }
 
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
@@ -147,6 +154,13 @@ const apiSchema = z
     auth: z.enum(['user', 'user-optional', 'client', 'none']).default('user'),
     scope: z.string().trim().min(1).optional(),
     resource: z.url().optional(),
+    tokenExchange: z
+      .object({
+        audience: z.string({ error: 'is required: the audience the IdP issues the exchanged token for' }).trim().min(1, 'must not be empty'),
+        scope: z.string({ error: 'must be a string of space-separated scopes' }).trim().min(1, 'must not be empty (leave it out for the IdP\'s default)').optional(),
+      })
+      .strict()
+      .optional(),
     timeoutMs: z.number().int().positive().max(600_000).default(30_000),
     maxBodyBytes: z.number().int().nonnegative().default(10 * 1024 * 1024),
     acr: z
@@ -156,7 +170,15 @@ const apiSchema = z
     // Zero would refuse every call, a fresh sign-in's included: no sign-in is younger than the call it allows.
     maxAge: z.number().int().positive().max(MAX_AGE_LIMIT_SEC).optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((api, ctx) => {
+    // Both would name the token's audience, each its own way, and only one token can be sent.
+    if (api.tokenExchange && api.resource) ctx.addIssue({ code: 'custom', message: 'set "resource" or "tokenExchange", not both' });
+    // Only a user's session has an access token to exchange.
+    if (api.tokenExchange && (api.auth === 'client' || api.auth === 'none')) {
+      ctx.addIssue({ code: 'custom', path: ['tokenExchange'], message: `needs auth "user" or "user-optional" (a session's token is what gets exchanged), not "${api.auth}"` });
+    }
+  });
 
 const apisSchema = z
   .string({ error: 'is required (JSON, e.g. {"todos":{"url":"https://api.example.com/v1"}})' })
@@ -421,6 +443,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
           auth: api.auth,
           scope: api.scope,
           resource: api.resource,
+          tokenExchange: api.tokenExchange && { audience: api.tokenExchange.audience, scope: api.tokenExchange.scope },
           timeoutMs: api.timeoutMs,
           maxBodyBytes: api.maxBodyBytes,
           ...(api.acr ? { acr: api.acr } : {}),

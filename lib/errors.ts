@@ -43,6 +43,12 @@ export const errors = {
   /** The session lives on, but this call needs a token it cannot get without a new sign-in. */
   reauthenticationRequired: () =>
     new GatehouseError('reauthentication_required', 403, 'This needs a fresh sign-in: the session cannot obtain the token it requires.'),
+  /**
+   * The IdP refused to exchange the session's token for this API's (RFC 8693): its policy, not the
+   * session, is at fault, so the session stays and only calls to this API fail.
+   */
+  tokenExchangeRefused: (cause?: unknown) =>
+    new GatehouseError('token_exchange_refused', 403, 'The identity provider refused a token for this API. Your session is unaffected.', { cause }),
   idpUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   storeUnavailable: (cause?: unknown, retryAfterSec?: number) =>

@@ -321,6 +321,54 @@ export async function clientCredentialsToken(extra: { resource?: string; scope?:
   }
 }
 
+const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+
+/**
+ * RFC 8693 token exchange: the session's access token (the subject) for an access token the IdP
+ * issues for `audience`. The caller owns the refresh lock; `signal` is its deadline. Only the
+ * access token is taken from the answer: a refresh token or id_token the IdP adds is not kept, so a
+ * session holds exactly one refresh token, and the exchanged token is renewed by exchanging again.
+ */
+export async function exchangeToken(subjectToken: string, target: { audience: string; scope?: string | undefined }, signal?: AbortSignal): Promise<TokenSet> {
+  try {
+    const as = await getAuthorizationServer(signal);
+    const parameters: Record<string, string> = {
+      subject_token: subjectToken,
+      subject_token_type: ACCESS_TOKEN_TYPE,
+      requested_token_type: ACCESS_TOKEN_TYPE,
+      audience: target.audience,
+    };
+    if (target.scope) parameters.scope = target.scope;
+    const response = await oauth.genericTokenEndpointRequest(as, client(), await clientAuth(), TOKEN_EXCHANGE_GRANT, parameters, requestOptions(signal));
+    const result = await oauth.processGenericTokenEndpointResponse(as, client(), response);
+    // RFC 8693 requires issued_token_type; an IdP that leaves it out is taken at its token_type (bearer, checked above).
+    const issued = result.issued_token_type;
+    if (issued !== undefined && issued !== ACCESS_TOKEN_TYPE) {
+      throw new IdpError('rejected', `token exchange: the IdP issued ${String(issued).slice(0, 80)}, not an access token`);
+    }
+    return { ...toTokenSet(result), refreshToken: undefined, idToken: undefined };
+  } catch (error) {
+    throw classify(error, 'token exchange');
+  }
+}
+
+/**
+ * A failed exchange never ends the session: the subject was the session's own token, which still
+ * works. An OAuth error from the IdP (invalid_grant, unauthorized_client, invalid_target, …) is its
+ * policy about this API, answered 403; a slow or failing IdP is a retryable 503 as elsewhere.
+ */
+export function exchangeErrorToGatehouse(error: IdpError): GatehouseError {
+  if (error.kind === 'unavailable') return errors.idpUnavailable(error, error.retryAfterSec);
+  if (idpErrorCode(error) !== undefined) return errors.tokenExchangeRefused(error);
+  return idpErrorToGatehouse(error);
+}
+
+/** The OAuth `error` code the IdP answered with, if it answered with one: safe to log (never a token). */
+export function idpErrorCode(error: IdpError): string | undefined {
+  return error.cause instanceof oauth.ResponseBodyError ? error.cause.error.slice(0, 64) : undefined;
+}
+
 /** RFC 7009. Best effort: a failure here must never keep a user from signing out. */
 export async function revokeToken(token: string, hint: 'refresh_token' | 'access_token'): Promise<boolean> {
   try {

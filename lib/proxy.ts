@@ -9,7 +9,7 @@ import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
 import { missingAuthentication, stepUpChallenge, stepUpDetails } from './step-up.ts';
-import { getAccessToken, mayForceRefresh } from './tokens.ts';
+import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
 /**
  * The proxy core, framework-free: an inbound request in, a streamed answer out. The Next route
@@ -222,6 +222,11 @@ async function clientToken(api: ApiConfig): Promise<string> {
   }
 }
 
+/** Which of the session's tokens an API gets: the session's own, its resource's, or an exchanged one. */
+function tokenRequestFor(api: ApiConfig): TokenRequest {
+  return { resource: api.resource, exchange: api.tokenExchange };
+}
+
 async function credentialsFor(api: ApiConfig, inbound: InboundRequest, requestId: string): Promise<Credentials> {
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
@@ -237,7 +242,7 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest, requestId
     log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'config' });
     throw errors.stepUpRequired(stepUpDetails(lacking));
   }
-  const { token, session: current, refreshed } = await getAccessToken(session, { resource: api.resource });
+  const { token, session: current, refreshed } = await getAccessToken(session, tokenRequestFor(api));
   void touchSession(current).catch(() => undefined);
   return { token, session: current, staleCookie: false, refreshed };
 }
@@ -422,11 +427,16 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     const mayRetry =
-      answer.status === 401 && credentials.session && credentials.token && !hasBody && REPLAYABLE_METHODS.has(method) && (await mayForceRefresh(credentials.session));
+      answer.status === 401 &&
+      credentials.session &&
+      credentials.token &&
+      !hasBody &&
+      REPLAYABLE_METHODS.has(method) &&
+      (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
     if (mayRetry && credentials.session && credentials.token) {
-      // The token looked valid but was refused (revoked, clock skew): one refresh, one retry.
+      // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange), one retry.
       answer.body.resume();
-      const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
+      const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: credentials.token });
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
       answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);

@@ -20,7 +20,15 @@ export interface SessionSecrets {
   idToken: string | undefined;
   claims: Record<string, unknown>;
   /** Access tokens per RFC 8707 resource, for APIs that need an audience of their own. */
-  resourceTokens?: Record<string, { accessToken: string; expiresAt: number | null }>;
+  resourceTokens?: Record<string, ApiToken>;
+  /** Access tokens obtained by RFC 8693 token exchange, per audience and scope (see tokens.ts). */
+  exchangedTokens?: Record<string, ApiToken>;
+}
+
+/** A token the session holds for some APIs only; `expiresAt` in epoch ms, null when the IdP did not say. */
+export interface ApiToken {
+  accessToken: string;
+  expiresAt: number | null;
 }
 
 /** What is stored under the session key. Bump `v` when the shape changes; older records end cleanly. */

@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { getConfig } from './config.ts';
+import { getConfig, type TokenExchangeTarget } from './config.ts';
 import { GatehouseError, errors } from './errors.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
-import { idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
+import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   destroySession,
   forcedRefreshKey,
@@ -27,11 +27,17 @@ import {
  * A session holds one access token for the login's default audience and, for APIs configured
  * with an RFC 8707 `resource`, one per resource. They all hang off one refresh token, so they all
  * share the one lock: with rotating refresh tokens, two concurrent grants would be a replay.
+ *
+ * APIs configured with `tokenExchange` get a token of their own by RFC 8693 token exchange, with
+ * the session's own access token as the subject. Those are renewed under the same lock and rules:
+ * the subject may need a refresh first, and a burst of calls must cost the IdP one exchange.
  */
 
 export interface TokenRequest {
   /** The RFC 8707 resource the token must be restricted to; none for the default token. */
   resource?: string;
+  /** RFC 8693: a token for this audience, exchanged for the session's own (config never sets both). */
+  exchange?: TokenExchangeTarget;
   /** A token the upstream just refused: refresh even if it looks fresh, unless already replaced. */
   rejectedToken?: string;
 }
@@ -70,9 +76,26 @@ async function onStore<T>(flight: Flight, call: () => Promise<T>): Promise<T> {
 const POLL_MIN_MS = 25;
 const POLL_MAX_MS = 250;
 
-function heldToken(session: Session, resource: string | undefined): HeldToken | undefined {
-  if (!resource) return { token: session.secrets.accessToken, expiresAt: session.record.accessTokenExpiresAt };
-  const entry = session.secrets.resourceTokens?.[resource];
+/** The session's own token: the default audience's, and the subject of every exchange. */
+const SESSION_TOKEN: TokenRequest = {};
+
+/** Audience and scope both shape an exchanged token, so both name it (the separator is no URI's or scope's). */
+function exchangedTokenKey(target: TokenExchangeTarget): string {
+  return `${target.audience}\u0000${target.scope ?? ''}`;
+}
+
+/** Which of the session's tokens a request is about: its key in the in-process flights. */
+function tokenSlot(request: TokenRequest): string {
+  if (request.exchange) return `exchange\u0000${exchangedTokenKey(request.exchange)}`;
+  return request.resource ?? '';
+}
+
+function heldToken(session: Session, request: TokenRequest): HeldToken | undefined {
+  const entry = request.exchange
+    ? session.secrets.exchangedTokens?.[exchangedTokenKey(request.exchange)]
+    : request.resource
+      ? session.secrets.resourceTokens?.[request.resource]
+      : { accessToken: session.secrets.accessToken, expiresAt: session.record.accessTokenExpiresAt };
   return entry ? { token: entry.accessToken, expiresAt: entry.expiresAt } : undefined;
 }
 
@@ -81,15 +104,16 @@ function isFresh(held: HeldToken | undefined, now = Date.now()): boolean {
 }
 
 /** A usable access token for the session (and resource), refreshing first when it expires within the skew. */
-export async function getAccessToken(session: Session, request: TokenRequest = {}): Promise<{ token: string; session: Session; refreshed: boolean }> {
-  const held = heldToken(session, request.resource);
-  if (!session.secrets.refreshToken) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
+export async function getAccessToken(session: Session, request: TokenRequest = SESSION_TOKEN): Promise<{ token: string; session: Session; refreshed: boolean }> {
+  const held = heldToken(session, request);
+  // An exchange needs no refresh token, only a subject that still works: the lock's work checks that.
+  if (!session.secrets.refreshToken && !request.exchange) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
   if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
   const flight = refreshOnce(session, request);
   finishEvenIfUnanswered(flight.result);
   const refreshed = await answerWithin(flight, getConfig().refresh.waitMs);
-  const token = heldToken(refreshed, request.resource);
+  const token = heldToken(refreshed, request);
   if (!token) throw errors.internal(new Error('refresh stored no token'));
   return { token: token.token, session: refreshed, refreshed: true };
 }
@@ -113,10 +137,13 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
  * An upstream 401 may force a refresh at most once per session per FORCED_REFRESH_INTERVAL, across
  * instances (one SET NX PX, on the 401 path only), so an API that answers 401 to everything cannot
  * drive the IdP at the browser's request rate. False, too, when there is nothing to refresh with
- * or the store cannot say: the upstream's 401 then goes back unchanged.
+ * or the store cannot say: the upstream's 401 then goes back unchanged. An exchanged token can be
+ * replaced without a refresh token while the session's own token lasts, so one exchange is allowed.
  */
-export async function mayForceRefresh(session: Session): Promise<boolean> {
-  if (!session.secrets.refreshToken) return false;
+export async function mayForceRefresh(session: Session, request: TokenRequest = SESSION_TOKEN): Promise<boolean> {
+  const expiresAt = session.record.accessTokenExpiresAt;
+  const subjectLasts = expiresAt === null || expiresAt > Date.now();
+  if (!session.secrets.refreshToken && !(request.exchange && subjectLasts)) return false;
   const ttlMs = getConfig().refresh.forcedIntervalSec * 1000;
   return getStore()
     .set(forcedRefreshKey(session.id), '1', { ttlMs, onlyIfAbsent: true })
@@ -124,7 +151,7 @@ export async function mayForceRefresh(session: Session): Promise<boolean> {
 }
 
 function refreshOnce(session: Session, request: TokenRequest): Flight {
-  const key = `${session.id}\u0000${request.resource ?? ''}`;
+  const key = `${session.id}\u0000${tokenSlot(request)}`;
   const running = inFlight.get(key);
   if (running) return running;
   const flight: Flight = { result: Promise.resolve(session), waitingOn: 'idp' };
@@ -135,9 +162,9 @@ function refreshOnce(session: Session, request: TokenRequest): Flight {
 
 /** Done when the stored token is no longer the one we found wanting. */
 function isSettled(current: Session, stale: Session, request: TokenRequest): boolean {
-  const now = heldToken(current, request.resource);
+  const now = heldToken(current, request);
   if (request.rejectedToken) return now !== undefined && now.token !== request.rejectedToken;
-  return isFresh(now) || (now !== undefined && now.token !== heldToken(stale, request.resource)?.token);
+  return isFresh(now) || (now !== undefined && now.token !== heldToken(stale, request)?.token);
 }
 
 async function refreshAcrossInstances(stale: Session, request: TokenRequest, flight: Flight): Promise<Session> {
@@ -290,12 +317,33 @@ async function refreshUnderLock(stale: Session, request: TokenRequest, lock: Hel
   const current = await onStore(flight, () => readSession(stale.id));
   if (!current) throw errors.sessionExpired();
   if (isSettled(current, stale, request)) return current;
+  if (request.exchange) return exchangeUnderLock(current, request, request.exchange, lock, flight);
+  return refreshGrantUnderLock(current, request, lock, flight);
+}
 
+/** What a grant's log line says it was for: an exchange's audience or a refresh's resource, never a token. */
+function grantTarget(request: TokenRequest): Record<string, unknown> {
+  return request.exchange ? { audience: request.exchange.audience } : { resource: request.resource };
+}
+
+/** Outcome fields for the log line of one grant, with how long it took. */
+function outcomeLog(session: Session, request: TokenRequest): (result: string) => Record<string, unknown> {
   const started = performance.now();
-  const outcome = (result: string) => ({ session: sessionHandle(current.id), resource: request.resource, outcome: result, ms: Math.round(performance.now() - started) });
+  return (result) => ({ session: sessionHandle(session.id), ...grantTarget(request), outcome: result, ms: Math.round(performance.now() - started) });
+}
+
+/** Why the write-back found no lock of ours: the session ended meanwhile, or the lease ran out. */
+async function writeBackRefused(current: Session, event: string, outcome: (result: string) => Record<string, unknown>): Promise<GatehouseError> {
+  const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
+  log('warn', event, outcome(gone ? 'session_gone' : 'lock_lost'));
+  return gone ? errors.sessionExpired() : errors.idpUnavailable(new Error(`${event}: lock lost before the write-back`));
+}
+
+async function refreshGrantUnderLock(current: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {
+  const outcome = outcomeLog(current, request);
   const refreshToken = current.secrets.refreshToken;
   if (!refreshToken) {
-    await usableWithoutRefresh(current, heldToken(current, request.resource), request);
+    await usableWithoutRefresh(current, heldToken(current, request), request);
     return current;
   }
   try {
@@ -306,9 +354,7 @@ async function refreshUnderLock(stale: Session, request: TokenRequest, lock: Hel
       return updated;
     }
     await revokeUnstored(tokens, refreshToken);
-    const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
-    log('warn', 'token.refresh', outcome(gone ? 'session_gone' : 'lock_lost'));
-    throw gone ? errors.sessionExpired() : errors.idpUnavailable(new Error('refresh lock lost before the write-back'));
+    throw await writeBackRefused(current, 'token.refresh', outcome);
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', outcome(error.kind));
@@ -317,6 +363,34 @@ async function refreshUnderLock(stale: Session, request: TokenRequest, lock: Hel
     }
     throw error;
   }
+}
+
+/**
+ * The subject is the session's own token, refreshed first when it is due — under this same lock,
+ * so it is the session's one refresh — and otherwise used as it is, to its last second when there
+ * is no refresh token. All of it shares the lock's one work deadline: a refresh that used most of
+ * it is stored before the exchange starts, and a retry then only exchanges.
+ */
+async function exchangeUnderLock(current: Session, request: TokenRequest, target: TokenExchangeTarget, lock: HeldLock, flight: Flight): Promise<Session> {
+  let subject = current;
+  if (!isFresh(heldToken(current, SESSION_TOKEN))) {
+    if (current.secrets.refreshToken) subject = await refreshGrantUnderLock(current, SESSION_TOKEN, lock, flight);
+    else await usableWithoutRefresh(current, heldToken(current, SESSION_TOKEN), SESSION_TOKEN);
+  }
+  const outcome = outcomeLog(subject, request);
+  let tokens: TokenSet;
+  try {
+    tokens = await exchangeToken(subject.secrets.accessToken, target, lock.signal);
+  } catch (error) {
+    if (!(error instanceof IdpError)) throw error;
+    // The IdP's own error code tells the operator which policy refused; the session is not touched.
+    log('warn', 'token.exchange', { ...outcome(error.kind), idpError: idpErrorCode(error) });
+    throw exchangeErrorToGatehouse(error);
+  }
+  const updated = await onStore(flight, () => storeTokensDespiteOutage(subject, request, tokens, lock));
+  if (!updated) throw await writeBackRefused(subject, 'token.exchange', outcome);
+  log('info', 'token.exchange', outcome('ok'));
+  return updated;
 }
 
 /**
@@ -331,7 +405,7 @@ async function storeTokensDespiteOutage(current: Session, request: TokenRequest,
       return await storeTokens(current, request, tokens, lock.owner);
     } catch (error) {
       if (!(error instanceof GatehouseError && error.code === 'store_unavailable') || lock.signal.aborted) {
-        log('error', 'token.refresh', { session: sessionHandle(current.id), resource: request.resource, outcome: 'write_back_failed' });
+        log('error', request.exchange ? 'token.exchange' : 'token.refresh', { session: sessionHandle(current.id), ...grantTarget(request), outcome: 'write_back_failed' });
         throw error;
       }
       await new Promise((resolve) => setTimeout(resolve, pause));
@@ -348,7 +422,9 @@ async function storeTokens(current: Session, request: TokenRequest, tokens: Toke
     idToken: tokens.idToken ?? current.secrets.idToken,
   };
   let accessTokenExpiresAt = current.record.accessTokenExpiresAt;
-  if (request.resource) {
+  if (request.exchange) {
+    secrets.exchangedTokens = { ...secrets.exchangedTokens, [exchangedTokenKey(request.exchange)]: { accessToken: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt } };
+  } else if (request.resource) {
     secrets.resourceTokens = { ...secrets.resourceTokens, [request.resource]: { accessToken: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt } };
   } else {
     secrets.accessToken = tokens.accessToken;

@@ -1,12 +1,12 @@
 // Development-only OpenID Provider for the zero-config demo, the end-to-end tests and the benchmarks.
 // Never deploy this: any username/password signs in and all state lives in process memory.
-import { randomBytes } from 'node:crypto';
+import { createPublicKey, randomBytes, type JsonWebKey as NodeJwk } from 'node:crypto';
 import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
-import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK } from 'jose';
+import { SignJWT, calculateJwkThumbprint, createLocalJWKSet, exportJWK, generateKeyPair, importJWK, jwtVerify } from 'jose';
 import type { JWK, JWTPayload } from 'jose';
 import Provider, { errors, interactionPolicy } from 'oidc-provider';
-import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, InteractionResults, KoaContextWithOIDC } from 'oidc-provider';
+import type { Adapter, AdapterPayload, ClientAuthMethod, ClientMetadata, Configuration, FindAccount, InteractionResults, KoaContextWithOIDC, TokenEndpointGrantContext } from 'oidc-provider';
 import { listen, readBodyUpTo, runUntilSignal } from './cli.ts';
 
 export interface DevIdpOptions {
@@ -32,6 +32,13 @@ export interface DevIdpOptions {
   refreshTokenTtl?: number;
   apiAudiences?: string[];
   apiScope?: string;
+  /**
+   * The audiences a client may obtain by token exchange (RFC 8693); by default every API audience.
+   * An API audience not listed is refused with unauthorized_client.
+   */
+  exchangeAudiences?: string[];
+  /** Lifetime of exchanged access tokens, seconds; by default `accessTokenTtl`. */
+  exchangedTokenTtl?: number;
   /** Accounts whose name starts with this get no refresh token (sessions that cannot refresh). */
   noRefreshTokenPrefix?: string;
   /** Reuse the store and cookie keys of an earlier (closed) instance to simulate an IdP restart. */
@@ -64,6 +71,14 @@ export interface GrantCounters {
   refreshTimesBySid: Record<string, number[]>;
   /** Grants revoked through the revocation endpoint (RFC 7009), per account. */
   revocations: Record<string, number>;
+  /** Each account's last successful grant types in order (at most 20): proof that a refresh came before the exchange that needed it. */
+  orderByAccount: Record<string, string[]>;
+  /**
+   * Successful grants per grant type and the client authentication they came with. oidc-provider
+   * takes client_secret_basic and client_secret_post alike from a client registered for either, so
+   * only this shows which one a client really used.
+   */
+  clientAuth: Record<string, Record<string, number>>;
 }
 
 /** Test-only slowness: requests to discovery or the token endpoint wait this long before the provider sees them. */
@@ -114,6 +129,11 @@ export const DEV_IDP_ACR = { password: 'urn:gatehouse:pwd', mfa: 'urn:gatehouse:
 const FAULTY_ENDPOINTS = ['token', 'par'] as const;
 type FaultyEndpoint = (typeof FAULTY_ENDPOINTS)[number];
 const FAULT_PATHS: Record<FaultyEndpoint, string> = { token: '/token', par: '/request' };
+
+/** RFC 8693: the grant type, and the one token type this IdP exchanges (and issues) by it. */
+export const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+const GRANT_ORDER_KEPT = 20;
 
 const GRANT_BOUND_MODELS = new Set(['AccessToken', 'AuthorizationCode', 'RefreshToken', 'DeviceCode', 'BackchannelAuthenticationRequest']);
 
@@ -188,7 +208,15 @@ function displayName(accountId: string): string {
 }
 
 function emptyCounters(): GrantCounters {
-  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {} };
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, orderByAccount: {}, clientAuth: {} };
+}
+
+/** The client authentication a token request came with (this IdP registers no client_secret_jwt client). */
+function clientAuthUsed(ctx: KoaContextWithOIDC): string {
+  if (/^basic /i.test(ctx.headers.authorization ?? '')) return 'client_secret_basic';
+  if (ctx.oidc.params?.client_assertion) return 'private_key_jwt';
+  if (ctx.oidc.params?.client_secret) return 'client_secret_post';
+  return 'none';
 }
 
 function bump(table: Record<string, number>, key: string): void {
@@ -215,6 +243,8 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const refreshTokenTtl = options.refreshTokenTtl ?? DEV_IDP_DEFAULTS.refreshTokenTtl;
   const audiences = options.apiAudiences ?? [...DEV_IDP_DEFAULTS.apiAudiences];
   const apiScope = options.apiScope ?? DEV_IDP_DEFAULTS.apiScope;
+  const exchangeAudiences = options.exchangeAudiences ?? audiences;
+  const exchangedTokenTtl = options.exchangedTokenTtl ?? accessTokenTtl;
   const postClientId = options.postClientId === undefined ? `${clientId}-post` : options.postClientId;
   const state = options.state ?? createDevIdpState();
   const firstApp = appBaseUrls[0];
@@ -295,7 +325,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     // Only one URI is possible per client: app instances sharing a session store only need one notice.
     backchannel_logout_uri: `${firstApp}/api/auth/backchannel-logout`,
     backchannel_logout_session_required: true,
-    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials', TOKEN_EXCHANGE_GRANT],
     response_types: ['code'],
     token_endpoint_auth_method: method,
     // Every id_token says how and when the user signed in (acr, auth_time), as Keycloak's do; a
@@ -303,6 +333,17 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     default_acr_values: [DEV_IDP_ACR.password],
     require_auth_time: true,
     ...(par === 'required-per-client' ? { require_pushed_authorization_requests: true } : {}),
+  });
+
+  const findAccount: FindAccount = (_ctx, accountId) => ({
+    accountId,
+    claims: () => ({
+      sub: accountId,
+      name: displayName(accountId),
+      preferred_username: accountId,
+      email: accountId.includes('@') ? accountId : `${accountId}@example.test`,
+      email_verified: true,
+    }),
   });
 
   const configuration: Configuration = {
@@ -329,16 +370,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     claims: { openid: ['sub'], profile: ['name', 'preferred_username'], email: ['email', 'email_verified'] },
     // Access tokens are minted for the APIs (aud != userinfo), so the BFF reads the profile from the ID token.
     conformIdTokenClaims: false,
-    findAccount: (_ctx, accountId) => ({
-      accountId,
-      claims: () => ({
-        sub: accountId,
-        name: displayName(accountId),
-        preferred_username: accountId,
-        email: accountId.includes('@') ? accountId : `${accountId}@example.test`,
-        email_verified: true,
-      }),
-    }),
+    findAccount,
     // oidc-provider's SSRF guard refuses loopback addresses, but the back-channel logout target of the
     // demo is localhost: drop its dispatcher (only for outgoing calls of this dev IdP).
     fetch: (input, init) => {
@@ -405,6 +437,20 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     await shutdown(server);
     throw err;
   }
+  registerTokenExchange(provider, {
+    keys,
+    audiences,
+    exchangeAudiences,
+    apiScope,
+    ttl: exchangedTokenTtl,
+    findAccount,
+    // A subject whose grants were revoked (/__dev/revoke-grants, or a logout) may not be exchanged:
+    // its JWT access token still verifies, but the IdP no longer stands behind it.
+    liveGrantOf: (accountId, clientId) =>
+      [...state.store]
+        .find(([key, entry]) => key.startsWith('Grant:') && entry.expiresAt > Date.now() && entry.payload.accountId === accountId && entry.payload.clientId === clientId)?.[0]
+        .slice('Grant:'.length),
+  });
   providerSlot.handler = provider.callback();
   providerSlot.login = (req, res) => loginInteraction(provider, req, res);
   const tally = (ctx: KoaContextWithOIDC, outcome: 'success' | 'error', code?: string) => {
@@ -412,8 +458,14 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     bump(counters[outcome], grantType);
     if (code) bump(counters.errorCodes, code);
     if (outcome !== 'success') return;
+    bump((counters.clientAuth[grantType] ??= {}), clientAuthUsed(ctx));
     const { Account, RefreshToken, AuthorizationCode } = ctx.oidc.entities;
-    if (Account) bump((counters.byAccount[Account.accountId] ??= {}), grantType);
+    if (Account) {
+      bump((counters.byAccount[Account.accountId] ??= {}), grantType);
+      const order = (counters.orderByAccount[Account.accountId] ??= []);
+      order.push(grantType);
+      if (order.length > GRANT_ORDER_KEPT) order.shift();
+    }
     const sid = RefreshToken?.sid ?? AuthorizationCode?.sid;
     if (sid) bump((counters.bySid[sid] ??= {}), grantType);
     if (sid && grantType === 'refresh_token') (counters.refreshTimesBySid[sid] ??= []).push(Date.now());
@@ -616,6 +668,75 @@ function sendHtml(res: ServerResponse, status: number, html: string): void {
   res.end(html);
 }
 
+interface TokenExchangePolicy {
+  keys: JWK[];
+  audiences: string[];
+  exchangeAudiences: string[];
+  apiScope: string;
+  ttl: number;
+  findAccount: FindAccount;
+  /** The id of a grant the account gave the client that is still in force, if any. */
+  liveGrantOf: (accountId: string, clientId: string) => string | undefined;
+}
+
+type TokenExchangeParams = {
+  subject_token?: string;
+  subject_token_type?: string;
+  requested_token_type?: string;
+  audience?: string;
+};
+
+/**
+ * RFC 8693 token exchange, as far as Gatehouse uses it: an access token this IdP issued to the
+ * requesting client, still valid and its grant not revoked, for an access token of the same user
+ * meant for one of the API audiences, with no more scope than the subject had.
+ */
+function registerTokenExchange(provider: Provider, policy: TokenExchangePolicy): void {
+  // The subject is one of this IdP's own JWT access tokens: verified against its own public keys.
+  const publicKeys = createLocalJWKSet({
+    keys: policy.keys.map((jwk) => ({ ...(createPublicKey({ key: { ...jwk } as NodeJwk, format: 'jwk' }).export({ format: 'jwk' }) as JWK), kid: jwk.kid, alg: jwk.alg, use: 'sig' })),
+  });
+  const apiScopes = new Set(policy.apiScope.split(' '));
+
+  async function handler(ctx: TokenEndpointGrantContext<TokenExchangeParams>): Promise<void> {
+    const { params, client } = ctx.oidc;
+    if (!params.subject_token) throw new errors.InvalidRequest('missing required parameter subject_token');
+    if (params.subject_token_type !== ACCESS_TOKEN_TYPE) throw new errors.InvalidRequest(`subject_token_type must be ${ACCESS_TOKEN_TYPE}`);
+    if (params.requested_token_type !== undefined && params.requested_token_type !== ACCESS_TOKEN_TYPE) throw new errors.InvalidRequest(`only ${ACCESS_TOKEN_TYPE} can be requested`);
+    const audience = params.audience;
+    if (!audience) throw new errors.InvalidRequest('missing required parameter audience');
+    if (!policy.audiences.includes(audience)) throw new errors.InvalidTarget('unknown audience');
+    if (!policy.exchangeAudiences.includes(audience)) throw new errors.UnauthorizedClient('the client may not exchange tokens for this audience');
+
+    let subject: JWTPayload;
+    try {
+      ({ payload: subject } = await jwtVerify(params.subject_token, publicKeys, { issuer: provider.issuer, typ: 'at+jwt' }));
+    } catch {
+      throw new errors.InvalidGrant('subject_token is invalid or expired');
+    }
+    if (subject.client_id !== client.clientId) throw new errors.InvalidGrant('subject_token was issued to another client');
+    const grantId = typeof subject.sub === 'string' ? policy.liveGrantOf(subject.sub, client.clientId) : undefined;
+    if (!grantId || typeof subject.sub !== 'string') throw new errors.InvalidGrant('subject_token no longer stands for a grant');
+    const account = await policy.findAccount(ctx, subject.sub);
+    if (!account) throw new errors.InvalidGrant('subject_token names an unknown account');
+    ctx.oidc.entity('Account', account);
+
+    // Down-scoping only: what the subject had, within what the audience offers.
+    const allowed = String(subject.scope ?? '').split(' ').filter((scope) => apiScopes.has(scope));
+    const requested = params.scope ? params.scope.split(' ') : allowed;
+    const excess = requested.filter((scope) => !allowed.includes(scope));
+    if (excess.length) throw new errors.InvalidScope('requested scope exceeds the subject token', excess.join(' '));
+
+    const token = new provider.AccessToken({ client, accountId: account.accountId, gty: 'token_exchange', grantId, scope: requested.join(' ') || undefined, expiresIn: policy.ttl });
+    token.resourceServer = new provider.ResourceServer(audience, { audience, scope: policy.apiScope, accessTokenTTL: policy.ttl, accessTokenFormat: 'jwt' });
+    ctx.oidc.entity('AccessToken', token);
+    const value = await token.save();
+    ctx.body = { access_token: value, issued_token_type: ACCESS_TOKEN_TYPE, token_type: token.tokenType, expires_in: token.expiration, scope: token.scope };
+  }
+
+  provider.registerGrantType<TokenExchangeParams>(TOKEN_EXCHANGE_GRANT, handler, ['subject_token', 'subject_token_type', 'requested_token_type', 'audience', 'scope']);
+}
+
 /**
  * oidc-provider's built-in pages @import a web font from Google: the demo must work offline and
  * should not tell a third party who opens it. The import is blanked with spaces of the same
@@ -690,6 +811,8 @@ if (import.meta.main) {
         accessTokenTtl: intFromEnv('IDP_ACCESS_TOKEN_TTL'),
         refreshTokenTtl: intFromEnv('IDP_REFRESH_TOKEN_TTL'),
         apiAudiences: listFromEnv('IDP_API_AUDIENCES'),
+        exchangeAudiences: listFromEnv('IDP_EXCHANGE_AUDIENCES'),
+        exchangedTokenTtl: intFromEnv('IDP_EXCHANGED_TOKEN_TTL'),
         noRefreshTokenPrefix: process.env.IDP_NO_REFRESH_TOKEN_PREFIX || undefined,
         privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
         par: parFromEnv(),

@@ -95,8 +95,8 @@ export interface StackOptions {
    * another site, as in production, and SameSite=Strict cookies behave in browsers as they will for users.
    */
   idpHost?: string;
-  /** Extra environment for the dev IdP process (e.g. IDP_PKJWT_PUBLIC_JWK). */
-  idpEnv?: Record<string, string>;
+  /** Extra environment for the dev IdP process (e.g. IDP_PKJWT_PUBLIC_JWK), or built from the URLs the stack picked. */
+  idpEnv?: Record<string, string> | ((urls: { apiUrl: string; resourceApiUrls: string[] }) => Record<string, string>);
   /** A balancer's URL in front of the instances: every instance's APP_BASE_URL, and a redirect target the IdP knows. */
   publicUrl?: string;
   /** BFF_APIS built from the URLs the stack picked (they are only known once it starts). */
@@ -140,7 +140,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       IDP_APP_BASE_URLS: [...appUrls, ...(options.publicUrl ? [options.publicUrl] : [])].join(','),
       IDP_API_AUDIENCES: [apiUrl, ...resourceApiUrls].join(','),
       ...(options.accessTokenTtl ? { IDP_ACCESS_TOKEN_TTL: String(options.accessTokenTtl) } : {}),
-      ...options.idpEnv,
+      ...(typeof options.idpEnv === 'function' ? options.idpEnv({ apiUrl, resourceApiUrls }) : options.idpEnv),
     },
     /dev IdP listening/,
   );

@@ -24,6 +24,7 @@ export type GatehouseErrorCode =
   | 'session_replaced'
   | 'reauthentication_required'
   | 'step_up_required'
+  | 'token_exchange_refused'
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'

@@ -8,7 +8,7 @@ import { confirmDevIdpLogout, loginThroughRp, loginWithDevIdp } from '../../e2e/
 import { waitFor } from '../support/http-client.ts';
 import { startDemoApi } from '../../scripts/demo-api.ts';
 import type { DemoApiHandle } from '../../scripts/demo-api.ts';
-import { DEV_IDP_ACR, DEV_IDP_DEFAULTS, startDevIdp } from '../../scripts/dev-idp.ts';
+import { DEV_IDP_ACR, DEV_IDP_DEFAULTS, TOKEN_EXCHANGE_GRANT, startDevIdp } from '../../scripts/dev-idp.ts';
 import type { DevIdpHandle } from '../../scripts/dev-idp.ts';
 
 const insecure = { [oauth.allowInsecureRequests]: true };
@@ -56,6 +56,13 @@ async function codeFlow(username: string) {
   const params = oauth.validateAuthResponse(as, client, callback, state);
   const res = await oauth.authorizationCodeGrantRequest(as, client, clientAuth, params, redirectUri, codeVerifier, insecure);
   return oauth.processAuthorizationCodeResponse(as, client, res);
+}
+
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+
+async function exchange(subjectToken: string, parameters: Record<string, string>, exchanger: oauth.Client = client, auth = clientAuth) {
+  const res = await oauth.genericTokenEndpointRequest(as, exchanger, auth, TOKEN_EXCHANGE_GRANT, { subject_token: subjectToken, subject_token_type: ACCESS_TOKEN_TYPE, ...parameters }, insecure);
+  return oauth.processGenericTokenEndpointResponse(as, exchanger, res);
 }
 
 async function refresh(refreshToken: string, parameters?: Record<string, string>) {
@@ -187,6 +194,50 @@ describe('dev IdP + demo API', () => {
     const post = await oauth.processClientCredentialsResponse(as, postClient,
       await oauth.clientCredentialsGrantRequest(as, postClient, oauth.ClientSecretPost(DEV_IDP_DEFAULTS.clientSecret), {}, insecure));
     expect(decodeJwt(post.access_token).aud).toBe(api.audience);
+  });
+
+  it('exchanges an access token it issued for one meant for another audience (RFC 8693), and refuses the rest', async () => {
+    idp.resetGrants();
+    const { access_token: subject } = await codeFlow('frank');
+    const exchanged = await exchange(subject, { audience: OTHER_API, scope: 'api:read', requested_token_type: ACCESS_TOKEN_TYPE });
+    expect(exchanged).toMatchObject({ issued_token_type: ACCESS_TOKEN_TYPE, token_type: 'bearer', scope: 'api:read', expires_in: expect.any(Number) });
+    expect(exchanged.refresh_token).toBeUndefined();
+    expect(exchanged.access_token).not.toBe(subject);
+    expect(decodeJwt(exchanged.access_token)).toMatchObject({ aud: OTHER_API, sub: 'frank', scope: 'api:read', client_id: client.client_id });
+    // Without a scope: all the subject had that the audience offers.
+    expect(decodeJwt((await exchange(subject, { audience: api.audience })).access_token)).toMatchObject({ aud: api.audience, scope: 'api:read api:write' });
+    expect(idp.grants.byAccount.frank).toEqual({ authorization_code: 1, [TOKEN_EXCHANGE_GRANT]: 2 });
+    expect(idp.grants.orderByAccount.frank).toEqual(['authorization_code', TOKEN_EXCHANGE_GRANT, TOKEN_EXCHANGE_GRANT]);
+    expect(idp.grants.clientAuth).toEqual({ authorization_code: { client_secret_basic: 1 }, [TOKEN_EXCHANGE_GRANT]: { client_secret_basic: 2 } });
+
+    await expect(exchange(subject, { audience: OTHER_API, scope: 'api:read openid' })).rejects.toMatchObject({ error: 'invalid_scope' });
+    await expect(exchange(subject, { audience: 'http://localhost:1/unknown' })).rejects.toMatchObject({ error: 'invalid_target' });
+    await expect(exchange(subject, { audience: OTHER_API, subject_token_type: 'urn:ietf:params:oauth:token-type:id_token' })).rejects.toMatchObject({ error: 'invalid_request' });
+    await expect(exchange(`${subject.slice(0, -4)}AAAA`, { audience: OTHER_API })).rejects.toMatchObject({ error: 'invalid_grant' });
+    // Another client's token, and a token that stands for no user's grant (a client's own).
+    const postClient: oauth.Client = { client_id: `${DEV_IDP_DEFAULTS.clientId}-post` };
+    const postAuth = oauth.ClientSecretPost(DEV_IDP_DEFAULTS.clientSecret);
+    await expect(exchange(subject, { audience: OTHER_API }, postClient, postAuth)).rejects.toMatchObject({ error: 'invalid_grant' });
+    const { access_token: clientToken } = await oauth.processClientCredentialsResponse(as, postClient, await oauth.clientCredentialsGrantRequest(as, postClient, postAuth, {}, insecure));
+    expect(idp.grants.clientAuth.client_credentials).toEqual({ client_secret_post: 1 });
+    await expect(exchange(clientToken, { audience: OTHER_API }, postClient, postAuth)).rejects.toMatchObject({ error: 'invalid_grant' });
+    // A revoked grant: the subject still verifies, but the IdP no longer stands behind it.
+    await fetch(`${idp.issuer}/__dev/revoke-grants?sub=frank`, { method: 'POST' });
+    await expect(exchange(subject, { audience: OTHER_API })).rejects.toMatchObject({ error: 'invalid_grant' });
+    expect(idp.grants.error[TOKEN_EXCHANGE_GRANT]).toBe(7);
+  });
+
+  it('exchanges only for the audiences it is told to (unauthorized_client for the others)', async () => {
+    const strict = await startDevIdp({ port: 0, appBaseUrl: rpUrl, apiAudiences: [api.audience, OTHER_API], exchangeAudiences: [OTHER_API] });
+    try {
+      const issuer = new URL(strict.issuer);
+      const strictAs = await oauth.processDiscoveryResponse(issuer, await oauth.discoveryRequest(issuer, insecure));
+      const { access_token: token } = await oauth.processClientCredentialsResponse(strictAs, client, await oauth.clientCredentialsGrantRequest(strictAs, client, clientAuth, {}, insecure));
+      const res = await oauth.genericTokenEndpointRequest(strictAs, client, clientAuth, TOKEN_EXCHANGE_GRANT, { subject_token: token, subject_token_type: ACCESS_TOKEN_TYPE, audience: api.audience }, insecure);
+      await expect(oauth.processGenericTokenEndpointResponse(strictAs, client, res)).rejects.toMatchObject({ error: 'unauthorized_client' });
+    } finally {
+      await strict.close();
+    }
   });
 
   it('serves the demo API routes', async () => {

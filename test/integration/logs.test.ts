@@ -12,7 +12,13 @@ let stack: Stack;
 let app: string;
 
 beforeAll(async () => {
-  stack = await startStack({ workers: 1, accessTokenTtl: 60, env: { LOG_LEVEL: 'debug', TOKEN_REFRESH_SKEW: '120' } });
+  stack = await startStack({
+    workers: 1,
+    accessTokenTtl: 60,
+    env: { LOG_LEVEL: 'debug', TOKEN_REFRESH_SKEW: '120' },
+    resourceApis: 1,
+    apis: ({ apiUrl, resourceApiUrls: [ledger] }) => ({ demo: { url: apiUrl }, ledger: { url: ledger, tokenExchange: { audience: ledger } } }),
+  });
   app = stack.apps[0]!.url;
 });
 
@@ -24,6 +30,7 @@ describe('logs', () => {
   it('one JSON line per event, and no secret in any of them', async () => {
     const cookie = await login(app, 'log-user');
     expect((await call(app, '/api/proxy/demo/whoami?x=1', cookie)).status).toBe(200);
+    expect((await call(app, '/api/proxy/ledger/whoami', cookie)).status).toBe(200);
     await call(app, '/api/proxy/demo/echo', undefined);
     await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } });
 
@@ -33,16 +40,18 @@ describe('logs', () => {
       .filter((line) => line.startsWith('{'));
     const events = lines.map((line) => JSON.parse(line) as { event: string; level: string; time: string } & Record<string, unknown>);
     const proxied = events.filter((event) => event.event === 'proxy.request');
-    expect(proxied).toHaveLength(2);
-    // The token was due, so the first call refreshed first; the second had no session.
+    expect(proxied).toHaveLength(3);
+    // The token was due, so the first call refreshed first, the second refreshed and exchanged; the third had no session.
     expect(proxied[0]).toMatchObject({ method: 'GET', api: 'demo', status: 200, refreshed: true });
-    expect(proxied[1]).toMatchObject({ api: 'demo', status: 401, refreshed: false });
+    expect(proxied[1]).toMatchObject({ method: 'GET', api: 'ledger', status: 200, refreshed: true });
+    expect(proxied[2]).toMatchObject({ api: 'demo', status: 401, refreshed: false });
     for (const event of proxied) {
       expect(event.requestId).toMatch(/^[0-9a-f-]{36}$/);
       expect(typeof event.ms).toBe('number');
     }
-    expect(events.map((event) => event.event)).toEqual(expect.arrayContaining(['auth.login_started', 'auth.login', 'token.refresh', 'auth.logout']));
+    expect(events.map((event) => event.event)).toEqual(expect.arrayContaining(['auth.login_started', 'auth.login', 'token.refresh', 'token.exchange', 'auth.logout']));
     expect(events.find((event) => event.event === 'token.refresh')).toMatchObject({ outcome: 'ok', session: expect.stringMatching(/^[A-Za-z0-9_-]{16}$/) });
+    expect(events.find((event) => event.event === 'token.exchange')).toMatchObject({ outcome: 'ok', audience: stack.resourceApiUrls[0], session: expect.stringMatching(/^[A-Za-z0-9_-]{16}$/) });
 
     const everything = stack.apps[0]!.process.output();
     expect(everything).not.toMatch(/eyJ[A-Za-z0-9_-]{10,}/); // no JWT: access, id or logout token

@@ -13,13 +13,15 @@ import {
   clearsSessionCookie,
   idpGrants,
   isAlive,
-  login,
   processTree,
   refreshGrantsOf,
   revokeIdpGrants,
+  signInAll,
+  summarize,
   waitFor,
   waitUntil,
   type CallResult,
+  type SignedInUsers,
 } from '../support/http-client.ts';
 
 // Access tokens live 40 s and are "due" 34 s before expiry: 6 s after login (or after a refresh).
@@ -42,20 +44,8 @@ let stack: Stack;
 let probe: RedisProbe;
 let appA: string;
 let appB: string;
-const cookies = new Map<string, string>();
-const sessionKeys = new Map<string, string>();
-
-function cookieOf(user: string): string {
-  const cookie = cookies.get(user);
-  if (!cookie) throw new Error(`no session for ${user}`);
-  return cookie;
-}
-
-function keyOf(user: string): string {
-  const key = sessionKeys.get(user);
-  if (!key) throw new Error(`no session key for ${user}`);
-  return key;
-}
+let cookieOf: SignedInUsers['cookieOf'];
+let keyOf: SignedInUsers['keyOf'];
 
 /** Waits until Gatehouse considers the user's stored access token due for a refresh. */
 async function waitUntilDue(user: string): Promise<void> {
@@ -67,15 +57,6 @@ async function waitUntilDue(user: string): Promise<void> {
 
 function refreshErrors(grants: Awaited<ReturnType<typeof idpGrants>>): number {
   return grants.error.refresh_token ?? 0;
-}
-
-function summarize(results: CallResult[]): Record<string, number> {
-  const counts: Record<string, number> = {};
-  for (const result of results) {
-    const label = `${result.status}${typeof result.body === 'object' && result.body && 'error' in result.body ? ` ${String(result.body.error)}` : ''}`;
-    counts[label] = (counts[label] ?? 0) + 1;
-  }
-  return counts;
 }
 
 /**
@@ -134,16 +115,7 @@ beforeAll(async () => {
   });
   probe = new RedisProbe(stack.keyPrefix);
   [appA, appB] = stack.apps.map((app) => app.url) as [string, string];
-  // Everyone logs in at once (alternating instances), so the tokens become due together and the
-  // whole file waits for "due" only once.
-  await Promise.all(
-    USERS.map(async (user, index) => {
-      cookies.set(user, await login(index % 2 === 0 ? appA : appB, user));
-      const key = await probe.sessionKeyOf(user);
-      if (!key) throw new Error(`no session key in Redis for ${user}`);
-      sessionKeys.set(user, key);
-    }),
-  );
+  ({ cookieOf, keyOf } = await signInAll(USERS, [appA, appB], probe));
 }, 60_000);
 
 afterAll(async () => {

@@ -40,6 +40,16 @@ export async function call(
   return { status: res.status, body, setCookies: res.headers.getSetCookie(), headers: res.headers, ms: performance.now() - started };
 }
 
+/** A burst's answers counted by status and Gatehouse error code: `{ '200': 198, '503 idp_unavailable': 2 }` says in one line what went wrong. */
+export function summarize(results: CallResult[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const result of results) {
+    const label = `${result.status}${typeof result.body === 'object' && result.body && 'error' in result.body ? ` ${String(result.body.error)}` : ''}`;
+    counts[label] = (counts[label] ?? 0) + 1;
+  }
+  return counts;
+}
+
 /** Logs `username` in through Gatehouse and the dev IdP; returns a ready `Cookie` header value. */
 export async function login(appUrl: string, username: string): Promise<string> {
   const { rpCookies } = await loginThroughRp({ startUrl: `${appUrl}/api/auth/login`, username });
@@ -79,6 +89,26 @@ export async function setIdpDelays(issuer: string, delays: Partial<IdpDelays>): 
 
 export function refreshGrantsOf(grants: GrantCounters, account: string): number {
   return grants.byAccount[account]?.refresh_token ?? 0;
+}
+
+/** RFC 8693's grant type: the dev IdP counts token exchanges under it. */
+export const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+
+export function exchangeGrantsOf(grants: GrantCounters, account: string): number {
+  return grants.byAccount[account]?.[TOKEN_EXCHANGE_GRANT] ?? 0;
+}
+
+/**
+ * The bearer token a demo API received last, asked of the API directly (its introspection route
+ * answers no proxied caller): what Gatehouse sent upstream, which the browser must never see.
+ */
+export async function lastBearerAt(apiUrl: string): Promise<string> {
+  const res = await fetch(`${apiUrl}/__demo/last`);
+  if (!res.ok) throw new Error(`GET ${apiUrl}/__demo/last answered ${res.status}`);
+  const { headers } = (await res.json()) as { headers: Record<string, string | undefined> };
+  const token = /^Bearer (.+)$/.exec(headers.authorization ?? '')?.[1];
+  if (!token) throw new Error(`the last request to ${apiUrl} carried no bearer token`);
+  return token;
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
@@ -174,6 +204,35 @@ export class RedisProbe {
   async close(): Promise<void> {
     await this.redis.quit().catch(() => this.redis.disconnect());
   }
+}
+
+/** The sessions of a test file's users: each one's cookie and session key, or an error naming the user. */
+export interface SignedInUsers {
+  cookieOf(user: string): string;
+  keyOf(user: string): string;
+}
+
+/**
+ * Signs every user in at once, alternating over `apps`, so their tokens come due together and a
+ * file waits for "due" only once. Each user must then have exactly one session key in Redis.
+ */
+export async function signInAll(users: readonly string[], apps: readonly string[], probe: RedisProbe): Promise<SignedInUsers> {
+  const cookies = new Map<string, string>();
+  const keys = new Map<string, string>();
+  await Promise.all(
+    users.map(async (user, index) => {
+      cookies.set(user, await login(apps[index % apps.length] as string, user));
+      const key = await probe.sessionKeyOf(user);
+      if (!key) throw new Error(`no session key in Redis for ${user}`);
+      keys.set(user, key);
+    }),
+  );
+  const lookUp = (table: Map<string, string>, what: string) => (user: string) => {
+    const value = table.get(user);
+    if (!value) throw new Error(`no ${what} for ${user}`);
+    return value;
+  };
+  return { cookieOf: lookUp(cookies, 'session'), keyOf: lookUp(keys, 'session key') };
 }
 
 /**

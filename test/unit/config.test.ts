@@ -155,6 +155,33 @@ describe('configuration', () => {
     ]);
   });
 
+it('takes a tokenExchange per API, and refuses one that cannot work at start-up, naming BFF_APIS and the API', () => {
+    const apis = (entries: Record<string, unknown>) => ({ ...valid, BFF_APIS: JSON.stringify(entries) });
+    const url = 'https://api.example.com/v1';
+    const config = parseConfig(apis({ ledger: { url, tokenExchange: { audience: 'urn:ledger', scope: ' ledger:read ' } }, todos: { url, tokenExchange: { audience: 'https://todos' } } }));
+    expect(config.apis.ledger?.tokenExchange).toEqual({ audience: 'urn:ledger', scope: 'ledger:read' });
+    expect(config.apis.todos?.tokenExchange).toEqual({ audience: 'https://todos', scope: undefined });
+    expect(parseConfig(valid).apis.todos?.tokenExchange).toBeUndefined();
+
+    expect(problemsOf(apis({ ledger: { url, resource: 'https://ledger', tokenExchange: { audience: 'https://ledger' } } }))).toEqual([
+      'BFF_APIS.ledger: set "resource" or "tokenExchange", not both',
+    ]);
+    expect(problemsOf(apis({ ledger: { url, tokenExchange: { audience: '  ' } } }))).toEqual(['BFF_APIS.ledger.tokenExchange.audience: must not be empty']);
+    expect(problemsOf(apis({ ledger: { url, tokenExchange: { scope: 'a' } } }))).toEqual([
+      'BFF_APIS.ledger.tokenExchange.audience: is required: the audience the IdP issues the exchanged token for',
+    ]);
+    expect(problemsOf(apis({ ledger: { url, tokenExchange: { audience: 'a', scope: '' } } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange\.scope: must not be empty/);
+    expect(problemsOf(apis({ ledger: { url, tokenExchange: { audience: 7 } } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange\.audience: /);
+    expect(problemsOf(apis({ ledger: { url, tokenExchange: { audience: 'a', resource: 'https://x' } } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange: /);
+    expect(problemsOf(apis({ ledger: { url, tokenExchange: 'urn:ledger' } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange: /);
+    for (const auth of ['client', 'none']) {
+      expect(problemsOf(apis({ ledger: { url, auth, tokenExchange: { audience: 'a' } } }))).toEqual([
+        `BFF_APIS.ledger.tokenExchange: needs auth "user" or "user-optional" (a session's token is what gets exchanged), not "${auth}"`,
+      ]);
+    }
+    expect(parseConfig(apis({ ledger: { url, auth: 'user-optional', tokenExchange: { audience: 'a' } } })).apis.ledger?.auth).toBe('user-optional');
+  });
+
   it('accepts http:// only for loopback hosts, and then leaves Secure off', () => {
     expect(problemsOf({ ...valid, OIDC_ISSUER: 'http://idp.example.com' })[0]).toMatch(/^OIDC_ISSUER: must be https:\/\//);
     expect(problemsOf({ ...valid, APP_BASE_URL: 'http://10.0.0.5:3000' })[0]).toMatch(/^APP_BASE_URL:/);

@@ -9,7 +9,7 @@ import { filterRequestHeaders, filterResponseHeaders, resolveUpstream } from '..
 
 const RUNS = 3000;
 
-const api = (name: string, url: string): ApiConfig => ({ name, url: new URL(url), auth: 'user', scope: undefined, resource: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
+const api = (name: string, url: string): ApiConfig => ({ name, url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = {
   todos: api('todos', 'https://api.example.com/v1'),
   slashed: api('slashed', 'https://api.example.com/v2/base/'),

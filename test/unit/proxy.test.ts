@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
 import { filterRequestHeaders, filterResponseHeaders, forwardedForChain, resolveUpstream } from '../../lib/proxy.ts';
 
-const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
+const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
 
 describe('resolveUpstream', () => {
