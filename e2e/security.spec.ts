@@ -359,7 +359,9 @@ test.describe('session endpoint', () => {
     expect(body.logoutUrl).toMatch(/^\/api\/auth\/logout\?sid=[\w%-]+$/);
     expect(text).not.toMatch(/eyJ[\w-]{5,}/);
     expect(text).not.toMatch(/access_?token|refresh_?token|id_?token/i);
-    expect(Object.keys(body).sort()).toEqual(['authenticated', 'expiresAt', 'logoutUrl', 'user']);
+    // How and when the user signed in (the id_token's acr and auth_time) are no secrets.
+    expect(Object.keys(body).sort()).toEqual(['acr', 'authTime', 'authenticated', 'expiresAt', 'logoutUrl', 'user']);
+    expect(body).toMatchObject({ acr: 'urn:gatehouse:pwd', authTime: expect.any(Number) });
   });
 });
 
