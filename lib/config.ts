@@ -29,6 +29,8 @@ export interface Config {
     authorizationParams: Array<[string, string]>;
     /** RFC 9126 even where the IdP does not require it; an IdP that does is obeyed either way. */
     usePar: boolean;
+    /** RFC 9449: each session's tokens are bound to a key pair of its own (lib/dpop.ts). */
+    dpop: boolean;
     redirectUri: string;
     postLogoutRedirectUri: string;
     /** http:// endpoints are allowed only when the issuer is on loopback. */
@@ -77,6 +79,8 @@ export interface ApiConfig {
   resource: string | undefined;
   timeoutMs: number;
   maxBodyBytes: number;
+  /** Present the session's token as `DPoP` with a proof per request, instead of as a bearer (unset: bearer). */
+  dpop?: boolean;
 }
 
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
@@ -130,6 +134,7 @@ const RESERVED_AUTHORIZATION_PARAMS = new Set([
   'response_mode',
   'request',
   'request_uri',
+  'dpop_jkt',
 ]);
 
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
@@ -142,6 +147,7 @@ const apiSchema = z
     resource: z.url().optional(),
     timeoutMs: z.number().int().positive().max(600_000).default(30_000),
     maxBodyBytes: z.number().int().nonnegative().default(10 * 1024 * 1024),
+    dpop: z.boolean().default(false),
   })
   .strict();
 
@@ -192,6 +198,7 @@ const envSchema = z.object({
       return pairs;
     }),
   OIDC_USE_PAR: z.stringbool({ error: 'must be true or false' }).default(false),
+  OIDC_DPOP: z.stringbool({ error: 'must be true or false' }).default(false),
   OIDC_TIMEOUT_MS: z.coerce.number().int().positive().max(60_000).default(10_000),
   SESSION_SECRET: secretList(32),
   TOKEN_ENCRYPTION_KEY: secretList(32).optional(),
@@ -295,6 +302,13 @@ function crossCheck(env: Partial<Env>): string[] {
     if (api.auth === 'client' && env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
       problems.push(`BFF_APIS.${name}.auth: "client" needs client credentials`);
     }
+    if (api.dpop && !env.OIDC_DPOP) {
+      problems.push(`BFF_APIS.${name}.dpop: needs OIDC_DPOP=true (only then are the session's tokens bound to a key Gatehouse can prove)`);
+    }
+    if (api.dpop && (api.auth === 'client' || api.auth === 'none')) {
+      // Only a session has a DPoP key: client-credentials tokens stay bearer tokens.
+      problems.push(`BFF_APIS.${name}.dpop: only for auth "user" or "user-optional" (the user's token is the one bound)`);
+    }
   }
   return problems;
 }
@@ -378,6 +392,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       scopes: env.OIDC_SCOPES.split(/\s+/).join(' '),
       authorizationParams: env.OIDC_AUTHORIZATION_PARAMS,
       usePar: env.OIDC_USE_PAR,
+      dpop: env.OIDC_DPOP,
       redirectUri: `${base}/api/auth/callback`,
       postLogoutRedirectUri: `${base}/`,
       allowInsecureRequests: env.OIDC_ISSUER.protocol === 'http:',
@@ -398,7 +413,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
     apis: Object.fromEntries(
       Object.entries(env.BFF_APIS).map(([name, api]) => [
         name,
-        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes },
+        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes, dpop: api.dpop },
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,
