@@ -463,4 +463,33 @@ describe(`DPoP with every client authentication method, server nonces, and an Id
       await probe.close();
     }
   });
+
+  it('a login whose key is gone from the store by the callback (expired, lost) is refused: invalid_state, start again', async () => {
+    const probe = new RedisProbe(stack.keyPrefix);
+    try {
+      const { callback, jars } = await loginUntilCallback(app.url, 'dpop-lost-key');
+      const pending = await scanKeys(probe, 'dpop-login:*');
+      expect(pending).toHaveLength(1);
+      await probe.redis.del(pending[0] as string);
+      const page = await browserRequest(callback, jars);
+      expect(page.status).toBe(400);
+      expect(await page.text()).toContain('invalid_state');
+      expect(jarFor(jars, app.url).get('gatehouse')).toBeUndefined();
+    } finally {
+      await probe.close();
+    }
+  });
+
+  // Last: it leaves the server pushing its authorization requests.
+  it('with PAR, dpop_jkt is pushed with the rest, and the code is bound to it', async () => {
+    await restartGatehouse(app, { OIDC_USE_PAR: 'true' }, 'gatehouse-dpop-par');
+    const { authorize, callback, jars } = await loginUntilCallback(app.url, 'dpop-par');
+    expect([...authorize.searchParams.keys()].sort()).toEqual(['client_id', 'request_uri']);
+    expect((await browserRequest(callback, jars)).status).toBe(302);
+    const [binding] = (await idpGrants(stack.issuer)).dpop['dpop-par'] ?? [];
+    expect(binding?.dpopJkt).toMatch(/^[\w-]{43}$/);
+    expect(binding).toEqual({ grantType: 'authorization_code', dpopJkt: binding?.dpopJkt, jkt: binding?.dpopJkt });
+    const cookie = `gatehouse=${jarFor(jars, app.url).get('gatehouse')}`;
+    expect(await call(app.url, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'dpop-par', dpop: { jkt: binding?.dpopJkt } } });
+  });
 });
