@@ -9,7 +9,7 @@ import { availableParallelism, cpus, tmpdir } from 'node:os';
 import path from 'node:path';
 import { CLIENT_ID, CLIENT_SECRET, ROOT, freePort, startProcess, type RunningProcess } from '../e2e/support/stack.ts';
 import { startApache, type RunningApache } from './apache.ts';
-import { benchFamilyMs, cpuMs, ensureTools, machineBusyMs, log, median, percentile, processTree, rssBytes, sleep, wrk, type WrkResult } from './lib.ts';
+import { aptInstall, benchFamilyMs, cpuMs, ensureTools, machineBusyMs, log, median, percentile, processTree, rssBytes, sleep, wrk, type WrkResult } from './lib.ts';
 import { benchLogin } from './login.ts';
 import { formatSummary, newestProfile, summarise } from './profile.ts';
 
@@ -21,11 +21,13 @@ const STORM_TTL = 60;
 const STORM_SKEW = 52; // the token becomes due TTL - SKEW = 8 s after login
 const STORM_SECONDS = 13; // one expiry inside; the next would be due ~16 s after login
 const PROFILE = process.env.BENCH_PROFILE !== '0';
+/** `dpop`: only the DPoP comparison (the fast path with and without DPoP), for a quick check of its cost. */
+const ONLY = process.env.BENCH_ONLY;
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const DIST_DIR = process.env.NEXT_DIST_DIR || '.next';
 const WORKERS = availableParallelism();
 
-type LegId = 'a' | 'b' | 'c' | 'd' | 'e';
+type LegId = 'a' | 'b' | 'c' | 'd' | 'e' | 'f';
 interface Leg {
   id: LegId;
   title: string;
@@ -133,10 +135,18 @@ async function startIdp(port: number, appUrls: string[], audience: string, ttl: 
   return idp;
 }
 
+interface UpstreamStats {
+  requests: number;
+  missingBearer: number;
+  dpopProofs: number;
+  bytesIn: number;
+  bytesOut: number;
+}
+
 interface Upstream {
   port: number;
   pids: () => number[];
-  stats(): Promise<{ requests: number; missingBearer: number; bytesIn: number; bytesOut: number }>;
+  stats(): Promise<UpstreamStats>;
   reset(): Promise<void>;
 }
 
@@ -151,7 +161,7 @@ async function startUpstream(copies: number): Promise<Upstream> {
   }
   const call = async (control: number, reset: boolean) => {
     const res = await fetch(`http://127.0.0.1:${control}/${reset ? 'reset' : ''}`, { method: reset ? 'POST' : 'GET' });
-    return (await res.json()) as { requests: number; missingBearer: number; bytesIn: number; bytesOut: number };
+    return (await res.json()) as UpstreamStats;
   };
   return {
     port,
@@ -161,6 +171,7 @@ async function startUpstream(copies: number): Promise<Upstream> {
       return all.reduce((sum, s) => ({
         requests: sum.requests + s.requests,
         missingBearer: sum.missingBearer + s.missingBearer,
+        dpopProofs: sum.dpopProofs + s.dpopProofs,
         bytesIn: sum.bytesIn + s.bytesIn,
         bytesOut: sum.bytesOut + s.bytesOut,
       }));
@@ -228,6 +239,7 @@ async function measure(leg: Leg, connections: number, seconds: number, upstream:
   if (result.non2xx > 0) problems.push(`${result.non2xx} non-2xx answers`);
   if (result.socketErrors > 0) problems.push(`${result.socketErrors} socket errors`);
   if (seen.missingBearer > 0) problems.push(`${seen.missingBearer} upstream requests without a bearer token`);
+  if (leg.id === 'f' && seen.dpopProofs < seen.requests) problems.push(`${seen.requests - seen.dpopProofs} upstream requests without a DPoP proof`);
   // A redirect to the IdP is a 3xx that wrk counts as success: it never reaches the upstream.
   if (seen.requests < result.requests) problems.push(`wrk completed ${result.requests} requests but only ${seen.requests} reached the upstream`);
   if (result.requests === 0) problems.push('no request completed');
@@ -250,7 +262,7 @@ async function checkOnce(leg: Leg, upstream: Upstream): Promise<void> {
   });
   const body = res.body;
   const seen = await upstream.stats();
-  if (res.status !== 200 || seen.missingBearer !== 0 || seen.requests !== 1) {
+  if (res.status !== 200 || seen.missingBearer !== 0 || seen.requests !== 1 || (leg.id === 'f') !== (seen.dpopProofs === 1)) {
     throw new Error(`(${leg.id}) ${leg.title}: smoke request answered ${res.status} ${body.slice(0, 200)}; upstream saw ${JSON.stringify(seen)}`);
   }
 }
@@ -402,6 +414,99 @@ async function storm(target: string, issuer: string, base: string, loginUrl: str
 }
 
 // ---------------------------------------------------------------------------------------------
+// DPoP
+
+/**
+ * What DPoP costs on the proxied path: leg (b), the fast path presenting a bearer, next to leg (f),
+ * the same build and shape against the same upstream with OIDC_DPOP=true and the API marked
+ * `dpop` (`Authorization: DPoP` and a fresh ES256 proof per request), in interleaved rounds of the
+ * same run. Returns the report's lines.
+ */
+async function dpopCost(bearer: Leg, issuer: string, port: number, upstream: Upstream): Promise<string[]> {
+  const env = gatehouseEnv(issuer, upstream.port, port, {
+    OIDC_DPOP: 'true',
+    BFF_APIS: JSON.stringify({ bench: { url: `http://127.0.0.1:${upstream.port}`, maxBodyBytes: 256 * 1024 * 1024, timeoutMs: 120_000, dpop: true } }),
+  });
+  const proc = await startGatehouse('fast', env);
+  try {
+    const login = await benchLogin(`http://localhost:${port}/api/auth/login`, 'bench-dpop');
+    const dpop: Leg = {
+      id: 'f',
+      title: 'Gatehouse npm start, DPoP API',
+      url: `http://127.0.0.1:${port}/api/proxy/bench/whoami`,
+      headers: proxyHeaders(login.cookieHeader, port),
+      pids: () => processTree(proc.child.pid as number),
+    };
+    await checkOnce(dpop, upstream);
+    log('DPoP: warm-up, then (b) and (f) interleaved');
+    await measure(dpop, 32, 3, upstream);
+    const samples = new Map<string, Sample[]>();
+    for (let round = 0; round < ROUNDS; round++) {
+      for (const connections of CONCURRENCIES) {
+        for (const leg of round % 2 === 0 ? [bearer, dpop] : [dpop, bearer]) {
+          const sample = await measure(leg, connections, SECONDS, upstream);
+          log(`DPoP round ${round + 1}/${ROUNDS} (${leg.id}) -c${connections}: ${sample ? `${fmt(sample.wrk.rps)} req/s, p50 ${sample.wrk.p50Ms} ms` : 'FAILED'}`);
+          if (sample) samples.set(`${leg.id}:${connections}`, [...(samples.get(`${leg.id}:${connections}`) ?? []), sample]);
+        }
+      }
+    }
+    const stat = (id: LegId, c: number) => {
+      const list = samples.get(`${id}:${c}`) ?? [];
+      const requests = list.reduce((sum, s) => sum + s.wrk.requests, 0);
+      return {
+        complete: list.length === ROUNDS,
+        rps: median(list.map((s) => s.wrk.rps)),
+        p50: median(list.map((s) => s.wrk.p50Ms)),
+        cpuUs: (list.reduce((sum, s) => sum + s.cpuMs, 0) * 1000) / requests,
+        foreign: median(list.map((s) => s.foreignCores)),
+      };
+    };
+    const lines = [
+      `DPoP on the proxied path: (b) bearer against (f) \`Authorization: DPoP\` with a fresh ES256 proof per request, same build, same upstream, ${ROUNDS} interleaved rounds × ${SECONDS} s, medians.`,
+      '',
+      '| -c | (b) bearer req/s | (f) DPoP req/s | (f)/(b) req/s | (b) p50 ms | (f) p50 ms | (b) CPU µs/req | (f) CPU µs/req | DPoP CPU µs/req | other load (cores) |',
+      '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ];
+    for (const c of CONCURRENCIES) {
+      const [b, f] = [stat('b', c), stat('f', c)];
+      if (!b.complete || !f.complete) {
+        lines.push(`| ${c} | FAILED | | | | | | | | |`);
+        continue;
+      }
+      lines.push(`| ${c} | ${fmt(b.rps)} | ${fmt(f.rps)} | ${fmt(f.rps / b.rps, 2)}× | ${fmt(b.p50, 2)} | ${fmt(f.p50, 2)} | ${fmt(b.cpuUs)} | ${fmt(f.cpuUs)} | ${fmt(f.cpuUs - b.cpuUs)} | ${Math.max(b.foreign, f.foreign).toFixed(2)} |`);
+    }
+    return lines;
+  } finally {
+    await proc.stop();
+  }
+}
+
+/** BENCH_ONLY=dpop: the upstream, one IdP, (b) and (f), and nothing else. */
+async function mainDpopOnly(): Promise<void> {
+  aptInstall(spawnSync('sh', ['-c', 'command -v wrk'], { stdio: 'ignore' }).status === 0 ? [] : ['wrk']);
+  await ensureRedis();
+  ensureBuild();
+  const [idpPort, fastPort, dpopPort] = await Promise.all([freePort(), freePort(), freePort()]);
+  const upstream = await startUpstream(2);
+  const idp = await startIdp(idpPort, [`http://localhost:${fastPort}`, `http://localhost:${dpopPort}`], `http://127.0.0.1:${upstream.port}`, 3600);
+  const issuer = `http://localhost:${idpPort}`;
+  const fast = await startGatehouse('fast', gatehouseEnv(issuer, upstream.port, fastPort));
+  const login = await benchLogin(`http://localhost:${fastPort}/api/auth/login`, 'bench-fast');
+  const bearer: Leg = { id: 'b', title: 'Gatehouse npm start (fast path)', url: `http://127.0.0.1:${fastPort}/api/proxy/bench/whoami`, headers: proxyHeaders(login.cookieHeader, fastPort), pids: () => processTree(fast.child.pid as number) };
+  await checkOnce(bearer, upstream);
+  await measure(bearer, 32, 3, upstream);
+  const lines = await dpopCost(bearer, issuer, dpopPort, upstream);
+  await fast.stop();
+  await idp.stop();
+  if (failures.length) lines.push('', '**Run FAILED:**', ...failures.map((f) => `- ${f}`));
+  const markdown = `### DPoP cost — ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC\n\n${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${availableParallelism()} cores shared by wrk, the upstream, Gatehouse and Redis; Node ${process.version}; Gatehouse ${WORKERS} workers.\n\n${lines.join('\n')}\n`;
+  mkdirSync(path.join(import.meta.dirname, 'results'), { recursive: true });
+  writeFileSync(path.join(import.meta.dirname, 'results', 'dpop.md'), markdown);
+  process.stdout.write(`\n${markdown}`);
+  if (failures.length) process.exitCode = 1;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reporting
 
 const fmt = (n: number, digits = 0) => (Number.isFinite(n) ? n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : 'n/a');
@@ -424,8 +529,9 @@ async function main(): Promise<void> {
     c: 'Gatehouse next start (route handler)',
     d: 'Apache + mod_auth_openidc',
     e: 'bare Next route handler, no auth (floor)',
+    f: 'Gatehouse npm start, DPoP API',
   };
-  const [idpPort, fastPort, nextPort, apachePort, profilePort, floorPort] = await Promise.all([freePort(), freePort(), freePort(), freePort(), freePort(), freePort()]);
+  const [idpPort, fastPort, nextPort, apachePort, profilePort, floorPort, dpopPort] = await Promise.all([freePort(), freePort(), freePort(), freePort(), freePort(), freePort(), freePort()]);
   const fastUrl = `http://localhost:${fastPort}`;
   const nextUrl = `http://localhost:${nextPort}`;
   const profileUrl = `http://localhost:${profilePort}`;
@@ -434,7 +540,7 @@ async function main(): Promise<void> {
   log('starting upstream (2 processes), dev IdP, Gatehouse (npm start, next start) and Apache');
   const upstream = await startUpstream(2);
   const audience = `http://127.0.0.1:${upstream.port}`;
-  const idp = await startIdp(idpPort, [fastUrl, nextUrl, apacheUrl, profileUrl], audience, 3600);
+  const idp = await startIdp(idpPort, [fastUrl, nextUrl, apacheUrl, profileUrl, `http://localhost:${dpopPort}`], audience, 3600);
   const issuer = `http://localhost:${idpPort}`;
   const fast = await startGatehouse('fast', gatehouseEnv(issuer, upstream.port, fastPort));
   const nextServer = await startGatehouse('next', gatehouseEnv(issuer, upstream.port, nextPort));
@@ -499,9 +605,11 @@ async function main(): Promise<void> {
     }
   }
 
-  // Free the CPU for the profile and the storm.
+  // Free the CPU for the DPoP comparison, the profile and the storm.
   await nextServer.stop();
   await apache.stop();
+  log('DPoP: (b) against the same fast path presenting DPoP-bound tokens with a proof per request');
+  const dpopLines = await dpopCost(legs[1]!, issuer, dpopPort, upstream);
   await fast.stop();
 
   let profileText = '';
@@ -614,6 +722,8 @@ async function main(): Promise<void> {
   }
   lines.push(`Gatehouse fast-path RSS (primary + ${WORKERS} workers): ${mb(fastRssStart)} before the load, ${mb(fastRssEnd)} after all rounds.`);
   lines.push('');
+  lines.push(...dpopLines);
+  lines.push('');
   lines.push('| Streaming through (b) | bytes | MB/s | RSS before | RSS peak | growth | after |');
   lines.push('|---|---:|---:|---:|---:|---:|---:|');
   for (const s of streams) {
@@ -657,7 +767,7 @@ async function main(): Promise<void> {
 }
 
 try {
-  await main();
+  await (ONLY === 'dpop' ? mainDpopOnly() : main());
 } catch (error) {
   log(`bench aborted: ${error instanceof Error ? error.stack ?? error.message : String(error)}`);
   process.exitCode = 1;

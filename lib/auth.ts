@@ -1,6 +1,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
+import { beginDpopLogin, finishDpopLogin } from './dpop.ts';
 import { NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
 import { describeCause, log } from './log.ts';
 import * as oidc from './oidc.ts';
@@ -152,6 +153,8 @@ export async function startLogin(request: Request): Promise<Response> {
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
   const stepUp = requestedStepUp(url.searchParams);
   const authorization = oidc.newAuthorizationRequest({ prompt, ...stepUp });
+  // With DPoP the session's key pair exists before the IdP sees the request: it is named there (dpop_jkt).
+  if (getConfig().oidc.dpop) authorization.dpopJkt = await beginDpopLogin(authorization.state);
   const location = await oidc.buildAuthorizationUrl(authorization);
   const previousSessionId = (await sessionIdFromCookieHeader(cookieHeader)) ?? undefined;
   const transaction = { ...authorization, returnTo, startedAt: Date.now(), ...(previousSessionId ? { previousSessionId } : {}) };
@@ -186,6 +189,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     throw new GatehouseError('invalid_state', 400, 'This sign-in link is not valid any more. Start again.');
   }
   if (transaction.acrValues || transaction.maxAge !== undefined) retry.path = loginPathFor(transaction);
+  const dpop = transaction.dpopJkt ? await finishDpopLogin(transaction.state, transaction.dpopJkt) : undefined;
   const idpError = url.searchParams.get('error');
   if (idpError && transaction.prompt === 'none') {
     // Silent login: tell the SPA instead of showing the IdP's UI.
@@ -193,7 +197,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     log('info', 'auth.silent_login', { outcome: code });
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
-  const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction);
+  const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction, dpop?.handle);
 
   // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP the
   // cookie arrives here too. Either way, the session this login replaces ends now.
@@ -204,7 +208,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   const session = await createSession({
     sub: claims.sub,
     idpSid,
-    secrets: { accessToken: tokens.accessToken, refreshToken: tokens.refreshToken, idToken: tokens.idToken, claims: userClaims(claims) },
+    secrets: { accessToken: tokens.accessToken, refreshToken: tokens.refreshToken, idToken: tokens.idToken, claims: userClaims(claims), ...(dpop ? { dpopKey: dpop.key } : {}) },
     accessTokenExpiresAt: tokens.accessTokenExpiresAt,
     userAgent: request.headers.get('user-agent') ?? undefined,
     acr: typeof claims.acr === 'string' ? claims.acr : undefined,

@@ -30,6 +30,8 @@ export interface Config {
     authorizationParams: Array<[string, string]>;
     /** RFC 9126 even where the IdP does not require it; an IdP that does is obeyed either way. */
     usePar: boolean;
+    /** RFC 9449: each session's tokens are bound to a key pair of its own (lib/dpop.ts). */
+    dpop: boolean;
     redirectUri: string;
     postLogoutRedirectUri: string;
     /** http:// endpoints are allowed only when the issuer is on loopback. */
@@ -84,6 +86,8 @@ export interface ApiConfig {
   acr?: string[];
   /** Seconds: the session's sign-in must be at most this old, or the call is refused with `step_up_required`. */
   maxAge?: number;
+  /** Present the session's token as `DPoP` with a proof per request, instead of as a bearer (unset: bearer). */
+  dpop?: boolean;
 }
 
 export interface TokenExchangeTarget {
@@ -142,6 +146,7 @@ const RESERVED_AUTHORIZATION_PARAMS = new Set([
   'response_mode',
   'request',
   'request_uri',
+  'dpop_jkt',
 ]);
 
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
@@ -169,6 +174,7 @@ const apiSchema = z
       .optional(),
     // Zero would refuse every call, a fresh sign-in's included: no sign-in is younger than the call it allows.
     maxAge: z.number().int().positive().max(MAX_AGE_LIMIT_SEC).optional(),
+    dpop: z.boolean().default(false),
   })
   .strict()
   .superRefine((api, ctx) => {
@@ -227,6 +233,7 @@ const envSchema = z.object({
       return pairs;
     }),
   OIDC_USE_PAR: z.stringbool({ error: 'must be true or false' }).default(false),
+  OIDC_DPOP: z.stringbool({ error: 'must be true or false' }).default(false),
   OIDC_TIMEOUT_MS: z.coerce.number().int().positive().max(60_000).default(10_000),
   SESSION_SECRET: secretList(32),
   TOKEN_ENCRYPTION_KEY: secretList(32).optional(),
@@ -334,6 +341,17 @@ function crossCheck(env: Partial<Env>): string[] {
     for (const field of ['acr', 'maxAge'] as const) {
       if (api[field] !== undefined && api.auth !== 'user') problems.push(`BFF_APIS.${name}.${field}: needs "auth": "user" (the default)`);
     }
+    if (api.dpop && !env.OIDC_DPOP) {
+      problems.push(`BFF_APIS.${name}.dpop: needs OIDC_DPOP=true (only then are the session's tokens bound to a key Gatehouse can prove)`);
+    }
+    if (api.dpop && (api.auth === 'client' || api.auth === 'none')) {
+      // Only a session has a DPoP key: client-credentials tokens stay bearer tokens.
+      problems.push(`BFF_APIS.${name}.dpop: only for auth "user" or "user-optional" (the user's token is the one bound)`);
+    }
+    if (api.dpop && api.tokenExchange) {
+      // The exchange grant is made without a proof, so the exchanged token is a bearer token.
+      problems.push(`BFF_APIS.${name}.dpop: not with "tokenExchange" (the exchanged token is not bound to the session's key)`);
+    }
   }
   return problems;
 }
@@ -417,6 +435,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       scopes: env.OIDC_SCOPES.split(/\s+/).join(' '),
       authorizationParams: env.OIDC_AUTHORIZATION_PARAMS,
       usePar: env.OIDC_USE_PAR,
+      dpop: env.OIDC_DPOP,
       redirectUri: `${base}/api/auth/callback`,
       postLogoutRedirectUri: `${base}/`,
       allowInsecureRequests: env.OIDC_ISSUER.protocol === 'http:',
@@ -448,6 +467,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
           maxBodyBytes: api.maxBodyBytes,
           ...(api.acr ? { acr: api.acr } : {}),
           ...(api.maxAge !== undefined ? { maxAge: api.maxAge } : {}),
+          dpop: api.dpop,
         },
       ]),
     ),

@@ -2,6 +2,7 @@ import { createRemoteJWKSet } from 'jose';
 import * as oauth from 'oauth4webapi';
 import { getConfig } from './config.ts';
 import { GatehouseError, errors } from './errors.ts';
+import { tokenRequestWithDpop, unboundTokenProblem } from './dpop.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { checkLogoutToken, type LogoutTokenClaims } from './logout-token.ts';
@@ -122,6 +123,8 @@ export interface AuthorizationRequest extends StepUp {
   nonce: string;
   codeVerifier: string;
   prompt?: string;
+  /** RFC 9449 section 10: the thumbprint of the key the code's tokens must be bound to. */
+  dpopJkt?: string;
 }
 
 export function newAuthorizationRequest({ prompt, acrValues, maxAge }: { prompt?: string | undefined } & StepUp = {}): AuthorizationRequest {
@@ -177,6 +180,7 @@ async function authorizationParameters(request: AuthorizationRequest): Promise<U
   // A login's own step-up replaces what OIDC_AUTHORIZATION_PARAMS may set: it is what the callback checks.
   if (request.acrValues) parameters.set('acr_values', request.acrValues.join(' '));
   if (request.maxAge !== undefined) parameters.set('max_age', String(request.maxAge));
+  if (request.dpopJkt) parameters.set('dpop_jkt', request.dpopJkt);
   // offline_access is only honoured with prompt=consent by some IdPs; we ask for it but cope without.
   return parameters;
 }
@@ -246,7 +250,7 @@ function checkRequestedAcr(claims: oauth.IDToken, acrValues: string[] | undefine
  * tolerance), `acr` among `acr_values`. Tokens of a sign-in refused for falling short are dropped,
  * not revoked: IdPs that revoke a whole grant with one token would end the session the user still has.
  */
-export async function redeemAuthorizationCode(callbackUrl: URL, request: AuthorizationRequest): Promise<LoginResult> {
+export async function redeemAuthorizationCode(callbackUrl: URL, request: AuthorizationRequest, dpop?: oauth.DPoPHandle): Promise<LoginResult> {
   const as = await getAuthorizationServer();
   let params: URLSearchParams;
   try {
@@ -259,12 +263,18 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
   }
   try {
     const { oidc } = getConfig();
-    const response = await oauth.authorizationCodeGrantRequest(as, client(), await clientAuth(), params, oidc.redirectUri, request.codeVerifier, requestOptions());
-    const result = await oauth.processAuthorizationCodeResponse(as, client(), response, {
-      expectedNonce: request.nonce,
-      requireIdToken: true,
-      ...(request.maxAge !== undefined ? { maxAge: request.maxAge } : {}),
-    });
+    const { response, result } = await tokenRequestWithDpop(
+      dpop,
+      async () => oauth.authorizationCodeGrantRequest(as, client(), await clientAuth(), params, oidc.redirectUri, request.codeVerifier, { ...requestOptions(), DPoP: dpop }),
+      (answer) =>
+        oauth.processAuthorizationCodeResponse(as, client(), answer, {
+          expectedNonce: request.nonce,
+          requireIdToken: true,
+          ...(request.maxAge !== undefined ? { maxAge: request.maxAge } : {}),
+        }),
+    );
+    const unbound = dpop && unboundTokenProblem(result, 'code exchange');
+    if (unbound) throw new GatehouseError('dpop_not_bound', 502, 'Sign-in is not possible: the identity provider does not bind tokens to this server (DPoP). The server log names the problem.', { cause: new Error(unbound) });
     await oauth.validateApplicationLevelSignature(as, response, { ...requestOptions(), [oauth.jwksCache]: jwksCache });
     const claims = oauth.getValidatedIdTokenClaims(result);
     if (!claims) throw new IdpError('rejected', 'The token response had no id_token');
@@ -277,6 +287,7 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
   } catch (error) {
     if (error instanceof GatehouseError && error.code === 'step_up_failed') throw error;
     if (request.maxAge !== undefined && isAuthTimeShortfall(error)) throw errors.stepUpFailed(error);
+    if (error instanceof GatehouseError && error.code === 'dpop_not_bound') throw error;
     const failure = classify(error, 'code exchange');
     if (failure.kind === 'unavailable') throw idpErrorToGatehouse(failure);
     throw new GatehouseError('token_exchange_failed', 400, 'The sign-in could not be completed.', { cause: error });
@@ -291,15 +302,25 @@ export async function redeemAuthorizationCode(callbackUrl: URL, request: Authori
 export async function refreshTokens(
   refreshToken: string,
   expectedSub: string,
-  extra: { resource?: string; scope?: string; signal?: AbortSignal } = {},
+  extra: { resource?: string; scope?: string; signal?: AbortSignal; dpop?: oauth.DPoPHandle } = {},
 ): Promise<TokenSet> {
   try {
     const as = await getAuthorizationServer(extra.signal);
     const additionalParameters: Record<string, string> = {};
     if (extra.resource) additionalParameters.resource = extra.resource;
     if (extra.scope) additionalParameters.scope = extra.scope;
-    const response = await oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(extra.signal), additionalParameters });
-    const result = await oauth.processRefreshTokenResponse(as, client(), response);
+    const { result } = await tokenRequestWithDpop(
+      extra.dpop,
+      async () => oauth.refreshTokenGrantRequest(as, client(), await clientAuth(), refreshToken, { ...requestOptions(extra.signal), additionalParameters, DPoP: extra.dpop }),
+      (response) => oauth.processRefreshTokenResponse(as, client(), response),
+    );
+    const unbound = extra.dpop && unboundTokenProblem(result, 'refresh');
+    if (unbound) {
+      // The session cannot go on bound, and unbound is what it must not become: it ends, and the
+      // unbound refresh token is not left behind at the IdP.
+      if (result.refresh_token) await revokeToken(result.refresh_token, 'refresh_token');
+      throw new IdpError('invalid_grant', unbound);
+    }
     const claims = oauth.getValidatedIdTokenClaims(result);
     if (claims && claims.sub !== expectedSub) throw new IdpError('invalid_grant', 'The refreshed id_token names another subject');
     return toTokenSet(result);

@@ -1,7 +1,8 @@
 import http from 'node:http';
 import https from 'node:https';
-import { Transform, type Readable } from 'node:stream';
+import { Readable, Transform } from 'node:stream';
 import { getConfig, type ApiConfig } from './config.ts';
+import { dpopAuthorization, dpopNonceDemanded } from './dpop.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
@@ -43,8 +44,8 @@ const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
 /** Answers that carry no body by definition (RFC 9110 §6.4.1); a Web `Response` refuses to be built with one. */
 const BODYLESS_STATUSES = new Set([204, 205, 304]);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
-/** Never forwarded upstream: the browser's credentials are for Gatehouse only. */
-const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
+/** Never forwarded upstream: the browser's credentials are for Gatehouse only (a DPoP proof too: only Gatehouse holds a key). */
+const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
 /**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
  * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do. Headers
@@ -75,6 +76,8 @@ const RESPONSE_DENYLIST = new Set([
   'x-accel-redirect',
   'x-sendfile',
   'x-lighttpd-send-file',
+  // A DPoP API's next nonce is for the maker of the proofs, Gatehouse (lib/dpop.ts).
+  'dpop-nonce',
 ]);
 /** The browser client reads x-gatehouse-error as "Gatehouse says"; the whole namespace is Gatehouse's. */
 const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
@@ -269,6 +272,19 @@ export function noteStreamedBytes(bytes: number): void {
 
 class BodyTooLarge extends Error {}
 
+/** The largest body a DPoP API's nonce challenge can have sent again (it is read whole before it goes). */
+const RESENDABLE_BODY_BYTES = 64 * 1024;
+
+async function readWhole(body: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  try {
+    for await (const chunk of body) chunks.push(chunk as Buffer);
+  } catch (error) {
+    throw error instanceof BodyTooLarge ? errors.payloadTooLarge('The request body is too large for this API.') : clientClosed();
+  }
+  return Buffer.concat(chunks);
+}
+
 function limitBody(body: Readable, maxBytes: number): Readable {
   let seen = 0;
   const limiter = new Transform({
@@ -420,14 +436,30 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     const forwardedFor = forwardedForChain(inbound.header('x-forwarded-for'), inbound.remoteAddress, config.trustedProxyHops);
     if (forwardedFor) headers.push(['x-forwarded-for', forwardedFor]);
     if (hasBody && declaredLength > 0) headers.push(['content-length', String(declaredLength)]);
-    const body = hasBody && inbound.body ? limitBody(inbound.body, api.maxBodyBytes) : null;
-    const withToken = (token: string | undefined) => (token ? [...headers, ['authorization', `Bearer ${token}`] as [string, string]] : headers);
+    const streamed = hasBody && inbound.body ? limitBody(inbound.body, api.maxBodyBytes) : null;
+    // A DPoP API may refuse a request for want of its nonce: a small body, read whole first, can go again.
+    const kept = api.dpop && streamed && declaredLength > 0 && declaredLength <= RESENDABLE_BODY_BYTES ? await readWhole(streamed) : undefined;
+    const body = kept ? Readable.from([kept]) : streamed;
+    const withToken = async (token: string | undefined): Promise<Array<[string, string]>> => {
+      if (!token) return headers;
+      // A DPoP API gets the token as `DPoP`, with a proof made for this one request.
+      if (api.dpop && credentials.session) return [...headers, ...(await dpopAuthorization(credentials.session.id, credentials.session.secrets, token, method, url))];
+      return [...headers, ['authorization', `Bearer ${token}`]];
+    };
 
-    let answer = await sendUpstream(api, url, method, withToken(credentials.token), body, inbound.signal);
+    let answer = await sendUpstream(api, url, method, await withToken(credentials.token), body, inbound.signal);
+    let nonceDemanded = api.dpop && credentials.token !== undefined && dpopNonceDemanded(url, answer.status, answer.rawHeaders);
+    if (nonceDemanded && (!hasBody || kept)) {
+      // The API did not act on the request and named the nonce it wants: once more, with it.
+      answer.body.resume();
+      answer = await sendUpstream(api, url, method, await withToken(credentials.token), kept ? Readable.from([kept]) : null, inbound.signal);
+      nonceDemanded = dpopNonceDemanded(url, answer.status, answer.rawHeaders);
+    }
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     const mayRetry =
       answer.status === 401 &&
+      !nonceDemanded &&
       credentials.session &&
       credentials.token &&
       !hasBody &&
@@ -439,7 +471,7 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
       const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: credentials.token });
       credentials = { ...credentials, token: retried.token, session: retried.session };
       refreshed = true;
-      answer = await sendUpstream(api, url, method, withToken(credentials.token), null, inbound.signal);
+      answer = await sendUpstream(api, url, method, await withToken(credentials.token), null, inbound.signal);
       await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     }
     if (!isFinalStatus(answer.status)) {

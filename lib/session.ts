@@ -23,6 +23,8 @@ export interface SessionSecrets {
   resourceTokens?: Record<string, ApiToken>;
   /** Access tokens obtained by RFC 8693 token exchange, per audience and scope (see tokens.ts). */
   exchangedTokens?: Record<string, ApiToken>;
+  /** With OIDC_DPOP: the private JWK (P-256) the session's tokens are bound to (lib/dpop.ts). */
+  dpopKey?: JsonWebKey;
 }
 
 /** A token the session holds for some APIs only; `expiresAt` in epoch ms, null when the IdP did not say. */
@@ -162,16 +164,26 @@ function getTokenKeys(): Promise<TokenKey[]> {
   return tokenKeys;
 }
 
-export async function encryptSecrets(secrets: SessionSecrets): Promise<string> {
+export function encryptSecrets(secrets: SessionSecrets): Promise<string> {
+  return encryptAtRest(secrets);
+}
+
+/** Null when no configured key opens it (the key was rotated out): that session has ended. */
+export function decryptSecrets(sealed: string): Promise<SessionSecrets | null> {
+  return decryptAtRest<SessionSecrets>(sealed);
+}
+
+/** Any JSON value encrypted under the token keys, for secrets kept in the store outside a session. */
+export async function encryptAtRest(value: unknown): Promise<string> {
   const [current] = await getTokenKeys();
   if (!current) throw new Error('no token encryption key');
-  return new CompactEncrypt(new TextEncoder().encode(JSON.stringify(secrets)))
+  return new CompactEncrypt(new TextEncoder().encode(JSON.stringify(value)))
     .setProtectedHeader({ alg: 'dir', enc: 'A256GCM', kid: current.kid })
     .encrypt(current.key);
 }
 
-/** Null when no configured key opens it (the key was rotated out): that session has ended. */
-export async function decryptSecrets(sealed: string): Promise<SessionSecrets | null> {
+/** Null when no configured key opens it. */
+export async function decryptAtRest<T>(sealed: string): Promise<T | null> {
   const keys = await getTokenKeys();
   try {
     const { plaintext } = await compactDecrypt(sealed, (header) => {
@@ -179,7 +191,7 @@ export async function decryptSecrets(sealed: string): Promise<SessionSecrets | n
       if (!match) throw new Error('unknown token key');
       return match.key;
     });
-    return JSON.parse(new TextDecoder().decode(plaintext)) as SessionSecrets;
+    return JSON.parse(new TextDecoder().decode(plaintext)) as T;
   } catch {
     return null;
   }
@@ -627,9 +639,14 @@ export interface LoginTransaction {
    * see it. Recording it here lets the callback end the session this login replaces.
    */
   previousSessionId?: string;
+  /**
+   * With OIDC_DPOP: the thumbprint of the key this login's tokens are bound to (sent as `dpop_jkt`).
+   * The private key itself never leaves the server: it waits in the store (lib/dpop.ts).
+   */
+  dpopJkt?: string;
 }
 
-const TRANSACTION_TTL_SEC = 10 * 60;
+export const TRANSACTION_TTL_SEC = 10 * 60;
 /** Each attempt is a cookie of up to ~3 KB: a handful left unfinished would make every request too large (431). */
 export const MAX_LIVE_TRANSACTIONS = 3;
 const TRANSACTION_COOKIE_STEM = 'gatehouse-tx-';

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { getConfig, type TokenExchangeTarget } from './config.ts';
+import { sessionDpopHandle } from './dpop.ts';
 import { GatehouseError, errors } from './errors.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
@@ -347,7 +348,9 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
     return current;
   }
   try {
-    const tokens = await refreshTokens(refreshToken, current.record.sub, { resource: request.resource, signal: lock.signal });
+    // With DPoP, the new tokens are bound to the session's key, as the login's were.
+    const dpop = await sessionDpopHandle(current.id, current.secrets);
+    const tokens = await refreshTokens(refreshToken, current.record.sub, { resource: request.resource, signal: lock.signal, dpop });
     const updated = await onStore(flight, () => storeTokensDespiteOutage(current, request, tokens, lock));
     if (updated) {
       log('info', 'token.refresh', outcome('ok'));

@@ -3,7 +3,8 @@
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
-import { createRemoteJWKSet, jwtVerify } from 'jose';
+import { createHash, randomBytes } from 'node:crypto';
+import { EmbeddedJWK, calculateJwkThumbprint, createRemoteJWKSet, jwtVerify } from 'jose';
 import type { JWTPayload } from 'jose';
 import { listen, readBodyUpTo, runUntilSignal } from './cli.ts';
 
@@ -23,16 +24,29 @@ export interface DemoRequestRecord {
   at: number;
 }
 
+/** What the API made of the DPoP proofs it was shown: tests assert on these (GET /__demo/stats). */
+export interface DemoDpopStats {
+  verified: number;
+  /** Refusals by reason: `replayed`, `no_proof`, `bearer_for_bound_token`, `ath`, `htu`, `jkt`, `use_dpop_nonce`, … */
+  refused: Record<string, number>;
+}
+
 export interface DemoApiHandle {
   url: string;
   audience: string;
   /** Most recent requests first, capped; /__demo/* calls are not recorded. */
   lastRequests: DemoRequestRecord[];
-  stats: { aborted: number; requests: number; uploads: number[] };
+  stats: { aborted: number; requests: number; uploads: number[]; dpop: DemoDpopStats };
+  /** DPoP: demand the API's own nonce in every proof (also at POST /__demo/dpop). */
+  dpop: { requireNonce: boolean; nonce: string };
   close(): Promise<void>;
 }
 
-type Verification = { ok: true; claims: JWTPayload } | { ok: false };
+/** `dpop`: the proof checked out, and the token is bound to its key (`cnf.jkt`). */
+type Verification = { ok: true; claims: JWTPayload; dpop?: { jkt: string } } | { ok: false; challenge?: string; nonce?: string };
+
+/** How far a proof's `iat` may be from now, and so how long a `jti` must be remembered to refuse its replay. */
+const PROOF_WINDOW_SEC = 60;
 
 const ROUTES = new Set(['echo', 'whoami', 'public', 'mfa', 'recent', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', '__demo']);
 /** The dev IdP's second-factor ACR (scripts/dev-idp.ts DEV_IDP_ACR.mfa), which `mfa/*` requires. */
@@ -46,14 +60,17 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   }
   const issuer = (options.issuer ?? 'http://localhost:4000').replace(/\/+$/, '');
   const lastRequests: DemoRequestRecord[] = [];
-  const stats = { aborted: 0, requests: 0, uploads: [] as number[] };
+  const stats = { aborted: 0, requests: 0, uploads: [] as number[], dpop: { verified: 0, refused: {} } as DemoDpopStats };
   let audience = options.audience ?? '';
+  const dpop = { requireNonce: false, nonce: newNonce() };
+  /** `jkt jti` → when it may be forgotten: a proof is good once. */
+  const seenProofs = new Map<string, number>();
 
   // Discovery is lazy so the API can start before the IdP and survive IdP restarts.
   let jwks: ReturnType<typeof createRemoteJWKSet> | undefined;
-  async function verify(req: IncomingMessage): Promise<Verification> {
-    const match = /^Bearer ([\w.~+/-]+=*)$/i.exec(req.headers.authorization ?? '');
-    if (!match?.[1]) return { ok: false };
+  async function verify(req: IncomingMessage, path: string): Promise<Verification> {
+    const match = /^(Bearer|DPoP) ([\w.~+/-]+=*)$/i.exec(req.headers.authorization ?? '');
+    if (!match?.[1] || !match[2]) return { ok: false };
     if (!jwks) {
       const res = await fetch(`${issuer}/.well-known/openid-configuration`);
       if (!res.ok) throw new Error(`discovery at ${issuer} answered ${res.status}`);
@@ -61,12 +78,55 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       if (!jwksUri) throw new Error(`discovery at ${issuer} has no jwks_uri`);
       jwks = createRemoteJWKSet(new URL(jwksUri));
     }
+    let claims: JWTPayload;
     try {
-      const { payload } = await jwtVerify(match[1], jwks, { issuer, audience, typ: 'at+jwt' });
-      return { ok: true, claims: payload };
+      ({ payload: claims } = await jwtVerify(match[2], jwks, { issuer, audience, typ: 'at+jwt' }));
     } catch {
       return { ok: false };
     }
+    const boundTo = (claims.cnf as { jkt?: unknown } | undefined)?.jkt;
+    const scheme = match[1].toLowerCase();
+    if (typeof boundTo !== 'string') return scheme === 'bearer' ? { ok: true, claims } : refuseProof('unbound_token', 'invalid_token');
+    // A bound token is worth nothing without a proof of its key: as a bearer it is refused.
+    if (scheme !== 'dpop') return refuseProof('bearer_for_bound_token', 'invalid_token');
+    const refusal = await checkProof(req, path, match[2], boundTo);
+    if (refusal) return refusal;
+    stats.dpop.verified += 1;
+    return { ok: true, claims, dpop: { jkt: boundTo } };
+  }
+
+  function refuseProof(reason: string, error: 'invalid_token' | 'invalid_dpop_proof' | 'use_dpop_nonce'): Verification {
+    stats.dpop.refused[reason] = (stats.dpop.refused[reason] ?? 0) + 1;
+    return { ok: false, challenge: `DPoP error="${error}", algs="ES256"`, ...(error === 'use_dpop_nonce' ? { nonce: dpop.nonce } : {}) };
+  }
+
+  /** RFC 9449 section 4.3 and 7.1, with jose doing the JOSE: what is wrong with the request's proof, or nothing. */
+  async function checkProof(req: IncomingMessage, path: string, token: string, boundTo: string): Promise<Verification | undefined> {
+    const proof = req.headers.dpop;
+    if (typeof proof !== 'string') return refuseProof('no_proof', 'invalid_dpop_proof');
+    let payload: JWTPayload;
+    let jwk: unknown;
+    try {
+      ({ payload, protectedHeader: { jwk } } = await jwtVerify(proof, EmbeddedJWK, { typ: 'dpop+jwt', algorithms: ['ES256', 'PS256', 'RS256', 'EdDSA', 'Ed25519'] }));
+    } catch {
+      return refuseProof('signature', 'invalid_dpop_proof');
+    }
+    const now = Math.floor(Date.now() / 1000);
+    if (payload.htm !== req.method) return refuseProof('htm', 'invalid_dpop_proof');
+    if (payload.htu !== `http://${req.headers.host}${path}`) return refuseProof('htu', 'invalid_dpop_proof');
+    if (payload.ath !== createHash('sha256').update(token).digest('base64url')) return refuseProof('ath', 'invalid_dpop_proof');
+    if (typeof payload.iat !== 'number' || Math.abs(now - payload.iat) > PROOF_WINDOW_SEC) return refuseProof('iat', 'invalid_dpop_proof');
+    if (typeof payload.jti !== 'string' || !payload.jti) return refuseProof('jti', 'invalid_dpop_proof');
+    if ((await calculateJwkThumbprint(jwk as Parameters<typeof calculateJwkThumbprint>[0])) !== boundTo) return refuseProof('jkt', 'invalid_dpop_proof');
+    if (dpop.requireNonce && payload.nonce !== dpop.nonce) return refuseProof('use_dpop_nonce', 'use_dpop_nonce');
+    for (const [seen, until] of seenProofs) {
+      if (until > now) break;
+      seenProofs.delete(seen);
+    }
+    const id = `${boundTo} ${payload.jti}`;
+    if (seenProofs.has(id)) return refuseProof('replayed', 'invalid_dpop_proof');
+    seenProofs.set(id, now + 2 * PROOF_WINDOW_SEC);
+    return undefined;
   }
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -84,21 +144,32 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       if (req.headers['x-forwarded-host']) return json(res, 404, { error: 'not_found' });
       if (rest[0] === 'stats') return json(res, 200, stats);
       if (rest[0] === 'last') return json(res, lastRequests[0] ? 200 : 404, lastRequests[0] ?? { error: 'no_requests' });
+      if (rest[0] === 'dpop') {
+        if (method === 'POST') {
+          const body = (await readBody(req)) as { requireNonce?: unknown; rotate?: unknown } | null;
+          if (typeof body?.requireNonce === 'boolean') dpop.requireNonce = body.requireNonce;
+          if (body?.rotate === true) dpop.nonce = newNonce();
+        }
+        return json(res, 200, dpop);
+      }
       return json(res, 404, { error: 'not_found' });
     }
     stats.requests += 1;
     lastRequests.unshift({ method, path: url.pathname, query, headers: req.headers, at: Date.now() });
     lastRequests.length = Math.min(lastRequests.length, 50);
 
-    const verification = await verify(req);
+    const verification = await verify(req, url.pathname);
     if (route === 'public') {
       return json(res, 200, verification.ok ? { anonymous: false, sub: verification.claims.sub } : { anonymous: true });
     }
     if (!verification.ok) {
-      res.setHeader('www-authenticate', 'Bearer error="invalid_token"');
+      res.setHeader('www-authenticate', verification.challenge ?? 'Bearer error="invalid_token"');
+      if (verification.nonce) res.setHeader('dpop-nonce', verification.nonce);
       return json(res, 401, { error: 'invalid_token' });
     }
     const { claims } = verification;
+    // RFC 9449 section 9: a server that wants nonces may name the next one on any answer.
+    if (verification.dpop && dpop.requireNonce) res.setHeader('dpop-nonce', dpop.nonce);
 
     switch (route) {
       case 'mfa':
@@ -120,9 +191,10 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
         const body = await readBody(req);
         if (body === undefined) return json(res, 413, { error: 'body_too_large' });
         const { sub, aud, scope, client_id } = claims;
-        // The answer reaches the browser: show that a bearer arrived, never the token itself.
-        const headers = { ...req.headers, ...(req.headers.authorization ? { authorization: 'Bearer [redacted]' } : {}) };
-        return json(res, 200, { sub, aud, scope, client_id, method, path: url.pathname, query, headers, body });
+        // The answer reaches the browser: show which scheme arrived, never the token or its proof.
+        const scheme = req.headers.authorization?.split(' ')[0];
+        const headers = { ...req.headers, ...(scheme ? { authorization: `${scheme} [redacted]` } : {}), ...(req.headers.dpop ? { dpop: '[redacted]' } : {}) };
+        return json(res, 200, { sub, aud, scope, client_id, method, path: url.pathname, query, headers, body, dpop: verification.dpop ?? null });
       }
       case 'events':
         return streamEvents(res, clampInt(query.count, 5, 0, 10_000), clampInt(query.intervalMs, 200, 0, 60_000));
@@ -188,12 +260,17 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     audience,
     lastRequests,
     stats,
+    dpop,
     close: () =>
       new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeAllConnections();
       }),
   };
+}
+
+function newNonce(): string {
+  return randomBytes(16).toString('base64url');
 }
 
 function json(res: ServerResponse, status: number, body: unknown): void {

@@ -51,6 +51,8 @@ export interface DevIdpOptions {
    * no endpoint.
    */
   par?: DevIdpPar;
+  /** DPoP (RFC 9449): require a server nonce in every proof from the start (also switchable at /__dev/dpop). */
+  dpopRequireNonce?: boolean;
 }
 
 export const DEV_IDP_PAR_MODES = ['disabled', 'enabled', 'required', 'required-per-client'] as const;
@@ -79,6 +81,22 @@ export interface GrantCounters {
    * only this shows which one a client really used.
    */
   clientAuth: Record<string, Record<string, number>>;
+  /**
+   * DPoP bindings of successful grants, per account, in order: the `dpop_jkt` the authorization
+   * request named (code exchanges) and the thumbprint the issued access token is bound to (`cnf.jkt`).
+   */
+  dpop: Record<string, Array<{ grantType: string; dpopJkt?: string; jkt?: string }>>;
+}
+
+/** Test switches for DPoP, at /__dev/dpop. */
+export interface DevIdpDpop {
+  /** Every proof must carry a nonce of the IdP's (`use_dpop_nonce` otherwise). */
+  requireNonce: boolean;
+  /**
+   * Behave as an IdP without DPoP: proofs (the `DPoP` header) and `dpop_jkt` in the query of an
+   * authorization request never reach the provider, so it issues bearer tokens.
+   */
+  ignoreProofs: boolean;
 }
 
 /** Test-only slowness: requests to discovery or the token endpoint wait this long before the provider sees them. */
@@ -208,8 +226,9 @@ function displayName(accountId: string): string {
 }
 
 function emptyCounters(): GrantCounters {
-  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, orderByAccount: {}, clientAuth: {} };
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, orderByAccount: {}, clientAuth: {}, dpop: {} };
 }
+
 
 /** The client authentication a token request came with (this IdP registers no client_secret_jwt client). */
 function clientAuthUsed(ctx: KoaContextWithOIDC): string {
@@ -255,6 +274,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   /** Test-only: the next `remaining` requests to an endpoint get this answer (rate limiting, outages). */
   const faults: Partial<Record<FaultyEndpoint, { status: number; retryAfter: string | undefined; remaining: number }>> = {};
   const delays: IdpDelays = { discoveryMs: 0, tokenMs: 0 };
+  const dpop: DevIdpDpop = { requireNonce: options.dpopRequireNonce ?? false, ignoreProofs: false };
   const delayed = { discovery: 0, token: 0 };
   // The issuer embeds the real port, so the provider only exists once the listener is bound.
   const providerSlot: {
@@ -279,6 +299,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       } else answer();
       return;
     }
+    if (dpop.ignoreProofs) withoutDpop(req);
     if (req.url?.startsWith('/__dev/')) {
       devRoute(req, res).catch((err: unknown) => sendJson(res, 500, { error: String(err) }));
     } else if (providerSlot.handler && providerSlot.login && INTERACTION_PATH.test(req.url ?? '') && (req.method === 'GET' || req.method === 'POST')) {
@@ -409,6 +430,8 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       devInteractions: { enabled: true },
       revocation: { enabled: true },
       pushedAuthorizationRequests: { enabled: par !== 'disabled', requirePushedAuthorizationRequests: par === 'required' },
+      // Nonces come from a secret of this process; whether a proof must carry one is the test's switch.
+      dPoP: { enabled: true, nonceSecret: randomBytes(32), requireNonce: () => dpop.requireNonce },
       clientCredentials: { enabled: true },
       backchannelLogout: { enabled: true },
       rpInitiatedLogout: { enabled: true },
@@ -469,6 +492,9 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     const sid = RefreshToken?.sid ?? AuthorizationCode?.sid;
     if (sid) bump((counters.bySid[sid] ??= {}), grantType);
     if (sid && grantType === 'refresh_token') (counters.refreshTimesBySid[sid] ??= []).push(Date.now());
+    const { AccessToken } = ctx.oidc.entities;
+    const binding = { dpopJkt: AuthorizationCode?.dpopJkt, jkt: AccessToken?.jkt };
+    if (Account && (binding.dpopJkt || binding.jkt)) (counters.dpop[Account.accountId] ??= []).push({ grantType, ...binding });
   };
   provider.on('grant.success', (ctx) => tally(ctx, 'success'));
   provider.on('grant.error', (ctx, err) => tally(ctx, 'error', err.error));
@@ -499,6 +525,10 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (req.method === 'POST' && url.pathname === '/__dev/grants/reset') {
       counters = emptyCounters();
       return sendJson(res, 200, counters);
+    }
+    if (url.pathname === '/__dev/dpop') {
+      if (req.method === 'POST') Object.assign(dpop, await readDpopSwitches(req));
+      return sendJson(res, 200, dpop);
     }
     if (url.pathname === '/__dev/delays') {
       if (req.method === 'POST') Object.assign(delays, await readDelays(req));
@@ -762,10 +792,14 @@ function sendJson(res: ServerResponse, status: number, body: unknown): void {
   res.end(JSON.stringify(body));
 }
 
-async function readDelays(req: IncomingMessage): Promise<Partial<IdpDelays>> {
+async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
   const chunks: Buffer[] = [];
   for await (const chunk of req) chunks.push(chunk as Buffer);
-  const body = JSON.parse(Buffer.concat(chunks).toString() || '{}') as Partial<Record<keyof IdpDelays, unknown>>;
+  return JSON.parse(Buffer.concat(chunks).toString() || '{}') as Record<string, unknown>;
+}
+
+async function readDelays(req: IncomingMessage): Promise<Partial<IdpDelays>> {
+  const body = await readJson(req);
   const picked: Partial<IdpDelays> = {};
   for (const name of ['discoveryMs', 'tokenMs'] as const) {
     const value = body[name];
@@ -774,6 +808,27 @@ async function readDelays(req: IncomingMessage): Promise<Partial<IdpDelays>> {
     picked[name] = value;
   }
   return picked;
+}
+
+async function readDpopSwitches(req: IncomingMessage): Promise<Partial<DevIdpDpop>> {
+  const body = await readJson(req);
+  const picked: Partial<DevIdpDpop> = {};
+  for (const name of ['requireNonce', 'ignoreProofs'] as const) {
+    const value = body[name];
+    if (value === undefined) continue;
+    if (typeof value !== 'boolean') throw new Error(`${name} must be true or false`);
+    picked[name] = value;
+  }
+  return picked;
+}
+
+/** An IdP without DPoP, as far as the provider can tell: no proof header, no `dpop_jkt` in an authorization URL. */
+function withoutDpop(req: IncomingMessage): void {
+  delete req.headers.dpop;
+  if (!req.url?.includes('dpop_jkt')) return;
+  const url = new URL(req.url, 'http://idp.invalid');
+  url.searchParams.delete('dpop_jkt');
+  req.url = `${url.pathname}${url.search}`;
 }
 
 function intFromEnv(name: string): number | undefined {
@@ -816,6 +871,7 @@ if (import.meta.main) {
         noRefreshTokenPrefix: process.env.IDP_NO_REFRESH_TOKEN_PREFIX || undefined,
         privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
         par: parFromEnv(),
+        dpopRequireNonce: process.env.IDP_DPOP_NONCE === 'required',
       }),
     (idp) => `dev IdP listening on ${idp.issuer}`,
   );

@@ -97,6 +97,8 @@ const issuer = process.env.OIDC_ISSUER || (idp as { issuer: string }).issuer;
 const demoApi = process.env.BFF_APIS ? undefined : await orExplain('demo API', 'DEMO_API_PORT', demoApiPort, () => startDemoApi({ port: demoApiPort, issuer }));
 if (demoApi) closers.push(() => demoApi.close());
 
+// OIDC_DPOP=true: the demo API checks DPoP proofs, so its entries ask for them (zod's stringbool spellings of true).
+const dpop = /^(true|1|yes|on|y|enabled)$/i.test(process.env.OIDC_DPOP?.trim() ?? '') ? { dpop: true } : {};
 const env: NodeJS.ProcessEnv = {
   ...process.env,
   APP_BASE_URL: appBaseUrl,
@@ -108,7 +110,7 @@ const env: NodeJS.ProcessEnv = {
   SESSION_SECRET: process.env.SESSION_SECRET || randomBytes(32).toString('base64url'),
   BFF_APIS:
     process.env.BFF_APIS ||
-    JSON.stringify({ demo: { url: demoApi?.url }, public: { url: `${demoApi?.url}/public`, auth: 'user-optional' } }),
+    JSON.stringify({ demo: { url: demoApi?.url, ...dpop }, public: { url: `${demoApi?.url}/public`, auth: 'user-optional', ...dpop } }),
 };
 
 const idpLine = usesDevIdp

@@ -178,6 +178,50 @@ describe('dev IdP + demo API', () => {
     expect(idp.grants.success).toEqual({});
   });
 
+  it('DPoP: binds the code and the tokens to the proof key; the demo API verifies proofs and refuses the token alone, or with a replayed proof', async () => {
+    idp.resetGrants();
+    const dpop = oauth.DPoP(client, await oauth.generateKeyPair('ES256'));
+    const jkt = await dpop.calculateThumbprint();
+    const redirectUri = `${rpUrl}/api/auth/callback`;
+    const { url, codeVerifier, state } = await startAuthorization(redirectUri, { dpop_jkt: jkt });
+    const params = oauth.validateAuthResponse(as, client, await loginWithDevIdp({ authorizationUrl: url, username: 'dora' }), state);
+    const grant = () => oauth.authorizationCodeGrantRequest(as, client, clientAuth, params, redirectUri, codeVerifier, { ...insecure, DPoP: dpop });
+    const tokens = await oauth.processAuthorizationCodeResponse(as, client, await grant());
+    expect(tokens.token_type).toBe('dpop');
+    expect(decodeJwt(tokens.access_token).cnf).toEqual({ jkt });
+    expect(idp.grants.dpop.dora).toEqual([{ grantType: 'authorization_code', dpopJkt: jkt, jkt }]);
+
+    const whoami = new URL('/whoami', api.url);
+    const verified = await oauth.protectedResourceRequest(tokens.access_token, 'GET', whoami, new Headers(), null, { ...insecure, DPoP: dpop });
+    expect(verified.status).toBe(200);
+    expect(await verified.json()).toMatchObject({ sub: 'dora', dpop: { jkt }, headers: { authorization: 'DPoP [redacted]', dpop: '[redacted]' } });
+    const seen = api.lastRequests[0]?.headers ?? {};
+    const status = async (headers: Record<string, string>) => (await fetch(whoami, { headers })).status;
+    expect(await status({ authorization: `Bearer ${tokens.access_token}` })).toBe(401);
+    expect(await status({ authorization: `DPoP ${tokens.access_token}` })).toBe(401);
+    expect(await status({ authorization: String(seen.authorization), dpop: String(seen.dpop) })).toBe(401);
+    expect(api.stats.dpop.refused).toMatchObject({ bearer_for_bound_token: 1, no_proof: 1, replayed: 1 });
+
+    // Nonces on demand: the IdP wants one (a new handle has none yet, and learns it from the refusal), then the API its own.
+    const response = await fetch(`${idp.issuer}/__dev/dpop`, { method: 'POST', body: JSON.stringify({ requireNonce: true }) });
+    expect(await response.json()).toEqual({ requireNonce: true, ignoreProofs: false });
+    const fresh = oauth.DPoP(client, await oauth.generateKeyPair('ES256'));
+    const refreshWith = () => oauth.refreshTokenGrantRequest(as, client, clientAuth, tokens.refresh_token as string, { ...insecure, DPoP: fresh });
+    const refused = await oauth.processRefreshTokenResponse(as, client, await refreshWith()).catch((error: unknown) => error);
+    expect(oauth.isDPoPNonceError(refused)).toBe(true);
+    expect((await oauth.processRefreshTokenResponse(as, client, await refreshWith())).token_type).toBe('dpop');
+    await fetch(`${idp.issuer}/__dev/dpop`, { method: 'POST', body: JSON.stringify({ requireNonce: false }) });
+    api.dpop.requireNonce = true;
+    try {
+      const challenged = await oauth.protectedResourceRequest(tokens.access_token, 'GET', whoami, new Headers(), null, { ...insecure, DPoP: dpop }).catch((error: unknown) => error);
+      expect(oauth.isDPoPNonceError(challenged)).toBe(true);
+      expect((challenged as oauth.WWWAuthenticateChallengeError).response.headers.get('dpop-nonce')).toBe(api.dpop.nonce);
+      expect((await oauth.protectedResourceRequest(tokens.access_token, 'GET', whoami, new Headers(), null, { ...insecure, DPoP: dpop })).status).toBe(200);
+    } finally {
+      api.dpop.requireNonce = false;
+    }
+  });
+
   it('revokes an account\'s grants on demand', async () => {
     const tokens = await codeFlow('bob');
     const res = await fetch(`${idp.issuer}/__dev/revoke-grants?sub=bob`, { method: 'POST' });

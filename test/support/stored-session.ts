@@ -6,6 +6,8 @@ import { Redis } from 'ioredis';
 export interface StoredSecrets {
   accessToken?: string;
   refreshToken?: string;
+  /** With OIDC_DPOP: the session's private key (a P-256 JWK). */
+  dpopKey?: { kty: string; crv: string; x: string; y: string; d: string };
 }
 
 export async function storedSecrets(redisUrl: string, key: string, sessionSecret: string): Promise<StoredSecrets> {
