@@ -63,6 +63,8 @@ export interface Config {
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   /** For `npm start` (server.ts) only. */
   server: { port: number; hostname: string; workers: number; drainMs: number };
+  /** `npm start` only: how often each open WebSocket's session is looked up (it may have ended elsewhere). */
+  websocket: { sessionCheckIntervalSec: number };
 }
 
 export interface JsonWebKeyWithKid extends JsonWebKey {
@@ -77,6 +79,8 @@ export interface ApiConfig {
   resource: string | undefined;
   timeoutMs: number;
   maxBodyBytes: number;
+  /** WebSocket upgrades through `/api/proxy/<name>/…` (lib/websocket.ts, `npm start` only); absent means no. */
+  websocket?: boolean;
 }
 
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
@@ -142,6 +146,7 @@ const apiSchema = z
     resource: z.url().optional(),
     timeoutMs: z.number().int().positive().max(600_000).default(30_000),
     maxBodyBytes: z.number().int().nonnegative().default(10 * 1024 * 1024),
+    websocket: z.boolean().default(false),
   })
   .strict();
 
@@ -233,6 +238,7 @@ const envSchema = z.object({
   HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),
   GATEHOUSE_WORKERS: z.coerce.number().int().min(1).max(256).optional(),
   GATEHOUSE_DRAIN_MS: z.coerce.number().int().min(0).default(30_000),
+  WEBSOCKET_SESSION_CHECK_INTERVAL: seconds(30),
 });
 
 /** Every variable Gatehouse reads; the README's configuration table is checked against this list. */
@@ -294,6 +300,10 @@ function crossCheck(env: Partial<Env>): string[] {
   for (const [name, api] of Object.entries(env.BFF_APIS ?? {})) {
     if (api.auth === 'client' && env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
       problems.push(`BFF_APIS.${name}.auth: "client" needs client credentials`);
+    }
+    if (api.websocket && api.auth !== 'user') {
+      // A socket lives as long as its user's session and is closed when it ends: it needs one.
+      problems.push(`BFF_APIS.${name}.websocket: needs "auth": "user" (a WebSocket is held for a signed-in user's session)`);
     }
   }
   return problems;
@@ -398,7 +408,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
     apis: Object.fromEntries(
       Object.entries(env.BFF_APIS).map(([name, api]) => [
         name,
-        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes },
+        { name, url: api.url, auth: api.auth, scope: api.scope, resource: api.resource, timeoutMs: api.timeoutMs, maxBodyBytes: api.maxBodyBytes, websocket: api.websocket },
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,
@@ -409,6 +419,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
         : undefined,
     logLevel: env.LOG_LEVEL,
     server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
+    websocket: { sessionCheckIntervalSec: env.WEBSOCKET_SESSION_CHECK_INTERVAL },
   };
 }
 
