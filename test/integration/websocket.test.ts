@@ -3,6 +3,7 @@
 // The browser is played by `ws`'s client, which can set Cookie and Origin the way a browser sends
 // them; Node's own WebSocket cannot set either.
 import { randomUUID } from 'node:crypto';
+import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { rssBytes } from '../../bench/lib.ts';
@@ -493,5 +494,36 @@ describe('backpressure and memory: 50 MB of frames each way, to a reader that do
     expect(first.result.ahead, 'bytes the browser wrote while the upstream read nothing').toBeLessThan(AHEAD_LIMIT);
     expect(second.result.ahead, 'bytes the browser wrote while the upstream read nothing').toBeLessThan(AHEAD_LIMIT);
     expect(second.peak - first.peak, `peak RSS ${first.peak} B over 50 MB, ${second.peak} B over 100 MB`).toBeLessThan(GROWTH_LIMIT);
+  });
+});
+
+describe('under `next start`', () => {
+  it('a WebSocket handshake to /api/proxy is not upgraded: the connection ends at once, with nothing sent upstream', async () => {
+    const cookie = await login(app, 'ws-next');
+    const nextApp = await startGatehouse({ name: 'gatehouse-next', server: 'next', env: stack.appEnv });
+    try {
+      const port = Number(new URL(nextApp.url).port);
+      const before = (await demoSockets()).upgrades;
+      const started = Date.now();
+      const answer = await new Promise<string>((resolve, reject) => {
+        const socket = net.connect(port, '127.0.0.1', () =>
+          socket.write(
+            `GET /api/proxy/live/ws HTTP/1.1\r\nHost: ${new URL(nextApp.url).host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+              `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: ${nextApp.url}\r\nCookie: ${cookie}\r\n\r\n`,
+          ),
+        );
+        let received = '';
+        socket.setEncoding('utf8');
+        socket.on('data', (chunk: string) => (received += chunk));
+        socket.on('close', () => resolve(received));
+        socket.on('error', reject);
+        setTimeout(() => reject(new Error(`still open after 5 s (received ${JSON.stringify(received)})`)), 5_000).unref();
+      });
+      expect(answer).toBe('');
+      expect(Date.now() - started).toBeLessThan(3_000);
+      expect((await demoSockets()).upgrades).toBe(before);
+    } finally {
+      await nextApp.process.stop();
+    }
   });
 });
