@@ -7,6 +7,11 @@ import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './lib/http
  * Its answers look exactly like the proxy core's, so the SPA cannot tell which one refused.
  */
 export function middleware(request: NextRequest): NextResponse {
+  // `next start` upgrades nothing on /api/proxy: it drops a middleware answer to a WebSocket
+  // handshake and would leave the browser waiting, but ends the connection at once when routing
+  // finds the proxy's route. So the handshake goes on to routing (it never reaches the route
+  // handler that way, and if it did, the handler refuses it: no X-CSRF). README, "WebSockets".
+  if (request.nextUrl.pathname.startsWith('/api/proxy/') && request.headers.get('upgrade')?.toLowerCase() === 'websocket') return NextResponse.next();
   const appOrigin = process.env.APP_BASE_URL ? new URL(process.env.APP_BASE_URL).origin : request.nextUrl.origin;
   if (!checkCsrf((name) => request.headers.get(name), appOrigin).ok) {
     return refuse(request, 403, 'csrf_failed', 'This request must come from the application itself (X-CSRF: 1, same origin).');

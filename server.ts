@@ -12,6 +12,7 @@ import { describeCause, log } from './lib/log.ts';
 import { idpStartProblems } from './lib/oidc.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
 import { serveSpaFrom } from './lib/spa.ts';
+import { closeAllWebSockets, handleUpgrade } from './lib/websocket.ts';
 
 /**
  * `npm start` on Node hosts. /api/proxy/* goes straight to the proxy core — Next's per-request
@@ -129,10 +130,16 @@ if (cluster.isPrimary && workerCount > 1) {
 }
 
 async function serve(): Promise<void> {
-  const app = next({ dev: false, dir: import.meta.dirname, hostname, port });
+  // Next's custom server adds its own 'upgrade' listener to the server of the first request it
+  // handles (for next dev's hot reload and rewrites to other origins, neither of which this server
+  // has); on ours it would end every WebSocket that lib/websocket.ts is upgrading. It gets a server
+  // of its own that never listens.
+  const app = next({ dev: false, dir: import.meta.dirname, hostname, port, httpServer: http.createServer() });
   await app.prepare();
   const handleWithNext = app.getRequestHandler();
-  const server = http.createServer((request, response) => {
+  // WebSocket handshakes to /api/proxy/* are upgraded (lib/websocket.ts); any other upgrade request
+  // stays an ordinary request for Next, as it would be without an 'upgrade' listener.
+  const server = http.createServer({ shouldUpgradeCallback: (request) => request.url?.startsWith(PROXY_PREFIX) ?? false }, (request, response) => {
     if (request.url?.startsWith(PROXY_PREFIX)) {
       // A throw while writing costs this one answer, never the worker and every request it serves.
       forwardRequest(inboundFromNode(request, response))
@@ -163,6 +170,7 @@ async function serve(): Promise<void> {
     }
     void handleWithNext(request, response);
   });
+  server.on('upgrade', handleUpgrade);
   // Longer than typical load-balancer idle timeouts, so they close idle connections first.
   server.keepAliveTimeout = 65_000;
   await new Promise<void>((resolve, reject) => {
@@ -184,6 +192,8 @@ async function serve(): Promise<void> {
     // Stop accepting; in-flight requests and streams finish; keep-alive sockets go as soon as
     // they fall idle (not only those idle right now), so the process exits once the last answer is out.
     server.close(() => process.exit(0));
+    // Open WebSockets are told to go (1001), so their browsers reconnect to a server that stays.
+    closeAllWebSockets();
     setInterval(() => server.closeIdleConnections(), 100).unref();
     server.closeIdleConnections();
     setTimeout(() => process.exit(0), drainMs).unref();

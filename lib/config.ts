@@ -66,6 +66,8 @@ export interface Config {
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   /** For `npm start` (server.ts) only. */
   server: { port: number; hostname: string; workers: number; drainMs: number };
+  /** `npm start` only: how often each open WebSocket's session is looked up (it may have ended elsewhere). */
+  websocket: { sessionCheckIntervalSec: number };
 }
 
 export interface JsonWebKeyWithKid extends JsonWebKey {
@@ -88,6 +90,8 @@ export interface ApiConfig {
   maxAge?: number;
   /** Present the session's token as `DPoP` with a proof per request, instead of as a bearer (unset: bearer). */
   dpop?: boolean;
+  /** WebSocket upgrades through `/api/proxy/<name>/…` (lib/websocket.ts, `npm start` only); absent means no. */
+  websocket?: boolean;
 }
 
 export interface TokenExchangeTarget {
@@ -175,6 +179,7 @@ const apiSchema = z
     // Zero would refuse every call, a fresh sign-in's included: no sign-in is younger than the call it allows.
     maxAge: z.number().int().positive().max(MAX_AGE_LIMIT_SEC).optional(),
     dpop: z.boolean().default(false),
+    websocket: z.boolean().default(false),
   })
   .strict()
   .superRefine((api, ctx) => {
@@ -275,6 +280,7 @@ const envSchema = z.object({
   HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),
   GATEHOUSE_WORKERS: z.coerce.number().int().min(1).max(256).optional(),
   GATEHOUSE_DRAIN_MS: z.coerce.number().int().min(0).default(30_000),
+  WEBSOCKET_SESSION_CHECK_INTERVAL: seconds(30),
 });
 
 /** Every variable Gatehouse reads; the README's configuration table is checked against this list. */
@@ -351,6 +357,14 @@ function crossCheck(env: Partial<Env>): string[] {
     if (api.dpop && api.tokenExchange) {
       // The exchange grant is made without a proof, so the exchanged token is a bearer token.
       problems.push(`BFF_APIS.${name}.dpop: not with "tokenExchange" (the exchanged token is not bound to the session's key)`);
+    }
+    if (api.websocket && api.auth !== 'user') {
+      // A socket lives as long as its user's session and is closed when it ends: it needs one.
+      problems.push(`BFF_APIS.${name}.websocket: needs "auth": "user" (a WebSocket is held for a signed-in user's session)`);
+    }
+    if (api.websocket && (api.dpop || api.tokenExchange)) {
+      // The handshake carries the session's own token as a bearer, with no proof and no exchange.
+      problems.push(`BFF_APIS.${name}.websocket: not with "dpop" or "tokenExchange" (the handshake carries the session's own bearer token)`);
     }
   }
   return problems;
@@ -468,6 +482,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
           ...(api.acr ? { acr: api.acr } : {}),
           ...(api.maxAge !== undefined ? { maxAge: api.maxAge } : {}),
           dpop: api.dpop,
+          websocket: api.websocket,
         },
       ]),
     ),
@@ -479,6 +494,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
         : undefined,
     logLevel: env.LOG_LEVEL,
     server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
+    websocket: { sessionCheckIntervalSec: env.WEBSOCKET_SESSION_CHECK_INTERVAL },
   };
 }
 

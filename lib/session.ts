@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
 import { getConfig } from './config.ts';
 import { errors } from './errors.ts';
-import { log } from './log.ts';
+import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { createStore, type Store } from './store/index.ts';
 
@@ -528,11 +528,29 @@ async function removeFromIndexes(id: string, record: SessionRecord): Promise<voi
   );
 }
 
+/**
+ * Told the id of every session this process ends, whichever copy of this module ends it (Next's
+ * bundle serves logout, server.ts holds the WebSockets that lib/websocket.ts closes).
+ */
+const endedListeners = sharedState('session-ended-listeners', () => new Set<(id: string) => void>());
+
+export function onSessionEnded(listener: (id: string) => void): void {
+  endedListeners.add(listener);
+}
+
 /** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
 export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
   lastTouched.delete(id);
   openedSecrets.delete(id);
   await storeCall(() => getStore().del(sessionKey(id)));
+  for (const listener of endedListeners) {
+    // What listens is a side matter: the session has ended whatever it does.
+    try {
+      listener(id);
+    } catch (error) {
+      log('error', 'session.ended_listener_failed', describeCause(error));
+    }
+  }
   if (record) await removeFromIndexes(id, record);
 }
 

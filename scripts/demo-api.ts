@@ -4,8 +4,10 @@ import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { createHash, randomBytes } from 'node:crypto';
+import type { Duplex } from 'node:stream';
 import { EmbeddedJWK, calculateJwkThumbprint, createRemoteJWKSet, jwtVerify } from 'jose';
 import type { JWTPayload } from 'jose';
+import { WebSocketServer, type WebSocket } from 'ws';
 import { listen, readBodyUpTo, runUntilSignal } from './cli.ts';
 
 export interface DemoApiOptions {
@@ -31,6 +33,20 @@ export interface DemoDpopStats {
   refused: Record<string, number>;
 }
 
+/** One WebSocket the demo API accepted, as it saw it (headers raw: bearer token included, for tests). */
+export interface DemoSocketRecord {
+  path: string;
+  sub: string | undefined;
+  protocol: string;
+  headers: IncomingHttpHeaders;
+  at: number;
+  /** Binary bytes received, and bytes of `!stream` frames written out so far (backpressure tests watch both). */
+  received: number;
+  streamed: number;
+  /** Once closed: the code and reason the other end sent (1005: none, 1006: no close frame). */
+  closed?: { code: number; reason: string };
+}
+
 export interface DemoApiHandle {
   url: string;
   audience: string;
@@ -39,6 +55,8 @@ export interface DemoApiHandle {
   stats: { aborted: number; requests: number; uploads: number[]; dpop: DemoDpopStats };
   /** DPoP: demand the API's own nonce in every proof (also at POST /__demo/dpop). */
   dpop: { requireNonce: boolean; nonce: string };
+  /** Every WebSocket handshake that arrived (refused ones too), and the sockets accepted, newest first. */
+  websockets: { upgrades: number; sockets: DemoSocketRecord[] };
   close(): Promise<void>;
 }
 
@@ -48,7 +66,7 @@ type Verification = { ok: true; claims: JWTPayload; dpop?: { jkt: string } } | {
 /** How far a proof's `iat` may be from now, and so how long a `jti` must be remembered to refuse its replay. */
 const PROOF_WINDOW_SEC = 60;
 
-const ROUTES = new Set(['echo', 'whoami', 'public', 'mfa', 'recent', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', '__demo']);
+const ROUTES = new Set(['echo', 'whoami', 'public', 'mfa', 'recent', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', 'ws', '__demo']);
 /** The dev IdP's second-factor ACR (scripts/dev-idp.ts DEV_IDP_ACR.mfa), which `mfa/*` requires. */
 const MFA_ACR = 'urn:gatehouse:mfa';
 const MAX_ECHO_BODY = 1024 * 1024;
@@ -61,6 +79,9 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   const issuer = (options.issuer ?? 'http://localhost:4000').replace(/\/+$/, '');
   const lastRequests: DemoRequestRecord[] = [];
   const stats = { aborted: 0, requests: 0, uploads: [] as number[], dpop: { verified: 0, refused: {} } as DemoDpopStats };
+  const websockets = { upgrades: 0, sockets: [] as DemoSocketRecord[] };
+  /** Sockets opened with `?paused=1`: not read from until GET /__demo/ws/resume. */
+  const pausedSockets = new Set<WebSocket>();
   let audience = options.audience ?? '';
   const dpop = { requireNonce: false, nonce: newNonce() };
   /** `jkt jti` → when it may be forgotten: a proof is good once. */
@@ -152,6 +173,13 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
         }
         return json(res, 200, dpop);
       }
+      if (rest[0] === 'ws' && rest[1] === 'resume') {
+        for (const paused of pausedSockets) paused.resume();
+        const resumed = pausedSockets.size;
+        pausedSockets.clear();
+        return json(res, 200, { resumed });
+      }
+      if (rest[0] === 'ws') return json(res, 200, websockets);
       return json(res, 404, { error: 'not_found' });
     }
     stats.requests += 1;
@@ -251,6 +279,35 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       json(res, 503, { error: 'temporarily_unavailable', error_description: String(err) });
     });
   });
+  // The first subprotocol offered is the one chosen, so a test can see the choice reach the browser.
+  const socketServer = new WebSocketServer({ noServer: true, handleProtocols: (protocols) => protocols.values().next().value ?? false });
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    websockets.upgrades += 1;
+    socket.on('error', () => socket.destroy());
+    acceptSocket(req, socket, head).catch(() => refuseUpgrade(socket, 503, { error: 'temporarily_unavailable' }));
+  });
+
+  async function acceptSocket(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://demo.invalid');
+    const segments = url.pathname.split('/').filter(Boolean);
+    const at = segments.indexOf('ws');
+    if (at < 0) return refuseUpgrade(socket, 404, { error: 'not_found', path: url.pathname });
+    const verification = await verify(req, url.pathname);
+    // A body a proxy must not pass on to the browser: tests look for this marker.
+    if (!verification.ok) return refuseUpgrade(socket, 401, { error: 'invalid_token', detail: 'demo-api-refusal-body' });
+    socketServer.handleUpgrade(req, socket, head, (ws) => {
+      const record: DemoSocketRecord = { path: url.pathname, sub: verification.claims.sub, protocol: ws.protocol, headers: req.headers, at: Date.now(), received: 0, streamed: 0 };
+      websockets.sockets.unshift(record);
+      websockets.sockets.length = Math.min(websockets.sockets.length, 50);
+      if (url.searchParams.get('paused') === '1') {
+        ws.pause();
+        pausedSockets.add(ws);
+        ws.once('close', () => pausedSockets.delete(ws));
+      }
+      serveSocket(ws, record, segments[at + 1] === 'sink' ? 'sink' : 'echo');
+    });
+  }
+
   const port = await listen(server, options.port ?? 4001, options.host);
   const url = `http://localhost:${port}`;
   audience ||= url;
@@ -261,16 +318,62 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     lastRequests,
     stats,
     dpop,
+    websockets,
     close: () =>
       new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeAllConnections();
+        // Upgraded sockets are no HTTP connections any more: closeAllConnections leaves them.
+        for (const client of socketServer.clients) client.terminate();
       }),
   };
 }
 
 function newNonce(): string {
   return randomBytes(16).toString('base64url');
+}
+
+function refuseUpgrade(socket: Duplex, status: number, body: unknown): void {
+  const payload = JSON.stringify(body);
+  socket.end(`HTTP/1.1 ${status} Refused\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(payload)}\r\nconnection: close\r\n\r\n${payload}`);
+}
+
+/**
+ * A demo socket: `echo` sends every message back as it came (text or binary); `sink` only counts
+ * binary bytes (opened with `?paused=1`, it reads nothing until told: a slow consumer).
+ * Text commands, in both modes: `!whoami` (what arrived, bearer redacted), `!count` (binary bytes
+ * received so far), `!stream <frames> <bytes>` (that many binary frames, each sent once the last
+ * has been written out, then `!streamed <total>`), `!close <code> <reason>`.
+ */
+function serveSocket(ws: WebSocket, record: DemoSocketRecord, mode: 'echo' | 'sink'): void {
+  ws.on('close', (code, reason) => (record.closed = { code, reason: reason.toString() }));
+  ws.on('error', () => ws.terminate());
+  ws.on('message', (data, isBinary) => {
+    const message = data as Buffer;
+    if (isBinary) record.received += message.length;
+    const text = isBinary ? '' : message.toString();
+    if (!isBinary && text.startsWith('!')) return void command(text.slice(1).split(' '));
+    if (mode === 'echo') ws.send(message, { binary: isBinary });
+  });
+
+  async function command([name, ...args]: string[]): Promise<void> {
+    if (name === 'whoami') {
+      const headers = { ...record.headers, ...(record.headers.authorization ? { authorization: 'Bearer [redacted]' } : {}) };
+      return ws.send(JSON.stringify({ sub: record.sub, protocol: record.protocol, path: record.path, headers }));
+    }
+    if (name === 'count') return ws.send(`!counted ${record.received}`);
+    if (name === 'close') return ws.close(Number(args[0]), args.slice(1).join(' '));
+    if (name === 'stream') {
+      const frames = clampInt(args[0], 1, 0, 1_000_000);
+      const frame = Buffer.alloc(clampInt(args[1], 1024, 1, 16 * 1024 * 1024), 'y');
+      for (let n = 0; n < frames && ws.readyState === ws.OPEN; n++) {
+        await new Promise((resolve) => ws.send(frame, resolve));
+        record.streamed += frame.length;
+      }
+      return ws.send(`!streamed ${frames * frame.length}`);
+    }
+    ws.send(`!unknown ${name ?? ''}`);
+  }
 }
 
 function json(res: ServerResponse, status: number, body: unknown): void {

@@ -182,6 +182,21 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
     expect(parseConfig(apis({ ledger: { url, auth: 'user-optional', tokenExchange: { audience: 'a' } } })).apis.ledger?.auth).toBe('user-optional');
   });
 
+  it('turns WebSockets on per API, for user APIs only, and checks their sessions every 30 s by default', () => {
+    const config = parseConfig({ ...valid, BFF_APIS: '{"todos":{"url":"https://api.example.com/v1"},"live":{"url":"https://live.example.com","websocket":true}}' });
+    expect(config.apis.todos?.websocket).toBe(false);
+    expect(config.apis.live?.websocket).toBe(true);
+    expect(config.websocket.sessionCheckIntervalSec).toBe(30);
+    expect(parseConfig({ ...valid, WEBSOCKET_SESSION_CHECK_INTERVAL: '2' }).websocket.sessionCheckIntervalSec).toBe(2);
+    expect(problemsOf({ ...valid, WEBSOCKET_SESSION_CHECK_INTERVAL: '0' })[0]).toMatch(/^WEBSOCKET_SESSION_CHECK_INTERVAL: /);
+    expect(problemsOf({ ...valid, BFF_APIS: '{"live":{"url":"https://live.example.com","websocket":"yes"}}' })[0]).toMatch(/^BFF_APIS\.live\.websocket: /);
+    for (const auth of ['none', 'client', 'user-optional']) {
+      expect(problemsOf({ ...valid, BFF_APIS: JSON.stringify({ live: { url: 'https://live.example.com', websocket: true, auth } }) })).toContain(
+        'BFF_APIS.live.websocket: needs "auth": "user" (a WebSocket is held for a signed-in user\'s session)',
+      );
+    }
+  });
+
   it('accepts http:// only for loopback hosts, and then leaves Secure off', () => {
     expect(problemsOf({ ...valid, OIDC_ISSUER: 'http://idp.example.com' })[0]).toMatch(/^OIDC_ISSUER: must be https:\/\//);
     expect(problemsOf({ ...valid, APP_BASE_URL: 'http://10.0.0.5:3000' })[0]).toMatch(/^APP_BASE_URL:/);

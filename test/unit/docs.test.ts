@@ -41,7 +41,7 @@ describe('README error codes', () => {
   it('list every code Gatehouse can answer with', () => {
     const root = path.resolve(import.meta.dirname, '..', '..');
     const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
-    const sources = ['lib/errors.ts', 'lib/auth.ts', 'lib/proxy.ts', 'lib/oidc.ts', 'lib/adapters.ts', 'lib/tokens.ts', 'lib/dpop.ts', 'middleware.ts'];
+    const sources = ['lib/errors.ts', 'lib/auth.ts', 'lib/proxy.ts', 'lib/websocket.ts', 'lib/oidc.ts', 'lib/adapters.ts', 'lib/tokens.ts', 'lib/dpop.ts', 'middleware.ts'];
     const codes = new Set<string>();
     for (const source of sources) {
       const text = readFileSync(path.join(root, source), 'utf8');

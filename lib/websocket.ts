@@ -1,0 +1,459 @@
+import { STATUS_CODES, type IncomingMessage } from 'node:http';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { WebSocket, WebSocketServer } from 'ws';
+import { getConfig, type ApiConfig } from './config.ts';
+import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
+import { jsonHeaders, requestIdFrom } from './http.ts';
+import { describeCause, log } from './log.ts';
+import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
+import { clearSessionCookieHeader, loadSession, onSessionEnded, sessionFromCookieHeader, sessionHandle, touchSession } from './session.ts';
+import { getAccessToken, mayForceRefresh } from './tokens.ts';
+
+/**
+ * WebSockets through `/api/proxy/<api>/<path>`, for `npm start` (server.ts hands it the upgrades).
+ * Everything is decided before the browser's socket is upgraded, and refused with a plain HTTP
+ * answer: the handshake's shape, its Origin (the only CSRF defence a WebSocket has: the browser
+ * API can set no header, and browsers always send Origin), the path, the API, the session. Then
+ * the upstream handshake goes out with the bearer token, and only its success upgrades the
+ * browser. From there two `ws` sockets relay whole messages, each direction pausing its reader
+ * while the other side's writes are behind, so that Gatehouse can end the browser's socket with a
+ * close frame of its own (4401) at a message boundary when the session ends.
+ */
+
+/** Sent to the browser when the socket's session ends: logout, back-channel logout, expiry, ended elsewhere. */
+export const SESSION_ENDED_CLOSE_CODE = 4401;
+/** Per session and process: a tab that reconnects in a loop cannot pile up upstream sockets. */
+export const MAX_SOCKETS_PER_SESSION = 16;
+/** A direction stops reading once this much of what it read waits to be written out on the other side. */
+const HIGH_WATER_BYTES = 1024 * 1024;
+const LOW_WATER_BYTES = 256 * 1024;
+/** How long a refused handshake's socket may stay half-open before it is dropped. */
+const REFUSED_LINGER_MS = 5_000;
+/** Relayed as is when a peer closes abnormally (1006 cannot be sent): the browser hears 1011, the upstream 1001. */
+const UPSTREAM_FAILED_CLOSE_CODE = 1011;
+const BROWSER_GONE_CLOSE_CODE = 1001;
+
+/**
+ * The one Origin a WebSocket handshake may carry: exactly one `Origin` header, equal byte for byte
+ * to the app's origin as `URL.origin` serialises it (browsers serialise the same way). Anything
+ * else — absent, `null`, another scheme, host or port, a suffix or prefix, a second header — is a
+ * page of another origin opening a socket with the user's cookie (cross-site WebSocket hijacking).
+ */
+export function isAllowedOrigin(values: readonly string[], appOrigin: string): boolean {
+  return values.length === 1 && values[0] === appOrigin;
+}
+
+function rawValues(request: IncomingMessage, name: string): string[] {
+  const values: string[] = [];
+  for (let i = 0; i < request.rawHeaders.length; i += 2) if (request.rawHeaders[i]?.toLowerCase() === name) values.push(request.rawHeaders[i + 1] as string);
+  return values;
+}
+
+/** A header as one string: Node gives arrays only for a few names (set-cookie), never for these. */
+function joined(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value.join(', ') : value;
+}
+
+function rawPairs(request: IncomingMessage): Array<[string, string]> {
+  const pairs: Array<[string, string]> = [];
+  for (let i = 0; i < request.rawHeaders.length; i += 2) pairs.push([request.rawHeaders[i] as string, request.rawHeaders[i + 1] as string]);
+  return pairs;
+}
+
+/** RFC 6455 §4.2.1, as far as Gatehouse relies on it; anything else is no WebSocket handshake. */
+function isWebSocketHandshake(request: IncomingMessage): boolean {
+  return (
+    request.method === 'GET' &&
+    // Exactly as `ws` will check it when the browser's side is upgraded.
+    request.headers.upgrade?.toLowerCase() === 'websocket' &&
+    /^[+/0-9A-Za-z]{22}==$/.test(request.headers['sec-websocket-key'] ?? '') &&
+    request.headers['sec-websocket-version'] === '13'
+  );
+}
+
+/** The subprotocols the browser offers, or null when the offer is malformed (RFC 6455 §4.1: distinct tokens). */
+function offeredProtocols(request: IncomingMessage): string[] | null {
+  const raw = rawValues(request, 'sec-websocket-protocol');
+  const offered = raw.flatMap((value) => value.split(',')).map((token) => token.trim());
+  if (!raw.length) return [];
+  if (offered.some((token) => !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(token)) || new Set(offered).size !== offered.length) return null;
+  return offered;
+}
+
+const invalidHandshake = () => new GatehouseError('invalid_websocket_request', 400, 'This is not a WebSocket handshake Gatehouse can pass on.');
+const originRefused = () => new GatehouseError('origin_refused', 403, 'A WebSocket must be opened by the application itself (Origin must be its own).');
+const notEnabled = () => new GatehouseError('websocket_not_enabled', 404, 'This API does not take WebSockets.');
+const tooMany = () => new GatehouseError('too_many_websockets', 429, `At most ${MAX_SOCKETS_PER_SESSION} WebSockets per session.`);
+const clientClosed = () => new GatehouseError('client_closed', 499, 'The client went away.');
+
+/** A refusal before any upgrade: the JSON error body every Gatehouse error has, then the connection ends. */
+function refuse(socket: Duplex, error: GatehouseError, requestId: string): void {
+  if (socket.destroyed) return;
+  const body = errorBody(error);
+  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...errorHeaders(error), ['x-request-id', requestId]];
+  if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
+  if (error.code === 'invalid_websocket_request') headers.push(['sec-websocket-version', '13']);
+  headers.push(['content-length', String(Buffer.byteLength(body))], ['connection', 'close']);
+  const head = `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status] ?? 'Error'}\r\n${headers.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`;
+  socket.end(head + body);
+  // The browser closes once it has read the answer; one that does not is not waited for.
+  setTimeout(() => socket.destroy(), REFUSED_LINGER_MS).unref();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Open sockets per session, and what ends them.
+
+interface OpenSocket {
+  sessionId: string;
+  requestId: string;
+  api: string;
+  /** Set once the socket must go (before the relay exists: at the end of the handshake). */
+  ending: { code: number; reason: string } | undefined;
+  /** A message came from the browser since the last session check: the session is in use. */
+  browserSpoke: boolean;
+  /** Closes both sides; installed by the relay. */
+  close?: (code: number, reason: string) => void;
+}
+
+const open = new Map<string, Set<OpenSocket>>();
+let checkTimer: NodeJS.Timeout | undefined;
+let listening = false;
+
+function register(entry: OpenSocket): void {
+  if (!listening) {
+    listening = true;
+    // Logout, back-channel logout, expiry and replacement handled by this process close at once.
+    onSessionEnded((id) => endSessionSockets(id, 'this_process'));
+  }
+  let entries = open.get(entry.sessionId);
+  if (!entries) open.set(entry.sessionId, (entries = new Set()));
+  entries.add(entry);
+  checkTimer ??= setInterval(() => void checkSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
+}
+
+function unregister(entry: OpenSocket): void {
+  const entries = open.get(entry.sessionId);
+  entries?.delete(entry);
+  if (entries?.size === 0) open.delete(entry.sessionId);
+  if (open.size === 0 && checkTimer) {
+    clearInterval(checkTimer);
+    checkTimer = undefined;
+  }
+}
+
+function endSocket(entry: OpenSocket, code: number, reason: string): void {
+  if (entry.ending) return;
+  entry.ending = { code, reason };
+  entry.close?.(code, reason);
+}
+
+function endSessionSockets(id: string, detectedBy: 'this_process' | 'session_check'): void {
+  const entries = open.get(id);
+  if (!entries?.size) return;
+  log('info', 'websocket.session_ended', { session: sessionHandle(id), sockets: entries.size, detectedBy });
+  for (const entry of entries) endSocket(entry, SESSION_ENDED_CLOSE_CODE, 'session ended');
+}
+
+let checking = false;
+
+/**
+ * Sessions end in other processes too (another worker or instance handled the logout, the idle
+ * timeout let the key expire): one store read per session with open sockets, every interval.
+ * Messages from the browser count as use and slide the idle timeout as proxied calls do.
+ */
+async function checkSessions(): Promise<void> {
+  if (checking) return;
+  checking = true;
+  try {
+    for (const [id, entries] of [...open]) {
+      const spoke = [...entries].some((entry) => entry.browserSpoke);
+      for (const entry of entries) entry.browserSpoke = false;
+      let loaded: Awaited<ReturnType<typeof loadSession>>;
+      try {
+        loaded = await loadSession(id, { coherentCopy: true });
+      } catch (error) {
+        // A store outage ends no session: the sockets stay and the next check asks again.
+        log('warn', 'websocket.session_check_failed', { session: sessionHandle(id), ...describeCause(asGatehouseError(error).cause) });
+        continue;
+      }
+      if (loaded.session) {
+        if (spoke) await touchSession(loaded.session).catch(() => undefined);
+      } else if (loaded.miss !== 'unreadable') {
+        // `unreadable` is a record another release or key can open: the session lives on.
+        endSessionSockets(id, 'session_check');
+      }
+    }
+  } finally {
+    checking = false;
+  }
+}
+
+/** On shutdown: every socket gets a close frame (1001) so browsers reconnect to another worker or instance. */
+export function closeAllWebSockets(): void {
+  for (const entries of open.values()) for (const entry of entries) endSocket(entry, 1001, 'server restarting');
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handshake.
+
+/** server.ts calls this for every upgrade request to /api/proxy/*; it never throws. */
+export function handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): void {
+  socket.on('error', (error) => log('debug', 'websocket.socket_error', describeCause(error)));
+  void upgrade(request, socket, head).catch((error: unknown) => {
+    log('error', 'websocket.failed', describeCause(error));
+    socket.destroy();
+  });
+}
+
+async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
+  const started = performance.now();
+  const config = getConfig();
+  const requestId = requestIdFrom(joined(request.headers['x-request-id']));
+  let api: ApiConfig | undefined;
+  let entry: OpenSocket | undefined;
+  try {
+    if (!isWebSocketHandshake(request)) throw invalidHandshake();
+    const site = request.headers['sec-fetch-site'];
+    if (!isAllowedOrigin(rawValues(request, 'origin'), config.appBaseUrl.origin) || (site !== undefined && site !== 'same-origin')) throw originRefused();
+    const resolved = resolveUpstream(request.url ?? '', config.apis);
+    api = resolved.api;
+    if (!api.websocket) throw notEnabled();
+    const protocols = offeredProtocols(request);
+    if (!protocols) throw invalidHandshake();
+
+    const found = await sessionFromCookieHeader(request.headers.cookie, { coherentCopy: true });
+    if (!found.session) throw found.replaced ? errors.sessionReplaced() : found.endedBy ? errors.sessionEnded(found.endedBy) : errors.unauthenticated(found.stale);
+    if ((open.get(found.session.id)?.size ?? 0) >= MAX_SOCKETS_PER_SESSION) throw tooMany();
+    // Counted from here, so concurrent handshakes cannot pass the limit, and a logout meanwhile is seen.
+    entry = { sessionId: found.session.id, requestId, api: api.name, ending: undefined, browserSpoke: false };
+    register(entry);
+
+    const credentials = await getAccessToken(found.session, { resource: api.resource });
+    void touchSession(credentials.session).catch(() => undefined);
+    const headers = upstreamHeaders(request, requestId);
+    let attempt = await openUpstream(api, resolved.url, protocols, { ...headers, authorization: `Bearer ${credentials.token}` }, socket);
+    let refreshed = credentials.refreshed;
+    if ('refusedWith' in attempt && attempt.refusedWith === 401 && (await mayForceRefresh(credentials.session))) {
+      // As for proxied calls: a token that looked valid was refused (revoked, clock skew): one refresh, one retry.
+      const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
+      refreshed = true;
+      attempt = await openUpstream(api, resolved.url, protocols, { ...headers, authorization: `Bearer ${retried.token}` }, socket);
+    }
+    if ('refusedWith' in attempt) {
+      throw new GatehouseError('upstream_refused', 502, `The API refused the WebSocket (HTTP ${attempt.refusedWith}).`);
+    }
+    const upstream = attempt.socket;
+    if (entry.ending || !socket.readable || !socket.writable) {
+      // Ended during the handshake: the session's end is a 401 the SPA understands; a shutdown or a
+      // browser that left needs no answer.
+      upstream.close(1000, entry.ending?.reason);
+      throw entry.ending?.code === SESSION_ENDED_CLOSE_CODE && socket.writable ? errors.sessionExpired() : clientClosed();
+    }
+    if (!acceptBrowser(request, socket, head, upstream, entry, started)) throw clientClosed();
+    log('info', 'websocket.open', { requestId, api: api.name, session: sessionHandle(entry.sessionId), protocol: upstream.protocol || undefined, refreshed, ms: Math.round(performance.now() - started) });
+  } catch (caught) {
+    if (entry) unregister(entry);
+    const error = asGatehouseError(caught);
+    if (error.status >= 500) log('warn', 'websocket.error', { requestId, api: api?.name, code: error.code, ...describeCause(error.cause) });
+    if (error.code !== 'client_closed') refuse(socket, error, requestId);
+    else socket.destroy();
+    log('info', 'websocket.refused', { requestId, api: api?.name, status: error.status, code: error.code, ms: Math.round(performance.now() - started) });
+  }
+}
+
+/**
+ * What goes upstream: the browser's end-to-end headers under the HTTP proxy's rules (never its
+ * Cookie or Authorization), without the handshake's own headers (the `ws` client makes its own
+ * key, and compression is not negotiated), plus Gatehouse's forwarding headers.
+ */
+function upstreamHeaders(request: IncomingMessage, requestId: string): Record<string, string> {
+  const config = getConfig();
+  const headers: Record<string, string> = {};
+  for (const [name, value] of filterRequestHeaders(rawPairs(request), request.headers.connection)) {
+    if (name.startsWith('sec-websocket-') || name === 'origin') continue;
+    headers[name] = headers[name] === undefined ? value : `${headers[name]}, ${value}`;
+  }
+  headers['x-forwarded-proto'] = config.appBaseUrl.protocol.slice(0, -1);
+  headers['x-forwarded-host'] = config.appBaseUrl.host;
+  headers['x-request-id'] = requestId;
+  const forwardedFor = forwardedForChain(joined(request.headers['x-forwarded-for']), request.socket.remoteAddress, config.trustedProxyHops);
+  if (forwardedFor) headers['x-forwarded-for'] = forwardedFor;
+  return headers;
+}
+
+/** A message over the API's `maxBodyBytes` closes the socket (1009); 0 would mean "no limit" to `ws`. */
+function maxPayload(api: ApiConfig): number {
+  return Math.max(api.maxBodyBytes, 1);
+}
+
+/** The upstream handshake: an open socket, the status of a refusal, or a GatehouseError. */
+function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Record<string, string>, browser: Duplex): Promise<{ socket: WebSocket } | { refusedWith: number }> {
+  if (browser.destroyed) return Promise.reject(clientClosed());
+  return new Promise((resolve, reject) => {
+    const target = new URL(url);
+    target.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    // Redirects are not followed (the default): the bearer token must not follow one to another host.
+    const upstream = new WebSocket(target, protocols, {
+      headers,
+      origin: getConfig().appBaseUrl.origin,
+      perMessageDeflate: false,
+      maxPayload: maxPayload(api),
+      autoPong: false,
+    });
+    let settled = false;
+    const settle = (outcome: () => void) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      browser.off('close', onBrowserGone);
+      outcome();
+    };
+    const timer = setTimeout(
+      () =>
+        settle(() => {
+          upstream.terminate();
+          reject(new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.'));
+        }),
+      api.timeoutMs,
+    );
+    const onBrowserGone = () =>
+      settle(() => {
+        upstream.terminate();
+        reject(clientClosed());
+      });
+    browser.once('close', onBrowserGone);
+    upstream.once('open', () => settle(() => resolve({ socket: upstream })));
+    upstream.once('unexpected-response', (upstreamRequest, response) =>
+      settle(() => {
+        // Only the status is kept: the upstream's body and headers never reach the browser.
+        response.destroy();
+        upstreamRequest.destroy();
+        resolve({ refusedWith: response.statusCode ?? 502 });
+      }),
+    );
+    upstream.on('error', (error) => settle(() => reject(new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error }))));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay.
+
+/** Completes the browser's handshake with the upstream's chosen subprotocol; false when the browser has gone. */
+function acceptBrowser(request: IncomingMessage, socket: Duplex, head: Buffer, upstream: WebSocket, entry: OpenSocket, started: number): boolean {
+  const server = new WebSocketServer({
+    noServer: true,
+    clientTracking: false,
+    perMessageDeflate: false,
+    maxPayload: maxPayload(getConfig().apis[entry.api] as ApiConfig),
+    autoPong: false,
+    // The upstream chose among the browser's offer; the browser hears that choice.
+    handleProtocols: () => upstream.protocol || false,
+  });
+  server.on('headers', (lines) => lines.push(`X-Request-Id: ${entry.requestId}`));
+  // A laptop closed mid-session: without keepalive its socket (and the upstream's) would stay open.
+  (socket as Socket).setKeepAlive?.(true, 60_000);
+  let accepted = false;
+  server.handleUpgrade(request, socket, head, (browser) => {
+    accepted = true;
+    relay(browser, upstream, entry, started);
+  });
+  // `ws` upgrades synchronously, or drops a socket that closed meanwhile: then the upstream goes too.
+  if (!accepted) upstream.terminate();
+  return accepted;
+}
+
+/**
+ * The close code `ws` sent a peer that broke the protocol (it reports only its own error code):
+ * a message over maxPayload 1009, invalid UTF-8 1007, too many fragments 1008, anything else 1002.
+ */
+function protocolFailureCode(error: Error): number | undefined {
+  const code = (error as NodeJS.ErrnoException).code;
+  if (typeof code !== 'string' || !code.startsWith('WS_ERR_')) return undefined;
+  if (code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH' || code === 'WS_ERR_UNSUPPORTED_DATA_PAYLOAD_LENGTH') return 1009;
+  if (code === 'WS_ERR_INVALID_UTF8') return 1007;
+  if (code === 'WS_ERR_TOO_MANY_BUFFERED_PARTS') return 1008;
+  return 1002;
+}
+
+/**
+ * A close code as the other side may be sent it; undefined is a close frame without one (1005
+ * received). `failure`: the code Gatehouse closed a peer with for breaking the protocol, which the
+ * other side hears too.
+ */
+function relayedCloseCode(code: number, from: 'browser' | 'upstream', failure: number | undefined): number | undefined {
+  if (failure !== undefined) return failure;
+  if (code === 1005) return undefined;
+  // 1006: the peer's connection ended without a close frame, a code that may not be sent.
+  if (code === 1006) return from === 'upstream' ? UPSTREAM_FAILED_CLOSE_CODE : BROWSER_GONE_CLOSE_CODE;
+  return code;
+}
+
+function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, started: number): void {
+  const bytes = { up: 0, down: 0 };
+  const sides = { browser, upstream };
+  let closedFirst: 'browser' | 'upstream' | 'gatehouse' | undefined;
+  let closeCode: number | undefined;
+  let stillOpen = 2;
+
+  const forward = (from: 'browser' | 'upstream', to: 'browser' | 'upstream', direction: 'up' | 'down') => {
+    const source = sides[from];
+    const target = sides[to];
+    let waiting = 0;
+    let failure: number | undefined;
+    source.on('message', (data, isBinary) => {
+      if (entry.ending || target.readyState !== WebSocket.OPEN) return;
+      // binaryType is `nodebuffer` (the default): every message, fragmented or not, is one Buffer.
+      const message = data as Buffer;
+      bytes[direction] += message.length;
+      noteStreamedBytes(message.length);
+      if (direction === 'up') entry.browserSpoke = true;
+      waiting += message.length;
+      if (waiting > HIGH_WATER_BYTES) source.pause();
+      // The callback runs once the frame is handed to the kernel: only then is its memory ours no more.
+      target.send(message, { binary: isBinary }, () => {
+        waiting -= message.length;
+        if (waiting <= LOW_WATER_BYTES && source.isPaused) source.resume();
+      });
+    });
+    // Heartbeats go end to end, so each side's liveness check sees the other side, not Gatehouse.
+    source.on('ping', (data) => target.readyState === WebSocket.OPEN && target.ping(data));
+    source.on('pong', (data) => target.readyState === WebSocket.OPEN && target.pong(data));
+    source.on('error', (error) => {
+      failure ??= protocolFailureCode(error);
+      log('debug', 'websocket.peer_error', { requestId: entry.requestId, side: from, ...describeCause(error) });
+    });
+    source.on('close', (code, reason) => {
+      if (!closedFirst) {
+        closedFirst = entry.ending ? 'gatehouse' : from;
+        closeCode = entry.ending ? entry.ending.code : (failure ?? code);
+      }
+      if (!entry.ending && target.readyState === WebSocket.OPEN) {
+        const relayed = relayedCloseCode(code, from, failure);
+        if (relayed === undefined) target.close();
+        else target.close(relayed, relayed === code ? reason : undefined);
+      }
+      if (--stillOpen === 0) {
+        unregister(entry);
+        log('info', 'websocket.closed', {
+          requestId: entry.requestId,
+          api: entry.api,
+          session: sessionHandle(entry.sessionId),
+          closedBy: closedFirst,
+          code: closeCode,
+          bytesUp: bytes.up,
+          bytesDown: bytes.down,
+          ms: Math.round(performance.now() - started),
+        });
+      }
+    });
+  };
+  forward('browser', 'upstream', 'up');
+  forward('upstream', 'browser', 'down');
+
+  entry.close = (code, reason) => {
+    // Messages still queued go out first; nothing read after this is passed on.
+    browser.close(code, reason);
+    upstream.close(code === SESSION_ENDED_CLOSE_CODE ? 1000 : code, reason);
+  };
+}
