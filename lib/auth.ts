@@ -134,6 +134,23 @@ export function requestedStepUp(query: URLSearchParams): StepUp {
   return stepUp;
 }
 
+/**
+ * What OIDC_AUTHORIZATION_PARAMS asks of every login is a floor (an operator's MFA, say): a login
+ * link's own acr_values and max_age replace it in the request, so they may only narrow it, never
+ * lower it — or anyone could start a sign-in without the second factor the operator requires.
+ */
+export function checkStepUpFloor(stepUp: StepUp, configured: Array<[string, string]>): void {
+  const values = (name: string) => configured.filter(([key]) => key === name).map(([, value]) => value);
+  const floorAcrs = values('acr_values').flatMap((value) => value.split(' ').filter(Boolean));
+  if (stepUp.acrValues && floorAcrs.length && !stepUp.acrValues.every((acr) => floorAcrs.includes(acr))) {
+    throw invalidLoginRequest('acr_values may only name ACRs this server already asks every sign-in for');
+  }
+  const floorMaxAge = values('max_age').map(Number).find(Number.isInteger);
+  if (stepUp.maxAge !== undefined && floorMaxAge !== undefined && stepUp.maxAge > floorMaxAge) {
+    throw invalidLoginRequest('max_age may not exceed what this server asks every sign-in for');
+  }
+}
+
 function invalidLoginRequest(problem: string): GatehouseError {
   return new GatehouseError('invalid_request', 400, `This sign-in link is not valid: ${problem}.`);
 }
@@ -152,6 +169,7 @@ export async function startLogin(request: Request): Promise<Response> {
   const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
   const stepUp = requestedStepUp(url.searchParams);
+  checkStepUpFloor(stepUp, getConfig().oidc.authorizationParams);
   const authorization = oidc.newAuthorizationRequest({ prompt, ...stepUp });
   // With DPoP the session's key pair exists before the IdP sees the request: it is named there (dpop_jkt).
   if (getConfig().oidc.dpop) authorization.dpopJkt = await beginDpopLogin(authorization.state);

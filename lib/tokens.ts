@@ -180,6 +180,9 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest, fli
     let acquired: boolean;
     try {
       acquired = await onStore(flight, () => storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true })));
+      // "Taken" may mean taken by us: a client that lost a connection mid-command sends it again once
+      // reconnected, and the resent SET NX finds the lock the first one set. Compare-and-renew tells.
+      acquired ||= await onStore(flight, () => storeCall(() => getStore().expireIfEquals(lockKey, owner, lockLeaseMs)));
     } catch (error) {
       // The store may have taken the lock and lost only its answer (a connection cut, a master
       // killed before it replied but after its replica had the write): nobody would release it, and
@@ -187,9 +190,6 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest, fli
       finishEvenIfUnanswered(releaseLock(stale.id, owner));
       throw error;
     }
-    // "Taken" may mean taken by us: a client that lost a connection mid-command sends it again once
-    // reconnected, and the resent SET NX finds the lock the first one set. Compare-and-renew tells.
-    acquired ||= await onStore(flight, () => storeCall(() => getStore().expireIfEquals(lockKey, owner, lockLeaseMs)));
     if (acquired) return refreshHoldingLock(stale, request, owner, flight);
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);

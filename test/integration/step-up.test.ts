@@ -262,6 +262,30 @@ describe(`step-up on ${SHAPE}`, () => {
     }
   });
 
+  it('a login link cannot lower the acr_values or max_age OIDC_AUTHORIZATION_PARAMS asks of every sign-in: 400, nothing pushed to the IdP', async () => {
+    // Without this, anyone holding a password could start a sign-in asking for the password ACR
+    // only, and the link's values would replace the operator's MFA floor in the pushed request.
+    const floorApp = stack.apps[1]!;
+    await restartGatehouse(floorApp, { OIDC_USE_PAR: 'true', OIDC_AUTHORIZATION_PARAMS: `acr_values=${encodeURIComponent(MFA)}&max_age=600` }, 'gatehouse-floor');
+    try {
+      for (const query of [`acr_values=${encodeURIComponent(DEV_IDP_ACR.password)}`, `acr_values=${encodeURIComponent(`${MFA} ${DEV_IDP_ACR.password}`)}`, 'max_age=601', 'max_age=315360000']) {
+        const res = await fetch(`${floorApp.url}/api/auth/login?${query}`, { redirect: 'manual' });
+        expect(res.status, query).toBe(400);
+        expect(res.headers.get('location'), query).toBeNull();
+        expect(res.headers.getSetCookie(), query).toEqual([]);
+        expect(await res.text()).toContain('<code>invalid_request</code>');
+      }
+      for (const query of ['', `acr_values=${encodeURIComponent(MFA)}`, 'max_age=60']) {
+        const res = await fetch(`${floorApp.url}/api/auth/login?${query}`, { redirect: 'manual' });
+        await res.body?.cancel();
+        expect(res.status, query).toBe(302);
+        expect([...new URL(res.headers.get('location') ?? 'about:blank').searchParams.keys()].sort(), query).toEqual(['client_id', 'request_uri']);
+      }
+    } finally {
+      await restartGatehouse(floorApp, { OIDC_USE_PAR: 'true', OIDC_AUTHORIZATION_PARAMS: '' }, 'gatehouse-par');
+    }
+  });
+
   it('with PAR, the step-up travels in the pushed request and the IdP still asks for the second factor', async () => {
     const res = await fetch(`${parApp}/api/auth/login?acr_values=${encodeURIComponent(MFA)}`, { redirect: 'manual' });
     await res.body?.cancel();

@@ -3,7 +3,7 @@
 // challenge reader what hostile or broken APIs send and check that only checked values come out.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { requestedStepUp } from '../../lib/auth.ts';
+import { checkStepUpFloor, requestedStepUp } from '../../lib/auth.ts';
 import { GatehouseError, errorBody, errors } from '../../lib/errors.ts';
 import { ACR_VALUE, MAX_AGE_LIMIT_SEC, missingAuthentication, parseAcrValues, parseMaxAge, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
 
@@ -182,5 +182,33 @@ describe('requestedStepUp (login query)', () => {
     }
     expect(caught).toBeInstanceOf(GatehouseError);
     expect(caught).toMatchObject({ code: 'invalid_request', status: 400 });
+  });
+});
+
+describe('a login link cannot lower what OIDC_AUTHORIZATION_PARAMS asks of every sign-in', () => {
+  const floor: Array<[string, string]> = [['acr_values', 'urn:mfa urn:hwk'], ['max_age', '600'], ['audience', 'x']];
+  const refusal = (stepUp: Parameters<typeof checkStepUpFloor>[0], configured = floor) => {
+    try {
+      checkStepUpFloor(stepUp, configured);
+      return undefined;
+    } catch (error) {
+      return error;
+    }
+  };
+  it('accepts narrowing: fewer of the same ACRs, a shorter max_age, or nothing', () => {
+    for (const stepUp of [{}, { acrValues: ['urn:mfa'] }, { acrValues: ['urn:hwk', 'urn:mfa'] }, { maxAge: 0 }, { maxAge: 600 }]) expect(refusal(stepUp)).toBeUndefined();
+    // Without a floor, a link may ask for anything valid.
+    expect(refusal({ acrValues: ['urn:pwd'], maxAge: 10 ** 9 }, [])).toBeUndefined();
+  });
+  it('refuses any ACR outside the floor and any longer max_age, whatever the link adds', () => {
+    fc.assert(
+      fc.property(fc.array(fc.stringMatching(ACR_VALUE), { minLength: 1, maxLength: 8 }), fc.integer({ min: 601, max: MAX_AGE_LIMIT_SEC }), (acrs, maxAge) => {
+        const lowering = acrs.some((acr) => acr !== 'urn:mfa' && acr !== 'urn:hwk');
+        if (lowering) expect(refusal({ acrValues: acrs })).toMatchObject({ code: 'invalid_request', status: 400 });
+        expect(refusal({ maxAge })).toMatchObject({ code: 'invalid_request', status: 400 });
+      }),
+    );
+    expect(refusal({ acrValues: ['urn:pwd'] })).toMatchObject({ code: 'invalid_request' });
+    expect(refusal({ acrValues: ['urn:mfa', 'urn:pwd'] })).toMatchObject({ code: 'invalid_request' });
   });
 });
