@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
+import type { GrantCounters } from '../../scripts/dev-idp.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor } from '../support/http-client.ts';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -72,6 +73,33 @@ describe('transient faults', () => {
   });
 });
 
+// Both describes below run a stack whose tokens are due 10 s after each refresh.
+const TTL_SEC = 60;
+const SKEW_SEC = 50;
+
+/**
+ * Signs `user` in on `own`'s first app (a proxied call answers 200) and waits, reading the store at `redisUrl`, until the token
+ * is due; answers the cookie, the session's lock key, and the IdP's grant counters at that moment.
+ */
+async function signedInAndDue(own: Stack, redisUrl: string, user: string) {
+  const cookie = await login(own.apps[0]!.url, user);
+  expect((await call(own.apps[0]!.url, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+  const probe = new RedisProbe(own.keyPrefix, redisUrl);
+  try {
+    await probe.waitUntilDue(user, SKEW_SEC);
+    const lockKey = probe.lockKeyFor((await probe.sessionKeyOf(user)) as string);
+    return { cookie, lockKey, before: await idpGrants(own.issuer) };
+  } finally {
+    await probe.close();
+  }
+}
+
+/** Refresh grants for `user` and refused refresh grants since `before`, from the IdP's counters. */
+async function refreshesSince(own: Stack, before: GrantCounters, user: string) {
+  const after = await idpGrants(own.issuer);
+  return { refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) };
+}
+
 /**
  * The store goes away between the IdP's answer and the write-back of the rotated tokens (a Redis
  * restart or failover at the wrong moment; a frozen Redis would not do: the write queued in its
@@ -84,10 +112,8 @@ describe('the store away while a refresh writes back', () => {
   let ownRedis: PrivateRedis;
   let ownStack: Stack;
   let redisDir: string;
-  // Due 10 s after each refresh: the outage below must not outlast the new token's freshness, or
-  // the next call would rightly refresh again.
-  const TTL_SEC = 60;
-  const SKEW_SEC = 50;
+  // Due 10 s after each refresh (TTL_SEC, SKEW_SEC): the outage below must not outlast the new
+  // token's freshness, or the next call would rightly refresh again.
 
   beforeAll(async () => {
     // Persistent, so a restart keeps the sessions, as a production Redis does.
@@ -107,15 +133,7 @@ describe('the store away while a refresh writes back', () => {
   it('the rotated tokens are stored once the store is back: one grant, no replay, the session goes on', async () => {
     const user = 'write-back-outage';
     const ownApp = ownStack.apps[0]!.url;
-    const ownCookie = await login(ownApp, user);
-    expect((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status).toBe(200);
-    const probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
-    try {
-      await probe.waitUntilDue(user, SKEW_SEC);
-    } finally {
-      await probe.close();
-    }
-    const before = await idpGrants(ownStack.issuer);
+    const { cookie: ownCookie, before } = await signedInAndDue(ownStack, ownRedis.url, user);
     const delays = await setIdpDelays(ownStack.issuer, { tokenMs: 600 });
     let during;
     try {
@@ -134,8 +152,7 @@ describe('the store away while a refresh writes back', () => {
     expect(Number(during.headers.get('retry-after'))).toBeGreaterThan(0);
     expect(clearsSessionCookie(during.setCookies)).toBe(false);
     await waitFor('the session to answer again', async () => ((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status === 200 ? true : undefined), 15_000, 200);
-    const after = await idpGrants(ownStack.issuer);
-    expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
+    expect(await refreshesSince(ownStack, before, user)).toEqual({ refreshed: 1, refused: 0 });
     expect(await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).toMatchObject({ status: 200, body: { sub: user } });
   }, 60_000);
 
@@ -145,16 +162,7 @@ describe('the store away while a refresh writes back', () => {
     // session at 503 until its 20 s lease ran out, as the cluster failover load run showed.
     const user = 'release-outage';
     const ownApp = ownStack.apps[0]!.url;
-    const ownCookie = await login(ownApp, user);
-    let probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
-    let lockKey: string;
-    try {
-      await probe.waitUntilDue(user, SKEW_SEC);
-      lockKey = probe.lockKeyFor((await probe.sessionKeyOf(user)) as string);
-    } finally {
-      await probe.close();
-    }
-    const before = await idpGrants(ownStack.issuer);
+    const { cookie: ownCookie, lockKey, before } = await signedInAndDue(ownStack, ownRedis.url, user);
     await fetch(`${ownStack.issuer}/__dev/token-fault?status=503&count=1`, { method: 'POST' });
     const delays = await setIdpDelays(ownStack.issuer, { tokenMs: 1_500 });
     let during;
@@ -169,15 +177,14 @@ describe('the store away while a refresh writes back', () => {
     }
     expect(during.status).toBe(503);
     expect(clearsSessionCookie(during.setCookies)).toBe(false);
-    probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
+    const probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
     try {
       await waitFor('the refused release to land', async () => ((await probe.exists(lockKey)) ? undefined : true), 3_000, 50);
     } finally {
       await probe.close();
     }
     expect(await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).toMatchObject({ status: 200, body: { sub: user } });
-    const after = await idpGrants(ownStack.issuer);
-    expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
+    expect(await refreshesSince(ownStack, before, user)).toEqual({ refreshed: 1, refused: 0 });
   }, 60_000);
 });
 
@@ -191,8 +198,6 @@ describe('a refresh lock whose answer was lost', () => {
   let ownRedis: PrivateRedis;
   let relay: LossyRedisRelay;
   let ownStack: Stack;
-  const TTL_SEC = 60;
-  const SKEW_SEC = 50;
 
   beforeAll(async () => {
     ownRedis = await startPrivateRedis();
@@ -209,14 +214,7 @@ describe('a refresh lock whose answer was lost', () => {
   it('is recognised as ours: the session refreshes within seconds, not after the 20 s lease', async () => {
     const user = 'lost-lock-answer';
     const ownApp = ownStack.apps[0]!.url;
-    const ownCookie = await login(ownApp, user);
-    const probe = new RedisProbe(ownStack.keyPrefix, ownRedis.url);
-    try {
-      await probe.waitUntilDue(user, SKEW_SEC);
-    } finally {
-      await probe.close();
-    }
-    const before = await idpGrants(ownStack.issuer);
+    const { cookie: ownCookie, before } = await signedInAndDue(ownStack, ownRedis.url, user);
     const cut = relay.loseAnswerTo('refresh-lock:');
     const first = await call(ownApp, '/api/proxy/demo/whoami', ownCookie);
     await cut;
@@ -225,7 +223,6 @@ describe('a refresh lock whose answer was lost', () => {
     const cutAt = Date.now();
     await waitFor('the session to answer 200 again', async () => ((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status === 200 ? true : undefined), 5_000, 200);
     expect(Date.now() - cutAt).toBeLessThan(5_000);
-    const after = await idpGrants(ownStack.issuer);
-    expect({ refreshed: refreshGrantsOf(after, user) - refreshGrantsOf(before, user), refused: (after.error.refresh_token ?? 0) - (before.error.refresh_token ?? 0) }).toEqual({ refreshed: 1, refused: 0 });
+    expect(await refreshesSince(ownStack, before, user)).toEqual({ refreshed: 1, refused: 0 });
   }, 60_000);
 });
