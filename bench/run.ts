@@ -21,13 +21,16 @@ const STORM_TTL = 60;
 const STORM_SKEW = 52; // the token becomes due TTL - SKEW = 8 s after login
 const STORM_SECONDS = 13; // one expiry inside; the next would be due ~16 s after login
 const PROFILE = process.env.BENCH_PROFILE !== '0';
-/** `dpop`: only the DPoP comparison (the fast path with and without DPoP), for a quick check of its cost. */
+/**
+ * `dpop`: only the DPoP comparison (the fast path with and without DPoP), for a quick check of its cost.
+ * `fast`: only the throughput rounds of (a), (b), (d) and (g), for a quick check of the fast path.
+ */
 const ONLY = process.env.BENCH_ONLY;
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const DIST_DIR = process.env.NEXT_DIST_DIR || '.next';
 const WORKERS = availableParallelism();
 
-type LegId = 'a' | 'b' | 'c' | 'd' | 'e' | 'f';
+type LegId = 'a' | 'b' | 'c' | 'd' | 'e' | 'f' | 'g';
 interface Leg {
   id: LegId;
   title: string;
@@ -85,6 +88,14 @@ function ensureFloorBuild(): void {
   log(`building the floor app (${FLOOR_DIR})`);
   const result = spawnSync('node_modules/.bin/next', ['build', '--webpack', FLOOR_DIR], { cwd: ROOT, stdio: 'inherit' });
   if (result.status !== 0) throw new Error('building the floor app failed');
+}
+
+/** Leg (g): a bare node:http forwarder, no auth, one worker per core like `npm start` (bench/forwarder.ts). */
+async function startForwarder(port: number, upstreamPort: number): Promise<RunningProcess> {
+  const ready = (output: string) => (output.match(/forwarder listening/g) ?? []).length >= WORKERS;
+  const proc = await startProcess(`forwarder:${port}`, ['bench/forwarder.ts'], { FORWARDER_PORT: String(port), FORWARDER_UPSTREAM_PORT: String(upstreamPort), FORWARDER_WORKERS: String(WORKERS) }, ready);
+  cleanups.push(() => proc.stop());
+  return proc;
 }
 
 async function startFloor(port: number, upstreamPort: number): Promise<RunningProcess> {
@@ -198,7 +209,7 @@ function gatehouseEnv(issuer: string, upstreamPort: number, port: number, extra:
     PORT: String(port),
     HOSTNAME: '127.0.0.1',
     GATEHOUSE_WORKERS: String(WORKERS),
-    LOG_LEVEL: 'warn',
+    // LOG_LEVEL stays at its default (info: one line per proxied request), as users run it.
     ...extra,
   };
 }
@@ -521,7 +532,7 @@ async function main(): Promise<void> {
   ensureTools();
   await ensureRedis();
   ensureBuild();
-  ensureFloorBuild();
+  if (ONLY !== 'fast') ensureFloorBuild();
 
   const legsTitle: Record<LegId, string> = {
     a: 'upstream directly',
@@ -530,8 +541,10 @@ async function main(): Promise<void> {
     d: 'Apache + mod_auth_openidc',
     e: 'bare Next route handler, no auth (floor)',
     f: 'Gatehouse npm start, DPoP API',
+    g: 'bare node:http forwarder, no auth',
   };
-  const [idpPort, fastPort, nextPort, apachePort, profilePort, floorPort, dpopPort] = await Promise.all([freePort(), freePort(), freePort(), freePort(), freePort(), freePort(), freePort()]);
+  const quick = ONLY === 'fast';
+  const [idpPort, fastPort, nextPort, apachePort, profilePort, floorPort, dpopPort, forwarderPort] = await Promise.all([freePort(), freePort(), freePort(), freePort(), freePort(), freePort(), freePort(), freePort()]);
   const fastUrl = `http://localhost:${fastPort}`;
   const nextUrl = `http://localhost:${nextPort}`;
   const profileUrl = `http://localhost:${profilePort}`;
@@ -543,8 +556,9 @@ async function main(): Promise<void> {
   const idp = await startIdp(idpPort, [fastUrl, nextUrl, apacheUrl, profileUrl, `http://localhost:${dpopPort}`], audience, 3600);
   const issuer = `http://localhost:${idpPort}`;
   const fast = await startGatehouse('fast', gatehouseEnv(issuer, upstream.port, fastPort));
-  const nextServer = await startGatehouse('next', gatehouseEnv(issuer, upstream.port, nextPort));
-  const floor = await startFloor(floorPort, upstream.port);
+  const nextServer = quick ? undefined : await startGatehouse('next', gatehouseEnv(issuer, upstream.port, nextPort));
+  const floor = quick ? undefined : await startFloor(floorPort, upstream.port);
+  const forwarder = await startForwarder(forwarderPort, upstream.port);
   let apache: RunningApache | undefined = await startApache({
     port: apachePort,
     issuer,
@@ -558,17 +572,18 @@ async function main(): Promise<void> {
 
   log('logging in (dev IdP form) on each relying party');
   const fastLogin = await benchLogin(`${fastUrl}/api/auth/login`, 'bench-fast');
-  const nextLogin = await benchLogin(`${nextUrl}/api/auth/login`, 'bench-next');
+  const nextLogin = quick ? undefined : await benchLogin(`${nextUrl}/api/auth/login`, 'bench-next');
   const apacheLogin = await benchLogin(`${apacheUrl}/api/proxy/bench/whoami`, 'bench-apache');
 
   const proxyPath = '/api/proxy/bench/whoami';
   const legs: Leg[] = [
     { id: 'a', title: legsTitle.a, url: `http://127.0.0.1:${upstream.port}/whoami`, headers: { 'X-CSRF': '1', Authorization: 'Bearer direct-leg' }, pids: () => upstream.pids().flatMap(processTree) },
     { id: 'b', title: legsTitle.b, url: `http://127.0.0.1:${fastPort}${proxyPath}`, headers: proxyHeaders(fastLogin.cookieHeader, fastPort), pids: () => processTree(fast.child.pid as number) },
-    { id: 'c', title: legsTitle.c, url: `http://127.0.0.1:${nextPort}${proxyPath}`, headers: proxyHeaders(nextLogin.cookieHeader, nextPort), pids: () => processTree(nextServer.child.pid as number) },
+    ...(nextServer && nextLogin ? [{ id: 'c' as const, title: legsTitle.c, url: `http://127.0.0.1:${nextPort}${proxyPath}`, headers: proxyHeaders(nextLogin.cookieHeader, nextPort), pids: () => processTree(nextServer.child.pid as number) }] : []),
     { id: 'd', title: legsTitle.d, url: `http://127.0.0.1:${apachePort}${proxyPath}`, headers: proxyHeaders(apacheLogin.cookieHeader, apachePort), pids: () => processTree((apache as RunningApache).pid) },
     // The browser's own Authorization header is passed along: the upstream's bearer check holds without any session work.
-    { id: 'e', title: legsTitle.e, url: `http://127.0.0.1:${floorPort}${proxyPath}`, headers: { 'X-CSRF': '1', Authorization: 'Bearer floor-leg' }, pids: () => processTree(floor.child.pid as number) },
+    ...(floor ? [{ id: 'e' as const, title: legsTitle.e, url: `http://127.0.0.1:${floorPort}${proxyPath}`, headers: { 'X-CSRF': '1', Authorization: 'Bearer floor-leg' }, pids: () => processTree(floor.child.pid as number) }] : []),
+    { id: 'g', title: legsTitle.g, url: `http://127.0.0.1:${forwarderPort}${proxyPath}`, headers: { 'X-CSRF': '1', Authorization: 'Bearer forwarder-leg' }, pids: () => processTree(forwarder.child.pid as number) },
   ];
   for (const leg of legs) await checkOnce(leg, upstream);
 
@@ -590,9 +605,9 @@ async function main(): Promise<void> {
   }
   const fastRssEnd = rssBytes(legs[1]!.pids());
 
-  log('streaming 100 MB each way through (b)');
   const streams: StreamResult[] = [];
-  for (const direction of ['download', 'upload'] as const) {
+  if (!quick) log('streaming 100 MB each way through (b)');
+  for (const direction of quick ? [] : (['download', 'upload'] as const)) {
     await upstream.reset();
     try {
       const result = await streamCheck(fastUrl, fastLogin.cookieHeader, legs[1]!.pids, direction);
@@ -606,14 +621,18 @@ async function main(): Promise<void> {
   }
 
   // Free the CPU for the DPoP comparison, the profile and the storm.
-  await nextServer.stop();
+  await nextServer?.stop();
   await apache.stop();
-  log('DPoP: (b) against the same fast path presenting DPoP-bound tokens with a proof per request');
-  const dpopLines = await dpopCost(legs[1]!, issuer, dpopPort, upstream);
+  await forwarder.stop();
+  let dpopLines: string[] = [];
+  if (!quick) {
+    log('DPoP: (b) against the same fast path presenting DPoP-bound tokens with a proof per request');
+    dpopLines = await dpopCost(legs[1]!, issuer, dpopPort, upstream);
+  }
   await fast.stop();
 
   let profileText = '';
-  if (PROFILE) {
+  if (quick ? process.env.BENCH_PROFILE === '1' : PROFILE) {
     log('CPU profile: one fast-path worker (GATEHOUSE_WORKERS=1, --cpu-prof) under wrk -c32 for 5 s');
     const dir = mkdtempSync(path.join(tmpdir(), 'gatehouse-bench-prof-'));
     const profiled = await startGatehouse('fast', gatehouseEnv(issuer, upstream.port, profilePort, { GATEHOUSE_WORKERS: '1' }), ['--cpu-prof', '--cpu-prof-dir', dir]);
@@ -633,14 +652,16 @@ async function main(): Promise<void> {
   }
 
   await idp.stop();
+  const storms: StormResult[] = [];
+  if (!quick) await stormRounds();
 
+  async function stormRounds(): Promise<void> {
   log(`refresh storm: access-token TTL ${STORM_TTL} s, refresh skew ${STORM_SKEW} s (due ${STORM_TTL - STORM_SKEW} s after login), -c32 for ${STORM_SECONDS} s`);
   const [stormIdpPort, stormFastPort, stormApachePort] = await Promise.all([freePort(), freePort(), freePort()]);
   const stormFastUrl = `http://localhost:${stormFastPort}`;
   const stormApacheUrl = `http://localhost:${stormApachePort}`;
   const stormIdp = await startIdp(stormIdpPort, [stormFastUrl, stormApacheUrl], audience, STORM_TTL);
   const stormIssuer = `http://localhost:${stormIdpPort}`;
-  const storms: StormResult[] = [];
   const stormFast = await startGatehouse('fast', gatehouseEnv(stormIssuer, upstream.port, stormFastPort, { TOKEN_REFRESH_SKEW: String(STORM_SKEW) }));
   storms.push(await storm('(b) Gatehouse npm start', stormIssuer, stormFastUrl, `${stormFastUrl}/api/auth/login`, 'storm-gatehouse', proxyPath, {}, upstream));
   await stormFast.stop();
@@ -655,6 +676,7 @@ async function main(): Promise<void> {
     await apache.stop();
   }
   await stormIdp.stop();
+  }
   await cleanup();
 
   // -------------------------------------------------------------------------------------------
@@ -711,17 +733,21 @@ async function main(): Promise<void> {
   };
   lines.push(`| Ratio (req/s) | ${CONCURRENCIES.map((c) => `-c${c}`).join(' | ')} |`);
   lines.push(`|---|${CONCURRENCIES.map(() => '---:').join('|')}|`);
-  for (const [x, y, label] of [['b', 'd', '(b)/(d) fast path vs Apache'], ['c', 'd', '(c)/(d) next start vs Apache'], ['c', 'e', '(c)/(e) next start vs the bare route handler'], ['b', 'a', '(b)/(a) fast path vs direct']] as const) {
+  const ratios = [['b', 'd', '(b)/(d) fast path vs Apache'], ['b', 'g', '(b)/(g) fast path vs the bare forwarder'], ['c', 'd', '(c)/(d) next start vs Apache'], ['c', 'e', '(c)/(e) next start vs the bare route handler'], ['b', 'a', '(b)/(a) fast path vs direct']] as const;
+  for (const [x, y, label] of ratios.filter(([x, y]) => legs.some((leg) => leg.id === x) && legs.some((leg) => leg.id === y))) {
     lines.push(`| ${label} | ${CONCURRENCIES.map((c) => `${fmt(ratio(x, y, c), 2)}×`).join(' | ')} |`);
   }
   lines.push('');
   const c1 = CONCURRENCIES.includes(1);
   const added = (id: LegId) => stat(id, 1).p50 - stat('a', 1).p50;
+  const addedP99 = (id: LegId) => stat(id, 1).p99 - stat('a', 1).p99;
   if (c1) {
-    lines.push(`Added latency at -c1 (p50 minus direct p50): (b) ${fmt(added('b'), 2)} ms, (c) ${fmt(added('c'), 2)} ms, (d) ${fmt(added('d'), 2)} ms.`);
+    const shown = legs.filter((leg) => leg.id !== 'a');
+    lines.push(`Added latency at -c1 (minus the direct call's), p50: ${shown.map((leg) => `(${leg.id}) ${fmt(added(leg.id), 2)} ms`).join(', ')}; p99: ${shown.map((leg) => `(${leg.id}) ${fmt(addedP99(leg.id), 2)} ms`).join(', ')}.`);
   }
   lines.push(`Gatehouse fast-path RSS (primary + ${WORKERS} workers): ${mb(fastRssStart)} before the load, ${mb(fastRssEnd)} after all rounds.`);
   lines.push('');
+  if (!quick) {
   lines.push(...dpopLines);
   lines.push('');
   lines.push('| Streaming through (b) | bytes | MB/s | RSS before | RSS peak | growth | after |');
@@ -738,18 +764,23 @@ async function main(): Promise<void> {
     lines.push(`| ${s.target} | ${fmt(s.requests)} | ${s.refreshGrants} (${s.expected}) | ${s.refreshErrors}${s.errorCodes ? ` (${s.errorCodes})` : ''} | ${s.errors} | ${fmt(s.stormP50, 1)} / ${fmt(s.stormP99, 1)} / ${fmt(s.stormMax, 1)} | ${fmt(s.outsideP50, 1)} / ${fmt(s.outsideP99, 1)} |`);
   }
   lines.push('');
+  }
   const targets: string[] = [];
   const verdict = (ok: boolean) => (ok ? 'PASS' : 'FAIL');
   for (const c of [32, 128].filter((c) => CONCURRENCIES.includes(c))) {
-    targets.push(`- (b) ≥ 1.5× (d) at -c${c}: ${verdict(ratio('b', 'd', c) >= 1.5)} (${fmt(ratio('b', 'd', c), 2)}×)`);
+    targets.push(`- (b) ≥ 3× (d) at -c${c}: ${verdict(ratio('b', 'd', c) >= 3)} (${fmt(ratio('b', 'd', c), 2)}×); (b) ≥ 0.6× (g): ${verdict(ratio('b', 'g', c) >= 0.6)} (${fmt(ratio('b', 'g', c), 2)}×)`);
   }
-  for (const c of [32, 128].filter((c) => CONCURRENCIES.includes(c))) {
+  for (const c of quick ? [] : [32, 128].filter((c) => CONCURRENCIES.includes(c))) {
     const cpuRatio = stat('c', c).cpuUs / stat('e', c).cpuUs;
     targets.push(`- (c) ≥ 0.75× (e) at -c${c}: ${verdict(ratio('c', 'e', c) >= 0.75)} (${fmt(ratio('c', 'e', c), 2)}×); CPU per request (c) ≤ 1.4× (e): ${verdict(cpuRatio <= 1.4)} (${fmt(cpuRatio, 2)}×)`);
   }
-  if (c1) targets.push(`- (b) added latency at -c1 ≤ (d)'s: ${verdict(added('b') <= added('d'))} (${fmt(added('b'), 2)} ms vs ${fmt(added('d'), 2)} ms)`);
+  if (c1) {
+    targets.push(`- (b) added p50 latency at -c1 ≤ (d)'s: ${verdict(added('b') <= added('d'))} (${fmt(added('b'), 2)} ms vs ${fmt(added('d'), 2)} ms)`);
+    targets.push(`- (b) added p99 latency at -c1 ≤ (d)'s: ${verdict(addedP99('b') <= addedP99('d'))} (${fmt(addedP99('b'), 2)} ms vs ${fmt(addedP99('d'), 2)} ms)`);
+  }
   for (const s of streams) targets.push(`- ${s.direction} 100 MB, RSS growth < 50 MB: ${verdict(s.rssPeak - s.rssBefore < 50 * 1024 * 1024)} (${mb(s.rssPeak - s.rssBefore)})`);
-  targets.push(`- one refresh grant per expiry (Gatehouse): ${verdict(gh.refreshGrants === 1)} (${gh.refreshGrants})`);
+  const gh = storms[0];
+  if (gh) targets.push(`- one refresh grant per expiry (Gatehouse): ${verdict(gh.refreshGrants === 1)} (${gh.refreshGrants})`);
   lines.push('Targets:');
   lines.push(...targets);
   if (failures.length) {

@@ -78,9 +78,10 @@ const SMALL_BODY_BYTES = 64 * 1024;
 export async function webResponseFrom(answer: ProxyResponse): Promise<Response> {
   const headers = new Headers();
   for (const [name, value] of answer.headers) headers.append(name, value);
-  let upstreamBody = answer.body;
   const contentEncoding = headers.get('content-encoding');
-  if (contentEncoding !== null && upstreamBody !== null && typeof upstreamBody !== 'string') {
+  // A body read whole may still be encoded: it is undone like a streamed one.
+  let upstreamBody = answer.body instanceof Uint8Array && contentEncoding !== null ? Readable.from([answer.body]) : answer.body;
+  if (contentEncoding !== null && upstreamBody instanceof Readable) {
     const decoded = decodedBody(upstreamBody, contentEncoding);
     if (!decoded) {
       upstreamBody.destroy();
@@ -92,7 +93,7 @@ export async function webResponseFrom(answer: ProxyResponse): Promise<Response> 
     headers.delete('content-length');
   }
   let body: BodyInit | null;
-  if (upstreamBody === null || typeof upstreamBody === 'string') body = upstreamBody;
+  if (upstreamBody === null || typeof upstreamBody === 'string' || upstreamBody instanceof Uint8Array) body = upstreamBody as BodyInit | null;
   else if (Number(headers.get('content-length') ?? Infinity) <= SMALL_BODY_BYTES) body = Buffer.concat(await upstreamBody.toArray());
   else body = Readable.toWeb(upstreamBody) as unknown as ReadableStream<Uint8Array>;
   return new Response(body, { status: answer.status, headers });
@@ -125,13 +126,9 @@ export function inboundFromNode(request: IncomingMessage, response: ServerRespon
 const LARGE_BODY_BYTES = 1024 * 1024;
 
 export function writeNodeResponse(answer: ProxyResponse, response: ServerResponse): void {
-  const headers: Record<string, string | string[]> = {};
-  for (const [name, value] of answer.headers) {
-    const existing = headers[name];
-    headers[name] = existing === undefined ? value : Array.isArray(existing) ? [...existing, value] : [existing, value];
-  }
-  response.writeHead(answer.status, headers);
-  if (answer.body === null || typeof answer.body === 'string') {
+  // Names and values in turn: Node takes repeated names (Set-Cookie) that way too.
+  response.writeHead(answer.status, answer.headers.flat());
+  if (answer.body === null || typeof answer.body === 'string' || answer.body instanceof Uint8Array) {
     response.end(answer.body ?? undefined);
     return;
   }

@@ -1,6 +1,5 @@
-import http from 'node:http';
-import https from 'node:https';
 import { Readable, Transform } from 'node:stream';
+import { Client, Pool, errors as undiciErrors, type Dispatcher } from 'undici';
 import { getConfig, type ApiConfig } from './config.ts';
 import { dpopAuthorization, dpopNonceDemanded } from './dpop.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
@@ -35,7 +34,8 @@ export interface InboundRequest {
 export interface ProxyResponse {
   status: number;
   headers: Array<[string, string]>;
-  body: Readable | string | null;
+  /** Streamed, or whole when it was small enough to read at once. */
+  body: Readable | string | Uint8Array | null;
 }
 
 export const PROXY_PREFIX = '/api/proxy/';
@@ -44,8 +44,11 @@ const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
 /** Answers that carry no body by definition (RFC 9110 §6.4.1); a Web `Response` refuses to be built with one. */
 const BODYLESS_STATUSES = new Set([204, 205, 304]);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
-/** Never forwarded upstream: the browser's credentials are for Gatehouse only (a DPoP proof too: only Gatehouse holds a key). */
-const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id']);
+/**
+ * Never forwarded upstream: the browser's credentials are for Gatehouse only (a DPoP proof too: only
+ * Gatehouse holds a key). `expect: 100-continue` is answered by Gatehouse's own server, hop by hop.
+ */
+const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id', 'expect']);
 /**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
  * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do. Headers
@@ -90,11 +93,15 @@ function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> 
 }
 
 /** Names a `Connection` header lists are hop-by-hop too (RFC 9110 7.6.1); repeated headers list more. */
-function connectionListed(...connections: Array<string | undefined>): Set<string> {
+const NONE_LISTED: ReadonlySet<string> = new Set();
+
+function connectionListed(...connections: Array<string | undefined>): ReadonlySet<string> {
+  // Nearly every request and answer has no Connection header, or one naming only keep-alive (hop by hop anyway).
+  if (connections.every((connection) => connection === undefined || connection === 'keep-alive')) return NONE_LISTED;
   return new Set(connections.flatMap((connection) => (connection ?? '').split(',')).map((name) => name.trim().toLowerCase()).filter(Boolean));
 }
 
-function isHopByHop(name: string, listed: Set<string>): boolean {
+function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
   return HOP_BY_HOP.has(name) || name.startsWith('proxy-') || listed.has(name);
 }
 
@@ -178,20 +185,29 @@ function invalidPath(): GatehouseError {
 }
 
 /**
- * Idle upstream connections are closed by us first: Node's agent honours an upstream's
- * `Keep-Alive: timeout=N` hint (closing a second early) only when it has an idle timeout of its
- * own, and without one it would keep sockets the upstream is about to close.
+ * Upstream calls go through undici, one connection pool per API origin: Node's own HTTP client
+ * (ClientRequest and its agent) was the largest part of the fast path's own CPU time. Idle
+ * connections are closed by us first: at most after 30 s, and a second before an upstream's own
+ * `Keep-Alive: timeout=N` would close them.
  */
 const IDLE_UPSTREAM_SOCKET_MS = 30_000;
-const agents = sharedState('upstream-agents', () => new Map<string, http.Agent>());
-function agentFor(url: URL): http.Agent {
-  let agent = agents.get(url.origin);
-  if (!agent) {
-    const options = { keepAlive: true, maxSockets: 512, maxFreeSockets: 64, scheduling: 'lifo' as const, timeout: IDLE_UPSTREAM_SOCKET_MS };
-    agent = url.protocol === 'https:' ? new https.Agent(options) : new http.Agent(options);
-    agents.set(url.origin, agent);
+const POOL_OPTIONS = {
+  connections: 512,
+  keepAliveTimeout: IDLE_UPSTREAM_SOCKET_MS,
+  keepAliveMaxTimeout: IDLE_UPSTREAM_SOCKET_MS,
+  keepAliveTimeoutThreshold: 1_000,
+  // Each API's timeoutMs bounds the wait for the answer's head (per request, below); a body may
+  // stream for as long as it has something to say (server-sent events).
+  bodyTimeout: 0,
+};
+const pools = sharedState('upstream-pools', () => new Map<string, Pool>());
+function poolFor(url: URL): Pool {
+  let pool = pools.get(url.origin);
+  if (!pool) {
+    pool = new Pool(url.origin, POOL_OPTIONS);
+    pools.set(url.origin, pool);
   }
-  return agent;
+  return pool;
 }
 
 interface Credentials {
@@ -301,18 +317,43 @@ function limitBody(body: Readable, maxBytes: number): Readable {
 
 interface UpstreamAnswer {
   status: number;
+  /** Names and values in turn, as Node's `rawHeaders` (names in lower case). */
   rawHeaders: string[];
-  body: http.IncomingMessage;
+  body: Dispatcher.ResponseData['body'];
 }
+
+/**
+ * An answer this small with a declared length is read whole and written with its head in one go:
+ * streaming it would cost more (a pipe, its events, a second write) than it takes to arrive.
+ */
+const SMALL_ANSWER_BYTES = 64 * 1024;
 
 /**
  * A kept-alive connection can be closed by the upstream just as a request goes out on it (its
  * idle timeout fired first). That request never reached the upstream's application, so a bodiless
- * request of an idempotent method is sent once more on a new connection instead of failing.
+ * request of an idempotent method is sent once more, on a connection of its own, instead of failing.
  */
-const STALE_CONNECTION_CODES = new Set(['ECONNRESET', 'EPIPE']);
+const STALE_CONNECTION_CODES = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE']);
 
-function sendUpstream(
+function flatHeaders(headers: Record<string, string | string[] | undefined>): string[] {
+  const flat: string[] = [];
+  for (const name in headers) {
+    const value = headers[name];
+    if (typeof value === 'string') flat.push(name, value);
+    else if (value) for (const each of value) flat.push(name, each);
+  }
+  return flat;
+}
+
+function upstreamError(error: unknown, signal: AbortSignal): GatehouseError {
+  if (signal.aborted) return clientClosed();
+  if (error instanceof GatehouseError) return error;
+  if (error instanceof BodyTooLarge) return errors.payloadTooLarge('The request body is too large for this API.');
+  if (error instanceof undiciErrors.HeadersTimeoutError) return new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.');
+  return new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error });
+}
+
+async function sendUpstream(
   api: ApiConfig,
   url: URL,
   method: string,
@@ -320,49 +361,30 @@ function sendUpstream(
   body: Readable | null,
   signal: AbortSignal,
 ): Promise<UpstreamAnswer> {
-  // The browser may have left while its session or token was read: an 'abort' listener added now
-  // would never fire, and nothing must go upstream on behalf of a browser that is gone.
-  if (signal.aborted) return Promise.reject(clientClosed());
-  return new Promise((resolve, reject) => {
-    const transport = url.protocol === 'https:' ? https : http;
-    const mayResend = body === null && REPLAYABLE_METHODS.has(method);
-    let request: http.ClientRequest;
-    // Once an answer has begun, the upstream has acted on the request: a later reset is no stale connection.
-    let answered = false;
-    const timer = setTimeout(() => request.destroy(new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.')), api.timeoutMs);
-    const onAbort = () => request.destroy(clientClosed());
-    signal.addEventListener('abort', onAbort, { once: true });
-
-    const send = (onFreshConnection: boolean) => {
-      // agent: false is a one-off connection: the pool may hold more sockets closed the same way.
-      request = transport.request(url, { method, headers: headers.flat(), agent: onFreshConnection ? false : agentFor(url) });
-      request.on('response', (response) => {
-        answered = true;
-        clearTimeout(timer);
-        // From here on the browser's disconnect aborts the upstream body too.
-        response.on('close', () => signal.removeEventListener('abort', onAbort));
-        resolve({ status: response.statusCode ?? 502, rawHeaders: response.rawHeaders, body: response });
-      });
-      request.on('error', (error) => {
-        const code = (error as NodeJS.ErrnoException).code;
-        const staleConnection = !onFreshConnection && request.reusedSocket && code !== undefined && STALE_CONNECTION_CODES.has(code);
-        if (staleConnection && mayResend && !answered && !signal.aborted) {
-          log('debug', 'proxy.resend', { api: api.name, causeCode: code });
-          return send(true);
-        }
-        clearTimeout(timer);
-        signal.removeEventListener('abort', onAbort);
-        if (error instanceof GatehouseError) reject(error);
-        else if (error instanceof BodyTooLarge) reject(errors.payloadTooLarge('The request body is too large for this API.'));
-        else reject(new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error }));
-      });
-      if (body) {
-        body.on('error', (error) => request.destroy(error));
-        body.pipe(request);
-      } else request.end();
-    };
-    send(false);
-  });
+  // The browser may have left while its session or token was read: nothing must go upstream on
+  // behalf of a browser that is gone.
+  if (signal.aborted) throw clientClosed();
+  const options = { path: url.pathname + url.search, method: method as 'GET', headers: headers.flat(), body, signal, headersTimeout: api.timeoutMs };
+  try {
+    const answer = await poolFor(url).request(options);
+    return { status: answer.statusCode, rawHeaders: flatHeaders(answer.headers), body: answer.body };
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    const stale = typeof code === 'string' && STALE_CONNECTION_CODES.has(code);
+    if (!stale || body !== null || !REPLAYABLE_METHODS.has(method) || signal.aborted) throw upstreamError(error, signal);
+    log('debug', 'proxy.resend', { api: api.name, causeCode: code });
+    // A one-off connection: the pool may hold more that the upstream closed the same way.
+    const oneOff = new Client(url.origin, POOL_OPTIONS);
+    try {
+      const answer = await oneOff.request(options);
+      return { status: answer.statusCode, rawHeaders: flatHeaders(answer.headers), body: answer.body };
+    } catch (again) {
+      throw upstreamError(again, signal);
+    } finally {
+      // Closes once the answer has been read (or at once, after a failure).
+      void oneOff.close().catch(() => undefined);
+    }
+  }
 }
 
 /**
@@ -482,7 +504,15 @@ export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResp
     responseHeaders.push(['x-request-id', requestId]);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
-    result = { status: answer.status, headers: responseHeaders, body: bodyless ? (answer.body.resume(), null) : answer.body };
+    const answerLength = bodyless ? undefined : responseHeaders.find(([name]) => name === 'content-length')?.[1];
+    let answerBody: ProxyResponse['body'] = answer.body;
+    if (bodyless) answerBody = (answer.body.resume(), null);
+    else if (answerLength !== undefined && Number(answerLength) <= SMALL_ANSWER_BYTES) {
+      answerBody = await answer.body.bytes().catch((error: unknown) => {
+        throw upstreamError(error, inbound.signal);
+      });
+    }
+    result = { status: answer.status, headers: responseHeaders, body: answerBody };
   } catch (caught) {
     const error = asGatehouseError(caught);
     if (error.status >= 500) log('warn', 'proxy.error', { requestId, api: apiName, code: error.code, ...describeCause(error.cause) });

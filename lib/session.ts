@@ -68,6 +68,7 @@ const state = sharedState('session', () => ({
   unsealCache: new Map<string, { id: string; until: number }>(),
   loggedUnreadable: new Set<string>(),
   openedSecrets: new Map<string, { sealed: string; secrets: SessionSecrets }>(),
+  parsedRecords: new Map<string, { raw: string; record: SessionRecord }>(),
   lastTouched: new Map<string, number>(),
 }));
 
@@ -351,6 +352,24 @@ export async function storeCall<T>(operation: () => Promise<T>): Promise<T> {
   }
 }
 
+/**
+ * Parsed records per session id, valid only while the stored text is the same: the hot path reads
+ * the same text (the store's coherent copy) on every call, and records are never changed in place.
+ */
+const parsedRecords = state.parsedRecords;
+
+function parsedRecord(id: string, raw: string): SessionRecord | null {
+  const cached = parsedRecords.get(id);
+  if (cached?.raw === raw) return cached.record;
+  const record = parseRecord(raw);
+  if (!record) parsedRecords.delete(id);
+  else {
+    if (parsedRecords.size >= OPENED_SECRETS_LIMIT && !parsedRecords.has(id)) parsedRecords.delete(parsedRecords.keys().next().value as string);
+    parsedRecords.set(id, { raw, record });
+  }
+  return record;
+}
+
 function parseRecord(raw: string): SessionRecord | null {
   try {
     const record = JSON.parse(raw) as Partial<SessionRecord>;
@@ -413,7 +432,7 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
     const marker = await storeCall(() => store.get(endedMarkerKey(id)));
     return { session: null, miss: marker !== null && Object.hasOwn(MISS_BY_MARKER, marker) ? (MISS_BY_MARKER[marker] as SessionMiss) : 'gone' };
   }
-  const record = parseRecord(raw);
+  const record = parsedRecord(id, raw);
   if (!record) {
     warnUnreadable(id, 'unknown_format');
     return { session: null, miss: 'unreadable' };
@@ -542,6 +561,7 @@ export function onSessionEnded(listener: (id: string) => void): void {
 export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
   lastTouched.delete(id);
   openedSecrets.delete(id);
+  parsedRecords.delete(id);
   await storeCall(() => getStore().del(sessionKey(id)));
   for (const listener of endedListeners) {
     // What listens is a side matter: the session has ended whatever it does.
