@@ -10,6 +10,7 @@ import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
 import { missingAuthentication, stepUpChallenge, stepUpDetails } from './step-up.ts';
+import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
 /**
@@ -312,7 +313,10 @@ interface UpstreamAnswer {
  */
 const STALE_CONNECTION_CODES = new Set(['ECONNRESET', 'EPIPE']);
 
-function sendUpstream(
+/** A client span (its context sent upstream as `traceparent`) and the upstream latency, when telemetry is on. */
+const sendUpstream = withUpstreamTelemetry(sendUpstreamUntraced);
+
+function sendUpstreamUntraced(
   api: ApiConfig,
   url: URL,
   method: string,
@@ -404,7 +408,9 @@ async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Creden
 }
 
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
-export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
+export const forwardRequest = withProxyTelemetry(forward, () => getConfig().apis);
+
+async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
   const config = getConfig();
   const requestId = requestIdFrom(inbound.header('x-request-id'));
