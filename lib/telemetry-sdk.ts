@@ -186,7 +186,11 @@ export async function startTelemetry(metricsEndpoint: 'serve' | 'primary'): Prom
   enableTelemetry({ tracing: Boolean(plan.traces), metrics: readers.length > 0 });
   sdk.started = { prometheus, flush: () => Promise.all(flushes.map((flush) => flush())).then(() => undefined) };
   // Best effort: what the batch holds when the process is told to stop goes out with the drain.
-  process.once('SIGTERM', () => void sdk.started?.flush().catch(() => undefined));
+  // A listener of ours must not be what keeps SIGTERM from ending a process that had no other.
+  process.once('SIGTERM', () => {
+    const flushed = sdk.started?.flush().catch(() => undefined);
+    if (process.listenerCount('SIGTERM') === 0) void flushed?.finally(() => process.exit(143));
+  });
   if (plan.prometheus && prometheus) {
     if (metricsEndpoint === 'serve') await serveMetrics(plan.prometheus, () => ownExposition());
     else answerPrimary();
