@@ -6,6 +6,12 @@ export async function register(): Promise<void> {
   if (process.env.NEXT_RUNTIME === 'nodejs') {
     const { exitOnInvalidConfig } = await import('./lib/config.ts');
     exitOnInvalidConfig();
+    // OpenTelemetry, when configured (lib/telemetry-sdk.ts); npm start (server.ts) has wired it already.
+    const { startTelemetry } = await import('./lib/telemetry-sdk.ts');
+    await startTelemetry('serve').catch((error: unknown) => {
+      process.stderr.write(`Gatehouse cannot start:\n  - ${error instanceof Error ? error.message : String(error)}\n`);
+      process.exit(1);
+    });
     // npm start (server.ts) checked the IdP before it started any worker. On Vercel every cold start
     // would pay for a discovery fetch: there the check runs at each login only.
     if (process.env.GATEHOUSE_START_CHECKED || process.env.VERCEL) return;

@@ -25,7 +25,9 @@ const nextConfig = {
   typescript: { ignoreBuildErrors: true },
   reactStrictMode: true,
   // Packages with native or dynamic requires stay outside the server bundle.
-  serverExternalPackages: ['ioredis'],
+  // The OpenTelemetry SDK is loaded by instrumentation.ts from node_modules, as Node resolves it:
+  // one copy of each package however many route bundles use the API.
+  serverExternalPackages: ['ioredis', '@opentelemetry/api', '@opentelemetry/sdk-trace', '@opentelemetry/sdk-metrics', '@opentelemetry/exporter-prometheus', '@opentelemetry/exporter-trace-otlp-http', '@opentelemetry/exporter-trace-otlp-proto', '@opentelemetry/exporter-metrics-otlp-http', '@opentelemetry/exporter-metrics-otlp-proto', '@opentelemetry/resources', '@opentelemetry/core', '@opentelemetry/context-async-hooks'],
   ...spaTracing(),
   // SPA_DIR or SPA_UPSTREAM_URL (a built SPA served on this origin): known at build time here,
   // because Next compiles rewrites into the build. Everything outside /api and /_next goes to the

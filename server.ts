@@ -12,6 +12,7 @@ import { describeCause, log } from './lib/log.ts';
 import { idpStartProblems } from './lib/oidc.ts';
 import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
 import { serveSpaFrom } from './lib/spa.ts';
+import { serveClusterMetrics, startTelemetry } from './lib/telemetry-sdk.ts';
 import { closeAllWebSockets, handleUpgrade } from './lib/websocket.ts';
 
 /**
@@ -99,6 +100,8 @@ if (cluster.isPrimary && workerCount > 1) {
   // V8's gc exposed from their start: whoever started the primary, they get the flag.
   if (!process.execArgv.includes('--expose-gc')) cluster.setupPrimary({ execArgv: [...process.execArgv, '--expose-gc'] });
   for (let i = 0; i < workerCount; i++) cluster.fork();
+  // METRICS_PORT is served here, from every worker's metrics merged (the workers do not listen on it).
+  serveClusterMetrics().catch((error: unknown) => giveUp(error instanceof Error ? error.message : String(error)));
   cluster.on('exit', (worker, code, signal) => {
     if (stopping) return;
     log('error', 'server.worker_died', { pid: worker.process.pid, code, signal });
@@ -130,6 +133,8 @@ if (cluster.isPrimary && workerCount > 1) {
 }
 
 async function serve(): Promise<void> {
+  // Before Next loads: its instrumentation hook then finds the SDK wired. A worker's metrics go to the primary.
+  await startTelemetry(cluster.isWorker ? 'primary' : 'serve');
   // Next's custom server adds its own 'upgrade' listener to the server of the first request it
   // handles (for next dev's hot reload and rewrites to other origins, neither of which this server
   // has); on ours it would end every WebSocket that lib/websocket.ts is upgrading. It gets a server

@@ -31,6 +31,7 @@ import {
   type Session,
 } from './session.ts';
 import { MAX_ACR_VALUES, parseAcrValues, parseMaxAge, type StepUp } from './step-up.ts';
+import { countLogin, countLogout, inSpan, noteOnSpan } from './telemetry.ts';
 
 /**
  * The auth endpoints, as functions from a Web Request to a Web Response, so route handlers stay
@@ -163,7 +164,12 @@ function loginPathFor(transaction: LoginTransaction): string {
   return `/api/auth/login?${query}`;
 }
 
-export async function startLogin(request: Request): Promise<Response> {
+/** Login start, in a span of its own (its failures are answered by the page route around it). */
+export function startLogin(request: Request): Promise<Response> {
+  return inSpan('auth.login', {}, () => beginLogin(request));
+}
+
+async function beginLogin(request: Request): Promise<Response> {
   const url = new URL(request.url);
   const cookieHeader = request.headers.get('cookie');
   const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
@@ -192,9 +198,11 @@ export async function finishLogin(request: Request): Promise<Response> {
   const clearTransaction = clearTransactionCookieHeaders(request.headers.get('cookie'), state);
   const retry = { path: '/api/auth/login' };
   try {
-    return await completeLogin(request, clearTransaction, retry);
+    return await inSpan('auth.callback', {}, () => completeLogin(request, clearTransaction, retry));
   } catch (error) {
-    return errorPage(error, 'auth.callback_failed', retry.path, clearTransaction);
+    const failure = configAware(error);
+    countLogin(failure.code);
+    return errorPage(failure, 'auth.callback_failed', retry.path, clearTransaction);
   }
 }
 
@@ -213,6 +221,9 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     // Silent login: tell the SPA instead of showing the IdP's UI.
     const code = /^[a-z_]{1,64}$/.test(idpError) ? idpError : 'login_required';
     log('info', 'auth.silent_login', { outcome: code });
+    // The IdP's code is not a label: any value of its shape could arrive, each a time series.
+    countLogin('silent_login_failed');
+    noteOnSpan({ 'gatehouse.outcome': 'silent_login_failed' });
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
   const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction, dpop?.handle);
@@ -238,6 +249,8 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     replaced: Boolean(previousId),
     ...(transaction.acrValues || transaction.maxAge !== undefined ? { stepUp: true } : {}),
   });
+  countLogin('ok');
+  noteOnSpan({ 'gatehouse.outcome': 'ok' });
   return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction]);
 }
 
@@ -295,6 +308,7 @@ async function endSession(session: Session, fromAnotherDevice = false): Promise<
   const { refreshToken, idToken } = session.secrets;
   const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHandle(session.id), revoked });
+  countLogout(fromAnotherDevice ? 'other_device' : 'user', 'ok');
   const endSessionUrl = await oidc.buildEndSessionUrl(idToken);
   return endSessionUrl?.href ?? '/';
 }
@@ -433,6 +447,7 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   const headers = { ...NO_STORE };
   const refuse = (reason: string, cause?: unknown) => {
     log('warn', 'auth.backchannel_logout', { outcome: 'refused', reason, ...describeCause(cause) });
+    countLogout('backchannel', 'refused');
     return jsonResponse(400, { error: 'invalid_request', message: 'The logout token is not valid.' }, headers);
   };
   const type = request.headers.get('content-type') ?? '';
@@ -456,6 +471,7 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   try {
     const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid });
     log('info', 'auth.backchannel_logout', { outcome: 'ok', ended, by: claims.sid ? 'sid' : 'sub' });
+    countLogout('backchannel', 'ok');
     return new Response(null, { status: 200, headers });
   } catch (error) {
     // Let the IdP retry: the token was not used up if we could not act on it.

@@ -68,6 +68,8 @@ export interface Config {
   server: { port: number; hostname: string; workers: number; drainMs: number };
   /** `npm start` only: how often each open WebSocket's session is looked up (it may have ended elsewhere). */
   websocket: { sessionCheckIntervalSec: number };
+  /** The Prometheus scrape endpoint (lib/telemetry-sdk.ts): never on the public port; off without a port. */
+  metrics: { port: number | undefined; hostname: string };
 }
 
 export interface JsonWebKeyWithKid extends JsonWebKey {
@@ -281,6 +283,8 @@ const envSchema = z.object({
   GATEHOUSE_WORKERS: z.coerce.number().int().min(1).max(256).optional(),
   GATEHOUSE_DRAIN_MS: z.coerce.number().int().min(0).default(30_000),
   WEBSOCKET_SESSION_CHECK_INTERVAL: seconds(30),
+  METRICS_PORT: z.coerce.number({ error: 'must be a port number (1-65535)' }).int('must be a port number (1-65535)').min(1, 'must be a port number (1-65535)').max(65_535, 'must be a port number (1-65535)').optional(),
+  METRICS_HOST: z.string().trim().min(1).default('127.0.0.1'),
 });
 
 /** Every variable Gatehouse reads; the README's configuration table is checked against this list. */
@@ -335,6 +339,8 @@ function crossCheck(env: Partial<Env>): string[] {
       'REDIS_URL: a session store is required in production (set REDIS_URL, or UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN; SESSION_STORE=memory only for a single-instance trial)',
     );
   }
+  // The scrape endpoint must never answer on the public port, where the browser's requests arrive.
+  if (env.METRICS_PORT !== undefined && env.METRICS_PORT === (env.PORT ?? 3000)) problems.push(`METRICS_PORT: must differ from PORT (${env.METRICS_PORT}): metrics are never served on the public port`);
   if (env.SPA_DIR && env.SPA_UPSTREAM_URL) problems.push('SPA_UPSTREAM_URL: set SPA_DIR or SPA_UPSTREAM_URL, not both');
   if (env.SPA_DIR && !existsSync(path.join(path.resolve(env.SPA_DIR), 'index.html'))) {
     problems.push(`SPA_DIR: no index.html in ${path.resolve(env.SPA_DIR)} (point it at the SPA's build output)`);
@@ -408,6 +414,32 @@ function pickStore(env: Env): Config['store'] {
   return { kind: 'memory' };
 }
 
+const OTEL_CHOICES: Record<string, readonly string[]> = {
+  OTEL_TRACES_EXPORTER: ['otlp', 'none'],
+  OTEL_METRICS_EXPORTER: ['otlp', 'none'],
+  // gRPC would pull in a second transport stack; every collector also takes OTLP over HTTP.
+  OTEL_EXPORTER_OTLP_PROTOCOL: ['http/protobuf', 'http/json'],
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: ['http/protobuf', 'http/json'],
+  OTEL_EXPORTER_OTLP_METRICS_PROTOCOL: ['http/protobuf', 'http/json'],
+  OTEL_TRACES_SAMPLER: ['always_on', 'always_off', 'traceidratio', 'parentbased_always_on', 'parentbased_always_off', 'parentbased_traceidratio'],
+};
+
+/**
+ * The standard OpenTelemetry variables Gatehouse's SDK wiring (lib/telemetry-sdk.ts) understands,
+ * checked with the rest so a typo stops the start instead of silently exporting nothing. They keep
+ * their standard names and are documented under "Observability", not in the table above.
+ */
+function otelProblems(present: Record<string, string | undefined>): string[] {
+  const problems: string[] = [];
+  for (const [name, choices] of Object.entries(OTEL_CHOICES)) {
+    const value = present[name]?.trim();
+    if (value !== undefined && !choices.includes(value)) problems.push(`${name}: must be one of ${choices.join(', ')} (got "${value.slice(0, 40)}")`);
+  }
+  const ratio = present.OTEL_TRACES_SAMPLER_ARG;
+  if (ratio !== undefined && !(Number(ratio) >= 0 && Number(ratio) <= 1)) problems.push('OTEL_TRACES_SAMPLER_ARG: must be a ratio between 0 and 1');
+  return problems;
+}
+
 export function parseConfig(source: Record<string, string | undefined>): Config {
   // Deployment dashboards often keep a variable with an empty value: that means "not set".
   const present = Object.fromEntries(Object.entries(source).filter(([, value]) => value !== undefined && value.trim() !== ''));
@@ -423,10 +455,10 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
     const bad = new Set(parsed.error.issues.map((issue) => String(issue.path[0])));
     const usable = envSchema.partial().safeParse(Object.fromEntries(Object.entries(present).filter(([name]) => !bad.has(name))));
     if (usable.success) problems.push(...crossCheck(usable.data).filter((problem) => !bad.has(problem.slice(0, problem.indexOf(':')))));
-    throw new ConfigError(problems);
+    throw new ConfigError([...problems, ...otelProblems(present)]);
   }
   const env = parsed.data;
-  const problems = crossCheck(env);
+  const problems = [...crossCheck(env), ...otelProblems(present)];
   if (env.APP_BASE_URL.pathname !== '/' || env.APP_BASE_URL.search || env.APP_BASE_URL.hash) {
     // Cookies are scoped to Path=/ (required by the __Host- prefix), so Gatehouse owns the whole origin.
     problems.unshift('APP_BASE_URL: must be an origin such as https://app.example.com, without a path');
@@ -495,6 +527,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
     logLevel: env.LOG_LEVEL,
     server: { port: env.PORT, hostname: env.HOSTNAME, workers: env.GATEHOUSE_WORKERS ?? availableParallelism(), drainMs: env.GATEHOUSE_DRAIN_MS },
     websocket: { sessionCheckIntervalSec: env.WEBSOCKET_SESSION_CHECK_INTERVAL },
+    metrics: { port: env.METRICS_PORT, hostname: env.METRICS_HOST },
   };
 }
 

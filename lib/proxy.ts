@@ -9,6 +9,7 @@ import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
 import { missingAuthentication, stepUpChallenge, stepUpDetails } from './step-up.ts';
+import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
 /**
@@ -353,7 +354,10 @@ function upstreamError(error: unknown, signal: AbortSignal): GatehouseError {
   return new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error });
 }
 
-async function sendUpstream(
+/** A client span (its context sent upstream as `traceparent`) and the upstream latency, when telemetry is on. */
+const sendUpstream = withUpstreamTelemetry(sendUpstreamUntraced);
+
+async function sendUpstreamUntraced(
   api: ApiConfig,
   url: URL,
   method: string,
@@ -426,7 +430,9 @@ async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Creden
 }
 
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
-export async function forwardRequest(inbound: InboundRequest): Promise<ProxyResponse> {
+export const forwardRequest = withProxyTelemetry(forward, () => getConfig().apis);
+
+async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
   const started = performance.now();
   const config = getConfig();
   const requestId = requestIdFrom(inbound.header('x-request-id'));

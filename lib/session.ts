@@ -7,6 +7,7 @@ import { errors } from './errors.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { createStore, type Store } from './store/index.ts';
+import { observedStore } from './telemetry.ts';
 
 /**
  * Cookie ↔ store. The browser holds only a sealed reference (the session id); everything else
@@ -73,7 +74,7 @@ const state = sharedState('session', () => ({
 }));
 
 export function getStore(): Store {
-  state.store ??= createStore(getConfig().store);
+  state.store ??= observedStore(createStore(getConfig().store), getConfig().store.kind);
   return state.store;
 }
 

@@ -4,6 +4,7 @@ import { sessionDpopHandle } from './dpop.ts';
 import { GatehouseError, errors } from './errors.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
+import { observeLockWait, observeRefresh } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   destroySession,
@@ -156,7 +157,8 @@ function refreshOnce(session: Session, request: TokenRequest): Flight {
   const running = inFlight.get(key);
   if (running) return running;
   const flight: Flight = { result: Promise.resolve(session), waitingOn: 'idp' };
-  flight.result = refreshAcrossInstances(session, request, flight).finally(() => inFlight.delete(key));
+  const kind = request.exchange ? 'exchange' : request.resource ? 'resource' : 'session';
+  flight.result = observeRefresh(kind, () => refreshAcrossInstances(session, request, flight)).finally(() => inFlight.delete(key));
   inFlight.set(key, flight);
   return flight;
 }
@@ -169,13 +171,24 @@ function isSettled(current: Session, stale: Session, request: TokenRequest): boo
 }
 
 async function refreshAcrossInstances(stale: Session, request: TokenRequest, flight: Flight): Promise<Session> {
+  // One owner id for every attempt of this flight, so an attempt can recognise a lock it took itself.
+  const owner = randomUUID();
+  const waited = await observeLockWait(
+    () => waitForLock(stale, request, flight, owner),
+    (result) => (result === LOCK_ACQUIRED ? 'acquired' : 'settled'),
+  );
+  return waited === LOCK_ACQUIRED ? refreshHoldingLock(stale, request, owner, flight) : waited;
+}
+
+const LOCK_ACQUIRED = Symbol('lock acquired');
+
+/** Takes the session's refresh lock, or finds the session refreshed by whoever held it meanwhile. */
+async function waitForLock(stale: Session, request: TokenRequest, flight: Flight, owner: string): Promise<typeof LOCK_ACQUIRED | Session> {
   const { lockLeaseMs } = getConfig().refresh;
   const lockKey = refreshLockKey(stale.id);
   // A waiter gives up a little after a dead owner's lease would have run out.
   const deadline = Date.now() + lockLeaseMs + 2_000;
   let pause = POLL_MIN_MS;
-  // One owner id for every attempt of this flight, so an attempt can recognise a lock it took itself.
-  const owner = randomUUID();
   for (;;) {
     let acquired: boolean;
     try {
@@ -190,7 +203,7 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest, fli
       finishEvenIfUnanswered(releaseLock(stale.id, owner));
       throw error;
     }
-    if (acquired) return refreshHoldingLock(stale, request, owner, flight);
+    if (acquired) return LOCK_ACQUIRED;
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);
     const current = await onStore(flight, () => readSession(stale.id));

@@ -308,3 +308,25 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
     expect(config.session.tokenKeys).toEqual(config.session.secrets);
   });
 });
+
+describe('telemetry settings', () => {
+  it('METRICS_PORT: off by default, on its own port and loopback otherwise', () => {
+    expect(parseConfig(valid).metrics).toEqual({ port: undefined, hostname: '127.0.0.1' });
+    expect(parseConfig({ ...valid, METRICS_PORT: '9464', METRICS_HOST: '0.0.0.0' }).metrics).toEqual({ port: 9464, hostname: '0.0.0.0' });
+  });
+
+  it.each([['abc'], ['0'], ['70000'], ['94.5']])('METRICS_PORT=%s is refused, by name', (value) => {
+    expect(problemsOf({ ...valid, METRICS_PORT: value })).toEqual([expect.stringMatching(/^METRICS_PORT: must be a port number/)]);
+  });
+
+  it('METRICS_PORT may not be the public port', () => {
+    expect(problemsOf({ ...valid, PORT: '8080', METRICS_PORT: '8080' })).toEqual([expect.stringMatching(/^METRICS_PORT: must differ from PORT/)]);
+    expect(problemsOf({ ...valid, METRICS_PORT: '3000' })).toEqual([expect.stringMatching(/^METRICS_PORT: must differ from PORT/)]);
+  });
+
+  it('unknown OTEL_* choices are refused with the rest, by name', () => {
+    const problems = problemsOf({ ...valid, OTEL_TRACES_EXPORTER: 'jaeger', OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc', OTEL_TRACES_SAMPLER_ARG: '2', SESSION_SECRET: 'short' });
+    expect(problems.map((problem) => problem.slice(0, problem.indexOf(':')))).toEqual(['SESSION_SECRET', 'OTEL_TRACES_EXPORTER', 'OTEL_EXPORTER_OTLP_PROTOCOL', 'OTEL_TRACES_SAMPLER_ARG']);
+    expect(() => parseConfig({ ...valid, OTEL_TRACES_EXPORTER: 'otlp', OTEL_METRICS_EXPORTER: 'none', OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json', OTEL_TRACES_SAMPLER: 'parentbased_traceidratio', OTEL_TRACES_SAMPLER_ARG: '0' })).not.toThrow();
+  });
+});

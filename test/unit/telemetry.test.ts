@@ -1,0 +1,67 @@
+import type { ReadableSpan } from '@opentelemetry/sdk-trace';
+import { describe, expect, it } from 'vitest';
+import { mergeExpositions, withoutQueries } from '../../lib/telemetry-sdk.ts';
+
+describe('mergeExpositions', () => {
+  const worker = (requests: number, seconds: number) => `# HELP target_info Target metadata
+# TYPE target_info gauge
+target_info{service_name="gatehouse"} 1
+# HELP gatehouse_proxy_requests_total Proxied requests
+# TYPE gatehouse_proxy_requests_total counter
+gatehouse_proxy_requests_total{gatehouse_api="demo",http_response_status_class="2xx"} ${requests}
+# HELP gatehouse_store_duration Store calls
+# UNIT gatehouse_store_duration s
+# TYPE gatehouse_store_duration histogram
+gatehouse_store_duration_count{gatehouse_store_operation="get"} 2
+gatehouse_store_duration_sum{gatehouse_store_operation="get"} ${seconds}
+gatehouse_store_duration_bucket{gatehouse_store_operation="get",le="0.1"} 1
+gatehouse_store_duration_bucket{gatehouse_store_operation="get",le="+Inf"} 2
+`;
+
+  it('sums counters and histograms per label set, keeps gauges, one HELP and TYPE per family', () => {
+    const merged = mergeExpositions([worker(3, 0.25), worker(4, 0.5), '']);
+    expect(merged).toBe(`# HELP target_info Target metadata
+# TYPE target_info gauge
+target_info{service_name="gatehouse"} 1
+# HELP gatehouse_proxy_requests_total Proxied requests
+# TYPE gatehouse_proxy_requests_total counter
+gatehouse_proxy_requests_total{gatehouse_api="demo",http_response_status_class="2xx"} 7
+# HELP gatehouse_store_duration Store calls
+# UNIT gatehouse_store_duration s
+# TYPE gatehouse_store_duration histogram
+gatehouse_store_duration_count{gatehouse_store_operation="get"} 4
+gatehouse_store_duration_sum{gatehouse_store_operation="get"} 0.75
+gatehouse_store_duration_bucket{gatehouse_store_operation="get",le="0.1"} 2
+gatehouse_store_duration_bucket{gatehouse_store_operation="get",le="+Inf"} 4
+`);
+  });
+
+  it('keeps series only one worker has, under their family', () => {
+    const other = `# HELP gatehouse_proxy_requests_total Proxied requests
+# TYPE gatehouse_proxy_requests_total counter
+gatehouse_proxy_requests_total{gatehouse_api="open",http_response_status_class="5xx"} 1
+`;
+    const merged = mergeExpositions([worker(1, 0.1), other]).split('\n');
+    const family = merged.indexOf('# TYPE gatehouse_proxy_requests_total counter');
+    expect(merged.slice(family + 1, family + 3)).toEqual([
+      'gatehouse_proxy_requests_total{gatehouse_api="demo",http_response_status_class="2xx"} 1',
+      'gatehouse_proxy_requests_total{gatehouse_api="open",http_response_status_class="5xx"} 1',
+    ]);
+  });
+});
+
+describe('withoutQueries', () => {
+  const span = (name: string, attributes: Record<string, unknown>) => ({ name, attributes, spanContext: () => ({ traceId: 't', spanId: 's', traceFlags: 1 }) }) as unknown as ReadableSpan;
+
+  it("cuts the query from Next's URL attributes and span names, and keeps the span's methods", () => {
+    const cleaned = withoutQueries(span('fetch GET https://idp/x?code=abc', { 'http.target': '/api/auth/callback?code=abc&state=def', 'url.query': 'code=abc', 'http.method': 'GET' }));
+    expect(cleaned.name).toBe('fetch GET https://idp/x');
+    expect(cleaned.attributes).toEqual({ 'http.target': '/api/auth/callback', 'http.method': 'GET' });
+    expect(cleaned.spanContext().spanId).toBe('s');
+  });
+
+  it('passes clean spans through untouched', () => {
+    const clean = span('auth.login', { 'gatehouse.outcome': 'ok' });
+    expect(withoutQueries(clean)).toBe(clean);
+  });
+});
