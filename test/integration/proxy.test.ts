@@ -10,7 +10,7 @@ import { CLIENT_ID, defaultServerShape, freePort, startGatehouse, startStack, ty
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
-import { rawAnswer, startScriptedUpstream } from '../support/scripted-upstream.ts';
+import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
 
 /** This suite runs once per server shape (vitest projects integration and integration-next). */
 const SHAPE = defaultServerShape();
@@ -27,6 +27,7 @@ let appHost: string;
 let cookie: string;
 let keptAlive: KeptAliveUpstream;
 let shortKeptAlive: KeptAliveUpstream;
+let challenger: ScriptedUpstream;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -174,6 +175,10 @@ beforeAll(async () => {
   const closedPort = await freePort();
   keptAlive = await startKeptAliveUpstream(60);
   shortKeptAlive = await startKeptAliveUpstream(2);
+  challenger = await startScriptedUpstream((request, socket) => {
+    const challenges = CHALLENGES[request.path.slice(1)] ?? [];
+    socket.write(rawAnswer('HTTP/1.1 401 Unauthorized', [['content-type', 'application/json'], ...challenges.map((value): [string, string] => ['www-authenticate', value])], '{"error":"nope"}'));
+  });
   stack = await startStack({
     workers: 1,
     apis: ({ apiUrl }) => ({
@@ -189,6 +194,7 @@ beforeAll(async () => {
       dead: { url: `http://127.0.0.1:${closedPort}`, auth: 'none' },
       keptalive: { url: `http://127.0.0.1:${keptAlive.port}`, auth: 'none' },
       shortkeptalive: { url: `http://127.0.0.1:${shortKeptAlive.port}`, auth: 'none' },
+      challenger: { url: challenger.url, auth: 'none' },
     }),
   });
   const first = stack.apps[0];
@@ -205,6 +211,7 @@ afterAll(async () => {
   await stack?.stop();
   await keptAlive?.close();
   await shortKeptAlive?.close();
+  await challenger?.close();
 });
 
 describe('streaming', () => {
@@ -637,6 +644,37 @@ describe('header hygiene (raw sockets)', () => {
     expect(res?.get('location')).toBe('/echo/after-redirect');
     expect((await demoStats()).requests).toBe(before.requests + 1);
     expect((await demoLast())?.path).toBe('/redirect');
+  });
+});
+
+/** The `challenger` API's 401s, by path: WWW-Authenticate fields as it sends them. */
+const CHALLENGES: Record<string, string[]> = {
+  basic: ['Basic realm="Sign in to your account"'],
+  digest: ['Digest realm="app", qop="auth,auth-int", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", opaque="5ccc069c403ebaf9f0171e9517f40e41"'],
+  windows: ['Negotiate', 'NTLM'],
+  mixed: ['Basic realm="a, b", Bearer realm="api", error="invalid_token", error_description="expired, sign in"', 'NTLM', 'DPoP algs="ES256"'],
+  bearer: ['Bearer realm="api", error="invalid_token"'],
+};
+
+describe('WWW-Authenticate challenges a browser would answer with a password dialog', () => {
+  const challengesOf = async (path: string) => {
+    const before = challenger.requests.length;
+    const res = await raw(head('GET', `/api/proxy/challenger/${path}`, [['X-CSRF', '1']]));
+    // The upstream was asked, and its 401 and body came back: only the challenges changed.
+    expect(challenger.requests.length).toBe(before + 1);
+    expect(res?.status).toBe(401);
+    expect(res?.body).toBe('{"error":"nope"}');
+    // Next joins repeated fields into one list; the fast path keeps them apart: compare the list.
+    return res?.all('www-authenticate').join(', ');
+  };
+
+  it('Basic, Digest, Negotiate and NTLM challenges never reach the browser; Bearer and DPoP ones do, unchanged where nothing was dropped', async () => {
+    expect(await challengesOf('basic')).toBe('');
+    expect(await challengesOf('digest')).toBe('');
+    expect(await challengesOf('windows')).toBe('');
+    // The comma inside the quoted realm and description does not split the challenge.
+    expect(await challengesOf('mixed')).toBe('Bearer realm="api", error="invalid_token", error_description="expired, sign in", DPoP algs="ES256"');
+    expect(await challengesOf('bearer')).toBe('Bearer realm="api", error="invalid_token"');
   });
 });
 
