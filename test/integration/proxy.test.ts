@@ -5,10 +5,12 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, defaultServerShape, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
+import { undecodablePath } from '../support/hostile-inputs.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
 import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
 
@@ -728,6 +730,30 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     // everything else is Gatehouse's own answer.
     if (res?.get('content-type')?.includes('json')) expect(bodyJson(res)).toMatchObject({ error: 'invalid_path' });
     expect(reached).toBe(0);
+  });
+
+  it('percent-escapes that do not decode → 400 invalid_path (404 unknown_api for no API) on both shapes, nothing forwarded', async () => {
+    const before = await demoStats();
+    await fc.assert(
+      fc.asyncProperty(undecodablePath, async (rest) => {
+        for (const [target, status, code] of [
+          [`/api/proxy/demo/${rest}`, 400, 'invalid_path'],
+          [`/api/proxy/nope/${rest}`, 404, 'unknown_api'],
+        ] as const) {
+          const res = await raw(head('GET', target, withSession()));
+          expect(res?.status, target).toBe(status);
+          expect(res?.get('content-type'), target).toBe('application/json; charset=utf-8');
+          expect(res?.get('x-gatehouse-error'), target).toBe(code);
+          expect(bodyJson(res), target).toEqual({ error: code, message: expect.any(String) });
+        }
+      }),
+      { numRuns: 40 },
+    );
+    expect((await demoStats()).requests).toBe(before.requests);
+    // A path that does decode, non-ASCII included, still goes through.
+    const res = await raw(head('GET', '/api/proxy/jail/caf%C3%A9/%F0%9F%98%80', withSession()));
+    expect(res?.status).toBe(200);
+    expect((await demoLast())?.path).toBe('/echo/jail/caf%C3%A9/%F0%9F%98%80');
   });
 
   it('an unknown API name → 404 unknown_api; a dot-dot API name is no API either', async () => {
