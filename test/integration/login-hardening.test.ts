@@ -78,6 +78,32 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     );
   });
 
+  it('a login attempt’s cookie fits a browser’s 4096 bytes: the longest returnTo comes back after sign-in, a longer one becomes /', async () => {
+    const jars: CookieJars = new Map();
+    await login('rosa', '/', jars);
+    // 2048 characters once normalised (`é` is `%C3%A9`), the most returnTo may hold.
+    const largest = `/${'é'.repeat(341)}a`;
+    const acrValues = Array.from({ length: 8 }, (_, i) => `urn:acr:${i}`.padEnd(31, 'x')).join(' ');
+    const attemptCookie = async (returnTo: string) => {
+      // Everything a login records at its largest: the step-up, prompt=none, the current session.
+      const query = new URLSearchParams({ returnTo, acr_values: acrValues, max_age: '315360000', prompt: 'none' });
+      const copy: CookieJars = new Map([[app, new Map(jarFor(jars, app))]]);
+      const res = await browserRequest(new URL(`${app}/api/auth/login?${query}`), copy);
+      expect(res.status).toBe(302);
+      const lines = res.headers.getSetCookie().filter((line) => /^(__Host-)?gatehouse-tx-/.test(line));
+      expect(lines).toHaveLength(1);
+      return lines[0] as string;
+    };
+    for (const returnTo of [largest, `${largest}b`, `/${'é'.repeat(2000)}`]) {
+      const line = await attemptCookie(returnTo);
+      expect(Buffer.byteLength(line), returnTo.slice(0, 20)).toBeLessThanOrEqual(4096);
+    }
+    expect((await login('rosa', largest, jars)).finalUrl).toBe(`${app}/${'%C3%A9'.repeat(341)}a`);
+    // One character more, or far more (which once made a 16 KB cookie no browser keeps): the login still works, and lands on /.
+    expect((await login('rosa', `${largest}b`, jars)).finalUrl).toBe(`${app}/`);
+    expect((await login('rosa', `/${'é'.repeat(2000)}`, jars)).finalUrl).toBe(`${app}/`);
+  });
+
   it('GET logout without a matching session changes nothing: 400 and no Set-Cookie', async () => {
     // A cross-site link arrives without the Strict cookie; a stale cookie leads nowhere either.
     const { rpCookies, key } = await loginWithKey('quinn', new Map());
