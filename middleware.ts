@@ -20,7 +20,36 @@ export function middleware(request: NextRequest): NextResponse {
   if (request.nextUrl.pathname.startsWith('/api/proxy/') && !PROXY_METHODS.includes(request.method)) {
     return refuse(request, 405, 'method_not_allowed', 'This method is not supported by the proxy.', { allow: PROXY_METHODS.join(', ') });
   }
+  const undecodable = undecodableProxyPath(request.nextUrl.pathname);
+  if (undecodable) return refuse(request, ...undecodable);
   return NextResponse.next();
+}
+
+/**
+ * A proxied path with a percent-escape that does not decode (`%zz`, a lone `%`, bytes that are no
+ * UTF-8) fails inside Next, which decodes the path's segments before any route handler runs, with
+ * a bare 500. `npm start` answers what the proxy core does (lib/proxy.ts, resolveUpstream): 404
+ * `unknown_api` for a name that is no API, else 400 `invalid_path`; so does this. The matcher below
+ * sends only such paths here, so the SPA's own calls still skip the middleware.
+ */
+function undecodableProxyPath(pathname: string): [number, string, string] | undefined {
+  if (!pathname.startsWith('/api/proxy/')) return undefined;
+  try {
+    decodeURIComponent(pathname);
+    return undefined;
+  } catch {
+    // Not decodable: refused below, as the proxy core refuses it.
+  }
+  const apiName = pathname.slice('/api/proxy/'.length).split('/')[0] ?? '';
+  let known = false;
+  try {
+    // The proxy core looks the name up as it came, undecoded; BFF_APIS is read, not validated, here.
+    const apis: unknown = JSON.parse(process.env.BFF_APIS ?? '{}');
+    known = typeof apis === 'object' && apis !== null && Object.hasOwn(apis, apiName);
+  } catch {
+    // An unreadable BFF_APIS names no API; the path is refused either way.
+  }
+  return known ? [400, 'invalid_path', 'The API path is not allowed.'] : [404, 'unknown_api', 'No API with that name is configured.'];
 }
 
 function refuse(request: NextRequest, status: number, code: string, message: string, extra: Record<string, string> = {}): NextResponse {
@@ -40,6 +69,9 @@ function refuse(request: NextRequest, status: number, code: string, message: str
 export const config = {
   matcher: [
     { source: '/api/proxy/:path*', missing: [{ type: 'header', key: 'x-csrf', value: '1' }] },
+    // A path that does not decode (the complement of percent-encoded UTF-8 as decodeURIComponent
+    // reads it), with X-CSRF too: Next would fail on it before any route handler (see above).
+    '/api/proxy/:path((?!(?:[^%]|%[0-7][0-9a-fA-F]|%[cC][2-9a-fA-F]%[89abAB][0-9a-fA-F]|%[dD][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE]0%[abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][1-9a-cA-CefEF]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][dD]%[89][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]0%[9abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF][1-3]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]4%8[0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F])*$).*)',
     '/api/auth/session',
     '/api/auth/sessions/:path*',
   ],

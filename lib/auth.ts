@@ -23,6 +23,7 @@ import {
   sessionHandle,
   sessionIdFromCookieHeader,
   shortDigest,
+  siblingTransactionCookieHeaders,
   touchSession,
   transactionCookieHeader,
   transactionCookiesToDrop,
@@ -228,11 +229,12 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   }
   const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction, dpop?.handle);
 
-  // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP the
-  // cookie arrives here too. Either way, the session this login replaces ends now.
+  // Under SameSite=Strict only the login start saw the browser's session (or a sibling attempt's
+  // callback recorded the one it made); with a same-site IdP or SameSite=Lax the cookie arrives
+  // here too. Whichever the browser holds, the session this login replaces ends now.
   const idpSid = typeof claims.sid === 'string' ? claims.sid : undefined;
-  const previousId = transaction.previousSessionId ?? (await sessionIdFromCookieHeader(cookieHeader));
-  if (previousId) await endReplacedSession(previousId, { sub: claims.sub, idpSid });
+  const replacedIds = new Set([transaction.previousSessionId, await sessionIdFromCookieHeader(cookieHeader)].filter((id): id is string => Boolean(id)));
+  for (const id of replacedIds) await endReplacedSession(id, { sub: claims.sub, idpSid });
 
   const session = await createSession({
     sub: claims.sub,
@@ -246,12 +248,13 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   log('info', 'auth.login', {
     session: sessionHandle(session.id),
     refreshToken: Boolean(tokens.refreshToken),
-    replaced: Boolean(previousId),
+    replaced: replacedIds.size > 0,
     ...(transaction.acrValues || transaction.maxAge !== undefined ? { stepUp: true } : {}),
   });
   countLogin('ok');
   noteOnSpan({ 'gatehouse.outcome': 'ok' });
-  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction]);
+  const siblings = await siblingTransactionCookieHeaders(cookieHeader, transaction.state, session.id);
+  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction, ...siblings]);
 }
 
 /**

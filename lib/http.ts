@@ -65,11 +65,22 @@ function normalisedPath(value: string): string | null {
  * `/%2F%2Fevil.example` cannot become `//evil.example` later in someone else's hands.
  */
 export function safeReturnTo(raw: string | null | undefined): string {
-  if (!raw || raw.length > 2048 || !isPlainPathInEveryLayer(raw)) return '/';
+  if (!raw || raw.length > MAX_RETURN_TO_LENGTH || !isPlainPathInEveryLayer(raw)) return '/';
   const target = normalisedPath(raw);
-  if (target === null || !isPlainPathInEveryLayer(target) || normalisedPath(target) !== target) return '/';
+  if (target === null || target.length > MAX_RETURN_TO_LENGTH || !isPlainPathInEveryLayer(target) || normalisedPath(target) !== target) return '/';
   return target;
 }
+
+/**
+ * The longest `returnTo` kept, in characters of the normalised target (percent-encoded ASCII, so
+ * one byte each; a non-ASCII character counts three times as `%XX` per byte): a longer one becomes
+ * `/` rather than a login that silently fails. The login attempt's sealed cookie grows by 4/3 of
+ * it, and browsers store no cookie over 4096 bytes; with every other field at its largest (8 ACR
+ * values of 256 characters, max_age, prompt, the previous session's id, a DPoP thumbprint, a
+ * 10-digit key id, the `__Host-` name and every attribute) a 2161-character one is the largest that
+ * fits, so 2048 leaves room. test/unit/session.test.ts checks that sum.
+ */
+export const MAX_RETURN_TO_LENGTH = 2048;
 
 /**
  * The absolute URL a login ends at: `returnTo` resolved against the app, and the app's root if that

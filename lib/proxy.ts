@@ -8,7 +8,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
-import { missingAuthentication, stepUpChallenge, stepUpDetails } from './step-up.ts';
+import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
@@ -118,17 +118,70 @@ export function filterRequestHeaders(pairs: Iterable<[string, string]>, connecti
   return kept;
 }
 
-export function filterResponseHeaders(rawHeaders: string[]): Array<[string, string]> {
+/**
+ * The answer's headers the browser may see. Synchronous unless a `WWW-Authenticate` value names a
+ * prompting scheme (then the challenges are parsed, which is asynchronous): the hot path pays no
+ * extra turn of the event loop for the rare answer that needs it.
+ */
+export function filterResponseHeaders(rawHeaders: string[]): Array<[string, string]> | Promise<Array<[string, string]>> {
   const connections: string[] = [];
   for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connections.push(rawHeaders[i + 1] as string);
   const listed = connectionListed(...connections);
   const kept: Array<[string, string]> = [];
+  let prompting = false;
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = (rawHeaders[i] as string).toLowerCase();
     if (isHopByHop(name, listed) || RESPONSE_DENYLIST.has(name) || name.startsWith(GATEHOUSE_HEADER_PREFIX)) continue;
-    kept.push([name, rawHeaders[i + 1] as string]);
+    const value = rawHeaders[i + 1] as string;
+    if (name === 'www-authenticate' && PROMPTING_SCHEME_NAMED.test(value)) prompting = true;
+    kept.push([name, value]);
+  }
+  return prompting ? withoutPromptingIn(kept) : kept;
+}
+
+async function withoutPromptingIn(headers: Array<[string, string]>): Promise<Array<[string, string]>> {
+  const kept: Array<[string, string]> = [];
+  for (const [name, value] of headers) {
+    if (name !== 'www-authenticate' || !PROMPTING_SCHEME_NAMED.test(value)) kept.push([name, value]);
+    else {
+      const withoutPrompts = await withoutPromptingChallenges(value);
+      if (withoutPrompts !== undefined) kept.push([name, withoutPrompts]);
+    }
   }
   return kept;
+}
+
+/**
+ * Challenges of these schemes make a browser show its own username-and-password dialog when a
+ * fetch gets them with a 401, on the app's origin and under its name: an API (or whoever controls
+ * one) could collect the user's password that way. Bearer and DPoP challenges are kept: browsers
+ * ignore them, and the SPA's client may read them.
+ */
+const PROMPTING_SCHEMES = new Set(['basic', 'digest', 'negotiate', 'ntlm']);
+/** Any value that names one somewhere, even where it is no scheme: only those are worth parsing. */
+const PROMPTING_SCHEME_NAMED = /basic|digest|negotiate|ntlm/i;
+/** Schemes spelled as their specifications do when a value must be written anew. */
+const SCHEME_SPELLING: Record<string, string> = { bearer: 'Bearer', dpop: 'DPoP' };
+
+/**
+ * A `WWW-Authenticate` value without its prompting challenges: unchanged when it has none, the
+ * other challenges written anew when it has some, undefined when nothing is left, or when it cannot
+ * be read as a challenge list (a browser may read one that names such a scheme more leniently).
+ */
+async function withoutPromptingChallenges(value: string): Promise<string | undefined> {
+  const challenges = await parseChallenges(value);
+  const others = challenges.filter(({ scheme }) => !PROMPTING_SCHEMES.has(scheme));
+  if (challenges.length === 0 || others.length === 0) return undefined;
+  if (others.length === challenges.length) return value;
+  return others
+    .map(({ scheme, parameters, token68 }) => {
+      const name = SCHEME_SPELLING[scheme] ?? scheme;
+      if (token68 !== undefined) return `${name} ${token68}`;
+      // Every value quoted: the parser has removed the quotes and escapes it was sent with.
+      const pairs = Object.entries(parameters).map(([key, text]) => `${key}="${String(text).replace(/["\\]/g, '\\$&')}"`);
+      return pairs.length ? `${name} ${pairs.join(', ')}` : name;
+    })
+    .join(', ');
 }
 
 /**
@@ -575,7 +628,8 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       if (answer.body instanceof Readable) answer.body.destroy();
       throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
-    const responseHeaders = filterResponseHeaders(answer.rawHeaders);
+    const filtered = filterResponseHeaders(answer.rawHeaders);
+    const responseHeaders = Array.isArray(filtered) ? filtered : await filtered;
     responseHeaders.push(['x-request-id', requestId]);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);

@@ -3,8 +3,10 @@ import { stat } from 'node:fs/promises';
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
+import { Readable } from 'node:stream';
 import type { SpaSource } from './config.ts';
 import { log } from './log.ts';
+import { sharedState } from './shared-state.ts';
 import type { ProxyResponse } from './proxy.ts';
 
 /**
@@ -104,7 +106,7 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
 /** What a static host may hear from the browser: content negotiation and revalidation, never its credentials. */
 const TO_SPA_ORIGIN = ['accept', 'accept-language', 'if-none-match', 'if-modified-since', 'range', 'if-range'];
 /** What the browser may hear back: the file and how to cache it; never cookies or the host's own policies. */
-const FROM_SPA_ORIGIN = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'cache-control', 'etag', 'last-modified', 'expires'];
+const FROM_SPA_ORIGIN = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'cache-control', 'etag', 'last-modified', 'expires', 'age'];
 const SPA_ORIGIN_TIMEOUT_MS = 10_000;
 
 function fetchFromOrigin(url: URL, method: string, header: (name: string) => string | undefined): Promise<http.IncomingMessage> {
@@ -132,33 +134,228 @@ export function resolveSpaUrl(base: URL, pathname: string): URL | null {
   return url.origin === base.origin && url.pathname.startsWith(basePath) ? url : null;
 }
 
+/** An answer of the SPA origin: its status, its headers (one value each), its body. */
+interface OriginAnswer {
+  status: number;
+  headers: Record<string, string>;
+  body: Readable | Buffer | null;
+}
+
+function fromIncoming(answer: http.IncomingMessage): OriginAnswer {
+  const headers: Record<string, string> = {};
+  for (const [name, value] of Object.entries(answer.headers)) if (typeof value === 'string') headers[name] = value;
+  return { status: answer.statusCode ?? 502, headers, body: answer };
+}
+
+/**
+ * The origin's files, kept per process as HTTP says a shared cache may (RFC 9111): without it
+ * every page load and asset of every user is a request to the static host. Only whole `200`s of
+ * GET, up to 2 MiB (declared, or read when sent chunked), that the host does not mark `no-store` or `private` and
+ * that vary by nothing Gatehouse sends; fresh for `s-maxage`, `max-age` or `Expires` less their
+ * `Age`, then revalidated with their `ETag` (`If-None-Match`) or `Last-Modified`. `no-cache` (what
+ * index.html usually says) means a revalidation each time: a `304` with no body instead of the file.
+ * Range requests go to the host as they are. At most 32 MiB and 512 files, least recently used out.
+ */
+interface CachedFile {
+  headers: Record<string, string>;
+  body: Buffer;
+  /** Epoch ms until which it is served without asking the host. */
+  freshUntil: number;
+  /** Epoch ms it was received (or last revalidated), less the age the host said it already had. */
+  bornAt: number;
+}
+const MAX_CACHED_FILE_BYTES = 2 * 1024 * 1024;
+const MAX_CACHE_BYTES = 32 * 1024 * 1024;
+const MAX_CACHED_FILES = 512;
+const originCache = sharedState('spa-origin-cache', () => ({ files: new Map<string, CachedFile>(), bytes: 0 }));
+/** Headers that say how to cache, taken from a revalidation's `304` (RFC 9111 section 4.3.4). */
+const REVALIDATION_HEADERS = ['cache-control', 'expires', 'etag', 'last-modified', 'date', 'age'];
+
+function directives(cacheControl: string | undefined): Map<string, string> {
+  const found = new Map<string, string>();
+  for (const part of (cacheControl ?? '').split(',')) {
+    const [name = '', value = ''] = part.split('=', 2).map((text) => text.trim());
+    if (name) found.set(name.toLowerCase(), value.replace(/^"|"$/g, ''));
+  }
+  return found;
+}
+
+/** Seconds, or undefined when the value is no delta-seconds. */
+function deltaSeconds(value: string | undefined): number | undefined {
+  return value !== undefined && /^\d{1,10}$/.test(value) ? Number(value) : undefined;
+}
+
+/** Whether the host lets a shared cache keep the answer at all. */
+function mayKeep(headers: Record<string, string>): boolean {
+  const control = directives(headers['cache-control']);
+  if (control.has('no-store') || control.has('private')) return false;
+  const vary = (headers.vary ?? '').split(',').map((name) => name.trim().toLowerCase()).filter(Boolean);
+  // Gatehouse asks without Accept-Encoding; any other Vary would make one copy wrong for some browser.
+  return vary.every((name) => name === 'accept-encoding');
+}
+
+/** The cache entry for a `200`, or undefined when the answer may not or need not be kept. */
+function cacheEntryFor(headers: Record<string, string>, body: Buffer, now: number): CachedFile | undefined {
+  if (!mayKeep(headers)) return undefined;
+  const control = directives(headers['cache-control']);
+  const age = deltaSeconds(headers.age) ?? 0;
+  const bornAt = now - age * 1000;
+  let lifetimeSec = control.has('no-cache') ? 0 : (deltaSeconds(control.get('s-maxage')) ?? deltaSeconds(control.get('max-age')));
+  if (lifetimeSec === undefined && headers.expires !== undefined) {
+    const expires = Date.parse(headers.expires);
+    const date = headers.date !== undefined ? Date.parse(headers.date) : now;
+    lifetimeSec = Number.isNaN(expires) || Number.isNaN(date) ? 0 : Math.max(0, (expires - date) / 1000);
+  }
+  const freshUntil = bornAt + (lifetimeSec ?? 0) * 1000;
+  // Stale at once and nothing to revalidate with: keeping it would save no request.
+  if (freshUntil <= now && headers.etag === undefined && headers['last-modified'] === undefined) return undefined;
+  return { headers, body, freshUntil, bornAt };
+}
+
+function remember(key: string, entry: CachedFile | undefined): void {
+  forget(key);
+  if (!entry) return;
+  const { files } = originCache;
+  files.set(key, entry);
+  originCache.bytes += entry.body.length;
+  for (const [oldest, file] of files) {
+    if (originCache.bytes <= MAX_CACHE_BYTES && files.size <= MAX_CACHED_FILES) break;
+    files.delete(oldest);
+    originCache.bytes -= file.body.length;
+  }
+}
+
+function forget(key: string): void {
+  const entry = originCache.files.get(key);
+  if (!entry) return;
+  originCache.files.delete(key);
+  originCache.bytes -= entry.body.length;
+}
+
+/** Whether the browser's own validators match the kept file (RFC 9110 section 13.1: weak comparison for If-None-Match). */
+function browserHasIt(entry: CachedFile, header: (name: string) => string | undefined): boolean {
+  const ifNoneMatch = header('if-none-match');
+  if (ifNoneMatch !== undefined) {
+    const weak = (tag: string) => tag.trim().replace(/^W\//, '');
+    const etag = entry.headers.etag;
+    return etag !== undefined && ifNoneMatch.split(',').some((tag) => tag.trim() === '*' || weak(tag) === weak(etag));
+  }
+  const since = header('if-modified-since');
+  const lastModified = entry.headers['last-modified'];
+  return since !== undefined && lastModified !== undefined && Date.parse(lastModified) <= Date.parse(since);
+}
+
+function answerFromCache(entry: CachedFile, method: string, header: (name: string) => string | undefined, now: number): OriginAnswer {
+  // The browser hears how long the file has been kept, so it does not count the host's max-age from now.
+  const headers: Record<string, string> = { ...entry.headers, age: String(Math.max(0, Math.floor((now - entry.bornAt) / 1000))) };
+  if (browserHasIt(entry, header)) {
+    const { 'content-length': _length, ...rest } = headers;
+    return { status: 304, headers: rest, body: null };
+  }
+  return { status: 200, headers, body: method === 'HEAD' ? null : entry.body };
+}
+
+/** The whole body when it is at most `maxBytes`, else a stream of all of it (what was read first included). */
+async function readUpTo(answer: http.IncomingMessage, maxBytes: number): Promise<Buffer | Readable> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  const iterator: AsyncIterator<Buffer> = answer[Symbol.asyncIterator]();
+  for (let next = await iterator.next(); !next.done; next = await iterator.next()) {
+    chunks.push(next.value);
+    size += next.value.length;
+    if (size > maxBytes) {
+      const rest = async function* () {
+        yield* chunks;
+        for (let more = await iterator.next(); !more.done; more = await iterator.next()) yield more.value;
+      };
+      return Readable.from(rest(), { objectMode: false });
+    }
+  }
+  return Buffer.concat(chunks);
+}
+
+/** A whole, keepable `200` from the host is kept; anything else passes through as it came. */
+async function keepIfCacheable(key: string, answer: http.IncomingMessage, method: string, header: (name: string) => string | undefined): Promise<OriginAnswer> {
+  const received = fromIncoming(answer);
+  const declared = deltaSeconds(received.headers['content-length']);
+  if (method !== 'GET' || received.status !== 200 || !mayKeep(received.headers) || (declared !== undefined && declared > MAX_CACHED_FILE_BYTES)) {
+    if (received.status !== 304) forget(key);
+    return received;
+  }
+  // A host may send a file without a declared length (chunked): kept if it turns out small enough.
+  const body = await readUpTo(answer, MAX_CACHED_FILE_BYTES);
+  const now = Date.now();
+  const entry = body instanceof Readable ? undefined : cacheEntryFor(received.headers, body, now);
+  if (!entry) {
+    forget(key);
+    return { ...received, body };
+  }
+  remember(key, entry);
+  return answerFromCache(entry, method, header, now);
+}
+
+/** The file at `url`: from the cache when it is fresh there, revalidated when it is not, else from the host. */
+async function fetchFile(url: URL, method: string, header: (name: string) => string | undefined): Promise<OriginAnswer> {
+  if (header('range') !== undefined) return fromIncoming(await fetchFromOrigin(url, method, header));
+  const key = url.href;
+  const entry = originCache.files.get(key);
+  const now = Date.now();
+  if (entry && entry.freshUntil > now) {
+    // Most recently used last: eviction starts at the front.
+    originCache.files.delete(key);
+    originCache.files.set(key, entry);
+    return answerFromCache(entry, method, header, now);
+  }
+  if (entry) {
+    // Our own validators, never the browser's: the host's 304 must be about the copy kept here.
+    const validators: Record<string, string | undefined> = { 'if-none-match': entry.headers.etag, 'if-modified-since': entry.headers['last-modified'] };
+    const answer = await fetchFromOrigin(url, 'GET', (name) => (name in validators ? validators[name] : header(name)));
+    if (answer.statusCode !== 304) {
+      const got = await keepIfCacheable(key, answer, 'GET', header);
+      if (method !== 'HEAD') return got;
+      if (got.body instanceof Readable) got.body.resume();
+      return { ...got, body: null };
+    }
+    answer.resume();
+    const refreshed = { ...entry.headers };
+    for (const name of REVALIDATION_HEADERS) if (typeof answer.headers[name] === 'string') refreshed[name] = answer.headers[name];
+    const renewed = cacheEntryFor(refreshed, entry.body, Date.now());
+    remember(key, renewed);
+    return answerFromCache(renewed ?? { ...entry, headers: refreshed }, method, header, Date.now());
+  }
+  if (method !== 'GET') return fromIncoming(await fetchFromOrigin(url, method, header));
+  // A miss asks for the whole file, so it can be kept, and answers the browser's validators itself.
+  const answer = await fetchFromOrigin(url, method, (name) => (name === 'if-none-match' || name === 'if-modified-since' ? undefined : header(name)));
+  return keepIfCacheable(key, answer, method, header);
+}
+
 async function serveFromOrigin(method: string, rawUrl: string, base: URL, header: (name: string) => string | undefined, csp: string): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
   if (NOT_THE_SPA.test(pathname)) return null;
   const isRoute = pathname.endsWith('/') || !/\.[A-Za-z0-9]+$/.test(pathname);
   const fileUrl = isRoute ? null : resolveSpaUrl(base, pathname);
-  let answer = fileUrl ? await fetchFromOrigin(fileUrl, method, header) : null;
-  if (!answer || (answer.statusCode === 404 && isRoute)) {
-    answer?.resume();
+  let answer = fileUrl ? await fetchFile(fileUrl, method, header) : null;
+  if (!answer || (answer.status === 404 && isRoute)) {
+    if (answer?.body instanceof Readable) answer.body.resume();
     if (!isRoute) return null;
-    answer = await fetchFromOrigin(resolveSpaUrl(base, '/index.html') as URL, method, header);
+    answer = await fetchFile(resolveSpaUrl(base, '/index.html') as URL, method, header);
   }
-  const status = answer.statusCode ?? 502;
+  const { status } = answer;
   if (status === 404) {
-    answer.resume();
+    if (answer.body instanceof Readable) answer.body.resume();
     return null;
   }
   const headers: Array<[string, string]> = [];
   for (const name of FROM_SPA_ORIGIN) {
     const value = answer.headers[name];
-    if (typeof value === 'string') headers.push([name, value]);
+    if (value !== undefined) headers.push([name, value]);
   }
   headers.push(['x-content-type-options', 'nosniff']);
-  if (String(answer.headers['content-type'] ?? '').startsWith('text/html')) headers.push(...documentHeaders(csp));
+  if ((answer.headers['content-type'] ?? '').startsWith('text/html')) headers.push(...documentHeaders(csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;
-  if (bodyless) answer.resume();
-  return { status, headers, body: bodyless ? null : answer };
+  if (bodyless && answer.body instanceof Readable) answer.body.resume();
+  return { status, headers, body: bodyless ? null : answer.body };
 }
 
 /** The SPA's answer for a request, from whichever source is configured; null when it has none. */

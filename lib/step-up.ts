@@ -50,9 +50,10 @@ const PLACEHOLDER_RESOURCE = new URL('https://resource.invalid/');
  * The challenges in a `WWW-Authenticate` value, parsed by oauth4webapi's RFC 9110 parser (quoted
  * strings with escapes, token68, several challenges in one value). oauth4webapi exports the parser
  * only through `protectedResourceRequest`, which runs it on the answer its fetch returns; the fetch
- * here answers with the header in hand, and nothing goes over the network.
+ * here answers with the header in hand, and nothing goes over the network. An empty list when the
+ * value is not a challenge list the parser can read.
  */
-async function parseChallenges(header: string): Promise<oauth.WWWAuthenticateChallenge[]> {
+export async function parseChallenges(header: string): Promise<oauth.WWWAuthenticateChallenge[]> {
   let answer: Response;
   try {
     answer = new Response(null, { status: 401, headers: { 'www-authenticate': header } });

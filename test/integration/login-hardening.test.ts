@@ -78,6 +78,32 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     );
   });
 
+  it('a login attempt’s cookie fits a browser’s 4096 bytes: the longest returnTo comes back after sign-in, a longer one becomes /', async () => {
+    const jars: CookieJars = new Map();
+    await login('rosa', '/', jars);
+    // 2048 characters once normalised (`é` is `%C3%A9`), the most returnTo may hold.
+    const largest = `/${'é'.repeat(341)}a`;
+    const acrValues = Array.from({ length: 8 }, (_, i) => `urn:acr:${i}`.padEnd(31, 'x')).join(' ');
+    const attemptCookie = async (returnTo: string) => {
+      // Everything a login records at its largest: the step-up, prompt=none, the current session.
+      const query = new URLSearchParams({ returnTo, acr_values: acrValues, max_age: '315360000', prompt: 'none' });
+      const copy: CookieJars = new Map([[app, new Map(jarFor(jars, app))]]);
+      const res = await browserRequest(new URL(`${app}/api/auth/login?${query}`), copy);
+      expect(res.status).toBe(302);
+      const lines = res.headers.getSetCookie().filter((line) => /^(__Host-)?gatehouse-tx-/.test(line));
+      expect(lines).toHaveLength(1);
+      return lines[0] as string;
+    };
+    for (const returnTo of [largest, `${largest}b`, `/${'é'.repeat(2000)}`]) {
+      const line = await attemptCookie(returnTo);
+      expect(Buffer.byteLength(line), returnTo.slice(0, 20)).toBeLessThanOrEqual(4096);
+    }
+    expect((await login('rosa', largest, jars)).finalUrl).toBe(`${app}/${'%C3%A9'.repeat(341)}a`);
+    // One character more, or far more (which once made a 16 KB cookie no browser keeps): the login still works, and lands on /.
+    expect((await login('rosa', `${largest}b`, jars)).finalUrl).toBe(`${app}/`);
+    expect((await login('rosa', `/${'é'.repeat(2000)}`, jars)).finalUrl).toBe(`${app}/`);
+  });
+
   it('GET logout without a matching session changes nothing: 400 and no Set-Cookie', async () => {
     // A cross-site link arrives without the Strict cookie; a stale cookie leads nowhere either.
     const { rpCookies, key } = await loginWithKey('quinn', new Map());
@@ -151,6 +177,34 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     const oldCookie = cookieLine(first.rpCookies);
     const newCookie = await reLoginAsBrowserWouldUnderStrict('ruth', jars);
     await expectReplaced(oldCookie, newCookie);
+  });
+
+  it('two tabs of one browser that each start a login, then both finish, leave one session: the later callback ends the earlier one’s', async () => {
+    const jars: CookieJars = new Map();
+    const appJar = jarFor(jars, app);
+    const startIn = async (returnTo: string) => {
+      const res = await browserRequest(new URL(`${app}/api/auth/login?${new URLSearchParams({ returnTo })}`), jars);
+      expect(res.status).toBe(302);
+      return new URL(res.headers.get('location') as string);
+    };
+    const finish = async (authorizationUrl: URL, returnTo: string) => {
+      const callback = await followFlow(authorizationUrl, (next) => next.origin === new URL(app).origin, { username: 'tess', jars });
+      // The callback ends a cross-site redirect chain: under SameSite=Strict the session cookie stays off it.
+      const held = appJar.get('gatehouse');
+      appJar.delete('gatehouse');
+      const landed = await browserRequest(callback, jars);
+      expect(landed.headers.get('location')).toBe(`${app}${returnTo}`);
+      expect(appJar.get('gatehouse')).not.toBe(held);
+      return `gatehouse=${appJar.get('gatehouse')}`;
+    };
+    // Both tabs start before either finishes, so neither attempt saw a session at its start.
+    const tabA = await startIn('/a');
+    const tabB = await startIn('/b');
+    const first = await finish(tabA, '/a');
+    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(first) })).status).toBe(200);
+    const second = await finish(tabB, '/b');
+    // The first tab's session, whose cookie the browser no longer holds, is over and unlisted.
+    await expectReplaced(first, second);
   });
 
   it('keeps at most three unfinished logins per browser, and clears the attempt on every callback outcome', async () => {

@@ -5,12 +5,14 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, defaultServerShape, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { idpGrants, processTree, waitFor } from '../support/http-client.ts';
+import { undecodablePath } from '../support/hostile-inputs.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
-import { rawAnswer, startScriptedUpstream } from '../support/scripted-upstream.ts';
+import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
 
 /** This suite runs once per server shape (vitest projects integration and integration-next). */
 const SHAPE = defaultServerShape();
@@ -27,6 +29,7 @@ let appHost: string;
 let cookie: string;
 let keptAlive: KeptAliveUpstream;
 let shortKeptAlive: KeptAliveUpstream;
+let challenger: ScriptedUpstream;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -174,6 +177,10 @@ beforeAll(async () => {
   const closedPort = await freePort();
   keptAlive = await startKeptAliveUpstream(60);
   shortKeptAlive = await startKeptAliveUpstream(2);
+  challenger = await startScriptedUpstream((request, socket) => {
+    const challenges = CHALLENGES[request.path.slice(1)] ?? [];
+    socket.write(rawAnswer('HTTP/1.1 401 Unauthorized', [['content-type', 'application/json'], ...challenges.map((value): [string, string] => ['www-authenticate', value])], '{"error":"nope"}'));
+  });
   stack = await startStack({
     workers: 1,
     apis: ({ apiUrl }) => ({
@@ -189,6 +196,7 @@ beforeAll(async () => {
       dead: { url: `http://127.0.0.1:${closedPort}`, auth: 'none' },
       keptalive: { url: `http://127.0.0.1:${keptAlive.port}`, auth: 'none' },
       shortkeptalive: { url: `http://127.0.0.1:${shortKeptAlive.port}`, auth: 'none' },
+      challenger: { url: challenger.url, auth: 'none' },
     }),
   });
   const first = stack.apps[0];
@@ -205,6 +213,7 @@ afterAll(async () => {
   await stack?.stop();
   await keptAlive?.close();
   await shortKeptAlive?.close();
+  await challenger?.close();
 });
 
 describe('streaming', () => {
@@ -640,6 +649,37 @@ describe('header hygiene (raw sockets)', () => {
   });
 });
 
+/** The `challenger` API's 401s, by path: WWW-Authenticate fields as it sends them. */
+const CHALLENGES: Record<string, string[]> = {
+  basic: ['Basic realm="Sign in to your account"'],
+  digest: ['Digest realm="app", qop="auth,auth-int", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", opaque="5ccc069c403ebaf9f0171e9517f40e41"'],
+  windows: ['Negotiate', 'NTLM'],
+  mixed: ['Basic realm="a, b", Bearer realm="api", error="invalid_token", error_description="expired, sign in"', 'NTLM', 'DPoP algs="ES256"'],
+  bearer: ['Bearer realm="api", error="invalid_token"'],
+};
+
+describe('WWW-Authenticate challenges a browser would answer with a password dialog', () => {
+  const challengesOf = async (path: string) => {
+    const before = challenger.requests.length;
+    const res = await raw(head('GET', `/api/proxy/challenger/${path}`, [['X-CSRF', '1']]));
+    // The upstream was asked, and its 401 and body came back: only the challenges changed.
+    expect(challenger.requests.length).toBe(before + 1);
+    expect(res?.status).toBe(401);
+    expect(res?.body).toBe('{"error":"nope"}');
+    // Next joins repeated fields into one list; the fast path keeps them apart: compare the list.
+    return res?.all('www-authenticate').join(', ');
+  };
+
+  it('Basic, Digest, Negotiate and NTLM challenges never reach the browser; Bearer and DPoP ones do, unchanged where nothing was dropped', async () => {
+    expect(await challengesOf('basic')).toBe('');
+    expect(await challengesOf('digest')).toBe('');
+    expect(await challengesOf('windows')).toBe('');
+    // The comma inside the quoted realm and description does not split the challenge.
+    expect(await challengesOf('mixed')).toBe('Bearer realm="api", error="invalid_token", error_description="expired, sign in", DPoP algs="ES256"');
+    expect(await challengesOf('bearer')).toBe('Bearer realm="api", error="invalid_token"');
+  });
+});
+
 describe('path escapes (raw request targets, nothing normalised by the client)', () => {
   const escapes = [
     '/api/proxy/jail/../../etc/passwd',
@@ -690,6 +730,30 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     // everything else is Gatehouse's own answer.
     if (res?.get('content-type')?.includes('json')) expect(bodyJson(res)).toMatchObject({ error: 'invalid_path' });
     expect(reached).toBe(0);
+  });
+
+  it('percent-escapes that do not decode → 400 invalid_path (404 unknown_api for no API) on both shapes, nothing forwarded', async () => {
+    const before = await demoStats();
+    await fc.assert(
+      fc.asyncProperty(undecodablePath, async (rest) => {
+        for (const [target, status, code] of [
+          [`/api/proxy/demo/${rest}`, 400, 'invalid_path'],
+          [`/api/proxy/nope/${rest}`, 404, 'unknown_api'],
+        ] as const) {
+          const res = await raw(head('GET', target, withSession()));
+          expect(res?.status, target).toBe(status);
+          expect(res?.get('content-type'), target).toBe('application/json; charset=utf-8');
+          expect(res?.get('x-gatehouse-error'), target).toBe(code);
+          expect(bodyJson(res), target).toEqual({ error: code, message: expect.any(String) });
+        }
+      }),
+      { numRuns: 40 },
+    );
+    expect((await demoStats()).requests).toBe(before.requests);
+    // A path that does decode, non-ASCII included, still goes through.
+    const res = await raw(head('GET', '/api/proxy/jail/caf%C3%A9/%F0%9F%98%80', withSession()));
+    expect(res?.status).toBe(200);
+    expect((await demoLast())?.path).toBe('/echo/jail/caf%C3%A9/%F0%9F%98%80');
   });
 
   it('an unknown API name → 404 unknown_api; a dot-dot API name is no API either', async () => {

@@ -24,6 +24,10 @@ mkdirSync(path.join(spaDir, 'assets'));
 writeFileSync(path.join(spaDir, 'index.html'), INDEX);
 writeFileSync(path.join(spaDir, 'assets', 'app-Ab12Cd34.js'), APP_JS);
 writeFileSync(path.join(spaDir, 'robots.txt'), 'User-agent: *\n');
+// Only the static host below serves these, each with its own Cache-Control (see startSpaOrigin).
+writeFileSync(path.join(spaDir, 'assets', 'chunk-Qw12Er34.js'), 'export const chunk = 1;');
+writeFileSync(path.join(spaDir, 'short.txt'), 'fresh for a second');
+writeFileSync(path.join(spaDir, 'private.txt'), 'for one browser only');
 
 const stacks: Stack[] = [];
 afterAll(async () => {
@@ -101,11 +105,13 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
  * A static host for the same files under /app/ (ETag, Cache-Control, 304s), with a file outside
  * that base path that must never be reachable through Gatehouse. It records what it was sent.
  */
-function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; server: Server }> {
+function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; requests: OriginRequest[]; server: Server }> {
   const seen: IncomingHttpHeaders[] = [];
+  const requests: OriginRequest[] = [];
   const server = createServer((req, res) => {
     seen.push(req.headers);
     const pathname = new URL(req.url ?? '/', 'http://x').pathname;
+    requests.push({ method: req.method ?? '', path: pathname, ifNoneMatch: req.headers['if-none-match'] });
     if (pathname === '/secret.txt') return void res.writeHead(200, { 'content-type': 'text/plain' }).end('SECRET');
     const file = pathname.startsWith('/app/') ? path.join(spaDir, pathname.slice('/app/'.length)) : '';
     if (!file.startsWith(spaDir) || !existsSync(file) || !file.includes('.')) return void res.writeHead(404).end('not found');
@@ -113,14 +119,20 @@ function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; s
     const etag = `"${createHash('sha256').update(body).digest('hex').slice(0, 16)}"`;
     const headers = {
       etag,
-      'cache-control': file.includes('/assets/') ? 'public, max-age=31536000, immutable' : 'no-cache',
+      'cache-control': file.includes('/assets/') ? 'public, max-age=31536000, immutable' : file.endsWith('short.txt') ? 'max-age=1' : file.endsWith('private.txt') ? 'private, max-age=600' : 'no-cache',
       'content-type': file.endsWith('.html') ? 'text/html; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : 'text/plain',
       'set-cookie': 'cdn=1; Path=/',
     };
     if (req.headers['if-none-match'] === etag) return void res.writeHead(304, headers).end();
     res.writeHead(200, headers).end(body);
   });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}/app/`, seen, server })));
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}/app/`, seen, requests, server })));
+}
+
+interface OriginRequest {
+  method: string;
+  path: string;
+  ifNoneMatch: string | undefined;
 }
 
 describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
@@ -154,6 +166,41 @@ describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
     expect((await fetch(`${app}/assets/missing-Zz99Yy88.js`)).status).toBe(404);
     // The browser's cookie (its session) never reaches the static host.
     expect(origin.seen.some((headers) => headers.cookie !== undefined || headers.authorization !== undefined)).toBe(false);
+  });
+
+  it('keeps the host’s files as its Cache-Control says: fetched once while fresh, then revalidated with If-None-Match; never a private one', async () => {
+    const asked = (file: string) => origin.requests.filter((request) => request.path === `/app/${file}`);
+    const fetchText = async (pathname: string, headers: Record<string, string> = {}) => {
+      const res = await fetch(`${app}${pathname}`, { headers });
+      return { status: res.status, body: await res.text(), etag: res.headers.get('etag'), age: res.headers.get('age') };
+    };
+
+    // Immutable: five browsers, one request to the host; a browser's own revalidation is answered here.
+    for (let i = 0; i < 5; i++) expect(await fetchText('/assets/chunk-Qw12Er34.js')).toMatchObject({ status: 200, body: 'export const chunk = 1;', age: expect.stringMatching(/^\d+$/) });
+    const { etag } = await fetchText('/assets/chunk-Qw12Er34.js');
+    expect(await fetchText('/assets/chunk-Qw12Er34.js', { 'if-none-match': etag as string })).toMatchObject({ status: 304, body: '' });
+    expect(asked('assets/chunk-Qw12Er34.js')).toEqual([{ method: 'GET', path: '/app/assets/chunk-Qw12Er34.js', ifNoneMatch: undefined }]);
+
+    // no-cache (index.html): every load asks the host, but only whether it changed; the host answers 304 without the file.
+    await fetchText('/warm-up');
+    const before = asked('index.html').length;
+    for (const route of ['/a', '/b/c', '/d']) expect(await fetchText(route)).toMatchObject({ status: 200, body: INDEX });
+    const revalidations = asked('index.html').slice(before);
+    expect(revalidations).toHaveLength(3);
+    for (const request of revalidations) expect(request.ifNoneMatch).toMatch(/^"[0-9a-f]{16}"$/);
+
+    // max-age=1: kept for a second, then revalidated once and kept again.
+    expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
+    expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
+    expect(asked('short.txt')).toHaveLength(1);
+    await new Promise((resolve) => setTimeout(resolve, 1_100));
+    expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
+    expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
+    expect(asked('short.txt').map((request) => request.ifNoneMatch === undefined)).toEqual([true, false]);
+
+    // private: for one browser, never kept to hand to another.
+    for (let i = 0; i < 3; i++) expect(await fetchText('/private.txt')).toMatchObject({ status: 200, body: 'for one browser only' });
+    expect(asked('private.txt')).toHaveLength(3);
   });
 
   it('never reaches outside the origin’s base path, however the path is spelled', async () => {

@@ -92,9 +92,9 @@ describe('DPoP proofs for proxied calls', () => {
     expect(JSON.stringify(first)).not.toContain(key.d);
   });
 
-  it("neither the browser's own proof goes up, nor an API's nonce down", () => {
+  it("neither the browser's own proof goes up, nor an API's nonce down", async () => {
     expect(filterRequestHeaders([['DPoP', 'forged.proof.jwt'], ['accept', '*/*']], undefined)).toEqual([['accept', '*/*']]);
-    expect(filterResponseHeaders(['DPoP-Nonce', 'n-1', 'Content-Type', 'application/json'])).toEqual([['content-type', 'application/json']]);
+    expect(await filterResponseHeaders(['DPoP-Nonce', 'n-1', 'Content-Type', 'application/json'])).toEqual([['content-type', 'application/json']]);
   });
 
   it('a session without a key (signed in before OIDC_DPOP) needs a fresh sign-in for a DPoP API', async () => {

@@ -1,9 +1,11 @@
 // @vitest-environment edge-runtime
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import fc from 'fast-check';
 import { NextRequest } from 'next/server';
 import { describe, expect, it } from 'vitest';
-import { middleware } from '../../middleware.ts';
+import { config, middleware } from '../../middleware.ts';
+import { decodableSegment, decodes, undecodablePath } from '../support/hostile-inputs.ts';
 
 // middleware.ts is what Vercel runs on its Edge runtime. This runs it under edge-runtime (Vercel's
 // emulator of that runtime's globals) with the inputs of the adapter parity suite, and checks its
@@ -72,3 +74,53 @@ describe('middleware.ts on the Edge runtime', () => {
   });
 });
 
+
+describe('proxied paths that do not decode (Next fails on them before any route handler)', () => {
+  const refusal = async (path: string, headers: Record<string, string> = { 'x-csrf': '1' }) => {
+    const answer = middleware(request('GET', path, headers));
+    if (answer.headers.get('x-middleware-next') === '1') return { status: 200, code: null };
+    const body = (await answer.json()) as Record<string, unknown>;
+    expect(Object.keys(body).sort()).toEqual(['error', 'message']);
+    expect(answer.headers.get('x-gatehouse-error')).toBe(body.error);
+    return { status: answer.status, code: body.error };
+  };
+
+  it('are refused as the proxy core refuses them: 400 invalid_path for an API, 404 unknown_api for another name, 403 first without X-CSRF', async () => {
+    process.env.APP_BASE_URL = APP;
+    process.env.BFF_APIS = JSON.stringify({ demo: { url: 'https://api.example.com' } });
+    await fc.assert(
+      fc.asyncProperty(undecodablePath, async (rest) => {
+        expect(await refusal(`/api/proxy/demo/${rest}`)).toEqual({ status: 400, code: 'invalid_path' });
+        expect(await refusal(`/api/proxy/nope/${rest}`)).toEqual({ status: 404, code: 'unknown_api' });
+        expect(await refusal(`/api/proxy/${rest}`)).toEqual({ status: 404, code: 'unknown_api' });
+        expect(await refusal(`/api/proxy/demo/${rest}`, {})).toEqual({ status: 403, code: 'csrf_failed' });
+      }),
+      { numRuns: 500 },
+    );
+    // `__proto__` is no API, whatever JSON.parse makes of it.
+    expect(await refusal('/api/proxy/__proto__/%zz')).toEqual({ status: 404, code: 'unknown_api' });
+    expect(await refusal('/api/proxy/demo/caf%C3%A9')).toEqual({ status: 200, code: null });
+  });
+
+  // The SPA's calls skip the middleware (Next would buffer their bodies, see config): the matcher
+  // entry for these paths must select exactly the paths that do not decode.
+  it('the matcher selects exactly the paths that do not decode', () => {
+    const source = config.matcher.find((entry): entry is string => typeof entry === 'string' && entry.startsWith('/api/proxy/:path('));
+    const pattern = /^\/api\/proxy\/:path\((.*)\)$/s.exec(source ?? '')?.[1];
+    expect(pattern).toBeDefined();
+    const selects = new RegExp(`^(?:${pattern})$`);
+    fc.assert(
+      fc.property(fc.oneof(undecodablePath, fc.array(decodableSegment, { minLength: 1, maxLength: 4 }).map((segments) => segments.join('/')), fc.string({ unit: 'binary', maxLength: 12 }).map(encodeURI)), (rest) => {
+        expect(selects.test(rest), rest).toBe(!decodes(rest));
+      }),
+      { numRuns: 5000 },
+    );
+    // Every pair of escaped bytes: all lead and continuation bytes, overlongs and surrogates among them.
+    for (let first = 0; first < 256; first++) {
+      for (let second = 0; second < 256; second++) {
+        const rest = `%${first.toString(16).padStart(2, '0')}%${second.toString(16).toUpperCase().padStart(2, '0')}`;
+        if (selects.test(rest) === decodes(rest)) expect.fail(`${rest}: selected ${selects.test(rest)}, decodes ${decodes(rest)}`);
+      }
+    }
+  });
+});

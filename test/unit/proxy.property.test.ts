@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
 import { GatehouseError } from '../../lib/errors.ts';
 import { filterRequestHeaders, filterResponseHeaders, resolveUpstream } from '../../lib/proxy.ts';
+import { parseChallenges } from '../../lib/step-up.ts';
 
 const RUNS = 3000;
 
@@ -153,10 +154,81 @@ describe('header filtering (generated headers)', () => {
     );
   });
 
-  it('on the way down: nothing denied or hop-by-hop survives, nothing else is dropped, order and values kept', () => {
-    fc.assert(
-      fc.property(headerSet(RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES), ({ all }) => {
-        expect(filterResponseHeaders(all.flat())).toEqual(expectedSurvivors(all, RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES));
+  it('on the way down: nothing denied or hop-by-hop survives, nothing else is dropped, order and values kept', async () => {
+    await fc.assert(
+      fc.asyncProperty(headerSet(RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES), async ({ all }) => {
+        expect(await filterResponseHeaders(all.flat())).toEqual(expectedSurvivors(all, RESPONSE_DENIED, RESPONSE_DENIED_PREFIXES));
+      }),
+      { numRuns: RUNS },
+    );
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// WWW-Authenticate: a 401 that reaches a fetch with a Basic, Digest, Negotiate or NTLM challenge
+// makes the browser ask for a password on the app's origin. Lists of challenges are generated
+// with the parts that make them hard to split: commas and quotes inside quoted values, escapes,
+// token68 and scheme names where no scheme is.
+
+/** What a browser reads as the scheme of a field: its first token (Chromium's tokenizer does so). */
+const firstToken = (value: string) => /^[\s,]*([!#$%&'*+.^_`|~0-9A-Za-z-]+)/.exec(value)?.[1]?.toLowerCase();
+const PROMPTING = ['basic', 'digest', 'negotiate', 'ntlm'];
+const anyCase = (text: string) =>
+  fc.array(fc.boolean(), { minLength: text.length, maxLength: text.length }).map((upper) => [...text].map((char, i) => (upper[i] ? char.toUpperCase() : char.toLowerCase())).join(''));
+// Scheme names of the characters every scheme in use has: oauth4webapi finds where the next
+// challenge begins by them (a scheme such as `|a`, a valid token, would make the list unreadable).
+const schemeName = fc.oneof(fc.constantFrom('Basic', 'Digest', 'Negotiate', 'NTLM', 'Bearer', 'DPoP', 'Custom-Scheme', 'Basic2', 'XBasic'), fc.stringMatching(/^[A-Za-z][A-Za-z0-9._~+-]{0,11}$/)).chain(anyCase);
+const quotedText = fc.array(fc.constantFrom(',', ', ', '"', '\\', '=', ' ', 'a', 'realm', 'Basic', 'NTLM', ', Basic realm="x"', 'é'), { maxLength: 8 }).map((pieces) => pieces.join(''));
+const quote = (text: string) => `"${text.replace(/["\\]/g, '\\$&')}"`;
+const parameter = fc.tuple(fc.stringMatching(/^[a-z][a-z0-9_-]{0,8}$/), fc.oneof(quotedText.map(quote), token));
+const challenge = fc.tuple(
+  schemeName,
+  fc.oneof(
+    fc.tuple(fc.array(parameter, { maxLength: 4 }), fc.constantFrom(', ', ',')).map(([pairs, separator]) => pairs.map(([name, value]) => `${name}=${value}`).join(separator)),
+    fc.stringMatching(/^[A-Za-z0-9._~+/-]{1,12}={0,2}$/),
+  ),
+).map(([scheme, rest]) => (rest ? `${scheme} ${rest}` : scheme));
+// oauth4webapi's parser reads `, ` and `,` between challenges (not `Scheme , next`, which RFC 9110
+// allows): a field it cannot read is dropped whole when it names a prompting scheme (below).
+const challengeList = fc.tuple(fc.array(challenge, { minLength: 1, maxLength: 5 }), fc.constantFrom(', ', ',')).map(([list, separator]) => list.join(separator));
+
+const isPrompting = ({ scheme }: { scheme: string }) => PROMPTING.includes(scheme.toLowerCase());
+
+describe('WWW-Authenticate on the way down (generated challenge lists)', () => {
+  it('drops every Basic, Digest, Negotiate and NTLM challenge and keeps the others as they were meant', async () => {
+    await fc.assert(
+      fc.asyncProperty(challengeList, async (header) => {
+        const sent = await parseChallenges(header);
+        // The generator writes readable lists only; this keeps it honest.
+        expect(sent.length, header).toBeGreaterThan(0);
+        const kept = await filterResponseHeaders(['Content-Type', 'application/json', 'WWW-Authenticate', header]);
+        expect(kept[0]).toEqual(['content-type', 'application/json']);
+        const others = sent.filter((each) => !isPrompting(each));
+        if (others.length === sent.length) return void expect(kept, header).toEqual([['content-type', 'application/json'], ['www-authenticate', header]]);
+        if (others.length === 0) return void expect(kept, header).toEqual([['content-type', 'application/json']]);
+        expect(kept, header).toHaveLength(2);
+        const written = kept[1]?.[1] ?? '';
+        expect(await parseChallenges(written), `${header} → ${written}`).toEqual(others);
+        expect(PROMPTING, written).not.toContain(firstToken(written));
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('whatever an API sends, no field that reaches the browser starts with or parses to a prompting challenge', async () => {
+    const pieces = ['Basic', 'basic', 'NTLM', 'Negotiate', 'Digest', 'Bearer', 'DPoP', ' ', ',', '"', '\\', '=', 'realm', 'x', '\t', 'abc==', 'é'];
+    const hostile = fc.array(fc.constantFrom(...pieces), { minLength: 1, maxLength: 14 }).map((parts) => parts.join(''));
+    await fc.assert(
+      fc.asyncProperty(fc.array(hostile, { minLength: 1, maxLength: 3 }), async (values) => {
+        const kept = await filterResponseHeaders(values.flatMap((value) => ['www-authenticate', value]));
+        for (const [, value] of kept) {
+          expect(PROMPTING, value).not.toContain(firstToken(value));
+          const challenges = await parseChallenges(value);
+          // A field that mentions no such scheme passes as it came, readable or not.
+          if (!/basic|digest|negotiate|ntlm/i.test(value)) continue;
+          expect(challenges.length, value).toBeGreaterThan(0);
+          expect(challenges.filter(isPrompting), value).toEqual([]);
+        }
       }),
       { numRuns: RUNS },
     );

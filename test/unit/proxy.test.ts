@@ -96,8 +96,8 @@ describe('header hygiene', () => {
     ]);
   });
 
-  it('drops Set-Cookie, Gatehouse’s own signals, origin-wide state and hop-by-hop headers on the way down, keeps end-to-end ones', () => {
-    const kept = filterResponseHeaders([
+  it('drops Set-Cookie, Gatehouse’s own signals, origin-wide state and hop-by-hop headers on the way down, keeps end-to-end ones', async () => {
+    const kept = await filterResponseHeaders([
       'Set-Cookie', 'upstream=1',
       'X-Gatehouse-Error', 'session_expired',
       'X-Request-Id', 'forged',

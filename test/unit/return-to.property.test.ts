@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { safeReturnTo, sameOriginRedirect } from '../../lib/http.ts';
+import { MAX_RETURN_TO_LENGTH, safeReturnTo, sameOriginRedirect } from '../../lib/http.ts';
 import { hostileReturnTo } from '../support/hostile-inputs.ts';
 
 const APP = 'https://app.example.com';
@@ -22,6 +22,28 @@ describe('safeReturnTo (generated inputs)', () => {
       }),
       { numRuns: 20_000 },
     );
+  });
+
+  it('is at most MAX_RETURN_TO_LENGTH characters of ASCII that JSON stores as they are, however long the input grows when normalised', () => {
+    const piece = fc.constantFrom('é', '€', '😀', '中', 'a', '/', '?', '#', '%C3%A9', ' ', '"', '<', '\u2028');
+    const longPath = fc.tuple(fc.array(piece, { minLength: 300, maxLength: 2100 }), fc.constantFrom('/', '/a?', '/x#')).map(([pieces, head]) => head + pieces.join(''));
+    fc.assert(
+      fc.property(fc.oneof(longPath, fc.string({ unit: 'grapheme', maxLength: 2100 }).map((text) => `/${text}`)), (raw) => {
+        const target = safeReturnTo(raw);
+        expect(target.length).toBeLessThanOrEqual(MAX_RETURN_TO_LENGTH);
+        expect(JSON.stringify(target)).toHaveLength(target.length + 2);
+        expect(/^[\x21-\x7e]+$/.test(target), target).toBe(true);
+      }),
+      { numRuns: 2000 },
+    );
+  });
+
+  it('keeps the longest allowed target and refuses one character more, counted after normalisation', () => {
+    const largest = `/${'é'.repeat(341)}a`;
+    expect(safeReturnTo(largest)).toBe(`/${'%C3%A9'.repeat(341)}a`);
+    expect(safeReturnTo(`${largest}b`)).toBe('/');
+    // Fewer than MAX_RETURN_TO_LENGTH characters as typed, three times as many once encoded.
+    expect(safeReturnTo(`/${'é'.repeat(400)}`)).toBe('/');
   });
 
   it('finds the dot-segment spelling of a protocol-relative path', () => {

@@ -107,21 +107,41 @@ describe('login transaction cookie', () => {
     expect(await session.readTransaction(cookie, null)).toBeNull();
   });
 
-  it('fits a browser’s 4096 bytes with the longest returnTo and the largest step-up a login accepts', async () => {
+  it('fits a browser’s 4096 bytes, whole Set-Cookie line, with the longest returnTo and every other field at its largest', async () => {
     const session = await deploy(A);
     const { requestedStepUp } = await import('../../lib/auth.ts');
-    const { safeReturnTo } = await import('../../lib/http.ts');
+    const { MAX_RETURN_TO_LENGTH, safeReturnTo } = await import('../../lib/http.ts');
     const { MAX_ACR_VALUES, MAX_ACR_VALUES_LENGTH } = await import('../../lib/step-up.ts');
     const each = Math.floor((MAX_ACR_VALUES_LENGTH + 1) / MAX_ACR_VALUES) - 1;
     const acr = Array.from({ length: MAX_ACR_VALUES }, (_, i) => `${i}`.padEnd(each, 'u')).join(' ').padEnd(MAX_ACR_VALUES_LENGTH, 'u');
     const stepUp = requestedStepUp(new URLSearchParams({ acr_values: acr, max_age: '315360000' }));
     expect(stepUp.acrValues).toHaveLength(8);
-    const returnTo = safeReturnTo(`/${'a'.repeat(2047)}`);
-    expect(returnTo).toHaveLength(2048);
-    // Random values in the real lengths: a login's state, nonce, verifier and session id are 43 characters each.
+    // Non-ASCII triples in the normalised form: 341 × `é` is 2046 characters as `%C3%A9`.
+    const returnTo = safeReturnTo(`/${'é'.repeat(341)}a`);
+    expect(returnTo).toHaveLength(MAX_RETURN_TO_LENGTH);
+    // Random values in the real lengths: a login's state, nonce, verifier, session id and DPoP thumbprint are 43 characters each.
     const random = () => 'x'.repeat(43);
-    const header = await session.transactionCookieHeader({ state: random(), nonce: random(), codeVerifier: random(), prompt: 'none', returnTo, ...stepUp, startedAt: Date.now(), previousSessionId: random() });
-    expect(header.split(';')[0]!.length).toBeLessThanOrEqual(4096);
+    const header = await session.transactionCookieHeader({ state: random(), nonce: random(), codeVerifier: random(), prompt: 'none', returnTo, ...stepUp, startedAt: Date.now(), previousSessionId: random(), dpopJkt: random() });
+    // SESSION_SECRET A's key id has the most digits a key id can have (10): the seal is as long as it gets.
+    expect(/^[^=]+=Fe26\.2\*(\d+)\*/.exec(header)?.[1]).toHaveLength(10);
+    expect(header).toMatch(/^__Host-.*; Secure/);
+    expect(header.length).toBeLessThanOrEqual(4096);
+  });
+
+  it('of a browser’s other attempts record the session a callback creates, keeping their own lifetime; the finishing one, unreadable and run-out ones are left alone', async () => {
+    const session = await deploy(A);
+    const attempt = (state: string, startedAt: number) => ({ state: `${state}-abcdefghijklmnop`, nonce: 'n', codeVerifier: 'v', returnTo: '/', startedAt, previousSessionId: 'old' });
+    const now = Date.now();
+    const finishing = attempt('finishing', now - 1_000);
+    const sibling = attempt('sibling', now - 120_500);
+    const ranOut = attempt('ran-out', now - 601_000);
+    const lines = await Promise.all([finishing, sibling, ranOut].map((each) => session.transactionCookieHeader(each)));
+    const cookies = [...lines.map((line) => line.split(';')[0]!), '__Host-gatehouse-tx-garbage=not-a-seal'].join('; ');
+    const written = await session.siblingTransactionCookieHeaders(cookies, finishing.state, 'new-session');
+    expect(written).toHaveLength(1);
+    expect(written[0]).toMatch(/^__Host-gatehouse-tx-sibling-abcdefgh=.*Max-Age=(479|480);/);
+    expect(await session.readTransaction(written[0]!.split(';')[0], sibling.state)).toEqual({ ...sibling, previousSessionId: 'new-session' });
+    expect(await session.siblingTransactionCookieHeaders(null, finishing.state, 'new-session')).toEqual([]);
   });
 
   it('are bounded per browser: a new login drops the oldest and any unreadable ones', async () => {

@@ -1,5 +1,7 @@
 import fc from 'fast-check';
+import { createServer } from 'node:http';
 import path from 'node:path';
+import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { resolveSpaFile, resolveSpaUrl, serveSpaFrom } from '../../lib/spa.ts';
 
@@ -53,5 +55,82 @@ describe('serveSpaFrom, remote origin', () => {
     expect(answer?.status).toBe(502);
     expect(answer?.body).toBe('The application could not be loaded. Try again shortly.');
     expect(answer?.headers).toContainEqual(['cache-control', 'no-store']);
+  });
+});
+
+describe('serveSpaFrom, remote origin, kept per process as the host says', () => {
+  const LAST_MODIFIED = 'Wed, 01 Jan 2025 00:00:00 GMT';
+  const BIG = 3 * 1024 * 1024;
+
+  /** A real static host on a port of its own (the cache is per process, keyed by URL), counting what reaches it. */
+  async function host() {
+    const asked: string[] = [];
+    const server = createServer((req, res) => {
+      const name = new URL(req.url ?? '/', 'http://x').pathname.replace('/app/', '');
+      asked.push(`${req.method} ${name}${req.headers['if-modified-since'] ? ' if-modified-since' : ''}${req.headers.range ? ' range' : ''}`);
+      if (name === 'lm.txt') {
+        const headers = { 'content-type': 'text/plain', 'cache-control': 'no-cache', 'last-modified': LAST_MODIFIED };
+        if (req.headers['if-modified-since'] === LAST_MODIFIED) return void res.writeHead(304, headers).end();
+        return void res.writeHead(200, { ...headers, 'content-length': '2' }).end('lm');
+      }
+      if (name === 'expires.txt') {
+        const now = Date.now();
+        return void res.writeHead(200, { 'content-type': 'text/plain', date: new Date(now).toUTCString(), expires: new Date(now + 60_000).toUTCString(), 'content-length': '7' }).end('expires');
+      }
+      if (name === 'vary.txt') return void res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'max-age=60', vary: 'Accept-Language', 'content-length': '4' }).end('vary');
+      if (name === 'chunked.txt') {
+        // No Content-Length: sent chunked.
+        res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'max-age=60' });
+        res.write('chun');
+        return void res.end('ked');
+      }
+      if (name === 'big.bin') {
+        res.writeHead(200, { 'content-type': 'application/octet-stream', 'cache-control': 'max-age=60' });
+        for (let sent = 0; sent < BIG; sent += 64 * 1024) res.write(Buffer.alloc(64 * 1024, 0x62));
+        return void res.end();
+      }
+      res.writeHead(404).end();
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const source = { kind: 'origin' as const, url: new URL(`http://127.0.0.1:${(server.address() as { port: number }).port}/app/`), contentSecurityPolicy: undefined };
+    const get = async (file: string, headers: Record<string, string> = {}, method = 'GET') => {
+      const answer = await serveSpaFrom(source, method, `/${file}`, (name) => headers[name]);
+      const body = answer?.body;
+      let bytes = Buffer.alloc(0);
+      if (body instanceof Readable) for await (const chunk of body) bytes = Buffer.concat([bytes, chunk as Buffer]);
+      else if (body) bytes = Buffer.from(body);
+      return { status: answer?.status, length: bytes.length, text: bytes.length < 100 ? bytes.toString() : '', headers: new Map(answer?.headers) };
+    };
+    return { asked, get, close: () => new Promise((resolve) => server.close(resolve)) };
+  }
+
+  it('revalidates with Last-Modified when that is all there is, answers HEAD and If-Modified-Since from the copy, keeps by Expires, small chunked files too', async () => {
+    const origin = await host();
+    try {
+      expect(await origin.get('lm.txt')).toMatchObject({ status: 200, text: 'lm' });
+      expect(await origin.get('lm.txt', {}, 'HEAD')).toMatchObject({ status: 200, length: 0 });
+      expect(await origin.get('lm.txt', { 'if-modified-since': LAST_MODIFIED })).toMatchObject({ status: 304, length: 0 });
+      // no-cache: each one asks the host, with the kept copy's date, and the host's 304 is enough.
+      expect(origin.asked.filter((line) => line.includes('lm.txt'))).toEqual(['GET lm.txt', 'GET lm.txt if-modified-since', 'GET lm.txt if-modified-since']);
+
+      for (let i = 0; i < 3; i++) expect(await origin.get('expires.txt')).toMatchObject({ status: 200, text: 'expires' });
+      for (let i = 0; i < 3; i++) expect(await origin.get('chunked.txt')).toMatchObject({ status: 200, text: 'chunked' });
+      expect(origin.asked.filter((line) => /expires|chunked/.test(line))).toEqual(['GET expires.txt', 'GET chunked.txt']);
+    } finally {
+      await origin.close();
+    }
+  });
+
+  it('keeps nothing that varies by what the browser sends or is over 2 MiB (passed on whole), and sends range requests on', async () => {
+    const origin = await host();
+    try {
+      for (let i = 0; i < 2; i++) expect(await origin.get('vary.txt', { 'accept-language': i ? 'de' : 'en' })).toMatchObject({ status: 200, text: 'vary' });
+      for (let i = 0; i < 2; i++) expect(await origin.get('big.bin')).toMatchObject({ status: 200, length: BIG });
+      await origin.get('chunked.txt');
+      await origin.get('chunked.txt', { range: 'bytes=0-1' });
+      expect(origin.asked).toEqual(['GET vary.txt', 'GET vary.txt', 'GET big.bin', 'GET big.bin', 'GET chunked.txt', 'GET chunked.txt range']);
+    } finally {
+      await origin.close();
+    }
   });
 });
