@@ -1,4 +1,5 @@
-import { writeSync } from 'node:fs';
+import SonicBoom from 'sonic-boom';
+import { sharedState } from './shared-state.ts';
 
 /**
  * Structured logs: one JSON line per event on stdout. Callers pass only fields that are safe to
@@ -15,40 +16,46 @@ function threshold(): number {
 let minimum: number | undefined;
 
 /**
- * Info and debug lines (one per proxied request at the default level) are gathered and written
- * together at most FLUSH_AFTER_MS later: a write to a pipe is a synchronous system call in Node,
- * and one per request was a tenth of the fast path's CPU. Warnings and errors go at once, so a
- * crash cannot hide them; what is gathered is written on the way out, however the process exits
- * short of SIGKILL.
+ * Info and debug lines (one per proxied request at the default level) go through sonic-boom, pino's
+ * writer: gathered and written off the event loop (asynchronous `fs.write`), at the latest
+ * FLUSH_AFTER_MS after they were logged. One synchronous write to a pipe per request was a tenth of
+ * the fast path's CPU, and a slow log reader then stalls every request. Warnings and errors go
+ * at once, synchronously, so a crash cannot hide them; what is gathered is written on the way out
+ * (`exit`), however the process ends short of SIGKILL. A reader that stops reading costs lines,
+ * never memory: past MAX_BUFFERED_CHARS they are dropped, and the drop is reported on stderr.
  */
-const FLUSH_AT_CHARS = 64 * 1024;
-const FLUSH_AFTER_MS = 50;
-let buffered = '';
-let flushScheduled = false;
-let exitHookInstalled = false;
+const FLUSH_AFTER_MS = 200;
+/**
+ * Writes to a pipe of at most PIPE_BUF bytes are atomic: npm start's workers share one stdout, and
+ * a bigger write could be interleaved with another worker's, cutting lines in two.
+ */
+const PIPE_BUF = 4096;
+const MAX_BUFFERED_CHARS = 16 * 1024 * 1024;
+const DROP_REPORT_INTERVAL_MS = 10_000;
+/** One writer per process, whichever copies of this module it loads (Next's bundle, server.ts). */
+const state = sharedState('log', () => ({ writer: undefined as SonicBoom | undefined, droppedLines: 0, lastDropReport: 0 }));
 
-function flush(): void {
-  flushScheduled = false;
-  if (!buffered) return;
-  const lines = buffered;
-  buffered = '';
-  process.stdout.write(lines);
-}
-
-function buffer(line: string): void {
-  buffered += line;
-  if (!exitHookInstalled) {
-    exitHookInstalled = true;
-    process.on('exit', () => {
-      if (buffered) writeSync(1, buffered);
-      buffered = '';
-    });
-  }
-  if (buffered.length >= FLUSH_AT_CHARS) flush();
-  else if (!flushScheduled) {
-    flushScheduled = true;
-    setTimeout(flush, FLUSH_AFTER_MS).unref();
-  }
+function stdoutWriter(): SonicBoom {
+  if (state.writer) return state.writer;
+  const created = new SonicBoom({ fd: 1, sync: false, minLength: PIPE_BUF / 2, maxWrite: PIPE_BUF, maxLength: MAX_BUFFERED_CHARS, periodicFlush: FLUSH_AFTER_MS });
+  // A closed or broken stdout must not take the server down with it.
+  created.on('error', () => undefined);
+  created.on('drop', (data: string) => {
+    state.droppedLines += data.split('\n').length - 1;
+    const now = Date.now();
+    if (now - state.lastDropReport < DROP_REPORT_INTERVAL_MS) return;
+    state.lastDropReport = now;
+    process.stderr.write(`${JSON.stringify({ time: new Date(now).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`);
+  });
+  process.on('exit', () => {
+    try {
+      created.flushSync();
+    } catch {
+      // Nothing more can be done for the last lines on the way out.
+    }
+  });
+  state.writer = created;
+  return created;
 }
 
 export function log(level: Level, event: string, fields: Record<string, unknown> = {}): void {
@@ -56,7 +63,7 @@ export function log(level: Level, event: string, fields: Record<string, unknown>
   if (RANK[level] < minimum) return;
   const line = JSON.stringify({ time: new Date().toISOString(), level, event, ...fields }) + '\n';
   if (level === 'error' || level === 'warn') process.stderr.write(line);
-  else buffer(line);
+  else stdoutWriter().write(line);
 }
 
 /** What may be logged about a failure: its name, code and message, not its payload. */

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
-import { call, login } from '../support/http-client.ts';
+import { call, login, waitFor } from '../support/http-client.ts';
 
 /**
  * Structured logs at the most verbose level, through a whole session's life: one JSON line per
@@ -34,10 +34,13 @@ describe('logs', () => {
     await call(app, '/api/proxy/demo/echo', undefined);
     await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } });
 
-    const lines = stack.apps[0]!.process
-      .output()
-      .split('\n')
-      .filter((line) => line.startsWith('{'));
+    const readLines = () =>
+      stack.apps[0]!.process
+        .output()
+        .split('\n')
+        .filter((line) => line.startsWith('{'));
+    // Info lines are written within a fraction of a second, not at once (lib/log.ts).
+    const lines = await waitFor('the proxied requests logged', () => (readLines().filter((line) => line.includes('"proxy.request"')).length >= 3 ? readLines() : undefined), 3_000);
     const events = lines.map((line) => JSON.parse(line) as { event: string; level: string; time: string } & Record<string, unknown>);
     const proxied = events.filter((event) => event.event === 'proxy.request');
     expect(proxied).toHaveLength(3);

@@ -201,7 +201,8 @@ describe('npm start and .env files', () => {
     const { LOG_LEVEL: _fromTheStack, ...env } = stack.apps[0]!.env;
     const withFile = await startProcess('dotenv', ['server.ts'], { ...env, PORT: String(port), GATEHOUSE_WORKERS: '1' }, /Gatehouse listening/).finally(() => rmSync(file));
     try {
-      expect(withFile.output()).toContain('server.env_files');
+      // Info lines are written within a fraction of a second, not at once (lib/log.ts).
+      await waitFor('the env_files line', () => withFile.output().includes('server.env_files') || undefined, 3_000);
       expect(withFile.output()).toContain('.env.production.local');
       expect(withFile.output()).toContain(`Gatehouse listening on http://127.0.0.1:${port}`);
     } finally {

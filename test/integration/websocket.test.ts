@@ -300,11 +300,16 @@ describe('the session ends, the socket closes with 4401', () => {
       .split('\n')
       .filter((line) => line.includes('"websocket.session_ended"'))
       .map((line) => JSON.parse(line) as { detectedBy: string });
+  /** How many such lines there are once every earlier one is out (info lines leave within 200 ms, lib/log.ts). */
+  const settledEndedLogLines = async () => {
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    return endedLogLines().length;
+  };
 
   it('logout in this process closes it at once', async () => {
     const cookie = await login(app, 'ws-logout');
     const socket = await open('/api/proxy/live/ws', { cookie });
-    const logged = endedLogLines().length;
+    const logged = await settledEndedLogLines();
     const started = Date.now();
     const logout = await call(app, '/api/auth/logout', cookie, { method: 'POST' });
     expect(logout.status).toBe(200);
@@ -312,7 +317,8 @@ describe('the session ends, the socket closes with 4401', () => {
     expect(closed).toMatchObject({ code: SESSION_ENDED, reason: 'session ended' });
     // Well within the session check interval, and the log says so: the logout itself closed it.
     expect(closed.at - started).toBeLessThan(1_000);
-    expect(endedLogLines().slice(logged)).toEqual([expect.objectContaining({ detectedBy: 'this_process' })]);
+    // Info lines are written within a fraction of a second, not at once (lib/log.ts).
+    expect(await waitFor('the socket end logged', () => (endedLogLines().length > logged ? endedLogLines().slice(logged) : undefined), 3_000)).toEqual([expect.objectContaining({ detectedBy: 'this_process' })]);
     expect(await upstreamClose(socket.requestId)).toEqual({ code: 1000, reason: 'session ended' });
     expectGatehouseRefusal(await refused('/api/proxy/live/ws', { cookie }), 401, 'unauthenticated');
   });
@@ -339,13 +345,14 @@ describe('the session ends, the socket closes with 4401', () => {
     const socket = await open('/api/proxy/live/ws', { cookie });
     const key = await probe.sessionKeyOf('ws-elsewhere');
     if (!key) throw new Error('no session key');
-    const logged = endedLogLines().length;
+    const logged = await settledEndedLogLines();
     const started = Date.now();
     await probe.redis.del(key);
     const closed = await socket.closed;
     expect(closed.code).toBe(SESSION_ENDED);
     expect(closed.at - started).toBeLessThan(CHECK_INTERVAL_SEC * 1000 + 1_000);
-    expect(endedLogLines().slice(logged)).toEqual([expect.objectContaining({ detectedBy: 'session_check' })]);
+    // Info lines are written within a fraction of a second, not at once (lib/log.ts).
+    expect(await waitFor('the socket end logged', () => (endedLogLines().length > logged ? endedLogLines().slice(logged) : undefined), 3_000)).toEqual([expect.objectContaining({ detectedBy: 'session_check' })]);
   });
 });
 

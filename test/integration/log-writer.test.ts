@@ -1,0 +1,61 @@
+import { spawn } from 'node:child_process';
+import { describe, expect, it } from 'vitest';
+import { ROOT } from '../../e2e/support/stack.ts';
+
+/**
+ * lib/log.ts gathers info lines and writes them off the event loop. What must hold whatever the
+ * batching: every line arrives whole, none is lost on the way out, and processes sharing one
+ * stdout (npm start's workers) never cut each other's lines.
+ */
+
+const LOG_LINES = 20_000;
+
+/** A process that logs `lines` info lines with a marker, each ~300 bytes, then exits. */
+function loggerScript(marker: string, lines: number, exit: 'exit' | 'drain'): string {
+  return `
+    import { log } from ${JSON.stringify(`${ROOT}/lib/log.ts`)};
+    for (let i = 0; i < ${lines}; i++) log('info', 'test.line', { marker: ${JSON.stringify(marker)}, i, pad: 'x'.repeat(200 + (i % 97)) });
+    ${exit === 'exit' ? 'process.exit(0);' : ''}
+  `;
+}
+
+/** Runs a shell command line and returns its standard output. */
+function run(command: string, env: Record<string, string> = {}): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('sh', ['-c', command], { cwd: ROOT, env: { ...process.env, LOG_LEVEL: 'info', ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`exited ${code}`))));
+  });
+}
+
+function parsedLines(output: string): Array<{ event: string; marker: string; i: number }> {
+  return output
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => JSON.parse(line) as { event: string; marker: string; i: number });
+}
+
+describe('log writer', () => {
+  it('writes every line whole, in order, when the process exits at once after logging them', async () => {
+    const output = await run(`"${process.execPath}" --input-type=module -e "$SCRIPT"`, { SCRIPT: loggerScript('a', LOG_LINES, 'exit') });
+    const lines = parsedLines(output);
+    expect(lines).toHaveLength(LOG_LINES);
+    expect(lines.map((line) => line.i)).toEqual(Array.from({ length: LOG_LINES }, (_, i) => i));
+  });
+
+  it('writes every line whole when the process ends because it has nothing left to do', async () => {
+    const output = await run(`"${process.execPath}" --input-type=module -e "$SCRIPT"`, { SCRIPT: loggerScript('b', 500, 'drain') });
+    expect(parsedLines(output)).toHaveLength(500);
+  });
+
+  it('two processes on one stdout pipe never cut each other’s lines', async () => {
+    const node = `"${process.execPath}" --input-type=module -e`;
+    const output = await run(`${node} "$ONE" & ${node} "$TWO" & wait`, { ONE: loggerScript('one', LOG_LINES, 'exit'), TWO: loggerScript('two', LOG_LINES, 'exit') });
+    // JSON.parse throws on a line cut in two or two lines run together.
+    const lines = parsedLines(output);
+    expect(lines.filter((line) => line.marker === 'one')).toHaveLength(LOG_LINES);
+    expect(lines.filter((line) => line.marker === 'two')).toHaveLength(LOG_LINES);
+  });
+});
