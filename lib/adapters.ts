@@ -70,10 +70,7 @@ function decodedBody(body: Readable, contentEncoding: string): Readable | null {
   return decoded;
 }
 
-/** Bodies this small, with a declared length, are read whole: a web stream costs more per chunk than they take to arrive. */
-const SMALL_BODY_BYTES = 64 * 1024;
-
-export async function webResponseFrom(answer: ProxyResponse): Promise<Response> {
+export function webResponseFrom(answer: ProxyResponse): Response {
   const headers = new Headers();
   for (const [name, value] of answer.headers) headers.append(name, value);
   const contentEncoding = headers.get('content-encoding');
@@ -92,7 +89,6 @@ export async function webResponseFrom(answer: ProxyResponse): Promise<Response> 
   }
   let body: BodyInit | null;
   if (upstreamBody === null || typeof upstreamBody === 'string' || upstreamBody instanceof Uint8Array) body = upstreamBody as BodyInit | null;
-  else if (Number(headers.get('content-length') ?? Infinity) <= SMALL_BODY_BYTES) body = Buffer.concat(await upstreamBody.toArray());
   else body = Readable.toWeb(upstreamBody) as unknown as ReadableStream<Uint8Array>;
   return new Response(body, { status: answer.status, headers });
 }

@@ -1,5 +1,6 @@
+import diagnostics from 'node:diagnostics_channel';
 import { Readable, Transform } from 'node:stream';
-import { Client, Pool, errors as undiciErrors, type Dispatcher } from 'undici';
+import { Client, Pool, type Dispatcher } from 'undici';
 import { getConfig, type ApiConfig } from './config.ts';
 import { dpopAuthorization, dpopNonceDemanded } from './dpop.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
@@ -386,12 +387,40 @@ const SMALL_ANSWER_BYTES = 64 * 1024;
 /**
  * A kept-alive connection can be closed by the upstream just as a request goes out on it (its
  * idle timeout fired first). That request never reached the upstream's application, so a bodiless
- * request of an idempotent method is sent once more, on a connection of its own, instead of failing.
+ * request of an idempotent method is sent once more, on a connection of its own, instead of
+ * failing. Only on a reused connection: a fresh one that breaks may have reached an upstream that
+ * acted on the request (and crashed), which must not get it twice.
  */
 const STALE_CONNECTION_CODES = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE']);
 
-/** An answer that broke off after it had begun: the upstream acted on the request, so it is never sent again. */
-class AnswerBrokenOff extends Error {}
+/** Why an exchange failed, with what the resend decision needs to know. */
+class ExchangeFailed extends Error {
+  /** The request went out on a connection that had carried an earlier one. */
+  readonly reusedConnection: boolean;
+  /** The answer had begun: the upstream acted on the request. */
+  readonly answerBegun: boolean;
+
+  constructor(cause: unknown, reusedConnection: boolean, answerBegun: boolean) {
+    super('upstream exchange failed', { cause });
+    this.reusedConnection = reusedConnection;
+    this.answerBegun = answerBegun;
+  }
+}
+
+/**
+ * Which connections have carried a request, to tell a reused one from a fresh one. undici calls
+ * `onRequestStart` and publishes `sendHeaders` (with the socket) in one synchronous step as it
+ * writes a request, so the exchange starting is always the one the socket is reported for.
+ */
+const connectionUses = new WeakMap<object, number>();
+let startingExchange: { reusedConnection: boolean } | undefined;
+diagnostics.subscribe('undici:client:sendHeaders', (message) => {
+  const { socket } = message as { socket: object };
+  const uses = connectionUses.get(socket) ?? 0;
+  connectionUses.set(socket, uses + 1);
+  if (startingExchange) startingExchange.reusedConnection = uses > 0;
+  startingExchange = undefined;
+});
 
 function flatHeaders(headers: Record<string, string | string[] | undefined>): string[] {
   const flat: string[] = [];
@@ -403,12 +432,15 @@ function flatHeaders(headers: Record<string, string | string[] | undefined>): st
   return flat;
 }
 
+function upstreamTimeout(): GatehouseError {
+  return new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.');
+}
+
 function upstreamError(error: unknown, signal: AbortSignal): GatehouseError {
   if (signal.aborted) return clientClosed();
-  const cause = error instanceof AnswerBrokenOff ? error.cause : error;
+  const cause = error instanceof ExchangeFailed ? error.cause : error;
   if (cause instanceof GatehouseError) return cause;
   if (cause instanceof BodyTooLarge) return errors.payloadTooLarge('The request body is too large for this API.');
-  if (cause instanceof undiciErrors.HeadersTimeoutError) return new GatehouseError('upstream_timeout', 504, 'The API did not answer in time.');
   return new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause });
 }
 
@@ -421,42 +453,79 @@ function discard(body: Readable | Buffer): void {
  * One exchange through undici's dispatcher, with a handler of our own rather than its promise
  * API: that one's body stream kept every answer reachable long enough to be promoted out of V8's
  * young generation, which made each scavenge cost ~10 ms (the p99 at -c1) and the old generation
- * grow by tens of MB a second. Small answers are gathered whole; others stream with backpressure,
- * and a body dropped by its reader (the browser left) aborts the upstream request.
+ * grow by tens of MB a second.
+ *
+ * - `timeoutMs` runs from dispatch to the answer's head, so it also bounds the wait for a free
+ *   connection when the pool is full; a request abandoned in the queue is aborted when it starts.
+ * - Interim answers (1xx: Early Hints, Processing) are skipped; the final one is passed on.
+ * - A small answer (declared length ≤ SMALL_ANSWER_BYTES) that arrives with its head, in the same
+ *   read, is gathered and passed on whole; any other streams with backpressure, so a body that
+ *   stalls never holds back the head. A body dropped by its reader (the browser left) aborts the
+ *   upstream request.
  */
-function exchange(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortSignal): Promise<UpstreamAnswer> {
+function exchange(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, timeoutMs: number, signal: AbortSignal): Promise<UpstreamAnswer> {
   return new Promise((resolve, reject) => {
+    const attempt = { reusedConnection: false };
     let controller: Dispatcher.DispatchController | undefined;
     let status = 0;
     let rawHeaders: string[] = [];
     let whole: Buffer[] | undefined;
     let stream: Readable | undefined;
     let ended = false;
-    const onAbort = () => controller?.abort(clientClosed());
+    let settled = false;
+    const fail = (error: unknown) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(deadline);
+      signal.removeEventListener('abort', onAbort);
+      reject(new ExchangeFailed(error, attempt.reusedConnection, status !== 0));
+    };
+    const onAbort = () => {
+      controller?.abort(clientClosed());
+      fail(clientClosed());
+    };
+    const deadline = setTimeout(() => {
+      controller?.abort(upstreamTimeout());
+      fail(upstreamTimeout());
+    }, timeoutMs);
     signal.addEventListener('abort', onAbort, { once: true });
-    const settle = () => signal.removeEventListener('abort', onAbort);
+    const streamFrom = (started: Dispatcher.DispatchController, gathered: Buffer[]) => {
+      const body = new Readable({
+        read: () => started.resume(),
+        destroy: (error, callback) => {
+          if (!ended) started.abort(error ?? clientClosed());
+          signal.removeEventListener('abort', onAbort);
+          callback(error);
+        },
+      });
+      for (const chunk of gathered) body.push(chunk);
+      stream = body;
+      whole = undefined;
+      settled = true;
+      resolve({ status, rawHeaders, body });
+    };
     dispatcher.dispatch(options, {
       onRequestStart(started) {
         controller = started;
-        if (signal.aborted) started.abort(clientClosed());
+        startingExchange = attempt;
+        // Abandoned while it waited for a connection (deadline, or the browser left).
+        if (settled || signal.aborted) started.abort(signal.aborted ? clientClosed() : upstreamTimeout());
       },
       onResponseStart(started, statusCode, headers) {
+        if (statusCode < 200) return;
         status = statusCode;
+        clearTimeout(deadline);
         rawHeaders = flatHeaders(headers);
         const length = headers['content-length'];
         if (typeof length === 'string' && Number(length) <= SMALL_ANSWER_BYTES) {
           whole = [];
+          // Whatever came in the same read as the head has been handed over by now; the rest streams.
+          process.nextTick(() => {
+            if (whole && !ended && !settled) streamFrom(started, whole);
+          });
           return;
         }
-        stream = new Readable({
-          read: () => started.resume(),
-          destroy: (error, callback) => {
-            if (!ended) started.abort(error ?? clientClosed());
-            settle();
-            callback(error);
-          },
-        });
-        resolve({ status, rawHeaders, body: stream });
+        streamFrom(started, []);
       },
       onResponseData(started, chunk) {
         if (whole) whole.push(chunk);
@@ -464,15 +533,21 @@ function exchange(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, s
       },
       onResponseEnd() {
         ended = true;
-        settle();
-        if (whole) resolve({ status, rawHeaders, body: whole.length === 1 ? (whole[0] as Buffer) : Buffer.concat(whole) });
-        else stream?.push(null);
+        if (whole && !settled) {
+          settled = true;
+          signal.removeEventListener('abort', onAbort);
+          resolve({ status, rawHeaders, body: whole.length === 1 ? (whole[0] as Buffer) : Buffer.concat(whole) });
+        } else {
+          signal.removeEventListener('abort', onAbort);
+          stream?.push(null);
+        }
       },
       onResponseError(_started, error) {
         ended = true;
-        settle();
-        if (stream) stream.destroy(error);
-        else reject(status ? new AnswerBrokenOff('the answer broke off', { cause: error }) : error);
+        if (stream) {
+          signal.removeEventListener('abort', onAbort);
+          stream.destroy(error);
+        } else fail(error);
       },
     });
   });
@@ -492,18 +567,20 @@ async function sendUpstreamUntraced(
   // The browser may have left while its session or token was read: nothing must go upstream on
   // behalf of a browser that is gone.
   if (signal.aborted) throw clientClosed();
-  const options: Dispatcher.DispatchOptions = { path: url.pathname + url.search, method: method as Dispatcher.HttpMethod, headers: headers.flat(), body, headersTimeout: api.timeoutMs };
+  // The deadline is exchange()'s own; undici's would not count the wait for a connection.
+  const options: Dispatcher.DispatchOptions = { path: url.pathname + url.search, method: method as Dispatcher.HttpMethod, headers: headers.flat(), body, headersTimeout: 0 };
   try {
-    return await exchange(poolFor(url), options, signal);
+    return await exchange(poolFor(url), options, api.timeoutMs, signal);
   } catch (error) {
-    const code = (error as { code?: unknown }).code;
-    const stale = typeof code === 'string' && STALE_CONNECTION_CODES.has(code);
+    const failed = error instanceof ExchangeFailed ? error : undefined;
+    const code = (failed?.cause as { code?: unknown } | undefined)?.code;
+    const stale = failed?.reusedConnection === true && !failed.answerBegun && typeof code === 'string' && STALE_CONNECTION_CODES.has(code);
     if (!stale || body !== null || !REPLAYABLE_METHODS.has(method) || signal.aborted) throw upstreamError(error, signal);
     log('debug', 'proxy.resend', { api: api.name, causeCode: code });
     // A one-off connection: the pool may hold more that the upstream closed the same way.
     const oneOff = new Client(url.origin, POOL_OPTIONS);
     try {
-      return await exchange(oneOff, options, signal);
+      return await exchange(oneOff, options, api.timeoutMs, signal);
     } catch (again) {
       throw upstreamError(again, signal);
     } finally {

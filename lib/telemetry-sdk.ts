@@ -108,19 +108,30 @@ const DROPPED_ATTRIBUTES = new Set(['url.query']);
 /**
  * Gatehouse's own spans never record a URL, but Next's request and fetch spans do, query included
  * (in attributes and in fetch spans' names): the login callback's `code` and `state`, a logout
- * link's `sid`. Those queries are cut before any span leaves the process.
+ * link's `sid`. Those queries are cut before any span leaves the process, and so are the parts of
+ * a path that name a user's data or session: what follows an API's name under /api/proxy/ (ids,
+ * whatever the SPA asks for) and a session's handle under /api/auth/sessions/.
  */
 export function withoutQueries(span: ReadableSpan): ReadableSpan {
-  const risky = span.name.includes('?') || Object.keys(span.attributes).some((key) => URL_ATTRIBUTES.has(key) || DROPPED_ATTRIBUTES.has(key));
+  const risky = span.name.includes('?') || PRIVATE_PATH.test(span.name) || Object.keys(span.attributes).some((key) => URL_ATTRIBUTES.has(key) || DROPPED_ATTRIBUTES.has(key));
   if (!risky) return span;
   const attributes = { ...span.attributes };
   for (const key of Object.keys(attributes)) {
     const value = attributes[key];
     if (DROPPED_ATTRIBUTES.has(key)) delete attributes[key];
-    else if (URL_ATTRIBUTES.has(key) && typeof value === 'string') attributes[key] = value.split('?', 1)[0];
+    else if (URL_ATTRIBUTES.has(key) && typeof value === 'string') attributes[key] = scrubbedUrl(value);
   }
   // The span's methods (spanContext(), …) stay reachable through the prototype.
-  return Object.assign(Object.create(span) as ReadableSpan, { name: span.name.split('?', 1)[0], attributes });
+  return Object.assign(Object.create(span) as ReadableSpan, { name: scrubbedUrl(span.name), attributes });
+}
+
+/** /api/proxy/<api>/<anything> and /api/auth/sessions/<handle>, wherever they appear in a value. */
+const PRIVATE_PATH = /(\/api\/proxy\/[^/?#\s]+\/|\/api\/auth\/sessions\/)[^?#\s]+/;
+
+function scrubbedUrl(value: string): string {
+  return value
+    .split('?', 1)[0]!
+    .replace(PRIVATE_PATH, (_match, prefix: string) => `${prefix}${prefix.startsWith('/api/proxy/') ? '{path}' : '{handle}'}`);
 }
 
 function redacting(exporter: SpanExporter): SpanExporter {

@@ -1,3 +1,4 @@
+import fc from 'fast-check';
 import type { ReadableSpan } from '@opentelemetry/sdk-trace';
 import { describe, expect, it } from 'vitest';
 import { mergeExpositions, withoutQueries } from '../../lib/telemetry-sdk.ts';
@@ -58,6 +59,18 @@ describe('withoutQueries', () => {
     expect(cleaned.name).toBe('fetch GET https://idp/x');
     expect(cleaned.attributes).toEqual({ 'http.target': '/api/auth/callback', 'http.method': 'GET' });
     expect(cleaned.spanContext().spanId).toBe('s');
+  });
+
+  it("cuts what follows an API's name and a session's handle from Next's URLs, whatever they hold", () => {
+    const segment = fc.stringMatching(/^[A-Za-z0-9._~%!$&'()*+,;=:@-]{1,40}$/);
+    fc.assert(
+      fc.property(segment, fc.array(segment, { minLength: 1, maxLength: 4 }), segment, (api, rest, handle) => {
+        const path = rest.join('/');
+        const cleaned = withoutQueries(span(`GET /api/proxy/${api}/${path}`, { 'http.target': `/api/proxy/${api}/${path}?q=1`, 'http.url': `http://app/api/auth/sessions/${handle}` }));
+        expect(cleaned.name).toBe(`GET /api/proxy/${api}/{path}`);
+        expect(cleaned.attributes).toEqual({ 'http.target': `/api/proxy/${api}/{path}`, 'http.url': 'http://app/api/auth/sessions/{handle}' });
+      }),
+    );
   });
 
   it('passes clean spans through untouched', () => {

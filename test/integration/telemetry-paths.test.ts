@@ -1,0 +1,62 @@
+// OpenTelemetry under `next start` (lib/telemetry-sdk.ts `withoutQueries`): Next's own request spans
+// record the request path (`http.target`); README promises no session handle in any span, so
+// `DELETE /api/auth/sessions/<handle>` must export none (found by an attacker's review).
+import http from 'node:http';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startStack, type Stack } from '../../e2e/support/stack.ts';
+import { login, waitFor } from '../support/http-client.ts';
+
+function startCollector(): Promise<{ url: string; bodies: Array<{ path: string; text: string }>; close: () => void }> {
+  const bodies: Array<{ path: string; text: string }> = [];
+  const server = http.createServer((request, response) => {
+    const chunks: Buffer[] = [];
+    request.on('data', (chunk: Buffer) => chunks.push(chunk));
+    request.on('end', () => {
+      bodies.push({ path: request.url ?? '', text: Buffer.concat(chunks).toString('utf8') });
+      response.writeHead(200, { 'content-type': 'application/json' }).end('{}');
+    });
+  });
+  return new Promise((resolve) =>
+    server.listen(0, '127.0.0.1', () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, bodies, close: () => server.close() })),
+  );
+}
+
+let stack: Stack;
+let app: string;
+let collector: Awaited<ReturnType<typeof startCollector>>;
+
+beforeAll(async () => {
+  collector = await startCollector();
+  stack = await startStack({
+    server: 'next',
+    workers: 1,
+    apis: ({ apiUrl }) => ({ demo: { url: apiUrl } }),
+    env: { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: `${collector.url}/v1/traces`, OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json', OTEL_BSP_SCHEDULE_DELAY: '100', OTEL_METRICS_EXPORTER: 'none' },
+  });
+  app = stack.apps[0]!.url;
+});
+
+afterAll(async () => {
+  await stack?.stop();
+  collector?.close();
+});
+
+describe('telemetry under next start', () => {
+  it('ending another of one’s sessions (DELETE /api/auth/sessions/<handle>) exports no session handle in any span', async () => {
+    const laptop = await login(app, 'otel-handle-user');
+    const phone = await login(app, 'otel-handle-user');
+    const listed = await fetch(`${app}/api/auth/sessions`, { headers: { cookie: laptop, 'x-csrf': '1' } });
+    const { sessions } = (await listed.json()) as { sessions: Array<{ handle: string; current: boolean }> };
+    const other = sessions.find((session) => !session.current)?.handle;
+    if (!other) throw new Error('no second session listed');
+    const ended = await fetch(`${app}/api/auth/sessions/${other}`, { method: 'DELETE', headers: { cookie: laptop, 'x-csrf': '1' } });
+    expect(ended.status).toBe(200);
+    expect((await fetch(`${app}/api/auth/session`, { headers: { cookie: phone, 'x-csrf': '1' } }).then((res) => res.json())) as object).toMatchObject({ authenticated: false });
+    // Every span of that request has been exported once one names the sessions route.
+    const exported = await waitFor('the DELETE request’s spans to be exported', () => {
+      const text = collector.bodies.filter((body) => body.path === '/v1/traces').map((body) => body.text).join('\n');
+      return text.includes('/api/auth/sessions/') ? text : undefined;
+    }, 15_000);
+    expect(exported.includes(other), `the handle ${other} appears in the exported spans`).toBe(false);
+  }, 60_000);
+});
