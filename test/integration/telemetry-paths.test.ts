@@ -1,32 +1,18 @@
 // OpenTelemetry under `next start` (lib/telemetry-sdk.ts `withoutQueries`): Next's own request spans
 // record the request path (`http.target`); README promises no session handle in any span, so
 // `DELETE /api/auth/sessions/<handle>` must export none (found by an attacker's review).
-import http from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { login, waitFor } from '../support/http-client.ts';
+import { startOtlpCollector, type OtlpCollector } from '../support/otlp-collector.ts';
 
-function startCollector(): Promise<{ url: string; bodies: Array<{ path: string; text: string }>; close: () => void }> {
-  const bodies: Array<{ path: string; text: string }> = [];
-  const server = http.createServer((request, response) => {
-    const chunks: Buffer[] = [];
-    request.on('data', (chunk: Buffer) => chunks.push(chunk));
-    request.on('end', () => {
-      bodies.push({ path: request.url ?? '', text: Buffer.concat(chunks).toString('utf8') });
-      response.writeHead(200, { 'content-type': 'application/json' }).end('{}');
-    });
-  });
-  return new Promise((resolve) =>
-    server.listen(0, '127.0.0.1', () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, bodies, close: () => server.close() })),
-  );
-}
 
 let stack: Stack;
 let app: string;
-let collector: Awaited<ReturnType<typeof startCollector>>;
+let collector: OtlpCollector;
 
 beforeAll(async () => {
-  collector = await startCollector();
+  collector = await startOtlpCollector();
   stack = await startStack({
     server: 'next',
     workers: 1,

@@ -1,10 +1,10 @@
 import { spawn } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
-import http from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, defaultServerShape, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { RedisProbe, call, login, processTree, waitFor } from '../support/http-client.ts';
 import { storedSecrets } from '../support/stored-session.ts';
+import { startOtlpCollector, type CollectedBody, type OtlpCollector } from '../support/otlp-collector.ts';
 
 /**
  * OpenTelemetry end to end, on the server shape of the vitest project: a real Gatehouse exports its
@@ -33,30 +33,12 @@ interface OtlpSpan {
   attributes?: OtlpAttribute[];
 }
 
-/** A stand-in OpenTelemetry collector: keeps every OTLP/JSON body it is sent. */
-function startCollector(): Promise<{ url: string; bodies: Array<{ path: string; body: unknown }>; close: () => void }> {
-  const bodies: Array<{ path: string; body: unknown }> = [];
-  const server = http.createServer((request, response) => {
-    const chunks: Buffer[] = [];
-    request.on('data', (chunk: Buffer) => chunks.push(chunk));
-    request.on('end', () => {
-      bodies.push({ path: request.url ?? '', body: JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as unknown });
-      response.writeHead(200, { 'content-type': 'application/json' }).end('{}');
-    });
-  });
-  return new Promise((resolve) =>
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      resolve({ url: `http://127.0.0.1:${port}`, bodies, close: () => server.close() });
-    }),
-  );
-}
 
 interface TraceBody {
   resourceSpans?: Array<{ resource?: { attributes?: OtlpAttribute[] }; scopeSpans?: Array<{ spans?: OtlpSpan[] }> }>;
 }
 
-function spansIn(bodies: Array<{ path: string; body: unknown }>): OtlpSpan[] {
+function spansIn(bodies: CollectedBody[]): OtlpSpan[] {
   return bodies
     .filter((entry) => entry.path === '/v1/traces')
     .flatMap((entry) => (entry.body as TraceBody).resourceSpans ?? [])
@@ -88,12 +70,12 @@ function sample(text: string, name: string, labels: Record<string, string>): num
 
 let stack: Stack;
 let app: string;
-let collector: Awaited<ReturnType<typeof startCollector>>;
+let collector: OtlpCollector;
 let metricsPort: number;
 let probe: RedisProbe;
 
 beforeAll(async () => {
-  collector = await startCollector();
+  collector = await startOtlpCollector();
   metricsPort = await freePort();
   stack = await startStack({
     workers: WORKERS,

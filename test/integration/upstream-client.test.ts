@@ -78,11 +78,9 @@ afterAll(async () => {
 });
 
 describe('upstream exchanges', () => {
-  // README: "If an upstream still closes a connection just as it is *reused*, a bodiless
-  // GET/HEAD/DELETE/OPTIONS is sent once more on a new connection". A fresh connection that breaks
-  // after the upstream read the request is no stale kept-alive connection: the upstream may have
-  // acted on it. node:http's `reusedSocket` check kept that apart; the undici code resends on any
-  // UND_ERR_SOCKET/ECONNRESET, so the upstream executes the DELETE twice.
+  // README: a bodiless idempotent request is sent again only when a *reused* connection breaks. A
+  // fresh connection that breaks after the upstream read the request may have reached an upstream
+  // that acted on it.
   it('a DELETE whose fresh upstream connection breaks after the upstream read it is not sent a second time', async () => {
     const res = await rawRequest(appPort, head('DELETE', '/api/proxy/crashing/orders/42'));
     expect(crashing.requests.map(({ line, connection }) => ({ line, connection }))).toEqual([{ line: 'DELETE /orders/42 HTTP/1.1', connection: 1 }]);
@@ -90,11 +88,7 @@ describe('upstream exchanges', () => {
     expect(res?.get('x-gatehouse-error')).toBe('upstream_unavailable');
   });
 
-  // undici hands informational (1xx) heads to the handler's onResponseStart too; `exchange` takes
-  // the first one for the answer (status 103, a body stream that never gets data) and ignores the
-  // final 200 that follows, so the proxy refuses a status it cannot pass on: every call to an API
-  // that sends Early Hints or 102 Processing is a 502. node:http reported those as 'information'
-  // and gave the final answer as the response.
+  // An interim head (1xx) comes before the final answer (RFC 9110 §15.2): the browser gets the final one.
   it('an informational 103 Early Hints (or 102 Processing) before the final answer: the browser gets the final 200 and its body', async () => {
     for (const path of ['hinted', 'processing']) {
       const res = await rawRequest(appPort, head('GET', `/api/proxy/hinting/${path}`));
@@ -102,10 +96,7 @@ describe('upstream exchanges', () => {
     }
   });
 
-  // An answer that declares ≤ 64 KB is now gathered whole before anything reaches the browser, and
-  // the only timeout is undici's headersTimeout (timeoutMs) with bodyTimeout 0: an upstream that
-  // stops mid-body holds the browser with no status at all, forever (node:http passed the head on
-  // at once). README: `upstream_timeout` 504 when "the API did not answer within its timeoutMs".
+  // Only what arrives with the head is gathered whole: a body that stalls must not hold the head back.
   it('a small answer whose body stalls after the head: the browser hears something (its head, or 504) within a few seconds, timeoutMs being 500 ms', async () => {
     const open = await openRawRequest(appPort, head('GET', '/api/proxy/stalling/report'));
     try {
@@ -116,12 +107,8 @@ describe('upstream exchanges', () => {
     }
   });
 
-  // README: 504 upstream_timeout when "the API did not answer within its timeoutMs". undici's
-  // headersTimeout only starts once the request is written to a connection; a request waiting in
-  // the pool for one of the API's 512 connections has no bound at all. With the connections held by
-  // event streams (bodyTimeout 0), every further call to that API, of any user, hangs with no
-  // answer. Not new: node:http's agent did the same (a ClientRequest destroyed by the timer waits
-  // for its socket before it errors), but the new client is where it can be bounded.
+  // README: 504 upstream_timeout when the API did not answer within its timeoutMs, which counts the
+  // wait for one of the API's 512 connections too (event streams hold them all here).
   it('with all 512 upstream connections streaming, another call to the API is still answered (504) within timeoutMs, not queued forever', async () => {
     const streams: OpenRawRequest[] = [];
     try {
