@@ -1,6 +1,6 @@
 // Small helpers for the benchmark: tools, process trees, CPU and memory counters, wrk.
 import { execFile, spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -30,16 +30,29 @@ export function ensureTools(): void {
   aptInstall(missing);
 }
 
-/** Installs Debian packages (none when the list is empty), as root or through sudo. */
+const POLICY_RC_D = '/usr/sbin/policy-rc.d';
+
+/**
+ * Installs Debian packages (none when the list is empty), as root or through sudo. Debian starts a
+ * service as its package is installed (nginx and apache2 on port 80); the benchmarks start their
+ * own on loopback ports, so for the install a policy-rc.d that refuses every start (exit 101, the
+ * mechanism invoke-rc.d documents) is put in place, unless the machine has one already.
+ */
 export function aptInstall(missing: string[]): void {
   if (missing.length === 0) return;
   if (!have('apt-get')) throw new Error(`missing ${missing.join(', ')} and no apt-get to install them`);
   const sudo = process.getuid?.() === 0 ? [] : ['sudo'];
+  const run = (args: string[]) => spawnSync(sudo[0] ?? args[0]!, [...sudo.slice(1), ...(sudo.length ? args : args.slice(1))], { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
   log(`installing ${missing.join(', ')} (apt-get)`);
-  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  for (const args of [['apt-get', 'update'], ['apt-get', 'install', '-y', '--no-install-recommends', ...missing]]) {
-    const result = spawnSync(sudo[0] ?? args[0]!, [...sudo.slice(1), ...(sudo.length ? args : args.slice(1))], { stdio: 'inherit', env });
-    if (result.status !== 0) throw new Error(`${args.join(' ')} failed (${result.status})`);
+  const ownPolicy = !existsSync(POLICY_RC_D);
+  if (ownPolicy) run(['sh', '-c', `printf '#!/bin/sh\\nexit 101\\n' > ${POLICY_RC_D} && chmod 755 ${POLICY_RC_D}`]);
+  try {
+    for (const args of [['apt-get', 'update'], ['apt-get', 'install', '-y', '--no-install-recommends', ...missing]]) {
+      const result = run(args);
+      if (result.status !== 0) throw new Error(`${args.join(' ')} failed (${result.status})`);
+    }
+  } finally {
+    if (ownPolicy) run(['rm', '-f', POLICY_RC_D]);
   }
 }
 
