@@ -37,7 +37,7 @@ const state = sharedState('log', () => ({ writer: undefined as SonicBoom | undef
 
 function stdoutWriter(): SonicBoom {
   if (state.writer) return state.writer;
-  const created = new SonicBoom({ fd: 1, sync: false, minLength: PIPE_BUF / 2, maxWrite: PIPE_BUF, maxLength: MAX_BUFFERED_CHARS, periodicFlush: FLUSH_AFTER_MS });
+  const created = new SonicBoom({ fd: 1, sync: false, minLength: PIPE_BUF - 512, maxWrite: PIPE_BUF, maxLength: MAX_BUFFERED_CHARS, periodicFlush: FLUSH_AFTER_MS });
   // A closed or broken stdout must not take the server down with it.
   created.on('error', () => undefined);
   created.on('drop', (data: string) => {

@@ -7,7 +7,7 @@ import { errors } from './errors.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { createStore, type Store } from './store/index.ts';
-import { observedStore } from './telemetry.ts';
+import { countActiveSessionsWith, observedStore } from './telemetry.ts';
 
 /**
  * Cookie ↔ store. The browser holds only a sealed reference (the session id); everything else
@@ -117,6 +117,20 @@ export function userSessionsKey(sub: string): string {
 export function idpSessionKey(idpSid: string): string {
   return `${getConfig().keyPrefix}idp-sid:{${shortDigest(idpSid)}}`;
 }
+
+/**
+ * Every live session's handle (not its id), scored by its expiry like the per-user index: what
+ * the `gatehouse.sessions.active` metric counts, the same number from every instance.
+ */
+export function activeSessionsKey(): string {
+  return `${getConfig().keyPrefix}active-sessions`;
+}
+
+/** Live sessions across every instance, from the store (for the metric). */
+export async function countActiveSessions(): Promise<number> {
+  return getStore().indexCount(activeSessionsKey(), Date.now());
+}
+countActiveSessionsWith(countActiveSessions);
 
 // ---------------------------------------------------------------------------------------------
 // Sealing: iron-session for cookies, JWE (jose, dir + A256GCM) for tokens at rest.
@@ -340,6 +354,7 @@ async function indexSession(session: Session, expiresAtMs: number): Promise<void
     Promise.all([
       getStore().indexAdd(userSessionsKey(sub), session.id, expiresAtMs, keyTtlMs),
       idpSid ? getStore().indexAdd(idpSessionKey(idpSid), session.id, expiresAtMs, keyTtlMs) : undefined,
+      getStore().indexAdd(activeSessionsKey(), sessionHandle(session.id), expiresAtMs, keyTtlMs),
     ]),
   );
 }
@@ -563,7 +578,7 @@ export async function destroySession(id: string, record?: SessionRecord): Promis
   lastTouched.delete(id);
   openedSecrets.delete(id);
   parsedRecords.delete(id);
-  await storeCall(() => getStore().del(sessionKey(id)));
+  await storeCall(() => Promise.all([getStore().del(sessionKey(id)), getStore().indexRemove(activeSessionsKey(), sessionHandle(id))]));
   for (const listener of endedListeners) {
     // What listens is a side matter: the session has ended whatever it does.
     try {

@@ -320,7 +320,7 @@ interface Family {
 /**
  * Merges Prometheus text expositions of identical processes into one: a sample of the same name
  * and labels is summed (counters, histogram buckets, sums and counts), except a gauge's, whose
- * largest value is kept (Gatehouse's only gauge is `target_info`, the same everywhere). Each family
+ * largest value is kept (`target_info` and `gatehouse_sessions_active`, the same number from every worker). Each family
  * keeps one HELP and TYPE, its samples together, as the format requires.
  */
 export function mergeExpositions(texts: string[]): string {

@@ -34,7 +34,17 @@ interface Instruments {
  * Per process, not per module copy: server.ts's lib/ and the copy inside Next's bundle both read
  * what start-up decided (see shared-state.ts).
  */
-const state = sharedState('telemetry', () => ({ tracing: false, metrics: false, instruments: undefined as Instruments | undefined }));
+const state = sharedState('telemetry', () => ({
+  tracing: false,
+  metrics: false,
+  instruments: undefined as Instruments | undefined,
+  countActiveSessions: undefined as (() => Promise<number>) | undefined,
+}));
+
+/** How to count live sessions (lib/session.ts tells, so this module needs no store of its own). */
+export function countActiveSessionsWith(count: () => Promise<number>): void {
+  state.countActiveSessions = count;
+}
 
 /** Called by the SDK wiring once its providers are registered; the instruments need the meter provider. */
 export function enableTelemetry(on: { tracing: boolean; metrics: boolean }): void {
@@ -53,7 +63,7 @@ const DURATION_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 function createInstruments(): Instruments {
   const meter = metrics.getMeter(INSTRUMENTATION_SCOPE);
   const seconds = (name: string, description: string) => meter.createHistogram(name, { description, unit: 's', advice: { explicitBucketBoundaries: DURATION_BUCKETS } });
-  return {
+  const instruments: Instruments = {
     proxyRequests: meter.createCounter('gatehouse.proxy.requests', { description: 'Proxied requests answered, by API, method and status class (Gatehouse\'s own refusals included)' }),
     upstreamDuration: seconds('gatehouse.proxy.upstream.duration', 'Time from sending a request upstream to its answer\'s head, by API and status class ("error": no answer)'),
     refreshDuration: seconds('gatehouse.token.refresh.duration', 'Token refreshes and exchanges run by this process (lock wait included), by kind and outcome'),
@@ -63,6 +73,14 @@ function createInstruments(): Instruments {
     logins: meter.createCounter('gatehouse.auth.logins', { description: 'Completed login callbacks, by outcome (ok or the error code)' }),
     logouts: meter.createCounter('gatehouse.auth.logouts', { description: 'Logouts: a user\'s own (user), of another of their sessions (other_device), or the IdP\'s back-channel call (backchannel), by outcome' }),
   };
+  // Read from the store's index of live sessions when metrics are collected (a scrape, an export):
+  // the same number from every instance, so a sum across a fleet would be wrong (take the max).
+  // A store that cannot answer skips the observation rather than reporting zero.
+  meter.createObservableGauge('gatehouse.sessions.active', { description: 'Live sessions in the session store, across every instance' }).addCallback(async (result) => {
+    const count = await state.countActiveSessions?.().catch(() => undefined);
+    if (count !== undefined) result.observe(count);
+  });
+  return instruments;
 }
 
 function tracer() {
@@ -280,6 +298,7 @@ const STORE_OPERATIONS = [
   'indexAdd',
   'indexMembers',
   'indexRemove',
+  'indexCount',
   'ping',
 ] as const satisfies ReadonlyArray<keyof Store>;
 

@@ -190,6 +190,17 @@ export function createMemoryStore(): Store {
       return [...members].sort(compareMembers).map(([member, expiresAtMs]) => ({ member, expiresAtMs }));
     },
 
+    async indexCount(key, nowMs) {
+      checkTimestamp('nowMs', nowMs);
+      const members = zset(key);
+      if (members === undefined) return 0;
+      for (const [member, score] of members) {
+        if (score <= nowMs) members.delete(member);
+      }
+      if (members.size === 0) data.delete(key);
+      return members.size;
+    },
+
     async indexRemove(key, member) {
       const members = zset(key);
       if (members === undefined) return;

@@ -385,6 +385,12 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
       await run('ZREM', client.zrem(key, member));
     },
 
+    async indexCount(key, nowMs) {
+      checkTimestamp('nowMs', nowMs);
+      const results = await run('MULTI', client.multi().zremrangebyscore(key, '-inf', String(nowMs)).zcard(key).exec());
+      return Number(execResults('ZCARD', results)[1]);
+    },
+
     async ping() {
       await run('PING', client.ping());
     },

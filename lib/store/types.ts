@@ -44,6 +44,8 @@ export interface Store {
   /** Members whose expiry is still in the future, soonest first; expired ones are pruned as a side effect. */
   indexMembers(key: string, nowMs: number): Promise<IndexEntry[]>;
   indexRemove(key: string, member: string): Promise<void>;
+  /** How many members have not expired yet; expired ones are pruned as a side effect. */
+  indexCount(key: string, nowMs: number): Promise<number>;
   ping(): Promise<void>;
   close(): Promise<void>;
 }

@@ -130,6 +130,13 @@ export function createUpstashStore(url: string, token: string): Store {
       await run('ZREM', redis.zrem(key, member));
     },
 
+    async indexCount(key, nowMs) {
+      open();
+      checkTimestamp('nowMs', nowMs);
+      const [, count] = await run('MULTI', redis.multi().zremrangebyscore(key, '-inf', nowMs).zcard(key).exec());
+      return Number(count);
+    },
+
     async ping() {
       open();
       await run('PING', redis.ping());

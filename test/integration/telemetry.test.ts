@@ -127,7 +127,11 @@ describe(`telemetry (${SHAPE})`, () => {
     }
     const after = await storedSecrets(stack.appEnv.REDIS_URL as string, sessionKey, stack.appEnv.SESSION_SECRET as string);
     expect(after.accessToken).not.toBe(before.accessToken);
+    // Live sessions, read from the store's index: this run's one session, the same from every worker.
+    const activeSessions = async () => sample(await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text(), 'gatehouse_sessions_active', {});
+    expect(await activeSessions()).toBe(1);
     expect((await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).status).toBe(200);
+    expect(await activeSessions()).toBe(0);
 
     // --- spans ---
     const spans = await waitFor(

@@ -239,6 +239,22 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       expect(await store.indexMembers(k, now)).toEqual([{ member: 'later', expiresAtMs: now + 20_000 }]);
     });
 
+    it('indexCount counts live members only, pruning expired ones, and is 0 for no index', async () => {
+      const k = key('index-count');
+      const now = Date.now();
+      expect(await store.indexCount(k, now)).toBe(0);
+      await store.indexAdd(k, 'a', now + 10_000, LONG_TTL);
+      await store.indexAdd(k, 'b', now + 20_000, LONG_TTL);
+      await store.indexAdd(k, 'gone', now - 1, LONG_TTL);
+      await store.indexAdd(k, 'a', now + 30_000, LONG_TTL);
+      expect(await store.indexCount(k, now)).toBe(2);
+      // A member expiring exactly at nowMs no longer counts, and pruning is permanent.
+      expect(await store.indexCount(k, now + 20_000)).toBe(1);
+      expect(await members(store, k, now)).toEqual(['a']);
+      await store.indexRemove(k, 'a');
+      expect(await store.indexCount(k, now)).toBe(0);
+    });
+
     it('index re-adding a member moves its expiry', async () => {
       const k = key('index-readd');
       const now = Date.now();
