@@ -23,7 +23,6 @@ import {
   sessionHandle,
   sessionIdFromCookieHeader,
   shortDigest,
-  siblingTransactionCookieHeaders,
   touchSession,
   transactionCookieHeader,
   transactionCookiesToDrop,
@@ -229,9 +228,9 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   }
   const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction, dpop?.handle);
 
-  // Under SameSite=Strict only the login start saw the browser's session (or a sibling attempt's
-  // callback recorded the one it made); with a same-site IdP or SameSite=Lax the cookie arrives
-  // here too. Whichever the browser holds, the session this login replaces ends now.
+  // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP or
+  // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login
+  // replaces ends now.
   const idpSid = typeof claims.sid === 'string' ? claims.sid : undefined;
   const replacedIds = new Set([transaction.previousSessionId, await sessionIdFromCookieHeader(cookieHeader)].filter((id): id is string => Boolean(id)));
   for (const id of replacedIds) await endReplacedSession(id, { sub: claims.sub, idpSid });
@@ -253,8 +252,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   });
   countLogin('ok');
   noteOnSpan({ 'gatehouse.outcome': 'ok' });
-  const siblings = await siblingTransactionCookieHeaders(cookieHeader, transaction.state, session.id);
-  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction, ...siblings]);
+  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction]);
 }
 
 /**

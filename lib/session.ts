@@ -688,12 +688,9 @@ export interface LoginTransaction {
   /** Epoch ms; the oldest attempts are dropped first when a browser piles them up. */
   startedAt: number;
   /**
-   * The browser's session: when the login started, or the one a sibling attempt of the same
-   * browser (another tab) created since. Login start is a same-site navigation, so the Strict
-   * session cookie arrives there; the callback ends a cross-site redirect chain and does not see
-   * it. Recording it here lets the callback end the session this login replaces; a callback writes
-   * the session it creates into the browser's other attempts (`siblingTransactionCookieHeaders`),
-   * whose cookie it is about to replace.
+   * The browser's session when the login started. Login start is a same-site navigation, so the
+   * Strict session cookie arrives there; the callback ends a cross-site redirect chain and does not
+   * see it. Recording it here lets the callback end the session this login replaces.
    */
   previousSessionId?: string;
   /**
@@ -724,39 +721,15 @@ function clearCookieHeader(name: string): string {
 
 export async function transactionCookieHeader(transaction: LoginTransaction): Promise<string> {
   const { seal } = await cookiePasswords();
-  // Written anew for a sibling (below), an attempt keeps the lifetime it started with.
-  const remainingSec = Math.max(1, Math.min(TRANSACTION_TTL_SEC, TRANSACTION_TTL_SEC - Math.floor((Date.now() - transaction.startedAt) / 1000)));
-  const value = await sealData(transaction, { password: seal, ttl: remainingSec + 60 });
+  const value = await sealData(transaction, { password: seal, ttl: TRANSACTION_TTL_SEC + 60 });
   return serializeCookie(transactionCookieName(transaction.state), value, {
     httpOnly: true,
     secure: getConfig().secureCookies,
     // Lax, not Strict: the IdP's redirect back to the callback is a cross-site navigation.
     sameSite: 'lax',
     path: '/',
-    maxAge: remainingSec,
+    maxAge: TRANSACTION_TTL_SEC,
   });
-}
-
-/**
- * Two tabs of one browser start a login each, then both finish: the later callback's session
- * cookie overwrites the earlier's, whose session no browser can reach any more. So a callback that
- * creates a session records it in the browser's other unfinished attempts (the Lax attempt cookies
- * reach the callback, where the Strict session cookie does not), and when one of them finishes, it
- * ends that session as the one it replaces. Attempts it cannot read, or that have run out, are
- * left as they are.
- */
-export async function siblingTransactionCookieHeaders(cookieHeader: string | null | undefined, state: string, sessionId: string): Promise<string[]> {
-  if (!cookieHeader) return [];
-  const prefix = transactionCookiePrefix();
-  const own = transactionCookieName(state);
-  const headers: string[] = [];
-  for (const [name, value] of Object.entries(parseCookie(cookieHeader))) {
-    if (!name.startsWith(prefix) || name === own || value === undefined) continue;
-    const sibling = await openTransaction(value);
-    if (!sibling || transactionCookieName(sibling.state) !== name || Date.now() - sibling.startedAt >= TRANSACTION_TTL_SEC * 1000) continue;
-    headers.push(await transactionCookieHeader({ ...sibling, previousSessionId: sessionId }));
-  }
-  return headers;
 }
 
 async function openTransaction(value: string): Promise<LoginTransaction | null> {

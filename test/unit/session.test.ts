@@ -128,22 +128,6 @@ describe('login transaction cookie', () => {
     expect(header.length).toBeLessThanOrEqual(4096);
   });
 
-  it('of a browser’s other attempts record the session a callback creates, keeping their own lifetime; the finishing one, unreadable and run-out ones are left alone', async () => {
-    const session = await deploy(A);
-    const attempt = (state: string, startedAt: number) => ({ state: `${state}-abcdefghijklmnop`, nonce: 'n', codeVerifier: 'v', returnTo: '/', startedAt, previousSessionId: 'old' });
-    const now = Date.now();
-    const finishing = attempt('finishing', now - 1_000);
-    const sibling = attempt('sibling', now - 120_500);
-    const ranOut = attempt('ran-out', now - 601_000);
-    const lines = await Promise.all([finishing, sibling, ranOut].map((each) => session.transactionCookieHeader(each)));
-    const cookies = [...lines.map((line) => line.split(';')[0]!), '__Host-gatehouse-tx-garbage=not-a-seal'].join('; ');
-    const written = await session.siblingTransactionCookieHeaders(cookies, finishing.state, 'new-session');
-    expect(written).toHaveLength(1);
-    expect(written[0]).toMatch(/^__Host-gatehouse-tx-sibling-abcdefgh=.*Max-Age=(479|480);/);
-    expect(await session.readTransaction(written[0]!.split(';')[0], sibling.state)).toEqual({ ...sibling, previousSessionId: 'new-session' });
-    expect(await session.siblingTransactionCookieHeaders(null, finishing.state, 'new-session')).toEqual([]);
-  });
-
   it('are bounded per browser: a new login drops the oldest and any unreadable ones', async () => {
     const session = await deploy(A);
     const cookies: string[] = [];
