@@ -12,6 +12,7 @@ import { createRedisStore } from '../../lib/store/redis.ts';
 import { call, idpGrants, login, refreshGrantsOf, waitFor, waitUntil, type CallResult } from '../support/http-client.ts';
 import type { StoredSessionRecord } from '../support/http-client.ts';
 import { startRedisCluster, type RedisCluster } from '../support/redis-cluster.ts';
+import { ask } from '../support/redis-process.ts';
 import { describeStoreContract } from '../support/store-contract.ts';
 
 const ACCESS_TOKEN_TTL_SEC = 40;
@@ -206,5 +207,45 @@ describe('a Gatehouse stack on the cluster', () => {
     expect(await waitFor('the session key to be gone', async () => ((await probe.exists(sessionKey)) === 0 ? true : undefined), 2_000)).toBe(true);
     const proxied = await call(app, WHOAMI, cookie);
     expect(proxied.status).toBe(401);
+  });
+});
+
+describe('a Gatehouse stack on a cluster over TLS', () => {
+  // Redis Cluster as a managed service runs it: clients, replication and the cluster bus over TLS
+  // only. The nodes announce themselves by IP (CLUSTER SLOTS), so the certificate's IP SAN is what
+  // Gatehouse checks on every node it discovers, against REDIS_TLS_CA.
+  let tlsCluster: RedisCluster;
+  let stack: Stack;
+  let app: string;
+
+  beforeAll(async () => {
+    tlsCluster = await startRedisCluster({ nodes: 3, tls: true });
+    stack = await startStack({ workers: 1, redisUrl: tlsCluster.url, env: { REDIS_TLS_CA: tlsCluster.caPem ?? '' } });
+    app = stack.apps[0]?.url ?? '';
+  }, 90_000);
+
+  afterAll(async () => {
+    await stack?.stop();
+    await tlsCluster?.stop();
+  });
+
+  it('signs in, proxies and signs out with every connection over TLS, and the nodes refuse plaintext', async () => {
+    const [first] = tlsCluster.url.split(',');
+    const { hostname, port } = new URL(first ?? '');
+    const probe = new Cluster([{ host: hostname, port: Number(port) }], { redisOptions: { tls: { ca: tlsCluster.caPem }, connectTimeout: 2_000, maxRetriesPerRequest: 2 } });
+    probe.on('error', () => {});
+    try {
+      const cookie = await login(app, 'tls-cluster-user');
+      const proxied = await call(app, WHOAMI, cookie);
+      expect({ status: proxied.status, body: proxied.body }).toMatchObject({ status: 200, body: { sub: 'tls-cluster-user' } });
+      const sessions = () => scanCluster(probe, `${stack.appEnv.REDIS_KEY_PREFIX}session:*`);
+      expect(await sessions()).toHaveLength(1);
+      expect((await call(app, '/api/auth/logout', cookie, { method: 'POST' })).status).toBe(200);
+      expect(await sessions()).toHaveLength(0);
+      // The same port without TLS gets no answer: there is no plaintext way in.
+      for (const url of tlsCluster.urls) expect(await ask(Number(new URL(url).port), 'PING'), url).toBeUndefined();
+    } finally {
+      probe.disconnect();
+    }
   });
 });

@@ -1,15 +1,18 @@
 // A throwaway Redis Cluster for tests: N masters (and, when asked, a replica of each) as separate
 // `redis-server` processes on free loopback ports, sharing one temp directory that stop() removes.
 import { spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { freePort } from '../../e2e/support/stack.ts';
 import { waitFor } from './http-client.ts';
-import { ask, hasExited, startRedisGroup } from './redis-process.ts';
+import { ask as askNode, hasExited, startRedisGroup } from './redis-process.ts';
+import { makeTestCertificates, type TestCertificates } from './test-ca.ts';
 
 export interface RedisCluster {
-  /** One `redis://127.0.0.1:<port>` URL per node. */
+  /** One `redis://127.0.0.1:<port>` URL per node (`rediss://` with `tls`). */
   urls: string[];
+  /** With `tls`: the PEM text of the CA that signed every node's certificate (what REDIS_TLS_CA takes). */
+  caPem?: string;
   /** All node URLs joined by commas: what REDIS_URL takes for a cluster. */
   url: string;
   /** The port of the node that serves `key` now (a master). */
@@ -35,9 +38,11 @@ export interface ClusterOptions {
    * shard between a master's failure and its replica's promotion; `no` keeps the other shards serving.
    */
   requireFullCoverage?: boolean;
+  /** Clients, replication and the cluster bus over TLS only (a private CA's certificate for 127.0.0.1). */
+  tls?: boolean;
 }
 
-type NodeOptions = Required<Pick<ClusterOptions, 'nodeTimeoutMs' | 'requireFullCoverage'>>;
+type NodeOptions = Required<Pick<ClusterOptions, 'nodeTimeoutMs' | 'requireFullCoverage'>> & { certificates?: TestCertificates };
 
 const STARTUP_TIMEOUT_MS = 15_000;
 
@@ -46,8 +51,20 @@ function nodeArgs(port: number, dir: string, options: NodeOptions): string[] {
   // folder would hand to whichever node starts next.
   const nodeDir = path.join(dir, String(port));
   mkdirSync(nodeDir, { recursive: true });
+  const transport = options.certificates
+    ? [
+        '--port', '0',
+        '--tls-port', String(port),
+        '--tls-cluster', 'yes',
+        '--tls-replication', 'yes',
+        '--tls-cert-file', options.certificates.cert,
+        '--tls-key-file', options.certificates.key,
+        '--tls-ca-cert-file', options.certificates.ca,
+        '--tls-auth-clients', 'no',
+      ]
+    : ['--port', String(port)];
   return [
-    '--port', String(port),
+    ...transport,
     '--bind', '127.0.0.1',
     '--cluster-enabled', 'yes',
     '--cluster-config-file', path.join(dir, `nodes-${port}.conf`),
@@ -78,11 +95,16 @@ function runCli(args: string[], timeoutMs: number): Promise<string> {
   });
 }
 
-export async function startRedisCluster({ nodes: masters = 3, replicas = 0, nodeTimeoutMs = 5_000, requireFullCoverage = true }: ClusterOptions = {}): Promise<RedisCluster> {
+export async function startRedisCluster({ nodes: masters = 3, replicas = 0, nodeTimeoutMs = 5_000, requireFullCoverage = true, tls = false }: ClusterOptions = {}): Promise<RedisCluster> {
   if (masters < 3) throw new Error('redis-cli --cluster create needs at least 3 masters');
   const count = masters * (1 + replicas);
-  const nodeOptions = { nodeTimeoutMs, requireFullCoverage };
   const group = await startRedisGroup('redis-cluster');
+  const certificates = tls ? makeTestCertificates(group.dir) : undefined;
+  const caPem = certificates ? readFileSync(certificates.ca, 'utf8') : undefined;
+  const nodeOptions: NodeOptions = { nodeTimeoutMs, requireFullCoverage, certificates };
+  // The test's own short-lived clients speak the nodes' transport too.
+  const ask = (port: number, command: string, args: string[] = []) => askNode(port, command, args, caPem ? { tls: { ca: caPem } } : {});
+  const cliTransport = certificates ? ['--tls', '--cacert', certificates.ca] : [];
   const nodes = group.processes;
   try {
     const ports = new Set<number>();
@@ -102,7 +124,7 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
     }
 
     const addresses = nodes.map((node) => `127.0.0.1:${node.port}`);
-    await runCli(['--cluster', 'create', ...addresses, '--cluster-replicas', String(replicas), '--cluster-yes'], STARTUP_TIMEOUT_MS);
+    await runCli([...cliTransport, '--cluster', 'create', ...addresses, '--cluster-replicas', String(replicas), '--cluster-yes'], STARTUP_TIMEOUT_MS);
 
     for (const node of nodes) {
       await waitFor(
@@ -115,7 +137,7 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
     throw await group.failed(error);
   }
 
-  const urls = nodes.map((node) => `redis://127.0.0.1:${node.port}`);
+  const urls = nodes.map((node) => `${tls ? 'rediss' : 'redis'}://127.0.0.1:${node.port}`);
   /** Asks the live nodes in turn: which port serves this key's slot, and is the cluster ok. */
   const ownerOf = async (key: string): Promise<{ port: number; ok: boolean } | undefined> => {
     for (const node of nodes.filter((candidate) => !hasExited(candidate))) {
@@ -137,6 +159,7 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
   };
   return {
     urls,
+    ...(caPem ? { caPem } : {}),
     url: urls.join(','),
     async masterOf(key) {
       const owner = await ownerOf(key);
