@@ -504,52 +504,58 @@ function exchange(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, t
       settled = true;
       resolve({ status, rawHeaders, body });
     };
-    dispatcher.dispatch(options, {
-      onRequestStart(started) {
-        controller = started;
-        startingExchange = attempt;
-        // Abandoned while it waited for a connection (deadline, or the browser left).
-        if (settled || signal.aborted) started.abort(signal.aborted ? clientClosed() : upstreamTimeout());
-      },
-      onResponseStart(started, statusCode, headers) {
-        if (statusCode < 200) return;
-        status = statusCode;
-        clearTimeout(deadline);
-        rawHeaders = flatHeaders(headers);
-        const length = headers['content-length'];
-        if (typeof length === 'string' && Number(length) <= SMALL_ANSWER_BYTES) {
-          whole = [];
-          // Whatever came in the same read as the head has been handed over by now; the rest streams.
-          process.nextTick(() => {
-            if (whole && !ended && !settled) streamFrom(started, whole);
-          });
-          return;
-        }
-        streamFrom(started, []);
-      },
-      onResponseData(started, chunk) {
-        if (whole) whole.push(chunk);
-        else if (stream && !stream.push(chunk)) started.pause();
-      },
-      onResponseEnd() {
-        ended = true;
-        if (whole && !settled) {
-          settled = true;
-          signal.removeEventListener('abort', onAbort);
-          resolve({ status, rawHeaders, body: whole.length === 1 ? (whole[0] as Buffer) : Buffer.concat(whole) });
-        } else {
-          signal.removeEventListener('abort', onAbort);
-          stream?.push(null);
-        }
-      },
-      onResponseError(_started, error) {
-        ended = true;
-        if (stream) {
-          signal.removeEventListener('abort', onAbort);
-          stream.destroy(error);
-        } else fail(error);
-      },
-    });
+    // undici may refuse a request before any handler call (a header it will not send): a failure
+    // like any other, which must not leave the deadline and the abort listener behind.
+    try {
+      dispatcher.dispatch(options, {
+        onRequestStart(started) {
+          controller = started;
+          startingExchange = attempt;
+          // Abandoned while it waited for a connection (deadline, or the browser left).
+          if (settled || signal.aborted) started.abort(signal.aborted ? clientClosed() : upstreamTimeout());
+        },
+        onResponseStart(started, statusCode, headers) {
+          if (statusCode < 200) return;
+          status = statusCode;
+          clearTimeout(deadline);
+          rawHeaders = flatHeaders(headers);
+          const length = headers['content-length'];
+          if (typeof length === 'string' && Number(length) <= SMALL_ANSWER_BYTES) {
+            whole = [];
+            // Whatever came in the same read as the head has been handed over by now; the rest streams.
+            process.nextTick(() => {
+              if (whole && !ended && !settled) streamFrom(started, whole);
+            });
+            return;
+          }
+          streamFrom(started, []);
+        },
+        onResponseData(started, chunk) {
+          if (whole) whole.push(chunk);
+          else if (stream && !stream.push(chunk)) started.pause();
+        },
+        onResponseEnd() {
+          ended = true;
+          if (whole && !settled) {
+            settled = true;
+            signal.removeEventListener('abort', onAbort);
+            resolve({ status, rawHeaders, body: whole.length === 1 ? (whole[0] as Buffer) : Buffer.concat(whole) });
+          } else {
+            signal.removeEventListener('abort', onAbort);
+            stream?.push(null);
+          }
+        },
+        onResponseError(_started, error) {
+          ended = true;
+          if (stream) {
+            signal.removeEventListener('abort', onAbort);
+            stream.destroy(error);
+          } else fail(error);
+        },
+      });
+    } catch (error) {
+      fail(error);
+    }
   });
 }
 
