@@ -105,6 +105,18 @@ export function createMemoryStore(): Store {
     return entry.members;
   }
 
+  /** The members whose expiry is after `nowMs`; the others are pruned, and an emptied set deleted, as Redis does. */
+  function liveMembers(key: string, nowMs: number): Map<string, number> {
+    checkTimestamp('nowMs', nowMs);
+    const members = zset(key);
+    if (members === undefined) return new Map();
+    for (const [member, score] of members) {
+      if (score <= nowMs) members.delete(member);
+    }
+    if (members.size === 0) data.delete(key);
+    return members;
+  }
+
   // Every method is async so argument and type errors reject instead of throwing synchronously,
   // as they do with the network stores.
   return {
@@ -179,26 +191,11 @@ export function createMemoryStore(): Store {
     },
 
     async indexMembers(key, nowMs) {
-      checkTimestamp('nowMs', nowMs);
-      const members = zset(key);
-      if (members === undefined) return [];
-      for (const [member, score] of members) {
-        if (score <= nowMs) members.delete(member);
-      }
-      // Redis deletes a sorted set once it has no members left.
-      if (members.size === 0) data.delete(key);
-      return [...members].sort(compareMembers).map(([member, expiresAtMs]) => ({ member, expiresAtMs }));
+      return [...liveMembers(key, nowMs)].sort(compareMembers).map(([member, expiresAtMs]) => ({ member, expiresAtMs }));
     },
 
     async indexCount(key, nowMs) {
-      checkTimestamp('nowMs', nowMs);
-      const members = zset(key);
-      if (members === undefined) return 0;
-      for (const [member, score] of members) {
-        if (score <= nowMs) members.delete(member);
-      }
-      if (members.size === 0) data.delete(key);
-      return members.size;
+      return liveMembers(key, nowMs).size;
     },
 
     async indexRemove(key, member) {
