@@ -6,6 +6,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { ROOT, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { waitFor } from '../support/http-client.ts';
 import { rawRequest } from '../support/raw-http.ts';
 
 /**
@@ -193,8 +194,11 @@ describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
     expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
     expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
     expect(asked('short.txt')).toHaveLength(1);
-    await new Promise((resolve) => setTimeout(resolve, 1_100));
-    expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
+    // Asked until the copy has gone stale and the host is asked again; each answer is the file.
+    await waitFor('the copy of short.txt to go stale', async () => {
+      expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
+      return asked('short.txt').length > 1 ? true : undefined;
+    }, 3_000, 100);
     expect(await fetchText('/short.txt')).toMatchObject({ status: 200, body: 'fresh for a second' });
     expect(asked('short.txt').map((request) => request.ifNoneMatch === undefined)).toEqual([true, false]);
 

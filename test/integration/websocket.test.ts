@@ -2,7 +2,7 @@
 // the upstream (it verifies the bearer and records what reached it), Gatehouse's production build.
 // The browser is played by `ws`'s client, which can set Cookie and Origin the way a browser sends
 // them; Node's own WebSocket cannot set either.
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
@@ -299,17 +299,24 @@ describe('the session ends, the socket closes with 4401', () => {
     stack.apps[0]!.process.output()
       .split('\n')
       .filter((line) => line.includes('"websocket.session_ended"'))
-      .map((line) => JSON.parse(line) as { detectedBy: string });
-  /** How many such lines there are once every earlier one is out (info lines leave within 200 ms, lib/log.ts). */
-  const settledEndedLogLines = async () => {
-    await new Promise((resolve) => setTimeout(resolve, 400));
-    return endedLogLines().length;
+      .map((line) => JSON.parse(line) as { detectedBy: string; session: string });
+  /** The handle the log names a user's session by (lib/session.ts sessionHandle), from its store key. */
+  const handleOf = async (sub: string) => {
+    const id = /\{(.+)\}$/.exec((await probe.sessionKeyOf(sub)) ?? '')?.[1];
+    if (!id) throw new Error(`no session for ${sub}`);
+    return createHash('sha256').update(id).digest('base64url').slice(0, 16);
   };
+  /** That session's end lines, once the first is out (info lines leave within 200 ms, lib/log.ts). */
+  const endedLogLinesOf = (handle: string) =>
+    waitFor('the socket end logged', () => {
+      const lines = endedLogLines().filter((line) => line.session === handle);
+      return lines.length ? lines : undefined;
+    }, 3_000);
 
   it('logout in this process closes it at once', async () => {
     const cookie = await login(app, 'ws-logout');
     const socket = await open('/api/proxy/live/ws', { cookie });
-    const logged = await settledEndedLogLines();
+    const handle = await handleOf('ws-logout');
     const started = Date.now();
     const logout = await call(app, '/api/auth/logout', cookie, { method: 'POST' });
     expect(logout.status).toBe(200);
@@ -317,8 +324,7 @@ describe('the session ends, the socket closes with 4401', () => {
     expect(closed).toMatchObject({ code: SESSION_ENDED, reason: 'session ended' });
     // Well within the session check interval, and the log says so: the logout itself closed it.
     expect(closed.at - started).toBeLessThan(1_000);
-    // Info lines are written within a fraction of a second, not at once (lib/log.ts).
-    expect(await waitFor('the socket end logged', () => (endedLogLines().length > logged ? endedLogLines().slice(logged) : undefined), 3_000)).toEqual([expect.objectContaining({ detectedBy: 'this_process' })]);
+    expect(await endedLogLinesOf(handle)).toEqual([expect.objectContaining({ detectedBy: 'this_process' })]);
     expect(await upstreamClose(socket.requestId)).toEqual({ code: 1000, reason: 'session ended' });
     expectGatehouseRefusal(await refused('/api/proxy/live/ws', { cookie }), 401, 'unauthenticated');
   });
@@ -345,14 +351,13 @@ describe('the session ends, the socket closes with 4401', () => {
     const socket = await open('/api/proxy/live/ws', { cookie });
     const key = await probe.sessionKeyOf('ws-elsewhere');
     if (!key) throw new Error('no session key');
-    const logged = await settledEndedLogLines();
+    const handle = await handleOf('ws-elsewhere');
     const started = Date.now();
     await probe.redis.del(key);
     const closed = await socket.closed;
     expect(closed.code).toBe(SESSION_ENDED);
     expect(closed.at - started).toBeLessThan(CHECK_INTERVAL_SEC * 1000 + 1_000);
-    // Info lines are written within a fraction of a second, not at once (lib/log.ts).
-    expect(await waitFor('the socket end logged', () => (endedLogLines().length > logged ? endedLogLines().slice(logged) : undefined), 3_000)).toEqual([expect.objectContaining({ detectedBy: 'session_check' })]);
+    expect(await endedLogLinesOf(handle)).toEqual([expect.objectContaining({ detectedBy: 'session_check' })]);
   });
 });
 
