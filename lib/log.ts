@@ -33,7 +33,22 @@ const PIPE_BUF = 4096;
 const MAX_BUFFERED_CHARS = 16 * 1024 * 1024;
 const DROP_REPORT_INTERVAL_MS = 10_000;
 /** One writer per process, whichever copies of this module it loads (Next's bundle, server.ts). */
-const state = sharedState('log', () => ({ writer: undefined as SonicBoom | undefined, droppedLines: 0, lastDropReport: 0 }));
+const state = sharedState('log', () => ({
+  writer: undefined as SonicBoom | undefined,
+  droppedLines: 0,
+  reportedDrops: 0,
+  lastDropReport: 0,
+  dropReport: undefined as NodeJS.Timeout | undefined,
+}));
+
+/** The running count of dropped lines on stderr, if it grew since last said. */
+function reportDrops(): void {
+  state.dropReport = undefined;
+  if (state.droppedLines === state.reportedDrops) return;
+  state.reportedDrops = state.droppedLines;
+  state.lastDropReport = Date.now();
+  process.stderr.write(`${JSON.stringify({ time: new Date(state.lastDropReport).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`);
+}
 
 function stdoutWriter(): SonicBoom {
   if (state.writer) return state.writer;
@@ -42,12 +57,13 @@ function stdoutWriter(): SonicBoom {
   created.on('error', () => undefined);
   created.on('drop', (data: string) => {
     state.droppedLines += data.split('\n').length - 1;
-    const now = Date.now();
-    if (now - state.lastDropReport < DROP_REPORT_INTERVAL_MS) return;
-    state.lastDropReport = now;
-    process.stderr.write(`${JSON.stringify({ time: new Date(now).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`);
+    // At most one report per interval, and the last count is never left unsaid.
+    const wait = state.lastDropReport + DROP_REPORT_INTERVAL_MS - Date.now();
+    if (wait <= 0) reportDrops();
+    else state.dropReport ??= setTimeout(reportDrops, wait).unref();
   });
   process.on('exit', () => {
+    reportDrops();
     try {
       created.flushSync();
     } catch {

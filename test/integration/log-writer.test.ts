@@ -59,3 +59,40 @@ describe('log writer', () => {
     expect(lines.filter((line) => line.marker === 'two')).toHaveLength(LOG_LINES);
   });
 });
+
+describe('log writer with a reader that stops reading', () => {
+  it('drops lines past its buffer, says how many on stderr, and loses none of the rest', async () => {
+    const total = 100_000; // ~30 MB of lines, past the 16 MB the writer keeps waiting
+    const script = `
+      import { log } from ${JSON.stringify(`${ROOT}/lib/log.ts`)};
+      for (let i = 0; i < ${total}; i++) log('info', 'test.line', { i, pad: 'x'.repeat(250) });
+      process.stderr.write('logged\\n');
+      process.exit(0);
+    `;
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { cwd: ROOT, env: { ...process.env, LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    // Nobody reads stdout until the child has logged everything: the pipe fills and stays full.
+    child.stdout.pause();
+    let stderr = '';
+    const logged = new Promise<void>((resolve) =>
+      child.stderr.on('data', (chunk: Buffer) => {
+        stderr += chunk.toString();
+        if (stderr.includes('logged\n')) resolve();
+      }),
+    );
+    const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+    await logged;
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.stdout.resume();
+    expect(await exited).toBe(0);
+    const dropped = stderr
+      .split('\n')
+      .filter((line) => line.includes('"log.dropped"'))
+      .map((line) => (JSON.parse(line) as { lines: number }).lines);
+    expect(dropped.length).toBeGreaterThan(0);
+    const received = parsedLines(out);
+    // Whole lines only, and every line is either written or counted as dropped.
+    expect(received.length).toBeGreaterThan(0);
+    expect(received.length + Math.max(...dropped)).toBe(total);
+  });
+});
