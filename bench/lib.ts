@@ -205,7 +205,7 @@ export function machineBusyMs(): number {
 }
 
 let redisPids: number[] | undefined;
-function findRedis(): number[] {
+export function findRedis(): number[] {
   redisPids ??= readdirSync('/proc')
     .filter((entry) => /^\d+$/.test(entry))
     .filter((pid) => {

@@ -9,14 +9,21 @@ import { availableParallelism, cpus, tmpdir } from 'node:os';
 import path from 'node:path';
 import { CLIENT_ID, CLIENT_SECRET, ROOT, freePort, startProcess, type RunningProcess } from '../e2e/support/stack.ts';
 import { startApache, type RunningApache } from './apache.ts';
-import { aptInstall, benchFamilyMs, cpuMs, ensureTools, machineBusyMs, log, median, percentile, processTree, rssBytes, sleep, wrk, type WrkResult } from './lib.ts';
+import { aptInstall, benchFamilyMs, cpuMs, ensureTools, findRedis, machineBusyMs, log, median, percentile, processTree, rssBytes, sleep, wrk, type WrkResult } from './lib.ts';
 import { benchLogin } from './login.ts';
 import { formatSummary, newestProfile, summarise } from './profile.ts';
+import { formatSched, labeller, perfAvailable, recordSched } from './sched.ts';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const CONCURRENCIES = (process.env.BENCH_CONCURRENCY ?? '1,32,128').split(',').map(Number);
 const STREAM_BYTES = 100 * 1024 * 1024;
+/**
+ * Long enough for V8 to have optimised the hot path: after 3 s, BENCH_SCHED=1 still caught the
+ * Gatehouse workers' compiler threads taking a CPU from wrk and the upstream during the first -c1
+ * round (about 100 ms of their waits in 4 s), which a server that has run for a while does not do.
+ */
+const WARM_UP_SECONDS = 10;
 const STORM_TTL = 60;
 const STORM_SKEW = 52; // the token becomes due TTL - SKEW = 8 s after login
 const STORM_SECONDS = 13; // one expiry inside; the next would be due ~16 s after login
@@ -26,6 +33,9 @@ const PROFILE = process.env.BENCH_PROFILE !== '0';
  * `fast`: only the throughput rounds of (a), (b), (d) and (g), for a quick check of the fast path.
  */
 const ONLY = process.env.BENCH_ONLY;
+/** `BENCH_SCHED=1`: after the rounds, who makes the -c1 tail (bench/sched.ts; needs perf). */
+const SCHED = process.env.BENCH_SCHED === '1';
+const SCHED_SECONDS = 4;
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const DIST_DIR = process.env.NEXT_DIST_DIR || '.next';
 const WORKERS = availableParallelism();
@@ -530,6 +540,7 @@ function version(command: string, args: string[]): string {
 
 async function main(): Promise<void> {
   ensureTools();
+  if (SCHED && !perfAvailable()) aptInstall(['linux-perf']);
   await ensureRedis();
   ensureBuild();
   if (ONLY !== 'fast') ensureFloorBuild();
@@ -588,8 +599,8 @@ async function main(): Promise<void> {
   for (const leg of legs) await checkOnce(leg, upstream);
 
   const fastRssStart = rssBytes(legs[1]!.pids());
-  log(`warm-up: each leg -c32 for 3 s (fast path RSS now ${mb(fastRssStart)})`);
-  for (const leg of legs) await measure(leg, 32, 3, upstream);
+  log(`warm-up: each leg -c32 for ${WARM_UP_SECONDS} s (fast path RSS now ${mb(fastRssStart)})`);
+  for (const leg of legs) await measure(leg, 32, WARM_UP_SECONDS, upstream);
 
   const samples = new Map<string, Sample[]>();
   for (let round = 0; round < ROUNDS; round++) {
@@ -604,6 +615,20 @@ async function main(): Promise<void> {
     }
   }
   const fastRssEnd = rssBytes(legs[1]!.pids());
+
+  const schedLines: string[] = [];
+  if (SCHED && !perfAvailable()) fail('BENCH_SCHED=1 needs perf (Debian package linux-perf), and it did not install');
+  else if (SCHED) {
+    log(`scheduling at -c1: perf sched over ${SCHED_SECONDS} s of wrk -c1 on each leg`);
+    for (const leg of legs.filter((candidate) => ['a', 'b', 'd', 'g'].includes(candidate.id))) {
+      const labelOf = labeller({ proxy: leg.id === 'a' ? [] : leg.pids(), upstream: upstream.pids().flatMap(processTree), redis: findRedis(), bench: process.pid });
+      const load = wrk(leg.url, { connections: 1, seconds: SCHED_SECONDS + 2, headers: leg.headers });
+      await sleep(1000);
+      const report = await recordSched(SCHED_SECONDS, labelOf);
+      const result = await load;
+      schedLines.push(formatSched(`(${leg.id}) ${leg.title}`, Math.round((result.requests * SCHED_SECONDS) / result.seconds), report));
+    }
+  }
 
   const streams: StreamResult[] = [];
   if (!quick) log('streaming 100 MB each way through (b)');
@@ -747,6 +772,14 @@ async function main(): Promise<void> {
   }
   lines.push(`Gatehouse fast-path RSS (primary + ${WORKERS} workers): ${mb(fastRssStart)} before the load, ${mb(fastRssEnd)} after all rounds.`);
   lines.push('');
+  if (schedLines.length) {
+    lines.push(`Scheduling at -c1 (perf sched over ${SCHED_SECONDS} s of a wrk -c1 run per leg): wake-ups of request-path threads (wrk, the proxy's request threads, the upstream's, Redis), those that waited over 0.25 ms for a CPU, and what held the CPU meanwhile.`);
+    lines.push('');
+    lines.push('| Leg | requests | path wake-ups | waits > 0.25 ms | waited (ms) | CPU held by |');
+    lines.push('|---|---:|---:|---:|---:|---|');
+    lines.push(...schedLines);
+    lines.push('');
+  }
   if (!quick) {
   lines.push(...dpopLines);
   lines.push('');
