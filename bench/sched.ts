@@ -12,7 +12,7 @@ import path from 'node:path';
 const NOTABLE_WAIT_MS = 0.25;
 
 export interface SchedReport {
-  /** Times a path thread started running after a wake-up. */
+  /** Times a path thread was switched in (each follows a wake-up at -c1). */
   wakeups: number;
   /** Of those, how many waited longer than NOTABLE_WAIT_MS for a CPU, and how long in all. */
   notable: number;
@@ -62,7 +62,6 @@ const ON_PATH = new Set(['wrk', 'redis', 'upstream: request thread', 'proxy: req
  */
 export function analyse(text: string, labelOf: (pid: number, thread: string) => string): SchedReport {
   const byCpu = new Map<string, Run[]>();
-  const runs: Run[] = [];
   for (const line of text.split('\n')) {
     const match = /^\s*([\d.]+)\s+\[(\d+)\]\s+(.+?)\[(\d+)(?:\/(\d+))?\]\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$/.exec(line);
     if (!match) continue;
@@ -71,7 +70,6 @@ export function analyse(text: string, labelOf: (pid: number, thread: string) => 
     const pid = Number(second ?? first);
     const end = Number(time);
     const run: Run = { cpu: cpu as string, label: labelOf(pid, (name as string).trim()), start: end - Number(ran) / 1000, end, waited: Number(delay) / 1000 };
-    runs.push(run);
     const list = byCpu.get(run.cpu) ?? [];
     list.push(run);
     byCpu.set(run.cpu, list);
@@ -113,14 +111,16 @@ export function labeller(parts: { proxy: number[]; upstream: number[]; redis: nu
   const proxy = new Set(parts.proxy);
   const upstream = new Set(parts.upstream);
   const redis = new Set(parts.redis);
-  const role = (thread: string) => (thread === 'MainThread' || thread === 'node' || thread === 'apache2' ? 'request thread' : thread.replace(/[:/].*$/, ''));
+  // One label per kind of thread: kworker/0:1 and kworker/1:2, memfd:sealed-91 and the like.
+  const kind = (thread: string) => thread.replace(/[:/].*$/, '');
+  const role = (thread: string) => (thread === 'MainThread' || thread === 'node' || thread === 'apache2' ? 'request thread' : kind(thread));
   return (pid, thread) => {
     if (thread === 'wrk') return 'wrk';
     if (redis.has(pid)) return 'redis';
     if (pid === parts.bench) return 'the bench itself';
     if (proxy.has(pid)) return `proxy: ${role(thread)}`;
     if (upstream.has(pid)) return `upstream: ${role(thread)}`;
-    return `other: ${thread.replace(/[:/].*$/, '')}`;
+    return `other: ${kind(thread)}`;
   };
 }
 
