@@ -39,8 +39,16 @@ describe('logs', () => {
         .output()
         .split('\n')
         .filter((line) => line.startsWith('{'));
-    // Info lines are written within a fraction of a second, not at once (lib/log.ts).
-    const lines = await waitFor('the proxied requests logged', () => (readLines().filter((line) => line.includes('"proxy.request"')).length >= 3 ? readLines() : undefined), 3_000);
+    // Info lines are written within a fraction of a second, not at once (lib/log.ts), and may come
+    // in more than one write: wait for the last event logged too, the logout.
+    const lines = await waitFor(
+      'the proxied requests and the logout logged',
+      () => {
+        const now = readLines();
+        return now.filter((line) => line.includes('"proxy.request"')).length >= 3 && now.some((line) => line.includes('"auth.logout"')) ? now : undefined;
+      },
+      3_000,
+    );
     const events = lines.map((line) => JSON.parse(line) as { event: string; level: string; time: string } & Record<string, unknown>);
     const proxied = events.filter((event) => event.event === 'proxy.request');
     expect(proxied).toHaveLength(3);
