@@ -187,6 +187,20 @@ export function median(values: number[]): number {
   return sorted.length % 2 ? (sorted[mid] as number) : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
 }
 
+/**
+ * Two legs compared round by round. The legs of one round run back to back, so they share what the
+ * machine was doing then; on a shared VM whose speed drifts by tens of per cent within minutes, the
+ * spread of these per-round comparisons says how far a median verdict can be trusted. Rounds that
+ * either leg lacks are left out.
+ */
+export function perRound<T extends { round: number }>(x: T[], y: T[], compare: (a: T, b: T) => number): number[] {
+  const ys = new Map(y.map((sample) => [sample.round, sample]));
+  return x.flatMap((sample) => {
+    const other = ys.get(sample.round);
+    return other ? [compare(sample, other)] : [];
+  });
+}
+
 export function percentile(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
   const index = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
