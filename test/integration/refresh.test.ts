@@ -71,8 +71,12 @@ function refreshErrors(grants: Awaited<ReturnType<typeof idpGrants>>): number {
  *    grant: exactly one successful refresh that Gatehouse never received, plus exactly one
  *    invalid_grant for the replay. Anything else (503, a stuck lock, a second refresh, a session
  *    dropped although the IdP never consumed its token) fails.
+ * `earlierFlightLeftRunning`: an earlier call was told "retry shortly" (503) while its refresh ran
+ * on (tokens.ts `answerWithin`). That refresh may have met the replay's invalid_grant and ended
+ * the session before the call checked here arrived, which then finds no session: 401
+ * unauthenticated, with the same counters, cookie clearing and key gone.
  */
-async function expectRecoveredUnlessIdpRanTheAbandonedGrant(user: string, before: Awaited<ReturnType<typeof idpGrants>>, result: CallResult): Promise<void> {
+async function expectRecoveredUnlessIdpRanTheAbandonedGrant(user: string, before: Awaited<ReturnType<typeof idpGrants>>, result: CallResult, earlierFlightLeftRunning = false): Promise<void> {
   const grants = await idpGrants(stack.issuer);
   const refreshed = refreshGrantsOf(grants, user) - refreshGrantsOf(before, user);
   const refused = refreshErrors(grants) - refreshErrors(before);
@@ -83,11 +87,13 @@ async function expectRecoveredUnlessIdpRanTheAbandonedGrant(user: string, before
     expect({ refreshed, refused }).toEqual({ refreshed: 1, refused: 0 });
     expect(await probe.exists(key)).toBe(true);
   } else {
-    expect({ status: result.status, body: result.body }).toMatchObject({ status: 401, body: { error: 'session_expired' } });
+    const ends = earlierFlightLeftRunning ? ['session_expired', 'unauthenticated'] : ['session_expired'];
+    expect(result.status).toBe(401);
+    expect(ends).toContain((result.body as { error?: unknown }).error);
     expect({ refreshed, refused, replays }).toEqual({ refreshed: 1, refused: 1, replays: 1 });
     expect(clearsSessionCookie(result.setCookies)).toBe(true);
     expect(await probe.exists(key)).toBe(false);
-    console.warn(`[refresh.test] ${user}: the IdP ran the abandoned refresh grant after resuming; the session ended with session_expired (see the limitation noted in the test file)`);
+    console.warn(`[refresh.test] ${user}: the IdP ran the abandoned refresh grant after resuming; the session ended (${String((result.body as { error?: unknown }).error)}; see the limitation noted in the test file)`);
   }
   expect(await probe.exists(probe.lockKeyFor(key))).toBe(false);
 }
@@ -303,7 +309,7 @@ describe('transparent token refresh across two instances', () => {
     await waitFor("the dead owner's lease to run out", async () => ((await probe.exists(lockKey)) ? undefined : true), LOCK_LEASE_MS + 1_000, 25);
     const viaB = firstViaB.status === 503 ? await call(appB, WHOAMI, cookieOf(ORPHAN)) : firstViaB;
     expect(Date.now() - lockSeenAt).toBeLessThan(LOCK_LEASE_MS + 3_000 + OIDC_TIMEOUT_MS);
-    await expectRecoveredUnlessIdpRanTheAbandonedGrant(ORPHAN, before, viaB);
+    await expectRecoveredUnlessIdpRanTheAbandonedGrant(ORPHAN, before, viaB, firstViaB.status === 503);
     if (viaB.status === 200) {
       // The refreshed session keeps working on the surviving instance.
       expect((await call(appB, WHOAMI, cookieOf(ORPHAN))).status).toBe(200);
