@@ -36,8 +36,10 @@ export const errors = {
   /** A new login in this browser replaced the session a moment ago; the browser already has the new cookie. */
   sessionReplaced: () => new GatehouseError('session_replaced', 401, 'This session was replaced by a new sign-in. Retry the request.'),
   /** Same code as an expiry (the SPA does the same: offer login), with the reason in the message. */
-  sessionEnded: (by: 'elsewhere' | 'idp') =>
-    new GatehouseError('session_expired', 401, by === 'elsewhere' ? 'You were signed out from another device.' : 'You signed out at the identity provider.', { clearSession: true }),
+  sessionEnded: (by: 'elsewhere' | 'idp' | 'expired') =>
+    by === 'expired'
+      ? errors.sessionExpired()
+      : new GatehouseError('session_expired', 401, by === 'elsewhere' ? 'You were signed out from another device.' : 'You signed out at the identity provider.', { clearSession: true }),
   sessionExpired: (cause?: unknown) =>
     new GatehouseError('session_expired', 401, 'Your session has ended. Sign in again.', { cause, clearSession: true }),
   /** The session lives on, but this call needs a token it cannot get without a new sign-in. */

@@ -410,16 +410,18 @@ const SESSION_COPY_MAX_AGE_MS = 1_000;
  * this instance cannot open — written by a newer release or under a key it does not have yet during
  * a rolling deploy: someone else can read it, so it is neither deleted nor its cookie cleared).
  */
-export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'ended_elsewhere' | 'ended_at_idp';
+export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'ended_elsewhere' | 'ended_at_idp' | 'ended_expired';
 
 /**
  * Why a session was ended by someone other than its browser: a new login in the same browser
  * (`replaced`), "sign out everywhere else" or ending it from the sessions list on another device
- * (`elsewhere`), a logout at the IdP (`idp`, back-channel).
+ * (`elsewhere`), a logout at the IdP (`idp`, back-channel), the IdP refusing its refresh token or
+ * its last token running out without one (`expired`). The marker lets every request that still
+ * carries the cookie (a call that was in flight, another tab) hear the same reason as the first.
  */
-export type EndedBy = 'replaced' | 'elsewhere' | 'idp';
+export type EndedBy = 'replaced' | 'elsewhere' | 'idp' | 'expired';
 
-const MISS_BY_MARKER: Record<string, SessionMiss> = { replaced: 'replaced', elsewhere: 'ended_elsewhere', idp: 'ended_at_idp' };
+const MISS_BY_MARKER: Record<string, SessionMiss> = { replaced: 'replaced', elsewhere: 'ended_elsewhere', idp: 'ended_at_idp', expired: 'ended_expired' };
 
 const loggedUnreadable = state.loggedUnreadable;
 const LOGGED_UNREADABLE_LIMIT = 10_000;
@@ -657,18 +659,20 @@ export interface CookieSession {
   stale: boolean;
   /** The session was replaced by a new login in this browser moments ago: leave the cookie alone. */
   replaced: boolean;
-  /** The session was ended from another device or at the IdP: the browser should hear why. */
-  endedBy?: 'elsewhere' | 'idp';
+  /** The session was ended from another device, at the IdP, or by its tokens' end: the browser should hear why. */
+  endedBy?: Exclude<EndedBy, 'replaced'>;
 }
 
 /** The session a request's cookie leads to, and what to do about the cookie when there is none. */
+const ENDED_BY_MISS: Partial<Record<SessionMiss, Exclude<EndedBy, 'replaced'>>> = { ended_elsewhere: 'elsewhere', ended_at_idp: 'idp', ended_expired: 'expired' };
+
 export async function sessionFromCookieHeader(cookieHeader: string | null | undefined, { coherentCopy = false } = {}): Promise<CookieSession> {
   const value = readCookie(cookieHeader, getConfig().session.cookieName);
   if (!value) return { session: null, stale: false, replaced: false };
   const unsealed = await unsealCookieValue(value);
   if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false };
   const loaded = await loadSession(unsealed.id, { coherentCopy });
-  const endedBy = loaded.miss === 'ended_elsewhere' ? 'elsewhere' : loaded.miss === 'ended_at_idp' ? 'idp' : undefined;
+  const endedBy = loaded.miss === undefined ? undefined : ENDED_BY_MISS[loaded.miss];
   return { session: loaded.session, stale: loaded.miss === 'gone' || endedBy !== undefined, replaced: loaded.miss === 'replaced', ...(endedBy ? { endedBy } : {}) };
 }
 

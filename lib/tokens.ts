@@ -7,7 +7,7 @@ import { sharedState } from './shared-state.ts';
 import { observeLockWait, observeRefresh } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
-  destroySession,
+  endSessionBecause,
   forcedRefreshKey,
   getStore,
   readSession,
@@ -131,7 +131,7 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
   const expiresAt = session.record.accessTokenExpiresAt;
   if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
-  await destroySession(session.id, session.record);
+  await endSessionBecause(session.id, session.record, 'expired');
   throw errors.sessionExpired();
 }
 
@@ -374,7 +374,7 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', outcome(error.kind));
-      if (error.kind === 'invalid_grant') await destroySession(current.id, current.record);
+      if (error.kind === 'invalid_grant') await endSessionBecause(current.id, current.record, 'expired');
       throw idpErrorToGatehouse(error);
     }
     throw error;

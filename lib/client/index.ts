@@ -5,8 +5,11 @@
  */
 
 export type SessionInfo =
-  /** `endedBy`: the session was ended from another device or at the identity provider. */
-  | { authenticated: false; endedBy?: 'elsewhere' | 'idp' }
+  /**
+   * `endedBy`: the session was ended from another device, at the identity provider, or because its
+   * tokens ran out (the IdP refused its refresh token, or it had none) within the last hour.
+   */
+  | { authenticated: false; endedBy?: 'elsewhere' | 'idp' | 'expired' }
   | {
       authenticated: true;
       user: Record<string, unknown> & { sub: string };

@@ -24,7 +24,7 @@ export interface UseSessionResult {
 type Snapshot = Omit<UseSessionResult, 'refresh'>;
 
 const LOADING: Snapshot = { status: 'loading', user: null, expiresAt: null, acr: null, authTime: null, logoutUrl: null, signedOutReason: null };
-const ENDED_BY_TEXT = { elsewhere: 'You were signed out from another device.', idp: 'You signed out at the identity provider.' } as const;
+const ENDED_BY_TEXT = { elsewhere: 'You were signed out from another device.', idp: 'You signed out at the identity provider.', expired: 'Your session has ended. Sign in again.' } as const;
 let snapshot: Snapshot = LOADING;
 let inFlight: Promise<void> | null = null;
 let loadedOnce = false;

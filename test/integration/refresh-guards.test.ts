@@ -146,6 +146,9 @@ describe('a session without a refresh token', () => {
     expect(clearsSessionCookie(ended.setCookies)).toBe(true);
     expect(await probe.exists(key)).toBe(false);
     expect((await refreshesOf(user)).ok).toBe(0);
+    // A tab that calls later with the same cookie hears the same, on either instance.
+    expect(await call(appB, WHOAMI, cookie)).toMatchObject({ status: 401, body: { error: 'session_expired' } });
+    expect(await call(appA, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: false, endedBy: 'expired' } });
   });
 });
 

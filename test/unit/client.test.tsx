@@ -208,6 +208,14 @@ describe('useSession', () => {
       await refreshSession();
     });
     await vi.waitFor(() => expect(container.textContent).toBe('out: You signed out at the identity provider.'));
+
+    // And for a session whose tokens ran out (its refresh token refused) while this page was idle.
+    resetSessionStateForTests();
+    answer = { authenticated: false, endedBy: 'expired' };
+    await act(async () => {
+      await refreshSession();
+    });
+    await vi.waitFor(() => expect(container.textContent).toBe('out: Your session has ended. Sign in again.'));
     act(() => root.unmount());
   });
 });
