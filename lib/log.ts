@@ -1,3 +1,4 @@
+import { constants, fstatSync, openSync } from 'node:fs';
 import SonicBoom from 'sonic-boom';
 import { sharedState } from './shared-state.ts';
 
@@ -39,7 +40,24 @@ const state = sharedState('log', () => ({
   reportedDrops: 0,
   lastDropReport: 0,
   dropReport: undefined as NodeJS.Timeout | undefined,
+  exiting: false,
 }));
+
+/**
+ * Where the info lines go. When stdout is a pipe (Docker, Kubernetes, a supervisor), a description
+ * of that pipe of our own, non-blocking: a reader that stops reading then costs lines (retried
+ * every 100 ms, dropped past MAX_BUFFERED_CHARS), never a libuv pool thread stuck in write(), which
+ * the process would wait for on its way out (SIGTERM then took as long as the reader's stall).
+ * fd 1 itself keeps its flags: the cluster's other processes and process.stdout share its description.
+ */
+function stdoutFd(): number {
+  try {
+    if (!fstatSync(1).isFIFO()) return 1;
+    return openSync('/proc/self/fd/1', constants.O_WRONLY | constants.O_NONBLOCK);
+  } catch {
+    return 1;
+  }
+}
 
 /** The running count of dropped lines on stderr, if it grew since last said. */
 function reportDrops(): void {
@@ -52,7 +70,16 @@ function reportDrops(): void {
 
 function stdoutWriter(): SonicBoom {
   if (state.writer) return state.writer;
-  const created = new SonicBoom({ fd: 1, sync: false, minLength: PIPE_BUF - 512, maxWrite: PIPE_BUF, maxLength: MAX_BUFFERED_CHARS, periodicFlush: FLUSH_AFTER_MS });
+  const created = new SonicBoom({
+    fd: stdoutFd(),
+    sync: false,
+    minLength: PIPE_BUF - 512,
+    maxWrite: PIPE_BUF,
+    maxLength: MAX_BUFFERED_CHARS,
+    periodicFlush: FLUSH_AFTER_MS,
+    // A full pipe is waited out while the process runs, not on its way out.
+    retryEAGAIN: () => !state.exiting,
+  });
   // A closed or broken stdout must not take the server down with it.
   created.on('error', () => undefined);
   created.on('drop', (data: string) => {
@@ -63,6 +90,7 @@ function stdoutWriter(): SonicBoom {
     else state.dropReport ??= setTimeout(reportDrops, wait).unref();
   });
   process.on('exit', () => {
+    state.exiting = true;
     reportDrops();
     try {
       created.flushSync();

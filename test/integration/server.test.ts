@@ -175,6 +175,58 @@ describe('npm start', () => {
   });
 });
 
+describe('a log reader that stops reading (a blocked Docker log driver, a stalled collector)', () => {
+  for (const shape of ['npm start', 'next start'] as const) {
+    it(`${shape}: every request is still answered, those that log warnings too, no line is lost once it reads again, and SIGTERM still ends the server promptly`, async () => {
+      const port = await freePort();
+      const base = `http://localhost:${port}`;
+      const apis = JSON.parse(stack.appEnv.BFF_APIS as string) as Record<string, unknown>;
+      // An API nobody listens on: each call to it answers 502 and logs a warning (stderr).
+      const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: base, LOG_LEVEL: 'info', BFF_APIS: JSON.stringify({ ...apis, dead: { url: `http://127.0.0.1:${await freePort()}` } }) };
+      const server =
+        shape === 'npm start'
+          ? await startProcess('stalled-log-npm', ['--expose-gc', 'server.ts'], env, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2)
+          : await startProcess('stalled-log-next', ['node_modules/next/dist/bin/next', 'start', '-p', String(port)], env, /Ready in/);
+      let logged = '';
+      server.child.stdout?.on('data', (chunk: Buffer) => (logged += chunk.toString()));
+      const requestLines = () => logged.split('\n').filter((line) => line.includes('"event":"proxy.request"')).length;
+      // About 90 KB of info lines (one per call) and 60 KB of warnings (one per 502) per round: more than either pipe holds (64 KiB).
+      const round = async () => {
+        for (let batch = 0; batch < 10; batch++) {
+          const results = await Promise.all(Array.from({ length: 50 }, (_, i) => call(base, i % 2 ? '/api/proxy/demo/whoami' : '/api/proxy/dead/x', cookie, { signal: AbortSignal.timeout(10_000) }).then((result) => result.status, () => 'no answer')));
+          expect(results).toEqual(Array.from({ length: 50 }, (_, i) => (i % 2 ? 200 : 502)));
+        }
+      };
+      try {
+        // Nothing reads the server's stdout or stderr: each pipe fills.
+        server.child.stdout?.pause();
+        server.child.stderr?.pause();
+        const before = requestLines();
+        await round();
+        // The reader comes back: every line held meanwhile arrives, none lost.
+        server.child.stdout?.resume();
+        server.child.stderr?.resume();
+        await waitFor('the held lines', () => (requestLines() - before >= 500 ? true : undefined), 10_000);
+        // And stalls again, for good this time.
+        server.child.stdout?.pause();
+        server.child.stderr?.pause();
+        await round();
+        const exited = new Promise<string>((resolve) => server.child.once('exit', (code, signal) => resolve(`code ${code}, signal ${signal}`)));
+        const stoppedAt = Date.now();
+        server.child.kill('SIGTERM');
+        const exit = await Promise.race([exited, new Promise<string>((resolve) => setTimeout(() => resolve('still running'), 10_000))]);
+        expect(exit).toMatch(shape === 'npm start' ? /^code 0,/ : /^code \d+,|signal SIGTERM/);
+        // No request was in flight: nothing but a log write could hold it up.
+        expect(Date.now() - stoppedAt).toBeLessThan(5_000);
+      } finally {
+        server.child.stdout?.resume();
+        server.child.stderr?.resume();
+        await server.stop('SIGKILL');
+      }
+    });
+  }
+});
+
 describe('npm start crash loops', () => {
   it('five worker deaths within a minute end the server with the cause instead of respawning for ever', async () => {
     const looping = await startProcess('crash-loop', ['server.ts'], { ...stack.apps[0]!.env, PORT: String(await freePort()), GATEHOUSE_WORKERS: '2' }, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
