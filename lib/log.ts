@@ -1,4 +1,4 @@
-import { constants, fstatSync, openSync } from 'node:fs';
+import { constants, fstatSync, openSync, writeSync } from 'node:fs';
 import SonicBoom from 'sonic-boom';
 import { sharedState } from './shared-state.ts';
 
@@ -40,57 +40,89 @@ const state = sharedState('log', () => ({
   reportedDrops: 0,
   lastDropReport: 0,
   dropReport: undefined as NodeJS.Timeout | undefined,
-  exiting: false,
+  /** fd 2's own non-blocking description when it is a pipe; null when it is not. */
+  stderrPipe: undefined as number | null | undefined,
+  /** Epoch ms after which a full pipe is given up on: set on the way out. */
+  giveUpAt: Number.POSITIVE_INFINITY,
 }));
 
+/** On the way out a reader that is merely slow still gets the last lines; one that stopped costs at most this. */
+const EXIT_FLUSH_MS = 1_000;
+
 /**
- * Where the info lines go. When stdout is a pipe (Docker, Kubernetes, a supervisor), a description
- * of that pipe of our own, non-blocking: a reader that stops reading then costs lines (retried
- * every 100 ms, dropped past MAX_BUFFERED_CHARS), never a libuv pool thread stuck in write(), which
- * the process would wait for on its way out (SIGTERM then took as long as the reader's stall).
- * fd 1 itself keeps its flags: the cluster's other processes and process.stdout share its description.
+ * When fd 1 or 2 is a pipe (Docker, Kubernetes, a supervisor), a description of that pipe of our
+ * own, non-blocking: a reader that stops reading then costs lines, never a blocked event loop (a
+ * warning written synchronously) nor a libuv pool thread stuck in write(), which the process would
+ * wait for on its way out (SIGTERM then took as long as the reader's stall). The fd itself keeps its
+ * flags: the cluster's other processes and process.stdout share its description. Undefined when it
+ * is no pipe (a file, a terminal, a socket, where Node's own handling is kept).
  */
-function stdoutFd(): number {
+function nonBlockingPipe(fd: 1 | 2): number | undefined {
   try {
-    if (!fstatSync(1).isFIFO()) return 1;
-    return openSync('/proc/self/fd/1', constants.O_WRONLY | constants.O_NONBLOCK);
+    if (!fstatSync(fd).isFIFO()) return undefined;
+    return openSync(`/proc/self/fd/${fd}`, constants.O_WRONLY | constants.O_NONBLOCK);
   } catch {
-    return 1;
+    return undefined;
   }
+}
+
+/**
+ * Warnings and errors go at once and whole; when fd 2 is a pipe too full to take a line now, the
+ * line is not waited for: false, and the caller counts it as dropped.
+ */
+function writeAtOnce(line: string): boolean {
+  if (state.stderrPipe === undefined) state.stderrPipe = nonBlockingPipe(2) ?? null;
+  // Longer than PIPE_BUF, a write to a full pipe could go out in part: such a rare line waits instead.
+  if (state.stderrPipe === null || Buffer.byteLength(line) > PIPE_BUF) {
+    process.stderr.write(line);
+    return true;
+  }
+  try {
+    writeSync(state.stderrPipe, line);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Counts lines lost and says so on stderr, at most once per interval, and the last count is never left unsaid. */
+function noteDropped(lines: number): void {
+  state.droppedLines += lines;
+  const wait = state.lastDropReport + DROP_REPORT_INTERVAL_MS - Date.now();
+  if (wait <= 0) reportDrops();
+  else state.dropReport ??= setTimeout(reportDrops, wait).unref();
 }
 
 /** The running count of dropped lines on stderr, if it grew since last said. */
 function reportDrops(): void {
   state.dropReport = undefined;
   if (state.droppedLines === state.reportedDrops) return;
+  const now = Date.now();
+  if (!writeAtOnce(`${JSON.stringify({ time: new Date(now).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`)) {
+    state.dropReport = setTimeout(reportDrops, DROP_REPORT_INTERVAL_MS).unref();
+    return;
+  }
   state.reportedDrops = state.droppedLines;
-  state.lastDropReport = Date.now();
-  process.stderr.write(`${JSON.stringify({ time: new Date(state.lastDropReport).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`);
+  state.lastDropReport = now;
 }
 
 function stdoutWriter(): SonicBoom {
   if (state.writer) return state.writer;
   const created = new SonicBoom({
-    fd: stdoutFd(),
+    fd: nonBlockingPipe(1) ?? 1,
     sync: false,
     minLength: PIPE_BUF - 512,
     maxWrite: PIPE_BUF,
     maxLength: MAX_BUFFERED_CHARS,
     periodicFlush: FLUSH_AFTER_MS,
-    // A full pipe is waited out while the process runs, not on its way out.
-    retryEAGAIN: () => !state.exiting,
+    // A full pipe is waited out while the process runs, and for a bounded time on its way out.
+    retryEAGAIN: () => Date.now() < state.giveUpAt,
   });
   // A closed or broken stdout must not take the server down with it.
   created.on('error', () => undefined);
-  created.on('drop', (data: string) => {
-    state.droppedLines += data.split('\n').length - 1;
-    // At most one report per interval, and the last count is never left unsaid.
-    const wait = state.lastDropReport + DROP_REPORT_INTERVAL_MS - Date.now();
-    if (wait <= 0) reportDrops();
-    else state.dropReport ??= setTimeout(reportDrops, wait).unref();
-  });
+  created.on('drop', (data: string) => noteDropped(data.split('\n').length - 1));
   process.on('exit', () => {
-    state.exiting = true;
+    state.giveUpAt = Date.now() + EXIT_FLUSH_MS;
     reportDrops();
     try {
       created.flushSync();
@@ -106,8 +138,9 @@ export function log(level: Level, event: string, fields: Record<string, unknown>
   minimum ??= threshold();
   if (RANK[level] < minimum) return;
   const line = JSON.stringify({ time: new Date().toISOString(), level, event, ...fields }) + '\n';
-  if (level === 'error' || level === 'warn') process.stderr.write(line);
-  else stdoutWriter().write(line);
+  if (level === 'error' || level === 'warn') {
+    if (!writeAtOnce(line)) noteDropped(1);
+  } else stdoutWriter().write(line);
 }
 
 /** What may be logged about a failure: its name, code and message, not its payload. */
