@@ -225,6 +225,36 @@ test.describe('login', () => {
     }
     expect((await context.cookies(app())).filter((c) => c.name.startsWith('gatehouse-tx-'))).toEqual([]);
   });
+
+  test('two tabs that finish signing in one after the other leave one session, not an unreachable second', async ({ context }) => {
+    // A user of its own: the sessions list below must hold only this browser's.
+    const user = `tabs-${Date.now().toString(36)}`;
+    const tabs = [await context.newPage(), await context.newPage()];
+    // Both start before either finishes, so neither login start saw a session to replace...
+    for (const [index, tab] of tabs.entries()) {
+      await tab.goto(`/api/auth/login?returnTo=${encodeURIComponent(`/?tab=${index}`)}`);
+      await tab.waitForURL((url) => url.href.startsWith(`${idp()}/interaction/`));
+      await tab.locator('input[name="login"]').fill(user);
+      await tab.locator('input[name="password"]').fill('pw');
+    }
+    // ...and they finish one after the other, as a person does.
+    for (const [index, tab] of tabs.entries()) {
+      await tab.getByRole('button', { name: 'Sign-in' }).click();
+      await tab.waitForURL(`${app()}/?tab=${index}`);
+    }
+    for (const tab of tabs) {
+      await tab.reload();
+      await expect(tab.getByTestId('user-sub')).toHaveText(user);
+    }
+    const listed = await tabs[0]!.evaluate(async () => (await fetch('/api/auth/sessions', { headers: { 'x-csrf': '1' } })).json());
+    expect(listed).toMatchObject({ sessions: [{ current: true }] });
+    expect((listed as { sessions: unknown[] }).sessions).toHaveLength(1);
+    // The cookie that names the session to replace goes to the callback only, and never opens a session.
+    const replaces = (await context.cookies()).filter((cookie) => cookie.name.endsWith('-replaces'));
+    expect(replaces.map(({ path, httpOnly, sameSite }) => ({ path, httpOnly, sameSite }))).toEqual([{ path: '/api/auth/callback', httpOnly: true, sameSite: 'Lax' }]);
+    const asSession = await fetch(`${app()}/api/auth/session`, { headers: { 'x-csrf': '1', cookie: `gatehouse=${replaces[0]!.value}` } });
+    expect(await asSession.json()).toEqual({ authenticated: false });
+  });
 });
 
 // --- callback ------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ import {
   readSession,
   readTransaction,
   replaceSession,
+  replacesCookieHeader,
   sessionCookieHeader,
   sessionExpiresAt,
   sessionFromCookieHeader,
   sessionHandle,
   sessionIdFromCookieHeader,
+  sessionIdToReplace,
   shortDigest,
   touchSession,
   transactionCookieHeader,
@@ -232,7 +234,9 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login
   // replaces ends now.
   const idpSid = typeof claims.sid === 'string' ? claims.sid : undefined;
-  const replacedIds = new Set([transaction.previousSessionId, await sessionIdFromCookieHeader(cookieHeader)].filter((id): id is string => Boolean(id)));
+  // And the session the last login to finish in this browser created, which a login started before
+  // it finished cannot have seen (two tabs signing in one after the other).
+  const replacedIds = new Set([transaction.previousSessionId, await sessionIdFromCookieHeader(cookieHeader), await sessionIdToReplace(cookieHeader)].filter((id): id is string => Boolean(id)));
   for (const id of replacedIds) await endReplacedSession(id, { sub: claims.sub, idpSid });
 
   const session = await createSession({
@@ -252,7 +256,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   });
   countLogin('ok');
   noteOnSpan({ 'gatehouse.outcome': 'ok' });
-  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), ...clearTransaction]);
+  return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), await replacesCookieHeader(session.id), ...clearTransaction]);
 }
 
 /**

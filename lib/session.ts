@@ -288,6 +288,43 @@ export function clearSessionCookieHeader(): string {
   return serializeCookie(session.cookieName, '', { httpOnly: true, secure: secureCookies, sameSite: session.sameSite, path: '/', maxAge: 0 });
 }
 
+/**
+ * Under SameSite=Strict the callback never sees the session cookie, so a login that started before
+ * another tab's login finished cannot know the session it replaces. Each callback therefore leaves
+ * a Lax cookie, sent to the callback only, naming the session it created: the next login to finish
+ * in this browser ends that session. Order-safe: the cookie reaches a callback only after the
+ * browser applied the answer that set it, together with that answer's session cookie, which this
+ * callback's answer then overwrites. It is sealed in another shape than the session cookie, so it
+ * never opens a session, and all it can do is name a session for a completed login to end.
+ */
+function replacesCookieName(): string {
+  return `${getConfig().session.cookieName.replace(/^__Host-/, '__Secure-')}-replaces`;
+}
+
+function replacesCookiePath(): string {
+  return new URL(getConfig().oidc.redirectUri).pathname;
+}
+
+export async function replacesCookieHeader(id: string): Promise<string> {
+  const { session, secureCookies } = getConfig();
+  const { seal } = await cookiePasswords();
+  const value = await sealData({ replaces: id }, { password: seal, ttl: sealTtlSec() });
+  return serializeCookie(replacesCookieName(), value, { httpOnly: true, secure: secureCookies, sameSite: 'lax', path: replacesCookiePath(), maxAge: session.absoluteTimeoutSec });
+}
+
+/** The session the last login finished in this browser created (see replacesCookieHeader), if any. */
+export async function sessionIdToReplace(cookieHeader: string | null | undefined): Promise<string | null> {
+  const value = readCookie(cookieHeader, replacesCookieName());
+  if (!value) return null;
+  try {
+    const { unseal } = await cookiePasswords();
+    const data = await unsealData<{ replaces?: unknown }>(value, { password: unseal, ttl: sealTtlSec() });
+    return typeof data.replaces === 'string' && /^[A-Za-z0-9_-]{43}$/.test(data.replaces) ? data.replaces : null;
+  } catch {
+    return null;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Records.
 
