@@ -3,7 +3,7 @@ import { sealData, unsealData } from 'iron-session';
 import { createHash } from 'node:crypto';
 import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
 import { getConfig } from './config.ts';
-import { errors } from './errors.ts';
+import { errors, type GatehouseError } from './errors.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { createStore, type Store } from './store/index.ts';
@@ -586,11 +586,24 @@ export async function replaceSession(session: Session): Promise<void> {
   await endSessionBecause(session.id, session.record, 'replaced');
 }
 
-/** Deletes the session and leaves a marker saying why, for its browser's next request. */
+/**
+ * Deletes the session and leaves a marker saying why, for its browser's next request. `expired`
+ * never overwrites another marker: a refresh refused because a new login, a logout elsewhere or at
+ * the IdP had just ended the session (and revoked its refresh token) must not relabel that end;
+ * above all not `replaced`, whose browser already holds the new session's cookie.
+ */
 export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: EndedBy): Promise<void> {
   const ttlMs = why === 'replaced' ? REPLACED_SESSION_MARKER_MS : ENDED_ELSEWHERE_MARKER_MS;
-  await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs }));
+  await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs, onlyIfAbsent: why === 'expired' }));
   await destroySession(id, record);
+}
+
+/** What the browser of a session found gone, where it was expected, should hear: the marker its end left says. */
+export async function endedSessionError(id: string): Promise<GatehouseError> {
+  const marker = await storeCall(() => getStore().get(endedMarkerKey(id)));
+  if (marker === 'replaced') return errors.sessionReplaced();
+  if (marker === 'elsewhere' || marker === 'idp') return errors.sessionEnded(marker);
+  return errors.sessionExpired();
 }
 
 async function removeFromIndexes(id: string, record: SessionRecord): Promise<void> {

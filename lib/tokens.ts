@@ -8,6 +8,7 @@ import { observeLockWait, observeRefresh } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   endSessionBecause,
+  endedSessionError,
   forcedRefreshKey,
   getStore,
   readSession,
@@ -132,7 +133,7 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
   if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
   await endSessionBecause(session.id, session.record, 'expired');
-  throw errors.sessionExpired();
+  throw await endedSessionError(session.id);
 }
 
 /**
@@ -207,7 +208,7 @@ async function waitForLock(stale: Session, request: TokenRequest, flight: Flight
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);
     const current = await onStore(flight, () => readSession(stale.id));
-    if (!current) throw errors.sessionExpired();
+    if (!current) throw await endedSessionError(stale.id);
     if (isSettled(current, stale, request)) return current;
     if (Date.now() > deadline) throw errors.idpUnavailable(new Error('timed out waiting for another instance to refresh'));
   }
@@ -329,7 +330,7 @@ function renewLease(id: string, owner: string): () => void {
 async function refreshUnderLock(stale: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {
   // Another instance may have finished a refresh between our read and our lock.
   const current = await onStore(flight, () => readSession(stale.id));
-  if (!current) throw errors.sessionExpired();
+  if (!current) throw await endedSessionError(stale.id);
   if (isSettled(current, stale, request)) return current;
   if (request.exchange) return exchangeUnderLock(current, request, request.exchange, lock, flight);
   return refreshGrantUnderLock(current, request, lock, flight);
@@ -350,7 +351,7 @@ function outcomeLog(session: Session, request: TokenRequest): (result: string) =
 async function writeBackRefused(current: Session, event: string, outcome: (result: string) => Record<string, unknown>): Promise<GatehouseError> {
   const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
   log('warn', event, outcome(gone ? 'session_gone' : 'lock_lost'));
-  return gone ? errors.sessionExpired() : errors.idpUnavailable(new Error(`${event}: lock lost before the write-back`));
+  return gone ? endedSessionError(current.id) : errors.idpUnavailable(new Error(`${event}: lock lost before the write-back`));
 }
 
 async function refreshGrantUnderLock(current: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {
@@ -374,8 +375,12 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', outcome(error.kind));
-      if (error.kind === 'invalid_grant') await endSessionBecause(current.id, current.record, 'expired');
-      throw idpErrorToGatehouse(error);
+      if (error.kind !== 'invalid_grant') throw idpErrorToGatehouse(error);
+      await endSessionBecause(current.id, current.record, 'expired');
+      // The refusal may come from a new login, or a logout elsewhere, that ended the session (and
+      // revoked its refresh token) while this refresh was at the IdP: its browser hears that end.
+      const ended = await endedSessionError(current.id);
+      throw ended.code === 'session_expired' ? idpErrorToGatehouse(error) : ended;
     }
     throw error;
   }

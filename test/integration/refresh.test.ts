@@ -38,7 +38,8 @@ const REVOKED = 'refresh-revoked';
 const OUTAGE = 'refresh-outage';
 const ORPHAN = 'refresh-orphan-lock';
 const LOGGED_OUT = 'refresh-logout-elsewhere';
-const USERS = [SOLO, ...MANY, REVOKED, OUTAGE, ORPHAN, LOGGED_OUT];
+const REPLACED_MIDWAY = 'refresh-replaced-midway';
+const USERS = [SOLO, ...MANY, REVOKED, OUTAGE, ORPHAN, LOGGED_OUT, REPLACED_MIDWAY];
 
 let stack: Stack;
 let probe: RedisProbe;
@@ -254,6 +255,42 @@ describe('transparent token refresh across two instances', () => {
     const after = await Promise.all(Array.from({ length: 8 }, () => call(appB, WHOAMI, cookie)));
     expect(summarize(after)).toEqual({ '401 unauthenticated': 8 });
     for (const result of after) expect(clearsSessionCookie(result.setCookies)).toBe(true);
+  });
+
+  it('a session a new login replaces while its refresh is at the IdP: the refused refresh answers session_replaced and leaves the new cookie and the marker alone', async () => {
+    const key = keyOf(REPLACED_MIDWAY);
+    const markerKey = key.replace(`${stack.keyPrefix}session:`, `${stack.keyPrefix}ended:`);
+    await waitUntilDue(REPLACED_MIDWAY);
+    // What the new login's callback does to the old refresh token (revoked), done up front: the
+    // IdP will refuse the refresh that is about to start.
+    expect(await revokeIdpGrants(stack.issuer, REPLACED_MIDWAY)).toBeGreaterThan(0);
+    const before = await idpGrants(stack.issuer);
+    const idpPid = stack.idp.child.pid as number;
+    process.kill(idpPid, 'SIGSTOP');
+    let result: CallResult;
+    try {
+      const pending = call(appA, WHOAMI, cookieOf(REPLACED_MIDWAY));
+      await waitFor('the refresh to take its lock', async () => ((await probe.exists(probe.lockKeyFor(key))) ? true : undefined), OIDC_TIMEOUT_MS - 500, 10);
+      // Past its re-read under the lock, at the frozen IdP...
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      // ...when the callback of a new login in the same browser ends the session (lib/session.ts replaceSession).
+      await probe.redis.multi().set(markerKey, 'replaced', 'PX', 60_000).del(key).exec();
+      process.kill(idpPid, 'SIGCONT');
+      result = await pending;
+    } finally {
+      sigcont(idpPid);
+    }
+    // The browser already holds the new session's cookie: the answer must not clear it.
+    expect(result.status).toBe(401);
+    expect(result.body).toMatchObject({ error: 'session_replaced' });
+    expect(clearsSessionCookie(result.setCookies)).toBe(false);
+    expect(await probe.redis.get(markerKey)).toBe('replaced');
+    // The IdP did refuse it (the path this checks), once.
+    const after = await idpGrants(stack.issuer);
+    expect((after.errorCodes.invalid_grant ?? 0) - (before.errorCodes.invalid_grant ?? 0)).toBe(1);
+    expect(await call(appB, WHOAMI, cookieOf(REPLACED_MIDWAY))).toMatchObject({ status: 401, body: { error: 'session_replaced' } });
+    expect(await probe.exists(probe.lockKeyFor(key))).toBe(false);
+    await probe.redis.del(markerKey);
   });
 
   it('an instance killed while holding the refresh lock: the other instance takes over after the lease, within the bound', async () => {
