@@ -42,6 +42,9 @@ const state = sharedState('log', () => ({
   dropReport: undefined as NodeJS.Timeout | undefined,
   /** fd 2's own non-blocking description when it is a pipe; null when it is not. */
   stderrPipe: undefined as number | null | undefined,
+  heldWarnings: [] as string[],
+  warningsTriedOnExit: false,
+  warningRetry: undefined as NodeJS.Timeout | undefined,
   /** Epoch ms after which a full pipe is given up on: set on the way out. */
   giveUpAt: Number.POSITIVE_INFINITY,
 }));
@@ -66,9 +69,14 @@ function nonBlockingPipe(fd: 1 | 2): number | undefined {
   }
 }
 
+/** Warnings held while fd 2's pipe is full, retried every RETRY_MS; past the cap they count as dropped. */
+const HELD_WARNINGS_MAX = 1_000;
+const RETRY_MS = 100;
+
 /**
- * Warnings and errors go at once and whole; when fd 2 is a pipe too full to take a line now, the
- * line is not waited for: false, and the caller counts it as dropped.
+ * Warnings and errors go at once and whole, in order. When fd 2 is a pipe too full to take them,
+ * they wait in a small queue retried off the event loop's critical path, never in a blocking write;
+ * false when even the queue is full, and the caller counts the line as dropped.
  */
 function writeAtOnce(line: string): boolean {
   if (state.stderrPipe === undefined) state.stderrPipe = nonBlockingPipe(2) ?? null;
@@ -77,12 +85,33 @@ function writeAtOnce(line: string): boolean {
     process.stderr.write(line);
     return true;
   }
+  if (!state.heldWarnings.length && writeToPipe(state.stderrPipe, line)) return true;
+  if (state.heldWarnings.length >= HELD_WARNINGS_MAX) return false;
+  state.heldWarnings.push(line);
+  state.warningRetry ??= setTimeout(writeHeldWarnings, RETRY_MS).unref();
+  // One last try on the way out: what the pipe still cannot take then is lost with the process.
+  if (!state.warningsTriedOnExit) {
+    state.warningsTriedOnExit = true;
+    process.once('exit', writeHeldWarnings);
+  }
+  return true;
+}
+
+function writeToPipe(fd: number, line: string): boolean {
   try {
-    writeSync(state.stderrPipe, line);
+    writeSync(fd, line);
     return true;
   } catch {
     return false;
   }
+}
+
+function writeHeldWarnings(): void {
+  state.warningRetry = undefined;
+  const fd = state.stderrPipe;
+  if (typeof fd !== 'number') return;
+  while (state.heldWarnings.length && writeToPipe(fd, state.heldWarnings[0] as string)) state.heldWarnings.shift();
+  if (state.heldWarnings.length) state.warningRetry = setTimeout(writeHeldWarnings, RETRY_MS).unref();
 }
 
 /** Counts lines lost and says so on stderr, at most once per interval, and the last count is never left unsaid. */

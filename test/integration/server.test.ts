@@ -225,7 +225,7 @@ describe('a log reader that stops reading (a blocked Docker log driver, a stalle
       // An API nobody listens on: each call to it answers 502 and logs a warning.
       const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: base, LOG_LEVEL: 'info', BFF_APIS: JSON.stringify({ ...apis, dead: { url: `http://127.0.0.1:${await freePort()}` } }) };
       const server = await startLoggingToPipe(shape, env);
-      const requestLines = () => server.text().split('\n').filter((line) => line.includes('"event":"proxy.request"')).length;
+      const linesOf = (event: string) => server.text().split('\n').filter((line) => line.includes(`"event":"${event}"`)).length;
       // About 270 KB of info lines (one per call) and 180 KB of warnings (one per 502) per round: far
       // more than a pipe holds (64 KiB).
       const round = async () => {
@@ -236,11 +236,12 @@ describe('a log reader that stops reading (a blocked Docker log driver, a stalle
       };
       try {
         server.pause();
-        const before = requestLines();
+        const before = { requests: linesOf('proxy.request'), warnings: linesOf('proxy.error') };
         await round();
-        // The reader comes back: every info line held meanwhile arrives.
+        // The reader comes back: every line held meanwhile arrives, the warnings too.
         server.resume();
-        await waitFor('the held lines', () => (requestLines() - before >= 1_500 ? true : undefined), 10_000);
+        await waitFor('the held lines', () => (linesOf('proxy.request') - before.requests >= 1_500 && linesOf('proxy.error') - before.warnings >= 750 ? true : undefined), 10_000);
+        expect(server.text()).not.toContain('"event":"log.dropped"');
         // And stalls again, for good this time.
         server.pause();
         await round();
