@@ -496,7 +496,7 @@ async function dpopCost(bearer: Leg, issuer: string, port: number, upstream: Ups
         lines.push(`| ${c} | FAILED | | | | | | | | |`);
         continue;
       }
-      lines.push(`| ${c} | ${fmt(b.rps)} | ${fmt(f.rps)} | ${fmt(f.rps / b.rps, 2)}× | ${fmt(b.p50, 2)} | ${fmt(f.p50, 2)} | ${fmt(b.cpuUs)} | ${fmt(f.cpuUs)} | ${fmt(f.cpuUs - b.cpuUs)} | ${Math.max(b.foreign, f.foreign).toFixed(2)} |`);
+      lines.push(`| ${c} | ${fmt(b.rps)} | ${fmt(f.rps)} | ${times(f.rps / b.rps)}× | ${fmt(b.p50, 2)} | ${fmt(f.p50, 2)} | ${fmt(b.cpuUs)} | ${fmt(f.cpuUs)} | ${fmt(f.cpuUs - b.cpuUs)} | ${Math.max(b.foreign, f.foreign).toFixed(2)} |`);
     }
     return lines;
   } finally {
@@ -533,6 +533,12 @@ async function mainDpopOnly(): Promise<void> {
 // Reporting
 
 const fmt = (n: number, digits = 0) => (Number.isFinite(n) ? n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : 'n/a');
+/**
+ * Ratios to two decimals, never rounded across a target: one shown as 3.00 has met "at least 3×"
+ * (2.996 shows as 2.99), one shown as 1.40 has met "at most 1.4×" (1.404 shows as 1.41).
+ */
+const times = (n: number) => fmt(Math.floor(n * 100) / 100, 2);
+const timesUp = (n: number) => fmt(Math.ceil(n * 100) / 100, 2);
 const mb = (bytes: number) => `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 
 function version(command: string, args: string[]): string {
@@ -760,12 +766,12 @@ async function main(): Promise<void> {
   };
   const roundSamples = (id: LegId, c: number) => samples.get(`${id}:${c}`) ?? [];
   const roundRatios = (x: LegId, y: LegId, c: number) => perRound(roundSamples(x, c), roundSamples(y, c), (a, b) => a.wrk.rps / b.wrk.rps);
-  const range = (values: number[], digits: number) => (values.length ? `${fmt(Math.min(...values), digits)}–${fmt(Math.max(...values), digits)}` : 'n/a');
+  const range = (values: number[]) => (values.length ? `${times(Math.min(...values))}–${times(Math.max(...values))}` : 'n/a');
   lines.push(`| Ratio (req/s): median, and the lowest–highest of single rounds | ${CONCURRENCIES.map((c) => `-c${c}`).join(' | ')} |`);
   lines.push(`|---|${CONCURRENCIES.map(() => '---:').join('|')}|`);
   const ratios = [['b', 'd', '(b)/(d) fast path vs Apache'], ['b', 'g', '(b)/(g) fast path vs the bare forwarder'], ['g', 'd', '(g)/(d) the bare forwarder vs Apache: what a proxy doing nothing reaches'], ['c', 'd', '(c)/(d) next start vs Apache'], ['c', 'e', '(c)/(e) next start vs the bare route handler'], ['b', 'a', '(b)/(a) fast path vs direct']] as const;
   for (const [x, y, label] of ratios.filter(([x, y]) => legs.some((leg) => leg.id === x) && legs.some((leg) => leg.id === y))) {
-    lines.push(`| ${label} | ${CONCURRENCIES.map((c) => `${fmt(ratio(x, y, c), 2)}× (${range(roundRatios(x, y, c), 2)})`).join(' | ')} |`);
+    lines.push(`| ${label} | ${CONCURRENCIES.map((c) => `${times(ratio(x, y, c))}× (${range(roundRatios(x, y, c))})`).join(' | ')} |`);
   }
   lines.push('');
   lines.push(
@@ -815,12 +821,12 @@ async function main(): Promise<void> {
     const vsApache = roundRatios('b', 'd', c);
     const vsForwarder = roundRatios('b', 'g', c);
     targets.push(
-      `- (b) ≥ 3× (d) at -c${c}: ${verdict(ratio('b', 'd', c) >= 3)} (${fmt(ratio('b', 'd', c), 2)}×; ${rounds(vsApache, (r) => r >= 3)}); (b) ≥ 0.6× (g): ${verdict(ratio('b', 'g', c) >= 0.6)} (${fmt(ratio('b', 'g', c), 2)}×; ${rounds(vsForwarder, (r) => r >= 0.6)})`,
+      `- (b) ≥ 3× (d) at -c${c}: ${verdict(ratio('b', 'd', c) >= 3)} (${times(ratio('b', 'd', c))}×; ${rounds(vsApache, (r) => r >= 3)}); (b) ≥ 0.6× (g): ${verdict(ratio('b', 'g', c) >= 0.6)} (${times(ratio('b', 'g', c))}×; ${rounds(vsForwarder, (r) => r >= 0.6)})`,
     );
   }
   for (const c of quick ? [] : [32, 128].filter((c) => CONCURRENCIES.includes(c))) {
     const cpuRatio = stat('c', c).cpuUs / stat('e', c).cpuUs;
-    targets.push(`- (c) ≥ 0.75× (e) at -c${c}: ${verdict(ratio('c', 'e', c) >= 0.75)} (${fmt(ratio('c', 'e', c), 2)}×); CPU per request (c) ≤ 1.4× (e): ${verdict(cpuRatio <= 1.4)} (${fmt(cpuRatio, 2)}×)`);
+    targets.push(`- (c) ≥ 0.75× (e) at -c${c}: ${verdict(ratio('c', 'e', c) >= 0.75)} (${times(ratio('c', 'e', c))}×); CPU per request (c) ≤ 1.4× (e): ${verdict(cpuRatio <= 1.4)} (${timesUp(cpuRatio)}×)`);
   }
   if (c1) {
     // Within a round the direct call's latency is subtracted from both, so comparing added latencies is comparing latencies.
