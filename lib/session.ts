@@ -238,6 +238,9 @@ type UnsealedCookie = { kind: 'id'; id: string } | { kind: 'invalid' } | { kind:
  * decryption, so a verified value is remembered for a while: the key is the exact sealed string,
  * which only someone holding that cookie can present.
  */
+/** A session id as randomToken() makes them: 32 bytes, base64url. */
+const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{43}$/;
+
 async function unsealCookieValue(cookieValue: string): Promise<UnsealedCookie> {
   // iron-session's `~<version>` suffix sits outside the seal's MAC: accept only the form we issue.
   const issued = ISSUED_SEAL.exec(cookieValue);
@@ -254,7 +257,7 @@ async function unsealCookieValue(cookieValue: string): Promise<UnsealedCookie> {
     // iron-session re-throws malformed input it does not recognise; for us that is just "no session".
     return { kind: 'invalid' };
   }
-  if (typeof data.id !== 'string' || !/^[A-Za-z0-9_-]{43}$/.test(data.id)) return { kind: 'invalid' };
+  if (typeof data.id !== 'string' || !SESSION_ID_PATTERN.test(data.id)) return { kind: 'invalid' };
   if (unsealCache.size >= UNSEAL_CACHE_LIMIT) unsealCache.delete(unsealCache.keys().next().value as string);
   unsealCache.set(cookieValue, { id: data.id, until: now + UNSEAL_CACHE_MS });
   return { kind: 'id', id: data.id };
@@ -319,7 +322,7 @@ export async function sessionIdToReplace(cookieHeader: string | null | undefined
   try {
     const { unseal } = await cookiePasswords();
     const data = await unsealData<{ replaces?: unknown }>(value, { password: unseal, ttl: sealTtlSec() });
-    return typeof data.replaces === 'string' && /^[A-Za-z0-9_-]{43}$/.test(data.replaces) ? data.replaces : null;
+    return typeof data.replaces === 'string' && SESSION_ID_PATTERN.test(data.replaces) ? data.replaces : null;
   } catch {
     return null;
   }
@@ -459,6 +462,13 @@ export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'ended_elsewhere'
 export type EndedBy = 'replaced' | 'elsewhere' | 'idp' | 'expired';
 
 const MISS_BY_MARKER: Record<string, SessionMiss> = { replaced: 'replaced', elsewhere: 'ended_elsewhere', idp: 'ended_at_idp', expired: 'ended_expired' };
+const ENDED_BY_MISS: Partial<Record<SessionMiss, Exclude<EndedBy, 'replaced'>>> = { ended_elsewhere: 'elsewhere', ended_at_idp: 'idp', ended_expired: 'expired' };
+
+/** Why a session that is not in the store is gone, from the marker its end left (`gone` when none). */
+async function endedMiss(id: string): Promise<SessionMiss> {
+  const marker = await storeCall(() => getStore().get(endedMarkerKey(id)));
+  return marker !== null && Object.hasOwn(MISS_BY_MARKER, marker) ? (MISS_BY_MARKER[marker] as SessionMiss) : 'gone';
+}
 
 const loggedUnreadable = state.loggedUnreadable;
 const LOGGED_UNREADABLE_LIMIT = 10_000;
@@ -483,10 +493,7 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
   const raw = await storeCall(() =>
     coherentCopy && store.getCoherent ? store.getCoherent(sessionKey(id), SESSION_COPY_MAX_AGE_MS) : store.get(sessionKey(id)),
   );
-  if (raw === null) {
-    const marker = await storeCall(() => store.get(endedMarkerKey(id)));
-    return { session: null, miss: marker !== null && Object.hasOwn(MISS_BY_MARKER, marker) ? (MISS_BY_MARKER[marker] as SessionMiss) : 'gone' };
-  }
+  if (raw === null) return { session: null, miss: await endedMiss(id) };
   const record = parsedRecord(id, raw);
   if (!record) {
     warnUnreadable(id, 'unknown_format');
@@ -586,24 +593,32 @@ export async function replaceSession(session: Session): Promise<void> {
   await endSessionBecause(session.id, session.record, 'replaced');
 }
 
-/**
- * Deletes the session and leaves a marker saying why, for its browser's next request. `expired`
- * never overwrites another marker: a refresh refused because a new login, a logout elsewhere or at
- * the IdP had just ended the session (and revoked its refresh token) must not relabel that end;
- * above all not `replaced`, whose browser already holds the new session's cookie.
- */
-export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: EndedBy): Promise<void> {
+/** Deletes the session and leaves a marker saying why, for its browser's next request. */
+export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: Exclude<EndedBy, 'expired'>): Promise<void> {
   const ttlMs = why === 'replaced' ? REPLACED_SESSION_MARKER_MS : ENDED_ELSEWHERE_MARKER_MS;
-  await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs, onlyIfAbsent: why === 'expired' }));
+  await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs }));
   await destroySession(id, record);
 }
 
-/** What the browser of a session found gone, where it was expected, should hear: the marker its end left says. */
+/**
+ * Ends a session whose tokens ran out (its refresh token refused, or its access token expired with
+ * none) and returns what its browser hears. The `expired` marker never overwrites another: a
+ * refresh refused because a new login, a logout elsewhere or at the IdP had just ended the session
+ * (revoking its refresh token) keeps that end's word, above all `replaced`, whose browser already
+ * holds the new session's cookie.
+ */
+export async function expireSession(id: string, record: SessionRecord, cause?: unknown): Promise<GatehouseError> {
+  const marked = await storeCall(() => getStore().set(endedMarkerKey(id), 'expired', { ttlMs: ENDED_ELSEWHERE_MARKER_MS, onlyIfAbsent: true }));
+  await destroySession(id, record);
+  return marked ? errors.sessionExpired(cause) : endedSessionError(id);
+}
+
+/** What the browser of a session found gone, where it was expected, hears: the marker its end left says. */
 export async function endedSessionError(id: string): Promise<GatehouseError> {
-  const marker = await storeCall(() => getStore().get(endedMarkerKey(id)));
-  if (marker === 'replaced') return errors.sessionReplaced();
-  if (marker === 'elsewhere' || marker === 'idp') return errors.sessionEnded(marker);
-  return errors.sessionExpired();
+  const miss = await endedMiss(id);
+  if (miss === 'replaced') return errors.sessionReplaced();
+  const endedBy = ENDED_BY_MISS[miss];
+  return endedBy ? errors.sessionEnded(endedBy) : errors.sessionExpired();
 }
 
 async function removeFromIndexes(id: string, record: SessionRecord): Promise<void> {
@@ -714,8 +729,6 @@ export interface CookieSession {
 }
 
 /** The session a request's cookie leads to, and what to do about the cookie when there is none. */
-const ENDED_BY_MISS: Partial<Record<SessionMiss, Exclude<EndedBy, 'replaced'>>> = { ended_elsewhere: 'elsewhere', ended_at_idp: 'idp', ended_expired: 'expired' };
-
 export async function sessionFromCookieHeader(cookieHeader: string | null | undefined, { coherentCopy = false } = {}): Promise<CookieSession> {
   const value = readCookie(cookieHeader, getConfig().session.cookieName);
   if (!value) return { session: null, stale: false, replaced: false };

@@ -7,8 +7,8 @@ import { sharedState } from './shared-state.ts';
 import { observeLockWait, observeRefresh } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
-  endSessionBecause,
   endedSessionError,
+  expireSession,
   forcedRefreshKey,
   getStore,
   readSession,
@@ -132,8 +132,7 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
   const expiresAt = session.record.accessTokenExpiresAt;
   if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
-  await endSessionBecause(session.id, session.record, 'expired');
-  throw await endedSessionError(session.id);
+  throw await expireSession(session.id, session.record);
 }
 
 /**
@@ -375,12 +374,9 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', outcome(error.kind));
-      if (error.kind !== 'invalid_grant') throw idpErrorToGatehouse(error);
-      await endSessionBecause(current.id, current.record, 'expired');
       // The refusal may come from a new login, or a logout elsewhere, that ended the session (and
       // revoked its refresh token) while this refresh was at the IdP: its browser hears that end.
-      const ended = await endedSessionError(current.id);
-      throw ended.code === 'session_expired' ? idpErrorToGatehouse(error) : ended;
+      throw error.kind === 'invalid_grant' ? await expireSession(current.id, current.record, error) : idpErrorToGatehouse(error);
     }
     throw error;
   }
