@@ -43,7 +43,6 @@ const state = sharedState('log', () => ({
   /** fd 2's own non-blocking description when it is a pipe; null when it is not. */
   stderrPipe: undefined as number | null | undefined,
   heldWarnings: [] as string[],
-  warningsTriedOnExit: false,
   warningRetry: undefined as NodeJS.Timeout | undefined,
   /** Epoch ms after which a full pipe is given up on: set on the way out. */
   giveUpAt: Number.POSITIVE_INFINITY,
@@ -78,8 +77,12 @@ const RETRY_MS = 100;
  * they wait in a small queue retried off the event loop's critical path, never in a blocking write;
  * false when even the queue is full, and the caller counts the line as dropped.
  */
-function writeAtOnce(line: string): boolean {
-  if (state.stderrPipe === undefined) state.stderrPipe = nonBlockingPipe(2) ?? null;
+function writeWarning(line: string): boolean {
+  if (state.stderrPipe === undefined) {
+    state.stderrPipe = nonBlockingPipe(2) ?? null;
+    // One last try on the way out: what the pipe still cannot take then is lost with the process.
+    if (state.stderrPipe !== null) process.once('exit', writeHeldWarnings);
+  }
   // Longer than PIPE_BUF, a write to a full pipe could go out in part: such a rare line waits instead.
   if (state.stderrPipe === null || Buffer.byteLength(line) > PIPE_BUF) {
     process.stderr.write(line);
@@ -89,11 +92,6 @@ function writeAtOnce(line: string): boolean {
   if (state.heldWarnings.length >= HELD_WARNINGS_MAX) return false;
   state.heldWarnings.push(line);
   state.warningRetry ??= setTimeout(writeHeldWarnings, RETRY_MS).unref();
-  // One last try on the way out: what the pipe still cannot take then is lost with the process.
-  if (!state.warningsTriedOnExit) {
-    state.warningsTriedOnExit = true;
-    process.once('exit', writeHeldWarnings);
-  }
   return true;
 }
 
@@ -127,7 +125,7 @@ function reportDrops(): void {
   state.dropReport = undefined;
   if (state.droppedLines === state.reportedDrops) return;
   const now = Date.now();
-  if (!writeAtOnce(`${JSON.stringify({ time: new Date(now).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`)) {
+  if (!writeWarning(`${JSON.stringify({ time: new Date(now).toISOString(), level: 'warn', event: 'log.dropped', lines: state.droppedLines })}\n`)) {
     state.dropReport = setTimeout(reportDrops, DROP_REPORT_INTERVAL_MS).unref();
     return;
   }
@@ -168,7 +166,7 @@ export function log(level: Level, event: string, fields: Record<string, unknown>
   if (RANK[level] < minimum) return;
   const line = JSON.stringify({ time: new Date().toISOString(), level, event, ...fields }) + '\n';
   if (level === 'error' || level === 'warn') {
-    if (!writeAtOnce(line)) noteDropped(1);
+    if (!writeWarning(line)) noteDropped(1);
   } else stdoutWriter().write(line);
 }
 

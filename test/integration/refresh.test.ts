@@ -5,6 +5,7 @@
 // Refreshes are counted where they happen — at the IdP (/__dev/grants) — never inside Gatehouse.
 // With rotation a second refresh for the same session is not just wasteful: it would replay a used
 // refresh token and end the session, so "exactly one refresh_token grant" is the single-flight proof.
+import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defaultServerShape, startStack, type Stack } from '../../e2e/support/stack.ts';
 import {
@@ -95,6 +96,19 @@ async function expectRecoveredUnlessIdpRanTheAbandonedGrant(user: string, before
     console.warn(`[refresh.test] ${user}: the IdP ran the abandoned refresh grant after resuming; the session ended (${String((result.body as { error?: unknown }).error)}; see the limitation noted in the test file)`);
   }
   expect(await probe.exists(probe.lockKeyFor(key))).toBe(false);
+}
+
+/** Bytes that reached connections on this local port and are not read yet: a request waiting at a frozen server. */
+function unreadBytesAt(port: number): number {
+  let unread = 0;
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    for (const line of readFileSync(table, 'utf8').trim().split('\n').slice(1)) {
+      // sl local_address rem_address st tx_queue:rx_queue …, in hex; 01 is ESTABLISHED.
+      const [, local, , state, queues] = line.trim().split(/\s+/);
+      if (state === '01' && parseInt(local?.split(':').pop() ?? '', 16) === port) unread += parseInt(queues?.split(':')[1] ?? '0', 16);
+    }
+  }
+  return unread;
 }
 
 function sigcont(pid: number): void {
@@ -270,9 +284,8 @@ describe('transparent token refresh across two instances', () => {
     let result: CallResult;
     try {
       const pending = call(appA, WHOAMI, cookieOf(REPLACED_MIDWAY));
-      await waitFor('the refresh to take its lock', async () => ((await probe.exists(probe.lockKeyFor(key))) ? true : undefined), OIDC_TIMEOUT_MS - 500, 10);
-      // Past its re-read under the lock, at the frozen IdP...
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      // Past its re-read under the lock: the token request sits unread in the frozen IdP's socket...
+      await waitFor('the refresh request to reach the IdP', () => (unreadBytesAt(Number(new URL(stack.issuer).port)) > 0 ? true : undefined), OIDC_TIMEOUT_MS - 500, 10);
       // ...when the callback of a new login in the same browser ends the session (lib/session.ts replaceSession).
       await probe.redis.multi().set(markerKey, 'replaced', 'PX', 60_000).del(key).exec();
       process.kill(idpPid, 'SIGCONT');
