@@ -602,13 +602,28 @@ export async function endSessionBecause(id: string, record: SessionRecord | unde
 
 /**
  * Ends a session whose tokens ran out (its refresh token refused, or its access token expired with
- * none) and returns what its browser hears. The `expired` marker never overwrites another: a
- * refresh refused because a new login, a logout elsewhere or at the IdP had just ended the session
- * (revoking its refresh token) keeps that end's word, above all `replaced`, whose browser already
- * holds the new session's cookie.
+ * none) and returns what its browser hears — but only while its stored record is still `record`,
+ * the one whose tokens were judged. An instance whose refresh lease ran out (a long pause, a store
+ * partition) can hear `invalid_grant` for a refresh token another instance has already replaced;
+ * ending the session then would sign out a user whose session that instance just renewed. `null`
+ * when the record moved on: the caller reads it again.
+ *
+ * The `expired` marker never overwrites another: a refresh refused because a new login, a logout
+ * elsewhere or at the IdP had just ended the session (revoking its refresh token) keeps that end's
+ * word, above all `replaced`, whose browser already holds the new session's cookie.
  */
-export async function expireSession(id: string, record: SessionRecord, cause?: unknown): Promise<GatehouseError> {
-  const marked = await storeCall(() => getStore().set(endedMarkerKey(id), 'expired', { ttlMs: ENDED_ELSEWHERE_MARKER_MS, onlyIfAbsent: true }));
+export async function expireSessionIfUnchanged(id: string, record: SessionRecord, cause?: unknown): Promise<GatehouseError | null> {
+  const store = getStore();
+  const raw = await storeCall(() => store.get(sessionKey(id)));
+  if (raw === null) return endedSessionError(id);
+  if (parseRecord(raw)?.sealed !== record.sealed) return null;
+  // The marker goes first, so a request that finds the record gone also finds why.
+  const marked = await storeCall(() => store.set(endedMarkerKey(id), 'expired', { ttlMs: ENDED_ELSEWHERE_MARKER_MS, onlyIfAbsent: true }));
+  if (!(await storeCall(() => store.delIfEquals(sessionKey(id), raw)))) {
+    // Written or ended between the read and the delete.
+    if (marked) await storeCall(() => store.delIfEquals(endedMarkerKey(id), 'expired'));
+    return (await storeCall(() => store.get(sessionKey(id)))) === null ? endedSessionError(id) : null;
+  }
   await destroySession(id, record);
   return marked ? errors.sessionExpired(cause) : endedSessionError(id);
 }

@@ -8,7 +8,7 @@ import { observeLockWait, observeRefresh } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   endedSessionError,
-  expireSession,
+  expireSessionIfUnchanged,
   forcedRefreshKey,
   getStore,
   readSession,
@@ -132,7 +132,15 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
   const expiresAt = session.record.accessTokenExpiresAt;
   if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
-  throw await expireSession(session.id, session.record);
+  throw (await expireSessionIfUnchanged(session.id, session.record)) ?? renewedElsewhere();
+}
+
+/**
+ * A session found renewed by another instance when its tokens were judged spent (the record moved
+ * on while this instance's lease had run out): it stays, and the caller retries with its new tokens.
+ */
+function renewedElsewhere(cause?: unknown): GatehouseError {
+  return errors.idpUnavailable(cause ?? new Error('the session was renewed elsewhere meanwhile'), 1);
 }
 
 /**
@@ -275,8 +283,11 @@ interface HeldLock {
 
 /** The lock is held until the work settles, not until the caller stops waiting. */
 function refreshHoldingLock(stale: Session, request: TokenRequest, owner: string, flight: Flight): Promise<Session> {
-  const stopRenewing = renewLease(stale.id, owner);
-  const lock = { owner, signal: AbortSignal.timeout(lockedWorkMs()) };
+  // A lock found lost stops the work at once: another instance may hold it and be refreshing with
+  // the same refresh token, and a write-back without the lock would be refused anyway.
+  const lost = new AbortController();
+  const stopRenewing = renewLease(stale.id, owner, () => lost.abort(new DOMException('the refresh lock was lost', 'AbortError')));
+  const lock = { owner, signal: AbortSignal.any([AbortSignal.timeout(lockedWorkMs()), lost.signal]) };
   return refreshUnderLock(stale, request, lock, flight).finally(async () => {
     stopRenewing();
     await releaseLock(stale.id, owner);
@@ -310,7 +321,7 @@ async function releaseLock(id: string, owner: string): Promise<void> {
 }
 
 /** Renews the lease well before it runs out, and only while it is still ours (compare-and-pexpire). */
-function renewLease(id: string, owner: string): () => void {
+function renewLease(id: string, owner: string, onLost: () => void): () => void {
   const { lockLeaseMs } = getConfig().refresh;
   const timer = setInterval(() => {
     getStore()
@@ -319,6 +330,7 @@ function renewLease(id: string, owner: string): () => void {
         if (held) return;
         clearInterval(timer);
         log('warn', 'token.refresh_lock_lost', { session: sessionHandle(id) });
+        onLost();
       })
       // A store blip: the next tick tries again while the lease lasts.
       .catch(() => undefined);
@@ -376,7 +388,13 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
       log('warn', 'token.refresh', outcome(error.kind));
       // The refusal may come from a new login, or a logout elsewhere, that ended the session (and
       // revoked its refresh token) while this refresh was at the IdP: its browser hears that end.
-      throw error.kind === 'invalid_grant' ? await expireSession(current.id, current.record, error) : idpErrorToGatehouse(error);
+      if (error.kind !== 'invalid_grant') throw idpErrorToGatehouse(error);
+      const ended = await expireSessionIfUnchanged(current.id, current.record, error);
+      if (ended) throw ended;
+      // Renewed elsewhere while this grant was at the IdP: the caller can use those tokens.
+      const renewed = await onStore(flight, () => readSession(current.id));
+      if (renewed && isSettled(renewed, current, request)) return renewed;
+      throw renewedElsewhere(error);
     }
     throw error;
   }

@@ -70,6 +70,12 @@ async function storedExpiry(key: string): Promise<number> {
   return expiresAt;
 }
 
+/** Waits until the IdP holds a token request it was told to delay, counted from `before`. */
+async function tokenRequestsDelayedSince(before: number): Promise<void> {
+  const arrived = async () => ((await setIdpDelays(stack.issuer, {})).delayed.token > before ? true : undefined);
+  await waitFor('a token request to reach the IdP', arrived, OIDC_TIMEOUT_MS, 5);
+}
+
 // Must stay first: it needs instance A's proxy to fetch the discovery document for the first time.
 describe('a refresh slower than the lock lease', () => {
   it('slow discovery + slow grant: the owner keeps its lock past the nominal lease, a second instance waits for it, one grant, no replay', async () => {
@@ -115,6 +121,74 @@ describe('a refresh slower than the lock lease', () => {
     const recordAfter = await probe.record(key);
     expect(recordAfter?.sealed).not.toBe(recordBefore?.sealed);
     expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  });
+});
+
+describe('a refresh whose lock lapses while its grant is at the IdP', () => {
+  it('another instance renews the session meanwhile: the late refusal of the replaced refresh token ends nothing', async () => {
+    // A's token request waits at the IdP (before the IdP looks at it) for less than A's first lease
+    // renewal (LOCK_LEASE_MS / 3), so A usually hears the IdP's answer before it notices the lapse.
+    const lateGrantMs = 800;
+    const user = 'lapsed-lock';
+    const { cookie, key } = await newSession(appB, user);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    const lockKey = probe.lockKeyFor(key);
+    await waitUntil(`${user}'s token to become due`, (await storedExpiry(key)) - REFRESH_SKEW_SEC * 1000 + 50);
+    const before = await refreshesOf(user);
+    const delaysBefore = await setIdpDelays(stack.issuer, { tokenMs: lateGrantMs });
+
+    let viaA, viaB;
+    try {
+      const pendingA = call(appA, WHOAMI, cookie);
+      await tokenRequestsDelayedSince(delaysBefore.delayed.token);
+      await setIdpDelays(stack.issuer, { tokenMs: 0 });
+      // A's lease lapses, as after a long pause or a partition from the store, and B takes over:
+      // B's grant with the same refresh token reaches the IdP first and rotates it.
+      await probe.redis.del(lockKey);
+      viaB = await call(appB, WHOAMI, cookie);
+      viaA = await pendingA;
+      await waitFor('the refresh lock to be released', async () => ((await probe.exists(lockKey)) ? undefined : true), 2 * OIDC_TIMEOUT_MS, 25);
+    } finally {
+      await setIdpDelays(stack.issuer, { tokenMs: 0 });
+    }
+    const after = await refreshesOf(user);
+
+    expect(viaB).toMatchObject({ status: 200, body: { sub: user } });
+    // The IdP ran B's grant, then refused A's as a replay of the token B's grant rotated.
+    expect({ ok: after.ok - before.ok, refused: after.refused - before.refused }).toEqual({ ok: 1, refused: 1 });
+    // A answers with B's renewed tokens, or (had it noticed the lapse first) asks for a retry; it
+    // never ends the session B has just renewed.
+    if (viaA.status === 200) expect(viaA.body).toMatchObject({ sub: user });
+    else expect(viaA).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    expect(clearsSessionCookie(viaA.setCookies)).toBe(false);
+    expect(await probe.exists(key)).toBe(true);
+    expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  });
+
+  it('an owner that finds its lock taken stops waiting on the IdP at once: 503 retry, the session kept', async () => {
+    const slowGrantMs = 2 * LOCK_LEASE_MS;
+    const user = 'lock-taken';
+    const { cookie, key } = await newSession(appB, user);
+    const lockKey = probe.lockKeyFor(key);
+    await waitUntil(`${user}'s token to become due`, (await storedExpiry(key)) - REFRESH_SKEW_SEC * 1000 + 50);
+    const delaysBefore = await setIdpDelays(stack.issuer, { tokenMs: slowGrantMs });
+    let viaA;
+    try {
+      const pendingA = call(appA, WHOAMI, cookie);
+      await tokenRequestsDelayedSince(delaysBefore.delayed.token);
+      // Another owner holds the lock now, as after a lapsed lease.
+      await probe.redis.set(lockKey, 'successor', 'PX', LOCK_LEASE_MS);
+      viaA = await pendingA;
+    } finally {
+      await setIdpDelays(stack.issuer, { tokenMs: 0 });
+    }
+    expect(viaA).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    // Its next renewal (every third of the lease) noticed; without that it would wait for the IdP's
+    // answer until the lock's work deadline (2 × OIDC_TIMEOUT_MS here).
+    expect(viaA.ms).toBeLessThan(LOCK_LEASE_MS);
+    expect(clearsSessionCookie(viaA.setCookies)).toBe(false);
+    expect(await probe.redis.get(lockKey)).toBe('successor');
+    expect(await probe.exists(key)).toBe(true);
   });
 });
 

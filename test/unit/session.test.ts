@@ -224,6 +224,39 @@ describe('a token update', () => {
   });
 });
 
+describe('a session whose tokens are judged spent', () => {
+  it('ends, with an "expired" marker, while its record is the one judged', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const ended = await session.expireSessionIfUnchanged(created.id, created.record);
+    expect(ended?.code).toBe('session_expired');
+    expect(await session.getStore().get(session.sessionKey(created.id))).toBeNull();
+    expect(await session.loadSession(created.id)).toEqual({ session: null, miss: 'ended_expired' });
+  });
+
+  it('stays, and leaves no marker, when another instance renewed it after it was read (a late refusal of a replaced refresh token)', async () => {
+    const session = await deploy(A);
+    const read = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    await session.getStore().set(session.refreshLockKey(read.id), 'successor', { ttlMs: 60_000, onlyIfAbsent: true });
+    const renewed = await session.updateSessionTokens(read, { ...secrets, accessToken: 'at-new', refreshToken: 'rt-new' }, null, 'successor');
+    expect(renewed).not.toBeNull();
+
+    expect(await session.expireSessionIfUnchanged(read.id, read.record)).toBeNull();
+    const after = await session.loadSession(read.id);
+    expect(after.session?.secrets).toMatchObject({ accessToken: 'at-new', refreshToken: 'rt-new' });
+    // The renewed record still ends when its own tokens are judged spent.
+    expect((await session.expireSessionIfUnchanged(read.id, renewed!.record))?.code).toBe('session_expired');
+    expect(await session.loadSession(read.id)).toEqual({ session: null, miss: 'ended_expired' });
+  });
+
+  it('already ended by a new login: answers "replaced" and keeps that marker', async () => {
+    const session = await deploy(A);
+    const old = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    await session.replaceSession(old);
+    expect((await session.expireSessionIfUnchanged(old.id, old.record))?.code).toBe('session_replaced');
+    expect(await session.loadSession(old.id)).toEqual({ session: null, miss: 'replaced' });
+  });
+});
 describe('a session replaced by a new login', () => {
   it('stops at once, unlisted; for a short while its cookie reads as "replaced", then as gone', async () => {
     const session = await deploy(A);
