@@ -254,6 +254,10 @@ test.describe('login', () => {
     expect(replaces.map(({ path, httpOnly, sameSite }) => ({ path, httpOnly, sameSite }))).toEqual([{ path: '/api/auth/callback', httpOnly: true, sameSite: 'Lax' }]);
     const asSession = await fetch(`${app()}/api/auth/session`, { headers: { 'x-csrf': '1', cookie: `gatehouse=${replaces[0]!.value}` } });
     expect(await asSession.json()).toEqual({ authenticated: false });
+    // Signing out leaves no cookie that names a session, the dead one included.
+    const loggedOut = await tabs[0]!.evaluate(async () => (await fetch('/api/auth/logout', { method: 'POST', headers: { 'x-csrf': '1' } })).status);
+    expect(loggedOut).toBe(200);
+    expect((await context.cookies()).filter((cookie) => cookie.name === 'gatehouse' || cookie.name.endsWith('-replaces'))).toEqual([]);
   });
 });
 

@@ -24,6 +24,7 @@ import {
   sessionHandle,
   sessionIdFromCookieHeader,
   sessionIdToReplace,
+  signedOutCookieHeaders,
   shortDigest,
   touchSession,
   transactionCookieHeader,
@@ -328,7 +329,7 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   if (!session || !constantTimeEqual(sid, session.record.logoutToken)) {
     throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   }
-  return redirect(await endSession(session), [clearSessionCookieHeader()]);
+  return redirect(await endSession(session), signedOutCookieHeaders());
 }
 
 /** POST with X-CSRF for SPAs: ends the session and hands back the IdP logout URL to navigate to. */
@@ -336,7 +337,7 @@ export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
   const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
   const redirectTo = session ? await endSession(session) : '/';
-  return jsonResponse(200, { redirectTo }, { 'set-cookie': clearSessionCookieHeader() });
+  return jsonResponse(200, { redirectTo }, signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]));
 }
 
 // --- health ------------------------------------------------------------------------------------

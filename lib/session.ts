@@ -315,6 +315,12 @@ export async function replacesCookieHeader(id: string): Promise<string> {
   return serializeCookie(replacesCookieName(), value, { httpOnly: true, secure: secureCookies, sameSite: 'lax', path: replacesCookiePath(), maxAge: session.absoluteTimeoutSec });
 }
 
+/** A signed-out browser keeps no cookie naming a session, not even a dead one. */
+export function signedOutCookieHeaders(): string[] {
+  const { secureCookies } = getConfig();
+  return [clearSessionCookieHeader(), serializeCookie(replacesCookieName(), '', { httpOnly: true, secure: secureCookies, sameSite: 'lax', path: replacesCookiePath(), maxAge: 0 })];
+}
+
 /** The session the last login finished in this browser created (see replacesCookieHeader), if any. */
 export async function sessionIdToReplace(cookieHeader: string | null | undefined): Promise<string | null> {
   const value = readCookie(cookieHeader, replacesCookieName());
@@ -493,7 +499,11 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
   const raw = await storeCall(() =>
     coherentCopy && store.getCoherent ? store.getCoherent(sessionKey(id), SESSION_COPY_MAX_AGE_MS) : store.get(sessionKey(id)),
   );
-  if (raw === null) return { session: null, miss: await endedMiss(id) };
+  if (raw === null) {
+    // Ended elsewhere: this process's decrypted copy of its tokens goes too.
+    forgetCopies(id);
+    return { session: null, miss: await endedMiss(id) };
+  }
   const record = parsedRecord(id, raw);
   if (!record) {
     warnUnreadable(id, 'unknown_format');
@@ -655,11 +665,15 @@ export function onSessionEnded(listener: (id: string) => void): void {
   endedListeners.add(listener);
 }
 
-/** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
-export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
+function forgetCopies(id: string): void {
   lastTouched.delete(id);
   openedSecrets.delete(id);
   parsedRecords.delete(id);
+}
+
+/** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
+export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
+  forgetCopies(id);
   await storeCall(() => Promise.all([getStore().del(sessionKey(id)), getStore().indexRemove(activeSessionsKey(), sessionHandle(id))]));
   for (const listener of endedListeners) {
     // What listens is a side matter: the session has ended whatever it does.

@@ -210,6 +210,22 @@ describe('session records', () => {
   });
 });
 
+describe('a session ended by another instance', () => {
+  it('leaves no decrypted tokens in this process once a read finds it gone', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-123');
+    const home = (globalThis as Record<symbol, Map<string, unknown>>)[Symbol.for('gatehouse.shared-state')]!;
+    const copies = home.get('session') as { openedSecrets: Map<string, unknown>; parsedRecords: Map<string, unknown> };
+    expect(copies.openedSecrets.has(created.id)).toBe(true);
+    // Another instance ends it: only the store changes.
+    await session.getStore().del(session.sessionKey(created.id));
+    expect(await session.readSession(created.id)).toBeNull();
+    expect(copies.openedSecrets.has(created.id)).toBe(false);
+    expect(copies.parsedRecords.has(created.id)).toBe(false);
+  });
+});
+
 describe('a token update', () => {
   it('is written only while the refresh lock is still its owner\'s', async () => {
     const session = await deploy(A);
