@@ -62,8 +62,16 @@ const EXIT_FLUSH_MS = 1_000;
 function nonBlockingPipe(fd: 1 | 2): number | undefined {
   try {
     if (!fstatSync(fd).isFIFO()) return undefined;
-    return openSync(`/proc/self/fd/${fd}`, constants.O_WRONLY | constants.O_NONBLOCK);
   } catch {
+    return undefined;
+  }
+  try {
+    return openSync(`/proc/self/fd/${fd}`, constants.O_WRONLY | constants.O_NONBLOCK);
+  } catch (error) {
+    // No /proc (a hardened sandbox): Node's blocking writes stay, and a reader that stops reading
+    // can stall this process again. The operator is told once per stream, in the only way left.
+    const code = (error as NodeJS.ErrnoException).code;
+    process.stderr.write(`${JSON.stringify({ time: new Date().toISOString(), level: 'warn', event: 'log.pipe_blocking', fd, causeCode: code })}\n`);
     return undefined;
   }
 }

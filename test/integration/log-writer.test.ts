@@ -60,6 +60,48 @@ describe('log writer', () => {
   });
 });
 
+describe('log writer on pipes it cannot reopen non-blocking', () => {
+  // Fault injection: opening /proc/self/fd/N fails in a hardened sandbox, which this machine is not;
+  // a preload makes that one open fail (EACCES) and leaves every other call alone.
+  const failProcOpens = `data:text/javascript,${encodeURIComponent(`
+    import fs from 'node:fs';
+    import { syncBuiltinESMExports } from 'node:module';
+    const open = fs.openSync;
+    fs.openSync = (file, ...rest) => {
+      if (String(file).startsWith('/proc/self/fd/')) throw Object.assign(new Error('EACCES (injected)'), { code: 'EACCES' });
+      return open(file, ...rest);
+    };
+    syncBuiltinESMExports();
+  `)}`;
+  const script = `
+    import { log } from ${JSON.stringify(`${ROOT}/lib/log.ts`)};
+    for (let i = 0; i < 3; i++) log('info', 'test.line', { i });
+    log('warn', 'test.warning');
+    process.exit(0);
+  `;
+  const events = (output: string) => output.split('\n').filter(Boolean).map((line) => JSON.parse(line) as { event: string; fd?: number; causeCode?: string });
+
+  it('keeps every line, and says once per stream that a stalled reader can stall it', async () => {
+    // Both streams into one shell pipe: a FIFO, as under Docker.
+    const output = await run(`"${process.execPath}" --import "$PRELOAD" --input-type=module -e "$SCRIPT" 2>&1 | cat`, { PRELOAD: failProcOpens, SCRIPT: script });
+    const seen = events(output);
+    expect(seen.filter((line) => line.event === 'test.line')).toHaveLength(3);
+    expect(seen.filter((line) => line.event === 'test.warning')).toHaveLength(1);
+    const warned = seen.filter((line) => line.event === 'log.pipe_blocking');
+    expect(warned.map(({ fd, causeCode }) => ({ fd, causeCode })).sort((a, b) => (a.fd ?? 0) - (b.fd ?? 0))).toEqual([
+      { fd: 1, causeCode: 'EACCES' },
+      { fd: 2, causeCode: 'EACCES' },
+    ]);
+  });
+
+  it('says nothing of the kind where it can', async () => {
+    const output = await run(`"${process.execPath}" --input-type=module -e "$SCRIPT" 2>&1 | cat`, { SCRIPT: script });
+    const seen = events(output);
+    expect(seen.filter((line) => line.event === 'test.line')).toHaveLength(3);
+    expect(seen.some((line) => line.event === 'log.pipe_blocking')).toBe(false);
+  });
+});
+
 describe('log writer with a reader that stops reading', () => {
   it('drops lines past its buffer, says how many on stderr, and loses none of the rest', async () => {
     const total = 100_000; // ~30 MB of lines, past the 16 MB the writer keeps waiting
