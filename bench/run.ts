@@ -231,8 +231,14 @@ async function startGatehouse(kind: 'fast' | 'next', env: Record<string, string>
   // As `npm start` and `npm run start:next` start them: V8's gc exposed (see lib/proxy.ts).
   const args = kind === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string, '-H', '127.0.0.1'] : ['--expose-gc', ...nodeFlags, 'server.ts'];
   const ready = kind === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
-  const proc = await startProcess(`gatehouse-${kind}:${env.PORT}`, args, env, ready);
-  cleanups.push(() => proc.stop());
+  // Its log goes to a file, as Apache's access log does in leg (d) and a service's output does in
+  // production: read line by line by this process, it would take CPU from the cores being measured.
+  const logDir = mkdtempSync(path.join(tmpdir(), 'gatehouse-bench-log-'));
+  const proc = await startProcess(`gatehouse-${kind}:${env.PORT}`, args, env, ready, undefined, undefined, path.join(logDir, 'output.log'));
+  cleanups.push(async () => {
+    await proc.stop();
+    rmSync(logDir, { recursive: true, force: true });
+  });
   return proc;
 }
 
