@@ -88,7 +88,7 @@ export function refreshLockKey(id: string): string {
 }
 
 /** Left behind for a while when a session is ended for a reason its browser should hear (see EndedBy). */
-function endedMarkerKey(id: string): string {
+export function endedMarkerKey(id: string): string {
   return `${getConfig().keyPrefix}ended:{${id}}`;
 }
 

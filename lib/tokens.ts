@@ -126,13 +126,19 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
  * Past that, the session ends only once its own access token has expired; a resource token it
  * never got, or a refused token it cannot replace, fails just that call and keeps the session.
  */
-async function usableWithoutRefresh(session: Session, held: HeldToken | undefined, request: TokenRequest): Promise<string> {
+async function usableWithoutRefresh(session: Session, held: HeldToken | undefined, request: TokenRequest, judgedBefore = false): Promise<string> {
   const now = Date.now();
   if (held && !request.rejectedToken && (held.expiresAt === null || held.expiresAt > now)) return held.token;
   const expiresAt = session.record.accessTokenExpiresAt;
   if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
-  throw (await expireSessionIfUnchanged(session.id, session.record)) ?? renewedElsewhere();
+  const ended = await expireSessionIfUnchanged(session.id, session.record);
+  if (ended) throw ended;
+  if (judgedBefore) throw renewedElsewhere();
+  // The record moved on since it was read (a copy a moment old, or a write elsewhere): judged once more on what is stored now.
+  const stored = await readSession(session.id);
+  if (!stored) throw await endedSessionError(session.id);
+  return usableWithoutRefresh(stored, heldToken(stored, request), request, true);
 }
 
 /**
@@ -323,11 +329,13 @@ async function releaseLock(id: string, owner: string): Promise<void> {
 /** Renews the lease well before it runs out, and only while it is still ours (compare-and-pexpire). */
 function renewLease(id: string, owner: string, onLost: () => void): () => void {
   const { lockLeaseMs } = getConfig().refresh;
+  let stopped = false;
   const timer = setInterval(() => {
     getStore()
       .expireIfEquals(refreshLockKey(id), owner, lockLeaseMs)
       .then((held) => {
-        if (held) return;
+        // A renewal still in flight when the work ended finds the lock released: nothing was lost.
+        if (held || stopped) return;
         clearInterval(timer);
         log('warn', 'token.refresh_lock_lost', { session: sessionHandle(id) });
         onLost();
@@ -335,7 +343,10 @@ function renewLease(id: string, owner: string, onLost: () => void): () => void {
       // A store blip: the next tick tries again while the lease lasts.
       .catch(() => undefined);
   }, Math.max(1, Math.floor(lockLeaseMs / 3)));
-  return () => clearInterval(timer);
+  return () => {
+    stopped = true;
+    clearInterval(timer);
+  };
 }
 
 async function refreshUnderLock(stale: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {

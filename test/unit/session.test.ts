@@ -258,11 +258,28 @@ describe('a session whose tokens are judged spent', () => {
     expect(renewed).not.toBeNull();
 
     expect(await session.expireSessionIfUnchanged(read.id, read.record)).toBeNull();
+    expect(await session.getStore().get(session.endedMarkerKey(read.id))).toBeNull();
     const after = await session.loadSession(read.id);
     expect(after.session?.secrets).toMatchObject({ accessToken: 'at-new', refreshToken: 'rt-new' });
     // The renewed record still ends when its own tokens are judged spent.
     expect((await session.expireSessionIfUnchanged(read.id, renewed!.record))?.code).toBe('session_expired');
     expect(await session.loadSession(read.id)).toEqual({ session: null, miss: 'ended_expired' });
+  });
+
+  it('renewed between the read of its record and the delete: stays, and the marker set meanwhile goes again', async () => {
+    const session = await deploy(A);
+    const read = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    await session.getStore().set(session.refreshLockKey(read.id), 'successor', { ttlMs: 60_000, onlyIfAbsent: true });
+    const store = session.getStore();
+    const deleteIfEquals = store.delIfEquals.bind(store);
+    // The other instance's write lands exactly between the compare and the delete.
+    store.delIfEquals = async (key, expected) => {
+      if (key === session.sessionKey(read.id)) await session.updateSessionTokens(read, { ...secrets, accessToken: 'at-new' }, null, 'successor');
+      return deleteIfEquals(key, expected);
+    };
+    expect(await session.expireSessionIfUnchanged(read.id, read.record)).toBeNull();
+    expect(await store.get(session.endedMarkerKey(read.id))).toBeNull();
+    expect((await session.readSession(read.id))?.secrets.accessToken).toBe('at-new');
   });
 
   it('already ended by a new login: answers "replaced" and keeps that marker', async () => {
