@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import path from 'node:path';
@@ -31,6 +31,19 @@ export interface RunningProcess {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
+/** The last `bytes` of a file, however long it has grown (a benchmark's log reaches gigabytes). */
+function fileTail(file: string, bytes: number): string {
+  const fd = openSync(file, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const tail = Buffer.alloc(Math.min(size, bytes));
+    readSync(fd, tail, 0, tail.length, size - tail.length);
+    return tail.toString('utf8');
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /**
  * Spawns a process and resolves once a line of its output matches `ready`; rejects if it exits first.
  * With `logFile`, its stdout and stderr go to that file, as a service's output goes to a file or a
@@ -52,7 +65,7 @@ export function startProcess(
     // The child holds its own copy of the descriptor.
     if (logFd !== undefined) closeSync(logFd);
     let piped = '';
-    const output = () => (logFile === undefined ? piped : readFileSync(logFile, 'utf8').slice(-100_000));
+    const output = () => (logFile === undefined ? piped : fileTail(logFile, 100_000));
     let settled = false;
     const timer = setTimeout(() => fail(new Error(`${name} did not become ready within ${timeoutMs} ms`)), timeoutMs);
     const poll = logFile === undefined ? undefined : setInterval(() => check(), 50);
