@@ -565,6 +565,8 @@ test.describe('logout', () => {
     expect(res.status()).toBe(302);
     expect(res.headers()['cache-control']).toContain('no-store');
     expect(sessionCookieCleared(res)).toBe(true);
+    // So is the cookie that names the session for the next login to end (on the callback's path).
+    expect(setCookies(res).filter((line) => /^gatehouse-replaces=;/.test(line) && /;\s*Max-Age=0\b/i.test(line) && /;\s*Path=\/api\/auth\/callback\b/i.test(line))).toHaveLength(1);
     const location = new URL(res.headers().location ?? '');
     expect(location.origin + location.pathname).toBe(discovery.end_session_endpoint);
     expect(location.searchParams.get('id_token_hint')).toMatch(/^eyJ[\w-]+\.[\w-]+\.[\w-]+$/);

@@ -292,6 +292,12 @@ describe('logout for SPAs and silent login', () => {
     expect(target.searchParams.get('post_logout_redirect_uri')).toBe(`${app}/`);
     expect(target.searchParams.get('id_token_hint')).toBeTruthy();
     expect(response.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+    // Both cookies that name a session are cleared, each on its own path.
+    const cleared = response.headers.getSetCookie().filter((line) => /^[^=]+=;/.test(line) && /;\s*Max-Age=0\b/i.test(line));
+    expect(cleared.map((line) => [line.split('=')[0], /;\s*Path=([^;]+)/i.exec(line)?.[1]])).toEqual([
+      ['gatehouse', '/'],
+      ['gatehouse-replaces', '/api/auth/callback'],
+    ]);
     expect((await sessionOf(session.rpCookies)).authenticated).toBe(false);
   });
 
