@@ -233,14 +233,14 @@ const UNSEAL_CACHE_MS = 5 * 60 * 1000;
  */
 type UnsealedCookie = { kind: 'id'; id: string } | { kind: 'invalid' } | { kind: 'unknown_key' };
 
+/** A session id as randomToken() makes them: 32 bytes, base64url. */
+const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{43}$/;
+
 /**
  * The session id sealed in a cookie value, or why there is none. Unsealing costs two HMACs and a
  * decryption, so a verified value is remembered for a while: the key is the exact sealed string,
  * which only someone holding that cookie can present.
  */
-/** A session id as randomToken() makes them: 32 bytes, base64url. */
-const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{43}$/;
-
 async function unsealCookieValue(cookieValue: string): Promise<UnsealedCookie> {
   // iron-session's `~<version>` suffix sits outside the seal's MAC: accept only the form we issue.
   const issued = ISSUED_SEAL.exec(cookieValue);
@@ -304,21 +304,18 @@ function replacesCookieName(): string {
   return `${getConfig().session.cookieName.replace(/^__Host-/, '__Secure-')}-replaces`;
 }
 
-function replacesCookiePath(): string {
-  return new URL(getConfig().oidc.redirectUri).pathname;
+function replacesCookie(value: string, maxAge: number): string {
+  return serializeCookie(replacesCookieName(), value, { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'lax', path: new URL(getConfig().oidc.redirectUri).pathname, maxAge });
 }
 
 export async function replacesCookieHeader(id: string): Promise<string> {
-  const { session, secureCookies } = getConfig();
   const { seal } = await cookiePasswords();
-  const value = await sealData({ replaces: id }, { password: seal, ttl: sealTtlSec() });
-  return serializeCookie(replacesCookieName(), value, { httpOnly: true, secure: secureCookies, sameSite: 'lax', path: replacesCookiePath(), maxAge: session.absoluteTimeoutSec });
+  return replacesCookie(await sealData({ replaces: id }, { password: seal, ttl: sealTtlSec() }), getConfig().session.absoluteTimeoutSec);
 }
 
 /** A signed-out browser keeps no cookie naming a session, not even a dead one. */
 export function signedOutCookieHeaders(): string[] {
-  const { secureCookies } = getConfig();
-  return [clearSessionCookieHeader(), serializeCookie(replacesCookieName(), '', { httpOnly: true, secure: secureCookies, sameSite: 'lax', path: replacesCookiePath(), maxAge: 0 })];
+  return [clearSessionCookieHeader(), replacesCookie('', 0)];
 }
 
 /** The session the last login finished in this browser created (see replacesCookieHeader), if any. */
@@ -634,7 +631,7 @@ export async function expireSessionIfUnchanged(id: string, record: SessionRecord
     if (marked) await storeCall(() => store.delIfEquals(endedMarkerKey(id), 'expired'));
     return (await storeCall(() => store.get(sessionKey(id)))) === null ? endedSessionError(id) : null;
   }
-  await destroySession(id, record);
+  await forgetEndedSession(id, record);
   return marked ? errors.sessionExpired(cause) : endedSessionError(id);
 }
 
@@ -673,8 +670,13 @@ function forgetCopies(id: string): void {
 
 /** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
 export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
+  await forgetEndedSession(id, record, () => getStore().del(sessionKey(id)));
+}
+
+/** What a session's end leaves to clean up, with the deletion of its record unless that is done already. */
+async function forgetEndedSession(id: string, record: SessionRecord | undefined, deleteRecord?: () => Promise<unknown>): Promise<void> {
   forgetCopies(id);
-  await storeCall(() => Promise.all([getStore().del(sessionKey(id)), getStore().indexRemove(activeSessionsKey(), sessionHandle(id))]));
+  await storeCall(() => Promise.all([deleteRecord?.(), getStore().indexRemove(activeSessionsKey(), sessionHandle(id))]));
   for (const listener of endedListeners) {
     // What listens is a side matter: the session has ended whatever it does.
     try {
