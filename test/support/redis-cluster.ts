@@ -46,7 +46,31 @@ type NodeOptions = Required<Pick<ClusterOptions, 'nodeTimeoutMs' | 'requireFullC
 
 const STARTUP_TIMEOUT_MS = 15_000;
 
-function nodeArgs(port: number, dir: string, options: NodeOptions): string[] {
+/** A node's client port and its cluster-bus port. */
+interface NodePorts {
+  port: number;
+  busPort: number;
+}
+
+/**
+ * Redis's implicit bus port (client port + 10 000) is never checked for being free and lies past
+ * 65 535 for high ephemeral ports, so each node is given a bus port picked like its client port.
+ */
+async function pickPorts(count: number): Promise<NodePorts[]> {
+  const ports = new Set<number>();
+  // freePort() releases the port before returning it, so two calls may hand out the same one.
+  while (ports.size < count * 2) ports.add(await freePort());
+  const list = [...ports];
+  return list.slice(0, count).map((port, index) => ({ port, busPort: list[count + index] as number }));
+}
+
+/**
+ * Another process may take a picked port between freePort() and redis-server's bind; then the
+ * whole start is tried again on new ports, since the cluster's ports are fixed at creation.
+ */
+const START_ATTEMPTS = 3;
+
+function nodeArgs({ port, busPort }: NodePorts, dir: string, options: NodeOptions): string[] {
   // A folder per node: a replica saves the snapshot it syncs as dump.rdb there, which a shared
   // folder would hand to whichever node starts next.
   const nodeDir = path.join(dir, String(port));
@@ -67,6 +91,7 @@ function nodeArgs(port: number, dir: string, options: NodeOptions): string[] {
     ...transport,
     '--bind', '127.0.0.1',
     '--cluster-enabled', 'yes',
+    '--cluster-port', String(busPort),
     '--cluster-config-file', path.join(dir, `nodes-${port}.conf`),
     '--cluster-node-timeout', String(options.nodeTimeoutMs),
     '--cluster-require-full-coverage', options.requireFullCoverage ? 'yes' : 'no',
@@ -95,7 +120,18 @@ function runCli(args: string[], timeoutMs: number): Promise<string> {
   });
 }
 
-export async function startRedisCluster({ nodes: masters = 3, replicas = 0, nodeTimeoutMs = 5_000, requireFullCoverage = true, tls = false }: ClusterOptions = {}): Promise<RedisCluster> {
+export async function startRedisCluster(options: ClusterOptions = {}): Promise<RedisCluster> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startRedisClusterOnce(options);
+    } catch (error) {
+      const lostPortRace = error instanceof Error && error.message.includes('Address already in use');
+      if (!lostPortRace || attempt >= START_ATTEMPTS) throw error;
+    }
+  }
+}
+
+async function startRedisClusterOnce({ nodes: masters = 3, replicas = 0, nodeTimeoutMs = 5_000, requireFullCoverage = true, tls = false }: ClusterOptions): Promise<RedisCluster> {
   if (masters < 3) throw new Error('redis-cli --cluster create needs at least 3 masters');
   const count = masters * (1 + replicas);
   const group = await startRedisGroup('redis-cluster');
@@ -106,11 +142,12 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
   const ask = (port: number, command: string, args: string[] = []) => askNode(port, command, args, caPem ? { tls: { ca: caPem } } : {});
   const cliTransport = certificates ? ['--tls', '--cacert', certificates.ca] : [];
   const nodes = group.processes;
+  const busPorts = new Map<number, number>();
   try {
-    const ports = new Set<number>();
-    // freePort() releases the port before returning it, so two calls may hand out the same one.
-    while (ports.size < count) ports.add(await freePort());
-    for (const port of ports) group.spawn(port, nodeArgs(port, group.dir, nodeOptions));
+    for (const node of await pickPorts(count)) {
+      busPorts.set(node.port, node.busPort);
+      group.spawn(node.port, nodeArgs(node, group.dir, nodeOptions));
+    }
 
     for (const node of nodes) {
       await waitFor(
@@ -173,7 +210,8 @@ export async function startRedisCluster({ nodes: masters = 3, replicas = 0, node
       const index = nodes.findIndex((node) => node.port === port);
       if (index < 0) throw new Error(`no node on port ${port}`);
       nodes.splice(index, 1);
-      group.spawn(port, nodeArgs(port, group.dir, nodeOptions));
+      // Its bus port as before: the other nodes' configs still name it.
+      group.spawn(port, nodeArgs({ port, busPort: busPorts.get(port) as number }, group.dir, nodeOptions));
       await waitFor(`redis-server on port ${port} to answer PING again`, async () => ((await ask(port, 'PING')) === 'PONG' ? true : undefined), STARTUP_TIMEOUT_MS);
     },
     async failedOver(key, port, timeoutMs) {
