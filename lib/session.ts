@@ -621,26 +621,39 @@ export async function endSessionBecause(id: string, record: SessionRecord | unde
  */
 export async function expireSessionIfUnchanged(id: string, record: SessionRecord, cause?: unknown): Promise<GatehouseError | null> {
   const store = getStore();
+  const endedAlready = () => {
+    // This process's decrypted copy of its tokens goes with it.
+    forgetCopies(id);
+    return endedSessionError(id, cause);
+  };
   const raw = await storeCall(() => store.get(sessionKey(id)));
-  if (raw === null) return endedSessionError(id);
+  if (raw === null) return endedAlready();
   if (parseRecord(raw)?.sealed !== record.sealed) return null;
   // The marker goes first, so a request that finds the record gone also finds why.
   const marked = await storeCall(() => store.set(endedMarkerKey(id), 'expired', { ttlMs: ENDED_ELSEWHERE_MARKER_MS, onlyIfAbsent: true }));
   if (!(await storeCall(() => store.delIfEquals(sessionKey(id), raw)))) {
-    // Written or ended between the read and the delete.
+    // Ended between the read and the delete (another instance judged the same tokens spent, or a
+    // new login or a logout ended it): the marker, ours or the one that end wrote over it, says why.
+    if ((await storeCall(() => store.get(sessionKey(id)))) === null) return endedAlready();
+    // Renewed meanwhile: the session lives on, so it must not carry our marker.
     if (marked) await storeCall(() => store.delIfEquals(endedMarkerKey(id), 'expired'));
-    return (await storeCall(() => store.get(sessionKey(id)))) === null ? endedSessionError(id) : null;
+    return null;
   }
   await forgetEndedSession(id, record);
-  return marked ? errors.sessionExpired(cause) : endedSessionError(id);
+  // Read back rather than assumed: a new login may have written `replaced` over ours meanwhile,
+  // and its browser must then keep the new session's cookie.
+  return endedSessionError(id, cause);
 }
 
-/** What the browser of a session found gone, where it was expected, hears: the marker its end left says. */
-export async function endedSessionError(id: string): Promise<GatehouseError> {
+/**
+ * What the browser of a session found gone, where it was expected, hears: the marker its end left
+ * says. `cause` is what ran the tokens out, for the log of an `expired` end.
+ */
+export async function endedSessionError(id: string, cause?: unknown): Promise<GatehouseError> {
   const miss = await endedMiss(id);
   if (miss === 'replaced') return errors.sessionReplaced();
   const endedBy = ENDED_BY_MISS[miss];
-  return endedBy ? errors.sessionEnded(endedBy) : errors.sessionExpired();
+  return endedBy && endedBy !== 'expired' ? errors.sessionEnded(endedBy) : errors.sessionExpired(cause);
 }
 
 async function removeFromIndexes(id: string, record: SessionRecord): Promise<void> {

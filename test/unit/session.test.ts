@@ -282,6 +282,41 @@ describe('a session whose tokens are judged spent', () => {
     expect((await session.readSession(read.id))?.secrets.accessToken).toBe('at-new');
   });
 
+  it('ended by another instance between its marker and its delete: the marker stays, so every tab hears why', async () => {
+    const session = await deploy(A);
+    const read = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const store = session.getStore();
+    const deleteIfEquals = store.delIfEquals.bind(store);
+    // Two instances judged the same spent tokens: this one's marker went first, the other's delete did.
+    store.delIfEquals = async (key, expected) => {
+      if (key === session.sessionKey(read.id)) await deleteIfEquals(key, expected);
+      return deleteIfEquals(key, expected);
+    };
+    expect((await session.expireSessionIfUnchanged(read.id, read.record))?.code).toBe('session_expired');
+    expect(await session.loadSession(read.id)).toEqual({ session: null, miss: 'ended_expired' });
+  });
+
+  it('replaced by a new login between its marker and its delete: answers "replaced", which leaves the new cookie alone', async () => {
+    const session = await deploy(A);
+    const read = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const store = session.getStore();
+    const deleteIfEquals = store.delIfEquals.bind(store);
+    let replacedMeanwhile = false;
+    // The login's marker overwrites this one's just before this one's delete lands (the login's comes after).
+    store.delIfEquals = async (key, expected) => {
+      if (key === session.sessionKey(read.id) && !replacedMeanwhile) {
+        replacedMeanwhile = true;
+        await store.set(session.endedMarkerKey(read.id), 'replaced', { ttlMs: session.REPLACED_SESSION_MARKER_MS });
+      }
+      return deleteIfEquals(key, expected);
+    };
+    const ended = await session.expireSessionIfUnchanged(read.id, read.record);
+    expect(replacedMeanwhile).toBe(true);
+    expect(ended?.code).toBe('session_replaced');
+    expect(ended?.clearSession).toBe(false);
+    expect(await session.loadSession(read.id)).toEqual({ session: null, miss: 'replaced' });
+  });
+
   it('already ended by a new login: answers "replaced" and keeps that marker', async () => {
     const session = await deploy(A);
     const old = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
