@@ -14,6 +14,7 @@ import {
   endSessionBecause,
   getStore,
   listUserSessions,
+  loadSession,
   readSession,
   readTransaction,
   replaceSession,
@@ -268,8 +269,14 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
  * The old token is then only dropped with the record.
  */
 async function endReplacedSession(id: string, successor: { sub: string; idpSid: string | undefined }): Promise<void> {
-  const previous = await readSession(id);
-  if (!previous) return;
+  const { session: previous, miss } = await loadSession(id);
+  if (!previous) {
+    // Ended a moment ago (its tokens ran out, a logout on another device): calls its tabs still have
+    // in flight must hear "replaced", which leaves the cookie alone (by then the new session's),
+    // not that end's word, which clears it by name. A record this instance cannot read is not ours to end.
+    if (miss !== 'unreadable' && miss !== 'replaced') await endSessionBecause(id, undefined, 'replaced');
+    return;
+  }
   await replaceSession(previous);
   const { refreshToken } = previous.secrets;
   const sameIdpSession = previous.record.sub === successor.sub && (successor.idpSid === undefined || previous.record.idpSid === successor.idpSid);

@@ -179,6 +179,28 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     await expectReplaced(oldCookie, newCookie);
   });
 
+  it('a login whose old session ended just before (signed out from another device) marks it replaced: calls still made with the old cookie leave the new one alone', async () => {
+    const first = await loginWithKey('rhea', new Map());
+    const oldCookie = cookieLine(first.rpCookies);
+    const elsewhere = cookieLine((await login('rhea', '/', new Map())).rpCookies);
+    const signedOutElsewhere = await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: spa(elsewhere) });
+    expect(await signedOutElsewhere.json()).toEqual({ ended: 1 });
+    expect(await redis.exists(first.key)).toBe(0);
+
+    // The first browser, not having called since, signs in again.
+    const browser: CookieJars = new Map([[app, new Map(first.rpCookies)]]);
+    const newCookie = await reLoginAsBrowserWouldUnderStrict('rhea', browser);
+    // A call its tab made with the old cookie answers after the callback: it must not clear the new cookie by name.
+    const late = await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(oldCookie) });
+    expect(late.status).toBe(401);
+    expect(await late.json()).toMatchObject({ error: 'session_replaced' });
+    expect(late.headers.getSetCookie()).toEqual([]);
+    const described = await fetch(`${app}/api/auth/session`, { headers: spa(oldCookie) });
+    expect(await described.json()).toEqual({ authenticated: false });
+    expect(described.headers.getSetCookie()).toEqual([]);
+    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(newCookie) })).status).toBe(200);
+  });
+
   it('keeps at most three unfinished logins per browser, and clears the attempt on every callback outcome', async () => {
     const appJar = new Map<string, string>();
     const states: string[] = [];
