@@ -27,6 +27,7 @@ import {
   sessionIdToReplace,
   signedOutCookieHeaders,
   shortDigest,
+  storeCall,
   touchSession,
   transactionCookieHeader,
   transactionCookiesToDrop,
@@ -477,18 +478,16 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   } catch (error) {
     return refuse('invalid_token', error);
   }
+  // The token is used up only once its sessions have ended. Marking it first would let a store
+  // blip lose the logout: a SET that timed out here may still land when Redis resumes, and the
+  // IdP's retry of this very token would then be refused as a replay, the sessions left alive.
+  // Two deliveries at once both end the same sessions, which is harmless.
   const replayKey = logoutTokenReplayKey(claims.jti);
+  if ((await storeCall(() => getStore().get(replayKey))) !== null) return refuse('replayed_jti');
+  const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid });
   const ttlMs = Math.max(1_000, claims.replayableUntil * 1000 - Date.now());
-  const firstUse = await getStore().set(replayKey, '1', { ttlMs, onlyIfAbsent: true });
-  if (!firstUse) return refuse('replayed_jti');
-  try {
-    const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid });
-    log('info', 'auth.backchannel_logout', { outcome: 'ok', ended, by: claims.sid ? 'sid' : 'sub' });
-    countLogout('backchannel', 'ok');
-    return new Response(null, { status: 200, headers });
-  } catch (error) {
-    // Let the IdP retry: the token was not used up if we could not act on it.
-    await getStore().del(replayKey).catch(() => undefined);
-    throw error;
-  }
+  await storeCall(() => getStore().set(replayKey, '1', { ttlMs }));
+  log('info', 'auth.backchannel_logout', { outcome: 'ok', ended, by: claims.sid ? 'sid' : 'sub' });
+  countLogout('backchannel', 'ok');
+  return new Response(null, { status: 200, headers });
 }

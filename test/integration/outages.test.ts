@@ -59,6 +59,37 @@ describe('transient faults', () => {
     expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'outage-user' } } });
   });
 
+  it('a back-channel logout that meets a frozen Redis is a 503 the IdP can retry, and its retry of the same token ends the session', async () => {
+    const sub = 'logout-during-outage';
+    const victim = await login(app, sub);
+    expect((await call(app, '/api/proxy/demo/whoami', victim)).status).toBe(200);
+    const now = Math.floor(Date.now() / 1000);
+    const signed = await fetch(`${stack.issuer}/__dev/sign`, {
+      method: 'POST',
+      body: JSON.stringify({ payload: { iss: stack.issuer, aud: stack.clientId, sub, iat: now, exp: now + 120, jti: `outage-${now}`, events: { 'http://schemas.openid.net/event/backchannel-logout': {} } } }),
+    });
+    const { jws: logoutToken } = (await signed.json()) as { jws: string };
+    const deliver = () =>
+      fetch(`${app}/api/auth/backchannel-logout`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ logout_token: logoutToken }) });
+
+    process.kill(redis.child.pid as number, 'SIGSTOP');
+    try {
+      const during = await deliver();
+      expect(during.status).toBe(503);
+      expect(await during.json()).toMatchObject({ error: 'store_unavailable' });
+    } finally {
+      // What this instance sent to the frozen server runs now, as after a real blip.
+      process.kill(redis.child.pid as number, 'SIGCONT');
+    }
+    await waitFor('the store to answer again', async () => ((await fetch(`${app}/api/health`)).status === 200 ? true : undefined), 10_000, 100);
+    const retried = await deliver();
+    expect(retried.status).toBe(200);
+    const after = await call(app, '/api/proxy/demo/whoami', victim);
+    expect(after).toMatchObject({ status: 401, body: { error: 'session_expired' } });
+    // Used up now: a replay of it is refused.
+    expect((await deliver()).status).toBe(400);
+  });
+
   it('an IdP that stops answering makes health 503 naming the IdP; proxied calls with a fresh token are unaffected', async () => {
     const idp = stack.idp.child.pid as number;
     process.kill(idp, 'SIGSTOP');
