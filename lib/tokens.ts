@@ -110,7 +110,7 @@ function isFresh(held: HeldToken | undefined, now = Date.now()): boolean {
 export async function getAccessToken(session: Session, request: TokenRequest = SESSION_TOKEN): Promise<{ token: string; session: Session; refreshed: boolean }> {
   const held = heldToken(session, request);
   // An exchange needs no refresh token, only a subject that still works: the lock's work checks that.
-  if (!session.secrets.refreshToken && !request.exchange) return { token: await usableWithoutRefresh(session, held, request), session, refreshed: false };
+  if (!session.secrets.refreshToken && !request.exchange) return { ...(await usableWithoutRefresh(session, held, request)), refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
   if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
   const flight = refreshOnce(session, request);
@@ -125,10 +125,11 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
  * Without a refresh token a token is used to its last second: nothing is gained by ending early.
  * Past that, the session ends only once its own access token has expired; a resource token it
  * never got, or a refused token it cannot replace, fails just that call and keeps the session.
+ * Answers the token with the session it came from, which is the stored one when the record had moved on.
  */
-async function usableWithoutRefresh(session: Session, held: HeldToken | undefined, request: TokenRequest, judgedBefore = false): Promise<string> {
+async function usableWithoutRefresh(session: Session, held: HeldToken | undefined, request: TokenRequest, judgedBefore = false): Promise<{ token: string; session: Session }> {
   const now = Date.now();
-  if (held && !request.rejectedToken && (held.expiresAt === null || held.expiresAt > now)) return held.token;
+  if (held && !request.rejectedToken && (held.expiresAt === null || held.expiresAt > now)) return { token: held.token, session };
   const expiresAt = session.record.accessTokenExpiresAt;
   if (expiresAt === null || expiresAt > now) throw errors.reauthenticationRequired();
   log('info', 'token.refresh', { session: sessionHandle(session.id), resource: request.resource, outcome: 'no_refresh_token' });
@@ -379,10 +380,7 @@ async function writeBackRefused(current: Session, event: string, outcome: (resul
 async function refreshGrantUnderLock(current: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {
   const outcome = outcomeLog(current, request);
   const refreshToken = current.secrets.refreshToken;
-  if (!refreshToken) {
-    await usableWithoutRefresh(current, heldToken(current, request), request);
-    return current;
-  }
+  if (!refreshToken) return (await usableWithoutRefresh(current, heldToken(current, request), request)).session;
   try {
     // With DPoP, the new tokens are bound to the session's key, as the login's were.
     const dpop = await sessionDpopHandle(current.id, current.secrets);
@@ -421,7 +419,7 @@ async function exchangeUnderLock(current: Session, request: TokenRequest, target
   let subject = current;
   if (!isFresh(heldToken(current, SESSION_TOKEN))) {
     if (current.secrets.refreshToken) subject = await refreshGrantUnderLock(current, SESSION_TOKEN, lock, flight);
-    else await usableWithoutRefresh(current, heldToken(current, SESSION_TOKEN), SESSION_TOKEN);
+    else subject = (await usableWithoutRefresh(current, heldToken(current, SESSION_TOKEN), SESSION_TOKEN)).session;
   }
   const outcome = outcomeLog(subject, request);
   let tokens: TokenSet;
