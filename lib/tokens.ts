@@ -327,6 +327,18 @@ async function releaseLock(id: string, owner: string): Promise<void> {
   }
 }
 
+/**
+ * A lock found absent rather than taken was lost by the store (a failover before the key reached
+ * the replica, a restart): nobody else is refreshing, so the owner takes it again instead of giving
+ * up work whose grant the IdP may already have run, which would strand the rotated refresh token
+ * and end the session at its next refresh.
+ */
+async function reclaimLock(id: string, owner: string): Promise<boolean> {
+  const reclaimed = await getStore().set(refreshLockKey(id), owner, { ttlMs: getConfig().refresh.lockLeaseMs, onlyIfAbsent: true });
+  if (reclaimed) log('warn', 'token.refresh_lock_reclaimed', { session: sessionHandle(id) });
+  return reclaimed;
+}
+
 /** Renews the lease well before it runs out, and only while it is still ours (compare-and-pexpire). */
 function renewLease(id: string, owner: string, onLost: () => void): () => void {
   const { lockLeaseMs } = getConfig().refresh;
@@ -334,9 +346,13 @@ function renewLease(id: string, owner: string, onLost: () => void): () => void {
   const timer = setInterval(() => {
     getStore()
       .expireIfEquals(refreshLockKey(id), owner, lockLeaseMs)
-      .then((held) => {
+      .then(async (held) => {
         // A renewal still in flight when the work ended finds the lock released: nothing was lost.
         if (held || stopped) return;
+        const reclaimed = await reclaimLock(id, owner);
+        // The work ended meanwhile and released before this took the lock again.
+        if (stopped) return reclaimed ? void (await releaseLock(id, owner)) : undefined;
+        if (reclaimed) return;
         clearInterval(timer);
         log('warn', 'token.refresh_lock_lost', { session: sessionHandle(id) });
         onLost();
@@ -474,7 +490,22 @@ async function storeTokens(current: Session, request: TokenRequest, tokens: Toke
     secrets.accessToken = tokens.accessToken;
     accessTokenExpiresAt = tokens.accessTokenExpiresAt;
   }
+  const updated = await updateSessionTokens(current, secrets, accessTokenExpiresAt, lockOwner);
+  if (updated || !(await reclaimedForUnchangedRecord(current, lockOwner))) return updated;
   return updateSessionTokens(current, secrets, accessTokenExpiresAt, lockOwner);
+}
+
+/**
+ * A write-back refused because the store lost the lock since the last renewal: taken again, it
+ * may land while the record is still the one this refresh read — only a lock holder writes, and
+ * nobody held it. Otherwise the lock goes back and the write-back stays refused.
+ */
+async function reclaimedForUnchangedRecord(current: Session, owner: string): Promise<boolean> {
+  if (!(await storeCall(() => reclaimLock(current.id, owner)))) return false;
+  const stored = await readSession(current.id);
+  if (stored?.record.sealed === current.record.sealed) return true;
+  await releaseLock(current.id, owner);
+  return false;
 }
 
 /**

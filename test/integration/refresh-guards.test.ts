@@ -5,6 +5,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
+import { storedSecrets } from '../support/stored-session.ts';
 
 // Tokens are due 8 s after each refresh and expire 20 s after it.
 const ACCESS_TOKEN_TTL_SEC = 20;
@@ -189,6 +190,53 @@ describe('a refresh whose lock lapses while its grant is at the IdP', () => {
     expect(clearsSessionCookie(viaA.setCookies)).toBe(false);
     expect(await probe.redis.get(lockKey)).toBe('successor');
     expect(await probe.exists(key)).toBe(true);
+  });
+});
+
+describe('a refresh lock the store loses while its grant is at the IdP (a failover before the key reached the replica)', () => {
+  const secretsOf = (key: string) => storedSecrets(stack.appEnv.REDIS_URL as string, key, stack.appEnv.SESSION_SECRET as string);
+
+  /** A's grant waits `grantMs` at the IdP, during which the lock key vanishes; what A answers, and what the IdP and the store saw. */
+  async function lockVanishesDuringGrant(user: string, grantMs: number) {
+    const { cookie, key } = await newSession(appB, user);
+    const lockKey = probe.lockKeyFor(key);
+    await waitUntil(`${user}'s token to become due`, (await storedExpiry(key)) - REFRESH_SKEW_SEC * 1000 + 50);
+    const refreshTokenBefore = (await secretsOf(key)).refreshToken;
+    const before = await refreshesOf(user);
+    const delaysBefore = await setIdpDelays(stack.issuer, { tokenMs: grantMs });
+    let viaA;
+    try {
+      const pendingA = call(appA, WHOAMI, cookie);
+      await tokenRequestsDelayedSince(delaysBefore.delayed.token);
+      await setIdpDelays(stack.issuer, { tokenMs: 0 });
+      expect(await probe.redis.del(lockKey)).toBe(1);
+      viaA = await pendingA;
+    } finally {
+      await setIdpDelays(stack.issuer, { tokenMs: 0 });
+    }
+    const after = await refreshesOf(user);
+    return { cookie, key, lockKey, viaA, refreshTokenBefore, grants: { ok: after.ok - before.ok, refused: after.refused - before.refused } };
+  }
+
+  async function expectSessionGoesOn(outcome: Awaited<ReturnType<typeof lockVanishesDuringGrant>>, user: string) {
+    expect(outcome.viaA).toMatchObject({ status: 200, body: { sub: user } });
+    expect(outcome.grants).toEqual({ ok: 1, refused: 0 });
+    // The rotated refresh token is the one stored: the session's next refresh is no replay.
+    const stored = await secretsOf(outcome.key);
+    expect(stored.refreshToken).toBeTruthy();
+    expect(stored.refreshToken).not.toBe(outcome.refreshTokenBefore);
+    expect(await probe.exists(outcome.lockKey)).toBe(false);
+    expect(await call(appB, WHOAMI, outcome.cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  }
+
+  it('noticed by a lease renewal: the owner takes the lock again and stores its grant', async () => {
+    // Past A's first renewal (every LOCK_LEASE_MS / 3), well before its second.
+    await expectSessionGoesOn(await lockVanishesDuringGrant('lock-lost-renewal', LOCK_LEASE_MS / 2), 'lock-lost-renewal');
+  });
+
+  it('noticed only at the write-back: the owner takes the lock again and stores its grant, the record being the one it read', async () => {
+    // Answered well before A's first renewal.
+    await expectSessionGoesOn(await lockVanishesDuringGrant('lock-lost-write-back', LOCK_LEASE_MS / 6), 'lock-lost-write-back');
   });
 });
 
