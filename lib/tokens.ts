@@ -286,6 +286,8 @@ function lockedWorkMs(): number {
 interface HeldLock {
   owner: string;
   signal: AbortSignal;
+  /** Set once a write-back has tried to take the lock again: from then on every write checks the record first. */
+  retaken?: boolean;
 }
 
 /** The lock is held until the work settles, not until the caller stops waiting. */
@@ -327,18 +329,6 @@ async function releaseLock(id: string, owner: string): Promise<void> {
   }
 }
 
-/**
- * A lock found absent rather than taken was lost by the store (a failover before the key reached
- * the replica, a restart): nobody else is refreshing, so the owner takes it again instead of giving
- * up work whose grant the IdP may already have run, which would strand the rotated refresh token
- * and end the session at its next refresh.
- */
-async function reclaimLock(id: string, owner: string): Promise<boolean> {
-  const reclaimed = await getStore().set(refreshLockKey(id), owner, { ttlMs: getConfig().refresh.lockLeaseMs, onlyIfAbsent: true });
-  if (reclaimed) log('warn', 'token.refresh_lock_reclaimed', { session: sessionHandle(id) });
-  return reclaimed;
-}
-
 /** Renews the lease well before it runs out, and only while it is still ours (compare-and-pexpire). */
 function renewLease(id: string, owner: string, onLost: () => void): () => void {
   const { lockLeaseMs } = getConfig().refresh;
@@ -346,13 +336,9 @@ function renewLease(id: string, owner: string, onLost: () => void): () => void {
   const timer = setInterval(() => {
     getStore()
       .expireIfEquals(refreshLockKey(id), owner, lockLeaseMs)
-      .then(async (held) => {
+      .then((held) => {
         // A renewal still in flight when the work ended finds the lock released: nothing was lost.
         if (held || stopped) return;
-        const reclaimed = await reclaimLock(id, owner);
-        // The work ended meanwhile and released before this took the lock again.
-        if (stopped) return reclaimed ? void (await releaseLock(id, owner)) : undefined;
-        if (reclaimed) return;
         clearInterval(timer);
         log('warn', 'token.refresh_lock_lost', { session: sessionHandle(id) });
         onLost();
@@ -462,7 +448,7 @@ async function exchangeUnderLock(current: Session, request: TokenRequest, target
 async function storeTokensDespiteOutage(current: Session, request: TokenRequest, tokens: TokenSet, lock: HeldLock): Promise<Session | null> {
   for (let pause = 100; ; pause = Math.min(pause * 2, 1_000)) {
     try {
-      return await storeTokens(current, request, tokens, lock.owner);
+      return await storeTokens(current, request, tokens, lock);
     } catch (error) {
       if (!(error instanceof GatehouseError && error.code === 'store_unavailable') || lock.signal.aborted) {
         log('error', request.exchange ? 'token.exchange' : 'token.refresh', { session: sessionHandle(current.id), ...grantTarget(request), outcome: 'write_back_failed' });
@@ -474,7 +460,7 @@ async function storeTokensDespiteOutage(current: Session, request: TokenRequest,
 }
 
 /** Writes the new tokens into the session, only while the lock is still ours; null otherwise. */
-async function storeTokens(current: Session, request: TokenRequest, tokens: TokenSet, lockOwner: string): Promise<Session | null> {
+async function storeTokens(current: Session, request: TokenRequest, tokens: TokenSet, lock: HeldLock): Promise<Session | null> {
   const secrets: SessionSecrets = {
     ...current.secrets,
     // Without rotation the IdP returns no new refresh token: keep using the old one.
@@ -490,21 +476,37 @@ async function storeTokens(current: Session, request: TokenRequest, tokens: Toke
     secrets.accessToken = tokens.accessToken;
     accessTokenExpiresAt = tokens.accessTokenExpiresAt;
   }
-  const updated = await updateSessionTokens(current, secrets, accessTokenExpiresAt, lockOwner);
-  if (updated || !(await reclaimedForUnchangedRecord(current, lockOwner))) return updated;
-  return updateSessionTokens(current, secrets, accessTokenExpiresAt, lockOwner);
+  const write = () => updateSessionTokens(current, secrets, accessTokenExpiresAt, lock.owner);
+  if (!lock.retaken) {
+    const updated = await write();
+    if (updated) return updated;
+  }
+  return (await retakenForUnchangedRecord(current, lock)) ? write() : null;
 }
 
 /**
- * A write-back refused because the store lost the lock since the last renewal: taken again, it
- * may land while the record is still the one this refresh read — only a lock holder writes, and
- * nobody held it. Otherwise the lock goes back and the write-back stays refused.
+ * A write-back refused because the lock is gone: the store lost it (a failover before the key
+ * reached the replica, a restart) while the tokens were at the IdP or the store was away. Giving
+ * up would strand the refresh token the IdP has just rotated, and the session would end at its next
+ * refresh. So the owner takes the lock again (or finds it still its own, from an earlier attempt
+ * whose answer was lost), and writes only while the record is the one this refresh read: only a
+ * lock holder writes, so an unchanged record means nobody refreshed meanwhile. A lock another owner
+ * holds, a record gone or moved on: the lock goes back and the write-back stays refused.
  */
-async function reclaimedForUnchangedRecord(current: Session, owner: string): Promise<boolean> {
-  if (!(await storeCall(() => reclaimLock(current.id, owner)))) return false;
-  const stored = await readSession(current.id);
-  if (stored?.record.sealed === current.record.sealed) return true;
-  await releaseLock(current.id, owner);
+async function retakenForUnchangedRecord(current: Session, lock: HeldLock): Promise<boolean> {
+  const { id } = current;
+  const ttlMs = getConfig().refresh.lockLeaseMs;
+  // Set before asking: a SET whose answer is lost may still land, and a retry must then check too.
+  lock.retaken = true;
+  const held = await storeCall(
+    async () => (await getStore().set(refreshLockKey(id), lock.owner, { ttlMs, onlyIfAbsent: true })) || getStore().expireIfEquals(refreshLockKey(id), lock.owner, ttlMs),
+  );
+  if (!held) return false;
+  if ((await readSession(id))?.record.sealed === current.record.sealed) {
+    log('warn', 'token.refresh_lock_retaken', { session: sessionHandle(id) });
+    return true;
+  }
+  await releaseLock(id, lock.owner);
   return false;
 }
 
