@@ -485,7 +485,8 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   const replayKey = logoutTokenReplayKey(claims.jti);
   if ((await storeCall(() => getStore().get(replayKey))) !== null) return refuse('replayed_jti');
   const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid });
-  const ttlMs = Math.max(1_000, claims.replayableUntil * 1000 - Date.now());
+  // NumericDates may carry fractions; a store TTL is whole milliseconds.
+  const ttlMs = Math.max(1_000, Math.ceil(claims.replayableUntil * 1000 - Date.now()));
   await storeCall(() => getStore().set(replayKey, '1', { ttlMs }));
   log('info', 'auth.backchannel_logout', { outcome: 'ok', ended, by: claims.sid ? 'sid' : 'sub' });
   countLogout('backchannel', 'ok');

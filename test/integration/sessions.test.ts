@@ -153,7 +153,7 @@ describe('back-channel logout', () => {
     expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
   });
 
-  it('accepts what the spec allows: typ JWT or none, a one-element aud array, a far exp with a short-lived replay marker', async () => {
+  it('accepts what the spec allows: typ JWT or none, a one-element aud array, a far exp with a short-lived replay marker, fractional times', async () => {
     const sub = 'nobody-logged-in';
     const now = Math.floor(Date.now() / 1000);
     const accepted: Record<string, Promise<string>> = {
@@ -162,6 +162,8 @@ describe('back-channel logout', () => {
       'typ application/logout+jwt': signWithIdp(logoutClaims({ sub }), { typ: 'application/logout+jwt' }),
       'aud as a one-element array': signWithIdp(logoutClaims({ sub, aud: [stack.clientId] })),
       'exp ten years away': signWithIdp(logoutClaims({ sub, exp: now + 10 * 365 * 86400 })),
+      // NumericDate allows fractions (RFC 7519 §2).
+      'iat and exp with fractions': signWithIdp(logoutClaims({ sub, iat: now - 0.25, exp: now + 120.0005 })),
     };
     for (const [name, token] of Object.entries(accepted)) expect((await postLogoutToken(await token)).status, name).toBe(200);
     // The token is refused once iat is 5 minutes old whatever exp says, so no marker needs to outlive that.
