@@ -237,6 +237,11 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       }
       case 'slow': {
         const ms = clampInt(query.ms, 1000, 0, 600_000);
+        // Gone while its token was being checked: 'close' has fired already and would never reach the listener below.
+        if (res.closed) {
+          stats.aborted += 1;
+          return;
+        }
         const timer = setTimeout(() => json(res, 200, { waitedMs: ms }), ms);
         res.once('close', () => {
           if (res.writableFinished) return;
