@@ -579,11 +579,20 @@ export async function touchSession(session: Session, force = false): Promise<voi
  * the lock was lost (its lease ran out and another instance may be refreshing).
  */
 export async function updateSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null, lockOwner: string): Promise<Session | null> {
-  const record: SessionRecord = { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) };
-  const written = await storeCall(() => getStore().replaceIfHeld(sessionKey(session.id), JSON.stringify(record), refreshLockKey(session.id), lockOwner));
+  return writeSessionTokens(await sealSessionTokens(session, secrets, accessTokenExpiresAt), lockOwner);
+}
+
+/** The session with new tokens, encrypted: what `writeSessionTokens` stores, the same bytes however often it is tried. */
+export async function sealSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session> {
+  return { id: session.id, record: { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) }, secrets };
+}
+
+/** `updateSessionTokens` for a session sealed already. */
+export async function writeSessionTokens(next: Session, lockOwner: string): Promise<Session | null> {
+  const written = await storeCall(() => getStore().replaceIfHeld(sessionKey(next.id), JSON.stringify(next.record), refreshLockKey(next.id), lockOwner));
   if (!written) return null;
-  rememberSecrets(session.id, record.sealed, secrets);
-  return { id: session.id, record, secrets };
+  rememberSecrets(next.id, next.record.sealed, next.secrets);
+  return next;
 }
 
 /**

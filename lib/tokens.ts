@@ -13,10 +13,11 @@ import {
   getStore,
   readSession,
   refreshLockKey,
+  sealSessionTokens,
   sessionHandle,
   sessionKey,
   storeCall,
-  updateSessionTokens,
+  writeSessionTokens,
   type Session,
   type SessionSecrets,
 } from './session.ts';
@@ -285,7 +286,10 @@ function lockedWorkMs(): number {
 
 interface HeldLock {
   owner: string;
+  /** Stops the IdP calls: at the work's deadline, or once the lock is found lost. */
   signal: AbortSignal;
+  /** The work's deadline alone: tokens the IdP has issued are worth storing until then, lock lost or not. */
+  deadline: AbortSignal;
   /** Set once a write-back has tried to take the lock again: from then on every write checks the record first. */
   retaken?: boolean;
 }
@@ -296,7 +300,8 @@ function refreshHoldingLock(stale: Session, request: TokenRequest, owner: string
   // the same refresh token, and a write-back without the lock would be refused anyway.
   const lost = new AbortController();
   const stopRenewing = renewLease(stale.id, owner, () => lost.abort(new DOMException('the refresh lock was lost', 'AbortError')));
-  const lock = { owner, signal: AbortSignal.any([AbortSignal.timeout(lockedWorkMs()), lost.signal]) };
+  const deadline = AbortSignal.timeout(lockedWorkMs());
+  const lock = { owner, deadline, signal: AbortSignal.any([deadline, lost.signal]) };
   return refreshUnderLock(stale, request, lock, flight).finally(async () => {
     stopRenewing();
     await releaseLock(stale.id, owner);
@@ -443,14 +448,16 @@ async function exchangeUnderLock(current: Session, request: TokenRequest, target
  * Once the IdP has answered, only the new refresh token works (with rotation): a write-back the
  * store refuses for a moment — a Redis restart or failover — is tried again until the lock's work
  * deadline instead of given up, which would strand the new token and make the session's next
- * refresh a replay that the IdP answers by revoking the whole grant.
+ * refresh a replay that the IdP answers by revoking the whole grant. The session is sealed once, so
+ * every attempt writes the same bytes and a write that landed with its answer lost is known as ours.
  */
 async function storeTokensDespiteOutage(current: Session, request: TokenRequest, tokens: TokenSet, lock: HeldLock): Promise<Session | null> {
+  const next = await withNewTokens(current, request, tokens);
   for (let pause = 100; ; pause = Math.min(pause * 2, 1_000)) {
     try {
-      return await storeTokens(current, request, tokens, lock);
+      return await storeTokens(current, next, lock);
     } catch (error) {
-      if (!(error instanceof GatehouseError && error.code === 'store_unavailable') || lock.signal.aborted) {
+      if (!(error instanceof GatehouseError && error.code === 'store_unavailable') || lock.deadline.aborted) {
         log('error', request.exchange ? 'token.exchange' : 'token.refresh', { session: sessionHandle(current.id), ...grantTarget(request), outcome: 'write_back_failed' });
         throw error;
       }
@@ -459,8 +466,8 @@ async function storeTokensDespiteOutage(current: Session, request: TokenRequest,
   }
 }
 
-/** Writes the new tokens into the session, only while the lock is still ours; null otherwise. */
-async function storeTokens(current: Session, request: TokenRequest, tokens: TokenSet, lock: HeldLock): Promise<Session | null> {
+/** The session with the IdP's answer in it, sealed. */
+function withNewTokens(current: Session, request: TokenRequest, tokens: TokenSet): Promise<Session> {
   const secrets: SessionSecrets = {
     ...current.secrets,
     // Without rotation the IdP returns no new refresh token: keep using the old one.
@@ -476,12 +483,16 @@ async function storeTokens(current: Session, request: TokenRequest, tokens: Toke
     secrets.accessToken = tokens.accessToken;
     accessTokenExpiresAt = tokens.accessTokenExpiresAt;
   }
-  const write = () => updateSessionTokens(current, secrets, accessTokenExpiresAt, lock.owner);
+  return sealSessionTokens(current, secrets, accessTokenExpiresAt);
+}
+
+/** Writes `next` over `current`, only while the lock is ours (or retaken); null otherwise. */
+async function storeTokens(current: Session, next: Session, lock: HeldLock): Promise<Session | null> {
   if (!lock.retaken) {
-    const updated = await write();
-    if (updated) return updated;
+    const written = await writeSessionTokens(next, lock.owner);
+    if (written) return written;
   }
-  return (await retakenForUnchangedRecord(current, lock)) ? write() : null;
+  return writeRetakingLock(current, next, lock);
 }
 
 /**
@@ -490,10 +501,11 @@ async function storeTokens(current: Session, request: TokenRequest, tokens: Toke
  * up would strand the refresh token the IdP has just rotated, and the session would end at its next
  * refresh. So the owner takes the lock again (or finds it still its own, from an earlier attempt
  * whose answer was lost), and writes only while the record is the one this refresh read: only a
- * lock holder writes, so an unchanged record means nobody refreshed meanwhile. A lock another owner
- * holds, a record gone or moved on: the lock goes back and the write-back stays refused.
+ * lock holder writes, so an unchanged record means nobody refreshed meanwhile. A record that is
+ * `next` already is an earlier attempt's write that landed. A lock another owner holds, a record
+ * gone or moved on: the lock goes back and the write-back stays refused.
  */
-async function retakenForUnchangedRecord(current: Session, lock: HeldLock): Promise<boolean> {
+async function writeRetakingLock(current: Session, next: Session, lock: HeldLock): Promise<Session | null> {
   const { id } = current;
   const ttlMs = getConfig().refresh.lockLeaseMs;
   // Set before asking: a SET whose answer is lost may still land, and a retry must then check too.
@@ -501,13 +513,15 @@ async function retakenForUnchangedRecord(current: Session, lock: HeldLock): Prom
   const held = await storeCall(
     async () => (await getStore().set(refreshLockKey(id), lock.owner, { ttlMs, onlyIfAbsent: true })) || getStore().expireIfEquals(refreshLockKey(id), lock.owner, ttlMs),
   );
-  if (!held) return false;
-  if ((await readSession(id))?.record.sealed === current.record.sealed) {
+  if (!held) return null;
+  const stored = (await readSession(id))?.record.sealed;
+  if (stored === next.record.sealed) return next;
+  if (stored === current.record.sealed) {
     log('warn', 'token.refresh_lock_retaken', { session: sessionHandle(id) });
-    return true;
+    return writeSessionTokens(next, lock.owner);
   }
   await releaseLock(id, lock.owner);
-  return false;
+  return null;
 }
 
 /**
