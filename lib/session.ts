@@ -573,21 +573,16 @@ export async function touchSession(session: Session, force = false): Promise<voi
   if (extended) await indexSession(session, expiresAt);
 }
 
-/**
- * Writes new tokens into an existing session, in one atomic step with a check that the refresh
- * lock is still `lockOwner`'s. Null when the session was deleted meanwhile (no resurrection) or
- * the lock was lost (its lease ran out and another instance may be refreshing).
- */
-export async function updateSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null, lockOwner: string): Promise<Session | null> {
-  return writeSessionTokens(await sealSessionTokens(session, secrets, accessTokenExpiresAt), lockOwner);
-}
-
 /** The session with new tokens, encrypted: what `writeSessionTokens` stores, the same bytes however often it is tried. */
 export async function sealSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session> {
   return { id: session.id, record: { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) }, secrets };
 }
 
-/** `updateSessionTokens` for a session sealed already. */
+/**
+ * Writes a sealed session over the stored one, in one atomic step with a check that the refresh
+ * lock is still `lockOwner`'s. Null when the session was deleted meanwhile (no resurrection) or
+ * the lock was lost (its lease ran out and another instance may be refreshing).
+ */
 export async function writeSessionTokens(next: Session, lockOwner: string): Promise<Session | null> {
   const written = await storeCall(() => getStore().replaceIfHeld(sessionKey(next.id), JSON.stringify(next.record), refreshLockKey(next.id), lockOwner));
   if (!written) return null;

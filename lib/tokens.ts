@@ -198,20 +198,26 @@ async function refreshAcrossInstances(stale: Session, request: TokenRequest, fli
 
 const LOCK_ACQUIRED = Symbol('lock acquired');
 
+/**
+ * SET NX of the session's refresh lock for a full lease. "Taken" may mean taken by us: a client
+ * that lost a connection mid-command sends it again once reconnected, and the resent SET NX finds
+ * the lock the first one set. Compare-and-renew tells.
+ */
+async function takeLock(id: string, owner: string): Promise<boolean> {
+  const { lockLeaseMs: ttlMs } = getConfig().refresh;
+  return (await getStore().set(refreshLockKey(id), owner, { ttlMs, onlyIfAbsent: true })) || getStore().expireIfEquals(refreshLockKey(id), owner, ttlMs);
+}
+
 /** Takes the session's refresh lock, or finds the session refreshed by whoever held it meanwhile. */
 async function waitForLock(stale: Session, request: TokenRequest, flight: Flight, owner: string): Promise<typeof LOCK_ACQUIRED | Session> {
   const { lockLeaseMs } = getConfig().refresh;
-  const lockKey = refreshLockKey(stale.id);
   // A waiter gives up a little after a dead owner's lease would have run out.
   const deadline = Date.now() + lockLeaseMs + 2_000;
   let pause = POLL_MIN_MS;
   for (;;) {
     let acquired: boolean;
     try {
-      acquired = await onStore(flight, () => storeCall(() => getStore().set(lockKey, owner, { ttlMs: lockLeaseMs, onlyIfAbsent: true })));
-      // "Taken" may mean taken by us: a client that lost a connection mid-command sends it again once
-      // reconnected, and the resent SET NX finds the lock the first one set. Compare-and-renew tells.
-      acquired ||= await onStore(flight, () => storeCall(() => getStore().expireIfEquals(lockKey, owner, lockLeaseMs)));
+      acquired = await onStore(flight, () => storeCall(() => takeLock(stale.id, owner)));
     } catch (error) {
       // The store may have taken the lock and lost only its answer (a connection cut, a master
       // killed before it replied but after its replica had the write): nobody would release it, and
@@ -507,13 +513,9 @@ async function storeTokens(current: Session, next: Session, lock: HeldLock): Pro
  */
 async function writeRetakingLock(current: Session, next: Session, lock: HeldLock): Promise<Session | null> {
   const { id } = current;
-  const ttlMs = getConfig().refresh.lockLeaseMs;
   // Set before asking: a SET whose answer is lost may still land, and a retry must then check too.
   lock.retaken = true;
-  const held = await storeCall(
-    async () => (await getStore().set(refreshLockKey(id), lock.owner, { ttlMs, onlyIfAbsent: true })) || getStore().expireIfEquals(refreshLockKey(id), lock.owner, ttlMs),
-  );
-  if (!held) return null;
+  if (!(await storeCall(() => takeLock(id, lock.owner)))) return null;
   const stored = (await readSession(id))?.record.sealed;
   if (stored === next.record.sealed) return next;
   if (stored === current.record.sealed) {

@@ -23,6 +23,14 @@ async function deploy(sessionSecret: string, extra: Record<string, string> = {})
   return import('../../lib/session.ts');
 }
 
+type SessionModule = Awaited<ReturnType<typeof deploy>>;
+type Session = Parameters<SessionModule['sealSessionTokens']>[0];
+
+/** A refresh's write-back: the session sealed with new tokens, written only while `owner` holds the lock. */
+async function writeTokens(session: SessionModule, current: Session, secrets: Session['secrets'], owner: string) {
+  return session.writeSessionTokens(await session.sealSessionTokens(current, secrets, null), owner);
+}
+
 function cookieValue(setCookie: string): string {
   return decodeURIComponent(setCookie.split(';')[0]!.split('=').slice(1).join('='));
 }
@@ -204,7 +212,7 @@ describe('session records', () => {
     const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
     await session.getStore().set(session.refreshLockKey(created.id), 'owner', { ttlMs: 60_000, onlyIfAbsent: true });
     await session.destroySession(created.id);
-    expect(await session.updateSessionTokens(created, secrets, null, 'owner')).toBeNull();
+    expect(await writeTokens(session, created, secrets, 'owner')).toBeNull();
     await session.touchSession(created, true);
     expect(await session.getStore().get(session.sessionKey(created.id))).toBeNull();
   });
@@ -231,11 +239,11 @@ describe('a token update', () => {
     const session = await deploy(A);
     const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
     const renewed = { ...secrets, accessToken: 'at-new' };
-    expect(await session.updateSessionTokens(created, renewed, null, 'owner')).toBeNull();
+    expect(await writeTokens(session, created, renewed, 'owner')).toBeNull();
     await session.getStore().set(session.refreshLockKey(created.id), 'successor', { ttlMs: 60_000, onlyIfAbsent: true });
-    expect(await session.updateSessionTokens(created, renewed, null, 'owner')).toBeNull();
+    expect(await writeTokens(session, created, renewed, 'owner')).toBeNull();
     expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-123');
-    expect((await session.updateSessionTokens(created, renewed, null, 'successor'))?.secrets.accessToken).toBe('at-new');
+    expect((await writeTokens(session, created, renewed, 'successor'))?.secrets.accessToken).toBe('at-new');
     expect((await session.readSession(created.id))?.secrets.accessToken).toBe('at-new');
   });
 });
@@ -254,7 +262,7 @@ describe('a session whose tokens are judged spent', () => {
     const session = await deploy(A);
     const read = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
     await session.getStore().set(session.refreshLockKey(read.id), 'successor', { ttlMs: 60_000, onlyIfAbsent: true });
-    const renewed = await session.updateSessionTokens(read, { ...secrets, accessToken: 'at-new', refreshToken: 'rt-new' }, null, 'successor');
+    const renewed = await writeTokens(session, read, { ...secrets, accessToken: 'at-new', refreshToken: 'rt-new' }, 'successor');
     expect(renewed).not.toBeNull();
 
     expect(await session.expireSessionIfUnchanged(read.id, read.record)).toBeNull();
@@ -274,7 +282,7 @@ describe('a session whose tokens are judged spent', () => {
     const deleteIfEquals = store.delIfEquals.bind(store);
     // The other instance's write lands exactly between the compare and the delete.
     store.delIfEquals = async (key, expected) => {
-      if (key === session.sessionKey(read.id)) await session.updateSessionTokens(read, { ...secrets, accessToken: 'at-new' }, null, 'successor');
+      if (key === session.sessionKey(read.id)) await writeTokens(session, read, { ...secrets, accessToken: 'at-new' }, 'successor');
       return deleteIfEquals(key, expected);
     };
     expect(await session.expireSessionIfUnchanged(read.id, read.record)).toBeNull();
@@ -337,7 +345,7 @@ describe('a session replaced by a new login', () => {
     expect(await session.getStore().indexMembers(session.idpSessionKey('sid-9'), Date.now())).toEqual([]);
     // A late token write-back (a refresh in flight, still holding its lock) cannot bring it back.
     await session.getStore().set(session.refreshLockKey(old.id), 'refresh-owner', { ttlMs: 60_000 });
-    expect(await session.updateSessionTokens(old, secrets, null, 'refresh-owner')).toBeNull();
+    expect(await writeTokens(session, old, secrets, 'refresh-owner')).toBeNull();
 
     // The memory store expires keys by Date.now(): past the marker's lifetime the cookie is just stale.
     vi.useFakeTimers({ now: Date.now() + session.REPLACED_SESSION_MARKER_MS + 1, toFake: ['Date'] });
