@@ -30,6 +30,27 @@ interface WithScripts {
   gatehouseReplaceIfHeld(key: string, lockKey: string, value: string, owner: string): Promise<number>;
 }
 
+/** What ioredis rejects commands with while a connection is closed and not (yet) reconnecting. */
+const CONNECTION_CLOSED = 'Connection is closed.';
+
+/**
+ * ioredis gives a connection up for good ('end') only when it is closed on purpose, or when its
+ * connector throws mid-connect. The second happens behind Sentinel: the failover detector of the
+ * connection's previous life is still subscribed while the client reconnects to a dead master, and
+ * its +switch-master disconnects the connector in the middle of the next connect. The client would
+ * then fail every command at once for the rest of the process's life; this starts it again.
+ */
+function reconnectWhenEnded(connection: Redis, closing: () => boolean, backoff: (times: number) => number): void {
+  let ends = 0;
+  connection.on('ready', () => (ends = 0));
+  connection.on('end', () => {
+    if (closing()) return;
+    setTimeout(() => {
+      if (!closing() && connection.status === 'end') connection.connect().catch(() => {});
+    }, backoff(++ends)).unref();
+  });
+}
+
 /**
  * Rebuilds an ioredis failure as an Error that names only the command and the kind of failure.
  * ioredis attaches the full argument list (session data, lock tokens) to its reply errors, so
@@ -46,6 +67,8 @@ function storeError(command: string, error: unknown): Error {
       kind = code;
     } else if (error.message === 'Command timed out') {
       kind = 'timeout';
+    } else if (error.message === CONNECTION_CLOSED) {
+      kind = 'connection closed';
     } else {
       kind = error.name;
     }
@@ -151,6 +174,7 @@ function coherentReads(
   read: (key: string) => Promise<[string | null, number]>,
   /** Sentinel: each connection may be moved to another server on its own (see trackReads). */
   movable: boolean,
+  backoff: (times: number) => number,
 ): CoherentReads {
   const copies = new Map<string, { value: string; readAt: number; keyExpiresAt: number }>();
   // Bumped by every invalidation and every connection change: a read that saw it move is not kept.
@@ -165,6 +189,7 @@ function coherentReads(
   // RESP2: Redis then sends invalidations as pub/sub messages, which ioredis passes on (it drops RESP3 `invalidate` pushes).
   const subscriber = client.duplicate({ autoResubscribe: false, keyPrefix: '', protocol: 2 });
   subscriber.on('error', () => {});
+  reconnectWhenEnded(subscriber, () => closing, backoff);
 
   const stopUsingCopies = () => {
     tracking = false;
@@ -292,6 +317,8 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   // Failures reach callers as rejected commands; without a listener ioredis would also print
   // every reconnect attempt as an unhandled error event.
   client.on('error', () => {});
+  let closing = false;
+  if (!isCluster) reconnectWhenEnded(client as Redis, () => closing, retryStrategy);
   client.defineCommand('gatehouseDelIfEquals', { numberOfKeys: 1, lua: DEL_IF_EQUALS_LUA });
   client.defineCommand('gatehouseExpireIfEquals', { numberOfKeys: 1, lua: EXPIRE_IF_EQUALS_LUA });
   client.defineCommand('gatehouseReplaceIfHeld', { numberOfKeys: 2, lua: REPLACE_IF_HELD_LUA });
@@ -305,7 +332,7 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
         const results = await run('GET', client.pipeline().get(key).pttl(key).exec());
         const [value, ttlMs] = execResults('GET', results);
         return [typeof value === 'string' ? value : null, Number(ttlMs)];
-      }, sentinel);
+      }, sentinel, retryStrategy);
   const forget = (key: string) => coherent?.forget(key);
 
   return {
@@ -396,6 +423,7 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
     },
 
     async close() {
+      closing = true;
       await coherent?.close();
       // QUIT waits for replies still in flight; a client that is not connected has nothing to
       // wait for and QUIT would only sit in the offline queue.

@@ -180,6 +180,56 @@ describe('a failover that leaves the old master running (SENTINEL FAILOVER)', ()
   }, 60_000);
 });
 
+describe('a +switch-master that arrives while the store is still reconnecting', () => {
+  const own = ownDeployment();
+
+  // ioredis's failover detector of the connection's previous life stays subscribed while the
+  // client reconnects; its +switch-master used to close the connector mid-connect, and ioredis
+  // then gave the client up for good: every command failed at once, forever ("Connection is
+  // closed."). After a SIGKILLed master this happened by chance; here the reconnect is held in the
+  // window on purpose, by sentinels that accept connections but do not answer.
+  it('reconnects to the new master instead of giving the connection up', async () => {
+    const deployment = own.deployment();
+    const prefix = `gh-test-${randomUUID()}:`;
+    const store = own.track(storeOn(deployment, prefix));
+    const [oldPort] = deployment.dataPorts;
+    const [first, second, third] = deployment.sentinelPorts as [number, number, number];
+    expect(await store.set('k', 'before', { ttlMs: LONG_TTL })).toBe(true);
+    // The store asked the first sentinel for the master, and its failover detector (on 'connect',
+    // asynchronously) subscribed to all three; the third is the one that will announce the failover.
+    const announcer = own.track(deployment.sentinelClient(third));
+    await waitFor('the store to subscribe to +switch-master', async () => (String(await announcer.client('LIST')).includes('cmd=subscribe') ? true : undefined), 5_000, 20);
+
+    const resumes = [deployment.pause(first), deployment.pause(second)];
+    try {
+      // Drop the store's connections: it reconnects by asking the first sentinel again (it moved
+      // to the front of the list), which will not answer for the command timeout, then the second.
+      const oldMaster = own.track(deployment.dataClient(oldPort));
+      expect(Number(await oldMaster.call('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes'))).toBeGreaterThan(0);
+      // A forced failover needs no other sentinel's vote, and it announces +switch-master when done.
+      const listener = own.track(deployment.sentinelClient(third));
+      let switched = false;
+      listener.on('message', (channel: string) => (switched ||= channel === '+switch-master'));
+      await listener.subscribe('+switch-master');
+      expect(await announcer.call('SENTINEL', 'FAILOVER', deployment.masterName)).toBe('OK');
+      await waitFor('the announcing sentinel to publish +switch-master', async () => (switched ? true : undefined), 10_000, 10);
+    } finally {
+      for (const resume of resumes) resume();
+    }
+    const newPort = await deployment.waitForPromotion(oldPort);
+    const newMaster = own.track(deployment.dataClient(newPort));
+    let round = 0;
+    let lastError = '';
+    await waitFor('a write through the store to land on the new master', async () => {
+      const value = `after-${++round}`;
+      const written = await store.set('k', value, { ttlMs: LONG_TTL }).catch((error: unknown) => ((lastError = String(error)), false));
+      return written && (await newMaster.get(`${prefix}k`)) === value ? true : undefined;
+    }, 15_000, 100).catch((error: unknown) => {
+      throw new Error(`${String(error)}; the store's last failure: ${lastError}`);
+    });
+  }, 60_000);
+});
+
 describe('a Gatehouse stack on Sentinel when the master is SIGKILLed', () => {
   const ACCESS_TOKEN_TTL_SEC = 60;
   // Due 30 s after login: after the failover, which the test also checks did not refresh early.

@@ -32,8 +32,10 @@ export interface RedisSentinel {
   waitForPromotion(oldPort: number, timeoutMs?: number): Promise<number>;
   /** A client of the test's own on one data node, bypassing Sentinel. */
   dataClient(port: number): Redis;
-  /** A client of the test's own on the first sentinel. */
-  sentinelClient(): Redis;
+  /** A client of the test's own on one sentinel (the first if not given). */
+  sentinelClient(port?: number): Redis;
+  /** SIGSTOP a node or sentinel: it keeps its connections and accepts new ones, but answers nothing until the returned resume(). */
+  pause(port: number): () => void;
   /** SIGKILL a data node (no shutdown, no goodbye to its clients or replicas) and wait until it is gone. */
   kill(port: number): Promise<void>;
   stop(): Promise<void>;
@@ -194,8 +196,14 @@ export async function startRedisSentinel({ tls = false }: { tls?: boolean } = {}
     dataClient(port) {
       return testClient(port, password, clientTls);
     },
-    sentinelClient() {
-      return testClient(sentinelPorts[0], sentinelPassword, clientTls);
+    sentinelClient(port = sentinelPorts[0]) {
+      return testClient(port, sentinelPassword, clientTls);
+    },
+    pause(port) {
+      const node = processes.find((candidate) => candidate.port === port && !hasExited(candidate));
+      if (!node) throw new Error(`no running process on port ${port}`);
+      node.child.kill('SIGSTOP');
+      return () => void node.child.kill('SIGCONT');
     },
     async kill(port) {
       const node = processes.find((candidate) => candidate.port === port && !hasExited(candidate));

@@ -326,10 +326,14 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       }
     });
 
-    it('rejects calls after close', async () => {
+    it('rejects calls after close, and stays closed', async () => {
       const closing = await makeStore();
       await closing.ping();
       await closing.close();
+      await expect(closing.get(key('closed'))).rejects.toThrow();
+      // Longer than the Redis store's first reconnect delay: a store brought back after it ended
+      // by itself (see reconnectWhenEnded) must not come back after close().
+      await new Promise((resolve) => setTimeout(resolve, 300));
       await expect(closing.get(key('closed'))).rejects.toThrow();
     });
   });
