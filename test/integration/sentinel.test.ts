@@ -90,6 +90,19 @@ async function setWhenAble(store: Store, key: string, value: string, timeoutMs =
   await waitFor(`a write of ${key} to succeed`, async () => ((await store.set(key, value, { ttlMs: LONG_TTL }).catch(() => false)) ? true : undefined), timeoutMs, 100);
 }
 
+/** Writes through the store until a write lands on `master` (read back there, bypassing Sentinel). */
+async function writeLandsOn(store: Store, master: Redis, prefix: string, timeoutMs: number): Promise<void> {
+  let round = 0;
+  let lastError = '';
+  await waitFor('a write through the store to land on the new master', async () => {
+    const value = `after-${++round}`;
+    const written = await store.set('k', value, { ttlMs: LONG_TTL }).catch((error: unknown) => ((lastError = String(error)), false));
+    return written && (await master.get(`${prefix}k`)) === value ? true : undefined;
+  }, timeoutMs, 50).catch((error: unknown) => {
+    throw new Error(`${String(error)}; the store's last failure: ${lastError || 'none'}`);
+  });
+}
+
 /** Every write the master had acknowledged so far has reached the replica. */
 async function replicated(master: Redis): Promise<void> {
   // WAIT counts the replicas that acknowledged this connection's own last write; a connection that
@@ -171,12 +184,7 @@ describe('a failover that leaves the old master running (SENTINEL FAILOVER)', ()
     const newMaster = own.track(deployment.dataClient(newPort));
     // The old master stays a master, taking writes that the failover will throw away, until the
     // sentinels demote it some ten seconds later. The store must have left it well before that.
-    let round = 0;
-    await waitFor('a write through the store to land on the new master', async () => {
-      const value = `after-${++round}`;
-      const written = await store.set('k', value, { ttlMs: LONG_TTL }).catch(() => false);
-      return written && (await newMaster.get(`${prefix}k`)) === value ? true : undefined;
-    }, 3_000, 50);
+    await writeLandsOn(store, newMaster, prefix, 3_000);
   }, 60_000);
 });
 
@@ -217,16 +225,7 @@ describe('a +switch-master that arrives while the store is still reconnecting', 
       for (const resume of resumes) resume();
     }
     const newPort = await deployment.waitForPromotion(oldPort);
-    const newMaster = own.track(deployment.dataClient(newPort));
-    let round = 0;
-    let lastError = '';
-    await waitFor('a write through the store to land on the new master', async () => {
-      const value = `after-${++round}`;
-      const written = await store.set('k', value, { ttlMs: LONG_TTL }).catch((error: unknown) => ((lastError = String(error)), false));
-      return written && (await newMaster.get(`${prefix}k`)) === value ? true : undefined;
-    }, 15_000, 100).catch((error: unknown) => {
-      throw new Error(`${String(error)}; the store's last failure: ${lastError}`);
-    });
+    await writeLandsOn(store, own.track(deployment.dataClient(newPort)), prefix, 15_000);
   }, 60_000);
 });
 
