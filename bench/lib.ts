@@ -1,6 +1,6 @@
 // Small helpers for the benchmark: tools, process trees, CPU and memory counters, wrk.
 import { execFile, spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -199,6 +199,54 @@ export function perRound<T extends { round: number }>(x: T[], y: T[], compare: (
     const other = ys.get(sample.round);
     return other ? [compare(sample, other)] : [];
   });
+}
+
+/**
+ * The samples wrk 4 takes its percentiles from: the latencies it measured plus, for each answer
+ * that took at least twice the mean interval between requests on a connection, one more sample per
+ * interval it was outstanding, each shorter by that interval (its `stats_correct`: the requests an
+ * open-loop load would have sent meanwhile, and how long they would have waited). At -c1 with
+ * 300 µs answers, one 15 ms stall adds about 50 samples, so a few stalls a second decide the p99.
+ */
+export function wrkCorrected(latenciesUs: number[], runtimeUs: number, connections = 1): number[] {
+  const samples = [...latenciesUs];
+  const perConnection = Math.floor(latenciesUs.length / connections);
+  const expected = perConnection > 0 ? Math.floor(runtimeUs / perConnection) : 0;
+  if (expected > 0) {
+    for (const latency of latenciesUs) {
+      if (latency < expected * 2) continue;
+      for (let shorter = latency - expected; shorter > expected; shorter -= expected) samples.push(shorter);
+    }
+  }
+  return samples.sort((a, b) => a - b);
+}
+
+const LATENCY_CLIENT_SOURCE = new URL('./latency.c', import.meta.url).pathname;
+
+/** Builds bench/latency.c into `dir` (installing a C compiler from Debian's archive if none is there); returns the binary's path. */
+export function buildLatencyClient(dir: string): string {
+  if (!have('cc')) aptInstall(['gcc', 'libc6-dev']);
+  const binary = `${dir}/latency`;
+  const built = spawnSync('cc', ['-O2', '-o', binary, LATENCY_CLIENT_SOURCE], { encoding: 'utf8' });
+  if (built.status !== 0) throw new Error(`cc bench/latency.c failed: ${built.stderr}`);
+  return binary;
+}
+
+/** One -c1 run of bench/latency.c against `url` with wrk's request headers: every request's latency (µs) and the run's length. */
+export async function closedLoopLatencies(binary: string, url: string, headers: Record<string, string>, seconds: number, requestFile: string): Promise<{ latenciesUs: number[]; runtimeUs: number }> {
+  const target = new URL(url);
+  const lines = [`GET ${target.pathname}${target.search} HTTP/1.1`];
+  if (!Object.keys(headers).some((name) => name.toLowerCase() === 'host')) lines.push(`Host: ${target.host}`);
+  for (const [name, value] of Object.entries(headers)) lines.push(`${name}: ${value}`);
+  writeFileSync(requestFile, `${lines.join('\r\n')}\r\n\r\n`);
+  const { stdout } = await run(binary, [target.port, String(seconds), requestFile], { timeout: (seconds + 30) * 1000, maxBuffer: 64 << 20 });
+  const latenciesUs: number[] = [];
+  let runtimeUs = NaN;
+  for (const line of stdout.split('\n')) {
+    if (line.startsWith('runtime ')) runtimeUs = Number(line.slice(8));
+    else if (line) latenciesUs.push(Number(line));
+  }
+  return { latenciesUs, runtimeUs };
 }
 
 export function percentile(sorted: number[], p: number): number {

@@ -9,7 +9,7 @@ import { availableParallelism, cpus, tmpdir } from 'node:os';
 import path from 'node:path';
 import { CLIENT_ID, CLIENT_SECRET, ROOT, freePort, startProcess, type RunningProcess } from '../e2e/support/stack.ts';
 import { startApache, type RunningApache } from './apache.ts';
-import { aptInstall, benchFamilyMs, cpuMs, ensureTools, findRedis, machineBusyMs, log, median, percentile, perRound, processTree, rssBytes, sleep, wrk, type WrkResult } from './lib.ts';
+import { aptInstall, benchFamilyMs, buildLatencyClient, closedLoopLatencies, cpuMs, ensureTools, findRedis, machineBusyMs, log, median, percentile, perRound, processTree, rssBytes, sleep, wrk, wrkCorrected, type WrkResult } from './lib.ts';
 import { benchLogin } from './login.ts';
 import { formatSummary, newestProfile, summarise } from './profile.ts';
 import { formatSched, labeller, perfAvailable, recordSched } from './sched.ts';
@@ -57,6 +57,51 @@ interface Sample {
   cpuMs: number;
   /** Cores' worth of CPU used by processes outside the benchmark during the run. */
   foreignCores: number;
+  /** -c1 only: the same leg right after, through bench/latency.c (no correction), and those samples as wrk would report them. */
+  perRequest?: PerRequest;
+}
+
+interface PerRequest {
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+  /** The p99 of the same latencies after wrk's coordinated-omission correction. */
+  wrkP99Ms: number;
+}
+
+/** Legs whose -c1 latency the targets compare. */
+const PER_REQUEST_LEGS = new Set(['a', 'b', 'd', 'g']);
+let latencyClient: { binary: string; dir: string } | undefined;
+
+/** One run of bench/latency.c on a leg (see PerRequest); the upstream must see every request with its bearer. */
+async function perRequestLatency(leg: Leg, seconds: number, upstream: Upstream): Promise<PerRequest | undefined> {
+  if (!latencyClient) {
+    const dir = mkdtempSync(path.join(tmpdir(), 'gatehouse-bench-latency-'));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    latencyClient = { binary: buildLatencyClient(dir), dir };
+  }
+  await upstream.reset();
+  let measured: { latenciesUs: number[]; runtimeUs: number };
+  try {
+    measured = await closedLoopLatencies(latencyClient.binary, leg.url, leg.headers, seconds, path.join(latencyClient.dir, `request-${leg.id}`));
+  } catch (error) {
+    fail(`(${leg.id}) per-request latency client: ${error instanceof Error ? error.message : String(error)}`);
+    return undefined;
+  }
+  await sleep(100);
+  const seen = await upstream.stats();
+  if (seen.missingBearer > 0 || seen.requests < measured.latenciesUs.length || measured.latenciesUs.length === 0) {
+    fail(`(${leg.id}) per-request latency client: ${measured.latenciesUs.length} answers, ${seen.requests} upstream requests, ${seen.missingBearer} without a bearer`);
+    return undefined;
+  }
+  const sorted = [...measured.latenciesUs].sort((a, b) => a - b);
+  const ms = (us: number) => us / 1000;
+  return {
+    p50Ms: ms(percentile(sorted, 50)),
+    p99Ms: ms(percentile(sorted, 99)),
+    maxMs: ms(sorted.at(-1) as number),
+    wrkP99Ms: ms(percentile(wrkCorrected(measured.latenciesUs, measured.runtimeUs), 99)),
+  };
 }
 
 const failures: string[] = [];
@@ -623,7 +668,9 @@ async function main(): Promise<void> {
       const order = legs.map((_, i) => legs[(i + round) % legs.length] as Leg);
       for (const leg of order) {
         const sample = await measure(leg, connections, SECONDS, upstream, round);
-        log(`round ${round + 1}/${ROUNDS} (${leg.id}) -c${connections}: ${sample ? `${fmt(sample.wrk.rps)} req/s, p50 ${sample.wrk.p50Ms} ms, p99 ${sample.wrk.p99Ms} ms, other load ${sample.foreignCores.toFixed(2)} cores` : 'FAILED'}`);
+        if (sample && connections === 1 && PER_REQUEST_LEGS.has(leg.id)) sample.perRequest = await perRequestLatency(leg, SECONDS, upstream);
+        const perRequest = sample?.perRequest ? `; per request p99 ${fmt(sample.perRequest.p99Ms, 2)} ms, max ${fmt(sample.perRequest.maxMs, 1)} ms (wrk would say ${fmt(sample.perRequest.wrkP99Ms, 2)})` : '';
+        log(`round ${round + 1}/${ROUNDS} (${leg.id}) -c${connections}: ${sample ? `${fmt(sample.wrk.rps)} req/s, p50 ${sample.wrk.p50Ms} ms, p99 ${sample.wrk.p99Ms} ms, other load ${sample.foreignCores.toFixed(2)} cores${perRequest}` : 'FAILED'}`);
         if (sample) samples.set(`${leg.id}:${connections}`, [...(samples.get(`${leg.id}:${connections}`) ?? []), sample]);
       }
     }
@@ -790,6 +837,17 @@ async function main(): Promise<void> {
   if (c1) {
     const shown = legs.filter((leg) => leg.id !== 'a');
     lines.push(`Added latency at -c1 (minus the direct call's), p50: ${shown.map((leg) => `(${leg.id}) ${fmt(added(leg.id), 2)} ms`).join(', ')}; p99: ${shown.map((leg) => `(${leg.id}) ${fmt(addedP99(leg.id), 2)} ms`).join(', ')}.`);
+    const measuredPerRequest = legs.filter((leg) => roundSamples(leg.id, 1).some((sample) => sample.perRequest));
+    if (measuredPerRequest.length) {
+      const perRequest = (id: LegId, pick: (value: PerRequest) => number) => median(roundSamples(id, 1).flatMap((sample) => (sample.perRequest ? [pick(sample.perRequest)] : [])));
+      lines.push('');
+      lines.push(
+        `wrk's percentiles include its coordinated-omission correction (bench/README.md): at -c1 its p99 says how much of the run was spent in stalls, more than how slow 1 % of the requests were. ` +
+          `Per request, without it (bench/latency.c, one keep-alive connection like wrk -c1, on each leg right after its wrk run; medians over rounds), p50 / p99 / max: ` +
+          `${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequest(leg.id, (v) => v.p50Ms), 2)} / ${fmt(perRequest(leg.id, (v) => v.p99Ms), 2)} / ${fmt(perRequest(leg.id, (v) => v.maxMs), 1)} ms`).join(', ')}; ` +
+          `the same samples through wrk's correction give a p99 of ${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequest(leg.id, (v) => v.wrkP99Ms), 2)} ms`).join(', ')}.`,
+      );
+    }
   }
   lines.push(`Gatehouse fast-path RSS (primary + ${WORKERS} workers): ${mb(fastRssStart)} before the load, ${mb(fastRssEnd)} after all rounds.`);
   lines.push('');
@@ -840,6 +898,11 @@ async function main(): Promise<void> {
     const tailRounds = perRound(roundSamples('b', 1), roundSamples('d', 1), (b, d) => d.wrk.p99Ms - b.wrk.p99Ms);
     targets.push(`- (b) added p50 latency at -c1 ≤ (d)'s: ${verdict(added('b') <= added('d'))} (${fmt(added('b'), 2)} ms vs ${fmt(added('d'), 2)} ms; ${rounds(medianRounds, (margin) => margin >= 0)})`);
     targets.push(`- (b) added p99 latency at -c1 ≤ (d)'s: ${verdict(addedP99('b') <= addedP99('d'))} (${fmt(addedP99('b'), 2)} ms vs ${fmt(addedP99('d'), 2)} ms; ${rounds(tailRounds, (margin) => margin >= 0)})`);
+    const perRequestTail = perRound(roundSamples('b', 1), roundSamples('d', 1), (b, d) => (b.perRequest && d.perRequest ? d.perRequest.p99Ms - b.perRequest.p99Ms : NaN)).filter(Number.isFinite);
+    const addedPerRequest = (id: LegId) => median(roundSamples(id, 1).flatMap((sample) => (sample.perRequest ? [sample.perRequest.p99Ms] : []))) - median(roundSamples('a', 1).flatMap((sample) => (sample.perRequest ? [sample.perRequest.p99Ms] : [])));
+    if (perRequestTail.length) {
+      targets.push(`  - for information, per request without wrk's correction: (b) added p99 ${fmt(addedPerRequest('b'), 2)} ms vs (d) ${fmt(addedPerRequest('d'), 2)} ms; (b)'s p99 no higher than (d)'s in ${perRequestTail.filter((margin) => margin >= 0).length} of ${perRequestTail.length} rounds`);
+    }
   }
   for (const s of streams) targets.push(`- ${s.direction} 100 MB, RSS growth < 50 MB: ${verdict(s.rssPeak - s.rssBefore < 50 * 1024 * 1024)} (${mb(s.rssPeak - s.rssBefore)})`);
   const gh = storms[0];
