@@ -430,11 +430,12 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
       if (client.status === 'ready') {
         try {
           await client.quit();
-          return;
         } catch {
-          // Fall through: the connection is going away anyway.
+          // The connection is going away anyway.
         }
       }
+      // Also after QUIT: only disconnect() reaches the connector, which behind Sentinel holds the
+      // failover detector's subscriptions on every sentinel (they would keep reconnecting forever).
       client.disconnect();
     },
   };

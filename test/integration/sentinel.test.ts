@@ -4,8 +4,8 @@
 // failover does to the store (its coherent copies, and a failover that leaves the old master
 // running), then a whole Gatehouse stack whose master is SIGKILLed under a live session.
 import { randomUUID } from 'node:crypto';
-import type { Redis } from 'ioredis';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { createRedisStore } from '../../lib/store/redis.ts';
 import type { Store } from '../../lib/store/types.ts';
@@ -196,6 +196,19 @@ describe('a +switch-master that arrives while the store is still reconnecting', 
   // then gave the client up for good: every command failed at once, forever ("Connection is
   // closed."). After a SIGKILLed master this happened by chance; here the reconnect is held in the
   // window on purpose, by sentinels that accept connections but do not answer.
+  it("close() ends the failover detector's subscriptions on the sentinels too", async () => {
+    const deployment = own.deployment();
+    const watcher = own.track(deployment.sentinelClient(deployment.sentinelPorts[2]));
+    const subscribed = async () => String(await watcher.client('LIST')).split('\n').filter((line) => line.includes('cmd=subscribe')).length;
+    const before = await subscribed();
+    const store = storeOn(deployment, `gh-test-${randomUUID()}:`);
+    expect(await store.set('k', 'v', { ttlMs: LONG_TTL })).toBe(true);
+    // One detector per connection (the client and the invalidation subscriber), each on every sentinel.
+    await waitFor("the store's failover detectors to subscribe", async () => ((await subscribed()) >= before + 2 ? true : undefined), 5_000, 20);
+    await store.close();
+    await waitFor("the store's subscriptions to end with it", async () => ((await subscribed()) === before ? true : undefined), 5_000, 50);
+  });
+
   it('reconnects to the new master instead of giving the connection up', async () => {
     const deployment = own.deployment();
     const prefix = `gh-test-${randomUUID()}:`;
@@ -208,8 +221,16 @@ describe('a +switch-master that arrives while the store is still reconnecting', 
     const announcer = own.track(deployment.sentinelClient(third));
     await waitFor('the store to subscribe to +switch-master', async () => (String(await announcer.client('LIST')).includes('cmd=subscribe') ? true : undefined), 5_000, 20);
 
-    const resumes = [deployment.pause(first), deployment.pause(second)];
+    // Watched, not changed: which connections are connected again from the state ioredis gives up in.
+    let restartedFromEnd = 0;
+    const connect = Redis.prototype.connect;
+    const watch = vi.spyOn(Redis.prototype, 'connect').mockImplementation(function (this: Redis, ...args: Parameters<Redis['connect']>) {
+      if (this.status === 'end') restartedFromEnd += 1;
+      return connect.apply(this, args);
+    });
+    const resumes: Array<() => void> = [];
     try {
+      resumes.push(deployment.pause(first), deployment.pause(second));
       // Drop the store's connections: it reconnects by asking the first sentinel again (it moved
       // to the front of the list), which will not answer for the command timeout, then the second.
       const oldMaster = own.track(deployment.dataClient(oldPort));
@@ -224,8 +245,15 @@ describe('a +switch-master that arrives while the store is still reconnecting', 
     } finally {
       for (const resume of resumes) resume();
     }
-    const newPort = await deployment.waitForPromotion(oldPort);
-    await writeLandsOn(store, own.track(deployment.dataClient(newPort)), prefix, 15_000);
+    try {
+      const newPort = await deployment.waitForPromotion(oldPort);
+      await writeLandsOn(store, own.track(deployment.dataClient(newPort)), prefix, 15_000);
+    } finally {
+      watch.mockRestore();
+    }
+    // Without this the test could pass by missing the window (a failover slower than the paused
+    // sentinels' timeouts): the store must have come back through the restart it is about.
+    expect(restartedFromEnd, 'connections the store restarted after ioredis gave them up').toBeGreaterThan(0);
   }, 60_000);
 });
 
