@@ -140,6 +140,27 @@ function ownDeployment(): { deployment: () => RedisSentinel; track: <T extends C
   };
 }
 
+describe("a store's close() behind Sentinel", () => {
+  it("ends the failover detector's subscriptions on the sentinels too", async () => {
+    if (!shared) throw new Error('sentinel deployment not started');
+    const watcher = shared.sentinelClient(shared.sentinelPorts[2]);
+    const subscribed = async () => String(await watcher.client('LIST')).split('\n').filter((line) => line.includes('cmd=subscribe')).length;
+    const before = await subscribed();
+    const store = storeOn(shared, `gh-test-${randomUUID()}:`);
+    try {
+      expect(await store.set('k', 'v', { ttlMs: LONG_TTL })).toBe(true);
+      // One detector per connection (the client and the invalidation subscriber), each on every sentinel.
+      await waitFor("the store's failover detectors to subscribe", async () => ((await subscribed()) >= before + 2 ? true : undefined), 5_000, 20);
+      await store.close();
+      await waitFor("the store's subscriptions to end with it", async () => ((await subscribed()) === before ? true : undefined), 5_000, 50);
+    } finally {
+      // A second close() is harmless: it only disconnects what is left.
+      await store.close();
+      watcher.disconnect();
+    }
+  });
+});
+
 describe('a failover under the store', () => {
   const own = ownDeployment();
 
@@ -196,19 +217,6 @@ describe('a +switch-master that arrives while the store is still reconnecting', 
   // then gave the client up for good: every command failed at once, forever ("Connection is
   // closed."). After a SIGKILLed master this happened by chance; here the reconnect is held in the
   // window on purpose, by sentinels that accept connections but do not answer.
-  it("close() ends the failover detector's subscriptions on the sentinels too", async () => {
-    const deployment = own.deployment();
-    const watcher = own.track(deployment.sentinelClient(deployment.sentinelPorts[2]));
-    const subscribed = async () => String(await watcher.client('LIST')).split('\n').filter((line) => line.includes('cmd=subscribe')).length;
-    const before = await subscribed();
-    const store = storeOn(deployment, `gh-test-${randomUUID()}:`);
-    expect(await store.set('k', 'v', { ttlMs: LONG_TTL })).toBe(true);
-    // One detector per connection (the client and the invalidation subscriber), each on every sentinel.
-    await waitFor("the store's failover detectors to subscribe", async () => ((await subscribed()) >= before + 2 ? true : undefined), 5_000, 20);
-    await store.close();
-    await waitFor("the store's subscriptions to end with it", async () => ((await subscribed()) === before ? true : undefined), 5_000, 50);
-  });
-
   it('reconnects to the new master instead of giving the connection up', async () => {
     const deployment = own.deployment();
     const prefix = `gh-test-${randomUUID()}:`;
