@@ -832,6 +832,8 @@ async function main(): Promise<void> {
   );
   lines.push('');
   const c1 = CONCURRENCIES.includes(1);
+  /** A -c1 per-request figure (bench/latency.c) of one leg, median over the rounds that measured it. */
+  const perRequestMedian = (id: LegId, pick: (value: PerRequest) => number) => median(roundSamples(id, 1).flatMap((sample) => (sample.perRequest ? [pick(sample.perRequest)] : [])));
   const added = (id: LegId) => stat(id, 1).p50 - stat('a', 1).p50;
   const addedP99 = (id: LegId) => stat(id, 1).p99 - stat('a', 1).p99;
   if (c1) {
@@ -839,13 +841,12 @@ async function main(): Promise<void> {
     lines.push(`Added latency at -c1 (minus the direct call's), p50: ${shown.map((leg) => `(${leg.id}) ${fmt(added(leg.id), 2)} ms`).join(', ')}; p99: ${shown.map((leg) => `(${leg.id}) ${fmt(addedP99(leg.id), 2)} ms`).join(', ')}.`);
     const measuredPerRequest = legs.filter((leg) => roundSamples(leg.id, 1).some((sample) => sample.perRequest));
     if (measuredPerRequest.length) {
-      const perRequest = (id: LegId, pick: (value: PerRequest) => number) => median(roundSamples(id, 1).flatMap((sample) => (sample.perRequest ? [pick(sample.perRequest)] : [])));
       lines.push('');
       lines.push(
         `wrk's percentiles include its coordinated-omission correction (bench/README.md): at -c1 its p99 says how much of the run was spent in stalls, more than how slow 1 % of the requests were. ` +
           `Per request, without it (bench/latency.c, one keep-alive connection like wrk -c1, on each leg right after its wrk run; medians over rounds), p50 / p99 / max: ` +
-          `${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequest(leg.id, (v) => v.p50Ms), 2)} / ${fmt(perRequest(leg.id, (v) => v.p99Ms), 2)} / ${fmt(perRequest(leg.id, (v) => v.maxMs), 1)} ms`).join(', ')}; ` +
-          `the same samples through wrk's correction give a p99 of ${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequest(leg.id, (v) => v.wrkP99Ms), 2)} ms`).join(', ')}.`,
+          `${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequestMedian(leg.id, (v) => v.p50Ms), 2)} / ${fmt(perRequestMedian(leg.id, (v) => v.p99Ms), 2)} / ${fmt(perRequestMedian(leg.id, (v) => v.maxMs), 1)} ms`).join(', ')}; ` +
+          `the same samples through wrk's correction give a p99 of ${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequestMedian(leg.id, (v) => v.wrkP99Ms), 2)} ms`).join(', ')}.`,
       );
     }
   }
@@ -899,7 +900,7 @@ async function main(): Promise<void> {
     targets.push(`- (b) added p50 latency at -c1 ≤ (d)'s: ${verdict(added('b') <= added('d'))} (${fmt(added('b'), 2)} ms vs ${fmt(added('d'), 2)} ms; ${rounds(medianRounds, (margin) => margin >= 0)})`);
     targets.push(`- (b) added p99 latency at -c1 ≤ (d)'s: ${verdict(addedP99('b') <= addedP99('d'))} (${fmt(addedP99('b'), 2)} ms vs ${fmt(addedP99('d'), 2)} ms; ${rounds(tailRounds, (margin) => margin >= 0)})`);
     const perRequestTail = perRound(roundSamples('b', 1), roundSamples('d', 1), (b, d) => (b.perRequest && d.perRequest ? d.perRequest.p99Ms - b.perRequest.p99Ms : NaN)).filter(Number.isFinite);
-    const addedPerRequest = (id: LegId) => median(roundSamples(id, 1).flatMap((sample) => (sample.perRequest ? [sample.perRequest.p99Ms] : []))) - median(roundSamples('a', 1).flatMap((sample) => (sample.perRequest ? [sample.perRequest.p99Ms] : [])));
+    const addedPerRequest = (id: LegId) => perRequestMedian(id, (v) => v.p99Ms) - perRequestMedian('a', (v) => v.p99Ms);
     if (perRequestTail.length) {
       targets.push(`  - for information, per request without wrk's correction: (b) added p99 ${fmt(addedPerRequest('b'), 2)} ms vs (d) ${fmt(addedPerRequest('d'), 2)} ms; (b)'s p99 no higher than (d)'s in ${perRequestTail.filter((margin) => margin >= 0).length} of ${perRequestTail.length} rounds`);
     }
