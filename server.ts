@@ -74,6 +74,34 @@ if (cluster.isPrimary && workerCount === 1 && typeof globalThis.gc !== 'function
   log('warn', 'server.no_expose_gc', { message: 'started without --expose-gc: large streamed bodies may hold up to ~64 MB until V8 collects (npm start passes the flag)' });
 }
 
+/**
+ * V8 flags for every process that serves requests, given where it starts (Node calls setting V8
+ * flags at run time unsafe); `npm start` passes the same ones to the primary.
+ * - `--expose-gc`: the proxy collects streamed buffers as it goes (lib/proxy.ts `noteStreamedBytes`).
+ * - A young generation fixed at 16 MB a semi-space. A worker holds Next's whole server, about 50 MB
+ *   of live heap, so a full collection pauses the request it lands on for 5–18 ms, and its marking
+ *   threads hold both CPUs of a small machine meanwhile. V8 sizes the young generation by the load
+ *   (up to 64 MB a semi-space) and shrinks it again when traffic drops; at a few MB, a proxied
+ *   request's short-lived objects are swept every hundred or so requests, what outlives two sweeps
+ *   (requests in flight, log lines awaiting their write) is promoted, and the old generation fills:
+ *   `--trace-gc` showed a full collection every 5–6 s per worker at one request at a time after a
+ *   burst. At a fixed 16 MB they die young: one in 60 s of such load against eight (README.md,
+ *   "Full collections off the tail"), for a steady 32 MB young generation per worker, less than V8 grows it to
+ *   under load by default.
+ * An operator's own setting (on the command line or in NODE_OPTIONS, `--no-x` and `--x` alike; any
+ * semi-space size for the second) is kept.
+ */
+const SERVING_V8_FLAGS: Array<{ flags: string[]; unlessGiven: string[] }> = [
+  { flags: ['--expose-gc'], unlessGiven: ['expose-gc'] },
+  { flags: ['--min-semi-space-size=16', '--max-semi-space-size=16'], unlessGiven: ['min-semi-space-size', 'max-semi-space-size', 'semi-space-growth-factor'] },
+];
+
+function missingServingFlags(): string[] {
+  const name = (flag: string) => flag.replace(/^--(no-)?/, '').split('=')[0]?.replaceAll('_', '-') ?? '';
+  const given = new Set([...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(/\s+/)].filter((flag) => flag.startsWith('--')).map(name));
+  return SERVING_V8_FLAGS.filter(({ unlessGiven }) => !unlessGiven.some((flag) => given.has(flag))).flatMap(({ flags }) => flags);
+}
+
 /** A worker that cannot start tells the primary why, instead of being respawned into the same failure. */
 interface StartFailure {
   type: 'gatehouse:start_failed';
@@ -96,9 +124,9 @@ if (cluster.isPrimary && workerCount > 1) {
   cluster.on('message', (_worker, message: Partial<StartFailure>) => {
     if (message?.type === 'gatehouse:start_failed') giveUp(`a worker failed to start: ${message.reason ?? 'unknown reason'}`);
   });
-  // The workers collect streamed buffers as they go (lib/proxy.ts `noteStreamedBytes`), which needs
-  // V8's gc exposed from their start: whoever started the primary, they get the flag.
-  if (!process.execArgv.includes('--expose-gc')) cluster.setupPrimary({ execArgv: [...process.execArgv, '--expose-gc'] });
+  // Whoever started the primary, the workers get the serving flags from their own start.
+  const missing = missingServingFlags();
+  if (missing.length) cluster.setupPrimary({ execArgv: [...process.execArgv, ...missing] });
   for (let i = 0; i < workerCount; i++) cluster.fork();
   // METRICS_PORT is served here, from every worker's metrics merged (the workers do not listen on it).
   serveClusterMetrics().catch((error: unknown) => giveUp(error instanceof Error ? error.message : String(error)));

@@ -7,7 +7,7 @@ import http from 'node:http';
 import { Socket } from 'node:net';
 import { availableParallelism, cpus, tmpdir } from 'node:os';
 import path from 'node:path';
-import { CLIENT_ID, CLIENT_SECRET, ROOT, freePort, startProcess, type RunningProcess } from '../e2e/support/stack.ts';
+import { CLIENT_ID, CLIENT_SECRET, ROOT, freePort, npmStartArgs, startProcess, type RunningProcess } from '../e2e/support/stack.ts';
 import { startApache, type RunningApache } from './apache.ts';
 import { aptInstall, benchFamilyMs, buildLatencyClient, closedLoopLatencies, cpuMs, ensureTools, findRedis, machineBusyMs, log, median, percentile, perRound, processTree, rssBytes, sleep, wrk, wrkCorrected, type WrkResult } from './lib.ts';
 import { benchLogin } from './login.ts';
@@ -273,8 +273,8 @@ function gatehouseEnv(issuer: string, upstreamPort: number, port: number, extra:
 
 async function startGatehouse(kind: 'fast' | 'next', env: Record<string, string>, nodeFlags: string[] = []): Promise<RunningProcess> {
   const workers = Number(env.GATEHOUSE_WORKERS);
-  // As `npm start` and `npm run start:next` start them: V8's gc exposed (see lib/proxy.ts).
-  const args = kind === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string, '-H', '127.0.0.1'] : ['--expose-gc', ...nodeFlags, 'server.ts'];
+  // As `npm start` and `npm run start:next` start them (see server.ts for npm start's V8 flags).
+  const args = kind === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string, '-H', '127.0.0.1'] : [...nodeFlags, ...npmStartArgs()];
   const ready = kind === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   // Its log goes to a file, as Apache's access log does in leg (d) and a service's output does in
   // production: read line by line by this process, it would take CPU from the cores being measured.

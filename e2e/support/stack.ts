@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import path from 'node:path';
@@ -110,6 +110,14 @@ export function startProcess(
     // 'close', not 'exit': only then has all of its output (the reason it stopped) been read.
     child.once('close', (code, signal) => fail(new Error(`${name} exited early (code ${code}, signal ${signal})`)));
   });
+}
+
+/** `node`'s arguments in `npm start` (package.json), so tests and the bench start the server exactly as users do. */
+export function npmStartArgs(): string[] {
+  const script = (JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { scripts: { start: string } }).scripts.start;
+  const [command, ...args] = script.split(/\s+/);
+  if (command !== 'node' || args.at(-1) !== 'server.ts') throw new Error(`package.json: "start" is no longer "node … server.ts": ${script}`);
+  return args;
 }
 
 /** The server shape a test gets unless it asks for one: `GATEHOUSE_TEST_SERVER=next` runs a suite on `next start`. */
@@ -256,7 +264,7 @@ export async function startGatehouse({
   const url = `http://localhost:${listenPort}`;
   const env = { ...baseEnv, APP_BASE_URL: publicUrl ?? url, PORT: String(listenPort), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(workers) };
   // As `npm start` and `npm run start:next` start them: with V8's gc exposed (see lib/proxy.ts).
-  const args = server === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : ['--expose-gc', 'server.ts'];
+  const args = server === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : npmStartArgs();
   const ready = server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   return { url, process: await startProcess(name, args, env, ready), env };
 }

@@ -4,7 +4,7 @@ import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writ
 import { Socket, createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { ROOT, freePort, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { ROOT, freePort, npmStartArgs, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { call, idpGrants, isAlive, login, processTree, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 import { rawRequest, requestHead } from '../support/raw-http.ts';
 
@@ -28,6 +28,8 @@ afterAll(async () => {
   await stack?.stop();
 });
 
+const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+
 const listeningLines = () => (stack.apps[0]!.process.output().match(/Gatehouse listening/g) ?? []).length;
 
 describe('npm start', () => {
@@ -44,23 +46,41 @@ describe('npm start', () => {
     for (let i = 0; i < 10; i++) expect((await call(app, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
   });
 
-  it('gives its workers V8\'s gc from their start, even when the primary was started without it (no V8 flag flipped at run time)', async () => {
-    // The streamed-buffer collection in lib/proxy.ts needs `gc`; Node calls setting V8 flags after
-    // start-up unsafe, so the flag must be on the workers' command line.
+  it("gives its workers npm start's V8 flags from their start, even when the primary was started without them (no V8 flag flipped at run time)", async () => {
+    // The streamed-buffer collection in lib/proxy.ts needs `gc`, and the fixed young generation keeps
+    // full collections off the -c1 tail (server.ts); Node calls setting V8 flags after start-up
+    // unsafe, so they must be on the workers' command line.
+    const servingFlags = npmStartArgs().filter((arg) => arg.startsWith('--'));
+    expect(servingFlags).toEqual(expect.arrayContaining(['--expose-gc', '--min-semi-space-size=16', '--max-semi-space-size=16']));
     const port = await freePort();
     const plain = await startProcess('gatehouse-no-flag', ['server.ts'], { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}` }, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
     try {
       const primary = plain.child.pid as number;
-      const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
       expect(cmdline(primary)).not.toContain('--expose-gc');
       const workers = processTree(primary).filter((pid) => pid !== primary);
       expect(workers).toHaveLength(2);
-      for (const worker of workers) expect(cmdline(worker)).toContain('--expose-gc');
+      for (const worker of workers) expect(cmdline(worker)).toEqual(expect.arrayContaining(servingFlags));
       expect((await call(`http://localhost:${port}`, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
     } finally {
       await plain.stop();
     }
     for (const file of ['lib/proxy.ts', 'lib/adapters.ts', 'server.ts']) expect(readFileSync(path.join(ROOT, file), 'utf8')).not.toMatch(/setFlagsFromString/);
+  });
+
+  it("keeps an operator's own setting of those flags, given on the command line or in NODE_OPTIONS, instead of adding npm start's", async () => {
+    const port = await freePort();
+    // NODE_OPTIONS takes a semi-space maximum (not the minimum).
+    const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, NODE_OPTIONS: '--max-semi-space-size=8' };
+    const tuned = await startProcess('gatehouse-tuned', ['--expose_gc', 'server.ts'], env, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
+    try {
+      const primary = tuned.child.pid as number;
+      const workers = processTree(primary).filter((pid) => pid !== primary);
+      expect(workers).toHaveLength(2);
+      for (const worker of workers) expect(cmdline(worker).filter((arg) => arg.startsWith('--'))).toEqual(['--expose_gc']);
+      expect((await call(`http://localhost:${port}`, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+    } finally {
+      await tuned.stop();
+    }
   });
 
   it('answers TRACE with 405 JSON on every path, never a 500 or a logged stack trace', async () => {
@@ -182,7 +202,7 @@ describe('npm start', () => {
  * `2>&1 | collector`), read by this test.
  */
 async function startLoggingToPipe(shape: 'npm start' | 'next start', env: Record<string, string>) {
-  const args = shape === 'npm start' ? ['--expose-gc', 'server.ts'] : ['node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string];
+  const args = shape === 'npm start' ? npmStartArgs() : ['node_modules/next/dist/bin/next', 'start', '-p', env.PORT as string];
   const dir = mkdtempSync(path.join(os.tmpdir(), 'gatehouse-log-pipe-'));
   const fifo = path.join(dir, 'log');
   execFileSync('mkfifo', [fifo]);
