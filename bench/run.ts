@@ -67,7 +67,16 @@ interface PerRequest {
   maxMs: number;
   /** The p99 of the same latencies after wrk's coordinated-omission correction. */
   wrkP99Ms: number;
+  /**
+   * Answers slower than STALL_US, per 10,000 requests and per second: the correction makes wrk's
+   * p99 a measure of the second figure, so a leg that answers twice as often meets the machine's
+   * stalls twice as often per second even when each request is as likely to meet one.
+   */
+  stallsPer10k: number;
+  stallsPerSecond: number;
 }
+
+const STALL_US = 2_000;
 
 /** Legs whose -c1 latency the targets compare. */
 const PER_REQUEST_LEGS = new Set(['a', 'b', 'd', 'g']);
@@ -95,12 +104,15 @@ async function perRequestLatency(leg: Leg, seconds: number, upstream: Upstream):
     return undefined;
   }
   const sorted = [...measured.latenciesUs].sort((a, b) => a - b);
+  const stalls = sorted.filter((us) => us > STALL_US).length;
   const ms = (us: number) => us / 1000;
   return {
     p50Ms: ms(percentile(sorted, 50)),
     p99Ms: ms(percentile(sorted, 99)),
     maxMs: ms(sorted.at(-1) as number),
     wrkP99Ms: ms(percentile(wrkCorrected(measured.latenciesUs, measured.runtimeUs), 99)),
+    stallsPer10k: (stalls / sorted.length) * 10_000,
+    stallsPerSecond: stalls / (measured.runtimeUs / 1e6),
   };
 }
 
@@ -846,7 +858,8 @@ async function main(): Promise<void> {
         `wrk's percentiles include its coordinated-omission correction (bench/README.md): at -c1 its p99 says how much of the run was spent in stalls, more than how slow 1 % of the requests were. ` +
           `Per request, without it (bench/latency.c, one keep-alive connection like wrk -c1, on each leg right after its wrk run; medians over rounds), p50 / p99 / max: ` +
           `${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequestMedian(leg.id, (v) => v.p50Ms), 2)} / ${fmt(perRequestMedian(leg.id, (v) => v.p99Ms), 2)} / ${fmt(perRequestMedian(leg.id, (v) => v.maxMs), 1)} ms`).join(', ')}; ` +
-          `the same samples through wrk's correction give a p99 of ${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequestMedian(leg.id, (v) => v.wrkP99Ms), 2)} ms`).join(', ')}.`,
+          `the same samples through wrk's correction give a p99 of ${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequestMedian(leg.id, (v) => v.wrkP99Ms), 2)} ms`).join(', ')}. ` +
+          `Answers over ${STALL_US / 1000} ms, per 10,000 requests and per second: ${measuredPerRequest.map((leg) => `(${leg.id}) ${fmt(perRequestMedian(leg.id, (v) => v.stallsPer10k), 1)} and ${fmt(perRequestMedian(leg.id, (v) => v.stallsPerSecond), 1)}`).join(', ')}.`,
       );
     }
   }
