@@ -75,21 +75,22 @@ if (cluster.isPrimary && workerCount === 1 && typeof globalThis.gc !== 'function
 }
 
 /**
- * V8 flags for every process that serves requests, given where it starts (Node calls setting V8
- * flags at run time unsafe); `npm start` passes the same ones to the primary.
+ * V8 flags for every worker, given where it starts (Node calls setting V8 flags at run time unsafe);
+ * `npm start` passes the same ones to the primary, which serves alone with GATEHOUSE_WORKERS=1.
  * - `--expose-gc`: the proxy collects streamed buffers as it goes (lib/proxy.ts `noteStreamedBytes`).
  * - A young generation fixed at 16 MB a semi-space. A worker holds Next's whole server, about 50 MB
- *   of live heap, so a full collection pauses the request it lands on for 5–18 ms, and its marking
- *   threads hold both CPUs of a small machine meanwhile. V8 sizes the young generation by the load
- *   (up to 64 MB a semi-space) and shrinks it again when traffic drops; at a few MB, a proxied
- *   request's short-lived objects are swept every hundred or so requests, what outlives two sweeps
- *   (requests in flight, log lines awaiting their write) is promoted, and the old generation fills:
- *   `--trace-gc` showed a full collection every 5–6 s per worker at one request at a time after a
- *   burst. At a fixed 16 MB they die young: one in 60 s of such load against eight (README.md,
- *   "Full collections off the tail"), for a steady 32 MB young generation per worker, less than V8 grows it to
- *   under load by default.
- * An operator's own setting (on the command line or in NODE_OPTIONS, `--no-x` and `--x` alike; any
- * semi-space size for the second) is kept.
+ *   of live heap, so a full collection holds up the request it lands on for 10–20 ms, and its
+ *   marking threads take both CPUs of a small machine meanwhile. V8 sizes the young generation by
+ *   the load (on a 2-core, 24 GB host up to 64 MB a semi-space) and shrinks it again when traffic
+ *   drops; at a few MB, a proxied request's short-lived objects are swept every ~20 ms, what
+ *   outlives two sweeps (requests in flight, log lines awaiting their write) is promoted, and the
+ *   old generation fills: `--trace-gc` showed a full collection every 5–6 s per worker at one
+ *   request at a time after a burst. At a fixed 16 MB they die young: one in 60 s of such load
+ *   against eight (README.md, "Full collections off the tail"), for up to 32 MB of semi-spaces per
+ *   process. Where V8's own limit is smaller (a heap limit under 2 GB), that costs memory instead.
+ * A setting of the operator's own for any of these (`--x` or `--no-x`; any semi-space size for the
+ * second) is kept when they start server.ts themselves: on its command line or in NODE_OPTIONS.
+ * Under `npm start`, NODE_OPTIONS cannot override them (Node lets the command line win).
  */
 const SERVING_V8_FLAGS: Array<{ flags: string[]; unlessGiven: string[] }> = [
   { flags: ['--expose-gc'], unlessGiven: ['expose-gc'] },
@@ -97,7 +98,8 @@ const SERVING_V8_FLAGS: Array<{ flags: string[]; unlessGiven: string[] }> = [
 ];
 
 function missingServingFlags(): string[] {
-  const name = (flag: string) => flag.replace(/^--(no-)?/, '').split('=')[0]?.replaceAll('_', '-') ?? '';
+  // V8 reads `--no-x`, `--nox` and `--no_x` alike, and `_` as `-`.
+  const name = (flag: string) => (flag.split('=')[0] ?? '').replaceAll('_', '-').replace(/^--(no-?)?/, '');
   const given = new Set([...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(/\s+/)].filter((flag) => flag.startsWith('--')).map(name));
   return SERVING_V8_FLAGS.filter(({ unlessGiven }) => !unlessGiven.some((flag) => given.has(flag))).flatMap(({ flags }) => flags);
 }

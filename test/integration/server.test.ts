@@ -53,7 +53,7 @@ describe('npm start', () => {
     const servingFlags = npmStartArgs().filter((arg) => arg.startsWith('--'));
     expect(servingFlags).toEqual(expect.arrayContaining(['--expose-gc', '--min-semi-space-size=16', '--max-semi-space-size=16']));
     const port = await freePort();
-    const plain = await startProcess('gatehouse-no-flag', ['server.ts'], { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}` }, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
+    const plain = await startProcess('gatehouse-no-flag', ['server.ts'], { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, NODE_OPTIONS: '' }, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
     try {
       const primary = plain.child.pid as number;
       expect(cmdline(primary)).not.toContain('--expose-gc');
@@ -69,14 +69,15 @@ describe('npm start', () => {
 
   it("keeps an operator's own setting of those flags, given on the command line or in NODE_OPTIONS, instead of adding npm start's", async () => {
     const port = await freePort();
-    // NODE_OPTIONS takes a semi-space maximum (not the minimum).
+    // NODE_OPTIONS takes a semi-space maximum (not the minimum). `--no_expose_gc` is V8's spelling
+    // of an opt-out: the primary must not add `--expose-gc` after it.
     const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, NODE_OPTIONS: '--max-semi-space-size=8' };
-    const tuned = await startProcess('gatehouse-tuned', ['--expose_gc', 'server.ts'], env, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
+    const tuned = await startProcess('gatehouse-tuned', ['--no_expose_gc', 'server.ts'], env, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
     try {
       const primary = tuned.child.pid as number;
       const workers = processTree(primary).filter((pid) => pid !== primary);
       expect(workers).toHaveLength(2);
-      for (const worker of workers) expect(cmdline(worker).filter((arg) => arg.startsWith('--'))).toEqual(['--expose_gc']);
+      for (const worker of workers) expect(cmdline(worker).filter((arg) => arg.startsWith('--'))).toEqual(['--no_expose_gc']);
       expect((await call(`http://localhost:${port}`, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
     } finally {
       await tuned.stop();
