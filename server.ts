@@ -94,7 +94,7 @@ if (cluster.isPrimary && workerCount === 1 && typeof globalThis.gc !== 'function
  */
 const SERVING_V8_FLAGS: Array<{ flags: string[]; unlessGiven: string[] }> = [
   { flags: ['--expose-gc'], unlessGiven: ['expose-gc'] },
-  { flags: ['--min-semi-space-size=16', '--max-semi-space-size=16'], unlessGiven: ['min-semi-space-size', 'max-semi-space-size', 'semi-space-growth-factor'] },
+  { flags: ['--min-semi-space-size=16', '--max-semi-space-size=16'], unlessGiven: ['min-semi-space-size', 'max-semi-space-size'] },
 ];
 
 function missingServingFlags(): string[] {

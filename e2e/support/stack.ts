@@ -263,7 +263,7 @@ export async function startGatehouse({
   const listenPort = port ?? (await freePort());
   const url = `http://localhost:${listenPort}`;
   const env = { ...baseEnv, APP_BASE_URL: publicUrl ?? url, PORT: String(listenPort), HOSTNAME: '127.0.0.1', GATEHOUSE_WORKERS: String(workers) };
-  // As `npm start` and `npm run start:next` start them: with V8's gc exposed (see lib/proxy.ts).
+  // As `npm start` (its own node flags, server.ts says why) and `npm run start:next` (V8's gc exposed) start them.
   const args = server === 'next' ? ['--expose-gc', 'node_modules/next/dist/bin/next', 'start', '-p', String(listenPort), '-H', '127.0.0.1'] : npmStartArgs();
   const ready = server === 'next' ? /Ready in/ : (output: string) => (output.match(/Gatehouse listening/g) ?? []).length >= workers;
   return { url, process: await startProcess(name, args, env, ready), env };
