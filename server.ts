@@ -69,10 +69,6 @@ process.env.GATEHOUSE_START_CHECKED = '1';
 const { port, hostname, workers: workerCount, drainMs } = checked.config.server;
 const { spa } = checked.config;
 if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { files: envFiles.map((file) => file.path) });
-if (cluster.isPrimary && workerCount === 1 && typeof globalThis.gc !== 'function') {
-  // One worker serves from this very process, whose flags are already set.
-  log('warn', 'server.no_expose_gc', { message: 'started without --expose-gc: large streamed bodies may hold up to ~64 MB until V8 collects (npm start passes the flag)' });
-}
 
 /**
  * V8 flags for every worker, given where it starts (Node calls setting V8 flags at run time unsafe);
@@ -100,8 +96,32 @@ const SERVING_V8_FLAGS: Array<{ flags: string[]; unlessGiven: string[] }> = [
 function missingServingFlags(): string[] {
   // V8 reads `--no-x`, `--nox` and `--no_x` alike, and `_` as `-`.
   const name = (flag: string) => (flag.split('=')[0] ?? '').replaceAll('_', '-').replace(/^--(no-?)?/, '');
-  const given = new Set([...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(/\s+/)].filter((flag) => flag.startsWith('--')).map(name));
+  const given = new Set([...process.execArgv, ...nodeOptionsWords(process.env.NODE_OPTIONS ?? '')].filter((flag) => flag.startsWith('--')).map(name));
   return SERVING_V8_FLAGS.filter(({ unlessGiven }) => !unlessGiven.some((flag) => given.has(flag))).flatMap(({ flags }) => flags);
+}
+
+/**
+ * NODE_OPTIONS as Node splits it: at spaces outside double quotes, which it drops (and a
+ * backslash inside them keeps the next character). Only flag names are read from the words, but
+ * a quoted `"--max-semi-space-size=8"` is still the operator's own setting.
+ */
+function nodeOptionsWords(value: string): string[] {
+  const words: string[] = [];
+  let word: string | undefined;
+  let quoted = false;
+  for (let i = 0; i < value.length; i++) {
+    const char = value[i] as string;
+    if (quoted && char === '\\' && i + 1 < value.length) word = (word ?? '') + value[++i];
+    else if (char === '"') {
+      quoted = !quoted;
+      word ??= '';
+    } else if (!quoted && char === ' ') {
+      if (word !== undefined) words.push(word);
+      word = undefined;
+    } else word = (word ?? '') + char;
+  }
+  if (word !== undefined) words.push(word);
+  return words;
 }
 
 /** A worker that cannot start tells the primary why, instead of being respawned into the same failure. */
@@ -113,6 +133,17 @@ interface StartFailure {
 /** Workers that die this often this fast are in a loop that respawning will not end. */
 const CRASH_LOOP_DEATHS = 5;
 const CRASH_LOOP_WINDOW_MS = 60_000;
+
+if (cluster.isPrimary && workerCount === 1) {
+  // One worker serves from this very process, whose flags were set when it started.
+  const missing = missingServingFlags();
+  if (missing.length) {
+    log('warn', 'server.missing_v8_flags', {
+      flags: missing,
+      message: `started without ${missing.join(' ')} (npm start passes them): without --expose-gc, large streamed bodies may hold up to ~64 MB until V8 collects; without the fixed young generation, full collections land on requests at low load`,
+    });
+  }
+}
 
 if (cluster.isPrimary && workerCount > 1) {
   let stopping = false;

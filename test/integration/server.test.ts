@@ -67,21 +67,53 @@ describe('npm start', () => {
     for (const file of ['lib/proxy.ts', 'lib/adapters.ts', 'server.ts']) expect(readFileSync(path.join(ROOT, file), 'utf8')).not.toMatch(/setFlagsFromString/);
   });
 
-  it("keeps an operator's own setting of those flags, given on the command line or in NODE_OPTIONS, instead of adding npm start's", async () => {
+  /** The flags each of two workers was started with, from a primary started as `node <args>`; the workers must serve. */
+  const workersFlags = async (args: string[], nodeOptions: string) => {
     const port = await freePort();
-    // NODE_OPTIONS takes a semi-space maximum (not the minimum). `--no_expose_gc` is V8's spelling
-    // of an opt-out: the primary must not add `--expose-gc` after it.
-    const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, NODE_OPTIONS: '--max-semi-space-size=8' };
-    const tuned = await startProcess('gatehouse-tuned', ['--no_expose_gc', 'server.ts'], env, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
+    const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, NODE_OPTIONS: nodeOptions };
+    const started = await startProcess('gatehouse-flags', args, env, (output) => (output.match(/Gatehouse listening/g) ?? []).length >= 2);
     try {
-      const primary = tuned.child.pid as number;
+      const primary = started.child.pid as number;
       const workers = processTree(primary).filter((pid) => pid !== primary);
       expect(workers).toHaveLength(2);
-      for (const worker of workers) expect(cmdline(worker).filter((arg) => arg.startsWith('--'))).toEqual(['--no_expose_gc']);
       expect((await call(`http://localhost:${port}`, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+      return workers.map((worker) => cmdline(worker).filter((arg) => arg.startsWith('--')));
     } finally {
-      await tuned.stop();
+      await started.stop();
     }
+  };
+
+  it("keeps an operator's own setting of those flags, given on the command line or in NODE_OPTIONS, instead of adding npm start's", async () => {
+    // NODE_OPTIONS takes a semi-space maximum (not the minimum). `--no_expose_gc` is V8's spelling
+    // of an opt-out: the primary must not add `--expose-gc` after it.
+    expect(await workersFlags(['--no_expose_gc', 'server.ts'], '--max-semi-space-size=8')).toEqual([['--no_expose_gc'], ['--no_expose_gc']]);
+  });
+
+  it("reads a quoted flag in NODE_OPTIONS as Node does: the operator's setting is kept, not overridden by npm start's", async () => {
+    // Node drops the double quotes of NODE_OPTIONS; a split at spaces alone saw `"--max-semi-space-size=8"`,
+    // no flag, and gave the workers npm start's semi-space sizes after it, which V8 then obeyed.
+    expect(await workersFlags(['server.ts'], '"--max-semi-space-size=8"  --trace-warnings')).toEqual([['--expose-gc'], ['--expose-gc']]);
+  });
+
+  it("warns, naming them, when a single-process start lacks npm start's V8 flags, and is silent when started as npm start does", async () => {
+    const single = async (args: string[]) => {
+      const port = await freePort();
+      const env = { ...stack.apps[0]!.env, PORT: String(port), APP_BASE_URL: `http://localhost:${port}`, GATEHOUSE_WORKERS: '1', NODE_OPTIONS: '' };
+      const proc = await startProcess('gatehouse-single', args, env, /Gatehouse listening/);
+      try {
+        expect(processTree(proc.child.pid as number)).toHaveLength(1);
+        expect((await call(`http://localhost:${port}`, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+        return proc.output();
+      } finally {
+        await proc.stop();
+      }
+    };
+    const warning = (output: string) => output.split('\n').find((line) => line.includes('"event":"server.missing_v8_flags"'));
+    const bare = warning(await single(['server.ts']));
+    expect(bare).toBeDefined();
+    expect(JSON.parse(bare as string).flags).toEqual(['--expose-gc', '--min-semi-space-size=16', '--max-semi-space-size=16']);
+    expect(warning(await single(['--expose-gc', 'server.ts']))).toMatch(/"flags":\["--min-semi-space-size=16","--max-semi-space-size=16"\]/);
+    expect(warning(await single(npmStartArgs()))).toBeUndefined();
   });
 
   it('answers TRACE with 405 JSON on every path, never a 500 or a logged stack trace', async () => {
