@@ -8,6 +8,7 @@ import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
 import { clearSessionCookieHeader, loadSession, onSessionEnded, sessionFromCookieHeader, sessionHandle, touchSession } from './session.ts';
+import { missingAuthentication, stepUpDetails } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -23,6 +24,14 @@ import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /** Sent to the browser when the socket's session ends: logout, back-channel logout, expiry, ended elsewhere. */
 export const SESSION_ENDED_CLOSE_CODE = 4401;
+/**
+ * Sent to the browser when the sign-in grows older than the API's `maxAge` while the socket is
+ * open: the session lives on, but this API needs a more recent sign-in (a new handshake is refused
+ * with 401 step_up_required, as a proxied call would be).
+ */
+export const STEP_UP_CLOSE_CODE = 4403;
+/** setTimeout's limit; a later deadline is re-armed when this much has passed. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Per session and process: a tab that reconnects in a loop cannot pile up upstream sockets. */
 export const MAX_SOCKETS_PER_SESSION = 16;
 /** A direction stops reading once this much of what it read waits to be written out on the other side. */
@@ -114,6 +123,8 @@ interface OpenSocket {
   browserSpoke: boolean;
   /** Closes both sides; installed by the relay. */
   close?: (code: number, reason: string) => void;
+  /** Ends the socket when the sign-in grows older than the API's `maxAge`. */
+  signInExpiry?: NodeJS.Timeout;
 }
 
 const open = new Map<string, Set<OpenSocket>>();
@@ -133,6 +144,7 @@ function register(entry: OpenSocket): void {
 }
 
 function unregister(entry: OpenSocket): void {
+  clearTimeout(entry.signInExpiry);
   const entries = open.get(entry.sessionId);
   entries?.delete(entry);
   if (entries?.size === 0) open.delete(entry.sessionId);
@@ -194,6 +206,16 @@ export function closeAllWebSockets(): void {
   for (const entries of open.values()) for (const entry of entries) endSocket(entry, 1001, 'server restarting');
 }
 
+/**
+ * An API's `maxAge` bounds how old the sign-in behind its calls may be; a socket opened just in
+ * time would otherwise carry that sign-in's token for as long as it stays open.
+ */
+function endWhenSignInTooOld(entry: OpenSocket, deadlineMs: number): void {
+  const wait = deadlineMs - Date.now();
+  if (wait <= 0) return endSocket(entry, STEP_UP_CLOSE_CODE, 'step_up_required');
+  entry.signInExpiry = setTimeout(() => endWhenSignInTooOld(entry, deadlineMs), Math.min(wait, MAX_TIMER_MS)).unref();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The handshake.
 
@@ -224,6 +246,9 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
 
     const found = await sessionFromCookieHeader(request.headers.cookie, { coherentCopy: true });
     if (!found.session) throw found.replaced ? errors.sessionReplaced() : found.endedBy ? errors.sessionEnded(found.endedBy) : errors.unauthenticated(found.stale);
+    // As for proxied calls, before any token is fetched: a socket this sign-in may not open costs the IdP nothing.
+    const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, found.session.record);
+    if (lacking) throw errors.stepUpRequired(stepUpDetails(lacking));
     if ((open.get(found.session.id)?.size ?? 0) >= MAX_SOCKETS_PER_SESSION) throw tooMany();
     // Counted from here, so concurrent handshakes cannot pass the limit, and a logout meanwhile is seen.
     entry = { sessionId: found.session.id, requestId, api: api.name, ending: undefined, browserSpoke: false };
@@ -251,6 +276,9 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
       throw entry.ending?.code === SESSION_ENDED_CLOSE_CODE && socket.writable ? errors.sessionExpired() : clientClosed();
     }
     if (!acceptBrowser(request, socket, head, upstream, entry, started)) throw clientClosed();
+    const { authTime } = found.session.record;
+    // The first instant missingAuthentication, which counts whole seconds, says too old.
+    if (api.maxAge !== undefined && authTime !== undefined) endWhenSignInTooOld(entry, (authTime + api.maxAge + 1) * 1000);
     log('info', 'websocket.open', { requestId, api: api.name, session: sessionHandle(entry.sessionId), protocol: upstream.protocol || undefined, refreshed, ms: Math.round(performance.now() - started) });
   } catch (caught) {
     if (entry) unregister(entry);
@@ -454,6 +482,7 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
   entry.close = (code, reason) => {
     // Messages still queued go out first; nothing read after this is passed on.
     browser.close(code, reason);
-    upstream.close(code === SESSION_ENDED_CLOSE_CODE ? 1000 : code, reason);
+    // Gatehouse's own codes are for the browser; the API hears a normal close with the reason.
+    upstream.close(code === SESSION_ENDED_CLOSE_CODE || code === STEP_UP_CLOSE_CODE ? 1000 : code, reason);
   };
 }

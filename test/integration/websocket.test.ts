@@ -16,6 +16,10 @@ const CHECK_INTERVAL_SEC = 2;
 const ACCESS_TOKEN_TTL_SEC = 40;
 const REFRESH_SKEW_SEC = 35;
 const SESSION_ENDED = 4401;
+const STEP_UP = 4403;
+const MFA = 'urn:gatehouse:mfa';
+/** The `maxAge` of the `fresh` API: a socket opened right after sign-in outlives it within the test. */
+const FRESH_MAX_AGE_SEC = 6;
 const BACKCHANNEL_EVENT = 'http://schemas.openid.net/event/backchannel-logout';
 
 let stack: Stack;
@@ -36,6 +40,8 @@ beforeAll(async () => {
       // The resource API wants a token for its own audience: the session's default token is refused there.
       otheraudience: { url: resourceApiUrls[0], websocket: true },
       dead: { url: `http://127.0.0.1:${closedPort}`, websocket: true },
+      strong: { url: apiUrl, websocket: true, acr: MFA },
+      fresh: { url: apiUrl, websocket: true, maxAge: FRESH_MAX_AGE_SEC },
     }),
   });
   app = stack.apps[0]!.url;
@@ -278,6 +284,17 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
     expect(refreshGrantsOf(await idpGrants(stack.issuer), 'ws-refused-upstream')).toBe(grantsBefore + 1);
   });
 
+  it('an API that requires a stronger sign-in (acr in BFF_APIS) → 401 step_up_required naming it, as a proxied call is, with no token fetched', async () => {
+    const grantsBefore = refreshGrantsOf(await idpGrants(stack.issuer), 'ws-refused');
+    const refusal = await expectRefusedWithoutUpstream('/api/proxy/strong/ws', { cookie }, 401, 'step_up_required');
+    expect(refusal.body && JSON.parse(refusal.body)).toMatchObject({ acr_values: MFA });
+    // The session stays: no cookie is cleared, and an API without the requirement still opens.
+    expect(clearsSessionCookie([refusal.headers['set-cookie'] ?? []].flat())).toBe(false);
+    expect(refreshGrantsOf(await idpGrants(stack.issuer), 'ws-refused')).toBe(grantsBefore);
+    const plain = await open('/api/proxy/live/ws', { cookie });
+    plain.ws.close();
+  });
+
   it('an upstream that cannot be reached → 502 upstream_unavailable', async () => {
     expectGatehouseRefusal(await refused('/api/proxy/dead/ws', { cookie }), 502, 'upstream_unavailable');
   });
@@ -359,6 +376,30 @@ describe('the session ends, the socket closes with 4401', () => {
     expect(closed.at - started).toBeLessThan(CHECK_INTERVAL_SEC * 1000 + 1_000);
     expect(await endedLogLinesOf(handle)).toEqual([expect.objectContaining({ detectedBy: 'session_check' })]);
   });
+});
+
+it(`an API with maxAge: the socket closes with ${STEP_UP} once the sign-in is older, the session stays, and a new handshake is refused with step_up_required`, async () => {
+  const cookie = await login(app, 'ws-fresh');
+  const { body: described } = await call(app, '/api/auth/session', cookie);
+  const authTime = (described as { authTime: number }).authTime;
+  expect(authTime).toEqual(expect.any(Number));
+  const socket = await open('/api/proxy/fresh/ws', { cookie });
+  socket.ws.send('still fresh');
+  expect(await socket.nextText()).toBe('still fresh');
+  const closed = await socket.closed;
+  expect(closed).toMatchObject({ code: STEP_UP, reason: 'step_up_required' });
+  // Not before the sign-in was too old (the server's clock and this one are the same machine's).
+  expect(closed.at).toBeGreaterThanOrEqual((authTime + FRESH_MAX_AGE_SEC) * 1000);
+  expect(await upstreamClose(socket.requestId)).toEqual({ code: 1000, reason: 'step_up_required' });
+  expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'ws-fresh' } });
+  const refusal = await refused('/api/proxy/fresh/ws', { cookie });
+  expectGatehouseRefusal(refusal, 401, 'step_up_required');
+  expect(JSON.parse(refusal.body)).toMatchObject({ max_age: FRESH_MAX_AGE_SEC });
+  // A socket of the same session to an API without maxAge stays open meanwhile.
+  const plain = await open('/api/proxy/live/ws', { cookie });
+  plain.ws.send('ok');
+  expect(await plain.nextText()).toBe('ok');
+  plain.ws.close();
 });
 
 describe('idle timeout and shutdown', () => {
