@@ -231,6 +231,52 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
   return { api, url };
 }
 
+/**
+ * Where an API's `Location` may send the browser. A browser follows the redirect of a proxied call
+ * on the app's own origin with the SPA's method, body, cookie and `X-CSRF`: passed on unchanged, an
+ * API (or whoever controls one) could aim the user's session at Gatehouse's own endpoints
+ * (`DELETE /api/auth/sessions`, `POST /api/auth/logout`), at another API with that API's token, or
+ * at any page of the app. So, resolved against the URL the API answered:
+ * - inside the API's base URL: the same resource through the proxy, `/api/proxy/<api>/<rest>`;
+ * - on the app's origin: kept only within this API's own `/api/proxy/<api>/`;
+ * - another origin (a signed download link, the API's login page): passed on as an absolute URL;
+ * - the API's own origin outside its base (unreachable through Gatehouse, often an internal host
+ *   name), another scheme, or no URL at all: undefined, and the header is dropped.
+ */
+export function browserLocation(value: string, api: ApiConfig, upstreamUrl: URL, appOrigin: string): string | undefined {
+  let target: URL;
+  try {
+    target = new URL(value, upstreamUrl);
+  } catch {
+    return undefined;
+  }
+  if (target.protocol !== 'http:' && target.protocol !== 'https:') return undefined;
+  const throughProxy = `${PROXY_PREFIX}${api.name}/`;
+  const basePath = api.url.pathname.endsWith('/') ? api.url.pathname : `${api.url.pathname}/`;
+  if (target.origin === api.url.origin && (target.pathname.startsWith(basePath) || `${target.pathname}/` === basePath)) {
+    return `${throughProxy}${target.pathname.slice(basePath.length)}${target.search}${target.hash}`;
+  }
+  if (target.origin === appOrigin) return target.pathname.startsWith(throughProxy) ? `${target.pathname}${target.search}${target.hash}` : undefined;
+  if (target.origin === api.url.origin) return undefined;
+  return target.href;
+}
+
+/** The answer's `Location` headers as the browser may follow them (browserLocation); the rest untouched. */
+function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, upstreamUrl: URL, appOrigin: string, requestId: string): Array<[string, string]> {
+  if (!headers.some(([name]) => name === 'location')) return headers;
+  const kept: Array<[string, string]> = [];
+  for (const [name, value] of headers) {
+    if (name !== 'location') kept.push([name, value]);
+    else {
+      const location = browserLocation(value, api, upstreamUrl, appOrigin);
+      // The value itself is not logged: it may carry a signature or a token of the API's.
+      if (location === undefined) log('warn', 'proxy.location_dropped', { requestId, api: api.name });
+      else kept.push([name, location]);
+    }
+  }
+  return kept;
+}
+
 function clientClosed(): GatehouseError {
   return new GatehouseError('client_closed', 499, 'The client went away.');
 }
@@ -712,7 +758,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
     const filtered = filterResponseHeaders(answer.rawHeaders);
-    const responseHeaders = Array.isArray(filtered) ? filtered : await filtered;
+    const responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId);
     responseHeaders.push(['x-request-id', requestId]);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);

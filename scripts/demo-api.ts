@@ -265,9 +265,12 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
         res.addTrailers({ 'x-t': '1' });
         res.end();
         return;
-      case 'redirect':
-        res.writeHead(302, { location: '/echo/after-redirect' }).end();
+      case 'redirect': {
+        // `?to=` and `?status=` let tests play an API that aims its redirects elsewhere.
+        const status = [301, 302, 303, 307, 308, 201].includes(Number(query.status)) ? Number(query.status) : 302;
+        res.writeHead(status, { location: query.to ?? '/echo/after-redirect' }).end();
         return;
+      }
       case 'status': {
         const status = clampInt(rest[0], 200, 200, 599);
         if (status === 204 || status === 304) return void res.writeHead(status).end();

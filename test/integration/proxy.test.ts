@@ -639,13 +639,46 @@ describe('header hygiene (raw sockets)', () => {
     }
   });
 
-  it('a 302 passes through with its Location unchanged and is not followed', async () => {
+  it("an API's redirect is not followed; its Location comes back through the proxy when inside the API, is dropped when it aims at the app's own endpoints, another API or the app's pages, and passes when on another site", async () => {
     const before = await demoStats();
     const res = await raw(head('GET', '/api/proxy/demo/redirect', withSession()));
     expect(res?.status).toBe(302);
-    expect(res?.get('location')).toBe('/echo/after-redirect');
+    expect(res?.get('location')).toBe('/api/proxy/demo/echo/after-redirect');
     expect((await demoStats()).requests).toBe(before.requests + 1);
     expect((await demoLast())?.path).toBe('/redirect');
+
+    const locationFor = async (to: string, status = 307) => {
+      const answer = await proxyFetch(`/api/proxy/demo/redirect?status=${status}&to=${encodeURIComponent(to)}`);
+      expect(answer.status).toBe(status);
+      return answer.headers.get('location');
+    };
+    expect(await locationFor(`${stack.apiUrl}/echo/x?y=1#frag`)).toBe('/api/proxy/demo/echo/x?y=1#frag');
+    // Relative to the API: another path of the API, reached through the proxy again.
+    expect(await locationFor('/api/auth/sessions', 308)).toBe('/api/proxy/demo/api/auth/sessions');
+    expect(await locationFor(`${app}/api/proxy/demo/echo/ok`, 201)).toBe('/api/proxy/demo/echo/ok');
+    for (const to of [`${app}/api/auth/sessions`, `${app}/api/auth/logout`, `${app}/api/proxy/client/whoami`, `${app}/`, `${app}/api/proxy/demo/../client/x`, 'javascript:alert(1)', 'data:text/html,x']) {
+      expect({ to, location: await locationFor(to) }).toEqual({ to, location: null });
+    }
+    expect(await locationFor('https://downloads.example/file?signature=abc', 302)).toBe('https://downloads.example/file?signature=abc');
+  });
+
+  it("an API cannot use a redirect to make the user's browser end the user's other sessions (a client that follows redirects, as browsers do)", async () => {
+    const other = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: USER });
+    const otherCookie = `gatehouse=${other.rpCookies.get('gatehouse') ?? ''}`;
+    const alive = async () => (await fetch(`${app}/api/auth/session`, { headers: { cookie: otherCookie, 'x-csrf': '1' } }).then((r) => r.json())) as { authenticated: boolean };
+    expect(await alive()).toMatchObject({ authenticated: true });
+    for (const [method, target] of [['DELETE', '/api/auth/sessions'], ['POST', '/api/auth/logout']] as const) {
+      // The SPA's own call, as a page would make it: same-origin, X-CSRF, the cookie; redirects followed.
+      const answer = await fetch(`${app}/api/proxy/demo/redirect?status=307&to=${encodeURIComponent(app + target)}`, {
+        method,
+        redirect: 'follow',
+        headers: { cookie, 'x-csrf': '1', origin: new URL(app).origin, 'sec-fetch-site': 'same-origin' },
+      });
+      expect({ method, status: answer.status, redirected: answer.redirected }).toEqual({ method, status: 307, redirected: false });
+      await answer.body?.cancel();
+    }
+    expect(await alive()).toMatchObject({ authenticated: true });
+    expect((await proxyFetch('/api/proxy/demo/whoami')).status).toBe(200);
   });
 });
 

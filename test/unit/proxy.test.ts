@@ -1,6 +1,7 @@
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
-import { filterRequestHeaders, filterResponseHeaders, forwardedForChain, resolveUpstream } from '../../lib/proxy.ts';
+import { browserLocation, filterRequestHeaders, filterResponseHeaders, forwardedForChain, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -148,5 +149,85 @@ describe('forwardedForChain', () => {
     [' , ', undefined, 2, undefined],
   ] as const)('%s from %s with %i trusted hops → %s', (inbound, peer, hops, expected) => {
     expect(forwardedForChain(inbound, peer, hops)).toBe(expected);
+  });
+});
+
+describe('browserLocation: where an API may send the browser', () => {
+  const APP = 'https://app.example';
+  const todos = apis.todos;
+  const upstreamUrl = new URL('https://api.example.com/v1/items/7?x=1');
+  const location = (value: string) => browserLocation(value, todos, upstreamUrl, APP);
+
+  it.each([
+    ['/v1/items/8', '/api/proxy/todos/items/8'],
+    ['8?y=2#top', '/api/proxy/todos/items/8?y=2#top'],
+    ['https://api.example.com/v1', '/api/proxy/todos/'],
+    ['https://api.example.com/v1/a/../b', '/api/proxy/todos/b'],
+    [`${APP}/api/proxy/todos/items/9`, '/api/proxy/todos/items/9'],
+    ['https://files.example/f?sig=1', 'https://files.example/f?sig=1'],
+    ['//files.example/f', 'https://files.example/f'],
+  ])('%s → %s', (value, expected) => {
+    expect(location(value)).toBe(expected);
+  });
+
+  it.each([
+    `${APP}/api/auth/sessions`,
+    `${APP}/api/auth/logout`,
+    `${APP}/api/proxy/other/x`,
+    `${APP}/api/proxy/todos`,
+    `${APP}/`,
+    '/v2/items',
+    '/admin',
+    '../../admin',
+    'https://api.example.com/v10/x',
+    'javascript:alert(1)',
+    'data:text/html,x',
+    'http://[',
+  ])('%s is dropped', (value) => {
+    expect(location(value)).toBeUndefined();
+  });
+
+  // Pieces of hostile Locations: schemes, authorities (the app's, the API's, a stranger's), dot
+  // segments and separators in every encoding, userinfo, whitespace.
+  const PIECES = ['/', '//', '\\', '.', '..', '%2e', '%2E%2e', '%2f', '%5c', '@', ':', '?', '#', '%00', '\t', '\n', ' ', 'api', 'auth', 'proxy', 'todos', 'other', 'v1', 'v2', 'sessions', 'app.example', 'api.example.com', 'evil.example', '%40', '%252e', '\uff0f', '\u3002'];
+  const HEADS = ['', '/', '//', '\\\\', 'https:', 'https://', 'http://', `${APP}/`, `${APP}/api/proxy/todos/`, 'https://api.example.com/v1/', 'https://api.example.com/', 'https://user:pw@app.example/', 'HTTPS://APP.EXAMPLE/', 'javascript:', ' /'];
+  const hostileLocation = fc.tuple(fc.constantFrom(...HEADS), fc.array(fc.constantFrom(...PIECES), { maxLength: 10 })).map(([head, rest]) => head + rest.join(''));
+
+  it('never aims the browser at the app outside this API, and whatever it keeps on the app maps back inside the API (generated)', () => {
+    const request = new URL('/api/proxy/todos/items/7?x=1', APP);
+    fc.assert(
+      fc.property(hostileLocation, (value) => {
+        const kept = location(value);
+        if (kept === undefined) return;
+        // What the browser does with it: resolve it against the URL of the call it made.
+        const followed = new URL(kept, request);
+        expect(followed.origin).not.toBe(new URL(todos.url).origin);
+        if (followed.origin !== APP) return;
+        expect(followed.pathname.startsWith('/api/proxy/todos/')).toBe(true);
+        // Followed, it comes back to the proxy: refused there, or an address inside the API's base.
+        let upstream: URL | undefined;
+        try {
+          upstream = resolveUpstream(followed.pathname + followed.search, apis).url;
+        } catch {
+          return;
+        }
+        expect(upstream.origin).toBe('https://api.example.com');
+        expect(upstream.pathname.startsWith('/v1/')).toBe(true);
+      }),
+      { numRuns: 3000 },
+    );
+  });
+
+  it('a target inside the API comes back to the same upstream address through the proxy (generated)', () => {
+    const segment = fc.stringMatching(/^[A-Za-z0-9_~-]{1,8}$/);
+    fc.assert(
+      fc.property(fc.array(segment, { maxLength: 5 }), fc.stringMatching(/^[a-z0-9=&]{0,12}$/), (segments, query) => {
+        const target = new URL(`https://api.example.com/v1/${segments.join('/')}${query ? `?${query}` : ''}`);
+        const kept = location(target.href);
+        expect(kept).toBe(`/api/proxy/todos/${segments.join('/')}${query ? `?${query}` : ''}`);
+        expect(resolveUpstream(kept as string, apis).url.href).toBe(target.href);
+      }),
+      { numRuns: 500 },
+    );
   });
 });
