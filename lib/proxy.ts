@@ -50,7 +50,12 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transf
  * Never forwarded upstream: the browser's credentials are for Gatehouse only (a DPoP proof too: only
  * Gatehouse holds a key). `expect: 100-continue` is answered by Gatehouse's own server, hop by hop.
  */
-const REQUEST_DENYLIST = new Set(['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id', 'expect']);
+const REQUEST_DENYLIST = new Set([
+  ...['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id', 'expect'],
+  // Stacks that route on these (Symfony and Zend before 2018, IIS URL Rewrite, nginx auth_request
+  // set-ups) would serve the path they name instead of the one resolveUpstream checked.
+  ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
+]);
 /**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
  * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do. Headers

@@ -531,6 +531,17 @@ describe('header hygiene (raw sockets)', () => {
     expect((await demoLast())?.headers['x-secret-hop']).toBeUndefined();
   });
 
+  it('URL-rewrite headers (X-Original-URL and kin) never reach the upstream: a stack that routes on them would serve another path than the checked one', async () => {
+    const res = await raw(
+      head('GET', '/api/proxy/demo/echo/rewrite', [...withSession(), ['X-Original-URL', '/admin/users'], ['X-Rewrite-URL', '/admin'], ['X-Original-URI', '/admin?x=1'], ['X-End-To-End', 'kept']]),
+    );
+    expect(res?.status).toBe(200);
+    const seen = (await demoLast())?.headers ?? {};
+    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri']) expect(seen[name], name).toBeUndefined();
+    expect(seen['x-end-to-end']).toBe('kept');
+    expect((await demoLast())?.path).toBe('/echo/rewrite');
+  });
+
   it('upstream Set-Cookie and hop-by-hop response headers are dropped, end-to-end ones kept', async () => {
     const res = await raw(head('GET', '/api/proxy/demo/set-cookie', withSession()));
     expect(res?.status).toBe(200);

@@ -97,7 +97,7 @@ describe('resolveUpstream (generated paths)', () => {
 // so that dropping an entry there fails here.
 
 const HOP_BY_HOP = ['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings'];
-const REQUEST_DENIED = ['host', 'cookie', 'authorization', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id'];
+const REQUEST_DENIED = ['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id', 'expect', 'x-original-url', 'x-rewrite-url', 'x-original-uri'];
 const RESPONSE_DENIED = [
   'set-cookie', 'set-cookie2', 'x-request-id', 'clear-site-data', 'strict-transport-security', 'alt-svc', 'nel', 'report-to',
   'reporting-endpoints', 'service-worker-allowed', 'set-login', 'x-accel-redirect', 'x-sendfile', 'x-lighttpd-send-file',
