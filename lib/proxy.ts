@@ -282,6 +282,28 @@ function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, 
   return kept;
 }
 
+/** RFC 9111 §3.5: what lets a shared cache store an answer to a request with `Authorization`. */
+const SHARED_WITH_AUTHORIZATION = /(?:^|,)\s*(?:public|s-maxage|must-revalidate)\b/i;
+const NOT_SHARED = /(?:^|,)\s*(?:private|no-store)\b/i;
+
+/**
+ * An answer made with the user's token is that user's. Upstream, `Authorization` kept shared caches
+ * from storing it (unless the API said `public`, `s-maxage` or `must-revalidate`); on the browser's
+ * side the request carries only a cookie, so a CDN in front of Gatehouse could serve it to the
+ * next user by URL, and the browser's own cache could give it to whoever signs in next in that
+ * browser. So it goes out `private` and varying by `Cookie`, unless the API allowed sharing it.
+ */
+export function keptToTheUser(headers: Array<[string, string]>): Array<[string, string]> {
+  const cacheControl = headers.filter(([name]) => name === 'cache-control').map(([, value]) => value).join(', ');
+  if (SHARED_WITH_AUTHORIZATION.test(cacheControl) || /(?:^|,)\s*no-store\b/i.test(cacheControl)) return headers;
+  const alreadyPrivate = NOT_SHARED.test(cacheControl);
+  const kept = alreadyPrivate ? [...headers] : headers.filter(([name]) => name !== 'cache-control');
+  if (!alreadyPrivate) kept.push(['cache-control', cacheControl.trim() ? `private, ${cacheControl}` : 'private']);
+  const vary = headers.filter(([name]) => name === 'vary').flatMap(([, value]) => value.split(',').map((field) => field.trim().toLowerCase()));
+  if (!vary.includes('*') && !vary.includes('cookie')) kept.push(['vary', 'Cookie']);
+  return kept;
+}
+
 function clientClosed(): GatehouseError {
   return new GatehouseError('client_closed', 499, 'The client went away.');
 }
@@ -763,7 +785,8 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
     const filtered = filterResponseHeaders(answer.rawHeaders);
-    const responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId);
+    let responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId);
+    if (credentials.session && credentials.token) responseHeaders = keptToTheUser(responseHeaders);
     responseHeaders.push(['x-request-id', requestId]);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);

@@ -66,7 +66,7 @@ type Verification = { ok: true; claims: JWTPayload; dpop?: { jkt: string } } | {
 /** How far a proof's `iat` may be from now, and so how long a `jti` must be remembered to refuse its replay. */
 const PROOF_WINDOW_SEC = 60;
 
-const ROUTES = new Set(['echo', 'whoami', 'public', 'mfa', 'recent', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', 'ws', '__demo']);
+const ROUTES = new Set(['echo', 'whoami', 'public', 'mfa', 'recent', 'events', 'download', 'upload', 'slow', 'set-cookie', 'redirect', 'status', 'ws', 'cached', '__demo']);
 /** The dev IdP's second-factor ACR (scripts/dev-idp.ts DEV_IDP_ACR.mfa), which `mfa/*` requires. */
 const MFA_ACR = 'urn:gatehouse:mfa';
 const MAX_ECHO_BODY = 1024 * 1024;
@@ -189,6 +189,13 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     const verification = await verify(req, url.pathname);
     if (route === 'public') {
       return json(res, 200, verification.ok ? { anonymous: false, sub: verification.claims.sub } : { anonymous: true });
+    }
+    if (route === 'cached') {
+      // Caching headers as the caller asks (`?cc=`, `?vary=`), with or without a token: for tests of what reaches the browser.
+      if (query.cc) res.setHeader('cache-control', query.cc);
+      if (query.vary) res.setHeader('vary', query.vary);
+      res.setHeader('last-modified', new Date(0).toUTCString());
+      return json(res, 200, verification.ok ? { sub: verification.claims.sub } : { anonymous: true });
     }
     if (!verification.ok) {
       res.setHeader('www-authenticate', verification.challenge ?? 'Bearer error="invalid_token"');

@@ -673,6 +673,23 @@ describe('header hygiene (raw sockets)', () => {
     expect(await locationFor('https://downloads.example/file?signature=abc', 302)).toBe('https://downloads.example/file?signature=abc');
   });
 
+  it("an answer made with the user's token goes out private and varying by Cookie, unless the API allowed sharing it; token-less answers are left as they are", async () => {
+    const cachingOf = async (api: string, cc?: string) => {
+      const answer = await proxyFetch(`/api/proxy/${api}/cached${cc ? `?cc=${encodeURIComponent(cc)}` : ''}`);
+      expect(answer.status).toBe(200);
+      await answer.body?.cancel();
+      return { cacheControl: answer.headers.get('cache-control'), varyCookie: /(^|,)\s*cookie\s*(,|$)/i.test(answer.headers.get('vary') ?? '') };
+    };
+    // A CDN in front would otherwise serve one user's answer to the next by URL; the browser's own
+    // cache to whoever signs in next in that browser.
+    expect(await cachingOf('demo', 'max-age=300')).toEqual({ cacheControl: 'private, max-age=300', varyCookie: true });
+    expect(await cachingOf('demo')).toMatchObject({ cacheControl: expect.stringMatching(/^private\b/), varyCookie: true });
+    expect(await cachingOf('demo', 'public, max-age=60')).toEqual({ cacheControl: 'public, max-age=60', varyCookie: false });
+    expect(await cachingOf('demo', 'no-store')).toEqual({ cacheControl: 'no-store', varyCookie: false });
+    // No user token went upstream: the API's caching stands.
+    expect(await cachingOf('none', 'max-age=300')).toEqual({ cacheControl: 'max-age=300', varyCookie: false });
+  });
+
   it("an API cannot use a redirect to make the user's browser end the user's other sessions (a client that follows redirects, as browsers do)", async () => {
     const other = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: USER });
     const otherCookie = `gatehouse=${other.rpCookies.get('gatehouse') ?? ''}`;

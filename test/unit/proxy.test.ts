@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
-import { browserLocation, filterRequestHeaders, filterResponseHeaders, forwardedForChain, resolveUpstream } from '../../lib/proxy.ts';
+import { browserLocation, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -229,5 +229,35 @@ describe('browserLocation: where an API may send the browser', () => {
       }),
       { numRuns: 500 },
     );
+  });
+});
+
+describe('keptToTheUser: an answer made with the user token stays that user’s', () => {
+  const headersOf = (headers: Array<[string, string]>) => Object.fromEntries(keptToTheUser(headers).map(([name, value]) => [name, value]));
+  it.each<[Array<[string, string]>, { 'cache-control'?: string; vary?: string }]>([
+    [[], { 'cache-control': 'private', vary: 'Cookie' }],
+    [[['cache-control', 'max-age=300']], { 'cache-control': 'private, max-age=300', vary: 'Cookie' }],
+    [[['cache-control', 'max-age=300'], ['vary', 'Accept']], { 'cache-control': 'private, max-age=300', vary: 'Cookie' }],
+    [[['cache-control', 'private, max-age=60']], { 'cache-control': 'private, max-age=60', vary: 'Cookie' }],
+    [[['cache-control', 'no-cache'], ['vary', 'accept, COOKIE']], { 'cache-control': 'private, no-cache', vary: 'accept, COOKIE' }],
+    [[['cache-control', 'max-age=300'], ['vary', '*']], { 'cache-control': 'private, max-age=300', vary: '*' }],
+    // The API said others may have it: RFC 9111 §3.5.
+    [[['cache-control', 'public, max-age=60']], { 'cache-control': 'public, max-age=60' }],
+    [[['cache-control', 'max-age=60, s-maxage=600']], { 'cache-control': 'max-age=60, s-maxage=600' }],
+    [[['cache-control', 'max-age=0, must-revalidate']], { 'cache-control': 'max-age=0, must-revalidate' }],
+    [[['cache-control', 'no-store']], { 'cache-control': 'no-store' }],
+    // Not a directive, only a look-alike: still private.
+    [[['cache-control', 'max-age=5, x-public-ish']], { 'cache-control': 'private, max-age=5, x-public-ish', vary: 'Cookie' }],
+  ])('%j → %j', (headers, expected) => {
+    expect(headersOf(headers)).toEqual(expected);
+  });
+
+  it('keeps every other header and its order', () => {
+    expect(keptToTheUser([['content-type', 'application/json'], ['cache-control', 'max-age=1'], ['etag', '"a"']])).toEqual([
+      ['content-type', 'application/json'],
+      ['etag', '"a"'],
+      ['cache-control', 'private, max-age=1'],
+      ['vary', 'Cookie'],
+    ]);
   });
 });
