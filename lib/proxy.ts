@@ -51,10 +51,14 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transf
  * Gatehouse holds a key). `expect: 100-continue` is answered by Gatehouse's own server, hop by hop.
  */
 const REQUEST_DENYLIST = new Set([
-  ...['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-real-ip', 'x-request-id', 'expect'],
+  ...['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-request-id', 'expect'],
+  // Who the client is: Gatehouse says that in X-Forwarded-For; the browser's claims are not passed on.
+  ...['x-real-ip', 'true-client-ip', 'x-client-ip', 'cf-connecting-ip', 'x-cluster-client-ip', 'fastly-client-ip'],
   // Stacks that route on these (Symfony and Zend before 2018, IIS URL Rewrite, nginx auth_request
   // set-ups) would serve the path they name instead of the one resolveUpstream checked.
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
+  // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
+  'proxy',
 ]);
 /**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
@@ -117,8 +121,10 @@ export function filterRequestHeaders(pairs: Iterable<[string, string]>, connecti
   const kept: Array<[string, string]> = [];
   for (const [rawName, value] of pairs) {
     const name = rawName.toLowerCase();
+    // CGI-style servers (PHP, IIS, WSGI) read `X_Original_URL` as `X-Original-URL`: both are checked.
+    const spelled = name.includes('_') ? name.replaceAll('_', '-') : name;
     // Every X-Forwarded-* is replaced by Gatehouse's own: the browser's claims about them are not ours to pass on.
-    if (isHopByHop(name, listed) || REQUEST_DENYLIST.has(name) || name.startsWith('x-forwarded-')) continue;
+    if (isHopByHop(name, listed) || (spelled !== name && isHopByHop(spelled, listed)) || REQUEST_DENYLIST.has(spelled) || spelled.startsWith('x-forwarded-')) continue;
     kept.push([name, value]);
   }
   return kept;
@@ -282,25 +288,64 @@ function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, 
   return kept;
 }
 
-/** RFC 9111 §3.5: what lets a shared cache store an answer to a request with `Authorization`. */
-const SHARED_WITH_AUTHORIZATION = /(?:^|,)\s*(?:public|s-maxage|must-revalidate)\b/i;
-const NOT_SHARED = /(?:^|,)\s*(?:private|no-store)\b/i;
+/**
+ * Fields that caches in front of Gatehouse obey instead of Cache-Control (RFC 9213's CDN-Cache-Control,
+ * Varnish's, Fastly's and Akamai's, Cloudflare's, nginx's `proxy_cache`): an API may set them for its
+ * own CDN, and they would let the app's CDN keep a user's answer whatever Cache-Control says.
+ */
+const CDN_CACHE_FIELDS = new Set(['cdn-cache-control', 'cloudflare-cdn-cache-control', 'surrogate-control', 'edge-control', 'x-accel-expires']);
+
+/** A Cache-Control list's directives, split at commas outside quoted values (RFC 9111 §5.2). */
+function cacheDirectives(value: string): Array<{ name: string; text: string }> {
+  const directives: Array<{ name: string; text: string }> = [];
+  let start = 0;
+  let quoted = false;
+  for (let i = 0; i <= value.length; i++) {
+    const char = value[i];
+    if (quoted && char === '\\') i++;
+    else if (char === '"') quoted = !quoted;
+    else if (i === value.length || (char === ',' && !quoted)) {
+      const text = value.slice(start, i).trim();
+      // A qualified `private="Set-Cookie"` keeps only those fields private: not the answer.
+      if (text) directives.push({ name: (text.split('=')[0] as string).trim().toLowerCase() + (text.includes('=') ? '=' : ''), text });
+      start = i + 1;
+    }
+  }
+  return directives;
+}
 
 /**
  * An answer made with the user's token is that user's. Upstream, `Authorization` kept shared caches
- * from storing it (unless the API said `public`, `s-maxage` or `must-revalidate`); on the browser's
- * side the request carries only a cookie, so a CDN in front of Gatehouse could serve it to the
- * next user by URL, and the browser's own cache could give it to whoever signs in next in that
- * browser. So it goes out `private` and varying by `Cookie`, unless the API allowed sharing it.
+ * from storing it unless the API said `public` or `s-maxage` (RFC 9111 §3.5; its `must-revalidate`
+ * is not taken as a permission here, since APIs send it to mean "never stale"), and an API that
+ * varies by `Authorization` or `DPoP` shares it per token only. On the browser's side the request
+ * carries only a cookie, so a CDN in front of Gatehouse could serve it to the next user by URL,
+ * and the browser's own cache could give it to whoever signs in next in that browser. So it goes
+ * out `private` and varying by `Cookie`, without the fields a CDN would obey instead.
  */
 export function keptToTheUser(headers: Array<[string, string]>): Array<[string, string]> {
-  const cacheControl = headers.filter(([name]) => name === 'cache-control').map(([, value]) => value).join(', ');
-  if (SHARED_WITH_AUTHORIZATION.test(cacheControl) || /(?:^|,)\s*no-store\b/i.test(cacheControl)) return headers;
-  const alreadyPrivate = NOT_SHARED.test(cacheControl);
-  const kept = alreadyPrivate ? [...headers] : headers.filter(([name]) => name !== 'cache-control');
-  if (!alreadyPrivate) kept.push(['cache-control', cacheControl.trim() ? `private, ${cacheControl}` : 'private']);
-  const vary = headers.filter(([name]) => name === 'vary').flatMap(([, value]) => value.split(',').map((field) => field.trim().toLowerCase()));
-  if (!vary.includes('*') && !vary.includes('cookie')) kept.push(['vary', 'Cookie']);
+  // One pass, and no copies in the usual case: this runs on every proxied answer with a user's token.
+  let cacheControl = '';
+  let vary = '';
+  let cdnFields = false;
+  for (const [name, value] of headers) {
+    if (name === 'cache-control') cacheControl = cacheControl ? `${cacheControl}, ${value}` : value;
+    else if (name === 'vary') vary = vary ? `${vary}, ${value}` : value;
+    else if (CDN_CACHE_FIELDS.has(name)) cdnFields = true;
+  }
+  const varies = vary ? new Set(vary.split(',').map((field) => field.trim().toLowerCase())) : undefined;
+  const directives = cacheControl ? cacheDirectives(cacheControl) : [];
+  const named = (name: string) => directives.some((directive) => directive.name === name);
+  const sharedPerToken = varies?.has('authorization') || varies?.has('dpop');
+  if ((named('public') || named('s-maxage=')) && !sharedPerToken) return headers;
+  const kept = cdnFields || cacheControl ? headers.filter(([name]) => name !== 'cache-control' && !CDN_CACHE_FIELDS.has(name)) : headers;
+  if (named('no-store')) {
+    if (cacheControl) kept.push(['cache-control', cacheControl]);
+    return kept;
+  }
+  const rest = directives.filter(({ name }) => name !== 'public' && name !== 's-maxage=' && name !== 'private').map(({ text }) => text);
+  kept.push(['cache-control', ['private', ...rest].join(', ')]);
+  if (!varies?.has('*') && !varies?.has('cookie')) kept.push(['vary', 'Cookie']);
   return kept;
 }
 

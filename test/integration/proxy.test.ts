@@ -531,13 +531,25 @@ describe('header hygiene (raw sockets)', () => {
     expect((await demoLast())?.headers['x-secret-hop']).toBeUndefined();
   });
 
-  it('URL-rewrite headers (X-Original-URL and kin) never reach the upstream: a stack that routes on them would serve another path than the checked one', async () => {
+  it('URL-rewrite headers (X-Original-URL and kin, in any spelling a CGI server reads alike), Proxy and client-IP claims never reach the upstream', async () => {
     const res = await raw(
-      head('GET', '/api/proxy/demo/echo/rewrite', [...withSession(), ['X-Original-URL', '/admin/users'], ['X-Rewrite-URL', '/admin'], ['X-Original-URI', '/admin?x=1'], ['X-End-To-End', 'kept']]),
+      head('GET', '/api/proxy/demo/echo/rewrite', [
+        ...withSession(),
+        ['X-Original-URL', '/admin/users'],
+        ['X-Rewrite-URL', '/admin'],
+        ['X-Original-URI', '/admin?x=1'],
+        // CGI-style servers (PHP, IIS) read `_` as `-`: HTTP_X_ORIGINAL_URL either way.
+        ['X_Original_URL', '/admin/users'],
+        ['X_Forwarded_Host', 'evil.example'],
+        // httpoxy: CGI makes HTTP_PROXY of it, which many HTTP clients take as their proxy.
+        ['Proxy', 'http://evil.example:8080'],
+        ['True-Client-IP', '6.6.6.6'],
+        ['X-End-To-End', 'kept'],
+      ]),
     );
     expect(res?.status).toBe(200);
     const seen = (await demoLast())?.headers ?? {};
-    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri']) expect(seen[name], name).toBeUndefined();
+    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri', 'x_original_url', 'x_forwarded_host', 'proxy', 'true-client-ip']) expect(seen[name], name).toBeUndefined();
     expect(seen['x-end-to-end']).toBe('kept');
     expect((await demoLast())?.path).toBe('/echo/rewrite');
   });
@@ -674,11 +686,13 @@ describe('header hygiene (raw sockets)', () => {
   });
 
   it("an answer made with the user's token goes out private and varying by Cookie, unless the API allowed sharing it; token-less answers are left as they are", async () => {
-    const cachingOf = async (api: string, cc?: string) => {
-      const answer = await proxyFetch(`/api/proxy/${api}/cached${cc ? `?cc=${encodeURIComponent(cc)}` : ''}`);
+    const cachingOf = async (api: string, cc?: string, extra: Record<string, string> = {}) => {
+      const query = new URLSearchParams({ ...(cc ? { cc } : {}), ...extra });
+      const answer = await proxyFetch(`/api/proxy/${api}/cached?${query}`);
       expect(answer.status).toBe(200);
       await answer.body?.cancel();
-      return { cacheControl: answer.headers.get('cache-control'), varyCookie: /(^|,)\s*cookie\s*(,|$)/i.test(answer.headers.get('vary') ?? '') };
+      const caching = { cacheControl: answer.headers.get('cache-control'), varyCookie: /(^|,)\s*cookie\s*(,|$)/i.test(answer.headers.get('vary') ?? '') };
+      return answer.headers.has('cdn-cache-control') ? { ...caching, cdnCacheControl: answer.headers.get('cdn-cache-control') } : caching;
     };
     // A CDN in front would otherwise serve one user's answer to the next by URL; the browser's own
     // cache to whoever signs in next in that browser.
@@ -686,6 +700,11 @@ describe('header hygiene (raw sockets)', () => {
     expect(await cachingOf('demo')).toMatchObject({ cacheControl: expect.stringMatching(/^private\b/), varyCookie: true });
     expect(await cachingOf('demo', 'public, max-age=60')).toEqual({ cacheControl: 'public, max-age=60', varyCookie: false });
     expect(await cachingOf('demo', 'no-store')).toEqual({ cacheControl: 'no-store', varyCookie: false });
+    // Shared per token upstream is one user's copy for everyone on the browser's side.
+    expect(await cachingOf('demo', 'public, max-age=60', { vary: 'Authorization' })).toEqual({ cacheControl: 'private, max-age=60', varyCookie: true });
+    // A CDN in front would obey CDN-Cache-Control (RFC 9213) instead of Cache-Control.
+    expect(await cachingOf('demo', 'max-age=60', { cdn: 'max-age=600' })).toEqual({ cacheControl: 'private, max-age=60', varyCookie: true });
+    expect(await cachingOf('none', 'max-age=60', { cdn: 'max-age=600' })).toEqual({ cacheControl: 'max-age=60', varyCookie: false, cdnCacheControl: 'max-age=600' });
     // No user token went upstream: the API's caching stands.
     expect(await cachingOf('none', 'max-age=300')).toEqual({ cacheControl: 'max-age=300', varyCookie: false });
   });

@@ -234,30 +234,49 @@ describe('browserLocation: where an API may send the browser', () => {
 
 describe('keptToTheUser: an answer made with the user token stays that user’s', () => {
   const headersOf = (headers: Array<[string, string]>) => Object.fromEntries(keptToTheUser(headers).map(([name, value]) => [name, value]));
-  it.each<[Array<[string, string]>, { 'cache-control'?: string; vary?: string }]>([
+  it.each<[Array<[string, string]>, Record<string, string>]>([
     [[], { 'cache-control': 'private', vary: 'Cookie' }],
     [[['cache-control', 'max-age=300']], { 'cache-control': 'private, max-age=300', vary: 'Cookie' }],
     [[['cache-control', 'max-age=300'], ['vary', 'Accept']], { 'cache-control': 'private, max-age=300', vary: 'Cookie' }],
     [[['cache-control', 'private, max-age=60']], { 'cache-control': 'private, max-age=60', vary: 'Cookie' }],
     [[['cache-control', 'no-cache'], ['vary', 'accept, COOKIE']], { 'cache-control': 'private, no-cache', vary: 'accept, COOKIE' }],
     [[['cache-control', 'max-age=300'], ['vary', '*']], { 'cache-control': 'private, max-age=300', vary: '*' }],
-    // The API said others may have it: RFC 9111 §3.5.
+    // The API said others may have it (RFC 9111 §3.5): unchanged.
     [[['cache-control', 'public, max-age=60']], { 'cache-control': 'public, max-age=60' }],
-    [[['cache-control', 'max-age=60, s-maxage=600']], { 'cache-control': 'max-age=60, s-maxage=600' }],
-    [[['cache-control', 'max-age=0, must-revalidate']], { 'cache-control': 'max-age=0, must-revalidate' }],
+    [[['cache-control', 'max-age=60, s-maxage=600'], ['cdn-cache-control', 'max-age=600']], { 'cache-control': 'max-age=60, s-maxage=600', 'cdn-cache-control': 'max-age=600' }],
+    // ... but only per token: on the browser's side every user would match one user's copy.
+    [[['cache-control', 'public, max-age=60'], ['vary', 'Authorization']], { 'cache-control': 'private, max-age=60', vary: 'Cookie' }],
+    [[['cache-control', 's-maxage=60'], ['vary', 'Accept, DPoP']], { 'cache-control': 'private', vary: 'Cookie' }],
+    // "Never serve stale" is no permission to share.
+    [[['cache-control', 'max-age=0, must-revalidate']], { 'cache-control': 'private, max-age=0, must-revalidate', vary: 'Cookie' }],
     [[['cache-control', 'no-store']], { 'cache-control': 'no-store' }],
-    // Not a directive, only a look-alike: still private.
-    [[['cache-control', 'max-age=5, x-public-ish']], { 'cache-control': 'private, max-age=5, x-public-ish', vary: 'Cookie' }],
+    // What a CDN would obey instead of Cache-Control goes.
+    [[['cdn-cache-control', 'max-age=300'], ['surrogate-control', 'max-age=300'], ['x-accel-expires', '300'], ['cloudflare-cdn-cache-control', 'max-age=1'], ['edge-control', 'cache-maxage=1h']], { 'cache-control': 'private', vary: 'Cookie' }],
+    [[['cache-control', 'no-store'], ['cdn-cache-control', 'max-age=300']], { 'cache-control': 'no-store' }],
+    // Look-alikes and quoted text are not directives; a qualified private keeps only some fields private.
+    [[['cache-control', 'max-age=5, x-public-ish, public-x']], { 'cache-control': 'private, max-age=5, x-public-ish, public-x', vary: 'Cookie' }],
+    [[['cache-control', 'no-cache="x, public", max-age=5']], { 'cache-control': 'private, no-cache="x, public", max-age=5', vary: 'Cookie' }],
+    [[['cache-control', 'private="Set-Cookie", max-age=5']], { 'cache-control': 'private, private="Set-Cookie", max-age=5', vary: 'Cookie' }],
+    [[['cache-control', 'no-cache="a, no-store, \\"b"']], { 'cache-control': 'private, no-cache="a, no-store, \\"b"', vary: 'Cookie' }],
   ])('%j → %j', (headers, expected) => {
     expect(headersOf(headers)).toEqual(expected);
   });
 
-  it('keeps every other header and its order', () => {
+  it('keeps every other header and its order; several Cache-Control fields are one list', () => {
     expect(keptToTheUser([['content-type', 'application/json'], ['cache-control', 'max-age=1'], ['etag', '"a"']])).toEqual([
       ['content-type', 'application/json'],
       ['etag', '"a"'],
       ['cache-control', 'private, max-age=1'],
       ['vary', 'Cookie'],
+    ]);
+    expect(keptToTheUser([['cache-control', 'max-age=1'], ['etag', '"a"'], ['cache-control', 'no-transform']])).toEqual([
+      ['etag', '"a"'],
+      ['cache-control', 'private, max-age=1, no-transform'],
+      ['vary', 'Cookie'],
+    ]);
+    expect(keptToTheUser([['cache-control', 'max-age=1'], ['cache-control', 'public']])).toEqual([
+      ['cache-control', 'max-age=1'],
+      ['cache-control', 'public'],
     ]);
   });
 });
