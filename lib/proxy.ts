@@ -9,7 +9,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
 import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
-import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails } from './step-up.ts';
+import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
@@ -836,6 +836,17 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);
+    const authTime = credentials.session?.record.authTime;
+    const answerBody = answer.body;
+    if (!bodyless && api.maxAge !== undefined && authTime !== undefined && answerBody instanceof Readable) {
+      // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
+      const cancel = whenSignInTooOld(authTime, api.maxAge, () => {
+        log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
+        // An abort, as a browser that left would cause: Next logs any other error as a failed pipe, with its stack.
+        answerBody.destroy(new DOMException('the sign-in grew older than the API allows', 'AbortError'));
+      });
+      answerBody.once('close', cancel);
+    }
     result = { status: answer.status, headers: responseHeaders, body: bodyless ? null : answer.body };
   } catch (caught) {
     const error = asGatehouseError(caught);

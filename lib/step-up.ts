@@ -121,3 +121,21 @@ export function missingAuthentication(requirement: StepUp, signIn: { acr?: strin
 export function stepUpDetails(stepUp: StepUp): Record<string, string | number> {
   return { ...(stepUp.acrValues ? { acr_values: stepUp.acrValues.join(' ') } : {}), ...(stepUp.maxAge !== undefined ? { max_age: stepUp.maxAge } : {}) };
 }
+
+/** setTimeout's limit; a later deadline is re-armed when this much has passed. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * Runs `onTooOld` at the first instant missingAuthentication (which counts whole seconds) calls a
+ * sign-in at `authTime` too old for `maxAge`: what bounds a WebSocket or a streamed answer that
+ * began in time. Always from a timer, never synchronously. Returns the cancel.
+ */
+export function whenSignInTooOld(authTime: number, maxAge: number, onTooOld: () => void): () => void {
+  const deadlineMs = (authTime + maxAge + 1) * 1000;
+  const wait = () => Math.min(Math.max(deadlineMs - Date.now(), 0), MAX_TIMER_MS);
+  let timer = setTimeout(function check() {
+    if (Date.now() < deadlineMs) timer = setTimeout(check, wait()).unref();
+    else onTooOld();
+  }, wait()).unref();
+  return () => clearTimeout(timer);
+}

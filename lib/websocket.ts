@@ -8,7 +8,7 @@ import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
 import { clearSessionCookieHeader, loadSession, onSessionEnded, sessionFromCookieHeader, sessionHandle, touchSession } from './session.ts';
-import { missingAuthentication, stepUpDetails } from './step-up.ts';
+import { missingAuthentication, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -30,8 +30,6 @@ export const SESSION_ENDED_CLOSE_CODE = 4401;
  * with 401 step_up_required, as a proxied call would be).
  */
 export const STEP_UP_CLOSE_CODE = 4403;
-/** setTimeout's limit; a later deadline is re-armed when this much has passed. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Per session and process: a tab that reconnects in a loop cannot pile up upstream sockets. */
 export const MAX_SOCKETS_PER_SESSION = 16;
 /** A direction stops reading once this much of what it read waits to be written out on the other side. */
@@ -123,8 +121,8 @@ interface OpenSocket {
   browserSpoke: boolean;
   /** Closes both sides; installed by the relay. */
   close?: (code: number, reason: string) => void;
-  /** Ends the socket when the sign-in grows older than the API's `maxAge`. */
-  signInExpiry?: NodeJS.Timeout;
+  /** Cancels the close that comes when the sign-in grows older than the API's `maxAge`. */
+  cancelSignInExpiry?: () => void;
 }
 
 const open = new Map<string, Set<OpenSocket>>();
@@ -144,7 +142,7 @@ function register(entry: OpenSocket): void {
 }
 
 function unregister(entry: OpenSocket): void {
-  clearTimeout(entry.signInExpiry);
+  entry.cancelSignInExpiry?.();
   const entries = open.get(entry.sessionId);
   entries?.delete(entry);
   if (entries?.size === 0) open.delete(entry.sessionId);
@@ -204,16 +202,6 @@ async function checkSessions(): Promise<void> {
 /** On shutdown: every socket gets a close frame (1001) so browsers reconnect to another worker or instance. */
 export function closeAllWebSockets(): void {
   for (const entries of open.values()) for (const entry of entries) endSocket(entry, 1001, 'server restarting');
-}
-
-/**
- * An API's `maxAge` bounds how old the sign-in behind its calls may be; a socket opened just in
- * time would otherwise carry that sign-in's token for as long as it stays open.
- */
-function endWhenSignInTooOld(entry: OpenSocket, deadlineMs: number): void {
-  const wait = deadlineMs - Date.now();
-  if (wait <= 0) return endSocket(entry, STEP_UP_CLOSE_CODE, 'step_up_required');
-  entry.signInExpiry = setTimeout(() => endWhenSignInTooOld(entry, deadlineMs), Math.min(wait, MAX_TIMER_MS)).unref();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,8 +265,11 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     }
     if (!acceptBrowser(request, socket, head, upstream, entry, started)) throw clientClosed();
     const { authTime } = found.session.record;
-    // The first instant missingAuthentication, which counts whole seconds, says too old.
-    if (api.maxAge !== undefined && authTime !== undefined) endWhenSignInTooOld(entry, (authTime + api.maxAge + 1) * 1000);
+    // A socket opened in time would otherwise carry the sign-in's token for as long as it stays open.
+    if (api.maxAge !== undefined && authTime !== undefined) {
+      const opened = entry;
+      opened.cancelSignInExpiry = whenSignInTooOld(authTime, api.maxAge, () => endSocket(opened, STEP_UP_CLOSE_CODE, 'step_up_required'));
+    }
     log('info', 'websocket.open', { requestId, api: api.name, session: sessionHandle(entry.sessionId), protocol: upstream.protocol || undefined, refreshed, ms: Math.round(performance.now() - started) });
   } catch (caught) {
     if (entry) unregister(entry);

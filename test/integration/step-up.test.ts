@@ -178,6 +178,33 @@ describe(`step-up on ${SHAPE}`, () => {
     expect(await demoRequests()).toBe(beforeOld);
   });
 
+  it("a streamed answer of an API with maxAge ends once the sign-in grows older than that; the next call hears step_up_required", async () => {
+    // Signed in 294 s ago (the dev IdP's form back-dates auth_time): the `fresh` API (maxAge 300) has ~6 s left.
+    const { cookie } = await signIn('sten', { fields: { auth_age: '294' } });
+    const { authTime } = (await sessionOf(cookie)) as { authTime: number };
+    const logBefore = stack.apps[0]!.process.output().length;
+    const response = await fetch(`${app}/api/proxy/fresh/events?count=600&intervalMs=100`, { headers: { cookie, 'x-csrf': '1' } });
+    expect(response.status).toBe(200);
+    const reader = response.body!.getReader();
+    let events = 0;
+    const ended = await (async () => {
+      for (;;) {
+        const { done, value } = await reader.read().catch(() => ({ done: true, value: undefined }));
+        if (done) return Date.now();
+        events += new TextDecoder().decode(value).split('data:').length - 1;
+      }
+    })();
+    // It streamed until then, and not past it: the API would have gone on for a minute.
+    expect(events).toBeGreaterThan(10);
+    expect(ended).toBeGreaterThanOrEqual((authTime + 300) * 1000);
+    expect(ended).toBeLessThan((authTime + 300) * 1000 + 30_000);
+    expectStepUp(await call(app, '/api/proxy/fresh/whoami', cookie), { max_age: 300 });
+    expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'sten' } });
+    // No error, no stack trace: the stream was cut on purpose.
+    const logged = stack.apps[0]!.process.output().slice(logBefore);
+    expect(logged).not.toMatch(/\n\s+at |failed to pipe|"level":"error"/);
+  });
+
   it('a step-up login with acr_values brings the second factor’s acr: the same browser stays signed in, with a new session, and the call succeeds', async () => {
     const jars: CookieJars = new Map();
     const first = await signIn('zora', { jars });
