@@ -89,8 +89,46 @@ export function webResponseFrom(answer: ProxyResponse): Response {
   }
   let body: BodyInit | null;
   if (upstreamBody === null || typeof upstreamBody === 'string' || upstreamBody instanceof Uint8Array) body = upstreamBody as BodyInit | null;
-  else body = Readable.toWeb(upstreamBody) as unknown as ReadableStream<Uint8Array>;
+  else body = webStreamOf(upstreamBody);
   return new Response(body, { status: answer.status, headers });
+}
+
+/**
+ * A streamed body as Next reads it, with backpressure (read one chunk, wait for the next pull).
+ * The upstream breaking off mid-body (logged by the proxy core) reaches Next as an abort, as a
+ * browser leaving would: any other error Next logs as a failed pipe, with its stack.
+ */
+function webStreamOf(body: Readable): ReadableStream<Uint8Array> {
+  let settled = false;
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      const brokeOff = () => {
+        if (settled) return;
+        settled = true;
+        controller.error(new DOMException("The API's answer broke off.", 'AbortError'));
+      };
+      body.on('data', (chunk: Buffer) => {
+        controller.enqueue(chunk);
+        if ((controller.desiredSize ?? 0) <= 0) body.pause();
+      });
+      body.once('end', () => {
+        if (settled) return;
+        settled = true;
+        controller.close();
+      });
+      body.once('error', brokeOff);
+      // Destroyed without an error and before its end: cut all the same.
+      body.once('close', brokeOff);
+      body.pause();
+    },
+    pull() {
+      body.resume();
+    },
+    cancel() {
+      settled = true;
+      body.destroy();
+    },
+  });
 }
 
 export function inboundFromNode(request: IncomingMessage, response: ServerResponse): InboundRequest {

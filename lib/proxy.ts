@@ -838,6 +838,13 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     if (bodyless) discard(answer.body);
     const authTime = credentials.session?.record.authTime;
     const answerBody = answer.body;
+    if (!bodyless && answerBody instanceof Readable) {
+      // The head is out by then; the browser sees its answer cut, and the operator hears why once.
+      // An abort is ours (the browser left, a sign-in grew too old), not the API's.
+      answerBody.once('error', (error: Error) => {
+        if (error.name !== 'AbortError') log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
+      });
+    }
     if (!bodyless && api.maxAge !== undefined && authTime !== undefined && answerBody instanceof Readable) {
       // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
       const cancel = whenSignInTooOld(authTime, api.maxAge, () => {

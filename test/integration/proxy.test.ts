@@ -30,6 +30,7 @@ let cookie: string;
 let keptAlive: KeptAliveUpstream;
 let shortKeptAlive: KeptAliveUpstream;
 let challenger: ScriptedUpstream;
+let breaker: ScriptedUpstream;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -181,6 +182,11 @@ beforeAll(async () => {
     const challenges = CHALLENGES[request.path.slice(1)] ?? [];
     socket.write(rawAnswer('HTTP/1.1 401 Unauthorized', [['content-type', 'application/json'], ...challenges.map((value): [string, string] => ['www-authenticate', value])], '{"error":"nope"}'));
   });
+  // Starts a chunked answer, then the connection dies: an API that crashed or a network that broke mid-body.
+  breaker = await startScriptedUpstream((_request, socket) => {
+    socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n');
+    setTimeout(() => socket.destroy(), 50);
+  });
   stack = await startStack({
     workers: 1,
     apis: ({ apiUrl }) => ({
@@ -197,6 +203,7 @@ beforeAll(async () => {
       keptalive: { url: `http://127.0.0.1:${keptAlive.port}`, auth: 'none' },
       shortkeptalive: { url: `http://127.0.0.1:${shortKeptAlive.port}`, auth: 'none' },
       challenger: { url: challenger.url, auth: 'none' },
+      breaker: { url: breaker.url, auth: 'none' },
     }),
   });
   const first = stack.apps[0];
@@ -214,6 +221,7 @@ afterAll(async () => {
   await keptAlive?.close();
   await shortKeptAlive?.close();
   await challenger?.close();
+  await breaker?.close();
 });
 
 describe('streaming', () => {
@@ -306,6 +314,33 @@ describe('streaming', () => {
     // A body of exactly the limit is fine.
     const atLimit = await chunkedUpload('tenmib', 10 * MiB);
     expect(await json(atLimit)).toEqual({ bytes: 10 * MiB });
+  });
+
+  it('an API whose answer breaks mid-body: the browser sees the answer cut, not completed; the log says so once, without a stack; the server keeps serving', async () => {
+    const logBefore = stack.apps[0]!.process.output().length;
+    const answer = await proxyFetch('/api/proxy/breaker/x', { anonymous: true });
+    expect(answer.status).toBe(200);
+    let received = '';
+    const outcome = await (async () => {
+      const reader = answer.body!.pipeThrough(new TextDecoderStream()).getReader();
+      try {
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) return 'completed';
+          received += value;
+        }
+      } catch {
+        return 'cut';
+      }
+    })();
+    expect({ outcome, received }).toEqual({ outcome: 'cut', received: 'hello' });
+    await waitFor('the log line', () => (stack.apps[0]!.process.output().slice(logBefore).includes('proxy.upstream_body_failed') ? true : undefined), 5_000);
+    // Whatever else would be logged about it (Next's own pipe errors) comes in the same moment.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const logged = stack.apps[0]!.process.output().slice(logBefore);
+    expect(logged.match(/proxy\.upstream_body_failed/g)).toHaveLength(1);
+    expect(logged).not.toMatch(/\n\s+at |failed to pipe|⨯/);
+    expect((await proxyFetch('/api/proxy/demo/whoami')).status).toBe(200);
   });
 
   it('aborts the upstream request when the browser goes away', async () => {
