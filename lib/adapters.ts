@@ -1,9 +1,10 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { Readable, type Transform } from 'node:stream';
+import { Readable, finished, type Transform } from 'node:stream';
 import { createBrotliDecompress, createGunzip, createInflate, createZstdDecompress } from 'node:zlib';
 import { GatehouseError, errorBody, errorHeaders } from './errors.ts';
 import { jsonHeaders } from './http.ts';
-import { noteStreamedBytes, type InboundRequest, type ProxyResponse } from './proxy.ts';
+import { describeCause, log } from './log.ts';
+import { isOurAbort, noteStreamedBytes, type InboundRequest, type ProxyResponse } from './proxy.ts';
 
 /**
  * The two ways a request reaches the proxy core: a Web `Request` (Next route handler, Vercel) and
@@ -57,14 +58,19 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
 }
 
 /** The body with every content coding undone (codings apply in the order listed), or null for one we cannot undo. */
-function decodedBody(body: Readable, contentEncoding: string): Readable | null {
+function decodedBody(body: Readable, contentEncoding: string, requestId: string | null): Readable | null {
   const codings = contentEncoding.split(',').map((coding) => coding.trim().toLowerCase()).filter((coding) => coding && coding !== 'identity');
   let decoded = body;
   for (const coding of codings.reverse()) {
     const decoder = Object.hasOwn(DECODERS, coding) ? DECODERS[coding] : undefined;
     if (!decoder) return null;
     const stage = decoder();
-    decoded.on('error', (error) => stage.destroy(error));
+    let passedOn: Error | undefined;
+    decoded.on('error', (error) => stage.destroy((passedOn = error)));
+    // The upstream's own errors are the proxy core's to report; bytes that do not decode are ours.
+    stage.on('error', (error) => {
+      if (error !== passedOn && !isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, coding, ...describeCause(error) });
+    });
     decoded = decoded.pipe(stage);
   }
   return decoded;
@@ -77,7 +83,7 @@ export function webResponseFrom(answer: ProxyResponse): Response {
   // A body read whole may still be encoded: it is undone like a streamed one.
   let upstreamBody = answer.body instanceof Uint8Array && contentEncoding !== null ? Readable.from([answer.body]) : answer.body;
   if (contentEncoding !== null && upstreamBody instanceof Readable) {
-    const decoded = decodedBody(upstreamBody, contentEncoding);
+    const decoded = decodedBody(upstreamBody, contentEncoding, headers.get('x-request-id'));
     if (!decoded) {
       upstreamBody.destroy();
       const error = new GatehouseError('upstream_unavailable', 502, 'The API answered in an encoding that cannot be passed on.');
@@ -102,23 +108,18 @@ function webStreamOf(body: Readable): ReadableStream<Uint8Array> {
   let settled = false;
   return new ReadableStream<Uint8Array>({
     start(controller) {
-      const brokeOff = () => {
-        if (settled) return;
-        settled = true;
-        controller.error(new DOMException("The API's answer broke off.", 'AbortError'));
-      };
       body.on('data', (chunk: Buffer) => {
+        if (settled) return;
         controller.enqueue(chunk);
         if ((controller.desiredSize ?? 0) <= 0) body.pause();
       });
-      body.once('end', () => {
+      // Its end, an error, or a destroy before the end (also one that came before this stream did).
+      finished(body, { writable: false }, (error) => {
         if (settled) return;
         settled = true;
-        controller.close();
+        if (error) controller.error(new DOMException("The API's answer broke off.", 'AbortError'));
+        else controller.close();
       });
-      body.once('error', brokeOff);
-      // Destroyed without an error and before its end: cut all the same.
-      body.once('close', brokeOff);
       body.pause();
     },
     pull() {

@@ -349,6 +349,11 @@ export function keptToTheUser(headers: Array<[string, string]>): Array<[string, 
   return kept;
 }
 
+/** An end Gatehouse caused (the browser left, a deadline of ours), not a failure of the API's. */
+export function isOurAbort(error: Error): boolean {
+  return error.name === 'AbortError' || (error instanceof GatehouseError && error.code === 'client_closed');
+}
+
 function clientClosed(): GatehouseError {
   return new GatehouseError('client_closed', 499, 'The client went away.');
 }
@@ -562,6 +567,8 @@ function upstreamError(error: unknown, signal: AbortSignal): GatehouseError {
   return new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause });
 }
 
+function ignoreError(): void {}
+
 /** Lets go of an answer's body that will not be passed on. */
 function discard(body: Readable | Buffer): void {
   if (body instanceof Readable) body.resume();
@@ -616,6 +623,10 @@ function exchange(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, t
           callback(error);
         },
       });
+      // From birth: a body discarded (a retry, a step-up refusal) or not yet passed on (a forced
+      // refresh's store round trip) may break or be aborted meanwhile, and an 'error' nobody
+      // listens to would end the process. Whoever passes the body on reports its errors.
+      body.on('error', ignoreError);
       for (const chunk of gathered) body.push(chunk);
       stream = body;
       whole = undefined;
@@ -842,7 +853,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       // The head is out by then; the browser sees its answer cut, and the operator hears why once.
       // An abort is ours (the browser left, a sign-in grew too old), not the API's.
       answerBody.once('error', (error: Error) => {
-        if (error.name !== 'AbortError') log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
+        if (!isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
       });
     }
     if (!bodyless && api.maxAge !== undefined && authTime !== undefined && answerBody instanceof Readable) {
