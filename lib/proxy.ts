@@ -295,9 +295,16 @@ function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, 
  */
 const CDN_CACHE_FIELDS = new Set(['cdn-cache-control', 'cloudflare-cdn-cache-control', 'surrogate-control', 'edge-control', 'x-accel-expires']);
 
+interface CacheDirective {
+  name: string;
+  /** Has a value: a qualified `private="Set-Cookie"` keeps only those fields private, not the answer. */
+  qualified: boolean;
+  text: string;
+}
+
 /** A Cache-Control list's directives, split at commas outside quoted values (RFC 9111 §5.2). */
-function cacheDirectives(value: string): Array<{ name: string; text: string }> {
-  const directives: Array<{ name: string; text: string }> = [];
+function cacheDirectives(value: string): CacheDirective[] {
+  const directives: CacheDirective[] = [];
   let start = 0;
   let quoted = false;
   for (let i = 0; i <= value.length; i++) {
@@ -306,8 +313,7 @@ function cacheDirectives(value: string): Array<{ name: string; text: string }> {
     else if (char === '"') quoted = !quoted;
     else if (i === value.length || (char === ',' && !quoted)) {
       const text = value.slice(start, i).trim();
-      // A qualified `private="Set-Cookie"` keeps only those fields private: not the answer.
-      if (text) directives.push({ name: (text.split('=')[0] as string).trim().toLowerCase() + (text.includes('=') ? '=' : ''), text });
+      if (text) directives.push({ name: (text.split('=')[0] as string).trim().toLowerCase(), qualified: text.includes('='), text });
       start = i + 1;
     }
   }
@@ -337,13 +343,15 @@ export function keptToTheUser(headers: Array<[string, string]>): Array<[string, 
   const directives = cacheControl ? cacheDirectives(cacheControl) : [];
   const named = (name: string) => directives.some((directive) => directive.name === name);
   const sharedPerToken = varies?.has('authorization') || varies?.has('dpop');
-  if ((named('public') || named('s-maxage=')) && !sharedPerToken) return headers;
+  if ((named('public') || named('s-maxage')) && !sharedPerToken) return headers;
   const kept = cdnFields || cacheControl ? headers.filter(([name]) => name !== 'cache-control' && !CDN_CACHE_FIELDS.has(name)) : headers;
   if (named('no-store')) {
     if (cacheControl) kept.push(['cache-control', cacheControl]);
     return kept;
   }
-  const rest = directives.filter(({ name }) => name !== 'public' && name !== 's-maxage=' && name !== 'private').map(({ text }) => text);
+  // The permissions to share go, and a plain `private`, which now leads the list.
+  const replaced = (directive: CacheDirective) => directive.name === 'public' || directive.name === 's-maxage' || (directive.name === 'private' && !directive.qualified);
+  const rest = directives.filter((directive) => !replaced(directive)).map(({ text }) => text);
   kept.push(['cache-control', ['private', ...rest].join(', ')]);
   if (!varies?.has('*') && !varies?.has('cookie')) kept.push(['vary', 'Cookie']);
   return kept;
@@ -847,7 +855,6 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);
-    const authTime = credentials.session?.record.authTime;
     const answerBody = answer.body;
     if (!bodyless && answerBody instanceof Readable) {
       // The head is out by then; the browser sees its answer cut, and the operator hears why once.
@@ -855,15 +862,16 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       answerBody.once('error', (error: Error) => {
         if (!isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
       });
-    }
-    if (!bodyless && api.maxAge !== undefined && authTime !== undefined && answerBody instanceof Readable) {
-      // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
-      const cancel = whenSignInTooOld(authTime, api.maxAge, () => {
-        log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
-        // An abort, as a browser that left would cause: Next logs any other error as a failed pipe, with its stack.
-        answerBody.destroy(new DOMException('the sign-in grew older than the API allows', 'AbortError'));
-      });
-      answerBody.once('close', cancel);
+      const authTime = credentials.session?.record.authTime;
+      if (api.maxAge !== undefined && authTime !== undefined) {
+        // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
+        const cancel = whenSignInTooOld(authTime, api.maxAge, () => {
+          log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
+          // An abort, as a browser that left would cause: Next logs any other error as a failed pipe, with its stack.
+          answerBody.destroy(new DOMException('the sign-in grew older than the API allows', 'AbortError'));
+        });
+        answerBody.once('close', cancel);
+      }
     }
     result = { status: answer.status, headers: responseHeaders, body: bodyless ? null : answer.body };
   } catch (caught) {
