@@ -93,6 +93,8 @@ describe('npm start', () => {
     // Node drops the double quotes of NODE_OPTIONS; a split at spaces alone saw `"--max-semi-space-size=8"`,
     // no flag, and gave the workers npm start's semi-space sizes after it, which V8 then obeyed.
     expect(await workersFlags(['server.ts'], '"--max-semi-space-size=8"  --trace-warnings')).toEqual([['--expose-gc'], ['--expose-gc']]);
+    // A backslash inside quotes keeps the next character: read as a closing quote, the rest would run into one word.
+    expect(await workersFlags(['server.ts'], '--conditions="a\\"b" "--max-semi-space-size=8"')).toEqual([['--expose-gc'], ['--expose-gc']]);
   });
 
   it("warns, naming them, when a single-process start lacks npm start's V8 flags, and is silent when started as npm start does", async () => {
