@@ -43,6 +43,8 @@ export interface ProxyResponse {
 export const PROXY_PREFIX = '/api/proxy/';
 const SUPPORTED_METHODS = new Set(PROXY_METHODS);
 const REPLAYABLE_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS']);
+/** RFC 9110 §9.2.1: a call that asks the API to change nothing. */
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 /** Answers that carry no body by definition (RFC 9110 §6.4.1); a Web `Response` refuses to be built with one. */
 const BODYLESS_STATUSES = new Set([204, 205, 304]);
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-connection', 'http2-settings']);
@@ -856,13 +858,24 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);
     const answerBody = answer.body;
+    const authTime = credentials.session?.record.authTime;
+    if (!bodyless && answerBody instanceof Readable && api.maxAge !== undefined && authTime !== undefined && SAFE_METHODS.has(method)) {
+      // The head came after the sign-in outgrew maxAge: its stream would be cut at its first byte. A
+      // safe call can be made again after a step-up, so it hears that now; an unsafe one the API has
+      // acted on keeps its status, since a step_up_required would invite a second attempt.
+      const lacking = missingAuthentication({ maxAge: api.maxAge }, { authTime });
+      if (lacking) {
+        answerBody.destroy();
+        log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'deadline' });
+        throw errors.stepUpRequired(stepUpDetails(lacking));
+      }
+    }
     if (!bodyless && answerBody instanceof Readable) {
       // The head is out by then; the browser sees its answer cut, and the operator hears why once.
       // An abort is ours (the browser left, a sign-in grew too old), not the API's.
       answerBody.once('error', (error: Error) => {
         if (!isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
       });
-      const authTime = credentials.session?.record.authTime;
       if (api.maxAge !== undefined && authTime !== undefined) {
         // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
         const cancel = whenSignInTooOld(authTime, api.maxAge, () => {

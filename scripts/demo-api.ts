@@ -233,7 +233,8 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
         return json(res, 200, { sub, aud, scope, client_id, method, path: url.pathname, query, headers, body, dpop: verification.dpop ?? null });
       }
       case 'events':
-        return streamEvents(res, clampInt(query.count, 5, 0, 10_000), clampInt(query.intervalMs, 200, 0, 60_000));
+        // `delayMs`: a head that comes late, as a long poll's does.
+        return streamEvents(res, clampInt(query.count, 5, 0, 10_000), clampInt(query.intervalMs, 200, 0, 60_000), clampInt(query.delayMs, 0, 0, 600_000));
       case 'download':
         return download(res, clampInt(query.bytes, 1024, 0, Number.MAX_SAFE_INTEGER));
       case 'upload': {
@@ -416,7 +417,9 @@ async function readBody(req: IncomingMessage): Promise<unknown> {
   }
 }
 
-async function streamEvents(res: ServerResponse, count: number, intervalMs: number): Promise<void> {
+async function streamEvents(res: ServerResponse, count: number, intervalMs: number, delayMs: number): Promise<void> {
+  if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
+  if (res.destroyed) return;
   res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store', 'x-accel-buffering': 'no' });
   res.flushHeaders();
   for (let n = 0; n < count && !res.destroyed; n += 1) {

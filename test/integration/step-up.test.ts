@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, followFlow, jarFor, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { defaultServerShape, restartGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { DEV_IDP_ACR } from '../../scripts/dev-idp.ts';
-import { RedisProbe, call, idpGrants, refreshGrantsOf, type CallResult } from '../support/http-client.ts';
+import { RedisProbe, call, idpGrants, logSoFar, refreshGrantsOf, type CallResult } from '../support/http-client.ts';
 import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
 
 /**
@@ -202,6 +202,26 @@ describe(`step-up on ${SHAPE}`, () => {
     expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'sten' } });
     // No error, no stack trace: the stream was cut on purpose.
     const logged = stack.apps[0]!.process.output().slice(logBefore);
+    expect(logged).not.toMatch(/\n\s+at |failed to pipe|"level":"error"/);
+  });
+
+  it('a streamed answer whose head comes after the sign-in outgrew maxAge: a GET hears step_up_required, a POST keeps the status the API gave', async () => {
+    const { cookie } = await signIn('hedda', { fields: { auth_age: '294' } });
+    const { authTime } = (await sessionOf(cookie)) as { authTime: number };
+    // Both calls start within the sign-in's 300 s; the API answers a second after they end.
+    const delayMs = (authTime + 301) * 1000 - Date.now() + 1_000;
+    expect(delayMs).toBeGreaterThan(1_000);
+    const path = `/api/proxy/fresh/events?count=3&intervalMs=10&delayMs=${delayMs}`;
+    const logBefore = stack.apps[0]!.process.output().length;
+    const [get, post] = await Promise.all([
+      call(app, path, cookie),
+      fetch(`${app}${path}`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } }).then(async (response) => ({ status: response.status, read: await response.text().then(() => 'whole', () => 'cut') })),
+    ]);
+    expectStepUp(get, { max_age: 300 });
+    // The API acted on the POST: a step_up_required would invite a second one. Its stream ends at once.
+    expect(post).toEqual({ status: 200, read: 'cut' });
+    // The stack logs warnings and errors only: none, and no stack trace, from either answer.
+    const logged = await logSoFar(app, cookie, () => stack.apps[0]!.process.output(), logBefore);
     expect(logged).not.toMatch(/\n\s+at |failed to pipe|"level":"error"/);
   });
 

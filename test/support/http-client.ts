@@ -1,6 +1,7 @@
 // Small helpers for integration tests that drive a running Gatehouse stack over HTTP and look at
 // its Redis keys: a browser-like call with the session cookie, the dev IdP's grant counters, and
 // bounded polling instead of fixed sleeps.
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Redis, type RedisOptions } from 'ioredis';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
@@ -316,4 +317,20 @@ export function serverHoldsConnection(serverPort: number, clientPort: number): b
     if (row.localPort === serverPort && row.remotePort === clientPort && (row.state === ESTABLISHED || row.state === CLOSE_WAIT)) return true;
   }
   return false;
+}
+
+/**
+ * The app's output from `since` on, once everything logged before this call is in it. Log lines are
+ * written asynchronously, so a marker request whose warning (`proxy.location_dropped`, through the
+ * demo API's `redirect`) comes after them tells when they are out. The dropped value is not logged:
+ * a Location may carry a signature or a token of the API's.
+ */
+export async function logSoFar(appUrl: string, cookie: string, output: () => string, since: number): Promise<string> {
+  const secret = `marker-${randomUUID()}`;
+  const answer = await call(appUrl, `/api/proxy/demo/redirect?to=${encodeURIComponent(`${appUrl}/api/auth/${secret}`)}`, cookie);
+  if (answer.headers.get('location') !== null) throw new Error('the marker redirect was not dropped');
+  const requestId = answer.headers.get('x-request-id') as string;
+  const line = await waitFor('the marker line', () => output().slice(since).split('\n').find((entry) => entry.includes('"event":"proxy.location_dropped"') && entry.includes(requestId)), 5_000);
+  if (line.includes(secret)) throw new Error(`the dropped Location was logged: ${line}`);
+  return output().slice(since);
 }
