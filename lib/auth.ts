@@ -144,17 +144,37 @@ export function requestedStepUp(query: URLSearchParams): StepUp {
  * What OIDC_AUTHORIZATION_PARAMS asks of every login is a floor (an operator's MFA, say): a login
  * link's own acr_values and max_age replace it in the request, so they may only narrow it, never
  * lower it — or anyone could start a sign-in without the second factor the operator requires.
+ * Returns what the login asks for: the link's values, or else the floor's. The callback holds the
+ * sign-in to that, as to any step-up: to an IdP, `acr_values` and `max_age` are wishes it may answer
+ * with less, and a browser without PAR can strike them from the request on its way.
  */
-export function checkStepUpFloor(stepUp: StepUp, configured: Array<[string, string]>): void {
+export function withStepUpFloor(stepUp: StepUp, configured: Array<[string, string]>): StepUp {
   const values = (name: string) => configured.filter(([key]) => key === name).map(([, value]) => value);
   const floorAcrs = values('acr_values').flatMap((value) => value.split(' ').filter(Boolean));
   if (stepUp.acrValues && floorAcrs.length && !stepUp.acrValues.every((acr) => floorAcrs.includes(acr))) {
     throw invalidLoginRequest('acr_values may only name ACRs this server already asks every sign-in for');
   }
-  const floorMaxAge = values('max_age').map(Number).find(Number.isInteger);
+  const floorMaxAge = values('max_age').map(Number).find((value) => Number.isInteger(value) && value >= 0);
   if (stepUp.maxAge !== undefined && floorMaxAge !== undefined && stepUp.maxAge > floorMaxAge) {
     throw invalidLoginRequest('max_age may not exceed what this server asks every sign-in for');
   }
+  const acrValues = stepUp.acrValues ?? (floorAcrs.length ? floorAcrs : undefined);
+  const maxAge = stepUp.maxAge ?? floorMaxAge;
+  return { ...(acrValues ? { acrValues } : {}), ...(maxAge !== undefined ? { maxAge } : {}) };
+}
+
+/**
+ * The error a silent login (`prompt=none`) hears at once when OIDC_AUTHORIZATION_PARAMS asks every
+ * sign-in for an interaction: the link's `prompt` would replace the operator's, and the IdP would
+ * sign the browser in without it. The names are OIDC Core's for a silent request that cannot be met.
+ */
+export function silentLoginRefusal(configured: Array<[string, string]>): string | undefined {
+  const prompts = configured.filter(([key]) => key === 'prompt').flatMap(([, value]) => value.split(' ').filter(Boolean));
+  if (!prompts.some((prompt) => prompt !== 'none')) return undefined;
+  if (prompts.includes('login')) return 'login_required';
+  if (prompts.includes('consent')) return 'consent_required';
+  if (prompts.includes('select_account')) return 'account_selection_required';
+  return 'interaction_required';
 }
 
 function invalidLoginRequest(problem: string): GatehouseError {
@@ -179,15 +199,22 @@ async function beginLogin(request: Request): Promise<Response> {
   const cookieHeader = request.headers.get('cookie');
   const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
-  const stepUp = requestedStepUp(url.searchParams);
-  checkStepUpFloor(stepUp, getConfig().oidc.authorizationParams);
+  const linkStepUp = requestedStepUp(url.searchParams);
+  const { authorizationParams } = getConfig().oidc;
+  const stepUp = withStepUpFloor(linkStepUp, authorizationParams);
+  const refusal = prompt && silentLoginRefusal(authorizationParams);
+  if (refusal) {
+    log('info', 'auth.silent_login', { outcome: refusal, from: 'config' });
+    countLogin('silent_login_failed');
+    return redirect(withAuthError(returnTo, refusal), await transactionCookiesToDrop(cookieHeader));
+  }
   const authorization = oidc.newAuthorizationRequest({ prompt, ...stepUp });
   // With DPoP the session's key pair exists before the IdP sees the request: it is named there (dpop_jkt).
   if (getConfig().oidc.dpop) authorization.dpopJkt = await beginDpopLogin(authorization.state);
   const location = await oidc.buildAuthorizationUrl(authorization);
   const previousSessionId = (await sessionIdFromCookieHeader(cookieHeader)) ?? undefined;
   const transaction = { ...authorization, returnTo, startedAt: Date.now(), ...(previousSessionId ? { previousSessionId } : {}) };
-  log('info', 'auth.login_started', { silent: Boolean(prompt), ...(stepUp.acrValues ? { acrValues: stepUp.acrValues.length } : {}), ...(stepUp.maxAge !== undefined ? { maxAge: stepUp.maxAge } : {}) });
+  log('info', 'auth.login_started', { silent: Boolean(prompt), ...(linkStepUp.acrValues ? { acrValues: linkStepUp.acrValues.length } : {}), ...(linkStepUp.maxAge !== undefined ? { maxAge: linkStepUp.maxAge } : {}) });
   return redirect(location.href, [...(await transactionCookiesToDrop(cookieHeader)), await transactionCookieHeader(transaction)]);
 }
 

@@ -81,8 +81,8 @@ function expectStepUp(result: CallResult, details: { acr_values?: string; max_ag
 }
 
 /** Drives a login that the callback is expected to refuse; returns the callback's answer. */
-async function refusedLogin(username: string, query: Record<string, string>, jars: CookieJars, fields: Record<string, string>): Promise<Response> {
-  const start = new URL(`${app}/api/auth/login?${new URLSearchParams(query)}`);
+async function refusedLogin(username: string, query: Record<string, string>, jars: CookieJars, fields: Record<string, string>, origin = app): Promise<Response> {
+  const start = new URL(`${origin}/api/auth/login?${new URLSearchParams(query)}`);
   let leftApp = false;
   const callback = await followFlow(start, (next) => (leftApp ||= next.origin !== start.origin) && next.origin === start.origin, { username, jars, fields });
   return browserRequest(callback, jars);
@@ -309,11 +309,11 @@ describe(`step-up on ${SHAPE}`, () => {
     }
   });
 
-  it('a login link cannot lower the acr_values or max_age OIDC_AUTHORIZATION_PARAMS asks of every sign-in: 400, nothing pushed to the IdP', async () => {
+  it('what OIDC_AUTHORIZATION_PARAMS asks of every sign-in holds: a link cannot lower it (400, nothing pushed), the callback refuses a sign-in short of it, a silent login cannot skip its prompt', async () => {
     // Without this, anyone holding a password could start a sign-in asking for the password ACR
     // only, and the link's values would replace the operator's MFA floor in the pushed request.
     const floorApp = stack.apps[1]!;
-    await restartGatehouse(floorApp, { OIDC_USE_PAR: 'true', OIDC_AUTHORIZATION_PARAMS: `acr_values=${encodeURIComponent(MFA)}&max_age=600` }, 'gatehouse-floor');
+    await restartGatehouse(floorApp, { OIDC_USE_PAR: 'true', OIDC_AUTHORIZATION_PARAMS: `acr_values=${encodeURIComponent(MFA)}&max_age=600&prompt=login` }, 'gatehouse-floor');
     try {
       for (const query of [`acr_values=${encodeURIComponent(DEV_IDP_ACR.password)}`, `acr_values=${encodeURIComponent(`${MFA} ${DEV_IDP_ACR.password}`)}`, 'max_age=601', 'max_age=315360000']) {
         const res = await fetch(`${floorApp.url}/api/auth/login?${query}`, { redirect: 'manual' });
@@ -328,6 +328,26 @@ describe(`step-up on ${SHAPE}`, () => {
         expect(res.status, query).toBe(302);
         expect([...new URL(res.headers.get('location') ?? 'about:blank').searchParams.keys()].sort(), query).toEqual(['client_id', 'request_uri']);
       }
+      // The IdP may answer the floor with less (here the password alone, the code field left empty;
+      // without PAR, a browser can also strike acr_values from the request): no session comes of it.
+      const passwordOnly: CookieJars = new Map();
+      const refused = await refusedLogin('fay', {}, passwordOnly, {}, floorApp.url);
+      expect(refused.status).toBe(400);
+      expect(await refused.text()).toContain('<code>step_up_failed</code>');
+      expect(jarFor(passwordOnly, floorApp.url).get('gatehouse')).toBeUndefined();
+      // Nor from a sign-in older than the floor's max_age (the dev IdP back-dates it).
+      const stale = await refusedLogin('fay', {}, new Map(), { ...CODE, auth_age: '700' }, floorApp.url);
+      expect(stale.status).toBe(400);
+      expect(await stale.text()).toContain('<code>step_up_failed</code>');
+      // The second factor, in time: a session at the floor's acr.
+      const strong = await signIn('fay', { origin: floorApp.url, fields: CODE });
+      expect(await sessionOf(strong.cookie, floorApp.url)).toMatchObject({ authenticated: true, acr: MFA });
+      // prompt=login: a silent login would let the IdP sign the browser in without it. The SPA hears
+      // login_required at once, as from an IdP, and the IdP hears nothing.
+      const silent = await fetch(`${floorApp.url}/api/auth/login?prompt=none&returnTo=%2Forders`, { redirect: 'manual' });
+      expect(silent.status).toBe(302);
+      const back = new URL(silent.headers.get('location') ?? 'about:blank');
+      expect([back.origin, back.pathname, back.searchParams.get('authError')]).toEqual([new URL(floorApp.url).origin, '/orders', 'login_required']);
     } finally {
       await restartGatehouse(floorApp, { OIDC_USE_PAR: 'true', OIDC_AUTHORIZATION_PARAMS: '' }, 'gatehouse-par');
     }

@@ -3,7 +3,7 @@
 // challenge reader what hostile or broken APIs send and check that only checked values come out.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { checkStepUpFloor, requestedStepUp } from '../../lib/auth.ts';
+import { requestedStepUp, silentLoginRefusal, withStepUpFloor } from '../../lib/auth.ts';
 import { GatehouseError, errorBody, errors } from '../../lib/errors.ts';
 import { ACR_VALUE, MAX_AGE_LIMIT_SEC, missingAuthentication, parseAcrValues, parseMaxAge, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
 
@@ -187,9 +187,9 @@ describe('requestedStepUp (login query)', () => {
 
 describe('a login link cannot lower what OIDC_AUTHORIZATION_PARAMS asks of every sign-in', () => {
   const floor: Array<[string, string]> = [['acr_values', 'urn:mfa urn:hwk'], ['max_age', '600'], ['audience', 'x']];
-  const refusal = (stepUp: Parameters<typeof checkStepUpFloor>[0], configured = floor) => {
+  const refusal = (stepUp: Parameters<typeof withStepUpFloor>[0], configured = floor) => {
     try {
-      checkStepUpFloor(stepUp, configured);
+      withStepUpFloor(stepUp, configured);
       return undefined;
     } catch (error) {
       return error;
@@ -210,5 +210,49 @@ describe('a login link cannot lower what OIDC_AUTHORIZATION_PARAMS asks of every
     );
     expect(refusal({ acrValues: ['urn:pwd'] })).toMatchObject({ code: 'invalid_request' });
     expect(refusal({ acrValues: ['urn:mfa', 'urn:pwd'] })).toMatchObject({ code: 'invalid_request' });
+  });
+});
+
+describe('what OIDC_AUTHORIZATION_PARAMS asks of every sign-in is what the callback holds it to', () => {
+  it('a login that asks for nothing of its own asks for the floor, which the callback then checks', () => {
+    expect(withStepUpFloor({}, [['acr_values', 'urn:mfa  urn:hwk'], ['max_age', '600'], ['audience', 'x']])).toEqual({ acrValues: ['urn:mfa', 'urn:hwk'], maxAge: 600 });
+    expect(withStepUpFloor({}, [['max_age', '0']])).toEqual({ maxAge: 0 });
+    // A link that narrows the floor keeps its own values; the rest of the floor still applies.
+    expect(withStepUpFloor({ acrValues: ['urn:hwk'] }, [['acr_values', 'urn:mfa urn:hwk'], ['max_age', '600']])).toEqual({ acrValues: ['urn:hwk'], maxAge: 600 });
+    expect(withStepUpFloor({ maxAge: 60 }, [['acr_values', 'urn:mfa'], ['max_age', '600']])).toEqual({ acrValues: ['urn:mfa'], maxAge: 60 });
+    // No floor: the link's own, or nothing (an ordinary login).
+    expect(withStepUpFloor({}, [['audience', 'x']])).toEqual({});
+    expect(withStepUpFloor({ acrValues: ['urn:pwd'] }, [])).toEqual({ acrValues: ['urn:pwd'] });
+    // A max_age that is no whole number of seconds goes to the IdP as written, and nothing can be held to it.
+    expect(withStepUpFloor({}, [['max_age', 'soon']])).toEqual({});
+  });
+  it('whatever the link asks, the result never asks for less than the floor', () => {
+    fc.assert(
+      fc.property(
+        fc.option(fc.array(fc.constantFrom('urn:mfa', 'urn:hwk', 'urn:pwd'), { minLength: 1, maxLength: 3 }), { nil: undefined }),
+        fc.option(fc.integer({ min: 0, max: 2_000 }), { nil: undefined }),
+        (acrValues, maxAge) => {
+          const floor: Array<[string, string]> = [['acr_values', 'urn:mfa urn:hwk'], ['max_age', '600']];
+          let result;
+          try {
+            result = withStepUpFloor({ ...(acrValues ? { acrValues } : {}), ...(maxAge !== undefined ? { maxAge } : {}) }, floor);
+          } catch {
+            return; // refused: nothing is asked of the IdP at all
+          }
+          expect(result.acrValues?.length).toBeGreaterThan(0);
+          expect(result.acrValues?.every((acr) => acr === 'urn:mfa' || acr === 'urn:hwk')).toBe(true);
+          expect(result.maxAge).toBeLessThanOrEqual(600);
+        },
+      ),
+    );
+  });
+  it('a silent login cannot stand in for a prompt the operator asks of every sign-in', () => {
+    expect(silentLoginRefusal([['prompt', 'login']])).toBe('login_required');
+    expect(silentLoginRefusal([['prompt', 'consent']])).toBe('consent_required');
+    expect(silentLoginRefusal([['prompt', 'select_account consent']])).toBe('consent_required');
+    expect(silentLoginRefusal([['prompt', 'select_account']])).toBe('account_selection_required');
+    expect(silentLoginRefusal([['prompt', 'create']])).toBe('interaction_required');
+    expect(silentLoginRefusal([['prompt', 'none']])).toBeUndefined();
+    expect(silentLoginRefusal([['access_type', 'offline']])).toBeUndefined();
   });
 });
