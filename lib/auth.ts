@@ -4,6 +4,7 @@ import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } fro
 import { beginDpopLogin, finishDpopLogin } from './dpop.ts';
 import { NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
 import { describeCause, log } from './log.ts';
+import { LogoutTokenRejected } from './logout-token.ts';
 import * as oidc from './oidc.ts';
 import {
   clearSessionCookieHeader,
@@ -503,7 +504,12 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   try {
     claims = await oidc.verifyLogoutToken(token);
   } catch (error) {
-    return refuse('invalid_token', error);
+    if (error instanceof LogoutTokenRejected) return refuse('invalid_token', error);
+    // The IdP's discovery document or key set out of reach: a 400 would tell the IdP to give up on
+    // this logout, and the sessions would live on. A 503 it retries.
+    log('warn', 'auth.backchannel_logout', { outcome: 'idp_unavailable', ...describeCause(error) });
+    countLogout('backchannel', 'failed');
+    throw errors.idpUnavailable(error);
   }
   // The token is used up only once its sessions have ended. Marking it first would let a store
   // blip lose the logout: a SET that timed out here may still land when Redis resumes, and the

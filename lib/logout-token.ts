@@ -71,10 +71,16 @@ async function verifySignatureAndTimes(token: string, keys: JWTVerifyGetKey, exp
       currentDate: expected.currentDate,
     });
   } catch (error) {
-    if (error instanceof joseErrors.JOSEError) throw new LogoutTokenRejected(`logout_token failed JWT validation: ${error.code}`, error);
+    if (error instanceof joseErrors.JOSEError && !JWKS_UNREACHABLE.has(error.code)) throw new LogoutTokenRejected(`logout_token failed JWT validation: ${error.code}`, error);
     throw error;
   }
 }
+
+/**
+ * jose's word that the IdP's key set could not be fetched (a timeout, an answer other than 200 or
+ * not JSON), which says nothing of the token: the IdP should hear a retryable failure, not a refusal.
+ */
+const JWKS_UNREACHABLE = new Set([joseErrors.JWKSTimeout.code, joseErrors.JOSEError.code]);
 
 function checkType(header: ProtectedHeaderParameters): void {
   if (!Object.hasOwn(header, 'typ')) return;

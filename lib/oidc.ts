@@ -515,7 +515,7 @@ let logoutJwks: { uri: string; keys: ReturnType<typeof createRemoteJWKSet> } | u
 export async function verifyLogoutToken(token: string): Promise<LogoutTokenClaims> {
   const as = await getAuthorizationServer();
   if (!as.jwks_uri) throw new IdpError('rejected', 'The IdP publishes no jwks_uri');
-  if (logoutJwks?.uri !== as.jwks_uri) logoutJwks = { uri: as.jwks_uri, keys: createRemoteJWKSet(new URL(as.jwks_uri)) };
+  if (logoutJwks?.uri !== as.jwks_uri) logoutJwks = { uri: as.jwks_uri, keys: createRemoteJWKSet(new URL(as.jwks_uri), { timeoutDuration: getConfig().oidc.timeoutMs }) };
   const algorithms = (as.id_token_signing_alg_values_supported ?? ['RS256']).filter((alg) => alg !== 'none' && !alg.startsWith('HS'));
   return checkLogoutToken(token, logoutJwks.keys, {
     issuer: as.issuer,

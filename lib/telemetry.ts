@@ -349,6 +349,6 @@ export function countLogin(outcome: string): void {
   state.instruments?.logins.add(1, { 'gatehouse.outcome': outcome });
 }
 
-export function countLogout(kind: 'user' | 'other_device' | 'backchannel', outcome: 'ok' | 'refused'): void {
+export function countLogout(kind: 'user' | 'other_device' | 'backchannel', outcome: 'ok' | 'refused' | 'failed'): void {
   state.instruments?.logouts.add(1, { 'gatehouse.logout.kind': kind, 'gatehouse.outcome': outcome });
 }

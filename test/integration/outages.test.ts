@@ -32,6 +32,21 @@ afterAll(async () => {
   redis?.stop();
 });
 
+/** A back-channel logout token for `sub`, signed by the dev IdP's key. */
+async function logoutTokenFor(sub: string): Promise<string> {
+  const now = Math.floor(Date.now() / 1000);
+  const signed = await fetch(`${stack.issuer}/__dev/sign`, {
+    method: 'POST',
+    body: JSON.stringify({ payload: { iss: stack.issuer, aud: stack.clientId, sub, iat: now, exp: now + 120, jti: `outage-${sub}-${now}`, events: { 'http://schemas.openid.net/event/backchannel-logout': {} } } }),
+  });
+  return ((await signed.json()) as { jws: string }).jws;
+}
+
+/** Delivers `logoutToken` as the IdP does, once per call. */
+function backchannelLogoutOf(logoutToken: string): () => Promise<Response> {
+  return () => fetch(`${app}/api/auth/backchannel-logout`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ logout_token: logoutToken }) });
+}
+
 describe('transient faults', () => {
   it('health is 200 while everything answers', async () => {
     const response = await fetch(`${app}/api/health`);
@@ -59,18 +74,33 @@ describe('transient faults', () => {
     expect(await call(app, '/api/auth/session', cookie)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'outage-user' } } });
   });
 
+  it("a back-channel logout while the IdP's keys are out of reach is a 503 the IdP can retry (not a refusal), and its retry ends the session", async () => {
+    // First in this process: the keys for logout tokens are fetched when one arrives.
+    const sub = 'logout-without-idp';
+    const victim = await login(app, sub);
+    const deliver = backchannelLogoutOf(await logoutTokenFor(sub));
+    const idp = stack.idp.child.pid as number;
+    process.kill(idp, 'SIGSTOP');
+    try {
+      const during = await deliver();
+      expect(during.status).toBe(503);
+      expect(await during.json()).toMatchObject({ error: 'idp_unavailable' });
+    } finally {
+      process.kill(idp, 'SIGCONT');
+    }
+    expect((await call(app, '/api/proxy/demo/whoami', victim)).status).toBe(200);
+    expect((await deliver()).status).toBe(200);
+    expect(await call(app, '/api/proxy/demo/whoami', victim)).toMatchObject({ status: 401, body: { error: 'session_expired' } });
+    // A token the IdP did not sign is still refused outright, with the keys at hand.
+    const forged = backchannelLogoutOf(`${(await logoutTokenFor(sub)).slice(0, -4)}AAAA`);
+    expect((await forged()).status).toBe(400);
+  });
+
   it('a back-channel logout that meets a frozen Redis is a 503 the IdP can retry, and its retry of the same token ends the session', async () => {
     const sub = 'logout-during-outage';
     const victim = await login(app, sub);
     expect((await call(app, '/api/proxy/demo/whoami', victim)).status).toBe(200);
-    const now = Math.floor(Date.now() / 1000);
-    const signed = await fetch(`${stack.issuer}/__dev/sign`, {
-      method: 'POST',
-      body: JSON.stringify({ payload: { iss: stack.issuer, aud: stack.clientId, sub, iat: now, exp: now + 120, jti: `outage-${now}`, events: { 'http://schemas.openid.net/event/backchannel-logout': {} } } }),
-    });
-    const { jws: logoutToken } = (await signed.json()) as { jws: string };
-    const deliver = () =>
-      fetch(`${app}/api/auth/backchannel-logout`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ logout_token: logoutToken }) });
+    const deliver = backchannelLogoutOf(await logoutTokenFor(sub));
 
     process.kill(redis.child.pid as number, 'SIGSTOP');
     try {
