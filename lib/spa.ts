@@ -1,5 +1,5 @@
 import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { realpath, stat } from 'node:fs/promises';
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
@@ -60,7 +60,28 @@ function documentHeaders(csp: string): Array<[string, string]> {
   ];
 }
 
-/** The file under `root` that `pathname` names, or null when it would step outside it. */
+/**
+ * Files whose answer is the app's page: its own policy (SPA_CONTENT_SECURITY_POLICY) and framing rules.
+ * Scripts get no policy of their own: a worker takes its policy from its script's answer.
+ * Every other file runs, should a browser be sent to it directly (an SVG or XML with a script in
+ * it, an HTML file under another type), in a sandbox without scripts, so nothing among the
+ * files can act on this origin, where `/api/proxy/*` answers with the user's tokens.
+ */
+const DOCUMENT_TYPES = new Set(['text/html', 'application/xhtml+xml']);
+const SCRIPT_TYPES = new Set(['text/javascript', 'application/javascript', 'application/x-javascript', 'text/ecmascript', 'application/ecmascript']);
+const FILE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; sandbox";
+
+function protectionFor(contentType: string | undefined, csp: string): Array<[string, string]> {
+  const type = (contentType ?? '').split(';', 1)[0]!.trim().toLowerCase();
+  if (DOCUMENT_TYPES.has(type)) return documentHeaders(csp);
+  if (SCRIPT_TYPES.has(type)) return [];
+  return [['content-security-policy', FILE_CSP]];
+}
+
+/**
+ * The file under `root` that `pathname` names, or null when it would step outside it or name a
+ * dotfile (`.env`, `.git/…`: build tools leave them beside what they build), `.well-known` apart.
+ */
 export function resolveSpaFile(root: string, pathname: string): string | null {
   let decoded: string;
   try {
@@ -69,37 +90,50 @@ export function resolveSpaFile(root: string, pathname: string): string | null {
     return null;
   }
   if (decoded.includes('\0') || decoded.includes('\\')) return null;
+  const normalized = path.posix.normalize(`/${decoded}`);
+  if (normalized.split('/').some((segment) => segment.startsWith('.') && segment !== '.well-known')) return null;
   const base = path.resolve(root);
-  const file = path.resolve(base, `.${path.posix.normalize(`/${decoded}`)}`);
-  const inside = base.endsWith(path.sep) ? base : `${base}${path.sep}`;
-  return file === base || file.startsWith(inside) ? file : null;
+  const file = path.resolve(base, `.${normalized}`);
+  return isWithin(base, file) ? file : null;
 }
 
-async function fileAt(file: string | null): Promise<{ file: string; size: number } | null> {
+function isWithin(base: string, file: string): boolean {
+  return file === base || file.startsWith(base.endsWith(path.sep) ? base : `${base}${path.sep}`);
+}
+
+/**
+ * The file to read for `file`, with every symbolic link resolved, when that is still a file under
+ * the root's own real place: a link in the build that points elsewhere (`etc -> /etc`) is not
+ * followed out of it. The root is resolved each time, so a deploy that swaps a `current` link is seen.
+ */
+async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number } | null> {
   if (!file) return null;
-  const info = await stat(file).catch(() => null);
-  return info?.isFile() ? { file, size: info.size } : null;
+  const [real, realRoot] = await Promise.all([realpath(file).catch(() => null), realpath(root).catch(() => null)]);
+  if (!real || !realRoot || !isWithin(realRoot, real)) return null;
+  const info = await stat(real).catch(() => null);
+  return info?.isFile() ? { file: real, size: info.size } : null;
 }
 
 export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
   if (NOT_THE_SPA.test(pathname)) return null;
-  const found = pathname.endsWith('/') ? null : await fileAt(resolveSpaFile(root, pathname));
+  const found = pathname.endsWith('/') ? null : await fileAt(root, resolveSpaFile(root, pathname));
   // Anything without a file of its own and without an extension is a route of the SPA.
   const isRoute = !found && !/\.[A-Za-z0-9]+$/.test(pathname);
-  const served = found ?? (isRoute ? await fileAt(path.join(path.resolve(root), 'index.html')) : null);
+  const served = found ?? (isRoute ? await fileAt(root, path.join(path.resolve(root), 'index.html')) : null);
   if (!served) return null;
   const extension = path.extname(served.file).toLowerCase();
   const isDocument = extension === '.html';
+  const contentType = CONTENT_TYPES[extension] ?? 'application/octet-stream';
   const headers: Array<[string, string]> = [
-    ['content-type', CONTENT_TYPES[extension] ?? 'application/octet-stream'],
+    ['content-type', contentType],
     ['content-length', String(served.size)],
     // index.html must be revalidated so a deploy reaches users; hashed assets can be kept for good.
     ['cache-control', !isDocument && HASHED_ASSET.test(served.file) ? 'public, max-age=31536000, immutable' : 'no-cache'],
     ['x-content-type-options', 'nosniff'],
+    ...protectionFor(contentType, csp),
   ];
-  if (isDocument) headers.push(...documentHeaders(csp));
   return { status: 200, headers, body: method === 'HEAD' ? null : createReadStream(served.file) };
 }
 
@@ -351,8 +385,7 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
     const value = answer.headers[name];
     if (value !== undefined) headers.push([name, value]);
   }
-  headers.push(['x-content-type-options', 'nosniff']);
-  if ((answer.headers['content-type'] ?? '').startsWith('text/html')) headers.push(...documentHeaders(csp));
+  headers.push(['x-content-type-options', 'nosniff'], ...protectionFor(answer.headers['content-type'], csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;
   if (bodyless && answer.body instanceof Readable) answer.body.resume();
   return { status, headers, body: bodyless ? null : answer.body };

@@ -1,7 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
@@ -29,11 +29,27 @@ writeFileSync(path.join(spaDir, 'robots.txt'), 'User-agent: *\n');
 writeFileSync(path.join(spaDir, 'assets', 'chunk-Qw12Er34.js'), 'export const chunk = 1;');
 writeFileSync(path.join(spaDir, 'short.txt'), 'fresh for a second');
 writeFileSync(path.join(spaDir, 'private.txt'), 'for one browser only');
+// What a build folder may hold besides the app: dotfiles, links out of it, a file with a script in it.
+const SECURITY_TXT = 'Contact: mailto:security@example.com\n';
+const outsideDir = mkdtempSync(path.join(ROOT, '.test-tmp', 'outside-'));
+writeFileSync(path.join(outsideDir, 'secret.txt'), 'OUTSIDE SECRET');
+writeFileSync(path.join(spaDir, '.env'), 'SECRET_KEY=env-secret');
+mkdirSync(path.join(spaDir, '.git'));
+writeFileSync(path.join(spaDir, '.git', 'config'), '[remote] SECRET');
+mkdirSync(path.join(spaDir, '.well-known'));
+writeFileSync(path.join(spaDir, '.well-known', 'security.txt'), SECURITY_TXT);
+symlinkSync(path.join(outsideDir, 'secret.txt'), path.join(spaDir, 'assets', 'linked.txt'));
+symlinkSync(outsideDir, path.join(spaDir, 'outside'));
+symlinkSync('robots.txt', path.join(spaDir, 'alias.txt'));
+writeFileSync(path.join(spaDir, 'assets', 'logo.svg'), '<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/proxy/demo/whoami")</script></svg>');
+/** A policy that keeps a file opened on its own from running script on the app's origin. */
+const SANDBOXED = /^default-src 'none';.*(^|; )sandbox$/;
 
 const stacks: Stack[] = [];
 afterAll(async () => {
   await Promise.all(stacks.map((stack) => stack.stop()));
   rmSync(spaDir, { recursive: true, force: true });
+  rmSync(outsideDir, { recursive: true, force: true });
 });
 
 describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
@@ -90,6 +106,28 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     }
   });
 
+  it('serves no dotfile and follows no link out of SPA_DIR; .well-known and links that stay inside are served', async () => {
+    for (const pathname of ['/.env', '/.git/config', '/assets/linked.txt', '/outside/secret.txt', '/%2eenv', '/assets/%2e%2e/.env']) {
+      const res = await get(pathname, '*/*');
+      const body = await res.text();
+      expect(body, pathname).not.toContain('SECRET');
+      // A path without an extension is a route of the SPA: index.html, never the file.
+      expect(res.status === 404 || body === INDEX, pathname).toBe(true);
+    }
+    expect(await (await get('/.well-known/security.txt', '*/*')).text()).toBe(SECURITY_TXT);
+    expect(await (await get('/alias.txt', '*/*')).text()).toBe('User-agent: *\n');
+  });
+
+  it('a file other than the page runs in a sandbox without scripts when opened by itself; scripts and the page keep theirs', async () => {
+    const svg = await get('/assets/logo.svg', '*/*');
+    expect(svg.headers.get('content-type')).toBe('image/svg+xml');
+    expect(svg.headers.get('content-security-policy')).toMatch(SANDBOXED);
+    expect((await get('/robots.txt', '*/*')).headers.get('content-security-policy')).toMatch(SANDBOXED);
+    // A worker takes its policy from its script's answer: a script's answer carries none.
+    expect((await get('/assets/app-Ab12Cd34.js', '*/*')).headers.get('content-security-policy')).toBeNull();
+    expect((await get('/')).headers.get('content-security-policy')).toContain("script-src 'self'");
+  });
+
   it("leaves Gatehouse's own endpoints alone, and a login lands on the SPA", async () => {
     const session = await fetch(`${app}/api/auth/session`, { headers: { 'x-csrf': '1' } });
     expect(await session.json()).toEqual({ authenticated: false });
@@ -121,7 +159,7 @@ function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; r
     const headers = {
       etag,
       'cache-control': file.includes('/assets/') ? 'public, max-age=31536000, immutable' : file.endsWith('short.txt') ? 'max-age=1' : file.endsWith('private.txt') ? 'private, max-age=600' : 'no-cache',
-      'content-type': file.endsWith('.html') ? 'text/html; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : 'text/plain',
+      'content-type': file.endsWith('.html') ? 'TEXT/HTML; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : file.endsWith('.svg') ? 'image/svg+xml' : 'text/plain',
       'set-cookie': 'cdn=1; Path=/',
     };
     if (req.headers['if-none-match'] === etag) return void res.writeHead(304, headers).end();
@@ -205,6 +243,19 @@ describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
     // private: for one browser, never kept to hand to another.
     for (let i = 0; i < 3; i++) expect(await fetchText('/private.txt')).toMatchObject({ status: 200, body: 'for one browser only' });
     expect(asked('private.txt')).toHaveLength(3);
+  });
+
+  it('asks the host for no dotfile; what is not the page runs sandboxed when opened by itself, the page keeps its policy whatever the letter case of its type', async () => {
+    for (const pathname of ['/.env', '/.git/config', '/%2eenv']) {
+      const res = await fetch(`${app}${pathname}`);
+      const body = await res.text();
+      expect(body, pathname).not.toContain('SECRET');
+      expect(res.status === 404 || body === INDEX, pathname).toBe(true);
+    }
+    expect(origin.requests.some((request) => request.path.includes('/.'))).toBe(false);
+    expect((await fetch(`${app}/assets/logo.svg`)).headers.get('content-security-policy')).toMatch(SANDBOXED);
+    expect((await fetch(`${app}/assets/app-Ab12Cd34.js`)).headers.get('content-security-policy')).toBeNull();
+    expect((await fetch(`${app}/orders`, { headers: { accept: 'text/html' } })).headers.get('content-security-policy')).toContain("frame-ancestors 'none'");
   });
 
   it('never reaches outside the origin’s base path, however the path is spelled', async () => {

@@ -6,7 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { resolveSpaFile, resolveSpaUrl, serveSpaFrom } from '../../lib/spa.ts';
 
 const ROOT = '/srv/spa';
-const PIECES = ['/', '.', '..', '%2e', '%2E', '%2f', '%2F', '%5c', '\\', '%00', '%252e', 'etc', 'passwd', 'assets', 'a.js', ';', '%'];
+const PIECES = ['/', '.', '..', '%2e', '%2E', '%2f', '%2F', '%5c', '\\', '%00', '%252e', 'etc', 'passwd', 'assets', 'a.js', ';', '%', '.env', '.git', '.well-known', 'env'];
 const hostilePath = fc.oneof(fc.array(fc.constantFrom(...PIECES, '@', ':', '//', '?', '#'), { maxLength: 14 }).map((parts) => `/${parts.join('')}`), fc.webPath(), fc.string());
 
 describe('resolveSpaFile (generated paths)', () => {
@@ -18,6 +18,20 @@ describe('resolveSpaFile (generated paths)', () => {
       }),
       { numRuns: 20_000 },
     );
+  });
+
+  it('never names a dotfile or anything under a dot folder, .well-known apart', () => {
+    fc.assert(
+      fc.property(hostilePath, (pathname) => {
+        const file = resolveSpaFile(ROOT, pathname);
+        if (file === null || file === ROOT) return;
+        const segments = path.relative(ROOT, file).split(path.sep);
+        expect(segments.some((segment) => segment.startsWith('.') && segment !== '.well-known'), `${pathname} → ${file}`).toBe(false);
+      }),
+      { numRuns: 20_000 },
+    );
+    expect(resolveSpaFile(ROOT, '/.well-known/security.txt')).toBe('/srv/spa/.well-known/security.txt');
+    for (const pathname of ['/.env', '/%2eenv', '/.git/config', '/assets/.%2e/.env', '/a/.hidden/b.js']) expect(resolveSpaFile(ROOT, pathname), pathname).toBeNull();
   });
 
   it('keeps ordinary asset paths, and resolves dot segments inside SPA_DIR', () => {
