@@ -378,6 +378,27 @@ export async function logoutByApi(request: Request): Promise<Response> {
 
 // --- health ------------------------------------------------------------------------------------
 
+/**
+ * Health asks the IdP for its discovery document, and anyone may ask for health: one check at a
+ * time per process, its answer reused for IDP_HEALTH_REUSE_MS, so a flood of anonymous health
+ * requests cannot become one at the IdP (which might then rate-limit this server's logins and
+ * refreshes). The store's PING stays live: it is this deployment's own.
+ */
+const IDP_HEALTH_REUSE_MS = 2_000;
+let idpHealth: { checkedAt: number; state: Promise<string> } | undefined;
+
+function idpHealthState(): Promise<string> {
+  const now = Date.now();
+  if (idpHealth && now - idpHealth.checkedAt < IDP_HEALTH_REUSE_MS) return idpHealth.state;
+  // An IdP that answers but cannot take this server's logins (PAR required, no endpoint) is not ready either.
+  const state = oidc.checkDiscovery().then(
+    (as) => (oidc.pushedAuthorizationProblem(as) ? 'misconfigured' : 'ok'),
+    () => 'unavailable',
+  );
+  idpHealth = { checkedAt: now, state };
+  return state;
+}
+
 export async function checkHealth(): Promise<Response> {
   getConfig();
   const [store, idp] = await Promise.all([
@@ -385,11 +406,7 @@ export async function checkHealth(): Promise<Response> {
       () => 'ok',
       () => 'unavailable',
     ),
-    // An IdP that answers but cannot take this server's logins (PAR required, no endpoint) is not ready either.
-    oidc.checkDiscovery().then(
-      (as) => (oidc.pushedAuthorizationProblem(as) ? 'misconfigured' : 'ok'),
-      () => 'unavailable',
-    ),
+    idpHealthState(),
   ]);
   const healthy = store === 'ok' && idp === 'ok';
   const failing = [store !== 'ok' && `store ${store}`, idp !== 'ok' && `idp ${idp}`].filter(Boolean).join(' and ');

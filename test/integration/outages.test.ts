@@ -120,12 +120,33 @@ describe('transient faults', () => {
     expect((await deliver()).status).toBe(400);
   });
 
+  it('a flood of health requests is not one at the IdP: one discovery check at a time, its answer reused for 2 s', async () => {
+    await setIdpDelays(stack.issuer, { discoveryMs: 300 });
+    try {
+      // A flood that found an answer still reused from an earlier check asks nothing: flood until one does ask.
+      const checks = await waitFor('a flood that checks the IdP again', async () => {
+        const before = (await setIdpDelays(stack.issuer, {})).delayed.discovery;
+        const answers = await Promise.all(Array.from({ length: 40 }, () => fetch(`${app}/api/health`).then((res) => res.status)));
+        expect(answers.every((status) => status === 200)).toBe(true);
+        const asked = (await setIdpDelays(stack.issuer, {})).delayed.discovery - before;
+        return asked > 0 ? asked : undefined;
+      }, 10_000, 250);
+      // One per copy of the auth module in the process (server.ts's and Next's bundle) at most.
+      expect(checks).toBeLessThanOrEqual(2);
+    } finally {
+      await setIdpDelays(stack.issuer, { discoveryMs: 0 });
+    }
+  });
+
   it('an IdP that stops answering makes health 503 naming the IdP; proxied calls with a fresh token are unaffected', async () => {
     const idp = stack.idp.child.pid as number;
     process.kill(idp, 'SIGSTOP');
     try {
-      const health = await fetch(`${app}/api/health`);
-      expect(health.status).toBe(503);
+      // Within 2 s (and the IdP timeout) of the last check that still reached it.
+      const health = await waitFor('health to say the IdP is away', async () => {
+        const res = await fetch(`${app}/api/health`);
+        return res.status === 503 ? res : (await res.body?.cancel(), undefined);
+      }, 10_000, 200);
       expect(await health.json()).toMatchObject({ store: 'ok', idp: 'unavailable' });
       expect((await call(app, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
     } finally {
