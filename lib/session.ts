@@ -569,8 +569,16 @@ export async function touchSession(session: Session, force = false): Promise<voi
     return;
   }
   const extended = await storeCall(() => getStore().expire(sessionKey(session.id), expiresAt - now));
+  if (!extended) return;
   // The index score doubles as "last used" (expiry minus idle timeout) for the sessions list.
-  if (extended) await indexSession(session, expiresAt);
+  await indexSession(session, expiresAt);
+  // A logout between the PEXPIRE and these index writes removed the entries they re-add (the
+  // indexes may live on other Cluster slots, so the two cannot be one transaction): an ended
+  // session would stay counted as active and listed for back-channel logout until its expiry.
+  if ((await storeCall(() => getStore().get(sessionKey(session.id)))) === null) {
+    await storeCall(() => getStore().indexRemove(activeSessionsKey(), sessionHandle(session.id)));
+    await removeFromIndexes(session.id, session.record);
+  }
 }
 
 /** The session with new tokens, encrypted: what `writeSessionTokens` stores, the same bytes however often it is tried. */

@@ -218,6 +218,32 @@ describe('session records', () => {
   });
 });
 
+describe('a sliding touch that races the session\'s end', () => {
+  it('leaves no index entry behind when the end lands between its PEXPIRE and its index writes', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: 'idp-sid-1', secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    expect(await session.countActiveSessions()).toBe(1);
+    // The race, made to happen (a real store's timing cannot be ordered on demand): a logout's
+    // DEL and index removals land just before the touch's first index write.
+    const store = session.getStore();
+    const indexAdd = store.indexAdd.bind(store);
+    let ended = false;
+    store.indexAdd = async (...args) => {
+      if (!ended) {
+        ended = true;
+        await session.destroySession(created.id, created.record);
+      }
+      return indexAdd(...args);
+    };
+    await session.touchSession(created, true);
+    expect(ended).toBe(true);
+    expect(await store.get(session.sessionKey(created.id))).toBeNull();
+    expect(await session.countActiveSessions()).toBe(0);
+    expect(await store.indexMembers(session.userSessionsKey('alice'), Date.now())).toEqual([]);
+    expect(await store.indexMembers(session.idpSessionKey('idp-sid-1'), Date.now())).toEqual([]);
+  });
+});
+
 describe('a session ended by another instance', () => {
   it('leaves no decrypted tokens in this process once a read finds it gone', async () => {
     const session = await deploy(A);
