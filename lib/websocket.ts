@@ -40,6 +40,10 @@ const REFUSED_LINGER_MS = 5_000;
 /** Relayed as is when a peer closes abnormally (1006 cannot be sent): the browser hears 1011, the upstream 1001. */
 const UPSTREAM_FAILED_CLOSE_CODE = 1011;
 const BROWSER_GONE_CLOSE_CODE = 1001;
+/** What an API's close frame may not pass on to the browser: the codes that speak for Gatehouse. */
+const GATEHOUSE_CLOSE_CODES = new Set([SESSION_ENDED_CLOSE_CODE, STEP_UP_CLOSE_CODE]);
+/** What a queued frame holds besides its payload (header, buffers, callback), counted against the high-water mark. */
+const FRAME_COST_BYTES = 128;
 
 /**
  * The one Origin a WebSocket handshake may carry: exactly one `Origin` header, equal byte for byte
@@ -405,6 +409,8 @@ function relayedCloseCode(code: number, from: 'browser' | 'upstream', failure: n
   if (code === 1005) return undefined;
   // 1006: the peer's connection ended without a close frame, a code that may not be sent.
   if (code === 1006) return from === 'upstream' ? UPSTREAM_FAILED_CLOSE_CODE : BROWSER_GONE_CLOSE_CODE;
+  // Gatehouse's own codes tell the SPA its session ended or needs a step-up: an API cannot say that.
+  if (from === 'upstream' && GATEHOUSE_CLOSE_CODES.has(code)) return UPSTREAM_FAILED_CLOSE_CODE;
   return code;
 }
 
@@ -420,6 +426,21 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
     const target = sides[to];
     let waiting = 0;
     let failure: number | undefined;
+    /**
+     * Every frame written to `target` counts until the kernel has taken it (its callback), control
+     * frames and empty messages included, each with FRAME_COST_BYTES for what it holds besides its
+     * payload: otherwise pings that the other side answers into a socket nobody reads would pile
+     * up pongs here without end. Past the high-water mark the source is not read any more.
+     */
+    const write = (payloadBytes: number, send: (sent: () => void) => void) => {
+      const cost = payloadBytes + FRAME_COST_BYTES;
+      waiting += cost;
+      if (waiting > HIGH_WATER_BYTES) source.pause();
+      send(() => {
+        waiting -= cost;
+        if (waiting <= LOW_WATER_BYTES && source.isPaused) source.resume();
+      });
+    };
     source.on('message', (data, isBinary) => {
       if (entry.ending || target.readyState !== WebSocket.OPEN) return;
       // binaryType is `nodebuffer` (the default): every message, fragmented or not, is one Buffer.
@@ -427,17 +448,11 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
       bytes[direction] += message.length;
       noteStreamedBytes(message.length);
       if (direction === 'up') entry.browserSpoke = true;
-      waiting += message.length;
-      if (waiting > HIGH_WATER_BYTES) source.pause();
-      // The callback runs once the frame is handed to the kernel: only then is its memory ours no more.
-      target.send(message, { binary: isBinary }, () => {
-        waiting -= message.length;
-        if (waiting <= LOW_WATER_BYTES && source.isPaused) source.resume();
-      });
+      write(message.length, (sent) => target.send(message, { binary: isBinary }, sent));
     });
     // Heartbeats go end to end, so each side's liveness check sees the other side, not Gatehouse.
-    source.on('ping', (data) => target.readyState === WebSocket.OPEN && target.ping(data));
-    source.on('pong', (data) => target.readyState === WebSocket.OPEN && target.pong(data));
+    source.on('ping', (data) => target.readyState === WebSocket.OPEN && write(data.length, (sent) => target.ping(data, undefined, sent)));
+    source.on('pong', (data) => target.readyState === WebSocket.OPEN && write(data.length, (sent) => target.pong(data, undefined, sent)));
     source.on('error', (error) => {
       failure ??= protocolFailureCode(error);
       log('debug', 'websocket.peer_error', { requestId: entry.requestId, side: from, ...describeCause(error) });

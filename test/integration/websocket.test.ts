@@ -2,10 +2,10 @@
 // the upstream (it verifies the bearer and records what reached it), Gatehouse's production build.
 // The browser is played by `ws`'s client, which can set Cookie and Origin the way a browser sends
 // them; Node's own WebSocket cannot set either.
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { WebSocket } from 'ws';
+import { WebSocket, WebSocketServer } from 'ws';
 import { rssBytes } from '../../bench/lib.ts';
 import { freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import type { DemoSocketRecord } from '../../scripts/demo-api.ts';
@@ -25,9 +25,21 @@ const BACKCHANNEL_EVENT = 'http://schemas.openid.net/event/backchannel-logout';
 let stack: Stack;
 let app: string;
 let probe: RedisProbe;
+/**
+ * A plain `ws` server as an API, counting the pings that reach it. It answers every ping with a
+ * pong however many are still unsent, as many servers do (older `ws`, gorilla, uWS); `ws` 8 would
+ * otherwise drop a connection with 60 pongs pending, and with it any test of what piles up here.
+ */
+let plainApi: WebSocketServer;
+let pingsAtPlainApi = 0;
 
 beforeAll(async () => {
   const closedPort = await freePort();
+  // An option of ws 8.23 that @types/ws does not list yet.
+  const uncapped: Record<string, unknown> = { maxPendingAutoPongs: 0 };
+  plainApi = new WebSocketServer({ port: 0, host: '127.0.0.1', ...uncapped });
+  await new Promise((resolve) => plainApi.once('listening', resolve));
+  plainApi.on('connection', (ws) => ws.on('ping', () => (pingsAtPlainApi += 1)));
   stack = await startStack({
     workers: 1,
     accessTokenTtl: ACCESS_TOKEN_TTL_SEC,
@@ -42,6 +54,7 @@ beforeAll(async () => {
       dead: { url: `http://127.0.0.1:${closedPort}`, websocket: true },
       strong: { url: apiUrl, websocket: true, acr: MFA },
       fresh: { url: apiUrl, websocket: true, maxAge: FRESH_MAX_AGE_SEC },
+      plain: { url: `http://127.0.0.1:${(plainApi.address() as net.AddressInfo).port}`, websocket: true },
     }),
   });
   app = stack.apps[0]!.url;
@@ -51,6 +64,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await probe?.close();
   await stack?.stop();
+  plainApi?.close();
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -212,6 +226,14 @@ describe('the relay', () => {
     const socket = await open('/api/proxy/live/ws', { cookie });
     socket.ws.send('!close 4000 see you');
     expect(await socket.closed).toMatchObject({ code: 4000, reason: 'see you' });
+  });
+
+  it('an API cannot speak for Gatehouse: its close with 4401 or 4403 reaches the browser as 1011, without its reason', async () => {
+    for (const code of [SESSION_ENDED, STEP_UP]) {
+      const socket = await open('/api/proxy/live/ws', { cookie });
+      socket.ws.send(`!close ${code} session ended, sign in again`);
+      expect(await socket.closed).toMatchObject({ code: 1011, reason: '' });
+    }
   });
 
   it('a message over the API’s maxBodyBytes closes the socket with 1009', async () => {
@@ -524,9 +546,44 @@ describe('backpressure and memory: 50 MB of frames each way, to a reader that do
     return { counted, ahead };
   };
 
+  /**
+   * `pings` pings of 125 bytes from a client that never reads: the API answers each with a pong
+   * that can only pile up towards it. Written as raw masked frames, 25 to a write, as fast as the
+   * socket takes them (a `ws` client throttles itself). Answers how many the API received before
+   * the flow stalled or all had arrived.
+   */
+  const pingFlood = (pings: number) => async () => {
+    const { port } = new URL(app);
+    const raw = net.connect(Number(port), '127.0.0.1');
+    await new Promise((resolve) => raw.once('connect', resolve));
+    raw.write(`GET /api/proxy/plain/ws HTTP/1.1\r\nHost: localhost:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\nOrigin: ${app}\r\nCookie: ${cookie}\r\n\r\n`);
+    const head = (await new Promise<Buffer>((resolve) => raw.once('data', resolve))).toString();
+    expect(head.split('\r\n')[0]).toBe('HTTP/1.1 101 Switching Protocols');
+    raw.pause();
+    const mask = [1, 2, 3, 4];
+    const frame = Buffer.from([0x89, 0x80 | 125, ...mask, ...Buffer.alloc(125, 'p').map((byte, i) => byte ^ (mask[i % 4] as number))]);
+    const batch = Buffer.concat(Array.from({ length: 25 }, () => frame));
+    void (async () => {
+      for (let sent = 0; sent < pings && !raw.destroyed; sent += 25) {
+        if (!raw.write(batch)) await new Promise((resolve) => raw.once('drain', resolve));
+      }
+    })();
+    const before = pingsAtPlainApi;
+    const received = await untilStalledOrDone(() => pingsAtPlainApi - before, pings);
+    raw.destroy();
+    return received;
+  };
+
   beforeAll(async () => {
     cookie = await login(app, 'ws-bulk');
     expect((await download(50)()).received).toBe(50 * FRAME);
+  });
+
+  it('pings from a browser that reads none of the pongs: they count against the same high-water mark, and memory stays flat', async () => {
+    const first = await peakRssDuring(pingFlood(20_000));
+    const second = await peakRssDuring(pingFlood(500_000));
+    expect(second.result, 'pings the API answered').toBeGreaterThan(20_000);
+    expect(second.peak - first.peak, `peak RSS ${first.peak} B over 20,000 pings, ${second.peak} B over ${second.result} answered`).toBeLessThan(GROWTH_LIMIT);
   });
 
   it('upstream → browser', async () => {
