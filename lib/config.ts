@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
-import { ACR_VALUE, MAX_ACR_VALUES, MAX_AGE_LIMIT_SEC } from './step-up.ts';
+import { ACR_VALUE, MAX_ACR_VALUES, MAX_ACR_VALUES_LENGTH, MAX_AGE_LIMIT_SEC, parseAcrValues } from './step-up.ts';
 import { isSentinelUrl, parseSentinelUrl } from './store/sentinel-url.ts';
 
 /**
@@ -235,6 +235,12 @@ const envSchema = z.object({
       const reserved = pairs.map(([name]) => name).filter((name) => RESERVED_AUTHORIZATION_PARAMS.has(name));
       if (reserved.length) {
         ctx.addIssue({ code: 'custom', message: `must not set ${reserved.join(', ')}: Gatehouse sets those itself` });
+        return z.NEVER;
+      }
+      // A floor every login carries in its attempt's cookie (lib/auth.ts withStepUpFloor): bounded as a link's own.
+      const acrValues = pairs.filter(([name]) => name === 'acr_values');
+      if (acrValues.length > 1 || (acrValues[0] && !parseAcrValues(acrValues[0][1]))) {
+        ctx.addIssue({ code: 'custom', message: `acr_values must be one list of up to ${MAX_ACR_VALUES} ACR values separated by spaces, ${MAX_ACR_VALUES_LENGTH} characters in all` });
         return z.NEVER;
       }
       return pairs;

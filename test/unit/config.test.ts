@@ -99,6 +99,14 @@ describe('configuration', () => {
       ['audience', 'https://api.example.com'],
     ]);
     expect(parseConfig(valid).oidc.authorizationParams).toEqual([]);
+    // acr_values is a floor every login carries in its cookie: bounded as a login link's own.
+    for (const acr of [`acr_values=${'a'.repeat(300)}`, 'acr_values=a&acr_values=b', 'acr_values=', 'acr_values=%22gold%22']) {
+      expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: acr }), acr).toEqual(['OIDC_AUTHORIZATION_PARAMS: acr_values must be one list of up to 8 ACR values separated by spaces, 256 characters in all']);
+    }
+    expect(parseConfig({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'acr_values=urn%3Amfa%20urn%3Ahwk&max_age=600' }).oidc.authorizationParams).toEqual([
+      ['acr_values', 'urn:mfa urn:hwk'],
+      ['max_age', '600'],
+    ]);
     expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'state=x&code_challenge_method=plain&ui_locales=de' })).toEqual([
       'OIDC_AUTHORIZATION_PARAMS: must not set state, code_challenge_method: Gatehouse sets those itself',
     ]);
