@@ -26,6 +26,11 @@ export interface SessionSecrets {
   exchangedTokens?: Record<string, ApiToken>;
   /** With OIDC_DPOP: the private JWK (P-256) the session's tokens are bound to (lib/dpop.ts). */
   dpopKey?: JsonWebKey;
+  /**
+   * The session id and its record's fixed fields, as `recordBinding` digests them: set on every
+   * write. Absent only in records written before it existed, which are read as they are.
+   */
+  boundTo?: string;
 }
 
 /** A token the session holds for some APIs only; `expiresAt` in epoch ms, null when the IdP did not say. */
@@ -68,8 +73,7 @@ const state = sharedState('session', () => ({
   store: undefined as Store | undefined,
   unsealCache: new Map<string, { id: string; until: number }>(),
   loggedUnreadable: new Set<string>(),
-  openedSecrets: new Map<string, { sealed: string; secrets: SessionSecrets }>(),
-  parsedRecords: new Map<string, { raw: string; record: SessionRecord }>(),
+  openedRecords: new Map<string, { raw: string; record: SessionRecord; secrets?: SessionSecrets }>(),
   lastTouched: new Map<string, number>(),
 }));
 
@@ -377,14 +381,15 @@ export async function createSession(input: NewSession): Promise<Session> {
     userAgent: input.userAgent?.slice(0, 256),
     ...(input.acr !== undefined ? { acr: input.acr } : {}),
     ...(input.authTime !== undefined ? { authTime: input.authTime } : {}),
-    sealed: await encryptSecrets(input.secrets),
+    sealed: '',
   };
+  record.sealed = await encryptSecrets({ ...input.secrets, boundTo: recordBinding(id, record) });
   const written = await storeCall(() =>
     getStore().set(sessionKey(id), JSON.stringify(record), { ttlMs: session.idleTimeoutSec * 1000, onlyIfAbsent: true }),
   );
   if (!written) throw errors.internal(new Error('session id collision'));
   lastTouched.set(id, now);
-  rememberSecrets(id, record.sealed, input.secrets);
+  rememberOpened(id, record, input.secrets);
   const created = { id, record, secrets: input.secrets };
   await indexSession(created, sessionExpiresAt(record, now));
   return created;
@@ -412,21 +417,55 @@ export async function storeCall<T>(operation: () => Promise<T>): Promise<T> {
 }
 
 /**
- * Parsed records per session id, valid only while the stored text is the same: the hot path reads
- * the same text (the store's coherent copy) on every call, and records are never changed in place.
+ * Opened records per session id, valid only while the stored text is byte for byte the same: the
+ * hot path reads the same text (the store's coherent copy) on every call, and records are never
+ * changed in place, so a refresh or logout can never leave a stale entry served. Saves a parse, a
+ * base64 decode and an AES-GCM decryption on every proxied request.
  */
-const parsedRecords = state.parsedRecords;
+const openedRecords = state.openedRecords;
+const OPENED_RECORDS_LIMIT = 10_000;
 
-function parsedRecord(id: string, raw: string): SessionRecord | null {
-  const cached = parsedRecords.get(id);
-  if (cached?.raw === raw) return cached.record;
+interface OpenedRecord {
+  raw: string;
+  record: SessionRecord;
+  /** Set once decrypted and found bound to this id and record. */
+  secrets?: SessionSecrets;
+}
+
+function openedRecord(id: string, raw: string): OpenedRecord | null {
+  const cached = openedRecords.get(id);
+  if (cached?.raw === raw) return cached;
   const record = parseRecord(raw);
-  if (!record) parsedRecords.delete(id);
-  else {
-    if (parsedRecords.size >= OPENED_SECRETS_LIMIT && !parsedRecords.has(id)) parsedRecords.delete(parsedRecords.keys().next().value as string);
-    parsedRecords.set(id, { raw, record });
+  if (!record) {
+    openedRecords.delete(id);
+    return null;
   }
-  return record;
+  return remember(id, { raw, record });
+}
+
+function remember(id: string, opened: OpenedRecord): OpenedRecord {
+  if (openedRecords.size >= OPENED_RECORDS_LIMIT && !openedRecords.has(id)) openedRecords.delete(openedRecords.keys().next().value as string);
+  openedRecords.set(id, opened);
+  return opened;
+}
+
+/** A record this process has just written, with its secrets: the next read need not decrypt them. */
+function rememberOpened(id: string, record: SessionRecord, secrets: SessionSecrets): void {
+  remember(id, { raw: JSON.stringify(record), record, secrets });
+}
+
+/**
+ * One digest of a session's id and of the record fields set once at its creation, sealed with its
+ * tokens. The record's plain fields and the key it is stored under are otherwise open to anyone
+ * who can write to the store: without it, such a writer could move another user's encrypted tokens
+ * under their own session id (whose cookie they hold) and call APIs as that user, or raise a
+ * session's `acr`, `authTime` or absolute end to get past step-up and lifetime limits. The access
+ * token's expiry stays out: a refresh by a release before this one rewrites it and carries the old
+ * digest along.
+ */
+function recordBinding(id: string, record: SessionRecord): string {
+  const { v, sub, idpSid, createdAt, absoluteExpiresAt, logoutToken, userAgent, acr, authTime } = record;
+  return shortDigest(JSON.stringify([id, v, sub, idpSid ?? null, createdAt, absoluteExpiresAt, logoutToken, userAgent ?? null, acr ?? null, authTime ?? null]), 43);
 }
 
 function parseRecord(raw: string): SessionRecord | null {
@@ -501,47 +540,35 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
     forgetCopies(id);
     return { session: null, miss: await endedMiss(id) };
   }
-  const record = parsedRecord(id, raw);
-  if (!record) {
+  const opened = openedRecord(id, raw);
+  if (!opened) {
     warnUnreadable(id, 'unknown_format');
     return { session: null, miss: 'unreadable' };
   }
+  const { record } = opened;
   if (record.absoluteExpiresAt <= Date.now()) {
     await destroySession(id, record);
     return { session: null, miss: 'gone' };
   }
-  const secrets = await openSecrets(id, record.sealed);
+  if (opened.secrets) return { session: { id, record, secrets: opened.secrets } };
+  const secrets = await decryptSecrets(record.sealed);
   if (!secrets) {
     warnUnreadable(id, 'unknown_token_key');
     return { session: null, miss: 'unreadable' };
   }
+  if (secrets.boundTo !== undefined && secrets.boundTo !== recordBinding(id, record)) {
+    // Written by someone holding the store but not the token key: nobody's session. Its index
+    // entries are left to expire, since its `sub` and `idpSid` may be as forged as the rest.
+    log('warn', 'session.tampered', { session: sessionHandle(id) });
+    await destroySession(id);
+    return { session: null, miss: 'gone' };
+  }
+  opened.secrets = secrets;
   return { session: { id, record, secrets } };
 }
 
 export async function readSession(id: string, options: { coherentCopy?: boolean } = {}): Promise<Session | null> {
   return (await loadSession(id, options)).session;
-}
-
-/**
- * Decrypted secrets per session id, valid only while the stored JWE is byte for byte the same: a
- * refresh or logout changes or deletes the record, so a stale entry can never be served. Saves a
- * base64 decode and an AES-GCM decryption on every proxied request.
- */
-const openedSecrets = state.openedSecrets;
-const OPENED_SECRETS_LIMIT = 10_000;
-
-function rememberSecrets(id: string, sealed: string, secrets: SessionSecrets): void {
-  if (openedSecrets.size >= OPENED_SECRETS_LIMIT && !openedSecrets.has(id)) openedSecrets.delete(openedSecrets.keys().next().value as string);
-  openedSecrets.set(id, { sealed, secrets });
-}
-
-async function openSecrets(id: string, sealed: string): Promise<SessionSecrets | null> {
-  const cached = openedSecrets.get(id);
-  if (cached?.sealed === sealed) return cached.secrets;
-  const secrets = await decryptSecrets(sealed);
-  if (secrets) rememberSecrets(id, sealed, secrets);
-  else openedSecrets.delete(id);
-  return secrets;
 }
 
 const lastTouched = state.lastTouched;
@@ -583,7 +610,10 @@ export async function touchSession(session: Session, force = false): Promise<voi
 
 /** The session with new tokens, encrypted: what `writeSessionTokens` stores, the same bytes however often it is tried. */
 export async function sealSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session> {
-  return { id: session.id, record: { ...session.record, accessTokenExpiresAt, sealed: await encryptSecrets(secrets) }, secrets };
+  const record = { ...session.record, accessTokenExpiresAt };
+  // Records from before `boundTo` existed are bound from their first refresh on.
+  record.sealed = await encryptSecrets({ ...secrets, boundTo: recordBinding(session.id, record) });
+  return { id: session.id, record, secrets };
 }
 
 /**
@@ -594,7 +624,7 @@ export async function sealSessionTokens(session: Session, secrets: SessionSecret
 export async function writeSessionTokens(next: Session, lockOwner: string): Promise<Session | null> {
   const written = await storeCall(() => getStore().replaceIfHeld(sessionKey(next.id), JSON.stringify(next.record), refreshLockKey(next.id), lockOwner));
   if (!written) return null;
-  rememberSecrets(next.id, next.record.sealed, next.secrets);
+  rememberOpened(next.id, next.record, next.secrets);
   return next;
 }
 
@@ -689,8 +719,7 @@ export function onSessionEnded(listener: (id: string) => void): void {
 
 function forgetCopies(id: string): void {
   lastTouched.delete(id);
-  openedSecrets.delete(id);
-  parsedRecords.delete(id);
+  openedRecords.delete(id);
 }
 
 /** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */

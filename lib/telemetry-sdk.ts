@@ -101,8 +101,11 @@ class InjectOnlyTraceContext implements TextMapPropagator {
   }
 }
 
-/** Span attributes that may carry a URL: kept without its query (Next's own spans record `http.target`). */
-const URL_ATTRIBUTES = new Set(['http.target', 'http.url', 'url.full', 'next.page']);
+/**
+ * Span attributes that may carry a URL: kept without its query (Next's own spans record
+ * `http.target`, and copy every span's name, a fetch's full URL included, into `next.span_name`).
+ */
+const URL_ATTRIBUTES = new Set(['http.target', 'http.url', 'url.full', 'next.page', 'next.span_name']);
 const DROPPED_ATTRIBUTES = new Set(['url.query']);
 
 /**

@@ -4,6 +4,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { clearsSessionCookie, logSoFar, waitFor } from '../support/http-client.ts';
 import { rawUpload, requestHead } from '../support/raw-http.ts';
 
 /**
@@ -228,6 +229,72 @@ describe('back-channel logout', () => {
     expect((await postLogoutToken(await signWithIdp(logoutClaims({ sid: bySid[0]?.idpSid })))).status).toBe(200);
     expect((await sessionOf(a.rpCookies)).authenticated).toBe(false);
     expect((await sessionOf(b.rpCookies)).authenticated).toBe(true);
+  });
+});
+
+/**
+ * Someone who can write to Redis (a leaked password, a shared instance, a compromised neighbour)
+ * but holds neither secret: every session id is in the keys, every record's plain fields are theirs
+ * to rewrite, and their own cookie names their own session.
+ */
+describe('a store writer without the token key', () => {
+  async function signedIn(username: string): Promise<{ cookie: string; key: string }> {
+    const before = new Set(await sessionKeys());
+    const cookie = cookieHeader((await login(username)).rpCookies);
+    const key = (await sessionKeys()).find((candidate) => !before.has(candidate));
+    if (!key) throw new Error(`no new session key for ${username}`);
+    return { cookie, key };
+  }
+  const whoami = (cookie: string) => fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie, 'x-csrf': '1' } });
+  const subOf = async (response: Response) => ((await response.json()) as { sub?: string }).sub;
+
+  /**
+   * Polls until the rewrite is seen (a process may serve its coherent copy until the store's
+   * invalidation arrives, a round trip later): every answer meanwhile is the session's own.
+   */
+  async function refusedAfterRewrite(cookie: string, ownSub: string): Promise<Response> {
+    return waitFor('the rewritten session to be refused', async () => {
+      const response = await whoami(cookie);
+      if (response.status === 401) return response;
+      expect(response.status).toBe(200);
+      expect(await subOf(response)).toBe(ownSub);
+      return undefined;
+    }, 5_000, 20);
+  }
+
+  it("cannot move another user's tokens under their own session, nor rewrite how or when a session signed in", async () => {
+    const victim = await signedIn('store-victim');
+    const mallory = await signedIn('store-mallory');
+    // Both work, and the server holds opened copies of both, as a busy one does.
+    expect(await subOf(await whoami(victim.cookie))).toBe('store-victim');
+    expect(await subOf(await whoami(mallory.cookie))).toBe('store-mallory');
+    const logBefore = stack.apps[0]!.process.output().length;
+
+    // The victim's whole record, under Mallory's key: her cookie would now lead to his tokens.
+    await redis.set(mallory.key, (await redis.get(victim.key)) as string, 'KEEPTTL');
+    const moved = await refusedAfterRewrite(mallory.cookie, 'store-mallory');
+    const text = await moved.text();
+    expect(JSON.parse(text)).toEqual({ error: 'unauthenticated', message: 'Sign in to continue.' });
+    expect(text).not.toContain('store-victim');
+    expect(clearsSessionCookie(moved.headers.getSetCookie())).toBe(true);
+    expect(await sessionOf(mallory.cookie)).toEqual({ authenticated: false });
+    expect(await redis.exists(mallory.key)).toBe(0);
+    // The victim's own session is untouched.
+    expect(await subOf(await whoami(victim.cookie))).toBe('store-victim');
+
+    // The log says so once, naming no session id (the key's) and no token.
+    const logged = await logSoFar(app, victim.cookie, () => stack.apps[0]!.process.output(), logBefore);
+    expect(logged.match(/"event":"session\.tampered"/g)).toHaveLength(1);
+    for (const key of [mallory.key, victim.key]) expect(logged).not.toContain(/\{([^}]+)\}/.exec(key)![1]);
+    expect(logged).not.toMatch(/eyJ/);
+
+    // The victim's own record, raised to a second factor signed in just now and a week longer life.
+    const record = JSON.parse((await redis.get(victim.key)) as string) as { acr?: string; authTime?: number; absoluteExpiresAt: number };
+    const raised = { ...record, acr: 'urn:gatehouse:dev:mfa', authTime: Math.floor(Date.now() / 1000), absoluteExpiresAt: record.absoluteExpiresAt + 7 * 86_400_000 };
+    await redis.set(victim.key, JSON.stringify(raised), 'KEEPTTL');
+    const rewritten = await refusedAfterRewrite(victim.cookie, 'store-victim');
+    expect(await rewritten.json()).toEqual({ error: 'unauthenticated', message: 'Sign in to continue.' });
+    expect(await redis.exists(victim.key)).toBe(0);
   });
 });
 

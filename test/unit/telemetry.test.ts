@@ -55,9 +55,9 @@ describe('withoutQueries', () => {
   const span = (name: string, attributes: Record<string, unknown>) => ({ name, attributes, spanContext: () => ({ traceId: 't', spanId: 's', traceFlags: 1 }) }) as unknown as ReadableSpan;
 
   it("cuts the query from Next's URL attributes and span names, and keeps the span's methods", () => {
-    const cleaned = withoutQueries(span('fetch GET https://idp/x?code=abc', { 'http.target': '/api/auth/callback?code=abc&state=def', 'url.query': 'code=abc', 'http.method': 'GET' }));
+    const cleaned = withoutQueries(span('fetch GET https://idp/x?code=abc', { 'http.target': '/api/auth/callback?code=abc&state=def', 'url.query': 'code=abc', 'http.method': 'GET', 'next.span_name': 'fetch GET https://idp/x?code=abc' }));
     expect(cleaned.name).toBe('fetch GET https://idp/x');
-    expect(cleaned.attributes).toEqual({ 'http.target': '/api/auth/callback', 'http.method': 'GET' });
+    expect(cleaned.attributes).toEqual({ 'http.target': '/api/auth/callback', 'http.method': 'GET', 'next.span_name': 'fetch GET https://idp/x' });
     expect(cleaned.spanContext().spanId).toBe('s');
   });
 
