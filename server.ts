@@ -193,6 +193,26 @@ if (cluster.isPrimary && workerCount > 1) {
   });
 }
 
+/**
+ * A request target in absolute form (`GET http://app/api/proxy/… HTTP/1.1`), which servers must
+ * accept (RFC 9112 section 3.2.2), routed as its path: Next would take it to the proxy's route
+ * handler, which cannot see the client's address, and the API would get no X-Forwarded-For.
+ * A target that is no http(s) URL is left as it is, for Next to refuse.
+ */
+const ABSOLUTE_FORM_AUTHORITY = /^https?:\/\/[^/?#]*/i;
+
+function inOriginForm(request: http.IncomingMessage): http.IncomingMessage {
+  const target = request.url;
+  if (target === undefined || target.startsWith('/')) return request;
+  // Cut, not parsed: a URL parser would resolve dot segments that the proxy refuses in a path.
+  const authority = ABSOLUTE_FORM_AUTHORITY.exec(target);
+  if (authority) {
+    const rest = target.slice(authority[0].length);
+    request.url = rest.startsWith('/') ? rest : `/${rest}`;
+  }
+  return request;
+}
+
 async function serve(): Promise<void> {
   // Before Next loads: its instrumentation hook then finds the SDK wired. A worker's metrics go to the primary.
   await startTelemetry(cluster.isWorker ? 'primary' : 'serve');
@@ -205,8 +225,8 @@ async function serve(): Promise<void> {
   const handleWithNext = app.getRequestHandler();
   // WebSocket handshakes to /api/proxy/* are upgraded (lib/websocket.ts); any other upgrade request
   // stays an ordinary request for Next, as it would be without an 'upgrade' listener.
-  const server = http.createServer({ shouldUpgradeCallback: (request) => request.url?.startsWith(PROXY_PREFIX) ?? false }, (request, response) => {
-    if (request.url?.startsWith(PROXY_PREFIX)) {
+  const server = http.createServer({ shouldUpgradeCallback: (request) => inOriginForm(request).url?.startsWith(PROXY_PREFIX) ?? false }, (request, response) => {
+    if (inOriginForm(request).url?.startsWith(PROXY_PREFIX)) {
       // A throw while writing costs this one answer, never the worker and every request it serves.
       forwardRequest(inboundFromNode(request, response))
         .then((answer) => writeNodeResponse(answer, response))

@@ -61,14 +61,30 @@ const REQUEST_DENYLIST = new Set([
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
   // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
   'proxy',
+  // A signed-in user as front servers assert them (Apache, Grafana's auth proxy): see below.
+  ...['remote-user', 'x-remote-user', 'x-remote-group', 'x-webauth-user'],
 ]);
 /**
+ * Every X-Forwarded-* is replaced by Gatehouse's own. The rest are what identity-aware front
+ * proxies assert to the services behind them (AWS ALB, Azure App Service, Google IAP, oauth2-proxy,
+ * Envoy's internal controls, TLS client certificates checked by nginx, Apache or IIS): Gatehouse is
+ * that front for its APIs, the user is who the token says, and a browser's claims of the kind are
+ * not passed on.
+ */
+const REQUEST_DENIED_PREFIXES = [
+  'x-forwarded-',
+  ...['x-amzn-oidc-', 'x-ms-client-principal', 'x-goog-authenticated-user-', 'x-goog-iap-', 'x-auth-request-', 'x-envoy-'],
+  ...['x-ssl-client-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert'],
+];
+/**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
- * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do. Headers
- * that act on documents only (CSP, X-Frame-Options, Refresh) are left alone: a proxied answer is
- * never a document, since a navigation cannot send X-CSRF.
+ * speak for Gatehouse or change state of the whole origin, which only Gatehouse may do.
  */
 const RESPONSE_DENYLIST = new Set([
+  // Replaced by Gatehouse's own (PROXIED_ANSWER_HEADERS), so that each arrives once and strict.
+  'x-content-type-options',
+  'x-frame-options',
+  'referrer-policy',
   // Gatehouse's own signals. x-request-id: Gatehouse sends its own, exactly one (x-gatehouse-* below).
   'x-request-id',
   // The origin's cookies (the session cookie among them) and everything stored for it.
@@ -95,6 +111,20 @@ const RESPONSE_DENYLIST = new Set([
   // A DPoP API's next nonce is for the maker of the proofs, Gatehouse (lib/dpop.ts).
   'dpop-nonce',
 ]);
+/**
+ * On every proxied answer. A navigation cannot send X-CSRF, so no proxied answer is meant to be a
+ * document; but the browser's cache (or its back/forward cache) can show a navigation an answer a
+ * `fetch` stored, and an API may serve HTML or SVG its users uploaded. As a document on the app's
+ * origin, where `/api/proxy` answers with the user's tokens, it gets no script, no plugin, no
+ * frame around it and no type sniffing. The API's own CSP, if any, applies as well.
+ */
+const PROXIED_ANSWER_HEADERS: ReadonlyArray<[string, string]> = [
+  ['x-content-type-options', 'nosniff'],
+  ['x-frame-options', 'DENY'],
+  // As next.config.mjs gives every answer under `next start`: the same on both shapes.
+  ['referrer-policy', 'same-origin'],
+  ['content-security-policy', "default-src 'none'; frame-ancestors 'none'; sandbox"],
+];
 /** The browser client reads x-gatehouse-error as "Gatehouse says"; the whole namespace is Gatehouse's. */
 const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
 
@@ -118,6 +148,13 @@ function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
   return HOP_BY_HOP.has(name) || name.startsWith('proxy-') || listed.has(name);
 }
 
+function deniedByPrefix(name: string): boolean {
+  // Most names an SPA sends (accept, content-type, …) start with neither.
+  if (!name.startsWith('x-') && !name.startsWith('ssl-')) return false;
+  for (const prefix of REQUEST_DENIED_PREFIXES) if (name.startsWith(prefix)) return true;
+  return false;
+}
+
 export function filterRequestHeaders(pairs: Iterable<[string, string]>, connection: string | undefined): Array<[string, string]> {
   const listed = connectionListed(connection);
   const kept: Array<[string, string]> = [];
@@ -125,8 +162,7 @@ export function filterRequestHeaders(pairs: Iterable<[string, string]>, connecti
     const name = rawName.toLowerCase();
     // CGI-style servers (PHP, IIS, WSGI) read `X_Original_URL` as `X-Original-URL`: both are checked.
     const spelled = name.includes('_') ? name.replaceAll('_', '-') : name;
-    // Every X-Forwarded-* is replaced by Gatehouse's own: the browser's claims about them are not ours to pass on.
-    if (isHopByHop(name, listed) || (spelled !== name && isHopByHop(spelled, listed)) || REQUEST_DENYLIST.has(spelled) || spelled.startsWith('x-forwarded-')) continue;
+    if (isHopByHop(name, listed) || (spelled !== name && isHopByHop(spelled, listed)) || REQUEST_DENYLIST.has(spelled) || deniedByPrefix(spelled)) continue;
     kept.push([name, value]);
   }
   return kept;
@@ -853,7 +889,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     const filtered = filterResponseHeaders(answer.rawHeaders);
     let responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId);
     if (credentials.session && credentials.token) responseHeaders = keptToTheUser(responseHeaders);
-    responseHeaders.push(['x-request-id', requestId]);
+    responseHeaders.push(['x-request-id', requestId], ...PROXIED_ANSWER_HEADERS);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);

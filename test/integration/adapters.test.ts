@@ -509,6 +509,24 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
     expect(seen).toEqual({ fast: '127.0.0.1', next: undefined });
   });
 
+  it('a request target in absolute form takes the same path as its origin form: on npm start the API hears the client\'s address, and dot segments are still refused', async () => {
+    const absolute = (target: Target, path: string) => `http://${target.host}${path}`;
+    const res = await rawRequest(fast.port, head(fast, 'GET', absolute(fast, '/api/proxy/demo/echo/absolute?q=1'), [...csrf(fast), ['X-Forwarded-For', '203.0.113.7']]));
+    expect(res?.status).toBe(200);
+    const echoed = JSON.parse(res?.body ?? '{}') as { path: string; query: Record<string, string>; headers: Record<string, string | undefined> };
+    expect(echoed).toMatchObject({ path: '/echo/absolute', query: { q: '1' } });
+    expect(echoed.headers['x-forwarded-for']).toBe('127.0.0.1');
+    // The fast path's answer, not Next's: Gatehouse's request id and policy headers are on it.
+    expect(res?.get('x-request-id')).toBeDefined();
+    for (const target of [fast, next]) {
+      const before = await demoStats(target);
+      const escaped = await rawRequest(target.port, head(target, 'GET', absolute(target, '/api/proxy/demo/a/%2e%2e/%2e%2e/x'), csrf(target)));
+      // npm start refuses it (400); Next answers its own redirect to the resolved path (308).
+      expect(escaped?.status, target.name).toBe(target === fast ? 400 : 308);
+      expect((await demoStats(target)).requests, target.name).toBe(before.requests);
+    }
+  });
+
   it('a browser that leaves while Gatehouse still waits for a token: nothing is sent upstream', async () => {
     for (const target of [fast, next]) {
       const idpPid = target.stack.idp.child.pid as number;

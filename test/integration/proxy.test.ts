@@ -32,6 +32,8 @@ let shortKeptAlive: KeptAliveUpstream;
 let challenger: ScriptedUpstream;
 let breaker: ScriptedUpstream;
 let flaky: ScriptedUpstream;
+/** An API serving back what its users uploaded, with the type and caching they were stored with. */
+let documents: ScriptedUpstream;
 /** How many of `flaky`'s streamed 401s have been reset. */
 let flakyResets = 0;
 
@@ -204,6 +206,18 @@ beforeAll(async () => {
       flakyResets += 1;
     }, 300);
   });
+  documents = await startScriptedUpstream((request, socket) => {
+    const type = request.path === '/avatar.svg' ? 'image/svg+xml' : 'text/html; charset=utf-8';
+    const headers: Array<[string, string]> = [
+      ['Content-Type', type],
+      ['Cache-Control', 'max-age=3600'],
+      // What a careless API says of its own: a looser frame policy, its own CSP.
+      ['X-Frame-Options', 'SAMEORIGIN'],
+      ['X-Content-Type-Options', 'nosniff'],
+      ['Content-Security-Policy', "img-src 'self'"],
+    ];
+    socket.write(rawAnswer('HTTP/1.1 200 OK', headers, '<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/proxy/demo/whoami",{headers:{"X-CSRF":"1"}})</script></svg>'));
+  });
   stack = await startStack({
     workers: 1,
     apis: ({ apiUrl }) => ({
@@ -223,6 +237,7 @@ beforeAll(async () => {
       breaker: { url: breaker.url, auth: 'none' },
       flaky: { url: flaky.url },
       nonegzip: { url: flaky.url, auth: 'none' },
+      documents: { url: documents.url },
     }),
   });
   const first = stack.apps[0];
@@ -242,6 +257,7 @@ afterAll(async () => {
   await challenger?.close();
   await breaker?.close();
   await flaky?.close();
+  await documents?.close();
 });
 
 describe('streaming', () => {
@@ -645,6 +661,54 @@ describe('header hygiene (raw sockets)', () => {
     for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri', 'x_original_url', 'x_forwarded_host', 'proxy', 'true-client-ip']) expect(seen[name], name).toBeUndefined();
     expect(seen['x-end-to-end']).toBe('kept');
     expect((await demoLast())?.path).toBe('/echo/rewrite');
+  });
+
+  it("identity assertions of front proxies (ALB, App Service, IAP, oauth2-proxy, Envoy, client certificates) never reach the upstream", async () => {
+    const asserted: Array<[string, string]> = [
+      ['X-Amzn-Oidc-Identity', 'admin'],
+      ['X-Amzn-Oidc-Data', 'eyJhbGciOiJub25lIn0.e30.'],
+      ['X-MS-Client-Principal-Name', 'admin@example.com'],
+      ['X-MS-Client-Principal', 'eyJ1c2VyIjoiYWRtaW4ifQ'],
+      ['X-Goog-Authenticated-User-Email', 'accounts.google.com:admin@example.com'],
+      ['X-Goog-IAP-JWT-Assertion', 'eyJ.e30.x'],
+      ['X-Auth-Request-User', 'admin'],
+      ['X-Envoy-Internal', 'true'],
+      ['X-Envoy-Upstream-Rq-Timeout-Ms', '1'],
+      ['X-SSL-Client-Verify', 'SUCCESS'],
+      ['X-SSL-Client-S-DN', 'CN=admin'],
+      ['X-Client-Cert', 'MIIB'],
+      ['X-ARR-ClientCert', 'MIIB'],
+      ['SSL-Client-Cert', 'MIIB'],
+      ['Remote-User', 'admin'],
+      ['X_Remote_User', 'admin'],
+      ['X-WebAuth-User', 'admin'],
+      ['X-Remote-Group', 'admins'],
+    ];
+    const seen = await headersReaching('/api/proxy/demo/echo/identity', [...asserted, ['X-Client-Version', 'kept']]);
+    for (const [name] of asserted) expect(seen[name.toLowerCase()], name).toBeUndefined();
+    expect(Object.keys(seen).filter((name) => /remote|amzn|principal|goog|auth-request|envoy|ssl|cert|webauth/.test(name))).toEqual([]);
+    expect(seen['x-client-version']).toBe('kept');
+  });
+
+  it("an API's answer carries a policy that keeps it from ever running as a page of the app's origin, on both shapes alike", async () => {
+    for (const path of ['/api/proxy/documents/page.html', '/api/proxy/documents/avatar.svg']) {
+      const res = await raw(head('GET', path, withSession()));
+      expect(res?.status, path).toBe(200);
+      // Rendered from a cache (the answer is cacheable, privately) by a navigation, it runs no script.
+      expect(res?.get('cache-control'), path).toBe('private, max-age=3600');
+      expect(res?.all('x-content-type-options'), path).toEqual(['nosniff']);
+      expect(res?.all('x-frame-options'), path).toEqual(['DENY']);
+      // One field per policy, or one field listing them (a comma separates policies): Next joins them.
+      const policies = (res?.all('content-security-policy') ?? []).flatMap((value) => value.split(',').map((policy) => policy.trim()));
+      expect(policies, path).toContain("default-src 'none'; frame-ancestors 'none'; sandbox");
+      expect(policies, path).toContain("img-src 'self'");
+    }
+    // Every proxied answer, not only those of odd types.
+    const json = await raw(head('GET', '/api/proxy/demo/whoami', withSession()));
+    expect(json?.all('content-security-policy')).toEqual(["default-src 'none'; frame-ancestors 'none'; sandbox"]);
+    expect(json?.all('x-content-type-options')).toEqual(['nosniff']);
+    expect(json?.all('x-frame-options')).toEqual(['DENY']);
+    expect(json?.all('referrer-policy')).toEqual(['same-origin']);
   });
 
   it('upstream Set-Cookie and hop-by-hop response headers are dropped, end-to-end ones kept', async () => {
