@@ -809,6 +809,51 @@ async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Creden
   throw errors.stepUpRequired(stepUpDetails(challenge));
 }
 
+/**
+ * Calls of each session open in this process. Every call holds a connection of its API's pool
+ * until its answer is over: without a bound, one session whose browser opens hundreds of calls and
+ * reads none of their answers would hold the whole pool, and everyone's calls to that API would
+ * wait for it.
+ */
+const openCalls = new Map<string, number>();
+
+function holdCallSlot(sessionId: string, limit: number): () => void {
+  const open = openCalls.get(sessionId) ?? 0;
+  if (open >= limit) throw new GatehouseError('too_many_calls', 429, `At most ${limit} calls of one session may be open at once.`, { retryAfterSec: 1 });
+  openCalls.set(sessionId, open + 1);
+  let held = true;
+  return () => {
+    if (!held) return;
+    held = false;
+    const left = (openCalls.get(sessionId) ?? 1) - 1;
+    if (left > 0) openCalls.set(sessionId, left);
+    else openCalls.delete(sessionId);
+  };
+}
+
+/**
+ * Ends a streamed answer that waits longer than `timeoutMs` for the browser to take more of it (as
+ * nginx's send_timeout does): a browser that stops reading holds its API connection otherwise for
+ * as long as the API keeps sending. Both adapters pause the body while the browser's side is full.
+ * An answer with nothing to send (an idle event stream) is never paused, so it is never timed.
+ */
+function endWhenBrowserStalls(body: Readable, timeoutMs: number, where: { requestId: string; api: string }): void {
+  let timer: NodeJS.Timeout | undefined;
+  const disarm = () => {
+    clearTimeout(timer);
+    timer = undefined;
+  };
+  body.on('pause', () => {
+    timer ??= setTimeout(() => {
+      log('warn', 'proxy.send_timeout', { ...where, ms: timeoutMs });
+      // An abort, as a browser that left would cause: Next logs any other error as a failed pipe, with its stack.
+      body.destroy(new DOMException('the browser took no more of the answer', 'AbortError'));
+    }, timeoutMs);
+  });
+  body.on('resume', disarm);
+  body.once('close', disarm);
+}
+
 /** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
 export const forwardRequest = withProxyTelemetry(forward, () => getConfig().apis);
 
@@ -819,6 +864,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
   let apiName: string | undefined;
   let refreshed = false;
   let result: ProxyResponse;
+  let releaseCall: (() => void) | undefined;
   try {
     const verdict = checkCsrf((name) => inbound.header(name), config.appBaseUrl.origin);
     if (!verdict.ok) throw errors.csrf();
@@ -834,6 +880,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
 
     let credentials = await credentialsFor(api, inbound, requestId);
     refreshed = credentials.refreshed;
+    if (credentials.session) releaseCall = holdCallSlot(credentials.session.id, config.proxy.maxCallsPerSession);
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     headers.push(
       ['host', url.host],
@@ -921,6 +968,12 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
         });
         answerBody.once('close', cancel);
       }
+      endWhenBrowserStalls(answerBody, config.proxy.sendTimeoutMs, { requestId, api: api.name });
+      // The call is open until its answer is over, however that ends (it may have broken off already).
+      if (releaseCall && !answerBody.closed) {
+        answerBody.once('close', releaseCall);
+        releaseCall = undefined;
+      }
     }
     result = { status: answer.status, headers: responseHeaders, body: bodyless ? null : answer.body };
   } catch (caught) {
@@ -930,6 +983,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     if (error.code === 'method_not_allowed') extra.push(['allow', PROXY_METHODS.join(', ')]);
     result = jsonError(error, extra);
   }
+  releaseCall?.();
   log('info', 'proxy.request', { requestId, method: inbound.method, api: apiName, status: result.status, ms: Math.round(performance.now() - started), refreshed });
   return result;
 }

@@ -52,7 +52,8 @@ export interface DemoApiHandle {
   audience: string;
   /** Most recent requests first, capped; /__demo/* calls are not recorded. */
   lastRequests: DemoRequestRecord[];
-  stats: { aborted: number; requests: number; uploads: number[]; dpop: DemoDpopStats };
+  /** `downloadsCut`: downloads whose connection closed before all their bytes were written. */
+  stats: { aborted: number; requests: number; uploads: number[]; downloadsCut: number; dpop: DemoDpopStats };
   /** DPoP: demand the API's own nonce in every proof (also at POST /__demo/dpop). */
   dpop: { requireNonce: boolean; nonce: string };
   /** Every WebSocket handshake that arrived (refused ones too), and the sockets accepted, newest first. */
@@ -78,7 +79,7 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   }
   const issuer = (options.issuer ?? 'http://localhost:4000').replace(/\/+$/, '');
   const lastRequests: DemoRequestRecord[] = [];
-  const stats = { aborted: 0, requests: 0, uploads: [] as number[], dpop: { verified: 0, refused: {} } as DemoDpopStats };
+  const stats = { aborted: 0, requests: 0, uploads: [] as number[], downloadsCut: 0, dpop: { verified: 0, refused: {} } as DemoDpopStats };
   const websockets = { upgrades: 0, sockets: [] as DemoSocketRecord[] };
   /** Sockets opened with `?paused=1`: not read from until GET /__demo/ws/resume. */
   const pausedSockets = new Set<WebSocket>();
@@ -236,7 +237,7 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
         // `delayMs`: a head that comes late, as a long poll's does.
         return streamEvents(res, clampInt(query.count, 5, 0, 10_000), clampInt(query.intervalMs, 200, 0, 60_000), clampInt(query.delayMs, 0, 0, 600_000));
       case 'download':
-        return download(res, clampInt(query.bytes, 1024, 0, Number.MAX_SAFE_INTEGER));
+        return download(res, clampInt(query.bytes, 1024, 0, Number.MAX_SAFE_INTEGER), () => (stats.downloadsCut += 1));
       case 'upload': {
         let bytes = 0;
         for await (const chunk of req) bytes += (chunk as Buffer).length;
@@ -429,14 +430,16 @@ async function streamEvents(res: ServerResponse, count: number, intervalMs: numb
   res.end();
 }
 
-async function download(res: ServerResponse, bytes: number): Promise<void> {
+async function download(res: ServerResponse, bytes: number, onCut: () => void): Promise<void> {
   res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': bytes });
-  for (let left = bytes; left > 0 && !res.destroyed; left -= CHUNK.length) {
+  let left = bytes;
+  for (; left > 0 && !res.destroyed; left -= CHUNK.length) {
     // Honour backpressure so large downloads stream instead of piling up in memory.
     if (!res.write(left >= CHUNK.length ? CHUNK : CHUNK.subarray(0, left))) {
       await Promise.race([once(res, 'drain'), once(res, 'close')]);
     }
   }
+  if (left > 0) onCut();
   res.end();
 }
 
