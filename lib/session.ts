@@ -28,7 +28,7 @@ export interface SessionSecrets {
   dpopKey?: JsonWebKey;
   /**
    * The session id and its record's fixed fields, as `recordBinding` digests them: set on every
-   * write. Absent only in records written before it existed, which are read as they are.
+   * write. Records without it (written by releases before it existed) are not read: see loadSession.
    */
   boundTo?: string;
 }
@@ -556,7 +556,16 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
     warnUnreadable(id, 'unknown_token_key');
     return { session: null, miss: 'unreadable' };
   }
-  if (secrets.boundTo !== undefined && secrets.boundTo !== recordBinding(id, record)) {
+  if (secrets.boundTo === undefined) {
+    // Written by a release before records were bound, or any other value sealed under the token
+    // key (a DPoP login's key pair) put where a session's secrets go: such a record cannot show
+    // that its fields and its key are its own, so any store writer could have made it. Left for
+    // the release that wrote it, as during a rolling deploy; once every instance runs this one,
+    // its user signs in again.
+    warnUnreadable(id, 'unbound');
+    return { session: null, miss: 'unreadable' };
+  }
+  if (secrets.boundTo !== recordBinding(id, record)) {
     // Written by someone holding the store but not the token key: nobody's session. Its index
     // entries are left to expire, since its `sub` and `idpSid` may be as forged as the rest.
     log('warn', 'session.tampered', { session: sessionHandle(id) });
@@ -611,7 +620,6 @@ export async function touchSession(session: Session, force = false): Promise<voi
 /** The session with new tokens, encrypted: what `writeSessionTokens` stores, the same bytes however often it is tried. */
 export async function sealSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session> {
   const record = { ...session.record, accessTokenExpiresAt };
-  // Records from before `boundTo` existed are bound from their first refresh on.
   record.sealed = await encryptSecrets({ ...secrets, boundTo: recordBinding(session.id, record) });
   return { id: session.id, record, secrets };
 }
