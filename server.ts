@@ -196,10 +196,11 @@ if (cluster.isPrimary && workerCount > 1) {
 /**
  * A request target in absolute form (`GET http://app/api/proxy/… HTTP/1.1`), which servers must
  * accept (RFC 9112 section 3.2.2), routed as its path: Next would take it to the proxy's route
- * handler, which cannot see the client's address, and the API would get no X-Forwarded-For.
- * A target that is no http(s) URL is left as it is, for Next to refuse.
+ * handler, which cannot see the client's address, and the API would get no X-Forwarded-For. Any
+ * scheme: Node's parser takes `ws://…` and `foo://…` targets too, and Next would route them alike.
+ * Anything else that is not a path (`*`) is left as it is, for Next to refuse.
  */
-const ABSOLUTE_FORM_AUTHORITY = /^https?:\/\/[^/?#]*/i;
+const ABSOLUTE_FORM_AUTHORITY = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i;
 
 function inOriginForm(request: http.IncomingMessage): http.IncomingMessage {
   const target = request.url;

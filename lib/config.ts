@@ -63,9 +63,9 @@ export interface Config {
   trustedProxyHops: number;
   /**
    * Bounds on what one browser holds of the proxy: how long an answer may wait for the browser to
-   * take more of it, and how many calls of one session may be open at once in one process.
+   * take more of it, and how many calls of one user may be open at once in one process.
    */
-  proxy: { sendTimeoutMs: number; maxCallsPerSession: number };
+  proxy: { sendTimeoutMs: number; maxCallsPerUser: number };
   /** A built SPA served on this origin, from a folder or from another origin, with the CSP for its pages. */
   spa: SpaSource | undefined;
   logLevel: 'debug' | 'info' | 'warn' | 'error' | 'silent';
@@ -286,7 +286,7 @@ const envSchema = z.object({
   BFF_APIS: apisSchema,
   TRUSTED_PROXY_HOPS: z.coerce.number().int().min(0).max(16).default(0),
   PROXY_SEND_TIMEOUT_MS: z.coerce.number().int().min(1_000).max(3_600_000).default(60_000),
-  PROXY_MAX_CALLS_PER_SESSION: z.coerce.number().int().positive().max(100_000).default(64),
+  PROXY_MAX_CALLS_PER_USER: z.coerce.number().int().positive().max(100_000).default(256),
   SPA_DIR: z.string().trim().min(1).optional(),
   SPA_UPSTREAM_URL: endpointUrl.optional(),
   SPA_CONTENT_SECURITY_POLICY: z.string().trim().min(1).optional(),
@@ -532,7 +532,7 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
       ]),
     ),
     trustedProxyHops: env.TRUSTED_PROXY_HOPS,
-    proxy: { sendTimeoutMs: env.PROXY_SEND_TIMEOUT_MS, maxCallsPerSession: env.PROXY_MAX_CALLS_PER_SESSION },
+    proxy: { sendTimeoutMs: env.PROXY_SEND_TIMEOUT_MS, maxCallsPerUser: env.PROXY_MAX_CALLS_PER_USER },
     spa: env.SPA_DIR
       ? { kind: 'dir', dir: path.resolve(env.SPA_DIR), contentSecurityPolicy: env.SPA_CONTENT_SECURITY_POLICY }
       : env.SPA_UPSTREAM_URL

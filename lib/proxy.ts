@@ -61,20 +61,25 @@ const REQUEST_DENYLIST = new Set([
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
   // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
   'proxy',
-  // A signed-in user as front servers assert them (Apache, Grafana's auth proxy): see below.
-  ...['remote-user', 'x-remote-user', 'x-remote-group', 'x-webauth-user'],
+  // A signed-in user as front servers assert it (Apache's REMOTE_USER): see below.
+  'remote-user',
+  'x-userinfo',
+  'x-client-dn',
 ]);
 /**
  * Every X-Forwarded-* is replaced by Gatehouse's own. The rest are what identity-aware front
- * proxies assert to the services behind them (AWS ALB, Azure App Service, Google IAP, oauth2-proxy,
- * Envoy's internal controls, TLS client certificates checked by nginx, Apache or IIS): Gatehouse is
- * that front for its APIs, the user is who the token says, and a browser's claims of the kind are
- * not passed on.
+ * proxies assert to the services behind them: Gatehouse is that front for its APIs, the user is who
+ * the token says, and a browser's claims of the kind are not passed on. The list names the common
+ * ones (a best effort: an API should believe such a header only from a front it configured).
  */
 const REQUEST_DENIED_PREFIXES = [
   'x-forwarded-',
-  ...['x-amzn-oidc-', 'x-ms-client-principal', 'x-goog-authenticated-user-', 'x-goog-iap-', 'x-auth-request-', 'x-envoy-'],
-  ...['x-ssl-client-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert'],
+  // AWS ALB (OIDC, mTLS), Azure App Service (Easy Auth, its token store), Google IAP, Cloudflare Access.
+  ...['x-amzn-oidc-', 'x-amzn-mtls-', 'x-ms-client-principal', 'x-ms-token-', 'x-goog-authenticated-user-', 'x-goog-iap-', 'cf-access-'],
+  // oauth2-proxy, Pomerium, Kong, Tailscale, Grafana's auth proxy, Kubernetes' front proxy, Envoy's internal controls.
+  ...['x-auth-request-', 'x-pomerium-', 'x-consumer-', 'tailscale-', 'x-webauth-', 'x-remote-', 'x-envoy-'],
+  // TLS client certificates as nginx, Apache, HAProxy or IIS pass them on.
+  ...['x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert'],
 ];
 /**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API
@@ -118,19 +123,20 @@ const RESPONSE_DENYLIST = new Set([
  * origin, where `/api/proxy` answers with the user's tokens, it gets no script, no plugin, no
  * frame around it and no type sniffing. The API's own CSP, if any, applies as well.
  */
-const PROXIED_ANSWER_HEADERS: ReadonlyArray<[string, string]> = [
-  ['x-content-type-options', 'nosniff'],
+const NOT_A_PAGE_HEADERS: ReadonlyArray<[string, string]> = [
   ['x-frame-options', 'DENY'],
   // As next.config.mjs gives every answer under `next start`: the same on both shapes.
   ['referrer-policy', 'same-origin'],
   ['content-security-policy', "default-src 'none'; frame-ancestors 'none'; sandbox"],
 ];
+const PROXIED_ANSWER_HEADERS: ReadonlyArray<[string, string]> = [['x-content-type-options', 'nosniff'], ...NOT_A_PAGE_HEADERS];
 /** The browser client reads x-gatehouse-error as "Gatehouse says"; the whole namespace is Gatehouse's. */
 const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
 
 function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
-  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...errorHeaders(error), ...extraHeaders];
+  // Gatehouse's own JSON (nosniff among jsonHeaders), never a page either.
+  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...NOT_A_PAGE_HEADERS, ...errorHeaders(error), ...extraHeaders];
   if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
   return { status: error.status, headers, body: errorBody(error) };
 }
@@ -149,8 +155,8 @@ function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
 }
 
 function deniedByPrefix(name: string): boolean {
-  // Most names an SPA sends (accept, content-type, …) start with neither.
-  if (!name.startsWith('x-') && !name.startsWith('ssl-')) return false;
+  // Most names an SPA sends (accept, content-type, …) start with none of these.
+  if (!name.startsWith('x-') && !name.startsWith('ssl-') && !name.startsWith('cf-') && !name.startsWith('tailscale-')) return false;
   for (const prefix of REQUEST_DENIED_PREFIXES) if (name.startsWith(prefix)) return true;
   return false;
 }
@@ -416,6 +422,7 @@ function invalidPath(): GatehouseError {
  */
 const IDLE_UPSTREAM_SOCKET_MS = 30_000;
 const POOL_OPTIONS = {
+  // PROXY_MAX_CALLS_PER_USER defaults to half of this: no one user can hold all of it.
   connections: 512,
   keepAliveTimeout: IDLE_UPSTREAM_SOCKET_MS,
   keepAliveMaxTimeout: IDLE_UPSTREAM_SOCKET_MS,
@@ -616,8 +623,24 @@ function upstreamError(error: unknown, signal: AbortSignal): GatehouseError {
 function ignoreError(): void {}
 
 /** Lets go of an answer's body that will not be passed on. */
+/**
+ * An answer no one will read is drained, so that its connection can serve the next call, unless
+ * it is long or slow: a large, endless or trickling body (an API's 401 with an event stream behind
+ * it) would hold its connection outside any call's bounds, so past these it is dropped instead.
+ */
+const DRAINED_AT_MOST_BYTES = 64 * 1024;
+const DRAINED_AT_MOST_MS = 5_000;
+
 function discard(body: Readable | Buffer): void {
-  if (body instanceof Readable) body.resume();
+  if (!(body instanceof Readable) || body.readableEnded || body.destroyed) return;
+  let drained = 0;
+  const timer = setTimeout(() => body.destroy(), DRAINED_AT_MOST_MS);
+  body.once('close', () => clearTimeout(timer));
+  body.on('data', (chunk: Buffer) => {
+    drained += chunk.length;
+    if (drained > DRAINED_AT_MOST_BYTES) body.destroy();
+  });
+  body.resume();
 }
 
 /**
@@ -810,24 +833,24 @@ async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Creden
 }
 
 /**
- * Calls of each session open in this process. Every call holds a connection of its API's pool
- * until its answer is over: without a bound, one session whose browser opens hundreds of calls and
- * reads none of their answers would hold the whole pool, and everyone's calls to that API would
- * wait for it.
+ * Calls of each user open in this process. Every call holds a connection of its API's pool until
+ * its answer is over: without a bound, one user whose browser opens hundreds of calls and reads
+ * none of their answers would hold the whole pool, and everyone's calls to that API would wait.
+ * Counted per user, not per session, so that signing in again gives no more of it.
  */
 const openCalls = new Map<string, number>();
 
-function holdCallSlot(sessionId: string, limit: number): () => void {
-  const open = openCalls.get(sessionId) ?? 0;
-  if (open >= limit) throw new GatehouseError('too_many_calls', 429, `At most ${limit} calls of one session may be open at once.`, { retryAfterSec: 1 });
-  openCalls.set(sessionId, open + 1);
+function holdCallSlot(sub: string, limit: number): () => void {
+  const open = openCalls.get(sub) ?? 0;
+  if (open >= limit) throw new GatehouseError('too_many_calls', 429, `At most ${limit} calls of one user may be open at once.`, { retryAfterSec: 1 });
+  openCalls.set(sub, open + 1);
   let held = true;
   return () => {
     if (!held) return;
     held = false;
-    const left = (openCalls.get(sessionId) ?? 1) - 1;
-    if (left > 0) openCalls.set(sessionId, left);
-    else openCalls.delete(sessionId);
+    const left = (openCalls.get(sub) ?? 1) - 1;
+    if (left > 0) openCalls.set(sub, left);
+    else openCalls.delete(sub);
   };
 }
 
@@ -880,7 +903,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
 
     let credentials = await credentialsFor(api, inbound, requestId);
     refreshed = credentials.refreshed;
-    if (credentials.session) releaseCall = holdCallSlot(credentials.session.id, config.proxy.maxCallsPerSession);
+    if (credentials.session) releaseCall = holdCallSlot(credentials.session.record.sub, config.proxy.maxCallsPerUser);
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     headers.push(
       ['host', url.host],

@@ -31,6 +31,7 @@ export type GatehouseErrorCode =
   | 'csrf_failed'
   | 'idp_unavailable'
   | 'store_unavailable'
+  | 'too_many_calls'
   | 'unknown_api'
   | 'invalid_path'
   | 'payload_too_large'

@@ -1,5 +1,5 @@
-// What one browser may hold of the proxy, from outside: PROXY_MAX_CALLS_PER_SESSION (calls of one
-// session open at once) and PROXY_SEND_TIMEOUT_MS (how long an answer waits for the browser to take
+// What one browser may hold of the proxy, from outside: PROXY_MAX_CALLS_PER_USER (calls of one
+// user open at once, over all their sessions) and PROXY_SEND_TIMEOUT_MS (how long an answer waits for the browser to take
 // more of it). Without them one signed-in browser that opens calls and reads none of their answers
 // holds its API's whole connection pool, and everyone's calls to that API wait (an attacker's review).
 import { once } from 'node:events';
@@ -16,13 +16,16 @@ let stack: Stack;
 let app: string;
 let appPort: number;
 let cookie: string;
+/** The same user signed in again: a second session. */
+let secondCookie: string;
 let otherCookie: string;
 
 beforeAll(async () => {
-  stack = await startStack({ workers: 1, env: { PROXY_MAX_CALLS_PER_SESSION: String(MAX_CALLS), PROXY_SEND_TIMEOUT_MS: String(SEND_TIMEOUT_MS) } });
+  stack = await startStack({ workers: 1, env: { PROXY_MAX_CALLS_PER_USER: String(MAX_CALLS), PROXY_SEND_TIMEOUT_MS: String(SEND_TIMEOUT_MS) } });
   app = stack.apps[0]!.url;
   appPort = Number(new URL(app).port);
   cookie = await login(app, 'limits-user');
+  secondCookie = await login(app, 'limits-user');
   otherCookie = await login(app, 'limits-other-user');
 });
 
@@ -34,11 +37,12 @@ const demoStats = async () => (await (await fetch(`${stack.apiUrl}/__demo/stats`
 const call = (path: string, from = cookie, init: RequestInit = {}) => fetch(`${app}${path}`, { ...init, headers: { cookie: from, 'x-csrf': '1' } });
 
 /** An event stream that stays open (one event a minute) until `leave` is called. */
-async function openStream(from = cookie): Promise<{ status: number; leave: () => void }> {
+async function openStream(from = cookie): Promise<{ status: number; response: Response; leave: () => void }> {
   const controller = new AbortController();
   const response = await call('/api/proxy/demo/events?count=100&intervalMs=60000', from, { signal: controller.signal });
-  // Its body is left unread: the answer stays open.
-  return { status: response.status, leave: () => controller.abort() };
+  // Its body is left unread, and the response kept: undici cancels the body of a response that is
+  // collected, which would end the call.
+  return { status: response.status, response, leave: () => controller.abort() };
 }
 
 /** A raw connection asking for a download, reading its answer only when told to. */
@@ -61,16 +65,18 @@ async function download(bytes: number): Promise<{ socket: Socket; received: () =
   return { socket, received: () => received, head };
 }
 
-describe('calls of one session open at once', () => {
-  it(`are at most PROXY_MAX_CALLS_PER_SESSION: the next hears 429 too_many_calls, other sessions do not, and every way a call ends frees its place`, async () => {
-    const streams = [await openStream(), await openStream(), await openStream()];
+describe('calls of one user open at once', () => {
+  it(`are at most PROXY_MAX_CALLS_PER_USER over all their sessions: the next hears 429 too_many_calls, other users do not, and every way a call ends frees its place`, async () => {
+    const streams = [await openStream(), await openStream(secondCookie), await openStream()];
     expect(streams.map((stream) => stream.status)).toEqual([200, 200, 200]);
 
     const refused = await call('/api/proxy/demo/whoami');
     expect(refused.status).toBe(429);
-    expect(await refused.json()).toEqual({ error: 'too_many_calls', message: `At most ${MAX_CALLS} calls of one session may be open at once.` });
+    expect(await refused.json()).toEqual({ error: 'too_many_calls', message: `At most ${MAX_CALLS} calls of one user may be open at once.` });
     expect(refused.headers.get('retry-after')).toBe('1');
     expect(refused.headers.get('x-gatehouse-error')).toBe('too_many_calls');
+    // Signing in again gives no more of it.
+    expect((await call('/api/proxy/demo/whoami', secondCookie)).status).toBe(429);
     // Another user's calls are not counted against this one.
     expect((await call('/api/proxy/demo/whoami', otherCookie)).status).toBe(200);
 

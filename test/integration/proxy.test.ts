@@ -5,6 +5,8 @@
 // Anything whose exact bytes matter (duplicate headers, CR/LF, `..` the client must not normalise,
 // oversized headers) goes over a raw TCP socket; everything else uses fetch.
 import { readFileSync } from 'node:fs';
+import type { Socket } from 'node:net';
+import { createGzip } from 'node:zlib';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, defaultServerShape, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
@@ -34,6 +36,12 @@ let breaker: ScriptedUpstream;
 let flaky: ScriptedUpstream;
 /** An API serving back what its users uploaded, with the type and caching they were stored with. */
 let documents: ScriptedUpstream;
+/**
+ * Answers that never end, a little at a time: `/step-up`, a 401 step-up challenge with an endless
+ * body; `/gzip`, an endless gzip-encoded stream. Each connection's close is recorded by path.
+ */
+let trickler: ScriptedUpstream;
+const tricklerClosed = new Map<string, number>();
 /** How many of `flaky`'s streamed 401s have been reset. */
 let flakyResets = 0;
 
@@ -218,6 +226,25 @@ beforeAll(async () => {
     ];
     socket.write(rawAnswer('HTTP/1.1 200 OK', headers, '<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/proxy/demo/whoami",{headers:{"X-CSRF":"1"}})</script></svg>'));
   });
+  trickler = await startScriptedUpstream((request, socket: Socket) => {
+    socket.once('close', () => tricklerClosed.set(request.path, (tricklerClosed.get(request.path) ?? 0) + 1));
+    socket.on('error', () => undefined);
+    if (request.path === '/step-up') {
+      socket.write('HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\nWWW-Authenticate: Bearer error="insufficient_user_authentication", acr_values="urn:gatehouse:dev:mfa"\r\nTransfer-Encoding: chunked\r\n\r\n');
+      const chunk = `400\r\n${'x'.repeat(1024)}\r\n`;
+      const timer = setInterval(() => socket.write(chunk), 20);
+      socket.once('close', () => clearInterval(timer));
+      return;
+    }
+    socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n');
+    const gzip = createGzip();
+    gzip.on('data', (bytes: Buffer) => socket.write(`${bytes.length.toString(16)}\r\n${bytes.toString('latin1')}\r\n`, 'latin1'));
+    const timer = setInterval(() => gzip.write(`tick ${Date.now()}\n`, () => gzip.flush()), 20);
+    socket.once('close', () => {
+      clearInterval(timer);
+      gzip.destroy();
+    });
+  });
   stack = await startStack({
     workers: 1,
     apis: ({ apiUrl }) => ({
@@ -238,6 +265,7 @@ beforeAll(async () => {
       flaky: { url: flaky.url },
       nonegzip: { url: flaky.url, auth: 'none' },
       documents: { url: documents.url },
+      trickler: { url: trickler.url },
     }),
   });
   const first = stack.apps[0];
@@ -258,6 +286,7 @@ afterAll(async () => {
   await breaker?.close();
   await flaky?.close();
   await documents?.close();
+  await trickler?.close();
 });
 
 describe('streaming', () => {
@@ -386,6 +415,28 @@ describe('streaming', () => {
     await reader.read().catch(() => undefined);
     expect(await logSoFar(logBefore)).not.toMatch(/upstream_body_failed|"level":"error"/);
     expect((await proxyFetch('/api/proxy/demo/whoami')).status).toBe(200);
+  });
+
+  it("an API's answer that no one will read is not drained for ever: an endless body behind a step-up challenge is dropped, its connection closed", async () => {
+    const before = tricklerClosed.get('/step-up') ?? 0;
+    const refused = await proxyFetch('/api/proxy/trickler/step-up');
+    expect(refused.status).toBe(401);
+    expect(await refused.json()).toMatchObject({ error: 'step_up_required' });
+    // 64 KiB or 5 s of it at most; the API writes 50 KiB a second for as long as it is read.
+    await waitFor('the endless body to be dropped', () => ((tricklerClosed.get('/step-up') ?? 0) > before ? true : undefined), 10_000, 50);
+  });
+
+  it('a browser that leaves an encoded stream lets the API go at once, on both shapes (next start decodes it on the way; its request signal aborts the call)', async () => {
+    const before = tricklerClosed.get('/gzip') ?? 0;
+    const controller = new AbortController();
+    const answer = await proxyFetch('/api/proxy/trickler/gzip', { signal: controller.signal, headers: { 'accept-encoding': 'gzip' } });
+    expect(answer.status).toBe(200);
+    const reader = answer.body!.getReader();
+    await reader.read();
+    controller.abort();
+    await reader.read().catch(() => undefined);
+    // Well before PROXY_SEND_TIMEOUT_MS (60 s here) would end it.
+    await waitFor('the API connection to be let go', () => ((tricklerClosed.get('/gzip') ?? 0) > before ? true : undefined), 5_000, 50);
   });
 
   it('a streamed 401 that breaks off while Gatehouse refreshes and retries does not take the server down; the retry answers', async () => {
@@ -683,10 +734,20 @@ describe('header hygiene (raw sockets)', () => {
       ['X_Remote_User', 'admin'],
       ['X-WebAuth-User', 'admin'],
       ['X-Remote-Group', 'admins'],
+      ['Cf-Access-Authenticated-User-Email', 'admin@example.com'],
+      ['X-Amzn-Mtls-Clientcert', 'MIIB'],
+      ['X-MS-TOKEN-AAD-ACCESS-TOKEN', 'eyJ.e30.x'],
+      ['X-Pomerium-Jwt-Assertion', 'eyJ.e30.x'],
+      ['X-Consumer-Username', 'admin'],
+      ['X-Userinfo', 'eyJzdWIiOiJhZG1pbiJ9'],
+      ['Tailscale-User-Login', 'admin@example.com'],
+      ['X-SSL-Cert', 'MIIB'],
+      ['X-Client-DN', 'CN=admin'],
+      ['X-Remote-Extra-Scopes', 'admin'],
     ];
     const seen = await headersReaching('/api/proxy/demo/echo/identity', [...asserted, ['X-Client-Version', 'kept']]);
     for (const [name] of asserted) expect(seen[name.toLowerCase()], name).toBeUndefined();
-    expect(Object.keys(seen).filter((name) => /remote|amzn|principal|goog|auth-request|envoy|ssl|cert|webauth/.test(name))).toEqual([]);
+    expect(Object.keys(seen).filter((name) => /remote|amzn|principal|goog|auth-request|envoy|ssl|cert|webauth|cf-access|ms-token|pomerium|consumer|userinfo|tailscale|client-dn/.test(name))).toEqual([]);
     expect(seen['x-client-version']).toBe('kept');
   });
 

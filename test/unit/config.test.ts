@@ -62,9 +62,9 @@ describe('configuration', () => {
   });
 
   it('bounds what one browser holds of the proxy, and names a bad bound', () => {
-    expect(parseConfig(valid).proxy).toEqual({ sendTimeoutMs: 60_000, maxCallsPerSession: 64 });
-    expect(parseConfig({ ...valid, PROXY_SEND_TIMEOUT_MS: '5000', PROXY_MAX_CALLS_PER_SESSION: '8' }).proxy).toEqual({ sendTimeoutMs: 5_000, maxCallsPerSession: 8 });
-    for (const [name, value] of [['PROXY_SEND_TIMEOUT_MS', '500'], ['PROXY_SEND_TIMEOUT_MS', 'never'], ['PROXY_MAX_CALLS_PER_SESSION', '0'], ['PROXY_MAX_CALLS_PER_SESSION', '1.5']] as const) {
+    expect(parseConfig(valid).proxy).toEqual({ sendTimeoutMs: 60_000, maxCallsPerUser: 256 });
+    expect(parseConfig({ ...valid, PROXY_SEND_TIMEOUT_MS: '5000', PROXY_MAX_CALLS_PER_USER: '8' }).proxy).toEqual({ sendTimeoutMs: 5_000, maxCallsPerUser: 8 });
+    for (const [name, value] of [['PROXY_SEND_TIMEOUT_MS', '500'], ['PROXY_SEND_TIMEOUT_MS', 'never'], ['PROXY_MAX_CALLS_PER_USER', '0'], ['PROXY_MAX_CALLS_PER_USER', '1.5']] as const) {
       expect(problemsOf({ ...valid, [name]: value }).join('\n'), `${name}=${value}`).toMatch(new RegExp(`^${name}: `, 'm'));
     }
   });

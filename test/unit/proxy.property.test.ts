@@ -101,19 +101,20 @@ const REQUEST_DENIED = [
   'host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-request-id', 'expect', 'proxy',
   'x-real-ip', 'true-client-ip', 'x-client-ip', 'cf-connecting-ip', 'x-cluster-client-ip', 'fastly-client-ip',
   'x-original-url', 'x-rewrite-url', 'x-original-uri',
-  'remote-user', 'x-remote-user', 'x-remote-group', 'x-webauth-user',
+  'remote-user', 'x-userinfo', 'x-client-dn',
 ];
 const RESPONSE_DENIED = [
   'x-content-type-options', 'x-frame-options', 'referrer-policy', 'set-cookie', 'set-cookie2', 'x-request-id', 'clear-site-data', 'strict-transport-security', 'alt-svc', 'nel', 'report-to',
   'reporting-endpoints', 'service-worker-allowed', 'set-login', 'x-accel-redirect', 'x-sendfile', 'x-lighttpd-send-file',
 ];
 const REQUEST_DENIED_PREFIXES = [
-  'x-forwarded-', 'proxy-', 'x-amzn-oidc-', 'x-ms-client-principal', 'x-goog-authenticated-user-', 'x-goog-iap-', 'x-auth-request-', 'x-envoy-',
-  'x-ssl-client-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert',
+  'x-forwarded-', 'proxy-', 'x-amzn-oidc-', 'x-amzn-mtls-', 'x-ms-client-principal', 'x-ms-token-', 'x-goog-authenticated-user-', 'x-goog-iap-', 'cf-access-',
+  'x-auth-request-', 'x-pomerium-', 'x-consumer-', 'tailscale-', 'x-webauth-', 'x-remote-', 'x-envoy-',
+  'x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert',
 ];
 const RESPONSE_DENIED_PREFIXES = ['x-gatehouse-', 'proxy-'];
 /** Names no list mentions, some of them close to listed ones. */
-const ORDINARY = ['accept', 'content-type', 'etag', 'cache-control', 'x-accel-buffering', 'x-forwarded', 'x-gatehouse', 'cookies', 'x-requestid', 'tee', 'www-authenticate', 'vary', 'x-envoy', 'x-client', 'x-remote', 'remote', 'x-user-agent-hint'];
+const ORDINARY = ['accept', 'content-type', 'etag', 'cache-control', 'x-accel-buffering', 'x-forwarded', 'x-gatehouse', 'cookies', 'x-requestid', 'tee', 'www-authenticate', 'vary', 'x-envoy', 'x-client', 'x-remote', 'remote', 'x-user-agent-hint', 'cf-ray', 'x-ssl', 'x-consumer', 'tailscale'];
 
 const token = fc.stringMatching(/^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,16}$/);
 function headerName(listed: string[], prefixes: string[]): fc.Arbitrary<string> {
