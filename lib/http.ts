@@ -98,8 +98,23 @@ export function sameOriginRedirect(returnTo: string, appBaseUrl: URL): string {
 
 export const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' } as const;
 
+/**
+ * On every answer of Gatehouse's own JSON and every proxied answer (lib/proxy.ts): none is meant
+ * to be a page. A navigation cannot send X-CSRF, but the browser's cache (or its back/forward
+ * cache) can show a navigation an answer a `fetch` stored, and an API may serve HTML or SVG its
+ * users uploaded. As a page of the app's origin, where `/api/proxy` answers with the user's tokens,
+ * it gets no script, no plugin, no frame around it and no type sniffing.
+ */
+export const NOT_A_PAGE = {
+  'x-content-type-options': 'nosniff',
+  'x-frame-options': 'DENY',
+  // As next.config.mjs gives every answer under `next start`: the same on both shapes.
+  'referrer-policy': 'same-origin',
+  'content-security-policy': "default-src 'none'; frame-ancestors 'none'; sandbox",
+} as const;
+
 export function jsonHeaders(): Record<string, string> {
-  return { 'content-type': 'application/json; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff' };
+  return { 'content-type': 'application/json; charset=utf-8', ...NO_STORE, ...NOT_A_PAGE };
 }
 
 /** Methods the proxy forwards; anything else is a 405 (shared by middleware and the proxy core). */

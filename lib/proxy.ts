@@ -4,7 +4,7 @@ import { Client, Pool, type Dispatcher } from 'undici';
 import { getConfig, type ApiConfig } from './config.ts';
 import { dpopAuthorization, dpopNonceDemanded } from './dpop.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
-import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
+import { NOT_A_PAGE, PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
@@ -116,27 +116,14 @@ const RESPONSE_DENYLIST = new Set([
   // A DPoP API's next nonce is for the maker of the proofs, Gatehouse (lib/dpop.ts).
   'dpop-nonce',
 ]);
-/**
- * On every proxied answer. A navigation cannot send X-CSRF, so no proxied answer is meant to be a
- * document; but the browser's cache (or its back/forward cache) can show a navigation an answer a
- * `fetch` stored, and an API may serve HTML or SVG its users uploaded. As a document on the app's
- * origin, where `/api/proxy` answers with the user's tokens, it gets no script, no plugin, no
- * frame around it and no type sniffing. The API's own CSP, if any, applies as well.
- */
-const NOT_A_PAGE_HEADERS: ReadonlyArray<[string, string]> = [
-  ['x-frame-options', 'DENY'],
-  // As next.config.mjs gives every answer under `next start`: the same on both shapes.
-  ['referrer-policy', 'same-origin'],
-  ['content-security-policy', "default-src 'none'; frame-ancestors 'none'; sandbox"],
-];
-const PROXIED_ANSWER_HEADERS: ReadonlyArray<[string, string]> = [['x-content-type-options', 'nosniff'], ...NOT_A_PAGE_HEADERS];
+/** On every proxied answer (the API's own CSP, if any, applies as well). */
+const PROXIED_ANSWER_HEADERS = Object.entries(NOT_A_PAGE);
 /** The browser client reads x-gatehouse-error as "Gatehouse says"; the whole namespace is Gatehouse's. */
 const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
 
 function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
-  // Gatehouse's own JSON (nosniff among jsonHeaders), never a page either.
-  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...NOT_A_PAGE_HEADERS, ...errorHeaders(error), ...extraHeaders];
+  const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...errorHeaders(error), ...extraHeaders];
   if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
   return { status: error.status, headers, body: errorBody(error) };
 }
@@ -622,9 +609,8 @@ function upstreamError(error: unknown, signal: AbortSignal): GatehouseError {
 
 function ignoreError(): void {}
 
-/** Lets go of an answer's body that will not be passed on. */
 /**
- * An answer no one will read is drained, so that its connection can serve the next call, unless
+ * Lets go of an answer's body that will not be passed on. An answer no one will read is drained, so that its connection can serve the next call, unless
  * it is long or slow: a large, endless or trickling body (an API's 401 with an event stream behind
  * it) would hold its connection outside any call's bounds, so past these it is dropped instead.
  */

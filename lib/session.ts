@@ -68,12 +68,20 @@ export interface Session {
 
 const SESSION_FORMAT_VERSION = 1;
 
+/** A stored record as this process last read or wrote it (see openedRecords). */
+interface OpenedRecord {
+  raw: string;
+  record: SessionRecord;
+  /** Set once decrypted and found bound to this id and record. */
+  secrets?: SessionSecrets;
+}
+
 /** Shared with every copy of this module in the process (see shared-state.ts). */
 const state = sharedState('session', () => ({
   store: undefined as Store | undefined,
   unsealCache: new Map<string, { id: string; until: number }>(),
   loggedUnreadable: new Set<string>(),
-  openedRecords: new Map<string, { raw: string; record: SessionRecord; secrets?: SessionSecrets }>(),
+  openedRecords: new Map<string, OpenedRecord>(),
   lastTouched: new Map<string, number>(),
 }));
 
@@ -370,7 +378,7 @@ export async function createSession(input: NewSession): Promise<Session> {
   const { session } = getConfig();
   const now = Date.now();
   const id = randomToken();
-  const record: SessionRecord = {
+  const fields: Omit<SessionRecord, 'sealed'> = {
     v: SESSION_FORMAT_VERSION,
     sub: input.sub,
     idpSid: input.idpSid,
@@ -381,9 +389,8 @@ export async function createSession(input: NewSession): Promise<Session> {
     userAgent: input.userAgent?.slice(0, 256),
     ...(input.acr !== undefined ? { acr: input.acr } : {}),
     ...(input.authTime !== undefined ? { authTime: input.authTime } : {}),
-    sealed: '',
   };
-  record.sealed = await encryptSecrets({ ...input.secrets, boundTo: recordBinding(id, record) });
+  const record: SessionRecord = { ...fields, sealed: await encryptSecrets({ ...input.secrets, boundTo: recordBinding(id, fields) }) };
   const written = await storeCall(() =>
     getStore().set(sessionKey(id), JSON.stringify(record), { ttlMs: session.idleTimeoutSec * 1000, onlyIfAbsent: true }),
   );
@@ -425,13 +432,6 @@ export async function storeCall<T>(operation: () => Promise<T>): Promise<T> {
 const openedRecords = state.openedRecords;
 const OPENED_RECORDS_LIMIT = 10_000;
 
-interface OpenedRecord {
-  raw: string;
-  record: SessionRecord;
-  /** Set once decrypted and found bound to this id and record. */
-  secrets?: SessionSecrets;
-}
-
 function openedRecord(id: string, raw: string): OpenedRecord | null {
   const cached = openedRecords.get(id);
   if (cached?.raw === raw) return cached;
@@ -463,7 +463,7 @@ function rememberOpened(id: string, record: SessionRecord, secrets: SessionSecre
  * token's expiry stays out: a refresh by a release before this one rewrites it and carries the old
  * digest along.
  */
-function recordBinding(id: string, record: SessionRecord): string {
+function recordBinding(id: string, record: Omit<SessionRecord, 'sealed'>): string {
   const { v, sub, idpSid, createdAt, absoluteExpiresAt, logoutToken, userAgent, acr, authTime } = record;
   return shortDigest(JSON.stringify([id, v, sub, idpSid ?? null, createdAt, absoluteExpiresAt, logoutToken, userAgent ?? null, acr ?? null, authTime ?? null]), 43);
 }
@@ -619,9 +619,8 @@ export async function touchSession(session: Session, force = false): Promise<voi
 
 /** The session with new tokens, encrypted: what `writeSessionTokens` stores, the same bytes however often it is tried. */
 export async function sealSessionTokens(session: Session, secrets: SessionSecrets, accessTokenExpiresAt: number | null): Promise<Session> {
-  const record = { ...session.record, accessTokenExpiresAt };
-  record.sealed = await encryptSecrets({ ...secrets, boundTo: recordBinding(session.id, record) });
-  return { id: session.id, record, secrets };
+  const fields = { ...session.record, accessTokenExpiresAt };
+  return { id: session.id, record: { ...fields, sealed: await encryptSecrets({ ...secrets, boundTo: recordBinding(session.id, fields) }) }, secrets };
 }
 
 /**
