@@ -480,7 +480,8 @@ test.describe('proxy', () => {
     const { cookie } = await signIn('liam');
     const middle = Math.floor(cookie.length / 2);
     let at = middle;
-    while (!/[A-Za-z0-9]/.test(cookie[at] ?? '')) at++;
+    // Not the last character of a seal segment: its low bits are base64 padding that decoding ignores.
+    while (!/[A-Za-z0-9]/.test(cookie[at] ?? '') || !/[\w-]/.test(cookie[at + 1] ?? '')) at++;
     const tampered = cookie.slice(0, at) + (cookie[at] === 'A' ? 'B' : 'A') + cookie.slice(at + 1);
     expect(tampered).not.toBe(cookie);
     expect(tampered).toHaveLength(cookie.length);
