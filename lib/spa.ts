@@ -40,8 +40,25 @@ const CONTENT_TYPES: Record<string, string> = {
 
 /** Paths that belong to Gatehouse or Next, never to the SPA. */
 const NOT_THE_SPA = /^\/(api|_next)(\/|$)/;
-/** Vite, Create React App and Angular put a content hash in built asset names: those never change. */
-const HASHED_ASSET = /[.-][A-Za-z0-9_-]{8,}\.[a-z0-9]+$/;
+/**
+ * Names that carry a content hash, as the common builds write them: such a file never changes, so
+ * it may be kept for good. Anything else revalidates: `app-settings.json`, `apple-touch-icon.png`
+ * or a font's `Inter-SemiBold.woff2` kept for a year would keep a fixed file from users for a year.
+ * Matched against the path inside SPA_DIR.
+ */
+const HASHED_ASSETS = [
+  // Vite (Rollup): eight base64url characters, a digit or capital among them, in its assets directory. `assets/index-B_x3a9-f.js`
+  /^assets\/(?:[^/]+\/)*[^/]+-(?=[\w-]{0,7}[A-Z0-9])[\w-]{8}\.[a-z0-9]+$/,
+  // esbuild (Angular's application builder): eight base32 characters. `main-5INURTSO.js`
+  /-[A-Z2-7]{8}\.[a-z0-9]+$/,
+  // webpack (Create React App, earlier Angular): hex, with both digits and letters. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js`
+  /\.(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\.(?:chunk\.)?[a-z0-9]+$/,
+];
+
+/** Whether the file at `relativePath` (inside SPA_DIR, `/`-separated) is named by its content hash. */
+export function isHashedAsset(relativePath: string): boolean {
+  return HASHED_ASSETS.some((pattern) => pattern.test(relativePath));
+}
 
 /**
  * The page's own protection: scripts, styles and connections from this origin only (the SPA talks
@@ -106,12 +123,12 @@ function isWithin(base: string, file: string): boolean {
  * the root's own real place: a link in the build that points elsewhere (`etc -> /etc`) is not
  * followed out of it. The root is resolved each time, so a deploy that swaps a `current` link is seen.
  */
-async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number } | null> {
+async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number; inRoot: string } | null> {
   if (!file) return null;
   const [real, realRoot] = await Promise.all([realpath(file).catch(() => null), realpath(root).catch(() => null)]);
   if (!real || !realRoot || !isWithin(realRoot, real)) return null;
   const info = await stat(real).catch(() => null);
-  return info?.isFile() ? { file: real, size: info.size } : null;
+  return info?.isFile() ? { file: real, size: info.size, inRoot: path.relative(realRoot, real).split(path.sep).join('/') } : null;
 }
 
 export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP): Promise<ProxyResponse | null> {
@@ -130,7 +147,7 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
     ['content-type', contentType],
     ['content-length', String(served.size)],
     // index.html must be revalidated so a deploy reaches users; hashed assets can be kept for good.
-    ['cache-control', !isDocument && HASHED_ASSET.test(served.file) ? 'public, max-age=31536000, immutable' : 'no-cache'],
+    ['cache-control', !isDocument && isHashedAsset(served.inRoot) ? 'public, max-age=31536000, immutable' : 'no-cache'],
     ['x-content-type-options', 'nosniff'],
     ...protectionFor(contentType, csp),
   ];

@@ -25,6 +25,8 @@ mkdirSync(path.join(spaDir, 'assets'));
 writeFileSync(path.join(spaDir, 'index.html'), INDEX);
 writeFileSync(path.join(spaDir, 'assets', 'app-Ab12Cd34.js'), APP_JS);
 writeFileSync(path.join(spaDir, 'robots.txt'), 'User-agent: *\n');
+// A name with a long word where a hash could be: edited in place on deploys, so never kept for good.
+writeFileSync(path.join(spaDir, 'app-settings.json'), '{"api":"/api/proxy/demo"}');
 // Only the static host below serves these, each with its own Cache-Control (see startSpaOrigin).
 writeFileSync(path.join(spaDir, 'assets', 'chunk-Qw12Er34.js'), 'export const chunk = 1;');
 writeFileSync(path.join(spaDir, 'short.txt'), 'fresh for a second');
@@ -95,6 +97,9 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     const robots = await get('/robots.txt', '*/*');
     expect(robots.headers.get('content-type')).toBe('text/plain; charset=utf-8');
     expect(robots.headers.get('cache-control')).toBe('no-cache');
+    const settings = await get('/app-settings.json', '*/*');
+    expect(settings.headers.get('content-type')).toBe('application/json; charset=utf-8');
+    expect(settings.headers.get('cache-control')).toBe('no-cache');
     expect((await get('/assets/missing-Zz99Yy88.js', '*/*')).status).toBe(404);
   });
 

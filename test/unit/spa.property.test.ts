@@ -3,7 +3,7 @@ import { createServer } from 'node:http';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { resolveSpaFile, resolveSpaUrl, serveSpaFrom } from '../../lib/spa.ts';
+import { isHashedAsset, resolveSpaFile, resolveSpaUrl, serveSpaFrom } from '../../lib/spa.ts';
 
 const ROOT = '/srv/spa';
 const PIECES = ['/', '.', '..', '%2e', '%2E', '%2f', '%2F', '%5c', '\\', '%00', '%252e', 'etc', 'passwd', 'assets', 'a.js', ';', '%', '.env', '.git', '.well-known', 'env'];
@@ -146,5 +146,56 @@ describe('serveSpaFrom, remote origin, kept per process as the host says', () =>
     } finally {
       await origin.close();
     }
+  });
+});
+
+describe('isHashedAsset: what may be cached for good', () => {
+  it('knows the hashed names Vite, esbuild (Angular) and webpack (Create React App) write', () => {
+    for (const name of [
+      'assets/index-B_x3a9-f.js',
+      'assets/index-DiwrgTda.css',
+      'assets/fonts/inter-Q2w3E4r5.woff2',
+      'main-5INURTSO.js',
+      'chunk-5VRVH7LZ.js',
+      'static/js/main.8e3f9a1b.js',
+      'static/js/453.2c9ba7f0.chunk.js',
+      'static/css/main.0f1e2d3c.css',
+      'main.a1b2c3d4e5f6a7b8.js',
+    ]) {
+      expect(isHashedAsset(name), name).toBe(true);
+    }
+  });
+
+  it('keeps ordinary names revalidated, however long their words', () => {
+    for (const name of ['index.html', 'robots.txt', 'apple-touch-icon.png', 'firebase-messaging-sw.js', 'app-settings.json', 'runtime-settings.json', 'sw-register.js', 'theme-variables.css', 'custom-elements.js', 'android-chrome-192x192.png', 'fonts/Inter-SemiBold.woff2', 'config.20240101.json', 'assets/apple-touch-icon.png', 'assets/app-settings.json', 'assets-Ab12Cd34.js']) {
+      expect(isHashedAsset(name), name).toBe(false);
+    }
+    const word = fc.stringMatching(/^[a-z][a-z_]{0,15}$/);
+    const name = fc.tuple(fc.array(fc.constantFrom('assets', 'static', 'js', 'fonts', 'media'), { maxLength: 3 }), fc.array(word, { minLength: 1, maxLength: 4 }), fc.constantFrom('-', '.', '_'), fc.constantFrom('js', 'css', 'json', 'png', 'svg', 'woff2', 'webmanifest'));
+    fc.assert(
+      fc.property(name, ([folders, words, joint, extension]) => {
+        const file = [...folders, `${words.join(joint)}.${extension}`].join('/');
+        expect(isHashedAsset(file), file).toBe(false);
+      }),
+      { numRuns: 5_000 },
+    );
+  });
+
+  it('a hash from any of those builds counts, whatever its characters', () => {
+    const of = (alphabet: string, length: number) => fc.array(fc.constantFrom(...alphabet), { minLength: length, maxLength: length }).map((chars) => chars.join(''));
+    const base64url = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
+    const hashedName = fc.oneof(
+      // Rollup's hashes without a digit or capital (about 1 in 800) revalidate: a hash cannot be told from a word then.
+      fc.tuple(of(base64url, 8), fc.constantFrom('index', 'vendor-react', 'Button')).filter(([hash]) => /[A-Z0-9]/.test(hash)).map(([hash, stem]) => `assets/${stem}-${hash}.js`),
+      fc.tuple(of('ABCDEFGHIJKLMNOPQRSTUVWXYZ234567', 8), fc.constantFrom('main', 'chunk', 'polyfills', 'styles')).map(([hash, stem]) => `${stem}-${hash}.js`),
+      // Hex with no letter or no digit (about 1 in 40 at eight characters) revalidates, for the same reason.
+      fc.tuple(of('0123456789abcdef', 8), fc.constantFrom('main', '453', 'runtime')).filter(([hash]) => /\d/.test(hash) && /[a-f]/.test(hash)).map(([hash, stem]) => `static/js/${stem}.${hash}.chunk.js`),
+    );
+    fc.assert(
+      fc.property(hashedName, (file) => {
+        expect(isHashedAsset(file), file).toBe(true);
+      }),
+      { numRuns: 5_000 },
+    );
   });
 });
