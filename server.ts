@@ -214,6 +214,26 @@ function inOriginForm(request: http.IncomingMessage): http.IncomingMessage {
   return request;
 }
 
+/**
+ * Whether a target is the proxy's: under /api/proxy/, or under it once dot segments are resolved
+ * (`/api/./proxy/…`, `/api/x/%2e%2e/proxy/…`), as Next resolves them before routing. Such a target
+ * left to Next would reach its proxy route: outside the fast path's count of a user's open calls,
+ * and without the client's address for X-Forwarded-For. The proxy refuses it, as it refuses dot
+ * segments anywhere in a proxied path.
+ */
+function isForTheProxy(request: http.IncomingMessage): boolean {
+  const target = inOriginForm(request).url;
+  if (target === undefined) return false;
+  if (target.startsWith(PROXY_PREFIX)) return true;
+  const pathEnd = target.search(/[?#]/);
+  if (!/[.%]/.test(pathEnd === -1 ? target : target.slice(0, pathEnd))) return false;
+  try {
+    return new URL(target, 'http://gatehouse.invalid').pathname.startsWith(PROXY_PREFIX);
+  } catch {
+    return false;
+  }
+}
+
 async function serve(): Promise<void> {
   // Before Next loads: its instrumentation hook then finds the SDK wired. A worker's metrics go to the primary.
   await startTelemetry(cluster.isWorker ? 'primary' : 'serve');
@@ -226,8 +246,8 @@ async function serve(): Promise<void> {
   const handleWithNext = app.getRequestHandler();
   // WebSocket handshakes to /api/proxy/* are upgraded (lib/websocket.ts); any other upgrade request
   // stays an ordinary request for Next, as it would be without an 'upgrade' listener.
-  const server = http.createServer({ shouldUpgradeCallback: (request) => inOriginForm(request).url?.startsWith(PROXY_PREFIX) ?? false }, (request, response) => {
-    if (inOriginForm(request).url?.startsWith(PROXY_PREFIX)) {
+  const server = http.createServer({ shouldUpgradeCallback: isForTheProxy }, (request, response) => {
+    if (isForTheProxy(request)) {
       // A throw while writing costs this one answer, never the worker and every request it serves.
       forwardRequest(inboundFromNode(request, response))
         .then((answer) => writeNodeResponse(answer, response))

@@ -822,9 +822,10 @@ async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Creden
  * Calls of each user open in this process. Every call holds a connection of its API's pool until
  * its answer is over: without a bound, one user whose browser opens hundreds of calls and reads
  * none of their answers would hold the whole pool, and everyone's calls to that API would wait.
- * Counted per user, not per session, so that signing in again gives no more of it.
+ * Counted per user, not per session, so that signing in again gives no more of it; one count for
+ * the fast path and Next's proxy route of a process, as they share the pools.
  */
-const openCalls = new Map<string, number>();
+const openCalls = sharedState('open-calls', () => new Map<string, number>());
 
 function holdCallSlot(sub: string, limit: number): () => void {
   const open = openCalls.get(sub) ?? 0;

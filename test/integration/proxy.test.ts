@@ -1080,6 +1080,32 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     }
   });
 
+  it('a target that only resolves into /api/proxy/ (`/api/./proxy/…`) is not served around the fast path: 400 invalid_path', async () => {
+    // Next resolves dot segments before routing; on `npm start` such a target reached Next's proxy
+    // route, outside the per-user count of open calls and without the client's address.
+    const neutral = fc.constantFrom('./', '%2e/', '%2E/', 'x/../', 'x/%2e%2e/', 'x/.%2e/', 'x/%2E./');
+    const disguised = fc
+      .tuple(fc.array(neutral, { maxLength: 2 }), fc.array(neutral, { minLength: 1, maxLength: 3 }), fc.constantFrom('', '?q=1'))
+      .map(([outside, inside, query]) => `/${outside.join('')}api/${inside.join('')}proxy/demo/whoami${query}`);
+    await fc.assert(
+      fc.asyncProperty(disguised, async (target) => {
+        expect(new URL(target, 'http://x').pathname).toBe('/api/proxy/demo/whoami');
+        const before = await demoStats();
+        const res = await raw(head('GET', target, withSession()));
+        if (SHAPE === 'next') {
+          // No fast path to go around: Next's route is the proxy, and it sees the resolved path.
+          expect(res?.status, target).toBe(200);
+          return;
+        }
+        expect(res?.status, target).toBe(400);
+        expect(res?.get('x-gatehouse-error'), target).toBe('invalid_path');
+        expect(bodyJson(res), target).toEqual({ error: 'invalid_path', message: expect.any(String) });
+        expect((await demoStats()).requests, target).toBe(before.requests);
+      }),
+      { numRuns: 30 },
+    );
+  });
+
   it('a legitimate path and query stay inside the configured base path', async () => {
     const res = await raw(head('GET', '/api/proxy/jail/a/b%20c?x=1&y=%2e%2e', withSession()));
     expect(res?.status).toBe(200);

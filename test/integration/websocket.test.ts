@@ -292,7 +292,7 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
   it('an API without "websocket": true → 404 websocket_not_enabled; an unknown API → 404; escaping paths → 400 invalid_path', async () => {
     await expectRefusedWithoutUpstream('/api/proxy/demo/ws', { cookie }, 404, 'websocket_not_enabled');
     await expectRefusedWithoutUpstream('/api/proxy/nope/ws', { cookie }, 404, 'unknown_api');
-    for (const path of ['/api/proxy/live/..;x/ws', '/api/proxy/live/a%2fb/ws', '/api/proxy/live/%2e%2e%3bx/ws', '/api/proxy/live//ws']) {
+    for (const path of ['/api/proxy/live/..;x/ws', '/api/proxy/live/a%2fb/ws', '/api/proxy/live/%2e%2e%3bx/ws', '/api/proxy/live//ws', '/api/./proxy/live/ws', '/x/%2e%2e/api/proxy/live/ws']) {
       await expectRefusedWithoutUpstream(path, { cookie }, 400, 'invalid_path');
     }
   });
