@@ -9,6 +9,7 @@ import { WebSocket, WebSocketServer } from 'ws';
 import { rssBytes } from '../../bench/lib.ts';
 import { freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import type { DemoSocketRecord } from '../../scripts/demo-api.ts';
+import { rawRequest } from '../support/raw-http.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, login, processTree, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 
 const MiB = 1024 * 1024;
@@ -292,8 +293,33 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
   it('an API without "websocket": true → 404 websocket_not_enabled; an unknown API → 404; escaping paths → 400 invalid_path', async () => {
     await expectRefusedWithoutUpstream('/api/proxy/demo/ws', { cookie }, 404, 'websocket_not_enabled');
     await expectRefusedWithoutUpstream('/api/proxy/nope/ws', { cookie }, 404, 'unknown_api');
-    for (const path of ['/api/proxy/live/..;x/ws', '/api/proxy/live/a%2fb/ws', '/api/proxy/live/%2e%2e%3bx/ws', '/api/proxy/live//ws', '/api/./proxy/live/ws', '/x/%2e%2e/api/proxy/live/ws']) {
+    for (const path of ['/api/proxy/live/..;x/ws', '/api/proxy/live/a%2fb/ws', '/api/proxy/live/%2e%2e%3bx/ws', '/api/proxy/live//ws']) {
       await expectRefusedWithoutUpstream(path, { cookie }, 400, 'invalid_path');
+    }
+  });
+
+  it('a handshake whose target only resolves into /api/proxy/ (`/api/./proxy/…`) → 400 invalid_path, not Next’s route', async () => {
+    // Raw bytes: a WebSocket client resolves the dot segments before sending, as Next would after.
+    const appUrl = new URL(app);
+    for (const target of ['/api/./proxy/live/ws', '/api/%2e/proxy/live/ws', '/x/%2e%2e/api/proxy/live/ws', '/x/../api/proxy/live/ws']) {
+      const before = (await demoSockets()).upgrades;
+      const handshake = [
+        `GET ${target} HTTP/1.1`,
+        `Host: ${appUrl.host}`,
+        'Connection: Upgrade',
+        'Upgrade: websocket',
+        'Sec-WebSocket-Version: 13',
+        `Sec-WebSocket-Key: ${randomBytes(16).toString('base64')}`,
+        `Origin: ${app}`,
+        `Cookie: ${cookie}`,
+        '',
+        '',
+      ].join('\r\n');
+      const answer = await rawRequest(Number(appUrl.port), handshake);
+      expect(answer?.status, target).toBe(400);
+      expect(answer?.get('x-gatehouse-error'), target).toBe('invalid_path');
+      expect(JSON.parse(answer?.body ?? '{}'), target).toEqual({ error: 'invalid_path', message: expect.any(String) });
+      expect((await demoSockets()).upgrades, target).toBe(before);
     }
   });
 
