@@ -44,20 +44,36 @@ const NOT_THE_SPA = /^\/(api|_next)(\/|$)/;
  * Names that carry a content hash, as the common builds write them: such a file never changes, so
  * it may be kept for good. Anything else revalidates: `app-settings.json`, `apple-touch-icon.png`
  * or a font's `Inter-SemiBold.woff2` kept for a year would keep a fixed file from users for a year.
- * Matched against the path inside SPA_DIR.
+ * A hash taken for a word costs a revalidation; a word taken for a hash, a stale file. A hash is
+ * told from a word by how often digits, capitals and small letters take turns in it: often when
+ * drawn at random, rarely when written (`SemiBold` 3 turns, `Dark2024` 2, `decade2024` 1).
  */
-const HASHED_ASSETS = [
-  // Vite (Rollup): eight base64url characters, a digit or capital among them, in its assets directory. `assets/index-B_x3a9-f.js`
-  /^assets\/(?:[^/]+\/)*[^/]+-(?=[\w-]{0,7}[A-Z0-9])[\w-]{8}\.[a-z0-9]+$/,
-  // esbuild (Angular's application builder): eight base32 characters. `main-5INURTSO.js`
-  /-[A-Z2-7]{8}\.[a-z0-9]+$/,
-  // webpack (Create React App, earlier Angular): hex, with both digits and letters. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js`
-  /\.(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\.(?:chunk\.)?[a-z0-9]+$/,
-];
+/** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-Bx3a9_fK.js` */
+const ROLLUP_NAME = /^assets\/(?:[^/]+\/)*[^/]+-([\w-]{8})\.[a-z0-9]+$/;
+/** webpack (Create React App, earlier Angular): hex. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js` */
+const WEBPACK_NAME = /\.([0-9a-f]{8,})\.(?:chunk\.)?[a-z0-9]+$/;
+/** esbuild (Angular's application builder): eight base32 capitals and digits, a digit before a capital (`REPORT24` is a name). `main-5INURTSO.js` */
+const ESBUILD_NAME = /-(?=[A-Z2-7]{0,6}[2-7][A-Z])[A-Z2-7]{8}\.[a-z0-9]+$/;
 
-/** Whether the file at `relativePath` (inside SPA_DIR, `/`-separated) is named by its content hash. */
+function turns(text: string): number {
+  const kind = (char: string) => (/\d/.test(char) ? 'digit' : char === char.toUpperCase() ? 'capital' : 'small');
+  return [...text].filter((char, i) => i > 0 && kind(char) !== kind(text[i - 1] as string)).length;
+}
+
+/**
+ * Whether the file at `relativePath` (inside SPA_DIR, `/`-separated, as the browser named it: a
+ * link's name, not its target's) is named by its content hash. Rollup's: four turns or more within
+ * a part between `-` and `_`, at most two parts (about 2 in 3 of its hashes; `HiRes_64` and
+ * `en-us-12` stay names, `GoToTopX` and `NewYork2` would not). webpack's: two turns or more (about
+ * 9 in 10 at eight characters, all at twenty).
+ */
 export function isHashedAsset(relativePath: string): boolean {
-  return HASHED_ASSETS.some((pattern) => pattern.test(relativePath));
+  const rollupHash = ROLLUP_NAME.exec(relativePath)?.[1];
+  const rollupParts = rollupHash?.split(/[-_]/) ?? [];
+  if (rollupParts.length > 0 && rollupParts.length <= 2 && rollupParts.some((part) => turns(part) >= 4)) return true;
+  const hexHash = WEBPACK_NAME.exec(relativePath)?.[1];
+  if (hexHash !== undefined && turns(hexHash) >= 2) return true;
+  return ESBUILD_NAME.test(relativePath);
 }
 
 /**
@@ -123,19 +139,20 @@ function isWithin(base: string, file: string): boolean {
  * the root's own real place: a link in the build that points elsewhere (`etc -> /etc`) is not
  * followed out of it. The root is resolved each time, so a deploy that swaps a `current` link is seen.
  */
-async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number; inRoot: string } | null> {
+async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number } | null> {
   if (!file) return null;
   const [real, realRoot] = await Promise.all([realpath(file).catch(() => null), realpath(root).catch(() => null)]);
   if (!real || !realRoot || !isWithin(realRoot, real)) return null;
   const info = await stat(real).catch(() => null);
-  return info?.isFile() ? { file: real, size: info.size, inRoot: path.relative(realRoot, real).split(path.sep).join('/') } : null;
+  return info?.isFile() ? { file: real, size: info.size } : null;
 }
 
 export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
   if (NOT_THE_SPA.test(pathname)) return null;
-  const found = pathname.endsWith('/') ? null : await fileAt(root, resolveSpaFile(root, pathname));
+  const requested = pathname.endsWith('/') ? null : resolveSpaFile(root, pathname);
+  const found = await fileAt(root, requested);
   // Anything without a file of its own and without an extension is a route of the SPA.
   const isRoute = !found && !/\.[A-Za-z0-9]+$/.test(pathname);
   const served = found ?? (isRoute ? await fileAt(root, path.join(path.resolve(root), 'index.html')) : null);
@@ -147,7 +164,7 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
     ['content-type', contentType],
     ['content-length', String(served.size)],
     // index.html must be revalidated so a deploy reaches users; hashed assets can be kept for good.
-    ['cache-control', !isDocument && isHashedAsset(served.inRoot) ? 'public, max-age=31536000, immutable' : 'no-cache'],
+    ['cache-control', found && requested && !isDocument && isHashedAsset(path.relative(path.resolve(root), requested).split(path.sep).join('/')) ? 'public, max-age=31536000, immutable' : 'no-cache'],
     ['x-content-type-options', 'nosniff'],
     ...protectionFor(contentType, csp),
   ];

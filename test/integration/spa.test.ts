@@ -43,6 +43,8 @@ writeFileSync(path.join(spaDir, '.well-known', 'security.txt'), SECURITY_TXT);
 symlinkSync(path.join(outsideDir, 'secret.txt'), path.join(spaDir, 'assets', 'linked.txt'));
 symlinkSync(outsideDir, path.join(spaDir, 'outside'));
 symlinkSync('robots.txt', path.join(spaDir, 'alias.txt'));
+// A stable name for the current build of a script: its content changes at every deploy.
+symlinkSync('assets/app-Ab12Cd34.js', path.join(spaDir, 'widget.js'));
 writeFileSync(path.join(spaDir, 'assets', 'logo.svg'), '<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/proxy/demo/whoami")</script></svg>');
 /** A policy that keeps a file opened on its own from running script on the app's origin. */
 const SANDBOXED = /^default-src 'none';.*(^|; )sandbox$/;
@@ -97,6 +99,9 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     const robots = await get('/robots.txt', '*/*');
     expect(robots.headers.get('content-type')).toBe('text/plain; charset=utf-8');
     expect(robots.headers.get('cache-control')).toBe('no-cache');
+    const widget = await get('/widget.js', '*/*');
+    expect(await widget.text()).toBe(APP_JS);
+    expect(widget.headers.get('cache-control')).toBe('no-cache');
     const settings = await get('/app-settings.json', '*/*');
     expect(settings.headers.get('content-type')).toBe('application/json; charset=utf-8');
     expect(settings.headers.get('cache-control')).toBe('no-cache');
