@@ -10,7 +10,7 @@ import { GatehouseError, errorBody } from './lib/errors.ts';
 import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
 import { idpStartProblems } from './lib/oidc.ts';
-import { PROXY_PREFIX, forwardRequest } from './lib/proxy.ts';
+import { PROXY_PREFIX, forwardRequest, serveProxyOnFastPathOnly } from './lib/proxy.ts';
 import { serveSpaFrom } from './lib/spa.ts';
 import { serveClusterMetrics, startTelemetry } from './lib/telemetry-sdk.ts';
 import { closeAllWebSockets, handleUpgrade } from './lib/websocket.ts';
@@ -228,7 +228,8 @@ function isForTheProxy(request: http.IncomingMessage): boolean {
   const pathEnd = target.search(/[?#]/);
   if (!/[.%]/.test(pathEnd === -1 ? target : target.slice(0, pathEnd))) return false;
   try {
-    return new URL(target, 'http://gatehouse.invalid').pathname.startsWith(PROXY_PREFIX);
+    // Joined, not resolved against a base, as Next builds its URL: `//x/./api/proxy/…` is then a host, not a path.
+    return new URL(`http://gatehouse.invalid${target}`).pathname.startsWith(PROXY_PREFIX);
   } catch {
     return false;
   }
@@ -241,6 +242,7 @@ async function serve(): Promise<void> {
   // handles (for next dev's hot reload and rewrites to other origins, neither of which this server
   // has); on ours it would end every WebSocket that lib/websocket.ts is upgrading. It gets a server
   // of its own that never listens.
+  serveProxyOnFastPathOnly();
   const app = next({ dev: false, dir: import.meta.dirname, hostname, port, httpServer: http.createServer() });
   await app.prepare();
   const handleWithNext = app.getRequestHandler();

@@ -52,6 +52,7 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
     header,
     headerPairs: () => [...request.headers].map(([name, value]): [string, string] => [name, name === 'accept-encoding' ? decodableAcceptEncoding(value) : value]),
     remoteAddress,
+    via: 'route',
     body: request.body && !BODYLESS.has(request.method) ? Readable.fromWeb(request.body as import('node:stream/web').ReadableStream) : null,
     signal: request.signal,
   };
@@ -155,6 +156,7 @@ export function inboundFromNode(request: IncomingMessage, response: ServerRespon
       return pairs;
     },
     remoteAddress: request.socket.remoteAddress,
+    via: 'fast-path',
     body: BODYLESS.has(request.method ?? 'GET') ? null : request,
     signal: controller.signal,
   };

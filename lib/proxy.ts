@@ -31,6 +31,8 @@ export interface InboundRequest {
   body: Readable | null;
   /** Aborted when the browser goes away. */
   signal: AbortSignal;
+  /** Which door it came in by: `npm start`'s fast path, or Next's route. */
+  via: 'fast-path' | 'route';
 }
 
 export interface ProxyResponse {
@@ -819,6 +821,18 @@ async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Creden
 }
 
 /**
+ * Set where the fast path serves /api/proxy/ (`npm start`, server.ts): a call that reaches Next's
+ * route there came by a spelling of its path that only Next resolves, around the fast path's
+ * bounds (server.ts sends every target that resolves under /api/proxy/ to the fast path; this
+ * holds should Next's router ever resolve more than that).
+ */
+const routeSuperseded = sharedState('proxy-route-superseded', () => ({ value: false }));
+
+export function serveProxyOnFastPathOnly(): void {
+  routeSuperseded.value = true;
+}
+
+/**
  * Calls of each user open in this process. Every call holds a connection of its API's pool until
  * its answer is over: without a bound, one user whose browser opens hundreds of calls and reads
  * none of their answers would hold the whole pool, and everyone's calls to that API would wait.
@@ -876,6 +890,10 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
   let result: ProxyResponse;
   let releaseCall: (() => void) | undefined;
   try {
+    if (inbound.via === 'route' && routeSuperseded.value) {
+      log('warn', 'proxy.route_bypass', { requestId });
+      throw invalidPath();
+    }
     const verdict = checkCsrf((name) => inbound.header(name), config.appBaseUrl.origin);
     if (!verdict.ok) throw errors.csrf();
     const method = inbound.method.toUpperCase();

@@ -1106,6 +1106,21 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     );
   });
 
+  it('Next’s own routes into its proxy route (`/_next/data/<build>/api/proxy/…`) never reach the API; on npm start that route refuses every call', async () => {
+    const logBefore = stack.apps[0]!.process.output().length;
+    const buildId = readFileSync(new URL('../../.next/BUILD_ID', import.meta.url), 'utf8').trim();
+    const before = await demoStats();
+    const res = await raw(head('GET', `/_next/data/${buildId}/api/proxy/demo/whoami.json`, withSession()));
+    expect(res?.status).toBe(400);
+    expect(res?.get('x-gatehouse-error')).toBe('invalid_path');
+    // Next decodes `%70roxy` only to look for a file: no route.
+    expect((await raw(head('GET', '/api/%70roxy/demo/whoami', withSession())))?.status).toBe(404);
+    expect((await demoStats()).requests).toBe(before.requests);
+    // Refused by the route itself under npm start, whatever the path would have resolved to.
+    const bypasses = (await logSoFar(logBefore)).match(/"event":"proxy\.route_bypass"/g) ?? [];
+    expect(bypasses).toHaveLength(SHAPE === 'fast' ? 1 : 0);
+  });
+
   it('a legitimate path and query stay inside the configured base path', async () => {
     const res = await raw(head('GET', '/api/proxy/jail/a/b%20c?x=1&y=%2e%2e', withSession()));
     expect(res?.status).toBe(200);
