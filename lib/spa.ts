@@ -44,36 +44,31 @@ const NOT_THE_SPA = /^\/(api|_next)(\/|$)/;
  * Names that carry a content hash, as the common builds write them: such a file never changes, so
  * it may be kept for good. Anything else revalidates: `app-settings.json`, `apple-touch-icon.png`
  * or a font's `Inter-SemiBold.woff2` kept for a year would keep a fixed file from users for a year.
- * A hash taken for a word costs a revalidation; a word taken for a hash, a stale file. A hash is
- * told from a word by how often digits, capitals and small letters take turns in it: often when
- * drawn at random, rarely when written (`SemiBold` 3 turns, `Dark2024` 2, `decade2024` 1).
  */
-/** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-Bx3a9_fK.js` */
+/** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-BKe-udLF.js` */
 const ROLLUP_NAME = /^assets\/(?:[^/]+\/)*[^/]+-([\w-]{8})\.[a-z0-9]+$/;
 /** webpack (Create React App, earlier Angular): hex. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js` */
 const WEBPACK_NAME = /\.([0-9a-f]{8,})\.(?:chunk\.)?[a-z0-9]+$/;
-/** esbuild (Angular's application builder): eight base32 capitals and digits, a digit before a capital (`REPORT24` is a name). `main-5INURTSO.js` */
-const ESBUILD_NAME = /-(?=[A-Z2-7]{0,6}[2-7][A-Z])[A-Z2-7]{8}\.[a-z0-9]+$/;
+/** esbuild (Angular's application builder): eight base32 capitals and digits. `main-5INURTSO.js` */
+const ESBUILD_NAME = /-([A-Z2-7]{8})\.[a-z0-9]+$/;
+/**
+ * How people write the parts of a name: words in any of the usual cases, then perhaps a number
+ * (`settings`, `SemiBold`, `iPhone12`, `PROD2024`, `logo2x`), numbers and sizes (`20240115`,
+ * `1200x630`), versions (`v2`). A would-be hash whose every part (between `-` and `_`) reads so
+ * is taken for a name: about 1 in 17 of Rollup's and webpack's hashes then revalidates (a 304),
+ * and 1 in 4 of esbuild's (capitals, then digits), where a name taken for a hash would be kept from
+ * its fixes for a year. Still taken for a hash: a capital on its own inside a part (`GoToTopX`).
+ */
+const WRITTEN_PART = /^(?:[a-z]+\d*x?|(?:[A-Z][a-z]+)+\d*|[a-z]+(?:[A-Z][a-z]+)+\d*|[A-Z]+\d*|\d+(?:x\d+)?|v\d+)?$/;
 
-function turns(text: string): number {
-  const kind = (char: string) => (/\d/.test(char) ? 'digit' : char === char.toUpperCase() ? 'capital' : 'small');
-  return [...text].filter((char, i) => i > 0 && kind(char) !== kind(text[i - 1] as string)).length;
+function looksWritten(chars: string): boolean {
+  return chars.split(/[-_]/).every((part) => WRITTEN_PART.test(part));
 }
 
-/**
- * Whether the file at `relativePath` (inside SPA_DIR, `/`-separated, as the browser named it: a
- * link's name, not its target's) is named by its content hash. Rollup's: four turns or more within
- * a part between `-` and `_`, at most two parts (about 2 in 3 of its hashes; `HiRes_64` and
- * `en-us-12` stay names, `GoToTopX` and `NewYork2` would not). webpack's: two turns or more (about
- * 9 in 10 at eight characters, all at twenty).
- */
+/** Whether the file at `relativePath` (inside SPA_DIR, `/`-separated, as the browser named it: a link's name, not its target's) is named by its content hash. */
 export function isHashedAsset(relativePath: string): boolean {
-  const rollupHash = ROLLUP_NAME.exec(relativePath)?.[1];
-  const rollupParts = rollupHash?.split(/[-_]/) ?? [];
-  if (rollupParts.length > 0 && rollupParts.length <= 2 && rollupParts.some((part) => turns(part) >= 4)) return true;
-  const hexHash = WEBPACK_NAME.exec(relativePath)?.[1];
-  if (hexHash !== undefined && turns(hexHash) >= 2) return true;
-  return ESBUILD_NAME.test(relativePath);
+  const hash = ROLLUP_NAME.exec(relativePath)?.[1] ?? WEBPACK_NAME.exec(relativePath)?.[1] ?? ESBUILD_NAME.exec(relativePath)?.[1];
+  return hash !== undefined && !looksWritten(hash);
 }
 
 /**
