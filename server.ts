@@ -225,8 +225,9 @@ function isForTheProxy(request: http.IncomingMessage): boolean {
   const target = inOriginForm(request).url;
   if (target === undefined) return false;
   if (target.startsWith(PROXY_PREFIX)) return true;
+  // Only a dot segment (`.`, `%2e` and their pairs, after `/` or `\`) moves a path; most targets have none.
   const pathEnd = target.search(/[?#]/);
-  if (!/[.%]/.test(pathEnd === -1 ? target : target.slice(0, pathEnd))) return false;
+  if (!/[/\\](?:\.|%2e)/i.test(pathEnd === -1 ? target : target.slice(0, pathEnd))) return false;
   try {
     // Joined, not resolved against a base, as Next builds its URL: `//x/./api/proxy/…` is then a host, not a path.
     return new URL(`http://gatehouse.invalid${target}`).pathname.startsWith(PROXY_PREFIX);
@@ -236,13 +237,14 @@ function isForTheProxy(request: http.IncomingMessage): boolean {
 }
 
 async function serve(): Promise<void> {
+  // This server answers /api/proxy/ itself: Next's proxy route refuses whatever still reaches it.
+  serveProxyOnFastPathOnly();
   // Before Next loads: its instrumentation hook then finds the SDK wired. A worker's metrics go to the primary.
   await startTelemetry(cluster.isWorker ? 'primary' : 'serve');
   // Next's custom server adds its own 'upgrade' listener to the server of the first request it
   // handles (for next dev's hot reload and rewrites to other origins, neither of which this server
   // has); on ours it would end every WebSocket that lib/websocket.ts is upgrading. It gets a server
   // of its own that never listens.
-  serveProxyOnFastPathOnly();
   const app = next({ dev: false, dir: import.meta.dirname, hostname, port, httpServer: http.createServer() });
   await app.prepare();
   const handleWithNext = app.getRequestHandler();

@@ -836,10 +836,10 @@ export function serveProxyOnFastPathOnly(): void {
  * Calls of each user open in this process. Every call holds a connection of its API's pool until
  * its answer is over: without a bound, one user whose browser opens hundreds of calls and reads
  * none of their answers would hold the whole pool, and everyone's calls to that API would wait.
- * Counted per user, not per session, so that signing in again gives no more of it; one count for
- * the fast path and Next's proxy route of a process, as they share the pools.
+ * Counted per user, not per session, so that signing in again gives no more of it. (Per module
+ * copy: under `npm start` only the fast path's serves calls, see serveProxyOnFastPathOnly.)
  */
-const openCalls = sharedState('open-calls', () => new Map<string, number>());
+const openCalls = new Map<string, number>();
 
 function holdCallSlot(sub: string, limit: number): () => void {
   const open = openCalls.get(sub) ?? 0;

@@ -40,11 +40,6 @@ const CONTENT_TYPES: Record<string, string> = {
 
 /** Paths that belong to Gatehouse or Next, never to the SPA. */
 const NOT_THE_SPA = /^\/(api|_next)(\/|$)/;
-/**
- * Names that carry a content hash, as the common builds write them: such a file never changes, so
- * it may be kept for good. Anything else revalidates: `app-settings.json`, `apple-touch-icon.png`
- * or a font's `Inter-SemiBold.woff2` kept for a year would keep a fixed file from users for a year.
- */
 /** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-BKe-udLF.js` */
 const ROLLUP_NAME = /^assets\/(?:[^/]+\/)*[^/]+-([\w-]{8})\.[a-z0-9]+$/;
 /** webpack (Create React App, earlier Angular): hex. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js` */
@@ -65,7 +60,13 @@ function looksWritten(chars: string): boolean {
   return chars.split(/[-_]/).every((part) => WRITTEN_PART.test(part));
 }
 
-/** Whether the file at `relativePath` (inside SPA_DIR, `/`-separated, as the browser named it: a link's name, not its target's) is named by its content hash. */
+/**
+ * Whether the file at `relativePath` (inside SPA_DIR, `/`-separated, as the browser named it: a
+ * link's name, not its target's) is named by its content hash, as the common builds write them:
+ * such a file never changes, so it may be kept for good. Anything else revalidates:
+ * `app-settings.json`, `apple-touch-icon.png` or a font's `Inter-SemiBold.woff2` kept for a year
+ * would keep a fixed file from users for a year.
+ */
 export function isHashedAsset(relativePath: string): boolean {
   const hash = ROLLUP_NAME.exec(relativePath)?.[1] ?? WEBPACK_NAME.exec(relativePath)?.[1] ?? ESBUILD_NAME.exec(relativePath)?.[1];
   return hash !== undefined && !looksWritten(hash);
