@@ -249,17 +249,20 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   }
   if (transaction.acrValues || transaction.maxAge !== undefined) retry.path = loginPathFor(transaction);
   const dpop = transaction.dpopJkt ? await finishDpopLogin(transaction.state, transaction.dpopJkt) : undefined;
-  const idpError = url.searchParams.get('error');
-  if (idpError && transaction.prompt === 'none') {
+  const answer = await oidc.checkCallback(url, transaction.state);
+  if (answer.kind === 'error' && transaction.prompt !== 'none') {
+    throw new GatehouseError(answer.error === 'access_denied' ? 'access_denied' : 'idp_error', 400, 'The identity provider did not sign you in.');
+  }
+  if (answer.kind === 'error') {
     // Silent login: tell the SPA instead of showing the IdP's UI.
-    const code = /^[a-z_]{1,64}$/.test(idpError) ? idpError : 'login_required';
+    const code = /^[a-z_]{1,64}$/.test(answer.error) ? answer.error : 'login_required';
     log('info', 'auth.silent_login', { outcome: code });
     // The IdP's code is not a label: any value of its shape could arrive, each a time series.
     countLogin('silent_login_failed');
     noteOnSpan({ 'gatehouse.outcome': 'silent_login_failed' });
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
-  const { tokens, claims } = await oidc.redeemAuthorizationCode(url, transaction, dpop?.handle);
+  const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, dpop?.handle);
 
   // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP or
   // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login

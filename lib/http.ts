@@ -30,11 +30,17 @@ export function checkCsrf(header: HeaderLookup, appOrigin: string | undefined): 
 const CONTROL_OR_BACKSLASH = /[\u0000-\u001f\u007f\\]/;
 const PLACEHOLDER_ORIGIN = 'https://gatehouse.invalid';
 
-/** No layer of percent-decoding turns the value into something that is not a plain absolute path. */
+/**
+ * No layer of percent-decoding turns the value into something that is not a plain absolute path,
+ * as written or once its dot segments are resolved (`/x/..%2F%2Fevil.example` decodes to
+ * `/x/..//evil.example`, which resolves to `//evil.example`).
+ */
 function isPlainPathInEveryLayer(value: string): boolean {
   let layer = value;
   for (let depth = 0; depth < 4; depth++) {
     if (!layer.startsWith('/') || layer.startsWith('//') || CONTROL_OR_BACKSLASH.test(layer)) return false;
+    const resolved = normalisedPath(layer);
+    if (resolved === null || resolved.startsWith('//')) return false;
     let decoded: string;
     try {
       decoded = decodeURIComponent(layer);

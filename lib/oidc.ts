@@ -250,17 +250,26 @@ function checkRequestedAcr(claims: oauth.IDToken, acrValues: string[] | undefine
  * tolerance), `acr` among `acr_values`. Tokens of a sign-in refused for falling short are dropped,
  * not revoked: IdPs that revoke a whole grant with one token would end the session the user still has.
  */
-export async function redeemAuthorizationCode(callbackUrl: URL, request: AuthorizationRequest, dpop?: oauth.DPoPHandle): Promise<LoginResult> {
+/** What came back to the callback, once its issuer (RFC 9207) and state have been checked. */
+export type CallbackAnswer = { kind: 'code'; params: URLSearchParams } | { kind: 'error'; error: string };
+
+/**
+ * An error answer gets the same issuer and state checks as a code: the IdP's word that sign-in
+ * failed is only believed when it comes from the IdP this login was sent to.
+ */
+export async function checkCallback(callbackUrl: URL, expectedState: string): Promise<CallbackAnswer> {
   const as = await getAuthorizationServer();
-  let params: URLSearchParams;
   try {
-    params = oauth.validateAuthResponse(as, client(), callbackUrl.searchParams, request.state);
+    return { kind: 'code', params: oauth.validateAuthResponse(as, client(), callbackUrl.searchParams, expectedState) };
   } catch (error) {
-    if (error instanceof oauth.AuthorizationResponseError) {
-      throw new GatehouseError(error.error === 'access_denied' ? 'access_denied' : 'idp_error', 400, 'The identity provider did not sign you in.', { cause: error });
-    }
+    if (error instanceof oauth.AuthorizationResponseError) return { kind: 'error', error: error.error };
     throw new GatehouseError('invalid_callback', 400, 'The sign-in response was not valid for this sign-in attempt.', { cause: error });
   }
+}
+
+/** The code exchange, for parameters that checkCallback returned. */
+export async function redeemAuthorizationCode(params: URLSearchParams, request: AuthorizationRequest, dpop?: oauth.DPoPHandle): Promise<LoginResult> {
+  const as = await getAuthorizationServer();
   try {
     const { oidc } = getConfig();
     const { response, result } = await tokenRequestWithDpop(

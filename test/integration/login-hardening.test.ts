@@ -233,6 +233,38 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     }
   });
 
+  it("believes an IdP's error answer only with the issuer's own iss (RFC 9207), silent logins included", async () => {
+    /** A login started in a fresh browser: its state and the cookie that holds the attempt. */
+    const start = async (prompt?: 'none') => {
+      const res = await fetch(`${app}/api/auth/login?${new URLSearchParams({ returnTo: '/orders', ...(prompt ? { prompt } : {}) })}`, { redirect: 'manual' });
+      expect(res.status).toBe(302);
+      const state = new URL(res.headers.get('location') as string).searchParams.get('state') as string;
+      return { state, cookie: res.headers.getSetCookie().map((line) => line.split(';')[0]).join('; ') };
+    };
+    const callback = async (attempt: { state: string; cookie: string }, query: Record<string, string>) =>
+      fetch(`${app}/api/auth/callback?${new URLSearchParams({ state: attempt.state, ...query })}`, { headers: { cookie: attempt.cookie }, redirect: 'manual' });
+
+    // The control: the issuer's own error answer to a silent login goes back to the SPA.
+    const genuine = await callback(await start('none'), { error: 'login_required', iss: stack.issuer });
+    expect(genuine.status).toBe(302);
+    expect(genuine.headers.get('location')).toBe(`${app}/orders?authError=login_required`);
+
+    // Anyone else's (a mix-up, or an answer stripped of its iss) is refused, never passed on as the IdP's word.
+    const notTheIssuer = fc.option(
+      fc.oneof(fc.webUrl(), fc.constantFrom(`${stack.issuer}/`, stack.issuer.toUpperCase(), stack.issuer.replace('http:', 'https:'), ` ${stack.issuer}`)).filter((iss) => iss !== stack.issuer),
+      { nil: undefined },
+    );
+    await fc.assert(
+      fc.asyncProperty(notTheIssuer, fc.constantFrom('login_required', 'interaction_required', 'consent_required', 'access_denied'), fc.boolean(), async (iss, error, silent) => {
+        const res = await callback(await start(silent ? 'none' : undefined), { error, ...(iss === undefined ? {} : { iss }) });
+        expect(res.status, `iss=${String(iss)} error=${error} silent=${silent}`).toBe(400);
+        expect(res.headers.get('location')).toBeNull();
+        expect(await res.text()).toContain('<code>invalid_callback</code>');
+      }),
+      { numRuns: 16, examples: [[undefined, 'login_required', true], [undefined, 'access_denied', false]] },
+    );
+  });
+
   it('an IdP that rate limits a refresh gives 503 idp_unavailable with its Retry-After, and the session stays', async () => {
     const { rpCookies } = await login('sven', '/', new Map());
     const cookie = cookieLine(rpCookies);

@@ -52,6 +52,27 @@ describe('safeReturnTo (generated inputs)', () => {
     expect(safeReturnTo('/%2e//evil.example')).toBe('/');
   });
 
+  it('yields a target that no layer of percent-decoding turns into one that leaves the app', () => {
+    const layersOf = (target: string) => {
+      const layers = [target];
+      for (let layer = target; layers.length < 5; ) {
+        const decoded = decodeURIComponent(layer);
+        if (decoded === layer) break;
+        layers.push((layer = decoded));
+      }
+      return layers;
+    };
+    fc.assert(
+      fc.property(fc.oneof(hostileReturnTo, fc.webPath()), (raw) => {
+        for (const layer of layersOf(safeReturnTo(raw))) {
+          expect(leavesTheApp(layer), `${raw} → ${layer}`).toBe(false);
+          expect(new URL(layer, APP).pathname.startsWith('//'), `${raw} → ${layer}`).toBe(false);
+        }
+      }),
+      { numRuns: 20_000, examples: [['/x/..%2F%2Fevil.example'], ['/x/%2e%2e%2F%2Fevil.example'], ['/a/b/..%2f..%2F%2Fevil.example']] },
+    );
+  });
+
   it('keeps ordinary paths with dot segments, normalised', () => {
     expect(safeReturnTo('/a/./b/../c?x=1#y')).toBe('/a/c?x=1#y');
   });
