@@ -80,6 +80,8 @@ const REQUEST_DENIED_PREFIXES = [
   ...['x-amzn-oidc-', 'x-amzn-mtls-', 'x-ms-client-principal', 'x-ms-token-', 'x-goog-authenticated-user-', 'x-goog-iap-', 'cf-access-'],
   // oauth2-proxy, Pomerium, Kong, Tailscale, Grafana's auth proxy, Kubernetes' front proxy, Envoy's internal controls.
   ...['x-auth-request-', 'x-pomerium-', 'x-consumer-', 'tailscale-', 'x-webauth-', 'x-remote-', 'x-envoy-'],
+  // Kong (its OAuth 2.0, OIDC and key plugins) and mod_auth_openidc (`OIDC_CLAIM_*`, `OIDC_access_token`).
+  ...['x-authenticated-', 'x-credential-', 'x-id-token', 'x-access-token', 'oidc-claim-', 'oidc-access-token'],
   // TLS client certificates as nginx, Apache, HAProxy or IIS pass them on.
   ...['x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert'],
 ];
@@ -145,7 +147,7 @@ function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
 
 function deniedByPrefix(name: string): boolean {
   // Most names an SPA sends (accept, content-type, …) start with none of these.
-  if (!name.startsWith('x-') && !name.startsWith('ssl-') && !name.startsWith('cf-') && !name.startsWith('tailscale-')) return false;
+  if (!name.startsWith('x-') && !name.startsWith('ssl-') && !name.startsWith('cf-') && !name.startsWith('tailscale-') && !name.startsWith('oidc-')) return false;
   for (const prefix of REQUEST_DENIED_PREFIXES) if (name.startsWith(prefix)) return true;
   return false;
 }
@@ -172,11 +174,15 @@ export function filterResponseHeaders(rawHeaders: string[]): Array<[string, stri
   const connections: string[] = [];
   for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connections.push(rawHeaders[i + 1] as string);
   const listed = connectionListed(...connections);
+  // Cache rules that are only in part hop by hop (`Connection: vary` drops a `Vary: Authorization`
+  // that kept `public` per token) are no rules at all: both go, and keptToTheUser makes it private.
+  const cacheRulesListed = listed.has('vary') || listed.has('cache-control');
   const kept: Array<[string, string]> = [];
   let prompting = false;
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = (rawHeaders[i] as string).toLowerCase();
     if (isHopByHop(name, listed) || RESPONSE_DENYLIST.has(name) || name.startsWith(GATEHOUSE_HEADER_PREFIX)) continue;
+    if (cacheRulesListed && (name === 'vary' || name === 'cache-control')) continue;
     const value = rawHeaders[i + 1] as string;
     if (name === 'www-authenticate' && PROMPTING_SCHEME_NAMED.test(value)) prompting = true;
     kept.push([name, value]);
@@ -230,15 +236,19 @@ async function withoutPromptingChallenges(value: string): Promise<string | undef
 }
 
 /**
- * `.` and `..`, also followed by `;params`: Tomcat and Spring strip path parameters from a segment
- * before resolving dot segments, so `..;x` climbs a level there.
+ * A segment an upstream may take for `.` or `..`: made of dots (and whitespace, which Windows-style
+ * servers trim), also followed by `;params` (Tomcat and Spring strip them before resolving dot
+ * segments, so `..;x` climbs a level there) or `%3b` (a lenient upstream decodes once more). Called
+ * with the segment's compatibility form (NFKC), in which `．．`, `‥` and `﹒` are dots.
  */
-const DOT_SEGMENT = /^\.\.?(?:;.*)?$/s;
-
-/** A lenient upstream may decode once more, so `..%3b` counts too (a `%2e` there is refused on its own). */
-function isDotSegment(decoded: string): boolean {
-  return DOT_SEGMENT.test(decoded) || DOT_SEGMENT.test(decoded.replace(/%3b/gi, ';'));
+function isDotSegment(compatible: string): boolean {
+  const paramsAt = compatible.search(/;|%3b/i);
+  const name = paramsAt === -1 ? compatible : compatible.slice(0, paramsAt);
+  // Two linear tests: one pattern for both could backtrack quadratically on a long run of dots.
+  return name.includes('.') && /^[.\s]+$/.test(name);
 }
+
+const NON_ASCII = /[^\u0000-\u007f]/;
 
 /**
  * The upstream URL for `/api/proxy/<api>/<rest>`: the API's base URL plus `rest`, or an error for
@@ -261,9 +271,11 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
       throw invalidPath();
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
-    if ((segment === '' && !isEmptyAllowed) || isDotSegment(decoded)) throw invalidPath();
+    // What an upstream that normalises Unicode sees: `／` is a slash and `．` a dot there.
+    const compatible = NON_ASCII.test(decoded) ? decoded.normalize('NFKC') : decoded;
+    if ((segment === '' && !isEmptyAllowed) || isDotSegment(compatible)) throw invalidPath();
     // Decoded once here, possibly again by a lenient upstream: refuse separators in either layer.
-    if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(decoded)) throw invalidPath();
+    if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(compatible)) throw invalidPath();
     if (index === 0 && /^[a-z][a-z0-9+.-]*:/i.test(decoded)) throw invalidPath();
   }
   if (/[\u0000-\u001f\u007f#]/.test(query)) throw invalidPath();

@@ -192,10 +192,12 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       return json(res, 200, verification.ok ? { anonymous: false, sub: verification.claims.sub } : { anonymous: true });
     }
     if (route === 'cached') {
-      // Caching headers as the caller asks (`?cc=`, `?vary=`, `?cdn=` for CDN-Cache-Control), with or without a token: for tests of what reaches the browser.
+      // Caching headers as the caller asks (`?cc=`, `?vary=`, `?cdn=` for CDN-Cache-Control, `?connection=`), with or without a token: for tests of what reaches the browser.
       if (query.cc) res.setHeader('cache-control', query.cc);
       if (query.vary) res.setHeader('vary', query.vary);
       if (query.cdn) res.setHeader('cdn-cache-control', query.cdn);
+      // A misbehaving API (or something between) naming end-to-end fields as hop-by-hop.
+      if (query.connection) res.setHeader('connection', query.connection);
       res.setHeader('last-modified', new Date(0).toUTCString());
       return json(res, 200, verification.ok ? { sub: verification.claims.sub } : { anonymous: true });
     }

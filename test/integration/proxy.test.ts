@@ -717,7 +717,7 @@ describe('header hygiene (raw sockets)', () => {
     expect((await demoLast())?.path).toBe('/echo/rewrite');
   });
 
-  it("identity assertions of front proxies (ALB, App Service, IAP, oauth2-proxy, Envoy, client certificates) never reach the upstream", async () => {
+  it("identity assertions of front proxies (ALB, App Service, IAP, oauth2-proxy, Envoy, Kong, mod_auth_openidc, client certificates) never reach the upstream", async () => {
     const asserted: Array<[string, string]> = [
       ['X-Amzn-Oidc-Identity', 'admin'],
       ['X-Amzn-Oidc-Data', 'eyJhbGciOiJub25lIn0.e30.'],
@@ -743,6 +743,14 @@ describe('header hygiene (raw sockets)', () => {
       ['X-Pomerium-Jwt-Assertion', 'eyJ.e30.x'],
       ['X-Consumer-Username', 'admin'],
       ['X-Userinfo', 'eyJzdWIiOiJhZG1pbiJ9'],
+      ['X-Authenticated-Userid', 'admin'],
+      ['X-Authenticated-Scope', 'admin'],
+      ['X-Credential-Identifier', 'admin'],
+      ['X-Id-Token', 'eyJ.e30.x'],
+      ['X-Access-Token', 'eyJ.e30.x'],
+      ['OIDC_CLAIM_sub', 'admin'],
+      ['OIDC-Claim-Groups', 'admins'],
+      ['OIDC_access_token', 'eyJ.e30.x'],
       ['Tailscale-User-Login', 'admin@example.com'],
       ['X-SSL-Cert', 'MIIB'],
       ['X-Client-DN', 'CN=admin'],
@@ -929,6 +937,10 @@ describe('header hygiene (raw sockets)', () => {
     expect(await cachingOf('demo', 'no-store')).toEqual({ cacheControl: 'no-store', varyCookie: false });
     // Shared per token upstream is one user's copy for everyone on the browser's side.
     expect(await cachingOf('demo', 'public, max-age=60', { vary: 'Authorization' })).toEqual({ cacheControl: 'private, max-age=60', varyCookie: true });
+    // Also when the API names Vary or Cache-Control in Connection: a proxy drops those, and what is left of the rules no longer says "per token".
+    for (const connection of ['vary', 'Keep-Alive, Vary', 'cache-control', 'close, vary']) {
+      expect({ connection, ...(await cachingOf('demo', 'public, s-maxage=600', { vary: 'Authorization', connection })) }).toEqual({ connection, cacheControl: 'private', varyCookie: true });
+    }
     // A CDN in front would obey CDN-Cache-Control (RFC 9213) instead of Cache-Control.
     expect(await cachingOf('demo', 'max-age=60', { cdn: 'max-age=600' })).toEqual({ cacheControl: 'private, max-age=60', varyCookie: true });
     expect(await cachingOf('none', 'max-age=60', { cdn: 'max-age=600' })).toEqual({ cacheControl: 'max-age=60', varyCookie: false, cdnCacheControl: 'max-age=600' });
@@ -1108,7 +1120,7 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
 
   it('Next’s own routes into its proxy route (`/_next/data/<build>/api/proxy/…`) never reach the API; on npm start that route refuses every call', async () => {
     const logBefore = stack.apps[0]!.process.output().length;
-    const buildId = readFileSync(new URL('../../.next/BUILD_ID', import.meta.url), 'utf8').trim();
+    const buildId = readFileSync(new URL(`../../${process.env.NEXT_DIST_DIR || '.next'}/BUILD_ID`, import.meta.url), 'utf8').trim();
     const before = await demoStats();
     const res = await raw(head('GET', `/_next/data/${buildId}/api/proxy/demo/whoami.json`, withSession()));
     expect(res?.status).toBe(400);

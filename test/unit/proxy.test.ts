@@ -50,6 +50,26 @@ describe('resolveUpstream', () => {
     expect(() => resolveUpstream(raw, apis)).toThrow(expect.objectContaining({ code: 'invalid_path', status: 400 }));
   });
 
+  it('refuses what an upstream that normalises Unicode (NFKC) or trims dots and spaces would take for a dot segment or a separator', () => {
+    // Dots as other scripts write them, escaped as a browser would send them.
+    const dot = fc.constantFrom('.', '%2e', '%2E', '%EF%BC%8E', '%E2%80%A4', '%EF%B9%92');
+    const trimmed = fc.constantFrom('%20', '%C2%A0', '%E3%80%80');
+    const segment = fc
+      .tuple(fc.array(trimmed, { maxLength: 2 }), fc.array(fc.oneof(dot, fc.constant('%E2%80%A5')), { minLength: 1, maxLength: 4 }), fc.array(fc.oneof(dot, trimmed), { maxLength: 3 }), fc.constantFrom('', ';', ';x', '%3b', '%EF%BC%9Bx'))
+      .map(([before, dots, after, params]) => before.join('') + dots.join('') + after.join('') + params);
+    fc.assert(
+      fc.property(fc.array(fc.constantFrom('a', 'b1'), { maxLength: 2 }), segment, (head, dots) => {
+        expect(() => resolveUpstream(`/api/proxy/todos/${[...head, dots, 'admin'].join('/')}`, apis)).toThrow(expect.objectContaining({ code: 'invalid_path' }));
+      }),
+      { numRuns: 2_000, examples: [[[], '%EF%BC%8E%EF%BC%8E'], [['a'], '..%20'], [[], '...'], [[], '%E2%80%A5']] },
+    );
+    for (const separator of ['%EF%BC%8F', '%EF%BC%BC', '%EF%BC%A0', '%EF%BC%852e']) {
+      expect(() => resolveUpstream(`/api/proxy/todos/a${separator}b/x`, apis), separator).toThrow(expect.objectContaining({ code: 'invalid_path' }));
+    }
+    // Linear in a segment's length: a long run of dots before something else is answered at once.
+    expect(resolveUpstream(`/api/proxy/todos/${'.'.repeat(50_000)}a`, apis).url.pathname.length).toBeGreaterThan(50_000);
+  });
+
   it('answers unknown APIs with 404, including inherited property names', () => {
     for (const raw of ['/api/proxy/nope/x', '/api/proxy/__proto__/x', '/api/proxy/constructor/x']) {
       expect(() => resolveUpstream(raw, apis)).toThrow(expect.objectContaining({ code: 'unknown_api', status: 404 }));
@@ -57,7 +77,7 @@ describe('resolveUpstream', () => {
   });
 
   it('keeps every accepted path under the configured origin and base path', () => {
-    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x', '/api/proxy/todos/a;v=1', '/api/proxy/todos/...;', '/api/proxy/todos/;x']) {
+    for (const raw of ['/api/proxy/todos/evil.example', '/api/proxy/todos/x/a:b', '/api/proxy/todos/%3Fq', '/api/proxy/todos/..a', '/api/proxy/todos/~x', '/api/proxy/todos/a;v=1', '/api/proxy/todos/a.b.', '/api/proxy/todos/;x', '/api/proxy/todos/%EF%BC%8Ea']) {
       const { url } = resolveUpstream(raw, apis);
       expect(url.origin).toBe('https://api.example.com');
       expect(url.pathname.startsWith('/v1/')).toBe(true);
@@ -260,6 +280,26 @@ describe('keptToTheUser: an answer made with the user token stays that user’s'
     [[['cache-control', 'no-cache="a, no-store, \\"b"']], { 'cache-control': 'private, no-cache="a, no-store, \\"b"', vary: 'Cookie' }],
   ])('%j → %j', (headers, expected) => {
     expect(headersOf(headers)).toEqual(expected);
+  });
+
+  it('stays private when the API names its cache rules in Connection (a proxy drops those, and what is left could say "share it")', async () => {
+    const anyCase = (text: string) => fc.array(fc.boolean(), { minLength: text.length, maxLength: text.length }).map((upper) => [...text].map((c, i) => (upper[i] ? c.toUpperCase() : c)).join(''));
+    await fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('public, max-age=60', 's-maxage=600', 'max-age=60, s-maxage=10', 'public'),
+        fc.constantFrom('Authorization', 'Accept, Authorization', 'DPoP'),
+        fc.subarray(['keep-alive', 'x-other', 'close'], { minLength: 0 }),
+        fc.oneof(anyCase('vary'), anyCase('cache-control')),
+        async (cacheControl, vary, others, listed) => {
+          const raw = ['Cache-Control', cacheControl, 'Vary', vary, 'Connection', [...others, listed].join(', '), 'Content-Type', 'application/json'];
+          const filtered = await filterResponseHeaders(raw);
+          const sent = Object.fromEntries(keptToTheUser(filtered));
+          expect(sent['cache-control'], JSON.stringify(raw)).toMatch(/^private\b/);
+          expect(sent.vary).toBe('Cookie');
+        },
+      ),
+      { numRuns: 200 },
+    );
   });
 
   it('keeps every other header and its order; several Cache-Control fields are one list', () => {
