@@ -32,6 +32,11 @@ export const SESSION_ENDED_CLOSE_CODE = 4401;
 export const STEP_UP_CLOSE_CODE = 4403;
 /** Per session and process: a tab that reconnects in a loop cannot pile up upstream sockets. */
 export const MAX_SOCKETS_PER_SESSION = 16;
+/**
+ * Per user and process, over all their sessions: each socket may hold up to a message of the API's
+ * `maxBodyBytes` plus the high-water mark in each direction, and signing in again is a new session.
+ */
+export const MAX_SOCKETS_PER_USER = 32;
 /** A direction stops reading once this much of what it read waits to be written out on the other side. */
 const HIGH_WATER_BYTES = 1024 * 1024;
 const LOW_WATER_BYTES = 256 * 1024;
@@ -95,7 +100,7 @@ function offeredProtocols(request: IncomingMessage): string[] | null {
 const invalidHandshake = () => new GatehouseError('invalid_websocket_request', 400, 'This is not a WebSocket handshake Gatehouse can pass on.');
 const originRefused = () => new GatehouseError('origin_refused', 403, 'A WebSocket must be opened by the application itself (Origin must be its own).');
 const notEnabled = () => new GatehouseError('websocket_not_enabled', 404, 'This API does not take WebSockets.');
-const tooMany = () => new GatehouseError('too_many_websockets', 429, `At most ${MAX_SOCKETS_PER_SESSION} WebSockets per session.`);
+const tooMany = () => new GatehouseError('too_many_websockets', 429, `At most ${MAX_SOCKETS_PER_SESSION} WebSockets per session and ${MAX_SOCKETS_PER_USER} per user.`);
 const clientClosed = () => new GatehouseError('client_closed', 499, 'The client went away.');
 
 /** A refusal before any upgrade: the JSON error body every Gatehouse error has, then the connection ends. */
@@ -117,6 +122,7 @@ function refuse(socket: Duplex, error: GatehouseError, requestId: string): void 
 
 interface OpenSocket {
   sessionId: string;
+  sub: string;
   requestId: string;
   api: string;
   /** Set once the socket must go (before the relay exists: at the end of the handshake). */
@@ -130,6 +136,7 @@ interface OpenSocket {
 }
 
 const open = new Map<string, Set<OpenSocket>>();
+const openPerUser = new Map<string, number>();
 let checkTimer: NodeJS.Timeout | undefined;
 let listening = false;
 
@@ -142,13 +149,18 @@ function register(entry: OpenSocket): void {
   let entries = open.get(entry.sessionId);
   if (!entries) open.set(entry.sessionId, (entries = new Set()));
   entries.add(entry);
+  openPerUser.set(entry.sub, (openPerUser.get(entry.sub) ?? 0) + 1);
   checkTimer ??= setInterval(() => void checkSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
 }
 
 function unregister(entry: OpenSocket): void {
   entry.cancelSignInExpiry?.();
   const entries = open.get(entry.sessionId);
-  entries?.delete(entry);
+  if (entries?.delete(entry)) {
+    const left = (openPerUser.get(entry.sub) ?? 1) - 1;
+    if (left > 0) openPerUser.set(entry.sub, left);
+    else openPerUser.delete(entry.sub);
+  }
   if (entries?.size === 0) open.delete(entry.sessionId);
   if (open.size === 0 && checkTimer) {
     clearInterval(checkTimer);
@@ -241,9 +253,10 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     // As for proxied calls, before any token is fetched: a socket this sign-in may not open costs the IdP nothing.
     const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, found.session.record);
     if (lacking) throw errors.stepUpRequired(stepUpDetails(lacking));
-    if ((open.get(found.session.id)?.size ?? 0) >= MAX_SOCKETS_PER_SESSION) throw tooMany();
+    const { sub } = found.session.record;
+    if ((open.get(found.session.id)?.size ?? 0) >= MAX_SOCKETS_PER_SESSION || (openPerUser.get(sub) ?? 0) >= MAX_SOCKETS_PER_USER) throw tooMany();
     // Counted from here, so concurrent handshakes cannot pass the limit, and a logout meanwhile is seen.
-    entry = { sessionId: found.session.id, requestId, api: api.name, ending: undefined, browserSpoke: false };
+    entry = { sessionId: found.session.id, sub, requestId, api: api.name, ending: undefined, browserSpoke: false };
     register(entry);
 
     const credentials = await getAccessToken(found.session, { resource: api.resource });
@@ -426,6 +439,13 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
     const target = sides[to];
     let waiting = 0;
     let failure: number | undefined;
+    /** Armed while `source` is paused: a side that takes nothing for sendTimeoutMs is cut off, as a proxied answer is. */
+    let stalled: NodeJS.Timeout | undefined;
+    const cutOffSlowReader = () => {
+      log('warn', 'websocket.send_timeout', { requestId: entry.requestId, api: entry.api, side: to, waitingBytes: waiting });
+      // A close frame would queue behind what it does not read; its close event ends the other side.
+      target.terminate();
+    };
     /**
      * Every frame written to `target` counts until the kernel has taken it (its callback), control
      * frames and empty messages included, each with FRAME_COST_BYTES for what it holds besides its
@@ -435,10 +455,17 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
     const write = (payloadBytes: number, send: (sent: () => void) => void) => {
       const cost = payloadBytes + FRAME_COST_BYTES;
       waiting += cost;
-      if (waiting > HIGH_WATER_BYTES) source.pause();
+      if (waiting > HIGH_WATER_BYTES) {
+        source.pause();
+        stalled ??= setTimeout(cutOffSlowReader, getConfig().proxy.sendTimeoutMs).unref();
+      }
       send(() => {
         waiting -= cost;
-        if (waiting <= LOW_WATER_BYTES && source.isPaused) source.resume();
+        if (waiting <= LOW_WATER_BYTES && source.isPaused) {
+          source.resume();
+          clearTimeout(stalled);
+          stalled = undefined;
+        }
       });
     };
     source.on('message', (data, isBinary) => {
@@ -458,6 +485,7 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
       log('debug', 'websocket.peer_error', { requestId: entry.requestId, side: from, ...describeCause(error) });
     });
     source.on('close', (code, reason) => {
+      clearTimeout(stalled);
       if (!closedFirst) {
         closedFirst = entry.ending ? 'gatehouse' : from;
         closeCode = entry.ending ? entry.ending.code : (failure ?? code);

@@ -257,6 +257,62 @@ describe('the relay', () => {
   });
 });
 
+describe('what one user can hold', () => {
+  it('at most 32 sockets per user over all their sessions (signing in again is a new session); other users are not affected', async () => {
+    const sessions = await Promise.all([login(app, 'ws-hoarder'), login(app, 'ws-hoarder'), login(app, 'ws-hoarder')]);
+    const [first, second, third] = sessions as [string, string, string];
+    const sockets = await Promise.all([...Array.from({ length: 16 }, () => open('/api/proxy/live/ws', { cookie: first })), ...Array.from({ length: 16 }, () => open('/api/proxy/live/ws', { cookie: second }))]);
+    const before = (await demoSockets()).upgrades;
+    const refusal = await refused('/api/proxy/live/ws', { cookie: third });
+    expectGatehouseRefusal(refusal, 429, 'too_many_websockets');
+    expect(refusal.json.message).toBe('At most 16 WebSockets per session and 32 per user.');
+    expect((await demoSockets()).upgrades).toBe(before);
+    const other = await open('/api/proxy/live/ws', { cookie: await login(app, 'ws-neighbour') });
+    other.ws.close();
+    sockets[0]!.ws.close();
+    await sockets[0]!.closed;
+    await waitFor('a slot to be free', async () => ((await connect('/api/proxy/live/ws', { cookie: third })) instanceof BrowserSocket ? true : undefined), 2_000);
+    for (const socket of sockets) socket.ws.close();
+  });
+
+  describe('a side that takes nothing for PROXY_SEND_TIMEOUT_MS is cut off, and what waited for it is freed', () => {
+    let slow: Awaited<ReturnType<typeof startGatehouse>>;
+    let cookie: string;
+    beforeAll(async () => {
+      slow = await startGatehouse({ name: 'gatehouse-send-timeout', workers: 1, env: { ...stack.appEnv, PROXY_SEND_TIMEOUT_MS: '1000' } });
+      cookie = await login(app, 'ws-slow-reader');
+    });
+    afterAll(async () => {
+      await slow?.process.stop();
+    });
+
+    it('a browser that stops reading: the API hears 1001 once a second has passed with nothing taken', async () => {
+      const socket = await open('/api/proxy/live/ws', { cookie, base: slow.url });
+      socket.ws.pause();
+      const started = Date.now();
+      socket.ws.send(`!stream 64 ${MiB}`);
+      expect((await upstreamClose(socket.requestId)).code).toBe(1001);
+      expect(Date.now() - started).toBeGreaterThanOrEqual(1_000);
+      expect((await upstreamRecord(socket.requestId)).streamed).toBeLessThan(32 * MiB);
+      socket.ws.resume();
+      expect((await socket.closed).code).toBe(1006);
+    });
+
+    it('an API that stops reading: the browser hears 1011', async () => {
+      const socket = await open('/api/proxy/live/ws/sink?paused=1', { cookie, base: slow.url });
+      const frame = Buffer.alloc(MiB, 'z');
+      void (async () => {
+        for (let n = 0; n < 64 && socket.ws.readyState === WebSocket.OPEN; n++) await new Promise((resolve) => socket.ws.send(frame, resolve));
+      })();
+      try {
+        expect((await socket.closed).code).toBe(1011);
+      } finally {
+        await fetch(`${stack.apiUrl}/__demo/ws/resume`);
+      }
+    });
+  });
+});
+
 describe('refused before any upgrade, with nothing sent upstream', () => {
   let cookie: string;
   beforeAll(async () => {
