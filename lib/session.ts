@@ -391,10 +391,10 @@ export async function createSession(input: NewSession): Promise<Session> {
     ...(input.authTime !== undefined ? { authTime: input.authTime } : {}),
   };
   const record: SessionRecord = { ...fields, sealed: await encryptSecrets({ ...input.secrets, boundTo: recordBinding(id, fields) }) };
-  const written = await storeCall(() =>
-    getStore().set(sessionKey(id), JSON.stringify(record), { ttlMs: session.idleTimeoutSec * 1000, onlyIfAbsent: true }),
-  );
-  if (!written) throw errors.internal(new Error('session id collision'));
+  const stored = JSON.stringify(record);
+  const written = await storeCall(() => getStore().set(sessionKey(id), stored, { ttlMs: session.idleTimeoutSec * 1000, onlyIfAbsent: true }));
+  // A SET sent again (ioredis after a reconnect, a REST client's retry) finds what its first send wrote.
+  if (!written && (await storeCall(() => getStore().get(sessionKey(id)))) !== stored) throw errors.internal(new Error('session id collision'));
   lastTouched.set(id, now);
   rememberOpened(id, record, input.secrets);
   const created = { id, record, secrets: input.secrets };
@@ -604,10 +604,17 @@ export async function touchSession(session: Session, force = false): Promise<voi
     await destroySession(session.id, session.record);
     return;
   }
-  const extended = await storeCall(() => getStore().expire(sessionKey(session.id), expiresAt - now));
-  if (!extended) return;
-  // The index score doubles as "last used" (expiry minus idle timeout) for the sessions list.
-  await indexSession(session, expiresAt);
+  try {
+    const extended = await storeCall(() => getStore().expire(sessionKey(session.id), expiresAt - now));
+    if (!extended) return;
+    // The index score doubles as "last used" (expiry minus idle timeout) for the sessions list.
+    await indexSession(session, expiresAt);
+  } catch (error) {
+    // The next call tries again: indexes left behind the record's expiry would hide the session
+    // from a back-channel logout and from "sign out everywhere" once their entries expire.
+    if (lastTouched.get(session.id) === now) lastTouched.delete(session.id);
+    throw error;
+  }
   // A logout between the PEXPIRE and these index writes removed the entries they re-add (the
   // indexes may live on other Cluster slots, so the two cannot be one transaction): an ended
   // session would stay counted as active and listed for back-channel logout until its expiry.
@@ -768,6 +775,8 @@ export async function listUserSessions(current: Session): Promise<Array<SessionS
     entries.map(async ({ member: id, expiresAtMs }) => {
       const raw = await storeCall(() => getStore().get(sessionKey(id)));
       const record = raw === null ? null : parseRecord(raw);
+      // A record this release cannot read (a newer one's, during a rolling deploy) keeps its entry.
+      if (raw !== null && !record) return null;
       if (!record || record.sub !== current.record.sub) {
         await storeCall(() => getStore().indexRemove(indexKey, id));
         return null;

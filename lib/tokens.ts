@@ -11,6 +11,7 @@ import {
   expireSessionIfUnchanged,
   forcedRefreshKey,
   getStore,
+  loadSession,
   readSession,
   refreshLockKey,
   sealSessionTokens,
@@ -138,8 +139,7 @@ async function usableWithoutRefresh(session: Session, held: HeldToken | undefine
   if (ended) throw ended;
   if (judgedBefore) throw renewedElsewhere();
   // The record moved on since it was read (a copy a moment old, or a write elsewhere): judged once more on what is stored now.
-  const stored = await readSession(session.id);
-  if (!stored) throw await endedSessionError(session.id);
+  const stored = await storedSession(session.id);
   return usableWithoutRefresh(stored, heldToken(stored, request), request, true);
 }
 
@@ -228,8 +228,7 @@ async function waitForLock(stale: Session, request: TokenRequest, flight: Flight
     if (acquired) return LOCK_ACQUIRED;
     await new Promise((resolve) => setTimeout(resolve, pause));
     pause = Math.min(pause * 2, POLL_MAX_MS);
-    const current = await onStore(flight, () => readSession(stale.id));
-    if (!current) throw await endedSessionError(stale.id);
+    const current = await onStore(flight, () => storedSession(stale.id));
     if (isSettled(current, stale, request)) return current;
     if (Date.now() > deadline) throw errors.idpUnavailable(new Error('timed out waiting for another instance to refresh'));
   }
@@ -363,10 +362,22 @@ function renewLease(id: string, owner: string, onLost: () => void): () => void {
   };
 }
 
+/**
+ * The stored session, as the refresh path must see it. A record this instance cannot read (written
+ * by a newer release, or sealed under a token key it does not hold yet, during a rolling deploy) is
+ * still the user's session, which other instances serve: a retryable answer, never an end that
+ * clears the browser's cookie.
+ */
+async function storedSession(id: string): Promise<Session> {
+  const loaded = await loadSession(id);
+  if (loaded.session) return loaded.session;
+  if (loaded.miss === 'unreadable') throw errors.storeUnavailable(new Error('the session record cannot be read by this instance'));
+  throw await endedSessionError(id);
+}
+
 async function refreshUnderLock(stale: Session, request: TokenRequest, lock: HeldLock, flight: Flight): Promise<Session> {
   // Another instance may have finished a refresh between our read and our lock.
-  const current = await onStore(flight, () => readSession(stale.id));
-  if (!current) throw await endedSessionError(stale.id);
+  const current = await onStore(flight, () => storedSession(stale.id));
   if (isSettled(current, stale, request)) return current;
   if (request.exchange) return exchangeUnderLock(current, request, request.exchange, lock, flight);
   return refreshGrantUnderLock(current, request, lock, flight);
@@ -515,6 +526,10 @@ async function writeRetakingLock(current: Session, next: Session, lock: HeldLock
   const { id } = current;
   // Set before asking: a SET whose answer is lost may still land, and a retry must then check too.
   lock.retaken = true;
+  const landed = async () => (await readSession(id))?.record.sealed === next.record.sealed;
+  // Asked before the lock: once the lease of a write that landed unanswered has run out, another
+  // instance may hold the lock, and the tokens in the record are these (never to be revoked).
+  if (await landed()) return next;
   if (!(await storeCall(() => takeLock(id, lock.owner)))) return null;
   const stored = (await readSession(id))?.record.sealed;
   if (stored === next.record.sealed) return next;

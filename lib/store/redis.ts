@@ -246,7 +246,8 @@ function coherentReads(
   return {
     async get(key, maxAgeMs) {
       const fullKey = keyPrefix + key;
-      const now = Date.now();
+      // Monotonic: a wall clock stepped back would keep a copy past maxAgeMs.
+      const now = performance.now();
       const copy = copies.get(fullKey);
       if (copy && now - copy.readAt < maxAgeMs && now < copy.keyExpiresAt) return copy.value;
       const readAt = generation;

@@ -3,7 +3,7 @@
 // refresh tokens, a replayed one revokes the grant), the demo APIs, real Redis and two Gatehouse
 // instances. Refresh grants are counted at the IdP (/__dev/grants), never inside Gatehouse.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startStack, type Stack } from '../../e2e/support/stack.ts';
+import { startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
 import { storedSecrets } from '../support/stored-session.ts';
 
@@ -224,6 +224,38 @@ describe('a refresh lock the store loses while its grant is at the IdP (a failov
     expect(stored.refreshToken).not.toBe(refreshTokenBefore);
     expect(await probe.exists(lockKey)).toBe(false);
     expect(await call(appB, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+  });
+});
+
+describe('a token key rotated with its steps merged (README, "Rotating secrets")', () => {
+  it('an instance that waited on a refresh whose record it cannot read answers 503 store_unavailable and keeps the cookie; the session lives on', async () => {
+    // B seals with a new key and still opens A's; A holds only the old key, as before its redeploy.
+    const oldKey = stack.appEnv.TOKEN_ENCRYPTION_KEY ?? stack.appEnv.SESSION_SECRET;
+    const rotated = await startGatehouse({ name: 'gatehouse-rotated', workers: 1, env: { ...stack.appEnv, TOKEN_ENCRYPTION_KEY: `${'k'.repeat(40)},${oldKey}` } });
+    try {
+      const user = 'mid-rotation';
+      const { cookie, key } = await newSession(appA, user);
+      expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+      await waitUntil(`${user}'s token to become due`, (await storedExpiry(key)) - REFRESH_SKEW_SEC * 1000 + 50);
+      const delaysBefore = await setIdpDelays(stack.issuer, { tokenMs: SLOW_IDP_MS });
+      let viaA;
+      let viaRotated;
+      try {
+        // The rotated instance refreshes (its grant held at the IdP); A finds the token due, waits on its lock, then reads what it wrote.
+        const pendingRotated = call(rotated.url, WHOAMI, cookie);
+        await tokenRequestsDelayedSince(delaysBefore.delayed.token);
+        viaA = await call(appA, WHOAMI, cookie);
+        viaRotated = await pendingRotated;
+      } finally {
+        await setIdpDelays(stack.issuer, { tokenMs: 0 });
+      }
+      expect(viaRotated).toMatchObject({ status: 200, body: { sub: user } });
+      expect({ status: viaA.status, error: (viaA.body as { error?: string }).error, clears: clearsSessionCookie(viaA.setCookies) }).toEqual({ status: 503, error: 'store_unavailable', clears: false });
+      expect(await probe.record(key)).toBeTruthy();
+      expect(await call(rotated.url, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
+    } finally {
+      await rotated.process.stop();
+    }
   });
 });
 

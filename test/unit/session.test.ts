@@ -208,6 +208,49 @@ describe('session records', () => {
     expect(await behind.getStore().get(behind.sessionKey(ahead.id))).toBe(record);
   });
 
+  it("are created when the store's answer to the write was lost and the write sent again (ioredis after a reconnect, a REST retry)", async () => {
+    const session = await deploy(A);
+    const store = session.getStore();
+    const set = store.set.bind(store);
+    // The first send lands and its answer is lost; the client sends it again and hears "exists".
+    store.set = async (key, value, options) => {
+      if (!options?.onlyIfAbsent || !key.includes('session:')) return set(key, value, options);
+      await set(key, value, options);
+      return set(key, value, options);
+    };
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    expect((await session.readSession(created.id))?.secrets).toEqual(secrets);
+  });
+
+  it("stay in the indexes while a newer release's record (unreadable here) is listed, so a back-channel logout still finds them", async () => {
+    const session = await deploy(A);
+    const input = { sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined };
+    const current = await session.createSession(input);
+    const newer = await session.createSession(input);
+    await session.getStore().replace(session.sessionKey(newer.id), JSON.stringify({ v: 2, shape: 'of a newer release' }));
+    expect((await session.listUserSessions(current)).map((entry) => entry.id)).toEqual([current.id]);
+    const indexed = await session.getStore().indexMembers(session.userSessionsKey('alice'), Date.now());
+    expect(indexed.map((entry) => entry.member).sort()).toEqual([current.id, newer.id].sort());
+  });
+
+  it('whose touch failed at the store are touched again by the next call, not a touch interval later', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const store = session.getStore();
+    const indexAdd = store.indexAdd.bind(store);
+    let failures = 1;
+    let writes = 0;
+    store.indexAdd = async (...args) => {
+      writes++;
+      if (failures-- > 0) throw new Error('Connection is closed.');
+      return indexAdd(...args);
+    };
+    await expect(session.touchSession(created, true)).rejects.toMatchObject({ code: 'store_unavailable' });
+    const before = writes;
+    await session.touchSession(created);
+    expect(writes).toBeGreaterThan(before);
+  });
+
   it('are never resurrected by a token update after deletion', async () => {
     const session = await deploy(A);
     const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
