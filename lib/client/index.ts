@@ -130,15 +130,24 @@ async function parseBody(response: Response): Promise<unknown> {
   return type.includes('json') ? response.json() : response.text();
 }
 
-/** Calls to one API named in BFF_APIS; resolves with the parsed body, rejects on any non-2xx. */
+/**
+ * Calls to one API named in BFF_APIS; resolves with the parsed body, rejects on any non-2xx. A path
+ * that would leave the API once the browser resolves it (`../../auth/sessions`, `%2e%2e`, `\\`) is
+ * refused with `invalid_path` before anything is sent: the browser resolves dot segments itself, so
+ * a path built from a user's value could otherwise reach Gatehouse's own endpoints, or another API,
+ * with the SPA's X-CSRF header.
+ */
 export function api(name: string) {
+  const prefix = `/api/proxy/${encodeURIComponent(name)}/`;
   const call = async (method: string, path: string, body?: unknown): Promise<unknown> => {
+    const target = prefix + path.replace(/^\/+/, '');
+    if (!new URL(target, 'http://gatehouse.invalid').pathname.startsWith(prefix)) throw new GatehouseClientError('invalid_path', 400, 'The API path is not allowed.');
     const init: RequestInit = { method };
     if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers = { 'content-type': 'application/json' };
     }
-    const response = await bffFetch(`/api/proxy/${encodeURIComponent(name)}/${path.replace(/^\/+/, '')}`, init);
+    const response = await bffFetch(target, init);
     if (!response.ok) throw new GatehouseClientError(`upstream_${response.status}`, response.status, `The API answered ${response.status}.`, response);
     return parseBody(response);
   };

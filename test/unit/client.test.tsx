@@ -1,4 +1,5 @@
 // @vitest-environment happy-dom
+import fc from 'fast-check';
 import { act } from 'react';
 import { createRoot } from 'react-dom/client';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
@@ -21,6 +22,36 @@ beforeEach(() => {
   (globalThis as { IS_REACT_ACT_ENVIRONMENT?: boolean }).IS_REACT_ACT_ENVIRONMENT = true;
 });
 afterEach(() => vi.unstubAllGlobals());
+
+describe('api(name) paths', () => {
+  it('never sends a call that the browser would resolve out of the API (to /api/auth/*, another API)', async () => {
+    fetchMock.mockImplementation(async () => json(200, {}));
+    const piece = fc.constantFrom('..', '.', '%2e', '%2E', '.%2e', '%2e%2e', '\\', '/', '//', 'a', 'items', 'auth', 'sessions', '\t', '?x=1', '#f', '%2f', '%5c', '..;');
+    await fc.assert(
+      fc.asyncProperty(fc.array(piece, { maxLength: 10 }), fc.constantFrom('get', 'delete', 'post', 'put', 'patch'), async (pieces, method) => {
+        fetchMock.mockClear();
+        const path = pieces.join('');
+        const outcome = await api('orders')[method as 'get'](path).then(
+          () => 'sent',
+          (error: unknown) => (error as { code?: string }).code,
+        );
+        if (outcome === 'invalid_path') {
+          expect(fetchMock).not.toHaveBeenCalled();
+          return;
+        }
+        expect(outcome, path).toBe('sent');
+        // Where the browser sends it: the same resolution fetch() applies to a relative URL.
+        const sentTo = new URL(String(fetchMock.mock.calls[0]![0]), 'https://app.example.com').pathname;
+        expect(sentTo.startsWith('/api/proxy/orders/'), `${JSON.stringify(path)} → ${sentTo}`).toBe(true);
+      }),
+      { numRuns: 2_000, examples: [[['..', '/', '..', '/', 'auth', '/', 'sessions'], 'delete'], [['%2e%2e', '/', '%2e%2e', '/', 'auth'], 'post'], [['a', '\\', '..', '\\', '..'], 'get']] },
+    );
+    // Ordinary paths are untouched.
+    fetchMock.mockClear();
+    await api('orders').get('items/7?tab=1');
+    expect(fetchMock.mock.calls[0]![0]).toBe('/api/proxy/orders/items/7?tab=1');
+  });
+});
 
 describe('bffFetch', () => {
   it('always sends X-CSRF: 1 with same-origin credentials, whatever the caller passed', async () => {
