@@ -1,4 +1,5 @@
-import type { IncomingMessage, Server } from 'node:http';
+import { ServerResponse, type IncomingMessage, type Server } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { AddressInfo } from 'node:net';
 
 /**
@@ -18,8 +19,52 @@ export async function runUntilSignal<T extends { close(): Promise<void> }>(start
   }
 }
 
-/** Listens and resolves to the real port (port 0 picks a free one); a bind error rejects. */
+const LOOPBACK_PEER = /^(?:127\.|::1$|::ffff:127\.)/;
+const LOOPBACK_NAMES = new Set(['localhost', '127.0.0.1', '[::1]']);
+
+/** Sent from this machine, to a name of this machine: not a peer on the network, nor a page whose own host name was made to resolve here (DNS rebinding). */
+function fromThisMachine(request: IncomingMessage): boolean {
+  if (!LOOPBACK_PEER.test(request.socket.remoteAddress ?? '')) return false;
+  try {
+    return LOOPBACK_NAMES.has(new URL(`http://${request.headers.host ?? ''}`).hostname);
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Answers only requests from this machine, to this machine, on a server that listens on every
+ * interface (so that both 127.0.0.1 and ::1 reach "localhost"): the dev IdP signs whatever it is
+ * asked to and the demo API shows the bearer tokens it received, real ones when `npm run dev` runs
+ * against a real IdP.
+ */
+const guarded = new WeakSet<Server>();
+
+function thisMachineOnly(server: Server): void {
+  if (guarded.has(server)) return;
+  guarded.add(server);
+  for (const event of ['request', 'upgrade'] as const) {
+    const handlers = server.listeners(event) as Array<(request: IncomingMessage, ...rest: unknown[]) => void>;
+    server.removeAllListeners(event);
+    server.on(event, (request: IncomingMessage, ...rest: unknown[]) => {
+      if (fromThisMachine(request)) {
+        for (const handler of handlers) handler.call(server, request, ...rest);
+        return;
+      }
+      const [answer] = rest as [ServerResponse | Duplex];
+      if (answer instanceof ServerResponse) answer.writeHead(403, { 'content-type': 'text/plain' }).end('This dev server answers this machine only.\n');
+      else answer.destroy();
+    });
+  }
+}
+
+/**
+ * Listens and resolves to the real port (port 0 picks a free one); a bind error rejects. Without a
+ * host, on every interface but for this machine only (thisMachineOnly); a host given explicitly
+ * (IDP_HOST, DEMO_API_HOST: a container, a second machine) is the operator's choice.
+ */
 export function listen(server: Server, port: number, host: string | undefined): Promise<number> {
+  if (host === undefined) thisMachineOnly(server);
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {

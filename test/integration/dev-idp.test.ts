@@ -1,4 +1,5 @@
-import { createServer } from 'node:http';
+import { createServer, request as httpRequest } from 'node:http';
+import { networkInterfaces } from 'node:os';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { decodeJwt } from 'jose';
@@ -281,6 +282,32 @@ describe('dev IdP + demo API', () => {
       await expect(oauth.processGenericTokenEndpointResponse(strictAs, client, res)).rejects.toMatchObject({ error: 'unauthorized_client' });
     } finally {
       await strict.close();
+    }
+  });
+
+  it('answer this machine only: not a peer on the network, nor a page whose host name was made to resolve here (DNS rebinding)', async () => {
+    // The demo API has just seen a bearer token: what its introspection would hand out.
+    const { access_token: token } = await oauth.processClientCredentialsResponse(as, client, await oauth.clientCredentialsGrantRequest(as, client, clientAuth, {}, insecure));
+    expect((await fetch(`${api.url}/whoami`, { headers: { authorization: `Bearer ${token}` } })).status).toBe(200);
+    const ask = (url: string, options: { via?: string; host?: string }) =>
+      new Promise<{ status: number; body: string }>((resolve, reject) => {
+        const target = new URL(url);
+        const request = httpRequest({ host: options.via ?? target.hostname, port: target.port, path: target.pathname, headers: { host: options.host ?? target.host } }, (response) => {
+          let body = '';
+          response.setEncoding('utf8').on('data', (chunk: string) => (body += chunk));
+          response.on('end', () => resolve({ status: response.statusCode ?? 0, body }));
+        });
+        request.on('error', reject).end();
+      });
+    const lan = Object.values(networkInterfaces()).flat().find((entry) => entry && !entry.internal && entry.family === 'IPv4')?.address;
+    expect(lan, 'a network interface besides loopback (every CI machine has one)').toBeTruthy();
+    for (const url of [`${api.url}/__demo/last`, `${idp.issuer}/.well-known/openid-configuration`]) {
+      expect(await ask(url, {})).toMatchObject({ status: 200 });
+      for (const attempt of [{ via: lan }, { host: `evil.example:${new URL(url).port}` }, { host: 'localhost.evil.example' }]) {
+        const answer = await ask(url, attempt);
+        expect({ url, attempt, status: answer.status }).toEqual({ url, attempt, status: 403 });
+        expect(answer.body).not.toContain(token);
+      }
     }
   });
 
