@@ -261,7 +261,8 @@ const envSchema = z.object({
   SESSION_ABSOLUTE_TIMEOUT: seconds(7 * 24 * 3600),
   SESSION_TOUCH_INTERVAL: seconds(60),
   TOKEN_REFRESH_SKEW: z.coerce.number().int().nonnegative().default(30),
-  REFRESH_LOCK_LEASE_MS: z.coerce.number().int().positive().default(25_000),
+  // Timers: one past 2^31 ms fires at once (Node), so each has a bound well below that.
+  REFRESH_LOCK_LEASE_MS: z.coerce.number().int().positive().max(600_000).default(25_000),
   REFRESH_WAIT_MS: z.coerce.number().int().positive().max(60_000).default(2_000),
   FORCED_REFRESH_INTERVAL: seconds(60),
   SESSION_STORE: z.enum(['memory', 'redis', 'upstash']).optional(),
@@ -294,8 +295,8 @@ const envSchema = z.object({
   PORT: z.coerce.number().int().min(0).max(65_535).default(3000),
   HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),
   GATEHOUSE_WORKERS: z.coerce.number().int().min(1).max(256).optional(),
-  GATEHOUSE_DRAIN_MS: z.coerce.number().int().min(0).default(30_000),
-  WEBSOCKET_SESSION_CHECK_INTERVAL: seconds(30),
+  GATEHOUSE_DRAIN_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
+  WEBSOCKET_SESSION_CHECK_INTERVAL: seconds(30).pipe(z.number().max(86_400)),
   METRICS_PORT: z.coerce.number({ error: 'must be a port number (1-65535)' }).int('must be a port number (1-65535)').min(1, 'must be a port number (1-65535)').max(65_535, 'must be a port number (1-65535)').optional(),
   METRICS_HOST: z.string().trim().min(1).default('127.0.0.1'),
 });

@@ -244,6 +244,13 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
     expect(problemsOf({ ...valid, REFRESH_WAIT_MS: '0' }).join('\n')).toMatch(/^REFRESH_WAIT_MS: /m);
   });
 
+  it('bounds every timer it arms below the 2^31 ms at which Node would fire it at once', () => {
+    for (const [name, largest] of [['REFRESH_LOCK_LEASE_MS', 600_000], ['GATEHOUSE_DRAIN_MS', 3_600_000], ['WEBSOCKET_SESSION_CHECK_INTERVAL', 86_400]] as const) {
+      expect(() => parseConfig({ ...valid, [name]: String(largest) }), name).not.toThrow();
+      for (const tooLong of [largest + 1, 2 ** 31, 3e9]) expect(problemsOf({ ...valid, [name]: String(tooLong) }).join('\n'), `${name}=${tooLong}`).toMatch(new RegExp(`^${name}: `, 'm'));
+    }
+  });
+
   it('takes REDIS_TLS_CA as PEM text (newlines escaped or not) or a PEM file, only for rediss://, and names anything else', () => {
     const dir = mkdtempSync(path.join(tmpdir(), 'gatehouse-ca-'));
     try {
