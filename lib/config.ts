@@ -211,7 +211,9 @@ const apisSchema = z
   .pipe(z.record(z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'API names are lowercase letters, digits, "-" and "_"'), apiSchema));
 
 const envSchema = z.object({
-  NODE_ENV: z.string().optional(),
+  // Next runs any other value as a production server (with a warning), while the production checks
+  // here would not apply: a missing REDIS_URL under `staging` would quietly be the in-memory store.
+  NODE_ENV: z.enum(['production', 'development', 'test'], { error: 'must be production, development or test (other values run Next as production without its production checks here)' }).optional(),
   APP_BASE_URL: endpointUrl,
   OIDC_ISSUER: endpointUrl,
   OIDC_CLIENT_ID: z.string({ error: 'is required' }).trim().min(1, 'is required'),

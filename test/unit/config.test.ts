@@ -227,6 +227,10 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
     expect(problemsOf({ ...withoutStore, NODE_ENV: 'production' })[0]).toMatch(/^REDIS_URL: a session store is required in production/);
     expect(parseConfig({ ...withoutStore, NODE_ENV: 'production', SESSION_STORE: 'memory' }).store).toEqual({ kind: 'memory' });
     expect(parseConfig({ ...withoutStore }).store).toEqual({ kind: 'memory' });
+    // Next serves any other NODE_ENV as production: so must these checks, or the start is refused.
+    for (const nodeEnv of ['staging', 'prod', 'Production', 'PRODUCTION', ' production']) {
+      expect(problemsOf({ ...withoutStore, NODE_ENV: nodeEnv }).join('\n'), nodeEnv).toMatch(/^NODE_ENV: must be production, development or test/m);
+    }
   });
 
   it('selects Upstash when its two variables are set, and wants both', () => {
