@@ -15,7 +15,6 @@ export type SpaSource =
   | { kind: 'origin'; url: URL; contentSecurityPolicy: string | undefined };
 
 export interface Config {
-  production: boolean;
   appBaseUrl: URL;
   /** Secure cookies and the `__Host-` prefix: everywhere except plain-http loopback. */
   secureCookies: boolean;
@@ -485,7 +484,6 @@ export function parseConfig(source: Record<string, string | undefined>): Config 
   const secureCookies = appBaseUrl.protocol === 'https:';
   const base = appBaseUrl.origin;
   return {
-    production: env.NODE_ENV === 'production',
     appBaseUrl,
     secureCookies,
     oidc: {
