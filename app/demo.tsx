@@ -18,7 +18,7 @@ import { useSession } from 'gatehouse/client/react';
 /** The demo SPA: everything it does goes through gatehouse/client; it never sees a token. */
 export function Demo() {
   const session = useSession();
-  const authError = useSearchParam('authError');
+  const authError = authErrorText(useSearchParam('authError'));
 
   return (
     <main className="shell">
@@ -64,6 +64,23 @@ export function Demo() {
       )}
     </main>
   );
+}
+
+/**
+ * What a silent login's `authError` says, in words of this page: the parameter is in a URL anyone
+ * can link to, so its text is never shown (a link could make the app's own page say anything).
+ */
+const AUTH_ERRORS: Record<string, string> = {
+  login_required: 'you are not signed in at the identity provider.',
+  interaction_required: 'the identity provider needs you to sign in there first.',
+  consent_required: 'the identity provider needs your consent first.',
+  account_selection_required: 'the identity provider needs you to choose an account.',
+  access_denied: 'it was refused.',
+};
+
+function authErrorText(code: string | null): string | null {
+  if (code === null) return null;
+  return Object.hasOwn(AUTH_ERRORS, code) ? (AUTH_ERRORS[code] as string) : 'it did not complete.';
 }
 
 function useSearchParam(name: string): string | null {

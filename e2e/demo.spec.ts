@@ -54,6 +54,17 @@ test('the demo: see the user, call both APIs, watch the stream arrive event by e
   await expect(page.getByTestId('call-public')).toBeFocused();
 });
 
+test("a silent login's authError is told in the page's own words: a link cannot make the app's page say anything", async ({ page }) => {
+  const notice = page.locator('p[role="alert"]');
+  await page.goto('/?authError=login_required');
+  await expect(notice).toHaveText('Sign-in: you are not signed in at the identity provider.');
+  await page.goto(`/?authError=${encodeURIComponent('Your account is locked. Call +1 555 0100 now')}`);
+  await expect(notice).toHaveText('Sign-in: it did not complete.');
+  await expect(page.locator('body')).not.toContainText('555 0100');
+  await page.goto('/?authError=__proto__');
+  await expect(notice).toHaveText('Sign-in: it did not complete.');
+});
+
 test('sign out everywhere else from a second browser; the first notices and offers login', async ({ browser }) => {
   const laptop = await browser.newContext();
   const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, userAgent: 'Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Safari/604.1' });
