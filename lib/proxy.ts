@@ -175,7 +175,7 @@ export function filterResponseHeaders(rawHeaders: string[]): Array<[string, stri
   for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'connection') connections.push(rawHeaders[i + 1] as string);
   const listed = connectionListed(...connections);
   // Cache rules that are only in part hop by hop (`Connection: vary` drops a `Vary: Authorization`
-  // that kept `public` per token) are no rules at all: both go, and keptToTheUser makes it private.
+  // that kept `public` per token) are no rules to go by: both go, and the answer is not stored.
   const cacheRulesListed = listed.has('vary') || listed.has('cache-control');
   const kept: Array<[string, string]> = [];
   let prompting = false;
@@ -187,6 +187,7 @@ export function filterResponseHeaders(rawHeaders: string[]): Array<[string, stri
     if (name === 'www-authenticate' && PROMPTING_SCHEME_NAMED.test(value)) prompting = true;
     kept.push([name, value]);
   }
+  if (cacheRulesListed) kept.push(['cache-control', 'no-store']);
   return prompting ? withoutPromptingIn(kept) : kept;
 }
 
@@ -242,13 +243,15 @@ async function withoutPromptingChallenges(value: string): Promise<string | undef
  * with the segment's compatibility form (NFKC), in which `．．`, `‥` and `﹒` are dots.
  */
 function isDotSegment(compatible: string): boolean {
+  if (!compatible.includes('.')) return false;
   const paramsAt = compatible.search(/;|%3b/i);
   const name = paramsAt === -1 ? compatible : compatible.slice(0, paramsAt);
-  // Two linear tests: one pattern for both could backtrack quadratically on a long run of dots.
+  // Linear tests: one pattern for all could backtrack quadratically on a long run of dots.
   return name.includes('.') && /^[.\s]+$/.test(name);
 }
 
 const NON_ASCII = /[^\u0000-\u007f]/;
+const IGNORABLE = /\p{Default_Ignorable_Code_Point}/gu;
 
 /**
  * The upstream URL for `/api/proxy/<api>/<rest>`: the API's base URL plus `rest`, or an error for
@@ -272,7 +275,9 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
     // What an upstream that normalises Unicode sees: `／` is a slash and `．` a dot there.
-    const compatible = NON_ASCII.test(decoded) ? decoded.normalize('NFKC') : decoded;
+    // Characters nothing displays (zero-width space, soft hyphen) go too: NFKC keeps them, and a
+    // case-folding normaliser (NFKC_Casefold) would drop them from `..\u200b`.
+    const compatible = NON_ASCII.test(decoded) ? decoded.normalize('NFKC').replace(IGNORABLE, '') : decoded;
     if ((segment === '' && !isEmptyAllowed) || isDotSegment(compatible)) throw invalidPath();
     // Decoded once here, possibly again by a lenient upstream: refuse separators in either layer.
     if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(compatible)) throw invalidPath();

@@ -937,9 +937,10 @@ describe('header hygiene (raw sockets)', () => {
     expect(await cachingOf('demo', 'no-store')).toEqual({ cacheControl: 'no-store', varyCookie: false });
     // Shared per token upstream is one user's copy for everyone on the browser's side.
     expect(await cachingOf('demo', 'public, max-age=60', { vary: 'Authorization' })).toEqual({ cacheControl: 'private, max-age=60', varyCookie: true });
-    // Also when the API names Vary or Cache-Control in Connection: a proxy drops those, and what is left of the rules no longer says "per token".
+    // When the API names Vary or Cache-Control in Connection, a proxy drops those, and what is left of the rules no longer says "per token": not stored at all.
     for (const connection of ['vary', 'Keep-Alive, Vary', 'cache-control', 'close, vary']) {
-      expect({ connection, ...(await cachingOf('demo', 'public, s-maxage=600', { vary: 'Authorization', connection })) }).toEqual({ connection, cacheControl: 'private', varyCookie: true });
+      expect({ connection, ...(await cachingOf('demo', 'public, s-maxage=600', { vary: 'Authorization', connection })) }).toEqual({ connection, cacheControl: 'no-store', varyCookie: false });
+      expect({ connection, ...(await cachingOf('none', 'public, s-maxage=600', { vary: 'Accept', connection })) }).toEqual({ connection, cacheControl: 'no-store', varyCookie: false });
     }
     // A CDN in front would obey CDN-Cache-Control (RFC 9213) instead of Cache-Control.
     expect(await cachingOf('demo', 'max-age=60', { cdn: 'max-age=600' })).toEqual({ cacheControl: 'private, max-age=60', varyCookie: true });

@@ -148,14 +148,17 @@ function expectedSurvivors(all: Array<[string, string]>, denied: string[], prefi
   // `connection: 5`, which rightly removed a header named `5`).
   const connections = all.filter(([name]) => name.toLowerCase() === 'connection');
   const listed = new Set(connections.flatMap(([, value]) => value.split(',').map((name) => name.trim().toLowerCase())));
-  // An answer's cache rules are whole or gone: one of Vary and Cache-Control listed takes the other.
-  if (answer && (listed.has('vary') || listed.has('cache-control'))) listed.add('vary').add('cache-control');
-  return all
+  // An answer's cache rules are whole or gone: one of Vary and Cache-Control listed takes the
+  // other, and the answer then says no-store (last).
+  const cacheRulesListed = answer && (listed.has('vary') || listed.has('cache-control'));
+  if (cacheRulesListed) listed.add('vary').add('cache-control');
+  const survivors = all
     .map(([name, value]): [string, string] => [name.toLowerCase(), value])
     .filter(([name]) => {
       const spellings = underscoreIsDash ? [name, name.replaceAll('_', '-')] : [name];
       return spellings.every((spelled) => !HOP_BY_HOP.includes(spelled) && !denied.includes(spelled) && !listed.has(spelled) && !prefixes.some((prefix) => spelled.startsWith(prefix)));
     });
+  return cacheRulesListed ? [...survivors, ['cache-control', 'no-store']] : survivors;
 }
 
 describe('header filtering (generated headers)', () => {
