@@ -439,7 +439,11 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
     const target = sides[to];
     let waiting = 0;
     let failure: number | undefined;
-    /** Armed while `source` is paused: a side that takes nothing for sendTimeoutMs is cut off, as a proxied answer is. */
+    /**
+     * Armed while `source` is paused: a side that does not take what waits for it down to the low
+     * mark within sendTimeoutMs is cut off, as a proxied answer is. Node counts a write done only
+     * once all of it is, so a message that takes longer than that to deliver ends the socket too.
+     */
     let stalled: NodeJS.Timeout | undefined;
     const cutOffSlowReader = () => {
       log('warn', 'websocket.send_timeout', { requestId: entry.requestId, api: entry.api, side: to, waitingBytes: waiting });
