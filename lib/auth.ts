@@ -251,7 +251,8 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   const dpop = transaction.dpopJkt ? await finishDpopLogin(transaction.state, transaction.dpopJkt) : undefined;
   const answer = await oidc.checkCallback(url, transaction.state);
   if (answer.kind === 'error' && transaction.prompt !== 'none') {
-    throw new GatehouseError(answer.error === 'access_denied' ? 'access_denied' : 'idp_error', 400, 'The identity provider did not sign you in.');
+    // The IdP's code goes to the log (as the cause), cut short: anyone can put one in a callback URL.
+    throw new GatehouseError(answer.error === 'access_denied' ? 'access_denied' : 'idp_error', 400, 'The identity provider did not sign you in.', { cause: new Error(`the IdP answered ${answer.error.slice(0, 64)}`) });
   }
   if (answer.kind === 'error') {
     // Silent login: tell the SPA instead of showing the IdP's UI.

@@ -243,13 +243,6 @@ function checkRequestedAcr(claims: oauth.IDToken, acrValues: string[] | undefine
   throw errors.stepUpFailed(new Error(`requested acr ${acrValues.join(' ')}, the id_token says ${typeof claims.acr === 'string' ? claims.acr.slice(0, 80) : 'none'}`));
 }
 
-/**
- * Checks the authorization response (state, iss per RFC 9207, error), redeems the code with PKCE
- * and client authentication, and validates the id_token including its signature and `iat`, and
- * what a step-up asked for: `auth_time` within `max_age` (oauth4webapi's check, with its 30 s clock
- * tolerance), `acr` among `acr_values`. Tokens of a sign-in refused for falling short are dropped,
- * not revoked: IdPs that revoke a whole grant with one token would end the session the user still has.
- */
 /** What came back to the callback, once its issuer (RFC 9207) and state have been checked. */
 export type CallbackAnswer = { kind: 'code'; params: URLSearchParams } | { kind: 'error'; error: string };
 
@@ -267,7 +260,13 @@ export async function checkCallback(callbackUrl: URL, expectedState: string): Pr
   }
 }
 
-/** The code exchange, for parameters that checkCallback returned. */
+/**
+ * Redeems the code of parameters that checkCallback returned, with PKCE and client authentication,
+ * and validates the id_token including its signature and `iat`, and what a step-up asked for:
+ * `auth_time` within `max_age` (oauth4webapi's check, with its 30 s clock tolerance), `acr` among
+ * `acr_values`. Tokens of a sign-in refused for falling short are dropped, not revoked: IdPs that
+ * revoke a whole grant with one token would end the session the user still has.
+ */
 export async function redeemAuthorizationCode(params: URLSearchParams, request: AuthorizationRequest, dpop?: oauth.DPoPHandle): Promise<LoginResult> {
   const as = await getAuthorizationServer();
   try {

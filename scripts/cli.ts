@@ -20,13 +20,19 @@ export async function runUntilSignal<T extends { close(): Promise<void> }>(start
 }
 
 const LOOPBACK_PEER = /^(?:127\.|::1$|::ffff:127\.)/;
-const LOOPBACK_NAMES = new Set(['localhost', '127.0.0.1', '[::1]']);
+/** `localhost` and its subdomains (RFC 6761), 127.0.0.0/8, ::1. */
+const LOOPBACK_NAME = /^(?:(?:[a-z0-9-]+\.)*localhost|127(?:\.\d{1,3}){3}|\[::1\])$/;
 
-/** Sent from this machine, to a name of this machine: not a peer on the network, nor a page whose own host name was made to resolve here (DNS rebinding). */
-function fromThisMachine(request: IncomingMessage): boolean {
+/**
+ * Sent from this machine, to a name of this machine (or one the caller names: the app's own host
+ * name): not a peer on the network, nor a page whose own host name was made to resolve here (DNS
+ * rebinding).
+ */
+function fromThisMachine(request: IncomingMessage, names: ReadonlySet<string>): boolean {
   if (!LOOPBACK_PEER.test(request.socket.remoteAddress ?? '')) return false;
   try {
-    return LOOPBACK_NAMES.has(new URL(`http://${request.headers.host ?? ''}`).hostname);
+    const { hostname } = new URL(`http://${request.headers.host ?? ''}`);
+    return LOOPBACK_NAME.test(hostname) || names.has(hostname);
   } catch {
     return false;
   }
@@ -40,14 +46,16 @@ function fromThisMachine(request: IncomingMessage): boolean {
  */
 const guarded = new WeakSet<Server>();
 
-function thisMachineOnly(server: Server): void {
+function thisMachineOnly(server: Server, names: ReadonlySet<string>): void {
   if (guarded.has(server)) return;
   guarded.add(server);
   for (const event of ['request', 'upgrade'] as const) {
     const handlers = server.listeners(event) as Array<(request: IncomingMessage, ...rest: unknown[]) => void>;
+    // A server with no upgrade handler answers such requests as ordinary ones; one that did nothing would leave them hanging.
+    if (handlers.length === 0) continue;
     server.removeAllListeners(event);
     server.on(event, (request: IncomingMessage, ...rest: unknown[]) => {
-      if (fromThisMachine(request)) {
+      if (fromThisMachine(request, names)) {
         for (const handler of handlers) handler.call(server, request, ...rest);
         return;
       }
@@ -63,8 +71,8 @@ function thisMachineOnly(server: Server): void {
  * host, on every interface but for this machine only (thisMachineOnly); a host given explicitly
  * (IDP_HOST, DEMO_API_HOST: a container, a second machine) is the operator's choice.
  */
-export function listen(server: Server, port: number, host: string | undefined): Promise<number> {
-  if (host === undefined) thisMachineOnly(server);
+export function listen(server: Server, port: number, host: string | undefined, names: readonly string[] = []): Promise<number> {
+  if (host === undefined) thisMachineOnly(server, new Set(names.map((name) => name.toLowerCase())));
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {

@@ -45,10 +45,11 @@ function tunnel(request: http.IncomingMessage, socket: Duplex, head: Buffer, tar
   socket.on('error', close);
 }
 
-export async function startDevFront(port: number, next: URL, spa: URL): Promise<{ close(): Promise<void> }> {
+/** `appHost`: the host name the app is reached by, besides the names of this machine (APP_BASE_URL's). */
+export async function startDevFront(port: number, next: URL, spa: URL, appHost?: string): Promise<{ close(): Promise<void> }> {
   const server = http.createServer((request, response) => forward(request, response, targetFor(request.url, next, spa)));
   server.on('upgrade', (request, socket, head) => tunnel(request, socket, head, targetFor(request.url, next, spa)));
-  await listen(server, port, undefined);
+  await listen(server, port, undefined, appHost ? [appHost] : []);
   return {
     close: () =>
       new Promise((resolve) => {

@@ -333,7 +333,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     }
     return 0;
   }
-  const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host);
+  const port = await listen(server, options.port ?? DEV_IDP_DEFAULTS.port, options.host, options.issuerHost ? [options.issuerHost] : []);
   const issuer = `http://${options.issuerHost ?? 'localhost'}:${port}`;
   const par = options.par ?? 'enabled';
 
@@ -581,7 +581,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     stop: () => shutdown(server),
     async resume() {
       if (closed) throw new Error('dev IdP was closed; start a new one with { state } instead');
-      if (!server.listening) await listen(server, port, options.host);
+      if (!server.listening) await listen(server, port, options.host, options.issuerHost ? [options.issuerHost] : []);
     },
     async close() {
       closed = true;

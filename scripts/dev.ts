@@ -121,7 +121,7 @@ console.log(`\n  Gatehouse demo: ${appBaseUrl}\n  IdP:            ${idpLine}\n  
 // SPA_DEV_URL: the SPA's own dev server and Gatehouse on one origin (appPort); next dev moves inside.
 const spaDevUrl = process.env.SPA_DEV_URL ? new URL(process.env.SPA_DEV_URL) : undefined;
 const nextPort = spaDevUrl ? Number(process.env.NEXT_DEV_PORT || appPort + 1) : appPort;
-const front = spaDevUrl ? await orExplain('front server', 'PORT', appPort, () => startDevFront(appPort, new URL(`http://127.0.0.1:${nextPort}`), spaDevUrl)) : undefined;
+const front = spaDevUrl ? await orExplain('front server', 'PORT', appPort, () => startDevFront(appPort, new URL(`http://127.0.0.1:${nextPort}`), spaDevUrl, new URL(appBaseUrl).hostname)) : undefined;
 if (front) closers.push(() => front.close());
 if (spaDevUrl) console.log(`  SPA:            ${spaDevUrl.origin} (its dev server, hot reload included), on ${appBaseUrl}; next dev on :${nextPort}\n`);
 

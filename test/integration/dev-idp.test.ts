@@ -303,12 +303,27 @@ describe('dev IdP + demo API', () => {
     expect(lan, 'a network interface besides loopback (every CI machine has one)').toBeTruthy();
     for (const url of [`${api.url}/__demo/last`, `${idp.issuer}/.well-known/openid-configuration`]) {
       expect(await ask(url, {})).toMatchObject({ status: 200 });
+      expect(await ask(url, { host: `app.localhost:${new URL(url).port}` })).toMatchObject({ status: 200 });
       for (const attempt of [{ via: lan }, { host: `evil.example:${new URL(url).port}` }, { host: 'localhost.evil.example' }]) {
         const answer = await ask(url, attempt);
         expect({ url, attempt, status: answer.status }).toEqual({ url, attempt, status: 403 });
         expect(answer.body).not.toContain(token);
       }
     }
+    // The dev IdP has no WebSockets: an upgrade request is answered as an ordinary one, not left hanging.
+    const upgrade = await new Promise<number>((resolve, reject) => {
+      const request = httpRequest(`${idp.issuer}/.well-known/openid-configuration`, { headers: { connection: 'Upgrade', upgrade: 'websocket' }, timeout: 5_000 }, (response) => {
+        response.resume();
+        resolve(response.statusCode ?? 0);
+      });
+      request.on('upgrade', (response, socket) => {
+        socket.destroy();
+        resolve(response.statusCode ?? 0);
+      });
+      request.on('timeout', () => request.destroy(new Error('the upgrade request was left hanging')));
+      request.on('error', reject).end();
+    });
+    expect(upgrade).toBe(200);
   });
 
   it('serves the demo API routes', async () => {
