@@ -326,6 +326,10 @@ function crossCheck(env: Partial<Env>): string[] {
   if (env.OIDC_CLIENT_AUTH !== 'private_key_jwt' && !env.OIDC_CLIENT_SECRET) {
     problems.push(`OIDC_CLIENT_SECRET: is required when OIDC_CLIENT_AUTH=${env.OIDC_CLIENT_AUTH}`);
   }
+  // The IdP holds the client secret: whoever runs it could then seal session cookies or open stored tokens.
+  for (const name of ['SESSION_SECRET', 'TOKEN_ENCRYPTION_KEY'] as const) {
+    if (env.OIDC_CLIENT_SECRET && env[name]?.includes(env.OIDC_CLIENT_SECRET)) problems.push(`${name}: must not be OIDC_CLIENT_SECRET (the identity provider knows that one)`);
+  }
   if (env.SESSION_IDLE_TIMEOUT !== undefined && env.SESSION_ABSOLUTE_TIMEOUT !== undefined && env.SESSION_IDLE_TIMEOUT > env.SESSION_ABSOLUTE_TIMEOUT) {
     problems.push('SESSION_IDLE_TIMEOUT: must not be longer than SESSION_ABSOLUTE_TIMEOUT');
   }

@@ -329,6 +329,16 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
     expect(problemsOf({ ...valid, APP_BASE_URL: 'https://app.example.com/sub' })[0]).toMatch(/^APP_BASE_URL: must be an origin/);
   });
 
+  it('refuses the OIDC client secret as a session secret or token key, in any place of the list, without echoing it', () => {
+    const clientSecret = 'c'.repeat(40);
+    for (const [name, value] of [['SESSION_SECRET', clientSecret], ['SESSION_SECRET', `${'n'.repeat(32)},${clientSecret}`], ['TOKEN_ENCRYPTION_KEY', clientSecret]] as const) {
+      const problems = problemsOf({ ...valid, OIDC_CLIENT_SECRET: clientSecret, [name]: value }).join('\n');
+      expect(problems, `${name}=${value}`).toMatch(new RegExp(`^${name}: must not be OIDC_CLIENT_SECRET`, 'm'));
+      expect(problems).not.toContain(clientSecret);
+    }
+    expect(() => parseConfig({ ...valid, OIDC_CLIENT_SECRET: clientSecret })).not.toThrow();
+  });
+
   it('reads a comma-separated SESSION_SECRET as a rotation list, first entry first', () => {
     const config = parseConfig({ ...valid, SESSION_SECRET: `${'b'.repeat(32)}, ${'a'.repeat(32)}` });
     expect(config.session.secrets).toEqual(['b'.repeat(32), 'a'.repeat(32)]);
