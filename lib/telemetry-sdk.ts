@@ -1,6 +1,6 @@
 import cluster, { type Worker } from 'node:cluster';
 import http from 'node:http';
-import { context, metrics, propagation, trace, type Context, type TextMapGetter, type TextMapPropagator, type TextMapSetter } from '@opentelemetry/api';
+import { context, metrics, propagation, trace, type Attributes, type Context, type TextMapGetter, type TextMapPropagator, type TextMapSetter } from '@opentelemetry/api';
 import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-hooks';
 import { W3CTraceContextPropagator } from '@opentelemetry/core';
 import { OTLPMetricExporter as OtlpJsonMetricExporter } from '@opentelemetry/exporter-metrics-otlp-http';
@@ -113,10 +113,19 @@ const DROPPED_ATTRIBUTES = new Set(['url.query']);
  * (in attributes and in fetch spans' names): the login callback's `code` and `state`, a logout
  * link's `sid`. Those queries are cut before any span leaves the process, and so are the parts of
  * a path that name a user's data or session: what follows an API's name under /api/proxy/ (ids,
- * whatever the SPA asks for) and a session's handle under /api/auth/sessions/.
+ * whatever the SPA asks for) and a session's handle under /api/auth/sessions/. Next also records
+ * the exceptions it sees (an `exception` event with the error's message and stack, and the message
+ * as the span's status): free text that may quote a URL, a bearer token or a JWT, so every string
+ * there loses its queries, private paths and anything shaped like a token.
  */
 export function withoutQueries(span: ReadableSpan): ReadableSpan {
-  const risky = span.name.includes('?') || PRIVATE_PATH.test(span.name) || Object.keys(span.attributes).some((key) => URL_ATTRIBUTES.has(key) || DROPPED_ATTRIBUTES.has(key));
+  const events = span.events ?? [];
+  const risky =
+    span.name.includes('?') ||
+    PRIVATE_PATH.test(span.name) ||
+    Object.keys(span.attributes).some((key) => URL_ATTRIBUTES.has(key) || DROPPED_ATTRIBUTES.has(key)) ||
+    events.length > 0 ||
+    Boolean(span.status?.message);
   if (!risky) return span;
   const attributes = { ...span.attributes };
   for (const key of Object.keys(attributes)) {
@@ -124,17 +133,46 @@ export function withoutQueries(span: ReadableSpan): ReadableSpan {
     if (DROPPED_ATTRIBUTES.has(key)) delete attributes[key];
     else if (URL_ATTRIBUTES.has(key) && typeof value === 'string') attributes[key] = scrubbedUrl(value);
   }
+  const cleaned: Partial<ReadableSpan> = {
+    name: scrubbedUrl(span.name),
+    attributes,
+    ...(events.length && { events: events.map((event) => ({ ...event, name: scrubbedText(event.name), attributes: event.attributes && scrubbedAttributes(event.attributes) })) }),
+    ...(span.status?.message && { status: { ...span.status, message: scrubbedText(span.status.message) } }),
+  };
   // The span's methods (spanContext(), …) stay reachable through the prototype.
-  return Object.assign(Object.create(span) as ReadableSpan, { name: scrubbedUrl(span.name), attributes });
+  return Object.assign(Object.create(span) as ReadableSpan, cleaned);
 }
 
 /** /api/proxy/<api>/<anything> and /api/auth/sessions/<handle>, wherever they appear in a value. */
 const PRIVATE_PATH = /(\/api\/proxy\/[^/?#\s]+\/|\/api\/auth\/sessions\/)[^?#\s]+/;
+const PRIVATE_PATHS = new RegExp(PRIVATE_PATH.source, 'g');
 
 function scrubbedUrl(value: string): string {
   return value
     .split('?', 1)[0]!
     .replace(PRIVATE_PATH, (_match, prefix: string) => `${prefix}${prefix.startsWith('/api/proxy/') ? '{path}' : '{handle}'}`);
+}
+
+/**
+ * Free text (an error's message or stack): a query wherever one starts, private paths, JWTs and
+ * JWEs (`eyJ…`, whatever follows in base64url and dots), and what follows `Bearer`/`DPoP` are cut.
+ * Opaque tokens quoted bare cannot be told from other words; Gatehouse's own errors never quote one.
+ */
+function scrubbedText(value: string): string {
+  return value
+    .replace(/\?[^\s'"`<>]*/g, '')
+    .replace(PRIVATE_PATHS, (_match, prefix: string) => `${prefix}${prefix.startsWith('/api/proxy/') ? '{path}' : '{handle}'}`)
+    .replace(/eyJ[A-Za-z0-9_.-]*/g, '[token]')
+    .replace(/(Bearer|DPoP)\s+[^\s'"`<>,;]+/gi, '$1 [token]');
+}
+
+function scrubbedAttributes(attributes: Attributes): Attributes {
+  const scrubbed: Attributes = {};
+  for (const [key, value] of Object.entries(attributes)) {
+    if (DROPPED_ATTRIBUTES.has(key)) continue;
+    scrubbed[key] = typeof value === 'string' ? scrubbedText(value) : Array.isArray(value) ? value.map((item) => (typeof item === 'string' ? scrubbedText(item) : item)) as typeof value : value;
+  }
+  return scrubbed;
 }
 
 function redacting(exporter: SpanExporter): SpanExporter {

@@ -73,6 +73,45 @@ describe('withoutQueries', () => {
     );
   });
 
+  it("cuts queries, private paths and tokens from the exceptions Next records (events and status), whatever text holds them", () => {
+    const secret = fc.stringMatching(/^[A-Za-z0-9_-]{12,40}$/);
+    const word = fc.stringMatching(/^[A-Za-z0-9 .:,()'"-]{0,20}$/);
+    // How an error's text may quote a secret: in a URL's query, in a proxied path, as a JWT, after a scheme.
+    const quoted = fc.tuple(fc.constantFrom('query', 'path', 'jwt', 'bearer', 'dpop', 'session'), secret).map(([how, value]) => {
+      const text = {
+        query: `https://idp.example/token?code=${value}&state=x`,
+        path: `/api/proxy/demo/users/${value}`,
+        jwt: `eyJhbGciOiJSUzI1NiJ9.${value}.${value.slice(3)}`,
+        bearer: `Authorization: Bearer ${value}`,
+        dpop: `dpop ${value}`,
+        session: `http://app/api/auth/sessions/${value}`,
+      }[how];
+      return { text, value };
+    });
+    fc.assert(
+      fc.property(word, quoted, word, fc.boolean(), (before, { text, value }, after, asStatus) => {
+        const message = `${before}${text}${after}`;
+        const base = span('GET /api/proxy/{api}', { 'gatehouse.api': 'demo' });
+        const withError = Object.assign(base, {
+          events: [{ name: 'exception', time: [0, 0], attributes: { 'exception.type': 'TypeError', 'exception.message': message, 'exception.stacktrace': `TypeError: ${message}\n    at x (file.js:1:1)` } }],
+          status: { code: 2, message: asStatus ? message : undefined },
+        });
+        const cleaned = withoutQueries(withError);
+        const exported = JSON.stringify({ name: cleaned.name, attributes: cleaned.attributes, events: cleaned.events, status: cleaned.status });
+        expect(exported).not.toContain(value);
+        expect(cleaned.events[0]!.attributes!['exception.type']).toBe('TypeError');
+        expect(cleaned.spanContext().spanId).toBe('s');
+      }),
+    );
+  });
+
+  it('keeps the text of an exception that quotes nothing private', () => {
+    const base = span('fetch GET https://idp.example/jwks', {});
+    const cleaned = withoutQueries(Object.assign(base, { events: [{ name: 'exception', time: [0, 0], attributes: { 'exception.message': 'fetch failed: connect ECONNREFUSED 127.0.0.1:9' } }], status: { code: 2, message: 'fetch failed' } }));
+    expect(cleaned.events[0]!.attributes).toEqual({ 'exception.message': 'fetch failed: connect ECONNREFUSED 127.0.0.1:9' });
+    expect(cleaned.status.message).toBe('fetch failed');
+  });
+
   it('passes clean spans through untouched', () => {
     const clean = span('auth.login', { 'gatehouse.outcome': 'ok' });
     expect(withoutQueries(clean)).toBe(clean);
