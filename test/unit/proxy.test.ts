@@ -1,7 +1,10 @@
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
-import { browserLocation, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
+import { GatehouseError } from '../../lib/errors.ts';
+import { OpenCalls, browserLocation, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -321,5 +324,65 @@ describe('keptToTheUser: an answer made with the user token stays that user’s'
       ['cache-control', 'max-age=1'],
       ['cache-control', 'public'],
     ]);
+  });
+});
+
+describe('OpenCalls', () => {
+  it("caps a user's open calls, gives a slot back once per call, and counts users apart", () => {
+    const calls = new OpenCalls();
+    const held = [calls.hold('alice', 2), calls.hold('alice', 2)];
+    expect(() => calls.hold('alice', 2)).toThrow(expect.objectContaining({ code: 'too_many_calls', status: 429 }) as GatehouseError);
+    const bob = calls.hold('bob', 2);
+    held[0]!();
+    held[0]!(); // a second release of the same call frees nothing more
+    calls.hold('alice', 2);
+    expect(() => calls.hold('alice', 2)).toThrow(GatehouseError);
+    bob();
+    expect(calls.users).toBe(2);
+  });
+
+  it('clears users with no open call once the map reaches its sweep size, and keeps the others', () => {
+    const calls = new OpenCalls(3);
+    calls.hold('a', 1)();
+    const stillOpen = calls.hold('b', 1);
+    calls.hold('c', 1)();
+    expect(calls.users).toBe(3);
+    calls.hold('d', 1);
+    expect(calls.users).toBe(2); // b (open) and d
+    expect(() => calls.hold('b', 1)).toThrow(GatehouseError);
+    stillOpen();
+    calls.hold('b', 1);
+  });
+
+  it("one user's calls in sequence promote nothing out of the young generation (no full collections)", () => {
+    // In a process of its own, with npm start's young-generation size and `gc` to settle the heap.
+    const script = `
+      import v8 from 'node:v8';
+      import { PerformanceObserver, constants } from 'node:perf_hooks';
+      import { OpenCalls } from ${JSON.stringify(path.resolve('lib/proxy.ts'))};
+      const calls = new OpenCalls();
+      calls.hold('warm-up', 32)();
+      globalThis.gc(); globalThis.gc(); // the map and its table now live in the old generation, as a server's do
+      let full = 0;
+      new PerformanceObserver((list) => { for (const entry of list.getEntries()) if (entry.detail.kind === constants.NODE_PERFORMANCE_GC_MAJOR) full++; }).observe({ entryTypes: ['gc'] });
+      const oldSpace = () => v8.getHeapSpaceStatistics().find((space) => space.space_name === 'old_space').space_used_size;
+      const before = oldSpace();
+      let kept = 0;
+      for (let round = 0; round < 200; round++) {
+        for (let i = 0; i < 5000; i++) {
+          const release = calls.hold('user', 32);
+          kept += [i, { i }].length; // what a call allocates besides, so that scavenges run
+          release();
+        }
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+      globalThis.gc({ type: 'minor' }); globalThis.gc({ type: 'minor' });
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      console.log(JSON.stringify({ grownBytes: oldSpace() - before, full, kept }));
+    `;
+    const output = execFileSync(process.execPath, ['--expose-gc', '--min-semi-space-size=16', '--max-semi-space-size=16', '--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+    const { grownBytes, full } = JSON.parse(output) as { grownBytes: number; full: number };
+    expect(full, 'full collections during a million calls').toBe(0);
+    expect(grownBytes, 'old generation growth').toBeLessThan(1 << 20);
   });
 });
