@@ -2,6 +2,7 @@
 // answers 401 to everything — against real processes: the dev IdP (oidc-provider, rotating
 // refresh tokens, a replayed one revokes the grant), the demo APIs, real Redis and two Gatehouse
 // instances. Refresh grants are counted at the IdP (/__dev/grants), never inside Gatehouse.
+import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
@@ -231,7 +232,7 @@ describe('a token key rotated with its steps merged (README, "Rotating secrets")
   it('an instance that waited on a refresh whose record it cannot read answers 503 store_unavailable and keeps the cookie; the session lives on', async () => {
     // B seals with a new key and still opens A's; A holds only the old key, as before its redeploy.
     const oldKey = stack.appEnv.TOKEN_ENCRYPTION_KEY ?? stack.appEnv.SESSION_SECRET;
-    const rotated = await startGatehouse({ name: 'gatehouse-rotated', workers: 1, env: { ...stack.appEnv, TOKEN_ENCRYPTION_KEY: `${'k'.repeat(40)},${oldKey}` } });
+    const rotated = await startGatehouse({ name: 'gatehouse-rotated', workers: 1, env: { ...stack.appEnv, TOKEN_ENCRYPTION_KEY: `${randomBytes(30).toString('base64url')},${oldKey}` } });
     try {
       const user = 'mid-rotation';
       const { cookie, key } = await newSession(appA, user);

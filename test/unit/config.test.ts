@@ -1,6 +1,8 @@
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, parseConfig } from '../../lib/config.ts';
 import { parseSentinelUrl } from '../../lib/store/sentinel-url.ts';
@@ -10,7 +12,7 @@ const valid = {
   OIDC_ISSUER: 'https://idp.example.com',
   OIDC_CLIENT_ID: 'gatehouse',
   OIDC_CLIENT_SECRET: 'client-secret',
-  SESSION_SECRET: 'x'.repeat(32),
+  SESSION_SECRET: 'B6MVbuqjRTACShMb374rR5Fb0oURf80iIOuoyVhC',
   BFF_APIS: '{"todos":{"url":"https://api.example.com/v1"}}',
   REDIS_URL: 'redis://127.0.0.1:6379',
 };
@@ -330,8 +332,8 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
   });
 
   it('refuses the OIDC client secret as a session secret or token key, in any place of the list, without echoing it', () => {
-    const clientSecret = 'c'.repeat(40);
-    for (const [name, value] of [['SESSION_SECRET', clientSecret], ['SESSION_SECRET', `${'n'.repeat(32)},${clientSecret}`], ['TOKEN_ENCRYPTION_KEY', clientSecret]] as const) {
+    const clientSecret = 'NbK2v-W9qTz4LmXa8RcYdE1uHfJ0sGpQ';
+    for (const [name, value] of [['SESSION_SECRET', clientSecret], ['SESSION_SECRET', `${'dVArRNXeYyFmolW0Q_Nz5pzl8Irohm2Yo2u80vB1'},${clientSecret}`], ['TOKEN_ENCRYPTION_KEY', clientSecret]] as const) {
       const problems = problemsOf({ ...valid, OIDC_CLIENT_SECRET: clientSecret, [name]: value }).join('\n');
       expect(problems, `${name}=${value}`).toMatch(new RegExp(`^${name}: must not be OIDC_CLIENT_SECRET`, 'm'));
       expect(problems).not.toContain(clientSecret);
@@ -339,9 +341,44 @@ it('takes a tokenExchange per API, and refuses one that cannot work at start-up,
     expect(() => parseConfig({ ...valid, OIDC_CLIENT_SECRET: clientSecret })).not.toThrow();
   });
 
+  it('refuses a typed or placeholder secret that meets the length rule: a few characters, or one piece repeated', () => {
+    const notRandom = /^(SESSION_SECRET|TOKEN_ENCRYPTION_KEY): every comma-separated entry must be random/m;
+    // Few distinct characters, whatever their order and however long.
+    const fewCharacters = fc.tuple(fc.uniqueArray(fc.string({ minLength: 1, maxLength: 1 }).filter((c) => c !== ',' && c.trim() !== ''), { minLength: 1, maxLength: 7 }), fc.integer({ min: 32, max: 200 }), fc.infiniteStream(fc.nat())).map(([alphabet, length, picks]) => {
+      const iterator = picks[Symbol.iterator]();
+      return Array.from({ length }, () => alphabet[(iterator.next().value as number) % alphabet.length]).join('');
+    });
+    // A word or phrase repeated (the last copy may be cut short), however varied the word.
+    const repeated = fc.tuple(fc.stringMatching(/^[A-Za-z0-9!-+\-./:-@_]{1,40}$/), fc.integer({ min: 0, max: 40 })).map(([piece, cut]) => {
+      const whole = piece.repeat(Math.ceil(Math.max(64, piece.length * 2 + cut) / piece.length));
+      return whole.slice(0, Math.max(32, whole.length - (cut % piece.length)));
+    });
+    fc.assert(
+      fc.property(fc.oneof(fewCharacters, repeated), fc.constantFrom('SESSION_SECRET', 'TOKEN_ENCRYPTION_KEY'), fc.boolean(), (weak, name, asSecondEntry) => {
+        const value = asSecondEntry ? `${randomBytes(32).toString('base64url')},${weak}` : weak;
+        expect(problemsOf({ ...valid, [name]: value }).join('\n')).toMatch(notRandom);
+      }),
+    );
+    for (const weak of ['x'.repeat(32), 'changeme-changeme-changeme-changeme', 'passwordpasswordpasswordpassword', '0123456701234567012345670123456701']) {
+      expect(problemsOf({ ...valid, SESSION_SECRET: weak }).join('\n'), weak).toMatch(notRandom);
+    }
+  });
+
+  it('takes every secret that random bytes make, in the encodings people use (base64, base64url, hex)', () => {
+    fc.assert(
+      fc.property(fc.uint8Array({ minLength: 16, maxLength: 64 }), fc.constantFrom<BufferEncoding>('base64', 'base64url', 'hex'), (bytes, encoding) => {
+        const secret = Buffer.from(bytes).toString(encoding);
+        fc.pre(secret.length >= 32);
+        expect(() => parseConfig({ ...valid, SESSION_SECRET: secret, TOKEN_ENCRYPTION_KEY: randomBytes(32).toString('hex') })).not.toThrow();
+      }),
+      { numRuns: 2000 },
+    );
+  });
+
   it('reads a comma-separated SESSION_SECRET as a rotation list, first entry first', () => {
-    const config = parseConfig({ ...valid, SESSION_SECRET: `${'b'.repeat(32)}, ${'a'.repeat(32)}` });
-    expect(config.session.secrets).toEqual(['b'.repeat(32), 'a'.repeat(32)]);
+    const [newer, older] = ['Ff_8kUugM9frbLcVGwDUjN2rVWKAvE-dTZ63Kpdy', 'kn7DHY8D9In5Yxw-zLwaXshtegaMf1ovvOMbZl5O'];
+    const config = parseConfig({ ...valid, SESSION_SECRET: `${newer}, ${older}` });
+    expect(config.session.secrets).toEqual([newer, older]);
     expect(config.session.tokenKeys).toEqual(config.session.secrets);
   });
 });

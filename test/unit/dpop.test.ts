@@ -9,7 +9,7 @@ const valid = {
   OIDC_ISSUER: 'https://idp.example.com',
   OIDC_CLIENT_ID: 'gatehouse',
   OIDC_CLIENT_SECRET: 'client-secret',
-  SESSION_SECRET: 'x'.repeat(32),
+  SESSION_SECRET: 'TRetdbQ0687YrMfHsxp-ktMF3r9JJuUqRsk-Owqe',
   BFF_APIS: '{"todos":{"url":"https://api.example.com/v1"}}',
 };
 

@@ -1,8 +1,8 @@
 import fc from 'fast-check';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 
-const A = 'a'.repeat(32);
-const B = 'b'.repeat(32);
+const A = 'kn7DHY8D9In5Yxw-zLwaXshtegaMf1ovvOMbZl5O';
+const B = 'Ff_8kUugM9frbLcVGwDUjN2rVWKAvE-dTZ63Kpdy';
 
 /** Loads lib/session.ts afresh under the given secrets, as a new deployment would. */
 async function deploy(sessionSecret: string, extra: Record<string, string> = {}) {

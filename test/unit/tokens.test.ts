@@ -44,7 +44,7 @@ async function deploy() {
     OIDC_ISSUER: issuer,
     OIDC_CLIENT_ID: 'gatehouse',
     OIDC_CLIENT_SECRET: 'secret',
-    SESSION_SECRET: 'a'.repeat(40),
+    SESSION_SECRET: 'SeVhSpfHPcUhUQMEn0p0f7250URUfvrjNYvEPXY-',
     BFF_APIS: '{"demo":{"url":"https://api.example.com"}}',
     SESSION_STORE: 'memory',
     LOG_LEVEL: 'silent',
