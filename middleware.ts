@@ -7,6 +7,10 @@ import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './lib/http
  * Its answers look exactly like the proxy core's, so the SPA cannot tell which one refused.
  */
 export function middleware(request: NextRequest): NextResponse {
+  // The SPA's route is where next.config.mjs rewrites the SPA's paths; asked for by its own name it
+  // would serve index.html under /api, where a mistyped API path must get JSON. This runs on the
+  // path as the browser sent it, before the rewrite.
+  if (SPA_ROUTE.test(request.nextUrl.pathname)) return refuse(request, 404, 'not_found', 'Nothing here.');
   // `next start` upgrades nothing on /api/proxy: it drops a middleware answer to a WebSocket
   // handshake and would leave the browser waiting, but ends the connection at once when routing
   // finds the proxy's route. So the handshake goes on to routing (it never reaches the route
@@ -52,6 +56,8 @@ function undecodableProxyPath(pathname: string): [number, string, string] | unde
   return known ? [400, 'invalid_path', 'The API path is not allowed.'] : [404, 'unknown_api', 'No API with that name is configured.'];
 }
 
+const SPA_ROUTE = /^\/api\/spa(\/|$)/;
+
 function refuse(request: NextRequest, status: number, code: string, message: string, extra: Record<string, string> = {}): NextResponse {
   return new NextResponse(JSON.stringify({ error: code, message }), {
     status,
@@ -74,5 +80,6 @@ export const config = {
     '/api/proxy/:path((?!(?:[^%]|%[0-7][0-9a-fA-F]|%[cC][2-9a-fA-F]%[89abAB][0-9a-fA-F]|%[dD][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE]0%[abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][1-9a-cA-CefEF]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][dD]%[89][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]0%[9abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF][1-3]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]4%8[0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F])*$).*)',
     '/api/auth/session',
     '/api/auth/sessions/:path*',
+    '/api/spa/:path*',
   ],
 };

@@ -38,8 +38,8 @@ const CONTENT_TYPES: Record<string, string> = {
   '.wasm': 'application/wasm',
 };
 
-/** Paths that belong to Gatehouse or Next, never to the SPA. */
-const NOT_THE_SPA = /^\/(api|_next)(\/|$)/;
+/** Paths that belong to Gatehouse or Next, never to the SPA (`//api/…` too: Next collapses the slashes). */
+const NOT_THE_SPA = /^\/+(api|_next)(\/|$)/;
 /** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-BKe-udLF.js` */
 const ROLLUP_NAME = /^assets\/(?:[^/]+\/)*[^/]+-([\w-]{8})\.[a-z0-9]+$/;
 /** webpack (Create React App, earlier Angular): hex. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js` */
@@ -98,7 +98,8 @@ function documentHeaders(csp: string): Array<[string, string]> {
  */
 const DOCUMENT_TYPES = new Set(['text/html', 'application/xhtml+xml']);
 const SCRIPT_TYPES = new Set(['text/javascript', 'application/javascript', 'application/x-javascript', 'text/ecmascript', 'application/ecmascript']);
-const FILE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; sandbox";
+// No page of another site may frame them either (a clickjacking backdrop on this origin), as none may frame the page.
+const FILE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'none'; sandbox";
 
 function protectionFor(contentType: string | undefined, csp: string): Array<[string, string]> {
   const type = (contentType ?? '').split(';', 1)[0]!.trim().toLowerCase();

@@ -132,10 +132,27 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     const svg = await get('/assets/logo.svg', '*/*');
     expect(svg.headers.get('content-type')).toBe('image/svg+xml');
     expect(svg.headers.get('content-security-policy')).toMatch(SANDBOXED);
+    expect(svg.headers.get('content-security-policy'), 'no other site may frame it').toContain("frame-ancestors 'none'");
     expect((await get('/robots.txt', '*/*')).headers.get('content-security-policy')).toMatch(SANDBOXED);
     // A worker takes its policy from its script's answer: a script's answer carries none.
     expect((await get('/assets/app-Ab12Cd34.js', '*/*')).headers.get('content-security-policy')).toBeNull();
     expect((await get('/')).headers.get('content-security-policy')).toContain("script-src 'self'");
+  });
+
+  it('the SPA route answers only through the rewrite: asked for by its own name, or under //api, it is JSON 404s, never the page', async () => {
+    for (const pathname of ['/api/spa', '/api/spa/', '/api/spa/index.html', '/api/spa/orders/42', '/api/spa/assets/app-Ab12Cd34.js', '/api/spa/x/..%2f..%2findex.html', '//api/spa/orders']) {
+      const res = await get(pathname);
+      const body = await res.text();
+      expect(body, pathname).not.toBe(INDEX);
+      expect(body, pathname).not.toContain(APP_JS);
+      if (res.status === 308) continue; // Next collapses `//`: the next request is one of the above
+      expect(res.status, pathname).toBe(404);
+      expect(JSON.parse(body), pathname).toMatchObject({ error: 'not_found' });
+    }
+    for (const pathname of ['//api/auth/session', '//api/nothing-here', '//_next/static/x.js']) {
+      const res = await get(pathname);
+      expect(await res.text(), pathname).not.toBe(INDEX);
+    }
   });
 
   it("leaves Gatehouse's own endpoints alone, and a login lands on the SPA", async () => {
