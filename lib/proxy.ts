@@ -857,25 +857,28 @@ export function serveProxyOnFastPathOnly(): void {
  * copy: under `npm start` only the fast path's serves calls, see serveProxyOnFastPathOnly.)
  *
  * A user's count stays in the map at zero when their last call ends; zeros are cleared only once
- * `sweepAt` users (10,000 unless told) are in it. Deleting the last entry of a long-lived Map makes V8 give it a new
- * backing table, and every replaced table keeps a link to its successor (for iterators still on
- * it), so a map that went from one entry to none on every call chained a new table per call to the
- * first one that had been promoted: with a user's calls one at a time, about 1 MB a second moved
- * out of the young generation, and a full collection every 10 to 20 seconds stalled the worker's
- * calls for 10 to 20 ms (bench -c1, README "The -c1 tail").
+ * `sweepAt` users (10,000 unless told) are in it, or twice as many as the last sweep left.
+ * Deleting the last entry of a long-lived Map makes V8 give it a new backing table, and every
+ * replaced table keeps a link to its successor (for iterators still on it), so a map that went
+ * from one entry to none on every call chained a new table per call to the first one that had
+ * been promoted: with a user's calls one at a time, about 1 MB a second moved out of the young
+ * generation, and a full collection every 10 to 20 seconds stalled the worker's calls for 10 to
+ * 20 ms (bench -c1, README "The -c1 tail").
  */
 export class OpenCalls {
   readonly #open = new Map<string, number>();
   readonly #sweepAt: number;
+  #nextSweep: number;
   constructor(sweepAt = 10_000) {
     this.#sweepAt = sweepAt;
+    this.#nextSweep = sweepAt;
   }
 
   /** Takes one of `sub`'s `limit` slots (429 when none is left); the function returned gives it back, once. */
   hold(sub: string, limit: number): () => void {
     const open = this.#open.get(sub);
     if (open !== undefined && open >= limit) throw new GatehouseError('too_many_calls', 429, `At most ${limit} calls of one user may be open at once.`, { retryAfterSec: 1 });
-    if (open === undefined && this.#open.size >= this.#sweepAt) this.#sweep();
+    if (open === undefined && this.#open.size >= this.#nextSweep) this.#sweep();
     this.#open.set(sub, (open ?? 0) + 1);
     let held = true;
     return () => {
@@ -890,8 +893,10 @@ export class OpenCalls {
     return this.#open.size;
   }
 
+  /** Next one once the map has doubled: users who all hold calls cost a sweep per new user otherwise. */
   #sweep(): void {
     for (const [sub, open] of this.#open) if (open === 0) this.#open.delete(sub);
+    this.#nextSweep = Math.max(this.#sweepAt, this.#open.size * 2);
   }
 }
 

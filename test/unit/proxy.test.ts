@@ -354,6 +354,17 @@ describe('OpenCalls', () => {
     calls.hold('b', 1);
   });
 
+  it('sweeps again only once the map has doubled, so users who all hold calls do not cost a sweep each', () => {
+    const calls = new OpenCalls(4);
+    const releaseA = calls.hold('a', 1);
+    for (const sub of ['b', 'c', 'd', 'e']) calls.hold(sub, 1); // e: a sweep that frees nothing; the next waits for 8
+    releaseA();
+    for (const sub of ['f', 'g', 'h']) calls.hold(sub, 1);
+    expect(calls.users).toBe(8); // a's zero is still there: no sweep below 8
+    calls.hold('i', 1);
+    expect(calls.users).toBe(8); // the sweep at 8 cleared a, then i came in
+  });
+
   it("one user's calls in sequence promote nothing out of the young generation (no full collections)", () => {
     // In a process of its own, with npm start's young-generation size and `gc` to settle the heap.
     const script = `
