@@ -40,6 +40,22 @@ const CONTENT_TYPES: Record<string, string> = {
 
 /** Paths that belong to Gatehouse or Next, never to the SPA (`//api/…` too: Next collapses the slashes). */
 const NOT_THE_SPA = /^\/+(api|_next)(\/|$)/;
+
+/**
+ * Whether Next would take the path for one of its own: dot segments (`.`, `%2e`, their pairs) and
+ * backslashes move it there as Next resolves it (`/x/../api/…`, `/%2e/api/…`, `/\api/…`), so it is
+ * judged resolved as well as raw. Most paths have neither and skip the URL parse.
+ */
+function notTheSpa(pathname: string): boolean {
+  if (NOT_THE_SPA.test(pathname)) return true;
+  if (!/\\|\/(?:\.|%2e)/i.test(pathname)) return false;
+  try {
+    return NOT_THE_SPA.test(new URL(`http://gatehouse.invalid${pathname}`).pathname);
+  } catch {
+    return true;
+  }
+}
+
 /** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-BKe-udLF.js` */
 const ROLLUP_NAME = /^assets\/(?:[^/]+\/)*[^/]+-([\w-]{8})\.[a-z0-9]+$/;
 /** webpack (Create React App, earlier Angular): hex. `main.3f2a9c1b.js`, `453.2c9ba7f0.chunk.js` */
@@ -147,7 +163,7 @@ async function fileAt(root: string, file: string | null): Promise<{ file: string
 export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
-  if (NOT_THE_SPA.test(pathname)) return null;
+  if (notTheSpa(pathname)) return null;
   const requested = pathname.endsWith('/') ? null : resolveSpaFile(root, pathname);
   const found = await fileAt(root, requested);
   // Anything without a file of its own and without an extension is a route of the SPA.
@@ -397,7 +413,7 @@ async function fetchFile(url: URL, method: string, header: (name: string) => str
 async function serveFromOrigin(method: string, rawUrl: string, base: URL, header: (name: string) => string | undefined, csp: string): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
-  if (NOT_THE_SPA.test(pathname)) return null;
+  if (notTheSpa(pathname)) return null;
   const isRoute = pathname.endsWith('/') || !/\.[A-Za-z0-9]+$/.test(pathname);
   const fileUrl = isRoute ? null : resolveSpaUrl(base, pathname);
   let answer = fileUrl ? await fetchFile(fileUrl, method, header) : null;

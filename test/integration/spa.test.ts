@@ -139,7 +139,7 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     expect((await get('/')).headers.get('content-security-policy')).toContain("script-src 'self'");
   });
 
-  it('the SPA route answers only through the rewrite: asked for by its own name, or under //api, it is JSON 404s, never the page', async () => {
+  it('the SPA route answers only through the rewrite: asked for by its own name, or under //api or a dot segment that resolves into /api or /_next, never the page', async () => {
     for (const pathname of ['/api/spa', '/api/spa/', '/api/spa/index.html', '/api/spa/orders/42', '/api/spa/assets/app-Ab12Cd34.js', '/api/spa/x/..%2f..%2findex.html', '//api/spa/orders']) {
       const res = await get(pathname);
       const body = await res.text();
@@ -149,9 +149,11 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
       expect(res.status, pathname).toBe(404);
       expect(JSON.parse(body), pathname).toMatchObject({ error: 'not_found' });
     }
-    for (const pathname of ['//api/auth/session', '//api/nothing-here', '//_next/static/x.js']) {
-      const res = await get(pathname);
-      expect(await res.text(), pathname).not.toBe(INDEX);
+    // Spellings that Next resolves into /api or /_next (a browser would resolve them first; a raw client need not).
+    const port = Number(new URL(app).port);
+    for (const target of ['//api/auth/session', '//api/nothing-here', '//_next/static/x.js', '/./api/auth/session', '/x/../api/auth/session', '/%2e/api/auth/session', '/x/%2E%2e/api/auth/session', '/\\api/auth/session', '/./api/spa/x', '/.%2e/_next/x']) {
+      const res = await rawRequest(port, `GET ${target} HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: text/html\r\nConnection: close\r\n\r\n`);
+      expect(res?.body ?? '', target).not.toContain('<title>My SPA</title>');
     }
   });
 
