@@ -115,29 +115,36 @@ const DROPPED_ATTRIBUTES = new Set(['url.query']);
  * a path that name a user's data or session: what follows an API's name under /api/proxy/ (ids,
  * whatever the SPA asks for) and a session's handle under /api/auth/sessions/. Next also records
  * the exceptions it sees (an `exception` event with the error's message and stack, and the message
- * as the span's status): free text that may quote a URL, a bearer token or a JWT, so every string
- * there loses its queries, private paths and anything shaped like a token.
+ * as the span's status): free text that may quote a URL, a token response, a form body, a cookie
+ * or an Authorization header. Every string a span exports (its name, attributes, events, links and
+ * status) is cleaned as such text too (scrubbedText). A span with nothing to cut goes out as it is.
  */
 export function withoutQueries(span: ReadableSpan): ReadableSpan {
-  const events = span.events ?? [];
-  const risky =
-    span.name.includes('?') ||
-    PRIVATE_PATH.test(span.name) ||
-    Object.keys(span.attributes).some((key) => URL_ATTRIBUTES.has(key) || DROPPED_ATTRIBUTES.has(key)) ||
-    events.length > 0 ||
-    Boolean(span.status?.message);
-  if (!risky) return span;
-  const attributes = { ...span.attributes };
-  for (const key of Object.keys(attributes)) {
-    const value = attributes[key];
-    if (DROPPED_ATTRIBUTES.has(key)) delete attributes[key];
-    else if (URL_ATTRIBUTES.has(key) && typeof value === 'string') attributes[key] = scrubbedUrl(value);
-  }
+  const name = scrubbedText(scrubbedUrl(span.name));
+  const attributes = scrubbedAttributes(span.attributes);
+  const events = span.events?.map((event) => {
+    const eventName = scrubbedText(event.name);
+    const eventAttributes = event.attributes && scrubbedAttributes(event.attributes);
+    return eventName === event.name && eventAttributes === event.attributes ? event : { ...event, name: eventName, attributes: eventAttributes };
+  });
+  const links = span.links?.map((link) => {
+    const linkAttributes = link.attributes && scrubbedAttributes(link.attributes);
+    return linkAttributes === link.attributes ? link : { ...link, attributes: linkAttributes };
+  });
+  const message = span.status?.message && scrubbedText(span.status.message);
+  const unchanged =
+    name === span.name &&
+    attributes === span.attributes &&
+    (events ?? []).every((event, i) => event === span.events[i]) &&
+    (links ?? []).every((link, i) => link === span.links[i]) &&
+    message === span.status?.message;
+  if (unchanged) return span;
   const cleaned: Partial<ReadableSpan> = {
-    name: scrubbedUrl(span.name),
+    name,
     attributes,
-    ...(events.length && { events: events.map((event) => ({ ...event, name: scrubbedText(event.name), attributes: event.attributes && scrubbedAttributes(event.attributes) })) }),
-    ...(span.status?.message && { status: { ...span.status, message: scrubbedText(span.status.message) } }),
+    ...(events && { events }),
+    ...(links && { links }),
+    ...(message !== span.status?.message && { status: { ...span.status, message } }),
   };
   // The span's methods (spanContext(), …) stay reachable through the prototype.
   return Object.assign(Object.create(span) as ReadableSpan, cleaned);
@@ -145,7 +152,6 @@ export function withoutQueries(span: ReadableSpan): ReadableSpan {
 
 /** /api/proxy/<api>/<anything> and /api/auth/sessions/<handle>, wherever they appear in a value. */
 const PRIVATE_PATH = /(\/api\/proxy\/[^/?#\s]+\/|\/api\/auth\/sessions\/)[^?#\s]+/;
-const PRIVATE_PATHS = new RegExp(PRIVATE_PATH.source, 'g');
 
 function scrubbedUrl(value: string): string {
   return value
@@ -153,26 +159,50 @@ function scrubbedUrl(value: string): string {
     .replace(PRIVATE_PATH, (_match, prefix: string) => `${prefix}${prefix.startsWith('/api/proxy/') ? '{path}' : '{handle}'}`);
 }
 
+/** The same paths in free text, with `\\` or `%2F` for any slash. */
+const PRIVATE_PATHS_IN_TEXT = /((?:\/|\\|%2f)api(?:\/|\\|%2f)proxy(?:\/|\\|%2f)[^/\\?#\s%]+(?:\/|\\|%2f)|(?:\/|\\|%2f)api(?:\/|\\|%2f)auth(?:\/|\\|%2f)sessions(?:\/|\\|%2f))[^?#\s'"`<>]+/gi;
+/** Names of fields, parameters and cookies whose values are never exported. */
+const SENSITIVE_NAME = /token|secret|code|state|sid|session|nonce|assertion|password|verifier|credential|cookie|auth/i;
+
 /**
- * Free text (an error's message or stack): a query wherever one starts, private paths, JWTs and
- * JWEs (`eyJ…`, whatever follows in base64url and dots), and what follows `Bearer`/`DPoP` are cut.
- * Opaque tokens quoted bare cannot be told from other words; Gatehouse's own errors never quote one.
+ * Free text (an error's message or stack, any string attribute): cut are a query wherever one
+ * starts (`?` or `%3F`), a fragment after a URL, private paths, JWTs and JWEs (`eyJ…`), what
+ * follows `Bearer`, `DPoP` or `Basic`, a Cookie or Set-Cookie header's value, and the value of any
+ * `name=value` or JSON `"name": "value"` whose name sounds like a credential (SENSITIVE_NAME).
+ * Every pattern is bounded or anchored on a fixed character, so a long hostile message costs
+ * linear time. Opaque tokens quoted bare cannot be told from other words; Gatehouse's own errors
+ * never quote one.
  */
 function scrubbedText(value: string): string {
+  if (!/[?#%=:"\/\\]|eyJ|bearer|dpop|basic/i.test(value)) return value;
   return value
-    .replace(/\?[^\s'"`<>]*/g, '')
-    .replace(PRIVATE_PATHS, (_match, prefix: string) => `${prefix}${prefix.startsWith('/api/proxy/') ? '{path}' : '{handle}'}`)
     .replace(/eyJ[A-Za-z0-9_.-]*/g, '[token]')
-    .replace(/(Bearer|DPoP)\s+[^\s'"`<>,;]+/gi, '$1 [token]');
+    .replace(/(Bearer|DPoP|Basic)(?:\s+|\s*[:=]\s*|%20|\+)[^\s'"`<>,;&]+/gi, '$1 [token]')
+    .replace(/((?:set-)?cookie\s*[:=]\s*)[^\r\n]*/gi, '$1[cookie]')
+    .replace(/"([\w.-]{1,64})"(\s*:\s*)"(?:[^"\\]|\\.)*"/g, (match, key: string, colon: string) => (SENSITIVE_NAME.test(key) ? `"${key}"${colon}"[redacted]"` : match))
+    .replace(/\b([\w.-]{1,64})=[^&\s'"`<>;,]*/g, (match, key: string) => (SENSITIVE_NAME.test(key) ? `${key}=[redacted]` : match))
+    .replace(/(?:\?|%3[fF])[^\s'"`<>]*/g, '')
+    .replace(/(?<=[\w/.~%-])#[^\s'"`<>]*/g, '')
+    .replace(PRIVATE_PATHS_IN_TEXT, (_match, prefix: string) => `${prefix}${/proxy/i.test(prefix) ? '{path}' : '{handle}'}`);
 }
 
+/** URL attributes lose their query first; strings are cleaned as text. The same object when nothing changes. */
 function scrubbedAttributes(attributes: Attributes): Attributes {
-  const scrubbed: Attributes = {};
+  let scrubbed: Attributes | undefined;
   for (const [key, value] of Object.entries(attributes)) {
-    if (DROPPED_ATTRIBUTES.has(key)) continue;
-    scrubbed[key] = typeof value === 'string' ? scrubbedText(value) : Array.isArray(value) ? value.map((item) => (typeof item === 'string' ? scrubbedText(item) : item)) as typeof value : value;
+    let next: typeof value | undefined = value;
+    if (DROPPED_ATTRIBUTES.has(key)) next = undefined;
+    else if (typeof value === 'string') next = scrubbedText(URL_ATTRIBUTES.has(key) ? scrubbedUrl(value) : value);
+    else if (Array.isArray(value)) {
+      const items = value.map((item) => (typeof item === 'string' ? scrubbedText(item) : item));
+      if (items.some((item, i) => item !== value[i])) next = items as typeof value;
+    }
+    if (next === value) continue;
+    scrubbed ??= { ...attributes };
+    if (next === undefined) delete scrubbed[key];
+    else scrubbed[key] = next;
   }
-  return scrubbed;
+  return scrubbed ?? attributes;
 }
 
 function redacting(exporter: SpanExporter): SpanExporter {

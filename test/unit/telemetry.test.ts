@@ -73,31 +73,43 @@ describe('withoutQueries', () => {
     );
   });
 
-  it("cuts queries, private paths and tokens from the exceptions Next records (events and status), whatever text holds them", () => {
+  it('cuts queries, private paths, tokens, token responses, form bodies and cookies from every string a span exports, whatever text holds them', () => {
     const secret = fc.stringMatching(/^[A-Za-z0-9_-]{12,40}$/);
     const word = fc.stringMatching(/^[A-Za-z0-9 .:,()'"-]{0,20}$/);
     // How an error's text may quote a secret: in a URL's query, in a proxied path, as a JWT, after a scheme.
-    const quoted = fc.tuple(fc.constantFrom('query', 'path', 'jwt', 'bearer', 'dpop', 'session'), secret).map(([how, value]) => {
-      const text = {
-        query: `https://idp.example/token?code=${value}&state=x`,
-        path: `/api/proxy/demo/users/${value}`,
-        jwt: `eyJhbGciOiJSUzI1NiJ9.${value}.${value.slice(3)}`,
-        bearer: `Authorization: Bearer ${value}`,
-        dpop: `dpop ${value}`,
-        session: `http://app/api/auth/sessions/${value}`,
-      }[how];
-      return { text, value };
-    });
+    const forms = {
+      query: (v: string) => `https://idp.example/token?code=${v}&state=x`,
+      encodedQuery: (v: string) => `https://app/api/auth/callback%3Fcode%3D${v}%26state%3Dx`,
+      fragment: (v: string) => `https://app/cb#code=${v}`,
+      path: (v: string) => `/api/proxy/demo/users/${v}`,
+      backslashPath: (v: string) => `\\api\\proxy\\demo\\${v}`,
+      session: (v: string) => `http://app/api/auth/sessions/${v}`,
+      encodedSession: (v: string) => `/api/auth/sessions%2F${v}`,
+      jwt: (v: string) => `eyJhbGciOiJSUzI1NiJ9.${v}.${v.slice(3)}`,
+      bearer: (v: string) => `Authorization: Bearer ${v}`,
+      bearerColon: (v: string) => `Bearer:${v}`,
+      bearerEncoded: (v: string) => `authorization=Bearer%20${v}`,
+      basic: (v: string) => `Authorization: Basic ${v}`,
+      dpop: (v: string) => `dpop ${v}`,
+      formBody: (v: string) => `grant_type=refresh_token&refresh_token=${v}&client_id=gatehouse`,
+      tokenResponse: (v: string) => `{"access_token":"${v}","token_type":"Bearer","expires_in":300}`,
+      idTokenField: (v: string) => `{ "id_token" : "${v}" }`,
+      cookie: (v: string) => `Cookie: __Host-gatehouse=${v}; theme=dark`,
+      setCookie: (v: string) => `set-cookie: gatehouse=${v}; Path=/; HttpOnly`,
+      clientSecret: (v: string) => `client_secret=${v}`,
+    };
+    const quoted = fc.tuple(fc.constantFrom(...(Object.keys(forms) as Array<keyof typeof forms>)), secret).map(([how, value]) => ({ text: forms[how](value), value }));
     fc.assert(
       fc.property(word, quoted, word, fc.boolean(), (before, { text, value }, after, asStatus) => {
         const message = `${before}${text}${after}`;
-        const base = span('GET /api/proxy/{api}', { 'gatehouse.api': 'demo' });
+        const base = span('GET /api/proxy/{api}', { 'gatehouse.api': 'demo', 'some.attribute': message });
         const withError = Object.assign(base, {
           events: [{ name: 'exception', time: [0, 0], attributes: { 'exception.type': 'TypeError', 'exception.message': message, 'exception.stacktrace': `TypeError: ${message}\n    at x (file.js:1:1)` } }],
+          links: [{ context: { traceId: 't', spanId: 'l', traceFlags: 1 }, attributes: { note: message } }],
           status: { code: 2, message: asStatus ? message : undefined },
         });
         const cleaned = withoutQueries(withError);
-        const exported = JSON.stringify({ name: cleaned.name, attributes: cleaned.attributes, events: cleaned.events, status: cleaned.status });
+        const exported = JSON.stringify({ name: cleaned.name, attributes: cleaned.attributes, events: cleaned.events, links: cleaned.links, status: cleaned.status });
         expect(exported).not.toContain(value);
         expect(cleaned.events[0]!.attributes!['exception.type']).toBe('TypeError');
         expect(cleaned.spanContext().spanId).toBe('s');
