@@ -137,12 +137,12 @@ const endpointUrl = z
 
 /**
  * A typed or placeholder secret ("x" × 32, "changeme" over and over, a word padded out) meets the
- * length rule and still falls to a guess. Random output never has fewer than 8 different
- * characters at 32 or more (of 32 random hex digits, fewer than one string in 20 million has fewer)
- * and is never one piece repeated.
+ * length rule and still falls to a guess. Random output has at least 6 different characters at
+ * 32 or more (of 32 random decimal digits about one string in 17 million has fewer, of hex
+ * digits one in 3 trillion) and is never one piece repeated: a word repeated is caught by that.
  */
 export function looksRandom(secret: string): boolean {
-  if (new Set(secret).size < 8) return false;
+  if (new Set(secret).size < 6) return false;
   // A piece repeated (its last copy may be cut short); pieces of over 64 characters are nobody's typing.
   for (let period = 1; period <= Math.min(secret.length / 2, 64); period++) {
     if (secret.slice(period) === secret.slice(0, -period)) return false;
@@ -156,7 +156,7 @@ const secretList = (minLength: number) =>
     .transform((value) => value.split(',').map((entry) => entry.trim()).filter(Boolean))
     .refine((list) => list.length > 0, 'is required')
     .refine((list) => list.every((entry) => entry.length >= minLength), `every comma-separated entry must be at least ${minLength} characters`)
-    .refine((list) => list.every((entry) => entry.length < minLength || looksRandom(entry)), 'every comma-separated entry must be random, not a word or a pattern (at least 8 different characters, no piece repeated over and over): `openssl rand -base64 48` makes one')
+    .refine((list) => list.every((entry) => entry.length < minLength || looksRandom(entry)), 'every comma-separated entry must be random, not a word or a pattern (at least 6 different characters, no piece repeated over and over): `openssl rand -base64 48` makes one')
     .refine((list) => new Set(list).size === list.length, 'must not list the same secret twice');
 
 /** Parameters that carry the flow's security (PKCE, state, nonce, redirect) are never configurable. */
