@@ -132,6 +132,13 @@ const endpointUrl = z
       ctx.addIssue({ code: 'custom', message: 'must not contain credentials' });
       return z.NEVER;
     }
+    // Each of these is an origin or a base that paths are joined to: a query or a fragment on it
+    // would be dropped or sent along with every request, never what was meant (an issuer may have
+    // neither, OpenID Connect Discovery says).
+    if (url.search || url.hash || /[?#]/.test(value)) {
+      ctx.addIssue({ code: 'custom', message: 'must not contain a query (?…) or a fragment (#…)' });
+      return z.NEVER;
+    }
     return url;
   });
 
@@ -184,7 +191,8 @@ const apiSchema = z
     url: endpointUrl,
     auth: z.enum(['user', 'user-optional', 'client', 'none']).default('user'),
     scope: z.string().trim().min(1).optional(),
-    resource: z.url().optional(),
+    // RFC 8707: an absolute URI without a fragment.
+    resource: z.url().refine((value) => !value.includes('#'), 'must not contain a fragment (RFC 8707)').optional(),
     tokenExchange: z
       .object({
         audience: z.string({ error: 'is required: the audience the IdP issues the exchanged token for' }).trim().min(1, 'must not be empty'),

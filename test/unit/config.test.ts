@@ -173,7 +173,20 @@ describe('configuration', () => {
     ]);
   });
 
-it('takes a tokenExchange per API, and refuses one that cannot work at start-up, naming BFF_APIS and the API', () => {
+it('refuses a query or a fragment on the URLs paths are joined to (issuer, app, APIs, SPA origin, Upstash) and a fragment on a resource', () => {
+    const tail = fc.oneof(fc.webQueryParameters().map((query) => `?${query}`), fc.webFragments().map((fragment) => `#${fragment}`), fc.constantFrom('?', '#', '?#x'));
+    fc.assert(
+      fc.property(fc.constantFrom('https://x.example', 'https://x.example/base', 'https://x.example/base/'), tail, fc.constantFrom('OIDC_ISSUER', 'APP_BASE_URL', 'SPA_UPSTREAM_URL', 'UPSTASH_REDIS_REST_URL', 'BFF_APIS'), (base, suffix, name) => {
+        const value = `${base}${suffix}`;
+        const env = name === 'BFF_APIS' ? { ...valid, BFF_APIS: JSON.stringify({ todos: { url: value } }) } : { ...valid, [name]: value, ...(name === 'UPSTASH_REDIS_REST_URL' ? { UPSTASH_REDIS_REST_TOKEN: 't' } : {}) };
+        expect(problemsOf(env).join('\n'), value).toMatch(new RegExp(`^${name === 'BFF_APIS' ? 'BFF_APIS\\.todos\\.url' : name}: must not contain a query`, 'm'));
+      }),
+    );
+    expect(problemsOf({ ...valid, BFF_APIS: JSON.stringify({ todos: { url: 'https://api.example.com', resource: 'https://api.example.com/#x' } }) })).toEqual(['BFF_APIS.todos.resource: must not contain a fragment (RFC 8707)']);
+    expect(parseConfig({ ...valid, BFF_APIS: JSON.stringify({ todos: { url: 'https://api.example.com/v1/', resource: 'urn:api:todos' } }) }).apis.todos?.resource).toBe('urn:api:todos');
+  });
+
+  it('takes a tokenExchange per API, and refuses one that cannot work at start-up, naming BFF_APIS and the API', () => {
     const apis = (entries: Record<string, unknown>) => ({ ...valid, BFF_APIS: JSON.stringify(entries) });
     const url = 'https://api.example.com/v1';
     const config = parseConfig(apis({ ledger: { url, tokenExchange: { audience: 'urn:ledger', scope: ' ledger:read ' } }, todos: { url, tokenExchange: { audience: 'https://todos' } } }));
