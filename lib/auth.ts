@@ -513,8 +513,9 @@ export async function backchannelLogout(request: Request): Promise<Response> {
     countLogout('backchannel', 'refused');
     return jsonResponse(400, { error: 'invalid_request', message: 'The logout token is not valid.' }, headers);
   };
-  const type = request.headers.get('content-type') ?? '';
-  if (!type.startsWith('application/x-www-form-urlencoded')) return refuse('content_type');
+  // A media type is case-insensitive (RFC 9110 §8.3.1): an IdP that writes it in capitals must not lose its logouts.
+  const type = (request.headers.get('content-type') ?? '').split(';', 1)[0]!.trim().toLowerCase();
+  if (type !== 'application/x-www-form-urlencoded') return refuse('content_type');
   const form = new URLSearchParams(new TextDecoder().decode(await readBodyUpTo(request, LOGOUT_BODY_MAX_BYTES)));
   const tokens = form.getAll('logout_token');
   // Two tokens are ambiguous: which one the IdP meant is not ours to guess.

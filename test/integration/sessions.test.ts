@@ -41,10 +41,10 @@ function logoutClaims(overrides: Record<string, unknown> = {}): Record<string, u
   return { iss: stack.issuer, aud: stack.clientId, iat: now, exp: now + 120, jti: randomUUID(), events: { [EVENT]: {} }, ...overrides };
 }
 
-function postLogoutToken(token: string | URLSearchParams): Promise<Response> {
+function postLogoutToken(token: string | URLSearchParams, contentType = 'application/x-www-form-urlencoded'): Promise<Response> {
   return fetch(`${app}/api/auth/backchannel-logout`, {
     method: 'POST',
-    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    headers: { 'content-type': contentType },
     body: typeof token === 'string' ? new URLSearchParams({ logout_token: token }) : token,
   });
 }
@@ -167,6 +167,13 @@ describe('back-channel logout', () => {
       'iat and exp with fractions': signWithIdp(logoutClaims({ sub, iat: now - 0.25, exp: now + 120.0005 })),
     };
     for (const [name, token] of Object.entries(accepted)) expect((await postLogoutToken(await token)).status, name).toBe(200);
+    // Media types are case-insensitive, and may carry parameters.
+    for (const type of ['Application/X-WWW-Form-URLEncoded', 'APPLICATION/X-WWW-FORM-URLENCODED; charset=UTF-8', 'application/x-www-form-urlencoded;charset=utf-8']) {
+      expect((await postLogoutToken(await signWithIdp(logoutClaims({ sub })), type)).status, type).toBe(200);
+    }
+    for (const type of ['application/x-www-form-urlencoded-not', 'text/plain', 'multipart/form-data; boundary=x']) {
+      expect((await postLogoutToken(await signWithIdp(logoutClaims({ sub })), type)).status, type).toBe(400);
+    }
     // The token is refused once iat is 5 minutes old whatever exp says, so no marker needs to outlive that.
     const markers = await redis.keys(`${stack.keyPrefix}logout-jti:*`);
     const ttls = await Promise.all(markers.map((key) => redis.pttl(key)));
