@@ -476,8 +476,9 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
   const session = target.current ? current : await readSession(target.id);
   if (session) await endSession(session, !target.current);
-  const clear: Record<string, string> = target.current ? { 'set-cookie': clearSessionCookieHeader() } : {};
-  return jsonResponse(200, { ended: 1 }, clear);
+  // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
+  const signedOut = target.current ? signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]) : [];
+  return jsonResponse(200, { ended: 1 }, signedOut);
 }
 
 /** "Sign out everywhere else": every session of this user but the one making the request. */

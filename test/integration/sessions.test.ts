@@ -351,6 +351,15 @@ describe("a user's sessions", () => {
     const thirdHandle = again.sessions.find((entry) => !entry.current)!.handle;
     expect((await fetch(`${app}/api/auth/sessions/${thirdHandle}`, { method: 'DELETE', headers: headers(laptop.rpCookies) })).status).toBe(200);
     expect(await sessionOf(third.rpCookies)).toEqual({ authenticated: false, endedBy: 'elsewhere' });
+
+    // Ending its own session by handle signs the laptop out as a logout does: both cookies cleared.
+    const own = again.sessions.find((entry) => entry.current)!.handle;
+    const selfEnded = await fetch(`${app}/api/auth/sessions/${own}`, { method: 'DELETE', headers: headers(laptop.rpCookies) });
+    expect(selfEnded.status).toBe(200);
+    const cleared = selfEnded.headers.getSetCookie();
+    expect(cleared.map((cookie) => cookie.split('=', 1)[0]).sort()).toEqual(['gatehouse', 'gatehouse-replaces']);
+    for (const cookie of cleared) expect(cookie, cookie).toMatch(/=;|Max-Age=0/i);
+    expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(false);
   });
 });
 
