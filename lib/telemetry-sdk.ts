@@ -174,7 +174,7 @@ const SENSITIVE_NAME = /token|secret|code|state|sid|session|nonce|assertion|pass
  * never quote one.
  */
 function scrubbedText(value: string): string {
-  if (!/[?#%=:"\/\\]|eyJ|bearer|dpop|basic/i.test(value)) return value;
+  if (!/[?#%=:"/\\]|eyJ|bearer|dpop|basic/i.test(value)) return value;
   return value
     .replace(/eyJ[A-Za-z0-9_.-]*/g, '[token]')
     .replace(/(Bearer|DPoP|Basic)(?:\s+|\s*[:=]\s*|%20|\+)[^\s'"`<>,;&]+/gi, '$1 [token]')
