@@ -7,7 +7,7 @@ import next from 'next';
 import { inboundFromNode, writeNodeResponse } from './lib/adapters.ts';
 import { ConfigError, getConfig, type Config } from './lib/config.ts';
 import { GatehouseError, errorBody } from './lib/errors.ts';
-import { PROXY_METHODS, jsonHeaders } from './lib/http.ts';
+import { PROXY_METHODS, jsonHeaders, routedPath } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
 import { idpStartProblems } from './lib/oidc.ts';
 import { PROXY_PREFIX, forwardRequest, serveProxyOnFastPathOnly } from './lib/proxy.ts';
@@ -224,16 +224,7 @@ function inOriginForm(request: http.IncomingMessage): http.IncomingMessage {
 function isForTheProxy(request: http.IncomingMessage): boolean {
   const target = inOriginForm(request).url;
   if (target === undefined) return false;
-  if (target.startsWith(PROXY_PREFIX)) return true;
-  // Only a dot segment (`.`, `%2e` and their pairs, after `/` or `\`) moves a path; most targets have none.
-  const pathEnd = target.search(/[?#]/);
-  if (!/[/\\](?:\.|%2e)/i.test(pathEnd === -1 ? target : target.slice(0, pathEnd))) return false;
-  try {
-    // Joined, not resolved against a base, as Next builds its URL: `//x/./api/proxy/…` is then a host, not a path.
-    return new URL(`http://gatehouse.invalid${target}`).pathname.startsWith(PROXY_PREFIX);
-  } catch {
-    return false;
-  }
+  return target.startsWith(PROXY_PREFIX) || (routedPath(target)?.startsWith(PROXY_PREFIX) ?? false);
 }
 
 async function serve(): Promise<void> {

@@ -27,6 +27,23 @@ export function checkCsrf(header: HeaderLookup, appOrigin: string | undefined): 
   return { ok: true };
 }
 
+/**
+ * The path Next routes a request target (or a path) by: dot segments (`.`, `%2e` and their pairs,
+ * after `/` or `\`) resolved as Next resolves them, joined to an origin, not resolved against a
+ * base, so `//x/./api/…` is then a host, not a path. Most targets have no dot segment and come
+ * back as they are, without their query; null when the target does not parse.
+ */
+export function routedPath(target: string): string | null {
+  const pathEnd = target.search(/[?#]/);
+  const path = pathEnd === -1 ? target : target.slice(0, pathEnd);
+  if (!/[/\\](?:\.|%2e)/i.test(path)) return path;
+  try {
+    return new URL(`http://gatehouse.invalid${path}`).pathname;
+  } catch {
+    return null;
+  }
+}
+
 const CONTROL_OR_BACKSLASH = /[\u0000-\u001f\u007f\\]/;
 const PLACEHOLDER_ORIGIN = 'https://gatehouse.invalid';
 

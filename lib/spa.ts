@@ -5,6 +5,7 @@ import https from 'node:https';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import type { SpaSource } from './config.ts';
+import { routedPath } from './http.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import type { ProxyResponse } from './proxy.ts';
@@ -38,22 +39,16 @@ const CONTENT_TYPES: Record<string, string> = {
   '.wasm': 'application/wasm',
 };
 
-/** Paths that belong to Gatehouse or Next, never to the SPA (`//api/…` too: Next collapses the slashes). */
-const NOT_THE_SPA = /^\/+(api|_next)(\/|$)/;
-
 /**
- * Whether Next would take the path for one of its own: dot segments (`.`, `%2e`, their pairs) and
- * backslashes move it there as Next resolves it (`/x/../api/…`, `/%2e/api/…`, `/\api/…`), so it is
- * judged resolved as well as raw. Most paths have neither and skip the URL parse.
+ * Paths that belong to Gatehouse or Next, never to the SPA: `//api/…` and `/\api/…` too, which
+ * Next reads as `/api/…`.
  */
+const NOT_THE_SPA = /^[/\\]+(api|_next)([/\\]|$)/;
+
+/** Whether Next would take the path for one of its own, as written or once Next resolves its dot segments (`/x/../api/…`). */
 function notTheSpa(pathname: string): boolean {
-  if (NOT_THE_SPA.test(pathname)) return true;
-  if (!/\\|\/(?:\.|%2e)/i.test(pathname)) return false;
-  try {
-    return NOT_THE_SPA.test(new URL(`http://gatehouse.invalid${pathname}`).pathname);
-  } catch {
-    return true;
-  }
+  const routed = routedPath(pathname);
+  return NOT_THE_SPA.test(pathname) || routed === null || NOT_THE_SPA.test(routed);
 }
 
 /** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-BKe-udLF.js` */
