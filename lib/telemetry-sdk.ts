@@ -119,7 +119,7 @@ const DROPPED_ATTRIBUTES = new Set(['url.query']);
  * or an Authorization header. Every string a span exports (its name, attributes, events, links and
  * status) is cleaned as such text too (scrubbedText). A span with nothing to cut goes out as it is.
  */
-export function withoutQueries(span: ReadableSpan): ReadableSpan {
+export function withoutSecrets(span: ReadableSpan): ReadableSpan {
   const name = scrubbedText(scrubbedUrl(span.name));
   const attributes = scrubbedAttributes(span.attributes);
   const events = span.events?.map((event) => {
@@ -153,10 +153,15 @@ export function withoutQueries(span: ReadableSpan): ReadableSpan {
 /** /api/proxy/<api>/<anything> and /api/auth/sessions/<handle>, wherever they appear in a value. */
 const PRIVATE_PATH = /(\/api\/proxy\/[^/?#\s]+\/|\/api\/auth\/sessions\/)[^?#\s]+/;
 
+/** What stands for the private part of such a path: `{path}` after an API's name, `{handle}` after /sessions/. */
+function placeholder(_match: string, prefix: string): string {
+  return `${prefix}${/proxy/i.test(prefix) ? '{path}' : '{handle}'}`;
+}
+
 function scrubbedUrl(value: string): string {
   return value
     .split('?', 1)[0]!
-    .replace(PRIVATE_PATH, (_match, prefix: string) => `${prefix}${prefix.startsWith('/api/proxy/') ? '{path}' : '{handle}'}`);
+    .replace(PRIVATE_PATH, placeholder);
 }
 
 /** The same paths in free text, with `\\` or `%2F` for any slash. */
@@ -183,7 +188,7 @@ function scrubbedText(value: string): string {
     .replace(/\b([\w.-]{1,64})=[^&\s'"`<>;,]*/g, (match, key: string) => (SENSITIVE_NAME.test(key) ? `${key}=[redacted]` : match))
     .replace(/(?:\?|%3[fF])[^\s'"`<>]*/g, '')
     .replace(/(?<=[\w/.~%-])#[^\s'"`<>]*/g, '')
-    .replace(PRIVATE_PATHS_IN_TEXT, (_match, prefix: string) => `${prefix}${/proxy/i.test(prefix) ? '{path}' : '{handle}'}`);
+    .replace(PRIVATE_PATHS_IN_TEXT, placeholder);
 }
 
 /** URL attributes lose their query first; strings are cleaned as text. The same object when nothing changes. */
@@ -207,7 +212,7 @@ function scrubbedAttributes(attributes: Attributes): Attributes {
 
 function redacting(exporter: SpanExporter): SpanExporter {
   return {
-    export: (spans, done) => exporter.export(spans.map(withoutQueries), done),
+    export: (spans, done) => exporter.export(spans.map(withoutSecrets), done),
     shutdown: () => exporter.shutdown(),
     forceFlush: () => exporter.forceFlush?.() ?? Promise.resolve(),
   };

@@ -1,4 +1,4 @@
-// OpenTelemetry under `next start` (lib/telemetry-sdk.ts `withoutQueries`): Next's own request spans
+// OpenTelemetry under `next start` (lib/telemetry-sdk.ts `withoutSecrets`): Next's own request spans
 // record the request path (`http.target`); README promises no session handle in any span, so
 // `DELETE /api/auth/sessions/<handle>` must export none (found by an attacker's review).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';

@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import type { ReadableSpan } from '@opentelemetry/sdk-trace';
 import { describe, expect, it } from 'vitest';
-import { mergeExpositions, withoutQueries } from '../../lib/telemetry-sdk.ts';
+import { mergeExpositions, withoutSecrets } from '../../lib/telemetry-sdk.ts';
 
 describe('mergeExpositions', () => {
   const worker = (requests: number, seconds: number) => `# HELP target_info Target metadata
@@ -51,11 +51,11 @@ gatehouse_proxy_requests_total{gatehouse_api="open",http_response_status_class="
   });
 });
 
-describe('withoutQueries', () => {
+describe('withoutSecrets', () => {
   const span = (name: string, attributes: Record<string, unknown>) => ({ name, attributes, spanContext: () => ({ traceId: 't', spanId: 's', traceFlags: 1 }) }) as unknown as ReadableSpan;
 
   it("cuts the query from Next's URL attributes and span names, and keeps the span's methods", () => {
-    const cleaned = withoutQueries(span('fetch GET https://idp/x?code=abc', { 'http.target': '/api/auth/callback?code=abc&state=def', 'url.query': 'code=abc', 'http.method': 'GET', 'next.span_name': 'fetch GET https://idp/x?code=abc' }));
+    const cleaned = withoutSecrets(span('fetch GET https://idp/x?code=abc', { 'http.target': '/api/auth/callback?code=abc&state=def', 'url.query': 'code=abc', 'http.method': 'GET', 'next.span_name': 'fetch GET https://idp/x?code=abc' }));
     expect(cleaned.name).toBe('fetch GET https://idp/x');
     expect(cleaned.attributes).toEqual({ 'http.target': '/api/auth/callback', 'http.method': 'GET', 'next.span_name': 'fetch GET https://idp/x' });
     expect(cleaned.spanContext().spanId).toBe('s');
@@ -66,7 +66,7 @@ describe('withoutQueries', () => {
     fc.assert(
       fc.property(segment, fc.array(segment, { minLength: 1, maxLength: 4 }), segment, (api, rest, handle) => {
         const path = rest.join('/');
-        const cleaned = withoutQueries(span(`GET /api/proxy/${api}/${path}`, { 'http.target': `/api/proxy/${api}/${path}?q=1`, 'http.url': `http://app/api/auth/sessions/${handle}` }));
+        const cleaned = withoutSecrets(span(`GET /api/proxy/${api}/${path}`, { 'http.target': `/api/proxy/${api}/${path}?q=1`, 'http.url': `http://app/api/auth/sessions/${handle}` }));
         expect(cleaned.name).toBe(`GET /api/proxy/${api}/{path}`);
         expect(cleaned.attributes).toEqual({ 'http.target': `/api/proxy/${api}/{path}`, 'http.url': 'http://app/api/auth/sessions/{handle}' });
       }),
@@ -108,7 +108,7 @@ describe('withoutQueries', () => {
           links: [{ context: { traceId: 't', spanId: 'l', traceFlags: 1 }, attributes: { note: message } }],
           status: { code: 2, message: asStatus ? message : undefined },
         });
-        const cleaned = withoutQueries(withError);
+        const cleaned = withoutSecrets(withError);
         const exported = JSON.stringify({ name: cleaned.name, attributes: cleaned.attributes, events: cleaned.events, links: cleaned.links, status: cleaned.status });
         expect(exported).not.toContain(value);
         expect(cleaned.events[0]!.attributes!['exception.type']).toBe('TypeError');
@@ -119,13 +119,13 @@ describe('withoutQueries', () => {
 
   it('keeps the text of an exception that quotes nothing private', () => {
     const base = span('fetch GET https://idp.example/jwks', {});
-    const cleaned = withoutQueries(Object.assign(base, { events: [{ name: 'exception', time: [0, 0], attributes: { 'exception.message': 'fetch failed: connect ECONNREFUSED 127.0.0.1:9' } }], status: { code: 2, message: 'fetch failed' } }));
+    const cleaned = withoutSecrets(Object.assign(base, { events: [{ name: 'exception', time: [0, 0], attributes: { 'exception.message': 'fetch failed: connect ECONNREFUSED 127.0.0.1:9' } }], status: { code: 2, message: 'fetch failed' } }));
     expect(cleaned.events[0]!.attributes).toEqual({ 'exception.message': 'fetch failed: connect ECONNREFUSED 127.0.0.1:9' });
     expect(cleaned.status.message).toBe('fetch failed');
   });
 
   it('passes clean spans through untouched', () => {
     const clean = span('auth.login', { 'gatehouse.outcome': 'ok' });
-    expect(withoutQueries(clean)).toBe(clean);
+    expect(withoutSecrets(clean)).toBe(clean);
   });
 });
