@@ -135,7 +135,8 @@ const endpointUrl = z
     // Each of these is an origin or a base that paths are joined to: a query or a fragment on it
     // would be dropped or sent along with every request, never what was meant (an issuer may have
     // neither, OpenID Connect Discovery says).
-    if (url.search || url.hash || /[?#]/.test(value)) {
+    // `?` or `#` anywhere, an empty one too (`https://x?`, which the parser keeps no trace of).
+    if (/[?#]/.test(value)) {
       ctx.addIssue({ code: 'custom', message: 'must not contain a query (?…) or a fragment (#…)' });
       return z.NEVER;
     }
@@ -148,7 +149,7 @@ const endpointUrl = z
  * 32 or more (of 32 random decimal digits about one string in 17 million has fewer, of hex
  * digits one in 3 trillion) and is never one piece repeated: a word repeated is caught by that.
  */
-export function looksRandom(secret: string): boolean {
+function looksRandom(secret: string): boolean {
   if (new Set(secret).size < 6) return false;
   // A piece repeated (its last copy may be cut short); pieces of over 64 characters are nobody's typing.
   for (let period = 1; period <= Math.min(secret.length / 2, 64); period++) {
