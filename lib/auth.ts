@@ -155,7 +155,7 @@ export function withStepUpFloor(stepUp: StepUp, configured: Array<[string, strin
   if (stepUp.acrValues && floorAcrs.length && !stepUp.acrValues.every((acr) => floorAcrs.includes(acr))) {
     throw invalidLoginRequest('acr_values may only name ACRs this server already asks every sign-in for');
   }
-  const floorMaxAge = values('max_age').map(Number).find((value) => Number.isInteger(value) && value >= 0);
+  const floorMaxAge = values('max_age').map(parseMaxAge).find((value) => value !== undefined);
   if (stepUp.maxAge !== undefined && floorMaxAge !== undefined && stepUp.maxAge > floorMaxAge) {
     throw invalidLoginRequest('max_age may not exceed what this server asks every sign-in for');
   }
@@ -176,6 +176,11 @@ export function silentLoginRefusal(configured: Array<[string, string]>): string 
   if (prompts.includes('consent')) return 'consent_required';
   if (prompts.includes('select_account')) return 'account_selection_required';
   return 'interaction_required';
+}
+
+/** `prompt=login` in OIDC_AUTHORIZATION_PARAMS: every sign-in must be a new one, which the callback checks (lib/oidc.ts). */
+function requiresFreshSignIn(configured: Array<[string, string]>): boolean {
+  return configured.some(([key, value]) => key === 'prompt' && value.split(' ').includes('login'));
 }
 
 function invalidLoginRequest(problem: string): GatehouseError {
@@ -263,7 +268,8 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     noteOnSpan({ 'gatehouse.outcome': 'silent_login_failed' });
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
-  const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, dpop?.handle);
+  const signedInSince = requiresFreshSignIn(getConfig().oidc.authorizationParams) ? transaction.startedAt : undefined;
+  const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, { dpop: dpop?.handle, signedInSince });
 
   // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP or
   // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login

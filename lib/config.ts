@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
-import { ACR_VALUE, MAX_ACR_VALUES, MAX_ACR_VALUES_LENGTH, MAX_AGE_LIMIT_SEC, parseAcrValues } from './step-up.ts';
+import { ACR_VALUE, MAX_ACR_VALUES, MAX_ACR_VALUES_LENGTH, MAX_AGE_LIMIT_SEC, parseAcrValues, parseMaxAge } from './step-up.ts';
 import { isSentinelUrl, parseSentinelUrl } from './store/sentinel-url.ts';
 
 /**
@@ -268,10 +268,23 @@ const envSchema = z.object({
         ctx.addIssue({ code: 'custom', message: `must not set ${reserved.join(', ')}: Gatehouse sets those itself` });
         return z.NEVER;
       }
+      // The request carries one value per name (lib/oidc.ts), and the floor below reads them: a second
+      // value would be dropped on the way to the IdP, or checked without being asked for.
+      const repeated = [...new Set(pairs.map(([name]) => name).filter((name, index, names) => names.indexOf(name) !== index))];
+      if (repeated.length) {
+        ctx.addIssue({ code: 'custom', message: `sets ${repeated.join(', ')} more than once: give each parameter once` });
+        return z.NEVER;
+      }
       // A floor every login carries in its attempt's cookie (lib/auth.ts withStepUpFloor): bounded as a link's own.
-      const acrValues = pairs.filter(([name]) => name === 'acr_values');
-      if (acrValues.length > 1 || (acrValues[0] && !parseAcrValues(acrValues[0][1]))) {
+      const acrValues = pairs.find(([name]) => name === 'acr_values');
+      if (acrValues && !parseAcrValues(acrValues[1])) {
         ctx.addIssue({ code: 'custom', message: `acr_values must be one list of up to ${MAX_ACR_VALUES} ACR values separated by spaces, ${MAX_ACR_VALUES_LENGTH} characters in all` });
+        return z.NEVER;
+      }
+      // One the callback could not read would go to the IdP unchecked, a floor in name only.
+      const maxAge = pairs.find(([name]) => name === 'max_age');
+      if (maxAge && parseMaxAge(maxAge[1]) === undefined) {
+        ctx.addIssue({ code: 'custom', message: 'max_age must be a whole number of seconds (digits only)' });
         return z.NEVER;
       }
       return pairs;

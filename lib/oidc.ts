@@ -233,6 +233,22 @@ function isAuthTimeShortfall(error: unknown): boolean {
 }
 
 /**
+ * A `prompt=login` the operator asks of every sign-in. Without PAR it travels in the browser's URL,
+ * and a browser that strikes it there is signed in silently by an IdP that still knows it: the
+ * id_token's `auth_time` must fall within this attempt (epoch ms `since`, less the clock skew). An
+ * id_token without `auth_time` cannot show that; it passes only when the request went by PAR, out
+ * of the browser's reach, where whether the IdP honoured `prompt` is the IdP's part.
+ */
+function checkFreshSignIn(claims: oauth.IDToken, since: number, pushed: boolean): void {
+  if (typeof claims.auth_time === 'number') {
+    if (claims.auth_time >= Math.floor(since / 1000) - CLOCK_SKEW_SEC) return;
+    throw errors.stepUpFailed(new Error(`prompt=login was asked for, but the id_token's auth_time is ${Math.floor(since / 1000) - claims.auth_time} s before the sign-in started`));
+  }
+  if (pushed) return;
+  throw errors.stepUpFailed(new Error('prompt=login was asked for without PAR, and the id_token has no auth_time to show the user signed in again (set OIDC_USE_PAR=true, or have the IdP include auth_time)'));
+}
+
+/**
  * OIDC Core treats `acr_values` as a wish the IdP may not grant. A login that asked for them is a
  * step-up, and a session without one of them would meet the same refusal at the API again: such a
  * sign-in is refused here instead of recorded.
@@ -267,7 +283,11 @@ export async function checkCallback(callbackUrl: URL, expectedState: string): Pr
  * `acr_values`. Tokens of a sign-in refused for falling short are dropped, not revoked: IdPs that
  * revoke a whole grant with one token would end the session the user still has.
  */
-export async function redeemAuthorizationCode(params: URLSearchParams, request: AuthorizationRequest, dpop?: oauth.DPoPHandle): Promise<LoginResult> {
+export async function redeemAuthorizationCode(
+  params: URLSearchParams,
+  request: AuthorizationRequest,
+  { dpop, signedInSince }: { dpop?: oauth.DPoPHandle | undefined; signedInSince?: number | undefined } = {},
+): Promise<LoginResult> {
   const as = await getAuthorizationServer();
   try {
     const { oidc } = getConfig();
@@ -291,6 +311,7 @@ export async function redeemAuthorizationCode(params: URLSearchParams, request: 
       throw new IdpError('rejected', 'The id_token iat is out of range');
     }
     checkRequestedAcr(claims, request.acrValues);
+    if (signedInSince !== undefined) checkFreshSignIn(claims, signedInSince, usesPushedAuthorization(as));
     return { tokens: toTokenSet(result), claims };
   } catch (error) {
     if (error instanceof GatehouseError && error.code === 'step_up_failed') throw error;

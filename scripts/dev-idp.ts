@@ -371,7 +371,9 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     adapter: mapAdapter(state.store),
     clients: [
       client(clientId, options.tokenEndpointAuthMethod ?? 'client_secret_basic'),
-      ...(postClientId ? [client(postClientId, 'client_secret_post')] : []),
+      // As Google's and Entra ID's do, its id_tokens say when the user signed in (auth_time) only when
+      // the request asks (max_age, prompt=login), so a browser that strikes those gets none.
+      ...(postClientId ? [client(postClientId, 'client_secret_post', { require_auth_time: false })] : []),
       ...(options.privateKeyJwtPublicJwk
         ? [client(`${clientId}-pkjwt`, 'private_key_jwt', { jwks: { keys: [options.privateKeyJwtPublicJwk] }, token_endpoint_auth_signing_alg: 'ES256' })]
         : []),

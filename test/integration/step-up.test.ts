@@ -353,6 +353,60 @@ describe(`step-up on ${SHAPE}`, () => {
     }
   });
 
+  it('prompt=login in OIDC_AUTHORIZATION_PARAMS without PAR: a browser that strikes it from the IdP URL and is signed in silently gets step_up_failed and no session', async () => {
+    const floorApp = stack.apps[1]!;
+    /** A login at floorApp whose authorization URL the browser edits on its way to the IdP. */
+    async function editedLogin(username: string, jars: CookieJars, edit: (authorize: URL) => void): Promise<Response> {
+      const start = await browserRequest(new URL(`${floorApp.url}/api/auth/login?returnTo=%2Forders`), jars);
+      await start.body?.cancel();
+      const authorize = new URL(start.headers.get('location') ?? 'about:blank');
+      expect(authorize.searchParams.get('prompt')).toBe('login');
+      edit(authorize);
+      const callback = await followFlow(authorize, (next) => next.origin === new URL(floorApp.url).origin, { username, jars });
+      return browserRequest(callback, jars);
+    }
+    const strikes: Array<[string, (authorize: URL) => void]> = [
+      ['struck', (authorize) => authorize.searchParams.delete('prompt')],
+      ['made consent', (authorize) => authorize.searchParams.set('prompt', 'consent')],
+      ['made none', (authorize) => authorize.searchParams.set('prompt', 'none')],
+    ];
+    // The main client's id_tokens always carry auth_time (an old one, here); the -post client's only
+    // when the request asks, as Google's and Entra ID's: the callback cannot tell when that user signed in.
+    const clients = [
+      { OIDC_AUTHORIZATION_PARAMS: 'prompt=login', OIDC_CLIENT_ID: stack.clientId, OIDC_CLIENT_AUTH: 'client_secret_basic' },
+      { OIDC_AUTHORIZATION_PARAMS: 'prompt=login', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post' },
+    ];
+    try {
+      for (const env of clients) {
+        await restartGatehouse(floorApp, { OIDC_USE_PAR: 'false', ...env }, 'gatehouse-prompt-login');
+        for (const [how, edit] of strikes) {
+          // The browser holds an IdP session from a sign-in ten minutes ago (the dev IdP back-dates
+          // it), made through the other app, which asks for no fresh sign-in.
+          const jars: CookieJars = new Map();
+          await signIn('gil', { jars, fields: { auth_age: '600' } });
+          const sessionKeys = (await probe.keys('session')).length;
+          const refused = await editedLogin('gil', jars, edit);
+          expect(refused.status, how).toBe(400);
+          expect(await refused.text(), how).toContain('<code>step_up_failed</code>');
+          expect(jarFor(jars, floorApp.url).get('gatehouse'), how).toBeUndefined();
+          expect((await probe.keys('session')).length, how).toBe(sessionKeys);
+        }
+        // As sent, the IdP asks for the password again, and the sign-in it reports is this one.
+        const jars: CookieJars = new Map();
+        await signIn('gil', { jars, fields: { auth_age: '600' } });
+        const startedAt = Math.floor(Date.now() / 1000);
+        const again = await editedLogin('gil', jars, () => {});
+        expect(again.status).toBe(302);
+        expect(new URL(again.headers.get('location') ?? 'about:blank').pathname).toBe('/orders');
+        const described = await sessionOf(cookieOf(jars, floorApp.url), floorApp.url);
+        expect(described).toMatchObject({ authenticated: true, user: { sub: 'gil' } });
+        expect(described.authTime as number).toBeGreaterThanOrEqual(startedAt - 1);
+      }
+    } finally {
+      await restartGatehouse(floorApp, { OIDC_USE_PAR: 'true', OIDC_AUTHORIZATION_PARAMS: '', OIDC_CLIENT_ID: stack.clientId, OIDC_CLIENT_AUTH: 'client_secret_basic' }, 'gatehouse-par');
+    }
+  });
+
   it('with PAR, the step-up travels in the pushed request and the IdP still asks for the second factor', async () => {
     const res = await fetch(`${parApp}/api/auth/login?acr_values=${encodeURIComponent(MFA)}`, { redirect: 'manual' });
     await res.body?.cancel();

@@ -6,6 +6,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, parseConfig } from '../../lib/config.ts';
 import { parseSentinelUrl } from '../../lib/store/sentinel-url.ts';
+import { MAX_AGE_LIMIT_SEC } from '../../lib/step-up.ts';
 
 const valid = {
   APP_BASE_URL: 'https://app.example.com',
@@ -110,7 +111,7 @@ describe('configuration', () => {
     ]);
     expect(parseConfig(valid).oidc.authorizationParams).toEqual([]);
     // acr_values is a floor every login carries in its cookie: bounded as a login link's own.
-    for (const acr of [`acr_values=${'a'.repeat(300)}`, 'acr_values=a&acr_values=b', 'acr_values=', 'acr_values=%22gold%22']) {
+    for (const acr of [`acr_values=${'a'.repeat(300)}`, 'acr_values=', 'acr_values=%22gold%22']) {
       expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: acr }), acr).toEqual(['OIDC_AUTHORIZATION_PARAMS: acr_values must be one list of up to 8 ACR values separated by spaces, 256 characters in all']);
     }
     expect(parseConfig({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'acr_values=urn%3Amfa%20urn%3Ahwk&max_age=600' }).oidc.authorizationParams).toEqual([
@@ -120,6 +121,31 @@ describe('configuration', () => {
     expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'state=x&code_challenge_method=plain&ui_locales=de' })).toEqual([
       'OIDC_AUTHORIZATION_PARAMS: must not set state, code_challenge_method: Gatehouse sets those itself',
     ]);
+  });
+
+  it('refuses a parameter given twice: the IdP would hear one value, and the floor could check another', () => {
+    const name = fc.constantFrom('acr_values', 'max_age', 'prompt', 'audience', 'resource', 'ui_locales', 'x');
+    fc.assert(
+      fc.property(fc.array(fc.tuple(name, fc.string({ maxLength: 8 })), { minLength: 2, maxLength: 6 }), (pairs) => {
+        const names = pairs.map(([key]) => key);
+        const repeated = [...new Set(names.filter((key, index) => names.indexOf(key) !== index))];
+        fc.pre(repeated.length > 0);
+        expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: new URLSearchParams(pairs).toString() })).toEqual([`OIDC_AUTHORIZATION_PARAMS: sets ${repeated.join(', ')} more than once: give each parameter once`]);
+      }),
+    );
+  });
+
+  it('refuses a max_age the callback could not hold a sign-in to, rather than send it unchecked', () => {
+    fc.assert(
+      fc.property(fc.string({ maxLength: 12 }), (text) => {
+        fc.pre(!/^\d{1,10}$/.test(text) || Number(text) > MAX_AGE_LIMIT_SEC);
+        expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: new URLSearchParams({ max_age: text }).toString() })).toEqual(['OIDC_AUTHORIZATION_PARAMS: max_age must be a whole number of seconds (digits only)']);
+      }),
+    );
+    for (const text of ['soon', '-1', '1.5', '60s', ' 60', '1e3', '', String(MAX_AGE_LIMIT_SEC + 1)]) {
+      expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: `max_age=${encodeURIComponent(text)}` }), text).toHaveLength(1);
+    }
+    expect(parseConfig({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'max_age=0' }).oidc.authorizationParams).toEqual([['max_age', '0']]);
   });
 
   it('takes OIDC_USE_PAR as a boolean, off by default, and names anything else', () => {

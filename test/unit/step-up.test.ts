@@ -223,7 +223,7 @@ describe('what OIDC_AUTHORIZATION_PARAMS asks of every sign-in is what the callb
     // No floor: the link's own, or nothing (an ordinary login).
     expect(withStepUpFloor({}, [['audience', 'x']])).toEqual({});
     expect(withStepUpFloor({ acrValues: ['urn:pwd'] }, [])).toEqual({ acrValues: ['urn:pwd'] });
-    // A max_age that is no whole number of seconds goes to the IdP as written, and nothing can be held to it.
+    // Start-up refuses a max_age that is no whole number of seconds (config.test.ts); none is a floor here.
     expect(withStepUpFloor({}, [['max_age', 'soon']])).toEqual({});
   });
   it('whatever the link asks, the result never asks for less than the floor', () => {
