@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Readable, finished, type Transform } from 'node:stream';
-import { createBrotliDecompress, createGunzip, createInflate, createZstdDecompress } from 'node:zlib';
+import { constants as zlibConstants, createBrotliDecompress, createGunzip, createInflate, createZstdDecompress } from 'node:zlib';
 import { GatehouseError, errorBody, errorHeaders } from './errors.ts';
 import { jsonHeaders } from './http.ts';
 import { describeCause, log } from './log.ts';
@@ -24,8 +24,15 @@ const DECODERS: Record<string, () => Transform> = {
   'x-gzip': createGunzip,
   deflate: createInflate,
   br: createBrotliDecompress,
-  zstd: createZstdDecompress,
+  // RFC 9659 caps a zstd content coding's window at 8 MiB, as browsers hold it to: a frame may
+  // otherwise make its decoder reserve up to 128 MiB.
+  zstd: () => createZstdDecompress({ params: { [zlibConstants.ZSTD_d_windowLogMax]: 23 } }),
 };
+/**
+ * Codings stacked on one answer that the web adapter undoes: every stage is a decoder with its own
+ * buffers, and an API (or a user who sets an object's metadata at one) could list thousands.
+ */
+const MAX_STACKED_CODINGS = 2;
 
 /** The browser's Accept-Encoding, less the codings the web adapter could not undo (`*` included). */
 function decodableAcceptEncoding(value: string): string {
@@ -58,9 +65,10 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
   };
 }
 
-/** The body with every content coding undone (codings apply in the order listed), or null for one we cannot undo. */
+/** The body with every content coding undone (codings apply in the order listed), or null for codings we cannot undo. */
 function decodedBody(body: Readable, contentEncoding: string, requestId: string | null): Readable | null {
   const codings = contentEncoding.split(',').map((coding) => coding.trim().toLowerCase()).filter((coding) => coding && coding !== 'identity');
+  if (codings.length > MAX_STACKED_CODINGS) return null;
   let decoded = body;
   for (const coding of codings.reverse()) {
     const decoder = Object.hasOwn(DECODERS, coding) ? DECODERS[coding] : undefined;

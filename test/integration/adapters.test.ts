@@ -7,7 +7,8 @@
 // Two complete stacks (each its own dev IdP and demo API) because an IdP only knows the app URLs it
 // was started with; the upstream views are compared after normalising ports and per-stack tokens.
 import type { Socket } from 'node:net';
-import { brotliCompressSync, brotliDecompressSync, deflateSync, gunzipSync, gzipSync, inflateSync } from 'node:zlib';
+import { brotliCompressSync, brotliDecompressSync, constants as zlibConstants, createZstdCompress, deflateSync, gunzipSync, gzipSync, inflateSync, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
@@ -128,20 +129,42 @@ const ORDINARY_HEADERS: Array<[string, string]> = [
 
 const ENCODED_JSON = JSON.stringify({ encoded: true, filler: 'x'.repeat(2000) });
 
-function encode(encoding: string, text: string): Buffer {
-  return encoding === 'gzip' ? gzipSync(text) : encoding === 'deflate' ? deflateSync(text) : brotliCompressSync(text);
+const CODERS: Record<string, { encode: (bytes: Buffer | string) => Buffer; decode: (bytes: Buffer) => Buffer }> = {
+  gzip: { encode: (bytes) => gzipSync(bytes), decode: (bytes) => gunzipSync(bytes) },
+  deflate: { encode: (bytes) => deflateSync(bytes), decode: (bytes) => inflateSync(bytes) },
+  br: { encode: (bytes) => brotliCompressSync(bytes), decode: (bytes) => brotliDecompressSync(bytes) },
+  zstd: { encode: (bytes) => zstdCompressSync(bytes), decode: (bytes) => zstdDecompressSync(bytes) },
+};
+
+/** `text` with each coding of a Content-Encoding list applied, in the order listed. */
+function encode(codings: string, text: string): Buffer {
+  return codings.split(',').reduce((bytes: Buffer | string, coding) => CODERS[coding.trim()]!.encode(bytes), text) as Buffer;
 }
 
-function decode(encoding: string, bytes: Buffer): Buffer {
-  return encoding === 'gzip' ? gunzipSync(bytes) : encoding === 'deflate' ? inflateSync(bytes) : brotliDecompressSync(bytes);
+/** What a browser does with an answer's bytes: undo its Content-Encoding list, last coding first. */
+function decode(codings: string, bytes: Buffer): Buffer {
+  return codings.split(',').reverse().reduce((decoded, coding) => CODERS[coding.trim()]!.decode(decoded), bytes);
+}
+
+/** A zstd frame of ENCODED_JSON that asks its decoder for a 128 MiB window (a streamed frame of no stated size keeps the window it was made with). */
+async function wideWindowZstd(): Promise<Buffer> {
+  const compressor = createZstdCompress({ params: { [zlibConstants.ZSTD_c_windowLog]: 27 } });
+  const chunks: Buffer[] = [];
+  compressor.on('data', (chunk: Buffer) => chunks.push(chunk));
+  const ended = new Promise((resolve) => compressor.on('end', resolve));
+  compressor.end(ENCODED_JSON);
+  await ended;
+  return Buffer.concat(chunks);
 }
 
 /** A raw upstream for one stack; `breakOff` resets the connection of the last unfinished `/partial` answer. */
 async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream; breakOff: () => void }> {
   let unfinished: Socket | undefined;
+  const wideWindow = await wideWindowZstd();
   const reply = (request: UpstreamRequest, socket: Socket) => {
-    const encoding = /^\/encoded\/(gzip|deflate|br)$/.exec(request.path)?.[1];
-    if (encoding) return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', encoding]], encode(encoding, ENCODED_JSON)));
+    const encoding = /^\/encoded\/((?:gzip|deflate|br|zstd)(?:,(?:gzip|deflate|br|zstd))*)$/.exec(request.path)?.[1];
+    if (encoding) return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', encoding.replaceAll(',', ', ')]], encode(encoding, ENCODED_JSON)));
+    if (request.path === '/wide-window') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', 'zstd']], wideWindow));
     const bodiless = /^\/bodiless\/(\d{3})$/.exec(request.path)?.[1];
     if (bodiless) return void socket.write(`HTTP/1.1 ${bodiless} No Body\r\netag: "v1"\r\n\r\n`);
     const status = /^\/status\/(\d{3})$/.exec(request.path)?.[1];
@@ -453,6 +476,40 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
       const decoded = told ? decode(told, res!.bytes) : res!.bytes;
       expect(decoded.toString('utf8'), `${target.name} (told ${told ?? 'identity'})`).toBe(ENCODED_JSON);
     }
+  });
+
+  it('codings an API stacks: two are undone under next start, more are a 502 there (each is a decoder), and npm start passes them on as sent', async () => {
+    const accept: [string, string] = ['Accept-Encoding', 'gzip, deflate, br, zstd'];
+    for (const codings of ['zstd', 'gzip,br', 'zstd,zstd']) {
+      for (const target of [fast, next]) {
+        const res = await rawRequest(target.port, scripted(target, `/encoded/${codings}`, [accept]));
+        expect(res?.status, `${target.name} ${codings}`).toBe(200);
+        const told = res?.get('content-encoding');
+        expect((told ? decode(told, res!.bytes) : res!.bytes).toString('utf8'), `${target.name} ${codings}`).toBe(ENCODED_JSON);
+      }
+    }
+    await fc.assert(
+      fc.asyncProperty(fc.array(fc.constantFrom('gzip', 'deflate', 'br', 'zstd'), { minLength: 3, maxLength: 40 }), async (list) => {
+        const codings = list.join(',');
+        const viaNext = await rawRequest(next.port, scripted(next, `/encoded/${codings}`, [accept]));
+        expect(viaNext?.status, codings).toBe(502);
+        const told = viaNext!.get('content-encoding');
+        expect(JSON.parse((told ? decode(told, viaNext!.bytes) : viaNext!.bytes).toString('utf8')), codings).toEqual({ error: 'upstream_unavailable', message: 'The API answered in an encoding that cannot be passed on.' });
+        const viaFast = await rawRequest(fast.port, scripted(fast, `/encoded/${codings}`, [accept]));
+        expect(viaFast?.status, codings).toBe(200);
+        expect(decode(viaFast!.get('content-encoding')!, viaFast!.bytes).toString('utf8'), codings).toBe(ENCODED_JSON);
+      }),
+      { numRuns: 15 },
+    );
+  });
+
+  it('a zstd frame that asks for a window over RFC 9659’s 8 MiB is not decoded under next start (a cut answer); npm start passes its bytes on', async () => {
+    const request = (target: Target) => scripted(target, '/wide-window', [['Accept-Encoding', 'zstd']]);
+    // Next sends the head with the first decoded bytes: none come, and it closes the connection.
+    expect(await rawRequest(next.port, request(next))).toBeNull();
+    const viaFast = await rawRequest(fast.port, request(fast));
+    expect([viaFast?.status, viaFast?.get('content-encoding')]).toEqual([200, 'zstd']);
+    expect(viaFast!.bytes.equals(await wideWindowZstd())).toBe(true);
   });
 
   it('a chunked 12 MiB upload reaches the upstream whole through both (no framework buffer cuts it)', async () => {
