@@ -63,6 +63,9 @@ const REQUEST_DENYLIST = new Set([
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
   // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
   'proxy',
+  // Next.js's own (CVE-2025-29927: an API built on an unpatched Next skips its middleware for it).
+  // The fast path never passes through Next, so nothing else would drop them.
+  ...['x-middleware-subrequest', 'x-middleware-prefetch', 'x-now-route-matches', 'x-invoke-path', 'x-invoke-query', 'x-invoke-output', 'x-matched-path'],
   // A signed-in user as front servers assert it (Apache's REMOTE_USER): see below.
   'remote-user',
   'x-userinfo',
@@ -116,6 +119,8 @@ const RESPONSE_DENYLIST = new Set([
   // Front servers (nginx, Apache, lighttpd) replace the answer with the internal path or file named.
   'x-accel-redirect',
   'x-sendfile',
+  'x-sendfile2',
+  'x-sendfile-temporary',
   'x-lighttpd-send-file',
   // A DPoP API's next nonce is for the maker of the proofs, Gatehouse (lib/dpop.ts).
   'dpop-nonce',
@@ -368,6 +373,17 @@ function cacheDirectives(value: string): CacheDirective[] {
     }
   }
   return directives;
+}
+
+/**
+ * The page's JavaScript may read every header of an answer but Set-Cookie, so an API that echoes
+ * the token it was sent in one (a debug header, an error description) would hand it to any script
+ * on the page: such a header is dropped. Its body cannot be judged this way (README.md).
+ */
+function withoutEchoedToken(headers: Array<[string, string]>, token: string, context: { requestId: string; api: string }): Array<[string, string]> {
+  if (!headers.some(([, value]) => value.includes(token))) return headers;
+  log('warn', 'proxy.token_echo_dropped', { ...context, headers: [...new Set(headers.filter(([, value]) => value.includes(token)).map(([name]) => name))] });
+  return headers.filter(([, value]) => !value.includes(token));
 }
 
 /**
@@ -1011,6 +1027,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     const filtered = filterResponseHeaders(answer.rawHeaders);
     let responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId);
     if (credentials.session && credentials.token) responseHeaders = keptToTheUser(responseHeaders);
+    if (credentials.token) responseHeaders = withoutEchoedToken(responseHeaders, credentials.token, { requestId, api: api.name });
     responseHeaders.push(['x-request-id', requestId], ...PROXIED_ANSWER_HEADERS);
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);

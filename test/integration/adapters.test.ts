@@ -115,6 +115,8 @@ const FORGED_HEADERS: Array<[string, string]> = [
   ['Set-Login', 'logged-out'],
   ['X-Accel-Redirect', '/internal/secrets'],
   ['X-Sendfile', '/etc/passwd'],
+  ['X-Sendfile2', '/etc/passwd 0-'],
+  ['X-Sendfile-Temporary', '/etc/passwd'],
   ['X-Lighttpd-Send-File', '/etc/passwd'],
 ];
 /** Ordinary API headers next to them, which must arrive unchanged. */
