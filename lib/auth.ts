@@ -1,4 +1,4 @@
-import { timingSafeEqual } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { beginDpopLogin, finishDpopLogin } from './dpop.ts';
@@ -10,8 +10,10 @@ import {
   clearSessionCookieHeader,
   clearTransactionCookieHeaders,
   createSession,
+  decryptAtRest,
   destroySession,
   destroySessionsFor,
+  encryptAtRest,
   endSessionBecause,
   getStore,
   listUserSessions,
@@ -351,23 +353,68 @@ function constantTimeEqual(a: string, b: string): boolean {
 }
 
 /**
- * Ends the session here and at the IdP's token layer; returns where the browser should go next.
- * Ended from another device, it leaves a marker so its own browser hears why.
+ * Ends the session here and at the IdP's token layer. Ended from another device, it leaves a marker
+ * so its own browser hears why.
  */
-async function endSession(session: Session, fromAnotherDevice = false): Promise<string> {
+async function endSession(session: Session, fromAnotherDevice = false): Promise<void> {
   if (fromAnotherDevice) await endSessionBecause(session.id, session.record, 'elsewhere');
   else await destroySession(session.id, session.record);
-  const { refreshToken, idToken } = session.secrets;
+  const { refreshToken } = session.secrets;
   const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHandle(session.id), revoked });
   countLogout(fromAnotherDevice ? 'other_device' : 'user', 'ok');
-  const endSessionUrl = await oidc.buildEndSessionUrl(idToken);
-  return endSessionUrl?.href ?? '/';
 }
 
-/** GET with the session's own `sid`: a top-level navigation that a cross-site link cannot forge. */
+/** Where a browser goes once its session has ended: the IdP's logout (RP-initiated), else the app. */
+async function afterSignOut(idToken: string | undefined): Promise<string> {
+  return (await oidc.buildEndSessionUrl(idToken))?.href ?? '/';
+}
+
+/** How long the way to the IdP's logout that a POST logout answers with stays usable. */
+const SIGN_OUT_CONTINUATION_TTL_MS = 5 * 60_000;
+
+function signOutContinuationKey(handle: string): string {
+  return `${getConfig().keyPrefix}logout-continue:{${shortDigest(handle)}}`;
+}
+
+/**
+ * A POST logout's way to the IdP. The IdP's logout URL carries the id_token (`id_token_hint`, so the
+ * IdP signs the user out without asking), and a JSON answer is read by the page's scripts, which
+ * never hold a token: the answer names a same-origin step instead, `GET /api/auth/logout?continue=`,
+ * whose redirect a script cannot read. The id_token waits for it in the store, encrypted, for one use.
+ */
+async function signOutContinuation(idToken: string | undefined): Promise<string> {
+  const destination = await afterSignOut(idToken);
+  if (!idToken || destination === '/') return destination;
+  const handle = randomBytes(32).toString('base64url');
+  const sealed = await encryptAtRest(idToken);
+  await storeCall(() => getStore().set(signOutContinuationKey(handle), sealed, { ttlMs: SIGN_OUT_CONTINUATION_TTL_MS }));
+  return `/api/auth/logout?continue=${handle}`;
+}
+
+/** The id_token a continuation holds, taken out of the store (it is used once), or undefined. */
+async function takeSignOutContinuation(handle: string): Promise<string | undefined> {
+  const key = signOutContinuationKey(handle);
+  const sealed = await storeCall(() => getStore().get(key));
+  if (sealed === null) return undefined;
+  await storeCall(() => getStore().del(key));
+  const idToken = await decryptAtRest<unknown>(sealed);
+  return typeof idToken === 'string' ? idToken : undefined;
+}
+
+/**
+ * GET with the session's own `sid`: a top-level navigation that a cross-site link cannot forge. Or
+ * with a POST logout's `continue`: on to the IdP's logout, the session already ended; one that is
+ * unknown, used or expired leads back to the app (it holds nothing a link could forge or reuse).
+ */
 export async function logoutByNavigation(request: Request): Promise<Response> {
-  const sid = new URL(request.url).searchParams.get('sid');
+  const query = new URL(request.url).searchParams;
+  const continuation = query.get('continue');
+  if (continuation !== null) {
+    const idToken = /^[\w-]{43}$/.test(continuation) ? await takeSignOutContinuation(continuation) : undefined;
+    return redirect(idToken ? await afterSignOut(idToken) : sameOriginRedirect('/', getConfig().appBaseUrl));
+  }
+  const sid = query.get('sid');
   if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
   // Without a matching session nothing changes, the cookie included: under SameSite=Strict a
@@ -375,14 +422,16 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   if (!session || !constantTimeEqual(sid, session.record.logoutToken)) {
     throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   }
-  return redirect(await endSession(session), signedOutCookieHeaders());
+  await endSession(session);
+  return redirect(await afterSignOut(session.secrets.idToken), signedOutCookieHeaders());
 }
 
-/** POST with X-CSRF for SPAs: ends the session and hands back the IdP logout URL to navigate to. */
+/** POST with X-CSRF for SPAs: ends the session and hands back where to navigate next (see signOutContinuation). */
 export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
   const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  const redirectTo = session ? await endSession(session) : '/';
+  if (session) await endSession(session);
+  const redirectTo = session ? await signOutContinuation(session.secrets.idToken) : '/';
   return jsonResponse(200, { redirectTo }, signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]));
 }
 

@@ -1,6 +1,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { SignJWT, generateKeyPair } from 'jose';
 import { Redis } from 'ioredis';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
@@ -364,18 +365,44 @@ describe("a user's sessions", () => {
 });
 
 describe('logout for SPAs and silent login', () => {
-  it('POST /api/auth/logout needs X-CSRF, then ends the session and hands back the end-session URL', async () => {
+  it('POST /api/auth/logout needs X-CSRF, then ends the session and hands back a same-origin step to the end-session URL, never the id_token', async () => {
     const session = await login('spa-logout');
     const refused = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(session.rpCookies) } });
     expect(refused.status).toBe(403);
     expect((await sessionOf(session.rpCookies)).authenticated).toBe(true);
     const response = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
     expect(response.status).toBe(200);
-    const { redirectTo } = (await response.json()) as { redirectTo: string };
-    const target = new URL(redirectTo);
+    const answer = await response.text();
+    // Page scripts read this answer: no JWT in it, nor in its headers.
+    expect(`${answer} ${[...response.headers].join(' ')}`).not.toMatch(/eyJ/);
+    const { redirectTo } = JSON.parse(answer) as { redirectTo: string };
+    expect(redirectTo).toMatch(/^\/api\/auth\/logout\?continue=[\w-]{43}$/);
+    const [storedKey] = await redis.keys(`${stack.keyPrefix}logout-continue:*`);
+    const stored = await redis.get(storedKey!);
+    expect(await redis.pttl(storedKey!)).toBeGreaterThan(4 * 60_000);
+    // The browser's navigation there (the cookie is gone by then) is sent on to the IdP's logout.
+    const step = await fetch(`${app}${redirectTo}`, { redirect: 'manual' });
+    expect(step.status).toBe(302);
+    expect(step.headers.get('cache-control')).toContain('no-store');
+    const target = new URL(step.headers.get('location') ?? 'about:blank');
     expect(target.origin + target.pathname).toBe(`${stack.issuer}/session/end`);
     expect(target.searchParams.get('post_logout_redirect_uri')).toBe(`${app}/`);
-    expect(target.searchParams.get('id_token_hint')).toBeTruthy();
+    const idToken = target.searchParams.get('id_token_hint');
+    expect(idToken).toMatch(/^eyJ/);
+    // It waited in the store encrypted, as tokens do.
+    expect(stored).not.toContain(idToken!.split('.')[1]);
+    // Once: the same step again, or any other handle, leads back to the app.
+    const again = await fetch(`${app}${redirectTo}`, { redirect: 'manual' });
+    expect([again.status, again.headers.get('location')]).toEqual([302, `${app}/`]);
+    expect(await redis.keys(`${stack.keyPrefix}logout-continue:*`)).toEqual([]);
+    await fc.assert(
+      fc.asyncProperty(fc.oneof(fc.stringMatching(/^[\w-]{43}$/), fc.string({ maxLength: 80 })), async (handle) => {
+        const forged = await fetch(`${app}/api/auth/logout?continue=${encodeURIComponent(handle)}`, { redirect: 'manual' });
+        expect([forged.status, forged.headers.get('location')]).toEqual([302, `${app}/`]);
+        expect(forged.headers.getSetCookie()).toEqual([]);
+      }),
+      { numRuns: 30 },
+    );
     expect(response.headers.get('set-cookie')).toMatch(/Max-Age=0/);
     // Both cookies that name a session are cleared, each on its own path.
     const cleared = response.headers.getSetCookie().filter((line) => /^[^=]+=;/.test(line) && /;\s*Max-Age=0\b/i.test(line));
