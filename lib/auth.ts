@@ -309,7 +309,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
  * re-login within one IdP session continues that grant: revoking it would end the new login too.
  * The old token is then only dropped with the record.
  */
-async function endReplacedSession(id: string, successor: { sub: string; idpSid: string | undefined }): Promise<void> {
+async function endReplacedSession(id: string, successor: SignIn): Promise<void> {
   const { session: previous, miss } = await loadSession(id);
   if (!previous) {
     // Ended a moment ago (its tokens ran out, a logout on another device): calls its tabs still have
@@ -320,7 +320,7 @@ async function endReplacedSession(id: string, successor: { sub: string; idpSid: 
   }
   await replaceSession(previous);
   const { refreshToken } = previous.secrets;
-  const sameIdpSession = previous.record.sub === successor.sub && (successor.idpSid === undefined || previous.record.idpSid === successor.idpSid);
+  const sameIdpSession = fromOneIdpSession(previous.record, successor);
   const revoked = refreshToken && !sameIdpSession ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.session_replaced', { session: sessionHandle(id), revoked, sameIdpSession });
 }
@@ -356,13 +356,26 @@ function constantTimeEqual(a: string, b: string): boolean {
  * Ends the session here and at the IdP's token layer. Ended from another device, it leaves a marker
  * so its own browser hears why.
  */
-async function endSession(session: Session, fromAnotherDevice = false): Promise<void> {
-  if (fromAnotherDevice) await endSessionBecause(session.id, session.record, 'elsewhere');
+async function endSession(session: Session, survivor?: SignIn): Promise<void> {
+  if (survivor) await endSessionBecause(session.id, session.record, 'elsewhere');
   else await destroySession(session.id, session.record);
   const { refreshToken } = session.secrets;
-  const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
+  // Ended from a session of the same IdP session, its refresh token is that session's grant too.
+  const revoked = refreshToken && !(survivor && fromOneIdpSession(session.record, survivor)) ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHandle(session.id), revoked });
-  countLogout(fromAnotherDevice ? 'other_device' : 'user', 'ok');
+  countLogout(survivor ? 'other_device' : 'user', 'ok');
+}
+
+/** Who signed in, and in which IdP session: what tells whether two sessions share an IdP grant. */
+type SignIn = { sub: string; idpSid?: string | undefined };
+
+/**
+ * Whether `ended` comes from the IdP session that `survivor`, a session that stays, comes from:
+ * IdPs such as oidc-provider and Keycloak revoke the whole grant with one refresh token, and such
+ * sessions share it. An IdP that names no session (`sid`) for the survivor cannot tell them apart.
+ */
+function fromOneIdpSession(ended: SignIn, survivor: SignIn): boolean {
+  return ended.sub === survivor.sub && (survivor.idpSid === undefined || ended.idpSid === survivor.idpSid);
 }
 
 /** Where a browser goes once its session has ended: the IdP's logout (RP-initiated), else the app. */
@@ -530,7 +543,7 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   const target = (await listUserSessions(current)).find((entry) => entry.handle === handle);
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
   const session = target.current ? current : await readSession(target.id);
-  if (session) await endSession(session, !target.current);
+  if (session) await endSession(session, target.current ? undefined : current.record);
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
   const signedOut = target.current ? signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]) : [];
   return jsonResponse(200, { ended: 1 }, signedOut);
@@ -544,7 +557,7 @@ export async function endOtherSessions(request: Request): Promise<Response> {
     if (entry.current) continue;
     const session = await readSession(entry.id);
     if (session) {
-      await endSession(session, true);
+      await endSession(session, current.record);
       ended++;
     }
   }

@@ -5,7 +5,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
-import { clearsSessionCookie, logSoFar, waitFor } from '../support/http-client.ts';
+import { clearsSessionCookie, idpGrants, logSoFar, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 import { rawUpload, requestHead } from '../support/raw-http.ts';
 
 /**
@@ -361,6 +361,39 @@ describe("a user's sessions", () => {
     expect(cleared.map((cookie) => cookie.split('=', 1)[0]).sort()).toEqual(['gatehouse', 'gatehouse-replaces']);
     for (const cookie of cleared) expect(cookie, cookie).toMatch(/=;|Max-Age=0/i);
     expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(false);
+  });
+});
+
+describe('ending sessions that share an IdP session', () => {
+  it('ending, from this browser, a session of the same IdP session keeps the grant they share: this session still refreshes', async () => {
+    const headers = (cookies: Map<string, string>) => ({ cookie: cookieHeader(cookies), 'x-csrf': '1' });
+    const idpOrigin = new URL(stack.issuer).origin;
+    for (const how of ['everywhere else', 'by handle']) {
+      const user = `one-idp-session-${how.replace(' ', '-')}`;
+      // Two sessions of one IdP session: the second browser holds only the first's IdP cookies (as
+      // the orphan of two callbacks racing in one browser would be).
+      const first = await login(user);
+      const second = await login(user, new Map([[idpOrigin, new Map(first.jars.get(idpOrigin))]]));
+      const stored = await Promise.all((await sessionKeys()).map(async (key) => JSON.parse((await redis.get(key)) ?? '{}') as { sub?: string; idpSid?: string }));
+      const ofUser = stored.filter((record) => record.sub === user);
+      expect(ofUser, how).toHaveLength(2);
+      expect(ofUser[0]?.idpSid, how).toBeTruthy();
+      expect(ofUser[0]?.idpSid, how).toBe(ofUser[1]?.idpSid);
+      if (how === 'everywhere else') {
+        expect(await (await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: headers(second.rpCookies) })).json(), how).toEqual({ ended: 1 });
+      } else {
+        const { sessions } = (await (await fetch(`${app}/api/auth/sessions`, { headers: headers(second.rpCookies) })).json()) as { sessions: Array<{ handle: string; current: boolean }> };
+        const other = sessions.find((entry) => !entry.current)!.handle;
+        expect((await fetch(`${app}/api/auth/sessions/${other}`, { method: 'DELETE', headers: headers(second.rpCookies) })).status, how).toBe(200);
+      }
+      expect((await sessionOf(first.rpCookies)).authenticated, how).toBe(false);
+      // The API refuses the token once: Gatehouse refreshes and retries, with the grant the ended session shared.
+      const refreshes = refreshGrantsOf(await idpGrants(stack.issuer), user);
+      await (await fetch(`${app}/api/proxy/demo/status/401`, { headers: headers(second.rpCookies) })).body?.cancel();
+      expect(refreshGrantsOf(await idpGrants(stack.issuer), user), how).toBe(refreshes + 1);
+      const after = await fetch(`${app}/api/proxy/demo/whoami`, { headers: headers(second.rpCookies) });
+      expect([after.status, ((await after.json()) as { sub?: string }).sub], how).toEqual([200, user]);
+    }
   });
 });
 
