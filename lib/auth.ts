@@ -421,6 +421,7 @@ async function takeSignOutContinuation(handle: string): Promise<string | undefin
  * unknown, used or expired leads back to the app (it holds nothing a link could forge or reuse).
  */
 export async function logoutByNavigation(request: Request): Promise<Response> {
+  if (isPrefetch(request)) throw new GatehouseError('invalid_request', 400, 'A prefetch does not sign out: follow the link to sign out.');
   const query = new URL(request.url).searchParams;
   const continuation = query.get('continue');
   if (continuation !== null) {
@@ -437,6 +438,16 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   }
   await endSession(session);
   return redirect(await afterSignOut(session.secrets.idToken), signedOutCookieHeaders());
+}
+
+/**
+ * A link fetched ahead of the user (Speculation Rules, `<link rel=prefetch>`, Next's `<Link>`, a
+ * browser's preview): nobody asked yet, and a sign-out link fetched on sight or on hover would
+ * sign the user out.
+ */
+function isPrefetch(request: Request): boolean {
+  const purpose = ['sec-purpose', 'purpose', 'x-purpose', 'x-moz'].map((name) => request.headers.get(name) ?? '').join(',');
+  return /prefetch|prerender|preview/i.test(purpose) || request.headers.has('next-router-prefetch');
 }
 
 /** POST with X-CSRF for SPAs: ends the session and hands back where to navigate next (see signOutContinuation). */

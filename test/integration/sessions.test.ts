@@ -364,6 +364,45 @@ describe("a user's sessions", () => {
   });
 });
 
+describe('a sign-out link fetched ahead of the user', () => {
+  it('a prefetch or prerender of the logout link (or of its continuation) signs nobody out: 400, the session and the step stay', async () => {
+    const session = await login('prefetched');
+    const cookie = cookieHeader(session.rpCookies);
+    const { logoutUrl } = (await (await fetch(`${app}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } })).json()) as { logoutUrl: string };
+    const ahead: Array<Record<string, string>> = [
+      { 'sec-purpose': 'prefetch' },
+      { 'sec-purpose': 'prefetch;prerender' },
+      { 'Sec-Purpose': 'Prefetch;anonymous-client-ip' },
+      { purpose: 'prefetch' },
+      { 'x-purpose': 'preview' },
+      { 'x-moz': 'prefetch' },
+      { 'next-router-prefetch': '1', rsc: '1' },
+    ];
+    /** As a prefetcher fetches: Next sends an RSC request without its cache-busting `_rsc` on with a 307 to the same path. */
+    const fetchAhead = async (path: string, headers: Record<string, string>): Promise<Response> => {
+      let url = new URL(path, app);
+      for (;;) {
+        const res = await fetch(url, { headers, redirect: 'manual' });
+        const next = res.status === 307 ? new URL(res.headers.get('location') ?? 'about:blank', url) : undefined;
+        if (!next || next.origin !== url.origin || next.pathname !== url.pathname || next.searchParams.has('_rsc') === url.searchParams.has('_rsc')) return res;
+        url = next;
+      }
+    };
+    for (const headers of ahead) {
+      const res = await fetchAhead(logoutUrl, { cookie, ...headers });
+      expect(res.status, JSON.stringify(headers)).toBe(400);
+      expect(res.headers.getSetCookie(), JSON.stringify(headers)).toEqual([]);
+      expect(await res.text()).toContain('<code>invalid_request</code>');
+      expect((await sessionOf(cookie)).authenticated, JSON.stringify(headers)).toBe(true);
+    }
+    const { redirectTo } = (await (await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).json()) as { redirectTo: string };
+    for (const headers of ahead) expect((await fetchAhead(redirectTo, headers)).status, JSON.stringify(headers)).toBe(400);
+    // The user's own navigation still finds the step.
+    const step = await fetch(`${app}${redirectTo}`, { redirect: 'manual' });
+    expect(new URL(step.headers.get('location') ?? 'about:blank').origin).toBe(new URL(stack.issuer).origin);
+  });
+});
+
 describe('ending sessions that share an IdP session', () => {
   it('ending, from this browser, a session of the same IdP session keeps the grant they share: this session still refreshes', async () => {
     const headers = (cookies: Map<string, string>) => ({ cookie: cookieHeader(cookies), 'x-csrf': '1' });
