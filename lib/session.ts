@@ -795,17 +795,27 @@ export async function listUserSessions(current: Session): Promise<Array<SessionS
   return summaries.filter((entry) => entry !== null).sort((a, b) => b.createdAt - a.createdAt);
 }
 
-/** Ends every session that an IdP back-channel logout names: by its `sid`, or all of a `sub`'s. */
+/**
+ * Ends every session that an IdP back-channel logout names: by its `sid`, or all of a `sub`'s. A
+ * token with both also ends the sub's sessions whose id_token named no IdP session: some IdPs put
+ * `sid` in logout tokens but not in id_tokens, and such a session may be the one that ended there.
+ */
 export async function destroySessionsFor(target: { sub?: string; idpSid?: string }): Promise<number> {
-  const now = Date.now();
-  const indexKey = target.idpSid ? idpSessionKey(target.idpSid) : userSessionsKey(target.sub as string);
-  const entries = await storeCall(() => getStore().indexMembers(indexKey, now));
+  let ended = await destroyIndexed(target.idpSid ? idpSessionKey(target.idpSid) : userSessionsKey(target.sub as string), target.sub, () => true);
+  // A record already gone may have had any sid: it is left to the pass that names it.
+  if (target.idpSid && target.sub) ended += await destroyIndexed(userSessionsKey(target.sub), target.sub, (record) => record !== null && record.idpSid === undefined);
+  return ended;
+}
+
+/** Ends the sessions of an index that `chosen` picks (`null`: the record is gone), each of `sub`'s only when given. */
+async function destroyIndexed(indexKey: string, sub: string | undefined, chosen: (record: SessionRecord | null) => boolean): Promise<number> {
+  const entries = await storeCall(() => getStore().indexMembers(indexKey, Date.now()));
   let ended = 0;
   for (const { member: id } of entries) {
     const raw = await storeCall(() => getStore().get(sessionKey(id)));
     const record = raw === null ? null : parseRecord(raw);
     // With both claims present, a session must match both (the spec's sid is scoped to the sub).
-    if (record && target.sub && record.sub !== target.sub) continue;
+    if ((record && sub && record.sub !== sub) || !chosen(record)) continue;
     if (record) ended++;
     await endSessionBecause(id, record ?? undefined, 'idp');
     await storeCall(() => getStore().indexRemove(indexKey, id));

@@ -338,7 +338,6 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const par = options.par ?? 'enabled';
 
   const client = (id: string, method: ClientAuthMethod, extra: Partial<ClientMetadata> = {}): ClientMetadata => ({
-    ...extra,
     client_id: id,
     ...(method === 'private_key_jwt' ? {} : { client_secret: clientSecret }),
     redirect_uris: appBaseUrls.map((url) => `${url}/api/auth/callback`),
@@ -354,6 +353,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     default_acr_values: [DEV_IDP_ACR.password],
     require_auth_time: true,
     ...(par === 'required-per-client' ? { require_pushed_authorization_requests: true } : {}),
+    ...extra,
   });
 
   const findAccount: FindAccount = (_ctx, accountId) => ({
@@ -371,9 +371,10 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     adapter: mapAdapter(state.store),
     clients: [
       client(clientId, options.tokenEndpointAuthMethod ?? 'client_secret_basic'),
-      // As Google's and Entra ID's do, its id_tokens say when the user signed in (auth_time) only when
-      // the request asks (max_age, prompt=login), so a browser that strikes those gets none.
-      ...(postClientId ? [client(postClientId, 'client_secret_post', { require_auth_time: false })] : []),
+      // As some IdPs' do, its id_tokens say when the user signed in (auth_time) only when the request
+      // asks (max_age, prompt=login), so a browser that strikes those gets none; and they name no IdP
+      // session (sid), which its back-channel logout tokens still may.
+      ...(postClientId ? [client(postClientId, 'client_secret_post', { require_auth_time: false, backchannel_logout_session_required: false })] : []),
       ...(options.privateKeyJwtPublicJwk
         ? [client(`${clientId}-pkjwt`, 'private_key_jwt', { jwks: { keys: [options.privateKeyJwtPublicJwk] }, token_endpoint_auth_signing_alg: 'ES256' })]
         : []),

@@ -238,6 +238,31 @@ describe('back-channel logout', () => {
     expect((await sessionOf(a.rpCookies)).authenticated).toBe(false);
     expect((await sessionOf(b.rpCookies)).authenticated).toBe(true);
   });
+
+  it('a token with sub and sid also ends that sub’s sessions whose id_token named no IdP session; not those of another sid or another sub', async () => {
+    const named = await login('sid-less');
+    // The dev IdP's -post client gets id_tokens that name no IdP session (sid), as some IdPs send.
+    const mainClient = { OIDC_CLIENT_ID: stack.clientId, OIDC_CLIENT_AUTH: 'client_secret_basic' };
+    await restartGatehouse(stack.apps[0]!, { OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post' }, 'gatehouse-sid-less');
+    try {
+      const unnamed = await login('sid-less');
+      const stranger = await login('sid-less-stranger');
+      const records = await Promise.all((await sessionKeys()).map(async (key) => JSON.parse((await redis.get(key)) ?? '{}') as { sub?: string; idpSid?: string }));
+      expect(records.filter((record) => record.sub?.startsWith('sid-less')).map((record) => [record.sub, Boolean(record.idpSid)]).sort()).toEqual([
+        ['sid-less', false],
+        ['sid-less', true],
+        ['sid-less-stranger', false],
+      ]);
+      // A sid that none of them carries: the IdP session the unnamed one may have belonged to.
+      const ok = await postLogoutToken(await signWithIdp(logoutClaims({ aud: `${stack.clientId}-post`, sub: 'sid-less', sid: `ended-${randomUUID()}` })));
+      expect([ok.status, await ok.text()]).toEqual([200, '']);
+      expect((await sessionOf(unnamed.rpCookies)).authenticated).toBe(false);
+      expect((await sessionOf(named.rpCookies)).authenticated).toBe(true);
+      expect((await sessionOf(stranger.rpCookies)).authenticated).toBe(true);
+    } finally {
+      await restartGatehouse(stack.apps[0]!, mainClient, 'gatehouse');
+    }
+  });
 });
 
 /**

@@ -371,7 +371,7 @@ describe(`step-up on ${SHAPE}`, () => {
       ['made none', (authorize) => authorize.searchParams.set('prompt', 'none')],
     ];
     // The main client's id_tokens always carry auth_time (an old one, here); the -post client's only
-    // when the request asks, as Google's and Entra ID's: the callback cannot tell when that user signed in.
+    // when the request asks, as some IdPs': the callback cannot tell when that user signed in.
     const clients = [
       { OIDC_AUTHORIZATION_PARAMS: 'prompt=login', OIDC_CLIENT_ID: stack.clientId, OIDC_CLIENT_AUTH: 'client_secret_basic' },
       { OIDC_AUTHORIZATION_PARAMS: 'prompt=login', OIDC_CLIENT_ID: `${stack.clientId}-post`, OIDC_CLIENT_AUTH: 'client_secret_post' },
