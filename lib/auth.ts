@@ -219,9 +219,15 @@ async function beginLogin(request: Request): Promise<Response> {
   const authorization = oidc.newAuthorizationRequest({ prompt, ...stepUp });
   // With DPoP the session's key pair exists before the IdP sees the request: it is named there (dpop_jkt).
   if (getConfig().oidc.dpop) authorization.dpopJkt = await beginDpopLogin(authorization.state);
-  const location = await oidc.buildAuthorizationUrl(authorization);
+  const { url: location, pushed } = await oidc.buildAuthorizationUrl(authorization);
   const previousSessionId = (await sessionIdFromCookieHeader(cookieHeader)) ?? undefined;
-  const transaction = { ...authorization, returnTo, startedAt: Date.now(), ...(previousSessionId ? { previousSessionId } : {}) };
+  const transaction: LoginTransaction = {
+    ...authorization,
+    returnTo,
+    startedAt: Date.now(),
+    ...(previousSessionId ? { previousSessionId } : {}),
+    ...(requiresFreshSignIn(authorizationParams) ? { freshSignIn: pushed ? 'pushed' : 'sent' } : {}),
+  };
   log('info', 'auth.login_started', { silent: Boolean(prompt), ...(linkStepUp.acrValues ? { acrValues: linkStepUp.acrValues.length } : {}), ...(linkStepUp.maxAge !== undefined ? { maxAge: linkStepUp.maxAge } : {}) });
   return redirect(location.href, [...(await transactionCookiesToDrop(cookieHeader)), await transactionCookieHeader(transaction)]);
 }
@@ -270,8 +276,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     noteOnSpan({ 'gatehouse.outcome': 'silent_login_failed' });
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
-  const signedInSince = requiresFreshSignIn(getConfig().oidc.authorizationParams) ? transaction.startedAt : undefined;
-  const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, { dpop: dpop?.handle, signedInSince });
+  const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, dpop?.handle);
 
   // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP or
   // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login
@@ -361,8 +366,11 @@ async function endSession(session: Session, survivor?: SignIn): Promise<void> {
   else await destroySession(session.id, session.record);
   const { refreshToken } = session.secrets;
   // Ended from a session of the same IdP session, its refresh token is that session's grant too.
-  const revoked = refreshToken && !(survivor && fromOneIdpSession(session.record, survivor)) ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
-  log('info', 'auth.logout', { session: sessionHandle(session.id), revoked });
+  // The others listed are mostly other devices': unless both name their IdP session, they count as
+  // others', and their tokens are revoked.
+  const sharedGrant = survivor !== undefined && session.record.idpSid !== undefined && fromOneIdpSession(session.record, survivor);
+  const revoked = refreshToken && !sharedGrant ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
+  log('info', 'auth.logout', { session: sessionHandle(session.id), revoked, ...(sharedGrant ? { sharedGrant } : {}) });
   countLogout(survivor ? 'other_device' : 'user', 'ok');
 }
 
@@ -409,8 +417,8 @@ async function signOutContinuation(idToken: string | undefined): Promise<string>
 async function takeSignOutContinuation(handle: string): Promise<string | undefined> {
   const key = signOutContinuationKey(handle);
   const sealed = await storeCall(() => getStore().get(key));
-  if (sealed === null) return undefined;
-  await storeCall(() => getStore().del(key));
+  // Of two requests with one handle, only the one whose delete found it goes on.
+  if (sealed === null || !(await storeCall(() => getStore().del(key)))) return undefined;
   const idToken = await decryptAtRest<unknown>(sealed);
   return typeof idToken === 'string' ? idToken : undefined;
 }
@@ -421,7 +429,7 @@ async function takeSignOutContinuation(handle: string): Promise<string | undefin
  * unknown, used or expired leads back to the app (it holds nothing a link could forge or reuse).
  */
 export async function logoutByNavigation(request: Request): Promise<Response> {
-  if (isPrefetch(request)) throw new GatehouseError('invalid_request', 400, 'A prefetch does not sign out: follow the link to sign out.');
+  if (aheadOfTheUser(request)) throw new GatehouseError('invalid_request', 400, 'Only following the link signs out.');
   const query = new URL(request.url).searchParams;
   const continuation = query.get('continue');
   if (continuation !== null) {
@@ -441,21 +449,25 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
 }
 
 /**
- * A link fetched ahead of the user (Speculation Rules, `<link rel=prefetch>`, Next's `<Link>`, a
- * browser's preview): nobody asked yet, and a sign-out link fetched on sight or on hover would
- * sign the user out.
+ * A request for a sign-out link that is not the browser following it: a prefetch or prerender
+ * (Speculation Rules, `<link rel=prefetch>`, a browser's preview), fetched on sight or on hover, or
+ * a script's fetch (Next's `<Link>` and router fetch a link's target before any navigation, with
+ * `RSC: 1`). Either would sign the user out here while the IdP never hears of it, or use up a POST
+ * logout's continuation. Browsers mark their own navigations `Sec-Fetch-Mode: navigate`.
  */
-function isPrefetch(request: Request): boolean {
+function aheadOfTheUser(request: Request): boolean {
   const purpose = ['sec-purpose', 'purpose', 'x-purpose', 'x-moz'].map((name) => request.headers.get(name) ?? '').join(',');
-  return /prefetch|prerender|preview/i.test(purpose) || request.headers.has('next-router-prefetch');
+  const mode = request.headers.get('sec-fetch-mode');
+  return /prefetch|prerender|preview/i.test(purpose) || (mode !== null && mode !== 'navigate') || request.headers.has('rsc') || request.headers.has('next-router-prefetch');
 }
 
 /** POST with X-CSRF for SPAs: ends the session and hands back where to navigate next (see signOutContinuation). */
 export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
   const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (session) await endSession(session);
+  // The way on first: a store that fails it leaves the session, and the SPA's retry, intact.
   const redirectTo = session ? await signOutContinuation(session.secrets.idToken) : '/';
+  if (session) await endSession(session);
   return jsonResponse(200, { redirectTo }, signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]));
 }
 

@@ -284,7 +284,7 @@ const envSchema = z.object({
       // One the callback could not read would go to the IdP unchecked, a floor in name only.
       const maxAge = pairs.find(([name]) => name === 'max_age');
       if (maxAge && parseMaxAge(maxAge[1]) === undefined) {
-        ctx.addIssue({ code: 'custom', message: 'max_age must be a whole number of seconds (digits only)' });
+        ctx.addIssue({ code: 'custom', message: `max_age must be a whole number of seconds (digits only), at most ${MAX_AGE_LIMIT_SEC}` });
         return z.NEVER;
       }
       return pairs;

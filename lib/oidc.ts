@@ -143,14 +143,14 @@ export function newAuthorizationRequest({ prompt, acrValues, maxAge }: { prompt?
  * client authentication included, and the browser carries only `client_id` and `request_uri`: they
  * cannot be read or altered on the way, and the IdP knows the request came from this client.
  */
-export async function buildAuthorizationUrl(request: AuthorizationRequest): Promise<URL> {
+export async function buildAuthorizationUrl(request: AuthorizationRequest): Promise<{ url: URL; pushed: boolean }> {
   const as = await getAuthorizationServer();
   if (!as.authorization_endpoint) throw new IdpError('rejected', 'The IdP has no authorization_endpoint');
   const parameters = await authorizationParameters(request);
   const url = new URL(as.authorization_endpoint);
   if (!usesPushedAuthorization(as)) {
     for (const [name, value] of parameters) url.searchParams.set(name, value);
-    return url;
+    return { url, pushed: false };
   }
   const problem = pushedAuthorizationProblem(as);
   if (problem) {
@@ -160,7 +160,7 @@ export async function buildAuthorizationUrl(request: AuthorizationRequest): Prom
   }
   url.searchParams.set('client_id', getConfig().oidc.clientId);
   url.searchParams.set('request_uri', await pushAuthorizationRequest(as, parameters));
-  return url;
+  return { url, pushed: true };
 }
 
 async function authorizationParameters(request: AuthorizationRequest): Promise<URLSearchParams> {
@@ -233,18 +233,18 @@ function isAuthTimeShortfall(error: unknown): boolean {
 }
 
 /**
- * A `prompt=login` the operator asks of every sign-in. Without PAR it travels in the browser's URL,
- * and a browser that strikes it there is signed in silently by an IdP that still knows it: the
- * id_token's `auth_time` must fall within this attempt (epoch ms `since`, less the clock skew). An
- * id_token without `auth_time` cannot show that; it passes only when the request went by PAR, out
- * of the browser's reach, where whether the IdP honoured `prompt` is the IdP's part.
+ * A `prompt=login` the operator asks of every sign-in (`how`: the login sent it in the browser's
+ * URL, or pushed it by PAR). In the URL, a browser that strikes it is signed in silently by an IdP
+ * that still knows it: the id_token's `auth_time` must fall within this attempt (epoch ms `since`,
+ * less the clock skew). An id_token without `auth_time` cannot show that; it passes only when the
+ * request was pushed, out of the browser's reach, where honouring `prompt` is the IdP's part.
  */
-function checkFreshSignIn(claims: oauth.IDToken, since: number, pushed: boolean): void {
-  if (typeof claims.auth_time === 'number') {
-    if (claims.auth_time >= Math.floor(since / 1000) - CLOCK_SKEW_SEC) return;
-    throw errors.stepUpFailed(new Error(`prompt=login was asked for, but the id_token's auth_time is ${Math.floor(since / 1000) - claims.auth_time} s before the sign-in started`));
+function checkFreshSignIn(claims: oauth.IDToken, since: number, how: 'sent' | 'pushed'): void {
+  if (claims.auth_time !== undefined) {
+    if (typeof claims.auth_time === 'number' && claims.auth_time >= Math.floor(since / 1000) - CLOCK_SKEW_SEC) return;
+    throw errors.stepUpFailed(new Error(`prompt=login was asked for, but the id_token's auth_time is ${typeof claims.auth_time === 'number' ? `${Math.floor(since / 1000) - claims.auth_time} s before the sign-in started` : 'no number'}`));
   }
-  if (pushed) return;
+  if (how === 'pushed') return;
   throw errors.stepUpFailed(new Error('prompt=login was asked for without PAR, and the id_token has no auth_time to show the user signed in again (set OIDC_USE_PAR=true, or have the IdP include auth_time)'));
 }
 
@@ -285,8 +285,8 @@ export async function checkCallback(callbackUrl: URL, expectedState: string): Pr
  */
 export async function redeemAuthorizationCode(
   params: URLSearchParams,
-  request: AuthorizationRequest,
-  { dpop, signedInSince }: { dpop?: oauth.DPoPHandle | undefined; signedInSince?: number | undefined } = {},
+  request: AuthorizationRequest & { startedAt: number; freshSignIn?: 'sent' | 'pushed' | undefined },
+  dpop?: oauth.DPoPHandle,
 ): Promise<LoginResult> {
   const as = await getAuthorizationServer();
   try {
@@ -311,7 +311,7 @@ export async function redeemAuthorizationCode(
       throw new IdpError('rejected', 'The id_token iat is out of range');
     }
     checkRequestedAcr(claims, request.acrValues);
-    if (signedInSince !== undefined) checkFreshSignIn(claims, signedInSince, usesPushedAuthorization(as));
+    if (request.freshSignIn) checkFreshSignIn(claims, request.startedAt, request.freshSignIn);
     return { tokens: toTokenSet(result), claims };
   } catch (error) {
     if (error instanceof GatehouseError && error.code === 'step_up_failed') throw error;

@@ -63,9 +63,8 @@ const REQUEST_DENYLIST = new Set([
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
   // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
   'proxy',
-  // Next.js's own (CVE-2025-29927: an API built on an unpatched Next skips its middleware for it).
-  // The fast path never passes through Next, so nothing else would drop them.
-  ...['x-middleware-subrequest', 'x-middleware-prefetch', 'x-now-route-matches', 'x-invoke-path', 'x-invoke-query', 'x-invoke-output', 'x-matched-path'],
+  // Next.js's internal ones (x-middleware-* and x-invoke-* below): see REQUEST_DENIED_PREFIXES.
+  ...['x-now-route-matches', 'x-matched-path', 'x-nextjs-data', 'next-resume', 'x-next-resume-state-length'],
   // A signed-in user as front servers assert it (Apache's REMOTE_USER): see below.
   'remote-user',
   'x-userinfo',
@@ -87,6 +86,10 @@ const REQUEST_DENIED_PREFIXES = [
   ...['x-authenticated-', 'x-credential-', 'x-id-token', 'x-access-token', 'oidc-claim-', 'oidc-access-token'],
   // TLS client certificates as nginx, Apache, HAProxy or IIS pass them on.
   ...['x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert'],
+  // Next.js's internal signals between its own layers: an API built on an unpatched Next skips its
+  // middleware for x-middleware-subrequest (CVE-2025-29927) or acts on the others. The fast path
+  // never passes through Next, so nothing else would drop them.
+  ...['x-middleware-', 'x-invoke-'],
 ];
 /**
  * Never passed to the browser. The answer arrives on the app's origin, so these would let an API

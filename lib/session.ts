@@ -876,6 +876,12 @@ export interface LoginTransaction {
    * The private key itself never leaves the server: it waits in the store (lib/dpop.ts).
    */
   dpopJkt?: string;
+  /**
+   * OIDC_AUTHORIZATION_PARAMS asked this login for `prompt=login`, sent in the browser's URL or
+   * pushed by PAR: the callback holds the sign-in to it (lib/oidc.ts checkFreshSignIn), as this
+   * attempt was made, whatever the configuration says by the time it returns.
+   */
+  freshSignIn?: 'sent' | 'pushed';
 }
 
 export const TRANSACTION_TTL_SEC = 10 * 60;
@@ -918,6 +924,7 @@ async function openTransaction(value: string): Promise<LoginTransaction | null> 
     if (typeof data.startedAt !== 'number') return null;
     if (data.acrValues !== undefined && !(Array.isArray(data.acrValues) && data.acrValues.every((value) => typeof value === 'string'))) return null;
     if (data.maxAge !== undefined && typeof data.maxAge !== 'number') return null;
+    if (data.freshSignIn !== undefined && data.freshSignIn !== 'sent' && data.freshSignIn !== 'pushed') return null;
     return data as LoginTransaction;
   } catch {
     return null;

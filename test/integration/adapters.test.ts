@@ -136,6 +136,7 @@ const CODERS: Record<string, { encode: (bytes: Buffer | string) => Buffer; decod
   deflate: { encode: (bytes) => deflateSync(bytes), decode: (bytes) => inflateSync(bytes) },
   br: { encode: (bytes) => brotliCompressSync(bytes), decode: (bytes) => brotliDecompressSync(bytes) },
   zstd: { encode: (bytes) => zstdCompressSync(bytes), decode: (bytes) => zstdDecompressSync(bytes) },
+  identity: { encode: (bytes) => Buffer.from(bytes), decode: (bytes) => bytes },
 };
 
 /** `text` with each coding of a Content-Encoding list applied, in the order listed. */
@@ -164,7 +165,7 @@ async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream; brea
   let unfinished: Socket | undefined;
   const wideWindow = await wideWindowZstd();
   const reply = (request: UpstreamRequest, socket: Socket) => {
-    const encoding = /^\/encoded\/((?:gzip|deflate|br|zstd)(?:,(?:gzip|deflate|br|zstd))*)$/.exec(request.path)?.[1];
+    const encoding = /^\/encoded\/((?:gzip|deflate|br|zstd|identity)(?:,(?:gzip|deflate|br|zstd|identity))*)$/.exec(request.path)?.[1];
     if (encoding) return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', encoding.replaceAll(',', ', ')]], encode(encoding, ENCODED_JSON)));
     if (request.path === '/wide-window') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', 'zstd']], wideWindow));
     const bodiless = /^\/bodiless\/(\d{3})$/.exec(request.path)?.[1];
@@ -482,7 +483,8 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
 
   it('codings an API stacks: two are undone under next start, more are a 502 there (each is a decoder), and npm start passes them on as sent', async () => {
     const accept: [string, string] = ['Accept-Encoding', 'gzip, deflate, br, zstd'];
-    for (const codings of ['zstd', 'gzip,br', 'zstd,zstd']) {
+    // `identity` is no coding: it does not count.
+    for (const codings of ['zstd', 'gzip,br', 'zstd,zstd', 'gzip,identity,br']) {
       for (const target of [fast, next]) {
         const res = await rawRequest(target.port, scripted(target, `/encoded/${codings}`, [accept]));
         expect(res?.status, `${target.name} ${codings}`).toBe(200);

@@ -191,8 +191,8 @@ describe(`an IdP that requires PAR in its discovery document (${shape})`, () => 
     const gatehouse = stack.apps[0]!;
     const before = gatehouse.env;
     try {
-      // oidc-provider checks pushed parameters as it would unpushed ones: a max_age that is not a number is invalid_request.
-      await restartGatehouse(gatehouse, { OIDC_AUTHORIZATION_PARAMS: 'max_age=soon', LOG_LEVEL: 'warn' }, 'gatehouse-par-refused');
+      // oidc-provider checks pushed parameters as it would unpushed ones: a prompt it does not know is invalid_request.
+      await restartGatehouse(gatehouse, { OIDC_AUTHORIZATION_PARAMS: 'prompt=sometimes', LOG_LEVEL: 'warn' }, 'gatehouse-par-refused');
       const logBefore = gatehouse.process.output().length;
       const { res } = await authorizationRedirect(app);
       expect(res.status).toBe(502);
@@ -200,10 +200,10 @@ describe(`an IdP that requires PAR in its discovery document (${shape})`, () => 
       const html = await res.text();
       expect(html).toContain('<code>idp_error</code>');
       expect(html).toContain('The identity provider refused the sign-in request.');
-      expect(html).not.toContain('max_age');
+      expect(html).not.toContain('prompt');
       expect(html).not.toMatch(/\bat [\w.<>$]+ \(|node_modules|\.ts:\d+/);
       const logged = gatehouse.process.output().slice(logBefore);
-      expect(logged).toContain('pushed authorization request: IdP answered invalid_request (invalid max_age parameter value)');
+      expect(logged).toContain('pushed authorization request: IdP answered invalid_request (unsupported prompt value requested)');
       expect(logged).not.toContain(stack.appEnv.OIDC_CLIENT_SECRET as string);
     } finally {
       gatehouse.env = before;

@@ -2,6 +2,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { SignJWT, generateKeyPair } from 'jose';
 import { Redis } from 'ioredis';
 import fc from 'fast-check';
+import { request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
@@ -54,6 +55,27 @@ async function expectRefused(response: Response, name: string): Promise<void> {
   expect(response.status, name).toBe(400);
   expect(await response.json(), name).toEqual({ error: 'invalid_request', message: 'The logout token is not valid.' });
   expect(response.headers.get('cache-control'), name).toContain('no-store');
+}
+
+/**
+ * A browser's top-level navigation to `path` on the app, redirects not followed. Not fetch: it says
+ * `Sec-Fetch-Mode: cors` of every request, as a script's fetch in a browser does. Next answers an
+ * `RSC` request without its cache-busting `_rsc` with a 307 to the same path with it: followed.
+ */
+async function navigate(path: string, headers: Record<string, string> = { 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' }) {
+  let url = new URL(path, app);
+  for (;;) {
+    const answer = await request(url, { headers });
+    const text = await answer.body.text();
+    const location = typeof answer.headers.location === 'string' ? answer.headers.location : undefined;
+    const next = answer.statusCode === 307 && location ? new URL(location, url) : undefined;
+    if (next && next.origin === url.origin && next.pathname === url.pathname && next.searchParams.has('_rsc') && !url.searchParams.has('_rsc')) {
+      url = next;
+      continue;
+    }
+    const setCookie = answer.headers['set-cookie'];
+    return { status: answer.statusCode, location, headers: answer.headers, text, setCookies: setCookie === undefined ? [] : [setCookie].flat() };
+  }
 }
 
 async function login(username: string, jars?: CookieJars) {
@@ -394,63 +416,65 @@ describe('a sign-out link fetched ahead of the user', () => {
     const session = await login('prefetched');
     const cookie = cookieHeader(session.rpCookies);
     const { logoutUrl } = (await (await fetch(`${app}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } })).json()) as { logoutUrl: string };
+    // Browsers mark a prefetch or prerender of a page as a navigation (Sec-Fetch-Mode: navigate) with a purpose.
+    const asNavigation = { 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' };
     const ahead: Array<Record<string, string>> = [
-      { 'sec-purpose': 'prefetch' },
-      { 'sec-purpose': 'prefetch;prerender' },
-      { 'Sec-Purpose': 'Prefetch;anonymous-client-ip' },
+      { ...asNavigation, 'sec-purpose': 'prefetch' },
+      { ...asNavigation, 'sec-purpose': 'prefetch;prerender' },
+      { ...asNavigation, 'Sec-Purpose': 'Prefetch;anonymous-client-ip' },
       { purpose: 'prefetch' },
       { 'x-purpose': 'preview' },
       { 'x-moz': 'prefetch' },
       { 'next-router-prefetch': '1', rsc: '1' },
+      // Not prefetches, but no navigation either: a script's fetch (Next's router fetches a <Link>'s target with RSC: 1).
+      { rsc: '1' },
+      { 'sec-fetch-mode': 'cors', 'sec-fetch-dest': 'empty' },
+      { 'sec-fetch-mode': 'no-cors', 'sec-fetch-dest': 'image' },
+      { 'sec-fetch-mode': 'same-origin' },
     ];
-    /** As a prefetcher fetches: Next sends an RSC request without its cache-busting `_rsc` on with a 307 to the same path. */
-    const fetchAhead = async (path: string, headers: Record<string, string>): Promise<Response> => {
-      let url = new URL(path, app);
-      for (;;) {
-        const res = await fetch(url, { headers, redirect: 'manual' });
-        const next = res.status === 307 ? new URL(res.headers.get('location') ?? 'about:blank', url) : undefined;
-        if (!next || next.origin !== url.origin || next.pathname !== url.pathname || next.searchParams.has('_rsc') === url.searchParams.has('_rsc')) return res;
-        url = next;
-      }
-    };
     for (const headers of ahead) {
-      const res = await fetchAhead(logoutUrl, { cookie, ...headers });
+      const res = await navigate(logoutUrl, { cookie, ...headers });
       expect(res.status, JSON.stringify(headers)).toBe(400);
-      expect(res.headers.getSetCookie(), JSON.stringify(headers)).toEqual([]);
-      expect(await res.text()).toContain('<code>invalid_request</code>');
+      expect(res.setCookies, JSON.stringify(headers)).toEqual([]);
+      expect(res.text).toContain('<code>invalid_request</code>');
       expect((await sessionOf(cookie)).authenticated, JSON.stringify(headers)).toBe(true);
     }
     const { redirectTo } = (await (await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).json()) as { redirectTo: string };
-    for (const headers of ahead) expect((await fetchAhead(redirectTo, headers)).status, JSON.stringify(headers)).toBe(400);
-    // The user's own navigation still finds the step.
-    const step = await fetch(`${app}${redirectTo}`, { redirect: 'manual' });
-    expect(new URL(step.headers.get('location') ?? 'about:blank').origin).toBe(new URL(stack.issuer).origin);
+    for (const headers of ahead) expect((await navigate(redirectTo, headers)).status, JSON.stringify(headers)).toBe(400);
+    // The user's own navigation, as a browser marks it, still finds the step.
+    const step = await navigate(redirectTo, { ...asNavigation, 'sec-fetch-site': 'same-origin', 'sec-fetch-user': '?1' });
+    expect(new URL(step.location ?? 'about:blank').origin).toBe(new URL(stack.issuer).origin);
   });
 });
 
 describe('ending sessions that share an IdP session', () => {
-  it('ending, from this browser, a session of the same IdP session keeps the grant they share: this session still refreshes', async () => {
+  it('ending, from this browser, a session of the same IdP session keeps the grant they share (this session still refreshes); one of another IdP session is revoked', async () => {
     const headers = (cookies: Map<string, string>) => ({ cookie: cookieHeader(cookies), 'x-csrf': '1' });
     const idpOrigin = new URL(stack.issuer).origin;
     for (const how of ['everywhere else', 'by handle']) {
       const user = `one-idp-session-${how.replace(' ', '-')}`;
       // Two sessions of one IdP session: the second browser holds only the first's IdP cookies (as
-      // the orphan of two callbacks racing in one browser would be).
+      // the orphan of two callbacks racing in one browser would be). A third on another device.
       const first = await login(user);
       const second = await login(user, new Map([[idpOrigin, new Map(first.jars.get(idpOrigin))]]));
+      const elsewhere = await login(user);
       const stored = await Promise.all((await sessionKeys()).map(async (key) => JSON.parse((await redis.get(key)) ?? '{}') as { sub?: string; idpSid?: string }));
-      const ofUser = stored.filter((record) => record.sub === user);
-      expect(ofUser, how).toHaveLength(2);
-      expect(ofUser[0]?.idpSid, how).toBeTruthy();
-      expect(ofUser[0]?.idpSid, how).toBe(ofUser[1]?.idpSid);
+      const sids = stored.filter((record) => record.sub === user).map((record) => record.idpSid);
+      expect(sids, how).toHaveLength(3);
+      expect(new Set(sids).size, how).toBe(2);
+      const revocations = (await idpGrants(stack.issuer)).revocations[user] ?? 0;
       if (how === 'everywhere else') {
-        expect(await (await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: headers(second.rpCookies) })).json(), how).toEqual({ ended: 1 });
+        expect(await (await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: headers(second.rpCookies) })).json(), how).toEqual({ ended: 2 });
       } else {
         const { sessions } = (await (await fetch(`${app}/api/auth/sessions`, { headers: headers(second.rpCookies) })).json()) as { sessions: Array<{ handle: string; current: boolean }> };
-        const other = sessions.find((entry) => !entry.current)!.handle;
-        expect((await fetch(`${app}/api/auth/sessions/${other}`, { method: 'DELETE', headers: headers(second.rpCookies) })).status, how).toBe(200);
+        for (const { handle } of sessions.filter((entry) => !entry.current)) {
+          expect((await fetch(`${app}/api/auth/sessions/${handle}`, { method: 'DELETE', headers: headers(second.rpCookies) })).status, how).toBe(200);
+        }
       }
       expect((await sessionOf(first.rpCookies)).authenticated, how).toBe(false);
+      expect((await sessionOf(elsewhere.rpCookies)).authenticated, how).toBe(false);
+      // The other device's grant is revoked at the IdP; the shared one is not.
+      expect((await idpGrants(stack.issuer)).revocations[user] ?? 0, how).toBe(revocations + 1);
       // The API refuses the token once: Gatehouse refreshes and retries, with the grant the ended session shared.
       const refreshes = refreshGrantsOf(await idpGrants(stack.issuer), user);
       await (await fetch(`${app}/api/proxy/demo/status/401`, { headers: headers(second.rpCookies) })).body?.cancel();
@@ -478,10 +502,10 @@ describe('logout for SPAs and silent login', () => {
     const stored = await redis.get(storedKey!);
     expect(await redis.pttl(storedKey!)).toBeGreaterThan(4 * 60_000);
     // The browser's navigation there (the cookie is gone by then) is sent on to the IdP's logout.
-    const step = await fetch(`${app}${redirectTo}`, { redirect: 'manual' });
+    const step = await navigate(redirectTo);
     expect(step.status).toBe(302);
-    expect(step.headers.get('cache-control')).toContain('no-store');
-    const target = new URL(step.headers.get('location') ?? 'about:blank');
+    expect(step.headers['cache-control']).toContain('no-store');
+    const target = new URL(step.location ?? 'about:blank');
     expect(target.origin + target.pathname).toBe(`${stack.issuer}/session/end`);
     expect(target.searchParams.get('post_logout_redirect_uri')).toBe(`${app}/`);
     const idToken = target.searchParams.get('id_token_hint');
@@ -489,14 +513,14 @@ describe('logout for SPAs and silent login', () => {
     // It waited in the store encrypted, as tokens do.
     expect(stored).not.toContain(idToken!.split('.')[1]);
     // Once: the same step again, or any other handle, leads back to the app.
-    const again = await fetch(`${app}${redirectTo}`, { redirect: 'manual' });
-    expect([again.status, again.headers.get('location')]).toEqual([302, `${app}/`]);
+    const again = await navigate(redirectTo);
+    expect([again.status, again.location]).toEqual([302, `${app}/`]);
     expect(await redis.keys(`${stack.keyPrefix}logout-continue:*`)).toEqual([]);
     await fc.assert(
       fc.asyncProperty(fc.oneof(fc.stringMatching(/^[\w-]{43}$/), fc.string({ maxLength: 80 })), async (handle) => {
-        const forged = await fetch(`${app}/api/auth/logout?continue=${encodeURIComponent(handle)}`, { redirect: 'manual' });
-        expect([forged.status, forged.headers.get('location')]).toEqual([302, `${app}/`]);
-        expect(forged.headers.getSetCookie()).toEqual([]);
+        const forged = await navigate(`/api/auth/logout?continue=${encodeURIComponent(handle)}`);
+        expect([forged.status, forged.location]).toEqual([302, `${app}/`]);
+        expect(forged.setCookies).toEqual([]);
       }),
       { numRuns: 30 },
     );

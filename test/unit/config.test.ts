@@ -139,7 +139,7 @@ describe('configuration', () => {
     fc.assert(
       fc.property(fc.string({ maxLength: 12 }), (text) => {
         fc.pre(!/^\d{1,10}$/.test(text) || Number(text) > MAX_AGE_LIMIT_SEC);
-        expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: new URLSearchParams({ max_age: text }).toString() })).toEqual(['OIDC_AUTHORIZATION_PARAMS: max_age must be a whole number of seconds (digits only)']);
+        expect(problemsOf({ ...valid, OIDC_AUTHORIZATION_PARAMS: new URLSearchParams({ max_age: text }).toString() })).toEqual([`OIDC_AUTHORIZATION_PARAMS: max_age must be a whole number of seconds (digits only), at most ${MAX_AGE_LIMIT_SEC}`]);
       }),
     );
     for (const text of ['soon', '-1', '1.5', '60s', ' 60', '1e3', '', String(MAX_AGE_LIMIT_SEC + 1)]) {
