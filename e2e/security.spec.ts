@@ -595,6 +595,33 @@ test.describe('logout', () => {
     }
   });
 
+  test('in Chromium, only following the logout link signs out: the page fetching it, or prefetching it, changes nothing', async ({ page, context, request }) => {
+    const { cookie } = await signIn('pia');
+    await context.addCookies([{ name: 'gatehouse', value: cookie, url: app(), httpOnly: true, sameSite: 'Strict' }]);
+    const signedIn = async () => ((await (await request.get('/api/auth/session', { headers: withSession(cookie) })).json()) as { authenticated: boolean }).authenticated;
+    const { logoutUrl } = (await (await request.get('/api/auth/session', { headers: withSession(cookie) })).json()) as { logoutUrl: string };
+    await page.goto('/');
+    // A script's fetch (as Next's router fetches a <Link>'s target): Sec-Fetch-Mode: cors.
+    const fetched = await page.evaluate(async (url) => (await fetch(url)).status, logoutUrl);
+    expect(fetched).toBe(400);
+    // A prefetch: Chromium marks it Sec-Purpose: prefetch.
+    const prefetched = page.waitForResponse((response) => response.url().endsWith(logoutUrl));
+    await page.evaluate((url) => {
+      const link = document.createElement('link');
+      link.rel = 'prefetch';
+      link.href = url;
+      document.head.append(link);
+    }, logoutUrl);
+    const prefetch = await prefetched;
+    expect((await prefetch.request().allHeaders())['sec-purpose']).toMatch(/prefetch/);
+    expect(prefetch.status()).toBe(400);
+    expect(await signedIn()).toBe(true);
+    // Following the link: the session ends, and the browser is on its way to the IdP's logout.
+    const navigation = await page.goto(logoutUrl);
+    expect(new URL(navigation?.url() ?? page.url()).origin).toBe(new URL(idp()).origin);
+    expect(await signedIn()).toBe(false);
+  });
+
   test('POST logout needs X-CSRF and leaves the session alone without it', async ({ request }) => {
     const { cookie } = await signIn('olga');
     await expectApiError(await request.post('/api/auth/logout', { headers: { cookie: `gatehouse=${cookie}` } }), 403, 'csrf_failed');
