@@ -80,14 +80,21 @@ async function readyKey(jwk: PrivateJwk): Promise<ReadyKey> {
  */
 function withKnownNonce(_header: Record<string, unknown>, payload: Record<string, unknown>): void {
   if (payload.nonce !== undefined || typeof payload.htu !== 'string') return;
-  const known = state.nonces.get(`idp ${new URL(payload.htu).origin}`);
+  const known = state.nonces.get(idpNonceKey(new URL(payload.htu).origin));
   if (known) payload.nonce = known;
 }
 
-function rememberNonce(server: 'api' | 'idp', origin: string, nonce: string | null | undefined): void {
+const idpNonceKey = (origin: string) => `idp ${origin}`;
+/**
+ * An API's nonces are its own, by its name in BFF_APIS rather than its origin: two APIs on one
+ * origin (a gateway in front of two resource servers) may each keep their own, and one's answers
+ * must not replace the nonce the other's proofs need.
+ */
+const apiNonceKey = (api: string) => `api ${api}`;
+
+function rememberNonce(key: string, nonce: string | null | undefined): void {
   // A nonce is an opaque token of the server's; a bound on its size keeps a hostile one from
   // bloating every later proof.
-  const key = `${server} ${origin}`;
   if (!nonce || nonce.length > 512 || state.nonces.get(key) === nonce) return;
   if (state.nonces.size >= NONCES_LIMIT && !state.nonces.has(key)) state.nonces.delete(state.nonces.keys().next().value as string);
   state.nonces.set(key, nonce);
@@ -172,7 +179,7 @@ export async function sessionDpopHandle(sessionId: string, secrets: SessionSecre
 export async function tokenRequestWithDpop<T>(dpop: oauth.DPoPHandle | undefined, send: () => Promise<Response>, check: (response: Response) => Promise<T>): Promise<{ response: Response; result: T }> {
   for (let attempt = 1; ; attempt++) {
     const response = await send();
-    if (dpop && response.url) rememberNonce('idp', new URL(response.url).origin, response.headers.get('dpop-nonce'));
+    if (dpop && response.url) rememberNonce(idpNonceKey(new URL(response.url).origin), response.headers.get('dpop-nonce'));
     try {
       return { response, result: await check(response) };
     } catch (error) {
@@ -199,12 +206,12 @@ export function unboundTokenProblem(result: oauth.TokenEndpointResponse, operati
 /**
  * `Authorization: DPoP <token>` and a fresh proof for one upstream request: `htm`, `htu` (the URL
  * without query and fragment), `ath` (the token's SHA-256), a random `jti`, `iat` now, and the
- * origin's last nonce if it sent one. One signature per request; the key import is cached.
+ * API's last nonce if it sent one. One signature per request; the key import is cached.
  */
-export async function dpopAuthorization(sessionId: string, secrets: SessionSecrets, token: string, method: string, url: URL): Promise<Array<[string, string]>> {
+export async function dpopAuthorization(sessionId: string, secrets: SessionSecrets, token: string, method: string, url: URL, api: string): Promise<Array<[string, string]>> {
   const key = await sessionKey(sessionId, keyOf(secrets));
   if (key.ath?.token !== token) key.ath = { token, value: createHash('sha256').update(token).digest('base64url') };
-  const nonce = state.nonces.get(`api ${url.origin}`);
+  const nonce = state.nonces.get(apiNonceKey(api));
   const proof = await new SignJWT({ htm: method, htu: `${url.origin}${url.pathname}`, ath: key.ath.value, ...(nonce ? { nonce } : {}) })
     .setProtectedHeader(key.header)
     // randomUUID draws from a pre-filled entropy buffer: 122 random bits without a call into the RNG per request.
@@ -222,7 +229,7 @@ export async function dpopAuthorization(sessionId: string, secrets: SessionSecre
  * carry the next one), and says whether it refused the request for want of that nonce (401 with a
  * `DPoP` challenge `error="use_dpop_nonce"`), in which case the request may go once more.
  */
-export function dpopNonceDemanded(url: URL, status: number, rawHeaders: string[]): boolean {
+export function dpopNonceDemanded(api: string, status: number, rawHeaders: string[]): boolean {
   let nonce: string | undefined;
   let challenge = '';
   for (let i = 0; i < rawHeaders.length; i += 2) {
@@ -230,6 +237,6 @@ export function dpopNonceDemanded(url: URL, status: number, rawHeaders: string[]
     if (name === 'dpop-nonce') nonce = rawHeaders[i + 1];
     else if (name === 'www-authenticate') challenge += `${rawHeaders[i + 1]},`;
   }
-  rememberNonce('api', url.origin, nonce);
+  rememberNonce(apiNonceKey(api), nonce);
   return status === 401 && nonce !== undefined && /(?:^|[\s,])DPoP\b/i.test(challenge) && /\berror\s*=\s*"?use_dpop_nonce\b/i.test(challenge);
 }

@@ -992,17 +992,17 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     const withToken = async (token: string | undefined): Promise<Array<[string, string]>> => {
       if (!token) return headers;
       // A DPoP API gets the token as `DPoP`, with a proof made for this one request.
-      if (api.dpop && credentials.session) return [...headers, ...(await dpopAuthorization(credentials.session.id, credentials.session.secrets, token, method, url))];
+      if (api.dpop && credentials.session) return [...headers, ...(await dpopAuthorization(credentials.session.id, credentials.session.secrets, token, method, url, api.name))];
       return [...headers, ['authorization', `Bearer ${token}`]];
     };
 
     let answer = await sendUpstream(api, url, method, await withToken(credentials.token), body, inbound.signal);
-    let nonceDemanded = api.dpop && credentials.token !== undefined && dpopNonceDemanded(url, answer.status, answer.rawHeaders);
+    let nonceDemanded = api.dpop && credentials.token !== undefined && dpopNonceDemanded(api.name, answer.status, answer.rawHeaders);
     if (nonceDemanded && (!hasBody || kept)) {
       // The API did not act on the request and named the nonce it wants: once more, with it.
       discard(answer.body);
       answer = await sendUpstream(api, url, method, await withToken(credentials.token), kept ? Readable.from([kept]) : null, inbound.signal);
-      nonceDemanded = dpopNonceDemanded(url, answer.status, answer.rawHeaders);
+      nonceDemanded = dpopNonceDemanded(api.name, answer.status, answer.rawHeaders);
     }
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });

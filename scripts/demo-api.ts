@@ -209,6 +209,8 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     const { claims } = verification;
     // RFC 9449 section 9: a server that wants nonces may name the next one on any answer.
     if (verification.dpop && dpop.requireNonce) res.setHeader('dpop-nonce', dpop.nonce);
+    // For tests: `?ownNonce=` stands in for another resource server on this origin, with nonces of its own.
+    if (verification.dpop && query.ownNonce) res.setHeader('dpop-nonce', query.ownNonce);
 
     switch (route) {
       case 'mfa':

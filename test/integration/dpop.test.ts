@@ -334,7 +334,8 @@ describe(`DPoP with every client authentication method, server nonces, and an Id
       // Every proxied call refreshes first (the skew exceeds the lifetime): each one is a grant too.
       env: { OIDC_DPOP: 'true', TOKEN_REFRESH_SKEW: '120' },
       idpEnv: { IDP_PKJWT_PUBLIC_JWK: JSON.stringify(publicJwk), IDP_DPOP_NONCE: 'required' },
-      apis: ({ apiUrl }) => ({ demo: { url: apiUrl, dpop: true } }),
+      // `sibling` shares the demo API's origin, as two resource servers behind one gateway would.
+      apis: ({ apiUrl }) => ({ demo: { url: apiUrl, dpop: true }, sibling: { url: `${apiUrl}/sibling`, dpop: true } }),
     });
     stacks.push(stack);
     app = stack.apps[0] as Stack['apps'][number];
@@ -412,6 +413,12 @@ describe(`DPoP with every client authentication method, server nonces, and an Id
       expect(refused.status).toBe(401);
       expect(refused.headers.get('www-authenticate')).toMatch(/^DPoP error="use_dpop_nonce"/);
       expect(refused.headers.get('dpop-nonce')).toBeNull();
+      expect((await postJson(app.url, '/api/proxy/demo/echo', cookie, large)).status).toBe(200);
+
+      // Another API on the same origin names nonces of its own (`ownNonce`): the demo API's proofs
+      // keep carrying the demo API's, so its large request (sent once) still goes through.
+      const sibling = await call(app.url, '/api/proxy/sibling/whoami?ownNonce=the-siblings-own', cookie);
+      expect(sibling.status).toBe(200);
       expect((await postJson(app.url, '/api/proxy/demo/echo', cookie, large)).status).toBe(200);
     } finally {
       await setDemoDpop(stack.apiUrl, { requireNonce: false });

@@ -77,7 +77,7 @@ describe('DPoP proofs for proxied calls', () => {
     const key = await newKey();
     const token = 'header.payload.signature';
     const url = new URL('https://api.example.com/v1/items/7?page=2#top');
-    const first = await dpopAuthorization('session-a', secretsWith(key), token, 'POST', url);
+    const first = await dpopAuthorization('session-a', secretsWith(key), token, 'POST', url, 'api');
     expect(first[0]).toEqual(['authorization', `DPoP ${token}`]);
     const { header, payload } = await proofOf(first);
     expect(header).toMatchObject({ alg: 'ES256', typ: 'dpop+jwt' });
@@ -86,7 +86,7 @@ describe('DPoP proofs for proxied calls', () => {
     expect(payload).toMatchObject({ htm: 'POST', htu: 'https://api.example.com/v1/items/7', ath: createHash('sha256').update(token).digest('base64url') });
     expect(Math.abs((payload.iat as number) - Date.now() / 1000)).toBeLessThan(5);
     expect(payload.nonce).toBeUndefined();
-    const second = await proofOf(await dpopAuthorization('session-a', secretsWith(key), token, 'POST', url));
+    const second = await proofOf(await dpopAuthorization('session-a', secretsWith(key), token, 'POST', url, 'api'));
     expect(typeof payload.jti).toBe('string');
     expect(second.payload.jti).not.toBe(payload.jti);
     expect(JSON.stringify(first)).not.toContain(key.d);
@@ -98,31 +98,34 @@ describe('DPoP proofs for proxied calls', () => {
   });
 
   it('a session without a key (signed in before OIDC_DPOP) needs a fresh sign-in for a DPoP API', async () => {
-    await expect(dpopAuthorization('session-old', secretsWith(undefined), 'token', 'GET', new URL('https://api.example.com/'))).rejects.toMatchObject({ code: 'reauthentication_required', status: 403 });
+    await expect(dpopAuthorization('session-old', secretsWith(undefined), 'token', 'GET', new URL('https://api.example.com/'), 'api')).rejects.toMatchObject({ code: 'reauthentication_required', status: 403 });
   });
 
   it('a new key under the same session id is never signed with the cached one', async () => {
     const [one, two] = [await newKey(), await newKey()];
     const url = new URL('https://api.example.com/x');
-    await dpopAuthorization('session-b', secretsWith(one), 't', 'GET', url);
-    const { header } = await proofOf(await dpopAuthorization('session-b', secretsWith(two), 't', 'GET', url));
+    await dpopAuthorization('session-b', secretsWith(one), 't', 'GET', url, 'api');
+    const { header } = await proofOf(await dpopAuthorization('session-b', secretsWith(two), 't', 'GET', url, 'api'));
     expect((header.jwk as JWK).x).toBe(two.x);
   });
 
-  it("hears an API's nonce challenge, and puts the nonce into the origin's next proofs", async () => {
+  it("hears an API's nonce challenge, and puts the nonce into that API's next proofs, not another's on the same origin", async () => {
     const key = await newKey();
     const url = new URL('https://nonce-api.example.com/v1/a');
     const challenge = ['WWW-Authenticate', 'DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"', 'DPoP-Nonce', 'n-1'];
-    expect(dpopNonceDemanded(url, 401, challenge)).toBe(true);
-    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', url))).payload.nonce).toBe('n-1');
+    expect(dpopNonceDemanded('orders', 401, challenge)).toBe(true);
+    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', url, 'orders'))).payload.nonce).toBe('n-1');
     // A 200 may carry the next nonce: remembered, no retry.
-    expect(dpopNonceDemanded(url, 200, ['DPoP-Nonce', 'n-2'])).toBe(false);
-    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', new URL('https://nonce-api.example.com/other')))).payload.nonce).toBe('n-2');
-    // Another origin has nonces of its own.
-    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', new URL('https://else.example.com/')))).payload.nonce).toBeUndefined();
+    expect(dpopNonceDemanded('orders', 200, ['DPoP-Nonce', 'n-2'])).toBe(false);
+    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', new URL('https://nonce-api.example.com/v1/other'), 'orders'))).payload.nonce).toBe('n-2');
+    // Another API has nonces of its own, on another origin or on this one (two resource servers behind one gateway).
+    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', new URL('https://else.example.com/'), 'else'))).payload.nonce).toBeUndefined();
+    expect(dpopNonceDemanded('billing', 200, ['DPoP-Nonce', 'b-1'])).toBe(false);
+    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', new URL('https://nonce-api.example.com/v2/bills'), 'billing'))).payload.nonce).toBe('b-1');
+    expect((await proofOf(await dpopAuthorization('s', secretsWith(key), 't', 'GET', url, 'orders'))).payload.nonce).toBe('n-2');
     // Not a nonce challenge: a 401 without a nonce to use, or one that is about the token.
-    expect(dpopNonceDemanded(url, 401, ['WWW-Authenticate', 'DPoP error="use_dpop_nonce"'])).toBe(false);
-    expect(dpopNonceDemanded(url, 401, ['WWW-Authenticate', 'DPoP error="invalid_token"', 'DPoP-Nonce', 'n-3'])).toBe(false);
+    expect(dpopNonceDemanded('orders', 401, ['WWW-Authenticate', 'DPoP error="use_dpop_nonce"'])).toBe(false);
+    expect(dpopNonceDemanded('orders', 401, ['WWW-Authenticate', 'DPoP error="invalid_token"', 'DPoP-Nonce', 'n-3'])).toBe(false);
   });
 });
 
