@@ -622,6 +622,22 @@ test.describe('logout', () => {
     expect(await signedIn()).toBe(false);
   });
 
+  test('in Chromium, a POST logout gives the page only a step; the browser\'s navigation there takes the id_token to the IdP', async ({ page, context }) => {
+    const { cookie } = await signIn('quin');
+    await context.addCookies([{ name: 'gatehouse', value: cookie, url: app(), httpOnly: true, sameSite: 'Strict' }]);
+    await page.goto('/');
+    const answer = await page.evaluate(async () => {
+      const response = await fetch('/api/auth/logout', { method: 'POST', headers: { 'X-CSRF': '1' } });
+      return { text: await response.text(), cookies: document.cookie };
+    });
+    expect(answer.text).not.toMatch(/eyJ/);
+    expect(answer.cookies).not.toMatch(/signout/);
+    const { redirectTo } = JSON.parse(answer.text) as { redirectTo: string };
+    const toIdp = page.waitForRequest((request) => request.url().startsWith(`${idp()}/session/end`));
+    await page.goto(redirectTo);
+    expect(new URL((await toIdp).url()).searchParams.get('id_token_hint')).toMatch(/^eyJ/);
+  });
+
   test('POST logout needs X-CSRF and leaves the session alone without it', async ({ request }) => {
     const { cookie } = await signIn('olga');
     await expectApiError(await request.post('/api/auth/logout', { headers: { cookie: `gatehouse=${cookie}` } }), 403, 'csrf_failed');
@@ -632,12 +648,15 @@ test.describe('logout', () => {
     expect(res.status()).toBe(200);
     expect(res.headers()['cache-control']).toContain('no-store');
     expect(sessionCookieCleared(res)).toBe(true);
-    // A same-origin step whose redirect (carrying the id_token) page scripts cannot read.
+    // A same-origin step whose redirect (carrying the id_token) page scripts cannot read, with a
+    // handle they cannot read either (an HttpOnly cookie, kept by this client as a browser keeps it).
     const { redirectTo } = (await res.json()) as { redirectTo: string };
-    expect(redirectTo).toMatch(/^\/api\/auth\/logout\?continue=[\w-]{43}$/);
+    expect(redirectTo).toBe('/api/auth/logout?continue=1');
     const step = await request.get(redirectTo, { maxRedirects: 0 });
     expect(step.status()).toBe(302);
-    expect(new URL(step.headers().location ?? 'about:blank').origin).toBe(new URL(idp()).origin);
+    const location = new URL(step.headers().location ?? 'about:blank');
+    expect(location.origin).toBe(new URL(idp()).origin);
+    expect(location.searchParams.get('id_token_hint')).toMatch(/^eyJ/);
     expect(await (await request.get('/api/auth/session', { headers: withSession(cookie) })).json()).toEqual({ authenticated: false });
   });
 });

@@ -28,6 +28,8 @@ import {
   sessionHandle,
   sessionIdFromCookieHeader,
   sessionIdToReplace,
+  signOutCookieHeader,
+  signOutHandleFromCookie,
   signedOutCookieHeaders,
   shortDigest,
   storeCall,
@@ -73,12 +75,16 @@ function configAware(caught: unknown): GatehouseError {
 const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 /** Browser navigations get a readable page with a way forward, never JSON or a stack trace. */
-function errorPage(caught: unknown, event: string, retryPath = '/api/auth/login', cookies: string[] = []): Response {
+/**
+ * A readable error page for a browser navigation, logged as `event` (none: the caller logged it).
+ * `action` says what failed, signing in or out; `retryPath` is its "Try again".
+ */
+function errorPage(caught: unknown, event: string, { retryPath = '/api/auth/login', cookies = [], action = 'in' }: { retryPath?: string | undefined; cookies?: string[]; action?: 'in' | 'out' } = {}): Response {
   const error = configAware(caught);
-  log(error.status >= 500 ? 'error' : 'warn', event, { code: error.code, ...describeCause(error.cause) });
+  if (event) log(error.status >= 500 ? 'error' : 'warn', event, { code: error.code, ...describeCause(error.cause) });
   const html = `<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>Sign-in problem</title><style>body{font:16px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;color:#1d2330}code{background:#eef1f6;padding:.1rem .3rem;border-radius:4px}a{color:#2454c7}</style></head>
-<body><main><h1>We could not sign you in</h1><p>${escapeHtml(error.message)}</p><p>Error code: <code>${escapeHtml(error.code)}</code></p>
+<title>Sign-${action} problem</title><style>body{font:16px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;color:#1d2330}code{background:#eef1f6;padding:.1rem .3rem;border-radius:4px}a{color:#2454c7}</style></head>
+<body><main><h1>We could not sign you ${action}</h1><p>${escapeHtml(error.message)}</p><p>Error code: <code>${escapeHtml(error.code)}</code></p>
 <p><a href="${escapeHtml(retryPath)}">Try again</a> · <a href="/">Back to the application</a></p></main></body></html>`;
   const headers = new Headers({ 'content-type': 'text/html; charset=utf-8', ...NO_STORE, 'x-content-type-options': 'nosniff', 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'" });
   if (error.retryAfterSec !== undefined) headers.set('retry-after', String(error.retryAfterSec));
@@ -99,12 +105,12 @@ export function apiRoute<Args extends unknown[]>(handler: (request: Request, ...
 }
 
 /** A route handler for a browser navigation: readable error pages with a way forward. */
-export function pageRoute(handler: (request: Request) => Promise<Response>, event: string, retryPath?: string) {
+export function pageRoute(handler: (request: Request) => Promise<Response>, event: string, page: { retryPath?: string; action?: 'in' | 'out' } = {}) {
   return async (request: Request): Promise<Response> => {
     try {
       return await handler(request);
     } catch (error) {
-      return errorPage(error, event, retryPath);
+      return errorPage(error, event, page);
     }
   };
 }
@@ -248,7 +254,7 @@ export async function finishLogin(request: Request): Promise<Response> {
   } catch (error) {
     const failure = configAware(error);
     countLogin(failure.code);
-    return errorPage(failure, 'auth.callback_failed', retry.path, clearTransaction);
+    return errorPage(failure, 'auth.callback_failed', { retryPath: retry.path, cookies: clearTransaction });
   }
 }
 
@@ -398,19 +404,24 @@ function signOutContinuationKey(handle: string): string {
   return `${getConfig().keyPrefix}logout-continue:{${shortDigest(handle)}}`;
 }
 
+/** Where a POST logout sends the browser on when the IdP's logout needs the id_token (see signOutContinuation). */
+const SIGN_OUT_CONTINUATION_PATH = '/api/auth/logout?continue=1';
+
 /**
  * A POST logout's way to the IdP. The IdP's logout URL carries the id_token (`id_token_hint`, so the
  * IdP signs the user out without asking), and a JSON answer is read by the page's scripts, which
- * never hold a token: the answer names a same-origin step instead, `GET /api/auth/logout?continue=`,
- * whose redirect a script cannot read. The id_token waits for it in the store, encrypted, for one use.
+ * never hold a token: the answer names a same-origin step instead, whose redirect a script cannot
+ * read. The id_token waits for it in the store, encrypted, for one use, under a handle that only
+ * the browser holds (an HttpOnly cookie on the logout path): a script could send the handle
+ * anywhere, and the step would then hand the id_token to whoever asked.
  */
-async function signOutContinuation(idToken: string | undefined): Promise<string> {
+async function signOutContinuation(idToken: string | undefined): Promise<{ redirectTo: string; cookies: string[] }> {
   const destination = await afterSignOut(idToken);
-  if (!idToken || destination === '/') return destination;
+  if (!idToken || destination === '/') return { redirectTo: destination, cookies: [] };
   const handle = randomBytes(32).toString('base64url');
   const sealed = await encryptAtRest(idToken);
   await storeCall(() => getStore().set(signOutContinuationKey(handle), sealed, { ttlMs: SIGN_OUT_CONTINUATION_TTL_MS }));
-  return `/api/auth/logout?continue=${handle}`;
+  return { redirectTo: SIGN_OUT_CONTINUATION_PATH, cookies: [signOutCookieHeader(handle, SIGN_OUT_CONTINUATION_TTL_MS / 1000)] };
 }
 
 /** The id_token a continuation holds, taken out of the store (it is used once), or undefined. */
@@ -425,16 +436,23 @@ async function takeSignOutContinuation(handle: string): Promise<string | undefin
 
 /**
  * GET with the session's own `sid`: a top-level navigation that a cross-site link cannot forge. Or
- * with a POST logout's `continue`: on to the IdP's logout, the session already ended; one that is
- * unknown, used or expired leads back to the app (it holds nothing a link could forge or reuse).
+ * a POST logout's `continue`: on to the IdP's logout, the session already ended, with the id_token
+ * the browser's handle names. Without one (lost, used, expired, or another browser), the IdP still
+ * hears of the logout, without the hint: it asks the user to confirm rather than keep a session
+ * that the next "Sign in" on this device would reuse without a password.
  */
 export async function logoutByNavigation(request: Request): Promise<Response> {
-  if (aheadOfTheUser(request)) throw new GatehouseError('invalid_request', 400, 'Only following the link signs out.');
+  if (aheadOfTheUser(request)) {
+    // Every hover over a prefetched link would be a warning otherwise.
+    log('info', 'auth.logout_refused', { reason: 'not_a_navigation' });
+    return errorPage(new GatehouseError('invalid_request', 400, 'Only following the link signs out.'), '', { retryPath: '/', action: 'out' });
+  }
   const query = new URL(request.url).searchParams;
-  const continuation = query.get('continue');
-  if (continuation !== null) {
-    const idToken = /^[\w-]{43}$/.test(continuation) ? await takeSignOutContinuation(continuation) : undefined;
-    return redirect(idToken ? await afterSignOut(idToken) : sameOriginRedirect('/', getConfig().appBaseUrl));
+  if (query.has('continue')) {
+    const handle = signOutHandleFromCookie(request.headers.get('cookie'));
+    const idToken = handle && /^[\w-]{43}$/.test(handle) ? await takeSignOutContinuation(handle) : undefined;
+    if (!idToken) log('info', 'auth.logout_continued', { idTokenHint: false, handle: handle ? 'unknown' : 'absent' });
+    return redirect(await afterSignOut(idToken), handle === undefined ? [] : [signOutCookieHeader('', 0)]);
   }
   const sid = query.get('sid');
   if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
@@ -466,9 +484,9 @@ export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
   const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
   // The way on first: a store that fails it leaves the session, and the SPA's retry, intact.
-  const redirectTo = session ? await signOutContinuation(session.secrets.idToken) : '/';
+  const { redirectTo, cookies } = session ? await signOutContinuation(session.secrets.idToken) : { redirectTo: '/', cookies: [] };
   if (session) await endSession(session);
-  return jsonResponse(200, { redirectTo }, signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]));
+  return jsonResponse(200, { redirectTo }, [...signedOutCookieHeaders(), ...cookies].map((cookie): [string, string] => ['set-cookie', cookie]));
 }
 
 // --- health ------------------------------------------------------------------------------------
@@ -631,7 +649,7 @@ export async function backchannelLogout(request: Request): Promise<Response> {
   // Two deliveries at once both end the same sessions, which is harmless.
   const replayKey = logoutTokenReplayKey(claims.jti);
   if ((await storeCall(() => getStore().get(replayKey))) !== null) return refuse('replayed_jti');
-  const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid });
+  const ended = await destroySessionsFor({ sub: claims.sub, idpSid: claims.sid }, claims.issuedAt * 1000);
   // NumericDates may carry fractions; a store TTL is whole milliseconds.
   const ttlMs = Math.max(1_000, Math.ceil(claims.replayableUntil * 1000 - Date.now()));
   await storeCall(() => getStore().set(replayKey, '1', { ttlMs }));

@@ -24,6 +24,8 @@ export interface LogoutTokenClaims {
   sub: string | undefined;
   sid: string | undefined;
   jti: string;
+  /** When the IdP issued it (NumericDate): the logout happened then, and sessions begun later are not its. */
+  issuedAt: number;
   /** Until when the token could be presented again: the replay marker must live this long. */
   replayableUntil: number;
 }
@@ -56,7 +58,7 @@ export async function checkLogoutToken(token: string, keys: JWTVerifyGetKey, exp
   const { sub, sid } = readSubject(payload);
   // jose refuses the token once exp or the iat window has passed, whichever comes first.
   const replayableUntil = Math.min(exp, iat + expected.maxAgeSec) + expected.clockToleranceSec;
-  return { sub, sid, jti, replayableUntil };
+  return { sub, sid, jti, issuedAt: iat, replayableUntil };
 }
 
 /** Signature (given keys and algorithms only), iss, and jose's range checks of iat and exp. */

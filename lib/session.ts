@@ -330,6 +330,23 @@ export function signedOutCookieHeaders(): string[] {
   return [clearSessionCookieHeader(), replacesCookie('', 0)];
 }
 
+/**
+ * The handle of a POST logout's way on to the IdP (lib/auth.ts), for the browser's own next
+ * navigation only: HttpOnly, so the page's scripts (which read the POST's answer) never hold it,
+ * Strict, and on the logout path alone.
+ */
+function signOutCookieName(): string {
+  return `${getConfig().session.cookieName.replace(/^__Host-/, '__Secure-')}-signout`;
+}
+
+export function signOutCookieHeader(handle: string, maxAgeSec: number): string {
+  return serializeCookie(signOutCookieName(), handle, { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'strict', path: '/api/auth/logout', maxAge: maxAgeSec });
+}
+
+export function signOutHandleFromCookie(cookieHeader: string | null | undefined): string | undefined {
+  return readCookie(cookieHeader, signOutCookieName());
+}
+
 /** The session the last login finished in this browser created (see replacesCookieHeader), if any. */
 export async function sessionIdToReplace(cookieHeader: string | null | undefined): Promise<string | null> {
   const value = readCookie(cookieHeader, replacesCookieName());
@@ -795,15 +812,22 @@ export async function listUserSessions(current: Session): Promise<Array<SessionS
   return summaries.filter((entry) => entry !== null).sort((a, b) => b.createdAt - a.createdAt);
 }
 
+/** How much later than a logout token's `iat` a session may have begun and still be the token's. */
+const LOGOUT_CLOCK_SKEW_MS = 60_000;
+
 /**
  * Ends every session that an IdP back-channel logout names: by its `sid`, or all of a `sub`'s. A
  * token with both also ends the sub's sessions whose id_token named no IdP session: some IdPs put
  * `sid` in logout tokens but not in id_tokens, and such a session may be the one that ended there.
+ * A token that names no session by `sid` ends only sessions begun before it was issued (`issuedAt`,
+ * epoch ms): one delivered late, or retried, must not end a sign-in that came after the logout.
  */
-export async function destroySessionsFor(target: { sub?: string; idpSid?: string }): Promise<number> {
-  let ended = await destroyIndexed(target.idpSid ? idpSessionKey(target.idpSid) : userSessionsKey(target.sub as string), target.sub, () => true);
+export async function destroySessionsFor(target: { sub?: string; idpSid?: string }, issuedAt: number): Promise<number> {
+  const begunBefore = (record: SessionRecord | null) => record === null || record.createdAt <= issuedAt + LOGOUT_CLOCK_SKEW_MS;
+  if (target.idpSid === undefined) return destroyIndexed(userSessionsKey(target.sub as string), target.sub, begunBefore);
+  let ended = await destroyIndexed(idpSessionKey(target.idpSid), target.sub, () => true);
   // A record already gone may have had any sid: it is left to the pass that names it.
-  if (target.idpSid && target.sub) ended += await destroyIndexed(userSessionsKey(target.sub), target.sub, (record) => record !== null && record.idpSid === undefined);
+  if (target.sub) ended += await destroyIndexed(userSessionsKey(target.sub), target.sub, (record) => record !== null && record.idpSid === undefined && begunBefore(record));
   return ended;
 }
 

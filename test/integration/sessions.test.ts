@@ -261,6 +261,18 @@ describe('back-channel logout', () => {
     expect((await sessionOf(b.rpCookies)).authenticated).toBe(true);
   });
 
+  it('a token that names no sid ends only sessions begun before it was issued: one delivered late ends no sign-in that came after', async () => {
+    const later = await login('late-logout');
+    const now = Math.floor(Date.now() / 1000);
+    // Issued 200 s ago (within the 5 minutes a token is taken), delivered now: the sign-in above came after it.
+    const late = await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'late-logout', iat: now - 200 })));
+    expect(late.status).toBe(200);
+    expect((await sessionOf(later.rpCookies)).authenticated).toBe(true);
+    const timely = await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'late-logout', iat: now })));
+    expect(timely.status).toBe(200);
+    expect((await sessionOf(later.rpCookies)).authenticated).toBe(false);
+  });
+
   it('a token with sub and sid also ends that sub’s sessions whose id_token named no IdP session; not those of another sid or another sub', async () => {
     const named = await login('sid-less');
     // The dev IdP's -post client gets id_tokens that name no IdP session (sid), as some IdPs send.
@@ -439,11 +451,13 @@ describe('a sign-out link fetched ahead of the user', () => {
       expect(res.text).toContain('<code>invalid_request</code>');
       expect((await sessionOf(cookie)).authenticated, JSON.stringify(headers)).toBe(true);
     }
-    const { redirectTo } = (await (await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).json()) as { redirectTo: string };
-    for (const headers of ahead) expect((await navigate(redirectTo, headers)).status, JSON.stringify(headers)).toBe(400);
-    // The user's own navigation, as a browser marks it, still finds the step.
-    const step = await navigate(redirectTo, { ...asNavigation, 'sec-fetch-site': 'same-origin', 'sec-fetch-user': '?1' });
-    expect(new URL(step.location ?? 'about:blank').origin).toBe(new URL(stack.issuer).origin);
+    const posted = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } });
+    const { redirectTo } = (await posted.json()) as { redirectTo: string };
+    const signOutCookie = posted.headers.getSetCookie().find((line) => line.startsWith('gatehouse-signout='))!.split(';')[0]!;
+    for (const headers of ahead) expect((await navigate(redirectTo, { cookie: signOutCookie, ...headers })).status, JSON.stringify(headers)).toBe(400);
+    // The user's own navigation, as a browser marks it, still finds the step and its id_token.
+    const step = await navigate(redirectTo, { ...asNavigation, 'sec-fetch-site': 'same-origin', 'sec-fetch-user': '?1', cookie: signOutCookie });
+    expect(new URL(step.location ?? 'about:blank').searchParams.get('id_token_hint')).toMatch(/^eyJ/);
   });
 });
 
@@ -497,30 +511,42 @@ describe('logout for SPAs and silent login', () => {
     // Page scripts read this answer: no JWT in it, nor in its headers.
     expect(`${answer} ${[...response.headers].join(' ')}`).not.toMatch(/eyJ/);
     const { redirectTo } = JSON.parse(answer) as { redirectTo: string };
-    expect(redirectTo).toMatch(/^\/api\/auth\/logout\?continue=[\w-]{43}$/);
+    expect(redirectTo).toBe('/api/auth/logout?continue=1');
+    // The step's handle is the browser's alone: HttpOnly (no script reads it), Strict, on the logout path only.
+    const handleCookie = response.headers.getSetCookie().find((line) => line.startsWith('gatehouse-signout='));
+    expect(handleCookie).toMatch(/^gatehouse-signout=[\w-]{43}; Max-Age=300; Path=\/api\/auth\/logout; HttpOnly; SameSite=Strict$/);
+    const signOutCookie = handleCookie!.split(';')[0]!;
     const [storedKey] = await redis.keys(`${stack.keyPrefix}logout-continue:*`);
     const stored = await redis.get(storedKey!);
     expect(await redis.pttl(storedKey!)).toBeGreaterThan(4 * 60_000);
-    // The browser's navigation there (the cookie is gone by then) is sent on to the IdP's logout.
-    const step = await navigate(redirectTo);
+    const endSession = (location: string | undefined) => {
+      const target = new URL(location ?? 'about:blank');
+      expect(target.origin + target.pathname).toBe(`${stack.issuer}/session/end`);
+      expect(target.searchParams.get('post_logout_redirect_uri')).toBe(`${app}/`);
+      expect(target.searchParams.get('client_id')).toBe(stack.clientId);
+      return target.searchParams.get('id_token_hint');
+    };
+    // Anyone else who asks (a script that sent the step's URL home, another browser) gets the IdP's
+    // logout without the id_token: the IdP asks the user to confirm.
+    const stranger = await navigate(redirectTo);
+    expect(stranger.status).toBe(302);
+    expect(endSession(stranger.location)).toBeNull();
+    // The browser's navigation there (the session cookie is gone by then) goes on with the id_token, once.
+    const step = await navigate(redirectTo, { 'sec-fetch-mode': 'navigate', cookie: signOutCookie });
     expect(step.status).toBe(302);
     expect(step.headers['cache-control']).toContain('no-store');
-    const target = new URL(step.location ?? 'about:blank');
-    expect(target.origin + target.pathname).toBe(`${stack.issuer}/session/end`);
-    expect(target.searchParams.get('post_logout_redirect_uri')).toBe(`${app}/`);
-    const idToken = target.searchParams.get('id_token_hint');
+    expect(step.setCookies).toEqual(['gatehouse-signout=; Max-Age=0; Path=/api/auth/logout; HttpOnly; SameSite=Strict']);
+    const idToken = endSession(step.location);
     expect(idToken).toMatch(/^eyJ/);
     // It waited in the store encrypted, as tokens do.
     expect(stored).not.toContain(idToken!.split('.')[1]);
-    // Once: the same step again, or any other handle, leads back to the app.
-    const again = await navigate(redirectTo);
-    expect([again.status, again.location]).toEqual([302, `${app}/`]);
+    const again = await navigate(redirectTo, { 'sec-fetch-mode': 'navigate', cookie: signOutCookie });
+    expect([again.status, endSession(again.location)]).toEqual([302, null]);
     expect(await redis.keys(`${stack.keyPrefix}logout-continue:*`)).toEqual([]);
     await fc.assert(
-      fc.asyncProperty(fc.oneof(fc.stringMatching(/^[\w-]{43}$/), fc.string({ maxLength: 80 })), async (handle) => {
-        const forged = await navigate(`/api/auth/logout?continue=${encodeURIComponent(handle)}`);
-        expect([forged.status, forged.location]).toEqual([302, `${app}/`]);
-        expect(forged.setCookies).toEqual([]);
+      fc.asyncProperty(fc.oneof(fc.stringMatching(/^[\w-]{43}$/), fc.stringMatching(/^[!#-+\--:<-~]{0,80}$/)), async (handle) => {
+        const forged = await navigate(redirectTo, { 'sec-fetch-mode': 'navigate', cookie: `gatehouse-signout=${handle}` });
+        expect([forged.status, endSession(forged.location)]).toEqual([302, null]);
       }),
       { numRuns: 30 },
     );
