@@ -74,10 +74,10 @@ function configAware(caught: unknown): GatehouseError {
 
 const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
-/** Browser navigations get a readable page with a way forward, never JSON or a stack trace. */
 /**
- * A readable error page for a browser navigation, logged as `event` (none: the caller logged it).
- * `action` says what failed, signing in or out; `retryPath` is its "Try again".
+ * Browser navigations get a readable page with a way forward, never JSON or a stack trace. Logged
+ * as `event` (none: the caller logged it); `action` says what failed, signing in or out, and
+ * `retryPath` is its "Try again".
  */
 function errorPage(caught: unknown, event: string, { retryPath = '/api/auth/login', cookies = [], action = 'in' }: { retryPath?: string | undefined; cookies?: string[]; action?: 'in' | 'out' } = {}): Response {
   const error = configAware(caught);
