@@ -101,9 +101,12 @@ test('sign in at the IdP, call the API through the proxy, sign out everywhere', 
 
   // --- sign out --------------------------------------------------------------------------------
   const oldCookie = cookie?.value ?? '';
+  const toEndSession = page.waitForRequest((request) => new URL(request.url()).origin === new URL(idp).origin);
   await page.getByTestId('logout').click();
-  // Gatehouse ended its session and sent the browser to the IdP's end_session_endpoint.
+  // Gatehouse ended its session and sent the browser to the IdP's end_session_endpoint, by way of a
+  // same-origin step whose handle only the browser held: the IdP hears the id_token as the hint.
   await page.waitForURL((url) => url.origin === new URL(idp).origin);
+  expect(new URL((await toEndSession).url()).searchParams.get('id_token_hint')).toMatch(/^eyJ[\w-]+\.[\w-]+\.[\w-]+$/);
   const endSession = new URL(page.url());
   expect(authRequests).toContain('POST /api/auth/logout');
   expect(await sessionCookie(context, appUrl)).toBeUndefined();

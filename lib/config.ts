@@ -294,7 +294,13 @@ const envSchema = z.object({
   OIDC_TIMEOUT_MS: z.coerce.number().int().positive().max(60_000).default(10_000),
   SESSION_SECRET: secretList(32),
   TOKEN_ENCRYPTION_KEY: secretList(32).optional(),
-  SESSION_COOKIE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, "-" and "_" only').default('gatehouse'),
+  SESSION_COOKIE_NAME: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, "-" and "_" only')
+    // Gatehouse adds `__Host-` itself on https; a prefix of the operator's own (browsers read any `__`
+    // name as one, in any letter case) would make browsers refuse every cookie it sets.
+    .refine((name) => !name.startsWith('__'), 'must not start with "__": Gatehouse adds the __Host- prefix itself on https')
+    .default('gatehouse'),
   SESSION_COOKIE_SAMESITE: z.enum(['strict', 'lax']).default('strict'),
   SESSION_IDLE_TIMEOUT: seconds(8 * 3600),
   SESSION_ABSOLUTE_TIMEOUT: seconds(7 * 24 * 3600),

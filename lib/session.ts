@@ -333,14 +333,15 @@ export function signedOutCookieHeaders(): string[] {
 /**
  * The handle of a POST logout's way on to the IdP (lib/auth.ts), for the browser's own next
  * navigation only: HttpOnly, so the page's scripts (which read the POST's answer) never hold it,
- * Strict, and on the logout path alone.
+ * and Strict. Named like the session cookie (`__Host-` on https), so no sibling subdomain can plant
+ * one ahead of it; `__Host-` needs `Path=/`.
  */
 function signOutCookieName(): string {
-  return `${getConfig().session.cookieName.replace(/^__Host-/, '__Secure-')}-signout`;
+  return `${getConfig().session.cookieName}-signout`;
 }
 
 export function signOutCookieHeader(handle: string, maxAgeSec: number): string {
-  return serializeCookie(signOutCookieName(), handle, { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'strict', path: '/api/auth/logout', maxAge: maxAgeSec });
+  return serializeCookie(signOutCookieName(), handle, { httpOnly: true, secure: getConfig().secureCookies, sameSite: 'strict', path: '/', maxAge: maxAgeSec });
 }
 
 export function signOutHandleFromCookie(cookieHeader: string | null | undefined): string | undefined {
@@ -823,7 +824,10 @@ const LOGOUT_CLOCK_SKEW_MS = 60_000;
  * epoch ms): one delivered late, or retried, must not end a sign-in that came after the logout.
  */
 export async function destroySessionsFor(target: { sub?: string; idpSid?: string }, issuedAt: number): Promise<number> {
-  const begunBefore = (record: SessionRecord | null) => record === null || record.createdAt <= issuedAt + LOGOUT_CLOCK_SKEW_MS;
+  // Gatehouse's clock says when the session began, the IdP's when its user signed in (auth_time):
+  // either one before the logout makes it the logout's, and a record that says neither is ended too.
+  const cutoff = issuedAt + LOGOUT_CLOCK_SKEW_MS;
+  const begunBefore = (record: SessionRecord | null) => record === null || !(record.createdAt > cutoff) || (record.authTime !== undefined && record.authTime * 1000 <= cutoff);
   if (target.idpSid === undefined) return destroyIndexed(userSessionsKey(target.sub as string), target.sub, begunBefore);
   let ended = await destroyIndexed(idpSessionKey(target.idpSid), target.sub, () => true);
   // A record already gone may have had any sid: it is left to the pass that names it.

@@ -271,6 +271,12 @@ describe('back-channel logout', () => {
     const timely = await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'late-logout', iat: now })));
     expect(timely.status).toBe(200);
     expect((await sessionOf(later.rpCookies)).authenticated).toBe(false);
+    // A session begun after the logout on a sign-in from before it (the IdP's auth_time, back-dated
+    // ten minutes here) is the logout's: the IdP's clock says so, whatever Gatehouse's says.
+    const reused = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: 'late-logout', fields: { auth_age: '600' } });
+    const lateAgain = await postLogoutToken(await signWithIdp(logoutClaims({ sub: 'late-logout', iat: now - 200 })));
+    expect(lateAgain.status).toBe(200);
+    expect((await sessionOf(reused.rpCookies)).authenticated).toBe(false);
   });
 
   it('a token with sub and sid also ends that sub’s sessions whose id_token named no IdP session; not those of another sid or another sub', async () => {
@@ -512,9 +518,9 @@ describe('logout for SPAs and silent login', () => {
     expect(`${answer} ${[...response.headers].join(' ')}`).not.toMatch(/eyJ/);
     const { redirectTo } = JSON.parse(answer) as { redirectTo: string };
     expect(redirectTo).toBe('/api/auth/logout?continue=1');
-    // The step's handle is the browser's alone: HttpOnly (no script reads it), Strict, on the logout path only.
+    // The step's handle is the browser's alone: HttpOnly (no script reads it), Strict, named like the session cookie.
     const handleCookie = response.headers.getSetCookie().find((line) => line.startsWith('gatehouse-signout='));
-    expect(handleCookie).toMatch(/^gatehouse-signout=[\w-]{43}; Max-Age=300; Path=\/api\/auth\/logout; HttpOnly; SameSite=Strict$/);
+    expect(handleCookie).toMatch(/^gatehouse-signout=[\w-]{43}; Max-Age=300; Path=\/; HttpOnly; SameSite=Strict$/);
     const signOutCookie = handleCookie!.split(';')[0]!;
     const [storedKey] = await redis.keys(`${stack.keyPrefix}logout-continue:*`);
     const stored = await redis.get(storedKey!);
@@ -535,7 +541,7 @@ describe('logout for SPAs and silent login', () => {
     const step = await navigate(redirectTo, { 'sec-fetch-mode': 'navigate', cookie: signOutCookie });
     expect(step.status).toBe(302);
     expect(step.headers['cache-control']).toContain('no-store');
-    expect(step.setCookies).toEqual(['gatehouse-signout=; Max-Age=0; Path=/api/auth/logout; HttpOnly; SameSite=Strict']);
+    expect(step.setCookies).toEqual(['gatehouse-signout=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict']);
     const idToken = endSession(step.location);
     expect(idToken).toMatch(/^eyJ/);
     // It waited in the store encrypted, as tokens do.

@@ -148,6 +148,13 @@ describe('configuration', () => {
     expect(parseConfig({ ...valid, OIDC_AUTHORIZATION_PARAMS: 'max_age=0' }).oidc.authorizationParams).toEqual([['max_age', '0']]);
   });
 
+  it('refuses a SESSION_COOKIE_NAME with a prefix of its own (browsers read any "__" name as one): Gatehouse adds __Host- itself', () => {
+    for (const name of ['__Host-x', '__host-x', '__Secure-x', '__SECURE-x', '__x']) {
+      expect(problemsOf({ ...valid, SESSION_COOKIE_NAME: name }), name).toEqual(['SESSION_COOKIE_NAME: must not start with "__": Gatehouse adds the __Host- prefix itself on https']);
+    }
+    expect(parseConfig({ ...valid, SESSION_COOKIE_NAME: 'my_app-session' }).session.cookieName).toBe('__Host-my_app-session');
+  });
+
   it('takes OIDC_USE_PAR as a boolean, off by default, and names anything else', () => {
     expect(parseConfig(valid).oidc.usePar).toBe(false);
     expect(parseConfig({ ...valid, OIDC_USE_PAR: 'true' }).oidc.usePar).toBe(true);
