@@ -47,8 +47,9 @@ const NOT_THE_SPA = /^[/\\]+(api|_next)([/\\]|$)/;
 
 /** Whether Next would take the path for one of its own, as written or once Next resolves its dot segments (`/x/../api/…`). */
 function notTheSpa(pathname: string): boolean {
+  if (NOT_THE_SPA.test(pathname)) return true;
   const routed = routedPath(pathname);
-  return NOT_THE_SPA.test(pathname) || routed === null || NOT_THE_SPA.test(routed);
+  return routed === null || (routed !== pathname && NOT_THE_SPA.test(routed));
 }
 
 /** Vite (Rollup): eight base64url characters, in its assets directory. `assets/index-BKe-udLF.js` */
