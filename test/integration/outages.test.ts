@@ -120,6 +120,31 @@ describe('transient faults', () => {
     expect((await deliver()).status).toBe(400);
   });
 
+  it('a POST logout whose store takes no writes (Redis out of memory) is a 503 that leaves the session; its retry signs out', async () => {
+    const victim = await login(app, 'logout-without-writes');
+    const { Redis } = await import('ioredis');
+    const admin = new Redis(redis.url);
+    const logout = () => fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: victim, 'x-csrf': '1' } });
+    try {
+      // Under noeviction a full Redis refuses every write (OOM) and still reads and deletes: the
+      // way on to the IdP cannot be stored, and the session must not have been ended first.
+      await admin.config('SET', 'maxmemory-policy', 'noeviction');
+      await admin.config('SET', 'maxmemory', '1');
+      const refused = await logout();
+      expect(refused.status).toBe(503);
+      expect(await refused.json()).toMatchObject({ error: 'store_unavailable' });
+      expect(clearsSessionCookie(refused.headers.getSetCookie())).toBe(false);
+    } finally {
+      await admin.config('SET', 'maxmemory', '0');
+      admin.disconnect();
+    }
+    expect(await call(app, '/api/auth/session', victim)).toMatchObject({ status: 200, body: { authenticated: true, user: { sub: 'logout-without-writes' } } });
+    const retried = await logout();
+    expect(retried.status).toBe(200);
+    expect(await retried.json()).toEqual({ redirectTo: '/api/auth/logout?continue=1' });
+    expect(await call(app, '/api/auth/session', victim)).toMatchObject({ status: 200, body: { authenticated: false } });
+  });
+
   it('a flood of health requests is not one at the IdP: one discovery check at a time, its answer reused for 2 s', async () => {
     await setIdpDelays(stack.issuer, { discoveryMs: 300 });
     try {

@@ -355,16 +355,16 @@ describe(`step-up on ${SHAPE}`, () => {
 
   it('prompt=login in OIDC_AUTHORIZATION_PARAMS without PAR: a browser that strikes it from the IdP URL and is signed in silently gets step_up_failed and no session', async () => {
     const floorApp = stack.apps[1]!;
-    /** A login at floorApp whose authorization URL the browser edits on its way to the IdP. */
-    async function editedLogin(username: string, jars: CookieJars, edit: (authorize: URL) => void): Promise<Response> {
+    /** A login at floorApp whose authorization URL the browser edits on its way to the IdP, up to its callback URL. */
+    async function editedFlow(username: string, jars: CookieJars, edit: (authorize: URL) => void): Promise<URL> {
       const start = await browserRequest(new URL(`${floorApp.url}/api/auth/login?returnTo=%2Forders`), jars);
       await start.body?.cancel();
       const authorize = new URL(start.headers.get('location') ?? 'about:blank');
       expect(authorize.searchParams.get('prompt')).toBe('login');
       edit(authorize);
-      const callback = await followFlow(authorize, (next) => next.origin === new URL(floorApp.url).origin, { username, jars });
-      return browserRequest(callback, jars);
+      return followFlow(authorize, (next) => next.origin === new URL(floorApp.url).origin, { username, jars });
     }
+    const editedLogin = async (username: string, jars: CookieJars, edit: (authorize: URL) => void) => browserRequest(await editedFlow(username, jars, edit), jars);
     const strikes: Array<[string, (authorize: URL) => void]> = [
       ['struck', (authorize) => authorize.searchParams.delete('prompt')],
       ['made consent', (authorize) => authorize.searchParams.set('prompt', 'consent')],
@@ -390,6 +390,18 @@ describe(`step-up on ${SHAPE}`, () => {
           expect(await refused.text(), how).toContain('<code>step_up_failed</code>');
           expect(jarFor(jars, floorApp.url).get('gatehouse'), how).toBeUndefined();
           expect((await probe.keys('session')).length, how).toBe(sessionKeys);
+        }
+        // The attempt keeps what it was started with: a configuration without prompt=login by the
+        // time it comes back (a deploy in between) does not let the struck one through.
+        {
+          const jars: CookieJars = new Map();
+          await signIn('gil', { jars, fields: { auth_age: '600' } });
+          const callback = await editedFlow('gil', jars, (authorize) => authorize.searchParams.delete('prompt'));
+          await restartGatehouse(floorApp, { OIDC_USE_PAR: 'false', ...env, OIDC_AUTHORIZATION_PARAMS: '' }, 'gatehouse-prompt-login-dropped');
+          const refused = await browserRequest(callback, jars);
+          expect(refused.status).toBe(400);
+          expect(await refused.text()).toContain('<code>step_up_failed</code>');
+          await restartGatehouse(floorApp, { OIDC_USE_PAR: 'false', ...env }, 'gatehouse-prompt-login');
         }
         // As sent, the IdP asks for the password again, and the sign-in it reports is this one.
         const jars: CookieJars = new Map();
