@@ -115,10 +115,13 @@ export function webResponseFrom(answer: ProxyResponse): Response {
  */
 function webStreamOf(body: Readable): ReadableStream<Uint8Array> {
   let settled = false;
+  let started = false;
+  let brokeOffBeforeItStarted: DOMException | undefined;
   return new ReadableStream<Uint8Array>({
     start(controller) {
       body.on('data', (chunk: Buffer) => {
         if (settled) return;
+        started = true;
         controller.enqueue(chunk);
         if ((controller.desiredSize ?? 0) <= 0) body.pause();
       });
@@ -126,13 +129,19 @@ function webStreamOf(body: Readable): ReadableStream<Uint8Array> {
       finished(body, { writable: false }, (error) => {
         if (settled) return;
         settled = true;
-        if (error) controller.error(new DOMException("The API's answer broke off.", 'AbortError'));
-        else controller.close();
+        if (!error) return controller.close();
+        const brokeOff = new DOMException("The API's answer broke off.", 'AbortError');
+        if (started) return controller.error(brokeOff);
+        // Next sends the head with the first chunk: an empty one sends it, and the break follows
+        // once that was taken, so the browser hears the status and a cut body as `npm start` gives.
+        brokeOffBeforeItStarted = brokeOff;
+        controller.enqueue(new Uint8Array(0));
       });
       body.pause();
     },
-    pull() {
-      body.resume();
+    pull(controller) {
+      if (brokeOffBeforeItStarted) controller.error(brokeOffBeforeItStarted);
+      else body.resume();
     },
     cancel() {
       settled = true;
@@ -186,7 +195,12 @@ export function writeNodeResponse(answer: ProxyResponse, response: ServerRespons
   const body = answer.body;
   const declaredLength = answer.headers.find(([name]) => name === 'content-length')?.[1];
   if (declaredLength === undefined || Number(declaredLength) >= LARGE_BODY_BYTES) body.on('data', (chunk: Buffer) => noteStreamedBytes(chunk.length));
-  body.once('error', () => response.destroy());
+  body.once('error', () => {
+    // A body that breaks off before its first byte still owes the browser the API's status (this
+    // sends the head if it is still waiting for that byte, and nothing otherwise).
+    response.flushHeaders();
+    response.destroy();
+  });
   response.once('close', () => {
     if (!body.readableEnded) body.destroy();
   });

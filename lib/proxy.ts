@@ -431,6 +431,15 @@ export function isOurAbort(error: Error): boolean {
   return error.name === 'AbortError' || (error instanceof GatehouseError && error.code === 'client_closed');
 }
 
+/** A body that sends nothing and then breaks off, as a browser that left would end it. */
+function brokenOffAtFirstRead(): Readable {
+  return new Readable({
+    read() {
+      this.destroy(new DOMException('the sign-in grew older than the API allows', 'AbortError'));
+    },
+  });
+}
+
 function clientClosed(): GatehouseError {
   return new GatehouseError('client_closed', 499, 'The client went away.');
 }
@@ -1035,17 +1044,24 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);
-    const answerBody = answer.body;
+    let answerBody = answer.body;
+    let signInOutgrown = false;
     const authTime = credentials.session?.record.authTime;
-    if (!bodyless && answerBody instanceof Readable && api.maxAge !== undefined && authTime !== undefined && SAFE_METHODS.has(method)) {
-      // The head came after the sign-in outgrew maxAge: its stream would be cut at its first byte. A
-      // safe call can be made again after a step-up, so it hears that now; an unsafe one the API has
-      // acted on keeps its status, since a step_up_required would invite a second attempt.
+    if (!bodyless && answerBody instanceof Readable && api.maxAge !== undefined && authTime !== undefined) {
+      // The head came after the sign-in outgrew maxAge: none of its stream may pass. A safe call can
+      // be made again after a step-up, so it hears that now; an unsafe one the API has acted on keeps
+      // its status, since a step_up_required would invite a second attempt, and its body breaks off
+      // before its first byte (the adapters still send the head).
       const lacking = missingAuthentication({ maxAge: api.maxAge }, { authTime });
       if (lacking) {
         answerBody.destroy();
-        log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'deadline' });
-        throw errors.stepUpRequired(stepUpDetails(lacking));
+        if (SAFE_METHODS.has(method)) {
+          log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'deadline' });
+          throw errors.stepUpRequired(stepUpDetails(lacking));
+        }
+        log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
+        answerBody = brokenOffAtFirstRead();
+        signInOutgrown = true;
       }
     }
     if (!bodyless && answerBody instanceof Readable) {
@@ -1054,7 +1070,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       answerBody.once('error', (error: Error) => {
         if (!isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
       });
-      if (api.maxAge !== undefined && authTime !== undefined) {
+      if (api.maxAge !== undefined && authTime !== undefined && !signInOutgrown) {
         // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
         const cancel = whenSignInTooOld(authTime, api.maxAge, () => {
           log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
@@ -1070,7 +1086,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
         releaseCall = undefined;
       }
     }
-    result = { status: answer.status, headers: responseHeaders, body: bodyless ? null : answer.body };
+    result = { status: answer.status, headers: responseHeaders, body: bodyless ? null : answerBody };
   } catch (caught) {
     const error = asGatehouseError(caught);
     if (error.status >= 500) log('warn', 'proxy.error', { requestId, api: apiName, code: error.code, ...describeCause(error.cause) });

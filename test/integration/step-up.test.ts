@@ -211,15 +211,26 @@ describe(`step-up on ${SHAPE}`, () => {
     // Both calls start within the sign-in's 300 s; the API answers a second after they end.
     const delayMs = (authTime + 301) * 1000 - Date.now() + 1_000;
     expect(delayMs).toBeGreaterThan(1_000);
-    const path = `/api/proxy/fresh/events?count=3&intervalMs=10&delayMs=${delayMs}`;
+    // The API's first event comes with its head, and the rest at once.
+    const path = `/api/proxy/fresh/events?count=50&intervalMs=0&delayMs=${delayMs}`;
     const logBefore = stack.apps[0]!.process.output().length;
     const [get, post] = await Promise.all([
       call(app, path, cookie),
-      fetch(`${app}${path}`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } }).then(async (response) => ({ status: response.status, read: await response.text().then(() => 'whole', () => 'cut') })),
+      fetch(`${app}${path}`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } }).then(async (response) => {
+        let bytes = 0;
+        const reader = response.body!.getReader();
+        const read = await (async function drain(): Promise<string> {
+          const { done, value } = await reader.read();
+          if (done) return 'whole';
+          bytes += value.length;
+          return drain();
+        })().catch(() => 'cut');
+        return { status: response.status, read, bytes };
+      }),
     ]);
     expectStepUp(get, { max_age: 300 });
-    // The API acted on the POST: a step_up_required would invite a second one. Its stream ends at once.
-    expect(post).toEqual({ status: 200, read: 'cut' });
+    // The API acted on the POST: a step_up_required would invite a second one. None of its stream passes.
+    expect(post).toEqual({ status: 200, read: 'cut', bytes: 0 });
     // The stack logs warnings and errors only: none, and no stack trace, from either answer.
     const logged = await logSoFar(app, cookie, () => stack.apps[0]!.process.output(), logBefore);
     expect(logged).not.toMatch(/\n\s+at |failed to pipe|"level":"error"/);
