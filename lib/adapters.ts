@@ -195,12 +195,18 @@ export function writeNodeResponse(answer: ProxyResponse, response: ServerRespons
   const body = answer.body;
   const declaredLength = answer.headers.find(([name]) => name === 'content-length')?.[1];
   if (declaredLength === undefined || Number(declaredLength) >= LARGE_BODY_BYTES) body.on('data', (chunk: Buffer) => noteStreamedBytes(chunk.length));
-  body.once('error', () => {
+  const cut = () => {
     // A body that breaks off before its first byte still owes the browser the API's status (this
-    // sends the head if it is still waiting for that byte, and nothing otherwise).
-    response.flushHeaders();
+    // sends the head if it still waits for that byte, and nothing otherwise); except where the
+    // answer's end is the connection's (HTTP/1.0, no length), since there a head and a close
+    // would read as a whole, empty answer.
+    if (response.chunkedEncoding || declaredLength !== undefined) response.flushHeaders();
     response.destroy();
-  });
+  };
+  body.once('error', cut);
+  // Broken off before this listener came: pipe() would wait on it forever. (stream.finished covers
+  // both, with more listeners and closures on every proxied answer.)
+  if (body.destroyed) return cut();
   response.once('close', () => {
     if (!body.readableEnded) body.destroy();
   });

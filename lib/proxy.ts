@@ -1047,14 +1047,14 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     let answerBody = answer.body;
     let signInOutgrown = false;
     const authTime = credentials.session?.record.authTime;
-    if (!bodyless && answerBody instanceof Readable && api.maxAge !== undefined && authTime !== undefined) {
-      // The head came after the sign-in outgrew maxAge: none of its stream may pass. A safe call can
-      // be made again after a step-up, so it hears that now; an unsafe one the API has acted on keeps
-      // its status, since a step_up_required would invite a second attempt, and its body breaks off
-      // before its first byte (the adapters still send the head).
+    if (!bodyless && answerBody !== null && api.maxAge !== undefined && authTime !== undefined) {
+      // The answer came after the sign-in outgrew maxAge (a long poll, read whole or streamed): none
+      // of it may pass. A safe call can be made again after a step-up, so it hears that now; an unsafe
+      // one the API has acted on keeps its status, since a step_up_required would invite a second
+      // attempt, and its body breaks off before its first byte (the adapters still send the head).
       const lacking = missingAuthentication({ maxAge: api.maxAge }, { authTime });
       if (lacking) {
-        answerBody.destroy();
+        if (answerBody instanceof Readable) answerBody.destroy();
         if (SAFE_METHODS.has(method)) {
           log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'deadline' });
           throw errors.stepUpRequired(stepUpDetails(lacking));

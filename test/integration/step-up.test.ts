@@ -205,17 +205,17 @@ describe(`step-up on ${SHAPE}`, () => {
     expect(logged).not.toMatch(/\n\s+at |failed to pipe|"level":"error"/);
   });
 
-  it('a streamed answer whose head comes after the sign-in outgrew maxAge: a GET hears step_up_required, a POST keeps the status the API gave', async () => {
+  it('an answer whose head comes after the sign-in outgrew maxAge, streamed or read whole: a GET hears step_up_required, a POST keeps the status the API gave and none of the body', async () => {
     const { cookie } = await signIn('hedda', { fields: { auth_age: '294' } });
     const { authTime } = (await sessionOf(cookie)) as { authTime: number };
     // Both calls start within the sign-in's 300 s; the API answers a second after they end.
     const delayMs = (authTime + 301) * 1000 - Date.now() + 1_000;
     expect(delayMs).toBeGreaterThan(1_000);
-    // The API's first event comes with its head, and the rest at once.
-    const path = `/api/proxy/fresh/events?count=50&intervalMs=0&delayMs=${delayMs}`;
-    const logBefore = stack.apps[0]!.process.output().length;
-    const [get, post] = await Promise.all([
-      call(app, path, cookie),
+    // A stream whose first event comes with its head and the rest at once, and a small answer with
+    // a length (which Gatehouse reads whole).
+    const streamed = `/api/proxy/fresh/events?count=50&intervalMs=0&delayMs=${delayMs}`;
+    const whole = `/api/proxy/fresh/slow?ms=${delayMs}`;
+    const post = (path: string) =>
       fetch(`${app}${path}`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } }).then(async (response) => {
         let bytes = 0;
         const reader = response.body!.getReader();
@@ -226,11 +226,16 @@ describe(`step-up on ${SHAPE}`, () => {
           return drain();
         })().catch(() => 'cut');
         return { status: response.status, read, bytes };
-      }),
+      });
+    const logBefore = stack.apps[0]!.process.output().length;
+    const answers = await Promise.all([call(app, streamed, cookie), call(app, whole, cookie), post(streamed), post(whole)]);
+    expectStepUp(answers[0], { max_age: 300 });
+    expectStepUp(answers[1], { max_age: 300 });
+    // The API acted on the POST: a step_up_required would invite a second one. None of its answer passes.
+    expect(answers.slice(2)).toEqual([
+      { status: 200, read: 'cut', bytes: 0 },
+      { status: 200, read: 'cut', bytes: 0 },
     ]);
-    expectStepUp(get, { max_age: 300 });
-    // The API acted on the POST: a step_up_required would invite a second one. None of its stream passes.
-    expect(post).toEqual({ status: 200, read: 'cut', bytes: 0 });
     // The stack logs warnings and errors only: none, and no stack trace, from either answer.
     const logged = await logSoFar(app, cookie, () => stack.apps[0]!.process.output(), logBefore);
     expect(logged).not.toMatch(/\n\s+at |failed to pipe|"level":"error"/);
