@@ -8,7 +8,7 @@ const integration = { environment: 'node', testTimeout: 60_000, hookTimeout: 120
  * hold on the `npm start` fast path only. Suites about `server.ts` itself, the stores or the dev
  * tools run once; login-hardening runs both shapes itself.
  */
-const BOTH_SHAPES = ['proxy', 'proxy-limits', 'upstream-client', 'telemetry', 'refresh', 'refresh-guards', 'refresh-wait', 'sessions', 'session-lifetime', 'outages', 'resource-tokens', 'client-auth', 'logs', 'soak', 'par', 'step-up', 'token-exchange', 'dpop'];
+const BOTH_SHAPES = ['proxy', 'proxy-limits', 'upstream-client', 'telemetry', 'refresh', 'refresh-guards', 'refresh-wait', 'sessions', 'session-lifetime', 'outages', 'resource-tokens', 'client-auth', 'logs', 'soak', 'par', 'step-up', 'token-exchange', 'dpop', 'stream-session'];
 
 export default defineConfig({
   test: {

@@ -8,7 +8,7 @@ import { NOT_A_PAGE, PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
-import { clearSessionCookieHeader, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
+import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
 import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
@@ -1070,14 +1070,20 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       answerBody.once('error', (error: Error) => {
         if (!isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
       });
+      const streamed = answerBody;
+      // A streamed answer (server-sent events, a long download) that began in time ends with the
+      // sign-in's recency, and with the session (a logout, a back-channel logout). An abort, as a
+      // browser that left would cause: Next logs any other error as a failed pipe, with its stack.
+      const endStream = (reason: string, extra?: { detectedBy: string }) => {
+        if (streamed.destroyed) return;
+        log('info', 'proxy.stream_ended', { requestId, api: api.name, reason, ...extra });
+        streamed.destroy(new DOMException(reason === 'step_up_required' ? 'the sign-in grew older than the API allows' : 'the session ended', 'AbortError'));
+      };
       if (api.maxAge !== undefined && authTime !== undefined && !signInOutgrown) {
-        // A streamed answer (server-sent events, a long download) that began in time ends with the sign-in's recency.
-        const cancel = whenSignInTooOld(authTime, api.maxAge, () => {
-          log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
-          // An abort, as a browser that left would cause: Next logs any other error as a failed pipe, with its stack.
-          answerBody.destroy(new DOMException('the sign-in grew older than the API allows', 'AbortError'));
-        });
-        answerBody.once('close', cancel);
+        streamed.once('close', whenSignInTooOld(authTime, api.maxAge, () => endStream('step_up_required')));
+      }
+      if (credentials.session && !signInOutgrown && !streamed.closed) {
+        streamed.once('close', holdOpen(credentials.session.id, { end: (seenBy) => endStream('session_ended', { detectedBy: seenBy }) }));
       }
       endWhenBrowserStalls(answerBody, config.proxy.sendTimeoutMs, { requestId, api: api.name });
       // The call is open until its answer is over, however that ends (it may have broken off already).

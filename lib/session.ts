@@ -3,7 +3,7 @@ import { sealData, unsealData } from 'iron-session';
 import { createHash } from 'node:crypto';
 import { CompactEncrypt, compactDecrypt, base64url } from 'jose';
 import { getConfig } from './config.ts';
-import { errors, type GatehouseError } from './errors.ts';
+import { asGatehouseError, errors, type GatehouseError } from './errors.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { createStore, type Store } from './store/index.ts';
@@ -747,6 +747,79 @@ const endedListeners = sharedState('session-ended-listeners', () => new Set<(id:
 
 export function onSessionEnded(listener: (id: string) => void): void {
   endedListeners.add(listener);
+}
+
+// What a session holds open (WebSockets, streamed answers) ends with it.
+
+export type SessionEndSeenBy = 'this_process' | 'session_check';
+
+export interface HeldOpen {
+  /** Ends it once its session has ended; called again at each check while it is still closing. */
+  end(seenBy: SessionEndSeenBy): void;
+  /** The browser used it since the last check: the session is in use, which slides its idle timeout. */
+  used?: boolean;
+}
+
+const heldOpen = new Map<string, Set<HeldOpen>>();
+let heldCheckTimer: NodeJS.Timeout | undefined;
+let checkingHeld = false;
+let hearingEnds = false;
+
+/**
+ * Ties `held` to session `id` until the returned release is called. Ends this process sees
+ * (logout, back-channel logout, replacement) end it at once; ends elsewhere (another worker or
+ * instance, the idle timeout) at the next check: one store read per session with something held
+ * open, every WEBSOCKET_SESSION_CHECK_INTERVAL.
+ */
+export function holdOpen(id: string, held: HeldOpen): () => void {
+  if (!hearingEnds) {
+    hearingEnds = true;
+    onSessionEnded((ended) => endHeldOpen(ended, 'this_process'));
+  }
+  let entries = heldOpen.get(id);
+  if (!entries) heldOpen.set(id, (entries = new Set()));
+  entries.add(held);
+  heldCheckTimer ??= setInterval(() => void checkHeldSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
+  return () => {
+    const left = heldOpen.get(id);
+    if (!left?.delete(held)) return;
+    if (left.size === 0) heldOpen.delete(id);
+    if (heldOpen.size === 0 && heldCheckTimer) {
+      clearInterval(heldCheckTimer);
+      heldCheckTimer = undefined;
+    }
+  };
+}
+
+function endHeldOpen(id: string, seenBy: SessionEndSeenBy): void {
+  for (const held of heldOpen.get(id) ?? []) held.end(seenBy);
+}
+
+async function checkHeldSessions(): Promise<void> {
+  if (checkingHeld) return;
+  checkingHeld = true;
+  try {
+    for (const [id, entries] of [...heldOpen]) {
+      const used = [...entries].some((held) => held.used);
+      for (const held of entries) if (held.used) held.used = false;
+      let loaded: Awaited<ReturnType<typeof loadSession>>;
+      try {
+        loaded = await loadSession(id, { coherentCopy: true });
+      } catch (error) {
+        // A store outage ends no session: what it holds stays open and the next check asks again.
+        log('warn', 'session.check_failed', { session: sessionHandle(id), ...describeCause(asGatehouseError(error).cause) });
+        continue;
+      }
+      if (loaded.session) {
+        if (used) await touchSession(loaded.session).catch(() => undefined);
+      } else if (loaded.miss !== 'unreadable') {
+        // `unreadable` is a record another release or key can open: the session lives on.
+        endHeldOpen(id, 'session_check');
+      }
+    }
+  } finally {
+    checkingHeld = false;
+  }
 }
 
 function forgetCopies(id: string): void {

@@ -7,7 +7,7 @@ import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } fro
 import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
-import { clearSessionCookieHeader, loadSession, onSessionEnded, sessionFromCookieHeader, sessionHandle, touchSession } from './session.ts';
+import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
@@ -120,52 +120,46 @@ function refuse(socket: Duplex, error: GatehouseError, requestId: string): void 
 // ---------------------------------------------------------------------------------------------
 // Open sockets per session, and what ends them.
 
-interface OpenSocket {
+interface OpenSocket extends HeldOpen {
   sessionId: string;
   sub: string;
   requestId: string;
   api: string;
   /** Set once the socket must go (before the relay exists: at the end of the handshake). */
   ending: { code: number; reason: string } | undefined;
-  /** A message came from the browser since the last session check: the session is in use. */
-  browserSpoke: boolean;
   /** Closes both sides; installed by the relay. */
   close?: (code: number, reason: string) => void;
   /** Cancels the close that comes when the sign-in grows older than the API's `maxAge`. */
   cancelSignInExpiry?: () => void;
+  /** Unties it from its session (lib/session.ts holdOpen); set while it counts as open. */
+  release?: () => void;
 }
 
-const open = new Map<string, Set<OpenSocket>>();
+const open = new Set<OpenSocket>();
+const openPerSession = new Map<string, number>();
 const openPerUser = new Map<string, number>();
-let checkTimer: NodeJS.Timeout | undefined;
-let listening = false;
+
+function countIn(counts: Map<string, number>, key: string, change: 1 | -1): void {
+  const count = (counts.get(key) ?? 0) + change;
+  if (count > 0) counts.set(key, count);
+  else counts.delete(key);
+}
 
 function register(entry: OpenSocket): void {
-  if (!listening) {
-    listening = true;
-    // Logout, back-channel logout, expiry and replacement handled by this process close at once.
-    onSessionEnded((id) => endSessionSockets(id, 'this_process'));
-  }
-  let entries = open.get(entry.sessionId);
-  if (!entries) open.set(entry.sessionId, (entries = new Set()));
-  entries.add(entry);
-  openPerUser.set(entry.sub, (openPerUser.get(entry.sub) ?? 0) + 1);
-  checkTimer ??= setInterval(() => void checkSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
+  open.add(entry);
+  countIn(openPerSession, entry.sessionId, 1);
+  countIn(openPerUser, entry.sub, 1);
+  entry.release = holdOpen(entry.sessionId, entry);
 }
 
 function unregister(entry: OpenSocket): void {
   entry.cancelSignInExpiry?.();
-  const entries = open.get(entry.sessionId);
-  if (entries?.delete(entry)) {
-    const left = (openPerUser.get(entry.sub) ?? 1) - 1;
-    if (left > 0) openPerUser.set(entry.sub, left);
-    else openPerUser.delete(entry.sub);
-  }
-  if (entries?.size === 0) open.delete(entry.sessionId);
-  if (open.size === 0 && checkTimer) {
-    clearInterval(checkTimer);
-    checkTimer = undefined;
-  }
+  if (!entry.release) return;
+  entry.release();
+  entry.release = undefined;
+  open.delete(entry);
+  countIn(openPerSession, entry.sessionId, -1);
+  countIn(openPerUser, entry.sub, -1);
 }
 
 function endSocket(entry: OpenSocket, code: number, reason: string): void {
@@ -174,50 +168,16 @@ function endSocket(entry: OpenSocket, code: number, reason: string): void {
   entry.close?.(code, reason);
 }
 
-function endSessionSockets(id: string, detectedBy: 'this_process' | 'session_check'): void {
-  const entries = open.get(id);
-  if (!entries?.size) return;
-  log('info', 'websocket.session_ended', { session: sessionHandle(id), sockets: entries.size, detectedBy });
-  for (const entry of entries) endSocket(entry, SESSION_ENDED_CLOSE_CODE, 'session ended');
-}
-
-let checking = false;
-
-/**
- * Sessions end in other processes too (another worker or instance handled the logout, the idle
- * timeout let the key expire): one store read per session with open sockets, every interval.
- * Messages from the browser count as use and slide the idle timeout as proxied calls do.
- */
-async function checkSessions(): Promise<void> {
-  if (checking) return;
-  checking = true;
-  try {
-    for (const [id, entries] of [...open]) {
-      const spoke = [...entries].some((entry) => entry.browserSpoke);
-      for (const entry of entries) entry.browserSpoke = false;
-      let loaded: Awaited<ReturnType<typeof loadSession>>;
-      try {
-        loaded = await loadSession(id, { coherentCopy: true });
-      } catch (error) {
-        // A store outage ends no session: the sockets stay and the next check asks again.
-        log('warn', 'websocket.session_check_failed', { session: sessionHandle(id), ...describeCause(asGatehouseError(error).cause) });
-        continue;
-      }
-      if (loaded.session) {
-        if (spoke) await touchSession(loaded.session).catch(() => undefined);
-      } else if (loaded.miss !== 'unreadable') {
-        // `unreadable` is a record another release or key can open: the session lives on.
-        endSessionSockets(id, 'session_check');
-      }
-    }
-  } finally {
-    checking = false;
-  }
+/** Its session ended: in this process at once, elsewhere at the next session check. */
+function endWithSession(entry: OpenSocket, seenBy: SessionEndSeenBy): void {
+  if (entry.ending) return;
+  log('info', 'websocket.session_ended', { requestId: entry.requestId, session: sessionHandle(entry.sessionId), detectedBy: seenBy });
+  endSocket(entry, SESSION_ENDED_CLOSE_CODE, 'session ended');
 }
 
 /** On shutdown: every socket gets a close frame (1001) so browsers reconnect to another worker or instance. */
 export function closeAllWebSockets(): void {
-  for (const entries of open.values()) for (const entry of entries) endSocket(entry, 1001, 'server restarting');
+  for (const entry of open) endSocket(entry, 1001, 'server restarting');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,9 +214,10 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, found.session.record);
     if (lacking) throw errors.stepUpRequired(stepUpDetails(lacking));
     const { sub } = found.session.record;
-    if ((open.get(found.session.id)?.size ?? 0) >= MAX_SOCKETS_PER_SESSION || (openPerUser.get(sub) ?? 0) >= MAX_SOCKETS_PER_USER) throw tooMany();
+    if ((openPerSession.get(found.session.id) ?? 0) >= MAX_SOCKETS_PER_SESSION || (openPerUser.get(sub) ?? 0) >= MAX_SOCKETS_PER_USER) throw tooMany();
     // Counted from here, so concurrent handshakes cannot pass the limit, and a logout meanwhile is seen.
-    entry = { sessionId: found.session.id, sub, requestId, api: api.name, ending: undefined, browserSpoke: false };
+    const opening: OpenSocket = { sessionId: found.session.id, sub, requestId, api: api.name, ending: undefined, used: false, end: (seenBy) => endWithSession(opening, seenBy) };
+    entry = opening;
     register(entry);
 
     const credentials = await getAccessToken(found.session, { resource: api.resource });
@@ -478,7 +439,7 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
       const message = data as Buffer;
       bytes[direction] += message.length;
       noteStreamedBytes(message.length);
-      if (direction === 'up') entry.browserSpoke = true;
+      if (direction === 'up') entry.used = true;
       write(message.length, (sent) => target.send(message, { binary: isBinary }, sent));
     });
     // Heartbeats go end to end, so each side's liveness check sees the other side, not Gatehouse.

@@ -1,0 +1,75 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startStack, type Stack } from '../../e2e/support/stack.ts';
+import { login, waitFor } from '../support/http-client.ts';
+
+/**
+ * A streamed answer (server-sent events, a long download) is the user's data flowing on: it must
+ * stop when the session ends, as an open WebSocket does, whichever instance ends it.
+ */
+
+const CHECK_INTERVAL_SEC = 2;
+let stack: Stack;
+
+beforeAll(async () => {
+  stack = await startStack({ instances: 2, workers: 1, env: { LOG_LEVEL: 'info', WEBSOCKET_SESSION_CHECK_INTERVAL: String(CHECK_INTERVAL_SEC) } });
+});
+
+afterAll(async () => {
+  await stack?.stop();
+});
+
+/** An event stream of about a minute through the first instance, its first event read. */
+async function openStream(cookie: string) {
+  const response = await fetch(`${stack.apps[0]!.url}/api/proxy/demo/events?count=600&intervalMs=100`, { headers: { cookie, 'x-csrf': '1' } });
+  expect(response.status).toBe(200);
+  const reader = response.body!.getReader();
+  expect((await reader.read()).done).toBe(false);
+  let events = 1;
+  const ended = (async function drain(): Promise<'whole' | 'cut'> {
+    const { done } = await reader.read();
+    if (done) return 'whole';
+    events += 1;
+    return drain();
+  })().catch(() => 'cut' as const);
+  return { ended, events: () => events, cancel: () => reader.cancel() };
+}
+
+/** The first instance's `proxy.stream_ended` lines since `since` (info lines reach its output within 200 ms). */
+function endedLines(since: number): Promise<Array<Record<string, unknown>>> {
+  const lines = () =>
+    stack.apps[0]!.process
+      .output()
+      .slice(since)
+      .split('\n')
+      .filter((line) => line.includes('"proxy.stream_ended"'))
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
+  return waitFor('the stream’s end to be logged', () => (lines().length ? lines() : undefined), 5_000, 50);
+}
+
+describe('a streamed answer ends with its session', () => {
+  it('a logout on the same instance cuts it at once; another user’s stream flows on', async () => {
+    const [cookie, bystanderCookie] = await Promise.all([login(stack.apps[0]!.url, 'stream-leaver'), login(stack.apps[0]!.url, 'stream-stayer')]);
+    const since = stack.apps[0]!.process.output().length;
+    const [stream, bystander] = await Promise.all([openStream(cookie), openStream(bystanderCookie)]);
+    const logout = await fetch(`${stack.apps[0]!.url}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } });
+    expect(logout.status).toBe(200);
+    // Well inside the session check's interval, so it was not the check that ended it.
+    expect(await Promise.race([stream.ended, new Promise((resolve) => setTimeout(resolve, CHECK_INTERVAL_SEC * 1000 - 500, 'still open'))])).toBe('cut');
+    expect(await endedLines(since)).toEqual([expect.objectContaining({ reason: 'session_ended', detectedBy: 'this_process', api: 'demo' })]);
+    const seen = bystander.events();
+    await waitFor('the other user’s stream to go on', () => (bystander.events() > seen + 2 ? true : undefined), 5_000, 50);
+    await bystander.cancel();
+  });
+
+  it('a logout on another instance cuts it at the next session check', async () => {
+    const cookie = await login(stack.apps[0]!.url, 'stream-elsewhere');
+    const since = stack.apps[0]!.process.output().length;
+    const stream = await openStream(cookie);
+    const logout = await fetch(`${stack.apps[1]!.url}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } });
+    expect(logout.status).toBe(200);
+    expect(await stream.ended).toBe('cut');
+    // Cut, not run to its end (a minute of events).
+    expect(stream.events()).toBeLessThan(300);
+    expect(await endedLines(since)).toEqual([expect.objectContaining({ reason: 'session_ended', detectedBy: 'session_check' })]);
+  });
+});
