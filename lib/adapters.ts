@@ -85,7 +85,24 @@ function decodedBody(body: Readable, contentEncoding: string, requestId: string 
   return decoded;
 }
 
+/**
+ * Runs `write`, dropping a streamed body if it throws: else the API's connection, the user's
+ * open-call slot and the session's hold would stay until the API ends the body.
+ */
+function droppingBodyOnThrow<T>(answer: ProxyResponse, write: () => T): T {
+  try {
+    return write();
+  } catch (error) {
+    if (answer.body instanceof Readable) answer.body.destroy();
+    throw error;
+  }
+}
+
 export function webResponseFrom(answer: ProxyResponse): Response {
+  return droppingBodyOnThrow(answer, () => webResponseOf(answer));
+}
+
+function webResponseOf(answer: ProxyResponse): Response {
   const headers = new Headers();
   for (const [name, value] of answer.headers) headers.append(name, value);
   const contentEncoding = headers.get('content-encoding');
@@ -184,7 +201,7 @@ const LARGE_BODY_BYTES = 1024 * 1024;
 
 export function writeNodeResponse(answer: ProxyResponse, response: ServerResponse): void {
   // Names and values in turn: Node takes repeated names (Set-Cookie) that way too.
-  response.writeHead(answer.status, answer.headers.flat());
+  droppingBodyOnThrow(answer, () => response.writeHead(answer.status, answer.headers.flat()));
   if (answer.body === null || typeof answer.body === 'string' || answer.body instanceof Uint8Array) {
     response.end(answer.body ?? undefined);
     return;

@@ -37,6 +37,7 @@ import {
   transactionCookieHeader,
   transactionCookiesToDrop,
   userClaims,
+  withoutSession,
   type LoginTransaction,
   type Session,
 } from './session.ts';
@@ -530,9 +531,9 @@ export async function checkHealth(): Promise<Response> {
 
 async function requireSession(request: Request): Promise<Session> {
   requireCsrf(request);
-  const { session, stale, replaced, endedBy } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (!session) throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
-  return session;
+  const found = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (!found.session) throw withoutSession(found);
+  return found.session;
 }
 
 /** "Chrome on macOS"-style, from a user agent string: enough to recognise a device, nothing more. */

@@ -8,7 +8,7 @@ import { NOT_A_PAGE, PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
-import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, touchSession, type Session } from './session.ts';
+import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
@@ -431,11 +431,17 @@ export function isOurAbort(error: Error): boolean {
   return error.name === 'AbortError' || (error instanceof GatehouseError && error.code === 'client_closed');
 }
 
+/** Why Gatehouse cuts an answer of the API's, as its abort says. */
+const STREAM_CUT_BECAUSE = {
+  session_ended: 'the session ended',
+  step_up_required: 'the sign-in grew older than the API allows',
+} as const;
+
 /** A body that sends nothing and then breaks off, as a browser that left would end it. */
-function brokenOffAtFirstRead(): Readable {
+function brokenOffAtFirstRead(why: string): Readable {
   return new Readable({
     read() {
-      this.destroy(new DOMException('the sign-in grew older than the API allows', 'AbortError'));
+      this.destroy(new DOMException(why, 'AbortError'));
     },
   });
 }
@@ -515,10 +521,11 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest, requestId
   if (api.auth === 'none') return { token: undefined, session: null, staleCookie: false, refreshed: false };
   if (api.auth === 'client') return { token: await clientToken(api), session: null, staleCookie: false, refreshed: false };
   // The hot path may use the store's coherent copy; the refresh path re-reads under its lock.
-  const { session, stale, replaced, endedBy } = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
+  const found = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
+  const { session } = found;
   if (!session) {
-    if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: stale, refreshed: false };
-    throw replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
+    if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: found.stale, refreshed: false };
+    throw withoutSession(found);
   }
   // Before any token is fetched or refreshed: a call this sign-in may not make costs the IdP nothing.
   const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, session.record);
@@ -983,7 +990,23 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
 
     let credentials = await credentialsFor(api, inbound, requestId);
     refreshed = credentials.refreshed;
-    if (credentials.session) releaseCall = openCalls.hold(credentials.session.record.sub, config.proxy.maxCallsPerUser);
+    // The session's end, seen while the call is open: before the answer comes it holds the answer
+    // back; once a stream flows, it cuts it.
+    let endedWithSession: SessionEndSeenBy | undefined;
+    let cutWithSession: (() => void) | undefined;
+    if (credentials.session) {
+      const releaseSlot = openCalls.hold(credentials.session.record.sub, config.proxy.maxCallsPerUser);
+      const releaseHold = holdOpen(credentials.session.id, {
+        end(seenBy) {
+          endedWithSession ??= seenBy;
+          cutWithSession?.();
+        },
+      });
+      releaseCall = () => {
+        releaseSlot();
+        releaseHold();
+      };
+    }
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     headers.push(
       ['host', url.host],
@@ -1045,23 +1068,31 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);
     let answerBody = answer.body;
-    let signInOutgrown = false;
+    let cutAtOnce = false;
     const authTime = credentials.session?.record.authTime;
-    if (!bodyless && answerBody !== null && api.maxAge !== undefined && authTime !== undefined) {
-      // The answer came after the sign-in outgrew maxAge (a long poll, read whole or streamed): none
-      // of it may pass. A safe call can be made again after a step-up, so it hears that now; an unsafe
-      // one the API has acted on keeps its status, since a step_up_required would invite a second
-      // attempt, and its body breaks off before its first byte (the adapters still send the head).
-      const lacking = missingAuthentication({ maxAge: api.maxAge }, { authTime });
-      if (lacking) {
+    if (!bodyless && answerBody !== null) {
+      // The answer came after the session ended, or after the sign-in outgrew maxAge (a long poll,
+      // read whole or streamed): none of it may pass. A safe call can be made again (after a login
+      // or a step-up), so it hears that now; an unsafe one the API has acted on keeps its status,
+      // since an error would invite a second attempt, and its body breaks off before its first
+      // byte (the adapters still send the head).
+      const lacking = api.maxAge !== undefined && authTime !== undefined ? missingAuthentication({ maxAge: api.maxAge }, { authTime }) : undefined;
+      if (endedWithSession || lacking) {
         if (answerBody instanceof Readable) answerBody.destroy();
-        if (SAFE_METHODS.has(method)) {
+        if (SAFE_METHODS.has(method) && lacking && !endedWithSession) {
           log('info', 'proxy.step_up_required', { requestId, api: api.name, from: 'deadline' });
           throw errors.stepUpRequired(stepUpDetails(lacking));
         }
-        log('info', 'proxy.stream_ended', { requestId, api: api.name, reason: 'step_up_required' });
-        answerBody = brokenOffAtFirstRead();
-        signInOutgrown = true;
+        if (SAFE_METHODS.has(method)) {
+          // As a call made a moment later would hear: a logout clears the cookie, a new login's does not.
+          log('info', 'proxy.session_ended', { requestId, api: api.name, detectedBy: endedWithSession });
+          const found = await sessionFromCookieHeader(inbound.header('cookie'));
+          throw found.session ? errors.unauthenticated() : withoutSession(found);
+        }
+        const reason = endedWithSession ? 'session_ended' : 'step_up_required';
+        log('info', 'proxy.stream_ended', { requestId, api: api.name, reason });
+        answerBody = brokenOffAtFirstRead(STREAM_CUT_BECAUSE[reason]);
+        cutAtOnce = true;
       }
     }
     if (!bodyless && answerBody instanceof Readable) {
@@ -1070,20 +1101,20 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       answerBody.once('error', (error: Error) => {
         if (!isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, api: api.name, ...describeCause(error) });
       });
-      const streamed = answerBody;
+      const flowing = answerBody;
       // A streamed answer (server-sent events, a long download) that began in time ends with the
       // sign-in's recency, and with the session (a logout, a back-channel logout). An abort, as a
       // browser that left would cause: Next logs any other error as a failed pipe, with its stack.
-      const endStream = (reason: string, extra?: { detectedBy: string }) => {
-        if (streamed.destroyed) return;
+      const endStream = (reason: keyof typeof STREAM_CUT_BECAUSE, extra?: { detectedBy: string }) => {
+        if (flowing.destroyed) return;
         log('info', 'proxy.stream_ended', { requestId, api: api.name, reason, ...extra });
-        streamed.destroy(new DOMException(reason === 'step_up_required' ? 'the sign-in grew older than the API allows' : 'the session ended', 'AbortError'));
+        flowing.destroy(new DOMException(STREAM_CUT_BECAUSE[reason], 'AbortError'));
       };
-      if (api.maxAge !== undefined && authTime !== undefined && !signInOutgrown) {
-        streamed.once('close', whenSignInTooOld(authTime, api.maxAge, () => endStream('step_up_required')));
-      }
-      if (credentials.session && !signInOutgrown && !streamed.closed) {
-        streamed.once('close', holdOpen(credentials.session.id, { end: (seenBy) => endStream('session_ended', { detectedBy: seenBy }) }));
+      if (!cutAtOnce) {
+        if (api.maxAge !== undefined && authTime !== undefined) {
+          flowing.once('close', whenSignInTooOld(authTime, api.maxAge, () => endStream('step_up_required')));
+        }
+        cutWithSession = () => endStream('session_ended', endedWithSession && { detectedBy: endedWithSession });
       }
       endWhenBrowserStalls(answerBody, config.proxy.sendTimeoutMs, { requestId, api: api.name });
       // The call is open until its answer is over, however that ends (it may have broken off already).

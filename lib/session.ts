@@ -766,10 +766,10 @@ let checkingHeld = false;
 let hearingEnds = false;
 
 /**
- * Ties `held` to session `id` until the returned release is called. Ends this process sees
- * (logout, back-channel logout, replacement) end it at once; ends elsewhere (another worker or
- * instance, the idle timeout) at the next check: one store read per session with something held
- * open, every WEBSOCKET_SESSION_CHECK_INTERVAL.
+ * Ties `held` (a WebSocket, a proxied call and its streamed answer) to session `id` until the
+ * returned release is called. Ends this process sees (logout, back-channel logout, replacement)
+ * end it at once; ends elsewhere (another worker or instance, the idle timeout) at the next check:
+ * one store read per session with something held open, every WEBSOCKET_SESSION_CHECK_INTERVAL.
  */
 export function holdOpen(id: string, held: HeldOpen): () => void {
   if (!hearingEnds) {
@@ -779,23 +779,31 @@ export function holdOpen(id: string, held: HeldOpen): () => void {
   let entries = heldOpen.get(id);
   if (!entries) heldOpen.set(id, (entries = new Set()));
   entries.add(held);
+  // Stopped by the first check that finds nothing held, not by each release: every proxied call
+  // with a session is held while it is open, and a timer per call would cost the hot path.
   heldCheckTimer ??= setInterval(() => void checkHeldSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
   return () => {
     const left = heldOpen.get(id);
-    if (!left?.delete(held)) return;
-    if (left.size === 0) heldOpen.delete(id);
-    if (heldOpen.size === 0 && heldCheckTimer) {
-      clearInterval(heldCheckTimer);
-      heldCheckTimer = undefined;
-    }
+    if (left?.delete(held) && left.size === 0) heldOpen.delete(id);
   };
 }
 
 function endHeldOpen(id: string, seenBy: SessionEndSeenBy): void {
-  for (const held of heldOpen.get(id) ?? []) held.end(seenBy);
+  for (const held of heldOpen.get(id) ?? []) {
+    // One that fails must not keep the others open.
+    try {
+      held.end(seenBy);
+    } catch (error) {
+      log('error', 'session.end_held_failed', describeCause(error));
+    }
+  }
 }
 
 async function checkHeldSessions(): Promise<void> {
+  if (heldOpen.size === 0 && heldCheckTimer) {
+    clearInterval(heldCheckTimer);
+    heldCheckTimer = undefined;
+  }
   if (checkingHeld) return;
   checkingHeld = true;
   try {
@@ -938,6 +946,11 @@ export interface CookieSession {
   replaced: boolean;
   /** The session was ended from another device, at the IdP, or by its tokens' end: the browser should hear why. */
   endedBy?: Exclude<EndedBy, 'replaced'>;
+}
+
+/** What a request whose cookie leads to no session hears: replaced (retry), ended (and how), or signed out. */
+export function withoutSession({ stale, replaced, endedBy }: CookieSession): GatehouseError {
+  return replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
 }
 
 /** The session a request's cookie leads to, and what to do about the cookie when there is none. */

@@ -7,7 +7,7 @@ import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } fro
 import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
-import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
+import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, withoutSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
@@ -209,7 +209,7 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     if (!protocols) throw invalidHandshake();
 
     const found = await sessionFromCookieHeader(request.headers.cookie, { coherentCopy: true });
-    if (!found.session) throw found.replaced ? errors.sessionReplaced() : found.endedBy ? errors.sessionEnded(found.endedBy) : errors.unauthenticated(found.stale);
+    if (!found.session) throw withoutSession(found);
     // As for proxied calls, before any token is fetched: a socket this sign-in may not open costs the IdP nothing.
     const lacking = missingAuthentication({ acrValues: api.acr, maxAge: api.maxAge }, found.session.record);
     if (lacking) throw errors.stepUpRequired(stepUpDetails(lacking));

@@ -46,6 +46,22 @@ function endedLines(since: number): Promise<Array<Record<string, unknown>>> {
   return waitFor('the stream’s end to be logged', () => (lines().length ? lines() : undefined), 5_000, 50);
 }
 
+/** A call through the first instance, its body read to the end or to a cut, bytes counted. */
+async function callCounting(path: string, cookie: string, method = 'GET') {
+  const response = await fetch(`${stack.apps[0]!.url}${path}`, { method, headers: { cookie, 'x-csrf': '1' } });
+  let bytes = 0;
+  const chunks: Uint8Array[] = [];
+  const reader = response.body!.getReader();
+  const read = await (async function drain(): Promise<'whole' | 'cut'> {
+    const { done, value } = await reader.read();
+    if (done) return 'whole';
+    bytes += value.length;
+    chunks.push(value);
+    return drain();
+  })().catch(() => 'cut' as const);
+  return { status: response.status, read, bytes, text: Buffer.concat(chunks).toString(), clearsCookie: /Max-Age=0/i.test(response.headers.get('set-cookie') ?? '') };
+}
+
 describe('a streamed answer ends with its session', () => {
   it('a logout on the same instance cuts it at once; another user’s stream flows on', async () => {
     const [cookie, bystanderCookie] = await Promise.all([login(stack.apps[0]!.url, 'stream-leaver'), login(stack.apps[0]!.url, 'stream-stayer')]);
@@ -71,5 +87,22 @@ describe('a streamed answer ends with its session', () => {
     // Cut, not run to its end (a minute of events).
     expect(stream.events()).toBeLessThan(300);
     expect(await endedLines(since)).toEqual([expect.objectContaining({ reason: 'session_ended', detectedBy: 'session_check' })]);
+  });
+
+  it('a session that ends while its calls wait for the API: a GET hears what a call made then hears, a POST keeps its status and none of the body', async () => {
+    const cookie = await login(stack.apps[0]!.url, 'stream-in-flight');
+    // A small answer (read whole) and an event stream, both coming 2.5 s after the call.
+    const paths = ['/api/proxy/demo/slow?ms=2500', '/api/proxy/demo/events?count=50&intervalMs=0&delayMs=2500'];
+    const calls = Promise.all([callCounting(paths[0]!, cookie), callCounting(paths[1]!, cookie), callCounting(paths[0]!, cookie, 'POST'), callCounting(paths[1]!, cookie, 'POST')]);
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    expect((await fetch(`${stack.apps[0]!.url}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).status).toBe(200);
+    const [getWhole, getStream, postWhole, postStream] = await calls;
+    const after = await callCounting('/api/proxy/demo/whoami', cookie);
+    expect(after.status).toBe(401);
+    for (const answer of [getWhole, getStream]) {
+      expect({ status: answer.status, text: answer.text, clearsCookie: answer.clearsCookie }).toEqual({ status: 401, text: after.text, clearsCookie: after.clearsCookie });
+    }
+    // The API acted on the POSTs: an error would invite a second attempt.
+    for (const answer of [postWhole, postStream]) expect({ status: answer.status, read: answer.read, bytes: answer.bytes }).toEqual({ status: 200, read: 'cut', bytes: 0 });
   });
 });

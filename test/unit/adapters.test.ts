@@ -27,15 +27,22 @@ afterEach(async () => {
   server = undefined;
 });
 
-async function serving(answer: () => ProxyResponse): Promise<number> {
+async function serving(answer: () => ProxyResponse, around: (write: () => void) => void = (write) => write()): Promise<number> {
   server = createServer((_request, response) => {
     const ready = answer();
     // The break is over (its events emitted) before the adapter sees the body, as when the core awaited the store meanwhile.
-    setTimeout(() => writeNodeResponse(ready, response), 20);
+    setTimeout(() => around(() => writeNodeResponse(ready, response)), 20);
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   return (server.address() as AddressInfo).port;
+}
+
+async function waitUntil(done: () => boolean): Promise<void> {
+  for (let tries = 0; !done(); tries += 1) {
+    if (tries > 200) throw new Error('waited 2 s in vain');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
 }
 
 const HEAD_1_1 = 'GET /x HTTP/1.1\r\nHost: t\r\n\r\n';
@@ -61,9 +68,14 @@ describe('writeNodeResponse (npm start)', () => {
   it('an HTTP/1.0 client with no length to go by gets no head, since a head and a close would read as a whole, empty answer', async () => {
     for (const breakOff of ['before the adapter listened', 'while it waited for the first byte']) {
       const body = breakOff.startsWith('before') ? brokenBody() : silentBody();
-      const port = await serving(() => ({ status: 200, headers: [['content-type', 'text/plain']], body }));
+      const port = await serving(
+        () => ({ status: 200, headers: [['content-type', 'text/plain']], body }),
+        (write) => {
+          write();
+          if (!body.destroyed) setTimeout(() => body.destroy(new Error('the API went away')), 20);
+        },
+      );
       const answer = await openRawRequest(port, HEAD_1_0);
-      if (!body.destroyed) setTimeout(() => body.destroy(new Error('the API went away')), 100);
       expect(await answer.closed, breakOff).toBe('');
       server?.close();
     }
@@ -89,5 +101,28 @@ describe('webResponseFrom (next start)', () => {
     expect(Buffer.from((await reader.read()).value!).toString()).toBe('first');
     body.destroy(new Error('the API went away'));
     await expect(reader.read()).rejects.toMatchObject({ name: 'AbortError' });
+  });
+});
+
+describe('an answer that cannot be written', () => {
+  it('drops its streamed body (else the API connection and the session hold stay): both adapters', async () => {
+    const forged: Array<[string, string]> = [['x-split', 'a\r\nset-cookie: x=1']];
+    const body = silentBody();
+    expect(() => webResponseFrom({ status: 200, headers: forged, body })).toThrow();
+    expect(body.destroyed).toBe(true);
+
+    const nodeBody = silentBody();
+    let thrown: unknown;
+    const port = await serving(() => ({ status: 200, headers: forged, body: nodeBody }), (write) => {
+      try {
+        write();
+      } catch (error) {
+        thrown = error;
+      }
+    });
+    const answer = await openRawRequest(port, HEAD_1_1);
+    await waitUntil(() => thrown !== undefined);
+    expect(nodeBody.destroyed).toBe(true);
+    answer.leave();
   });
 });
