@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import { login, waitFor } from '../support/http-client.ts';
 
@@ -104,5 +105,22 @@ describe('a streamed answer ends with its session', () => {
     }
     // The API acted on the POSTs: an error would invite a second attempt.
     for (const answer of [postWhole, postStream]) expect({ status: answer.status, read: answer.read, bytes: answer.bytes }).toEqual({ status: 200, read: 'cut', bytes: 0 });
+  });
+
+  it('a new login in the same browser while a call waits: the GET hears session_replaced and the new cookie stays', async () => {
+    const jars: CookieJars = new Map();
+    const loginHere = async () => {
+      const { rpCookies } = await loginThroughRp({ startUrl: `${stack.apps[0]!.url}/api/auth/login`, username: 'stream-relogin', jars });
+      return `gatehouse=${rpCookies.get('gatehouse')}`;
+    };
+    const first = await loginHere();
+    const waiting = callCounting('/api/proxy/demo/slow?ms=2500', first);
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    const second = await loginHere();
+    expect(second).not.toBe(first);
+    const answer = await waiting;
+    // Clearing the cookie here would sign the browser out of the session it has just begun.
+    expect({ status: answer.status, error: (JSON.parse(answer.text) as { error: string }).error, clearsCookie: answer.clearsCookie }).toEqual({ status: 401, error: 'session_replaced', clearsCookie: false });
+    expect((await callCounting('/api/proxy/demo/whoami', second)).status).toBe(200);
   });
 });

@@ -380,6 +380,25 @@ describe('a session ended by another instance', () => {
   });
 });
 
+describe('what a session holds open', () => {
+  it('ends with it, each held thing even when another one fails to end; a released one is left alone', async () => {
+    const session = await deploy(A);
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets, accessTokenExpiresAt: null, userAgent: undefined });
+    const ended: string[] = [];
+    session.holdOpen(created.id, {
+      end() {
+        throw new Error('a socket that cannot close');
+      },
+    });
+    session.holdOpen(created.id, { end: (seenBy) => ended.push(`stream: ${seenBy}`) });
+    const release = session.holdOpen(created.id, { end: () => ended.push('a call already over') });
+    release();
+    session.holdOpen(ID, { end: () => ended.push('another session') });
+    await session.destroySession(created.id, created.record);
+    expect(ended).toEqual(['stream: this_process']);
+  });
+});
+
 describe('a token update', () => {
   it('is written only while the refresh lock is still its owner\'s', async () => {
     const session = await deploy(A);
