@@ -760,7 +760,27 @@ export interface HeldOpen {
   used?: boolean;
 }
 
-const heldOpen = new Map<string, Set<HeldOpen>>();
+/** One held thing, linked into its session's list. */
+interface HeldLink {
+  held: HeldOpen;
+  prev: HeldLink | undefined;
+  next: HeldLink | undefined;
+}
+
+/** What a released link holds instead: nothing to end. */
+const RELEASED: HeldOpen = { end() {} };
+
+/**
+ * What each session holds open, by session id: a linked list per session, and a session's entry
+ * stays once its last held thing is released, until the next check sweeps it. Every proxied call
+ * holds and releases, and a Map or Set that has reached V8's old generation rehashes into a new
+ * table there each time it empties: some 50 bytes a call straight into the old generation, which
+ * at one call at a time brought a full collection (a 10–20 ms pause of the worker) every 20–60 s
+ * (bench, -c1). Links are born young and die young; a released one lets go of everything, since
+ * one that had reached the old generation (a long stream's) would otherwise keep its neighbours,
+ * and through them every later call, alive until the next full collection.
+ */
+const heldOpen = new Map<string, { first: HeldLink | undefined }>();
 let heldCheckTimer: NodeJS.Timeout | undefined;
 let checkingHeld = false;
 let hearingEnds = false;
@@ -776,23 +796,37 @@ export function holdOpen(id: string, held: HeldOpen): () => void {
     hearingEnds = true;
     onSessionEnded((ended) => endHeldOpen(ended, 'this_process'));
   }
-  let entries = heldOpen.get(id);
-  if (!entries) heldOpen.set(id, (entries = new Set()));
-  entries.add(held);
+  let entry = heldOpen.get(id);
+  if (!entry) heldOpen.set(id, (entry = { first: undefined }));
+  const link: HeldLink = { held, prev: undefined, next: entry.first };
+  if (entry.first) entry.first.prev = link;
+  entry.first = link;
   // Stopped by the first check that finds nothing held, not by each release: every proxied call
   // with a session is held while it is open, and a timer per call would cost the hot path.
   heldCheckTimer ??= setInterval(() => void checkHeldSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
+  const list = entry;
   return () => {
-    const left = heldOpen.get(id);
-    if (left?.delete(held) && left.size === 0) heldOpen.delete(id);
+    if (link.held === RELEASED) return;
+    if (link.prev) link.prev.next = link.next;
+    else list.first = link.next;
+    if (link.next) link.next.prev = link.prev;
+    link.held = RELEASED;
+    link.prev = link.next = undefined;
   };
 }
 
+/** What a session holds now (a copy: ending one may release others, which then end nothing). */
+function heldBy(id: string): HeldLink[] {
+  const links: HeldLink[] = [];
+  for (let link = heldOpen.get(id)?.first; link; link = link.next) links.push(link);
+  return links;
+}
+
 function endHeldOpen(id: string, seenBy: SessionEndSeenBy): void {
-  for (const held of heldOpen.get(id) ?? []) {
+  for (const link of heldBy(id)) {
     // One that fails must not keep the others open.
     try {
-      held.end(seenBy);
+      link.held.end(seenBy);
     } catch (error) {
       log('error', 'session.end_held_failed', describeCause(error));
     }
@@ -800,6 +834,7 @@ function endHeldOpen(id: string, seenBy: SessionEndSeenBy): void {
 }
 
 async function checkHeldSessions(): Promise<void> {
+  for (const [id, entry] of heldOpen) if (!entry.first) heldOpen.delete(id);
   if (heldOpen.size === 0 && heldCheckTimer) {
     clearInterval(heldCheckTimer);
     heldCheckTimer = undefined;
@@ -807,9 +842,11 @@ async function checkHeldSessions(): Promise<void> {
   if (checkingHeld) return;
   checkingHeld = true;
   try {
-    for (const [id, entries] of [...heldOpen]) {
-      const used = [...entries].some((held) => held.used);
-      for (const held of entries) if (held.used) held.used = false;
+    for (const id of [...heldOpen.keys()]) {
+      const links = heldBy(id);
+      if (!links.length) continue;
+      const used = links.some(({ held }) => held.used);
+      for (const { held } of links) if (held.used) held.used = false;
       let loaded: Awaited<ReturnType<typeof loadSession>>;
       try {
         loaded = await loadSession(id, { coherentCopy: true });
