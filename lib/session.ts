@@ -804,11 +804,10 @@ export function holdOpen(id: string, held: HeldOpen): () => void {
   // Stopped by the first check that finds nothing held, not by each release: every proxied call
   // with a session is held while it is open, and a timer per call would cost the hot path.
   heldCheckTimer ??= setInterval(() => void checkHeldSessions(), getConfig().websocket.sessionCheckIntervalSec * 1000).unref();
-  const list = entry;
   return () => {
     if (link.held === RELEASED) return;
     if (link.prev) link.prev.next = link.next;
-    else list.first = link.next;
+    else entry.first = link.next;
     if (link.next) link.next.prev = link.prev;
     link.held = RELEASED;
     link.prev = link.next = undefined;
