@@ -58,9 +58,13 @@ const REQUEST_DENYLIST = new Set([
   ...['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-request-id', 'expect'],
   // Who the client is: Gatehouse says that in X-Forwarded-For; the browser's claims are not passed on.
   ...['x-real-ip', 'true-client-ip', 'x-client-ip', 'cf-connecting-ip', 'x-cluster-client-ip', 'fastly-client-ip'],
+  ...['client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-true-client-ip', 'proxy-client-ip', 'wl-proxy-client-ip', 'x-proxyuser-ip'],
   // Stacks that route on these (Symfony and Zend before 2018, IIS URL Rewrite, nginx auth_request
   // set-ups) would serve the path they name instead of the one resolveUpstream checked.
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
+  // Host overrides that frameworks and gateways honour in place of Host (for routing, allow-lists
+  // and the links they write); Gatehouse's X-Forwarded-Host is the one that holds.
+  ...['x-original-host', 'x-host', 'x-http-host-override'],
   // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
   'proxy',
   // Next.js's internal ones (x-middleware-* and x-invoke-* below): see REQUEST_DENIED_PREFIXES.
@@ -247,12 +251,14 @@ async function withoutPromptingChallenges(value: string): Promise<string | undef
 /**
  * A segment an upstream may take for `.` or `..`: made of dots (and whitespace, which Windows-style
  * servers trim), also followed by `;params` (Tomcat and Spring strip them before resolving dot
- * segments, so `..;x` climbs a level there) or `%3b` (a lenient upstream decodes once more). Called
- * with the segment's compatibility form (NFKC), in which `．．`, `‥` and `﹒` are dots.
+ * segments, so `..;x` climbs a level there), or by `?` or `#` (an upstream that decodes the whole
+ * target before splitting off its query sees `..?/admin` as the path `..`), in either layer of
+ * encoding (`%3b`, `%3f`, `%23`: a lenient upstream decodes once more). Called with the segment's
+ * compatibility form (NFKC), in which `．．`, `‥` and `﹒` are dots.
  */
 function isDotSegment(compatible: string): boolean {
   if (!compatible.includes('.')) return false;
-  const paramsAt = compatible.search(/;|%3b/i);
+  const paramsAt = compatible.search(/[;?#]|%(?:3b|3f|23)/i);
   const name = paramsAt === -1 ? compatible : compatible.slice(0, paramsAt);
   // Linear tests: one pattern for all could backtrack quadratically on a long run of dots.
   return name.includes('.') && /^[.\s]+$/.test(name);

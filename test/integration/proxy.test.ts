@@ -710,7 +710,7 @@ describe('header hygiene (raw sockets)', () => {
     expect((await demoLast())?.headers['x-secret-hop']).toBeUndefined();
   });
 
-  it('URL-rewrite headers (X-Original-URL and kin, in any spelling a CGI server reads alike), Proxy and client-IP claims never reach the upstream', async () => {
+  it('URL-rewrite and host-override headers (X-Original-URL and kin, in any spelling a CGI server reads alike), Proxy and client-IP claims never reach the upstream', async () => {
     const seen = await headersReaching('/api/proxy/demo/echo/rewrite', [
         ['X-Original-URL', '/admin/users'],
         ['X-Rewrite-URL', '/admin'],
@@ -721,6 +721,13 @@ describe('header hygiene (raw sockets)', () => {
         // httpoxy: CGI makes HTTP_PROXY of it, which many HTTP clients take as their proxy.
         ['Proxy', 'http://evil.example:8080'],
         ['True-Client-IP', '6.6.6.6'],
+        ['Client-IP', '10.0.0.1'],
+        ['X-Originating-IP', '10.0.0.1'],
+        ['X-Original-Forwarded-For', '10.0.0.1'],
+        // Host overrides that frameworks and gateways route, allow-list and write links by.
+        ['X-Original-Host', 'admin.internal'],
+        ['X-Host', 'admin.internal'],
+        ['X-HTTP-Host-Override', 'admin.internal'],
         // Next.js's internal ones: an API on an unpatched Next skips its middleware for the first (CVE-2025-29927).
         ['X-Middleware-Subrequest', 'middleware:middleware:middleware:middleware:middleware'],
         ['X-Middleware-Rewrite', '/admin'],
@@ -730,7 +737,7 @@ describe('header hygiene (raw sockets)', () => {
         ['X-Nextjs-Data', '1'],
         ['X-End-To-End', 'kept'],
     ]);
-    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri', 'x_original_url', 'x_forwarded_host', 'proxy', 'true-client-ip', 'x-middleware-subrequest', 'x-middleware-rewrite', 'x_middleware_skip', 'x-invoke-path', 'x-matched-path', 'x-nextjs-data']) expect(seen[name], name).toBeUndefined();
+    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri', 'x_original_url', 'x_forwarded_host', 'proxy', 'true-client-ip', 'client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-original-host', 'x-host', 'x-http-host-override', 'x-middleware-subrequest', 'x-middleware-rewrite', 'x_middleware_skip', 'x-invoke-path', 'x-matched-path', 'x-nextjs-data']) expect(seen[name], name).toBeUndefined();
     expect(seen['x-end-to-end']).toBe('kept');
     expect((await demoLast())?.path).toBe('/echo/rewrite');
   });
@@ -1076,6 +1083,12 @@ describe('path escapes (raw request targets, nothing normalised by the client)',
     '/api/proxy/jail/.;/whoami',
     '/api/proxy/jail/%2e%2e%3b/%2e%2e%3b/whoami',
     '/api/proxy/jail/..%253b/whoami',
+    // `..?` and `..#` are `..` to an upstream that decodes the whole target before splitting off its query.
+    '/api/proxy/jail/..%3f/whoami',
+    '/api/proxy/jail/%2e%2e%3F/whoami',
+    '/api/proxy/jail/..%23/whoami',
+    '/api/proxy/jail/..%253f/whoami',
+    '/api/proxy/jail/.%3f/whoami',
   ];
 
   it.each(escapes)('%s → refused (400 invalid_path on the fast path), never a request outside the jail', async (target) => {

@@ -23,6 +23,7 @@ const apis = {
 /** What paths are made of when someone tries to leave a base path, in every encoding we know of. */
 const PATH_PIECES = [
   '/', '//', '.', '..', ';', '..;', '.;', '%', '%2e', '%2E', '%2f', '%2F', '%5c', '%5C', '%3b', '%3B', '%25', '%252e', '%253b',
+  '%3f', '%3F', '%23', '%253f', '%2523', '？', '＃',
   '\\', '@', ':', 'http:', '%40', '%00', '%0a', '?', '#', '=', '~', ' ', 'a', 'b', 'x', 'é', 'todos', 'v1',
 ];
 const pathPiece = fc.oneof({ weight: 6, arbitrary: fc.constantFrom(...PATH_PIECES) }, { weight: 1, arbitrary: fc.string({ maxLength: 3 }) });
@@ -41,6 +42,12 @@ function decodeLeniently(text: string): string {
 
 /** `.` or `..`, bare or with `;params` (how Tomcat and Spring see `..;x`). */
 const isDotSegment = (segment: string) => /^\.\.?(?:;.*)?$/.test(segment);
+
+/** Every `%XX` of an ASCII character decoded, the rest left as it is: what a lenient server makes of a whole target. */
+const decodeAsciiEscapes = (text: string) => text.replace(/%([0-7][0-9a-f])/gi, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+
+/** The segments an upstream that decodes the whole target before splitting off its query resolves: those before the first `?` or `#`. */
+const segmentsBeforeQuery = (path: string) => (path.split(/[?#]/, 1)[0] ?? '').split(/[/\\]/);
 
 describe('resolveUpstream (generated paths)', () => {
   it('refuses with invalid_path or unknown_api only, and whatever it returns stays under the API’s origin and base path with no dot segment in any decoding', () => {
@@ -65,15 +72,21 @@ describe('resolveUpstream (generated paths)', () => {
             expect(/[/\\]/.test(layer), `separator in ${JSON.stringify(segment)} from ${JSON.stringify(rawUrl)}`).toBe(false);
           }
         }
+        const relative = url.pathname.slice(basePath.length);
+        const once = decodeAsciiEscapes(relative);
+        for (const layer of [relative, once, decodeAsciiEscapes(once)]) {
+          for (const segment of segmentsBeforeQuery(layer)) expect(isDotSegment(segment), `${JSON.stringify(segment)} of ${JSON.stringify(layer)} from ${JSON.stringify(rawUrl)}`).toBe(false);
+        }
       }),
       { numRuns: RUNS },
     );
   });
 
-  it('refuses every `..;` / `.;` segment, however it is encoded', () => {
+  it('refuses every `..;` / `.;` segment, and `..` or `.` before an encoded `?` or `#`, however it is encoded', () => {
     const encodings = {
       dot: ['.', '%2e', '%2E'],
-      semicolon: [';', '%3b', '%3B'],
+      // `?` itself would start the query: `..` is then the last segment, refused as such.
+      semicolon: [';', '%3b', '%3B', '%253b', '%3f', '%3F', '%253f', '#', '%23', '%2523', '；', '？', '＃'],
     };
     const dotSegment = fc.tuple(
       fc.constantFrom(1, 2),
@@ -100,7 +113,9 @@ const HOP_BY_HOP = ['connection', 'keep-alive', 'te', 'trailer', 'transfer-encod
 const REQUEST_DENIED = [
   'host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-request-id', 'expect', 'proxy',
   'x-real-ip', 'true-client-ip', 'x-client-ip', 'cf-connecting-ip', 'x-cluster-client-ip', 'fastly-client-ip',
+  'client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-true-client-ip', 'proxy-client-ip', 'wl-proxy-client-ip', 'x-proxyuser-ip',
   'x-original-url', 'x-rewrite-url', 'x-original-uri',
+  'x-original-host', 'x-host', 'x-http-host-override',
   'remote-user', 'x-userinfo', 'x-client-dn',
 ];
 const RESPONSE_DENIED = [
