@@ -543,6 +543,8 @@ test.describe('logout', () => {
         expect(html).toContain('<code>invalid_request</code>');
         expect(html).not.toMatch(/\bat [\w.<>$]+ \(|node_modules|\.ts:\d+/);
         expect(setCookies(res)).toEqual([]);
+        // Nor is the browser's cache emptied by a link anyone could send.
+        expect(res.headers()['clear-site-data']).toBeUndefined();
       });
     }
     // Still signed in, same session key, and the API still answers for this user.
@@ -565,6 +567,8 @@ test.describe('logout', () => {
     const res = await request.get(logoutUrl, { headers: { cookie: `gatehouse=${cookie}` }, maxRedirects: 0 });
     expect(res.status()).toBe(302);
     expect(res.headers()['cache-control']).toContain('no-store');
+    // The user's API answers the browser may have cached go with the session.
+    expect(res.headers()['clear-site-data']).toBe('"cache"');
     expect(sessionCookieCleared(res)).toBe(true);
     // So is the cookie that names the session for the next login to end (on the callback's path).
     expect(setCookies(res).filter((line) => /^gatehouse-replaces=;/.test(line) && /;\s*Max-Age=0\b/i.test(line) && /;\s*Path=\/api\/auth\/callback\b/i.test(line))).toHaveLength(1);

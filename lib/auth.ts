@@ -116,11 +116,20 @@ export function pageRoute(handler: (request: Request) => Promise<Response>, even
   };
 }
 
-function redirect(location: string, cookies: string[] = []): Response {
-  const headers = new Headers({ location, ...NO_STORE });
+function redirect(location: string, cookies: string[] = [], extra: Array<[string, string]> = []): Response {
+  const headers = new Headers([['location', location], ...Object.entries(NO_STORE), ...extra]);
   for (const cookie of cookies) headers.append('set-cookie', cookie);
   return new Response(null, { status: 302, headers });
 }
+
+/**
+ * On every answer that signs this browser out. Proxied answers may be cached (`private`, varying by
+ * `Cookie`, so never served to the next session), but they would stay on the disk of a shared
+ * computer after its user signed out; this empties the origin's HTTP cache (browsers honour it on
+ * https and on localhost).
+ */
+const CLEAR_CACHE: [string, string] = ['clear-site-data', '"cache"'];
+const signedOutHeaders = (): Array<[string, string]> => [...signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]), CLEAR_CACHE];
 
 function requireCsrf(request: Request): void {
   if (!checkCsrf((name) => request.headers.get(name), getConfig().appBaseUrl.origin).ok) throw errors.csrf();
@@ -464,7 +473,7 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
     throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   }
   await endSession(session);
-  return redirect(await afterSignOut(session.secrets.idToken), signedOutCookieHeaders());
+  return redirect(await afterSignOut(session.secrets.idToken), signedOutCookieHeaders(), [CLEAR_CACHE]);
 }
 
 /**
@@ -487,7 +496,7 @@ export async function logoutByApi(request: Request): Promise<Response> {
   // The way on first: a store that fails it leaves the session, and the SPA's retry, intact.
   const { redirectTo, cookies } = session ? await signOutContinuation(session.secrets.idToken) : { redirectTo: '/', cookies: [] };
   if (session) await endSession(session);
-  return jsonResponse(200, { redirectTo }, [...signedOutCookieHeaders(), ...cookies].map((cookie): [string, string] => ['set-cookie', cookie]));
+  return jsonResponse(200, { redirectTo }, [...signedOutHeaders(), ...cookies.map((cookie): [string, string] => ['set-cookie', cookie])]);
 }
 
 // --- health ------------------------------------------------------------------------------------
@@ -587,7 +596,7 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   const session = target.current ? current : await readSession(target.id);
   if (session) await endSession(session, target.current ? undefined : current.record);
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
-  const signedOut = target.current ? signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]) : [];
+  const signedOut = target.current ? signedOutHeaders() : [];
   return jsonResponse(200, { ended: 1 }, signedOut);
 }
 

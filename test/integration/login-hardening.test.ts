@@ -118,6 +118,7 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
         expect(res.statusCode).toBe(400);
         expect(res.headers['content-type']).toMatch(/^text\/html/);
         expect(res.headers['set-cookie']).toBeUndefined();
+        expect(res.headers['clear-site-data']).toBeUndefined();
         expect(await res.body.text()).toContain('<code>invalid_request</code>');
       }
     }

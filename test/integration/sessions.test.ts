@@ -406,6 +406,8 @@ describe("a user's sessions", () => {
 
     const ended = await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers: headers(laptop.rpCookies) });
     expect(await ended.json()).toEqual({ ended: 1 });
+    // This browser stays signed in: its cache stays too.
+    expect(ended.headers.get('clear-site-data')).toBeNull();
     // The phone hears why on its next look, and its next API call says so too.
     expect(await sessionOf(phone.rpCookies)).toEqual({ authenticated: false, endedBy: 'elsewhere' });
     const phoneCall = await fetch(`${app}/api/proxy/demo/whoami`, { headers: headers(phone.rpCookies) });
@@ -415,13 +417,15 @@ describe("a user's sessions", () => {
     const third = await login('two-browsers');
     const again = (await (await fetch(`${app}/api/auth/sessions`, { headers: headers(laptop.rpCookies) })).json()) as { sessions: Array<{ handle: string; current: boolean }> };
     const thirdHandle = again.sessions.find((entry) => !entry.current)!.handle;
-    expect((await fetch(`${app}/api/auth/sessions/${thirdHandle}`, { method: 'DELETE', headers: headers(laptop.rpCookies) })).status).toBe(200);
+    const thirdEnded = await fetch(`${app}/api/auth/sessions/${thirdHandle}`, { method: 'DELETE', headers: headers(laptop.rpCookies) });
+    expect([thirdEnded.status, thirdEnded.headers.get('clear-site-data')]).toEqual([200, null]);
     expect(await sessionOf(third.rpCookies)).toEqual({ authenticated: false, endedBy: 'elsewhere' });
 
     // Ending its own session by handle signs the laptop out as a logout does: both cookies cleared.
     const own = again.sessions.find((entry) => entry.current)!.handle;
     const selfEnded = await fetch(`${app}/api/auth/sessions/${own}`, { method: 'DELETE', headers: headers(laptop.rpCookies) });
     expect(selfEnded.status).toBe(200);
+    expect(selfEnded.headers.get('clear-site-data')).toBe('"cache"');
     const cleared = selfEnded.headers.getSetCookie();
     expect(cleared.map((cookie) => cookie.split('=', 1)[0]).sort()).toEqual(['gatehouse', 'gatehouse-replaces']);
     for (const cookie of cleared) expect(cookie, cookie).toMatch(/=;|Max-Age=0/i);
@@ -509,10 +513,12 @@ describe('logout for SPAs and silent login', () => {
   it('POST /api/auth/logout needs X-CSRF, then ends the session and hands back a same-origin step to the end-session URL, never the id_token', async () => {
     const session = await login('spa-logout');
     const refused = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(session.rpCookies) } });
-    expect(refused.status).toBe(403);
+    expect([refused.status, refused.headers.get('clear-site-data')]).toEqual([403, null]);
     expect((await sessionOf(session.rpCookies)).authenticated).toBe(true);
     const response = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
     expect(response.status).toBe(200);
+    // The user's API answers the browser may have cached go with the session.
+    expect(response.headers.get('clear-site-data')).toBe('"cache"');
     const answer = await response.text();
     // Page scripts read this answer: no JWT in it, nor in its headers.
     expect(`${answer} ${[...response.headers].join(' ')}`).not.toMatch(/eyJ/);
