@@ -82,7 +82,7 @@ if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { file
  *   outlives two sweeps (requests in flight, log lines awaiting their write) is promoted, and the
  *   old generation fills: `--trace-gc` showed a full collection every 5–6 s per worker at one
  *   request at a time after a burst. At a fixed 16 MB they die young: one in 60 s of such load
- *   against eight (README.md, "Full collections off the tail"), for up to 32 MB of semi-spaces per
+ *   against eight (docs/performance.md, "Full collections off the tail"), for up to 32 MB of semi-spaces per
  *   process. Where V8's own limit is smaller (a heap limit under 2 GB), that costs memory instead.
  * A setting of the operator's own for any of these (`--x` or `--no-x`; any semi-space size for the
  * second) is kept when they start server.ts themselves: on its command line or in NODE_OPTIONS.

@@ -904,7 +904,7 @@ export function serveProxyOnFastPathOnly(): void {
  * from one entry to none on every call chained a new table per call to the first one that had
  * been promoted: with a user's calls one at a time, about 1 MB a second moved out of the young
  * generation, and a full collection every 10 to 20 seconds stalled the worker's calls for 10 to
- * 20 ms (bench -c1, README "The -c1 tail").
+ * 20 ms (bench -c1, docs/performance.md, "The -c1 tail").
  */
 export class OpenCalls {
   readonly #open = new Map<string, number>();
