@@ -642,6 +642,42 @@ test.describe('logout', () => {
     expect(new URL((await toIdp).url()).searchParams.get('id_token_hint')).toMatch(/^eyJ/);
   });
 
+  test("in Chromium, signing out empties the browser's cache of the user's API answers", async ({ browser }) => {
+    // A context of its own: Playwright turns the HTTP cache off in any context that routes requests,
+    // as the shared fixture does to refuse requests that would leave the machine (counted here instead).
+    const context = await browser.newContext({ baseURL: app() });
+    const external: string[] = [];
+    context.on('request', (request) => {
+      if (!/^https?:\/\/(localhost|127\.0\.0\.1)[:/]/.test(request.url())) external.push(request.url());
+    });
+    const page = await context.newPage();
+    const { cookie } = await signIn('rhea');
+    const sessionCookie = { name: 'gatehouse', value: cookie, url: app(), httpOnly: true, sameSite: 'Strict' as const };
+    await context.addCookies([sessionCookie]);
+    await page.goto('/');
+    const cachedAnswer = '/api/proxy/demo/cached?cc=max-age%3D600';
+    // Whether the browser holds an answer for this URL and this Cookie header (`Vary: Cookie`), without asking anyone.
+    const inCache = () =>
+      page.evaluate(async (url) => {
+        try {
+          return (await fetch(url, { cache: 'only-if-cached', mode: 'same-origin', headers: { 'X-CSRF': '1' } })).status;
+        } catch {
+          return 'not cached';
+        }
+      }, cachedAnswer);
+    expect(await page.evaluate(async (url) => (await fetch(url, { headers: { 'X-CSRF': '1' } })).status, cachedAnswer)).toBe(200);
+    // Control: the answer is kept (private, for this cookie), so the check below can fail.
+    expect(await inCache()).toBe(200);
+    const signedOut = await page.evaluate(async () => (await fetch('/api/auth/logout', { method: 'POST', headers: { 'X-CSRF': '1' } })).status);
+    expect(signedOut).toBe(200);
+    // The same Cookie header as before (the sign-out step's cookie removed), so only the cache's own emptying can miss.
+    await context.clearCookies();
+    await context.addCookies([sessionCookie]);
+    expect(await inCache()).toBe('not cached');
+    expect(external, 'requests that left the machine').toEqual([]);
+    await context.close();
+  });
+
   test('POST logout needs X-CSRF and leaves the session alone without it', async ({ request }) => {
     const { cookie } = await signIn('olga');
     await expectApiError(await request.post('/api/auth/logout', { headers: { cookie: `gatehouse=${cookie}` } }), 403, 'csrf_failed');
