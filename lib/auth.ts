@@ -7,7 +7,8 @@ import { describeCause, log } from './log.ts';
 import { LogoutTokenRejected } from './logout-token.ts';
 import * as oidc from './oidc.ts';
 import {
-  clearSessionCookieHeader,
+  CLEAR_CACHE,
+  endedSessionHeaders,
   clearTransactionCookieHeaders,
   createSession,
   decryptAtRest,
@@ -60,7 +61,7 @@ function apiError(caught: unknown, event: string): Response {
   const error = configAware(caught);
   if (error.status >= 500) log('error', event, { code: error.code, ...describeCause(error.cause) });
   const headers = new Headers([...Object.entries(jsonHeaders()), ...errorHeaders(error)]);
-  if (error.clearSession) headers.append('set-cookie', clearSessionCookieHeader());
+  if (error.clearSession) for (const [name, value] of endedSessionHeaders()) headers.append(name, value);
   return new Response(errorBody(error), { status: error.status, headers });
 }
 
@@ -122,13 +123,6 @@ function redirect(location: string, cookies: string[] = [], extra: Array<[string
   return new Response(null, { status: 302, headers });
 }
 
-/**
- * On every answer that signs this browser out. Proxied answers may be cached (`private`, varying by
- * `Cookie`, so never served to the next session), but they would stay on the disk of a shared
- * computer after its user signed out; this empties the origin's HTTP cache (browsers honour it on
- * https and on localhost).
- */
-const CLEAR_CACHE: [string, string] = ['clear-site-data', '"cache"'];
 const signedOutHeaders = (): Array<[string, string]> => [...signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]), CLEAR_CACHE];
 
 function requireCsrf(request: Request): void {
@@ -351,7 +345,7 @@ async function endReplacedSession(id: string, successor: SignIn): Promise<void> 
 export async function describeSession(request: Request): Promise<Response> {
   requireCsrf(request);
   const { session, stale, endedBy } = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (!session) return jsonResponse(200, { authenticated: false, ...(endedBy ? { endedBy } : {}) }, stale ? { 'set-cookie': clearSessionCookieHeader() } : {});
+  if (!session) return jsonResponse(200, { authenticated: false, ...(endedBy ? { endedBy } : {}) }, stale ? endedSessionHeaders() : []);
   await touchSession(session, true);
   const { acr, authTime } = session.record;
   return jsonResponse(200, {

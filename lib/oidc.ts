@@ -145,9 +145,9 @@ export function newAuthorizationRequest({ prompt, acrValues, maxAge }: { prompt?
  */
 export async function buildAuthorizationUrl(request: AuthorizationRequest): Promise<{ url: URL; pushed: boolean }> {
   const as = await getAuthorizationServer();
-  if (!as.authorization_endpoint) throw new IdpError('rejected', 'The IdP has no authorization_endpoint');
+  const url = browserEndpoint(as.authorization_endpoint);
+  if (!url) throw new IdpError('rejected', 'The IdP has no usable authorization_endpoint (an absolute https URL)');
   const parameters = await authorizationParameters(request);
-  const url = new URL(as.authorization_endpoint);
   if (!usesPushedAuthorization(as)) {
     for (const [name, value] of parameters) url.searchParams.set(name, value);
     return { url, pushed: false };
@@ -432,7 +432,19 @@ export async function revokeToken(token: string, hint: 'refresh_token' | 'access
   }
 }
 
-/** The IdP's RP-initiated logout URL, or null when it has none (or cannot be reached right now). */
+/**
+ * An endpoint of the discovery document that Gatehouse sends the browser to, or undefined when it is
+ * not an absolute URL of the issuer's kind (https; http only where the issuer itself is, on
+ * loopback): oauth4webapi checks the endpoints it calls itself, not these, and the document is the
+ * IdP's word, which a broken or hostile IdP can fill with anything.
+ */
+export function browserEndpoint(value: unknown, allowHttp = getConfig().oidc.allowInsecureRequests): URL | undefined {
+  if (typeof value !== 'string' || !URL.canParse(value)) return undefined;
+  const url = new URL(value);
+  return url.protocol === 'https:' || (allowHttp && url.protocol === 'http:') ? url : undefined;
+}
+
+/** The IdP's RP-initiated logout URL, or null when it has none, a broken one, or cannot be reached right now. */
 export async function buildEndSessionUrl(idToken: string | undefined): Promise<URL | null> {
   let as: oauth.AuthorizationServer;
   try {
@@ -440,9 +452,13 @@ export async function buildEndSessionUrl(idToken: string | undefined): Promise<U
   } catch {
     return null;
   }
-  if (!as.end_session_endpoint) return null;
+  const url = browserEndpoint(as.end_session_endpoint);
+  if (!url) {
+    // A sign-out still signs out here; only the IdP's own logout is skipped.
+    if (as.end_session_endpoint !== undefined) log('warn', 'auth.end_session_endpoint_unusable', { reason: 'not an absolute https URL' });
+    return null;
+  }
   const { oidc } = getConfig();
-  const url = new URL(as.end_session_endpoint);
   url.searchParams.set('client_id', oidc.clientId);
   url.searchParams.set('post_logout_redirect_uri', oidc.postLogoutRedirectUri);
   if (idToken) url.searchParams.set('id_token_hint', idToken);
@@ -461,7 +477,9 @@ function toTokenSet(result: oauth.TokenEndpointResponse): TokenSet {
 
 function isNetworkFailure(error: unknown): boolean {
   if (!(error instanceof Error)) return false;
-  return error.name === 'TimeoutError' || error.name === 'AbortError' || (error instanceof TypeError && /fetch failed|network/i.test(error.message));
+  // oauth4webapi wraps a body that stalled or broke off after the status line in a parse error.
+  if (error instanceof oauth.OperationProcessingError && error.code === oauth.PARSE_ERROR && error.cause instanceof Error) return isNetworkFailure(error.cause);
+  return error.name === 'TimeoutError' || error.name === 'AbortError' || (error instanceof TypeError && /fetch failed|network|terminated/i.test(error.message));
 }
 
 /** The IdP's HTTP answer behind an oauth4webapi error, when there was one. */
@@ -505,7 +523,7 @@ function classify(error: unknown, operation: string): IdpError {
 export function idpErrorToGatehouse(error: IdpError): GatehouseError {
   if (error.kind === 'invalid_grant') return errors.sessionExpired(error);
   if (error.kind === 'unavailable') return errors.idpUnavailable(error, error.retryAfterSec);
-  return new GatehouseError('idp_error', 502, 'The identity provider refused the request.', { cause: error });
+  return errors.idpRefused(error);
 }
 
 /** A live discovery fetch for health and start-up checks: the cached document would hide an outage. */

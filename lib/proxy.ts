@@ -7,8 +7,8 @@ import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } fro
 import { NOT_A_PAGE, PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
-import { clientCredentialsToken, idpErrorToGatehouse, IdpError } from './oidc.ts';
-import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
+import { clientCredentialsToken, IdpError } from './oidc.ts';
+import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
@@ -140,7 +140,7 @@ const GATEHOUSE_HEADER_PREFIX = 'x-gatehouse-';
 function jsonError(error: GatehouseError, extraHeaders: Array<[string, string]> = []): ProxyResponse {
   // x-gatehouse-error tells the browser client this error is Gatehouse's own, not the upstream API's JSON.
   const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...errorHeaders(error), ...extraHeaders];
-  if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
+  if (error.clearSession) headers.push(...endedSessionHeaders());
   return { status: error.status, headers, body: errorBody(error) };
 }
 
@@ -496,21 +496,42 @@ interface Credentials {
 
 const clientTokens = sharedState('client-tokens', () => new Map<string, { token: string; expiresAt: number } | Promise<{ token: string; expiresAt: number }>>());
 
+/**
+ * After a failed client-credentials grant, the next waits this long, or as long as the IdP's
+ * `Retry-After` asks: anyone may call a `client` API, and their calls must not become a grant each
+ * at an IdP that is failing or refusing (it might then rate-limit the client's logins too).
+ */
+const CLIENT_GRANT_BACKOFF_MS = 5_000;
+const clientGrantFailures = sharedState('client-grant-failures', () => new Map<string, { failure: IdpError; until: number }>());
+
+/**
+ * The BFF's own grant failing says nothing about the user's session: an `invalid_grant` there is the
+ * IdP refusing the client, never a session's end (which would clear the caller's cookie).
+ */
+function clientGrantError(failure: IdpError, retryAfterSec: number | undefined): GatehouseError {
+  return failure.kind === 'unavailable' ? errors.idpUnavailable(failure, retryAfterSec) : errors.idpRefused(failure);
+}
+
 /** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
 async function clientToken(api: ApiConfig): Promise<string> {
   const cached = clientTokens.get(api.name);
   if (cached && !(cached instanceof Promise) && cached.expiresAt - getConfig().refresh.skewSec * 1000 > Date.now()) return cached.token;
   if (cached instanceof Promise) return (await cached).token;
+  const failed = clientGrantFailures.get(api.name);
+  if (failed && failed.until > Date.now()) throw clientGrantError(failed.failure, Math.ceil((failed.until - Date.now()) / 1000));
   const pending = clientCredentialsToken({ scope: api.scope, resource: api.resource }).then(
     (tokens) => ({ token: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt ?? Date.now() + 60_000 }),
     (error: unknown) => {
-      throw error instanceof IdpError ? idpErrorToGatehouse(error) : error;
+      if (!(error instanceof IdpError)) throw error;
+      clientGrantFailures.set(api.name, { failure: error, until: Date.now() + Math.max(CLIENT_GRANT_BACKOFF_MS, (error.retryAfterSec ?? 0) * 1000) });
+      throw clientGrantError(error, error.retryAfterSec ?? CLIENT_GRANT_BACKOFF_MS / 1000);
     },
   );
   clientTokens.set(api.name, pending);
   try {
     const entry = await pending;
     clientTokens.set(api.name, entry);
+    clientGrantFailures.delete(api.name);
     return entry.token;
   } catch (error) {
     clientTokens.delete(api.name);
@@ -1070,7 +1091,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     if (credentials.session && credentials.token) responseHeaders = keptToTheUser(responseHeaders);
     if (credentials.token) responseHeaders = withoutEchoedToken(responseHeaders, credentials.token, { requestId, api: api.name });
     responseHeaders.push(['x-request-id', requestId], ...PROXIED_ANSWER_HEADERS);
-    if (credentials.staleCookie) responseHeaders.push(['set-cookie', clearSessionCookieHeader()]);
+    if (credentials.staleCookie) responseHeaders.push(...endedSessionHeaders());
     const bodyless = method === 'HEAD' || BODYLESS_STATUSES.has(answer.status);
     if (bodyless) discard(answer.body);
     let answerBody = answer.body;

@@ -304,6 +304,20 @@ export function clearSessionCookieHeader(): string {
 }
 
 /**
+ * Sent wherever a session ends for this browser (a logout, or a cookie found naming a session that
+ * ended: expired, signed out elsewhere or at the IdP). Proxied answers may be cached (`private`,
+ * varying by `Cookie`, so never served to the next session), but would stay on a shared
+ * computer's disk after its user left; this empties the origin's HTTP cache (browsers honour it on
+ * https and on localhost).
+ */
+export const CLEAR_CACHE: [string, string] = ['clear-site-data', '"cache"'];
+
+/** The answer's headers that end a dead session for this browser: its cookie, and what the browser kept of its answers. */
+export function endedSessionHeaders(): Array<[string, string]> {
+  return [['set-cookie', clearSessionCookieHeader()], CLEAR_CACHE];
+}
+
+/**
  * Under SameSite=Strict the callback never sees the session cookie, so a login that started before
  * another tab's login finished cannot know the session it replaces. Each callback therefore leaves
  * a Lax cookie, sent to the callback only, naming the session it created: the next login to finish

@@ -53,6 +53,8 @@ export interface DevIdpOptions {
   par?: DevIdpPar;
   /** DPoP (RFC 9449): require a server nonce in every proof from the start (also switchable at /__dev/dpop). */
   dpopRequireNonce?: boolean;
+  /** A broken IdP, for tests: publish this as `end_session_endpoint`, whatever it is, and run no RP-initiated logout. */
+  endSessionEndpoint?: string;
 }
 
 export const DEV_IDP_PAR_MODES = ['disabled', 'enabled', 'required', 'required-per-client'] as const;
@@ -143,7 +145,7 @@ export const DEV_IDP_DEFAULTS = {
  */
 export const DEV_IDP_ACR = { password: 'urn:gatehouse:pwd', mfa: 'urn:gatehouse:mfa' } as const;
 
-/** Endpoints a test can make fail for a while: /__dev/token-fault, /__dev/par-fault. */
+/** Endpoints a test can make fail for a while: /__dev/token-fault, /__dev/par-fault (`?status=&count=&retryAfter=&error=&stall=1`). */
 const FAULTY_ENDPOINTS = ['token', 'par'] as const;
 type FaultyEndpoint = (typeof FAULTY_ENDPOINTS)[number];
 const FAULT_PATHS: Record<FaultyEndpoint, string> = { token: '/token', par: '/request' };
@@ -272,7 +274,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
   const keys = await signingKeys();
   let counters = emptyCounters();
   /** Test-only: the next `remaining` requests to an endpoint get this answer (rate limiting, outages). */
-  const faults: Partial<Record<FaultyEndpoint, { status: number; retryAfter: string | undefined; remaining: number }>> = {};
+  const faults: Partial<Record<FaultyEndpoint, { status: number; retryAfter: string | undefined; error: string | undefined; stall: boolean; remaining: number }>> = {};
   const delays: IdpDelays = { discoveryMs: 0, tokenMs: 0 };
   const dpop: DevIdpDpop = { requireNonce: options.dpopRequireNonce ?? false, ignoreProofs: false };
   const delayed = { discovery: 0, token: 0 };
@@ -289,9 +291,18 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       fault.remaining--;
       req.resume();
       // With a token delay set, a token fault comes as late as an answer would: an IdP failing slowly.
+      // With an OAuth error code, the answer is that error as an IdP's JSON (an invalid_grant where none is due).
+      // Stalled: a 200 whose JSON body stops after its first bytes (until the client gives up, or 30 s).
       const answer = () => {
-        res.writeHead(fault.status, { 'content-type': 'text/plain', ...(fault.retryAfter ? { 'retry-after': fault.retryAfter } : {}) });
-        res.end(`fault injected by /__dev/${endpoint}-fault`);
+        if (fault.stall) {
+          res.writeHead(200, { 'content-type': 'application/json' });
+          res.write('{"access_token":');
+          const giveUp = setTimeout(() => res.destroy(), 30_000);
+          res.once('close', () => clearTimeout(giveUp));
+          return;
+        }
+        res.writeHead(fault.status, { 'content-type': fault.error ? 'application/json' : 'text/plain', ...(fault.retryAfter ? { 'retry-after': fault.retryAfter } : {}) });
+        res.end(fault.error ? JSON.stringify({ error: fault.error, error_description: `fault injected by /__dev/${endpoint}-fault` }) : `fault injected by /__dev/${endpoint}-fault`);
       };
       if (endpoint === 'token' && delays.tokenMs > 0) {
         delayed.token++;
@@ -429,6 +440,8 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       Grant: refreshTokenTtl,
       Session: refreshTokenTtl,
     },
+    // Fills only what the provider leaves out: with RP-initiated logout off, the endpoint is ours to name.
+    ...(options.endSessionEndpoint !== undefined ? { discovery: { end_session_endpoint: options.endSessionEndpoint } } : {}),
     features: {
       devInteractions: { enabled: true },
       revocation: { enabled: true },
@@ -437,7 +450,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
       dPoP: { enabled: true, nonceSecret: randomBytes(32), requireNonce: () => dpop.requireNonce },
       clientCredentials: { enabled: true },
       backchannelLogout: { enabled: true },
-      rpInitiatedLogout: { enabled: true },
+      rpInitiatedLogout: { enabled: options.endSessionEndpoint === undefined },
       resourceIndicators: {
         enabled: true,
         // Authorization requests get every API so a later refresh may target any of them with `resource`;
@@ -555,8 +568,11 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (req.method === 'POST' && faulty) {
       const status = Number(url.searchParams.get('status') ?? 429);
       const remaining = Number(url.searchParams.get('count') ?? 1);
-      if (!Number.isInteger(status) || status < 400 || status > 599 || !Number.isInteger(remaining)) return sendJson(res, 400, { error: 'status 400-599, integer count' });
-      const fault = { status, retryAfter: url.searchParams.get('retryAfter') ?? undefined, remaining };
+      const error = url.searchParams.get('error') ?? undefined;
+      if (!Number.isInteger(status) || status < 400 || status > 599 || !Number.isInteger(remaining) || (error !== undefined && !/^[a-z_]{1,64}$/.test(error))) {
+        return sendJson(res, 400, { error: 'status 400-599, integer count, error an OAuth error code' });
+      }
+      const fault = { status, retryAfter: url.searchParams.get('retryAfter') ?? undefined, error, stall: url.searchParams.get('stall') === '1', remaining };
       faults[faulty] = fault;
       return sendJson(res, 200, fault);
     }
@@ -875,6 +891,7 @@ if (import.meta.main) {
         privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
         par: parFromEnv(),
         dpopRequireNonce: process.env.IDP_DPOP_NONCE === 'required',
+        endSessionEndpoint: process.env.IDP_END_SESSION_ENDPOINT,
       }),
     (idp) => `dev IdP listening on ${idp.issuer}`,
   );

@@ -70,6 +70,7 @@ function viewOf(res: RawResponse | null): View {
       'x-gatehouse-error': res.get('x-gatehouse-error'),
       allow: res.get('allow'),
       'set-cookie': res.all('set-cookie'),
+      'clear-site-data': res.get('clear-site-data'),
     },
     hasRequestId: /^[0-9a-f-]{36}$/.test(res.get('x-request-id') ?? ''),
   };
@@ -273,14 +274,20 @@ describe('hostile requests: identical answers from both adapters, nothing forwar
     expect(missing).toEqual([]);
   });
 
-  it('a tampered or stale session cookie is cleared by both', async () => {
+  it("a tampered or stale session cookie is cleared by both, with what the browser cached of that session's answers", async () => {
     const tampered = await both((t) => head(t, 'GET', '/api/proxy/demo/whoami', [['X-CSRF', '1'], ['Cookie', `${t.cookie.slice(0, -6)}AAAAAA`]]));
     expect(tampered.fast.headers['set-cookie']).toEqual(['gatehouse=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict']);
-    expect(tampered.next.headers['set-cookie']).toEqual(tampered.fast.headers['set-cookie']);
+    expect(tampered.fast.headers['clear-site-data']).toBe('"cache"');
+    expect(tampered.next.headers).toMatchObject({ 'set-cookie': tampered.fast.headers['set-cookie'], 'clear-site-data': '"cache"' });
     // On a user-optional API the answer is the upstream's, and the dead cookie is still cleared.
     const optional = await both((t) => head(t, 'GET', '/api/proxy/public/x', [['X-CSRF', '1'], ['Cookie', `${t.cookie.slice(0, -6)}AAAAAA`]]));
-    expect(optional.fast).toMatchObject({ status: 200, body: { anonymous: true }, headers: { 'set-cookie': ['gatehouse=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict'] } });
-    expect(optional.next).toMatchObject({ status: optional.fast.status, body: optional.fast.body, headers: { 'set-cookie': optional.fast.headers['set-cookie'] } });
+    expect(optional.fast).toMatchObject({ status: 200, body: { anonymous: true }, headers: { 'set-cookie': ['gatehouse=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict'], 'clear-site-data': '"cache"' } });
+    expect(optional.next).toMatchObject({ status: optional.fast.status, body: optional.fast.body, headers: { 'set-cookie': optional.fast.headers['set-cookie'], 'clear-site-data': '"cache"' } });
+    // A live session's answers, and a call with no cookie at all, leave the browser's cache alone.
+    for (const build of [(t: Target) => head(t, 'GET', '/api/proxy/demo/whoami', csrf(t)), (t: Target) => head(t, 'GET', '/api/proxy/demo/whoami', [['X-CSRF', '1']]), (t: Target) => head(t, 'GET', '/api/proxy/public/x', [['X-CSRF', '1']])]) {
+      const { fast, next } = await both(build);
+      expect([fast.headers['clear-site-data'], next.headers['clear-site-data']]).toEqual([undefined, undefined]);
+    }
   });
 
   // Next builds a Fetch `Request` for the middleware, and the Fetch standard forbids TRACE: under

@@ -333,3 +333,43 @@ describe('a refresh lock whose answer was lost', () => {
     expect(await refreshesSince(ownStack, before, user)).toEqual({ refreshed: 1, refused: 0 });
   }, 60_000);
 });
+
+describe('an IdP whose token answer stalls after its status line', () => {
+  let ownStack: Stack;
+
+  beforeAll(async () => {
+    // Every call is due for a refresh (the skew outlasts the token); a refresh gets about 2 s (its
+    // lock's lease, less a margin), any other IdP call OIDC_TIMEOUT_MS.
+    ownStack = await startStack({
+      workers: 1,
+      accessTokenTtl: 60,
+      apis: ({ apiUrl }) => ({ demo: { url: apiUrl }, machine: { url: apiUrl, auth: 'client' } }),
+      env: { TOKEN_REFRESH_SKEW: '120', OIDC_TIMEOUT_MS: '1000', REFRESH_LOCK_LEASE_MS: '3000' },
+    });
+  });
+
+  afterAll(async () => {
+    await ownStack?.stop();
+  });
+
+  it('is an IdP not answering (503 idp_unavailable, retryable), not a refusal; the session is kept and refreshes once the IdP answers', async () => {
+    const ownApp = ownStack.apps[0]!.url;
+    const user = 'stalled-token-answer';
+    const ownCookie = await login(ownApp, user);
+    const before = await idpGrants(ownStack.issuer);
+    // A 200 whose body stops after `{"access_token":`: what a proxy cutting the answer, or an IdP hanging mid-write, looks like.
+    await fetch(`${ownStack.issuer}/__dev/token-fault?stall=1&count=1`, { method: 'POST' });
+    const stalled = await call(ownApp, '/api/proxy/demo/whoami', ownCookie);
+    expect(stalled).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    expect(clearsSessionCookie(stalled.setCookies)).toBe(false);
+    expect(await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).toMatchObject({ status: 200, body: { sub: user } });
+    expect(await refreshesSince(ownStack, before, user)).toEqual({ refreshed: 1, refused: 0 });
+
+    // The BFF's own grant, under OIDC_TIMEOUT_MS: the same stall is a 503 with a Retry-After, never "refused".
+    await fetch(`${ownStack.issuer}/__dev/token-fault?stall=1&count=1`, { method: 'POST' });
+    const machine = await call(ownApp, '/api/proxy/machine/whoami', ownCookie);
+    expect(machine).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    expect(Number(machine.headers.get('retry-after'))).toBeGreaterThan(0);
+    expect(clearsSessionCookie(machine.setCookies)).toBe(false);
+  }, 30_000);
+});

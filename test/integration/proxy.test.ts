@@ -262,6 +262,8 @@ beforeAll(async () => {
       public: { url: `${apiUrl}/public`, auth: 'user-optional' },
       none: { url: apiUrl, auth: 'none' },
       client: { url: apiUrl, auth: 'client' },
+      refusedclient: { url: apiUrl, auth: 'client' },
+      failingclient: { url: apiUrl, auth: 'client' },
       slow: { url: apiUrl, timeoutMs: 500 },
       small: { url: apiUrl, maxBodyBytes: 1024 },
       bulk: { url: apiUrl, maxBodyBytes: 256 * MiB },
@@ -548,6 +550,35 @@ describe('credentials per API', () => {
     }
     const after = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
     expect(after - before).toBe(1);
+  });
+
+  it("client: a refused or failing client grant leaves the caller's session alone, and the next grant waits (Retry-After, or 5 s)", async () => {
+    // invalid_grant on the BFF's own grant is the IdP refusing the client: never the end of the caller's session.
+    await fetch(`${stack.issuer}/__dev/token-fault?status=400&error=invalid_grant&count=1`, { method: 'POST' });
+    const refused = await proxyFetch('/api/proxy/refusedclient/whoami');
+    expect(refused.status).toBe(502);
+    expect(await json(refused)).toEqual({ error: 'idp_error', message: 'The identity provider refused the request.' });
+    expect([refused.headers.get('set-cookie'), refused.headers.get('clear-site-data')]).toEqual([null, null]);
+    expect(await json(await proxyFetch('/api/proxy/demo/whoami'))).toMatchObject({ sub: USER });
+    // The fault is spent, so a grant now would succeed: a refusal says none was tried.
+    const grantsBefore = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
+    expect((await proxyFetch('/api/proxy/refusedclient/whoami', { anonymous: true })).status).toBe(502);
+
+    // A failing IdP: its Retry-After is passed on, and kept to.
+    await fetch(`${stack.issuer}/__dev/token-fault?status=503&retryAfter=7&count=1`, { method: 'POST' });
+    const failing = await proxyFetch('/api/proxy/failingclient/whoami', { anonymous: true });
+    expect([failing.status, failing.headers.get('retry-after')]).toEqual([503, '7']);
+    const waiting = await proxyFetch('/api/proxy/failingclient/whoami', { anonymous: true });
+    expect(waiting.status).toBe(503);
+    expect(Number(waiting.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    expect(Number(waiting.headers.get('retry-after'))).toBeLessThanOrEqual(7);
+    expect((await idpGrants(stack.issuer)).success.client_credentials ?? 0).toBe(grantsBefore);
+
+    // Once the wait is over, one grant, and the API answers.
+    await new Promise((resolve) => setTimeout(resolve, 5_100));
+    const recovered = await proxyFetch('/api/proxy/refusedclient/whoami', { anonymous: true });
+    expect([recovered.status, (await json<{ sub?: string }>(recovered)).sub]).toEqual([200, CLIENT_ID]);
+    expect((await idpGrants(stack.issuer)).success.client_credentials ?? 0).toBe(grantsBefore + 1);
   });
 });
 

@@ -105,8 +105,10 @@ describe('back-channel logout', () => {
     // The page hears why: it was signed out at the IdP.
     expect(await after.json()).toEqual({ authenticated: false, endedBy: 'idp' });
     expect(after.headers.get('set-cookie')).toMatch(/Max-Age=0/);
+    // What the browser kept of that session's API answers goes with it.
+    expect(after.headers.get('clear-site-data')).toBe('"cache"');
     const proxied = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' } });
-    expect(proxied.status).toBe(401);
+    expect([proxied.status, proxied.headers.get('clear-site-data')]).toEqual([401, '"cache"']);
     expect(await proxied.json()).toEqual({ error: 'session_expired', message: 'You signed out at the identity provider.' });
   });
 
@@ -660,5 +662,41 @@ describe('secret rotation across deploys', () => {
     // New sessions work under B alone.
     const fresh = await login('rotation-user');
     expect((await sessionOf(fresh.rpCookies)).authenticated).toBe(true);
+  });
+});
+
+describe.each([
+  ['a relative end_session_endpoint', '/session/end'],
+  ['a javascript: end_session_endpoint', 'javascript:alert(document.domain)'],
+])('an IdP that publishes %s', (_, endSessionEndpoint) => {
+  let broken: Stack;
+  let brokenApp: string;
+
+  beforeAll(async () => {
+    broken = await startStack({ workers: 1, idpEnv: { IDP_END_SESSION_ENDPOINT: endSessionEndpoint } });
+    brokenApp = broken.apps[0]!.url;
+  });
+
+  afterAll(async () => {
+    await broken?.stop();
+  });
+
+  it("signing out still signs out here (session ended, cookie and cache cleared) and lands on /, the IdP's logout skipped with a warning", async () => {
+    const signedIn = async (cookie: string) => ((await (await fetch(`${brokenApp}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } })).json()) as { authenticated: boolean; logoutUrl: string });
+    const posting = cookieHeader((await loginThroughRp({ startUrl: `${brokenApp}/api/auth/login`, username: 'broken-idp-post' })).rpCookies);
+    const posted = await fetch(`${brokenApp}/api/auth/logout`, { method: 'POST', headers: { cookie: posting, 'x-csrf': '1' } });
+    expect([posted.status, await posted.json()]).toEqual([200, { redirectTo: '/' }]);
+    expect(posted.headers.get('clear-site-data')).toBe('"cache"');
+    expect(clearsSessionCookie(posted.headers.getSetCookie())).toBe(true);
+    expect((await signedIn(posting)).authenticated).toBe(false);
+
+    const following = cookieHeader((await loginThroughRp({ startUrl: `${brokenApp}/api/auth/login`, username: 'broken-idp-get' })).rpCookies);
+    const { logoutUrl } = await signedIn(following);
+    const followed = await request(new URL(logoutUrl, brokenApp), { headers: { cookie: following, 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' } });
+    await followed.body.dump();
+    expect([followed.statusCode, followed.headers.location, followed.headers['clear-site-data']]).toEqual([302, '/', '"cache"']);
+    expect(clearsSessionCookie([followed.headers['set-cookie'] ?? []].flat())).toBe(true);
+    expect((await signedIn(following)).authenticated).toBe(false);
+    expect(broken.apps[0]!.process.output()).toContain('"event":"auth.end_session_endpoint_unusable"');
   });
 });

@@ -1,6 +1,6 @@
 import type { AuthorizationServer } from 'oauth4webapi';
 import { describe, expect, it } from 'vitest';
-import { pushedAuthorizationProblem } from '../../lib/oidc.ts';
+import { browserEndpoint, pushedAuthorizationProblem } from '../../lib/oidc.ts';
 
 /** What start-up and every login refuse: PAR required (by the IdP or OIDC_USE_PAR) with nowhere to push to. */
 describe('pushedAuthorizationProblem', () => {
@@ -27,5 +27,19 @@ describe('pushedAuthorizationProblem', () => {
     expect(pushedAuthorizationProblem({ issuer, ...endpoint }, true)).toBeUndefined();
     expect(pushedAuthorizationProblem({ issuer }, false)).toBeUndefined();
     expect(pushedAuthorizationProblem({ issuer, require_pushed_authorization_requests: false }, false)).toBeUndefined();
+  });
+});
+
+/** Where Gatehouse sends the browser on the IdP's word (its discovery document): only there if it is an absolute https URL. */
+describe('browserEndpoint', () => {
+  it('takes an absolute https URL, and http only where the issuer itself is http (loopback)', () => {
+    expect(browserEndpoint('https://idp.example.com/session/end?x=1', false)?.href).toBe('https://idp.example.com/session/end?x=1');
+    expect(browserEndpoint('http://127.0.0.1:4000/session/end', true)?.href).toBe('http://127.0.0.1:4000/session/end');
+    expect(browserEndpoint('http://127.0.0.1:4000/session/end', false)).toBeUndefined();
+  });
+
+  it('refuses what a broken or hostile document may hold: relative paths, other schemes, no string at all', () => {
+    const hostile: unknown[] = ['/session/end', 'session/end', '//evil.example/x', 'javascript:alert(document.domain)', 'JavaScript:alert(1)', 'data:text/html,<script>1</script>', 'vbscript:x', 'file:///etc/passwd', 'ftp://idp.example.com/x', 'ws://idp.example.com/x', '', ' ', 42, null, {}, ['https://idp.example.com/x']];
+    for (const value of hostile) for (const allowHttp of [false, true]) expect(browserEndpoint(value, allowHttp), JSON.stringify(value)).toBeUndefined();
   });
 });
