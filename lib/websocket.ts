@@ -7,7 +7,7 @@ import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } fro
 import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
-import { clearSessionCookieHeader, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, withoutSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
+import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, withoutSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
@@ -108,7 +108,7 @@ function refuse(socket: Duplex, error: GatehouseError, requestId: string): void 
   if (socket.destroyed) return;
   const body = errorBody(error);
   const headers: Array<[string, string]> = [...Object.entries(jsonHeaders()), ...errorHeaders(error), ['x-request-id', requestId]];
-  if (error.clearSession) headers.push(['set-cookie', clearSessionCookieHeader()]);
+  if (error.clearSession) headers.push(...endedSessionHeaders());
   if (error.code === 'invalid_websocket_request') headers.push(['sec-websocket-version', '13']);
   headers.push(['content-length', String(Buffer.byteLength(body))], ['connection', 'close']);
   const head = `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status] ?? 'Error'}\r\n${headers.map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`;

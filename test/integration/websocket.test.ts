@@ -344,6 +344,7 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
     expect(tampered).not.toBe(cookie);
     const refusal = await expectRefusedWithoutUpstream('/api/proxy/live/ws', { cookie: tampered }, 401, 'unauthenticated');
     expect(clearsSessionCookie([refusal.headers['set-cookie'] ?? []].flat())).toBe(true);
+    expect(refusal.headers['clear-site-data']).toBe('"cache"');
   });
 
   it('an API without "websocket": true → 404 websocket_not_enabled; an unknown API → 404; escaping paths → 400 invalid_path', async () => {
@@ -396,6 +397,7 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
     expect(refusal.body && JSON.parse(refusal.body)).toMatchObject({ acr_values: MFA });
     // The session stays: no cookie is cleared, and an API without the requirement still opens.
     expect(clearsSessionCookie([refusal.headers['set-cookie'] ?? []].flat())).toBe(false);
+    expect(refusal.headers['clear-site-data']).toBeUndefined();
     expect(refreshGrantsOf(await idpGrants(stack.issuer), 'ws-refused')).toBe(grantsBefore);
     const plain = await open('/api/proxy/live/ws', { cookie });
     plain.ws.close();
