@@ -7,7 +7,6 @@ import { describeCause, log } from './log.ts';
 import { LogoutTokenRejected } from './logout-token.ts';
 import * as oidc from './oidc.ts';
 import {
-  CLEAR_CACHE,
   endedSessionHeaders,
   clearTransactionCookieHeaders,
   createSession,
@@ -31,7 +30,7 @@ import {
   sessionIdToReplace,
   signOutCookieHeader,
   signOutHandleFromCookie,
-  signedOutCookieHeaders,
+  signedOutHeaders,
   shortDigest,
   storeCall,
   touchSession,
@@ -122,8 +121,6 @@ function redirect(location: string, cookies: string[] = [], extra: Array<[string
   for (const cookie of cookies) headers.append('set-cookie', cookie);
   return new Response(null, { status: 302, headers });
 }
-
-const signedOutHeaders = (): Array<[string, string]> => [...signedOutCookieHeaders().map((cookie): [string, string] => ['set-cookie', cookie]), CLEAR_CACHE];
 
 function requireCsrf(request: Request): void {
   if (!checkCsrf((name) => request.headers.get(name), getConfig().appBaseUrl.origin).ok) throw errors.csrf();
@@ -467,7 +464,7 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
     throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   }
   await endSession(session);
-  return redirect(await afterSignOut(session.secrets.idToken), signedOutCookieHeaders(), [CLEAR_CACHE]);
+  return redirect(await afterSignOut(session.secrets.idToken), [], signedOutHeaders());
 }
 
 /**

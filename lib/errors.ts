@@ -51,7 +51,7 @@ export const errors = {
    */
   tokenExchangeRefused: (cause?: unknown) =>
     new GatehouseError('token_exchange_refused', 403, 'The identity provider refused a token for this API. Your session is unaffected.', { cause }),
-  idpRefused: (cause?: unknown) => new GatehouseError('idp_error', 502, 'The identity provider refused the request.', { cause }),
+  idpRefused: (cause?: unknown, retryAfterSec?: number) => new GatehouseError('idp_error', 502, 'The identity provider refused the request.', { cause, retryAfterSec }),
   idpUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('idp_unavailable', 503, 'The identity provider is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   storeUnavailable: (cause?: unknown, retryAfterSec?: number) =>

@@ -1,6 +1,6 @@
 import { createRemoteJWKSet } from 'jose';
 import * as oauth from 'oauth4webapi';
-import { getConfig } from './config.ts';
+import { getConfig, isLoopback } from './config.ts';
 import { GatehouseError, errors } from './errors.ts';
 import { tokenRequestWithDpop, unboundTokenProblem } from './dpop.ts';
 import { describeCause, log } from './log.ts';
@@ -434,14 +434,14 @@ export async function revokeToken(token: string, hint: 'refresh_token' | 'access
 
 /**
  * An endpoint of the discovery document that Gatehouse sends the browser to, or undefined when it is
- * not an absolute URL of the issuer's kind (https; http only where the issuer itself is, on
+ * not an absolute https URL (http on loopback only, and only where the issuer itself is http on
  * loopback): oauth4webapi checks the endpoints it calls itself, not these, and the document is the
- * IdP's word, which a broken or hostile IdP can fill with anything.
+ * IdP's word, which a broken one can fill with a relative path or a `javascript:` URL.
  */
 export function browserEndpoint(value: unknown, allowHttp = getConfig().oidc.allowInsecureRequests): URL | undefined {
   if (typeof value !== 'string' || !URL.canParse(value)) return undefined;
   const url = new URL(value);
-  return url.protocol === 'https:' || (allowHttp && url.protocol === 'http:') ? url : undefined;
+  return url.protocol === 'https:' || (allowHttp && url.protocol === 'http:' && isLoopback(url)) ? url : undefined;
 }
 
 /** The IdP's RP-initiated logout URL, or null when it has none, a broken one, or cannot be reached right now. */
@@ -455,7 +455,7 @@ export async function buildEndSessionUrl(idToken: string | undefined): Promise<U
   const url = browserEndpoint(as.end_session_endpoint);
   if (!url) {
     // A sign-out still signs out here; only the IdP's own logout is skipped.
-    if (as.end_session_endpoint !== undefined) log('warn', 'auth.end_session_endpoint_unusable', { reason: 'not an absolute https URL' });
+    if (as.end_session_endpoint !== undefined) log('warn', 'auth.end_session_endpoint_unusable', { reason: 'not an absolute https URL (nor http on loopback, for a loopback issuer)' });
     return null;
   }
   const { oidc } = getConfig();

@@ -58,7 +58,7 @@ const REQUEST_DENYLIST = new Set([
   ...['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-request-id', 'expect'],
   // Who the client is: Gatehouse says that in X-Forwarded-For; the browser's claims are not passed on.
   ...['x-real-ip', 'true-client-ip', 'x-client-ip', 'cf-connecting-ip', 'x-cluster-client-ip', 'fastly-client-ip'],
-  ...['client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-true-client-ip', 'proxy-client-ip', 'wl-proxy-client-ip', 'x-proxyuser-ip'],
+  ...['client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-true-client-ip', 'wl-proxy-client-ip', 'x-proxyuser-ip'],
   // Stacks that route on these (Symfony and Zend before 2018, IIS URL Rewrite, nginx auth_request
   // set-ups) would serve the path they name instead of the one resolveUpstream checked.
   ...['x-original-url', 'x-rewrite-url', 'x-original-uri'],
@@ -268,6 +268,24 @@ const NON_ASCII = /[^\u0000-\u007f]/;
 const IGNORABLE = /\p{Default_Ignorable_Code_Point}/gu;
 
 /**
+ * What an upstream that normalises Unicode sees: `／` is a slash and `．` a dot there. Characters
+ * nothing displays (zero-width space, soft hyphen) go too: NFKC keeps them, and a case-folding
+ * normaliser (NFKC_Casefold) would drop them from `..\u200b`.
+ */
+function compatibleForm(text: string): string {
+  return NON_ASCII.test(text) ? text.normalize('NFKC').replace(IGNORABLE, '') : text;
+}
+
+/** As a lenient upstream decodes a second time: what does not decode stays as it is. */
+function decodedOnceMore(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
+}
+
+/**
  * The upstream URL for `/api/proxy/<api>/<rest>`: the API's base URL plus `rest`, or an error for
  * anything that could step outside that base (dot segments in any encoding, with or without
  * `;params`, encoded slashes or backslashes, empty segments, `@`, a scheme, control characters).
@@ -288,13 +306,15 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
       throw invalidPath();
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
-    // What an upstream that normalises Unicode sees: `／` is a slash and `．` a dot there.
-    // Characters nothing displays (zero-width space, soft hyphen) go too: NFKC keeps them, and a
-    // case-folding normaliser (NFKC_Casefold) would drop them from `..\u200b`.
-    const compatible = NON_ASCII.test(decoded) ? decoded.normalize('NFKC').replace(IGNORABLE, '') : decoded;
+    const compatible = compatibleForm(decoded);
     if ((segment === '' && !isEmptyAllowed) || isDotSegment(compatible)) throw invalidPath();
     // Decoded once here, possibly again by a lenient upstream: refuse separators in either layer.
     if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(compatible)) throw invalidPath();
+    // The second layer in Unicode too: `%25EF%25BC%258E` in the path is `．`, a dot once normalised.
+    if (decoded.includes('%')) {
+      const twice = compatibleForm(decodedOnceMore(decoded));
+      if (isDotSegment(twice) || /[/\\@]/.test(twice)) throw invalidPath();
+    }
     if (index === 0 && /^[a-z][a-z0-9+.-]*:/i.test(decoded)) throw invalidPath();
   }
   if (/[\u0000-\u001f\u007f#]/.test(query)) throw invalidPath();
@@ -497,19 +517,21 @@ interface Credentials {
 const clientTokens = sharedState('client-tokens', () => new Map<string, { token: string; expiresAt: number } | Promise<{ token: string; expiresAt: number }>>());
 
 /**
- * After a failed client-credentials grant, the next waits this long, or as long as the IdP's
- * `Retry-After` asks: anyone may call a `client` API, and their calls must not become a grant each
- * at an IdP that is failing or refusing (it might then rate-limit the client's logins too).
+ * After a failed client-credentials grant, this process's next waits this long, or as long as the
+ * IdP's `Retry-After` asks: anyone may call a `client` API, and their calls must not become a grant
+ * each at an IdP that is failing or refusing (it might then rate-limit the client's logins too).
  */
 const CLIENT_GRANT_BACKOFF_MS = 5_000;
-const clientGrantFailures = sharedState('client-grant-failures', () => new Map<string, { failure: IdpError; until: number }>());
+const clientGrantFailures = sharedState('client-grant-failures', () => new Map<string, { kind: IdpError['kind']; until: number }>());
 
 /**
  * The BFF's own grant failing says nothing about the user's session: an `invalid_grant` there is the
- * IdP refusing the client, never a session's end (which would clear the caller's cookie).
+ * IdP refusing the client, never a session's end (which would clear the caller's cookie). Either
+ * answer says when the next grant will be tried.
  */
-function clientGrantError(failure: IdpError, retryAfterSec: number | undefined): GatehouseError {
-  return failure.kind === 'unavailable' ? errors.idpUnavailable(failure, retryAfterSec) : errors.idpRefused(failure);
+function clientGrantError(failed: { kind: IdpError['kind']; until: number }, cause: unknown): GatehouseError {
+  const retryAfterSec = Math.max(1, Math.ceil((failed.until - Date.now()) / 1000));
+  return failed.kind === 'unavailable' ? errors.idpUnavailable(cause, retryAfterSec) : errors.idpRefused(cause, retryAfterSec);
 }
 
 /** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
@@ -518,13 +540,14 @@ async function clientToken(api: ApiConfig): Promise<string> {
   if (cached && !(cached instanceof Promise) && cached.expiresAt - getConfig().refresh.skewSec * 1000 > Date.now()) return cached.token;
   if (cached instanceof Promise) return (await cached).token;
   const failed = clientGrantFailures.get(api.name);
-  if (failed && failed.until > Date.now()) throw clientGrantError(failed.failure, Math.ceil((failed.until - Date.now()) / 1000));
+  if (failed && failed.until > Date.now()) throw clientGrantError(failed, new Error(`no client grant until ${new Date(failed.until).toISOString()}: the last one failed (${failed.kind})`));
   const pending = clientCredentialsToken({ scope: api.scope, resource: api.resource }).then(
     (tokens) => ({ token: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt ?? Date.now() + 60_000 }),
     (error: unknown) => {
       if (!(error instanceof IdpError)) throw error;
-      clientGrantFailures.set(api.name, { failure: error, until: Date.now() + Math.max(CLIENT_GRANT_BACKOFF_MS, (error.retryAfterSec ?? 0) * 1000) });
-      throw clientGrantError(error, error.retryAfterSec ?? CLIENT_GRANT_BACKOFF_MS / 1000);
+      const failure = { kind: error.kind, until: Date.now() + Math.max(CLIENT_GRANT_BACKOFF_MS, (error.retryAfterSec ?? 0) * 1000) };
+      clientGrantFailures.set(api.name, failure);
+      throw clientGrantError(failure, error);
     },
   );
   clientTokens.set(api.name, pending);

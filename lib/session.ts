@@ -310,7 +310,7 @@ export function clearSessionCookieHeader(): string {
  * computer's disk after its user left; this empties the origin's HTTP cache (browsers honour it on
  * https and on localhost).
  */
-export const CLEAR_CACHE: [string, string] = ['clear-site-data', '"cache"'];
+const CLEAR_CACHE: [string, string] = ['clear-site-data', '"cache"'];
 
 /** The answer's headers that end a dead session for this browser: its cookie, and what the browser kept of its answers. */
 export function endedSessionHeaders(): Array<[string, string]> {
@@ -339,9 +339,9 @@ export async function replacesCookieHeader(id: string): Promise<string> {
   return replacesCookie(await sealData({ replaces: id }, { password: seal, ttl: sealTtlSec() }), getConfig().session.absoluteTimeoutSec);
 }
 
-/** A signed-out browser keeps no cookie naming a session, not even a dead one. */
-export function signedOutCookieHeaders(): string[] {
-  return [clearSessionCookieHeader(), replacesCookie('', 0)];
+/** A signed-out browser keeps no cookie naming a session, not even a dead one, nor what it cached of the session's answers. */
+export function signedOutHeaders(): Array<[string, string]> {
+  return [['set-cookie', clearSessionCookieHeader()], ['set-cookie', replacesCookie('', 0)], CLEAR_CACHE];
 }
 
 /**

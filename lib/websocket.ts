@@ -237,9 +237,12 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     const upstream = attempt.socket;
     if (entry.ending || !socket.readable || !socket.writable) {
       // Ended during the handshake: the session's end is a 401 the SPA understands; a shutdown or a
-      // browser that left needs no answer.
+      // browser that left needs no answer. As a handshake a moment later would hear it: a logout
+      // clears the cookie, a new login's (which replaced this session) does not.
       upstream.close(1000, entry.ending?.reason);
-      throw entry.ending?.code === SESSION_ENDED_CLOSE_CODE && socket.writable ? errors.sessionExpired() : clientClosed();
+      if (entry.ending?.code !== SESSION_ENDED_CLOSE_CODE || !socket.writable) throw clientClosed();
+      const now = await sessionFromCookieHeader(request.headers.cookie);
+      throw now.session ? errors.unauthenticated() : withoutSession(now);
     }
     if (!acceptBrowser(request, socket, head, upstream, entry, started)) throw clientClosed();
     const { authTime } = found.session.record;

@@ -317,6 +317,9 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     const verification = await verify(req, url.pathname);
     // A body a proxy must not pass on to the browser: tests look for this marker.
     if (!verification.ok) return refuseUpgrade(socket, 401, { error: 'invalid_token', detail: 'demo-api-refusal-body' });
+    // `?handshakeDelayMs=`: a handshake the API takes its time over, for what happens meanwhile.
+    const delayMs = clampInt(url.searchParams.get('handshakeDelayMs') ?? undefined, 0, 0, 10_000);
+    if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
     socketServer.handleUpgrade(req, socket, head, (ws) => {
       const record: DemoSocketRecord = { path: url.pathname, sub: verification.claims.sub, protocol: ws.protocol, headers: req.headers, at: Date.now(), received: 0, streamed: 0 };
       websockets.sockets.unshift(record);

@@ -552,17 +552,20 @@ describe('credentials per API', () => {
     expect(after - before).toBe(1);
   });
 
-  it("client: a refused or failing client grant leaves the caller's session alone, and the next grant waits (Retry-After, or 5 s)", async () => {
+  it("client: a refused or failing client grant leaves the caller's session alone, and the process's next grant waits (Retry-After, or 5 s), as both answers say", async () => {
     // invalid_grant on the BFF's own grant is the IdP refusing the client: never the end of the caller's session.
     await fetch(`${stack.issuer}/__dev/token-fault?status=400&error=invalid_grant&count=1`, { method: 'POST' });
     const refused = await proxyFetch('/api/proxy/refusedclient/whoami');
-    expect(refused.status).toBe(502);
+    expect([refused.status, refused.headers.get('retry-after')]).toEqual([502, '5']);
     expect(await json(refused)).toEqual({ error: 'idp_error', message: 'The identity provider refused the request.' });
     expect([refused.headers.get('set-cookie'), refused.headers.get('clear-site-data')]).toEqual([null, null]);
     expect(await json(await proxyFetch('/api/proxy/demo/whoami'))).toMatchObject({ sub: USER });
     // The fault is spent, so a grant now would succeed: a refusal says none was tried.
     const grantsBefore = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
-    expect((await proxyFetch('/api/proxy/refusedclient/whoami', { anonymous: true })).status).toBe(502);
+    const stillRefused = await proxyFetch('/api/proxy/refusedclient/whoami', { anonymous: true });
+    expect(stillRefused.status).toBe(502);
+    expect(Number(stillRefused.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    expect(Number(stillRefused.headers.get('retry-after'))).toBeLessThanOrEqual(5);
 
     // A failing IdP: its Retry-After is passed on, and kept to.
     await fetch(`${stack.issuer}/__dev/token-fault?status=503&retryAfter=7&count=1`, { method: 'POST' });

@@ -9,6 +9,7 @@ import { WebSocket, WebSocketServer } from 'ws';
 import { rssBytes } from '../../bench/lib.ts';
 import { freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import type { DemoSocketRecord } from '../../scripts/demo-api.ts';
+import { loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { rawRequest } from '../support/raw-http.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, login, processTree, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 
@@ -452,6 +453,35 @@ describe('the session ends, the socket closes with 4401', () => {
     expect(await endedLogLinesOf(handle)).toEqual([expect.objectContaining({ detectedBy: 'this_process' })]);
     expect(await upstreamClose(socket.requestId)).toEqual({ code: 1000, reason: 'session ended' });
     expectGatehouseRefusal(await refused('/api/proxy/live/ws', { cookie }), 401, 'unauthenticated');
+  });
+
+  it("a session that ends during the handshake: a logout's is refused 401 with the cookie cleared; a new login's leaves the new session's cookie alone", async () => {
+    // The API takes 1.5 s over its handshake; the session ends meanwhile.
+    const slowHandshake = '/api/proxy/live/ws?handshakeDelayMs=1500';
+    const cookie = await login(app, 'ws-ended-mid-handshake');
+    const pending = refused(slowHandshake, { cookie });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect((await call(app, '/api/auth/logout', cookie, { method: 'POST' })).status).toBe(200);
+    const afterLogout = await pending;
+    expectGatehouseRefusal(afterLogout, 401, 'unauthenticated');
+    expect(clearsSessionCookie([afterLogout.headers['set-cookie'] ?? []].flat())).toBe(true);
+    expect(afterLogout.headers['clear-site-data']).toBe('"cache"');
+
+    // A new login in the same browser replaces the session: by the time the refusal arrives, the
+    // browser holds the new session's cookie, which the refusal must not clear.
+    const jars: CookieJars = new Map();
+    const first = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: 'ws-replaced-mid-handshake', jars });
+    const oldCookie = `gatehouse=${first.rpCookies.get('gatehouse') ?? ''}`;
+    const racing = refused(slowHandshake, { cookie: oldCookie });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const second = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: 'ws-replaced-mid-handshake', jars });
+    const newCookie = `gatehouse=${second.rpCookies.get('gatehouse') ?? ''}`;
+    expect(newCookie).not.toBe(oldCookie);
+    const afterReplace = await racing;
+    expectGatehouseRefusal(afterReplace, 401, 'session_replaced');
+    expect(afterReplace.headers['set-cookie']).toBeUndefined();
+    expect(afterReplace.headers['clear-site-data']).toBeUndefined();
+    expect((await call(app, '/api/proxy/demo/whoami', newCookie)).status).toBe(200);
   });
 
   it('a back-channel logout from the IdP closes it', async () => {

@@ -32,10 +32,12 @@ describe('pushedAuthorizationProblem', () => {
 
 /** Where Gatehouse sends the browser on the IdP's word (its discovery document): only there if it is an absolute https URL. */
 describe('browserEndpoint', () => {
-  it('takes an absolute https URL, and http only where the issuer itself is http (loopback)', () => {
+  it('takes an absolute https URL, and http on loopback only where the issuer itself is http (on loopback)', () => {
     expect(browserEndpoint('https://idp.example.com/session/end?x=1', false)?.href).toBe('https://idp.example.com/session/end?x=1');
     expect(browserEndpoint('http://127.0.0.1:4000/session/end', true)?.href).toBe('http://127.0.0.1:4000/session/end');
+    expect(browserEndpoint('http://localhost:4000/session/end', true)?.href).toBe('http://localhost:4000/session/end');
     expect(browserEndpoint('http://127.0.0.1:4000/session/end', false)).toBeUndefined();
+    expect(browserEndpoint('http://idp.example.com/session/end', true)).toBeUndefined();
   });
 
   it('refuses what a broken or hostile document may hold: relative paths, other schemes, no string at all', () => {
