@@ -241,8 +241,8 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
       // clears the cookie, a new login's (which replaced this session) does not.
       upstream.close(1000, entry.ending?.reason);
       if (entry.ending?.code !== SESSION_ENDED_CLOSE_CODE || !socket.writable) throw clientClosed();
-      const now = await sessionFromCookieHeader(request.headers.cookie);
-      throw now.session ? errors.unauthenticated() : withoutSession(now);
+      const current = await sessionFromCookieHeader(request.headers.cookie);
+      throw current.session ? errors.unauthenticated() : withoutSession(current);
     }
     if (!acceptBrowser(request, socket, head, upstream, entry, started)) throw clientClosed();
     const { authTime } = found.session.record;

@@ -891,7 +891,7 @@ if (import.meta.main) {
         privateKeyJwtPublicJwk: process.env.IDP_PKJWT_PUBLIC_JWK ? (JSON.parse(process.env.IDP_PKJWT_PUBLIC_JWK) as JWK) : undefined,
         par: parFromEnv(),
         dpopRequireNonce: process.env.IDP_DPOP_NONCE === 'required',
-        endSessionEndpoint: process.env.IDP_END_SESSION_ENDPOINT,
+        endSessionEndpoint: process.env.IDP_END_SESSION_ENDPOINT || undefined,
       }),
     (idp) => `dev IdP listening on ${idp.issuer}`,
   );
