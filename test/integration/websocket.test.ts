@@ -458,9 +458,12 @@ describe('the session ends, the socket closes with 4401', () => {
   it("a session that ends during the handshake: a logout's is refused 401 with the cookie cleared; a new login's leaves the new session's cookie alone", async () => {
     // The API takes 1.5 s over its handshake; the session ends meanwhile.
     const slowHandshake = '/api/proxy/live/ws?handshakeDelayMs=1500';
+    // The session ends once the API has the handshake (and Gatehouse is waiting for its answer).
+    const handshakeAtApi = async (before: number) => waitFor('the handshake to reach the API', async () => ((await demoSockets()).upgrades > before ? true : undefined), 5_000, 20);
     const cookie = await login(app, 'ws-ended-mid-handshake');
+    let before = (await demoSockets()).upgrades;
     const pending = refused(slowHandshake, { cookie });
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await handshakeAtApi(before);
     expect((await call(app, '/api/auth/logout', cookie, { method: 'POST' })).status).toBe(200);
     const afterLogout = await pending;
     expectGatehouseRefusal(afterLogout, 401, 'unauthenticated');
@@ -472,8 +475,9 @@ describe('the session ends, the socket closes with 4401', () => {
     const jars: CookieJars = new Map();
     const first = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: 'ws-replaced-mid-handshake', jars });
     const oldCookie = `gatehouse=${first.rpCookies.get('gatehouse') ?? ''}`;
+    before = (await demoSockets()).upgrades;
     const racing = refused(slowHandshake, { cookie: oldCookie });
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await handshakeAtApi(before);
     const second = await loginThroughRp({ startUrl: `${app}/api/auth/login`, username: 'ws-replaced-mid-handshake', jars });
     const newCookie = `gatehouse=${second.rpCookies.get('gatehouse') ?? ''}`;
     expect(newCookie).not.toBe(oldCookie);
