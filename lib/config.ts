@@ -50,7 +50,7 @@ export interface Config {
     touchIntervalSec: number;
   };
   /** `forcedIntervalSec`: an upstream 401 forces at most one refresh per session this often. */
-  /** `waitMs`: how long a call waits for a refresh (its own or another instance's) before a 503. */
+  /** `waitMs`: how long a call waits for a refresh (its own or another instance's) before it goes on with the token held, or answers 503. */
   refresh: { skewSec: number; lockLeaseMs: number; forcedIntervalSec: number; waitMs: number };
   store:
     | { kind: 'memory' }

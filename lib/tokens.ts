@@ -64,6 +64,10 @@ const inFlight = sharedState('refreshes-in-flight', () => new Map<string, Flight
 interface Flight {
   result: Promise<Session>;
   waitingOn: 'store' | 'idp';
+  /** What the first caller to stop waiting heard: later callers with a token to go on with do not wait. */
+  overdue?: GatehouseError;
+  /** A token the upstream refused, whose forced refresh this is: nobody falls back to it. */
+  refusedToken?: string;
 }
 
 const SLOW_STORE_MS = 100;
@@ -108,16 +112,121 @@ function isFresh(held: HeldToken | undefined, now = Date.now()): boolean {
   return held !== undefined && (held.expiresAt === null || held.expiresAt - getConfig().refresh.skewSec * 1000 > now);
 }
 
-/** A usable access token for the session (and resource), refreshing first when it expires within the skew. */
+/**
+ * A token due for refresh still works until it expires. When the refresh meets a transient fault
+ * (the IdP or the store away or slow), a token with more than this left when it goes out is used
+ * as it is, as mod_auth_openidc and oauth2-proxy do: an outage then costs calls only once tokens
+ * really expire. The margin covers the trip to the upstream and a little clock difference with it.
+ */
+const STILL_USABLE_FOR_MS = 5_000;
+
+/**
+ * After such a fault this process leaves that token's refresh alone for the IdP's Retry-After, but
+ * at least this and at most a minute, and uses the token: otherwise every call during an outage
+ * would ask the IdP again, or wait REFRESH_WAIT_MS for an IdP that stalls, before using it anyway.
+ */
+const MIN_REFRESH_PAUSE_MS = 5_000;
+const MAX_REFRESH_PAUSE_MS = 60_000;
+const MAX_REFRESH_PAUSES = 10_000;
+
+/**
+ * A pause holds for the token it was made for only: a token refreshed since is a new one. A token
+ * the upstream refused (its forced refresh failed) is never used meanwhile, paused or not.
+ */
+interface RefreshPause {
+  until: number;
+  token: string;
+  refused: boolean;
+}
+
+/** Per process, by refresh key (session and token slot). */
+const refreshPauses = sharedState('refresh-pauses', () => ({ byKey: new Map<string, RefreshPause>(), sweptAt: 0 }));
+
+function isTransientFault(error: unknown): error is GatehouseError {
+  return error instanceof GatehouseError && (error.code === 'idp_unavailable' || error.code === 'store_unavailable');
+}
+
+function lastsToBeSent(held: HeldToken): boolean {
+  return held.expiresAt === null || held.expiresAt - STILL_USABLE_FOR_MS > Date.now();
+}
+
+function pauseOf(key: string, token: string): RefreshPause | undefined {
+  const pause = refreshPauses.byKey.get(key);
+  if (pause === undefined) return undefined;
+  if (pause.until <= Date.now()) {
+    refreshPauses.byKey.delete(key);
+    return undefined;
+  }
+  return pause.token === token ? pause : undefined;
+}
+
+function pauseRefresh(key: string, token: string, fault: GatehouseError, refused: boolean): void {
+  const { byKey } = refreshPauses;
+  const now = Date.now();
+  // A sweep at most once a second: a wide outage fills this while the process is busiest.
+  if (byKey.size >= MAX_REFRESH_PAUSES && now - refreshPauses.sweptAt > 1_000) {
+    refreshPauses.sweptAt = now;
+    for (const [other, pause] of byKey) if (pause.until <= now) byKey.delete(other);
+  }
+  // Still full (an outage across that many sessions at once): this one is simply not paused.
+  if (byKey.size >= MAX_REFRESH_PAUSES && !byKey.has(key)) return;
+  // A refused token is kept from use for as long as a pause can last: it will not work again.
+  const pauseMs = refused ? MAX_REFRESH_PAUSE_MS : Math.min(Math.max((fault.retryAfterSec ?? 0) * 1000, MIN_REFRESH_PAUSE_MS), MAX_REFRESH_PAUSE_MS);
+  byKey.set(key, { until: now + pauseMs, token, refused });
+}
+
+/**
+ * The session as its store holds it now, read as the proxy's hot path reads it, if it still holds
+ * `token`: a session ended (logout, a new login, a back-channel logout) or renewed while a call
+ * waited must not have its old token sent. Undefined when the store cannot say promptly.
+ */
+async function stillHolding(session: Session, request: TokenRequest, token: string): Promise<Session | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<undefined>((resolve) => (timer = setTimeout(resolve, SLOW_STORE_MS * 2, undefined)));
+  const read = loadSession(session.id, { coherentCopy: true }).then(
+    (loaded) => loaded.session ?? undefined,
+    () => undefined,
+  );
+  const current = await Promise.race([read, late]).finally(() => clearTimeout(timer));
+  return current && heldToken(current, request)?.token === token ? current : undefined;
+}
+
+/**
+ * A usable access token for the session (and resource), refreshing first when it expires within
+ * the skew. A refresh that meets a transient fault answers the token held instead while that will
+ * still have STILL_USABLE_FOR_MS to run when it goes out, the store still holds it, and the
+ * upstream has not refused it.
+ */
 export async function getAccessToken(session: Session, request: TokenRequest = SESSION_TOKEN): Promise<{ token: string; session: Session; refreshed: boolean }> {
   const held = heldToken(session, request);
   // An exchange needs no refresh token, only a subject that still works: the lock's work checks that.
   if (!session.secrets.refreshToken && !request.exchange) return { ...(await usableWithoutRefresh(session, held, request)), refreshed: false };
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
   if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
-  const flight = refreshOnce(session, request);
+  const key = refreshKey(session, request);
+  const pause = held && pauseOf(key, held.token);
+  const fallback = held && !request.rejectedToken && !pause?.refused && lastsToBeSent(held) ? held : undefined;
+  if (fallback && pause) return { token: fallback.token, session, refreshed: false };
+  const flight = refreshOnce(session, request, key);
+  if (request.rejectedToken) flight.refusedToken = request.rejectedToken;
   finishEvenIfUnanswered(flight.result);
-  const refreshed = await answerWithin(flight, getConfig().refresh.waitMs);
+  const { waitMs } = getConfig().refresh;
+  let refreshed: Session;
+  try {
+    // A refresh some caller has already waited out is not waited for again by one that can do without.
+    if (fallback && flight.overdue) throw flight.overdue;
+    // Waited for no longer than the token held would then still be worth sending (with time to check the store).
+    refreshed = await answerWithin(flight, fallback?.expiresAt ? Math.min(waitMs, fallback.expiresAt - STILL_USABLE_FOR_MS - 500 - Date.now()) : waitMs);
+  } catch (error) {
+    if (!isTransientFault(error)) throw error;
+    if (request.rejectedToken) pauseRefresh(key, request.rejectedToken, error, true);
+    if (!fallback || flight.refusedToken === fallback.token || !lastsToBeSent(fallback)) throw error;
+    const current = await stillHolding(session, request, fallback.token);
+    if (!current) throw error;
+    pauseRefresh(key, fallback.token, error, false);
+    log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
+    return { token: fallback.token, session: current, refreshed: false };
+  }
   const token = heldToken(refreshed, request);
   if (!token) throw errors.internal(new Error('refresh stored no token'));
   return { token: token.token, session: refreshed, refreshed: true };
@@ -168,8 +277,12 @@ export async function mayForceRefresh(session: Session, request: TokenRequest = 
     .catch(() => false);
 }
 
-function refreshOnce(session: Session, request: TokenRequest): Flight {
-  const key = `${session.id}\u0000${tokenSlot(request)}`;
+/** One session's one token: what refreshes in this process are shared and paused by. */
+function refreshKey(session: Session, request: TokenRequest): string {
+  return `${session.id}\u0000${tokenSlot(request)}`;
+}
+
+function refreshOnce(session: Session, request: TokenRequest, key: string): Flight {
   const running = inFlight.get(key);
   if (running) return running;
   const flight: Flight = { result: Promise.resolve(session), waitingOn: 'idp' };
@@ -271,8 +384,9 @@ function answerWithin(flight: Flight, waitMs: number): Promise<Session> {
   const deadline = new Promise<never>((_, reject) => {
     timer = setTimeout(() => {
       const cause = new Error(`refresh still running (waiting on the ${flight.waitingOn})`);
-      const retryAfterSec = Math.ceil(waitMs / 1000);
-      reject(flight.waitingOn === 'idp' ? errors.idpUnavailable(cause, retryAfterSec) : errors.storeUnavailable(cause, retryAfterSec));
+      const retryAfterSec = Math.max(1, Math.ceil(waitMs / 1000));
+      flight.overdue = flight.waitingOn === 'idp' ? errors.idpUnavailable(cause, retryAfterSec) : errors.storeUnavailable(cause, retryAfterSec);
+      reject(flight.overdue);
     }, waitMs);
   });
   return Promise.race([flight.result, deadline]).finally(() => clearTimeout(timer));

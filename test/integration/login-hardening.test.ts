@@ -4,6 +4,7 @@ import { request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, followFlow, jarFor, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { CLIENT_SECRET, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { lastBearerAt, waitFor, waitUntil } from '../support/http-client.ts';
 import { hostileReturnTo } from '../support/hostile-inputs.ts';
 import { redeemRefreshToken, storedSecrets } from '../support/stored-session.ts';
 
@@ -268,18 +269,38 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     );
   });
 
-  it('an IdP that rate limits a refresh gives 503 idp_unavailable with its Retry-After, and the session stays', async () => {
-    const { rpCookies } = await login('sven', '/', new Map());
-    const cookie = cookieLine(rpCookies);
+  it('an IdP that rate limits a refresh: calls go on with the token held and leave the IdP alone for its Retry-After; a token nearly spent gives 503 idp_unavailable with that Retry-After; the session stays', async () => {
+    // Tokens live 20 s under the default 30 s skew: due from the start, and still used on a
+    // transient fault while more than 5 s remain. This session's token is left to run down meanwhile.
+    const nearlySpent = cookieLine((await login('sven-later', '/', new Map())).rpCookies);
+    const nearlySpentBy = Date.now() + (ACCESS_TOKEN_TTL_SEC - 5) * 1000 + 100;
+    const cookie = cookieLine((await login('sven', '/', new Map())).rpCookies);
+    const whoami = async (as: string) => {
+      const res = await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(as) });
+      return { status: res.status, retryAfter: res.headers.get('retry-after'), error: res.headers.get('x-gatehouse-error'), body: await res.json(), setCookies: res.headers.getSetCookie(), token: res.ok ? await lastBearerAt(stack.apiUrl) : undefined };
+    };
+
     await fetch(`${stack.issuer}/__dev/token-fault?status=429&retryAfter=7&count=1`, { method: 'POST' });
-    const limited = await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(cookie) });
-    expect(limited.status).toBe(503);
-    expect(limited.headers.get('retry-after')).toBe('7');
-    expect(limited.headers.get('x-gatehouse-error')).toBe('idp_unavailable');
-    expect(await limited.json()).toMatchObject({ error: 'idp_unavailable' });
-    expect(limited.headers.getSetCookie()).toEqual([]);
-    expect((await fetch(`${app}/api/proxy/demo/whoami`, { headers: spa(cookie) })).status).toBe(200);
-  });
+    const limitedAt = Date.now();
+    const limited = await whoami(cookie);
+    expect(limited).toMatchObject({ status: 200, body: { sub: 'sven' }, setCookies: [] });
+    // Until the Retry-After is over the IdP is not asked again: any grant now would succeed and change the token.
+    for (let call = 0; call < 3; call += 1) expect(await whoami(cookie)).toMatchObject({ status: 200, token: limited.token });
+    expect(Date.now() - limitedAt).toBeLessThan(7_000);
+    const renewed = await waitFor('the refresh after the Retry-After', async () => {
+      const answer = await whoami(cookie);
+      expect(answer.status).toBe(200);
+      return answer.token !== limited.token ? answer : undefined;
+    }, 12_000, 250);
+    expect(renewed.body).toMatchObject({ sub: 'sven' });
+    expect(Date.now() - limitedAt).toBeGreaterThanOrEqual(7_000);
+
+    // With under 5 s left there is nothing to go on with: the IdP's Retry-After reaches the SPA.
+    await waitUntil("the other session's token to be nearly spent", nearlySpentBy);
+    await fetch(`${stack.issuer}/__dev/token-fault?status=429&retryAfter=7&count=1`, { method: 'POST' });
+    expect(await whoami(nearlySpent)).toMatchObject({ status: 503, retryAfter: '7', error: 'idp_unavailable', body: { error: 'idp_unavailable' }, setCookies: [] });
+    expect(await whoami(nearlySpent)).toMatchObject({ status: 200, body: { sub: 'sven-later' } });
+  }, 60_000);
 
   it('an IdP failing the code exchange is a readable 503 page, idp_unavailable, with its Retry-After', async () => {
     const jars: CookieJars = new Map();

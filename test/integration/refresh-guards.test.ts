@@ -158,16 +158,15 @@ describe('a refresh whose lock lapses while its grant is at the IdP', () => {
     expect(viaB).toMatchObject({ status: 200, body: { sub: user } });
     // The IdP ran B's grant, then refused A's as a replay of the token B's grant rotated.
     expect({ ok: after.ok - before.ok, refused: after.refused - before.refused }).toEqual({ ok: 1, refused: 1 });
-    // A answers with B's renewed tokens, or (had it noticed the lapse first) asks for a retry; it
-    // never ends the session B has just renewed.
-    if (viaA.status === 200) expect(viaA.body).toMatchObject({ sub: user });
-    else expect(viaA).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    // A answers with B's renewed tokens, or (had it noticed the lapse first) with the token it
+    // held, still good for a while; it never ends the session B has just renewed.
+    expect(viaA).toMatchObject({ status: 200, body: { sub: user } });
     expect(clearsSessionCookie(viaA.setCookies)).toBe(false);
     expect(await probe.exists(key)).toBe(true);
     expect(await call(appA, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });
   });
 
-  it('an owner that finds its lock taken stops waiting on the IdP at once: 503 retry, the session kept', async () => {
+  it('an owner that finds its lock taken stops waiting on the IdP at once and goes on with the token it holds, the session kept', async () => {
     const slowGrantMs = 2 * LOCK_LEASE_MS;
     const user = 'lock-taken';
     const { cookie, key } = await newSession(appB, user);
@@ -184,9 +183,10 @@ describe('a refresh whose lock lapses while its grant is at the IdP', () => {
     } finally {
       await setIdpDelays(stack.issuer, { tokenMs: 0 });
     }
-    expect(viaA).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    // Due, not spent: the token it held still had REFRESH_SKEW_SEC to run.
+    expect(viaA).toMatchObject({ status: 200, body: { sub: user } });
     // Its next renewal (every third of the lease) noticed; without that it would wait for the IdP's
-    // answer until the lock's work deadline (2 × OIDC_TIMEOUT_MS here).
+    // answer until the lock's work deadline (2 × OIDC_TIMEOUT_MS here), past REFRESH_WAIT_MS.
     expect(viaA.ms).toBeLessThan(LOCK_LEASE_MS);
     expect(clearsSessionCookie(viaA.setCookies)).toBe(false);
     expect(await probe.redis.get(lockKey)).toBe('successor');
@@ -251,6 +251,7 @@ describe('a token key rotated with its steps merged (README, "Rotating secrets")
         await setIdpDelays(stack.issuer, { tokenMs: 0 });
       }
       expect(viaRotated).toMatchObject({ status: 200, body: { sub: user } });
+      // The token A held is no longer the stored one, and A cannot read what is: "retry shortly", never an end.
       expect({ status: viaA.status, error: (viaA.body as { error?: string }).error, clears: clearsSessionCookie(viaA.setCookies) }).toEqual({ status: 503, error: 'store_unavailable', clears: false });
       expect(await probe.record(key)).toBeTruthy();
       expect(await call(rotated.url, WHOAMI, cookie)).toMatchObject({ status: 200, body: { sub: user } });

@@ -2,13 +2,23 @@
 // loopback that answers every refresh grant and records revocations: what is under test is what
 // Gatehouse does when the store loses an answer after the write landed, which neither real Redis
 // nor the dev IdP can be made to do at that moment (test/integration covers the real parts).
-import { createServer, type Server } from 'node:http';
+import { createServer, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 
 let idp: Server;
 let issuer: string;
 const revoked: string[] = [];
+let tokenGrants = 0;
+/** `failing`: the token endpoint answers 503 with Retry-After: 30; `stalling`: it answers nothing until told. */
+let idpMode: 'answering' | 'failing' | 'stalling' = 'answering';
+const stalled: ServerResponse[] = [];
+/** What the token endpoint says its access tokens live: under the 30 s skew, they are due at once. */
+let accessTokenLifetimeSec = 3600;
+
+function answerStalled(): void {
+  for (const response of stalled.splice(0)) response.writeHead(503).end();
+}
 
 beforeAll(async () => {
   idp = createServer((request, response) => {
@@ -19,7 +29,18 @@ beforeAll(async () => {
       if (request.url === '/.well-known/openid-configuration') {
         response.end(JSON.stringify({ issuer, token_endpoint: `${issuer}/token`, revocation_endpoint: `${issuer}/revoke`, jwks_uri: `${issuer}/jwks`, authorization_endpoint: `${issuer}/auth` }));
       } else if (request.url === '/token') {
-        response.end(JSON.stringify({ access_token: 'at-2', refresh_token: 'rt-2', token_type: 'Bearer', expires_in: 3600 }));
+        tokenGrants += 1;
+        if (idpMode === 'stalling') {
+          stalled.push(response);
+          return;
+        }
+        if (idpMode === 'failing') {
+          response.statusCode = 503;
+          response.setHeader('retry-after', '30');
+          response.end('{"error":"temporarily_unavailable"}');
+          return;
+        }
+        response.end(JSON.stringify({ access_token: `at-${tokenGrants}`, refresh_token: 'rt-2', token_type: 'Bearer', expires_in: accessTokenLifetimeSec }));
       } else if (request.url === '/revoke') {
         revoked.push(new URLSearchParams(body).get('token') ?? '');
         response.end('{}');
@@ -33,9 +54,12 @@ beforeAll(async () => {
   issuer = `http://127.0.0.1:${(idp.address() as AddressInfo).port}`;
 });
 
-afterAll(() => new Promise<void>((resolve) => idp.close(() => resolve())));
+afterAll(() => {
+  answerStalled();
+  return new Promise<void>((resolve) => idp.close(() => resolve()));
+});
 
-async function deploy() {
+async function deploy(extraEnv: Record<string, string> = {}) {
   vi.resetModules();
   delete (globalThis as Record<symbol, unknown>)[Symbol.for('gatehouse.shared-state')];
   vi.unstubAllEnvs();
@@ -48,6 +72,7 @@ async function deploy() {
     BFF_APIS: '{"demo":{"url":"https://api.example.com"}}',
     SESSION_STORE: 'memory',
     LOG_LEVEL: 'silent',
+    ...extraEnv,
   };
   for (const [name, value] of Object.entries(env)) vi.stubEnv(name, value);
   const session = await import('../../lib/session.ts');
@@ -79,8 +104,100 @@ describe('a write-back that landed but whose answer was lost', () => {
       (error: { code?: string }) => ({ error: error.code }),
     );
     expect(lost).toBe(true);
-    expect([{ token: 'at-2' }, { error: 'store_unavailable' }, { error: 'idp_unavailable' }]).toContainEqual(outcome);
+    expect([{ token: `at-${tokenGrants}` }, { error: 'store_unavailable' }, { error: 'idp_unavailable' }]).toContainEqual(outcome);
     expect(revoked).toEqual([]);
     expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-2');
+  });
+});
+
+describe('a refresh that meets an IdP outage while the token held still has a while to run', () => {
+  const pauses = () => (globalThis as unknown as Record<symbol, Map<string, unknown>>)[Symbol.for('gatehouse.shared-state')]!.get('refresh-pauses') as { byKey: Map<string, { until: number; token: string; refused: boolean }> };
+
+  async function deployWithOutage(mode: 'failing' | 'stalling', env: Record<string, string> = {}) {
+    const deployed = await deploy(env);
+    idpMode = mode;
+    // Due under the 30 s skew, with `expiresInMs` to run.
+    const due = (accessToken: string, expiresInMs: number) =>
+      deployed.session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken, refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + expiresInMs, userAgent: 'ua' });
+    return { ...deployed, due };
+  }
+
+  afterEach(() => {
+    idpMode = 'answering';
+    accessTokenLifetimeSec = 3600;
+    answerStalled();
+  });
+
+  it("answers that token, and leaves its refresh alone for the IdP's Retry-After; a token with 5 s or less to run gets the outage", async () => {
+    const { tokens, due } = await deployWithOutage('failing');
+    const held = await due('at-held', 20_000);
+    const grantsBefore = tokenGrants;
+    expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
+    expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
+    expect(tokenGrants - grantsBefore).toBe(1);
+    const [pause] = [...pauses().byKey.values()];
+    expect(pause).toMatchObject({ token: 'at-held', refused: false });
+    expect(pause!.until - Date.now()).toBeGreaterThan(25_000);
+    // The pause is that token's: once the session holds another due token, the IdP is asked again.
+    idpMode = 'answering';
+    accessTokenLifetimeSec = 20;
+    const renewed = await tokens.getAccessToken(held, { rejectedToken: 'at-held' });
+    expect(renewed).toMatchObject({ token: `at-${tokenGrants}`, refreshed: true });
+    idpMode = 'failing';
+    const grantsBeforeRenewed = tokenGrants;
+    expect(await tokens.getAccessToken(renewed.session)).toMatchObject({ token: renewed.token, refreshed: false });
+    expect(tokenGrants - grantsBeforeRenewed).toBe(1);
+    await expect(tokens.getAccessToken(await due('at-spent', 4_000))).rejects.toMatchObject({ code: 'idp_unavailable', retryAfterSec: 30 });
+  });
+
+  it('waits for a stalled refresh no longer than the token held would still be worth sending, and a later call does not wait for it again', async () => {
+    const { tokens, due } = await deployWithOutage('stalling', { REFRESH_WAIT_MS: '20000' });
+    const held = await due('at-held', 6_500);
+    let started = Date.now();
+    expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
+    // About 1 s (6.5 s less the 5 s margin and time to check the store), not REFRESH_WAIT_MS.
+    expect(Date.now() - started).toBeLessThan(5_000);
+    pauses().byKey.clear();
+    started = Date.now();
+    expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
+    expect(Date.now() - started).toBeLessThan(500);
+    expect(stalled).toHaveLength(1);
+  });
+
+  it('never sends a token whose session ended while the call waited', async () => {
+    const { session, tokens, due } = await deployWithOutage('stalling');
+    const held = await due('at-held', 20_000);
+    const pending = tokens.getAccessToken(held);
+    await vi.waitFor(() => expect(stalled).toHaveLength(1));
+    await session.destroySession(held.id, held.record);
+    await expect(pending).rejects.toMatchObject({ code: 'idp_unavailable' });
+  });
+
+  it('never answers a token the upstream refused: not to the forced refresh, not to a call that joined it, not to later calls', async () => {
+    const { tokens, due } = await deployWithOutage('failing');
+    const held = await due('at-refused', 20_000);
+    const [forced, joined] = await Promise.allSettled([tokens.getAccessToken(held, { rejectedToken: 'at-refused' }), tokens.getAccessToken(held)]);
+    expect(forced).toMatchObject({ status: 'rejected', reason: { code: 'idp_unavailable' } });
+    expect(joined).toMatchObject({ status: 'rejected', reason: { code: 'idp_unavailable' } });
+    await expect(tokens.getAccessToken(held)).rejects.toMatchObject({ code: 'idp_unavailable' });
+  });
+
+  it('keeps at most 10,000 pauses a process: expired ones are swept, and none is added while still full', async () => {
+    const { tokens, due } = await deployWithOutage('failing');
+    for (let i = pauses().byKey.size; i < 10_000; i += 1) pauses().byKey.set(`other-${i}`, { until: Date.now() + 60_000, token: 'x', refused: false });
+    const unpaused = await due('at-unpaused', 20_000);
+    const beforeFull = tokenGrants;
+    expect(await tokens.getAccessToken(unpaused)).toMatchObject({ token: 'at-unpaused' });
+    expect(await tokens.getAccessToken(unpaused)).toMatchObject({ token: 'at-unpaused' });
+    expect(tokenGrants - beforeFull).toBe(2);
+    expect(pauses().byKey.size).toBe(10_000);
+    for (const pause of pauses().byKey.values()) pause.until = Date.now() - 1;
+    // The sweep runs at most once a second.
+    await new Promise((resolve) => setTimeout(resolve, 1_100));
+    const beforeSwept = tokenGrants;
+    expect(await tokens.getAccessToken(unpaused)).toMatchObject({ token: 'at-unpaused' });
+    expect(await tokens.getAccessToken(unpaused)).toMatchObject({ token: 'at-unpaused' });
+    expect(tokenGrants - beforeSwept).toBe(1);
+    expect(pauses().byKey.size).toBe(1);
   });
 });
