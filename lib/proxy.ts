@@ -534,6 +534,26 @@ function clientGrantError(failed: { kind: IdpError['kind']; until: number }, cau
   return failed.kind === 'unavailable' ? errors.idpUnavailable(cause, retryAfterSec) : errors.idpRefused(cause, retryAfterSec);
 }
 
+/** Per process, by API: when an upstream 401 last made this process drop its client token for a new one. */
+const clientTokensDropped = sharedState('client-tokens-dropped', () => new Map<string, number>());
+
+/**
+ * An upstream that refuses the BFF's own token (revoked, or signed by a key the IdP has rotated
+ * away) would otherwise get it until it expires, an hour with many IdPs. The cached token is dropped
+ * for a new grant, but anyone may call a `client` API, so at most once per FORCED_REFRESH_INTERVAL
+ * per API and process. True when the retry has a token other than the refused one to try.
+ */
+function dropRefusedClientToken(api: ApiConfig, refused: string): boolean {
+  const cached = clientTokens.get(api.name);
+  // Already replaced, or being replaced, by another call: the retry takes that.
+  if (cached === undefined || cached instanceof Promise || cached.token !== refused) return true;
+  const droppedAt = clientTokensDropped.get(api.name);
+  if (droppedAt !== undefined && Date.now() - droppedAt < getConfig().refresh.forcedIntervalSec * 1000) return false;
+  clientTokensDropped.set(api.name, Date.now());
+  clientTokens.delete(api.name);
+  return true;
+}
+
 /** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
 async function clientToken(api: ApiConfig): Promise<string> {
   const cached = clientTokens.get(api.name);
@@ -1088,20 +1108,20 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     }
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
+    const refusedToken = answer.status === 401 && !nonceDemanded && !hasBody && REPLAYABLE_METHODS.has(method) ? credentials.token : undefined;
     const mayRetry =
-      answer.status === 401 &&
-      !nonceDemanded &&
-      credentials.session &&
-      credentials.token &&
-      !hasBody &&
-      REPLAYABLE_METHODS.has(method) &&
-      (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
-    if (mayRetry && credentials.session && credentials.token) {
-      // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange), one retry.
+      refusedToken !== undefined &&
+      (credentials.session ? await mayForceRefresh(credentials.session, tokenRequestFor(api)) : api.auth === 'client' && dropRefusedClientToken(api, refusedToken));
+    if (mayRetry && refusedToken !== undefined) {
+      // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange, or client grant), one retry.
       discard(answer.body);
-      const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: credentials.token });
-      credentials = { ...credentials, token: retried.token, session: retried.session };
-      refreshed = true;
+      if (credentials.session) {
+        const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: refusedToken });
+        credentials = { ...credentials, token: retried.token, session: retried.session };
+        refreshed = true;
+      } else {
+        credentials = { ...credentials, token: await clientToken(api) };
+      }
       answer = await sendUpstream(api, url, method, await withToken(credentials.token), null, inbound.signal);
       await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
     }

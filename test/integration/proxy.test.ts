@@ -11,7 +11,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ID, defaultServerShape, freePort, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
-import { idpGrants, logSoFar as logSoFarOf, processTree, waitFor } from '../support/http-client.ts';
+import { idpGrants, lastBearerAt, logSoFar as logSoFarOf, processTree, waitFor } from '../support/http-client.ts';
 import { undecodablePath } from '../support/hostile-inputs.ts';
 import { rawRequest, requestHead, type RawResponse } from '../support/raw-http.ts';
 import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
@@ -264,6 +264,7 @@ beforeAll(async () => {
       client: { url: apiUrl, auth: 'client' },
       refusedclient: { url: apiUrl, auth: 'client' },
       failingclient: { url: apiUrl, auth: 'client' },
+      revokedclient: { url: apiUrl, auth: 'client' },
       slow: { url: apiUrl, timeoutMs: 500 },
       small: { url: apiUrl, maxBodyBytes: 1024 },
       bulk: { url: apiUrl, maxBodyBytes: 256 * MiB },
@@ -591,6 +592,27 @@ describe('credentials per API', () => {
     );
     expect((await json<{ sub?: string }>(recovered)).sub).toBe(CLIENT_ID);
     expect((await idpGrants(stack.issuer)).success.client_credentials ?? 0).toBe(grantsBefore + 1);
+  });
+  it('client: a token the upstream refuses is replaced by one new grant and the call retried, at most once per FORCED_REFRESH_INTERVAL; a call with a body is not retried', async () => {
+    const grants = async () => (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
+    expect((await proxyFetch('/api/proxy/revokedclient/whoami', { anonymous: true })).status).toBe(200);
+    const refusedToken = await lastBearerAt(stack.apiUrl);
+    const before = await grants();
+    // The demo API's status route answers 401 to every token: the refused one, then its replacement.
+    const refused = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true });
+    expect([refused.status, await json(refused)]).toEqual([401, { status: 401 }]);
+    expect(await grants()).toBe(before + 1);
+    const replacement = await lastBearerAt(stack.apiUrl);
+    expect(replacement).not.toBe(refusedToken);
+    // Anyone may call a client API: more 401s within the interval cost the IdP nothing, and the replacement stays.
+    for (let i = 0; i < 3; i++) expect((await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true })).status).toBe(401);
+    expect(await grants()).toBe(before + 1);
+    expect(await lastBearerAt(stack.apiUrl)).toBe(replacement);
+    const posted = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true, method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    expect(posted.status).toBe(401);
+    expect((await proxyFetch('/api/proxy/revokedclient/whoami', { anonymous: true })).status).toBe(200);
+    expect(await lastBearerAt(stack.apiUrl)).toBe(replacement);
+    expect(await grants()).toBe(before + 1);
   });
 });
 
