@@ -9,7 +9,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, IdpError } from './oidc.ts';
 import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
-import { missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
+import { bearerChallenges, missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
@@ -534,35 +534,17 @@ function clientGrantError(failed: { kind: IdpError['kind']; until: number }, cau
   return failed.kind === 'unavailable' ? errors.idpUnavailable(cause, retryAfterSec) : errors.idpRefused(cause, retryAfterSec);
 }
 
-/** Per process, by API: when an upstream 401 last made this process drop its client token for a new one. */
-const clientTokensDropped = sharedState('client-tokens-dropped', () => new Map<string, number>());
+type ClientTokenEntry = { token: string; expiresAt: number };
 
-/**
- * An upstream that refuses the BFF's own token (revoked, or signed by a key the IdP has rotated
- * away) would otherwise get it until it expires, an hour with many IdPs. The cached token is dropped
- * for a new grant, but anyone may call a `client` API, so at most once per FORCED_REFRESH_INTERVAL
- * per API and process. True when the retry has a token other than the refused one to try.
- */
-function dropRefusedClientToken(api: ApiConfig, refused: string): boolean {
-  const cached = clientTokens.get(api.name);
-  // Already replaced, or being replaced, by another call: the retry takes that.
-  if (cached === undefined || cached instanceof Promise || cached.token !== refused) return true;
-  const droppedAt = clientTokensDropped.get(api.name);
-  if (droppedAt !== undefined && Date.now() - droppedAt < getConfig().refresh.forcedIntervalSec * 1000) return false;
-  clientTokensDropped.set(api.name, Date.now());
-  clientTokens.delete(api.name);
-  return true;
-}
-
-/** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
-async function clientToken(api: ApiConfig): Promise<string> {
-  const cached = clientTokens.get(api.name);
-  if (cached && !(cached instanceof Promise) && cached.expiresAt - getConfig().refresh.skewSec * 1000 > Date.now()) return cached.token;
-  if (cached instanceof Promise) return (await cached).token;
+/** One client-credentials grant, a failure recorded so the process's next grant waits (see CLIENT_GRANT_BACKOFF_MS). */
+function clientGrant(api: ApiConfig): Promise<ClientTokenEntry> {
   const failed = clientGrantFailures.get(api.name);
-  if (failed && failed.until > Date.now()) throw clientGrantError(failed, new Error(`no client grant until ${new Date(failed.until).toISOString()}: the last one failed (${failed.kind})`));
-  const pending = clientCredentialsToken({ scope: api.scope, resource: api.resource }).then(
-    (tokens) => ({ token: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt ?? Date.now() + 60_000 }),
+  if (failed && failed.until > Date.now()) return Promise.reject(clientGrantError(failed, new Error(`no client grant until ${new Date(failed.until).toISOString()}: the last one failed (${failed.kind})`)));
+  return clientCredentialsToken({ scope: api.scope, resource: api.resource }).then(
+    (tokens) => {
+      clientGrantFailures.delete(api.name);
+      return { token: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt ?? Date.now() + 60_000 };
+    },
     (error: unknown) => {
       if (!(error instanceof IdpError)) throw error;
       const failure = { kind: error.kind, until: Date.now() + Math.max(CLIENT_GRANT_BACKOFF_MS, (error.retryAfterSec ?? 0) * 1000) };
@@ -570,16 +552,63 @@ async function clientToken(api: ApiConfig): Promise<string> {
       throw clientGrantError(failure, error);
     },
   );
+}
+
+/** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
+async function clientToken(api: ApiConfig): Promise<string> {
+  const cached = clientTokens.get(api.name);
+  if (cached && !(cached instanceof Promise) && cached.expiresAt - getConfig().refresh.skewSec * 1000 > Date.now()) return cached.token;
+  if (cached instanceof Promise) return (await cached).token;
+  const pending = clientGrant(api);
   clientTokens.set(api.name, pending);
   try {
     const entry = await pending;
     clientTokens.set(api.name, entry);
-    clientGrantFailures.delete(api.name);
     return entry.token;
   } catch (error) {
     clientTokens.delete(api.name);
     throw error;
   }
+}
+
+/** Per process, by API: when an upstream 401 last had this process replace its client token, and the replacement under way. */
+const clientTokenReplacements = sharedState('client-token-replacements', () => new Map<string, { at: number; pending?: Promise<string | undefined> }>());
+
+/**
+ * An upstream that refuses the BFF's own token (revoked, or signed with a key the IdP has rotated
+ * away) would otherwise get it until it expires, an hour with many IdPs. One new grant replaces it,
+ * but anyone may call a `client` API, so at most once per FORCED_REFRESH_INTERVAL per API and
+ * process; the refused token serves everyone else until the new one is there, and stays if the
+ * grant fails. The token to retry with, or undefined to pass the upstream's 401 on.
+ */
+async function replacementClientToken(api: ApiConfig, refused: string): Promise<string | undefined> {
+  const cached = clientTokens.get(api.name);
+  // Already replaced, or being fetched, by another call: the retry takes that.
+  if (cached instanceof Promise) return cached.then(({ token }) => token, () => undefined);
+  if (cached !== undefined && cached.token !== refused) return cached.token;
+  const last = clientTokenReplacements.get(api.name);
+  if (last?.pending) return last.pending;
+  if (last && Date.now() - last.at < getConfig().refresh.forcedIntervalSec * 1000) return undefined;
+  const replacement: { at: number; pending?: Promise<string | undefined> } = { at: Date.now() };
+  replacement.pending = clientGrant(api).then(
+    (entry) => {
+      // Unless a grant of the expiry path got there first.
+      if (clientTokens.get(api.name) === cached) clientTokens.set(api.name, entry);
+      return entry.token;
+    },
+    () => undefined,
+  ).finally(() => delete replacement.pending);
+  clientTokenReplacements.set(api.name, replacement);
+  return replacement.pending;
+}
+
+/**
+ * Whether an upstream's 401 says the token itself is no good: no Bearer challenge, or one with no
+ * error or `invalid_token`. One that asks for something else (a step-up, a scope) would refuse any
+ * token of the same client, and a new grant would be spent for nothing.
+ */
+async function refusesTheToken(rawHeaders: readonly string[]): Promise<boolean> {
+  return (await bearerChallenges(rawHeaders)).every(({ parameters }) => parameters.error === undefined || parameters.error === 'invalid_token');
 }
 
 /** Which of the session's tokens an API gets: the session's own, its resource's, or an exchanged one. */
@@ -1108,19 +1137,18 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     }
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
+    // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange, or client grant), one retry.
     const refusedToken = answer.status === 401 && !nonceDemanded && !hasBody && REPLAYABLE_METHODS.has(method) ? credentials.token : undefined;
-    const mayRetry =
-      refusedToken !== undefined &&
-      (credentials.session ? await mayForceRefresh(credentials.session, tokenRequestFor(api)) : api.auth === 'client' && dropRefusedClientToken(api, refusedToken));
-    if (mayRetry && refusedToken !== undefined) {
-      // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange, or client grant), one retry.
+    const clientRetryToken = refusedToken && api.auth === 'client' && (await refusesTheToken(answer.rawHeaders)) ? await replacementClientToken(api, refusedToken) : undefined;
+    const mayRefresh = refusedToken !== undefined && credentials.session !== null && (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
+    if (clientRetryToken !== undefined || mayRefresh) {
       discard(answer.body);
-      if (credentials.session) {
+      if (credentials.session && refusedToken) {
         const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: refusedToken });
         credentials = { ...credentials, token: retried.token, session: retried.session };
         refreshed = true;
       } else {
-        credentials = { ...credentials, token: await clientToken(api) };
+        credentials = { ...credentials, token: clientRetryToken };
       }
       answer = await sendUpstream(api, url, method, await withToken(credentials.token), null, inbound.signal);
       await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });

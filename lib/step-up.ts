@@ -76,17 +76,24 @@ export interface StepUpChallenge extends StepUp {
 }
 
 /**
- * The step-up an upstream's 401 asks for (`Bearer error="insufficient_user_authentication"`), or
- * undefined when it asks for something else or nothing readable. `rawHeaders` as Node gives them;
- * several `WWW-Authenticate` fields count as one comma-joined list (RFC 9110 section 5.3).
+ * The `Bearer` challenges of an upstream's answer: Gatehouse presents tokens as Bearer tokens, so
+ * those are the ones that speak to them. `rawHeaders` as Node gives them; several
+ * `WWW-Authenticate` fields count as one comma-joined list (RFC 9110 section 5.3).
  */
-export async function stepUpChallenge(rawHeaders: readonly string[]): Promise<StepUpChallenge | undefined> {
+export async function bearerChallenges(rawHeaders: readonly string[]): Promise<oauth.WWWAuthenticateChallenge[]> {
   const values: string[] = [];
   for (let i = 0; i + 1 < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'www-authenticate') values.push(rawHeaders[i + 1] as string);
   const header = values.join(', ');
-  if (!header || header.length > MAX_CHALLENGE_LENGTH) return undefined;
-  // Gatehouse presents the token as a Bearer token: the challenge for that scheme is the one that speaks to it.
-  const challenge = (await parseChallenges(header)).find(({ scheme, parameters }) => scheme === 'bearer' && parameters.error === INSUFFICIENT_USER_AUTHENTICATION);
+  if (!header || header.length > MAX_CHALLENGE_LENGTH) return [];
+  return (await parseChallenges(header)).filter(({ scheme }) => scheme === 'bearer');
+}
+
+/**
+ * The step-up an upstream's 401 asks for (`Bearer error="insufficient_user_authentication"`), or
+ * undefined when it asks for something else or nothing readable.
+ */
+export async function stepUpChallenge(rawHeaders: readonly string[]): Promise<StepUpChallenge | undefined> {
+  const challenge = (await bearerChallenges(rawHeaders)).find(({ parameters }) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION);
   if (!challenge) return undefined;
   const result: StepUpChallenge = { dropped: [] };
   const { acr_values: acrText, max_age: maxAgeText } = challenge.parameters;

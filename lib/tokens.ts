@@ -66,8 +66,6 @@ interface Flight {
   waitingOn: 'store' | 'idp';
   /** What the first caller to stop waiting heard: later callers with a token to go on with do not wait. */
   overdue?: GatehouseError;
-  /** A token the upstream refused, whose forced refresh this is: nobody falls back to it. */
-  refusedToken?: string;
 }
 
 const SLOW_STORE_MS = 100;
@@ -160,19 +158,38 @@ function pauseOf(key: string, token: string): RefreshPause | undefined {
   return pause.token === token ? pause : undefined;
 }
 
-function pauseRefresh(key: string, token: string, fault: GatehouseError, refused: boolean): void {
+/** Until when a fault's pause lasts: the IdP's Retry-After, within bounds. */
+function pauseAfter(fault: GatehouseError): number {
+  return Date.now() + Math.min(Math.max((fault.retryAfterSec ?? 0) * 1000, MIN_REFRESH_PAUSE_MS), MAX_REFRESH_PAUSE_MS);
+}
+
+/**
+ * Records a pause; a refused token is kept from use for as long as a pause can last (it will not
+ * work again), and a pause after a fault never lifts that.
+ */
+function pauseRefresh(key: string, token: string, until: number | 'refused'): void {
   const { byKey } = refreshPauses;
   const now = Date.now();
+  const refused = until === 'refused';
+  const existing = byKey.get(key);
+  if (!refused && existing?.refused && existing.token === token && existing.until > now) return;
   // A sweep at most once a second: a wide outage fills this while the process is busiest.
   if (byKey.size >= MAX_REFRESH_PAUSES && now - refreshPauses.sweptAt > 1_000) {
     refreshPauses.sweptAt = now;
     for (const [other, pause] of byKey) if (pause.until <= now) byKey.delete(other);
   }
-  // Still full (an outage across that many sessions at once): this one is simply not paused.
-  if (byKey.size >= MAX_REFRESH_PAUSES && !byKey.has(key)) return;
-  // A refused token is kept from use for as long as a pause can last: it will not work again.
-  const pauseMs = refused ? MAX_REFRESH_PAUSE_MS : Math.min(Math.max((fault.retryAfterSec ?? 0) * 1000, MIN_REFRESH_PAUSE_MS), MAX_REFRESH_PAUSE_MS);
-  byKey.set(key, { until: now + pauseMs, token, refused });
+  if (byKey.size >= MAX_REFRESH_PAUSES && existing === undefined) {
+    // Still full (an outage across that many sessions at once): a pause after a fault is simply not
+    // kept, while a refused token takes the place of one.
+    if (!refused) return;
+    for (const [other, pause] of byKey) {
+      if (pause.refused) continue;
+      byKey.delete(other);
+      break;
+    }
+    if (byKey.size >= MAX_REFRESH_PAUSES) return;
+  }
+  byKey.set(key, { until: refused ? now + MAX_REFRESH_PAUSE_MS : until, token, refused });
 }
 
 /**
@@ -204,11 +221,12 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
   const needsRefresh = request.rejectedToken ? held?.token === request.rejectedToken : !isFresh(held);
   if (held && !needsRefresh) return { token: held.token, session, refreshed: false };
   const key = refreshKey(session, request);
+  // Before anything waits: no call of this session in this process falls back to a refused token.
+  if (request.rejectedToken) pauseRefresh(key, request.rejectedToken, 'refused');
   const pause = held && pauseOf(key, held.token);
   const fallback = held && !request.rejectedToken && !pause?.refused && lastsToBeSent(held) ? held : undefined;
   if (fallback && pause) return { token: fallback.token, session, refreshed: false };
   const flight = refreshOnce(session, request, key);
-  if (request.rejectedToken) flight.refusedToken = request.rejectedToken;
   finishEvenIfUnanswered(flight.result);
   const { waitMs } = getConfig().refresh;
   let refreshed: Session;
@@ -218,12 +236,11 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
     // Waited for no longer than the token held would then still be worth sending (with time to check the store).
     refreshed = await answerWithin(flight, fallback?.expiresAt ? Math.min(waitMs, fallback.expiresAt - STILL_USABLE_FOR_MS - 500 - Date.now()) : waitMs);
   } catch (error) {
-    if (!isTransientFault(error)) throw error;
-    if (request.rejectedToken) pauseRefresh(key, request.rejectedToken, error, true);
-    if (!fallback || flight.refusedToken === fallback.token || !lastsToBeSent(fallback)) throw error;
+    if (!fallback || !isTransientFault(error)) throw error;
     const current = await stillHolding(session, request, fallback.token);
-    if (!current) throw error;
-    pauseRefresh(key, fallback.token, error, false);
+    // Judged after the store's answer: the token's time, and a refusal that came meanwhile.
+    if (!current || !lastsToBeSent(fallback) || pauseOf(key, fallback.token)?.refused) throw error;
+    pauseRefresh(key, fallback.token, pauseAfter(error));
     log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
     return { token: fallback.token, session: current, refreshed: false };
   }

@@ -265,6 +265,8 @@ beforeAll(async () => {
       refusedclient: { url: apiUrl, auth: 'client' },
       failingclient: { url: apiUrl, auth: 'client' },
       revokedclient: { url: apiUrl, auth: 'client' },
+      unluckyclient: { url: apiUrl, auth: 'client' },
+      challengedclient: { url: challenger.url, auth: 'client' },
       slow: { url: apiUrl, timeoutMs: 500 },
       small: { url: apiUrl, maxBodyBytes: 1024 },
       bulk: { url: apiUrl, maxBodyBytes: 256 * MiB },
@@ -599,6 +601,9 @@ describe('credentials per API', () => {
     const refusedToken = await lastBearerAt(stack.apiUrl);
     const before = await grants();
     // The demo API's status route answers 401 to every token: the refused one, then its replacement.
+    const posted = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true, method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    expect(posted.status).toBe(401);
+    expect(await grants()).toBe(before);
     const refused = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true });
     expect([refused.status, await json(refused)]).toEqual([401, { status: 401 }]);
     expect(await grants()).toBe(before + 1);
@@ -606,13 +611,40 @@ describe('credentials per API', () => {
     expect(replacement).not.toBe(refusedToken);
     // Anyone may call a client API: more 401s within the interval cost the IdP nothing, and the replacement stays.
     for (let i = 0; i < 3; i++) expect((await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true })).status).toBe(401);
-    expect(await grants()).toBe(before + 1);
-    expect(await lastBearerAt(stack.apiUrl)).toBe(replacement);
-    const posted = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true, method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
-    expect(posted.status).toBe(401);
     expect((await proxyFetch('/api/proxy/revokedclient/whoami', { anonymous: true })).status).toBe(200);
     expect(await lastBearerAt(stack.apiUrl)).toBe(replacement);
     expect(await grants()).toBe(before + 1);
+  });
+
+  it('client: a replacement grant that fails leaves the refused token in use and the upstream’s 401 as the answer', async () => {
+    const grants = async () => (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
+    expect((await proxyFetch('/api/proxy/unluckyclient/whoami', { anonymous: true })).status).toBe(200);
+    const held = await lastBearerAt(stack.apiUrl);
+    const before = await grants();
+    await fetch(`${stack.issuer}/__dev/token-fault?status=503&count=1`, { method: 'POST' });
+    const refused = await proxyFetch('/api/proxy/unluckyclient/status/401', { anonymous: true });
+    expect([refused.status, await json(refused)]).toEqual([401, { status: 401 }]);
+    // The rest of the API goes on with the token it had, as before the refusal.
+    const other = await proxyFetch('/api/proxy/unluckyclient/whoami', { anonymous: true });
+    expect([other.status, (await json<{ sub?: string }>(other)).sub]).toEqual([200, CLIENT_ID]);
+    expect(await lastBearerAt(stack.apiUrl)).toBe(held);
+    expect(await grants()).toBe(before);
+  });
+
+  it('client: a 401 that asks for something other than a new token (a scope, a step-up) costs no grant', async () => {
+    const grants = async () => (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
+    const callsBefore = challenger.requests.length;
+    const first = await proxyFetch('/api/proxy/challengedclient/scope', { anonymous: true });
+    expect(first.status).toBe(401);
+    const afterFirst = await grants();
+    expect((await proxyFetch('/api/proxy/challengedclient/scope', { anonymous: true })).status).toBe(401);
+    expect((await proxyFetch('/api/proxy/challengedclient/stepup', { anonymous: true })).status).toBe(401);
+    expect(await grants()).toBe(afterFirst);
+    expect(challenger.requests.length).toBe(callsBefore + 3);
+    // One that says the token is no good: one new grant, one retry.
+    expect((await proxyFetch('/api/proxy/challengedclient/bearer', { anonymous: true })).status).toBe(401);
+    expect(await grants()).toBe(afterFirst + 1);
+    expect(challenger.requests.length).toBe(callsBefore + 5);
   });
 });
 
@@ -1093,6 +1125,8 @@ const CHALLENGES: Record<string, string[]> = {
   windows: ['Negotiate', 'NTLM'],
   mixed: ['Basic realm="a, b", Bearer realm="api", error="invalid_token", error_description="expired, sign in"', 'NTLM', 'DPoP algs="ES256"'],
   bearer: ['Bearer realm="api", error="invalid_token"'],
+  scope: ['Bearer realm="api", error="insufficient_scope", scope="admin"'],
+  stepup: ['Bearer error="insufficient_user_authentication", acr_values="urn:example:mfa"'],
 };
 
 describe('WWW-Authenticate challenges a browser would answer with a password dialog', () => {

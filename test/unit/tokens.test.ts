@@ -150,17 +150,24 @@ describe('a refresh that meets an IdP outage while the token held still has a wh
     await expect(tokens.getAccessToken(await due('at-spent', 4_000))).rejects.toMatchObject({ code: 'idp_unavailable', retryAfterSec: 30 });
   });
 
-  it('waits for a stalled refresh no longer than the token held would still be worth sending, and a later call does not wait for it again', async () => {
+  it('waits for a stalled refresh no longer than the token held would still be worth sending', async () => {
     const { tokens, due } = await deployWithOutage('stalling', { REFRESH_WAIT_MS: '20000' });
     const held = await due('at-held', 6_500);
-    let started = Date.now();
+    const started = Date.now();
     expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
     // About 1 s (6.5 s less the 5 s margin and time to check the store), not REFRESH_WAIT_MS.
     expect(Date.now() - started).toBeLessThan(5_000);
-    pauses().byKey.clear();
-    started = Date.now();
+  });
+
+  it('does not wait again for a refresh some call has already waited out', async () => {
+    const { tokens, due } = await deployWithOutage('stalling', { REFRESH_WAIT_MS: '1500' });
+    const held = await due('at-held', 20_000);
     expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
-    expect(Date.now() - started).toBeLessThan(500);
+    // Not paused now: the next call finds the same refresh still at the IdP, and goes on at once.
+    pauses().byKey.clear();
+    const started = Date.now();
+    expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-held', refreshed: false });
+    expect(Date.now() - started).toBeLessThan(750);
     expect(stalled).toHaveLength(1);
   });
 
@@ -182,6 +189,20 @@ describe('a refresh that meets an IdP outage while the token held still has a wh
     await expect(tokens.getAccessToken(held)).rejects.toMatchObject({ code: 'idp_unavailable' });
   });
 
+  it('stops going on with a paused token as soon as the upstream refuses it, while its forced refresh is still at the IdP', async () => {
+    const { tokens, due } = await deployWithOutage('failing', { REFRESH_WAIT_MS: '1000' });
+    const held = await due('at-paused', 20_000);
+    expect(await tokens.getAccessToken(held)).toMatchObject({ token: 'at-paused', refreshed: false });
+    idpMode = 'stalling';
+    const forced = tokens.getAccessToken(held, { rejectedToken: 'at-paused' }).then(
+      ({ token }) => token,
+      (error: { code?: string }) => error.code,
+    );
+    await vi.waitFor(() => expect(stalled).toHaveLength(1));
+    await expect(tokens.getAccessToken(held)).rejects.toMatchObject({ code: 'idp_unavailable' });
+    expect(await forced).toBe('idp_unavailable');
+  });
+
   it('keeps at most 10,000 pauses a process: expired ones are swept, and none is added while still full', async () => {
     const { tokens, due } = await deployWithOutage('failing');
     for (let i = pauses().byKey.size; i < 10_000; i += 1) pauses().byKey.set(`other-${i}`, { until: Date.now() + 60_000, token: 'x', refused: false });
@@ -199,5 +220,13 @@ describe('a refresh that meets an IdP outage while the token held still has a wh
     expect(await tokens.getAccessToken(unpaused)).toMatchObject({ token: 'at-unpaused' });
     expect(tokenGrants - beforeSwept).toBe(1);
     expect(pauses().byKey.size).toBe(1);
+
+    // Full again: a refused token still takes a place, so it is never used meanwhile.
+    for (let i = pauses().byKey.size; i < 10_000; i += 1) pauses().byKey.set(`more-${i}`, { until: Date.now() + 60_000, token: 'x', refused: false });
+    const refused = await due('at-refused', 20_000);
+    await expect(tokens.getAccessToken(refused, { rejectedToken: 'at-refused' })).rejects.toMatchObject({ code: 'idp_unavailable' });
+    expect(pauses().byKey.size).toBe(10_000);
+    expect([...pauses().byKey.values()].filter((pause) => pause.refused)).toEqual([expect.objectContaining({ token: 'at-refused' })]);
+    await expect(tokens.getAccessToken(refused)).rejects.toMatchObject({ code: 'idp_unavailable' });
   });
 });
