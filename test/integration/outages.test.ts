@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStack, type Stack } from '../../e2e/support/stack.ts';
 import type { GrantCounters } from '../../scripts/dev-idp.ts';
 import { RedisProbe, call, clearsSessionCookie, idpGrants, lastBearerAt, login, refreshGrantsOf, setIdpDelays, waitFor } from '../support/http-client.ts';
+import { randomUUID } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -396,5 +397,29 @@ describe('an IdP whose token answer stalls after its status line', () => {
     expect(machine).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
     expect(Number(machine.headers.get('retry-after'))).toBeGreaterThan(0);
     expect(clearsSessionCookie(machine.setCookies)).toBe(false);
+  }, 30_000);
+
+  it('a session signed out while its call waited on the IdP never has its token sent, though the token had time to run', async () => {
+    const ownApp = ownStack.apps[0]!.url;
+    const user = 'ended-while-waiting';
+    const ownCookie = await login(ownApp, user);
+    // Refreshed once: the token held now has a minute to run, and is due at once (the skew outlasts it).
+    expect((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status).toBe(200);
+    const probe = `ended-${randomUUID()}`;
+    const delays = await setIdpDelays(ownStack.issuer, { tokenMs: 3_000 });
+    let waited;
+    try {
+      const pending = call(ownApp, `/api/proxy/demo/whoami?probe=${probe}`, ownCookie);
+      await waitFor('the grant to reach the IdP', async () => ((await setIdpDelays(ownStack.issuer, {})).delayed.token > delays.delayed.token ? true : undefined), 5_000, 20);
+      const signedOut = await fetch(`${ownApp}/api/auth/logout`, { method: 'POST', headers: { cookie: ownCookie, 'x-csrf': '1' } });
+      expect(signedOut.status).toBe(200);
+      waited = await pending;
+    } finally {
+      await setIdpDelays(ownStack.issuer, { tokenMs: 0 });
+    }
+    expect(waited).toMatchObject({ status: 503, body: { error: 'idp_unavailable' } });
+    const last = (await (await fetch(`${ownStack.apiUrl}/__demo/last`)).json()) as { query?: Record<string, string> };
+    expect(last.query?.probe).not.toBe(probe);
+    expect((await call(ownApp, '/api/proxy/demo/whoami', ownCookie)).status).toBe(401);
   }, 30_000);
 });
