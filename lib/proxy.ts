@@ -514,7 +514,9 @@ interface Credentials {
   refreshed: boolean;
 }
 
-const clientTokens = sharedState('client-tokens', () => new Map<string, { token: string; expiresAt: number } | Promise<{ token: string; expiresAt: number }>>());
+type ClientTokenEntry = { token: string; expiresAt: number };
+
+const clientTokens = sharedState('client-tokens', () => new Map<string, ClientTokenEntry | Promise<ClientTokenEntry>>());
 
 /**
  * After a failed client-credentials grant, this process's next waits this long, or as long as the
@@ -533,8 +535,6 @@ function clientGrantError(failed: { kind: IdpError['kind']; until: number }, cau
   const retryAfterSec = Math.max(1, Math.ceil((failed.until - Date.now()) / 1000));
   return failed.kind === 'unavailable' ? errors.idpUnavailable(cause, retryAfterSec) : errors.idpRefused(cause, retryAfterSec);
 }
-
-type ClientTokenEntry = { token: string; expiresAt: number };
 
 /** One client-credentials grant, a failure recorded so the process's next grant waits (see CLIENT_GRANT_BACKOFF_MS). */
 function clientGrant(api: ApiConfig): Promise<ClientTokenEntry> {
