@@ -4,7 +4,7 @@ import { sessionDpopHandle } from './dpop.ts';
 import { GatehouseError, errors } from './errors.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
-import { observeLockWait, observeRefresh } from './telemetry.ts';
+import { countRefreshDeferred, observeLockWait, observeRefresh, type RefreshKind } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   endedSessionError,
@@ -241,6 +241,7 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
     // Judged after the store's answer: the token's time, and a refusal that came meanwhile.
     if (!current || !lastsToBeSent(fallback) || pauseOf(key, fallback.token)?.refused) throw error;
     pauseRefresh(key, fallback.token, pauseAfter(error));
+    countRefreshDeferred(refreshKind(request), error.code);
     log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
     return { token: fallback.token, session: current, refreshed: false };
   }
@@ -299,12 +300,15 @@ function refreshKey(session: Session, request: TokenRequest): string {
   return `${session.id}\u0000${tokenSlot(request)}`;
 }
 
+function refreshKind(request: TokenRequest): RefreshKind {
+  return request.exchange ? 'exchange' : request.resource ? 'resource' : 'session';
+}
+
 function refreshOnce(session: Session, request: TokenRequest, key: string): Flight {
   const running = inFlight.get(key);
   if (running) return running;
   const flight: Flight = { result: Promise.resolve(session), waitingOn: 'idp' };
-  const kind = request.exchange ? 'exchange' : request.resource ? 'resource' : 'session';
-  flight.result = observeRefresh(kind, () => refreshAcrossInstances(session, request, flight)).finally(() => inFlight.delete(key));
+  flight.result = observeRefresh(refreshKind(request), () => refreshAcrossInstances(session, request, flight)).finally(() => inFlight.delete(key));
   inFlight.set(key, flight);
   return flight;
 }

@@ -231,6 +231,35 @@ describe(`telemetry (${SHAPE})`, () => {
     expect((await fetch(`http://127.0.0.1:${metricsPort}/metrics`, { method: 'POST' })).status).toBe(404);
   });
 
+  it('a refresh put off by an IdP outage: the call goes on with the token held, and the deferral is counted by kind and cause and marked on its span', async () => {
+    const user = `${USER}-outage`;
+    const cookie = await login(app, user);
+    const sessionKey = await probe.sessionKeyOf(user);
+    if (!sessionKey) throw new Error('no session stored');
+    const stored = async () => (await storedSecrets(stack.appEnv.REDIS_URL as string, sessionKey, stack.appEnv.SESSION_SECRET as string)).accessToken;
+    const held = await stored();
+    const scrape = async () => (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    const deferred = (text: string) => sample(text, 'gatehouse_token_refresh_deferred_total', { gatehouse_token_kind: 'session', gatehouse_outcome: 'idp_unavailable' }) ?? 0;
+    const failedRefreshes = (text: string) => sample(text, 'gatehouse_token_refresh_duration_count', { gatehouse_token_kind: 'session', gatehouse_outcome: 'idp_unavailable' }) ?? 0;
+    const before = await scrape();
+
+    // The token is always due here (60 s tokens, 120 s skew): this call's refresh meets the fault.
+    expect((await fetch(`${stack.issuer}/__dev/token-fault?status=503&count=1`, { method: 'POST' })).status).toBe(200);
+    const answer = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie, 'x-csrf': '1' } });
+    expect(answer.status).toBe(200);
+    expect(await answer.json()).toMatchObject({ sub: user });
+    expect(await stored(), 'no refresh happened').toBe(held);
+
+    const after = await scrape();
+    expect(deferred(after) - deferred(before)).toBe(1);
+    expect(failedRefreshes(after) - failedRefreshes(before)).toBe(1);
+    const span = await waitFor('the deferred call’s span', () => spansIn(collector.bodies).find((candidate) => attribute(candidate, 'gatehouse.token.refresh_deferred') !== undefined), 10_000);
+    expect(span.name).toBe('GET /api/proxy/{api}');
+    expect(attribute(span, 'gatehouse.token.refresh_deferred')).toBe('idp_unavailable');
+    expect(attribute(span, 'http.response.status_code')).toBe(200);
+    expect((await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).status).toBe(200);
+  });
+
   it('off by default: without METRICS_PORT or OTEL_* nothing but the public port listens', async () => {
     const plain = Object.fromEntries(Object.entries(stack.appEnv).filter(([name]) => name !== 'METRICS_PORT' && !name.startsWith('OTEL_')));
     const started = await startGatehouse({ name: 'gatehouse-plain', workers: WORKERS, env: plain });
