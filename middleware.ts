@@ -24,26 +24,29 @@ export function middleware(request: NextRequest): NextResponse {
   if (request.nextUrl.pathname.startsWith('/api/proxy/') && !PROXY_METHODS.includes(request.method)) {
     return refuse(request, 405, 'method_not_allowed', 'This method is not supported by the proxy.', { allow: PROXY_METHODS.join(', ') });
   }
-  const undecodable = undecodableProxyPath(request.nextUrl.pathname);
+  const undecodable = undecodablePath(request.nextUrl.pathname);
   if (undecodable) return refuse(request, ...undecodable);
   return NextResponse.next();
 }
 
 /**
- * A proxied path with a percent-escape that does not decode (`%zz`, a lone `%`, bytes that are no
- * UTF-8) fails inside Next, which decodes the path's segments before any route handler runs, with
- * a bare 500. `npm start` answers what the proxy core does (lib/proxy.ts, resolveUpstream): 404
- * `unknown_api` for a name that is no API, else 400 `invalid_path`; so does this. The matcher below
- * sends only such paths here, so the SPA's own calls still skip the middleware.
+ * A path with a percent-escape that does not decode (`%zz`, a lone `%`, bytes that are no UTF-8)
+ * fails inside Next, which decodes a dynamic route's segments before its handler runs, with a
+ * bare 500. Here such a path gets the answer its handler would give a name it does not know: for
+ * a proxied path what `npm start`'s proxy core answers (lib/proxy.ts, resolveUpstream), 404
+ * `unknown_api` for a name that is no API, else 400 `invalid_path`; for a session's handle, 404
+ * `not_found`, as for any handle that is not one of the user's sessions.
  */
-function undecodableProxyPath(pathname: string): [number, string, string] | undefined {
-  if (!pathname.startsWith('/api/proxy/')) return undefined;
+function undecodablePath(pathname: string): [number, string, string] | undefined {
+  const proxied = pathname.startsWith('/api/proxy/');
+  if (!proxied && !pathname.startsWith('/api/auth/sessions/')) return undefined;
   try {
     decodeURIComponent(pathname);
     return undefined;
   } catch {
-    // Not decodable: refused below, as the proxy core refuses it.
+    // Not decodable: refused below.
   }
+  if (!proxied) return [404, 'not_found', 'No such session.'];
   const apiName = pathname.slice('/api/proxy/'.length).split('/')[0] ?? '';
   let known = false;
   try {
@@ -77,7 +80,18 @@ export const config = {
     { source: '/api/proxy/:path*', missing: [{ type: 'header', key: 'x-csrf', value: '1' }] },
     // A path that does not decode (the complement of percent-encoded UTF-8 as decodeURIComponent
     // reads it), with X-CSRF too: Next would fail on it before any route handler (see above).
-    '/api/proxy/:path((?!(?:[^%]|%[0-7][0-9a-fA-F]|%[cC][2-9a-fA-F]%[89abAB][0-9a-fA-F]|%[dD][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE]0%[abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][1-9a-cA-CefEF]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][dD]%[89][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]0%[9abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF][1-3]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]4%8[0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F])*$).*)',
+    // Next tries a matcher on the decoded path as well, and `100%25%20off` decodes to `100% off`,
+    // which does not decode again: an upload to such a path, sent by the SPA with X-CSRF, comes here
+    // too. So no request whose body Next would cut comes here: none with more than 7 digits of
+    // Content-Length (Next keeps 10 MiB), none chunked. Such a request with a path that really
+    // does not decode gets Next's bare 500, with nothing forwarded.
+    {
+      missing: [
+        { type: 'header', key: 'transfer-encoding' },
+        { type: 'header', key: 'content-length', value: '[0-9]{8,}' },
+      ],
+      source: '/api/proxy/:path((?!(?:[^%]|%[0-7][0-9a-fA-F]|%[cC][2-9a-fA-F]%[89abAB][0-9a-fA-F]|%[dD][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE]0%[abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][1-9a-cA-CefEF]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][dD]%[89][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]0%[9abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF][1-3]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]4%8[0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F])*$).*)',
+    },
     '/api/auth/session',
     '/api/auth/sessions/:path*',
     '/api/spa/:path*',

@@ -8,6 +8,7 @@ import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } 
 import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { clearsSessionCookie, idpGrants, logSoFar, refreshGrantsOf, waitFor } from '../support/http-client.ts';
 import { rawUpload, requestHead } from '../support/raw-http.ts';
+import { undecodablePath } from '../support/hostile-inputs.ts';
 
 /**
  * Issue "Sessions and logout, complete", from outside: real IdP process, real Redis, the
@@ -432,6 +433,21 @@ describe("a user's sessions", () => {
     expect(cleared.map((cookie) => cookie.split('=', 1)[0]).sort()).toEqual(['gatehouse', 'gatehouse-replaces']);
     for (const cookie of cleared) expect(cookie, cookie).toMatch(/=;|Max-Age=0/i);
     expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(false);
+  });
+
+  it('a handle that does not decode is no handle: 404 not_found as JSON (Next alone would answer a bare 500), and nothing ends', async () => {
+    const owner = await login('undecodable-handles');
+    const cookie = cookieHeader(owner.rpCookies);
+    await fc.assert(
+      fc.asyncProperty(undecodablePath, fc.constantFrom('DELETE', 'GET'), async (handle, method) => {
+        const answer = await request(`${app}/api/auth/sessions/${handle}`, { method, headers: { cookie, 'x-csrf': '1' } });
+        expect(answer.statusCode, handle).toBe(404);
+        expect(answer.headers['content-type'], handle).toBe('application/json; charset=utf-8');
+        expect(await answer.body.json(), handle).toEqual({ error: 'not_found', message: 'No such session.' });
+      }),
+      { numRuns: 30 },
+    );
+    expect((await sessionOf(owner.rpCookies)).authenticated).toBe(true);
   });
 });
 

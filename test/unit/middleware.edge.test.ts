@@ -75,7 +75,7 @@ describe('middleware.ts on the Edge runtime', () => {
 });
 
 
-describe('proxied paths that do not decode (Next fails on them before any route handler)', () => {
+describe('proxied paths and session handles that do not decode (Next fails on them before any route handler)', () => {
   const refusal = async (path: string, headers: Record<string, string> = { 'x-csrf': '1' }) => {
     const answer = middleware(request('GET', path, headers));
     if (answer.headers.get('x-middleware-next') === '1') return { status: 200, code: null };
@@ -94,6 +94,9 @@ describe('proxied paths that do not decode (Next fails on them before any route 
         expect(await refusal(`/api/proxy/nope/${rest}`)).toEqual({ status: 404, code: 'unknown_api' });
         expect(await refusal(`/api/proxy/${rest}`)).toEqual({ status: 404, code: 'unknown_api' });
         expect(await refusal(`/api/proxy/demo/${rest}`, {})).toEqual({ status: 403, code: 'csrf_failed' });
+        // A session's handle that does not decode is no handle of the user's, as the route handler would say.
+        expect(await refusal(`/api/auth/sessions/${rest}`)).toEqual({ status: 404, code: 'not_found' });
+        expect(await refusal(`/api/auth/sessions/${rest}`, {})).toEqual({ status: 403, code: 'csrf_failed' });
       }),
       { numRuns: 500 },
     );
@@ -105,7 +108,7 @@ describe('proxied paths that do not decode (Next fails on them before any route 
   // The SPA's calls skip the middleware (Next would buffer their bodies, see config): the matcher
   // entry for these paths must select exactly the paths that do not decode.
   it('the matcher selects exactly the paths that do not decode', () => {
-    const source = config.matcher.find((entry): entry is string => typeof entry === 'string' && entry.startsWith('/api/proxy/:path('));
+    const source = config.matcher.flatMap((entry) => (typeof entry === 'string' ? [] : [entry.source])).find((entry) => entry.startsWith('/api/proxy/:path('));
     const pattern = /^\/api\/proxy\/:path\((.*)\)$/s.exec(source ?? '')?.[1];
     expect(pattern).toBeDefined();
     const selects = new RegExp(`^(?:${pattern})$`);
