@@ -16,6 +16,13 @@ function spaTracing() {
   return { outputFileTracingIncludes: { '/api/spa/**': [`${relative.split(path.sep).join('/')}/**/*`] } };
 }
 
+/**
+ * One character of a path that decodes: anything but `%`, or an escape of UTF-8 as
+ * decodeURIComponent reads it (middleware.ts's matcher holds the same, negated; a unit test checks both).
+ */
+export const DECODABLE =
+  '(?:[^%]|%[0-7][0-9a-fA-F]|%[cC][2-9a-fA-F]%[89abAB][0-9a-fA-F]|%[dD][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE]0%[abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][1-9a-cA-CefEF]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[eE][dD]%[89][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]0%[9abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF][1-3]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F]|%[fF]4%8[0-9a-fA-F]%[89abAB][0-9a-fA-F]%[89abAB][0-9a-fA-F])';
+
 /** @type {import('next').NextConfig} */
 const nextConfig = {
   // Lets parallel builds (CI legs, benchmarks) keep separate outputs; the default is Next's own.
@@ -34,7 +41,9 @@ const nextConfig = {
   // SPA route handler, which reads the source at run time.
   async rewrites() {
     if (!process.env.SPA_DIR && !process.env.SPA_UPSTREAM_URL) return [];
-    return { beforeFiles: [{ source: '/:path((?!api/|api$|_next/).*)', destination: '/api/spa/:path' }] };
+    // Only paths whose percent-escapes decode: Next fails on any other in the SPA route's segments
+    // with a bare 500, and left alone it answers its readable 404 page (`npm start` 404s them too).
+    return { beforeFiles: [{ source: `/:path((?!api/|api$|_next/)(?=${DECODABLE}*$).*)`, destination: '/api/spa/:path' }] };
   },
   async headers() {
     return [

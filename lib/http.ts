@@ -184,3 +184,14 @@ function concatBytes(chunks: Uint8Array[], length: number): Uint8Array {
   }
   return bytes;
 }
+
+/** `value` read against `base`, when that is an http(s) URL: undefined for no URL at all or another scheme. */
+export function httpUrlFrom(value: string, base: URL): URL | undefined {
+  let url: URL;
+  try {
+    url = new URL(value, base);
+  } catch {
+    return undefined;
+  }
+  return url.protocol === 'http:' || url.protocol === 'https:' ? url : undefined;
+}

@@ -4,7 +4,7 @@ import { Client, Pool, type Dispatcher } from 'undici';
 import { getConfig, type ApiConfig } from './config.ts';
 import { dpopAuthorization, dpopNonceDemanded } from './dpop.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
-import { NOT_A_PAGE, PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './http.ts';
+import { NOT_A_PAGE, PROXY_METHODS, checkCsrf, httpUrlFrom, jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, IdpError } from './oidc.ts';
@@ -339,13 +339,8 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
  *   name), another scheme, or no URL at all: undefined, and the header is dropped.
  */
 export function browserLocation(value: string, api: ApiConfig, upstreamUrl: URL, appOrigin: string): string | undefined {
-  let target: URL;
-  try {
-    target = new URL(value, upstreamUrl);
-  } catch {
-    return undefined;
-  }
-  if (target.protocol !== 'http:' && target.protocol !== 'https:') return undefined;
+  const target = httpUrlFrom(value, upstreamUrl);
+  if (!target) return undefined;
   const throughProxy = `${PROXY_PREFIX}${api.name}/`;
   const basePath = api.url.pathname.endsWith('/') ? api.url.pathname : `${api.url.pathname}/`;
   if (target.origin === api.url.origin && (target.pathname.startsWith(basePath) || `${target.pathname}/` === basePath)) {

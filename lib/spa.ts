@@ -5,7 +5,7 @@ import https from 'node:https';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import type { SpaSource } from './config.ts';
-import { routedPath } from './http.ts';
+import { httpUrlFrom, routedPath } from './http.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import type { ProxyResponse } from './proxy.ts';
@@ -148,42 +148,80 @@ function isWithin(base: string, file: string): boolean {
  * the root's own real place: a link in the build that points elsewhere (`etc -> /etc`) is not
  * followed out of it. The root is resolved each time, so a deploy that swaps a `current` link is seen.
  */
-async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number } | null> {
+async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number; modifiedMs: number } | null> {
   if (!file) return null;
   const [real, realRoot] = await Promise.all([realpath(file).catch(() => null), realpath(root).catch(() => null)]);
   if (!real || !realRoot || !isWithin(realRoot, real)) return null;
   const info = await stat(real).catch(() => null);
-  return info?.isFile() ? { file: real, size: info.size } : null;
+  return info?.isFile() ? { file: real, size: info.size, modifiedMs: info.mtimeMs } : null;
 }
 
-export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP): Promise<ProxyResponse | null> {
+/**
+ * Whether the browser asked for a page to show (a navigation), not for a file a page needs: such a
+ * request for a path that names no file gets index.html even when the path looks like a file's
+ * (`/users/jane.doe`, `/release/1.2`), while a missing script or image stays a 404.
+ */
+function isNavigation(header: (name: string) => string | undefined): boolean {
+  const mode = header('sec-fetch-mode');
+  if (mode !== undefined) return mode === 'navigate';
+  return (header('accept') ?? '').includes('text/html');
+}
+
+/** Whether the path's percent-escapes decode: one that does not is no file and no route (a 404, as under `next start`). */
+function decodes(pathname: string): boolean {
+  try {
+    decodeURIComponent(pathname);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether the browser's validators match (RFC 9110 section 13.1.2: weak comparison for If-None-Match; If-Modified-Since only without it). */
+function browserHolds(validators: { etag?: string | undefined; lastModified?: string | undefined }, header: (name: string) => string | undefined): boolean {
+  const ifNoneMatch = header('if-none-match');
+  if (ifNoneMatch !== undefined) {
+    const weak = (tag: string) => tag.trim().replace(/^W\//, '');
+    const { etag } = validators;
+    return etag !== undefined && ifNoneMatch.split(',').some((tag) => tag.trim() === '*' || weak(tag) === weak(etag));
+  }
+  const since = header('if-modified-since');
+  const { lastModified } = validators;
+  return since !== undefined && lastModified !== undefined && Date.parse(lastModified) <= Date.parse(since);
+}
+
+export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP, header: (name: string) => string | undefined = () => undefined): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
-  if (notTheSpa(pathname)) return null;
+  if (notTheSpa(pathname) || !decodes(pathname)) return null;
   const requested = pathname.endsWith('/') ? null : resolveSpaFile(root, pathname);
   const found = await fileAt(root, requested);
-  // Anything without a file of its own and without an extension is a route of the SPA.
-  const isRoute = !found && !/\.[A-Za-z0-9]+$/.test(pathname);
+  // Anything without a file of its own and without an extension is a route of the SPA, and so is any navigation.
+  const isRoute = !found && (!/\.[A-Za-z0-9]+$/.test(pathname) || isNavigation(header));
   const served = found ?? (isRoute ? await fileAt(root, path.join(path.resolve(root), 'index.html')) : null);
   if (!served) return null;
   const extension = path.extname(served.file).toLowerCase();
   const isDocument = extension === '.html';
   const contentType = CONTENT_TYPES[extension] ?? 'application/octet-stream';
+  // From the file's size and time, as its content would cost a read of every file on every request.
+  const validators = { etag: `W/"${served.size.toString(16)}-${Math.floor(served.modifiedMs).toString(16)}"`, lastModified: new Date(served.modifiedMs).toUTCString() };
   const headers: Array<[string, string]> = [
     ['content-type', contentType],
-    ['content-length', String(served.size)],
     // index.html must be revalidated so a deploy reaches users; hashed assets can be kept for good.
     ['cache-control', found && requested && !isDocument && isHashedAsset(path.relative(path.resolve(root), requested).split(path.sep).join('/')) ? 'public, max-age=31536000, immutable' : 'no-cache'],
+    ['etag', validators.etag],
+    ['last-modified', validators.lastModified],
     ['x-content-type-options', 'nosniff'],
     ...protectionFor(contentType, csp),
   ];
-  return { status: 200, headers, body: method === 'HEAD' ? null : createReadStream(served.file) };
+  if (browserHolds(validators, header)) return { status: 304, headers, body: null };
+  return { status: 200, headers: [['content-length', String(served.size)], ...headers], body: method === 'HEAD' ? null : createReadStream(served.file) };
 }
 
 /** What a static host may hear from the browser: content negotiation and revalidation, never its credentials. */
 const TO_SPA_ORIGIN = ['accept', 'accept-language', 'if-none-match', 'if-modified-since', 'range', 'if-range'];
 /** What the browser may hear back: the file and how to cache it; never cookies or the host's own policies. */
-const FROM_SPA_ORIGIN = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'cache-control', 'etag', 'last-modified', 'expires', 'age'];
+const FROM_SPA_ORIGIN = ['content-type', 'content-length', 'content-encoding', 'content-language', 'content-range', 'accept-ranges', 'cache-control', 'vary', 'etag', 'last-modified', 'expires', 'age'];
 const SPA_ORIGIN_TIMEOUT_MS = 10_000;
 
 function fetchFromOrigin(url: URL, method: string, header: (name: string) => string | undefined): Promise<http.IncomingMessage> {
@@ -309,23 +347,10 @@ function forget(key: string): void {
   originCache.bytes -= entry.body.length;
 }
 
-/** Whether the browser's own validators match the kept file (RFC 9110 section 13.1: weak comparison for If-None-Match). */
-function browserHasIt(entry: CachedFile, header: (name: string) => string | undefined): boolean {
-  const ifNoneMatch = header('if-none-match');
-  if (ifNoneMatch !== undefined) {
-    const weak = (tag: string) => tag.trim().replace(/^W\//, '');
-    const etag = entry.headers.etag;
-    return etag !== undefined && ifNoneMatch.split(',').some((tag) => tag.trim() === '*' || weak(tag) === weak(etag));
-  }
-  const since = header('if-modified-since');
-  const lastModified = entry.headers['last-modified'];
-  return since !== undefined && lastModified !== undefined && Date.parse(lastModified) <= Date.parse(since);
-}
-
 function answerFromCache(entry: CachedFile, method: string, header: (name: string) => string | undefined, now: number): OriginAnswer {
   // The browser hears how long the file has been kept, so it does not count the host's max-age from now.
   const headers: Record<string, string> = { ...entry.headers, age: String(Math.max(0, Math.floor((now - entry.bornAt) / 1000))) };
-  if (browserHasIt(entry, header)) {
+  if (browserHolds({ etag: entry.headers.etag, lastModified: entry.headers['last-modified'] }, header)) {
     const { 'content-length': _length, ...rest } = headers;
     return { status: 304, headers: rest, body: null };
   }
@@ -406,17 +431,35 @@ async function fetchFile(url: URL, method: string, header: (name: string) => str
   return keepIfCacheable(key, answer, method, header);
 }
 
+/**
+ * Where a redirect of the host sends the browser, on this origin: a place under the host's base
+ * path becomes the same path here (the host redirecting `/app/index.html` to `/app/`, or adding a
+ * trailing slash); another site's address passes as it is. Anything else (the host outside its
+ * base, Gatehouse's own paths, another scheme) is dropped, with the status kept.
+ */
+function locationOnThisOrigin(location: string, requested: URL, base: URL): string | undefined {
+  const target = httpUrlFrom(location, requested);
+  if (!target) return undefined;
+  if (target.origin !== base.origin) return target.href;
+  const basePath = base.pathname.endsWith('/') ? base.pathname : `${base.pathname}/`;
+  if (!target.pathname.startsWith(basePath)) return undefined;
+  const here = `/${target.pathname.slice(basePath.length)}`;
+  return notTheSpa(here) ? undefined : `${here}${target.search}${target.hash}`;
+}
+
 async function serveFromOrigin(method: string, rawUrl: string, base: URL, header: (name: string) => string | undefined, csp: string): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
-  if (notTheSpa(pathname)) return null;
-  const isRoute = pathname.endsWith('/') || !/\.[A-Za-z0-9]+$/.test(pathname);
-  const fileUrl = isRoute ? null : resolveSpaUrl(base, pathname);
-  let answer = fileUrl ? await fetchFile(fileUrl, method, header) : null;
+  if (notTheSpa(pathname) || !decodes(pathname)) return null;
+  const looksLikeRoute = pathname.endsWith('/') || !/\.[A-Za-z0-9]+$/.test(pathname);
+  const isRoute = looksLikeRoute || isNavigation(header);
+  let fetched = looksLikeRoute ? null : resolveSpaUrl(base, pathname);
+  let answer = fetched ? await fetchFile(fetched, method, header) : null;
   if (!answer || (answer.status === 404 && isRoute)) {
     if (answer?.body instanceof Readable) answer.body.resume();
     if (!isRoute) return null;
-    answer = await fetchFile(resolveSpaUrl(base, '/index.html') as URL, method, header);
+    fetched = resolveSpaUrl(base, '/index.html') as URL;
+    answer = await fetchFile(fetched, method, header);
   }
   const { status } = answer;
   if (status === 404) {
@@ -428,6 +471,8 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
     const value = answer.headers[name];
     if (value !== undefined) headers.push([name, value]);
   }
+  const location = status >= 300 && status < 400 && answer.headers.location !== undefined ? locationOnThisOrigin(answer.headers.location, fetched ?? base, base) : undefined;
+  if (location !== undefined) headers.push(['location', location]);
   headers.push(['x-content-type-options', 'nosniff'], ...protectionFor(answer.headers['content-type'], csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;
   if (bodyless && answer.body instanceof Readable) answer.body.resume();
@@ -437,7 +482,7 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
 /** The SPA's answer for a request, from whichever source is configured; null when it has none. */
 export async function serveSpaFrom(source: SpaSource, method: string, rawUrl: string, header: (name: string) => string | undefined): Promise<ProxyResponse | null> {
   const csp = source.contentSecurityPolicy ?? DEFAULT_SPA_CSP;
-  if (source.kind === 'dir') return serveSpa(method, rawUrl, source.dir, csp);
+  if (source.kind === 'dir') return serveSpa(method, rawUrl, source.dir, csp, header);
   try {
     return await serveFromOrigin(method, rawUrl, source.url, header, csp);
   } catch (error) {

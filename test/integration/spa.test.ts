@@ -1,12 +1,15 @@
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { gzipSync } from 'node:zlib';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { ROOT, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { waitFor } from '../support/http-client.ts';
+import { undecodablePath } from '../support/hostile-inputs.ts';
 import { rawRequest } from '../support/raw-http.ts';
 
 /**
@@ -31,6 +34,10 @@ writeFileSync(path.join(spaDir, 'app-settings.json'), '{"api":"/api/proxy/demo"}
 writeFileSync(path.join(spaDir, 'assets', 'chunk-Qw12Er34.js'), 'export const chunk = 1;');
 writeFileSync(path.join(spaDir, 'short.txt'), 'fresh for a second');
 writeFileSync(path.join(spaDir, 'private.txt'), 'for one browser only');
+// Served by the host in French, varying by Accept-Language; and a script the host stores gzipped (as S3 does).
+writeFileSync(path.join(spaDir, 'lang.txt'), 'bonjour');
+const STORED_JS = 'export const stored = "kept compressed by the host";';
+writeFileSync(path.join(spaDir, 'assets', 'stored-Gz12Gz34.js'), gzipSync(STORED_JS));
 // What a build folder may hold besides the app: dotfiles, links out of it, a file with a script in it.
 const SECURITY_TXT = 'Contact: mailto:security@example.com\n';
 const outsideDir = mkdtempSync(path.join(ROOT, '.test-tmp', 'outside-'));
@@ -108,6 +115,64 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     expect((await get('/assets/missing-Zz99Yy88.js', '*/*')).status).toBe(404);
   });
 
+  it('every file and the page carry an ETag and Last-Modified, and the browser’s own revalidation is a 304 without the file', async () => {
+    const changing = path.join(spaDir, 'changing.txt');
+    writeFileSync(changing, 'version 1');
+    for (const [pathname, accept] of [['/robots.txt', '*/*'], ['/orders/42', 'text/html'], ['/assets/app-Ab12Cd34.js', '*/*'], ['/changing.txt', '*/*']] as const) {
+      const first = await get(pathname, accept);
+      await first.arrayBuffer();
+      const etag = first.headers.get('etag') ?? '';
+      const lastModified = first.headers.get('last-modified') ?? '';
+      expect(etag, pathname).toMatch(/^W\/"[0-9a-f]+-[0-9a-f]+"$/);
+      expect(Date.parse(lastModified), pathname).not.toBeNaN();
+      const validators: Array<Record<string, string>> = [{ 'if-none-match': etag }, { 'if-none-match': `"x", ${etag.slice(2)}` }, { 'if-modified-since': lastModified }];
+      for (const validator of validators) {
+        const again = await fetch(`${app}${pathname}`, { headers: { accept, ...validator } });
+        expect([again.status, await again.text(), again.headers.get('etag')], `${pathname} ${JSON.stringify(validator)}`).toEqual([304, '', etag]);
+      }
+      const other = await fetch(`${app}${pathname}`, { headers: { accept, 'if-none-match': 'W/"0-0"' } });
+      expect(other.status, pathname).toBe(200);
+      await other.arrayBuffer();
+    }
+    // A deploy that rewrites a file changes its tag: the browser's old one gets the new file.
+    const before = (await get('/changing.txt', '*/*')).headers.get('etag') ?? '';
+    writeFileSync(changing, 'version 22');
+    const after = await fetch(`${app}/changing.txt`, { headers: { accept: '*/*', 'if-none-match': before } });
+    expect([after.status, await after.text()]).toEqual([200, 'version 22']);
+    rmSync(changing);
+  });
+
+  it('a navigation to a path that looks like a file but names none is a route of the SPA (/users/jane.doe); the same path asked for by a page stays a 404', async () => {
+    // Raw requests: fetch() adds a Sec-Fetch-Mode of its own, as browsers do, but never `navigate`.
+    const port = Number(new URL(app).port);
+    const ask = async (pathname: string, headers: string) => {
+      const res = await rawRequest(port, `GET ${pathname} HTTP/1.1\r\nHost: localhost:${port}\r\n${headers}Connection: close\r\n\r\n`);
+      return [res?.status, res?.body === INDEX];
+    };
+    for (const pathname of ['/users/jane.doe', '/release/1.2']) {
+      expect(await ask(pathname, 'Accept: text/html,application/xhtml+xml\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-Dest: document\r\n'), pathname).toEqual([200, true]);
+      expect(await ask(pathname, 'Accept: */*\r\nSec-Fetch-Mode: no-cors\r\nSec-Fetch-Dest: script\r\n'), pathname).toEqual([404, false]);
+      // What fetch() sends, even asking for HTML: no navigation.
+      expect(await ask(pathname, 'Accept: text/html\r\nSec-Fetch-Mode: cors\r\n'), pathname).toEqual([404, false]);
+    }
+    // A browser without Fetch Metadata says what it wants by Accept.
+    expect(await ask('/users/jane.doe', 'Accept: text/html\r\n')).toEqual([200, true]);
+    expect(await ask('/users/jane.doe', 'Accept: */*\r\n')).toEqual([404, false]);
+  });
+
+  it('a path whose escapes do not decode is a readable 404 page, never the SPA or a bare 500', async () => {
+    const port = Number(new URL(app).port);
+    await fc.assert(
+      fc.asyncProperty(undecodablePath.filter((rest) => !/^(api|_next)([/\\]|$)/.test(rest)), async (rest) => {
+        const res = await rawRequest(port, `GET /${rest} HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: text/html\r\nConnection: close\r\n\r\n`);
+        expect(res?.status, rest).toBe(404);
+        expect(res?.get('content-type'), rest).toMatch(/^text\/html/);
+        expect(res?.body, rest).not.toContain('<title>My SPA</title>');
+      }),
+      { numRuns: 25 },
+    );
+  });
+
   it('never serves a file outside SPA_DIR, however the path is spelled', async () => {
     const port = Number(new URL(app).port);
     for (const target of ['/../../../../etc/passwd', '/%2e%2e/%2e%2e/%2e%2e/etc/passwd', '/..%2f..%2f..%2fetc%2fpasswd', '/assets/..%5c..%5cetc%5cpasswd', '/%252e%252e/etc/passwd']) {
@@ -181,6 +246,14 @@ function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; r
     const pathname = new URL(req.url ?? '/', 'http://x').pathname;
     requests.push({ method: req.method ?? '', path: pathname, ifNoneMatch: req.headers['if-none-match'] });
     if (pathname === '/secret.txt') return void res.writeHead(200, { 'content-type': 'text/plain' }).end('SECRET');
+    const redirects: Record<string, [number, string]> = {
+      '/app/moved.txt': [301, '/app/robots.txt?from=moved'],
+      '/app/elsewhere.txt': [302, 'https://example.com/signed?x=1'],
+      '/app/away.txt': [302, '/secret.txt'],
+      '/app/into-api.txt': [302, '/app/api/auth/logout'],
+    };
+    const redirect = redirects[pathname];
+    if (redirect) return void res.writeHead(redirect[0], { location: redirect[1], 'cache-control': 'no-store' }).end();
     const file = pathname.startsWith('/app/') ? path.join(spaDir, pathname.slice('/app/'.length)) : '';
     if (!file.startsWith(spaDir) || !existsSync(file) || !file.includes('.')) return void res.writeHead(404).end('not found');
     const body = readFileSync(file);
@@ -190,6 +263,8 @@ function startSpaOrigin(): Promise<{ url: string; seen: IncomingHttpHeaders[]; r
       'cache-control': file.includes('/assets/') ? 'public, max-age=31536000, immutable' : file.endsWith('short.txt') ? 'max-age=1' : file.endsWith('private.txt') ? 'private, max-age=600' : 'no-cache',
       'content-type': file.endsWith('.html') ? 'TEXT/HTML; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : file.endsWith('.svg') ? 'image/svg+xml' : 'text/plain',
       'set-cookie': 'cdn=1; Path=/',
+      ...(file.endsWith('lang.txt') ? { vary: 'Accept-Language', 'content-language': 'fr', 'cache-control': 'public, max-age=600' } : {}),
+      ...(file.includes('stored-') ? { 'content-encoding': 'gzip' } : {}),
     };
     if (req.headers['if-none-match'] === etag) return void res.writeHead(304, headers).end();
     res.writeHead(200, headers).end(body);
@@ -285,6 +360,46 @@ describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
     expect((await fetch(`${app}/assets/logo.svg`)).headers.get('content-security-policy')).toMatch(SANDBOXED);
     expect((await fetch(`${app}/assets/app-Ab12Cd34.js`)).headers.get('content-security-policy')).toBeNull();
     expect((await fetch(`${app}/orders`, { headers: { accept: 'text/html' } })).headers.get('content-security-policy')).toContain("frame-ancestors 'none'");
+  });
+
+  it('passes on what the host says of a file (its encoding, language and what it varies by), and its redirects as places on this origin', async () => {
+    const french = await fetch(`${app}/lang.txt`, { headers: { 'accept-language': 'fr' } });
+    expect([await french.text(), french.headers.get('content-language')]).toEqual(['bonjour', 'fr']);
+    // next start adds names of its own.
+    expect(french.headers.get('vary')?.split(/,\s*/)).toContain('Accept-Language');
+    // Kept gzipped by the host, sent so whatever the request said: the browser gets it decoded, from the host and from the copy kept here.
+    for (let i = 0; i < 2; i++) {
+      const stored = await fetch(`${app}/assets/stored-Gz12Gz34.js`);
+      expect([stored.status, await stored.text()], `request ${i + 1}`).toEqual([200, STORED_JS]);
+    }
+    expect(origin.requests.filter((request) => request.path === '/app/assets/stored-Gz12Gz34.js')).toHaveLength(1);
+    const redirected = async (pathname: string) => {
+      const res = await fetch(`${app}${pathname}`, { redirect: 'manual' });
+      await res.arrayBuffer();
+      return [res.status, res.headers.get('location')];
+    };
+    expect(await redirected('/moved.txt')).toEqual([301, '/robots.txt?from=moved']);
+    expect(await redirected('/elsewhere.txt')).toEqual([302, 'https://example.com/signed?x=1']);
+    // The host's own places outside the base path, and Gatehouse's paths, are nowhere to send the browser.
+    expect(await redirected('/away.txt')).toEqual([302, null]);
+    expect(await redirected('/into-api.txt')).toEqual([302, null]);
+  });
+
+  it('a navigation to a path that looks like a file but names none gets the page; a path that does not decode is a 404 and never reaches the host', async () => {
+    const port = Number(new URL(app).port);
+    const ask = async (headers: string) => {
+      const res = await rawRequest(port, `GET /users/jane.doe HTTP/1.1\r\nHost: localhost:${port}\r\n${headers}Connection: close\r\n\r\n`);
+      return [res?.status, res?.body === INDEX];
+    };
+    expect(await ask('Accept: text/html\r\nSec-Fetch-Mode: navigate\r\n')).toEqual([200, true]);
+    expect(await ask('Accept: image/*\r\nSec-Fetch-Mode: no-cors\r\nSec-Fetch-Dest: image\r\n')).toEqual([404, false]);
+    const asked = origin.requests.length;
+    for (const target of ['/%zz', '/orders/%E0%A4%A', '/a%']) {
+      const res = await rawRequest(port, `GET ${target} HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: text/html\r\nConnection: close\r\n\r\n`);
+      expect(res?.status, target).toBe(404);
+      expect(res?.body, target).not.toContain('<title>My SPA</title>');
+    }
+    expect(origin.requests.length).toBe(asked);
   });
 
   it('never reaches outside the origin’s base path, however the path is spelled', async () => {

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { isHashedAsset, resolveSpaFile, resolveSpaUrl, serveSpaFrom } from '../../lib/spa.ts';
+import { decodableSegment, decodes, undecodablePath } from '../support/hostile-inputs.ts';
 
 const ROOT = '/srv/spa';
 const PIECES = ['/', '.', '..', '%2e', '%2E', '%2f', '%2F', '%5c', '\\', '%00', '%252e', 'etc', 'passwd', 'assets', 'a.js', ';', '%', '.env', '.git', '.well-known', 'env'];
@@ -222,5 +223,33 @@ describe('isHashedAsset: what may be cached for good', () => {
     // webpack's hex: those that read as a word then a number (about 1 in 17 at eight characters) revalidate.
     expect(counted(of('0123456789abcdef', 8).map((hash) => `static/js/453.${hash}.chunk.js`), 2_000)).toBeGreaterThan(0.85);
     expect(counted(of('0123456789abcdef', 20).map((hash) => `main.${hash}.js`), 500)).toBeGreaterThan(0.95);
+  });
+});
+
+describe('the SPA rewrite of next.config.mjs (next start)', () => {
+  it('takes exactly the paths that decode and are not /api or /_next; its pattern is the middleware matcher’s, negated', async () => {
+    const nextConfig = await import('../../next.config.mjs');
+    const { config: middlewareConfig } = await import('../../middleware.ts');
+    const previous = process.env.SPA_DIR;
+    process.env.SPA_DIR = '.test-tmp/spa';
+    try {
+      const rewrites = await nextConfig.default.rewrites();
+      const source = 'beforeFiles' in rewrites ? (rewrites.beforeFiles?.[0]?.source ?? '') : '';
+      const pattern = /^\/:path\((.*)\)$/s.exec(source)?.[1];
+      expect(pattern).toBeDefined();
+      const takes = new RegExp(`^(?:${pattern})$`);
+      fc.assert(
+        fc.property(fc.oneof(undecodablePath, fc.array(decodableSegment, { minLength: 1, maxLength: 4 }).map((segments) => segments.join('/')), fc.string({ unit: 'binary', maxLength: 12 }).map(encodeURI)), (rest) => {
+          expect(takes.test(rest), rest).toBe(decodes(rest));
+          expect(takes.test(`api/${rest}`), rest).toBe(false);
+        }),
+        { numRuns: 3000 },
+      );
+      const undecodableMatcher = middlewareConfig.matcher.flatMap((entry) => (typeof entry === 'string' ? [] : [entry.source])).find((entry) => entry.startsWith('/api/proxy/:path('));
+      expect(undecodableMatcher).toBe(`/api/proxy/:path((?!${nextConfig.DECODABLE}*$).*)`);
+    } finally {
+      if (previous === undefined) delete process.env.SPA_DIR;
+      else process.env.SPA_DIR = previous;
+    }
   });
 });
