@@ -584,8 +584,13 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   const current = await requireSession(request);
   const target = (await listUserSessions(current)).find((entry) => entry.handle === handle);
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
-  const session = target.current ? current : await readSession(target.id);
-  if (session) await endSession(session, target.current ? undefined : current.record);
+  const loaded = target.current ? { session: current } : await loadSession(target.id);
+  if (!loaded.session && loaded.miss === 'unreadable') {
+    // A record this instance cannot open (a newer release's during a rolling deploy, tokens under a
+    // key it does not hold) goes on working where it can be read: "ended" would be untrue.
+    throw new GatehouseError('store_unavailable', 503, 'That session cannot be ended from this server right now. Try again shortly.', { retryAfterSec: 5 });
+  }
+  if (loaded.session) await endSession(loaded.session, target.current ? undefined : current.record);
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
   const signedOut = target.current ? signedOutHeaders() : [];
   return jsonResponse(200, { ended: 1 }, signedOut);

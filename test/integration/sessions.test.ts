@@ -1,5 +1,5 @@
 import { randomBytes, randomUUID } from 'node:crypto';
-import { SignJWT, generateKeyPair } from 'jose';
+import { CompactEncrypt, SignJWT, generateKeyPair } from 'jose';
 import { Redis } from 'ioredis';
 import fc from 'fast-check';
 import { request } from 'undici';
@@ -433,6 +433,32 @@ describe("a user's sessions", () => {
     expect(cleared.map((cookie) => cookie.split('=', 1)[0]).sort()).toEqual(['gatehouse', 'gatehouse-replaces']);
     for (const cookie of cleared) expect(cookie, cookie).toMatch(/=;|Max-Age=0/i);
     expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(false);
+  });
+
+  it('a session this server cannot open (tokens under a key it does not hold, as during a rolling deploy) is not said to be ended: 503 store_unavailable with Retry-After, and it stays listed', async () => {
+    const keysBefore = new Set(await sessionKeys());
+    await login('unreadable-elsewhere'); // the laptop
+    const laptopKey = (await sessionKeys()).find((key) => !keysBefore.has(key));
+    if (!laptopKey) throw new Error('no session key for the laptop');
+    const phone = await login('unreadable-elsewhere');
+    const headers = { cookie: cookieHeader(phone.rpCookies), 'x-csrf': '1' };
+    const listed = async () => ((await (await fetch(`${app}/api/auth/sessions`, { headers })).json()) as { sessions: Array<{ handle: string; current: boolean }> }).sessions;
+    const [laptopEntry] = (await listed()).filter((entry) => !entry.current);
+    if (!laptopEntry) throw new Error('the laptop is not listed');
+    // The laptop's tokens, sealed under a token key only another release holds.
+    const record = JSON.parse((await redis.get(laptopKey)) as string) as Record<string, unknown>;
+    const elsewhere = await new CompactEncrypt(new TextEncoder().encode('{}')).setProtectedHeader({ alg: 'dir', enc: 'A256GCM', kid: 'another-release' }).encrypt(randomBytes(32));
+    await redis.set(laptopKey, JSON.stringify({ ...record, sealed: elsewhere }), 'KEEPTTL');
+
+    const refused = await waitFor('the rewritten record to be seen', async () => {
+      const answer = await fetch(`${app}/api/auth/sessions/${laptopEntry.handle}`, { method: 'DELETE', headers });
+      return answer.status === 503 ? answer : undefined;
+    }, 5_000, 50);
+    expect(refused.headers.get('retry-after')).toBe('5');
+    expect(await refused.json()).toEqual({ error: 'store_unavailable', message: 'That session cannot be ended from this server right now. Try again shortly.' });
+    expect(await redis.exists(laptopKey)).toBe(1);
+    expect((await listed()).map((entry) => entry.handle)).toContain(laptopEntry.handle);
+    expect((await sessionOf(phone.rpCookies)).authenticated).toBe(true);
   });
 
   it('a handle that does not decode is no handle: 404 not_found as JSON (Next alone would answer a bare 500), and nothing ends', async () => {
