@@ -373,8 +373,10 @@ async function endSession(session: Session, survivor?: SignIn): Promise<void> {
   else await destroySession(session.id, session.record);
   const { refreshToken } = session.secrets;
   // Ended from a session of the same IdP session, its refresh token is that session's grant too.
-  // The others listed are mostly other devices': unless both name their IdP session, they count as
-  // others', and their tokens are revoked.
+  // The others listed are mostly other devices': one that names no IdP session counts as another's,
+  // and its token is revoked. One that names it, ended from a session that names none, is kept: the
+  // IdP may have left `sid` out of the survivor's id_token only, and revoking a grant they share would
+  // end the user's own session (the token kept is held by nobody once the record is gone).
   const sharedGrant = survivor !== undefined && session.record.idpSid !== undefined && fromOneIdpSession(session.record, survivor);
   const revoked = refreshToken && !sharedGrant ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHandle(session.id), revoked, ...(sharedGrant ? { sharedGrant } : {}) });
