@@ -91,7 +91,9 @@ function isWebSocketHandshake(request: IncomingMessage): boolean {
 /** The subprotocols the browser offers, or null when the offer is malformed (RFC 6455 §4.1: distinct tokens). */
 function offeredProtocols(request: IncomingMessage): string[] | null {
   const raw = rawValues(request, 'sec-websocket-protocol');
-  const offered = raw.flatMap((value) => value.split(',')).map((token) => token.trim());
+  // Only spaces and tabs around a token, as `ws` reads the header: JavaScript's trim() would pass
+  // a no-break space or a BOM, which `ws` refuses after the upstream was already asked.
+  const offered = raw.flatMap((value) => value.split(',')).map((token) => token.replace(/^[ \t]+|[ \t]+$/g, ''));
   if (!raw.length) return [];
   if (offered.some((token) => !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(token)) || new Set(offered).size !== offered.length) return null;
   return offered;
@@ -219,6 +221,10 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     const opening: OpenSocket = { sessionId: found.session.id, sub, requestId, api: api.name, ending: undefined, used: false, end: (seenBy) => endWithSession(opening, seenBy) };
     entry = opening;
     register(entry);
+    // A logout in this process that finished between the read above and the registration told no
+    // socket: its copy of the session is gone, so this reads the store.
+    const still = await sessionFromCookieHeader(request.headers.cookie, { coherentCopy: true });
+    if (!still.session) throw withoutSession(still);
 
     const credentials = await getAccessToken(found.session, { resource: api.resource });
     void touchSession(credentials.session).catch(() => undefined);
@@ -271,7 +277,8 @@ function upstreamHeaders(request: IncomingMessage, requestId: string): Record<st
   const config = getConfig();
   const headers: Record<string, string> = {};
   for (const [name, value] of filterRequestHeaders(rawPairs(request), request.headers.connection)) {
-    if (name.startsWith('sec-websocket-') || name === 'origin') continue;
+    // `Sec_WebSocket_Key` too: servers that read headers CGI-style take it for the real one.
+    if (/^sec[-_]websocket[-_]/.test(name) || name === 'origin') continue;
     headers[name] = headers[name] === undefined ? value : `${headers[name]}, ${value}`;
   }
   headers['x-forwarded-proto'] = config.appBaseUrl.protocol.slice(0, -1);
@@ -287,6 +294,18 @@ function maxPayload(api: ApiConfig): number {
   return Math.max(api.maxBodyBytes, 1);
 }
 
+/**
+ * How a message still arriving may be held, each side (`ws` keeps every piece read until the
+ * message is whole): in pieces of 1 KiB on average, as real TCP segments far exceed, and in at most
+ * 16,384 frames, `ws`'s server default, on the upstream's side too (1008 past either). `ws`'s own
+ * piece limit let a peer dripping one byte at a time make a socket hold hundreds of MB of piece
+ * bookkeeping for a message it never finishes.
+ */
+function messageLimits(api: ApiConfig): { maxPayload: number; maxBufferedChunks: number; maxFragments: number } {
+  const payload = maxPayload(api);
+  return { maxPayload: payload, maxBufferedChunks: Math.max(1024, Math.ceil(payload / 1024)), maxFragments: 16 * 1024 };
+}
+
 /** The upstream handshake: an open socket, the status of a refusal, or a GatehouseError. */
 function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Record<string, string>, browser: Duplex): Promise<{ socket: WebSocket } | { refusedWith: number }> {
   if (browser.destroyed) return Promise.reject(clientClosed());
@@ -298,7 +317,7 @@ function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Re
       headers,
       origin: getConfig().appBaseUrl.origin,
       perMessageDeflate: false,
-      maxPayload: maxPayload(api),
+      ...messageLimits(api),
       autoPong: false,
     });
     let settled = false;
@@ -345,7 +364,7 @@ function acceptBrowser(request: IncomingMessage, socket: Duplex, head: Buffer, u
     noServer: true,
     clientTracking: false,
     perMessageDeflate: false,
-    maxPayload: maxPayload(getConfig().apis[entry.api] as ApiConfig),
+    ...messageLimits(getConfig().apis[entry.api] as ApiConfig),
     autoPong: false,
     // The upstream chose among the browser's offer; the browser hears that choice.
     handleProtocols: () => upstream.protocol || false,

@@ -197,7 +197,7 @@ describe('the relay', () => {
   });
 
   it('echoes text and binary messages through the proxy; the upstream verified the bearer and saw no browser credentials', async () => {
-    const socket = await open('/api/proxy/live/ws', { cookie, protocols: ['chat.v2', 'chat.v1'], headers: { 'x-csrf': '1', 'accept-language': 'de' } });
+    const socket = await open('/api/proxy/live/ws', { cookie, protocols: ['chat.v2', 'chat.v1'], headers: { 'x-csrf': '1', 'accept-language': 'de', sec_websocket_protocol: 'smuggled', Sec_WebSocket_Key: 'smuggled' } });
     // The upstream chose the first subprotocol offered; the browser hears its choice.
     expect(socket.ws.protocol).toBe('chat.v2');
     socket.ws.send('hello through Gatehouse');
@@ -218,6 +218,8 @@ describe('the relay', () => {
     expect(record.headers['x-forwarded-host']).toBe(new URL(app).host);
     // Compression is not negotiated on either side.
     expect(record.headers['sec-websocket-extensions']).toBeUndefined();
+    // Nor the handshake's headers spelled with underscores, which CGI-style servers read as the real ones.
+    expect(Object.keys(record.headers).filter((name) => /^sec_websocket_/i.test(name))).toEqual([]);
 
     socket.ws.close(1000, 'bye');
     expect(await socket.closed).toMatchObject({ code: 1000, reason: 'bye' });
@@ -245,6 +247,38 @@ describe('the relay', () => {
     socket.ws.send(Buffer.alloc(2000));
     expect((await socket.closed).code).toBe(1009);
     expect((await upstreamClose(socket.requestId)).code).toBe(1009);
+  });
+
+  it('a message the browser never finishes, sent a byte at a time, closes the socket with 1008 once it has come in more pieces than its size allows (1 KiB each on average)', async () => {
+    const { port } = new URL(app);
+    const raw = net.connect(Number(port), '127.0.0.1');
+    await new Promise((resolve) => raw.once('connect', resolve));
+    raw.setNoDelay(true);
+    let received = Buffer.alloc(0);
+    let closed = false;
+    raw.on('data', (chunk: Buffer) => (received = Buffer.concat([received, chunk])));
+    raw.once('close', () => (closed = true));
+    raw.write(`GET /api/proxy/live/ws HTTP/1.1\r\nHost: localhost:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\nOrigin: ${app}\r\nCookie: ${cookie}\r\n\r\n`);
+    await waitFor('the 101', () => (received.includes('\r\n\r\n') ? true : undefined), 5_000);
+    expect(received.toString('latin1').split('\r\n')[0]).toBe('HTTP/1.1 101 Switching Protocols');
+    received = received.subarray(received.indexOf('\r\n\r\n') + 4);
+    // A masked binary frame announcing 5 MiB (under the API's 10 MiB), then its payload one byte per write.
+    const header = Buffer.alloc(14);
+    header[0] = 0x82;
+    header[1] = 0x80 | 127;
+    header.writeBigUInt64BE(5n * 1024n * 1024n, 2);
+    header.set([1, 2, 3, 4], 10);
+    raw.write(header);
+    let sent = 0;
+    // `ws`'s own limit would have let this go on to 262,144 pieces.
+    for (; !closed && received.length === 0 && sent < 100_000; sent += 1) {
+      raw.write(Buffer.of(0x41));
+      await new Promise(setImmediate);
+    }
+    await waitFor('the close frame', () => (received.length >= 4 ? true : undefined), 5_000);
+    expect([received[0], received.readUInt16BE(2)]).toEqual([0x88, 1008]);
+    expect(sent).toBeLessThan(100_000);
+    raw.destroy();
   });
 
   it(`at most 16 sockets per session; a closed one makes room`, async () => {
@@ -353,6 +387,27 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
     await expectRefusedWithoutUpstream('/api/proxy/nope/ws', { cookie }, 404, 'unknown_api');
     for (const path of ['/api/proxy/live/..;x/ws', '/api/proxy/live/a%2fb/ws', '/api/proxy/live/%2e%2e%3bx/ws', '/api/proxy/live//ws']) {
       await expectRefusedWithoutUpstream(path, { cookie }, 400, 'invalid_path');
+    }
+  });
+
+  it('a subprotocol offer `ws` would refuse (a no-break space or a BOM around a token) → 400 invalid_websocket_request before the API is asked', async () => {
+    const appUrl = new URL(app);
+    for (const offer of ['chat\u00a0', 'a,\u00a0b', '\ufeffchat']) {
+      const before = (await demoSockets()).upgrades;
+      const handshake = [
+        'GET /api/proxy/live/ws HTTP/1.1',
+        `Host: ${appUrl.host}`,
+        'Connection: Upgrade',
+        'Upgrade: websocket',
+        `Sec-WebSocket-Key: ${randomBytes(16).toString('base64')}`,
+        'Sec-WebSocket-Version: 13',
+        `Origin: ${app}`,
+        `Cookie: ${cookie}`,
+      ];
+      const res = await rawRequest(Number(appUrl.port), Buffer.concat([Buffer.from(`${handshake.join('\r\n')}\r\n`), Buffer.from(`Sec-WebSocket-Protocol: ${offer}\r\n\r\n`, offer.includes('\ufeff') ? 'utf8' : 'latin1')]));
+      expect(res?.status, JSON.stringify(offer)).toBe(400);
+      expect(JSON.parse(res?.body ?? '{}'), JSON.stringify(offer)).toMatchObject({ error: 'invalid_websocket_request' });
+      expect((await demoSockets()).upgrades, JSON.stringify(offer)).toBe(before);
     }
   });
 
