@@ -217,6 +217,18 @@ async function beginLogin(request: Request): Promise<Response> {
   const linkStepUp = requestedStepUp(url.searchParams);
   const { authorizationParams } = getConfig().oidc;
   const stepUp = withStepUpFloor(linkStepUp, authorizationParams);
+  if (prefetched(request)) {
+    // A prefetch would write an attempt's cookie (dropping the oldest, maybe the user's own) for a
+    // sign-in nobody may follow. Not a warning: every hover over a prefetched link would be one.
+    log('info', 'auth.login_refused', { reason: 'prefetch' });
+    return errorPage(invalidLoginRequest('only following the link signs in'), '', { retryPath: `${url.pathname}${url.search}` });
+  }
+  const site = request.headers.get('sec-fetch-site');
+  if (prompt && site !== null && site !== 'same-origin' && site !== 'none') {
+    // Started by another site's page, a silent login could be repeated at will: each one ends the
+    // session it replaces, and one in another account's IdP session would swap the user.
+    throw new GatehouseError('csrf_failed', 403, 'A silent sign-in must start from the application itself.');
+  }
   const refusal = prompt && silentLoginRefusal(authorizationParams);
   if (refusal) {
     log('info', 'auth.silent_login', { outcome: refusal, from: 'config' });
@@ -233,6 +245,7 @@ async function beginLogin(request: Request): Promise<Response> {
     returnTo,
     startedAt: Date.now(),
     ...(previousSessionId ? { previousSessionId } : {}),
+    ...(linkStepUp.acrValues || linkStepUp.maxAge !== undefined ? { stepUp: true as const } : {}),
     ...(requiresFreshSignIn(authorizationParams) ? { freshSignIn: pushed ? 'pushed' : 'sent' } : {}),
   };
   log('info', 'auth.login_started', { silent: Boolean(prompt), ...(linkStepUp.acrValues ? { acrValues: linkStepUp.acrValues.length } : {}), ...(linkStepUp.maxAge !== undefined ? { maxAge: linkStepUp.maxAge } : {}) });
@@ -284,6 +297,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
   const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, dpop?.handle);
+  if (transaction.stepUp && transaction.previousSessionId) await refuseAnotherUsersStepUp(transaction.previousSessionId, claims.sub, tokens.refreshToken);
 
   // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP or
   // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login
@@ -312,6 +326,19 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
   countLogin('ok');
   noteOnSpan({ 'gatehouse.outcome': 'ok' });
   return redirect(sameOriginRedirect(transaction.returnTo, getConfig().appBaseUrl), [await sessionCookieHeader(session.id), await replacesCookieHeader(session.id), ...clearTransaction]);
+}
+
+/**
+ * A step-up is the same user signing in more strongly: the SPA goes on with what it was doing (a
+ * payment the API wanted a second factor for), so a sign-in as someone else must not replace the
+ * session there. That one stays, and the other user's new grant is given back.
+ */
+async function refuseAnotherUsersStepUp(previousSessionId: string, sub: string, refreshToken: string | undefined): Promise<void> {
+  const { session: previous } = await loadSession(previousSessionId);
+  if (!previous || previous.record.sub === sub) return;
+  const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
+  log('warn', 'auth.step_up_other_user', { session: sessionHandle(previousSessionId), revoked });
+  throw new GatehouseError('step_up_failed', 400, 'You signed in as someone else than the user of this session, which is unchanged. Sign in again as that user, or sign out first to switch users.');
 }
 
 /**
@@ -477,9 +504,14 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
  * logout's continuation. Browsers mark their own navigations `Sec-Fetch-Mode: navigate`.
  */
 function aheadOfTheUser(request: Request): boolean {
-  const purpose = ['sec-purpose', 'purpose', 'x-purpose', 'x-moz'].map((name) => request.headers.get(name) ?? '').join(',');
   const mode = request.headers.get('sec-fetch-mode');
-  return /prefetch|prerender|preview/i.test(purpose) || (mode !== null && mode !== 'navigate') || request.headers.has('rsc') || request.headers.has('next-router-prefetch');
+  return prefetched(request) || (mode !== null && mode !== 'navigate');
+}
+
+/** A browser's prefetch or prerender, or Next's router prefetching a link. */
+function prefetched(request: Request): boolean {
+  const purpose = ['sec-purpose', 'purpose', 'x-purpose', 'x-moz'].map((name) => request.headers.get(name) ?? '').join(',');
+  return /prefetch|prerender|preview/i.test(purpose) || request.headers.has('rsc') || request.headers.has('next-router-prefetch');
 }
 
 /** POST with X-CSRF for SPAs: ends the session and hands back where to navigate next (see signOutContinuation). */

@@ -1036,6 +1036,11 @@ export interface LoginTransaction {
    */
   previousSessionId?: string;
   /**
+   * The login link itself asked for a stronger or more recent sign-in (not only the operator's
+   * floor): the callback then holds it to the user of `previousSessionId`.
+   */
+  stepUp?: true;
+  /**
    * With OIDC_DPOP: the thumbprint of the key this login's tokens are bound to (sent as `dpop_jkt`).
    * The private key itself never leaves the server: it waits in the store (lib/dpop.ts).
    */

@@ -269,6 +269,30 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     );
   });
 
+  it('a silent login started by another site’s page is refused (a csrf_failed page); a prefetched login link starts nothing; neither leaves an attempt behind', async () => {
+    const start = (query: string, headers: Record<string, string>) => request(`${app}/api/auth/login${query}`, { headers: { accept: 'text/html', ...headers } });
+    for (const site of ['cross-site', 'same-site']) {
+      const res = await start('?prompt=none&returnTo=%2Fx', { 'sec-fetch-site': site, 'sec-fetch-mode': 'navigate' });
+      expect(res.statusCode, site).toBe(400);
+      expect(res.headers['content-type'], site).toMatch(/^text\/html/);
+      expect(await res.body.text(), site).toContain('<code>csrf_failed</code>');
+      expect([res.headers.location, res.headers['set-cookie']], site).toEqual([undefined, undefined]);
+    }
+    const prefetches: Array<Record<string, string>> = [{ 'sec-purpose': 'prefetch' }, { 'sec-purpose': 'prefetch;prerender' }, { purpose: 'prefetch' }, { 'x-moz': 'prefetch' }, { 'next-router-prefetch': '1' }];
+    for (const headers of prefetches) {
+      const res = await start('', headers);
+      expect(res.statusCode, JSON.stringify(headers)).toBe(400);
+      await res.body.text();
+      expect([res.headers.location, res.headers['set-cookie']], JSON.stringify(headers)).toEqual([undefined, undefined]);
+    }
+    // The app's own silent login, and a login from another site's link, still go to the IdP.
+    for (const [query, site] of [['?prompt=none', 'same-origin'], ['?prompt=none', 'none'], ['', 'cross-site']] as const) {
+      const res = await start(query, { 'sec-fetch-site': site, 'sec-fetch-mode': 'navigate' });
+      await res.body.text();
+      expect([res.statusCode, new URL(String(res.headers.location)).origin], `${query} ${site}`).toEqual([302, new URL(stack.issuer).origin]);
+    }
+  });
+
   it('an IdP that rate limits a refresh: calls go on with the token held and leave the IdP alone for its Retry-After; a token nearly spent gives 503 idp_unavailable with that Retry-After; the session stays', async () => {
     // Tokens live 20 s under the default 30 s skew: due from the start, and still used on a
     // transient fault while more than 5 s remain. This session's token is left to run down meanwhile.

@@ -299,6 +299,27 @@ describe(`step-up on ${SHAPE}`, () => {
     return html;
   }
 
+  it('a step-up finished as another user is refused with step_up_failed: the session stays its own user’s, and the other user’s new grant is revoked', async () => {
+    const jars: CookieJars = new Map();
+    const { cookie } = await signIn('cleo', { jars });
+    // Someone else at the keyboard, and an IdP that has forgotten Cleo: only the app's cookies go on.
+    const appOnly: CookieJars = new Map([[app, new Map(jarFor(jars, app))]]);
+    const logBefore = stack.apps[0]!.process.output().length;
+    const refused = await refusedLogin('mallory-steps-up', { returnTo: '/pay', acr_values: MFA }, appOnly, CODE);
+    expect(refused.status).toBe(400);
+    expect(await refused.text()).toContain('<code>step_up_failed</code>');
+    expect(cookieOf(appOnly)).toBe(cookie);
+    expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'cleo' } });
+    expect(await sessionOf(cookie)).toMatchObject({ authenticated: true, acr: PWD, user: { sub: 'cleo' } });
+    expect(stack.apps[0]!.process.output().slice(logBefore)).toMatch(/"event":"auth\.step_up_other_user"[^\n]*"revoked":true/);
+    // Cleo's own step-up in that browser goes through; then a plain login as someone else switches users, as before.
+    const cleoAgain: CookieJars = new Map([[app, new Map(jarFor(appOnly, app))]]);
+    const stepped = await signIn('cleo', { jars: cleoAgain, query: { acr_values: MFA }, fields: CODE });
+    expect(await sessionOf(stepped.cookie)).toMatchObject({ authenticated: true, acr: MFA, user: { sub: 'cleo' } });
+    const switched = await signIn('mallory-switches', { jars: new Map([[app, new Map(jarFor(cleoAgain, app))]]) });
+    expect(await sessionOf(switched.cookie)).toMatchObject({ authenticated: true, user: { sub: 'mallory-switches' } });
+  });
+
   it('a sign-in without one of the ACRs the login asked for is refused with step_up_failed; the session there was stays', async () => {
     // The IdP answers acr_values with less (the code field left empty): acr is the password's.
     const html = await expectRefusedKeepingSession('bea', { returnTo: '/x', acr_values: MFA }, {});
