@@ -2,7 +2,7 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { beginDpopLogin, finishDpopLogin } from './dpop.ts';
-import { NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
+import { CROSS_SITE_RETURN_TO_LENGTH, MAX_RETURN_TO_LENGTH, NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { LogoutTokenRejected } from './logout-token.ts';
 import * as oidc from './oidc.ts';
@@ -212,7 +212,9 @@ export function startLogin(request: Request): Promise<Response> {
 async function beginLogin(request: Request): Promise<Response> {
   const url = new URL(request.url);
   const cookieHeader = request.headers.get('cookie');
-  const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
+  const site = request.headers.get('sec-fetch-site');
+  const fromAnotherSite = site !== null && site !== 'same-origin' && site !== 'none';
+  const returnTo = safeReturnTo(url.searchParams.get('returnTo'), fromAnotherSite ? CROSS_SITE_RETURN_TO_LENGTH : MAX_RETURN_TO_LENGTH);
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
   const linkStepUp = requestedStepUp(url.searchParams);
   const { authorizationParams } = getConfig().oidc;
@@ -223,8 +225,7 @@ async function beginLogin(request: Request): Promise<Response> {
     log('info', 'auth.login_refused', { reason: 'prefetch' });
     return errorPage(invalidLoginRequest('only following the link signs in'), '', { retryPath: `${url.pathname}${url.search}` });
   }
-  const site = request.headers.get('sec-fetch-site');
-  if (prompt && site !== null && site !== 'same-origin' && site !== 'none') {
+  if (prompt && fromAnotherSite) {
     // Started by another site's page, a silent login could be repeated at will: each one ends the
     // session it replaces, and one in another account's IdP session would swap the user.
     throw new GatehouseError('csrf_failed', 403, 'A silent sign-in must start from the application itself.');

@@ -106,6 +106,30 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     expect((await login('rosa', `/${'é'.repeat(2000)}`, jars)).finalUrl).toBe(`${app}/`);
   });
 
+  it('a login started by another site’s page keeps a returnTo of at most 256 characters: three such attempts at their largest stay under 5 KiB of cookies, where three of the app’s own reach 11 KiB', async () => {
+    const acrValues = Array.from({ length: 8 }, (_, i) => `urn:acr:${i}`.padEnd(31, 'x')).join(' ');
+    const attemptCookie = async (returnTo: string, site?: string) => {
+      const query = new URLSearchParams({ returnTo, acr_values: acrValues, max_age: '315360000' });
+      const res = await request(`${app}/api/auth/login?${query}`, { headers: { accept: 'text/html', 'sec-fetch-mode': 'navigate', ...(site ? { 'sec-fetch-site': site } : {}) } });
+      await res.body.text();
+      expect(res.statusCode).toBe(302);
+      const lines = [res.headers['set-cookie'] ?? []].flat().filter((line) => /^(__Host-)?gatehouse-tx-/.test(line));
+      expect(lines).toHaveLength(1);
+      return (lines[0] as string).split(';', 1)[0] as string;
+    };
+    const longest = `/${'a'.repeat(2047)}`;
+    const own = await attemptCookie(longest, 'same-origin');
+    const bookmarked = await attemptCookie(longest, 'none');
+    const fromElsewhere = await attemptCookie(longest, 'cross-site');
+    const kept = await attemptCookie(`/${'a'.repeat(255)}`, 'cross-site');
+    const dropped = await attemptCookie('/', 'cross-site');
+    expect(3 * fromElsewhere.length).toBeLessThan(5 * 1024);
+    expect(3 * Math.max(own.length, bookmarked.length)).toBeGreaterThan(10 * 1024);
+    // The long one became `/`; one of 256 characters is kept (its cookie is that much larger).
+    expect(Math.abs(fromElsewhere.length - dropped.length)).toBeLessThan(64);
+    expect(kept.length - dropped.length).toBeGreaterThan(255);
+  });
+
   it('GET logout without a matching session changes nothing: 400 and no Set-Cookie', async () => {
     // A cross-site link arrives without the Strict cookie; a stale cookie leads nowhere either.
     const { rpCookies, key } = await loginWithKey('quinn', new Map());
