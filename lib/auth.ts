@@ -2,7 +2,7 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { ConfigError, getConfig } from './config.ts';
 import { GatehouseError, asGatehouseError, errorBody, errorHeaders, errors } from './errors.ts';
 import { beginDpopLogin, finishDpopLogin } from './dpop.ts';
-import { CROSS_SITE_RETURN_TO_LENGTH, MAX_RETURN_TO_LENGTH, NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
+import { NO_STORE, checkCsrf, jsonHeaders, readBodyUpTo, safeReturnTo, sameOriginRedirect } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { LogoutTokenRejected } from './logout-token.ts';
 import * as oidc from './oidc.ts';
@@ -212,9 +212,7 @@ export function startLogin(request: Request): Promise<Response> {
 async function beginLogin(request: Request): Promise<Response> {
   const url = new URL(request.url);
   const cookieHeader = request.headers.get('cookie');
-  const site = request.headers.get('sec-fetch-site');
-  const fromAnotherSite = site !== null && site !== 'same-origin' && site !== 'none';
-  const returnTo = safeReturnTo(url.searchParams.get('returnTo'), fromAnotherSite ? CROSS_SITE_RETURN_TO_LENGTH : MAX_RETURN_TO_LENGTH);
+  const returnTo = safeReturnTo(url.searchParams.get('returnTo'));
   const prompt = url.searchParams.get('prompt') === 'none' ? 'none' : undefined;
   const linkStepUp = requestedStepUp(url.searchParams);
   const { authorizationParams } = getConfig().oidc;
@@ -225,7 +223,8 @@ async function beginLogin(request: Request): Promise<Response> {
     log('info', 'auth.login_refused', { reason: 'prefetch' });
     return errorPage(invalidLoginRequest('only following the link signs in'), '', { retryPath: `${url.pathname}${url.search}` });
   }
-  if (prompt && fromAnotherSite) {
+  const site = request.headers.get('sec-fetch-site');
+  if (prompt && site !== null && site !== 'same-origin' && site !== 'none') {
     // Started by another site's page, a silent login could be repeated at will: each one ends the
     // session it replaces, and one in another account's IdP session would swap the user.
     throw new GatehouseError('csrf_failed', 403, 'A silent sign-in must start from the application itself.');
@@ -250,7 +249,8 @@ async function beginLogin(request: Request): Promise<Response> {
     ...(requiresFreshSignIn(authorizationParams) ? { freshSignIn: pushed ? 'pushed' : 'sent' } : {}),
   };
   log('info', 'auth.login_started', { silent: Boolean(prompt), ...(linkStepUp.acrValues ? { acrValues: linkStepUp.acrValues.length } : {}), ...(linkStepUp.maxAge !== undefined ? { maxAge: linkStepUp.maxAge } : {}) });
-  return redirect(location.href, [...(await transactionCookiesToDrop(cookieHeader)), await transactionCookieHeader(transaction)]);
+  const attempt = await transactionCookieHeader(transaction);
+  return redirect(location.href, [...(await transactionCookiesToDrop(cookieHeader, attempt)), attempt]);
 }
 
 function withAuthError(returnTo: string, code: string): string {
@@ -335,11 +335,25 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
  * session there. That one stays, and the other user's new grant is given back.
  */
 async function refuseAnotherUsersStepUp(previousSessionId: string, sub: string, refreshToken: string | undefined): Promise<void> {
-  const { session: previous } = await loadSession(previousSessionId);
-  if (!previous || previous.record.sub === sub) return;
-  const revoked = refreshToken ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
-  log('warn', 'auth.step_up_other_user', { session: sessionHandle(previousSessionId), revoked });
-  throw new GatehouseError('step_up_failed', 400, 'You signed in as someone else than the user of this session, which is unchanged. Sign in again as that user, or sign out first to switch users.');
+  const giveBack = async () => (refreshToken ? oidc.revokeToken(refreshToken, 'refresh_token') : false);
+  let previousSub: string | undefined;
+  try {
+    previousSub = (await loadSession(previousSessionId)).session?.record.sub;
+  } catch (error) {
+    await giveBack();
+    throw error;
+  }
+  if (previousSub === sub) return;
+  // Ended meanwhile, or unreadable here: whose it was cannot be told, so it is not taken as this user's.
+  const revoked = await giveBack();
+  log('warn', 'auth.step_up_other_user', { session: sessionHandle(previousSessionId), revoked, sessionFound: previousSub !== undefined });
+  throw new GatehouseError(
+    'step_up_failed',
+    400,
+    previousSub === undefined
+      ? 'The session this sign-in was to strengthen has ended. Sign in again.'
+      : 'You signed in as someone else than the user of this session, which is unchanged. Sign in again as that user, or sign out first to switch users.',
+  );
 }
 
 /**

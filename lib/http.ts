@@ -87,10 +87,10 @@ function normalisedPath(value: string): string | null {
  * protocol-relative `//evil.example`. Every percent-decoding layer is checked too, so
  * `/%2F%2Fevil.example` cannot become `//evil.example` later in someone else's hands.
  */
-export function safeReturnTo(raw: string | null | undefined, maxLength = MAX_RETURN_TO_LENGTH): string {
-  if (!raw || raw.length > maxLength || !isPlainPathInEveryLayer(raw)) return '/';
+export function safeReturnTo(raw: string | null | undefined): string {
+  if (!raw || raw.length > MAX_RETURN_TO_LENGTH || !isPlainPathInEveryLayer(raw)) return '/';
   const target = normalisedPath(raw);
-  if (target === null || target.length > maxLength || !isPlainPathInEveryLayer(target) || normalisedPath(target) !== target) return '/';
+  if (target === null || target.length > MAX_RETURN_TO_LENGTH || !isPlainPathInEveryLayer(target) || normalisedPath(target) !== target) return '/';
   return target;
 }
 
@@ -105,13 +105,6 @@ export function safeReturnTo(raw: string | null | undefined, maxLength = MAX_RET
  */
 export const MAX_RETURN_TO_LENGTH = 2048;
 
-/**
- * The longest `returnTo` of a login started by another site's page, which can start them at will:
- * three attempts' cookies at full size (the most a browser keeps, for 10 minutes each) make a
- * Cookie header past the 8 KiB that front proxies such as nginx take by default, and every request
- * of that browser to the app would fail until they expire. At this length three stay under 5 KiB.
- */
-export const CROSS_SITE_RETURN_TO_LENGTH = 256;
 
 /**
  * The absolute URL a login ends at: `returnTo` resolved against the app, and the app's root if that

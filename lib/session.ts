@@ -1056,6 +1056,13 @@ export interface LoginTransaction {
 export const TRANSACTION_TTL_SEC = 10 * 60;
 /** Each attempt is a cookie of up to ~3 KB: a handful left unfinished would make every request too large (431). */
 export const MAX_LIVE_TRANSACTIONS = 3;
+/**
+ * And all of them together at most this many bytes (`name=value`): any page can start logins in a
+ * browser (a link, a popup, the app's own client sent to a long URL), and three at full size make a
+ * Cookie header past the 8 KiB that front proxies such as nginx take by default, every request of
+ * that browser to the app failing until they expire. One attempt at full size always fits.
+ */
+export const MAX_TRANSACTION_COOKIE_BYTES = 4096;
 const TRANSACTION_COOKIE_STEM = 'gatehouse-tx-';
 
 function transactionCookiePrefix(): string {
@@ -1117,16 +1124,31 @@ export function clearTransactionCookieHeaders(cookieHeader: string | null | unde
 }
 
 /**
- * Clearing headers for the transaction cookies a new login must not add to: unreadable ones, and
- * the oldest beyond the newest `MAX_LIVE_TRANSACTIONS - 1`, so that with the new one at most
- * `MAX_LIVE_TRANSACTIONS` live in the browser.
+ * Clearing headers for the transaction cookies a new login (its cookie `adding`, if it sets one)
+ * must not add to: unreadable ones, then the oldest, until with the new one at most
+ * `MAX_LIVE_TRANSACTIONS` live in the browser, in at most `MAX_TRANSACTION_COOKIE_BYTES`.
  */
-export async function transactionCookiesToDrop(cookieHeader: string | null | undefined): Promise<string[]> {
+export async function transactionCookiesToDrop(cookieHeader: string | null | undefined, adding?: string): Promise<string[]> {
   if (!cookieHeader) return [];
   const prefix = transactionCookiePrefix();
   const present = Object.entries(parseCookie(cookieHeader)).filter((entry): entry is [string, string] => entry[0].startsWith(prefix) && entry[1] !== undefined);
-  if (present.length < MAX_LIVE_TRANSACTIONS) return [];
-  const opened = await Promise.all(present.map(async ([name, value]) => ({ name, startedAt: (await openTransaction(value))?.startedAt ?? -Infinity })));
+  const newBytes = adding === undefined ? 0 : (adding.split(';', 1)[0] ?? '').length;
+  const bytes = (name: string, value: string) => name.length + 1 + value.length;
+  const total = present.reduce((sum, [name, value]) => sum + bytes(name, value), newBytes);
+  const count = present.length + (adding === undefined ? 0 : 1);
+  if (count <= MAX_LIVE_TRANSACTIONS && total <= MAX_TRANSACTION_COOKIE_BYTES) return [];
+  const opened = await Promise.all(present.map(async ([name, value]) => ({ name, size: bytes(name, value), startedAt: (await openTransaction(value))?.startedAt ?? -Infinity })));
   opened.sort((a, b) => b.startedAt - a.startedAt);
-  return opened.slice(MAX_LIVE_TRANSACTIONS - 1).map(({ name }) => clearCookieHeader(name));
+  let keptCount = adding === undefined ? 0 : 1;
+  let keptBytes = newBytes;
+  const dropped: string[] = [];
+  for (const attempt of opened) {
+    if (attempt.startedAt > -Infinity && keptCount < MAX_LIVE_TRANSACTIONS && keptBytes + attempt.size <= MAX_TRANSACTION_COOKIE_BYTES) {
+      keptCount += 1;
+      keptBytes += attempt.size;
+    } else {
+      dropped.push(clearCookieHeader(attempt.name));
+    }
+  }
+  return dropped;
 }

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { realpath, stat } from 'node:fs/promises';
 import http from 'node:http';
@@ -148,12 +149,39 @@ function isWithin(base: string, file: string): boolean {
  * the root's own real place: a link in the build that points elsewhere (`etc -> /etc`) is not
  * followed out of it. The root is resolved each time, so a deploy that swaps a `current` link is seen.
  */
-async function fileAt(root: string, file: string | null): Promise<{ file: string; size: number; modifiedMs: number } | null> {
+interface SpaFile {
+  file: string;
+  size: number;
+  modifiedMs: number;
+  /** What changes whenever the file's content could have: a new content hash is due. */
+  version: string;
+}
+
+async function fileAt(root: string, file: string | null): Promise<SpaFile | null> {
   if (!file) return null;
   const [real, realRoot] = await Promise.all([realpath(file).catch(() => null), realpath(root).catch(() => null)]);
   if (!real || !realRoot || !isWithin(realRoot, real)) return null;
   const info = await stat(real).catch(() => null);
-  return info?.isFile() ? { file: real, size: info.size, modifiedMs: info.mtimeMs } : null;
+  return info?.isFile() ? { file: real, size: info.size, modifiedMs: info.mtimeMs, version: `${info.dev}:${info.ino}:${info.size}:${info.mtimeMs}:${info.ctimeMs}` } : null;
+}
+
+/**
+ * A file's ETag: a hash of its content, as reproducible builds give a changed file its old size
+ * and time (a new index.html differs only in asset names of the same length). Hashed once per
+ * version of the file and process (inode and change time included, which no build tool sets), the
+ * last 1,000 kept.
+ */
+const contentTags = sharedState('spa-content-tags', () => new Map<string, string>());
+async function contentTag(served: SpaFile): Promise<string> {
+  const key = `${served.file}\u0000${served.version}`;
+  const known = contentTags.get(key);
+  if (known) return known;
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(served.file)) hash.update(chunk as Buffer);
+  const tag = `"${hash.digest('base64url').slice(0, 22)}"`;
+  if (contentTags.size >= 1_000) contentTags.delete(contentTags.keys().next().value as string);
+  contentTags.set(key, tag);
+  return tag;
 }
 
 /**
@@ -165,6 +193,11 @@ function isNavigation(header: (name: string) => string | undefined): boolean {
   const mode = header('sec-fetch-mode');
   if (mode !== undefined) return mode === 'navigate';
   return (header('accept') ?? '').includes('text/html');
+}
+
+/** For index.html served for a path with an extension (a navigation only): what caches must key it by. */
+function fallbackVary(pathname: string): Array<[string, string]> {
+  return /\.[A-Za-z0-9]+$/.test(pathname) ? [['vary', 'Sec-Fetch-Mode, Accept']] : [];
 }
 
 /** Whether the path's percent-escapes decode: one that does not is no file and no route (a 404, as under `next start`). */
@@ -187,7 +220,9 @@ function browserHolds(validators: { etag?: string | undefined; lastModified?: st
   }
   const since = header('if-modified-since');
   const { lastModified } = validators;
-  return since !== undefined && lastModified !== undefined && Date.parse(lastModified) <= Date.parse(since);
+  // Exactly the date last sent, as nginx does by default: a file rewritten within the same second,
+  // or rolled back to an older one, has another date and is sent whole.
+  return since !== undefined && lastModified !== undefined && Date.parse(lastModified) === Date.parse(since);
 }
 
 export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP, header: (name: string) => string | undefined = () => undefined): Promise<ProxyResponse | null> {
@@ -203,8 +238,7 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
   const extension = path.extname(served.file).toLowerCase();
   const isDocument = extension === '.html';
   const contentType = CONTENT_TYPES[extension] ?? 'application/octet-stream';
-  // From the file's size and time, as its content would cost a read of every file on every request.
-  const validators = { etag: `W/"${served.size.toString(16)}-${Math.floor(served.modifiedMs).toString(16)}"`, lastModified: new Date(served.modifiedMs).toUTCString() };
+  const validators = { etag: await contentTag(served), lastModified: new Date(served.modifiedMs).toUTCString() };
   const headers: Array<[string, string]> = [
     ['content-type', contentType],
     // index.html must be revalidated so a deploy reaches users; hashed assets can be kept for good.
@@ -213,6 +247,8 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
     ['last-modified', validators.lastModified],
     ['x-content-type-options', 'nosniff'],
     ...protectionFor(contentType, csp),
+    // The page for a path that looks like a file's depends on what asked for it (a navigation or a page's script).
+    ...(found ? [] : fallbackVary(pathname)),
   ];
   if (browserHolds(validators, header)) return { status: 304, headers, body: null };
   return { status: 200, headers: [['content-length', String(served.size)], ...headers], body: method === 'HEAD' ? null : createReadStream(served.file) };
@@ -444,7 +480,8 @@ function locationOnThisOrigin(location: string, requested: URL, base: URL): stri
   const basePath = base.pathname.endsWith('/') ? base.pathname : `${base.pathname}/`;
   if (!target.pathname.startsWith(basePath)) return undefined;
   const here = `/${target.pathname.slice(basePath.length)}`;
-  return notTheSpa(here) ? undefined : `${here}${target.search}${target.hash}`;
+  // `/app//evil.example/x` would come out as `//evil.example/x`: another site, for a browser.
+  return notTheSpa(here) || /^[/\\]{2}|^\/\\/.test(here) ? undefined : `${here}${target.search}${target.hash}`;
 }
 
 async function serveFromOrigin(method: string, rawUrl: string, base: URL, header: (name: string) => string | undefined, csp: string): Promise<ProxyResponse | null> {
@@ -473,6 +510,10 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
   }
   const location = status >= 300 && status < 400 && answer.headers.location !== undefined ? locationOnThisOrigin(answer.headers.location, fetched ?? base, base) : undefined;
   if (location !== undefined) headers.push(['location', location]);
+  if (!looksLikeRoute && fetched?.pathname.endsWith('/index.html') && !pathname.endsWith('/index.html')) {
+    const [vary] = fallbackVary(pathname);
+    if (vary) headers.push(['vary', headers.some(([name]) => name === 'vary') ? `${headers.find(([name]) => name === 'vary')![1]}, ${vary[1]}` : vary[1]]);
+  }
   headers.push(['x-content-type-options', 'nosniff'], ...protectionFor(answer.headers['content-type'], csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;
   if (bodyless && answer.body instanceof Readable) answer.body.resume();

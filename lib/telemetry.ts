@@ -68,7 +68,7 @@ function createInstruments(): Instruments {
     proxyRequests: meter.createCounter('gatehouse.proxy.requests', { description: 'Proxied requests answered, by API, method and status class (Gatehouse\'s own refusals included)' }),
     upstreamDuration: seconds('gatehouse.proxy.upstream.duration', 'Time from sending a request upstream to its answer\'s head, by API and status class ("error": no answer)'),
     refreshDuration: seconds('gatehouse.token.refresh.duration', 'Token refreshes and exchanges run by this process (lock wait included), by kind and outcome'),
-    refreshDeferrals: meter.createCounter('gatehouse.token.refresh.deferred', { description: 'Refreshes (or exchanges) that met a transient fault while the token held could still be used: the call went on with that token, and this process leaves its refresh alone for a while. By kind and cause' }),
+    refreshDeferrals: meter.createCounter('gatehouse.token.refresh.deferred', { description: 'Refreshes (or exchanges) put off by a transient fault while the token held could still be used: the calls waiting on one went on with that token, and this process leaves its refresh alone for a while. Once per refresh, by kind and cause' }),
     lockWaitDuration: seconds('gatehouse.token.refresh.lock_wait.duration', 'Time spent getting the per-session refresh lock, by outcome (acquired, settled: another holder refreshed)'),
     storeDuration: seconds('gatehouse.store.duration', 'Session store calls, by operation'),
     storeErrors: meter.createCounter('gatehouse.store.errors', { description: 'Session store calls that failed, by operation' }),
@@ -265,12 +265,11 @@ export function observeRefresh<T>(kind: RefreshKind, work: () => Promise<T>): Pr
 }
 
 /**
- * A refresh put off by a transient fault (`cause`: a Gatehouse error code) while the call goes on
- * with the token held: the session is fine, but its tokens are not being renewed.
+ * A refresh put off by a transient fault (`cause`: a Gatehouse error code) while calls go on with
+ * the token held: the session is fine, but its tokens are not being renewed.
  */
 export function countRefreshDeferred(kind: RefreshKind, cause: string): void {
   state.instruments?.refreshDeferrals.add(1, { 'gatehouse.token.kind': kind, 'gatehouse.outcome': cause });
-  noteOnSpan({ 'gatehouse.token.refresh_deferred': cause });
 }
 
 /** The wait for the per-session refresh lock: `acquired`, or `settled` (another holder refreshed). */

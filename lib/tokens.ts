@@ -4,7 +4,7 @@ import { sessionDpopHandle } from './dpop.ts';
 import { GatehouseError, errors } from './errors.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
-import { countRefreshDeferred, observeLockWait, observeRefresh, type RefreshKind } from './telemetry.ts';
+import { countRefreshDeferred, noteOnSpan, observeLockWait, observeRefresh, type RefreshKind } from './telemetry.ts';
 import { exchangeErrorToGatehouse, exchangeToken, idpErrorCode, idpErrorToGatehouse, refreshTokens, revokeToken, IdpError, type TokenSet } from './oidc.ts';
 import {
   endedSessionError,
@@ -240,9 +240,12 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
     const current = await stillHolding(session, request, fallback.token);
     // Judged after the store's answer: the token's time, and a refusal that came meanwhile.
     if (!current || !lastsToBeSent(fallback) || pauseOf(key, fallback.token)?.refused) throw error;
+    // Counted and logged once per refresh put off, not once per call that waited on it.
+    const first = pauseOf(key, fallback.token) === undefined;
     pauseRefresh(key, fallback.token, pauseAfter(error));
-    countRefreshDeferred(refreshKind(request), error.code);
-    log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
+    noteOnSpan({ 'gatehouse.token.refresh_deferred': error.code });
+    if (first) countRefreshDeferred(refreshKind(request), error.code);
+    if (first) log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
     return { token: fallback.token, session: current, refreshed: false };
   }
   const token = heldToken(refreshed, request);

@@ -295,15 +295,21 @@ function maxPayload(api: ApiConfig): number {
 }
 
 /**
- * How a message still arriving may be held, each side (`ws` keeps every piece read until the
- * message is whole): in pieces of 1 KiB on average, as real TCP segments far exceed, and in at most
- * 16,384 frames, `ws`'s server default, on the upstream's side too (1008 past either). `ws`'s own
- * piece limit let a peer dripping one byte at a time make a socket hold hundreds of MB of piece
- * bookkeeping for a message it never finishes.
+ * How a message still arriving may be held (`ws` keeps every piece read until the message is
+ * whole, and each frame of it keeps the whole read it came in): in reads of 512 bytes on average,
+ * which real TCP segments far exceed, and, from the browser, in frames of 16 KiB on average
+ * (browsers send a message whole or in frames of 64-128 KiB); 1008 past either. A peer dripping a
+ * message a byte at a time, or in one-byte frames each padded out with pings, then holds a few
+ * times `maxBodyBytes` at most, not hundreds of MB. From the API, `ws`'s server default of
+ * 16,384 frames: servers fragment as they like (8 KiB frames are common).
  */
-function messageLimits(api: ApiConfig): { maxPayload: number; maxBufferedChunks: number; maxFragments: number } {
+function messageLimits(api: ApiConfig, from: 'browser' | 'upstream'): { maxPayload: number; maxBufferedChunks: number; maxFragments: number } {
   const payload = maxPayload(api);
-  return { maxPayload: payload, maxBufferedChunks: Math.max(1024, Math.ceil(payload / 1024)), maxFragments: 16 * 1024 };
+  return {
+    maxPayload: payload,
+    maxBufferedChunks: Math.max(1024, Math.ceil(payload / 512)),
+    maxFragments: from === 'browser' ? Math.max(64, Math.ceil(payload / (16 * 1024))) : 16 * 1024,
+  };
 }
 
 /** The upstream handshake: an open socket, the status of a refusal, or a GatehouseError. */
@@ -317,7 +323,7 @@ function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Re
       headers,
       origin: getConfig().appBaseUrl.origin,
       perMessageDeflate: false,
-      ...messageLimits(api),
+      ...messageLimits(api, 'upstream'),
       autoPong: false,
     });
     let settled = false;
@@ -364,7 +370,7 @@ function acceptBrowser(request: IncomingMessage, socket: Duplex, head: Buffer, u
     noServer: true,
     clientTracking: false,
     perMessageDeflate: false,
-    ...messageLimits(getConfig().apis[entry.api] as ApiConfig),
+    ...messageLimits(getConfig().apis[entry.api] as ApiConfig, 'browser'),
     autoPong: false,
     // The upstream chose among the browser's offer; the browser hears that choice.
     handleProtocols: () => upstream.protocol || false,

@@ -320,6 +320,20 @@ describe(`step-up on ${SHAPE}`, () => {
     expect(await sessionOf(switched.cookie)).toMatchObject({ authenticated: true, user: { sub: 'mallory-switches' } });
   });
 
+  it('a step-up whose session ended meanwhile (signed out in another tab) is refused too: whose it was cannot be told any more', async () => {
+    const jars: CookieJars = new Map();
+    const { cookie } = await signIn('dora', { jars });
+    const appOnly: CookieJars = new Map([[app, new Map(jarFor(jars, app))]]);
+    const started = await browserRequest(new URL(`${app}/api/auth/login?${new URLSearchParams({ acr_values: MFA })}`), appOnly);
+    expect(started.status).toBe(302);
+    expect((await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } })).status).toBe(200);
+    const callback = await followFlow(new URL(started.headers.get('location') as string, app), (next) => next.origin === new URL(app).origin, { username: 'dora', jars: appOnly, fields: CODE });
+    const answer = await browserRequest(callback, appOnly);
+    expect(answer.status).toBe(400);
+    expect(await answer.text()).toContain('The session this sign-in was to strengthen has ended.');
+    expect((await sessionOf(cookieOf(appOnly))).authenticated).toBe(false);
+  });
+
   it('a sign-in without one of the ACRs the login asked for is refused with step_up_failed; the session there was stays', async () => {
     // The IdP answers acr_values with less (the code field left empty): acr is the password's.
     const html = await expectRefusedKeepingSession('bea', { returnTo: '/x', acr_values: MFA }, {});

@@ -50,6 +50,7 @@ beforeAll(async () => {
     apis: ({ apiUrl, resourceApiUrls }) => ({
       live: { url: apiUrl, websocket: true },
       small: { url: apiUrl, websocket: true, maxBodyBytes: 1024 },
+      medium: { url: apiUrl, websocket: true, maxBodyBytes: 64 * 1024 },
       demo: { url: apiUrl },
       // The resource API wants a token for its own audience: the session's default token is refused there.
       otheraudience: { url: resourceApiUrls[0], websocket: true },
@@ -249,7 +250,7 @@ describe('the relay', () => {
     expect((await upstreamClose(socket.requestId)).code).toBe(1009);
   });
 
-  it('a message the browser never finishes, sent a byte at a time, closes the socket with 1008 once it has come in more pieces than its size allows (1 KiB each on average)', async () => {
+  it('a message the browser never finishes, sent a byte at a time, or in one-byte frames, closes the socket with 1008 once it has come in more pieces than its size allows', async () => {
     const { port } = new URL(app);
     const raw = net.connect(Number(port), '127.0.0.1');
     await new Promise((resolve) => raw.once('connect', resolve));
@@ -258,27 +259,36 @@ describe('the relay', () => {
     let closed = false;
     raw.on('data', (chunk: Buffer) => (received = Buffer.concat([received, chunk])));
     raw.once('close', () => (closed = true));
-    raw.write(`GET /api/proxy/live/ws HTTP/1.1\r\nHost: localhost:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\nOrigin: ${app}\r\nCookie: ${cookie}\r\n\r\n`);
+    raw.write(`GET /api/proxy/medium/ws HTTP/1.1\r\nHost: localhost:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\nOrigin: ${app}\r\nCookie: ${cookie}\r\n\r\n`);
     await waitFor('the 101', () => (received.includes('\r\n\r\n') ? true : undefined), 5_000);
     expect(received.toString('latin1').split('\r\n')[0]).toBe('HTTP/1.1 101 Switching Protocols');
     received = received.subarray(received.indexOf('\r\n\r\n') + 4);
-    // A masked binary frame announcing 5 MiB (under the API's 10 MiB), then its payload one byte per write.
-    const header = Buffer.alloc(14);
+    // A masked binary frame announcing 60,000 bytes (under the API's 64 KiB), then its payload one
+    // byte per write: 1,024 reads at most, where `ws`'s own limit allowed 262,144.
+    const header = Buffer.alloc(8);
     header[0] = 0x82;
-    header[1] = 0x80 | 127;
-    header.writeBigUInt64BE(5n * 1024n * 1024n, 2);
-    header.set([1, 2, 3, 4], 10);
+    header[1] = 0x80 | 126;
+    header.writeUInt16BE(60_000, 2);
+    header.set([1, 2, 3, 4], 4);
     raw.write(header);
     let sent = 0;
-    // `ws`'s own limit would have let this go on to 262,144 pieces.
-    for (; !closed && received.length === 0 && sent < 100_000; sent += 1) {
+    for (; !closed && received.length === 0 && sent < 59_999; sent += 1) {
       raw.write(Buffer.of(0x41));
       await new Promise(setImmediate);
     }
     await waitFor('the close frame', () => (received.length >= 4 ? true : undefined), 5_000);
     expect([received[0], received.readUInt16BE(2)]).toEqual([0x88, 1008]);
-    expect(sent).toBeLessThan(100_000);
+    expect(sent).toBeLessThan(59_999);
     raw.destroy();
+
+    // One-byte frames of one message (each frame keeps the read it came in): 64 at most from a browser here.
+    const fragments = await open('/api/proxy/medium/ws', { cookie });
+    const mask = Buffer.from([5, 6, 7, 8]);
+    const frame = (first: boolean) => Buffer.concat([Buffer.from([first ? 0x02 : 0x00, 0x80 | 1]), mask, Buffer.of(0x41 ^ 5)]);
+    const socket = (fragments.ws as unknown as { _socket: net.Socket })._socket;
+    socket.write(frame(true));
+    for (let i = 1; i < 200; i++) socket.write(frame(false));
+    expect((await fragments.closed).code).toBe(1008);
   });
 
   it(`at most 16 sockets per session; a closed one makes room`, async () => {

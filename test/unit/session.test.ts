@@ -146,15 +146,32 @@ describe('login transaction cookie', () => {
       cookies.push(header.split(';')[0]!);
     }
     cookies.push('__Host-gatehouse-tx-garbage=not-a-seal', '__Host-gatehouse=unrelated');
-    const dropped = await session.transactionCookiesToDrop(cookies.join('; '));
+    const adding = await session.transactionCookieHeader({ state: 'state-5-abcdefghijklmnop', nonce: 'n', codeVerifier: 'v', returnTo: '/', startedAt: 1_006 });
+    const dropped = await session.transactionCookiesToDrop(cookies.join('; '), adding);
     const names = dropped.map((line) => line.split('=')[0]);
-    // The newest MAX_LIVE_TRANSACTIONS - 1 stay, so the login about to start makes MAX_LIVE_TRANSACTIONS.
+    // The newest MAX_LIVE_TRANSACTIONS - 1 stay, so with the login being started there are MAX_LIVE_TRANSACTIONS.
     const kept = ['state-4', 'state-3'].map((state) => `__Host-gatehouse-tx-${state}-abcdefgh`);
     expect(session.MAX_LIVE_TRANSACTIONS).toBe(3);
     expect(names.sort()).toEqual(['__Host-gatehouse-tx-garbage', ...['state-0', 'state-1', 'state-2'].map((state) => `__Host-gatehouse-tx-${state}-abcdefgh`)].sort());
     for (const name of kept) expect(names).not.toContain(name);
     for (const line of dropped) expect(line).toMatch(/Max-Age=0/);
-    expect(await session.transactionCookiesToDrop(cookies.slice(0, 2).join('; '))).toEqual([]);
+    expect(await session.transactionCookiesToDrop(cookies.slice(0, 2).join('; '), adding)).toEqual([]);
+    // Without a new attempt (a silent login answered at once), three may stay.
+    expect(await session.transactionCookiesToDrop(cookies.slice(0, 3).join('; '))).toEqual([]);
+  });
+
+  it('are bounded in bytes too: attempts at full size leave room for the new one only, within MAX_TRANSACTION_COOKIE_BYTES', async () => {
+    const session = await deploy(A);
+    const big = async (i: number) => session.transactionCookieHeader({ state: `state-${i}-abcdefghijklmnop`, nonce: 'n', codeVerifier: 'v', returnTo: `/${'a'.repeat(2047)}`, acrValues: Array.from({ length: 8 }, (_, k) => `urn:acr:${k}`.padEnd(31, 'x')), maxAge: 315_360_000, startedAt: 1_000 + i });
+    const older = [(await big(0)).split(';')[0]!, (await big(1)).split(';')[0]!];
+    const adding = await big(2);
+    expect(session.MAX_TRANSACTION_COOKIE_BYTES).toBe(4096);
+    expect((adding.split(';')[0] ?? '').length).toBeGreaterThan(session.MAX_TRANSACTION_COOKIE_BYTES / 2);
+    const names = (await session.transactionCookiesToDrop(older.join('; '), adding)).map((line) => line.split('=')[0]);
+    expect(names.sort()).toEqual(['state-0', 'state-1'].map((state) => `__Host-gatehouse-tx-${state}-abcdefgh`));
+    // A small new one keeps the newest big one beside it.
+    const small = await session.transactionCookieHeader({ state: 'state-3-abcdefghijklmnop', nonce: 'n', codeVerifier: 'v', returnTo: '/', startedAt: 1_003 });
+    expect((await session.transactionCookiesToDrop(older.join('; '), small)).map((line) => line.split('=')[0])).toEqual(['__Host-gatehouse-tx-state-0-abcdefgh']);
   });
 });
 
