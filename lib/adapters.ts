@@ -74,13 +74,19 @@ function decodedBody(body: Readable, contentEncoding: string, requestId: string 
     const decoder = Object.hasOwn(DECODERS, coding) ? DECODERS[coding] : undefined;
     if (!decoder) return null;
     const stage = decoder();
+    const source = decoded;
     let passedOn: Error | undefined;
-    decoded.on('error', (error) => stage.destroy((passedOn = error)));
+    source.on('error', (error) => stage.destroy((passedOn = error)));
     // The upstream's own errors are the proxy core's to report; bytes that do not decode are ours.
     stage.on('error', (error) => {
       if (error !== passedOn && !isOurAbort(error)) log('warn', 'proxy.upstream_body_failed', { requestId, coding, ...describeCause(error) });
     });
-    decoded = decoded.pipe(stage);
+    // A stage gone before its input ended (the browser left, bytes that do not decode) ends that
+    // input too: pipe() would only pause it, holding the API's connection and the call's slot.
+    stage.once('close', () => {
+      if (!source.destroyed && !source.readableEnded) source.destroy();
+    });
+    decoded = source.pipe(stage);
   }
   return decoded;
 }

@@ -678,6 +678,10 @@ function limitBody(body: Readable, maxBytes: number): Readable {
     },
   });
   body.on('error', (error) => limiter.destroy(error));
+  // Until undici takes the stream (for a DPoP API, only once the request's proof is signed), a
+  // browser that resets the upload would leave this error with no listener: an uncaught exception.
+  // The stream stays errored, so undici still fails the request when it reads it.
+  limiter.on('error', () => undefined);
   return body.pipe(limiter);
 }
 

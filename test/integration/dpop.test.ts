@@ -6,6 +6,7 @@
 // `dpop_jkt` its code carried and the `cnf.jkt` of the token it issued (/__dev/grants); the demo API
 // counts the proofs it verified and why it refused others (/__demo/stats), and records the raw
 // headers it received (/__demo/last), so the test can play the thief with them.
+import net from 'node:net';
 import { createHash } from 'node:crypto';
 import { SignJWT, calculateJwkThumbprint, decodeJwt, decodeProtectedHeader, exportJWK, generateKeyPair, type JWK } from 'jose';
 import { unsealData } from 'iron-session';
@@ -205,6 +206,23 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
     const d = secrets.dpopKey?.d as string;
     expect(pendingRaw).not.toContain(d);
     expect(await probe.redis.get((await probe.sessionKeyOf(USER)) as string)).not.toContain(d);
+  });
+
+  it('uploads to the DPoP API reset by the browser while the proof is signed leave no uncaught error behind, and the server keeps serving', async () => {
+    const { port, host } = new URL(appA);
+    const cookie = await login(appA, 'dpop-resets');
+    const logBefore = stack.apps[0]!.process.output().length;
+    for (let attempt = 0; attempt < 150; attempt++) {
+      const socket = net.connect(Number(port), '127.0.0.1');
+      await new Promise((resolve) => socket.once('connect', resolve));
+      socket.on('error', () => undefined);
+      socket.write(`POST /api/proxy/demo/echo HTTP/1.1\r\nHost: ${host}\r\nCookie: ${cookie}\r\nX-CSRF: 1\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n${'x'.repeat(1024)}\r\n`);
+      await new Promise((resolve) => setTimeout(resolve, attempt % 4));
+      socket.resetAndDestroy();
+    }
+    expect((await call(appA, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+    const output = stack.apps[0]!.process.output().slice(logBefore);
+    expect(output).not.toMatch(/uncaught|Error: aborted|^\s+at /im);
   });
 
   it('a proxied call to the DPoP API carries a proof made for exactly that request, and the API verifies it', async () => {

@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
+import { brotliCompressSync, gzipSync } from 'node:zlib';
 import { afterEach, describe, expect, it } from 'vitest';
 import { webResponseFrom, writeNodeResponse } from '../../lib/adapters.ts';
 import type { ProxyResponse } from '../../lib/proxy.ts';
@@ -101,6 +102,35 @@ describe('webResponseFrom (next start)', () => {
     expect(Buffer.from((await reader.read()).value!).toString()).toBe('first');
     body.destroy(new Error('the API went away'));
     await expect(reader.read()).rejects.toMatchObject({ name: 'AbortError' });
+  });
+});
+
+describe('webResponseFrom, an encoded answer (next start undoes codings)', () => {
+  it('a browser that leaves, or bytes that do not decode, end the API’s body too (else its connection and the call’s slot stay)', async () => {
+    for (const coding of ['gzip', 'br', 'gzip, gzip']) {
+      const body = new Readable({ read() {} });
+      body.on('error', () => undefined);
+      const response = webResponseFrom({ status: 200, headers: [['content-encoding', coding]], body });
+      const first = coding === 'br' ? brotliCompressSync(Buffer.alloc(64 * 1024, 'a')) : gzipSync(gzipSync(Buffer.alloc(64 * 1024, 'a')));
+      body.push(coding === 'gzip' ? gzipSync(Buffer.alloc(64 * 1024, 'a')) : first);
+      const reader = response.body!.getReader();
+      expect((await reader.read()).done, coding).toBe(false);
+      await reader.cancel();
+      await waitUntil(() => body.destroyed);
+      expect(body.destroyed, coding).toBe(true);
+    }
+    const garbled = new Readable({ read() {} });
+    garbled.on('error', () => undefined);
+    const response = webResponseFrom({ status: 200, headers: [['content-encoding', 'gzip']], body: garbled });
+    garbled.push(Buffer.from('these bytes are no gzip stream at all'));
+    const reader = response.body!.getReader();
+    await expect(
+      (async () => {
+        for (;;) if ((await reader.read()).done) return 'completed';
+      })(),
+    ).rejects.toMatchObject({ name: 'AbortError' });
+    await waitUntil(() => garbled.destroyed);
+    expect(garbled.destroyed).toBe(true);
   });
 });
 
