@@ -947,6 +947,17 @@ function isFinalStatus(status: number): boolean {
  * proxies we run; anything before them is whatever the browser claimed. The socket peer comes
  * last; the Next adapter is never told it (`undefined`), so there only the trusted entries go.
  */
+/**
+ * The caller's address as far as Gatehouse can tell: the entry the nearest untrusted hop added, or
+ * the socket's peer without trusted proxies. Unknown (one count for all) under `next start`
+ * without TRUSTED_PROXY_HOPS, where the peer is not seen.
+ */
+export function clientAddress(inbound: string | undefined, peer: string | undefined, trustedHops: number): string {
+  if (trustedHops <= 0) return peer ?? 'unknown';
+  const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
+  return entries[entries.length - trustedHops] ?? peer ?? 'unknown';
+}
+
 export function forwardedForChain(inbound: string | undefined, peer: string | undefined, trustedHops: number): string | undefined {
   const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
   const chain = trustedHops > 0 ? entries.slice(-trustedHops) : [];
@@ -1010,7 +1021,7 @@ export class OpenCalls {
   /** Takes one of `sub`'s `limit` slots (429 when none is left); the function returned gives it back, once. */
   hold(sub: string, limit: number): () => void {
     const open = this.#open.get(sub);
-    if (open !== undefined && open >= limit) throw new GatehouseError('too_many_calls', 429, `At most ${limit} calls of one user may be open at once.`, { retryAfterSec: 1 });
+    if (open !== undefined && open >= limit) throw new GatehouseError('too_many_calls', 429, `At most ${limit} calls of one user (or, without a session, of one address) may be open at once.`, { retryAfterSec: 1 });
     if (open === undefined && this.#open.size >= this.#nextSweep) this.#sweep();
     this.#open.set(sub, (open ?? 0) + 1);
     let held = true;
@@ -1104,6 +1115,10 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
         releaseSlot();
         releaseHold();
       };
+    } else {
+      // Without a session (`none`, `client`, `user-optional` APIs) anyone may call: such calls count
+      // per client address, else the API origin's connections were anyone's to take from users.
+      releaseCall = openCalls.hold(`\u0000address ${clientAddress(inbound.header('x-forwarded-for'), inbound.remoteAddress, config.trustedProxyHops)}`, config.proxy.maxCallsPerUser);
     }
     const headers = filterRequestHeaders(inbound.headerPairs(), inbound.header('connection'));
     headers.push(

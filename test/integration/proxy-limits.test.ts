@@ -21,7 +21,12 @@ let secondCookie: string;
 let otherCookie: string;
 
 beforeAll(async () => {
-  stack = await startStack({ workers: 1, env: { PROXY_MAX_CALLS_PER_USER: String(MAX_CALLS), PROXY_SEND_TIMEOUT_MS: String(SEND_TIMEOUT_MS) } });
+  stack = await startStack({
+    workers: 1,
+    env: { PROXY_MAX_CALLS_PER_USER: String(MAX_CALLS), PROXY_SEND_TIMEOUT_MS: String(SEND_TIMEOUT_MS) },
+    // `machine` takes calls without a session (the BFF's own token): anyone can make them.
+    apis: ({ apiUrl }) => ({ demo: { url: apiUrl }, machine: { url: apiUrl, auth: 'client' } }),
+  });
   app = stack.apps[0]!.url;
   appPort = Number(new URL(app).port);
   cookie = await login(app, 'limits-user');
@@ -72,7 +77,7 @@ describe('calls of one user open at once', () => {
 
     const refused = await call('/api/proxy/demo/whoami');
     expect(refused.status).toBe(429);
-    expect(await refused.json()).toEqual({ error: 'too_many_calls', message: `At most ${MAX_CALLS} calls of one user may be open at once.` });
+    expect(await refused.json()).toEqual({ error: 'too_many_calls', message: `At most ${MAX_CALLS} calls of one user (or, without a session, of one address) may be open at once.` });
     expect(refused.headers.get('retry-after')).toBe('1');
     expect(refused.headers.get('x-gatehouse-error')).toBe('too_many_calls');
     // Signing in again gives no more of it.
@@ -103,6 +108,33 @@ describe('calls of one user open at once', () => {
     expect(again.map((stream) => stream.status)).toEqual([200, 200, 200]);
     expect((await call('/api/proxy/demo/whoami')).status).toBe(429);
     for (const stream of again) stream.leave();
+  });
+});
+
+describe('calls without a session', () => {
+  it('count per client address, as one user’s do: the next hears 429 too_many_calls, and users’ own calls are not held back', async () => {
+    const controllers: AbortController[] = [];
+    const anonymous = async (path: string) => {
+      const controller = new AbortController();
+      controllers.push(controller);
+      return fetch(`${app}${path}`, { headers: { 'x-csrf': '1' }, signal: controller.signal });
+    };
+    try {
+      const streams = [];
+      for (let i = 0; i < MAX_CALLS; i++) streams.push(await anonymous('/api/proxy/machine/events?count=100&intervalMs=60000'));
+      expect(streams.map((stream) => stream.status)).toEqual(Array(MAX_CALLS).fill(200));
+      const refused = await anonymous('/api/proxy/machine/whoami');
+      expect(refused.status).toBe(429);
+      expect(await refused.json()).toMatchObject({ error: 'too_many_calls' });
+      expect((await call('/api/proxy/demo/whoami', otherCookie)).status).toBe(200);
+    } finally {
+      for (const controller of controllers) controller.abort();
+    }
+    await waitFor('the places to be freed', async () => {
+      const answer = await fetch(`${app}/api/proxy/machine/whoami`, { headers: { 'x-csrf': '1' } });
+      await answer.arrayBuffer();
+      return answer.status === 200 ? true : undefined;
+    }, 5_000, 50);
   });
 });
 

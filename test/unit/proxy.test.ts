@@ -4,7 +4,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
 import { GatehouseError } from '../../lib/errors.ts';
-import { OpenCalls, browserLocation, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
+import { OpenCalls, browserLocation, clientAddress, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -173,6 +173,21 @@ describe('forwardedForChain', () => {
     [' , ', undefined, 2, undefined],
   ] as const)('%s from %s with %i trusted hops → %s', (inbound, peer, hops, expected) => {
     expect(forwardedForChain(inbound, peer, hops)).toBe(expected);
+  });
+});
+
+describe('clientAddress: whose count a call without a session takes', () => {
+  it.each([
+    // [inbound X-Forwarded-For, socket peer, TRUSTED_PROXY_HOPS, the caller]
+    ['203.0.113.7', '10.0.0.2', 0, '10.0.0.2'],
+    [undefined, undefined, 0, 'unknown'],
+    ['6.6.6.6, 203.0.113.7', '10.0.0.2', 1, '203.0.113.7'],
+    ['6.6.6.6,203.0.113.7 , 198.51.100.1', '10.0.0.2', 2, '203.0.113.7'],
+    // A chain shorter than the hops trusted: the nearest address there is.
+    ['203.0.113.7', '10.0.0.2', 3, '10.0.0.2'],
+    [undefined, undefined, 1, 'unknown'],
+  ] as const)('%s from %s with %i trusted hops → %s', (inbound, peer, hops, expected) => {
+    expect(clientAddress(inbound, peer, hops)).toBe(expected);
   });
 });
 
