@@ -34,14 +34,24 @@ const DECODERS: Record<string, () => Transform> = {
  */
 const MAX_STACKED_CODINGS = 2;
 
-/** The browser's Accept-Encoding, less the codings the web adapter could not undo (`*` included). */
+/**
+ * Codings whose decoder holds a large window for as long as its answer is open: up to 16 MiB for
+ * brotli, 8 MiB for zstd (gzip and deflate: 32 KiB). Upstreams are not asked for them (Next
+ * compresses for the browser anyway), and those that send them unasked (an object store keeping
+ * an uploader's encoding) get at most this many such decoders open per process: past that, 502.
+ */
+const LARGE_WINDOW_CODINGS = new Set(['br', 'zstd']);
+const MAX_LARGE_WINDOW_DECODERS = 16;
+let largeWindowDecoders = 0;
+
+/** The browser's Accept-Encoding, less the codings the web adapter could not undo (`*` included) or will not ask for. */
 function decodableAcceptEncoding(value: string): string {
   const kept = value
     .split(',')
     .map((token) => token.trim())
     .filter((token) => {
       const coding = token.split(';')[0]?.trim().toLowerCase() ?? '';
-      return coding === 'identity' || Object.hasOwn(DECODERS, coding);
+      return coding === 'identity' || (Object.hasOwn(DECODERS, coding) && !LARGE_WINDOW_CODINGS.has(coding));
     });
   return kept.length ? kept.join(', ') : 'identity';
 }
@@ -68,12 +78,19 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
 /** The body with every content coding undone (codings apply in the order listed), or null for codings we cannot undo. */
 function decodedBody(body: Readable, contentEncoding: string, requestId: string | null): Readable | null {
   const codings = contentEncoding.split(',').map((coding) => coding.trim().toLowerCase()).filter((coding) => coding && coding !== 'identity');
-  if (codings.length > MAX_STACKED_CODINGS) return null;
+  if (codings.length > MAX_STACKED_CODINGS || !codings.every((coding) => Object.hasOwn(DECODERS, coding))) return null;
+  const largeWindows = codings.filter((coding) => LARGE_WINDOW_CODINGS.has(coding)).length;
+  if (largeWindows > 0 && largeWindowDecoders + largeWindows > MAX_LARGE_WINDOW_DECODERS) {
+    log('warn', 'proxy.decoders_busy', { requestId, codings: codings.join(', ') });
+    return null;
+  }
   let decoded = body;
   for (const coding of codings.reverse()) {
-    const decoder = Object.hasOwn(DECODERS, coding) ? DECODERS[coding] : undefined;
-    if (!decoder) return null;
-    const stage = decoder();
+    const stage = (DECODERS[coding] as () => Transform)();
+    if (LARGE_WINDOW_CODINGS.has(coding)) {
+      largeWindowDecoders += 1;
+      stage.once('close', () => (largeWindowDecoders -= 1));
+    }
     const source = decoded;
     let passedOn: Error | undefined;
     source.on('error', (error) => stage.destroy((passedOn = error)));

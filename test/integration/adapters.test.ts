@@ -174,6 +174,7 @@ async function startTargetUpstream(): Promise<{ upstream: ScriptedUpstream; brea
   const reply = (request: UpstreamRequest, socket: Socket) => {
     const encoding = /^\/encoded\/((?:gzip|deflate|br|zstd|identity)(?:,(?:gzip|deflate|br|zstd|identity))*)$/.exec(request.path)?.[1];
     if (encoding) return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', encoding.replaceAll(',', ', ')]], encode(encoding, ENCODED_JSON)));
+    if (request.path === '/accept-encoding') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'text/plain']], request.headers.find(([name]) => name === 'accept-encoding')?.[1] ?? '(none)'));
     if (request.path === '/wide-window') return void socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['content-encoding', 'zstd']], wideWindow));
     const bodiless = /^\/bodiless\/(\d{3})$/.exec(request.path)?.[1];
     if (bodiless) return void socket.write(`HTTP/1.1 ${bodiless} No Body\r\netag: "v1"\r\n\r\n`);
@@ -520,6 +521,17 @@ describe('what an upstream or a leaving browser can do: the same on both adapter
       }),
       { numRuns: 15 },
     );
+  });
+
+  it('under next start the API is asked only for codings whose decoder holds a small window (gzip, deflate); npm start passes the browser’s own on', async () => {
+    const accept: [string, string] = ['Accept-Encoding', 'gzip, deflate, br, zstd'];
+    const asked = async (target: Target) => {
+      const res = await rawRequest(target.port, scripted(target, '/accept-encoding', [accept]));
+      const told = res?.get('content-encoding');
+      return (told ? decode(told, res!.bytes) : res!.bytes).toString('utf8');
+    };
+    expect(await asked(next)).toBe('gzip, deflate');
+    expect(await asked(fast)).toBe('gzip, deflate, br, zstd');
   });
 
   it('a zstd frame that asks for a window over RFC 9659’s 8 MiB is not decoded under next start (a cut answer); npm start passes its bytes on', async () => {
