@@ -36,13 +36,11 @@ const MAX_STACKED_CODINGS = 2;
 
 /**
  * Codings whose decoder holds a large window for as long as its answer is open: up to 16 MiB for
- * brotli, 8 MiB for zstd (gzip and deflate: 32 KiB). Upstreams are not asked for them (Next
- * compresses for the browser anyway), and those that send them unasked (an object store keeping
- * an uploader's encoding) get at most this many such decoders open per process: past that, 502.
+ * brotli, 8 MiB for zstd (gzip and deflate: 32 KiB). Upstreams are not asked for them: Next
+ * compresses for the browser anyway. One that sends them unasked (an object store keeping an
+ * uploader's encoding) is still decoded.
  */
 const LARGE_WINDOW_CODINGS = new Set(['br', 'zstd']);
-const MAX_LARGE_WINDOW_DECODERS = 16;
-let largeWindowDecoders = 0;
 
 /** The browser's Accept-Encoding, less the codings the web adapter could not undo (`*` included) or will not ask for. */
 function decodableAcceptEncoding(value: string): string {
@@ -79,18 +77,9 @@ export function inboundFromWeb(request: Request, remoteAddress: string | undefin
 function decodedBody(body: Readable, contentEncoding: string, requestId: string | null): Readable | null {
   const codings = contentEncoding.split(',').map((coding) => coding.trim().toLowerCase()).filter((coding) => coding && coding !== 'identity');
   if (codings.length > MAX_STACKED_CODINGS || !codings.every((coding) => Object.hasOwn(DECODERS, coding))) return null;
-  const largeWindows = codings.filter((coding) => LARGE_WINDOW_CODINGS.has(coding)).length;
-  if (largeWindows > 0 && largeWindowDecoders + largeWindows > MAX_LARGE_WINDOW_DECODERS) {
-    log('warn', 'proxy.decoders_busy', { requestId, codings: codings.join(', ') });
-    return null;
-  }
   let decoded = body;
   for (const coding of codings.reverse()) {
     const stage = (DECODERS[coding] as () => Transform)();
-    if (LARGE_WINDOW_CODINGS.has(coding)) {
-      largeWindowDecoders += 1;
-      stage.once('close', () => (largeWindowDecoders -= 1));
-    }
     const source = decoded;
     let passedOn: Error | undefined;
     source.on('error', (error) => stage.destroy((passedOn = error)));
@@ -102,6 +91,10 @@ function decodedBody(body: Readable, contentEncoding: string, requestId: string 
     // input too: pipe() would only pause it, holding the API's connection and the call's slot.
     stage.once('close', () => {
       if (!source.destroyed && !source.readableEnded) source.destroy();
+    });
+    // And the other way: an input destroyed without an error (an answer dropped) ends its decoder.
+    source.once('close', () => {
+      if (!source.readableEnded && !stage.destroyed) stage.destroy();
     });
     decoded = source.pipe(stage);
   }

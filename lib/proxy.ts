@@ -1,3 +1,4 @@
+import { isIPv6 } from 'node:net';
 import diagnostics from 'node:diagnostics_channel';
 import { Readable, Transform } from 'node:stream';
 import { Client, Pool, type Dispatcher } from 'undici';
@@ -943,21 +944,38 @@ function isFinalStatus(status: number): boolean {
 }
 
 /**
+ * Whose count a call without a session takes: the address the outermost trusted proxy saw the
+ * caller come from (the socket's peer without trusted proxies), one spelling per client: no port,
+ * IPv4 unmapped, and IPv6 by its /64, which one client holds whole. Unknown (one count for all)
+ * under `next start` without TRUSTED_PROXY_HOPS, where the peer is not seen.
+ */
+export function clientAddress(inbound: string | undefined, peer: string | undefined, trustedHops: number): string {
+  const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
+  const address = trustedHops <= 0 ? peer : (entries[entries.length - trustedHops] ?? peer);
+  return address === undefined ? 'unknown' : addressBucket(address);
+}
+
+function addressBucket(raw: string): string {
+  let address = raw.trim().toLowerCase();
+  const bracketed = /^\[([^\]]+)\](?::\d+)?$/.exec(address);
+  if (bracketed) address = bracketed[1] as string;
+  else if (/^[\d.]+:\d+$/.test(address)) address = address.slice(0, address.lastIndexOf(':'));
+  address = address.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, '');
+  if (isIPv6(address)) {
+    const [head = '', tail] = address.split('::');
+    const front = head ? head.split(':') : [];
+    const back = tail ? tail.split(':') : [];
+    const groups = tail === undefined ? front : [...front, ...Array<string>(8 - front.length - back.length).fill('0'), ...back];
+    return `${groups.slice(0, 4).map((group) => group.replace(/^0+(?=.)/, '')).join(':')}::/64`;
+  }
+  return address;
+}
+
+/**
  * The X-Forwarded-For sent upstream. Only the last `trustedHops` entries were appended by reverse
  * proxies we run; anything before them is whatever the browser claimed. The socket peer comes
  * last; the Next adapter is never told it (`undefined`), so there only the trusted entries go.
  */
-/**
- * The caller's address as far as Gatehouse can tell: the entry the nearest untrusted hop added, or
- * the socket's peer without trusted proxies. Unknown (one count for all) under `next start`
- * without TRUSTED_PROXY_HOPS, where the peer is not seen.
- */
-export function clientAddress(inbound: string | undefined, peer: string | undefined, trustedHops: number): string {
-  if (trustedHops <= 0) return peer ?? 'unknown';
-  const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
-  return entries[entries.length - trustedHops] ?? peer ?? 'unknown';
-}
-
 export function forwardedForChain(inbound: string | undefined, peer: string | undefined, trustedHops: number): string | undefined {
   const entries = (inbound ?? '').split(',').map((entry) => entry.trim()).filter(Boolean);
   const chain = trustedHops > 0 ? entries.slice(-trustedHops) : [];

@@ -186,6 +186,13 @@ describe('clientAddress: whose count a call without a session takes', () => {
     // A chain shorter than the hops trusted: the nearest address there is.
     ['203.0.113.7', '10.0.0.2', 3, '10.0.0.2'],
     [undefined, undefined, 1, 'unknown'],
+    // One spelling per client: no port, IPv4 unmapped, IPv6 by its /64 (which one client holds whole).
+    ['203.0.113.7:51234', undefined, 1, '203.0.113.7'],
+    [undefined, '::ffff:10.0.0.2', 0, '10.0.0.2'],
+    ['[2001:DB8:0:1::7]:443', undefined, 1, '2001:db8:0:1::/64'],
+    [undefined, '2001:db8:0:1:aaaa:bbbb:cccc:dddd', 0, '2001:db8:0:1::/64'],
+    [undefined, '2001:db8::1', 0, '2001:db8:0:0::/64'],
+    [undefined, '::1', 0, '0:0:0:0::/64'],
   ] as const)('%s from %s with %i trusted hops → %s', (inbound, peer, hops, expected) => {
     expect(clientAddress(inbound, peer, hops)).toBe(expected);
   });
