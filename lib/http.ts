@@ -105,7 +105,6 @@ export function safeReturnTo(raw: string | null | undefined): string {
  */
 export const MAX_RETURN_TO_LENGTH = 2048;
 
-
 /**
  * The absolute URL a login ends at: `returnTo` resolved against the app, and the app's root if that
  * would leave the app's origin whatever the stored value says (the last line of defence).

@@ -492,9 +492,12 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
   const isRoute = looksLikeRoute || isNavigation(header);
   let fetched = looksLikeRoute ? null : resolveSpaUrl(base, pathname);
   let answer = fetched ? await fetchFile(fetched, method, header) : null;
+  // index.html for a path that looks like a file's: only because a navigation asked for it.
+  let pageForAFilePath = false;
   if (!answer || (answer.status === 404 && isRoute)) {
     if (answer?.body instanceof Readable) answer.body.resume();
     if (!isRoute) return null;
+    pageForAFilePath = !looksLikeRoute;
     fetched = resolveSpaUrl(base, '/index.html') as URL;
     answer = await fetchFile(fetched, method, header);
   }
@@ -510,9 +513,11 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
   }
   const location = status >= 300 && status < 400 && answer.headers.location !== undefined ? locationOnThisOrigin(answer.headers.location, fetched ?? base, base) : undefined;
   if (location !== undefined) headers.push(['location', location]);
-  if (!looksLikeRoute && fetched?.pathname.endsWith('/index.html') && !pathname.endsWith('/index.html')) {
-    const [vary] = fallbackVary(pathname);
-    if (vary) headers.push(['vary', headers.some(([name]) => name === 'vary') ? `${headers.find(([name]) => name === 'vary')![1]}, ${vary[1]}` : vary[1]]);
+  const [fallback] = pageForAFilePath ? fallbackVary(pathname) : [];
+  if (fallback) {
+    const varies = headers.findIndex(([name]) => name === 'vary');
+    if (varies === -1) headers.push(fallback);
+    else headers[varies] = ['vary', `${headers[varies]![1]}, ${fallback[1]}`];
   }
   headers.push(['x-content-type-options', 'nosniff'], ...protectionFor(answer.headers['content-type'], csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;

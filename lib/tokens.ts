@@ -244,8 +244,10 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
     const first = pauseOf(key, fallback.token) === undefined;
     pauseRefresh(key, fallback.token, pauseAfter(error));
     noteOnSpan({ 'gatehouse.token.refresh_deferred': error.code });
-    if (first) countRefreshDeferred(refreshKind(request), error.code);
-    if (first) log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
+    if (first) {
+      countRefreshDeferred(refreshKind(request), error.code);
+      log('warn', 'token.refresh_deferred', { session: sessionHandle(session.id), ...grantTarget(request), cause: error.code, expiresInSec: fallback.expiresAt === null ? undefined : Math.round((fallback.expiresAt - Date.now()) / 1000) });
+    }
     return { token: fallback.token, session: current, refreshed: false };
   }
   const token = heldToken(refreshed, request);

@@ -411,6 +411,8 @@ describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
       return [res?.status, res?.body === INDEX];
     };
     expect(await ask('Accept: text/html\r\nSec-Fetch-Mode: navigate\r\n')).toEqual([200, true]);
+    const page = await rawRequest(port, `GET /users/jane.doe HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: text/html\r\nSec-Fetch-Mode: navigate\r\nConnection: close\r\n\r\n`);
+    expect(page?.all('vary').join(', ').split(/,\s*/)).toEqual(expect.arrayContaining(['Sec-Fetch-Mode', 'Accept']));
     expect(await ask('Accept: image/*\r\nSec-Fetch-Mode: no-cors\r\nSec-Fetch-Dest: image\r\n')).toEqual([404, false]);
     const asked = origin.requests.length;
     for (const target of ['/%zz', '/orders/%E0%A4%A', '/a%']) {
