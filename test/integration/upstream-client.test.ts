@@ -56,6 +56,9 @@ beforeAll(async () => {
   });
   stack = await startStack({
     workers: 1,
+    // One test address fills all 512 of an API's connections here: calls without a session count
+    // per address, 256 by default.
+    env: { PROXY_MAX_CALLS_PER_USER: '1024' },
     apis: () => ({
       crashing: { url: crashing.url, auth: 'none' },
       hinting: { url: hinting.url, auth: 'none' },
