@@ -1,5 +1,5 @@
 import { NextResponse, type NextRequest } from 'next/server';
-import { PROXY_METHODS, checkCsrf, jsonHeaders, requestIdFrom } from './lib/http.ts';
+import { PROXY_METHODS, checkCsrf, decodes, jsonHeaders, requestIdFrom } from './lib/http.ts';
 
 /**
  * The edge gate: rejects forged API calls before any I/O happens. It is an early exit only; every
@@ -40,12 +40,7 @@ export function middleware(request: NextRequest): NextResponse {
 function undecodablePath(pathname: string): [number, string, string] | undefined {
   const proxied = pathname.startsWith('/api/proxy/');
   if (!proxied && !pathname.startsWith('/api/auth/sessions/')) return undefined;
-  try {
-    decodeURIComponent(pathname);
-    return undefined;
-  } catch {
-    // Not decodable: refused below.
-  }
+  if (decodes(pathname)) return undefined;
   if (!proxied) return [404, 'not_found', 'No such session.'];
   const apiName = pathname.slice('/api/proxy/'.length).split('/')[0] ?? '';
   let known = false;

@@ -195,3 +195,13 @@ export function httpUrlFrom(value: string, base: URL): URL | undefined {
   }
   return url.protocol === 'http:' || url.protocol === 'https:' ? url : undefined;
 }
+
+/** Whether every percent-escape in `text` decodes (UTF-8, as decodeURIComponent reads it). */
+export function decodes(text: string): boolean {
+  try {
+    decodeURIComponent(text);
+    return true;
+  } catch {
+    return false;
+  }
+}

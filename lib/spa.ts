@@ -6,7 +6,7 @@ import https from 'node:https';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import type { SpaSource } from './config.ts';
-import { httpUrlFrom, routedPath } from './http.ts';
+import { decodes, httpUrlFrom, routedPath } from './http.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import type { ProxyResponse } from './proxy.ts';
@@ -195,20 +195,13 @@ function isNavigation(header: (name: string) => string | undefined): boolean {
   return (header('accept') ?? '').includes('text/html');
 }
 
-/** For index.html served for a path with an extension (a navigation only): what caches must key it by. */
-function fallbackVary(pathname: string): Array<[string, string]> {
-  return /\.[A-Za-z0-9]+$/.test(pathname) ? [['vary', 'Sec-Fetch-Mode, Accept']] : [];
+/** Whether the path's last segment looks like a file's name: without a file of its own, such a path is a route only for a navigation. */
+function hasExtension(pathname: string): boolean {
+  return /\.[A-Za-z0-9]+$/.test(pathname);
 }
 
-/** Whether the path's percent-escapes decode: one that does not is no file and no route (a 404, as under `next start`). */
-function decodes(pathname: string): boolean {
-  try {
-    decodeURIComponent(pathname);
-    return true;
-  } catch {
-    return false;
-  }
-}
+/** On index.html served for a path with an extension (a navigation only): what caches must key it by. */
+const FALLBACK_VARY: [string, string] = ['vary', 'Sec-Fetch-Mode, Accept'];
 
 /** Whether the browser's validators match (RFC 9110 section 13.1.2: weak comparison for If-None-Match; If-Modified-Since only without it). */
 function browserHolds(validators: { etag?: string | undefined; lastModified?: string | undefined }, header: (name: string) => string | undefined): boolean {
@@ -228,11 +221,12 @@ function browserHolds(validators: { etag?: string | undefined; lastModified?: st
 export async function serveSpa(method: string, rawUrl: string, root: string, csp = DEFAULT_SPA_CSP, header: (name: string) => string | undefined = () => undefined): Promise<ProxyResponse | null> {
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
+  // A path that does not decode is no file and no route: a 404, as under `next start`.
   if (notTheSpa(pathname) || !decodes(pathname)) return null;
   const requested = pathname.endsWith('/') ? null : resolveSpaFile(root, pathname);
   const found = await fileAt(root, requested);
   // Anything without a file of its own and without an extension is a route of the SPA, and so is any navigation.
-  const isRoute = !found && (!/\.[A-Za-z0-9]+$/.test(pathname) || isNavigation(header));
+  const isRoute = !found && (!hasExtension(pathname) || isNavigation(header));
   const served = found ?? (isRoute ? await fileAt(root, path.join(path.resolve(root), 'index.html')) : null);
   if (!served) return null;
   const extension = path.extname(served.file).toLowerCase();
@@ -248,7 +242,7 @@ export async function serveSpa(method: string, rawUrl: string, root: string, csp
     ['x-content-type-options', 'nosniff'],
     ...protectionFor(contentType, csp),
     // The page for a path that looks like a file's depends on what asked for it (a navigation or a page's script).
-    ...(found ? [] : fallbackVary(pathname)),
+    ...(!found && hasExtension(pathname) ? [FALLBACK_VARY] : []),
   ];
   if (browserHolds(validators, header)) return { status: 304, headers, body: null };
   return { status: 200, headers: [['content-length', String(served.size)], ...headers], body: method === 'HEAD' ? null : createReadStream(served.file) };
@@ -488,7 +482,7 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
   if (method !== 'GET' && method !== 'HEAD') return null;
   const pathname = rawUrl.split(/[?#]/, 1)[0] ?? '/';
   if (notTheSpa(pathname) || !decodes(pathname)) return null;
-  const looksLikeRoute = pathname.endsWith('/') || !/\.[A-Za-z0-9]+$/.test(pathname);
+  const looksLikeRoute = pathname.endsWith('/') || !hasExtension(pathname);
   const isRoute = looksLikeRoute || isNavigation(header);
   let fetched = looksLikeRoute ? null : resolveSpaUrl(base, pathname);
   let answer = fetched ? await fetchFile(fetched, method, header) : null;
@@ -513,11 +507,10 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
   }
   const location = status >= 300 && status < 400 && answer.headers.location !== undefined ? locationOnThisOrigin(answer.headers.location, fetched ?? base, base) : undefined;
   if (location !== undefined) headers.push(['location', location]);
-  const [fallback] = pageForAFilePath ? fallbackVary(pathname) : [];
-  if (fallback) {
+  if (pageForAFilePath) {
     const varies = headers.findIndex(([name]) => name === 'vary');
-    if (varies === -1) headers.push(fallback);
-    else headers[varies] = ['vary', `${headers[varies]![1]}, ${fallback[1]}`];
+    if (varies === -1) headers.push(FALLBACK_VARY);
+    else headers[varies] = ['vary', `${headers[varies]![1]}, ${FALLBACK_VARY[1]}`];
   }
   headers.push(['x-content-type-options', 'nosniff'], ...protectionFor(answer.headers['content-type'], csp));
   const bodyless = method === 'HEAD' || status === 204 || status === 304;
