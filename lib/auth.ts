@@ -12,6 +12,7 @@ import {
   createSession,
   decryptAtRest,
   destroySession,
+  refreshTokenAtEnd,
   destroySessionsFor,
   encryptAtRest,
   endSessionBecause,
@@ -372,8 +373,7 @@ async function endReplacedSession(id: string, successor: SignIn): Promise<void> 
     if (miss !== 'unreadable' && miss !== 'replaced') await endSessionBecause(id, undefined, 'replaced');
     return;
   }
-  await replaceSession(previous);
-  const { refreshToken } = previous.secrets;
+  const refreshToken = await refreshTokenAtEnd(previous, await replaceSession(previous));
   const sameIdpSession = fromOneIdpSession(previous.record, successor);
   const revoked = refreshToken && !sameIdpSession ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.session_replaced', { session: sessionHandle(id), revoked, sameIdpSession });
@@ -411,9 +411,8 @@ function constantTimeEqual(a: string, b: string): boolean {
  * so its own browser hears why.
  */
 async function endSession(session: Session, survivor?: SignIn): Promise<void> {
-  if (survivor) await endSessionBecause(session.id, session.record, 'elsewhere');
-  else await destroySession(session.id, session.record);
-  const { refreshToken } = session.secrets;
+  const deleted = survivor ? await endSessionBecause(session.id, session.record, 'elsewhere') : await destroySession(session.id, session.record);
+  const refreshToken = await refreshTokenAtEnd(session, deleted);
   // Ended from a session of the same IdP session, its refresh token is that session's grant too.
   // The others listed are mostly other devices': one that names no IdP session counts as another's,
   // and its token is revoked. One that names it, ended from a session that names none, is kept: the
@@ -472,9 +471,9 @@ async function signOutContinuation(idToken: string | undefined): Promise<{ redir
 /** The id_token a continuation holds, taken out of the store (it is used once), or undefined. */
 async function takeSignOutContinuation(handle: string): Promise<string | undefined> {
   const key = signOutContinuationKey(handle);
-  const sealed = await storeCall(() => getStore().get(key));
-  // Of two requests with one handle, only the one whose delete found it goes on.
-  if (sealed === null || !(await storeCall(() => getStore().del(key)))) return undefined;
+  // Of two requests with one handle, only one takes it.
+  const sealed = await storeCall(() => getStore().take(key));
+  if (sealed === null) return undefined;
   const idToken = await decryptAtRest<unknown>(sealed);
   return typeof idToken === 'string' ? idToken : undefined;
 }

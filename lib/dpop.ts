@@ -151,8 +151,7 @@ export interface DpopLogin {
 /** The callback: takes the login's key out of the store (whatever comes next, it is used once). */
 export async function finishDpopLogin(loginState: string, expectedThumbprint: string): Promise<DpopLogin> {
   const name = loginKeyName(loginState);
-  const sealed = await storeCall(() => getStore().get(name));
-  if (sealed !== null) await storeCall(() => getStore().del(name));
+  const sealed = await storeCall(() => getStore().take(name));
   const jwk = sealed === null ? null : await decryptAtRest<unknown>(sealed);
   if (!isPrivateJwk(jwk) || (await thumbprint(jwk)) !== expectedThumbprint) {
     // Expired with its transaction, lost with the store, or sealed under a key rotated out.

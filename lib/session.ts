@@ -684,15 +684,15 @@ export const REPLACED_SESSION_MARKER_MS = 60_000;
 const ENDED_ELSEWHERE_MARKER_MS = 60 * 60 * 1000;
 
 /** Ends a session that a new login in the same browser replaces: at once, leaving only a marker. */
-export async function replaceSession(session: Session): Promise<void> {
-  await endSessionBecause(session.id, session.record, 'replaced');
+export async function replaceSession(session: Session): Promise<string | null> {
+  return endSessionBecause(session.id, session.record, 'replaced');
 }
 
-/** Deletes the session and leaves a marker saying why, for its browser's next request. */
-export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: Exclude<EndedBy, 'expired'>): Promise<void> {
+/** Deletes the session and leaves a marker saying why, for its browser's next request (returns as destroySession). */
+export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: Exclude<EndedBy, 'expired'>): Promise<string | null> {
   const ttlMs = why === 'replaced' ? REPLACED_SESSION_MARKER_MS : ENDED_ELSEWHERE_MARKER_MS;
   await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs }));
-  await destroySession(id, record);
+  return destroySession(id, record);
 }
 
 /**
@@ -885,15 +885,32 @@ function forgetCopies(id: string): void {
   openedRecords.delete(id);
 }
 
-/** Deletes the session; with its record at hand, its index entries go too (otherwise they expire on their own). */
-export async function destroySession(id: string, record?: SessionRecord): Promise<void> {
-  await forgetEndedSession(id, record, () => getStore().del(sessionKey(id)));
+/**
+ * Deletes the session; with its record at hand, its index entries go too (otherwise they expire on
+ * their own). Returns the stored text it deleted, null when the session was gone already.
+ */
+export async function destroySession(id: string, record?: SessionRecord): Promise<string | null> {
+  return (await forgetEndedSession(id, record, () => getStore().take(sessionKey(id)))) ?? null;
+}
+
+/**
+ * The refresh token to give back at the IdP once `session` has been ended, given the record its
+ * end deleted: a refresh by another request that landed between reading the session and ending it
+ * rotated the token, and the one read is then spent while the new one would stay valid unheld.
+ */
+export async function refreshTokenAtEnd(session: Session, deleted: string | null): Promise<string | undefined> {
+  const record = deleted === null ? null : parseRecord(deleted);
+  if (!record || record.sealed === session.record.sealed) return session.secrets.refreshToken;
+  const secrets = await decryptSecrets(record.sealed);
+  // Only the same session's record, refreshed: anything else is not what the caller ended.
+  if (!secrets || secrets.boundTo !== recordBinding(session.id, record)) return session.secrets.refreshToken;
+  return secrets.refreshToken ?? session.secrets.refreshToken;
 }
 
 /** What a session's end leaves to clean up, with the deletion of its record unless that is done already. */
-async function forgetEndedSession(id: string, record: SessionRecord | undefined, deleteRecord?: () => Promise<unknown>): Promise<void> {
+async function forgetEndedSession<T>(id: string, record: SessionRecord | undefined, deleteRecord?: () => Promise<T>): Promise<T | undefined> {
   forgetCopies(id);
-  await storeCall(() => Promise.all([deleteRecord?.(), getStore().indexRemove(activeSessionsKey(), sessionHandle(id))]));
+  const [deleted] = await storeCall(() => Promise.all([deleteRecord?.(), getStore().indexRemove(activeSessionsKey(), sessionHandle(id))]));
   for (const listener of endedListeners) {
     // What listens is a side matter: the session has ended whatever it does.
     try {
@@ -903,6 +920,7 @@ async function forgetEndedSession(id: string, record: SessionRecord | undefined,
     }
   }
   if (record) await removeFromIndexes(id, record);
+  return deleted;
 }
 
 export interface SessionSummary {

@@ -301,7 +301,7 @@ const STORE_OPERATIONS = [
   'set',
   'replace',
   'expire',
-  'del',
+  'take',
   'delIfEquals',
   'expireIfEquals',
   'replaceIfHeld',

@@ -1,6 +1,6 @@
 // Development-only OpenID Provider for the zero-config demo, the end-to-end tests and the benchmarks.
 // Never deploy this: any username/password signs in and all state lives in process memory.
-import { createPublicKey, randomBytes, type JsonWebKey as NodeJwk } from 'node:crypto';
+import { createHash, createPublicKey, randomBytes, type JsonWebKey as NodeJwk } from 'node:crypto';
 import { createServer } from 'node:http';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { SignJWT, calculateJwkThumbprint, createLocalJWKSet, exportJWK, generateKeyPair, importJWK, jwtVerify } from 'jose';
@@ -75,6 +75,8 @@ export interface GrantCounters {
   refreshTimesBySid: Record<string, number[]>;
   /** Grants revoked through the revocation endpoint (RFC 7009), per account. */
   revocations: Record<string, number>;
+  /** Which refresh token each of those revocations named, per account, as `revokedTokenDigest` of it: proof the right one was given back. */
+  revokedRefreshTokens: Record<string, string[]>;
   /** Each account's last successful grant types in order (at most 20): proof that a refresh came before the exchange that needed it. */
   orderByAccount: Record<string, string[]>;
   /**
@@ -227,8 +229,13 @@ function displayName(accountId: string): string {
   return `${first.charAt(0).toUpperCase()}${first.slice(1)} Example`;
 }
 
+/** A refresh token's name in the counters: tests compare it with the one they read, no token is served. */
+export function revokedTokenDigest(token: string): string {
+  return createHash('sha256').update(token).digest('base64url').slice(0, 16);
+}
+
 function emptyCounters(): GrantCounters {
-  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, orderByAccount: {}, clientAuth: {}, dpop: {} };
+  return { success: {}, error: {}, errorCodes: {}, byAccount: {}, bySid: {}, refreshTimesBySid: {}, revocations: {}, revokedRefreshTokens: {}, orderByAccount: {}, clientAuth: {}, dpop: {} };
 }
 
 
@@ -519,6 +526,7 @@ export async function startDevIdp(options: DevIdpOptions = {}): Promise<DevIdpHa
     if (ctx.oidc.route !== 'revocation') return;
     const { RefreshToken, AccessToken } = ctx.oidc.entities;
     bump(counters.revocations, RefreshToken?.accountId ?? AccessToken?.accountId ?? 'unknown');
+    if (RefreshToken?.jti) (counters.revokedRefreshTokens[RefreshToken.accountId] ??= []).push(revokedTokenDigest(RefreshToken.jti));
   });
 
   async function revokeGrants(accountId: string): Promise<number> {

@@ -148,10 +148,12 @@ export function createMemoryStore(): Store {
       return true;
     },
 
-    async del(key) {
-      if (live(key) === undefined) return false;
+    async take(key) {
+      const entry = live(key);
+      if (entry === undefined) return null;
+      if (entry.type !== 'string') throw wrongType();
       data.delete(key);
-      return true;
+      return entry.value;
     },
 
     async delIfEquals(key, expected) {

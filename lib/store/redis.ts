@@ -367,9 +367,9 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
       return (await run('PEXPIRE', client.pexpire(key, ttlMs))) === 1;
     },
 
-    async del(key) {
+    async take(key) {
       forget(key);
-      return (await run('DEL', client.del(key))) > 0;
+      return run('GETDEL', client.getdel(key));
     },
 
     async delIfEquals(key, expected) {

@@ -24,8 +24,11 @@ export interface Store {
   replace(key: string, value: string): Promise<boolean>;
   /** Sets a new TTL on an existing key (PEXPIRE); false when the key is gone. */
   expire(key: string, ttlMs: number): Promise<boolean>;
-  /** Returns whether the key existed. */
-  del(key: string): Promise<boolean>;
+  /**
+   * Deletes the key and returns what it held, null when it was gone (GETDEL): of two callers, only
+   * one gets the value, and it gets the last one written before the delete.
+   */
+  take(key: string): Promise<string | null>;
   /** Deletes the key only while it still holds `expected` (lock release by its owner, atomically). */
   delIfEquals(key: string, expected: string): Promise<boolean>;
   /** Sets a new TTL only while the key still holds `expected` (lease renewal by its owner, atomically). */

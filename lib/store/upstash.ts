@@ -83,9 +83,9 @@ export function createUpstashStore(url: string, token: string): Store {
       return Number(await run('PEXPIRE', redis.pexpire(key, ttlMs))) === 1;
     },
 
-    async del(key) {
+    async take(key) {
       open();
-      return Number(await run('DEL', redis.del(key))) > 0;
+      return (await run('GETDEL', redis.getdel<string>(key))) ?? null;
     },
 
     async delIfEquals(key, expected) {

@@ -75,7 +75,7 @@ describe('coherent copies on Redis', () => {
     const writes: Array<[string, (key: string) => Promise<unknown>, string | null]> = [
       ['SET', (key) => writer.set(key, 'new', { ttlMs: LONG_TTL }), 'new'],
       ['SET XX KEEPTTL', (key) => writer.replace(key, 'replaced'), 'replaced'],
-      ['DEL', (key) => writer.del(key), null],
+      ['GETDEL', (key) => writer.take(key), null],
       ['compare-and-delete', (key) => writer.delIfEquals(key, 'old'), null],
       ['PEXPIRE to a moment ago', (key) => admin.pexpire(key, 1), null],
     ];
@@ -90,7 +90,7 @@ describe('coherent copies on Redis', () => {
     const key = await copiedKey('old');
     await reader.set(key, 'mine', { ttlMs: LONG_TTL });
     expect(await reader.getCoherent!(key, MAX_AGE_MS)).toBe('mine');
-    await reader.del(key);
+    expect(await reader.take(key)).toBe('mine');
     expect(await reader.getCoherent!(key, MAX_AGE_MS)).toBeNull();
   });
 

@@ -5,8 +5,11 @@ import fc from 'fast-check';
 import { request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, confirmDevIdpLogout, loginThroughRp, type CookieJars } from '../../e2e/support/headless-login.ts';
-import { restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { freePort, restartGatehouse, startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { revokedTokenDigest } from '../../scripts/dev-idp.ts';
 import { clearsSessionCookie, idpGrants, logSoFar, refreshGrantsOf, waitFor } from '../support/http-client.ts';
+import { redeemRefreshToken, storedSecrets } from '../support/stored-session.ts';
+import { startTcpRelay, type RelayedConnection } from '../support/tcp-relay.ts';
 import { rawUpload, requestHead } from '../support/raw-http.ts';
 import { undecodablePath } from '../support/hostile-inputs.ts';
 
@@ -549,6 +552,62 @@ describe('ending sessions that share an IdP session', () => {
       expect(refreshGrantsOf(await idpGrants(stack.issuer), user), how).toBe(refreshes + 1);
       const after = await fetch(`${app}/api/proxy/demo/whoami`, { headers: headers(second.rpCookies) });
       expect([after.status, ((await after.json()) as { sub?: string }).sub], how).toEqual([200, user]);
+    }
+  });
+});
+
+describe('a logout racing a refresh', () => {
+  it('gives back at the IdP the refresh token the session held when it was deleted, not the one read before a refresh rotated it', async () => {
+    const user = 'logout-racing-refresh';
+    const session = await login(user);
+    const headers = { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' };
+    const [key] = (await Promise.all((await sessionKeys()).map(async (k) => [k, JSON.parse((await redis.get(k)) ?? '{}') as { sub?: string }] as const)))
+      .filter(([, record]) => record.sub === user)
+      .map(([k]) => k);
+    const secretsOf = () => storedSecrets(stack.appEnv.REDIS_URL as string, key!, stack.appEnv.SESSION_SECRET as string);
+    const { refreshToken: readByLogout } = await secretsOf();
+
+    // A second instance whose store traffic passes a relay (a fault no real part makes on demand:
+    // one command held between a read and a write) that keeps back its deletion of the session.
+    let held: { connection: RelayedConnection; chunks: Buffer[]; released?: true } | undefined;
+    let deletionHeld!: () => void;
+    const deletionReached = new Promise<void>((resolve) => (deletionHeld = resolve));
+    const redisUrl = new URL(stack.appEnv.REDIS_URL as string);
+    const relayPort = await freePort();
+    const relay = await startTcpRelay(relayPort, { host: redisUrl.hostname, port: Number(redisUrl.port || 6379) }, {
+      fromClient(chunk, connection) {
+        if (held?.connection === connection && !held.released) return void held.chunks.push(chunk), false;
+        if (held || !/\r\n(get)?del\r\n/i.test(chunk.toString('latin1')) || !chunk.includes(key!)) return true;
+        held = { connection, chunks: [chunk] };
+        deletionHeld();
+        return false;
+      },
+    });
+    redisUrl.port = String(relayPort);
+    const other = await startGatehouse({ name: 'gatehouse-relayed', workers: 1, env: { ...stack.apps[0]!.env, REDIS_URL: redisUrl.href } });
+    try {
+      const logout = fetch(`${other.url}/api/auth/logout`, { method: 'POST', headers });
+      await Promise.race([deletionReached, logout.then((answer) => Promise.reject(new Error(`the logout answered ${answer.status} without deleting the session`)))]);
+      // Meanwhile the first instance refreshes: the API refuses the token once, Gatehouse renews it.
+      const refreshes = refreshGrantsOf(await idpGrants(stack.issuer), user);
+      await (await fetch(`${app}/api/proxy/demo/status/401`, { headers })).body?.cancel();
+      expect(refreshGrantsOf(await idpGrants(stack.issuer), user)).toBe(refreshes + 1);
+      const { refreshToken: rotated } = await secretsOf();
+      expect(rotated).not.toBe(readByLogout);
+      held!.released = true;
+      for (const chunk of held!.chunks) held!.connection.upstream.write(chunk);
+      const loggedOut = await logout;
+      expect(loggedOut.status).toBe(200);
+      // The browser goes on to the IdP's logout, as it would (no step left behind in the store).
+      const signOutCookie = loggedOut.headers.getSetCookie().find((line) => line.startsWith('gatehouse-signout='))!.split(';')[0]!;
+      const { redirectTo } = (await loggedOut.json()) as { redirectTo: string };
+      expect((await navigate(redirectTo, { 'sec-fetch-mode': 'navigate', cookie: signOutCookie })).status).toBe(302);
+      expect(await redis.exists(key!)).toBe(0);
+      expect((await idpGrants(stack.issuer)).revokedRefreshTokens[user]).toEqual([revokedTokenDigest(rotated!)]);
+      expect(await redeemRefreshToken(stack.issuer, stack.clientId, stack.appEnv.OIDC_CLIENT_SECRET as string, rotated!)).toMatchObject({ status: 400, error: 'invalid_grant' });
+    } finally {
+      await other.process.stop();
+      await relay.close();
     }
   });
 });

@@ -166,12 +166,21 @@ export function describeStoreContract(name: string, makeStore: () => Promise<Sto
       expect(await store.get(k)).toBeNull();
     });
 
-    it('del reports whether the key existed', async () => {
-      const k = key('del');
+    it('take deletes the key and returns its last value, once', async () => {
+      const k = key('take');
       await store.set(k, 'v', { ttlMs: LONG_TTL });
-      expect(await store.del(k)).toBe(true);
+      await store.replace(k, 'v2');
+      expect(await store.take(k)).toBe('v2');
       expect(await store.get(k)).toBeNull();
-      expect(await store.del(k)).toBe(false);
+      expect(await store.take(k)).toBeNull();
+    });
+
+    it('of concurrent takes of one key, exactly one gets its value', async () => {
+      const k = key('take-race');
+      await store.set(k, 'once', { ttlMs: LONG_TTL });
+      const taken = await Promise.all(Array.from({ length: 8 }, () => store.take(k)));
+      expect(taken.filter((value) => value === 'once')).toHaveLength(1);
+      expect(taken.filter((value) => value === null)).toHaveLength(7);
     });
 
     it('delIfEquals deletes only for the owner', async () => {

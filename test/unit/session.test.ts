@@ -392,7 +392,7 @@ describe('a session ended by another instance', () => {
     const copies = home.get('session') as { openedRecords: Map<string, { secrets?: unknown }> };
     expect(copies.openedRecords.get(created.id)?.secrets).toBeDefined();
     // Another instance ends it: only the store changes.
-    await session.getStore().del(session.sessionKey(created.id));
+    await session.getStore().take(session.sessionKey(created.id));
     expect(await session.readSession(created.id)).toBeNull();
     expect(copies.openedRecords.has(created.id)).toBe(false);
   });

@@ -92,7 +92,7 @@ describe('a write-back that landed but whose answer was lost', () => {
       if (lost) return replaceIfHeld(key, value, lockKey, owner);
       lost = true;
       expect(await replaceIfHeld(key, value, lockKey, owner)).toBe(true);
-      await store.del(lockKey);
+      await store.take(lockKey);
       expect(await store.set(lockKey, 'another-instance', { ttlMs: 25_000, onlyIfAbsent: true })).toBe(true);
       setTimeout(() => void store.delIfEquals(lockKey, 'another-instance'), 300);
       throw new Error('Command timed out');
