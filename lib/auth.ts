@@ -29,6 +29,7 @@ import {
   sessionHandle,
   sessionIdFromCookieHeader,
   sessionIdToReplace,
+  servedElsewhere,
   signOutCookieHeader,
   signOutHandleFromCookie,
   signedOutHeaders,
@@ -370,7 +371,7 @@ async function endReplacedSession(id: string, successor: SignIn): Promise<void> 
     // Ended a moment ago (its tokens ran out, a logout on another device): calls its tabs still have
     // in flight must hear "replaced", which leaves the cookie alone (by then the new session's),
     // not that end's word, which clears it by name. A record this instance cannot read is not ours to end.
-    if (miss !== 'unreadable' && miss !== 'replaced') await endSessionBecause(id, undefined, 'replaced');
+    if (!servedElsewhere(miss) && miss !== 'replaced') await endSessionBecause(id, undefined, 'replaced');
     return;
   }
   const refreshToken = await refreshTokenAtEnd(previous, await replaceSession(previous));
@@ -383,7 +384,9 @@ async function endReplacedSession(id: string, successor: SignIn): Promise<void> 
 
 export async function describeSession(request: Request): Promise<Response> {
   requireCsrf(request);
-  const { session, stale, endedBy } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  const found = await sessionFromCookieHeader(request.headers.get('cookie'));
+  const { session, stale, endedBy } = found;
+  if (found.unreadable) throw withoutSession(found);
   if (!session) return jsonResponse(200, { authenticated: false, ...(endedBy ? { endedBy } : {}) }, stale ? endedSessionHeaders() : []);
   await touchSession(session, true);
   const { acr, authTime } = session.record;
@@ -633,7 +636,7 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   const target = (await listUserSessions(current)).find((entry) => entry.handle === handle);
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
   const loaded = target.current ? { session: current } : await loadSession(target.id);
-  if (!loaded.session && loaded.miss === 'unreadable') {
+  if (!loaded.session && servedElsewhere(loaded.miss)) {
     // A record this instance cannot open (a newer release's during a rolling deploy, tokens under a
     // key it does not hold) goes on working where it can be read: "ended" would be untrue.
     throw new GatehouseError('store_unavailable', 503, 'That session cannot be ended from this server right now. Try again shortly.', { retryAfterSec: 5 });

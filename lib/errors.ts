@@ -57,6 +57,13 @@ export const errors = {
   storeUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   /**
+   * The request's session is stored but this instance cannot open it (a newer release's record, or
+   * tokens under a key it does not hold yet, during a rolling deploy): other instances serve it, so
+   * the browser retries rather than hearing that it is signed out.
+   */
+  sessionUnreadable: (cause?: unknown) =>
+    new GatehouseError('store_unavailable', 503, 'This server cannot read your session right now. Try again shortly.', { cause, retryAfterSec: 5 }),
+  /**
    * The API needs a stronger or more recent sign-in than the session's (RFC 9470). The session stays;
    * `details` says what the new sign-in must bring, under RFC 9470's names `acr_values` and `max_age`.
    */

@@ -524,7 +524,15 @@ const SESSION_COPY_MAX_AGE_MS = 1_000;
  * this instance cannot open — written by a newer release or under a key it does not have yet during
  * a rolling deploy: someone else can read it, so it is neither deleted nor its cookie cleared).
  */
-export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'ended_elsewhere' | 'ended_at_idp' | 'ended_expired';
+export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'unbound' | 'ended_elsewhere' | 'ended_at_idp' | 'ended_expired';
+
+/**
+ * Whether a miss is a record that some instance can still open, and so must be left alone: ended by
+ * nobody, its cookie kept. `unbound` (see loadSession) is read by earlier releases only.
+ */
+export function servedElsewhere(miss: SessionMiss | undefined): boolean {
+  return miss === 'unreadable' || miss === 'unbound';
+}
 
 /**
  * Why a session was ended by someone other than its browser: a new login in the same browser
@@ -595,7 +603,7 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
     // the release that wrote it, as during a rolling deploy; once every instance runs this one,
     // its user signs in again.
     warnUnreadable(id, 'unbound');
-    return { session: null, miss: 'unreadable' };
+    return { session: null, miss: 'unbound' };
   }
   if (secrets.boundTo !== recordBinding(id, record)) {
     // Written by someone holding the store but not the token key: nobody's session. Its index
@@ -870,8 +878,8 @@ async function checkHeldSessions(): Promise<void> {
       }
       if (loaded.session) {
         if (used) await touchSession(loaded.session).catch(() => undefined);
-      } else if (loaded.miss !== 'unreadable') {
-        // `unreadable` is a record another release or key can open: the session lives on.
+      } else if (!servedElsewhere(loaded.miss)) {
+        // A record another release or key can open: the session lives on.
         endHeldOpen(id, 'session_check');
       }
     }
@@ -1014,10 +1022,13 @@ export interface CookieSession {
   replaced: boolean;
   /** The session was ended from another device, at the IdP, or by its tokens' end: the browser should hear why. */
   endedBy?: Exclude<EndedBy, 'replaced'>;
+  /** The session is stored in a form this instance cannot open yet (see SessionMiss): retry, it lives on elsewhere. */
+  unreadable?: true;
 }
 
-/** What a request whose cookie leads to no session hears: replaced (retry), ended (and how), or signed out. */
-export function withoutSession({ stale, replaced, endedBy }: CookieSession): GatehouseError {
+/** What a request whose cookie leads to no session hears: unreadable here or replaced (retry), ended (and how), or signed out. */
+export function withoutSession({ stale, replaced, endedBy, unreadable }: CookieSession): GatehouseError {
+  if (unreadable) return errors.sessionUnreadable();
   return replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
 }
 
@@ -1029,7 +1040,13 @@ export async function sessionFromCookieHeader(cookieHeader: string | null | unde
   if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false };
   const loaded = await loadSession(unsealed.id, { coherentCopy });
   const endedBy = loaded.miss === undefined ? undefined : ENDED_BY_MISS[loaded.miss];
-  return { session: loaded.session, stale: loaded.miss === 'gone' || endedBy !== undefined, replaced: loaded.miss === 'replaced', ...(endedBy ? { endedBy } : {}) };
+  return {
+    session: loaded.session,
+    stale: loaded.miss === 'gone' || endedBy !== undefined,
+    replaced: loaded.miss === 'replaced',
+    ...(endedBy ? { endedBy } : {}),
+    ...(loaded.miss === 'unreadable' ? { unreadable: true as const } : {}),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------

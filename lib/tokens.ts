@@ -21,6 +21,7 @@ import {
   writeSessionTokens,
   type Session,
   type SessionSecrets,
+  servedElsewhere,
 } from './session.ts';
 
 /**
@@ -511,7 +512,7 @@ function renewLease(id: string, owner: string, onLost: () => void): () => void {
 async function storedSession(id: string): Promise<Session> {
   const loaded = await loadSession(id);
   if (loaded.session) return loaded.session;
-  if (loaded.miss === 'unreadable') throw errors.storeUnavailable(new Error('the session record cannot be read by this instance'));
+  if (servedElsewhere(loaded.miss)) throw errors.sessionUnreadable(new Error('the session record cannot be read by this instance'));
   throw await endedSessionError(id);
 }
 

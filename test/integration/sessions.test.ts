@@ -735,17 +735,23 @@ describe('secret rotation across deploys', () => {
     const proxiedWithB = await fetch(`${app}/api/proxy/demo/whoami`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
     expect(proxiedWithB.status).toBe(200);
 
-    // Instances of the fleet that lack B (not yet redeployed, or given B for cookies but not for
-    // tokens) cannot read it: no session for that request, but nothing deleted and no cookie cleared.
-    const behindEnvs: Array<Record<string, string>> = [{ SESSION_SECRET: secretA }, { SESSION_SECRET: `${secretA},${secretB}`, TOKEN_ENCRYPTION_KEY: secretA }];
-    for (const behindEnv of behindEnvs) {
-      const behind = await startGatehouse({ name: 'gatehouse-behind', workers: 1, env: { ...current.env, ...behindEnv } });
+    // Instances of the fleet that lack B cannot read it, and delete nothing and clear no cookie. One
+    // not yet redeployed cannot open the cookie, which might as well be sealed under a secret removed
+    // on purpose: no session for that request. One given B for cookies but not for tokens finds a
+    // stored session it cannot open, which other instances serve: 503, retry (never "signed out").
+    const retry = { status: 503, retryAfter: '5', body: { error: 'store_unavailable', message: 'This server cannot read your session right now. Try again shortly.' } };
+    const behindEnvs: Array<{ env: Record<string, string>; session: unknown; proxy: number }> = [
+      { env: { SESSION_SECRET: secretA }, session: { status: 200, retryAfter: null, body: { authenticated: false } }, proxy: 401 },
+      { env: { SESSION_SECRET: `${secretA},${secretB}`, TOKEN_ENCRYPTION_KEY: secretA }, session: retry, proxy: 503 },
+    ];
+    for (const expected of behindEnvs) {
+      const behind = await startGatehouse({ name: 'gatehouse-behind', workers: 1, env: { ...current.env, ...expected.env } });
       try {
-        const described = await fetch(`${behind.url}/api/auth/session`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
-        expect(await described.json()).toEqual({ authenticated: false });
-        expect(described.headers.getSetCookie()).toEqual([]);
+        const answer = await fetch(`${behind.url}/api/auth/session`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
+        expect({ status: answer.status, retryAfter: answer.headers.get('retry-after'), body: await answer.json() }).toEqual(expected.session);
+        expect(answer.headers.getSetCookie()).toEqual([]);
         const proxied = await fetch(`${behind.url}/api/proxy/demo/whoami`, { headers: { cookie: sealedWithB, 'x-csrf': '1' } });
-        expect(proxied.status).toBe(401);
+        expect([proxied.status, (proxied.headers.get('retry-after') !== null) === (expected.proxy === 503)]).toEqual([expected.proxy, true]);
         expect(proxied.headers.getSetCookie()).toEqual([]);
       } finally {
         await behind.process.stop();
@@ -763,6 +769,32 @@ describe('secret rotation across deploys', () => {
     // New sessions work under B alone.
     const fresh = await login('rotation-user');
     expect((await sessionOf(fresh.rpCookies)).authenticated).toBe(true);
+  });
+});
+
+describe('a record of a newer release, during a rolling deploy', () => {
+  it('is not read here, nor taken for a signed-out user: 503 with Retry-After on every path, the record and the cookie left as they are', async () => {
+    const user = 'newer-release-user';
+    const session = await login(user);
+    const cookie = cookieHeader(session.rpCookies);
+    const [key] = (await Promise.all((await sessionKeys()).map(async (k) => [k, (await redis.get(k)) ?? ''] as const))).filter(([, raw]) => raw.includes(`"sub":"${user}"`)).map(([k]) => k);
+    const ours = (await redis.get(key!))!;
+    const newer = JSON.stringify({ ...(JSON.parse(ours) as { v: number }), v: (JSON.parse(ours) as { v: number }).v + 1, shape: 'of a newer release' });
+    await redis.set(key!, newer, 'KEEPTTL');
+    for (const [path, init] of [
+      ['/api/auth/session', {}],
+      ['/api/proxy/demo/whoami', {}],
+      ['/api/proxy/demo/echo', { method: 'POST', body: '{}' }],
+      ['/api/auth/sessions', {}],
+    ] as const) {
+      const answer = await fetch(`${app}${path}`, { ...init, headers: { cookie, 'x-csrf': '1', 'content-type': 'application/json' } });
+      expect([path, answer.status, answer.headers.get('retry-after'), ((await answer.json()) as { error?: string }).error]).toEqual([path, 503, '5', 'store_unavailable']);
+      expect(answer.headers.getSetCookie(), path).toEqual([]);
+    }
+    expect(await redis.get(key!)).toBe(newer);
+    // Back in a form this release reads (the newer instance's refresh would be): the session was never ended.
+    await redis.set(key!, ours, 'KEEPTTL');
+    expect(await sessionOf(cookie)).toMatchObject({ authenticated: true, user: { sub: user } });
   });
 });
 

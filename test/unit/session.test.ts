@@ -350,7 +350,7 @@ describe('a session record rewritten by a store writer', () => {
     for (const sealed of [await session.encryptSecrets(unbound), await session.encryptAtRest({ kty: 'EC', crv: 'P-256', x: 'x', y: 'y', d: 'd' })]) {
       const written = JSON.stringify({ ...record, sealed });
       await session.getStore().replace(session.sessionKey(attacker.id), written);
-      expect(await anotherInstance(session).loadSession(attacker.id)).toEqual({ session: null, miss: 'unreadable' });
+      expect(await anotherInstance(session).loadSession(attacker.id)).toEqual({ session: null, miss: 'unbound' });
       expect(await session.getStore().get(session.sessionKey(attacker.id))).toBe(written);
     }
     expect((await session.readSession(victim.id))?.secrets.accessToken).toBe('at-123');
