@@ -30,6 +30,8 @@ import {
   sessionIdFromCookieHeader,
   sessionIdToReplace,
   servedElsewhere,
+  fromOneIdpSession,
+  type SignIn,
   signOutCookieHeader,
   signOutHandleFromCookie,
   signedOutHeaders,
@@ -427,17 +429,6 @@ async function endSession(session: Session, survivor?: SignIn): Promise<void> {
   countLogout(survivor ? 'other_device' : 'user', 'ok');
 }
 
-/** Who signed in, and in which IdP session: what tells whether two sessions share an IdP grant. */
-type SignIn = { sub: string; idpSid?: string | undefined };
-
-/**
- * Whether `ended` comes from the IdP session that `survivor`, a session that stays, comes from:
- * IdPs such as oidc-provider and Keycloak revoke the whole grant with one refresh token, and such
- * sessions share it. An IdP that names no session (`sid`) for the survivor cannot tell them apart.
- */
-function fromOneIdpSession(ended: SignIn, survivor: SignIn): boolean {
-  return ended.sub === survivor.sub && (survivor.idpSid === undefined || ended.idpSid === survivor.idpSid);
-}
 
 /** Where a browser goes once its session has ended: the IdP's logout (RP-initiated), else the app. */
 async function afterSignOut(idToken: string | undefined): Promise<string> {

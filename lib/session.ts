@@ -931,6 +931,30 @@ async function forgetEndedSession<T>(id: string, record: SessionRecord | undefin
   return deleted;
 }
 
+/** Who signed in, and in which IdP session: what tells whether two sessions share an IdP grant. */
+export type SignIn = { sub: string; idpSid?: string | undefined };
+
+/**
+ * Whether `ended` comes from the IdP session that `survivor`, a session that stays, comes from:
+ * IdPs such as oidc-provider and Keycloak revoke the whole grant with one refresh token, and such
+ * sessions share it. An IdP that names no session (`sid`) for the survivor cannot tell them apart.
+ */
+export function fromOneIdpSession(ended: SignIn, survivor: SignIn): boolean {
+  return ended.sub === survivor.sub && (survivor.idpSid === undefined || ended.idpSid === survivor.idpSid);
+}
+
+/** Whether a live session of the user, other than `id`, comes from the IdP session `record` does (see fromOneIdpSession). */
+export async function liveSessionFromOneIdpSession(id: string, record: SessionRecord): Promise<boolean> {
+  const entries = await storeCall(() => getStore().indexMembers(userSessionsKey(record.sub), Date.now()));
+  for (const { member } of entries) {
+    if (member === id) continue;
+    const raw = await storeCall(() => getStore().get(sessionKey(member)));
+    const other = raw === null ? null : parseRecord(raw);
+    if (other && fromOneIdpSession(record, other)) return true;
+  }
+  return false;
+}
+
 export interface SessionSummary {
   handle: string;
   createdAt: number;

@@ -22,6 +22,7 @@ import {
   type Session,
   type SessionSecrets,
   servedElsewhere,
+  liveSessionFromOneIdpSession,
 } from './session.ts';
 
 /**
@@ -535,10 +536,19 @@ function outcomeLog(session: Session, request: TokenRequest): (result: string) =
   return (result) => ({ session: sessionHandle(session.id), ...grantTarget(request), outcome: result, ms: Math.round(performance.now() - started) });
 }
 
-/** Why the write-back found no lock of ours: the session ended meanwhile, or the lease ran out. */
-async function writeBackRefused(current: Session, event: string, outcome: (result: string) => Record<string, unknown>): Promise<GatehouseError> {
+/**
+ * Why the write-back found no lock of ours: the session ended meanwhile, or the lease ran out. A
+ * refresh token the IdP rotated for a session that has ended is given back (RFC 7009) rather than
+ * stranded, unless another live session of the user comes from the same IdP session: IdPs such as
+ * oidc-provider and Keycloak revoke the whole grant with one token, and such a session (a silent
+ * re-login that replaced this one) may hold that grant. While the session lives on, the grant is
+ * its own, and revoking would end it on those IdPs (Auth0 revokes the whole rotation family too).
+ */
+async function writeBackRefused(current: Session, event: string, outcome: (result: string) => Record<string, unknown>, unstored?: TokenSet): Promise<GatehouseError> {
   const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
-  log('warn', event, outcome(gone ? 'session_gone' : 'lock_lost'));
+  const rotated = unstored?.refreshToken !== undefined && unstored.refreshToken !== current.secrets.refreshToken ? unstored.refreshToken : undefined;
+  const revoked = gone && rotated !== undefined && !(await liveSessionFromOneIdpSession(current.id, current.record)) ? await revokeToken(rotated, 'refresh_token') : false;
+  log('warn', event, { ...outcome(gone ? 'session_gone' : 'lock_lost'), ...(rotated !== undefined ? { revoked } : {}) });
   return gone ? endedSessionError(current.id) : errors.idpUnavailable(new Error(`${event}: lock lost before the write-back`));
 }
 
@@ -555,8 +565,7 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
       log('info', 'token.refresh', outcome('ok'));
       return updated;
     }
-    await revokeUnstored(tokens, refreshToken);
-    throw await writeBackRefused(current, 'token.refresh', outcome);
+    throw await writeBackRefused(current, 'token.refresh', outcome, tokens);
   } catch (error) {
     if (error instanceof IdpError) {
       log('warn', 'token.refresh', outcome(error.kind));
@@ -682,11 +691,3 @@ async function writeRetakingLock(current: Session, next: Session, lock: HeldLock
   return null;
 }
 
-/**
- * A rotated refresh token that cannot be stored (the session was logged out meanwhile, or the
- * lock was lost) is revoked at the IdP (RFC 7009) rather than stranded. Without rotation the IdP
- * sent none, and the session's own token is not ours to revoke.
- */
-async function revokeUnstored(tokens: TokenSet, previous: string): Promise<void> {
-  if (tokens.refreshToken && tokens.refreshToken !== previous) await revokeToken(tokens.refreshToken, 'refresh_token');
-}

@@ -20,6 +20,11 @@ function answerStalled(): void {
   for (const response of stalled.splice(0)) response.writeHead(503).end();
 }
 
+/** Answers the stalled grants as the IdP would have: rotated tokens, after all. */
+function grantStalled(): void {
+  for (const response of stalled.splice(0)) response.end(JSON.stringify({ access_token: 'at-late', refresh_token: 'rt-late', token_type: 'Bearer', expires_in: 3600 }));
+}
+
 beforeAll(async () => {
   idp = createServer((request, response) => {
     let body = '';
@@ -107,6 +112,72 @@ describe('a write-back that landed but whose answer was lost', () => {
     expect([{ token: `at-${tokenGrants}` }, { error: 'store_unavailable' }, { error: 'idp_unavailable' }]).toContainEqual(outcome);
     expect(revoked).toEqual([]);
     expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-2');
+  });
+});
+
+describe('a rotated refresh token that cannot be stored', () => {
+  afterEach(() => {
+    idpMode = 'answering';
+    answerStalled();
+  });
+
+  /** A due session of alice's whose refresh sits at the IdP while `meanwhile` runs, then gets rotated tokens. */
+  async function refreshOutlivedBy(meanwhile: (deployed: Awaited<ReturnType<typeof deploy>>, created: { id: string }) => Promise<void>) {
+    const deployed = await deploy();
+    idpMode = 'stalling';
+    const created = await deployed.session.createSession({ sub: 'alice', idpSid: 'idp-1', secrets: { accessToken: 'at-1', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    revoked.length = 0;
+    const outcome = deployed.tokens.getAccessToken(created).then(
+      (result) => ({ token: result.token }),
+      (error: { code?: string }) => ({ error: error.code }),
+    );
+    await vi.waitFor(() => expect(stalled).toHaveLength(1));
+    await meanwhile(deployed, created);
+    grantStalled();
+    return { ...deployed, created, outcome: await outcome };
+  }
+
+  const signIn = (deployed: Awaited<ReturnType<typeof deploy>>, idpSid: string) =>
+    deployed.session.createSession({ sub: 'alice', idpSid, secrets: { accessToken: 'at-new', refreshToken: 'rt-new', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + 3_600_000, userAgent: 'ua' });
+
+  it('is given back when its session ended meanwhile (a logout)', async () => {
+    const { outcome } = await refreshOutlivedBy(async ({ session }, created) => {
+      await session.destroySession(created.id);
+    });
+    expect(outcome).toEqual({ error: 'session_expired' });
+    expect(revoked).toEqual(['rt-late']);
+  });
+
+  it('is not given back when a live session of the same IdP session replaced its session (a silent re-login may continue the grant)', async () => {
+    let successor: { id: string } | undefined;
+    const { outcome, session } = await refreshOutlivedBy(async (deployed, created) => {
+      successor = await signIn(deployed, 'idp-1');
+      await deployed.session.replaceSession((await deployed.session.readSession(created.id))!);
+    });
+    expect(outcome).toEqual({ error: 'session_replaced' });
+    expect(revoked).toEqual([]);
+    expect((await session.readSession(successor!.id))?.secrets.refreshToken).toBe('rt-new');
+  });
+
+  it('is given back when the session that replaced its session comes from another IdP session', async () => {
+    const { outcome } = await refreshOutlivedBy(async (deployed, created) => {
+      await signIn(deployed, 'idp-2');
+      await deployed.session.replaceSession((await deployed.session.readSession(created.id))!);
+    });
+    expect(outcome).toEqual({ error: 'session_replaced' });
+    expect(revoked).toEqual(['rt-late']);
+  });
+
+  it('is not given back while its session lives on (the lease ran out and another instance holds the lock): the grant is the session’s own', async () => {
+    const { outcome, session, created } = await refreshOutlivedBy(async ({ session: deployedSession }, created) => {
+      const store = deployedSession.getStore();
+      const lockKey = deployedSession.refreshLockKey(created.id);
+      expect(await store.take(lockKey)).not.toBeNull();
+      expect(await store.set(lockKey, 'another-instance', { ttlMs: 25_000, onlyIfAbsent: true })).toBe(true);
+    });
+    expect(outcome).toEqual({ error: 'idp_unavailable' });
+    expect(revoked).toEqual([]);
+    expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-1');
   });
 });
 
