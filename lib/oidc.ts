@@ -79,7 +79,10 @@ function discover(): Promise<oauth.AuthorizationServer> {
   const value = (async () => {
     try {
       const response = await oauth.discoveryRequest(issuer, { ...requestOptions(), algorithm: 'oidc' });
-      return await oauth.processDiscoveryResponse(issuer, response);
+      const as = await oauth.processDiscoveryResponse(issuer, response);
+      const cleartext = cleartextEndpointProblem(as);
+      if (cleartext) throw new IdpError('rejected', cleartext);
+      return as;
     } catch (error) {
       throw classify(error, 'discovery');
     }
@@ -203,6 +206,21 @@ export function pushedAuthorizationProblem(as: oauth.AuthorizationServer, usePar
     return `OIDC_USE_PAR: is true, but the IdP publishes no pushed_authorization_request_endpoint; enable PAR at the IdP or unset OIDC_USE_PAR (${as.issuer})`;
   }
   return undefined;
+}
+
+/** The discovery document's endpoints that Gatehouse calls itself, with the client's credentials, codes and tokens, or whose keys it trusts. */
+const SERVER_ENDPOINTS = ['token_endpoint', 'pushed_authorization_request_endpoint', 'revocation_endpoint', 'userinfo_endpoint', 'jwks_uri'] as const;
+
+/**
+ * An endpoint Gatehouse would call in clear text off this machine, named. oauth4webapi refuses http
+ * endpoints, except when told to allow them, which a loopback issuer needs (a local IdP, tests) —
+ * and that would then let its document send the client secret and refresh tokens to any http host.
+ * jose fetches the logout tokens' keys (`jwks_uri`) over whatever scheme it is given.
+ */
+export function cleartextEndpointProblem(as: oauth.AuthorizationServer, allowHttp = getConfig().oidc.allowInsecureRequests): string | undefined {
+  const cleartext = SERVER_ENDPOINTS.filter((name) => as[name] !== undefined && !browserEndpoint(as[name], allowHttp));
+  if (cleartext.length === 0) return undefined;
+  return `OIDC_ISSUER: the IdP's discovery document names ${cleartext.map((name) => `${name} ${JSON.stringify(String(as[name]).slice(0, 100))}`).join(', ')}, which is not an absolute https URL (nor http on loopback, for a loopback issuer); Gatehouse sends secrets and tokens only over https (${as.issuer})`;
 }
 
 /** RFC 9126 section 2: resolves to the `request_uri` that stands for `parameters` at the IdP. */
@@ -433,10 +451,9 @@ export async function revokeToken(token: string, hint: 'refresh_token' | 'access
 }
 
 /**
- * An endpoint of the discovery document that Gatehouse sends the browser to, or undefined when it is
- * not an absolute https URL (http on loopback only, and only where the issuer itself is http on
- * loopback): oauth4webapi checks the endpoints it calls itself, not these, and the document is the
- * IdP's word, which a broken one can fill with a relative path or a `javascript:` URL.
+ * An endpoint of the discovery document, or undefined when it is not an absolute https URL (http on
+ * loopback only, and only where the issuer itself is http on loopback): the document is the IdP's
+ * word, which a broken one can fill with a relative path, a `javascript:` URL or a cleartext host.
  */
 export function browserEndpoint(value: unknown, allowHttp = getConfig().oidc.allowInsecureRequests): URL | undefined {
   if (typeof value !== 'string' || !URL.canParse(value)) return undefined;
@@ -546,8 +563,7 @@ export async function idpStartProblems(): Promise<string[]> {
     log('warn', 'server.idp_unchecked', { ...describeCause(error), retry: 'at the first login' });
     return [];
   }
-  const problem = pushedAuthorizationProblem(as);
-  return problem ? [problem] : [];
+  return [pushedAuthorizationProblem(as), cleartextEndpointProblem(as)].filter((problem) => problem !== undefined);
 }
 
 const LOGOUT_TOKEN_MAX_AGE_SEC = 5 * 60;
@@ -565,6 +581,8 @@ export async function verifyLogoutToken(token: string): Promise<LogoutTokenClaim
   if (logoutJwks?.uri !== as.jwks_uri) logoutJwks = { uri: as.jwks_uri, keys: createRemoteJWKSet(new URL(as.jwks_uri), { timeoutDuration: getConfig().oidc.timeoutMs }) };
   const algorithms = (as.id_token_signing_alg_values_supported ?? ['RS256']).filter((alg) => alg !== 'none' && !alg.startsWith('HS'));
   return checkLogoutToken(token, logoutJwks.keys, {
+    // Read before the check: it may fetch the set, after which it is cooling down whatever it held.
+    keysMayPredateToken: logoutJwks.keys.coolingDown,
     issuer: as.issuer,
     clientId: getConfig().oidc.clientId,
     algorithms,

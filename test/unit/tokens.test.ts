@@ -13,6 +13,8 @@ let tokenGrants = 0;
 /** `failing`: the token endpoint answers 503 with Retry-After: 30; `stalling`: it answers nothing until told. */
 let idpMode: 'answering' | 'failing' | 'stalling' = 'answering';
 const stalled: ServerResponse[] = [];
+/** Endpoints the discovery document says otherwise than the defaults (a misconfigured or hostile IdP). */
+let discoveryOverrides: Record<string, string> = {};
 /** What the token endpoint says its access tokens live: under the 30 s skew, they are due at once. */
 let accessTokenLifetimeSec = 3600;
 
@@ -32,7 +34,7 @@ beforeAll(async () => {
     request.on('end', () => {
       response.setHeader('content-type', 'application/json');
       if (request.url === '/.well-known/openid-configuration') {
-        response.end(JSON.stringify({ issuer, token_endpoint: `${issuer}/token`, revocation_endpoint: `${issuer}/revoke`, jwks_uri: `${issuer}/jwks`, authorization_endpoint: `${issuer}/auth` }));
+        response.end(JSON.stringify({ issuer, token_endpoint: `${issuer}/token`, revocation_endpoint: `${issuer}/revoke`, jwks_uri: `${issuer}/jwks`, authorization_endpoint: `${issuer}/auth`, ...discoveryOverrides }));
       } else if (request.url === '/token') {
         tokenGrants += 1;
         if (idpMode === 'stalling') {
@@ -112,6 +114,25 @@ describe('a write-back that landed but whose answer was lost', () => {
     expect([{ token: `at-${tokenGrants}` }, { error: 'store_unavailable' }, { error: 'idp_unavailable' }]).toContainEqual(outcome);
     expect(revoked).toEqual([]);
     expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-2');
+  });
+});
+
+describe('an IdP whose discovery document names a cleartext token endpoint off this machine', () => {
+  afterEach(() => {
+    discoveryOverrides = {};
+  });
+
+  it('gets no refresh token sent there: the refresh is refused as an IdP error (502), the session kept', async () => {
+    // Where a loopback issuer lets oauth4webapi call http at all; 192.0.2.1 (TEST-NET-1) answers nobody.
+    discoveryOverrides = { token_endpoint: 'http://192.0.2.1/token' };
+    const { session, tokens } = await deploy();
+    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-1', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const outcome = await tokens.getAccessToken(created).then(
+      () => ({}),
+      (error: { code?: string; status?: number }) => ({ code: error.code, status: error.status }),
+    );
+    expect(outcome).toEqual({ code: 'idp_error', status: 502 });
+    expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-1');
   });
 });
 
