@@ -150,6 +150,18 @@ describe('back-channel logout', () => {
     expect((await sessionKeys()).sort()).toEqual(keysBefore.sort());
   });
 
+  it('a token naming a key the IdP published after the key set was last fetched, within jose’s 30 s cooldown, is answered 503 (the IdP retries), never a final 400', async () => {
+    const victim = await login('rotated-key-target');
+    const rotatedKey = () => signWithIdp(logoutClaims({ sub: 'rotated-key-target' }), { kid: 'published-moments-ago' });
+    // The first such token makes jose fetch the set again unless it just has; after it, it just has.
+    const first = await postLogoutToken(await rotatedKey());
+    expect([400, 503]).toContain(first.status);
+    await first.body?.cancel();
+    const retried = await postLogoutToken(await rotatedKey());
+    expect([retried.status, ((await retried.json()) as { error?: string }).error]).toEqual([503, 'idp_unavailable']);
+    expect((await sessionOf(victim.rpCookies)).authenticated).toBe(true);
+  });
+
   it('refuses what sections 2.4 and 2.6 forbid beyond the JWT basics, and the session keeps working', async () => {
     const victim = await login('strict-target');
     const sub = 'strict-target';

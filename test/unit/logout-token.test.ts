@@ -1,5 +1,7 @@
 import fc from 'fast-check';
-import { SignJWT, createLocalJWKSet, exportJWK, generateKeyPair, type CryptoKey, type JWTVerifyGetKey } from 'jose';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { SignJWT, createLocalJWKSet, createRemoteJWKSet, errors as joseErrors, exportJWK, generateKeyPair, type CryptoKey, type JWK, type JWTVerifyGetKey } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { BACKCHANNEL_LOGOUT_EVENT as EVENT, LogoutTokenRejected, checkLogoutToken, type LogoutTokenExpectations } from '../../lib/logout-token.ts';
 
@@ -156,5 +158,42 @@ describe('checkLogoutToken', () => {
       }),
       { numRuns: 300 },
     );
+  });
+});
+
+describe('a logout token signed with a key the IdP rotated to moments ago', () => {
+  it('is no verdict while the key set is too fresh to be fetched again: a retryable error, then accepted once it may be; a key still unknown after a fetch is refused', async () => {
+    const [first, rotated, unknown] = await Promise.all([generateKeyPair('ES256'), generateKeyPair('ES256'), generateKeyPair('ES256')]);
+    const published: JWK[] = [{ ...(await exportJWK(first.publicKey)), kid: 'first', alg: 'ES256', use: 'sig' }];
+    const server = createServer((_, response) => response.setHeader('content-type', 'application/json').end(JSON.stringify({ keys: published })));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      // jose's own remote key set, its cooldown shortened from 30 s for the test.
+      const keys = createRemoteJWKSet(new URL(`http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks`), { cooldownDuration: 300 });
+      const now = Math.floor(Date.now() / 1000);
+      const token = (kid: string, key: CryptoKey) =>
+        new SignJWT({ iss: ISSUER, aud: CLIENT_ID, iat: now, exp: now + 120, jti: `${kid}-${Math.random()}`, sid: 's', events: { [EVENT]: {} } }).setProtectedHeader({ alg: 'ES256', kid }).sign(key);
+      const check = async (jwt: string) => {
+        try {
+          await checkLogoutToken(jwt, keys, { ...EXPECTED, currentDate: undefined, keysMayPredateToken: keys.coolingDown });
+          return 'accepted';
+        } catch (error) {
+          if (error instanceof LogoutTokenRejected) return 'rejected';
+          if (error instanceof joseErrors.JWKSNoMatchingKey) return 'retry';
+          throw error;
+        }
+      };
+      expect(await check(await token('first', first.privateKey))).toBe('accepted');
+      published.push({ ...(await exportJWK(rotated.publicKey)), kid: 'rotated', alg: 'ES256', use: 'sig' });
+      const signedWithRotated = await token('rotated', rotated.privateKey);
+      expect(keys.coolingDown).toBe(true);
+      expect(await check(signedWithRotated)).toBe('retry');
+      await new Promise((resolve) => setTimeout(resolve, 350));
+      expect(await check(signedWithRotated)).toBe('accepted');
+      await new Promise((resolve) => setTimeout(resolve, 350));
+      expect(await check(await token('unknown', unknown.privateKey))).toBe('rejected');
+    } finally {
+      server.close();
+    }
   });
 });
