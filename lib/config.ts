@@ -1,4 +1,4 @@
-import { X509Certificate } from 'node:crypto';
+import { X509Certificate, createPrivateKey, type JsonWebKey as NodeJwk } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
@@ -104,6 +104,9 @@ export interface TokenExchangeTarget {
   audience: string;
   scope: string | undefined;
 }
+
+/** The curves WebCrypto's ECDSA signs with (Node's names for P-256, P-384 and P-521). */
+const SIGNING_CURVES = new Set(['prime256v1', 'secp384r1', 'secp521r1']);
 
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]']);
 
@@ -248,14 +251,29 @@ const envSchema = z.object({
     .optional()
     .transform((value, ctx) => {
       if (value === undefined) return undefined;
+      let jwk: JsonWebKeyWithKid;
       try {
-        const jwk = JSON.parse(value) as JsonWebKeyWithKid;
+        jwk = JSON.parse(value) as JsonWebKeyWithKid;
         if (typeof jwk !== 'object' || jwk === null || typeof jwk.kty !== 'string' || typeof jwk.d !== 'string') throw new Error();
-        return jwk;
       } catch {
         ctx.addIssue({ code: 'custom', message: 'must be a private JWK as JSON' });
         return z.NEVER;
       }
+      // Imported here, not at the first login: a key that cannot sign would otherwise let the server
+      // start healthy and fail every sign-in and refresh with a 500 that names nothing.
+      let signing: string | undefined;
+      try {
+        const key = createPrivateKey({ key: jwk as NodeJwk, format: 'jwk' });
+        const curve = key.asymmetricKeyDetails?.namedCurve;
+        if (key.asymmetricKeyType === 'rsa' || key.asymmetricKeyType === 'ed25519' || (key.asymmetricKeyType === 'ec' && curve && SIGNING_CURVES.has(curve))) signing = key.asymmetricKeyType;
+      } catch {
+        // Not importable at all: said below.
+      }
+      if (!signing) {
+        ctx.addIssue({ code: 'custom', message: 'must be a complete private signing key as a JWK: RSA, EC on P-256, P-384 or P-521, or Ed25519' });
+        return z.NEVER;
+      }
+      return jwk;
     }),
   OIDC_SCOPES: z.string().trim().default('openid profile email offline_access').refine((s) => s.split(/\s+/).includes('openid'), 'must include "openid"'),
   OIDC_AUTHORIZATION_PARAMS: z

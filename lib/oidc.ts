@@ -121,6 +121,20 @@ async function importPrivateKey(): Promise<oauth.PrivateKey> {
   return { key, kid: jwk.kid };
 }
 
+/**
+ * OIDC_PRIVATE_KEY imported as the first client assertion would import it: the configuration's own
+ * check (Node's key parser) lets a few keys through that WebCrypto will not sign with.
+ */
+export async function privateKeyProblem(): Promise<string | undefined> {
+  if (getConfig().oidc.clientAuth !== 'private_key_jwt') return undefined;
+  try {
+    await importPrivateKey();
+    return undefined;
+  } catch (error) {
+    return `OIDC_PRIVATE_KEY: cannot be imported as a signing key (${error instanceof Error ? error.name : 'unknown error'}); give a complete private JWK: RSA, EC on P-256, P-384 or P-521, or Ed25519`;
+  }
+}
+
 export interface AuthorizationRequest extends StepUp {
   state: string;
   nonce: string;
@@ -556,6 +570,8 @@ export async function checkDiscovery(): Promise<oauth.AuthorizationServer> {
  * so then this names nothing, and the same check runs at every login instead.
  */
 export async function idpStartProblems(): Promise<string[]> {
+  const keyProblem = await privateKeyProblem();
+  if (keyProblem) return [keyProblem];
   let as: oauth.AuthorizationServer;
   try {
     as = await checkDiscovery();

@@ -1,3 +1,4 @@
+import { generateKeyPairSync } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFileSync, spawn } from 'node:child_process';
 import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -206,6 +207,13 @@ describe('npm start', () => {
   it('refuses the in-memory store with more than one worker, saying why', async () => {
     const output = await refusal('memory-two-workers', { ...stack.apps[0]!.env, SESSION_STORE: 'memory', REDIS_URL: '', GATEHOUSE_WORKERS: '2', PORT: '0' });
     expect(output).toContain('GATEHOUSE_WORKERS: the in-memory session store lives inside one process');
+  });
+
+  it('refuses an OIDC_PRIVATE_KEY that Node parses but WebCrypto will not sign with, naming it (not a 500 at the first login)', async () => {
+    const jwk = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+    const output = await refusal('unusable-key', { ...stack.apps[0]!.env, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify({ ...jwk, d: 'abc!' }), PORT: '0' });
+    expect(output).toContain('OIDC_PRIVATE_KEY: cannot be imported as a signing key');
+    expect(output).not.toContain(jwk.x as string);
   });
 
   it('without a production build: one message naming the fix, exit 1, no respawning', async () => {

@@ -1,9 +1,9 @@
-import { randomBytes } from 'node:crypto';
+import { generateKeyPairSync, randomBytes, type JsonWebKey as NodeJwk } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import fc from 'fast-check';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { ConfigError, parseConfig } from '../../lib/config.ts';
 import { parseSentinelUrl } from '../../lib/store/sentinel-url.ts';
 import { MAX_AGE_LIMIT_SEC } from '../../lib/step-up.ts';
@@ -377,6 +377,28 @@ it('refuses a query or a fragment on the URLs paths are joined to (issuer, app, 
     expect(problemsOf({ ...valid, APP_BASE_URL: 'https://app.example.com/sub' })[0]).toMatch(/^APP_BASE_URL: must be an origin/);
   });
 
+  it('imports OIDC_PRIVATE_KEY at start-up: a key that cannot sign is named there, not found at the first login', async () => {
+    const keyed = (jwk: unknown) => ({ ...valid, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(jwk) });
+    const withKey = (jwk: unknown) => problemsOf(keyed(jwk));
+    const signing = signingKeys();
+    for (const jwk of signing) expect(() => parseConfig(keyed({ ...jwk, kid: 'k1' })), String(jwk.kty)).not.toThrow();
+    const cannotSign = /^OIDC_PRIVATE_KEY: must be a complete private signing key as a JWK/;
+    const x25519 = generateKeyPairSync('x25519').privateKey.export({ format: 'jwk' });
+    const secp256k1 = generateKeyPairSync('ec', { namedCurve: 'secp256k1' }).privateKey.export({ format: 'jwk' });
+    for (const jwk of [{ kty: 'RSA', d: 'x' }, { kty: 'EC', crv: 'P-256', d: 'x' }, x25519, secp256k1, { kty: 'oct', k: 'c2VjcmV0', d: 'x' }]) {
+      expect(withKey(jwk)[0], JSON.stringify(jwk).slice(0, 40)).toMatch(cannotSign);
+    }
+    // What Node's parser lets through and WebCrypto does not: the start-up check imports it as a login would.
+    const { privateKeyProblem } = await withEnv({ ...valid, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(signing[1]) });
+    expect(await privateKeyProblem()).toBeUndefined();
+    for (const [index, member] of [[1, 'd'], [4, 'x']] as const) {
+      const broken = { ...signing[index], [member]: 'abc!' };
+      expect(() => parseConfig(keyed(broken)), member).not.toThrow();
+      const deployed = await withEnv({ ...valid, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify(broken) });
+      expect(await deployed.privateKeyProblem(), member).toMatch(/^OIDC_PRIVATE_KEY: cannot be imported as a signing key \(DataError\)/);
+    }
+  });
+
   it('refuses the OIDC client secret as a session secret or token key, in any place of the list, without echoing it', () => {
     const clientSecret = 'NbK2v-W9qTz4LmXa8RcYdE1uHfJ0sGpQ';
     for (const [name, value] of [['SESSION_SECRET', clientSecret], ['SESSION_SECRET', `${'dVArRNXeYyFmolW0Q_Nz5pzl8Irohm2Yo2u80vB1'},${clientSecret}`], ['TOKEN_ENCRYPTION_KEY', clientSecret]] as const) {
@@ -450,3 +472,23 @@ describe('telemetry settings', () => {
     expect(() => parseConfig({ ...valid, OTEL_TRACES_EXPORTER: 'otlp', OTEL_METRICS_EXPORTER: 'none', OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json', OTEL_TRACES_SAMPLER: 'parentbased_traceidratio', OTEL_TRACES_SAMPLER_ARG: '0' })).not.toThrow();
   });
 });
+
+/** One of each key type OIDC_PRIVATE_KEY takes: RSA, EC on P-256, P-384 and P-521, Ed25519. */
+function signingKeys(): NodeJwk[] {
+  return [
+    generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' }),
+    generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' }),
+    generateKeyPairSync('ec', { namedCurve: 'P-384' }).privateKey.export({ format: 'jwk' }),
+    generateKeyPairSync('ec', { namedCurve: 'P-521' }).privateKey.export({ format: 'jwk' }),
+    generateKeyPairSync('ed25519').privateKey.export({ format: 'jwk' }),
+  ];
+}
+
+/** lib/oidc.ts as a server started with `env` would load it. */
+async function withEnv(env: Record<string, string>) {
+  vi.resetModules();
+  vi.unstubAllEnvs();
+  delete (globalThis as Record<symbol, unknown>)[Symbol.for('gatehouse.shared-state')];
+  for (const [name, value] of Object.entries(env)) vi.stubEnv(name, value);
+  return import('../../lib/oidc.ts');
+}
