@@ -388,7 +388,7 @@ export async function describeSession(request: Request): Promise<Response> {
   requireCsrf(request);
   const found = await sessionFromCookieHeader(request.headers.get('cookie'));
   const { session, stale, endedBy } = found;
-  if (found.unreadable) throw withoutSession(found);
+  if (found.newerRelease) throw withoutSession(found);
   if (!session) return jsonResponse(200, { authenticated: false, ...(endedBy ? { endedBy } : {}) }, stale ? endedSessionHeaders() : []);
   await touchSession(session, true);
   const { acr, authTime } = session.record;
@@ -494,7 +494,10 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   }
   const sid = query.get('sid');
   if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
-  const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  const found = await sessionFromCookieHeader(request.headers.get('cookie'));
+  // A newer release's record: signing out here would leave it live with the cookie gone.
+  if (found.newerRelease) throw withoutSession(found);
+  const { session } = found;
   // Without a matching session nothing changes, the cookie included: under SameSite=Strict a
   // cross-site link arrives without the cookie, and clearing it then would let any site sign users out.
   if (!session || !constantTimeEqual(sid, session.record.logoutToken)) {
@@ -525,7 +528,9 @@ function prefetched(request: Request): boolean {
 /** POST with X-CSRF for SPAs: ends the session and hands back where to navigate next (see signOutContinuation). */
 export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
-  const { session } = await sessionFromCookieHeader(request.headers.get('cookie'));
+  const found = await sessionFromCookieHeader(request.headers.get('cookie'));
+  if (found.newerRelease) throw withoutSession(found);
+  const { session } = found;
   // The way on first: a store that fails it leaves the session, and the SPA's retry, intact.
   const { redirectTo, cookies } = session ? await signOutContinuation(session.secrets.idToken) : { redirectTo: '/', cookies: [] };
   if (session) await endSession(session);

@@ -57,8 +57,8 @@ export const errors = {
   storeUnavailable: (cause?: unknown, retryAfterSec?: number) =>
     new GatehouseError('store_unavailable', 503, 'The session store is not reachable right now. Try again shortly.', { cause, retryAfterSec }),
   /**
-   * The request's session is stored but this instance cannot open it (a newer release's record, or
-   * tokens under a key it does not hold yet, during a rolling deploy): other instances serve it, so
+   * The request's session is stored but this instance cannot open it (a newer release's record
+   * during its rolling deploy, or one it cannot read while refreshing): other instances serve it, so
    * the browser retries rather than hearing that it is signed out.
    */
   sessionUnreadable: (cause?: unknown) =>

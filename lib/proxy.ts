@@ -619,7 +619,7 @@ async function credentialsFor(api: ApiConfig, inbound: InboundRequest, requestId
   const found = await sessionFromCookieHeader(inbound.header('cookie'), { coherentCopy: true });
   const { session } = found;
   if (!session) {
-    if (api.auth === 'user-optional') return { token: undefined, session: null, staleCookie: found.stale, refreshed: false };
+    if (api.auth === 'user-optional' && !found.newerRelease) return { token: undefined, session: null, staleCookie: found.stale, refreshed: false };
     throw withoutSession(found);
   }
   // Before any token is fetched or refreshed: a call this sign-in may not make costs the IdP nothing.

@@ -521,17 +521,26 @@ const SESSION_COPY_MAX_AGE_MS = 1_000;
  * Why a cookie's session cannot be used: `gone` (never existed, ended, expired: the cookie may be
  * cleared), `replaced` (a new login in this browser ended it moments ago: the browser already holds
  * the new cookie, which an answer clearing the cookie by name would destroy), `unreadable` (a record
- * this instance cannot open — written by a newer release or under a key it does not have yet during
- * a rolling deploy: someone else can read it, so it is neither deleted nor its cookie cleared).
+ * this instance cannot open: under a token key it does not have, unbound, of an older or unknown
+ * format; another instance or release may read it, so it is neither deleted nor its cookie cleared,
+ * and this request has no session), `newer_release` (the same, for a record a newer release wrote:
+ * during its rolling deploy the instances already on it serve the session, so retry).
  */
-export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'unbound' | 'ended_elsewhere' | 'ended_at_idp' | 'ended_expired';
+export type SessionMiss = 'gone' | 'replaced' | 'unreadable' | 'newer_release' | 'ended_elsewhere' | 'ended_at_idp' | 'ended_expired';
 
-/**
- * Whether a miss is a record that some instance can still open, and so must be left alone: ended by
- * nobody, its cookie kept. `unbound` (see loadSession) is read by earlier releases only.
- */
+/** Whether a miss is a record that some instance may still open, and so must be left alone: ended by nobody, its cookie kept. */
 export function servedElsewhere(miss: SessionMiss | undefined): boolean {
-  return miss === 'unreadable' || miss === 'unbound';
+  return miss === 'unreadable' || miss === 'newer_release';
+}
+
+/** Whether stored text is a session record of a format newer than this release's. */
+function newerFormat(raw: string): boolean {
+  try {
+    const { v } = JSON.parse(raw) as { v?: unknown };
+    return typeof v === 'number' && v > SESSION_FORMAT_VERSION;
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -582,8 +591,9 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
   }
   const opened = openedRecord(id, raw);
   if (!opened) {
-    warnUnreadable(id, 'unknown_format');
-    return { session: null, miss: 'unreadable' };
+    const newer = newerFormat(raw);
+    warnUnreadable(id, newer ? 'newer_format' : 'unknown_format');
+    return { session: null, miss: newer ? 'newer_release' : 'unreadable' };
   }
   const { record } = opened;
   if (record.absoluteExpiresAt <= Date.now()) {
@@ -603,7 +613,7 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
     // the release that wrote it, as during a rolling deploy; once every instance runs this one,
     // its user signs in again.
     warnUnreadable(id, 'unbound');
-    return { session: null, miss: 'unbound' };
+    return { session: null, miss: 'unreadable' };
   }
   if (secrets.boundTo !== recordBinding(id, record)) {
     // Written by someone holding the store but not the token key: nobody's session. Its index
@@ -1046,13 +1056,13 @@ export interface CookieSession {
   replaced: boolean;
   /** The session was ended from another device, at the IdP, or by its tokens' end: the browser should hear why. */
   endedBy?: Exclude<EndedBy, 'replaced'>;
-  /** The session is stored in a form this instance cannot open yet (see SessionMiss): retry, it lives on elsewhere. */
-  unreadable?: true;
+  /** The session is stored in a newer release's form (see SessionMiss): retry, it lives on elsewhere. */
+  newerRelease?: true;
 }
 
-/** What a request whose cookie leads to no session hears: unreadable here or replaced (retry), ended (and how), or signed out. */
-export function withoutSession({ stale, replaced, endedBy, unreadable }: CookieSession): GatehouseError {
-  if (unreadable) return errors.sessionUnreadable();
+/** What a request whose cookie leads to no session hears: a newer release's or replaced (retry), ended (and how), or signed out. */
+export function withoutSession({ stale, replaced, endedBy, newerRelease }: CookieSession): GatehouseError {
+  if (newerRelease) return errors.sessionUnreadable();
   return replaced ? errors.sessionReplaced() : endedBy ? errors.sessionEnded(endedBy) : errors.unauthenticated(stale);
 }
 
@@ -1069,7 +1079,7 @@ export async function sessionFromCookieHeader(cookieHeader: string | null | unde
     stale: loaded.miss === 'gone' || endedBy !== undefined,
     replaced: loaded.miss === 'replaced',
     ...(endedBy ? { endedBy } : {}),
-    ...(loaded.miss === 'unreadable' ? { unreadable: true as const } : {}),
+    ...(loaded.miss === 'newer_release' ? { newerRelease: true as const } : {}),
   };
 }
 

@@ -2,7 +2,7 @@ import { Cluster, Redis } from 'ioredis';
 import type { ClusterNode, RedisOptions } from 'ioredis';
 import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
-import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA } from './scripts.ts';
+import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA, TAKE_LUA } from './scripts.ts';
 import { isSentinelUrl, parseSentinelUrl } from './sentinel-url.ts';
 
 export interface RedisStoreOptions {
@@ -25,6 +25,7 @@ export interface RedisStoreOptions {
 
 // ioredis adds methods from defineCommand at run time; this is the shape it adds.
 interface WithScripts {
+  gatehouseTake(key: string): Promise<string | null>;
   gatehouseDelIfEquals(key: string, expected: string): Promise<number>;
   gatehouseExpireIfEquals(key: string, expected: string, ttlMs: number): Promise<number>;
   gatehouseReplaceIfHeld(key: string, lockKey: string, value: string, owner: string): Promise<number>;
@@ -320,6 +321,7 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
   client.on('error', () => {});
   let closing = false;
   if (!isCluster) reconnectWhenEnded(client as Redis, () => closing, retryStrategy);
+  client.defineCommand('gatehouseTake', { numberOfKeys: 1, lua: TAKE_LUA });
   client.defineCommand('gatehouseDelIfEquals', { numberOfKeys: 1, lua: DEL_IF_EQUALS_LUA });
   client.defineCommand('gatehouseExpireIfEquals', { numberOfKeys: 1, lua: EXPIRE_IF_EQUALS_LUA });
   client.defineCommand('gatehouseReplaceIfHeld', { numberOfKeys: 2, lua: REPLACE_IF_HELD_LUA });
@@ -369,7 +371,7 @@ export function createRedisStore(url: string, options: RedisStoreOptions = {}): 
 
     async take(key) {
       forget(key);
-      return run('GETDEL', client.getdel(key));
+      return run('EVALSHA', scripts.gatehouseTake(key));
     },
 
     async delIfEquals(key, expected) {

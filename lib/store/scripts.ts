@@ -3,6 +3,18 @@
  * and Upstash stores so both run the very same server-side step. The memory store mirrors them.
  */
 
+/**
+ * KEYS[1]: deletes the key and returns what it held (nil when gone). GETDEL does the same, but only
+ * from Redis 6.2 on and under its own ACL permission; GET and DEL in a script need neither.
+ */
+export const TAKE_LUA = `
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('DEL', KEYS[1])
+end
+return value
+`;
+
 /** KEYS[1] lock, ARGV[1] owner: deletes the lock only while it is still the owner's. */
 export const DEL_IF_EQUALS_LUA = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -25,8 +25,8 @@ export interface Store {
   /** Sets a new TTL on an existing key (PEXPIRE); false when the key is gone. */
   expire(key: string, ttlMs: number): Promise<boolean>;
   /**
-   * Deletes the key and returns what it held, null when it was gone (GETDEL): of two callers, only
-   * one gets the value, and it gets the last one written before the delete.
+   * Deletes the key and returns what it held, null when it was gone (GET and DEL in one atomic
+   * step): of two callers, only one gets the value, and it gets the last one written before the delete.
    */
   take(key: string): Promise<string | null>;
   /** Deletes the key only while it still holds `expected` (lock release by its owner, atomically). */

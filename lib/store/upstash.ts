@@ -1,7 +1,7 @@
 import { Redis } from '@upstash/redis';
 import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
-import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA } from './scripts.ts';
+import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA, TAKE_LUA } from './scripts.ts';
 
 
 const REQUEST_TIMEOUT_MS = 5_000;
@@ -85,7 +85,8 @@ export function createUpstashStore(url: string, token: string): Store {
 
     async take(key) {
       open();
-      return (await run('GETDEL', redis.getdel<string>(key))) ?? null;
+      const value = await run('EVAL', redis.eval<[], string | null>(TAKE_LUA, [key], []));
+      return value ?? null;
     },
 
     async delIfEquals(key, expected) {

@@ -75,7 +75,7 @@ describe('coherent copies on Redis', () => {
     const writes: Array<[string, (key: string) => Promise<unknown>, string | null]> = [
       ['SET', (key) => writer.set(key, 'new', { ttlMs: LONG_TTL }), 'new'],
       ['SET XX KEEPTTL', (key) => writer.replace(key, 'replaced'), 'replaced'],
-      ['GETDEL', (key) => writer.take(key), null],
+      ['take (GET and DEL in one script)', (key) => writer.take(key), null],
       ['compare-and-delete', (key) => writer.delIfEquals(key, 'old'), null],
       ['PEXPIRE to a moment ago', (key) => admin.pexpire(key, 1), null],
     ];

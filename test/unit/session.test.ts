@@ -213,8 +213,14 @@ describe('session records', () => {
     const key = session.sessionKey(newerFormat.id);
     const written = JSON.stringify({ v: 2, shape: 'of a newer release' });
     await session.getStore().replace(key, written);
-    expect(await session.loadSession(newerFormat.id)).toEqual({ session: null, miss: 'unreadable' });
+    expect(await session.loadSession(newerFormat.id)).toEqual({ session: null, miss: 'newer_release' });
     expect(await session.getStore().get(key)).toBe(written);
+    // An older or unknown format is no newer release's: no session here, and still not deleted.
+    for (const other of [JSON.stringify({ v: 0, shape: 'of an older release' }), JSON.stringify({ shape: 'no version' }), 'not JSON']) {
+      await session.getStore().replace(key, other);
+      expect(await session.loadSession(newerFormat.id), other).toEqual({ session: null, miss: 'unreadable' });
+      expect(await session.getStore().get(key)).toBe(other);
+    }
 
     // Tokens encrypted under a key this instance does not have yet (a rotation rolling out).
     const rotatedAhead = await deploy(A, { TOKEN_ENCRYPTION_KEY: B });
@@ -319,8 +325,8 @@ describe('a session record rewritten by a store writer', () => {
         const record = await rawRecord(session, created.id);
         fc.pre(JSON.stringify({ value: record[field] }) !== JSON.stringify({ value }));
         if (warm) await session.readSession(created.id);
-        // A wrong `v` is another release's format: left for it, unread. Every other change ends the session.
-        const expected = field === 'v' ? 'unreadable' : 'gone';
+        // A wrong `v` is another release's format: left for it, unread (a newer one serves it meanwhile). Every other change ends the session.
+        const expected = field !== 'v' ? 'gone' : typeof value === 'number' && value > (record.v as number) ? 'newer_release' : 'unreadable';
         await session.getStore().replace(session.sessionKey(created.id), JSON.stringify({ ...record, [field]: value }));
         const loaded = await session.loadSession(created.id);
         if (field === 'sub' && typeof value !== 'string') expect(loaded).toEqual({ session: null, miss: 'unreadable' });
@@ -350,7 +356,7 @@ describe('a session record rewritten by a store writer', () => {
     for (const sealed of [await session.encryptSecrets(unbound), await session.encryptAtRest({ kty: 'EC', crv: 'P-256', x: 'x', y: 'y', d: 'd' })]) {
       const written = JSON.stringify({ ...record, sealed });
       await session.getStore().replace(session.sessionKey(attacker.id), written);
-      expect(await anotherInstance(session).loadSession(attacker.id)).toEqual({ session: null, miss: 'unbound' });
+      expect(await anotherInstance(session).loadSession(attacker.id)).toEqual({ session: null, miss: 'unreadable' });
       expect(await session.getStore().get(session.sessionKey(attacker.id))).toBe(written);
     }
     expect((await session.readSession(victim.id))?.secrets.accessToken).toBe('at-123');
