@@ -13,10 +13,11 @@ export async function register(): Promise<void> {
       process.exit(1);
     });
     // npm start (server.ts) checked the IdP before it started any worker. On Vercel every cold start
-    // would pay for a discovery fetch: there the check runs at each login only.
-    if (process.env.GATEHOUSE_START_CHECKED || process.env.VERCEL) return;
-    const { idpStartProblems } = await import('./lib/oidc.ts');
-    const problems = await idpStartProblems();
+    // would pay for a discovery fetch: there the check runs at each login only, and only the key
+    // (no network) is checked here.
+    if (process.env.GATEHOUSE_START_CHECKED) return;
+    const { idpStartProblems, privateKeyProblem } = await import('./lib/oidc.ts');
+    const problems = process.env.VERCEL ? [await privateKeyProblem()].filter((problem) => problem !== undefined) : await idpStartProblems();
     if (problems.length) {
       process.stderr.write(`Gatehouse cannot start:\n${problems.map((problem) => `  - ${problem}`).join('\n')}\n`);
       process.exit(1);

@@ -376,8 +376,8 @@ async function endReplacedSession(id: string, successor: SignIn): Promise<void> 
     if (!servedElsewhere(miss) && miss !== 'replaced') await endSessionBecause(id, undefined, 'replaced');
     return;
   }
-  const refreshToken = await refreshTokenAtEnd(previous, await replaceSession(previous));
   const sameIdpSession = fromOneIdpSession(previous.record, successor);
+  const refreshToken = await refreshTokenAtEnd(previous, await replaceSession(previous, sameIdpSession));
   const revoked = refreshToken && !sameIdpSession ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.session_replaced', { session: sessionHandle(id), revoked, sameIdpSession });
 }
@@ -416,14 +416,14 @@ function constantTimeEqual(a: string, b: string): boolean {
  * so its own browser hears why.
  */
 async function endSession(session: Session, survivor?: SignIn): Promise<void> {
-  const deleted = survivor ? await endSessionBecause(session.id, session.record, 'elsewhere') : await destroySession(session.id, session.record);
-  const refreshToken = await refreshTokenAtEnd(session, deleted);
   // Ended from a session of the same IdP session, its refresh token is that session's grant too.
   // The others listed are mostly other devices': one that names no IdP session counts as another's,
   // and its token is revoked. One that names it, ended from a session that names none, is kept: the
   // IdP may have left `sid` out of the survivor's id_token only, and revoking a grant they share would
   // end the user's own session (the token kept is held by nobody once the record is gone).
   const sharedGrant = survivor !== undefined && session.record.idpSid !== undefined && fromOneIdpSession(session.record, survivor);
+  const deleted = survivor ? await endSessionBecause(session.id, session.record, 'elsewhere', sharedGrant) : await destroySession(session.id, session.record);
+  const refreshToken = await refreshTokenAtEnd(session, deleted);
   const revoked = refreshToken && !sharedGrant ? await oidc.revokeToken(refreshToken, 'refresh_token') : false;
   log('info', 'auth.logout', { session: sessionHandle(session.id), revoked, ...(sharedGrant ? { sharedGrant } : {}) });
   countLogout(survivor ? 'other_device' : 'user', 'ok');
@@ -551,9 +551,10 @@ let idpHealth: { checkedAt: number; state: Promise<string> } | undefined;
 function idpHealthState(): Promise<string> {
   const now = Date.now();
   if (idpHealth && now - idpHealth.checkedAt < IDP_HEALTH_REUSE_MS) return idpHealth.state;
-  // An IdP that answers but cannot take this server's logins (PAR required, no endpoint) is not ready either.
+  // An IdP that answers but cannot take this server's logins (PAR required, no endpoint; an endpoint
+  // in clear text) is not ready either.
   const state = oidc.checkDiscovery().then(
-    (as) => (oidc.pushedAuthorizationProblem(as) ? 'misconfigured' : 'ok'),
+    (as) => (oidc.pushedAuthorizationProblem(as) || oidc.cleartextEndpointProblem(as) ? 'misconfigured' : 'ok'),
     () => 'unavailable',
   );
   idpHealth = { checkedAt: now, state };

@@ -234,7 +234,17 @@ const SERVER_ENDPOINTS = ['token_endpoint', 'pushed_authorization_request_endpoi
 export function cleartextEndpointProblem(as: oauth.AuthorizationServer, allowHttp = getConfig().oidc.allowInsecureRequests): string | undefined {
   const cleartext = SERVER_ENDPOINTS.filter((name) => as[name] !== undefined && !browserEndpoint(as[name], allowHttp));
   if (cleartext.length === 0) return undefined;
-  return `OIDC_ISSUER: the IdP's discovery document names ${cleartext.map((name) => `${name} ${JSON.stringify(String(as[name]).slice(0, 100))}`).join(', ')}, which is not an absolute https URL (nor http on loopback, for a loopback issuer); Gatehouse sends secrets and tokens only over https (${as.issuer})`;
+  return `OIDC_ISSUER: the IdP's discovery document names ${cleartext.map((name) => `${name} ${JSON.stringify(withoutCredentials(as[name]))}`).join(', ')}, which is not an absolute https URL (nor http on loopback, for a loopback issuer); Gatehouse sends secrets and tokens only over https (${as.issuer})`;
+}
+
+/** A URL as it may be shown in a message: no user name or password, 100 characters at most. */
+function withoutCredentials(value: unknown): string {
+  const text = String(value);
+  if (!URL.canParse(text)) return text.slice(0, 100);
+  const url = new URL(text);
+  url.username = '';
+  url.password = '';
+  return url.href.slice(0, 100);
 }
 
 /** RFC 9126 section 2: resolves to the `request_uri` that stands for `parameters` at the IdP. */

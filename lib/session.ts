@@ -104,6 +104,20 @@ export function endedMarkerKey(id: string): string {
   return `${getConfig().keyPrefix}ended:{${id}}`;
 }
 
+/**
+ * Left behind when a session was ended in favour of one that may hold the same IdP grant (see
+ * fromOneIdpSession): a refresh of the ended session still at the IdP must not give its new token
+ * back, which at IdPs that revoke whole grants would end the session that stays.
+ */
+function grantKeptKey(id: string): string {
+  return `${getConfig().keyPrefix}grant-kept:{${id}}`;
+}
+
+/** Whether the session's end kept its grant for another session (see grantKeptKey). */
+export async function grantKeptAtEnd(id: string): Promise<boolean> {
+  return (await storeCall(() => getStore().get(grantKeptKey(id)))) !== null;
+}
+
 /** Present while an upstream 401 may not force another refresh of this session. */
 export function forcedRefreshKey(id: string): string {
   return `${getConfig().keyPrefix}forced-refresh:{${id}}`;
@@ -702,14 +716,19 @@ export const REPLACED_SESSION_MARKER_MS = 60_000;
 const ENDED_ELSEWHERE_MARKER_MS = 60 * 60 * 1000;
 
 /** Ends a session that a new login in the same browser replaces: at once, leaving only a marker. */
-export async function replaceSession(session: Session): Promise<string | null> {
-  return endSessionBecause(session.id, session.record, 'replaced');
+export async function replaceSession(session: Session, grantKept = false): Promise<string | null> {
+  return endSessionBecause(session.id, session.record, 'replaced', grantKept);
 }
 
-/** Deletes the session and leaves a marker saying why, for its browser's next request (returns as destroySession). */
-export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: Exclude<EndedBy, 'expired'>): Promise<string | null> {
+/**
+ * Deletes the session and leaves a marker saying why, for its browser's next request, and whether
+ * its grant was kept for a session that stays (see grantKeptKey). Returns as destroySession.
+ */
+export async function endSessionBecause(id: string, record: SessionRecord | undefined, why: Exclude<EndedBy, 'expired'>, grantKept = false): Promise<string | null> {
   const ttlMs = why === 'replaced' ? REPLACED_SESSION_MARKER_MS : ENDED_ELSEWHERE_MARKER_MS;
-  await storeCall(() => getStore().set(endedMarkerKey(id), why, { ttlMs }));
+  await storeCall(() =>
+    Promise.all([getStore().set(endedMarkerKey(id), why, { ttlMs }), grantKept ? getStore().set(grantKeptKey(id), '1', { ttlMs: ENDED_ELSEWHERE_MARKER_MS }) : undefined]),
+  );
   return destroySession(id, record);
 }
 
@@ -951,18 +970,6 @@ export type SignIn = { sub: string; idpSid?: string | undefined };
  */
 export function fromOneIdpSession(ended: SignIn, survivor: SignIn): boolean {
   return ended.sub === survivor.sub && (survivor.idpSid === undefined || ended.idpSid === survivor.idpSid);
-}
-
-/** Whether a live session of the user, other than `id`, comes from the IdP session `record` does (see fromOneIdpSession). */
-export async function liveSessionFromOneIdpSession(id: string, record: SessionRecord): Promise<boolean> {
-  const entries = await storeCall(() => getStore().indexMembers(userSessionsKey(record.sub), Date.now()));
-  for (const { member } of entries) {
-    if (member === id) continue;
-    const raw = await storeCall(() => getStore().get(sessionKey(member)));
-    const other = raw === null ? null : parseRecord(raw);
-    if (other && fromOneIdpSession(record, other)) return true;
-  }
-  return false;
 }
 
 export interface SessionSummary {

@@ -22,7 +22,7 @@ import {
   type Session,
   type SessionSecrets,
   servedElsewhere,
-  liveSessionFromOneIdpSession,
+  grantKeptAtEnd,
 } from './session.ts';
 
 /**
@@ -539,15 +539,15 @@ function outcomeLog(session: Session, request: TokenRequest): (result: string) =
 /**
  * Why the write-back found no lock of ours: the session ended meanwhile, or the lease ran out. A
  * refresh token the IdP rotated for a session that has ended is given back (RFC 7009) rather than
- * stranded, unless another live session of the user comes from the same IdP session: IdPs such as
- * oidc-provider and Keycloak revoke the whole grant with one token, and such a session (a silent
- * re-login that replaced this one) may hold that grant. While the session lives on, the grant is
- * its own, and revoking would end it on those IdPs (Auth0 revokes the whole rotation family too).
+ * stranded, unless its end kept the grant for a session that stays (a re-login in the same IdP
+ * session replaced it): IdPs such as oidc-provider and Keycloak revoke the whole grant with one
+ * token. While the session lives on, the grant is its own, and revoking would end it on those IdPs
+ * (Auth0 revokes the whole rotation family too).
  */
 async function writeBackRefused(current: Session, event: string, outcome: (result: string) => Record<string, unknown>, unstored?: TokenSet): Promise<GatehouseError> {
   const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
   const rotated = unstored?.refreshToken !== undefined && unstored.refreshToken !== current.secrets.refreshToken ? unstored.refreshToken : undefined;
-  const revoked = gone && rotated !== undefined && !(await liveSessionFromOneIdpSession(current.id, current.record)) ? await revokeToken(rotated, 'refresh_token') : false;
+  const revoked = gone && rotated !== undefined && !(await grantKeptAtEnd(current.id)) ? await revokeToken(rotated, 'refresh_token') : false;
   log('warn', event, { ...outcome(gone ? 'session_gone' : 'lock_lost'), ...(rotated !== undefined ? { revoked } : {}) });
   return gone ? endedSessionError(current.id) : errors.idpUnavailable(new Error(`${event}: lock lost before the write-back`));
 }

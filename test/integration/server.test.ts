@@ -216,6 +216,17 @@ describe('npm start', () => {
     expect(output).not.toContain(jwk.x as string);
   });
 
+  it('next start refuses that key too, on Vercel as well (there without asking the IdP at every cold start)', async () => {
+    const jwk = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+    const env = { ...stack.apps[0]!.env, OIDC_CLIENT_AUTH: 'private_key_jwt', OIDC_PRIVATE_KEY: JSON.stringify({ ...jwk, d: 'abc!' }), VERCEL: '1' };
+    const exit = await startProcess('unusable-key-next', ['node_modules/next/dist/bin/next', 'start', '-p', '0'], env, /never/, 60_000).then(
+      () => 'started',
+      (error: Error) => error.message,
+    );
+    expect(exit).toContain('exited early (code 1');
+    expect(exit).toContain('OIDC_PRIVATE_KEY: cannot be imported as a signing key');
+  });
+
   it('without a production build: one message naming the fix, exit 1, no respawning', async () => {
     const output = await refusal('no-build', { ...stack.apps[0]!.env, NEXT_DIST_DIR: '.next-never-built', GATEHOUSE_WORKERS: '2', PORT: '0' });
     expect(output).toContain('npm run build');

@@ -64,6 +64,12 @@ describe('cleartextEndpointProblem', () => {
     );
   });
 
+  it('names the endpoint without the user name and password a URL may carry', () => {
+    const problem = cleartextEndpointProblem({ issuer: loopbackIssuer, token_endpoint: 'http://gatehouse:s3cr3t-pass@idp.internal/token' }, true);
+    expect(problem).toContain('token_endpoint "http://idp.internal/token"');
+    expect(problem).not.toMatch(/s3cr3t|gatehouse:/);
+  });
+
   it('names what is not an absolute URL at all, and http on loopback where the issuer is https', () => {
     for (const value of ['/token', '//evil.example/token', 'javascript:alert(1)', 'ftp://idp.example.com/token', '', 42]) {
       expect(cleartextEndpointProblem({ issuer: loopbackIssuer, jwks_uri: value as string }, true), JSON.stringify(value)).toMatch(/names jwks_uri/);

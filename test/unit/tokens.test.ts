@@ -134,6 +134,18 @@ describe('an IdP whose discovery document names a cleartext token endpoint off t
     expect(outcome).toEqual({ code: 'idp_error', status: 502 });
     expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-1');
   });
+
+  it('makes /api/health say the IdP is misconfigured (503), not ok', async () => {
+    discoveryOverrides = { revocation_endpoint: 'http://192.0.2.1/revoke' };
+    await deploy();
+    const { checkHealth } = await import('../../lib/auth.ts');
+    const answer = await checkHealth();
+    expect([answer.status, await answer.json()]).toEqual([503, { error: 'unhealthy', message: 'Not ready: idp misconfigured.', store: 'ok', idp: 'misconfigured' }]);
+    discoveryOverrides = {};
+    await deploy();
+    const { checkHealth: healthy } = await import('../../lib/auth.ts');
+    expect((await healthy()).status).toBe(200);
+  });
 });
 
 describe('a rotated refresh token that cannot be stored', () => {
@@ -169,24 +181,28 @@ describe('a rotated refresh token that cannot be stored', () => {
     expect(revoked).toEqual(['rt-late']);
   });
 
-  it('is not given back when a live session of the same IdP session replaced its session (a silent re-login may continue the grant)', async () => {
+  it('is not given back when its session was replaced keeping the grant for the new one (a re-login in the same IdP session may continue it)', async () => {
     let successor: { id: string } | undefined;
     const { outcome, session } = await refreshOutlivedBy(async (deployed, created) => {
       successor = await signIn(deployed, 'idp-1');
-      await deployed.session.replaceSession((await deployed.session.readSession(created.id))!);
+      await deployed.session.replaceSession((await deployed.session.readSession(created.id))!, true);
     });
     expect(outcome).toEqual({ error: 'session_replaced' });
     expect(revoked).toEqual([]);
     expect((await session.readSession(successor!.id))?.secrets.refreshToken).toBe('rt-new');
   });
 
-  it('is given back when the session that replaced its session comes from another IdP session', async () => {
-    const { outcome } = await refreshOutlivedBy(async (deployed, created) => {
-      await signIn(deployed, 'idp-2');
-      await deployed.session.replaceSession((await deployed.session.readSession(created.id))!);
-    });
-    expect(outcome).toEqual({ error: 'session_replaced' });
-    expect(revoked).toEqual(['rt-late']);
+  it('is given back when its session was replaced or ended without keeping the grant, whatever other sessions the user has (with or without an IdP session id)', async () => {
+    for (const [end, otherIdpSid] of [['replaced', 'idp-2'], ['replaced', undefined], ['logout', undefined], ['logout', 'idp-1']] as const) {
+      const { outcome } = await refreshOutlivedBy(async (deployed, created) => {
+        // Another device's session of the user, which may or may not name an IdP session.
+        await deployed.session.createSession({ sub: 'alice', idpSid: otherIdpSid, secrets: { accessToken: 'at-other', refreshToken: 'rt-other', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + 3_600_000, userAgent: 'ua' });
+        if (end === 'replaced') await deployed.session.replaceSession((await deployed.session.readSession(created.id))!);
+        else await deployed.session.destroySession(created.id);
+      });
+      expect(outcome, `${end}, other session's sid ${otherIdpSid}`).toEqual({ error: end === 'replaced' ? 'session_replaced' : 'session_expired' });
+      expect(revoked, `${end}, other session's sid ${otherIdpSid}`).toEqual(['rt-late']);
+    }
   });
 
   it('is not given back while its session lives on (the lease ran out and another instance holds the lock): the grant is the session’s own', async () => {
