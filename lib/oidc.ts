@@ -506,7 +506,22 @@ export async function buildEndSessionUrl(idToken: string | undefined): Promise<U
   return url;
 }
 
+/**
+ * Once per process: an access token that lives no longer than TOKEN_REFRESH_SKEW is due the moment
+ * it comes, so every call for it costs the IdP a grant (one at a time per session). The operator
+ * lowers the skew, or lengthens the IdP's token lifetime; nothing here can tell which was meant.
+ */
+let warnedOfLifetimeUnderSkew = false;
+
+function warnIfDueOnArrival(expiresInSec: number): void {
+  const { skewSec } = getConfig().refresh;
+  if (warnedOfLifetimeUnderSkew || expiresInSec > skewSec) return;
+  warnedOfLifetimeUnderSkew = true;
+  log('warn', 'token.lifetime_under_skew', { lifetimeSec: expiresInSec, skewSec, fix: 'set TOKEN_REFRESH_SKEW below the IdP\'s access token lifetime, or lengthen that lifetime: each call now refreshes' });
+}
+
 function toTokenSet(result: oauth.TokenEndpointResponse): TokenSet {
+  if (typeof result.expires_in === 'number') warnIfDueOnArrival(result.expires_in);
   return {
     accessToken: result.access_token,
     refreshToken: result.refresh_token,

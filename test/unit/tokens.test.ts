@@ -148,6 +148,30 @@ describe('an IdP whose discovery document names a cleartext token endpoint off t
   });
 });
 
+describe('an IdP whose access tokens live no longer than TOKEN_REFRESH_SKEW', () => {
+  afterEach(() => {
+    accessTokenLifetimeSec = 3600;
+    vi.doUnmock('../../lib/log.ts');
+  });
+
+  it('is named in one warning per process, which says what to change: every call for such a token refreshes', async () => {
+    const logged: Array<{ level: string; event: string; fields?: Record<string, unknown> }> = [];
+    vi.doMock('../../lib/log.ts', async (importOriginal) => ({
+      ...(await importOriginal<typeof import('../../lib/log.ts')>()),
+      log: (level: string, event: string, fields?: Record<string, unknown>) => void logged.push({ level, event, fields }),
+    }));
+    const { session, tokens } = await deploy();
+    const due = (sub: string) => session.createSession({ sub, idpSid: undefined, secrets: { accessToken: 'at-0', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    await tokens.getAccessToken(await due('long-lived'));
+    expect(logged.filter(({ event }) => event === 'token.lifetime_under_skew')).toEqual([]);
+    accessTokenLifetimeSec = 30; // the default skew
+    for (const sub of ['alice', 'bob', 'carol']) await tokens.getAccessToken(await due(sub));
+    const warnings = logged.filter(({ event }) => event === 'token.lifetime_under_skew');
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatchObject({ level: 'warn', fields: { lifetimeSec: 30, skewSec: 30, fix: expect.stringContaining('TOKEN_REFRESH_SKEW') } });
+  });
+});
+
 describe('a rotated refresh token that cannot be stored', () => {
   afterEach(() => {
     idpMode = 'answering';
