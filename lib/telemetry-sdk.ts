@@ -167,24 +167,28 @@ function scrubbedUrl(value: string): string {
 /** The same paths in free text, with `\\` or `%2F` for any slash. */
 const PRIVATE_PATHS_IN_TEXT = /((?:\/|\\|%2f)api(?:\/|\\|%2f)proxy(?:\/|\\|%2f)[^/\\?#\s%]+(?:\/|\\|%2f)|(?:\/|\\|%2f)api(?:\/|\\|%2f)auth(?:\/|\\|%2f)sessions(?:\/|\\|%2f))[^?#\s'"`<>]+/gi;
 /** Names of fields, parameters and cookies whose values are never exported. */
-const SENSITIVE_NAME = /token|secret|code|state|sid|session|nonce|assertion|password|verifier|credential|cookie|auth/i;
+const SENSITIVE_NAME = /token|secret|code|state|sid|session|nonce|assertion|password|verifier|credential|cookie|auth|gatehouse/i;
 
 /**
  * Free text (an error's message or stack, any string attribute): cut are a query wherever one
- * starts (`?` or `%3F`), a fragment after a URL, private paths, JWTs and JWEs (`eyJ…`), what
- * follows `Bearer`, `DPoP` or `Basic`, a Cookie or Set-Cookie header's value, and the value of any
- * `name=value` or JSON `"name": "value"` whose name sounds like a credential (SENSITIVE_NAME).
+ * starts (`?` or `%3F`), a fragment after a URL, private paths, JWTs and JWEs (`eyJ…`), iron
+ * seals (`Fe26.2*…`, every Gatehouse cookie's value), what follows `Bearer`, `DPoP` or `Basic`, a
+ * Cookie or Set-Cookie header's value, and the value of any `name=value`, JSON `"name": "value"`
+ * or inspected `name: 'value'` whose name sounds like a credential (SENSITIVE_NAME; Gatehouse's
+ * cookies are all named `gatehouse…`).
  * Every pattern is bounded or anchored on a fixed character, so a long hostile message costs
  * linear time. Opaque tokens quoted bare cannot be told from other words; Gatehouse's own errors
  * never quote one.
  */
 function scrubbedText(value: string): string {
-  if (!/[?#%=:"/\\]|eyJ|bearer|dpop|basic/i.test(value)) return value;
+  if (!/[?#%=:"/\\*]|eyJ|bearer|dpop|basic/i.test(value)) return value;
   return value
     .replace(/eyJ[A-Za-z0-9_.-]*/g, '[token]')
+    .replace(/Fe26\.2\*[^\s'"`<>;,&]*/g, '[sealed]')
     .replace(/(Bearer|DPoP|Basic)(?:\s+|\s*[:=]\s*|%20|\+)[^\s'"`<>,;&]+/gi, '$1 [token]')
     .replace(/((?:set-)?cookie\s*[:=]\s*)[^\r\n]*/gi, '$1[cookie]')
     .replace(/"([\w.-]{1,64})"(\s*:\s*)"(?:[^"\\]|\\.)*"/g, (match, key: string, colon: string) => (SENSITIVE_NAME.test(key) ? `"${key}"${colon}"[redacted]"` : match))
+    .replace(/\b([\w.-]{1,64})(\s*:\s*)'(?:[^'\\]|\\.)*'/g, (match, key: string, colon: string) => (SENSITIVE_NAME.test(key) ? `${key}${colon}'[redacted]'` : match))
     .replace(/\b([\w.-]{1,64})=[^&\s'"`<>;,]*/g, (match, key: string) => (SENSITIVE_NAME.test(key) ? `${key}=[redacted]` : match))
     .replace(/(?:\?|%3[fF])[^\s'"`<>]*/g, '')
     .replace(/(?<=[\w/.~%-])#[^\s'"`<>]*/g, '')
@@ -326,7 +330,8 @@ interface MetricsRequest {
 }
 
 interface MetricsAnswer extends MetricsRequest {
-  text: string;
+  /** Absent when the worker could not collect its metrics. */
+  text?: string;
 }
 
 function isMetricsMessage(message: unknown): message is MetricsRequest {
@@ -339,7 +344,7 @@ function answerPrimary(): void {
     if (!isMetricsMessage(message)) return;
     void ownExposition().then(
       (text) => process.send?.({ type: 'gatehouse:metrics', id: message.id, text } satisfies MetricsAnswer),
-      () => process.send?.({ type: 'gatehouse:metrics', id: message.id, text: '' } satisfies MetricsAnswer),
+      () => process.send?.({ type: 'gatehouse:metrics', id: message.id } satisfies MetricsAnswer),
     );
   });
 }
@@ -349,36 +354,46 @@ const WORKER_ANSWER_MS = 2_000;
 /**
  * The cluster primary of `npm start`: listens on METRICS_PORT (the workers do not) and answers a
  * scrape with every worker's metrics merged into one exposition, as if one process had counted
- * them all. A worker that does not answer in time fails the scrape (503) rather than letting its
- * counters vanish from the sum, which Prometheus would read as a reset and then a burst.
+ * them all. A worker that does not answer in time, or cannot collect, fails the scrape (503) rather
+ * than letting its counters vanish from the sum, which Prometheus would read as a reset and then a burst.
  */
 export async function serveClusterMetrics(): Promise<void> {
   const plan = telemetryPlan();
   if (!plan.prometheus) return;
   let nextId = 0;
-  const pending = new Map<number, { texts: string[]; expected: number; done: (texts: string[]) => void }>();
+  const pending = new Map<number, { texts: string[]; expected: number; done: (texts: string[]) => void; fail: (why: string) => void }>();
   cluster.on('message', (_worker: Worker, message: unknown) => {
     if (!isMetricsMessage(message)) return;
     const scrape = pending.get(message.id);
     if (!scrape) return;
-    scrape.texts.push((message as MetricsAnswer).text);
+    const { text } = message as MetricsAnswer;
+    if (typeof text !== 'string') return scrape.fail('a worker could not collect its metrics');
+    scrape.texts.push(text);
     if (scrape.texts.length === scrape.expected) scrape.done(scrape.texts);
   });
   const gather = () =>
     new Promise<string>((resolve, reject) => {
       const workers = Object.values(cluster.workers ?? {}).filter((worker): worker is Worker => worker?.isConnected() ?? false);
       const id = nextId++;
-      const timer = setTimeout(() => {
+      const texts: string[] = [];
+      const settle = () => {
+        clearTimeout(timer);
         pending.delete(id);
-        reject(new Error(`only ${pending.get(id)?.texts.length ?? 'some'} of ${workers.length} workers answered within ${WORKER_ANSWER_MS} ms`));
+      };
+      const timer = setTimeout(() => {
+        settle();
+        reject(new Error(`only ${texts.length} of ${workers.length} workers answered within ${WORKER_ANSWER_MS} ms`));
       }, WORKER_ANSWER_MS);
       pending.set(id, {
-        texts: [],
+        texts,
         expected: workers.length,
-        done: (texts) => {
-          clearTimeout(timer);
-          pending.delete(id);
+        done: () => {
+          settle();
           resolve(mergeExpositions(texts));
+        },
+        fail: (why) => {
+          settle();
+          reject(new Error(why));
         },
       });
       for (const worker of workers) worker.send({ type: 'gatehouse:metrics', id } satisfies MetricsRequest);

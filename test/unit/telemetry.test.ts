@@ -1,6 +1,9 @@
+import { EventEmitter } from 'node:events';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import fc from 'fast-check';
 import type { ReadableSpan } from '@opentelemetry/sdk-trace';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { mergeExpositions, withoutSecrets } from '../../lib/telemetry-sdk.ts';
 
 describe('mergeExpositions', () => {
@@ -97,6 +100,12 @@ describe('withoutSecrets', () => {
       cookie: (v: string) => `Cookie: __Host-gatehouse=${v}; theme=dark`,
       setCookie: (v: string) => `set-cookie: gatehouse=${v}; Path=/; HttpOnly`,
       clientSecret: (v: string) => `client_secret=${v}`,
+      // Quoted without a header name: Gatehouse's cookies by name, and any iron seal.
+      bareSessionCookie: (v: string) => `failed: __Host-gatehouse=Fe26.2**${v}*x~2`,
+      signOutHandle: (v: string) => `gatehouse-signout=${v}`,
+      transactionCookie: (v: string) => `gatehouse-tx-abc=${v}`,
+      seal: (v: string) => `could not unseal Fe26.2*1*${v}*abc*def`,
+      inspected: (v: string) => `{ access_token: '${v}', expires_in: 300 }`,
     };
     const quoted = fc.tuple(fc.constantFrom(...(Object.keys(forms) as Array<keyof typeof forms>)), secret).map(([how, value]) => ({ text: forms[how](value), value }));
     fc.assert(
@@ -127,5 +136,55 @@ describe('withoutSecrets', () => {
   it('passes clean spans through untouched', () => {
     const clean = span('auth.login', { 'gatehouse.outcome': 'ok' });
     expect(withoutSecrets(clean)).toBe(clean);
+  });
+});
+
+/**
+ * The primary's merged scrape against workers that answer as told: the cluster module is a stand-in
+ * here (a worker whose metrics collection fails cannot be made on demand from outside).
+ */
+describe('serveClusterMetrics', () => {
+  async function scrapeWith(answers: Array<string | undefined>): Promise<{ status: number; text: string }> {
+    const port = await new Promise<number>((resolve) => {
+      const probe = createServer().listen(0, '127.0.0.1', () => {
+        const { port: free } = probe.address() as AddressInfo;
+        probe.close(() => resolve(free));
+      });
+    });
+    vi.resetModules();
+    vi.unstubAllEnvs();
+    delete (globalThis as Record<symbol, unknown>)[Symbol.for('gatehouse.shared-state')];
+    for (const [name, value] of Object.entries({ APP_BASE_URL: 'http://localhost:3999', OIDC_ISSUER: 'http://127.0.0.1:1', OIDC_CLIENT_ID: 'gatehouse', OIDC_CLIENT_SECRET: 'secret', SESSION_SECRET: 'SeVhSpfHPcUhUQMEn0p0f7250URUfvrjNYvEPXY-', BFF_APIS: '{"demo":{"url":"https://api.example.com"}}', SESSION_STORE: 'memory', LOG_LEVEL: 'silent', METRICS_PORT: String(port) })) {
+      vi.stubEnv(name, value);
+    }
+    const primary = new EventEmitter();
+    const workers = Object.fromEntries(
+      answers.map((text, index) => [
+        index + 1,
+        {
+          isConnected: () => true,
+          send: (request: { id: number }) => setImmediate(() => primary.emit('message', {}, { type: 'gatehouse:metrics', id: request.id, ...(text === undefined ? {} : { text }) })),
+        },
+      ]),
+    );
+    vi.doMock('node:cluster', () => ({ default: { workers, on: primary.on.bind(primary) } }));
+    try {
+      const { serveClusterMetrics } = await import('../../lib/telemetry-sdk.ts');
+      await serveClusterMetrics();
+      const answer = await fetch(`http://127.0.0.1:${port}/metrics`);
+      return { status: answer.status, text: await answer.text() };
+    } finally {
+      vi.doUnmock('node:cluster');
+    }
+  }
+
+  const counter = (value: number) => `# HELP calls_total Calls\n# TYPE calls_total counter\ncalls_total ${value}\n`;
+
+  it('sums every worker’s counters', async () => {
+    expect(await scrapeWith([counter(2), counter(3)])).toEqual({ status: 200, text: expect.stringContaining('calls_total 5') });
+  });
+
+  it('fails the scrape (503) when a worker could not collect, rather than serve a sum without it (a reset to Prometheus)', async () => {
+    expect(await scrapeWith([counter(2), undefined])).toEqual({ status: 503, text: 'Metrics unavailable\n' });
   });
 });
