@@ -1,5 +1,6 @@
 import { X509Certificate, createPrivateKey, type JsonWebKey as NodeJwk } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
@@ -518,6 +519,16 @@ function otelProblems(present: Record<string, string | undefined>): string[] {
   }
   const ratio = present.OTEL_TRACES_SAMPLER_ARG;
   if (ratio !== undefined && !(Number(ratio) >= 0 && Number(ratio) <= 1)) problems.push('OTEL_TRACES_SAMPLER_ARG: must be a ratio between 0 and 1');
+  // The exporters fall back to http://localhost:4318 on a value they cannot parse, silently.
+  for (const name of ['OTEL_EXPORTER_OTLP_ENDPOINT', 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_METRICS_ENDPOINT']) {
+    const value = present[name]?.trim();
+    if (value !== undefined && !(URL.canParse(value) && /^https?:$/.test(new URL(value).protocol))) problems.push(`${name}: must be an http(s) URL (got "${value.slice(0, 40)}")`);
+  }
+  const metricsHost = present.METRICS_HOST?.trim();
+  if (metricsHost !== undefined && isIP(metricsHost) === 0 && !/^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/.test(metricsHost)) {
+    problems.push(`METRICS_HOST: must be a host name or an IP address to listen on, without scheme or port (got "${metricsHost.slice(0, 40)}")`);
+  }
+  if (metricsHost !== undefined && present.METRICS_PORT === undefined) problems.push('METRICS_HOST: is set, but metrics are off until METRICS_PORT is set too');
   return problems;
 }
 

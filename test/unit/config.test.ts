@@ -466,6 +466,25 @@ describe('telemetry settings', () => {
     expect(problemsOf({ ...valid, METRICS_PORT: '3000' })).toEqual([expect.stringMatching(/^METRICS_PORT: must differ from PORT/)]);
   });
 
+  it('METRICS_HOST: a host name or address to listen on, and only with METRICS_PORT (not silently ignored, nor blamed on METRICS_PORT)', () => {
+    for (const host of ['localhost', '127.0.0.1', '0.0.0.0', '::', '::1', 'metrics.internal', 'fe80::1']) {
+      expect(parseConfig({ ...valid, METRICS_PORT: '9464', METRICS_HOST: host }).metrics.hostname, host).toBe(host);
+    }
+    for (const host of ['no such host!', 'http://127.0.0.1', '127.0.0.1:9464', 'a b', 'host/x', '-bad.example']) {
+      expect(problemsOf({ ...valid, METRICS_PORT: '9464', METRICS_HOST: host }), host).toEqual([expect.stringMatching(/^METRICS_HOST: must be a host name or an IP address/)]);
+    }
+    expect(problemsOf({ ...valid, METRICS_HOST: '0.0.0.0' })).toEqual(['METRICS_HOST: is set, but metrics are off until METRICS_PORT is set too']);
+  });
+
+  it('an OTLP endpoint that is not an http(s) URL is refused by name (the exporters would fall back to localhost:4318 in silence)', () => {
+    for (const name of ['OTEL_EXPORTER_OTLP_ENDPOINT', 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_METRICS_ENDPOINT']) {
+      for (const value of ['not a url', 'collector:4318', 'grpc://collector:4317', '/v1/traces']) {
+        expect(problemsOf({ ...valid, [name]: value }), `${name}=${value}`).toEqual([expect.stringMatching(new RegExp(`^${name}: must be an http\\(s\\) URL`))]);
+      }
+      expect(() => parseConfig({ ...valid, [name]: 'http://otel-collector:4318' })).not.toThrow();
+    }
+  });
+
   it('unknown OTEL_* choices are refused with the rest, by name', () => {
     const problems = problemsOf({ ...valid, OTEL_TRACES_EXPORTER: 'jaeger', OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc', OTEL_TRACES_SAMPLER_ARG: '2', SESSION_SECRET: 'short' });
     expect(problems.map((problem) => problem.slice(0, problem.indexOf(':')))).toEqual(['SESSION_SECRET', 'OTEL_TRACES_EXPORTER', 'OTEL_EXPORTER_OTLP_PROTOCOL', 'OTEL_TRACES_SAMPLER_ARG']);
