@@ -335,11 +335,13 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
  * at any page of the app. So, resolved against the URL the API answered:
  * - inside the API's base URL: the same resource through the proxy, `/api/proxy/<api>/<rest>`;
  * - on the app's origin: kept only within this API's own `/api/proxy/<api>/`;
- * - another origin (a signed download link, the API's login page): passed on as an absolute URL;
+ * - another origin (a signed download link, the API's login page): passed on as an absolute URL,
+ *   except where the browser would send the call's body there again (`resendsBody`: a 307 or 308
+ *   to a call other than GET or HEAD), which would hand the SPA's data to another site;
  * - the API's own origin outside its base (unreachable through Gatehouse, often an internal host
  *   name), another scheme, or no URL at all: undefined, and the header is dropped.
  */
-export function browserLocation(value: string, api: ApiConfig, upstreamUrl: URL, appOrigin: string): string | undefined {
+export function browserLocation(value: string, api: ApiConfig, upstreamUrl: URL, appOrigin: string, resendsBody = false): string | undefined {
   const target = httpUrlFrom(value, upstreamUrl);
   if (!target) return undefined;
   const throughProxy = `${PROXY_PREFIX}${api.name}/`;
@@ -348,18 +350,18 @@ export function browserLocation(value: string, api: ApiConfig, upstreamUrl: URL,
     return `${throughProxy}${target.pathname.slice(basePath.length)}${target.search}${target.hash}`;
   }
   if (target.origin === appOrigin) return target.pathname.startsWith(throughProxy) ? `${target.pathname}${target.search}${target.hash}` : undefined;
-  if (target.origin === api.url.origin) return undefined;
+  if (target.origin === api.url.origin || resendsBody) return undefined;
   return target.href;
 }
 
 /** The answer's `Location` headers as the browser may follow them (browserLocation); the rest untouched. */
-function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, upstreamUrl: URL, appOrigin: string, requestId: string): Array<[string, string]> {
+function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, upstreamUrl: URL, appOrigin: string, requestId: string, resendsBody: boolean): Array<[string, string]> {
   if (!headers.some(([name]) => name === 'location')) return headers;
   const kept: Array<[string, string]> = [];
   for (const [name, value] of headers) {
     if (name !== 'location') kept.push([name, value]);
     else {
-      const location = browserLocation(value, api, upstreamUrl, appOrigin);
+      const location = browserLocation(value, api, upstreamUrl, appOrigin, resendsBody);
       // The value itself is not logged: it may carry a signature or a token of the API's.
       if (location === undefined) log('warn', 'proxy.location_dropped', { requestId, api: api.name });
       else kept.push([name, location]);
@@ -1190,7 +1192,8 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
     const filtered = filterResponseHeaders(answer.rawHeaders);
-    let responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId);
+    const resendsBody = (answer.status === 307 || answer.status === 308) && method !== 'GET' && method !== 'HEAD';
+    let responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId, resendsBody);
     if (credentials.session && credentials.token) responseHeaders = keptToTheUser(responseHeaders);
     if (credentials.token) responseHeaders = withoutEchoedToken(responseHeaders, credentials.token, { requestId, api: api.name });
     responseHeaders.push(['x-request-id', requestId], ...PROXIED_ANSWER_HEADERS);

@@ -1078,6 +1078,11 @@ describe('header hygiene (raw sockets)', () => {
       expect({ to, location: await locationFor(to) }).toEqual({ to, location: null });
     }
     expect(await locationFor('https://downloads.example/file?signature=abc', 302)).toBe('https://downloads.example/file?signature=abc');
+    // A browser sends a call's body again on a 307 or 308: never to another site.
+    for (const [method, status, kept] of [['POST', 307, false], ['PUT', 308, false], ['GET', 307, true], ['POST', 303, true]] as const) {
+      const answer = await proxyFetch(`/api/proxy/demo/redirect?status=${status}&to=${encodeURIComponent('https://collector.example/x')}`, { method, ...(method === 'GET' ? {} : { body: '{"card":"4111"}' }) });
+      expect({ method, status: answer.status, location: answer.headers.get('location') }).toEqual({ method, status, location: kept ? 'https://collector.example/x' : null });
+    }
   });
 
   it("an answer made with the user's token goes out private and varying by Cookie, unless the API allowed sharing it; token-less answers are left as they are", async () => {

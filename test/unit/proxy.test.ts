@@ -233,6 +233,13 @@ describe('browserLocation: where an API may send the browser', () => {
     expect(location(value)).toBeUndefined();
   });
 
+  it('sends no call body to another site: a 307 or 308 to a call other than GET or HEAD keeps its Location only when it stays on the app', () => {
+    const resent = (value: string) => browserLocation(value, todos, upstreamUrl, APP, true);
+    for (const value of ['https://files.example/f?sig=1', '//files.example/f', 'https://evil.example/collect', 'http://api.example.com.evil.example/x']) expect(resent(value), value).toBeUndefined();
+    expect(resent('/v1/items/8')).toBe('/api/proxy/todos/items/8');
+    expect(resent(`${APP}/api/proxy/todos/items/9`)).toBe('/api/proxy/todos/items/9');
+  });
+
   // Pieces of hostile Locations: schemes, authorities (the app's, the API's, a stranger's), dot
   // segments and separators in every encoding, userinfo, whitespace.
   const PIECES = ['/', '//', '\\', '.', '..', '%2e', '%2E%2e', '%2f', '%5c', '@', ':', '?', '#', '%00', '\t', '\n', ' ', 'api', 'auth', 'proxy', 'todos', 'other', 'v1', 'v2', 'sessions', 'app.example', 'api.example.com', 'evil.example', '%40', '%252e', '\uff0f', '\u3002'];
