@@ -141,7 +141,7 @@ export function api(name: string) {
   const prefix = `/api/proxy/${encodeURIComponent(name)}/`;
   const call = async (method: string, path: string, body?: unknown): Promise<unknown> => {
     const target = prefix + path.replace(/^\/+/, '');
-    if (!new URL(target, 'http://gatehouse.invalid').pathname.startsWith(prefix)) throw new GatehouseClientError('invalid_path', 400, 'The API path is not allowed.');
+    checkStaysUnder(prefix, target);
     const init: RequestInit = { method };
     if (body !== undefined) {
       init.body = JSON.stringify(body);
@@ -158,6 +158,12 @@ export function api(name: string) {
     put: (path: string, body?: unknown) => call('PUT', path, body),
     patch: (path: string, body?: unknown) => call('PATCH', path, body),
   };
+}
+
+/** Refuses, before anything is sent, a target that the browser would resolve outside `prefix` on this origin. */
+function checkStaysUnder(prefix: string, target: string): void {
+  const resolved = URL.canParse(target, 'http://gatehouse.invalid') ? new URL(target, 'http://gatehouse.invalid') : undefined;
+  if (resolved?.origin !== 'http://gatehouse.invalid' || !resolved.pathname.startsWith(prefix)) throw new GatehouseClientError('invalid_path', 400, 'The API path is not allowed.');
 }
 
 export async function getSession(): Promise<SessionInfo> {
@@ -225,6 +231,7 @@ export async function endOtherSessions(): Promise<number> {
  * so this reads the response body as it arrives and hands over each event's data.
  */
 export async function streamEvents(path: string, onData: (data: string) => void, signal?: AbortSignal): Promise<void> {
+  checkStaysUnder('/api/proxy/', path);
   const response = await bffFetch(path, { headers: { accept: 'text/event-stream' }, signal });
   if (!response.ok || !response.body) throw new GatehouseClientError(`upstream_${response.status}`, response.status, `The API answered ${response.status}.`, response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();

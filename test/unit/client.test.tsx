@@ -3,7 +3,7 @@ import fc from 'fast-check';
 import { act } from 'react';
 import { createRoot } from 'react-dom/client';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { GatehouseClientError, SESSION_ENDED_EVENT, StepUpRequiredError, api, bffFetch, configure, getSession, login } from '../../lib/client/index.ts';
+import { GatehouseClientError, SESSION_ENDED_EVENT, StepUpRequiredError, api, bffFetch, configure, getSession, login, streamEvents } from '../../lib/client/index.ts';
 import { refreshSession, resetSessionStateForTests, useSession } from '../../lib/client/react.ts';
 
 // The network is the one thing faked here: these tests pin the client's own behaviour; the
@@ -50,6 +50,34 @@ describe('api(name) paths', () => {
     fetchMock.mockClear();
     await api('orders').get('items/7?tab=1');
     expect(fetchMock.mock.calls[0]![0]).toBe('/api/proxy/orders/items/7?tab=1');
+  });
+});
+
+describe('streamEvents(path)', () => {
+  it('reads only through the proxy on this origin: a path the browser would resolve elsewhere is refused before anything is sent', async () => {
+    fetchMock.mockImplementation(async () => new Response('data: x\n\n', { status: 200, headers: { 'content-type': 'text/event-stream' } }));
+    const piece = fc.constantFrom('..', '.', '%2e', '%2E%2e', '\\', '/', '//', 'api', 'proxy', 'auth', 'sessions', 'demo', 'events', 'evil.example', 'https:', '?x', '#f');
+    await fc.assert(
+      fc.asyncProperty(fc.constantFrom('/api/proxy/', '/api/proxy/demo/', '', '/', '//', 'https://evil.example/api/proxy/'), fc.array(piece, { maxLength: 8 }), async (head, pieces) => {
+        fetchMock.mockClear();
+        const path = head + pieces.join('');
+        const outcome = await streamEvents(path, () => undefined).then(
+          () => 'sent',
+          (error: unknown) => (error as { code?: string }).code,
+        );
+        if (outcome === 'invalid_path') {
+          expect(fetchMock).not.toHaveBeenCalled();
+          return;
+        }
+        const sentTo = new URL(String(fetchMock.mock.calls[0]![0]), 'https://app.example.com');
+        expect([sentTo.origin, sentTo.pathname.startsWith('/api/proxy/')], path).toEqual(['https://app.example.com', true]);
+      }),
+      { numRuns: 1_000, examples: [['/api/proxy/', ['..', '/', 'auth', '/', 'sessions']], ['https://evil.example/api/proxy/', ['demo']]] },
+    );
+    const seen: string[] = [];
+    fetchMock.mockClear();
+    await streamEvents('/api/proxy/demo/events', (data) => void seen.push(data));
+    expect(seen).toEqual(['x']);
   });
 });
 
