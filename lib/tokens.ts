@@ -237,6 +237,9 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
     if (fallback && flight.overdue) throw flight.overdue;
     // Waited for no longer than the token held would then still be worth sending (with time to check the store).
     refreshed = await answerWithin(flight, fallback?.expiresAt ? Math.min(waitMs, fallback.expiresAt - STILL_USABLE_FOR_MS - 500 - Date.now()) : waitMs);
+    // Joined a refresh another call began for an older token, which found the refused one stored
+    // (by another instance) and took it as done: this call's refresh is still to be made.
+    if (request.rejectedToken && heldToken(refreshed, request)?.token === request.rejectedToken) refreshed = await answerWithin(refreshOnce(refreshed, request, key), waitMs);
   } catch (error) {
     if (!fallback || !isTransientFault(error)) throw error;
     const current = await stillHolding(session, request, fallback.token);

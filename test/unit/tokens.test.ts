@@ -172,6 +172,28 @@ describe('an IdP whose access tokens live no longer than TOKEN_REFRESH_SKEW', ()
   });
 });
 
+describe('a call whose token the upstream refused', () => {
+  it('gets a new token even when it joins a refresh begun for an older one that finds the refused token stored by another instance', async () => {
+    const { session, tokens } = await deploy();
+    const store = session.getStore();
+    const stale = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-0', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const lockKey = session.refreshLockKey(stale.id);
+    // Another instance holds the lock while this one's ordinary refresh (for at-0) waits for it...
+    expect(await store.set(lockKey, 'another-instance', { ttlMs: 25_000, onlyIfAbsent: true })).toBe(true);
+    const ordinary = tokens.getAccessToken(stale);
+    // ...and stores at-other, which a call of this process sends and the upstream refuses.
+    const renewed = await session.writeSessionTokens(await session.sealSessionTokens(stale, { ...stale.secrets, accessToken: 'at-other', refreshToken: 'rt-other' }, Date.now() + 3_600_000), 'another-instance');
+    const grantsBefore = tokenGrants;
+    const forced = tokens.getAccessToken(renewed!, { rejectedToken: 'at-other' });
+    expect(await store.delIfEquals(lockKey, 'another-instance')).toBe(true);
+    expect((await ordinary).token).toBe('at-other');
+    const answer = await forced;
+    expect(answer.token).not.toBe('at-other');
+    expect(answer).toMatchObject({ token: `at-${tokenGrants}`, refreshed: true });
+    expect(tokenGrants - grantsBefore).toBe(1);
+  });
+});
+
 describe('a rotated refresh token that cannot be stored', () => {
   afterEach(() => {
     idpMode = 'answering';
