@@ -591,13 +591,16 @@ function warnUnreadable(id: string, reason: string): void {
  * The session behind an id, or why there is none. Only a record that has passed its absolute end by
  * our own clock is deleted here; what this instance cannot read is left for those that can.
  * `coherentCopy` lets the store answer from its coherent per-process copy: right for the proxy's hot
- * path, never for the refresh path, which must see the latest refresh token.
+ * path, never for the refresh path, which must see the latest refresh token: `latest` has it read
+ * from the primary where the store may read replicas.
  */
-export async function loadSession(id: string, { coherentCopy = false } = {}): Promise<{ session: Session; miss?: undefined } | { session: null; miss: SessionMiss }> {
+export async function loadSession(id: string, { coherentCopy = false, latest = false } = {}): Promise<{ session: Session; miss?: undefined } | { session: null; miss: SessionMiss }> {
   const store = getStore();
-  const raw = await storeCall(() =>
-    coherentCopy && store.getCoherent ? store.getCoherent(sessionKey(id), SESSION_COPY_MAX_AGE_MS) : store.get(sessionKey(id)),
-  );
+  const key = sessionKey(id);
+  const raw = await storeCall(() => {
+    if (latest && store.getLatest) return store.getLatest(key);
+    return coherentCopy && store.getCoherent ? store.getCoherent(key, SESSION_COPY_MAX_AGE_MS) : store.get(key);
+  });
   if (raw === null) {
     // Ended elsewhere: this process's decrypted copy of its tokens goes too.
     forgetCopies(id);
@@ -640,7 +643,7 @@ export async function loadSession(id: string, { coherentCopy = false } = {}): Pr
   return { session: { id, record, secrets } };
 }
 
-export async function readSession(id: string, options: { coherentCopy?: boolean } = {}): Promise<Session | null> {
+export async function readSession(id: string, options: { coherentCopy?: boolean; latest?: boolean } = {}): Promise<Session | null> {
   return (await loadSession(id, options)).session;
 }
 

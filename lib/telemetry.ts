@@ -298,6 +298,7 @@ export function observeLockWait<T>(work: () => Promise<T>, outcome: (result: T) 
 const STORE_OPERATIONS = [
   'get',
   'getCoherent',
+  'getLatest',
   'set',
   'replace',
   'expire',

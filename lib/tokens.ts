@@ -514,7 +514,7 @@ function renewLease(id: string, owner: string, onLost: () => void): () => void {
  * clears the browser's cookie.
  */
 async function storedSession(id: string): Promise<Session> {
-  const loaded = await loadSession(id);
+  const loaded = await loadSession(id, { latest: true });
   if (loaded.session) return loaded.session;
   if (servedElsewhere(loaded.miss)) throw errors.sessionUnreadable(new Error('the session record cannot be read by this instance'));
   throw await endedSessionError(id);
@@ -578,7 +578,7 @@ async function refreshGrantUnderLock(current: Session, request: TokenRequest, lo
       const ended = await expireSessionIfUnchanged(current.id, current.record, error);
       if (ended) throw ended;
       // Renewed elsewhere while this grant was at the IdP: the caller can use those tokens.
-      const renewed = await onStore(flight, () => readSession(current.id));
+      const renewed = await onStore(flight, () => readSession(current.id, { latest: true }));
       if (renewed && isSettled(renewed, current, request)) return renewed;
       throw renewedElsewhere(error);
     }
@@ -679,12 +679,12 @@ async function writeRetakingLock(current: Session, next: Session, lock: HeldLock
   const { id } = current;
   // Set before asking: a SET whose answer is lost may still land, and a retry must then check too.
   lock.retaken = true;
-  const landed = async () => (await readSession(id))?.record.sealed === next.record.sealed;
+  const landed = async () => (await readSession(id, { latest: true }))?.record.sealed === next.record.sealed;
   // Asked before the lock: once the lease of a write that landed unanswered has run out, another
   // instance may hold the lock, and the tokens in the record are these (never to be revoked).
   if (await landed()) return next;
   if (!(await storeCall(() => takeLock(id, lock.owner)))) return null;
-  const stored = (await readSession(id))?.record.sealed;
+  const stored = (await readSession(id, { latest: true }))?.record.sealed;
   if (stored === next.record.sealed) return next;
   if (stored === current.record.sealed) {
     log('warn', 'token.refresh_lock_retaken', { session: sessionHandle(id) });

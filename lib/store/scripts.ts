@@ -15,6 +15,9 @@ end
 return value
 `;
 
+/** KEYS[1]: GET inside a script, which runs where writes do (the primary), never on a read replica. */
+export const GET_LATEST_LUA = `return redis.call('GET', KEYS[1])`;
+
 /** KEYS[1] lock, ARGV[1] owner: deletes the lock only while it is still the owner's. */
 export const DEL_IF_EQUALS_LUA = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then

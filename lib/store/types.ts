@@ -16,6 +16,12 @@ export interface Store {
    */
   getCoherent?(key: string, maxAgeMs: number): Promise<string | null>;
   /**
+   * Like `get`, from the primary, where the store may answer reads from replicas that lag behind
+   * it (Upstash read regions): what a refresh lock's holder reads, since a token another instance
+   * has just rotated must not be used again. Stores that read the primary anyway leave it out.
+   */
+  getLatest?(key: string): Promise<string | null>;
+  /**
    * Writes with a time to live. `onlyIfAbsent` is SET NX (locks, replay markers),
    * `onlyIfPresent` is SET XX (never resurrect a deleted session). Returns whether it wrote.
    */

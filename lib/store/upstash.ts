@@ -1,7 +1,7 @@
 import { Redis } from '@upstash/redis';
 import { pairsToEntries, type Store } from './types.ts';
 import { checkExpireTtl, checkSetOptions, checkTimestamp, checkTtl } from './memory.ts';
-import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, REPLACE_IF_HELD_LUA, TAKE_LUA } from './scripts.ts';
+import { DEL_IF_EQUALS_LUA, EXPIRE_IF_EQUALS_LUA, GET_LATEST_LUA, REPLACE_IF_HELD_LUA, TAKE_LUA } from './scripts.ts';
 
 
 const REQUEST_TIMEOUT_MS = 5_000;
@@ -58,6 +58,12 @@ export function createUpstashStore(url: string, token: string): Store {
     async get(key) {
       open();
       const value = await run('GET', redis.get<string>(key));
+      return value ?? null;
+    },
+
+    async getLatest(key) {
+      open();
+      const value = await run('EVAL', redis.eval<[], string | null>(GET_LATEST_LUA, [key], []));
       return value ?? null;
     },
 

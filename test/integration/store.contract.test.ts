@@ -60,6 +60,24 @@ describe('Redis store over TCP', () => {
 });
 
 describe('Upstash store and bridge', () => {
+  it('getLatest reads the primary where get may read a lagging replica (read regions)', async () => {
+    // The "replica": another database of the same Redis, which never receives the writes.
+    const replicaUrl = new URL(REDIS_URL);
+    replicaUrl.pathname = '/1';
+    const lagging = await startUpstashBridge({ redisUrl: REDIS_URL, token: BRIDGE_TOKEN, replicaUrl: replicaUrl.href });
+    try {
+      const store = createUpstashStore(lagging.url, BRIDGE_TOKEN);
+      const key = `${RUN_PREFIX}read-region:${randomUUID()}`;
+      await store.set(key, 'rotated', { ttlMs: LONG_TTL });
+      expect(await store.get(key)).toBeNull();
+      expect(await store.getLatest!(key)).toBe('rotated');
+      expect(await store.take(key)).toBe('rotated');
+      expect(await store.getLatest!(key)).toBeNull();
+    } finally {
+      await lagging.close();
+    }
+  });
+
   it('rejects quickly when the REST endpoint is unreachable', async () => {
     const dead = createUpstashStore('http://127.0.0.1:1', 'token');
     const started = Date.now();

@@ -56,10 +56,21 @@ function send(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body));
 }
 
-export async function startUpstashBridge(options: { redisUrl: string; token: string }): Promise<UpstashBridge> {
+/** Commands an Upstash read region may answer from its replica. */
+const REPLICA_READS = new Set(['GET', 'MGET', 'EXISTS', 'PTTL', 'TTL', 'ZRANGE', 'ZCARD', 'ZCOUNT', 'ZSCORE']);
+
+/**
+ * `replicaUrl`: single read commands go there instead, as Upstash's read regions answer them from a
+ * replica that lags behind the primary (a fault no local Redis shows on demand: a test points it at
+ * another database that it fills, or not, itself).
+ */
+export async function startUpstashBridge(options: { redisUrl: string; token: string; replicaUrl?: string }): Promise<UpstashBridge> {
   // RESP2 reply shapes are what the Upstash REST API returns (flat arrays, scores as strings).
   const redis = new Redis(options.redisUrl, { protocol: 2, maxRetriesPerRequest: 1 });
   redis.on('error', () => {});
+  const replica = options.replicaUrl ? new Redis(options.replicaUrl, { protocol: 2, maxRetriesPerRequest: 1 }) : undefined;
+  replica?.on('error', () => {});
+  const connectionFor = (command: string) => (replica && REPLICA_READS.has(command.toUpperCase()) ? replica : redis);
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     if (req.headers.authorization !== `Bearer ${options.token}`) {
@@ -76,8 +87,9 @@ export async function startUpstashBridge(options: { redisUrl: string; token: str
 
     if (path === '/') {
       const [name, ...args] = toCommand(body);
+      const answering = connectionFor(name);
       try {
-        send(res, 200, { result: encode(await redis.callBuffer(name, ...args), base64) });
+        send(res, 200, { result: encode(await answering.callBuffer(name, ...args), base64) });
       } catch (error) {
         send(res, 400, { error: errorText(error) });
       }
@@ -93,7 +105,7 @@ export async function startUpstashBridge(options: { redisUrl: string; token: str
     let outcomes: Outcome[];
     if (path === '/pipeline') {
       // One connection keeps the commands in order; each one succeeds or fails on its own.
-      const settled = await Promise.allSettled(commands.map(([name, ...args]) => redis.callBuffer(name, ...args)));
+      const settled = await Promise.allSettled(commands.map(([name, ...args]) => connectionFor(name).callBuffer(name, ...args)));
       outcomes = settled.map((s) =>
         s.status === 'fulfilled' ? { result: encode(s.value, base64) } : { error: errorText(s.reason) },
       );
@@ -134,6 +146,7 @@ export async function startUpstashBridge(options: { redisUrl: string; token: str
       server.closeAllConnections();
       await closed;
       await redis.quit().catch(() => redis.disconnect());
+      await replica?.quit().catch(() => replica.disconnect());
     },
   };
 }

@@ -194,6 +194,30 @@ describe('a call whose token the upstream refused', () => {
   });
 });
 
+describe('a store that answers reads from a lagging replica (Upstash read regions)', () => {
+  it('never lets the lock holder refresh with a refresh token another instance has rotated: it reads the primary', async () => {
+    const { session, tokens } = await deploy();
+    const store = session.getStore();
+    const stale = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-0', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const key = session.sessionKey(stale.id);
+    const lockKey = session.refreshLockKey(stale.id);
+    // The replica keeps showing the record as it was; the primary moves on (a stand-in: the memory
+    // store has one copy, and no local Redis lags on demand).
+    const read = store.get.bind(store);
+    const replicaCopy = await read(key);
+    store.get = async (k) => (k === key ? replicaCopy : read(k));
+    store.getLatest = read;
+    // Another instance refreshes under the lock (rt-1 spent at the IdP), stores rt-2, and lets go.
+    expect(await store.set(lockKey, 'another-instance', { ttlMs: 25_000, onlyIfAbsent: true })).toBe(true);
+    const waiting = tokens.getAccessToken(stale);
+    await session.writeSessionTokens(await session.sealSessionTokens(stale, { ...stale.secrets, accessToken: 'at-other', refreshToken: 'rt-2' }, Date.now() + 3_600_000), 'another-instance');
+    const grantsBefore = tokenGrants;
+    expect(await store.delIfEquals(lockKey, 'another-instance')).toBe(true);
+    expect(await waiting).toMatchObject({ token: 'at-other' });
+    expect(tokenGrants - grantsBefore).toBe(0);
+  });
+});
+
 describe('a rotated refresh token that cannot be stored', () => {
   afterEach(() => {
     idpMode = 'answering';
