@@ -84,12 +84,15 @@ async function deploy(extraEnv: Record<string, string> = {}) {
   for (const [name, value] of Object.entries(env)) vi.stubEnv(name, value);
   const session = await import('../../lib/session.ts');
   const tokens = await import('../../lib/tokens.ts');
-  return { session, tokens };
+  /** A session of alice's (by default) whose access token runs out `expiresInMs` from now (already, by default), with refresh token rt-1. */
+  const signIn = ({ sub = 'alice', idpSid, accessToken = 'at-0', refreshToken = 'rt-1', expiresInMs = -1_000 }: { sub?: string; idpSid?: string; accessToken?: string; refreshToken?: string; expiresInMs?: number } = {}) =>
+    session.createSession({ sub, idpSid, secrets: { accessToken, refreshToken, idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + expiresInMs, userAgent: 'ua' });
+  return { session, tokens, signIn };
 }
 
 describe('a write-back that landed but whose answer was lost', () => {
   it('is kept when another instance holds the lock by the time it is retried: the rotated refresh token is neither lost nor revoked', async () => {
-    const { session, tokens } = await deploy();
+    const { session, tokens, signIn } = await deploy();
     const store = session.getStore();
     const replaceIfHeld = store.replaceIfHeld.bind(store);
     let lost = false;
@@ -104,7 +107,7 @@ describe('a write-back that landed but whose answer was lost', () => {
       setTimeout(() => void store.delIfEquals(lockKey, 'another-instance'), 300);
       throw new Error('Command timed out');
     };
-    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-1', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const created = await signIn({ accessToken: 'at-1' });
     revoked.length = 0;
     const outcome = await tokens.getAccessToken(created).then(
       (result) => ({ token: result.token }),
@@ -125,8 +128,8 @@ describe('an IdP whose discovery document names a cleartext token endpoint off t
   it('gets no refresh token sent there: the refresh is refused as an IdP error (502), the session kept', async () => {
     // Where a loopback issuer lets oauth4webapi call http at all; 192.0.2.1 (TEST-NET-1) answers nobody.
     discoveryOverrides = { token_endpoint: 'http://192.0.2.1/token' };
-    const { session, tokens } = await deploy();
-    const created = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-1', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const { session, tokens, signIn } = await deploy();
+    const created = await signIn({ accessToken: 'at-1' });
     const outcome = await tokens.getAccessToken(created).then(
       () => ({}),
       (error: { code?: string; status?: number }) => ({ code: error.code, status: error.status }),
@@ -160,8 +163,8 @@ describe('an IdP whose access tokens live no longer than TOKEN_REFRESH_SKEW', ()
       ...(await importOriginal<typeof import('../../lib/log.ts')>()),
       log: (level: string, event: string, fields?: Record<string, unknown>) => void logged.push({ level, event, fields }),
     }));
-    const { session, tokens } = await deploy();
-    const due = (sub: string) => session.createSession({ sub, idpSid: undefined, secrets: { accessToken: 'at-0', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const { tokens, signIn } = await deploy();
+    const due = (sub: string) => signIn({ sub });
     await tokens.getAccessToken(await due('long-lived'));
     expect(logged.filter(({ event }) => event === 'token.lifetime_under_skew')).toEqual([]);
     accessTokenLifetimeSec = 30; // the default skew
@@ -174,9 +177,9 @@ describe('an IdP whose access tokens live no longer than TOKEN_REFRESH_SKEW', ()
 
 describe('a call whose token the upstream refused', () => {
   it('gets a new token even when it joins a refresh begun for an older one that finds the refused token stored by another instance', async () => {
-    const { session, tokens } = await deploy();
+    const { session, tokens, signIn } = await deploy();
     const store = session.getStore();
-    const stale = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-0', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const stale = await signIn();
     const lockKey = session.refreshLockKey(stale.id);
     // Another instance holds the lock while this one's ordinary refresh (for at-0) waits for it...
     expect(await store.set(lockKey, 'another-instance', { ttlMs: 25_000, onlyIfAbsent: true })).toBe(true);
@@ -196,9 +199,9 @@ describe('a call whose token the upstream refused', () => {
 
 describe('a store that answers reads from a lagging replica (Upstash read regions)', () => {
   it('never lets the lock holder refresh with a refresh token another instance has rotated: it reads the primary', async () => {
-    const { session, tokens } = await deploy();
+    const { session, tokens, signIn } = await deploy();
     const store = session.getStore();
-    const stale = await session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken: 'at-0', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const stale = await signIn();
     const key = session.sessionKey(stale.id);
     const lockKey = session.refreshLockKey(stale.id);
     // The replica keeps showing the record as it was; the primary moves on (a stand-in: the memory
@@ -228,7 +231,7 @@ describe('a rotated refresh token that cannot be stored', () => {
   async function refreshOutlivedBy(meanwhile: (deployed: Awaited<ReturnType<typeof deploy>>, created: { id: string }) => Promise<void>) {
     const deployed = await deploy();
     idpMode = 'stalling';
-    const created = await deployed.session.createSession({ sub: 'alice', idpSid: 'idp-1', secrets: { accessToken: 'at-1', refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() - 1_000, userAgent: 'ua' });
+    const created = await deployed.signIn({ idpSid: 'idp-1', accessToken: 'at-1' });
     revoked.length = 0;
     const outcome = deployed.tokens.getAccessToken(created).then(
       (result) => ({ token: result.token }),
@@ -239,9 +242,6 @@ describe('a rotated refresh token that cannot be stored', () => {
     grantStalled();
     return { ...deployed, created, outcome: await outcome };
   }
-
-  const signIn = (deployed: Awaited<ReturnType<typeof deploy>>, idpSid: string) =>
-    deployed.session.createSession({ sub: 'alice', idpSid, secrets: { accessToken: 'at-new', refreshToken: 'rt-new', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + 3_600_000, userAgent: 'ua' });
 
   it('is given back when its session ended meanwhile (a logout)', async () => {
     const { outcome } = await refreshOutlivedBy(async ({ session }, created) => {
@@ -254,7 +254,7 @@ describe('a rotated refresh token that cannot be stored', () => {
   it('is not given back when its session was replaced keeping the grant for the new one (a re-login in the same IdP session may continue it)', async () => {
     let successor: { id: string } | undefined;
     const { outcome, session } = await refreshOutlivedBy(async (deployed, created) => {
-      successor = await signIn(deployed, 'idp-1');
+      successor = await deployed.signIn({ idpSid: 'idp-1', accessToken: 'at-new', refreshToken: 'rt-new', expiresInMs: 3_600_000 });
       await deployed.session.replaceSession((await deployed.session.readSession(created.id))!, true);
     });
     expect(outcome).toEqual({ error: 'session_replaced' });
@@ -266,7 +266,7 @@ describe('a rotated refresh token that cannot be stored', () => {
     for (const [end, otherIdpSid] of [['replaced', 'idp-2'], ['replaced', undefined], ['logout', undefined], ['logout', 'idp-1']] as const) {
       const { outcome } = await refreshOutlivedBy(async (deployed, created) => {
         // Another device's session of the user, which may or may not name an IdP session.
-        await deployed.session.createSession({ sub: 'alice', idpSid: otherIdpSid, secrets: { accessToken: 'at-other', refreshToken: 'rt-other', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + 3_600_000, userAgent: 'ua' });
+        await deployed.signIn({ ...(otherIdpSid ? { idpSid: otherIdpSid } : {}), accessToken: 'at-other', refreshToken: 'rt-other', expiresInMs: 3_600_000 });
         if (end === 'replaced') await deployed.session.replaceSession((await deployed.session.readSession(created.id))!);
         else await deployed.session.destroySession(created.id);
       });
@@ -296,7 +296,7 @@ describe('a refresh that meets an IdP outage while the token held still has a wh
     idpMode = mode;
     // Due under the 30 s skew, with `expiresInMs` to run.
     const due = (accessToken: string, expiresInMs: number) =>
-      deployed.session.createSession({ sub: 'alice', idpSid: undefined, secrets: { accessToken, refreshToken: 'rt-1', idToken: undefined, claims: {} }, accessTokenExpiresAt: Date.now() + expiresInMs, userAgent: 'ua' });
+      deployed.signIn({ accessToken, expiresInMs });
     return { ...deployed, due };
   }
 
