@@ -522,10 +522,12 @@ function otelProblems(present: Record<string, string | undefined>): string[] {
   // The exporters fall back to http://localhost:4318 on a value they cannot parse, silently.
   for (const name of ['OTEL_EXPORTER_OTLP_ENDPOINT', 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_METRICS_ENDPOINT']) {
     const value = present[name]?.trim();
-    if (value !== undefined && !(URL.canParse(value) && /^https?:$/.test(new URL(value).protocol))) problems.push(`${name}: must be an http(s) URL (got "${value.slice(0, 40)}")`);
+    // Not echoed: a value that is no URL may still hold a collector's credentials.
+    if (value !== undefined && !(URL.canParse(value) && /^https?:$/.test(new URL(value).protocol))) problems.push(`${name}: must be an http(s) URL`);
   }
   const metricsHost = present.METRICS_HOST?.trim();
-  if (metricsHost !== undefined && isIP(metricsHost) === 0 && !/^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/.test(metricsHost)) {
+  // Host names as resolvers take them: compose service names may hold `_`, and a trailing dot is absolute.
+  if (metricsHost !== undefined && isIP(metricsHost) === 0 && !/^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$/.test(metricsHost)) {
     problems.push(`METRICS_HOST: must be a host name or an IP address to listen on, without scheme or port (got "${metricsHost.slice(0, 40)}")`);
   }
   if (metricsHost !== undefined && present.METRICS_PORT === undefined) problems.push('METRICS_HOST: is set, but metrics are off until METRICS_PORT is set too');

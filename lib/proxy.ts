@@ -336,8 +336,8 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
  * - inside the API's base URL: the same resource through the proxy, `/api/proxy/<api>/<rest>`;
  * - on the app's origin: kept only within this API's own `/api/proxy/<api>/`;
  * - another origin (a signed download link, the API's login page): passed on as an absolute URL,
- *   except where the browser would send the call's body there again (`resendsBody`: a 307 or 308
- *   to a call other than GET or HEAD), which would hand the SPA's data to another site;
+ *   except where the browser would send the call's body there again (`resendsBody`, see
+ *   redirectResendsBody), which would hand the SPA's data to another site;
  * - the API's own origin outside its base (unreachable through Gatehouse, often an internal host
  *   name), another scheme, or no URL at all: undefined, and the header is dropped.
  */
@@ -352,6 +352,17 @@ export function browserLocation(value: string, api: ApiConfig, upstreamUrl: URL,
   if (target.origin === appOrigin) return target.pathname.startsWith(throughProxy) ? `${target.pathname}${target.search}${target.hash}` : undefined;
   if (target.origin === api.url.origin || resendsBody) return undefined;
   return target.href;
+}
+
+/**
+ * Whether a browser following this redirect sends the call's body again (Fetch, "HTTP-redirect
+ * fetch"): always for 307 and 308, for 301 and 302 too except after a POST (which becomes a GET
+ * without body), never for 303 or a GET or HEAD.
+ */
+export function redirectResendsBody(status: number, method: string): boolean {
+  if (method === 'GET' || method === 'HEAD' || status === 303) return false;
+  if (status === 307 || status === 308) return true;
+  return (status === 301 || status === 302) && method !== 'POST';
 }
 
 /** The answer's `Location` headers as the browser may follow them (browserLocation); the rest untouched. */
@@ -1192,7 +1203,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       throw new GatehouseError('upstream_unavailable', 502, 'The API sent an answer that cannot be passed on.', { cause: new Error(`upstream status ${answer.status}`) });
     }
     const filtered = filterResponseHeaders(answer.rawHeaders);
-    const resendsBody = (answer.status === 307 || answer.status === 308) && method !== 'GET' && method !== 'HEAD';
+    const resendsBody = redirectResendsBody(answer.status, method);
     let responseHeaders = withBrowserLocations(Array.isArray(filtered) ? filtered : await filtered, api, url, config.appBaseUrl.origin, requestId, resendsBody);
     if (credentials.session && credentials.token) responseHeaders = keptToTheUser(responseHeaders);
     if (credentials.token) responseHeaders = withoutEchoedToken(responseHeaders, credentials.token, { requestId, api: api.name });

@@ -115,7 +115,13 @@ function grantKeptKey(id: string): string {
 
 /** Whether the session's end kept its grant for another session (see grantKeptKey). */
 export async function grantKeptAtEnd(id: string): Promise<boolean> {
-  return (await storeCall(() => getStore().get(grantKeptKey(id)))) !== null;
+  return (await readLatest(grantKeptKey(id))) !== null;
+}
+
+/** A key's value from the primary, where the store may read replicas (see Store.getLatest). */
+export function readLatest(key: string): Promise<string | null> {
+  const store = getStore();
+  return storeCall(() => (store.getLatest ? store.getLatest(key) : store.get(key)));
 }
 
 /** Present while an upstream 401 may not force another refresh of this session. */
@@ -570,8 +576,8 @@ const MISS_BY_MARKER: Record<string, SessionMiss> = { replaced: 'replaced', else
 const ENDED_BY_MISS: Partial<Record<SessionMiss, Exclude<EndedBy, 'replaced'>>> = { ended_elsewhere: 'elsewhere', ended_at_idp: 'idp', ended_expired: 'expired' };
 
 /** Why a session that is not in the store is gone, from the marker its end left (`gone` when none). */
-async function endedMiss(id: string): Promise<SessionMiss> {
-  const marker = await storeCall(() => getStore().get(endedMarkerKey(id)));
+async function endedMiss(id: string, latest = false): Promise<SessionMiss> {
+  const marker = latest ? await readLatest(endedMarkerKey(id)) : await storeCall(() => getStore().get(endedMarkerKey(id)));
   return marker !== null && Object.hasOwn(MISS_BY_MARKER, marker) ? (MISS_BY_MARKER[marker] as SessionMiss) : 'gone';
 }
 
@@ -597,10 +603,7 @@ function warnUnreadable(id: string, reason: string): void {
 export async function loadSession(id: string, { coherentCopy = false, latest = false } = {}): Promise<{ session: Session; miss?: undefined } | { session: null; miss: SessionMiss }> {
   const store = getStore();
   const key = sessionKey(id);
-  const raw = await storeCall(() => {
-    if (latest && store.getLatest) return store.getLatest(key);
-    return coherentCopy && store.getCoherent ? store.getCoherent(key, SESSION_COPY_MAX_AGE_MS) : store.get(key);
-  });
+  const raw = latest ? await readLatest(key) : await storeCall(() => (coherentCopy && store.getCoherent ? store.getCoherent(key, SESSION_COPY_MAX_AGE_MS) : store.get(key)));
   if (raw === null) {
     // Ended elsewhere: this process's decrypted copy of its tokens goes too.
     forgetCopies(id);
@@ -778,7 +781,9 @@ export async function expireSessionIfUnchanged(id: string, record: SessionRecord
  * says. `cause` is what ran the tokens out, for the log of an `expired` end.
  */
 export async function endedSessionError(id: string, cause?: unknown): Promise<GatehouseError> {
-  const miss = await endedMiss(id);
+  // Asked where the session's end was found (the primary): a lagging replica may hold the record's
+  // deletion but not yet its marker, and a `replaced` heard as `expired` clears the new session's cookie.
+  const miss = await endedMiss(id, true);
   if (miss === 'replaced') return errors.sessionReplaced();
   const endedBy = ENDED_BY_MISS[miss];
   return endedBy && endedBy !== 'expired' ? errors.sessionEnded(endedBy) : errors.sessionExpired(cause);

@@ -188,7 +188,9 @@ function scrubbedText(value: string): string {
     .replace(/(Bearer|DPoP|Basic)(?:\s+|\s*[:=]\s*|%20|\+)[^\s'"`<>,;&]+/gi, '$1 [token]')
     .replace(/((?:set-)?cookie\s*[:=]\s*)[^\r\n]*/gi, '$1[cookie]')
     .replace(/"([\w.-]{1,64})"(\s*:\s*)"(?:[^"\\]|\\.)*"/g, (match, key: string, colon: string) => (SENSITIVE_NAME.test(key) ? `"${key}"${colon}"[redacted]"` : match))
-    .replace(/\b([\w.-]{1,64})(\s*:\s*)'(?:[^'\\]|\\.)*'/g, (match, key: string, colon: string) => (SENSITIVE_NAME.test(key) ? `${key}${colon}'[redacted]'` : match))
+    // A value ends where inspect's would (before `,`, `}`, `]`, a line's end): a quote inside other
+    // text ("TypeError: '{ 'x-token': …") must not pair with the next key's and hide it.
+    .replace(/('?)\b([\w.-]{1,64})\1(\s*:\s*)'(?:[^'\\\n]|\\.)*'(?=[ \t]*(?:[,}\]\n]|$))/g, (match, quote: string, key: string, colon: string) => (SENSITIVE_NAME.test(key) ? `${quote}${key}${quote}${colon}'[redacted]'` : match))
     .replace(/\b([\w.-]{1,64})=[^&\s'"`<>;,]*/g, (match, key: string) => (SENSITIVE_NAME.test(key) ? `${key}=[redacted]` : match))
     .replace(/(?:\?|%3[fF])[^\s'"`<>]*/g, '')
     .replace(/(?<=[\w/.~%-])#[^\s'"`<>]*/g, '')

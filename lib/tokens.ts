@@ -23,6 +23,7 @@ import {
   type SessionSecrets,
   servedElsewhere,
   grantKeptAtEnd,
+  readLatest,
 } from './session.ts';
 
 /**
@@ -228,6 +229,8 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
   const pause = held && pauseOf(key, held.token);
   const fallback = held && !request.rejectedToken && !pause?.refused && lastsToBeSent(held) ? held : undefined;
   if (fallback && pause) return { token: fallback.token, session, refreshed: false };
+  // A refresh already running was begun for the token some other call held, which may be older.
+  const joined = inFlight.has(key);
   const flight = refreshOnce(session, request, key);
   finishEvenIfUnanswered(flight.result);
   const { waitMs } = getConfig().refresh;
@@ -239,7 +242,7 @@ export async function getAccessToken(session: Session, request: TokenRequest = S
     refreshed = await answerWithin(flight, fallback?.expiresAt ? Math.min(waitMs, fallback.expiresAt - STILL_USABLE_FOR_MS - 500 - Date.now()) : waitMs);
     // Joined a refresh another call began for an older token, which found the refused one stored
     // (by another instance) and took it as done: this call's refresh is still to be made.
-    if (request.rejectedToken && heldToken(refreshed, request)?.token === request.rejectedToken) refreshed = await answerWithin(refreshOnce(refreshed, request, key), waitMs);
+    if (joined && request.rejectedToken && heldToken(refreshed, request)?.token === request.rejectedToken) refreshed = await answerWithin(refreshOnce(refreshed, request, key), waitMs);
   } catch (error) {
     if (!fallback || !isTransientFault(error)) throw error;
     const current = await stillHolding(session, request, fallback.token);
@@ -548,7 +551,7 @@ function outcomeLog(session: Session, request: TokenRequest): (result: string) =
  * (Auth0 revokes the whole rotation family too).
  */
 async function writeBackRefused(current: Session, event: string, outcome: (result: string) => Record<string, unknown>, unstored?: TokenSet): Promise<GatehouseError> {
-  const gone = (await storeCall(() => getStore().get(sessionKey(current.id)))) === null;
+  const gone = (await readLatest(sessionKey(current.id))) === null;
   const rotated = unstored?.refreshToken !== undefined && unstored.refreshToken !== current.secrets.refreshToken ? unstored.refreshToken : undefined;
   const revoked = gone && rotated !== undefined && !(await grantKeptAtEnd(current.id)) ? await revokeToken(rotated, 'refresh_token') : false;
   log('warn', event, { ...outcome(gone ? 'session_gone' : 'lock_lost'), ...(rotated !== undefined ? { revoked } : {}) });

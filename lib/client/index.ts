@@ -162,7 +162,13 @@ export function api(name: string) {
 
 /** Refuses, before anything is sent, a target that the browser would resolve outside `prefix` on this origin. */
 function checkStaysUnder(prefix: string, target: string): void {
-  const resolved = URL.canParse(target, 'http://gatehouse.invalid') ? new URL(target, 'http://gatehouse.invalid') : undefined;
+  let resolved: URL | undefined;
+  try {
+    // Only a path from the root: a relative one resolves against the page's URL, not this one.
+    if (target.startsWith('/')) resolved = new URL(target, 'http://gatehouse.invalid');
+  } catch {
+    // Not a URL at all: refused below.
+  }
   if (resolved?.origin !== 'http://gatehouse.invalid' || !resolved.pathname.startsWith(prefix)) throw new GatehouseClientError('invalid_path', 400, 'The API path is not allowed.');
 }
 

@@ -1078,8 +1078,8 @@ describe('header hygiene (raw sockets)', () => {
       expect({ to, location: await locationFor(to) }).toEqual({ to, location: null });
     }
     expect(await locationFor('https://downloads.example/file?signature=abc', 302)).toBe('https://downloads.example/file?signature=abc');
-    // A browser sends a call's body again on a 307 or 308: never to another site.
-    for (const [method, status, kept] of [['POST', 307, false], ['PUT', 308, false], ['GET', 307, true], ['POST', 303, true]] as const) {
+    // A browser sends a call's body again on a 307 or 308, and on a 301 or 302 to anything but a POST: never to another site.
+    for (const [method, status, kept] of [['POST', 307, false], ['PUT', 308, false], ['PUT', 302, false], ['DELETE', 301, false], ['GET', 307, true], ['POST', 303, true], ['POST', 302, true]] as const) {
       const answer = await proxyFetch(`/api/proxy/demo/redirect?status=${status}&to=${encodeURIComponent('https://collector.example/x')}`, { method, ...(method === 'GET' ? {} : { body: '{"card":"4111"}' }) });
       expect({ method, status: answer.status, location: answer.headers.get('location') }).toEqual({ method, status, location: kept ? 'https://collector.example/x' : null });
     }

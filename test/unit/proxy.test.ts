@@ -4,7 +4,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { ApiConfig } from '../../lib/config.ts';
 import { GatehouseError } from '../../lib/errors.ts';
-import { OpenCalls, browserLocation, clientAddress, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
+import { OpenCalls, browserLocation, clientAddress, redirectResendsBody, filterRequestHeaders, filterResponseHeaders, forwardedForChain, keptToTheUser, resolveUpstream } from '../../lib/proxy.ts';
 
 const api = (url: string): ApiConfig => ({ name: 'todos', url: new URL(url), auth: 'user', scope: undefined, resource: undefined, tokenExchange: undefined, timeoutMs: 1000, maxBodyBytes: 1000 });
 const apis = { todos: api('https://api.example.com/v1') };
@@ -233,7 +233,13 @@ describe('browserLocation: where an API may send the browser', () => {
     expect(location(value)).toBeUndefined();
   });
 
-  it('sends no call body to another site: a 307 or 308 to a call other than GET or HEAD keeps its Location only when it stays on the app', () => {
+  it('redirectResendsBody: the redirects a browser follows with the call’s body (Fetch: 307 and 308 always, 301 and 302 except after POST, never 303 nor GET or HEAD)', () => {
+    const methods = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'];
+    const resending = methods.flatMap((method) => [301, 302, 303, 307, 308].filter((status) => redirectResendsBody(status, method)).map((status) => `${method} ${status}`));
+    expect(resending).toEqual(['POST 307', 'POST 308', 'PUT 301', 'PUT 302', 'PUT 307', 'PUT 308', 'PATCH 301', 'PATCH 302', 'PATCH 307', 'PATCH 308', 'DELETE 301', 'DELETE 302', 'DELETE 307', 'DELETE 308']);
+  });
+
+  it('sends no call body to another site: a redirect that resends it keeps its Location only when it stays on the app', () => {
     const resent = (value: string) => browserLocation(value, todos, upstreamUrl, APP, true);
     for (const value of ['https://files.example/f?sig=1', '//files.example/f', 'https://evil.example/collect', 'http://api.example.com.evil.example/x']) expect(resent(value), value).toBeUndefined();
     expect(resent('/v1/items/8')).toBe('/api/proxy/todos/items/8');

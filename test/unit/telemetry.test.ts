@@ -106,6 +106,7 @@ describe('withoutSecrets', () => {
       transactionCookie: (v: string) => `gatehouse-tx-abc=${v}`,
       seal: (v: string) => `could not unseal Fe26.2*1*${v}*abc*def`,
       inspected: (v: string) => `{ access_token: '${v}', expires_in: 300 }`,
+      inspectedQuotedKey: (v: string) => `{ 'x-access-token': '${v}' }`,
     };
     const quoted = fc.tuple(fc.constantFrom(...(Object.keys(forms) as Array<keyof typeof forms>)), secret).map(([how, value]) => ({ text: forms[how](value), value }));
     fc.assert(

@@ -13,6 +13,8 @@ let tokenGrants = 0;
 /** `failing`: the token endpoint answers 503 with Retry-After: 30; `stalling`: it answers nothing until told. */
 let idpMode: 'answering' | 'failing' | 'stalling' = 'answering';
 const stalled: ServerResponse[] = [];
+/** When set, the access token every grant answers with (IdPs that keep a still-valid token on refresh). */
+let fixedAccessToken: string | undefined;
 /** Endpoints the discovery document says otherwise than the defaults (a misconfigured or hostile IdP). */
 let discoveryOverrides: Record<string, string> = {};
 /** What the token endpoint says its access tokens live: under the 30 s skew, they are due at once. */
@@ -47,7 +49,7 @@ beforeAll(async () => {
           response.end('{"error":"temporarily_unavailable"}');
           return;
         }
-        response.end(JSON.stringify({ access_token: `at-${tokenGrants}`, refresh_token: 'rt-2', token_type: 'Bearer', expires_in: accessTokenLifetimeSec }));
+        response.end(JSON.stringify({ access_token: fixedAccessToken ?? `at-${tokenGrants}`, refresh_token: 'rt-2', token_type: 'Bearer', expires_in: accessTokenLifetimeSec }));
       } else if (request.url === '/revoke') {
         revoked.push(new URLSearchParams(body).get('token') ?? '');
         response.end('{}');
@@ -195,29 +197,69 @@ describe('a call whose token the upstream refused', () => {
     expect(answer).toMatchObject({ token: `at-${tokenGrants}`, refreshed: true });
     expect(tokenGrants - grantsBefore).toBe(1);
   });
+
+  it('costs one grant even when the IdP answers it with the very token refused (one that keeps a valid token on refresh)', async () => {
+    const { tokens, signIn } = await deploy();
+    fixedAccessToken = 'at-kept';
+    try {
+      const held = await signIn({ accessToken: 'at-kept', expiresInMs: 3_600_000 });
+      const grantsBefore = tokenGrants;
+      expect(await tokens.getAccessToken(held, { rejectedToken: 'at-kept' })).toMatchObject({ token: 'at-kept', refreshed: true });
+      expect(tokenGrants - grantsBefore).toBe(1);
+    } finally {
+      fixedAccessToken = undefined;
+    }
+  });
 });
 
 describe('a store that answers reads from a lagging replica (Upstash read regions)', () => {
-  it('never lets the lock holder refresh with a refresh token another instance has rotated: it reads the primary', async () => {
-    const { session, tokens, signIn } = await deploy();
-    const store = session.getStore();
-    const stale = await signIn();
-    const key = session.sessionKey(stale.id);
-    const lockKey = session.refreshLockKey(stale.id);
-    // The replica keeps showing the record as it was; the primary moves on (a stand-in: the memory
-    // store has one copy, and no local Redis lags on demand).
+  /**
+   * A due session's refresh, begun while another instance holds its lock, with `get` of one key
+   * answered by a replica that still holds `replicaValue` (a stand-in: the memory store has one
+   * copy, and no local Redis lags on demand); `meanwhile` runs, then the other instance lets go.
+   */
+  async function refreshBehind(lagging: (deployed: Awaited<ReturnType<typeof deploy>>, stale: { id: string }) => Promise<{ key: string; replicaValue: string | null }>, meanwhile: (deployed: Awaited<ReturnType<typeof deploy>>, stale: Awaited<ReturnType<Awaited<ReturnType<typeof deploy>>['signIn']>>) => Promise<void>) {
+    const deployed = await deploy();
+    const store = deployed.session.getStore();
+    const stale = await deployed.signIn();
+    const lockKey = deployed.session.refreshLockKey(stale.id);
+    const { key, replicaValue } = await lagging(deployed, stale);
     const read = store.get.bind(store);
-    const replicaCopy = await read(key);
-    store.get = async (k) => (k === key ? replicaCopy : read(k));
+    store.get = async (k) => (k === key ? replicaValue : read(k));
     store.getLatest = read;
-    // Another instance refreshes under the lock (rt-1 spent at the IdP), stores rt-2, and lets go.
     expect(await store.set(lockKey, 'another-instance', { ttlMs: 25_000, onlyIfAbsent: true })).toBe(true);
-    const waiting = tokens.getAccessToken(stale);
-    await session.writeSessionTokens(await session.sealSessionTokens(stale, { ...stale.secrets, accessToken: 'at-other', refreshToken: 'rt-2' }, Date.now() + 3_600_000), 'another-instance');
     const grantsBefore = tokenGrants;
+    const outcome = deployed.tokens.getAccessToken(stale).then(
+      (answer) => answer.token,
+      (error: { code?: string }) => error.code,
+    );
+    await meanwhile(deployed, stale);
     expect(await store.delIfEquals(lockKey, 'another-instance')).toBe(true);
-    expect(await waiting).toMatchObject({ token: 'at-other' });
-    expect(tokenGrants - grantsBefore).toBe(0);
+    return { outcome: await outcome, grants: tokenGrants - grantsBefore };
+  }
+
+  it('never lets the lock holder refresh with a refresh token another instance has rotated: it reads the primary', async () => {
+    const result = await refreshBehind(
+      // The replica keeps showing the record as it was.
+      async ({ session }, stale) => ({ key: session.sessionKey(stale.id), replicaValue: await session.getStore().get(session.sessionKey(stale.id)) }),
+      // Another instance refreshes under the lock (rt-1 spent at the IdP) and stores rt-2.
+      async ({ session }, stale) => {
+        await session.writeSessionTokens(await session.sealSessionTokens(stale, { ...stale.secrets, accessToken: 'at-other', refreshToken: 'rt-2' }, Date.now() + 3_600_000), 'another-instance');
+      },
+    );
+    expect(result).toEqual({ outcome: 'at-other', grants: 0 });
+  });
+
+  it('tells a call whose session a new login replaced meanwhile that it was replaced, as the primary says, even while the replica lacks the marker', async () => {
+    const result = await refreshBehind(
+      // The replica has not seen the marker yet, while the record is read from the primary.
+      async ({ session }, stale) => ({ key: session.endedMarkerKey(stale.id), replicaValue: null }),
+      async ({ session }, stale) => {
+        await session.replaceSession(stale);
+      },
+    );
+    // `session_replaced` leaves the browser's cookie (by now the new session's) alone; `session_expired` would clear it.
+    expect(result).toEqual({ outcome: 'session_replaced', grants: 0 });
   });
 });
 
