@@ -317,6 +317,20 @@ describe('a rotated refresh token that cannot be stored', () => {
     }
   });
 
+  it('"sign out everywhere else" from a session of the same IdP session keeps the grant they share, the refresh answer included; from another IdP session, both tokens go back', async () => {
+    for (const [survivorIdpSid, expected] of [['idp-1', []], ['idp-2', ['rt-1', 'rt-late']]] as const) {
+      const { outcome } = await refreshOutlivedBy(async (deployed) => {
+        const survivor = await deployed.signIn({ idpSid: survivorIdpSid, accessToken: 'at-new', refreshToken: 'rt-new', expiresInMs: 3_600_000 });
+        const cookie = (await deployed.session.sessionCookieHeader(survivor.id)).split(';')[0]!;
+        const { endOtherSessions } = await import('../../lib/auth.ts');
+        const answer = await endOtherSessions(new Request('http://localhost:3999/api/auth/sessions', { method: 'DELETE', headers: { cookie, 'x-csrf': '1', origin: 'http://localhost:3999', 'sec-fetch-site': 'same-origin' } }));
+        expect(await answer.json()).toEqual({ ended: 1 });
+      });
+      expect(outcome, survivorIdpSid).toEqual({ error: 'session_expired' });
+      expect([...revoked].sort(), survivorIdpSid).toEqual(expected);
+    }
+  });
+
   it('is not given back while its session lives on (the lease ran out and another instance holds the lock): the grant is the session’s own', async () => {
     const { outcome, session, created } = await refreshOutlivedBy(async ({ session: deployedSession }, created) => {
       const store = deployedSession.getStore();
