@@ -69,6 +69,8 @@ export interface LoadReport {
   failures: Record<string, number>;
   p50Ms: number;
   p99Ms: number;
+  /** Answers that took a second or more: callers that waited for a refresh (REFRESH_WAIT_MS is 2 s). */
+  answersOverOneSecond: number;
   requestsPerSecond: number;
   sessions: number;
   refreshGrants: number;
@@ -409,6 +411,7 @@ export async function runLoad(overrides: Partial<LoadOptions> = {}): Promise<Loa
       failures,
       p50Ms: percentile(sorted, 50),
       p99Ms: percentile(sorted, 99),
+      answersOverOneSecond: sorted.filter((ms) => ms >= 1_000).length,
       requestsPerSecond: latencies.length / elapsedSec,
       sessions: users.length,
       refreshGrants: (grantsAfter.success.refresh_token ?? 0) - (grantsBefore.success.refresh_token ?? 0),
@@ -537,7 +540,7 @@ export function formatReport(report: LoadReport): string {
     `| load | ${o.virtualUsers} users, each its own login, calling 2 APIs at once every ${o.thinkMs} ms for ${o.seconds} s |`,
     `| tokens | due every ${o.accessTokenTtlSec - o.refreshSkewSec} s (TTL ${o.accessTokenTtlSec} s, skew ${o.refreshSkewSec} s) |`,
     `| requests | ${report.requests} (${report.requestsPerSecond.toFixed(0)}/s), failed ${failed} |`,
-    `| latency | p50 ${report.p50Ms.toFixed(1)} ms, p99 ${report.p99Ms.toFixed(1)} ms |`,
+    `| latency | p50 ${report.p50Ms.toFixed(1)} ms, p99 ${report.p99Ms.toFixed(1)} ms, ${report.answersOverOneSecond} answers of a second or more |`,
     `| refresh grants | ${report.refreshGrants} for ${report.expiriesInUse} expiries in use over ${report.sessions} sessions; sessions with two grants in one lifetime: ${report.sessionsWithTwoGrantsInOneLifetime}; refused: ${report.refusedRefreshes} |`,
     ...(report.options.fault && report.faultWindow
       ? [

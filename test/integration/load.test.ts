@@ -22,9 +22,12 @@ describe('a fleet under load (15 s)', () => {
     const report = await runLoad({ ...SHORT, fault: { kind, atSec: 5, forSec: 5 } });
     console.log(formatReport(report));
     expect(problemsIn(report)).toEqual([]);
-    // The fault was felt (or, for an instance the balancer routed around, at least happened).
+    // The fault was felt (or, for an instance the balancer routed around, at least happened). A
+    // frozen IdP may cost no call at all: each session falls due during it (every 4 s), its first
+    // call waits REFRESH_WAIT_MS and goes on with the token held, which outlasts the freeze.
     expect(report.faultWindow).toBeDefined();
-    if (kind !== 'kill-instance') expect(report.failureLog.length).toBeGreaterThan(0);
+    if (kind === 'stall-idp') expect(report.failureLog.length + report.answersOverOneSecond).toBeGreaterThanOrEqual(report.sessions);
+    else if (kind !== 'kill-instance') expect(report.failureLog.length).toBeGreaterThan(0);
     if (kind === 'failover-cluster') {
       // Sessions both on and off the failed shard, or "no one elsewhere noticed" would prove nothing.
       expect(report.failover?.usersOnFailedShard.length).toBeGreaterThan(0);
