@@ -561,18 +561,26 @@ function idpHealthState(): Promise<string> {
   return state;
 }
 
-export async function checkHealth(): Promise<Response> {
+/**
+ * `?probe=live`: the process answers (for a liveness probe, which restarts what fails it: an IdP or
+ * store outage must not restart every instance). `?probe=ready`: the store answers too (for a
+ * readiness probe: signed-in users' calls need only the store, so an IdP outage must not take every
+ * instance out of the balancer). Without it, the IdP is asked as well (for monitoring).
+ */
+export async function checkHealth(request: Request): Promise<Response> {
   getConfig();
+  const probe = new URL(request.url).searchParams.get('probe');
+  if (probe === 'live') return jsonResponse(200, { status: 'ok' });
   const [store, idp] = await Promise.all([
     getStore().ping().then(
       () => 'ok',
       () => 'unavailable',
     ),
-    idpHealthState(),
+    probe === 'ready' ? undefined : idpHealthState(),
   ]);
-  const healthy = store === 'ok' && idp === 'ok';
-  const failing = [store !== 'ok' && `store ${store}`, idp !== 'ok' && `idp ${idp}`].filter(Boolean).join(' and ');
-  return jsonResponse(healthy ? 200 : 503, healthy ? { status: 'ok', store, idp } : { error: 'unhealthy', message: `Not ready: ${failing}.`, store, idp });
+  const failing = [store !== 'ok' && `store ${store}`, idp !== undefined && idp !== 'ok' && `idp ${idp}`].filter(Boolean).join(' and ');
+  const checked = { store, ...(idp === undefined ? {} : { idp }) };
+  return jsonResponse(failing ? 503 : 200, failing ? { error: 'unhealthy', message: `Not ready: ${failing}.`, ...checked } : { status: 'ok', ...checked });
 }
 
 // --- a user's sessions -------------------------------------------------------------------------

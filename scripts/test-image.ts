@@ -184,7 +184,7 @@ async function main(): Promise<void> {
       throw new Error('the image carries development dependencies (vitest)');
     }
     const healthcheck = run('podman', ['image', 'inspect', IMAGE, '--format', '{{json .Config.Healthcheck}}']);
-    if (!healthcheck.includes('/api/health')) throw new Error(`the image has no HEALTHCHECK on /api/health: ${healthcheck}`);
+    if (!healthcheck.includes('/api/health?probe=ready')) throw new Error(`the image has no HEALTHCHECK on /api/health?probe=ready: ${healthcheck}`);
     const { rpCookies } = await loginThroughRp({ startUrl: `${appUrl}/api/auth/login`, username: 'image-user' });
     const cookie = `gatehouse=${rpCookies.get('gatehouse') ?? ''}`;
     const session = await fetch(`${appUrl}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } });

@@ -68,6 +68,11 @@ describe('transient faults', () => {
       const health = await fetch(`${app}/api/health`);
       expect(health.status).toBe(503);
       expect(await health.json()).toMatchObject({ error: 'unhealthy', store: 'unavailable', idp: 'ok' });
+      // Not ready (no session can be read), but alive: a liveness probe must not restart it for this.
+      const ready = await fetch(`${app}/api/health?probe=ready`);
+      expect([ready.status, await ready.json()]).toEqual([503, { error: 'unhealthy', message: 'Not ready: store unavailable.', store: 'unavailable' }]);
+      const live = await fetch(`${app}/api/health?probe=live`);
+      expect([live.status, await live.json()]).toEqual([200, { status: 'ok' }]);
     } finally {
       process.kill(redis.child.pid as number, 'SIGCONT');
     }
@@ -175,6 +180,11 @@ describe('transient faults', () => {
       }, 10_000, 200);
       expect(await health.json()).toMatchObject({ store: 'ok', idp: 'unavailable' });
       expect((await call(app, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+      // Signed-in users' calls need only the store: a readiness probe keeps every instance in the balancer.
+      for (const probe of ['ready', 'live']) {
+        const answer = await fetch(`${app}/api/health?probe=${probe}`);
+        expect([probe, answer.status, await answer.json()]).toEqual([probe, 200, probe === 'ready' ? { status: 'ok', store: 'ok' } : { status: 'ok' }]);
+      }
     } finally {
       process.kill(idp, 'SIGCONT');
     }

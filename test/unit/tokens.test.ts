@@ -144,12 +144,14 @@ describe('an IdP whose discovery document names a cleartext token endpoint off t
     discoveryOverrides = { revocation_endpoint: 'http://192.0.2.1/revoke' };
     await deploy();
     const { checkHealth } = await import('../../lib/auth.ts');
-    const answer = await checkHealth();
+    const answer = await checkHealth(new Request('http://localhost:3999/api/health'));
     expect([answer.status, await answer.json()]).toEqual([503, { error: 'unhealthy', message: 'Not ready: idp misconfigured.', store: 'ok', idp: 'misconfigured' }]);
+    // Readiness and liveness ask no IdP: sessions already signed in still work.
+    for (const probe of ['ready', 'live']) expect((await checkHealth(new Request(`http://localhost:3999/api/health?probe=${probe}`))).status, probe).toBe(200);
     discoveryOverrides = {};
     await deploy();
     const { checkHealth: healthy } = await import('../../lib/auth.ts');
-    expect((await healthy()).status).toBe(200);
+    expect((await healthy(new Request('http://localhost:3999/api/health'))).status).toBe(200);
   });
 });
 
