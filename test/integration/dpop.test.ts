@@ -40,6 +40,21 @@ async function demoStats(apiUrl: string): Promise<{ requests: number; dpop: Demo
   return (await (await fetch(`${apiUrl}/__demo/stats`)).json()) as { requests: number; dpop: DemoDpopStats };
 }
 
+/**
+ * Until the demo API has seen no new request for half a second: a call a test left in flight (an
+ * upload reset by its client while Gatehouse forwards it) may still arrive and be counted by the next.
+ */
+async function untilQuiet(apiUrl: string): Promise<void> {
+  let seen = (await demoStats(apiUrl)).requests;
+  for (let checks = 0; checks < 20; checks++) {
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const now = (await demoStats(apiUrl)).requests;
+    if (now === seen) return;
+    seen = now;
+  }
+  throw new Error('the demo API kept receiving requests for 10 s');
+}
+
 async function setDemoDpop(apiUrl: string, change: { requireNonce?: boolean; rotate?: boolean }): Promise<void> {
   const res = await fetch(`${apiUrl}/__demo/dpop`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(change) });
   expect(res.status).toBe(200);
@@ -223,6 +238,8 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
     expect((await call(appA, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
     const output = stack.apps[0]!.process.output().slice(logBefore);
     expect(output).not.toMatch(/uncaught|Error: aborted|^\s+at /im);
+    // The next test counts what the API verifies: none of these uploads may arrive during it.
+    await untilQuiet(stack.apiUrl);
   });
 
   it('a proxied call to the DPoP API carries a proof made for exactly that request, and the API verifies it', async () => {
