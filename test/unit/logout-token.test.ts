@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { SignJWT, createLocalJWKSet, createRemoteJWKSet, errors as joseErrors, exportJWK, generateKeyPair, type CryptoKey, type JWK, type JWTVerifyGetKey } from 'jose';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { BACKCHANNEL_LOGOUT_EVENT as EVENT, LogoutTokenRejected, checkLogoutToken, type LogoutTokenExpectations } from '../../lib/logout-token.ts';
 
 /**
@@ -188,9 +188,9 @@ describe('a logout token signed with a key the IdP rotated to moments ago', () =
       const signedWithRotated = await token('rotated', rotated.privateKey);
       expect(keys.coolingDown).toBe(true);
       expect(await check(signedWithRotated)).toBe('retry');
-      await new Promise((resolve) => setTimeout(resolve, 350));
+      await vi.waitFor(() => expect(keys.coolingDown).toBe(false), { timeout: 2_000, interval: 20 });
       expect(await check(signedWithRotated)).toBe('accepted');
-      await new Promise((resolve) => setTimeout(resolve, 350));
+      await vi.waitFor(() => expect(keys.coolingDown).toBe(false), { timeout: 2_000, interval: 20 });
       expect(await check(await token('unknown', unknown.privateKey))).toBe('rejected');
     } finally {
       server.close();
