@@ -568,58 +568,129 @@ describe('ending sessions that share an IdP session', () => {
   });
 });
 
+/** The store key of `user`'s one session. */
+async function sessionKeyOf(user: string): Promise<string> {
+  const keys = await sessionKeys();
+  const records = await Promise.all(keys.map(async (key) => JSON.parse((await redis.get(key)) ?? '{}') as { sub?: string }));
+  const [key, ...more] = keys.filter((_, index) => records[index]!.sub === user);
+  if (!key || more.length > 0) throw new Error(`${user} has ${more.length + (key ? 1 : 0)} sessions, not one`);
+  return key;
+}
+
+/**
+ * A second Gatehouse instance whose store traffic passes a relay that keeps back the first
+ * command `holds` picks (and all that follows on its connection) until `release()`: a fault no
+ * real part makes on demand, one command held between a read and a write.
+ */
+async function instanceWithHeldStoreCommand(holds: (chunk: Buffer) => boolean) {
+  let held: { connection: RelayedConnection; chunks: Buffer[]; released?: true } | undefined;
+  let reached!: () => void;
+  const holding = new Promise<void>((resolve) => (reached = resolve));
+  const redisUrl = new URL(stack.appEnv.REDIS_URL as string);
+  const relayPort = await freePort();
+  const relay = await startTcpRelay(relayPort, { host: redisUrl.hostname, port: Number(redisUrl.port || 6379) }, {
+    fromClient(chunk, connection) {
+      if (held?.connection === connection && !held.released) return void held.chunks.push(chunk), false;
+      if (held || !holds(chunk)) return true;
+      held = { connection, chunks: [chunk] };
+      reached();
+      return false;
+    },
+  });
+  redisUrl.port = String(relayPort);
+  const instance = await startGatehouse({ name: 'gatehouse-relayed', workers: 1, env: { ...stack.apps[0]!.env, REDIS_URL: redisUrl.href } }).catch(async (error: unknown) => {
+    await relay.close();
+    throw error;
+  });
+  return {
+    url: instance.url,
+    output: () => instance.process.output(),
+    holding,
+    release() {
+      held!.released = true;
+      for (const chunk of held!.chunks) held!.connection.upstream.write(chunk);
+    },
+    async stop() {
+      await instance.process.stop();
+      await relay.close();
+    },
+  };
+}
+
 describe('a logout racing a refresh', () => {
   it('gives back at the IdP the refresh token the session held when it was deleted, not the one read before a refresh rotated it', async () => {
     const user = 'logout-racing-refresh';
     const session = await login(user);
     const headers = { cookie: cookieHeader(session.rpCookies), 'x-csrf': '1' };
-    const [key] = (await Promise.all((await sessionKeys()).map(async (k) => [k, JSON.parse((await redis.get(k)) ?? '{}') as { sub?: string }] as const)))
-      .filter(([, record]) => record.sub === user)
-      .map(([k]) => k);
-    const secretsOf = () => storedSecrets(stack.appEnv.REDIS_URL as string, key!, stack.appEnv.SESSION_SECRET as string);
+    const key = await sessionKeyOf(user);
+    const secretsOf = () => storedSecrets(stack.appEnv.REDIS_URL as string, key, stack.appEnv.SESSION_SECRET as string);
     const { refreshToken: readByLogout } = await secretsOf();
 
-    // A second instance whose store traffic passes a relay (a fault no real part makes on demand:
-    // one command held between a read and a write) that keeps back its deletion of the session.
-    let held: { connection: RelayedConnection; chunks: Buffer[]; released?: true } | undefined;
-    let deletionHeld!: () => void;
-    const deletionReached = new Promise<void>((resolve) => (deletionHeld = resolve));
-    const redisUrl = new URL(stack.appEnv.REDIS_URL as string);
-    const relayPort = await freePort();
-    const relay = await startTcpRelay(relayPort, { host: redisUrl.hostname, port: Number(redisUrl.port || 6379) }, {
-      fromClient(chunk, connection) {
-        if (held?.connection === connection && !held.released) return void held.chunks.push(chunk), false;
-        if (held || !/\r\n(get)?del\r\n|\r\neval(sha)?\r\n/i.test(chunk.toString('latin1')) || !chunk.includes(key!)) return true;
-        held = { connection, chunks: [chunk] };
-        deletionHeld();
-        return false;
-      },
-    });
-    redisUrl.port = String(relayPort);
-    const other = await startGatehouse({ name: 'gatehouse-relayed', workers: 1, env: { ...stack.apps[0]!.env, REDIS_URL: redisUrl.href } });
+    // Another instance, whose deletion of the session is held.
+    const other = await instanceWithHeldStoreCommand((chunk) => /\r\n(get)?del\r\n|\r\neval(sha)?\r\n/i.test(chunk.toString('latin1')) && chunk.includes(key));
     try {
       const logout = fetch(`${other.url}/api/auth/logout`, { method: 'POST', headers });
-      await Promise.race([deletionReached, logout.then((answer) => Promise.reject(new Error(`the logout answered ${answer.status} without deleting the session`)))]);
+      await Promise.race([other.holding, logout.then((answer) => Promise.reject(new Error(`the logout answered ${answer.status} without deleting the session`)))]);
       // Meanwhile the first instance refreshes: the API refuses the token once, Gatehouse renews it.
       const refreshes = refreshGrantsOf(await idpGrants(stack.issuer), user);
       await (await fetch(`${app}/api/proxy/demo/status/401`, { headers })).body?.cancel();
       expect(refreshGrantsOf(await idpGrants(stack.issuer), user)).toBe(refreshes + 1);
       const { refreshToken: rotated } = await secretsOf();
       expect(rotated).not.toBe(readByLogout);
-      held!.released = true;
-      for (const chunk of held!.chunks) held!.connection.upstream.write(chunk);
+      other.release();
       const loggedOut = await logout;
       expect(loggedOut.status).toBe(200);
       // The browser goes on to the IdP's logout, as it would (no step left behind in the store).
       const signOutCookie = loggedOut.headers.getSetCookie().find((line) => line.startsWith('gatehouse-signout='))!.split(';')[0]!;
       const { redirectTo } = (await loggedOut.json()) as { redirectTo: string };
       expect((await navigate(redirectTo, { 'sec-fetch-mode': 'navigate', cookie: signOutCookie })).status).toBe(302);
-      expect(await redis.exists(key!)).toBe(0);
+      expect(await redis.exists(key)).toBe(0);
       expect((await idpGrants(stack.issuer)).revokedRefreshTokens[user]).toEqual([revokedTokenDigest(rotated!)]);
       expect(await redeemRefreshToken(stack.issuer, stack.clientId, stack.appEnv.OIDC_CLIENT_SECRET as string, rotated!)).toMatchObject({ status: 400, error: 'invalid_grant' });
     } finally {
-      await other.process.stop();
-      await relay.close();
+      await other.stop();
+    }
+  });
+});
+
+describe('a re-login racing a refresh', () => {
+  it('a re-login in the same IdP session keeps the grant: the refresh it overtook is refused its write-back and gives nothing back, and the new session refreshes on that grant', async () => {
+    const user = 'relogin-racing-refresh';
+    const first = await login(user);
+    const headers = { cookie: cookieHeader(first.rpCookies), 'x-csrf': '1' };
+    const key = await sessionKeyOf(user);
+    const lockKey = key.replace('session:{', 'refresh-lock:{');
+
+    // Another instance, whose refresh's write-back (the one command naming the session and its
+    // lock) is held after the IdP answered.
+    const other = await instanceWithHeldStoreCommand((chunk) => chunk.includes(key) && chunk.includes(lockKey));
+    try {
+      const refreshes = refreshGrantsOf(await idpGrants(stack.issuer), user);
+      // The API refuses the token once: the relayed instance refreshes, and its write-back is held.
+      const overtaken = fetch(`${other.url}/api/proxy/demo/status/401`, { headers });
+      await Promise.race([other.holding, overtaken.then((answer) => Promise.reject(new Error(`the call answered ${answer.status} without writing back a refresh`)))]);
+      expect(refreshGrantsOf(await idpGrants(stack.issuer), user)).toBe(refreshes + 1);
+
+      // Meanwhile the user signs in again in this browser, within the same IdP session.
+      const second = await login(user, first.jars);
+      expect(await sessionKeyOf(user)).not.toBe(key);
+
+      other.release();
+      const refused = await overtaken;
+      expect([refused.status, ((await refused.json()) as { error?: string }).error]).toEqual([401, 'session_replaced']);
+      const refusal = await waitFor('the refused write-back logged', () => other.output().split('\n').find((line) => line.includes('"event":"token.refresh"') && line.includes('"level":"warn"')));
+      expect(JSON.parse(refusal)).toMatchObject({ outcome: 'session_gone', revoked: false });
+      expect((await idpGrants(stack.issuer)).revokedRefreshTokens[user]).toBeUndefined();
+
+      // The grant the two sessions shared still refreshes the new one.
+      const newHeaders = { cookie: cookieHeader(second.rpCookies), 'x-csrf': '1' };
+      const before = refreshGrantsOf(await idpGrants(stack.issuer), user);
+      await (await fetch(`${app}/api/proxy/demo/status/401`, { headers: newHeaders })).body?.cancel();
+      expect(refreshGrantsOf(await idpGrants(stack.issuer), user)).toBe(before + 1);
+      const after = await fetch(`${app}/api/proxy/demo/whoami`, { headers: newHeaders });
+      expect([after.status, ((await after.json()) as { sub?: string }).sub]).toEqual([200, user]);
+    } finally {
+      await other.stop();
     }
   });
 });
