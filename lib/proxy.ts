@@ -69,7 +69,7 @@ const REQUEST_DENYLIST = new Set([
   // CGI turns it into HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
   'proxy',
   // Next.js's internal ones (x-middleware-* and x-invoke-* below): see REQUEST_DENIED_PREFIXES.
-  ...['x-now-route-matches', 'x-matched-path', 'x-nextjs-data', 'next-resume', 'x-next-resume-state-length'],
+  ...['x-matched-path', 'x-nextjs-data', 'next-resume', 'x-next-resume-state-length'],
   // A signed-in user as front servers assert it (Apache's REMOTE_USER): see below.
   'remote-user',
   'x-userinfo',
@@ -91,6 +91,11 @@ const REQUEST_DENIED_PREFIXES = [
   ...['x-authenticated-', 'x-credential-', 'x-id-token', 'x-access-token', 'oidc-claim-', 'oidc-access-token'],
   // TLS client certificates as nginx, Apache, HAProxy or IIS pass them on.
   ...['x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert'],
+  // What hosting platforms add to the requests they hand a deployment: on Vercel, its OIDC
+  // federation token (which cloud roles trust: AWS, GCP and Azure exchange it for the project's
+  // credentials), its proxy signature and the client address it saw; Netlify's and Fly.io's
+  // client addresses; Teleport's signed assertion of the user.
+  ...['x-vercel-', 'x-now-', 'x-nf-', 'fly-', 'teleport-jwt-assertion'],
   // Next.js's internal signals between its own layers: an API built on an unpatched Next skips its
   // middleware for x-middleware-subrequest (CVE-2025-29927) or acts on the others. The fast path
   // never passes through Next, so nothing else would drop them.
@@ -158,9 +163,12 @@ function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
   return HOP_BY_HOP.has(name) || name.startsWith('proxy-') || listed.has(name);
 }
 
+/** Each denied prefix's first word (`x-`, `ssl-`, …), so most names an SPA sends (accept, content-type, …) are passed on one look-up. */
+const DENIED_PREFIX_HEADS = new Set(REQUEST_DENIED_PREFIXES.map((prefix) => prefix.slice(0, prefix.indexOf('-') + 1)));
+
 function deniedByPrefix(name: string): boolean {
-  // Most names an SPA sends (accept, content-type, …) start with none of these.
-  if (!name.startsWith('x-') && !name.startsWith('ssl-') && !name.startsWith('cf-') && !name.startsWith('tailscale-') && !name.startsWith('oidc-')) return false;
+  const dash = name.indexOf('-');
+  if (dash < 0 || !DENIED_PREFIX_HEADS.has(name.slice(0, dash + 1))) return false;
   for (const prefix of REQUEST_DENIED_PREFIXES) if (name.startsWith(prefix)) return true;
   return false;
 }
@@ -383,10 +391,12 @@ function withBrowserLocations(headers: Array<[string, string]>, api: ApiConfig, 
 
 /**
  * Fields that caches in front of Gatehouse obey instead of Cache-Control (RFC 9213's CDN-Cache-Control,
- * Varnish's, Fastly's and Akamai's, Cloudflare's, nginx's `proxy_cache`): an API may set them for its
- * own CDN, and they would let the app's CDN keep a user's answer whatever Cache-Control says.
+ * Varnish's, Fastly's and Akamai's, nginx's `proxy_cache`, and each CDN's own `<name>-CDN-Cache-Control`:
+ * Cloudflare's, Vercel's, Netlify's): an API may set them for its own CDN, and they would let the
+ * app's CDN keep a user's answer whatever Cache-Control says.
  */
-const CDN_CACHE_FIELDS = new Set(['cdn-cache-control', 'cloudflare-cdn-cache-control', 'surrogate-control', 'edge-control', 'x-accel-expires']);
+const CDN_CACHE_FIELDS = new Set(['cdn-cache-control', 'surrogate-control', 'edge-control', 'x-accel-expires']);
+const isCdnCacheField = (name: string) => CDN_CACHE_FIELDS.has(name) || name.endsWith('-cdn-cache-control');
 
 interface CacheDirective {
   name: string;
@@ -441,14 +451,14 @@ export function keptToTheUser(headers: Array<[string, string]>): Array<[string, 
   for (const [name, value] of headers) {
     if (name === 'cache-control') cacheControl = cacheControl ? `${cacheControl}, ${value}` : value;
     else if (name === 'vary') vary = vary ? `${vary}, ${value}` : value;
-    else if (CDN_CACHE_FIELDS.has(name)) cdnFields = true;
+    else if (isCdnCacheField(name)) cdnFields = true;
   }
   const varies = vary ? new Set(vary.split(',').map((field) => field.trim().toLowerCase())) : undefined;
   const directives = cacheControl ? cacheDirectives(cacheControl) : [];
   const named = (name: string) => directives.some((directive) => directive.name === name);
   const sharedPerToken = varies?.has('authorization') || varies?.has('dpop');
   if ((named('public') || named('s-maxage')) && !sharedPerToken) return headers;
-  const kept = cdnFields || cacheControl ? headers.filter(([name]) => name !== 'cache-control' && !CDN_CACHE_FIELDS.has(name)) : headers;
+  const kept = cdnFields || cacheControl ? headers.filter(([name]) => name !== 'cache-control' && !isCdnCacheField(name)) : headers;
   if (named('no-store')) {
     if (cacheControl) kept.push(['cache-control', cacheControl]);
     return kept;

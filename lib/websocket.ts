@@ -8,7 +8,7 @@ import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
 import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, withoutSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
-import { missingAuthentication, stepUpDetails, whenSignInTooOld } from './step-up.ts';
+import { missingAuthentication, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -231,11 +231,14 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     const headers = upstreamHeaders(request, requestId);
     let attempt = await openUpstream(api, resolved.url, protocols, { ...headers, authorization: `Bearer ${credentials.token}` }, socket);
     let refreshed = credentials.refreshed;
+    // Asked before any forced refresh, as for proxied calls: a new token from the same sign-in cannot meet a step-up.
+    if ('refusedWith' in attempt) await refuseStepUpChallenge(attempt, { requestId, api: api.name });
     if ('refusedWith' in attempt && attempt.refusedWith === 401 && (await mayForceRefresh(credentials.session))) {
       // As for proxied calls: a token that looked valid was refused (revoked, clock skew): one refresh, one retry.
       const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
       refreshed = true;
       attempt = await openUpstream(api, resolved.url, protocols, { ...headers, authorization: `Bearer ${retried.token}` }, socket);
+      if ('refusedWith' in attempt) await refuseStepUpChallenge(attempt, { requestId, api: api.name });
     }
     if ('refusedWith' in attempt) {
       throw new GatehouseError('upstream_refused', 502, `The API refused the WebSocket (HTTP ${attempt.refusedWith}).`);
@@ -312,8 +315,23 @@ function messageLimits(api: ApiConfig, from: 'browser' | 'upstream'): { maxPaylo
   };
 }
 
+interface RefusedHandshake {
+  refusedWith: number;
+  /** Read only for a step-up challenge: nothing of the refusal but its status reaches the browser otherwise. */
+  rawHeaders: string[];
+}
+
+/** An API's refusal that asks for a stronger or more recent sign-in (RFC 9470) is 401 step_up_required, as for proxied calls. */
+async function refuseStepUpChallenge(refusal: RefusedHandshake, where: { requestId: string; api: string }): Promise<void> {
+  if (refusal.refusedWith !== 401) return;
+  const challenge = await stepUpChallenge(refusal.rawHeaders);
+  if (!challenge) return;
+  log('info', 'proxy.step_up_required', { ...where, from: 'upstream', websocket: true, ...(challenge.dropped.length ? { dropped: challenge.dropped } : {}) });
+  throw errors.stepUpRequired(stepUpDetails(challenge));
+}
+
 /** The upstream handshake: an open socket, the status of a refusal, or a GatehouseError. */
-function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Record<string, string>, browser: Duplex): Promise<{ socket: WebSocket } | { refusedWith: number }> {
+function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Record<string, string>, browser: Duplex): Promise<{ socket: WebSocket } | RefusedHandshake> {
   if (browser.destroyed) return Promise.reject(clientClosed());
   return new Promise((resolve, reject) => {
     const target = new URL(url);
@@ -351,10 +369,10 @@ function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Re
     upstream.once('open', () => settle(() => resolve({ socket: upstream })));
     upstream.once('unexpected-response', (upstreamRequest, response) =>
       settle(() => {
-        // Only the status is kept: the upstream's body and headers never reach the browser.
+        // Only the status is kept (and a step-up challenge read): the upstream's body and headers never reach the browser.
         response.destroy();
         upstreamRequest.destroy();
-        resolve({ refusedWith: response.statusCode ?? 502 });
+        resolve({ refusedWith: response.statusCode ?? 502, rawHeaders: response.rawHeaders });
       }),
     );
     upstream.on('error', (error) => settle(() => reject(new GatehouseError('upstream_unavailable', 502, 'The API could not be reached.', { cause: error }))));

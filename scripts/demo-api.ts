@@ -317,6 +317,11 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     const verification = await verify(req, url.pathname);
     // A body a proxy must not pass on to the browser: tests look for this marker.
     if (!verification.ok) return refuseUpgrade(socket, 401, { error: 'invalid_token', detail: 'demo-api-refusal-body' });
+    // `…/mfa/ws`: a socket that needs the second factor's ACR, refused as RFC 9470 says when it is lacking.
+    if (segments[at - 1] === 'mfa' && verification.claims.acr !== MFA_ACR) {
+      const challenge = `Bearer error="insufficient_user_authentication", error_description="A stronger sign-in is required", acr_values="${MFA_ACR}"`;
+      return refuseUpgrade(socket, 401, { error: 'insufficient_user_authentication' }, [['www-authenticate', challenge]]);
+    }
     // `?handshakeDelayMs=`: a handshake the API takes its time over, for what happens meanwhile.
     const delayMs = clampInt(url.searchParams.get('handshakeDelayMs') ?? undefined, 0, 0, 10_000);
     if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
@@ -358,9 +363,10 @@ function newNonce(): string {
   return randomBytes(16).toString('base64url');
 }
 
-function refuseUpgrade(socket: Duplex, status: number, body: unknown): void {
+function refuseUpgrade(socket: Duplex, status: number, body: unknown, headers: Array<[string, string]> = []): void {
   const payload = JSON.stringify(body);
-  socket.end(`HTTP/1.1 ${status} Refused\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(payload)}\r\nconnection: close\r\n\r\n${payload}`);
+  const extra = headers.map(([name, value]) => `${name}: ${value}\r\n`).join('');
+  socket.end(`HTTP/1.1 ${status} Refused\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(payload)}\r\n${extra}connection: close\r\n\r\n${payload}`);
 }
 
 /**

@@ -818,7 +818,7 @@ describe('header hygiene (raw sockets)', () => {
     expect((await demoLast())?.headers['x-secret-hop']).toBeUndefined();
   });
 
-  it('URL-rewrite and host-override headers (X-Original-URL and kin, in any spelling a CGI server reads alike), Proxy and client-IP claims never reach the upstream', async () => {
+  it('URL-rewrite and host-override headers (X-Original-URL and kin, in any spelling a CGI server reads alike), Proxy, client-IP claims and hosting platforms\' credentials never reach the upstream', async () => {
     const seen = await headersReaching('/api/proxy/demo/echo/rewrite', [
         ['X-Original-URL', '/admin/users'],
         ['X-Rewrite-URL', '/admin'],
@@ -843,9 +843,13 @@ describe('header hygiene (raw sockets)', () => {
         ['X-Invoke-Path', '/admin'],
         ['X-Matched-Path', '/admin'],
         ['X-Nextjs-Data', '1'],
+        // What a hosting platform hands the deployment: Vercel's OIDC federation token, which cloud roles trust.
+        ['X-Vercel-OIDC-Token', 'eyJhbGciOiJSUzI1NiJ9.platform.token'],
+        ['X-Vercel-Proxy-Signature', 'Bearer platform'],
+        ['Fly-Client-IP', '10.0.0.1'],
         ['X-End-To-End', 'kept'],
     ]);
-    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri', 'x_original_url', 'x_forwarded_host', 'proxy', 'true-client-ip', 'client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-original-host', 'x-host', 'x-http-host-override', 'x-middleware-subrequest', 'x-middleware-rewrite', 'x_middleware_skip', 'x-invoke-path', 'x-matched-path', 'x-nextjs-data']) expect(seen[name], name).toBeUndefined();
+    for (const name of ['x-original-url', 'x-rewrite-url', 'x-original-uri', 'x_original_url', 'x_forwarded_host', 'proxy', 'true-client-ip', 'client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-original-host', 'x-host', 'x-http-host-override', 'x-middleware-subrequest', 'x-middleware-rewrite', 'x_middleware_skip', 'x-invoke-path', 'x-matched-path', 'x-nextjs-data', 'x-vercel-oidc-token', 'x-vercel-proxy-signature', 'fly-client-ip']) expect(seen[name], name).toBeUndefined();
     expect(seen['x-end-to-end']).toBe('kept');
     expect((await demoLast())?.path).toBe('/echo/rewrite');
   });

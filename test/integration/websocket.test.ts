@@ -469,6 +469,21 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
     plain.ws.close();
   });
 
+  it('an upstream that refuses the handshake with a step-up challenge (RFC 9470) → 401 step_up_required naming what it asked, with no forced refresh, and the session stays', async () => {
+    const fresh = await login(app, 'ws-step-up-challenge');
+    const grantsBefore = refreshGrantsOf(await idpGrants(stack.issuer), 'ws-step-up-challenge');
+    const upgradesBefore = (await demoSockets()).upgrades;
+    const refusal = await refused('/api/proxy/live/mfa/ws', { cookie: fresh });
+    expectGatehouseRefusal(refusal, 401, 'step_up_required');
+    expect(refusal.json).toMatchObject({ acr_values: MFA });
+    expect(refusal.body).not.toContain('A stronger sign-in is required');
+    expect((await demoSockets()).upgrades).toBe(upgradesBefore + 1);
+    expect(refreshGrantsOf(await idpGrants(stack.issuer), 'ws-step-up-challenge')).toBe(grantsBefore);
+    expect(clearsSessionCookie([refusal.headers['set-cookie'] ?? []].flat())).toBe(false);
+    const plain = await open('/api/proxy/live/ws', { cookie: fresh });
+    plain.ws.close();
+  });
+
   it('an upstream that cannot be reached → 502 upstream_unavailable', async () => {
     expectGatehouseRefusal(await refused('/api/proxy/dead/ws', { cookie }), 502, 'upstream_unavailable');
   });

@@ -128,10 +128,11 @@ const REQUEST_DENIED_PREFIXES = [
   'x-auth-request-', 'x-pomerium-', 'x-consumer-', 'tailscale-', 'x-webauth-', 'x-remote-', 'x-envoy-',
   'x-authenticated-', 'x-credential-', 'oidc-claim-', 'oidc-access-token', 'x-id-token', 'x-access-token',
   'x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert',
+  'x-vercel-', 'x-now-', 'x-nf-', 'fly-', 'teleport-jwt-assertion',
 ];
 const RESPONSE_DENIED_PREFIXES = ['x-gatehouse-', 'proxy-'];
 /** Names no list mentions, some of them close to listed ones. */
-const ORDINARY = ['accept', 'content-type', 'etag', 'cache-control', 'x-accel-buffering', 'x-forwarded', 'x-gatehouse', 'cookies', 'x-requestid', 'tee', 'www-authenticate', 'vary', 'x-envoy', 'x-client', 'x-remote', 'remote', 'x-user-agent-hint', 'cf-ray', 'x-ssl', 'x-consumer', 'tailscale', 'x-authenticated', 'oidc', 'x-id', 'x-access'];
+const ORDINARY = ['accept', 'content-type', 'etag', 'cache-control', 'x-accel-buffering', 'x-forwarded', 'x-gatehouse', 'cookies', 'x-requestid', 'tee', 'www-authenticate', 'vary', 'x-envoy', 'x-client', 'x-remote', 'remote', 'x-user-agent-hint', 'cf-ray', 'x-ssl', 'x-consumer', 'tailscale', 'x-authenticated', 'oidc', 'x-id', 'x-access', 'x-vercel', 'fly', 'x-nf', 'teleport'];
 
 const token = fc.stringMatching(/^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,16}$/);
 function headerName(listed: string[], prefixes: string[]): fc.Arbitrary<string> {

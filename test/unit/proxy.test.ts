@@ -311,6 +311,7 @@ describe('keptToTheUser: an answer made with the user token stays that user’s'
     [[['cache-control', 'no-store']], { 'cache-control': 'no-store' }],
     // What a CDN would obey instead of Cache-Control goes.
     [[['cdn-cache-control', 'max-age=300'], ['surrogate-control', 'max-age=300'], ['x-accel-expires', '300'], ['cloudflare-cdn-cache-control', 'max-age=1'], ['edge-control', 'cache-maxage=1h']], { 'cache-control': 'private', vary: 'Cookie' }],
+    [[['vercel-cdn-cache-control', 'max-age=3600'], ['netlify-cdn-cache-control', 'public, durable, s-maxage=60'], ['vary', '*']], { 'cache-control': 'private', vary: '*' }],
     [[['cache-control', 'no-store'], ['cdn-cache-control', 'max-age=300']], { 'cache-control': 'no-store' }],
     // Look-alikes and quoted text are not directives; a qualified private keeps only some fields private.
     [[['cache-control', 'max-age=5, x-public-ish, public-x']], { 'cache-control': 'private, max-age=5, x-public-ish, public-x', vary: 'Cookie' }],
