@@ -19,7 +19,6 @@ import {
   getStore,
   listUserSessions,
   loadSession,
-  readSession,
   readTransaction,
   replaceSession,
   replacesCookieHeader,
@@ -495,8 +494,8 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   const sid = query.get('sid');
   if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
   const found = await sessionFromCookieHeader(request.headers.get('cookie'));
-  // A newer release's record: signing out here would leave it live with the cookie gone.
-  if (found.newerRelease) throw withoutSession(found);
+  // A session this instance cannot read: signing out here would leave it live with the cookie gone.
+  if (found.newerRelease || found.unreadable) throw errors.sessionUnreadable();
   const { session } = found;
   // Without a matching session nothing changes, the cookie included: under SameSite=Strict a
   // cross-site link arrives without the cookie, and clearing it then would let any site sign users out.
@@ -529,7 +528,8 @@ function prefetched(request: Request): boolean {
 export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
   const found = await sessionFromCookieHeader(request.headers.get('cookie'));
-  if (found.newerRelease) throw withoutSession(found);
+  // Signing out here would clear the cookie and leave the session live where it is read.
+  if (found.newerRelease || found.unreadable) throw errors.sessionUnreadable();
   const { session } = found;
   // The way on first: a store that fails it leaves the session, and the SPA's retry, intact.
   const { redirectTo, cookies } = session ? await signOutContinuation(session.secrets.idToken) : { redirectTo: '/', cookies: [] };
@@ -622,7 +622,7 @@ function describeDevice(userAgent: string | undefined): string {
 
 export async function listSessions(request: Request): Promise<Response> {
   const current = await requireSession(request);
-  const sessions = await listUserSessions(current);
+  const { sessions } = await listUserSessions(current);
   return jsonResponse(200, {
     sessions: sessions.map((entry) => ({
       handle: entry.handle,
@@ -636,16 +636,21 @@ export async function listSessions(request: Request): Promise<Response> {
 }
 
 /** Ends one of the user's own sessions by its handle (another user's handle is simply not found). */
+/**
+ * A session this instance cannot open (a newer release's record during a rolling deploy, tokens
+ * under a key or a cookie under a secret it does not hold) goes on working where it can be read:
+ * "ended" or "signed out" would be untrue.
+ */
+const cannotEndHere = (what = 'That session') => new GatehouseError('store_unavailable', 503, `${what} cannot be ended from this server right now. Try again shortly.`, { retryAfterSec: 5 });
+
 export async function endSessionByHandle(request: Request, handle: string): Promise<Response> {
   const current = await requireSession(request);
-  const target = (await listUserSessions(current)).find((entry) => entry.handle === handle);
+  const { sessions, unreadableIds } = await listUserSessions(current);
+  const target = sessions.find((entry) => entry.handle === handle);
+  if (!target && unreadableIds.some((id) => sessionHandle(id) === handle)) throw cannotEndHere();
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
   const loaded = target.current ? { session: current } : await loadSession(target.id);
-  if (!loaded.session && servedElsewhere(loaded.miss)) {
-    // A record this instance cannot open (a newer release's during a rolling deploy, tokens under a
-    // key it does not hold) goes on working where it can be read: "ended" would be untrue.
-    throw new GatehouseError('store_unavailable', 503, 'That session cannot be ended from this server right now. Try again shortly.', { retryAfterSec: 5 });
-  }
+  if (!loaded.session && servedElsewhere(loaded.miss)) throw cannotEndHere();
   if (loaded.session) await endSession(loaded.session, target.current ? undefined : current.record);
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
   const signedOut = target.current ? signedOutHeaders() : [];
@@ -655,16 +660,20 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
 /** "Sign out everywhere else": every session of this user but the one making the request. */
 export async function endOtherSessions(request: Request): Promise<Response> {
   const current = await requireSession(request);
+  const { sessions, unreadableIds } = await listUserSessions(current);
   let ended = 0;
-  for (const entry of await listUserSessions(current)) {
+  let left = unreadableIds.length;
+  for (const entry of sessions) {
     if (entry.current) continue;
-    const session = await readSession(entry.id);
-    if (session) {
-      await endSession(session, current.record);
+    const loaded = await loadSession(entry.id);
+    if (loaded.session) {
+      await endSession(loaded.session, current.record);
       ended++;
-    }
+    } else if (servedElsewhere(loaded.miss)) left++;
   }
-  log('info', 'auth.sessions_ended', { session: sessionHandle(current.id), ended });
+  log('info', 'auth.sessions_ended', { session: sessionHandle(current.id), ended, ...(left ? { left } : {}) });
+  // What could be ended is; a retry that reaches an instance able to read the rest ends those.
+  if (left) throw cannotEndHere(left === 1 ? 'One of your other sessions' : `${left} of your other sessions`);
   return jsonResponse(200, { ended });
 }
 

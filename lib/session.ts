@@ -989,18 +989,26 @@ export interface SessionSummary {
   current: boolean;
 }
 
-/** The user's live sessions, newest first; entries whose session is gone are pruned on the way. */
-export async function listUserSessions(current: Session): Promise<Array<SessionSummary & { id: string }>> {
+/**
+ * The user's live sessions, newest first, and the ids of those whose record this release cannot
+ * read (a newer one's, during a rolling deploy: not listed, but not to be taken for ended).
+ * Entries whose session is gone are pruned on the way.
+ */
+export async function listUserSessions(current: Session): Promise<{ sessions: Array<SessionSummary & { id: string }>; unreadableIds: string[] }> {
   const now = Date.now();
   const idleMs = getConfig().session.idleTimeoutSec * 1000;
   const indexKey = userSessionsKey(current.record.sub);
   const entries = await storeCall(() => getStore().indexMembers(indexKey, now));
+  const unreadableIds: string[] = [];
   const summaries = await Promise.all(
     entries.map(async ({ member: id, expiresAtMs }) => {
-      const raw = await storeCall(() => getStore().get(sessionKey(id)));
+      // A read replica may not have a session created a moment ago: its entry goes only if the primary agrees.
+      const raw = (await storeCall(() => getStore().get(sessionKey(id)))) ?? (await readLatest(sessionKey(id)));
       const record = raw === null ? null : parseRecord(raw);
-      // A record this release cannot read (a newer one's, during a rolling deploy) keeps its entry.
-      if (raw !== null && !record) return null;
+      if (raw !== null && !record) {
+        unreadableIds.push(id);
+        return null;
+      }
       if (!record || record.sub !== current.record.sub) {
         await storeCall(() => getStore().indexRemove(indexKey, id));
         return null;
@@ -1016,7 +1024,7 @@ export async function listUserSessions(current: Session): Promise<Array<SessionS
       };
     }),
   );
-  return summaries.filter((entry) => entry !== null).sort((a, b) => b.createdAt - a.createdAt);
+  return { sessions: summaries.filter((entry) => entry !== null).sort((a, b) => b.createdAt - a.createdAt), unreadableIds };
 }
 
 /** How much later than a logout token's `iat` a session may have begun and still be the token's. */
@@ -1073,6 +1081,12 @@ export interface CookieSession {
   endedBy?: Exclude<EndedBy, 'replaced'>;
   /** The session is stored in a newer release's form (see SessionMiss): retry, it lives on elsewhere. */
   newerRelease?: true;
+  /**
+   * No session here, but one may live on where it can be read: a cookie sealed under a secret this
+   * instance does not have, or a record it cannot open (SessionMiss `unreadable`). Not to be ended
+   * or signed out of here.
+   */
+  unreadable?: true;
 }
 
 /** What a request whose cookie leads to no session hears: a newer release's or replaced (retry), ended (and how), or signed out. */
@@ -1086,7 +1100,7 @@ export async function sessionFromCookieHeader(cookieHeader: string | null | unde
   const value = readCookie(cookieHeader, getConfig().session.cookieName);
   if (!value) return { session: null, stale: false, replaced: false };
   const unsealed = await unsealCookieValue(value);
-  if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false };
+  if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false, ...(unsealed.kind === 'unknown_key' ? { unreadable: true as const } : {}) };
   const loaded = await loadSession(unsealed.id, { coherentCopy });
   const endedBy = loaded.miss === undefined ? undefined : ENDED_BY_MISS[loaded.miss];
   return {
@@ -1095,6 +1109,7 @@ export async function sessionFromCookieHeader(cookieHeader: string | null | unde
     replaced: loaded.miss === 'replaced',
     ...(endedBy ? { endedBy } : {}),
     ...(loaded.miss === 'newer_release' ? { newerRelease: true as const } : {}),
+    ...(loaded.miss === 'unreadable' ? { unreadable: true as const } : {}),
   };
 }
 

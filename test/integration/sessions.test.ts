@@ -1,5 +1,6 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { CompactEncrypt, SignJWT, generateKeyPair } from 'jose';
+import { sealData } from 'iron-session';
 import { Redis } from 'ioredis';
 import fc from 'fast-check';
 import { request } from 'undici';
@@ -450,15 +451,18 @@ describe("a user's sessions", () => {
     expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(false);
   });
 
-  it('a session this server cannot open (tokens under a key it does not hold, as during a rolling deploy) is not said to be ended: 503 store_unavailable with Retry-After, and it stays listed', async () => {
+  it('a session this server cannot open (tokens under a key it does not hold, as during a rolling deploy) is not said to be ended: 503 store_unavailable with Retry-After, by handle, "everywhere else" (which ends the rest) or signing out in its own browser, and it stays listed', async () => {
     const keysBefore = new Set(await sessionKeys());
-    await login('unreadable-elsewhere'); // the laptop
+    const laptop = await login('unreadable-elsewhere');
     const laptopKey = (await sessionKeys()).find((key) => !keysBefore.has(key));
     if (!laptopKey) throw new Error('no session key for the laptop');
+    const tablet = await login('unreadable-elsewhere');
     const phone = await login('unreadable-elsewhere');
     const headers = { cookie: cookieHeader(phone.rpCookies), 'x-csrf': '1' };
-    const listed = async () => ((await (await fetch(`${app}/api/auth/sessions`, { headers })).json()) as { sessions: Array<{ handle: string; current: boolean }> }).sessions;
-    const [laptopEntry] = (await listed()).filter((entry) => !entry.current);
+    const listedBy = async (cookies: Map<string, string>) => ((await (await fetch(`${app}/api/auth/sessions`, { headers: { cookie: cookieHeader(cookies), 'x-csrf': '1' } })).json()) as { sessions: Array<{ handle: string; current: boolean }> }).sessions;
+    const listed = () => listedBy(phone.rpCookies);
+    const tabletHandle = (await listedBy(tablet.rpCookies)).find((entry) => entry.current)?.handle;
+    const laptopEntry = (await listed()).find((entry) => !entry.current && entry.handle !== tabletHandle);
     if (!laptopEntry) throw new Error('the laptop is not listed');
     // The laptop's tokens, sealed under a token key only another release holds.
     const record = JSON.parse((await redis.get(laptopKey)) as string) as Record<string, unknown>;
@@ -474,6 +478,25 @@ describe("a user's sessions", () => {
     expect(await redis.exists(laptopKey)).toBe(1);
     expect((await listed()).map((entry) => entry.handle)).toContain(laptopEntry.handle);
     expect((await sessionOf(phone.rpCookies)).authenticated).toBe(true);
+
+    // "Sign out everywhere else" ends what it can (the tablet) and says the rest is left.
+    const everywhere = await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers });
+    expect([everywhere.status, everywhere.headers.get('retry-after'), await everywhere.json()]).toEqual([503, '5', { error: 'store_unavailable', message: 'One of your other sessions cannot be ended from this server right now. Try again shortly.' }]);
+    expect((await sessionOf(tablet.rpCookies)).authenticated).toBe(false);
+    expect(await redis.exists(laptopKey)).toBe(1);
+    expect((await sessionOf(phone.rpCookies)).authenticated).toBe(true);
+
+    // The laptop signing out here: its cookie stays, and so does the session.
+    const loggedOut = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(laptop.rpCookies), 'x-csrf': '1' } });
+    expect([loggedOut.status, loggedOut.headers.get('retry-after'), ((await loggedOut.json()) as { error?: string }).error, loggedOut.headers.getSetCookie()]).toEqual([503, '5', 'store_unavailable', []]);
+    expect(await redis.exists(laptopKey)).toBe(1);
+  });
+
+  it('signing out with a cookie sealed under a secret this server does not hold (a rotation rolling out) is 503 with Retry-After, and the cookie stays', async () => {
+    const [name] = [...(await login('unknown-secret-cookie')).rpCookies.keys()].filter((cookie) => !cookie.endsWith('-replaces'));
+    const sealed = await sealData({ id: randomBytes(32).toString('base64url') }, { password: { 1: randomBytes(32).toString('base64url') } });
+    const answer = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: `${name}=${sealed}`, 'x-csrf': '1' } });
+    expect([answer.status, answer.headers.get('retry-after'), ((await answer.json()) as { error?: string }).error, answer.headers.getSetCookie()]).toEqual([503, '5', 'store_unavailable', []]);
   });
 
   it('a handle that does not decode is no handle: 404 not_found as JSON (Next alone would answer a bare 500), and nothing ends', async () => {

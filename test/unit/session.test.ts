@@ -81,7 +81,7 @@ describe('session cookie', () => {
     const sealedWithA = cookieValue(await session.sessionCookieHeader(ID));
     const tampered = sealedWithA.slice(0, -6) + (sealedWithA.at(-6) === 'A' ? 'B' : 'A') + sealedWithA.slice(-5);
     expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${tampered}`)).toEqual({ session: null, stale: true, replaced: false });
-    expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${sealedWithB}`)).toEqual({ session: null, stale: false, replaced: false });
+    expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${sealedWithB}`)).toEqual({ session: null, stale: false, replaced: false, unreadable: true });
   });
 
   it('rotates: A-sealed cookies survive "B,A", new seals use B, and "B" alone ends A-only cookies', async () => {
@@ -252,7 +252,8 @@ describe('session records', () => {
     const current = await session.createSession(input);
     const newer = await session.createSession(input);
     await session.getStore().replace(session.sessionKey(newer.id), JSON.stringify({ v: 2, shape: 'of a newer release' }));
-    expect((await session.listUserSessions(current)).map((entry) => entry.id)).toEqual([current.id]);
+    const listed = await session.listUserSessions(current);
+    expect([listed.sessions.map((entry) => entry.id), listed.unreadableIds]).toEqual([[current.id], [newer.id]]);
     const indexed = await session.getStore().indexMembers(session.userSessionsKey('alice'), Date.now());
     expect(indexed.map((entry) => entry.member).sort()).toEqual([current.id, newer.id].sort());
   });
