@@ -301,7 +301,7 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
     return redirect(withAuthError(transaction.returnTo, code), clearTransaction);
   }
   const { tokens, claims } = await oidc.redeemAuthorizationCode(answer.params, transaction, dpop?.handle);
-  if (transaction.stepUp && transaction.previousSessionId) await refuseAnotherUsersStepUp(transaction.previousSessionId, claims.sub, tokens.refreshToken);
+  if (transaction.stepUp) await refuseAnotherUsersStepUp(transaction.previousSessionId, cookieHeader, claims.sub, tokens.refreshToken);
 
   // Under SameSite=Strict only the login start saw the browser's session; with a same-site IdP or
   // SameSite=Lax the cookie arrives here too. Whichever the browser holds, the session this login
@@ -337,26 +337,32 @@ async function completeLogin(request: Request, clearTransaction: string[], retry
  * payment the API wanted a second factor for), so a sign-in as someone else must not replace the
  * session there. That one stays, and the other user's new grant is given back.
  */
-async function refuseAnotherUsersStepUp(previousSessionId: string, sub: string, refreshToken: string | undefined): Promise<void> {
+async function refuseAnotherUsersStepUp(previousSessionId: string | undefined, cookieHeader: string | null, sub: string, refreshToken: string | undefined): Promise<void> {
   const giveBack = async () => (refreshToken ? oidc.revokeToken(refreshToken, 'refresh_token') : false);
-  let previousSub: string | undefined;
-  try {
-    previousSub = (await loadSession(previousSessionId)).session?.record.sub;
-  } catch (error) {
-    await giveBack();
-    throw error;
+  // A step-up link followed from another site reached the login without the Strict session cookie:
+  // the session this sign-in replaces is then the one the callback's cookies name, if it lives.
+  const candidates = previousSessionId ? [previousSessionId] : [await sessionIdFromCookieHeader(cookieHeader), await sessionIdToReplace(cookieHeader)];
+  for (const id of candidates) {
+    if (!id) continue;
+    let previousSub: string | undefined;
+    try {
+      previousSub = (await loadSession(id)).session?.record.sub;
+    } catch (error) {
+      await giveBack();
+      throw error;
+    }
+    if (previousSub === sub || (previousSub === undefined && !previousSessionId)) continue;
+    // Ended meanwhile, or unreadable here: whose it was cannot be told, so it is not taken as this user's.
+    const revoked = await giveBack();
+    log('warn', 'auth.step_up_other_user', { session: sessionHandle(id), revoked, sessionFound: previousSub !== undefined });
+    throw new GatehouseError(
+      'step_up_failed',
+      400,
+      previousSub === undefined
+        ? 'The session this sign-in was to strengthen has ended. Sign in again.'
+        : 'You signed in as someone else than the user of this session, which is unchanged. Sign in again as that user, or sign out first to switch users.',
+    );
   }
-  if (previousSub === sub) return;
-  // Ended meanwhile, or unreadable here: whose it was cannot be told, so it is not taken as this user's.
-  const revoked = await giveBack();
-  log('warn', 'auth.step_up_other_user', { session: sessionHandle(previousSessionId), revoked, sessionFound: previousSub !== undefined });
-  throw new GatehouseError(
-    'step_up_failed',
-    400,
-    previousSub === undefined
-      ? 'The session this sign-in was to strengthen has ended. Sign in again.'
-      : 'You signed in as someone else than the user of this session, which is unchanged. Sign in again as that user, or sign out first to switch users.',
-  );
 }
 
 /**

@@ -320,6 +320,26 @@ describe(`step-up on ${SHAPE}`, () => {
     expect(await sessionOf(switched.cookie)).toMatchObject({ authenticated: true, user: { sub: 'mallory-switches' } });
   });
 
+  it('a step-up link followed from another site (the Strict session cookie stays behind) and finished as another user is refused too: the session its last login left in the browser stays', async () => {
+    const jars: CookieJars = new Map();
+    const { cookie } = await signIn('erin', { jars });
+    const sessionCookie = cookie.split('=', 1)[0]!;
+    // What a top-level navigation from another site carries: the Lax cookies (the last login's), not the Strict session cookie.
+    const crossSite = (): CookieJars => new Map([[app, new Map([...jarFor(jars, app)].filter(([name]) => name !== sessionCookie))]]);
+    expect([...jarFor(crossSite(), app).keys()]).toEqual([`${sessionCookie}-replaces`]);
+    const logBefore = stack.apps[0]!.process.output().length;
+    const refused = await refusedLogin('mallory-from-a-link', { returnTo: '/pay', acr_values: MFA }, crossSite(), CODE);
+    expect(refused.status).toBe(400);
+    expect(await refused.text()).toContain('<code>step_up_failed</code>');
+    expect(await sessionOf(cookie)).toMatchObject({ authenticated: true, acr: PWD, user: { sub: 'erin' } });
+    expect(await call(app, '/api/proxy/demo/whoami', cookie)).toMatchObject({ status: 200, body: { sub: 'erin' } });
+    expect(stack.apps[0]!.process.output().slice(logBefore)).toMatch(/"event":"auth\.step_up_other_user"[^\n]*"revoked":true/);
+    // Erin's own step-up from that link goes through, and replaces her session.
+    const stepped = await signIn('erin', { jars: crossSite(), query: { acr_values: MFA }, fields: CODE });
+    expect(await sessionOf(stepped.cookie)).toMatchObject({ authenticated: true, acr: MFA, user: { sub: 'erin' } });
+    expect(await sessionOf(cookie)).toMatchObject({ authenticated: false });
+  });
+
   it('a step-up whose session ended meanwhile (signed out in another tab) is refused too: whose it was cannot be told any more', async () => {
     const jars: CookieJars = new Map();
     const { cookie } = await signIn('dora', { jars });
