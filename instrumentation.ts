@@ -16,8 +16,11 @@ export async function register(): Promise<void> {
     // would pay for a discovery fetch: there the check runs at each login only, and only the key
     // (no network) is checked here.
     if (process.env.GATEHOUSE_START_CHECKED) return;
+    const { getConfig } = await import('./lib/config.ts');
+    const { spaBuildProblem } = await import('./lib/spa.ts');
+    const spaProblem = spaBuildProblem(process.env.GATEHOUSE_BUILT_WITH_SPA === '1', getConfig().spa, { servedBeforeNext: false });
     const { idpStartProblems, privateKeyProblem } = await import('./lib/oidc.ts');
-    const problems = process.env.VERCEL ? [await privateKeyProblem()].filter((problem) => problem !== undefined) : await idpStartProblems();
+    const problems = [spaProblem, ...(process.env.VERCEL ? [await privateKeyProblem()] : await idpStartProblems())].filter((problem) => problem !== undefined);
     if (problems.length) {
       process.stderr.write(`Gatehouse cannot start:\n${problems.map((problem) => `  - ${problem}`).join('\n')}\n`);
       process.exit(1);

@@ -36,6 +36,8 @@ const nextConfig = {
   // one copy of each package however many route bundles use the API.
   serverExternalPackages: ['ioredis', '@opentelemetry/api', '@opentelemetry/sdk-trace', '@opentelemetry/sdk-metrics', '@opentelemetry/exporter-prometheus', '@opentelemetry/exporter-trace-otlp-http', '@opentelemetry/exporter-trace-otlp-proto', '@opentelemetry/exporter-metrics-otlp-http', '@opentelemetry/exporter-metrics-otlp-proto', '@opentelemetry/resources', '@opentelemetry/core', '@opentelemetry/context-async-hooks'],
   ...spaTracing(),
+  // Inlined into the build: instrumentation.ts stops a start whose SPA setting disagrees with the rewrite below.
+  env: { GATEHOUSE_BUILT_WITH_SPA: process.env.SPA_DIR || process.env.SPA_UPSTREAM_URL ? '1' : '' },
   // SPA_DIR or SPA_UPSTREAM_URL (a built SPA served on this origin): known at build time here,
   // because Next compiles rewrites into the build. Everything outside /api and /_next goes to the
   // SPA route handler, which reads the source at run time.

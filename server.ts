@@ -1,6 +1,6 @@
 import nextEnv from '@next/env';
 import cluster from 'node:cluster';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import next from 'next';
@@ -11,7 +11,7 @@ import { PROXY_METHODS, jsonHeaders, routedPath } from './lib/http.ts';
 import { describeCause, log } from './lib/log.ts';
 import { idpStartProblems } from './lib/oidc.ts';
 import { PROXY_PREFIX, forwardRequest, serveProxyOnFastPathOnly } from './lib/proxy.ts';
-import { serveSpaFrom } from './lib/spa.ts';
+import { serveSpaFrom, spaBuildProblem } from './lib/spa.ts';
 import { serveClusterMetrics, startTelemetry } from './lib/telemetry-sdk.ts';
 import { closeAllWebSockets, handleUpgrade } from './lib/websocket.ts';
 
@@ -53,10 +53,23 @@ async function startProblems(): Promise<{ config?: Config; problems: string[] }>
   const distDir = process.env.NEXT_DIST_DIR || '.next';
   if (!existsSync(path.join(import.meta.dirname, distDir, 'BUILD_ID'))) {
     problems.push(`NEXT_DIST_DIR: no production build in ${distDir}/ — run \`npm run build\` first`);
+  } else {
+    const spaProblem = spaBuildProblem(builtWithSpa(path.join(import.meta.dirname, distDir)), config.spa, { servedBeforeNext: true });
+    if (spaProblem) problems.push(spaProblem);
   }
   // Only once the variables are right: the check reads the IdP they name.
   if (!problems.length) problems.push(...(await idpStartProblems()));
   return { config, problems };
+}
+
+/** Whether the build in `distDir` sends pages to the SPA route (next.config.mjs's rewrite). */
+function builtWithSpa(distDir: string): boolean {
+  try {
+    const { rewrites } = JSON.parse(readFileSync(path.join(distDir, 'routes-manifest.json'), 'utf8')) as { rewrites?: { beforeFiles?: Array<{ destination?: string }> } };
+    return (rewrites?.beforeFiles ?? []).some((rewrite) => rewrite.destination?.startsWith('/api/spa/') === true);
+  } catch {
+    return false;
+  }
 }
 
 const checked = cluster.isPrimary ? await startProblems() : { config: getConfig(), problems: [] };

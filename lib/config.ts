@@ -354,7 +354,13 @@ const envSchema = z.object({
   PROXY_MAX_CALLS_PER_USER: z.coerce.number().int().positive().max(100_000).default(256),
   SPA_DIR: z.string().trim().min(1).optional(),
   SPA_UPSTREAM_URL: endpointUrl.optional(),
-  SPA_CONTENT_SECURITY_POLICY: z.string().trim().min(1).optional(),
+  // A header value: a policy written over several lines (as in a .env file) becomes one line; any
+  // other control or non-ASCII character would make every page fail when the header is written.
+  SPA_CONTENT_SECURITY_POLICY: z
+    .string()
+    .transform((policy) => policy.replace(/\s*[\r\n]+\s*/g, ' ').trim())
+    .pipe(z.string().min(1).regex(/^[\t\x20-\x7e]+$/, 'must be printable ASCII (a header value)'))
+    .optional(),
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),
   PORT: z.coerce.number().int().min(0).max(65_535).default(3000),
   HOSTNAME: z.string().trim().min(1).default('0.0.0.0'),

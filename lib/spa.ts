@@ -519,6 +519,23 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
 }
 
 /** The SPA's answer for a request, from whichever source is configured; null when it has none. */
+/**
+ * Whether the build and the settings at run time agree on serving an SPA: Next compiles the rewrite
+ * that sends every page to the SPA route into the build. Built with it and run without, every page
+ * is a 404; built without it and run with it under `next start` or on Vercel, the app's own pages
+ * are served instead of the SPA (`npm start` serves the SPA before Next, which needs no rewrite).
+ */
+export function spaBuildProblem(builtWithSpa: boolean, spa: SpaSource | undefined, { servedBeforeNext }: { servedBeforeNext: boolean }): string | undefined {
+  if (builtWithSpa && !spa) {
+    return 'SPA_DIR: the build was made with SPA_DIR or SPA_UPSTREAM_URL (every page goes to the SPA route), but neither is set now: set the same here, or build again without it';
+  }
+  if (!builtWithSpa && spa && !servedBeforeNext) {
+    const variable = spa.kind === 'dir' ? 'SPA_DIR' : 'SPA_UPSTREAM_URL';
+    return `${variable}: next start serves the SPA through a rewrite that Next compiles into the build, and the build was made without it: set ${variable} for \`npm run build\` too`;
+  }
+  return undefined;
+}
+
 export async function serveSpaFrom(source: SpaSource, method: string, rawUrl: string, header: (name: string) => string | undefined): Promise<ProxyResponse | null> {
   const csp = source.contentSecurityPolicy ?? DEFAULT_SPA_CSP;
   if (source.kind === 'dir') return serveSpa(method, rawUrl, source.dir, csp, header);

@@ -7,7 +7,7 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
-import { ROOT, startStack, type Stack } from '../../e2e/support/stack.ts';
+import { ROOT, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
 import { waitFor } from '../support/http-client.ts';
 import { undecodablePath } from '../support/hostile-inputs.ts';
 import { rawRequest } from '../support/raw-http.ts';
@@ -65,6 +65,7 @@ afterAll(async () => {
 
 describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
   let app: string;
+  let appEnv: Record<string, string>;
   beforeAll(async () => {
     if (shape === 'next') {
       const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, SPA_DIR: spaDir, NEXT_DIST_DIR: SPA_DIST_DIR } });
@@ -73,6 +74,7 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     const stack = await startStack({ server: shape, workers: 1, env: { SPA_DIR: spaDir, ...(shape === 'next' ? { NEXT_DIST_DIR: SPA_DIST_DIR } : {}) } });
     stacks.push(stack);
     app = stack.apps[0]!.url;
+    appEnv = stack.apps[0]!.env;
   }, 240_000);
 
   const get = (pathname: string, accept = 'text/html') => fetch(`${app}${pathname}`, { headers: { accept }, redirect: 'manual' });
@@ -82,6 +84,27 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
       const trace = path.join(ROOT, SPA_DIST_DIR, 'server/app/api/spa/[[...path]]/route.js.nft.json');
       const traced = new Set((JSON.parse(readFileSync(trace, 'utf8')) as { files: string[] }).files.map((file) => path.resolve(path.dirname(trace), file)));
       for (const file of ['index.html', 'assets/app-Ab12Cd34.js', 'robots.txt']) expect(traced, file).toContain(path.join(spaDir, file));
+    });
+
+    it('a start whose SPA setting disagrees with the build stops, naming the variable: built with it and run without (either shape), or built without it and run with it under next start', async () => {
+      const { SPA_DIR: _, ...withoutSpa } = appEnv;
+      const refusal = (name: string, args: string[], env: Record<string, string>) =>
+        startProcess(name, args, { ...env, PORT: '0' }, () => false, 60_000).then(
+          () => 'started',
+          (error: Error) => error.message,
+        );
+      const nextStart = ['node_modules/next/dist/bin/next', 'start', '-p', '0'];
+      const cases = [
+        ['spa-build-next-without-spa', nextStart, { ...withoutSpa, NEXT_DIST_DIR: SPA_DIST_DIR }, 'SPA_DIR: the build was made with SPA_DIR or SPA_UPSTREAM_URL'],
+        ['spa-build-npm-start-without-spa', ['server.ts'], { ...withoutSpa, NEXT_DIST_DIR: SPA_DIST_DIR }, 'SPA_DIR: the build was made with SPA_DIR or SPA_UPSTREAM_URL'],
+        ['plain-build-next-with-spa', nextStart, { ...appEnv, NEXT_DIST_DIR: process.env.NEXT_DIST_DIR ?? '.next' }, 'SPA_DIR: next start serves the SPA through a rewrite'],
+      ] as const;
+      for (const [name, args, env, expected] of cases) {
+        const output = await refusal(name, [...args], env);
+        expect(output, name).toContain('exited early (code 1');
+        expect(output, name).toContain(expected);
+        expect(output, name).not.toMatch(/\n\s+at /);
+      }
     });
   }
 

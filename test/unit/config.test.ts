@@ -93,6 +93,11 @@ describe('configuration', () => {
     writeFileSync(path.join(dir, 'index.html'), '<!doctype html>');
     try {
       expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self'" }).spa).toEqual({ kind: 'dir', dir, contentSecurityPolicy: "default-src 'self'" });
+      // Written over several lines, as a .env file allows: one header line.
+      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self';\r\n  img-src 'self' data:;\n" }).spa?.contentSecurityPolicy).toBe("default-src 'self'; img-src 'self' data:;");
+      for (const policy of ["default-src 'self'\u0000", "default-src 'self' https://exämple.com"]) {
+        expect(problemsOf({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: policy }), JSON.stringify(policy)).toEqual([expect.stringMatching(/^SPA_CONTENT_SECURITY_POLICY: /)]);
+      }
     } finally {
       rmSync(dir, { recursive: true });
     }
