@@ -46,7 +46,12 @@ export class IdpError extends Error {
 
 const DISCOVERY_TTL_MS = 60 * 60 * 1000;
 /** Shared with every copy of this module in the process (see shared-state.ts). */
-const cache = sharedState('idp', () => ({ discovery: undefined as { value: Promise<oauth.AuthorizationServer>; at: number } | undefined, jwks: {} as oauth.JWKSCacheInput }));
+const cache = sharedState('idp', () => ({
+  discovery: undefined as { value: Promise<oauth.AuthorizationServer>; at: number } | undefined,
+  /** The last document read: where a sign-out sends the browser when a refetch fails (see buildEndSessionUrl). */
+  lastDiscovered: undefined as oauth.AuthorizationServer | undefined,
+  jwks: {} as oauth.JWKSCacheInput,
+}));
 /** Filled by oauth4webapi itself; one per process so the JWKS is fetched once, not per login. */
 const jwksCache = cache.jwks;
 
@@ -82,6 +87,7 @@ function discover(): Promise<oauth.AuthorizationServer> {
       const as = await oauth.processDiscoveryResponse(issuer, response);
       const cleartext = cleartextEndpointProblem(as);
       if (cleartext) throw new IdpError('rejected', cleartext);
+      cache.lastDiscovered = as;
       return as;
     } catch (error) {
       throw classify(error, 'discovery');
@@ -485,13 +491,22 @@ export function browserEndpoint(value: unknown, allowHttp = getConfig().oidc.all
   return url.protocol === 'https:' || (allowHttp && url.protocol === 'http:' && isLoopback(url)) ? url : undefined;
 }
 
-/** The IdP's RP-initiated logout URL, or null when it has none, a broken one, or cannot be reached right now. */
+/**
+ * The IdP's RP-initiated logout URL, or null when it has none or a broken one. When its discovery
+ * document cannot be fetched again right now, the last one read still says where it is: landing on
+ * `/` instead would leave the IdP session on, and the next "Sign in" on a shared device would get
+ * in without a password. Null only when this process never read one.
+ */
 export async function buildEndSessionUrl(idToken: string | undefined): Promise<URL | null> {
   let as: oauth.AuthorizationServer;
   try {
     as = await getAuthorizationServer();
-  } catch {
-    return null;
+  } catch (error) {
+    if (!cache.lastDiscovered) {
+      log('warn', 'auth.end_session_endpoint_unknown', { reason: 'the discovery document cannot be fetched', ...describeCause(error) });
+      return null;
+    }
+    as = cache.lastDiscovered;
   }
   const url = browserEndpoint(as.end_session_endpoint);
   if (!url) {

@@ -17,6 +17,8 @@ const stalled: ServerResponse[] = [];
 let fixedAccessToken: string | undefined;
 /** Endpoints the discovery document says otherwise than the defaults (a misconfigured or hostile IdP). */
 let discoveryOverrides: Record<string, string> = {};
+/** When set, the discovery document answers 503 (an IdP outage, or its CDN's). */
+let discoveryFailing = false;
 /** What the token endpoint says its access tokens live: under the 30 s skew, they are due at once. */
 let accessTokenLifetimeSec = 3600;
 
@@ -36,6 +38,7 @@ beforeAll(async () => {
     request.on('end', () => {
       response.setHeader('content-type', 'application/json');
       if (request.url === '/.well-known/openid-configuration') {
+        if (discoveryFailing) return void response.writeHead(503).end('{}');
         response.end(JSON.stringify({ issuer, token_endpoint: `${issuer}/token`, revocation_endpoint: `${issuer}/revoke`, jwks_uri: `${issuer}/jwks`, authorization_endpoint: `${issuer}/auth`, ...discoveryOverrides }));
       } else if (request.url === '/token') {
         tokenGrants += 1;
@@ -119,6 +122,29 @@ describe('a write-back that landed but whose answer was lost', () => {
     expect([{ token: `at-${tokenGrants}` }, { error: 'store_unavailable' }, { error: 'idp_unavailable' }]).toContainEqual(outcome);
     expect(revoked).toEqual([]);
     expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-2');
+  });
+});
+
+describe('signing out while the IdP’s discovery document cannot be fetched again', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+    discoveryFailing = false;
+    discoveryOverrides = {};
+  });
+
+  it('still sends the browser to the end_session_endpoint last read, with its hint; without one ever read, nowhere', async () => {
+    discoveryOverrides = { end_session_endpoint: `${issuer}/session/end` };
+    await deploy();
+    const oidc = await import('../../lib/oidc.ts');
+    expect((await oidc.buildEndSessionUrl('id-token'))?.pathname).toBe('/session/end');
+    // An hour on, the document is due to be fetched again, and the IdP's discovery is down.
+    vi.useFakeTimers({ toFake: ['Date'] });
+    vi.setSystemTime(Date.now() + 61 * 60_000);
+    discoveryFailing = true;
+    const url = await oidc.buildEndSessionUrl('id-token');
+    expect([url?.origin, url?.pathname, url?.searchParams.get('id_token_hint'), url?.searchParams.get('client_id')]).toEqual([issuer, '/session/end', 'id-token', 'gatehouse']);
+    await deploy();
+    expect(await (await import('../../lib/oidc.ts')).buildEndSessionUrl('id-token')).toBeNull();
   });
 });
 
