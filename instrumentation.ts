@@ -17,8 +17,17 @@ export async function register(): Promise<void> {
     // (no network) is checked here.
     if (process.env.GATEHOUSE_START_CHECKED) return;
     const { getConfig } = await import('./lib/config.ts');
+    const config = getConfig();
     const { spaBuildProblem } = await import('./lib/spa.ts');
-    const spaProblem = spaBuildProblem(process.env.GATEHOUSE_BUILT_WITH_SPA === '1', getConfig().spa, { servedBeforeNext: false });
+    const spaProblem = spaBuildProblem(process.env.GATEHOUSE_BUILT_WITH_SPA === '1', config.spa, { servedBeforeNext: false });
+    if (config.trustedProxyHops === 0 && Object.values(config.apis).some((api) => api.auth !== 'user')) {
+      // A route handler is never told the socket's peer: without a trusted proxy's word, every
+      // caller without a session has the same address, and one of them can hold that count.
+      const { log } = await import('./lib/log.ts');
+      log('warn', 'server.anonymous_calls_share_one_count', {
+        message: 'TRUSTED_PROXY_HOPS=0 under next start: calls without a session (to none, client and user-optional APIs) cannot be told apart by address and share one PROXY_MAX_CALLS_PER_USER count; set TRUSTED_PROXY_HOPS to the number of proxies in front (1 on Vercel)',
+      });
+    }
     const { idpStartProblems, privateKeyProblem } = await import('./lib/oidc.ts');
     const problems = [spaProblem, ...(process.env.VERCEL ? [await privateKeyProblem()] : await idpStartProblems())].filter((problem) => problem !== undefined);
     if (problems.length) {

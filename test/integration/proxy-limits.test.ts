@@ -112,6 +112,11 @@ describe('calls of one user open at once', () => {
 });
 
 describe('calls without a session', () => {
+  it(`${defaultServerShape() === 'next' ? 'next start warns at start-up' : 'npm start does not warn'} that they share one count per process without TRUSTED_PROXY_HOPS (a route handler is never told the socket's peer)`, () => {
+    const warned = stack.apps[0]!.process.output().includes('"event":"server.anonymous_calls_share_one_count"');
+    expect(warned).toBe(defaultServerShape() === 'next');
+  });
+
   it('count per client address, as one user’s do: the next hears 429 too_many_calls, and users’ own calls are not held back', async () => {
     const controllers: AbortController[] = [];
     const anonymous = async (path: string) => {
