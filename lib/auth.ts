@@ -434,6 +434,18 @@ async function endSession(session: Session, survivor?: SignIn): Promise<void> {
   countLogout(survivor ? 'other_device' : 'user', 'ok');
 }
 
+/**
+ * A session this instance cannot read (a newer release's record during a rolling deploy, tokens
+ * under a key it does not hold), ended on its user's word: its record goes, so it ends everywhere;
+ * its refresh token, unreadable here, cannot be given back to the IdP and runs out there.
+ */
+async function endUnreadSession(id: string, by: 'user' | 'other_device'): Promise<void> {
+  if (by === 'user') await destroySession(id);
+  else await endSessionBecause(id, undefined, 'elsewhere');
+  log('warn', 'auth.logout', { session: sessionHandle(id), revoked: false, unread: true });
+  countLogout(by, 'ok');
+}
+
 
 /** Where a browser goes once its session has ended: the IdP's logout (RP-initiated), else the app. */
 async function afterSignOut(idToken: string | undefined): Promise<string> {
@@ -499,9 +511,9 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
   }
   const sid = query.get('sid');
   if (!sid) throw new GatehouseError('invalid_request', 400, 'Sign out from the application page.');
-  const found = await sessionFromCookieHeader(request.headers.get('cookie'));
-  // A session this instance cannot read: signing out here would leave it live with the cookie gone.
-  if (found.newerRelease || found.unreadable) throw errors.sessionUnreadable();
+  const found = await sessionFromCookieHeader(request.headers.get('cookie'), { latest: true });
+  // A session this instance cannot read (whose `sid` it may not be able to check either): retry.
+  if (found.unreadable) throw errors.sessionUnreadable();
   const { session } = found;
   // Without a matching session nothing changes, the cookie included: under SameSite=Strict a
   // cross-site link arrives without the cookie, and clearing it then would let any site sign users out.
@@ -533,9 +545,15 @@ function prefetched(request: Request): boolean {
 /** POST with X-CSRF for SPAs: ends the session and hands back where to navigate next (see signOutContinuation). */
 export async function logoutByApi(request: Request): Promise<Response> {
   requireCsrf(request);
-  const found = await sessionFromCookieHeader(request.headers.get('cookie'));
-  // Signing out here would clear the cookie and leave the session live where it is read.
-  if (found.newerRelease || found.unreadable) throw errors.sessionUnreadable();
+  // From the primary: a replica may not have the session yet, and the sign-out would leave it live.
+  const found = await sessionFromCookieHeader(request.headers.get('cookie'), { latest: true });
+  if (found.unreadable) {
+    // Clearing a cookie this instance cannot open would leave its session live where it is read.
+    const { sessionId } = found.unreadable;
+    if (!sessionId) throw errors.sessionUnreadable();
+    await endUnreadSession(sessionId, 'user');
+    return jsonResponse(200, { redirectTo: await afterSignOut(undefined) }, signedOutHeaders());
+  }
   const { session } = found;
   // The way on first: a store that fails it leaves the session, and the SPA's retry, intact.
   const { redirectTo, cookies } = session ? await signOutContinuation(session.secrets.idToken) : { redirectTo: '/', cookies: [] };
@@ -642,22 +660,15 @@ export async function listSessions(request: Request): Promise<Response> {
 }
 
 /** Ends one of the user's own sessions by its handle (another user's handle is simply not found). */
-/**
- * A session this instance cannot open (a newer release's record during a rolling deploy, tokens
- * under a key or a cookie under a secret it does not hold) goes on working where it can be read:
- * "ended" or "signed out" would be untrue.
- */
-const cannotEndHere = (what = 'That session') => new GatehouseError('store_unavailable', 503, `${what} cannot be ended from this server right now. Try again shortly.`, { retryAfterSec: 5 });
-
 export async function endSessionByHandle(request: Request, handle: string): Promise<Response> {
   const current = await requireSession(request);
   const { sessions, unreadableIds } = await listUserSessions(current);
-  const target = sessions.find((entry) => entry.handle === handle);
-  if (!target && unreadableIds.some((id) => sessionHandle(id) === handle)) throw cannotEndHere();
+  const target = sessions.find((entry) => entry.handle === handle) ?? unreadableIds.map((id) => ({ id, current: false })).find(({ id }) => sessionHandle(id) === handle);
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
-  const loaded = target.current ? { session: current } : await loadSession(target.id);
-  if (!loaded.session && servedElsewhere(loaded.miss)) throw cannotEndHere();
+  // From the primary: a replica may not have a session created a moment ago, and "ended" would be untrue.
+  const loaded = target.current ? { session: current } : await loadSession(target.id, { latest: true });
   if (loaded.session) await endSession(loaded.session, target.current ? undefined : current.record);
+  else if (servedElsewhere(loaded.miss)) await endUnreadSession(target.id, 'other_device');
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
   const signedOut = target.current ? signedOutHeaders() : [];
   return jsonResponse(200, { ended: 1 }, signedOut);
@@ -668,18 +679,14 @@ export async function endOtherSessions(request: Request): Promise<Response> {
   const current = await requireSession(request);
   const { sessions, unreadableIds } = await listUserSessions(current);
   let ended = 0;
-  let left = unreadableIds.length;
-  for (const entry of sessions) {
-    if (entry.current) continue;
-    const loaded = await loadSession(entry.id);
-    if (loaded.session) {
-      await endSession(loaded.session, current.record);
-      ended++;
-    } else if (servedElsewhere(loaded.miss)) left++;
+  for (const id of [...sessions.filter((entry) => !entry.current).map((entry) => entry.id), ...unreadableIds]) {
+    const loaded = await loadSession(id, { latest: true });
+    if (loaded.session) await endSession(loaded.session, current.record);
+    else if (servedElsewhere(loaded.miss)) await endUnreadSession(id, 'other_device');
+    else continue;
+    ended++;
   }
-  log('info', 'auth.sessions_ended', { session: sessionHandle(current.id), ended, ...(left ? { left } : {}) });
-  // What could be ended is; a retry that reaches an instance able to read the rest ends those.
-  if (left) throw cannotEndHere(left === 1 ? 'One of your other sessions' : `${left} of your other sessions`);
+  log('info', 'auth.sessions_ended', { session: sessionHandle(current.id), ended });
   return jsonResponse(200, { ended });
 }
 

@@ -1083,10 +1083,10 @@ export interface CookieSession {
   newerRelease?: true;
   /**
    * No session here, but one may live on where it can be read: a cookie sealed under a secret this
-   * instance does not have, or a record it cannot open (SessionMiss `unreadable`). Not to be ended
-   * or signed out of here.
+   * instance does not have (no `sessionId`), or a record it cannot open (`unreadable` or
+   * `newer_release`), which only its user's own sign-out may end here.
    */
-  unreadable?: true;
+  unreadable?: { sessionId?: string };
 }
 
 /** What a request whose cookie leads to no session hears: a newer release's or replaced (retry), ended (and how), or signed out. */
@@ -1096,12 +1096,12 @@ export function withoutSession({ stale, replaced, endedBy, newerRelease }: Cooki
 }
 
 /** The session a request's cookie leads to, and what to do about the cookie when there is none. */
-export async function sessionFromCookieHeader(cookieHeader: string | null | undefined, { coherentCopy = false } = {}): Promise<CookieSession> {
+export async function sessionFromCookieHeader(cookieHeader: string | null | undefined, { coherentCopy = false, latest = false } = {}): Promise<CookieSession> {
   const value = readCookie(cookieHeader, getConfig().session.cookieName);
   if (!value) return { session: null, stale: false, replaced: false };
   const unsealed = await unsealCookieValue(value);
-  if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false, ...(unsealed.kind === 'unknown_key' ? { unreadable: true as const } : {}) };
-  const loaded = await loadSession(unsealed.id, { coherentCopy });
+  if (unsealed.kind !== 'id') return { session: null, stale: unsealed.kind === 'invalid', replaced: false, ...(unsealed.kind === 'unknown_key' ? { unreadable: {} } : {}) };
+  const loaded = await loadSession(unsealed.id, { coherentCopy, latest });
   const endedBy = loaded.miss === undefined ? undefined : ENDED_BY_MISS[loaded.miss];
   return {
     session: loaded.session,
@@ -1109,7 +1109,7 @@ export async function sessionFromCookieHeader(cookieHeader: string | null | unde
     replaced: loaded.miss === 'replaced',
     ...(endedBy ? { endedBy } : {}),
     ...(loaded.miss === 'newer_release' ? { newerRelease: true as const } : {}),
-    ...(loaded.miss === 'unreadable' ? { unreadable: true as const } : {}),
+    ...(servedElsewhere(loaded.miss) ? { unreadable: { sessionId: unsealed.id } } : {}),
   };
 }
 

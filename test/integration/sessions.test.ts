@@ -451,45 +451,54 @@ describe("a user's sessions", () => {
     expect((await sessionOf(laptop.rpCookies)).authenticated).toBe(false);
   });
 
-  it('a session this server cannot open (tokens under a key it does not hold, as during a rolling deploy) is not said to be ended: 503 store_unavailable with Retry-After, by handle, "everywhere else" (which ends the rest) or signing out in its own browser, and it stays listed', async () => {
-    const keysBefore = new Set(await sessionKeys());
-    const laptop = await login('unreadable-elsewhere');
-    const laptopKey = (await sessionKeys()).find((key) => !keysBefore.has(key));
-    if (!laptopKey) throw new Error('no session key for the laptop');
-    const tablet = await login('unreadable-elsewhere');
-    const phone = await login('unreadable-elsewhere');
-    const headers = { cookie: cookieHeader(phone.rpCookies), 'x-csrf': '1' };
+  it('a session this server cannot open (tokens under a key it does not hold, a newer release’s record: a rolling deploy) still ends when its user asks, by handle, "everywhere else" or signing out in its own browser: its record goes (its refresh token, unreadable here, is not given back)', async () => {
+    const user = 'unreadable-elsewhere';
+    const keyOf = async () => {
+      const before = new Set(await sessionKeys());
+      const signedIn = await login(user);
+      const key = (await sessionKeys()).find((candidate) => !before.has(candidate));
+      if (!key) throw new Error('no new session key');
+      const handle = (await listedBy(signedIn.rpCookies)).find((entry) => entry.current)!.handle;
+      return { ...signedIn, key, handle };
+    };
     const listedBy = async (cookies: Map<string, string>) => ((await (await fetch(`${app}/api/auth/sessions`, { headers: { cookie: cookieHeader(cookies), 'x-csrf': '1' } })).json()) as { sessions: Array<{ handle: string; current: boolean }> }).sessions;
-    const listed = () => listedBy(phone.rpCookies);
-    const tabletHandle = (await listedBy(tablet.rpCookies)).find((entry) => entry.current)?.handle;
-    const laptopEntry = (await listed()).find((entry) => !entry.current && entry.handle !== tabletHandle);
-    if (!laptopEntry) throw new Error('the laptop is not listed');
-    // The laptop's tokens, sealed under a token key only another release holds.
-    const record = JSON.parse((await redis.get(laptopKey)) as string) as Record<string, unknown>;
+    const [laptop, tablet, desk, kiosk, phone] = [await keyOf(), await keyOf(), await keyOf(), await keyOf(), await keyOf()];
+    const headers = { cookie: cookieHeader(phone.rpCookies), 'x-csrf': '1' };
+    // The laptop's and the kiosk's tokens sealed under a token key only another release holds; the tablet's record in a newer release's format.
     const elsewhere = await new CompactEncrypt(new TextEncoder().encode('{}')).setProtectedHeader({ alg: 'dir', enc: 'A256GCM', kid: 'another-release' }).encrypt(randomBytes(32));
-    await redis.set(laptopKey, JSON.stringify({ ...record, sealed: elsewhere }), 'KEEPTTL');
+    for (const { key } of [laptop, kiosk]) await redis.set(key, JSON.stringify({ ...(JSON.parse((await redis.get(key)) as string) as object), sealed: elsewhere }), 'KEEPTTL');
+    const ours = JSON.parse((await redis.get(tablet.key)) as string) as { v: number };
+    await redis.set(tablet.key, JSON.stringify({ ...ours, v: ours.v + 1, shape: 'of a newer release' }), 'KEEPTTL');
+    const logBefore = stack.apps[0]!.process.output().length;
 
-    const refused = await waitFor('the rewritten record to be seen', async () => {
-      const answer = await fetch(`${app}/api/auth/sessions/${laptopEntry.handle}`, { method: 'DELETE', headers });
-      return answer.status === 503 ? answer : undefined;
+    const byHandle = await waitFor('the rewritten record to be seen', async () => {
+      if ((await sessionOf(laptop.rpCookies)).authenticated) return undefined;
+      return fetch(`${app}/api/auth/sessions/${laptop.handle}`, { method: 'DELETE', headers });
     }, 5_000, 50);
-    expect(refused.headers.get('retry-after')).toBe('5');
-    expect(await refused.json()).toEqual({ error: 'store_unavailable', message: 'That session cannot be ended from this server right now. Try again shortly.' });
-    expect(await redis.exists(laptopKey)).toBe(1);
-    expect((await listed()).map((entry) => entry.handle)).toContain(laptopEntry.handle);
-    expect((await sessionOf(phone.rpCookies)).authenticated).toBe(true);
-
-    // "Sign out everywhere else" ends what it can (the tablet) and says the rest is left.
+    expect([byHandle.status, await byHandle.json()]).toEqual([200, { ended: 1 }]);
+    expect(await redis.exists(laptop.key)).toBe(0);
+    // "Sign out everywhere else": the newer release's record (not listed here) and the readable desk.
+    expect((await listedBy(phone.rpCookies)).map((entry) => entry.handle)).not.toContain(tablet.handle);
     const everywhere = await fetch(`${app}/api/auth/sessions`, { method: 'DELETE', headers });
-    expect([everywhere.status, everywhere.headers.get('retry-after'), await everywhere.json()]).toEqual([503, '5', { error: 'store_unavailable', message: 'One of your other sessions cannot be ended from this server right now. Try again shortly.' }]);
-    expect((await sessionOf(tablet.rpCookies)).authenticated).toBe(false);
-    expect(await redis.exists(laptopKey)).toBe(1);
+    expect([everywhere.status, await everywhere.json()]).toEqual([200, { ended: 3 }]);
+    expect([await redis.exists(tablet.key), await redis.exists(desk.key), await redis.exists(kiosk.key)]).toEqual([0, 0, 0]);
+    expect((await sessionOf(desk.rpCookies)).authenticated).toBe(false);
     expect((await sessionOf(phone.rpCookies)).authenticated).toBe(true);
+    const unread = stack.apps[0]!.process.output().slice(logBefore).split('\n').filter((line) => line.includes('"event":"auth.logout"') && line.includes('"unread":true'));
+    expect(unread).toHaveLength(3);
 
-    // The laptop signing out here: its cookie stays, and so does the session.
-    const loggedOut = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(laptop.rpCookies), 'x-csrf': '1' } });
-    expect([loggedOut.status, loggedOut.headers.get('retry-after'), ((await loggedOut.json()) as { error?: string }).error, loggedOut.headers.getSetCookie()]).toEqual([503, '5', 'store_unavailable', []]);
-    expect(await redis.exists(laptopKey)).toBe(1);
+    // A session unreadable here, signed out in its own browser: ended, the cookie cleared, on to the IdP without a hint.
+    const pc = await keyOf();
+    await redis.set(pc.key, JSON.stringify({ ...(JSON.parse((await redis.get(pc.key)) as string) as object), sealed: elsewhere }), 'KEEPTTL');
+    const loggedOut = await waitFor('the rewritten record to be seen', async () => {
+      if ((await sessionOf(pc.rpCookies)).authenticated) return undefined;
+      return fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie: cookieHeader(pc.rpCookies), 'x-csrf': '1' } });
+    }, 5_000, 50);
+    const { redirectTo } = (await loggedOut.json()) as { redirectTo: string };
+    expect(loggedOut.status).toBe(200);
+    expect(new URL(redirectTo).searchParams.has('id_token_hint')).toBe(false);
+    expect(clearsSessionCookie(loggedOut.headers.getSetCookie())).toBe(true);
+    expect(await redis.exists(pc.key)).toBe(0);
   });
 
   it('signing out with a cookie sealed under a secret this server does not hold (a rotation rolling out) is 503 with Retry-After, and the cookie stays', async () => {
@@ -874,7 +883,7 @@ describe('secret rotation across deploys', () => {
 });
 
 describe('a record of a newer release, during a rolling deploy', () => {
-  it('is not read here, nor taken for a signed-out user: 503 with Retry-After on every path, the record and the cookie left as they are', async () => {
+  it('is not read here, nor taken for a signed-out user: 503 with Retry-After on every path, the record and the cookie left as they are, until its user signs out', async () => {
     const user = 'newer-release-user';
     const session = await login(user);
     const cookie = cookieHeader(session.rpCookies);
@@ -889,8 +898,6 @@ describe('a record of a newer release, during a rolling deploy', () => {
       // An API that takes anonymous calls is not called anonymously for a user whose session lives on.
       ['/api/proxy/public/x', {}],
       ['/api/auth/sessions', {}],
-      // Signing out here would clear the cookie and leave the session live where it is read.
-      ['/api/auth/logout', { method: 'POST' }],
     ] as const) {
       const answer = await fetch(`${app}${path}`, { ...init, headers: { cookie, 'x-csrf': '1', 'content-type': 'application/json' } });
       expect([path, answer.status, answer.headers.get('retry-after'), ((await answer.json()) as { error?: string }).error]).toEqual([path, 503, '5', 'store_unavailable']);
@@ -904,6 +911,13 @@ describe('a record of a newer release, during a rolling deploy', () => {
     // Back in a form this release reads (the newer instance's refresh would be): the session was never ended.
     await redis.set(key!, ours, 'KEEPTTL');
     expect(await sessionOf(cookie)).toMatchObject({ authenticated: true, user: { sub: user } });
+    // Its user signing out here ends it, though: the record goes, and the cookie with it.
+    await redis.set(key!, newer, 'KEEPTTL');
+    await waitFor('the newer record to be seen', async () => ((await fetch(`${app}/api/auth/session`, { headers: { cookie, 'x-csrf': '1' } })).status === 503 ? true : undefined), 5_000, 50);
+    const loggedOut = await fetch(`${app}/api/auth/logout`, { method: 'POST', headers: { cookie, 'x-csrf': '1' } });
+    expect(loggedOut.status).toBe(200);
+    expect(clearsSessionCookie(loggedOut.headers.getSetCookie())).toBe(true);
+    expect(await redis.exists(key!)).toBe(0);
   });
 });
 

@@ -81,7 +81,7 @@ describe('session cookie', () => {
     const sealedWithA = cookieValue(await session.sessionCookieHeader(ID));
     const tampered = sealedWithA.slice(0, -6) + (sealedWithA.at(-6) === 'A' ? 'B' : 'A') + sealedWithA.slice(-5);
     expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${tampered}`)).toEqual({ session: null, stale: true, replaced: false });
-    expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${sealedWithB}`)).toEqual({ session: null, stale: false, replaced: false, unreadable: true });
+    expect(await session.sessionFromCookieHeader(`__Host-gatehouse=${sealedWithB}`)).toEqual({ session: null, stale: false, replaced: false, unreadable: {} });
   });
 
   it('rotates: A-sealed cookies survive "B,A", new seals use B, and "B" alone ends A-only cookies', async () => {
