@@ -10,7 +10,7 @@ import { describeCause, log } from './log.ts';
 import { sharedState } from './shared-state.ts';
 import { clientCredentialsToken, IdpError } from './oidc.ts';
 import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
-import { bearerChallenges, missingAuthentication, parseChallenges, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
+import { missingAuthentication, parseChallenges, refusesTheToken, stepUpDetails, stepUpRefusal, whenSignInTooOld, type TokenScheme } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
 import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
 
@@ -96,6 +96,9 @@ const REQUEST_DENIED_PREFIXES = [
   // credentials), its proxy signature and the client address it saw; Netlify's and Fly.io's
   // client addresses; Teleport's signed assertion of the user.
   ...['x-vercel-', 'x-now-', 'x-nf-', 'fly-', 'teleport-jwt-assertion'],
+  // More client addresses as CDNs and clouds assert them, and forward-auth proxies' users (Authelia's
+  // Remote-*, authentik's, Vouch's).
+  ...['cf-connecting-ip', 'cloudfront-viewer-', 'x-azure-', 'x-appengine-', 'remote-', 'x-authentik-', 'x-vouch-'],
   // Next.js's internal signals between its own layers: an API built on an unpatched Next skips its
   // middleware for x-middleware-subrequest (CVE-2025-29927) or acts on the others. The fast path
   // never passes through Next, so nothing else would drop them.
@@ -164,7 +167,13 @@ function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
 }
 
 /** Each denied prefix's first word (`x-`, `ssl-`, …), so most names an SPA sends (accept, content-type, …) are passed on one look-up. */
-const DENIED_PREFIX_HEADS = new Set(REQUEST_DENIED_PREFIXES.map((prefix) => prefix.slice(0, prefix.indexOf('-') + 1)));
+const DENIED_PREFIX_HEADS = new Set(
+  REQUEST_DENIED_PREFIXES.map((prefix) => {
+    // A prefix without a dash would have no first word, and would never be looked at.
+    if (!prefix.includes('-')) throw new Error(`REQUEST_DENIED_PREFIXES: ${prefix} has no dash`);
+    return prefix.slice(0, prefix.indexOf('-') + 1);
+  }),
+);
 
 function deniedByPrefix(name: string): boolean {
   const dash = name.indexOf('-');
@@ -533,7 +542,14 @@ interface Credentials {
   refreshed: boolean;
 }
 
-type ClientTokenEntry = { token: string; expiresAt: number };
+/**
+ * `renewAt`: within TOKEN_REFRESH_SKEW of its end, or half way through a lifetime shorter than the
+ * skew (each call would be a grant otherwise, and anyone may make them).
+ */
+type ClientTokenEntry = { token: string; expiresAt: number; renewAt: number };
+
+/** A cached client token still sent while its renewal fails, if it has this long to run. */
+const CLIENT_TOKEN_STILL_USABLE_MS = 5_000;
 
 const clientTokens = sharedState('client-tokens', () => new Map<string, ClientTokenEntry | Promise<ClientTokenEntry>>());
 
@@ -562,7 +578,9 @@ function clientGrant(api: ApiConfig): Promise<ClientTokenEntry> {
   return clientCredentialsToken({ scope: api.scope, resource: api.resource }).then(
     (tokens) => {
       clientGrantFailures.delete(api.name);
-      return { token: tokens.accessToken, expiresAt: tokens.accessTokenExpiresAt ?? Date.now() + 60_000 };
+      const issuedAt = Date.now();
+      const expiresAt = tokens.accessTokenExpiresAt ?? issuedAt + 60_000;
+      return { token: tokens.accessToken, expiresAt, renewAt: Math.max(expiresAt - getConfig().refresh.skewSec * 1000, issuedAt + (expiresAt - issuedAt) / 2) };
     },
     (error: unknown) => {
       if (!(error instanceof IdpError)) throw error;
@@ -573,12 +591,18 @@ function clientGrant(api: ApiConfig): Promise<ClientTokenEntry> {
   );
 }
 
-/** The BFF's own client-credentials token for an API: cached until shortly before expiry, fetched once at a time. */
+/**
+ * The BFF's own client-credentials token for an API: cached until its `renewAt`, fetched once at a
+ * time. While the renewal fails, the token held serves as long as it has a few seconds to run.
+ */
 async function clientToken(api: ApiConfig): Promise<string> {
   const cached = clientTokens.get(api.name);
-  if (cached && !(cached instanceof Promise) && cached.expiresAt - getConfig().refresh.skewSec * 1000 > Date.now()) return cached.token;
+  if (cached && !(cached instanceof Promise) && cached.renewAt > Date.now()) return cached.token;
   if (cached instanceof Promise) return (await cached).token;
-  const pending = clientGrant(api);
+  const pending = clientGrant(api).catch((error: unknown) => {
+    if (cached && cached.expiresAt - CLIENT_TOKEN_STILL_USABLE_MS > Date.now()) return cached;
+    throw error;
+  });
   clientTokens.set(api.name, pending);
   try {
     const entry = await pending;
@@ -619,15 +643,6 @@ async function replacementClientToken(api: ApiConfig, refused: string): Promise<
   ).finally(() => delete replacement.pending);
   clientTokenReplacements.set(api.name, replacement);
   return replacement.pending;
-}
-
-/**
- * Whether an upstream's 401 says the token itself is no good: no Bearer challenge, or one with no
- * error or `invalid_token`. One that asks for something else (a step-up, a scope) would refuse any
- * token of the same client, and a new grant would be spent for nothing.
- */
-async function refusesTheToken(rawHeaders: readonly string[]): Promise<boolean> {
-  return (await bearerChallenges(rawHeaders)).every(({ parameters }) => parameters.error === undefined || parameters.error === 'invalid_token');
 }
 
 /** Which of the session's tokens an API gets: the session's own, its resource's, or an exchanged one. */
@@ -929,6 +944,8 @@ async function sendUpstreamUntraced(
   headers: Array<[string, string]>,
   body: Readable | null,
   signal: AbortSignal,
+  /** A DPoP API's `authorization` and `dpop` for a resend: its server may refuse a proof it has seen (RFC 9449 section 11.1). */
+  reauthorize?: () => Promise<Array<[string, string]>>,
 ): Promise<UpstreamAnswer> {
   // The browser may have left while its session or token was read: nothing must go upstream on
   // behalf of a browser that is gone.
@@ -946,7 +963,8 @@ async function sendUpstreamUntraced(
     // A one-off connection: the pool may hold more that the upstream closed the same way.
     const oneOff = new Client(url.origin, POOL_OPTIONS);
     try {
-      return await exchange(oneOff, options, api.timeoutMs, signal);
+      const resent = reauthorize ? { ...options, headers: [...headers.filter(([name]) => name !== 'authorization' && name !== 'dpop'), ...(await reauthorize())].flat() } : options;
+      return await exchange(oneOff, resent, api.timeoutMs, signal);
     } catch (again) {
       throw upstreamError(again, signal);
     } finally {
@@ -1012,14 +1030,12 @@ export function forwardedForChain(inbound: string | undefined, peer: string | un
  * forced. Only a call that carried the user's token can be answered by the user signing in again;
  * any other 401 goes on as the upstream sent it.
  */
-async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Credentials, where: { requestId: string; api: string }): Promise<void> {
+async function refuseStepUpChallenge(answer: UpstreamAnswer, credentials: Credentials, scheme: TokenScheme, where: { requestId: string; api: string }): Promise<void> {
   if (answer.status !== 401 || !credentials.session || !credentials.token) return;
-  const challenge = await stepUpChallenge(answer.rawHeaders);
-  if (!challenge) return;
+  const refusal = await stepUpRefusal(answer.status, answer.rawHeaders, scheme, where);
+  if (!refusal) return;
   discard(answer.body);
-  // The API's own wording (error_description) is not passed on: only the checked values are.
-  log('info', 'proxy.step_up_required', { ...where, from: 'upstream', ...(challenge.dropped.length ? { dropped: challenge.dropped } : {}) });
-  throw errors.stepUpRequired(stepUpDetails(challenge));
+  throw refusal;
 }
 
 /**
@@ -1175,26 +1191,29 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     // A DPoP API may refuse a request for want of its nonce: a small body, read whole first, can go again.
     const kept = api.dpop && streamed && declaredLength > 0 && declaredLength <= RESENDABLE_BODY_BYTES ? await readWhole(streamed) : undefined;
     const body = kept ? Readable.from([kept]) : streamed;
-    const withToken = async (token: string | undefined): Promise<Array<[string, string]>> => {
-      if (!token) return headers;
-      // A DPoP API gets the token as `DPoP`, with a proof made for this one request.
-      if (api.dpop && credentials.session) return [...headers, ...(await dpopAuthorization(credentials.session.id, credentials.session.secrets, token, method, url, api.name))];
-      return [...headers, ['authorization', `Bearer ${token}`]];
+    // A DPoP API gets the token as `DPoP`, with a proof made for this one request (a new one for a resend).
+    const dpopSession = api.dpop ? credentials.session : null;
+    const proofFor = dpopSession ? (token: string) => dpopAuthorization(dpopSession.id, dpopSession.secrets, token, method, url, api.name) : undefined;
+    const send = async (token: string | undefined, sent: Readable | null) => {
+      if (!token) return sendUpstream(api, url, method, headers, sent, inbound.signal);
+      if (!proofFor) return sendUpstream(api, url, method, [...headers, ['authorization', `Bearer ${token}`]], sent, inbound.signal);
+      return sendUpstream(api, url, method, [...headers, ...(await proofFor(token))], sent, inbound.signal, () => proofFor(token));
     };
 
-    let answer = await sendUpstream(api, url, method, await withToken(credentials.token), body, inbound.signal);
+    let answer = await send(credentials.token, body);
     let nonceDemanded = api.dpop && credentials.token !== undefined && dpopNonceDemanded(api.name, answer.status, answer.rawHeaders);
     if (nonceDemanded && (!hasBody || kept)) {
       // The API did not act on the request and named the nonce it wants: once more, with it.
       discard(answer.body);
-      answer = await sendUpstream(api, url, method, await withToken(credentials.token), kept ? Readable.from([kept]) : null, inbound.signal);
+      answer = await send(credentials.token, kept ? Readable.from([kept]) : null);
       nonceDemanded = dpopNonceDemanded(api.name, answer.status, answer.rawHeaders);
     }
+    const scheme: TokenScheme = proofFor ? 'dpop' : 'bearer';
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
-    await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
+    await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
     // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange, or client grant), one retry.
-    const refusedToken = answer.status === 401 && !nonceDemanded && !hasBody && REPLAYABLE_METHODS.has(method) ? credentials.token : undefined;
-    const clientRetryToken = refusedToken && api.auth === 'client' && (await refusesTheToken(answer.rawHeaders)) ? await replacementClientToken(api, refusedToken) : undefined;
+    const refusedToken = answer.status === 401 && !nonceDemanded && !hasBody && REPLAYABLE_METHODS.has(method) && (await refusesTheToken(answer.rawHeaders, scheme)) ? credentials.token : undefined;
+    const clientRetryToken = refusedToken && api.auth === 'client' ? await replacementClientToken(api, refusedToken) : undefined;
     const mayRefresh = refusedToken !== undefined && credentials.session !== null && (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
     if (clientRetryToken !== undefined || mayRefresh) {
       discard(answer.body);
@@ -1205,8 +1224,8 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       } else {
         credentials = { ...credentials, token: clientRetryToken };
       }
-      answer = await sendUpstream(api, url, method, await withToken(credentials.token), null, inbound.signal);
-      await refuseStepUpChallenge(answer, credentials, { requestId, api: api.name });
+      answer = await send(credentials.token, null);
+      await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
     }
     if (!isFinalStatus(answer.status)) {
       if (answer.body instanceof Readable) answer.body.destroy();

@@ -1,4 +1,6 @@
 import * as oauth from 'oauth4webapi';
+import { errors, type GatehouseError } from './errors.ts';
+import { log } from './log.ts';
 
 /**
  * Step-up authentication (RFC 9470): what a stronger or fresher sign-in must bring, read from an
@@ -75,25 +77,38 @@ export interface StepUpChallenge extends StepUp {
   dropped: Array<'acr_values' | 'max_age'>;
 }
 
+/** How Gatehouse presented the token: a `DPoP` API's challenges come in that scheme (RFC 9449 section 7.1). */
+export type TokenScheme = 'bearer' | 'dpop';
+
 /**
- * The `Bearer` challenges of an upstream's answer: Gatehouse presents tokens as Bearer tokens, so
- * those are the ones that speak to them. `rawHeaders` as Node gives them; several
- * `WWW-Authenticate` fields count as one comma-joined list (RFC 9110 section 5.3).
+ * The challenges of an upstream's answer in the scheme Gatehouse presented its token with: those
+ * are the ones that speak to it. `rawHeaders` as Node gives them; several `WWW-Authenticate`
+ * fields count as one comma-joined list (RFC 9110 section 5.3).
  */
-export async function bearerChallenges(rawHeaders: readonly string[]): Promise<oauth.WWWAuthenticateChallenge[]> {
+export async function tokenChallenges(rawHeaders: readonly string[], scheme: TokenScheme = 'bearer'): Promise<oauth.WWWAuthenticateChallenge[]> {
   const values: string[] = [];
   for (let i = 0; i + 1 < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'www-authenticate') values.push(rawHeaders[i + 1] as string);
   const header = values.join(', ');
   if (!header || header.length > MAX_CHALLENGE_LENGTH) return [];
-  return (await parseChallenges(header)).filter(({ scheme }) => scheme === 'bearer');
+  return (await parseChallenges(header)).filter((challenge) => challenge.scheme === scheme);
 }
 
 /**
- * The step-up an upstream's 401 asks for (`Bearer error="insufficient_user_authentication"`), or
- * undefined when it asks for something else or nothing readable.
+ * Whether an upstream's 401 refuses the token itself (a revoked one, clock skew): no challenge, or
+ * one with no error or `invalid_token`. One that asks for something else (a step-up, a scope, a
+ * DPoP proof or nonce) would refuse a new token of the same grant too, and a grant would be spent
+ * for nothing.
  */
-export async function stepUpChallenge(rawHeaders: readonly string[]): Promise<StepUpChallenge | undefined> {
-  const challenge = (await bearerChallenges(rawHeaders)).find(({ parameters }) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION);
+export async function refusesTheToken(rawHeaders: readonly string[], scheme: TokenScheme = 'bearer'): Promise<boolean> {
+  return (await tokenChallenges(rawHeaders, scheme)).every(({ parameters }) => parameters.error === undefined || parameters.error === 'invalid_token');
+}
+
+/**
+ * The step-up an upstream's 401 asks for (`error="insufficient_user_authentication"` in the scheme
+ * the token went in), or undefined when it asks for something else or nothing readable.
+ */
+export async function stepUpChallenge(rawHeaders: readonly string[], scheme: TokenScheme = 'bearer'): Promise<StepUpChallenge | undefined> {
+  const challenge = (await tokenChallenges(rawHeaders, scheme)).find(({ parameters }) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION);
   if (!challenge) return undefined;
   const result: StepUpChallenge = { dropped: [] };
   const { acr_values: acrText, max_age: maxAgeText } = challenge.parameters;
@@ -108,6 +123,19 @@ export async function stepUpChallenge(rawHeaders: readonly string[]): Promise<St
     else result.dropped.push('max_age');
   }
   return result;
+}
+
+/**
+ * An upstream's answer that asks for a stronger or more recent sign-in, as the error the browser
+ * hears (`step_up_required`, the session kept); undefined for any other answer. Only the checked
+ * values are passed on, never the API's own wording (`error_description`).
+ */
+export async function stepUpRefusal(status: number, rawHeaders: readonly string[], scheme: TokenScheme, where: Record<string, unknown>): Promise<GatehouseError | undefined> {
+  if (status !== 401) return undefined;
+  const challenge = await stepUpChallenge(rawHeaders, scheme);
+  if (!challenge) return undefined;
+  log('info', 'proxy.step_up_required', { ...where, from: 'upstream', ...(challenge.dropped.length ? { dropped: challenge.dropped } : {}) });
+  return errors.stepUpRequired(stepUpDetails(challenge));
 }
 
 /**

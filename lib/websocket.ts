@@ -8,7 +8,7 @@ import { jsonHeaders, requestIdFrom } from './http.ts';
 import { describeCause, log } from './log.ts';
 import { filterRequestHeaders, forwardedForChain, noteStreamedBytes, resolveUpstream } from './proxy.ts';
 import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, sessionHandle, touchSession, withoutSession, type HeldOpen, type SessionEndSeenBy } from './session.ts';
-import { missingAuthentication, stepUpChallenge, stepUpDetails, whenSignInTooOld } from './step-up.ts';
+import { missingAuthentication, refusesTheToken, stepUpDetails, stepUpRefusal, whenSignInTooOld } from './step-up.ts';
 import { getAccessToken, mayForceRefresh } from './tokens.ts';
 
 /**
@@ -231,9 +231,10 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     const headers = upstreamHeaders(request, requestId);
     let attempt = await openUpstream(api, resolved.url, protocols, { ...headers, authorization: `Bearer ${credentials.token}` }, socket);
     let refreshed = credentials.refreshed;
-    // Asked before any forced refresh, as for proxied calls: a new token from the same sign-in cannot meet a step-up.
+    // As for proxied calls: a step-up is asked for before any forced refresh (a new token from the
+    // same sign-in cannot meet it), and only a refusal of the token itself forces one.
     if ('refusedWith' in attempt) await refuseStepUpChallenge(attempt, { requestId, api: api.name });
-    if ('refusedWith' in attempt && attempt.refusedWith === 401 && (await mayForceRefresh(credentials.session))) {
+    if ('refusedWith' in attempt && attempt.refusedWith === 401 && (await refusesTheToken(attempt.rawHeaders)) && (await mayForceRefresh(credentials.session))) {
       // As for proxied calls: a token that looked valid was refused (revoked, clock skew): one refresh, one retry.
       const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
       refreshed = true;
@@ -323,11 +324,8 @@ interface RefusedHandshake {
 
 /** An API's refusal that asks for a stronger or more recent sign-in (RFC 9470) is 401 step_up_required, as for proxied calls. */
 async function refuseStepUpChallenge(refusal: RefusedHandshake, where: { requestId: string; api: string }): Promise<void> {
-  if (refusal.refusedWith !== 401) return;
-  const challenge = await stepUpChallenge(refusal.rawHeaders);
-  if (!challenge) return;
-  log('info', 'proxy.step_up_required', { ...where, from: 'upstream', websocket: true, ...(challenge.dropped.length ? { dropped: challenge.dropped } : {}) });
-  throw errors.stepUpRequired(stepUpDetails(challenge));
+  const stepUp = await stepUpRefusal(refusal.refusedWith, refusal.rawHeaders, 'bearer', { ...where, websocket: true });
+  if (stepUp) throw stepUp;
 }
 
 /** The upstream handshake: an open socket, the status of a refusal, or a GatehouseError. */

@@ -222,7 +222,9 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
           route === 'mfa' ? acr !== MFA_ACR : typeof authTime !== 'number' || authTime + maxAge < Math.floor(Date.now() / 1000);
         if (lacking) {
           const wanted = route === 'mfa' ? `acr_values="${MFA_ACR}"` : `max_age=${maxAge}`;
-          res.setHeader('www-authenticate', `Bearer error="insufficient_user_authentication", error_description="A stronger or more recent sign-in is required", ${wanted}`);
+          // In the scheme the token came in (RFC 9449 section 7.1: a DPoP-bound one is challenged as DPoP).
+          const scheme = verification.dpop ? 'DPoP algs="ES256",' : 'Bearer';
+          res.setHeader('www-authenticate', `${scheme} error="insufficient_user_authentication", error_description="A stronger or more recent sign-in is required", ${wanted}`);
           return json(res, 401, { error: 'insufficient_user_authentication' });
         }
         return json(res, 200, { sub, acr, auth_time: authTime, path: url.pathname });
@@ -287,6 +289,8 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       }
       case 'status': {
         const status = clampInt(rest[0], 200, 200, 599);
+        // `?challenge=`: the WWW-Authenticate a refusal comes with (what it asks of the caller).
+        if (query.challenge) res.setHeader('www-authenticate', query.challenge);
         if (status === 204 || status === 304) return void res.writeHead(status).end();
         return json(res, status, { status });
       }

@@ -10,6 +10,7 @@ import net from 'node:net';
 import { createHash } from 'node:crypto';
 import { SignJWT, calculateJwkThumbprint, decodeJwt, decodeProtectedHeader, exportJWK, generateKeyPair, type JWK } from 'jose';
 import { unsealData } from 'iron-session';
+import { Client } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { browserRequest, followFlow, jarFor, type CookieJars } from '../../e2e/support/headless-login.ts';
 import { defaultServerShape, restartGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
@@ -17,6 +18,7 @@ import type { DemoDpopStats } from '../../scripts/demo-api.ts';
 import type { DevIdpDpop, GrantCounters } from '../../scripts/dev-idp.ts';
 import { REDIS_URL, RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, waitUntil, type CallResult } from '../support/http-client.ts';
 import { storedSecrets, type StoredSecrets } from '../support/stored-session.ts';
+import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
 
 const shape = defaultServerShape();
 const stacks: Stack[] = [];
@@ -136,6 +138,11 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
   let appA: string;
   let appB: string;
   let secret: string;
+  /**
+   * A DPoP API that answers the first request of each connection and resets the connection when a
+   * second arrives on it, unanswered: the race of its idle timeout with Gatehouse reusing it.
+   */
+  let keptAlive: ScriptedUpstream;
   /** Everything the browser side saw, for the scan for private key material. */
   const seen: string[] = [];
   const privateParts: string[] = [];
@@ -160,6 +167,10 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
   }
 
   beforeAll(async () => {
+    keptAlive = await startScriptedUpstream((request, socket) => {
+      if (request.nth > 1) return void socket.resetAndDestroy();
+      socket.write(rawAnswer('HTTP/1.1 200 OK', [['content-type', 'application/json'], ['keep-alive', 'timeout=60']], JSON.stringify({ connection: request.connection })));
+    });
     stack = await startStack({
       instances: 2,
       workers: 2,
@@ -173,7 +184,7 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
         // Every log line there is, for the scan at the end.
         LOG_LEVEL: 'debug',
       },
-      apis: ({ apiUrl }) => ({ demo: { url: apiUrl, dpop: true }, bearer: { url: apiUrl }, machine: { url: apiUrl, auth: 'client' } }),
+      apis: ({ apiUrl }) => ({ demo: { url: apiUrl, dpop: true }, bearer: { url: apiUrl }, machine: { url: apiUrl, auth: 'client' }, keptalive: { url: keptAlive.url, dpop: true } }),
     });
     stacks.push(stack);
     probe = new RedisProbe(stack.keyPrefix);
@@ -184,6 +195,7 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
   afterAll(async () => {
     await probe?.cleanup();
     await probe?.close();
+    await keptAlive?.close();
   });
 
   it('login names a fresh key at the IdP (dpop_jkt), keeps the private key on the server, encrypted, and the IdP binds the tokens to it', async () => {
@@ -270,6 +282,37 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
     const second = decodeJwt((await demoLast(stack.apiUrl)).headers.dpop ?? '');
     expect(second).toMatchObject({ htm: 'DELETE', htu: `${stack.apiUrl}/whoami` });
     expect(second.jti).not.toBe(claims.jti);
+  });
+
+  it('a DPoP API that asks for a stronger sign-in in its own scheme (DPoP error="insufficient_user_authentication") → 401 step_up_required, with no forced refresh', async () => {
+    const user = 'dpop-step-up';
+    const signedIn = await login(appA, user);
+    const before = await idpGrants(stack.issuer);
+    const refused = await call(appA, '/api/proxy/demo/mfa/whoami', signedIn);
+    expect(refused.status).toBe(401);
+    expect(refused.body).toMatchObject({ error: 'step_up_required', acr_values: 'urn:gatehouse:mfa' });
+    expect(refreshGrantsOf(await idpGrants(stack.issuer), user) - refreshGrantsOf(before, user)).toBe(0);
+    expect(clearsSessionCookie(refused.setCookies)).toBe(false);
+  });
+
+  it('a request sent again on a new connection (the kept-alive one reset as it was reused) carries a new proof: a server that refuses a proof it has seen accepts it', async () => {
+    const signedIn = await login(appA, 'dpop-resend');
+    // One connection to Gatehouse, so both calls reach the same worker and its one upstream connection.
+    const browser = new Client(appA);
+    try {
+      for (const path of ['/first', '/second']) {
+        const answer = await browser.request({ path: `/api/proxy/keptalive${path}`, method: 'GET', headers: { cookie: signedIn, 'x-csrf': '1' } });
+        expect([path, answer.statusCode]).toEqual([path, 200]);
+        await answer.body.dump();
+      }
+    } finally {
+      await browser.close();
+    }
+    const second = keptAlive.requests.filter((request) => request.path === '/second');
+    expect(second.map((request) => request.nth)).toEqual([2, 1]);
+    const proofs = second.map((request) => decodeJwt(request.headers.find(([name]) => name.toLowerCase() === 'dpop')?.[1] ?? ''));
+    for (const proof of proofs) expect(proof).toMatchObject({ htm: 'GET', htu: `${keptAlive.url}/second` });
+    expect(proofs[1]!.jti).not.toBe(proofs[0]!.jti);
   });
 
   it('a stolen token is useless: as a bearer, without a proof, with the replayed proof, or with a proof of another key', async () => {

@@ -566,6 +566,24 @@ describe('credentials per API', () => {
     expect(after - before).toBe(1);
   });
 
+  it('client: a client token that lives no longer than TOKEN_REFRESH_SKEW is still kept for half its life, not fetched again for every call', async () => {
+    const first = stack.apps[0];
+    if (!first) throw new Error('no Gatehouse instance');
+    // A skew longer than any token the IdP issues: every token is due on arrival.
+    const skewed = await startGatehouse({ name: 'gatehouse-long-skew', workers: 1, env: { ...first.env, TOKEN_REFRESH_SKEW: '86400' } });
+    try {
+      const before = (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
+      for (let i = 0; i < 5; i++) {
+        const res = await fetch(`${skewed.url}/api/proxy/client/whoami`, { headers: { 'x-csrf': '1' } });
+        expect(res.status).toBe(200);
+        await res.arrayBuffer();
+      }
+      expect(((await idpGrants(stack.issuer)).success.client_credentials ?? 0) - before).toBe(1);
+    } finally {
+      await skewed.process.stop();
+    }
+  });
+
   it("client: a refused or failing client grant leaves the caller's session alone, and the process's next grant waits (Retry-After, or 5 s), as both answers say", async () => {
     // invalid_grant on the BFF's own grant is the IdP refusing the client: never the end of the caller's session.
     await fetch(`${stack.issuer}/__dev/token-fault?status=400&error=invalid_grant&count=1`, { method: 'POST' });

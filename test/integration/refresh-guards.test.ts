@@ -296,6 +296,27 @@ describe('a session without a refresh token', () => {
 });
 
 describe('forced refreshes', () => {
+  it('only a 401 that refuses the token itself (no challenge, no error, invalid_token) spends one: a challenge that asks for a scope or a DPoP proof passes through, the budget kept', async () => {
+    const challenged = (challenge: string) => `/api/proxy/demo/status/401?challenge=${encodeURIComponent(challenge)}`;
+    const cases = [
+      ['Bearer error="insufficient_scope", scope="admin"', 0],
+      // Another scheme's words are not about the Bearer token that went: the token is refused.
+      ['DPoP algs="ES256", error="invalid_dpop_proof"', 1],
+      ['Bearer error="invalid_token", error_description="revoked"', 1],
+      ['Bearer realm="api"', 1],
+    ] as const;
+    for (const [index, [challenge, refreshes]] of cases.entries()) {
+      const user = `challenged-401-${index}`;
+      const { cookie, key } = await newSession(appA, user);
+      const limitKey = key.replace(`${stack.keyPrefix}session:`, `${stack.keyPrefix}forced-refresh:`);
+      const before = await refreshesOf(user);
+      const rejected = await call(appA, challenged(challenge), cookie);
+      expect(rejected, challenge).toMatchObject({ status: 401, body: { status: 401 } });
+      expect((await refreshesOf(user)).ok - before.ok, challenge).toBe(refreshes);
+      expect(await probe.exists(limitKey), challenge).toBe(refreshes === 1);
+    }
+  });
+
   it('an API that always answers 401: at most one forced refresh per session per FORCED_REFRESH_INTERVAL across instances, every 401 passed through', async () => {
     const user = 'always-401';
     const { cookie, key } = await newSession(appA, user);

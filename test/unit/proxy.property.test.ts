@@ -129,6 +129,7 @@ const REQUEST_DENIED_PREFIXES = [
   'x-authenticated-', 'x-credential-', 'oidc-claim-', 'oidc-access-token', 'x-id-token', 'x-access-token',
   'x-ssl-', 'ssl-client-', 'x-client-cert', 'x-client-verify', 'x-arr-clientcert',
   'x-vercel-', 'x-now-', 'x-nf-', 'fly-', 'teleport-jwt-assertion',
+  'cf-connecting-ip', 'cloudfront-viewer-', 'x-azure-', 'x-appengine-', 'remote-', 'x-authentik-', 'x-vouch-',
 ];
 const RESPONSE_DENIED_PREFIXES = ['x-gatehouse-', 'proxy-'];
 /** Names no list mentions, some of them close to listed ones. */

@@ -5,7 +5,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { requestedStepUp, silentLoginRefusal, withStepUpFloor } from '../../lib/auth.ts';
 import { GatehouseError, errorBody, errors } from '../../lib/errors.ts';
-import { ACR_VALUE, MAX_AGE_LIMIT_SEC, missingAuthentication, parseAcrValues, parseMaxAge, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
+import { ACR_VALUE, MAX_AGE_LIMIT_SEC, missingAuthentication, parseAcrValues, parseMaxAge, refusesTheToken, stepUpChallenge, stepUpDetails } from '../../lib/step-up.ts';
 
 const RUNS = 2000;
 const headers = (...values: string[]) => values.flatMap((value) => ['WWW-Authenticate', value]);
@@ -28,9 +28,11 @@ describe('stepUpChallenge', () => {
     expect(await stepUpChallenge(headers('Bearer error="insufficient_user_authentication"'))).toEqual({ dropped: [] });
   });
 
-  it('finds the Bearer challenge among several, in one field or in several', async () => {
+  it('finds the challenge in the scheme the token went in (Bearer, or DPoP for a DPoP API) among several, in one field or in several', async () => {
     const dpopFirst = 'DPoP algs="ES256", error="insufficient_user_authentication", acr_values="dpop-acr", Bearer realm="api", error="insufficient_user_authentication", acr_values="gold"';
     expect(await stepUpChallenge(headers(dpopFirst))).toEqual({ acrValues: ['gold'], dropped: [] });
+    expect(await stepUpChallenge(headers(dpopFirst), 'dpop')).toEqual({ acrValues: ['dpop-acr'], dropped: [] });
+    expect(await stepUpChallenge(headers('Bearer error="insufficient_user_authentication", acr_values="gold"'), 'dpop')).toBeUndefined();
     expect(await stepUpChallenge(headers('Basic realm="x"', 'Bearer error="insufficient_user_authentication", max_age=60'))).toEqual({ maxAge: 60, dropped: [] });
   });
 
@@ -100,6 +102,27 @@ const challengeText = fc
     ];
     return fc.shuffledSubarray(params, { minLength: params.length }).map((shuffled) => `${scheme} ${shuffled.join(', ')}${tail}`);
   });
+
+describe('refusesTheToken: whether a 401 is worth a new token', () => {
+  it('is when the challenge in the token’s scheme names no error or invalid_token, or there is none; not when it asks for anything else', async () => {
+    for (const [value, scheme, expected] of [
+      [undefined, 'bearer', true],
+      ['Bearer realm="api"', 'bearer', true],
+      ['Bearer error="invalid_token", error_description="expired"', 'bearer', true],
+      ['Basic realm="x"', 'bearer', true],
+      ['Bearer error="insufficient_scope", scope="admin"', 'bearer', false],
+      ['Bearer error="insufficient_user_authentication", acr_values="gold"', 'bearer', false],
+      ['DPoP algs="ES256", error="invalid_token"', 'dpop', true],
+      ['DPoP algs="ES256", error="invalid_dpop_proof"', 'dpop', false],
+      ['DPoP algs="ES256", error="use_dpop_nonce"', 'dpop', false],
+      // Another scheme's words are not about the token that went.
+      ['DPoP algs="ES256", error="invalid_dpop_proof"', 'bearer', true],
+      ['Bearer error="insufficient_scope"', 'dpop', true],
+    ] as const) {
+      expect(await refusesTheToken(value === undefined ? [] : headers(value), scheme), `${value} (${scheme})`).toBe(expected);
+    }
+  });
+});
 
 describe('stepUpChallenge (generated values)', () => {
   it('never throws; whatever it returns passes the checks, and the JSON answer carries nothing else of the API’s', async () => {
