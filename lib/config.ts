@@ -224,6 +224,11 @@ const apiSchema = z
     if (api.tokenExchange && (api.auth === 'client' || api.auth === 'none')) {
       ctx.addIssue({ code: 'custom', path: ['tokenExchange'], message: `needs auth "user" or "user-optional" (a session's token is what gets exchanged), not "${api.auth}"` });
     }
+    // A user's token carries the scopes of the user's grant: a scope here would be ignored, and the
+    // API would get more than it says.
+    if (api.scope !== undefined && api.auth !== 'client') {
+      ctx.addIssue({ code: 'custom', path: ['scope'], message: `applies to auth "client" only (its client-credentials grant); a user's token has the scopes of the sign-in (OIDC_SCOPES)${api.tokenExchange ? ', an exchanged one those of tokenExchange.scope' : ''}` });
+    }
   });
 
 const apisSchema = z
@@ -354,11 +359,18 @@ const envSchema = z.object({
   PROXY_MAX_CALLS_PER_USER: z.coerce.number().int().positive().max(100_000).default(256),
   SPA_DIR: z.string().trim().min(1).optional(),
   SPA_UPSTREAM_URL: endpointUrl.optional(),
-  // A header value: a policy written over several lines (as in a .env file) becomes one line; any
-  // other control or non-ASCII character would make every page fail when the header is written.
+  // A header value: a policy written over several lines (as in a .env file) becomes one line, each
+  // line a directive of its own (joined by `;`, so one written without cannot run into the next);
+  // any other control or non-ASCII character would make every page fail when the header is written.
   SPA_CONTENT_SECURITY_POLICY: z
     .string()
-    .transform((policy) => policy.replace(/\s*[\r\n]+\s*/g, ' ').trim())
+    .transform((policy) =>
+      policy
+        .split(/[\r\n]+/)
+        .map((line) => line.trim().replace(/;+$/, '').trim())
+        .filter(Boolean)
+        .join('; '),
+    )
     .pipe(z.string().min(1).regex(/^[\t\x20-\x7e]+$/, 'must be printable ASCII (a header value)'))
     .optional(),
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),

@@ -413,7 +413,7 @@ export async function clientCredentialsToken(extra: { resource?: string; scope?:
     if (extra.resource) parameters.resource = extra.resource;
     if (extra.scope) parameters.scope = extra.scope;
     const response = await oauth.clientCredentialsGrantRequest(as, client(), await clientAuth(), parameters, requestOptions());
-    return toTokenSet(await oauth.processClientCredentialsResponse(as, client(), response));
+    return toTokenSet(bearerOnly(await oauth.processClientCredentialsResponse(as, client(), response), 'client credentials'));
   } catch (error) {
     throw classify(error, 'client credentials');
   }
@@ -439,7 +439,7 @@ export async function exchangeToken(subjectToken: string, target: { audience: st
     };
     if (target.scope) parameters.scope = target.scope;
     const response = await oauth.genericTokenEndpointRequest(as, client(), await clientAuth(), TOKEN_EXCHANGE_GRANT, parameters, requestOptions(signal));
-    const result = await oauth.processGenericTokenEndpointResponse(as, client(), response);
+    const result = bearerOnly(await oauth.processGenericTokenEndpointResponse(as, client(), response), 'token exchange');
     // RFC 8693 requires issued_token_type; an IdP that leaves it out is taken at its token_type (bearer, checked above).
     const issued = result.issued_token_type;
     if (issued !== undefined && issued !== ACCESS_TOKEN_TYPE) {
@@ -533,6 +533,15 @@ function warnIfDueOnArrival(expiresInSec: number): void {
   if (warnedOfLifetimeUnderSkew || expiresInSec > skewSec) return;
   warnedOfLifetimeUnderSkew = true;
   log('warn', 'token.lifetime_under_skew', { lifetimeSec: expiresInSec, skewSec, fix: 'set TOKEN_REFRESH_SKEW below the IdP\'s access token lifetime, or lengthen that lifetime: each call now refreshes' });
+}
+
+/**
+ * The client's own tokens and exchanged ones go out as bearer tokens, with no proof (oauth4webapi
+ * also takes `DPoP`): a sender-constrained one would be refused by its API on every call.
+ */
+function bearerOnly<T extends oauth.TokenEndpointResponse>(result: T, operation: string): T {
+  if (result.token_type.toLowerCase() !== 'bearer') throw new IdpError('rejected', `${operation}: the IdP issued a ${result.token_type.slice(0, 20)} token, not a bearer one`);
+  return result;
 }
 
 function toTokenSet(result: oauth.TokenEndpointResponse): TokenSet {

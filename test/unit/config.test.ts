@@ -94,7 +94,9 @@ describe('configuration', () => {
     try {
       expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self'" }).spa).toEqual({ kind: 'dir', dir, contentSecurityPolicy: "default-src 'self'" });
       // Written over several lines, as a .env file allows: one header line.
-      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self';\r\n  img-src 'self' data:;\n" }).spa?.contentSecurityPolicy).toBe("default-src 'self'; img-src 'self' data:;");
+      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self';\r\n  img-src 'self' data:;\n" }).spa?.contentSecurityPolicy).toBe("default-src 'self'; img-src 'self' data:");
+      // A line is a directive, with or without its `;`: none runs into the next.
+      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "script-src 'self'\nobject-src 'none'\n\nbase-uri 'none'" }).spa?.contentSecurityPolicy).toBe("script-src 'self'; object-src 'none'; base-uri 'none'");
       for (const policy of ["default-src 'self'\u0000", "default-src 'self' https://exämple.com"]) {
         expect(problemsOf({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: policy }), JSON.stringify(policy)).toEqual([expect.stringMatching(/^SPA_CONTENT_SECURITY_POLICY: /)]);
       }
@@ -243,6 +245,13 @@ it('refuses a query or a fragment on the URLs paths are joined to (issuer, app, 
     expect(problemsOf(apis({ ledger: { url, tokenExchange: { audience: 7 } } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange\.audience: /);
     expect(problemsOf(apis({ ledger: { url, tokenExchange: { audience: 'a', resource: 'https://x' } } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange: /);
     expect(problemsOf(apis({ ledger: { url, tokenExchange: 'urn:ledger' } }))[0]).toMatch(/^BFF_APIS\.ledger\.tokenExchange: /);
+    // A scope is the client-credentials grant's: on a user's token it would be ignored.
+    expect(parseConfig(apis({ machine: { url, auth: 'client', scope: 'api:read' } })).apis.machine?.scope).toBe('api:read');
+    for (const auth of ['user', 'user-optional', 'none']) {
+      expect(problemsOf(apis({ orders: { url, auth, resource: 'https://orders', scope: 'orders:read' } })), auth).toEqual([
+        'BFF_APIS.orders.scope: applies to auth "client" only (its client-credentials grant); a user\'s token has the scopes of the sign-in (OIDC_SCOPES)',
+      ]);
+    }
     for (const auth of ['client', 'none']) {
       expect(problemsOf(apis({ ledger: { url, auth, tokenExchange: { audience: 'a' } } }))).toEqual([
         `BFF_APIS.ledger.tokenExchange: needs auth "user" or "user-optional" (a session's token is what gets exchanged), not "${auth}"`,

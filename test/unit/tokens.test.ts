@@ -19,6 +19,8 @@ let fixedAccessToken: string | undefined;
 let discoveryOverrides: Record<string, string> = {};
 /** When set, the discovery document answers 503 (an IdP outage, or its CDN's). */
 let discoveryFailing = false;
+/** The token_type every grant answers with. */
+let tokenType = 'Bearer';
 /** What the token endpoint says its access tokens live: under the 30 s skew, they are due at once. */
 let accessTokenLifetimeSec = 3600;
 
@@ -52,7 +54,7 @@ beforeAll(async () => {
           response.end('{"error":"temporarily_unavailable"}');
           return;
         }
-        response.end(JSON.stringify({ access_token: fixedAccessToken ?? `at-${tokenGrants}`, refresh_token: 'rt-2', token_type: 'Bearer', expires_in: accessTokenLifetimeSec }));
+        response.end(JSON.stringify({ access_token: fixedAccessToken ?? `at-${tokenGrants}`, refresh_token: 'rt-2', token_type: tokenType, expires_in: accessTokenLifetimeSec, issued_token_type: 'urn:ietf:params:oauth:token-type:access_token' }));
       } else if (request.url === '/revoke') {
         revoked.push(new URLSearchParams(body).get('token') ?? '');
         response.end('{}');
@@ -122,6 +124,22 @@ describe('a write-back that landed but whose answer was lost', () => {
     expect([{ token: `at-${tokenGrants}` }, { error: 'store_unavailable' }, { error: 'idp_unavailable' }]).toContainEqual(outcome);
     expect(revoked).toEqual([]);
     expect((await session.readSession(created.id))?.secrets.refreshToken).toBe('rt-2');
+  });
+});
+
+describe('the client’s own tokens and exchanged ones', () => {
+  afterEach(() => {
+    tokenType = 'Bearer';
+  });
+
+  it('are taken only as bearer tokens: one the IdP binds (DPoP) would be presented without its proof, and refused on every call', async () => {
+    await deploy();
+    const oidc = await import('../../lib/oidc.ts');
+    await expect(oidc.clientCredentialsToken({})).resolves.toMatchObject({ accessToken: expect.any(String) });
+    await expect(oidc.exchangeToken('subject', { audience: 'urn:api' })).resolves.toMatchObject({ accessToken: expect.any(String) });
+    tokenType = 'DPoP';
+    await expect(oidc.clientCredentialsToken({})).rejects.toMatchObject({ kind: 'rejected', message: expect.stringContaining('not a bearer one') });
+    await expect(oidc.exchangeToken('subject', { audience: 'urn:api' })).rejects.toMatchObject({ kind: 'rejected', message: expect.stringContaining('not a bearer one') });
   });
 });
 
