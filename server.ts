@@ -54,7 +54,8 @@ async function startProblems(): Promise<{ config?: Config; problems: string[] }>
   if (!existsSync(path.join(import.meta.dirname, distDir, 'BUILD_ID'))) {
     problems.push(`NEXT_DIST_DIR: no production build in ${distDir}/ — run \`npm run build\` first`);
   } else {
-    const spaProblem = spaBuildProblem(builtWithSpa(path.join(import.meta.dirname, distDir)), config.spa, { servedBeforeNext: true });
+    const withSpa = builtWithSpa(path.join(import.meta.dirname, distDir));
+    const spaProblem = withSpa === undefined ? `NEXT_DIST_DIR: the build in ${distDir}/ does not say whether it serves an SPA (made by an older release?) — run \`npm run build\` again` : spaBuildProblem(withSpa, config.spa, { servedBeforeNext: true });
     if (spaProblem) problems.push(spaProblem);
   }
   // Only once the variables are right: the check reads the IdP they name.
@@ -62,13 +63,18 @@ async function startProblems(): Promise<{ config?: Config; problems: string[] }>
   return { config, problems };
 }
 
-/** Whether the build in `distDir` sends pages to the SPA route (next.config.mjs's rewrite). */
-function builtWithSpa(distDir: string): boolean {
+/**
+ * Whether the build in `distDir` sends pages to the SPA route: the flag next.config.mjs sets (and
+ * inlines for instrumentation.ts), as Next records the build's config. Undefined when the build
+ * does not say, as one made by an older release would not.
+ */
+function builtWithSpa(distDir: string): boolean | undefined {
   try {
-    const { rewrites } = JSON.parse(readFileSync(path.join(distDir, 'routes-manifest.json'), 'utf8')) as { rewrites?: { beforeFiles?: Array<{ destination?: string }> } };
-    return (rewrites?.beforeFiles ?? []).some((rewrite) => rewrite.destination?.startsWith('/api/spa/') === true);
+    const { config } = JSON.parse(readFileSync(path.join(distDir, 'required-server-files.json'), 'utf8')) as { config?: { env?: Record<string, unknown> } };
+    const flag = config?.env?.GATEHOUSE_BUILT_WITH_SPA;
+    return typeof flag === 'string' ? flag === '1' : undefined;
   } catch {
-    return false;
+    return undefined;
   }
 }
 

@@ -518,7 +518,6 @@ async function serveFromOrigin(method: string, rawUrl: string, base: URL, header
   return { status, headers, body: bodyless ? null : answer.body };
 }
 
-/** The SPA's answer for a request, from whichever source is configured; null when it has none. */
 /**
  * Whether the build and the settings at run time agree on serving an SPA: Next compiles the rewrite
  * that sends every page to the SPA route into the build. Built with it and run without, every page
@@ -536,6 +535,7 @@ export function spaBuildProblem(builtWithSpa: boolean, spa: SpaSource | undefine
   return undefined;
 }
 
+/** The SPA's answer for a request, from whichever source is configured; null when it has none. */
 export async function serveSpaFrom(source: SpaSource, method: string, rawUrl: string, header: (name: string) => string | undefined): Promise<ProxyResponse | null> {
   const csp = source.contentSecurityPolicy ?? DEFAULT_SPA_CSP;
   if (source.kind === 'dir') return serveSpa(method, rawUrl, source.dir, csp, header);

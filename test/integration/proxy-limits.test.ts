@@ -112,7 +112,7 @@ describe('calls of one user open at once', () => {
 });
 
 describe('calls without a session', () => {
-  it(`${defaultServerShape() === 'next' ? 'next start warns at start-up' : 'npm start does not warn'} that they share one count per process without TRUSTED_PROXY_HOPS (a route handler is never told the socket's peer)`, () => {
+  it(`${defaultServerShape() === 'next' ? 'next start warns at start-up that they share one count per process without TRUSTED_PROXY_HOPS (a route handler is never told the socket’s peer)' : 'npm start, which counts them by the socket’s peer, gives no such warning'}`, () => {
     const warned = stack.apps[0]!.process.output().includes('"event":"server.anonymous_calls_share_one_count"');
     expect(warned).toBe(defaultServerShape() === 'next');
   });
