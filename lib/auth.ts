@@ -667,8 +667,9 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
   // From the primary: a replica may not have a session created a moment ago, and "ended" would be untrue.
   const loaded = target.current ? { session: current } : await loadSession(target.id, { latest: true });
-  if (loaded.session) await endSession(loaded.session, target.current ? undefined : current.record);
-  else if (servedElsewhere(loaded.miss)) await endUnreadSession(target.id, 'other_device');
+  // The index is the user's, but a record read now may not be (one rewritten in the store meanwhile).
+  if (loaded.session?.record.sub === current.record.sub) await endSession(loaded.session, target.current ? undefined : current.record);
+  else if (!loaded.session && servedElsewhere(loaded.miss)) await endUnreadSession(target.id, 'other_device');
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
   const signedOut = target.current ? signedOutHeaders() : [];
   return jsonResponse(200, { ended: 1 }, signedOut);
@@ -681,8 +682,8 @@ export async function endOtherSessions(request: Request): Promise<Response> {
   let ended = 0;
   for (const id of [...sessions.filter((entry) => !entry.current).map((entry) => entry.id), ...unreadableIds]) {
     const loaded = await loadSession(id, { latest: true });
-    if (loaded.session) await endSession(loaded.session, current.record);
-    else if (servedElsewhere(loaded.miss)) await endUnreadSession(id, 'other_device');
+    if (loaded.session?.record.sub === current.record.sub) await endSession(loaded.session, current.record);
+    else if (!loaded.session && servedElsewhere(loaded.miss)) await endUnreadSession(id, 'other_device');
     else continue;
     ended++;
   }

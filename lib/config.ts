@@ -187,6 +187,30 @@ const RESERVED_AUTHORIZATION_PARAMS = new Set([
   'dpop_jkt',
 ]);
 
+/** The directives of CSP Level 3 and those browsers still take: a line that begins with one begins a directive. */
+const CSP_DIRECTIVES = new Set(
+  [
+    ...['default-src', 'script-src', 'script-src-elem', 'script-src-attr', 'style-src', 'style-src-elem', 'style-src-attr', 'img-src', 'font-src', 'connect-src', 'media-src'],
+    ...['object-src', 'child-src', 'frame-src', 'worker-src', 'manifest-src', 'prefetch-src', 'fenced-frame-src', 'base-uri', 'form-action', 'frame-ancestors', 'sandbox'],
+    ...['report-uri', 'report-to', 'upgrade-insecure-requests', 'block-all-mixed-content', 'require-trusted-types-for', 'trusted-types', 'webrtc', 'plugin-types', 'navigate-to'],
+  ],
+);
+
+/**
+ * A policy written over several lines as one line. A line that begins with a directive's name
+ * begins a directive (a `;` is put before it if the line above lacks one); any other line goes on
+ * the one above, as the rest of its source list: a hash or `'strict-dynamic'` wrapped onto a line
+ * of its own must stay in its directive, or the policy would be weaker than written.
+ */
+function oneLinePolicy(policy: string): string {
+  let joined = '';
+  for (const line of policy.split(/[\r\n]+/).map((text) => text.trim()).filter(Boolean)) {
+    const startsDirective = CSP_DIRECTIVES.has((/^[a-z-]+/i.exec(line)?.[0] ?? '').toLowerCase());
+    joined = !joined ? line : `${joined}${startsDirective && !joined.endsWith(';') ? ';' : ''} ${line}`;
+  }
+  return joined;
+}
+
 const seconds = (fallback: number) => z.coerce.number().int().positive().default(fallback);
 
 const acrValue = z.string().regex(ACR_VALUE, 'an ACR value is 1 to 128 URI characters (no spaces or quotes)');
@@ -359,18 +383,9 @@ const envSchema = z.object({
   PROXY_MAX_CALLS_PER_USER: z.coerce.number().int().positive().max(100_000).default(256),
   SPA_DIR: z.string().trim().min(1).optional(),
   SPA_UPSTREAM_URL: endpointUrl.optional(),
-  // A header value: a policy written over several lines (as in a .env file) becomes one line, each
-  // line a directive of its own (joined by `;`, so one written without cannot run into the next);
-  // any other control or non-ASCII character would make every page fail when the header is written.
-  SPA_CONTENT_SECURITY_POLICY: z
-    .string()
-    .transform((policy) =>
-      policy
-        .split(/[\r\n]+/)
-        .map((line) => line.trim().replace(/;+$/, '').trim())
-        .filter(Boolean)
-        .join('; '),
-    )
+  // A header value: a policy written over several lines (as in a .env file) becomes one line; any
+  // other control or non-ASCII character would make every page fail when the header is written.
+  SPA_CONTENT_SECURITY_POLICY: z.string().transform(oneLinePolicy)
     .pipe(z.string().min(1).regex(/^[\t\x20-\x7e]+$/, 'must be printable ASCII (a header value)'))
     .optional(),
   LOG_LEVEL: z.enum(['debug', 'info', 'warn', 'error', 'silent']).default('info'),

@@ -548,8 +548,6 @@ interface Credentials {
  */
 type ClientTokenEntry = { token: string; expiresAt: number; renewAt: number };
 
-/** A cached client token still sent while its renewal fails, if it has this long to run. */
-const CLIENT_TOKEN_STILL_USABLE_MS = 5_000;
 
 const clientTokens = sharedState('client-tokens', () => new Map<string, ClientTokenEntry | Promise<ClientTokenEntry>>());
 
@@ -591,18 +589,12 @@ function clientGrant(api: ApiConfig): Promise<ClientTokenEntry> {
   );
 }
 
-/**
- * The BFF's own client-credentials token for an API: cached until its `renewAt`, fetched once at a
- * time. While the renewal fails, the token held serves as long as it has a few seconds to run.
- */
+/** The BFF's own client-credentials token for an API: cached until its `renewAt`, fetched once at a time. */
 async function clientToken(api: ApiConfig): Promise<string> {
   const cached = clientTokens.get(api.name);
   if (cached && !(cached instanceof Promise) && cached.renewAt > Date.now()) return cached.token;
   if (cached instanceof Promise) return (await cached).token;
-  const pending = clientGrant(api).catch((error: unknown) => {
-    if (cached && cached.expiresAt - CLIENT_TOKEN_STILL_USABLE_MS > Date.now()) return cached;
-    throw error;
-  });
+  const pending = clientGrant(api);
   clientTokens.set(api.name, pending);
   try {
     const entry = await pending;

@@ -105,10 +105,12 @@ export async function refusesTheToken(rawHeaders: readonly string[], scheme: Tok
 
 /**
  * The step-up an upstream's 401 asks for (`error="insufficient_user_authentication"` in the scheme
- * the token went in), or undefined when it asks for something else or nothing readable.
+ * the token went in; for a DPoP token, in the `Bearer` scheme too, as APIs that take both may say
+ * it), or undefined when it asks for something else or nothing readable.
  */
 export async function stepUpChallenge(rawHeaders: readonly string[], scheme: TokenScheme = 'bearer'): Promise<StepUpChallenge | undefined> {
-  const challenge = (await tokenChallenges(rawHeaders, scheme)).find(({ parameters }) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION);
+  const asks = ({ parameters }: oauth.WWWAuthenticateChallenge) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION;
+  const challenge = (await tokenChallenges(rawHeaders, scheme)).find(asks) ?? (scheme === 'dpop' ? (await tokenChallenges(rawHeaders, 'bearer')).find(asks) : undefined);
   if (!challenge) return undefined;
   const result: StepUpChallenge = { dropped: [] };
   const { acr_values: acrText, max_age: maxAgeText } = challenge.parameters;

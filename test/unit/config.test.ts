@@ -94,9 +94,12 @@ describe('configuration', () => {
     try {
       expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self'" }).spa).toEqual({ kind: 'dir', dir, contentSecurityPolicy: "default-src 'self'" });
       // Written over several lines, as a .env file allows: one header line.
-      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "default-src 'self';\r\n  img-src 'self' data:;\n" }).spa?.contentSecurityPolicy).toBe("default-src 'self'; img-src 'self' data:");
-      // A line is a directive, with or without its `;`: none runs into the next.
-      expect(parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: "script-src 'self'\nobject-src 'none'\n\nbase-uri 'none'" }).spa?.contentSecurityPolicy).toBe("script-src 'self'; object-src 'none'; base-uri 'none'");
+      const policy = (written: string) => parseConfig({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: written }).spa?.contentSecurityPolicy;
+      expect(policy("default-src 'self';\r\n  img-src 'self' data:;\n")).toBe("default-src 'self'; img-src 'self' data:;");
+      // A line that begins with a directive begins one, with or without a `;` above: none runs into the next.
+      expect(policy("script-src 'self'\nobject-src 'none'\n\nBase-URI 'none'")).toBe("script-src 'self'; object-src 'none'; Base-URI 'none'");
+      // Any other line is the rest of the source list above: a wrapped hash or 'strict-dynamic' stays in its directive.
+      expect(policy("script-src 'self' 'unsafe-inline'\n    'sha256-abc='\n    'strict-dynamic' https:\nstyle-src 'self'")).toBe("script-src 'self' 'unsafe-inline' 'sha256-abc=' 'strict-dynamic' https:; style-src 'self'");
       for (const policy of ["default-src 'self'\u0000", "default-src 'self' https://exämple.com"]) {
         expect(problemsOf({ ...valid, SPA_DIR: dir, SPA_CONTENT_SECURITY_POLICY: policy }), JSON.stringify(policy)).toEqual([expect.stringMatching(/^SPA_CONTENT_SECURITY_POLICY: /)]);
       }

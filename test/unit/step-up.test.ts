@@ -32,7 +32,9 @@ describe('stepUpChallenge', () => {
     const dpopFirst = 'DPoP algs="ES256", error="insufficient_user_authentication", acr_values="dpop-acr", Bearer realm="api", error="insufficient_user_authentication", acr_values="gold"';
     expect(await stepUpChallenge(headers(dpopFirst))).toEqual({ acrValues: ['gold'], dropped: [] });
     expect(await stepUpChallenge(headers(dpopFirst), 'dpop')).toEqual({ acrValues: ['dpop-acr'], dropped: [] });
-    expect(await stepUpChallenge(headers('Bearer error="insufficient_user_authentication", acr_values="gold"'), 'dpop')).toBeUndefined();
+    // For a DPoP token, one in the Bearer scheme counts too (an API that takes both may say it so); not the other way round.
+    expect(await stepUpChallenge(headers('Bearer error="insufficient_user_authentication", acr_values="gold"'), 'dpop')).toEqual({ acrValues: ['gold'], dropped: [] });
+    expect(await stepUpChallenge(headers('DPoP error="insufficient_user_authentication", acr_values="gold"'))).toBeUndefined();
     expect(await stepUpChallenge(headers('Basic realm="x"', 'Bearer error="insufficient_user_authentication", max_age=60'))).toEqual({ maxAge: 60, dropped: [] });
   });
 
