@@ -446,7 +446,6 @@ async function endUnreadSession(id: string, by: 'user' | 'other_device'): Promis
   countLogout(by, 'ok');
 }
 
-
 /** Where a browser goes once its session has ended: the IdP's logout (RP-initiated), else the app. */
 async function afterSignOut(idToken: string | undefined): Promise<string> {
   return (await oidc.buildEndSessionUrl(idToken))?.href ?? '/';
@@ -665,11 +664,8 @@ export async function endSessionByHandle(request: Request, handle: string): Prom
   const { sessions, unreadableIds } = await listUserSessions(current);
   const target = sessions.find((entry) => entry.handle === handle) ?? unreadableIds.map((id) => ({ id, current: false })).find(({ id }) => sessionHandle(id) === handle);
   if (!target) throw new GatehouseError('not_found', 404, 'No such session.');
-  // From the primary: a replica may not have a session created a moment ago, and "ended" would be untrue.
-  const loaded = target.current ? { session: current } : await loadSession(target.id, { latest: true });
-  // The index is the user's, but a record read now may not be (one rewritten in the store meanwhile).
-  if (loaded.session?.record.sub === current.record.sub) await endSession(loaded.session, target.current ? undefined : current.record);
-  else if (!loaded.session && servedElsewhere(loaded.miss)) await endUnreadSession(target.id, 'other_device');
+  if (target.current) await endSession(current);
+  else await endListedSession(target.id, current);
   // Ending one's own session signs this browser out as a logout does: no cookie left that names a session.
   const signedOut = target.current ? signedOutHeaders() : [];
   return jsonResponse(200, { ended: 1 }, signedOut);
@@ -681,14 +677,24 @@ export async function endOtherSessions(request: Request): Promise<Response> {
   const { sessions, unreadableIds } = await listUserSessions(current);
   let ended = 0;
   for (const id of [...sessions.filter((entry) => !entry.current).map((entry) => entry.id), ...unreadableIds]) {
-    const loaded = await loadSession(id, { latest: true });
-    if (loaded.session?.record.sub === current.record.sub) await endSession(loaded.session, current.record);
-    else if (!loaded.session && servedElsewhere(loaded.miss)) await endUnreadSession(id, 'other_device');
-    else continue;
-    ended++;
+    if (await endListedSession(id, current)) ended++;
   }
   log('info', 'auth.sessions_ended', { session: sessionHandle(current.id), ended });
   return jsonResponse(200, { ended });
+}
+
+/**
+ * Ends another session the user's list names, from `current`; whether there was one to end. Read
+ * from the primary: a replica may not have a session created a moment ago, and "ended" would be
+ * untrue. The list is the user's, but a record read now may not be (one rewritten in the store
+ * meanwhile): only the user's own is ended.
+ */
+async function endListedSession(id: string, current: Session): Promise<boolean> {
+  const loaded = await loadSession(id, { latest: true });
+  if (loaded.session?.record.sub === current.record.sub) await endSession(loaded.session, current.record);
+  else if (!loaded.session && servedElsewhere(loaded.miss)) await endUnreadSession(id, 'other_device');
+  else return false;
+  return true;
 }
 
 // --- back-channel logout -----------------------------------------------------------------------

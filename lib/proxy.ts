@@ -58,7 +58,7 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transf
 const REQUEST_DENYLIST = new Set([
   ...['host', 'cookie', 'authorization', 'dpop', 'x-csrf', 'content-length', 'forwarded', 'x-request-id', 'expect'],
   // Who the client is: Gatehouse says that in X-Forwarded-For; the browser's claims are not passed on.
-  ...['x-real-ip', 'true-client-ip', 'x-client-ip', 'cf-connecting-ip', 'x-cluster-client-ip', 'fastly-client-ip'],
+  ...['x-real-ip', 'true-client-ip', 'x-client-ip', 'x-cluster-client-ip', 'fastly-client-ip'],
   ...['client-ip', 'x-originating-ip', 'x-original-forwarded-for', 'x-true-client-ip', 'wl-proxy-client-ip', 'x-proxyuser-ip'],
   // Stacks that route on these (Symfony and Zend before 2018, IIS URL Rewrite, nginx auth_request
   // set-ups) would serve the path they name instead of the one resolveUpstream checked.
@@ -70,8 +70,7 @@ const REQUEST_DENYLIST = new Set([
   'proxy',
   // Next.js's internal ones (x-middleware-* and x-invoke-* below): see REQUEST_DENIED_PREFIXES.
   ...['x-matched-path', 'x-nextjs-data', 'next-resume', 'x-next-resume-state-length'],
-  // A signed-in user as front servers assert it (Apache's REMOTE_USER): see below.
-  'remote-user',
+  // A signed-in user as front servers assert it (Apache's REMOTE_USER is `Remote-*` below).
   'x-userinfo',
   'x-client-dn',
 ]);
@@ -96,8 +95,8 @@ const REQUEST_DENIED_PREFIXES = [
   // credentials), its proxy signature and the client address it saw; Netlify's and Fly.io's
   // client addresses; Teleport's signed assertion of the user.
   ...['x-vercel-', 'x-now-', 'x-nf-', 'fly-', 'teleport-jwt-assertion'],
-  // More client addresses as CDNs and clouds assert them, and forward-auth proxies' users (Authelia's
-  // Remote-*, authentik's, Vouch's).
+  // More client addresses as CDNs and clouds assert them (Cloudflare's CF-Connecting-IP and -IPv6),
+  // and forward-auth proxies' users (Apache's and Authelia's Remote-*, authentik's, Vouch's).
   ...['cf-connecting-ip', 'cloudfront-viewer-', 'x-azure-', 'x-appengine-', 'remote-', 'x-authentik-', 'x-vouch-'],
   // Next.js's internal signals between its own layers: an API built on an unpatched Next skips its
   // middleware for x-middleware-subrequest (CVE-2025-29927) or acts on the others. The fast path
@@ -166,19 +165,24 @@ function isHopByHop(name: string, listed: ReadonlySet<string>): boolean {
   return HOP_BY_HOP.has(name) || name.startsWith('proxy-') || listed.has(name);
 }
 
-/** Each denied prefix's first word (`x-`, `ssl-`, …), so most names an SPA sends (accept, content-type, …) are passed on one look-up. */
-const DENIED_PREFIX_HEADS = new Set(
-  REQUEST_DENIED_PREFIXES.map((prefix) => {
-    // A prefix without a dash would have no first word, and would never be looked at.
-    if (!prefix.includes('-')) throw new Error(`REQUEST_DENIED_PREFIXES: ${prefix} has no dash`);
-    return prefix.slice(0, prefix.indexOf('-') + 1);
-  }),
-);
+/** Each denied prefix's first word (`x-`, `ssl-`, …), so most names an SPA sends (accept, content-type, …) are passed after a few looks. */
+const DENIED_PREFIX_HEADS = [
+  ...new Set(
+    REQUEST_DENIED_PREFIXES.map((prefix) => {
+      // A prefix without a dash would have no first word, and would never be looked at.
+      if (!prefix.includes('-')) throw new Error(`REQUEST_DENIED_PREFIXES: ${prefix} has no dash`);
+      return prefix.slice(0, prefix.indexOf('-') + 1);
+    }),
+  ),
+];
 
 function deniedByPrefix(name: string): boolean {
-  const dash = name.indexOf('-');
-  if (dash < 0 || !DENIED_PREFIX_HEADS.has(name.slice(0, dash + 1))) return false;
-  for (const prefix of REQUEST_DENIED_PREFIXES) if (name.startsWith(prefix)) return true;
+  return startsWithAny(name, DENIED_PREFIX_HEADS) && startsWithAny(name, REQUEST_DENIED_PREFIXES);
+}
+
+/** Per header of every proxied request: a plain loop, no string or closure made. */
+function startsWithAny(name: string, prefixes: readonly string[]): boolean {
+  for (const prefix of prefixes) if (name.startsWith(prefix)) return true;
   return false;
 }
 
@@ -546,8 +550,7 @@ interface Credentials {
  * `renewAt`: within TOKEN_REFRESH_SKEW of its end, or half way through a lifetime shorter than the
  * skew (each call would be a grant otherwise, and anyone may make them).
  */
-type ClientTokenEntry = { token: string; expiresAt: number; renewAt: number };
-
+type ClientTokenEntry = { token: string; renewAt: number };
 
 const clientTokens = sharedState('client-tokens', () => new Map<string, ClientTokenEntry | Promise<ClientTokenEntry>>());
 
@@ -578,7 +581,7 @@ function clientGrant(api: ApiConfig): Promise<ClientTokenEntry> {
       clientGrantFailures.delete(api.name);
       const issuedAt = Date.now();
       const expiresAt = tokens.accessTokenExpiresAt ?? issuedAt + 60_000;
-      return { token: tokens.accessToken, expiresAt, renewAt: Math.max(expiresAt - getConfig().refresh.skewSec * 1000, issuedAt + (expiresAt - issuedAt) / 2) };
+      return { token: tokens.accessToken, renewAt: Math.max(expiresAt - getConfig().refresh.skewSec * 1000, issuedAt + (expiresAt - issuedAt) / 2) };
     },
     (error: unknown) => {
       if (!(error instanceof IdpError)) throw error;

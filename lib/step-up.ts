@@ -86,11 +86,15 @@ export type TokenScheme = 'bearer' | 'dpop';
  * fields count as one comma-joined list (RFC 9110 section 5.3).
  */
 export async function tokenChallenges(rawHeaders: readonly string[], scheme: TokenScheme = 'bearer'): Promise<oauth.WWWAuthenticateChallenge[]> {
+  return (await challengesOf(rawHeaders)).filter((challenge) => challenge.scheme === scheme);
+}
+
+async function challengesOf(rawHeaders: readonly string[]): Promise<oauth.WWWAuthenticateChallenge[]> {
   const values: string[] = [];
   for (let i = 0; i + 1 < rawHeaders.length; i += 2) if (rawHeaders[i]?.toLowerCase() === 'www-authenticate') values.push(rawHeaders[i + 1] as string);
   const header = values.join(', ');
   if (!header || header.length > MAX_CHALLENGE_LENGTH) return [];
-  return (await parseChallenges(header)).filter((challenge) => challenge.scheme === scheme);
+  return parseChallenges(header);
 }
 
 /**
@@ -109,8 +113,8 @@ export async function refusesTheToken(rawHeaders: readonly string[], scheme: Tok
  * it), or undefined when it asks for something else or nothing readable.
  */
 export async function stepUpChallenge(rawHeaders: readonly string[], scheme: TokenScheme = 'bearer'): Promise<StepUpChallenge | undefined> {
-  const asks = ({ parameters }: oauth.WWWAuthenticateChallenge) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION;
-  const challenge = (await tokenChallenges(rawHeaders, scheme)).find(asks) ?? (scheme === 'dpop' ? (await tokenChallenges(rawHeaders, 'bearer')).find(asks) : undefined);
+  const asking = (await challengesOf(rawHeaders)).filter(({ parameters }) => parameters.error === INSUFFICIENT_USER_AUTHENTICATION);
+  const challenge = asking.find((candidate) => candidate.scheme === scheme) ?? (scheme === 'dpop' ? asking.find((candidate) => candidate.scheme === 'bearer') : undefined);
   if (!challenge) return undefined;
   const result: StepUpChallenge = { dropped: [] };
   const { acr_values: acrText, max_age: maxAgeText } = challenge.parameters;

@@ -235,7 +235,7 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
     // same sign-in cannot meet it), and only a refusal of the token itself forces one.
     if ('refusedWith' in attempt) await refuseStepUpChallenge(attempt, { requestId, api: api.name });
     if ('refusedWith' in attempt && attempt.refusedWith === 401 && (await refusesTheToken(attempt.rawHeaders)) && (await mayForceRefresh(credentials.session))) {
-      // As for proxied calls: a token that looked valid was refused (revoked, clock skew): one refresh, one retry.
+      // A token that looked valid was refused (revoked, clock skew): one refresh, one retry.
       const retried = await getAccessToken(credentials.session, { resource: api.resource, rejectedToken: credentials.token });
       refreshed = true;
       attempt = await openUpstream(api, resolved.url, protocols, { ...headers, authorization: `Bearer ${retried.token}` }, socket);
