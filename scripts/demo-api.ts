@@ -326,6 +326,8 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       const challenge = `Bearer error="insufficient_user_authentication", error_description="A stronger sign-in is required", acr_values="${MFA_ACR}"`;
       return refuseUpgrade(socket, 401, { error: 'insufficient_user_authentication' }, [['www-authenticate', challenge]]);
     }
+    // `…/admin/ws`: a socket no token of this client's grant may open (a scope it was never given).
+    if (segments[at - 1] === 'admin') return refuseUpgrade(socket, 401, { error: 'insufficient_scope' }, [['www-authenticate', 'Bearer error="insufficient_scope", scope="admin"']]);
     // `?handshakeDelayMs=`: a handshake the API takes its time over, for what happens meanwhile.
     const delayMs = clampInt(url.searchParams.get('handshakeDelayMs') ?? undefined, 0, 0, 10_000);
     if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));

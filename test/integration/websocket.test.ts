@@ -484,6 +484,13 @@ describe('refused before any upgrade, with nothing sent upstream', () => {
     plain.ws.close();
   });
 
+  it('an upstream that refuses the handshake for want of a scope → 502 upstream_refused, with no forced refresh (a new token of the same grant would not have it)', async () => {
+    const fresh = await login(app, 'ws-scope-refused');
+    const grantsBefore = refreshGrantsOf(await idpGrants(stack.issuer), 'ws-scope-refused');
+    expectGatehouseRefusal(await refused('/api/proxy/live/admin/ws', { cookie: fresh }), 502, 'upstream_refused');
+    expect(refreshGrantsOf(await idpGrants(stack.issuer), 'ws-scope-refused')).toBe(grantsBefore);
+  });
+
   it('an upstream that cannot be reached → 502 upstream_unavailable', async () => {
     expectGatehouseRefusal(await refused('/api/proxy/dead/ws', { cookie }), 502, 'upstream_unavailable');
   });

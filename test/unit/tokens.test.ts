@@ -127,6 +127,29 @@ describe('a write-back that landed but whose answer was lost', () => {
   });
 });
 
+describe('"sign out everywhere else"', () => {
+  it('ends only the user’s own sessions: an entry of their list whose record turns out to be another user’s (rewritten in the store between the list and the end) is left alone', async () => {
+    const deployed = await deploy();
+    const { session } = deployed;
+    const alice = await deployed.signIn({ sub: 'alice', accessToken: 'at-alice', expiresInMs: 3_600_000 });
+    const bob = await deployed.signIn({ sub: 'bob', accessToken: 'at-bob', refreshToken: 'rt-bob', expiresInMs: 3_600_000 });
+    const store = session.getStore();
+    // Bob's session id in Alice's list; read as a newer release's record while the list is made, as Bob's own after.
+    await store.indexAdd(session.userSessionsKey('alice'), bob.id, Date.now() + 3_600_000, 3_600_000);
+    const get = store.get.bind(store);
+    let listing = true;
+    store.get = async (key) => (listing && key === session.sessionKey(bob.id) ? ((listing = false), JSON.stringify({ v: 99 })) : get(key));
+    revoked.length = 0;
+    const cookie = (await session.sessionCookieHeader(alice.id)).split(';')[0]!;
+    const { endOtherSessions } = await import('../../lib/auth.ts');
+    const answer = await endOtherSessions(new Request('http://localhost:3999/api/auth/sessions', { method: 'DELETE', headers: { cookie, 'x-csrf': '1', origin: 'http://localhost:3999', 'sec-fetch-site': 'same-origin' } }));
+    expect(await answer.json()).toEqual({ ended: 0 });
+    expect(listing).toBe(false);
+    expect((await session.readSession(bob.id))?.secrets.accessToken).toBe('at-bob');
+    expect(revoked).toEqual([]);
+  });
+});
+
 describe('the client’s own tokens and exchanged ones', () => {
   afterEach(() => {
     tokenType = 'Bearer';
