@@ -19,6 +19,8 @@ const ACCESS_TOKEN_TTL_SEC = 40;
 const REFRESH_SKEW_SEC = 35;
 const WHOAMI = '/api/proxy/demo/whoami';
 const EVENT = 'http://schemas.openid.net/event/backchannel-logout';
+/** Room for startRedisCluster's tries on new ports when a start does not converge. */
+const CLUSTER_START_BUDGET_MS = 120_000;
 
 let cluster: RedisCluster | undefined;
 
@@ -29,7 +31,7 @@ function clusterUrl(): string {
 
 beforeAll(async () => {
   cluster = await startRedisCluster({ nodes: 3 });
-}, 30_000);
+}, CLUSTER_START_BUDGET_MS);
 
 afterAll(async () => {
   await cluster?.stop();
@@ -114,7 +116,7 @@ describe('Redis store when the whole cluster goes away', () => {
       await store.close();
       await doomed.stop();
     }
-  }, 20_000);
+  }, CLUSTER_START_BUDGET_MS + 20_000);
 });
 
 describe('a Gatehouse stack on the cluster', () => {
@@ -222,7 +224,7 @@ describe('a Gatehouse stack on a cluster over TLS', () => {
     tlsCluster = await startRedisCluster({ nodes: 3, tls: true });
     stack = await startStack({ workers: 1, redisUrl: tlsCluster.url, env: { REDIS_TLS_CA: tlsCluster.caPem ?? '' } });
     app = stack.apps[0]?.url ?? '';
-  }, 90_000);
+  }, CLUSTER_START_BUDGET_MS + 60_000);
 
   afterAll(async () => {
     await stack?.stop();

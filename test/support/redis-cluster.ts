@@ -67,8 +67,19 @@ async function pickPorts(count: number): Promise<NodePorts[]> {
 /**
  * Another process may take a picked port between freePort() and redis-server's bind; then the
  * whole start is tried again on new ports, since the cluster's ports are fixed at creation.
+ * Redis 7.0 also, rarely and on a busy machine, leaves one node out of the gossip after
+ * `--cluster create` (CI saw one node never reach cluster_state:ok in 15 s while the other two
+ * did); new nodes are the only cure, and no test here is about forming a cluster.
  */
 const START_ATTEMPTS = 3;
+const CLI_TIMED_OUT = 'did not finish';
+
+function isRetryableStartFailure(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  const lostPortRace = error.message.includes('Address already in use');
+  const joinNeverConverged = error.message.includes(CLI_TIMED_OUT) || error.message.includes('cluster_state:ok on port');
+  return lostPortRace || joinNeverConverged;
+}
 
 function nodeArgs({ port, busPort }: NodePorts, dir: string, options: NodeOptions): string[] {
   // A folder per node: a replica saves the snapshot it syncs as dump.rdb there, which a shared
@@ -107,7 +118,11 @@ function runCli(args: string[], timeoutMs: number): Promise<string> {
     let output = '';
     child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
     child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
     child.once('error', (error) => {
       clearTimeout(timer);
       reject(error);
@@ -115,6 +130,7 @@ function runCli(args: string[], timeoutMs: number): Promise<string> {
     child.once('exit', (code, signal) => {
       clearTimeout(timer);
       if (code === 0) resolve(output);
+      else if (timedOut) reject(new Error(`redis-cli ${args.join(' ')} ${CLI_TIMED_OUT} after ${timeoutMs} ms:\n${output}`));
       else reject(new Error(`redis-cli ${args.join(' ')} failed (code ${code}, signal ${signal}):\n${output}`));
     });
   });
@@ -125,8 +141,8 @@ export async function startRedisCluster(options: ClusterOptions = {}): Promise<R
     try {
       return await startRedisClusterOnce(options);
     } catch (error) {
-      const lostPortRace = error instanceof Error && error.message.includes('Address already in use');
-      if (!lostPortRace || attempt >= START_ATTEMPTS) throw error;
+      if (!isRetryableStartFailure(error) || attempt >= START_ATTEMPTS) throw error;
+      console.warn(`Redis cluster start failed (attempt ${attempt} of ${START_ATTEMPTS}); trying again on new ports: ${(error as Error).message.split('\n')[0]}`);
     }
   }
 }
