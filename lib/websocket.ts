@@ -249,6 +249,8 @@ async function upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): 
       // Ended during the handshake: the session's end is a 401 the SPA understands; a shutdown or a
       // browser that left needs no answer. As a handshake a moment later would hear it: a logout
       // clears the cookie, a new login's (which replaced this session) does not.
+      // Resumed, it reads the API's close reply instead of holding the connection for ws's close timeout.
+      upstream.resume();
       upstream.close(1000, entry.ending?.reason);
       if (entry.ending?.code !== SESSION_ENDED_CLOSE_CODE || !socket.writable) throw clientClosed();
       const current = await sessionFromCookieHeader(request.headers.cookie);
@@ -364,7 +366,14 @@ function openUpstream(api: ApiConfig, url: URL, protocols: string[], headers: Re
         reject(clientClosed());
       });
     browser.once('close', onBrowserGone);
-    upstream.once('open', () => settle(() => resolve({ socket: upstream })));
+    upstream.once('open', () =>
+      settle(() => {
+        // Whatever the API sent with its 101 (a greeting, a ping) is read on the next tick, before
+        // relay() listens: paused, it waits there instead of being emitted to no one.
+        upstream.pause();
+        resolve({ socket: upstream });
+      }),
+    );
     upstream.once('unexpected-response', (upstreamRequest, response) =>
       settle(() => {
         // Only the status is kept (and a step-up challenge read): the upstream's body and headers never reach the browser.
@@ -528,4 +537,6 @@ function relay(browser: WebSocket, upstream: WebSocket, entry: OpenSocket, start
     // Gatehouse's own codes are for the browser; the API hears a normal close with the reason.
     upstream.close(code === SESSION_ENDED_CLOSE_CODE || code === STEP_UP_CLOSE_CODE ? 1000 : code, reason);
   };
+  // Paused since its handshake (openUpstream): now every message it sent meanwhile has a listener.
+  upstream.resume();
 }

@@ -331,7 +331,15 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     // `?handshakeDelayMs=`: a handshake the API takes its time over, for what happens meanwhile.
     const delayMs = clampInt(url.searchParams.get('handshakeDelayMs') ?? undefined, 0, 0, 10_000);
     if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
+    // `?hello=`: a greeting sent as the socket opens, in the same TCP write as the 101, as an API
+    // that speaks first (Socket.IO's open packet) may send it; a proxy must not lose it.
+    const hello = url.searchParams.get('hello');
+    if (hello !== null) socket.cork();
     socketServer.handleUpgrade(req, socket, head, (ws) => {
+      if (hello !== null) {
+        ws.send(hello);
+        process.nextTick(() => socket.uncork());
+      }
       const record: DemoSocketRecord = { path: url.pathname, sub: verification.claims.sub, protocol: ws.protocol, headers: req.headers, at: Date.now(), received: 0, streamed: 0 };
       websockets.sockets.unshift(record);
       websockets.sockets.length = Math.min(websockets.sockets.length, 50);

@@ -197,6 +197,17 @@ describe('the relay', () => {
     cookie = await login(app, 'ws-user');
   });
 
+  it('passes on what the API sends as the socket opens, in the same packet as its 101 (a greeting, as Socket.IO sends one), before any echo', async () => {
+    for (const hello of ['welcome', 'x'.repeat(2_000)]) {
+      const socket = await open(`/api/proxy/live/ws?hello=${hello}`, { cookie });
+      expect((await socket.nextText()).length, 'the greeting').toBe(hello.length);
+      socket.ws.send('after the greeting');
+      expect(await socket.nextText()).toBe('after the greeting');
+      socket.ws.close();
+      expect((await socket.closed).code).toBe(1005);
+    }
+  });
+
   it('echoes text and binary messages through the proxy; the upstream verified the bearer and saw no browser credentials', async () => {
     const socket = await open('/api/proxy/live/ws', { cookie, protocols: ['chat.v2', 'chat.v1'], headers: { 'x-csrf': '1', 'accept-language': 'de', sec_websocket_protocol: 'smuggled', Sec_WebSocket_Key: 'smuggled' } });
     // The upstream chose the first subprotocol offered; the browser hears its choice.
