@@ -220,10 +220,12 @@ async function beginLogin(request: Request): Promise<Response> {
   const linkStepUp = requestedStepUp(url.searchParams);
   const { authorizationParams } = getConfig().oidc;
   const stepUp = withStepUpFloor(linkStepUp, authorizationParams);
-  if (prefetched(request)) {
-    // A prefetch would write an attempt's cookie (dropping the oldest, maybe the user's own) for a
-    // sign-in nobody may follow. Not a warning: every hover over a prefetched link would be one.
-    log('info', 'auth.login_refused', { reason: 'prefetch' });
+  const refusedAs = prefetched(request) ? 'prefetch' : notAPageLoad(request) ? 'not_a_navigation' : undefined;
+  if (refusedAs) {
+    // Either would write an attempt's cookie (dropping the oldest, maybe the user's own) for a
+    // sign-in nobody may follow: a prefetch on hover, or an <img> or fetch() on a sibling site's
+    // page. Not a warning: every hover over a prefetched link would be one.
+    log('info', 'auth.login_refused', { reason: refusedAs });
     return errorPage(invalidLoginRequest('only following the link signs in'), '', { retryPath: `${url.pathname}${url.search}` });
   }
   const site = request.headers.get('sec-fetch-site');
@@ -533,6 +535,16 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
 function aheadOfTheUser(request: Request): boolean {
   const mode = request.headers.get('sec-fetch-mode');
   return prefetched(request) || (mode !== null && mode !== 'navigate');
+}
+
+/**
+ * A browser's request for something other than a page: an image, a script, a frame, a fetch().
+ * Browsers name what they load (`Sec-Fetch-Dest`); a client that names nothing is no browser, and
+ * no other site can make it send anything.
+ */
+function notAPageLoad(request: Request): boolean {
+  const dest = request.headers.get('sec-fetch-dest');
+  return dest !== null && dest !== 'document';
 }
 
 /** A browser's prefetch or prerender, or Next's router prefetching a link. */

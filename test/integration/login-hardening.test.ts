@@ -296,7 +296,7 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
     );
   });
 
-  it('a silent login started by another site’s page is refused (a csrf_failed page); a prefetched login link starts nothing; neither leaves an attempt behind', async () => {
+  it('a silent login started by another site’s page is refused (a csrf_failed page); a prefetched login link, or a login URL loaded as anything but a page, starts nothing; none leaves an attempt behind', async () => {
     const start = (query: string, headers: Record<string, string>) => request(`${app}/api/auth/login${query}`, { headers: { accept: 'text/html', ...headers } });
     for (const site of ['cross-site', 'same-site']) {
       const res = await start('?prompt=none&returnTo=%2Fx', { 'sec-fetch-site': site, 'sec-fetch-mode': 'navigate' });
@@ -312,9 +312,22 @@ describe.each(SHAPES)('login and logout on %s', (shape) => {
       await res.body.text();
       expect([res.headers.location, res.headers['set-cookie']], JSON.stringify(headers)).toEqual([undefined, undefined]);
     }
-    // The app's own silent login, and a login from another site's link, still go to the IdP.
-    for (const [query, site] of [['?prompt=none', 'same-origin'], ['?prompt=none', 'none'], ['', 'cross-site']] as const) {
-      const res = await start(query, { 'sec-fetch-site': site, 'sec-fetch-mode': 'navigate' });
+    // An <img>, <script>, <iframe> or fetch() of the login URL, from any site: what the browser
+    // names as the destination (the Fetch standard's, or any other token) is not a page.
+    const fetchDestinations = ['audio', 'audioworklet', 'embed', 'empty', 'font', 'frame', 'iframe', 'image', 'manifest', 'object', 'paintworklet', 'report', 'script', 'serviceworker', 'sharedworker', 'style', 'track', 'video', 'webidentity', 'worker', 'xslt'];
+    const notAPage = fc.oneof(fc.constantFrom(...fetchDestinations), fc.stringMatching(/^[a-z-]{1,12}$/).filter((dest) => dest !== 'document'));
+    await fc.assert(
+      fc.asyncProperty(notAPage, fc.constantFrom('same-origin', 'same-site', 'cross-site', 'none'), fc.constantFrom('no-cors', 'cors', 'navigate', 'same-origin'), async (dest, site, mode) => {
+        const res = await start('?returnTo=%2Fx', { 'sec-fetch-dest': dest, 'sec-fetch-site': site, 'sec-fetch-mode': mode });
+        expect(res.statusCode, dest).toBe(400);
+        expect(await res.body.text(), dest).toContain('<code>invalid_request</code>');
+        expect([res.headers.location, res.headers['set-cookie']], dest).toEqual([undefined, undefined]);
+      }),
+      { numRuns: 30, examples: [['image', 'same-site', 'no-cors'], ['empty', 'same-origin', 'cors'], ['iframe', 'cross-site', 'navigate']] },
+    );
+    // The app's own silent login, a login from another site's link, and a client that is no browser still go to the IdP.
+    for (const [query, site] of [['?prompt=none', 'same-origin'], ['?prompt=none', 'none'], ['', 'cross-site'], ['', undefined]] as const) {
+      const res = await start(query, site === undefined ? {} : { 'sec-fetch-site': site, 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' });
       await res.body.text();
       expect([res.statusCode, new URL(String(res.headers.location)).origin], `${query} ${site}`).toEqual([302, new URL(stack.issuer).origin]);
     }
