@@ -10,7 +10,7 @@ export function middleware(request: NextRequest): NextResponse {
   // The SPA's route is where next.config.mjs rewrites the SPA's paths; asked for by its own name it
   // would serve index.html under /api, where a mistyped API path must get JSON. This runs on the
   // path as the browser sent it, before the rewrite.
-  if (SPA_ROUTE.test(request.nextUrl.pathname)) return refuse(request, 404, 'not_found', 'Nothing here.');
+  if (namesTheSpaRoute(request.nextUrl.pathname)) return refuse(request, 404, 'not_found', 'Nothing here.');
   // `next start` upgrades nothing on /api/proxy: it drops a middleware answer to a WebSocket
   // handshake and would leave the browser waiting, but ends the connection at once when routing
   // finds the proxy's route. So the handshake goes on to routing (it never reaches the route
@@ -55,6 +55,17 @@ function undecodablePath(pathname: string): [number, string, string] | undefined
 }
 
 const SPA_ROUTE = /^\/api\/spa(\/|$)/;
+
+/** As written or decoded: Next routes `/api/%73pa/…` by its decoded segments, to the SPA's route. */
+function namesTheSpaRoute(pathname: string): boolean {
+  if (SPA_ROUTE.test(pathname)) return true;
+  if (!pathname.includes('%')) return false;
+  try {
+    return SPA_ROUTE.test(decodeURIComponent(pathname));
+  } catch {
+    return false;
+  }
+}
 
 function refuse(request: NextRequest, status: number, code: string, message: string, extra: Record<string, string> = {}): NextResponse {
   return new NextResponse(JSON.stringify({ error: code, message }), {

@@ -86,7 +86,7 @@ if (checked.problems.length || !checked.config) {
 // The workers, and Next's instrumentation hook in whichever process serves, need not ask the IdP again.
 process.env.GATEHOUSE_START_CHECKED = '1';
 const { port, hostname, workers: workerCount, drainMs } = checked.config.server;
-const { spa } = checked.config;
+const { spa, proxy: proxySettings } = checked.config;
 if (cluster.isPrimary && envFiles.length) log('info', 'server.env_files', { files: envFiles.map((file) => file.path) });
 
 /**
@@ -281,7 +281,7 @@ async function serve(): Promise<void> {
         const value = request.headers[name];
         return Array.isArray(value) ? value.join(', ') : value;
       };
-      serveSpaFrom(spa, request.method ?? 'GET', request.url ?? '/', header)
+      serveSpaFrom(spa, request.method ?? 'GET', request.url ?? '/', header, proxySettings.sendTimeoutMs)
         .then((answer) => (answer ? writeNodeResponse(answer, response) : handleWithNext(request, response)))
         .catch((error: unknown) => {
           log('error', 'spa.failed', describeCause(error));

@@ -298,6 +298,19 @@ function compatibleForm(text: string): string {
   return NON_ASCII.test(text) ? text.normalize('NFKC').replace(IGNORABLE, '') : text;
 }
 
+/**
+ * Whether a path segment, decoded once, could step out of a base path on a server that decodes it
+ * again or normalises Unicode: a dot segment or a separator (`@` included) in either layer, e.g.
+ * `%252e%252e`, or `%25EF%25BC%258E`, which is `．`, a dot once normalised.
+ */
+export function mayStepOut(decoded: string): boolean {
+  const compatible = compatibleForm(decoded);
+  if (isDotSegment(compatible) || /[/\\]|%(?:2e|2f|5c)/i.test(compatible)) return true;
+  if (!decoded.includes('%')) return false;
+  const twice = compatibleForm(decodedOnceMore(decoded));
+  return isDotSegment(twice) || /[/\\@]/.test(twice);
+}
+
 /** As a lenient upstream decodes a second time: what does not decode stays as it is. */
 function decodedOnceMore(text: string): string {
   try {
@@ -328,15 +341,9 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
       throw invalidPath();
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
-    const compatible = compatibleForm(decoded);
-    if ((segment === '' && !isEmptyAllowed) || isDotSegment(compatible)) throw invalidPath();
-    // Decoded once here, possibly again by a lenient upstream: refuse separators in either layer.
-    if (/[/\\@\u0000-\u001f\u007f]|%(?:2e|2f|5c|40|00)/i.test(compatible)) throw invalidPath();
-    // The second layer in Unicode too: `%25EF%25BC%258E` in the path is `．`, a dot once normalised.
-    if (decoded.includes('%')) {
-      const twice = compatibleForm(decodedOnceMore(decoded));
-      if (isDotSegment(twice) || /[/\\@]/.test(twice)) throw invalidPath();
-    }
+    if ((segment === '' && !isEmptyAllowed) || mayStepOut(decoded)) throw invalidPath();
+    // Nor an authority or a control character, in either layer.
+    if (/[@\u0000-\u001f\u007f]|%(?:40|00)/i.test(compatibleForm(decoded))) throw invalidPath();
     if (index === 0 && /^[a-z][a-z0-9+.-]*:/i.test(decoded)) throw invalidPath();
   }
   if (/[\u0000-\u001f\u007f#]/.test(query)) throw invalidPath();
@@ -1104,7 +1111,7 @@ const openCalls = new OpenCalls();
  * as long as the API keeps sending. Both adapters pause the body while the browser's side is full.
  * An answer with nothing to send (an idle event stream) is never paused, so it is never timed.
  */
-function endWhenBrowserStalls(body: Readable, timeoutMs: number, where: { requestId: string; api: string }): void {
+export function endWhenBrowserStalls(body: Readable, timeoutMs: number, event: 'proxy.send_timeout' | 'spa.send_timeout', where: Record<string, string>): void {
   let timer: NodeJS.Timeout | undefined;
   const disarm = () => {
     clearTimeout(timer);
@@ -1112,7 +1119,7 @@ function endWhenBrowserStalls(body: Readable, timeoutMs: number, where: { reques
   };
   body.on('pause', () => {
     timer ??= setTimeout(() => {
-      log('warn', 'proxy.send_timeout', { ...where, ms: timeoutMs });
+      log('warn', event, { ...where, ms: timeoutMs });
       // An abort, as a browser that left would cause: Next logs any other error as a failed pipe, with its stack.
       body.destroy(new DOMException('the browser took no more of the answer', 'AbortError'));
     }, timeoutMs);
@@ -1284,7 +1291,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
         }
         cutWithSession = () => endStream('session_ended', endedWithSession && { detectedBy: endedWithSession });
       }
-      endWhenBrowserStalls(answerBody, config.proxy.sendTimeoutMs, { requestId, api: api.name });
+      endWhenBrowserStalls(answerBody, config.proxy.sendTimeoutMs, 'proxy.send_timeout', { requestId, api: api.name });
       // The call is open until its answer is over, however that ends (it may have broken off already).
       if (releaseCall && !answerBody.closed) {
         answerBody.once('close', releaseCall);

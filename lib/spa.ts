@@ -9,7 +9,7 @@ import type { SpaSource } from './config.ts';
 import { decodes, httpUrlFrom, routedPath } from './http.ts';
 import { log } from './log.ts';
 import { sharedState } from './shared-state.ts';
-import type { ProxyResponse } from './proxy.ts';
+import { endWhenBrowserStalls, mayStepOut, type ProxyResponse } from './proxy.ts';
 
 /**
  * Serves a built SPA on the app's own origin, so the session cookie stays same-origin: from a folder
@@ -134,10 +134,15 @@ export function resolveSpaFile(root: string, pathname: string): string | null {
   }
   if (decoded.includes('\0') || decoded.includes('\\')) return null;
   const normalized = path.posix.normalize(`/${decoded}`);
-  if (normalized.split('/').some((segment) => segment.startsWith('.') && segment !== '.well-known')) return null;
+  if (namesDotfile(normalized.split('/'))) return null;
   const base = path.resolve(root);
   const file = path.resolve(base, `.${normalized}`);
   return isWithin(base, file) ? file : null;
+}
+
+/** Checked on the path asked for and on the file a link leads to: `config.json -> .env` is a dotfile too. */
+function namesDotfile(segments: string[]): boolean {
+  return segments.some((segment) => segment.startsWith('.') && segment !== '.well-known');
 }
 
 function isWithin(base: string, file: string): boolean {
@@ -160,7 +165,7 @@ interface SpaFile {
 async function fileAt(root: string, file: string | null): Promise<SpaFile | null> {
   if (!file) return null;
   const [real, realRoot] = await Promise.all([realpath(file).catch(() => null), realpath(root).catch(() => null)]);
-  if (!real || !realRoot || !isWithin(realRoot, real)) return null;
+  if (!real || !realRoot || !isWithin(realRoot, real) || namesDotfile(path.relative(realRoot, real).split(path.sep))) return null;
   const info = await stat(real).catch(() => null);
   return info?.isFile() ? { file: real, size: info.size, modifiedMs: info.mtimeMs, version: `${info.dev}:${info.ino}:${info.size}:${info.mtimeMs}:${info.ctimeMs}` } : null;
 }
@@ -171,17 +176,23 @@ async function fileAt(root: string, file: string | null): Promise<SpaFile | null
  * version of the file and process (inode and change time included, which no build tool sets), the
  * last 1,000 kept.
  */
-const contentTags = sharedState('spa-content-tags', () => new Map<string, string>());
-async function contentTag(served: SpaFile): Promise<string> {
+const contentTags = sharedState('spa-content-tags', () => new Map<string, Promise<string>>());
+function contentTag(served: SpaFile): Promise<string> {
   const key = `${served.file}\u0000${served.version}`;
   const known = contentTags.get(key);
   if (known) return known;
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(served.file)) hash.update(chunk as Buffer);
-  const tag = `"${hash.digest('base64url').slice(0, 22)}"`;
+  // Kept while it is computed: a burst of requests for a large file after a deploy reads it once.
+  const tag = hashOf(served.file);
   if (contentTags.size >= 1_000) contentTags.delete(contentTags.keys().next().value as string);
   contentTags.set(key, tag);
+  tag.catch(() => contentTags.get(key) === tag && contentTags.delete(key));
   return tag;
+}
+
+async function hashOf(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  return `"${hash.digest('base64url').slice(0, 22)}"`;
 }
 
 /**
@@ -272,7 +283,8 @@ function fetchFromOrigin(url: URL, method: string, header: (name: string) => str
 /** The URL under the SPA origin's base path that `pathname` names, or null when it would step outside it. */
 export function resolveSpaUrl(base: URL, pathname: string): URL | null {
   const file = resolveSpaFile('/', pathname);
-  if (file === null) return null;
+  // A host may decode what it is sent once more, or normalise Unicode: held to the proxy's rule.
+  if (file === null || file.split('/').some(mayStepOut)) return null;
   const basePath = base.pathname.endsWith('/') ? base.pathname : `${base.pathname}/`;
   const url = new URL(base.origin);
   url.pathname = basePath + file.slice(1).split('/').map(encodeURIComponent).join('/');
@@ -536,9 +548,18 @@ export function spaBuildProblem(builtWithSpa: boolean, spa: SpaSource | undefine
 }
 
 /** The SPA's answer for a request, from whichever source is configured; null when it has none. */
-export async function serveSpaFrom(source: SpaSource, method: string, rawUrl: string, header: (name: string) => string | undefined): Promise<ProxyResponse | null> {
+/**
+ * `sendTimeoutMs` (PROXY_SEND_TIMEOUT_MS) ends a file's answer the browser stops taking, which
+ * would hold the file open and its buffers for as long as the connection stays. (An SPA host's
+ * answer ends by itself: its request times out while the browser's side holds it paused.)
+ */
+export async function serveSpaFrom(source: SpaSource, method: string, rawUrl: string, header: (name: string) => string | undefined, sendTimeoutMs: number): Promise<ProxyResponse | null> {
   const csp = source.contentSecurityPolicy ?? DEFAULT_SPA_CSP;
-  if (source.kind === 'dir') return serveSpa(method, rawUrl, source.dir, csp, header);
+  if (source.kind === 'dir') {
+    const answer = await serveSpa(method, rawUrl, source.dir, csp, header);
+    if (answer?.body instanceof Readable) endWhenBrowserStalls(answer.body, sendTimeoutMs, 'spa.send_timeout', {});
+    return answer;
+  }
   try {
     return await serveFromOrigin(method, rawUrl, source.url, header, csp);
   } catch (error) {

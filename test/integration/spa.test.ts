@@ -2,13 +2,15 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { once } from 'node:events';
 import path from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loginThroughRp } from '../../e2e/support/headless-login.ts';
 import { ROOT, startProcess, startStack, type Stack } from '../../e2e/support/stack.ts';
-import { waitFor } from '../support/http-client.ts';
+import { processTree, waitFor } from '../support/http-client.ts';
 import { undecodablePath } from '../support/hostile-inputs.ts';
 import { rawRequest } from '../support/raw-http.ts';
 
@@ -50,9 +52,17 @@ writeFileSync(path.join(spaDir, '.well-known', 'security.txt'), SECURITY_TXT);
 symlinkSync(path.join(outsideDir, 'secret.txt'), path.join(spaDir, 'assets', 'linked.txt'));
 symlinkSync(outsideDir, path.join(spaDir, 'outside'));
 symlinkSync('robots.txt', path.join(spaDir, 'alias.txt'));
+// Links that stay inside SPA_DIR but lead to a dotfile: served, they would be the dotfile.
+symlinkSync('.env', path.join(spaDir, 'settings.json'));
+symlinkSync('../.git/config', path.join(spaDir, 'assets', 'config-Ab12Cd34.js'));
 // A stable name for the current build of a script: its content changes at every deploy.
 symlinkSync('assets/app-Ab12Cd34.js', path.join(spaDir, 'widget.js'));
 writeFileSync(path.join(spaDir, 'assets', 'logo.svg'), '<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/proxy/demo/whoami")</script></svg>');
+// Far more than the socket buffers between a browser that stops reading and the server hold.
+const BIG_FILE = path.join(spaDir, 'big.bin');
+const BIG_FILE_BYTES = 64 * 1024 * 1024;
+writeFileSync(BIG_FILE, Buffer.alloc(BIG_FILE_BYTES));
+const SEND_TIMEOUT_MS = 1_000;
 /** A policy that keeps a file opened on its own from running script on the app's origin. */
 const SANDBOXED = /^default-src 'none';.*(^|; )sandbox$/;
 
@@ -66,15 +76,17 @@ afterAll(async () => {
 describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
   let app: string;
   let appEnv: Record<string, string>;
+  let server: Stack['apps'][number]['process'];
   beforeAll(async () => {
     if (shape === 'next') {
       const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, SPA_DIR: spaDir, NEXT_DIST_DIR: SPA_DIST_DIR } });
       expect(build.status, `${build.stdout}${build.stderr}`).toBe(0);
     }
-    const stack = await startStack({ server: shape, workers: 1, env: { SPA_DIR: spaDir, ...(shape === 'next' ? { NEXT_DIST_DIR: SPA_DIST_DIR } : {}) } });
+    const stack = await startStack({ server: shape, workers: 1, env: { SPA_DIR: spaDir, PROXY_SEND_TIMEOUT_MS: String(SEND_TIMEOUT_MS), ...(shape === 'next' ? { NEXT_DIST_DIR: SPA_DIST_DIR } : {}) } });
     stacks.push(stack);
     app = stack.apps[0]!.url;
     appEnv = stack.apps[0]!.env;
+    server = stack.apps[0]!.process;
   }, 240_000);
 
   const get = (pathname: string, accept = 'text/html') => fetch(`${app}${pathname}`, { headers: { accept }, redirect: 'manual' });
@@ -219,7 +231,7 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
   });
 
   it('serves no dotfile and follows no link out of SPA_DIR; .well-known and links that stay inside are served', async () => {
-    for (const pathname of ['/.env', '/.git/config', '/assets/linked.txt', '/outside/secret.txt', '/%2eenv', '/assets/%2e%2e/.env']) {
+    for (const pathname of ['/.env', '/.git/config', '/assets/linked.txt', '/outside/secret.txt', '/%2eenv', '/assets/%2e%2e/.env', '/settings.json', '/assets/config-Ab12Cd34.js']) {
       const res = await get(pathname, '*/*');
       const body = await res.text();
       expect(body, pathname).not.toContain('SECRET');
@@ -228,6 +240,34 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
     }
     expect(await (await get('/.well-known/security.txt', '*/*')).text()).toBe(SECURITY_TXT);
     expect(await (await get('/alias.txt', '*/*')).text()).toBe('User-agent: *\n');
+  });
+
+  it('a file the browser stops taking is ended after PROXY_SEND_TIMEOUT_MS and let go (spa.send_timeout in the log), not held for as long as the connection stays', async () => {
+    const holdsBigFile = () =>
+      processTree(server.child.pid as number).some((pid) => {
+        try {
+          return readdirSync(`/proc/${pid}/fd`).some((fd) => readlinkSync(`/proc/${pid}/fd/${fd}`) === BIG_FILE);
+        } catch {
+          return false; // gone, or the descriptor closed while listed
+        }
+      });
+    const port = Number(new URL(app).port);
+    const socket = net.connect(port, '127.0.0.1');
+    await once(socket, 'connect');
+    let received = 0;
+    socket.on('data', (chunk: Buffer) => (received += chunk.length));
+    socket.on('error', () => undefined);
+    try {
+      socket.write(`GET /big.bin HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: */*\r\n\r\n`);
+      await waitFor('the answer to start', () => (received > 0 ? true : undefined), 5_000, 10);
+      socket.pause();
+      expect(holdsBigFile(), 'the file is open while its answer is under way').toBe(true);
+      await waitFor('the server to let the file go', () => (holdsBigFile() ? undefined : true), 10 * SEND_TIMEOUT_MS, 100);
+      expect(received).toBeLessThan(BIG_FILE_BYTES);
+      await waitFor('spa.send_timeout in the log', () => (server.output().includes('"event":"spa.send_timeout"') ? true : undefined), 5_000, 100);
+    } finally {
+      socket.destroy();
+    }
   });
 
   it('a file other than the page runs in a sandbox without scripts when opened by itself; scripts and the page keep theirs', async () => {
@@ -249,6 +289,13 @@ describe.each(['fast', 'next'] as const)('SPA_DIR on %s', (shape) => {
       expect(body, pathname).not.toContain(APP_JS);
       if (res.status === 308) continue; // Next collapses `//`: the next request is one of the above
       expect(res.status, pathname).toBe(404);
+      expect(JSON.parse(body), pathname).toMatchObject({ error: 'not_found' });
+    }
+    // Its name percent-encoded, asked for by the app's own script (X-CSRF: 1): Next routes by the decoded name.
+    for (const pathname of ['/api/%73pa/orders', '/api/sp%61', '/api/%73%70%61/index.html', '/api/%73pa/assets/app-Ab12Cd34.js']) {
+      const res = await fetch(`${app}${pathname}`, { headers: { accept: 'text/html', 'x-csrf': '1' }, redirect: 'manual' });
+      const body = await res.text();
+      expect([res.status, body.includes('<title>My SPA</title>') || body.includes(APP_JS)], pathname).toEqual([404, false]);
       expect(JSON.parse(body), pathname).toMatchObject({ error: 'not_found' });
     }
     // Spellings that Next resolves into /api or /_next (a browser would resolve them first; a raw client need not).
@@ -453,5 +500,12 @@ describe.each(['fast', 'next'] as const)('SPA_UPSTREAM_URL on %s', (shape) => {
       expect(res?.body ?? '', target).not.toContain('SECRET');
     }
     expect(origin.seen.length).toBeGreaterThan(0);
+    // A host that decodes twice or normalises Unicode would read these as `..`: they never reach it.
+    const before = origin.requests.length;
+    for (const target of ['/%252e%252e/%252e%252e/private/x.js', '/%EF%BC%8E%EF%BC%8E/x.js', '/%25EF%25BC%258E%25EF%25BC%258E/x.js', '/assets/%255c..%255cx.js']) {
+      const res = await rawRequest(port, `GET ${target} HTTP/1.1\r\nHost: localhost:${port}\r\nAccept: */*\r\nConnection: close\r\n\r\n`);
+      expect(res?.status, target).toBe(404);
+    }
+    expect(origin.requests.slice(before)).toEqual([]);
   });
 });

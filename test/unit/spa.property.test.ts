@@ -64,9 +64,42 @@ describe('resolveSpaUrl (generated paths)', () => {
   });
 });
 
+describe('resolveSpaUrl, for a host that decodes again or normalises Unicode', () => {
+  /** What a lenient static host makes of a path: decoded twice, NFKC, backslashes as slashes, dot segments resolved. */
+  function asALenientHostReads(pathname: string): string {
+    let text = pathname;
+    for (let round = 0; round < 2; round++) {
+      try {
+        text = decodeURIComponent(text);
+      } catch {
+        break;
+      }
+    }
+    return path.posix.normalize(text.normalize('NFKC').replaceAll('\\', '/'));
+  }
+  const LAYERED = ['%252e', '%252E', '%252f', '%255c', '%25EF%25BC%258E', '%EF%BC%8E', '\uFF0E', '\uFF0F', '%EF%BC%8F', '\uFE52', '%2e', '..', '.', '/', 'a', '%25', '2e'];
+  const layeredPath = fc.array(fc.constantFrom(...LAYERED), { maxLength: 10 }).map((parts) => `/${parts.join('')}`);
+
+  it('never names anything such a host reads outside the base path', () => {
+    const base = new URL('https://cdn.example.com/spa/v1/');
+    fc.assert(
+      fc.property(layeredPath, (pathname) => {
+        const url = resolveSpaUrl(base, pathname);
+        if (url === null) return;
+        const read = asALenientHostReads(url.pathname);
+        expect(read === '/spa/v1' || read.startsWith('/spa/v1/'), `${pathname} → ${url.pathname} → ${read}`).toBe(true);
+      }),
+      { numRuns: 20_000, examples: [['/%252e%252e/%252e%252e/private/x.js'], ['/%EF%BC%8E%EF%BC%8E/x.js']] },
+    );
+    // Ordinary names, a literal percent sign among them, still resolve.
+    expect(resolveSpaUrl(base, '/assets/app-Ab12Cd34.js')?.pathname).toBe('/spa/v1/assets/app-Ab12Cd34.js');
+    expect(resolveSpaUrl(base, '/100%25.png')?.pathname).toBe('/spa/v1/100%25.png');
+  });
+});
+
 describe('serveSpaFrom, remote origin', () => {
   it('answers 502 with a short page when the SPA origin cannot be reached, never throws', async () => {
-    const answer = await serveSpaFrom({ kind: 'origin', url: new URL('http://127.0.0.1:1/app/'), contentSecurityPolicy: undefined }, 'GET', '/orders/42', () => undefined);
+    const answer = await serveSpaFrom({ kind: 'origin', url: new URL('http://127.0.0.1:1/app/'), contentSecurityPolicy: undefined }, 'GET', '/orders/42', () => undefined, 60_000);
     expect(answer?.status).toBe(502);
     expect(answer?.body).toBe('The application could not be loaded. Try again shortly.');
     expect(answer?.headers).toContainEqual(['cache-control', 'no-store']);
@@ -109,7 +142,7 @@ describe('serveSpaFrom, remote origin, kept per process as the host says', () =>
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const source = { kind: 'origin' as const, url: new URL(`http://127.0.0.1:${(server.address() as { port: number }).port}/app/`), contentSecurityPolicy: undefined };
     const get = async (file: string, headers: Record<string, string> = {}, method = 'GET') => {
-      const answer = await serveSpaFrom(source, method, `/${file}`, (name) => headers[name]);
+      const answer = await serveSpaFrom(source, method, `/${file}`, (name) => headers[name], 60_000);
       const body = answer?.body;
       let bytes = Buffer.alloc(0);
       if (body instanceof Readable) for await (const chunk of body) bytes = Buffer.concat([bytes, chunk as Buffer]);

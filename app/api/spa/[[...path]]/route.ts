@@ -10,11 +10,11 @@ export const dynamic = 'force-dynamic';
 export const runtime = 'nodejs';
 
 async function handle(request: Request, context: { params: Promise<{ path?: string[] }> }): Promise<Response> {
-  const { spa } = getConfig();
+  const { spa, proxy } = getConfig();
   const segments = (await context.params).path ?? [];
   const url = new URL(request.url);
   const rawUrl = `/${segments.map(encodeURIComponent).join('/')}${url.search}`;
-  const answer = spa ? await serveSpaFrom(spa, request.method, rawUrl, (name) => request.headers.get(name) ?? undefined) : null;
+  const answer = spa ? await serveSpaFrom(spa, request.method, rawUrl, (name) => request.headers.get(name) ?? undefined, proxy.sendTimeoutMs) : null;
   if (!answer) throw new GatehouseError('not_found', 404, 'Nothing here.');
   return webResponseFrom(answer);
 }
