@@ -220,11 +220,9 @@ async function beginLogin(request: Request): Promise<Response> {
   const linkStepUp = requestedStepUp(url.searchParams);
   const { authorizationParams } = getConfig().oidc;
   const stepUp = withStepUpFloor(linkStepUp, authorizationParams);
-  const refusedAs = prefetched(request) ? 'prefetch' : notAPageLoad(request) ? 'not_a_navigation' : undefined;
+  const refusedAs = notTheUserFollowingTheLink(request);
   if (refusedAs) {
-    // Either would write an attempt's cookie (dropping the oldest, maybe the user's own) for a
-    // sign-in nobody may follow: a prefetch on hover, or an <img> or fetch() on a sibling site's
-    // page. Not a warning: every hover over a prefetched link would be one.
+    // Not a warning: every hover over a prefetched link would be one.
     log('info', 'auth.login_refused', { reason: refusedAs });
     return errorPage(invalidLoginRequest('only following the link signs in'), '', { retryPath: `${url.pathname}${url.search}` });
   }
@@ -498,9 +496,10 @@ async function takeSignOutContinuation(handle: string): Promise<string | undefin
  * that the next "Sign in" on this device would reuse without a password.
  */
 export async function logoutByNavigation(request: Request): Promise<Response> {
-  if (aheadOfTheUser(request)) {
+  const refusedAs = notTheUserFollowingTheLink(request);
+  if (refusedAs) {
     // Every hover over a prefetched link would be a warning otherwise.
-    log('info', 'auth.logout_refused', { reason: 'not_a_navigation' });
+    log('info', 'auth.logout_refused', { reason: refusedAs });
     return errorPage(new GatehouseError('invalid_request', 400, 'Only following the link signs out.'), '', { retryPath: '/', action: 'out' });
   }
   const query = new URL(request.url).searchParams;
@@ -526,25 +525,23 @@ export async function logoutByNavigation(request: Request): Promise<Response> {
 }
 
 /**
- * A request for a sign-out link that is not the browser following it: a prefetch or prerender
- * (Speculation Rules, `<link rel=prefetch>`, a browser's preview), fetched on sight or on hover, or
- * a script's fetch (Next's `<Link>` and router fetch a link's target before any navigation, with
- * `RSC: 1`). Either would sign the user out here while the IdP never hears of it, or use up a POST
- * logout's continuation. Browsers mark their own navigations `Sec-Fetch-Mode: navigate`.
+ * Why a request for a sign-in or sign-out link is not the browser following it, when it is not: a
+ * prefetch or prerender (Speculation Rules, `<link rel=prefetch>`, a browser's preview) on sight or
+ * on hover; a script's fetch (Next's `<Link>` and router fetch a link's target with `RSC: 1`); an
+ * `<img>`, `<script>` or `<iframe>` of a page, a sibling site's included. One would sign the user out
+ * here while the IdP never hears of it (or use up a POST logout's continuation); another write a
+ * sign-in attempt's cookie that pushes the user's own attempt out. Browsers mark their own
+ * navigations `Sec-Fetch-Mode: navigate`, and a top-level one `Sec-Fetch-Dest: document`, or
+ * `empty` when a service worker passes it on (`fetch(event.request)` keeps the mode, not the
+ * destination). A client that names no destination is no browser, and no other site can make it send anything.
  */
-function aheadOfTheUser(request: Request): boolean {
-  const mode = request.headers.get('sec-fetch-mode');
-  return prefetched(request) || (mode !== null && mode !== 'navigate');
-}
-
-/**
- * A browser's request for something other than a page: an image, a script, a frame, a fetch().
- * Browsers name what they load (`Sec-Fetch-Dest`); a client that names nothing is no browser, and
- * no other site can make it send anything.
- */
-function notAPageLoad(request: Request): boolean {
+function notTheUserFollowingTheLink(request: Request): 'prefetch' | 'not_a_navigation' | undefined {
+  if (prefetched(request)) return 'prefetch';
+  // Every browser that sends Fetch Metadata names the destination (Node's fetch sends only a mode).
   const dest = request.headers.get('sec-fetch-dest');
-  return dest !== null && dest !== 'document';
+  if (dest === null) return undefined;
+  const pageLoad = request.headers.get('sec-fetch-mode') === 'navigate' && (dest === 'document' || dest === 'empty');
+  return pageLoad ? undefined : 'not_a_navigation';
 }
 
 /** A browser's prefetch or prerender, or Next's router prefetching a link. */

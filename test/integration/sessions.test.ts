@@ -543,7 +543,9 @@ describe('a sign-out link fetched ahead of the user', () => {
       { rsc: '1' },
       { 'sec-fetch-mode': 'cors', 'sec-fetch-dest': 'empty' },
       { 'sec-fetch-mode': 'no-cors', 'sec-fetch-dest': 'image' },
-      { 'sec-fetch-mode': 'same-origin' },
+      { 'sec-fetch-mode': 'same-origin', 'sec-fetch-dest': 'empty' },
+      // A navigation, but of a frame in some page, not the user's.
+      { 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'iframe' },
     ];
     for (const headers of ahead) {
       const res = await navigate(logoutUrl, { cookie, ...headers });
