@@ -300,7 +300,7 @@ function compatibleForm(text: string): string {
 
 /**
  * Whether a path segment, decoded once, could step out of a base path on a server that decodes it
- * again or normalises Unicode: a dot segment or a separator (`@` included) in either layer, e.g.
+ * again or normalises Unicode: a dot segment or a separator in either layer (`@` too in the second), e.g.
  * `%252e%252e`, or `%25EF%25BC%258E`, which is `．`, a dot once normalised.
  */
 export function mayStepOut(decoded: string): boolean {
@@ -342,7 +342,7 @@ export function resolveUpstream(rawUrl: string, apis: Record<string, ApiConfig>)
     }
     const isEmptyAllowed = segment === '' && index === segments.length - 1;
     if ((segment === '' && !isEmptyAllowed) || mayStepOut(decoded)) throw invalidPath();
-    // Nor an authority or a control character, in either layer.
+    // Nor an authority (`@`, in either layer) or a control character (`%00` the only one looked for in the second).
     if (/[@\u0000-\u001f\u007f]|%(?:40|00)/i.test(compatibleForm(decoded))) throw invalidPath();
     if (index === 0 && /^[a-z][a-z0-9+.-]*:/i.test(decoded)) throw invalidPath();
   }
@@ -1108,7 +1108,7 @@ const openCalls = new OpenCalls();
 /**
  * Ends a streamed answer that waits longer than `timeoutMs` for the browser to take more of it (as
  * nginx's send_timeout does): a browser that stops reading holds its API connection otherwise for
- * as long as the API keeps sending. Both adapters pause the body while the browser's side is full.
+ * as long as the API keeps sending (or an SPA_DIR file open, for as long as it stays). Both adapters pause the body while the browser's side is full.
  * An answer with nothing to send (an idle event stream) is never paused, so it is never timed.
  */
 export function endWhenBrowserStalls(body: Readable, timeoutMs: number, event: 'proxy.send_timeout' | 'spa.send_timeout', where: Record<string, string>): void {
@@ -1202,32 +1202,45 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       return sendUpstream(api, url, method, [...headers, ...(await proofFor(token))], sent, inbound.signal, () => proofFor(token));
     };
 
-    let answer = await send(credentials.token, body);
-    let nonceDemanded = api.dpop && credentials.token !== undefined && dpopNonceDemanded(api.name, answer.status, answer.rawHeaders);
-    if (nonceDemanded && (!hasBody || kept)) {
-      // The API did not act on the request and named the nonce it wants: once more, with it.
-      discard(answer.body);
-      answer = await send(credentials.token, kept ? Readable.from([kept]) : null);
-      nonceDemanded = dpopNonceDemanded(api.name, answer.status, answer.rawHeaders);
-    }
+    let nonceDemanded = false;
+    /** One exchange; when a DPoP API names the nonce it wants (having not acted), once more with it if `again` has the body. */
+    const exchange = async (first: Readable | null, again: (() => Readable | null) | undefined) => {
+      const sent = await send(credentials.token, first);
+      nonceDemanded = api.dpop === true && credentials.token !== undefined && dpopNonceDemanded(api.name, sent.status, sent.rawHeaders);
+      if (!nonceDemanded || !again) return sent;
+      discard(sent.body);
+      const resent = await send(credentials.token, again());
+      nonceDemanded = dpopNonceDemanded(api.name, resent.status, resent.rawHeaders);
+      return resent;
+    };
+
+    const resendable = !hasBody && REPLAYABLE_METHODS.has(method);
+    let answer = await exchange(body, !hasBody || kept ? () => (kept ? Readable.from([kept]) : null) : undefined);
     const scheme: TokenScheme = proofFor ? 'dpop' : 'bearer';
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
     // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange, or client grant), one retry.
-    const refusedToken = answer.status === 401 && !nonceDemanded && !hasBody && REPLAYABLE_METHODS.has(method) && (await refusesTheToken(answer.rawHeaders, scheme)) ? credentials.token : undefined;
+    const refusedToken = answer.status === 401 && !nonceDemanded && (await refusesTheToken(answer.rawHeaders, scheme)) ? credentials.token : undefined;
     const clientRetryToken = refusedToken && api.auth === 'client' ? await replacementClientToken(api, refusedToken) : undefined;
     const mayRefresh = refusedToken !== undefined && credentials.session !== null && (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
     if (clientRetryToken !== undefined || mayRefresh) {
-      discard(answer.body);
+      // Replaced whether or not this request can go again: a write the API refused is not sent
+      // twice and its 401 goes back (checked against the token it was sent with), but the SPA's
+      // retry of it then carries the new token.
+      let retried: Awaited<ReturnType<typeof getAccessToken>> | undefined;
       if (credentials.session && refusedToken) {
-        const retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: refusedToken });
-        credentials = { ...credentials, token: retried.token, session: retried.session };
+        retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: refusedToken }).catch((error: unknown) => {
+          discard(answer.body);
+          throw error;
+        });
         refreshed = true;
-      } else {
-        credentials = { ...credentials, token: clientRetryToken };
       }
-      answer = await send(credentials.token, null);
-      await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
+      if (resendable) {
+        discard(answer.body);
+        credentials = retried ? { ...credentials, token: retried.token, session: retried.session } : { ...credentials, token: clientRetryToken };
+        answer = await exchange(null, () => null);
+        await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
+      }
     }
     if (!isFinalStatus(answer.status)) {
       if (answer.body instanceof Readable) answer.body.destroy();

@@ -54,8 +54,8 @@ export interface DemoApiHandle {
   lastRequests: DemoRequestRecord[];
   /** `downloadsCut`: downloads whose connection closed before all their bytes were written. */
   stats: { aborted: number; requests: number; uploads: number[]; downloadsCut: number; dpop: DemoDpopStats };
-  /** DPoP: demand the API's own nonce in every proof (also at POST /__demo/dpop). */
-  dpop: { requireNonce: boolean; nonce: string };
+  /** DPoP: demand the API's own nonce in every proof, refuse tokens issued before a time (also at POST /__demo/dpop). */
+  dpop: { requireNonce: boolean; nonce: string; revokedBefore?: number };
   /** Every WebSocket handshake that arrived (refused ones too), and the sockets accepted, newest first. */
   websockets: { upgrades: number; sockets: DemoSocketRecord[] };
   close(): Promise<void>;
@@ -84,7 +84,7 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   /** Sockets opened with `?paused=1`: not read from until GET /__demo/ws/resume. */
   const pausedSockets = new Set<WebSocket>();
   let audience = options.audience ?? '';
-  const dpop = { requireNonce: false, nonce: newNonce() };
+  const dpop: { requireNonce: boolean; nonce: string; revokedBefore?: number } = { requireNonce: false, nonce: newNonce() };
   /** `jkt jti` → when it may be forgotten: a proof is good once. */
   const seenProofs = new Map<string, number>();
 
@@ -113,6 +113,13 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     if (scheme !== 'dpop') return refuseProof('bearer_for_bound_token', 'invalid_token');
     const refusal = await checkProof(req, path, match[2], boundTo);
     if (refusal) return refusal;
+    // `revokedBefore` (POST /__demo/dpop, epoch seconds): a token issued earlier is refused as
+    // revoked, and the nonce moves on, as a server's may at any time: the retry with a refreshed
+    // token then holds a nonce that is no longer wanted.
+    if (dpop.revokedBefore !== undefined && (claims.iat ?? 0) < dpop.revokedBefore) {
+      dpop.nonce = newNonce();
+      return refuseProof('revoked', 'invalid_token');
+    }
     stats.dpop.verified += 1;
     return { ok: true, claims, dpop: { jkt: boundTo } };
   }
@@ -168,8 +175,10 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       if (rest[0] === 'last') return json(res, lastRequests[0] ? 200 : 404, lastRequests[0] ?? { error: 'no_requests' });
       if (rest[0] === 'dpop') {
         if (method === 'POST') {
-          const body = (await readBody(req)) as { requireNonce?: unknown; rotate?: unknown } | null;
+          const body = (await readBody(req)) as { requireNonce?: unknown; rotate?: unknown; revokedBefore?: unknown } | null;
           if (typeof body?.requireNonce === 'boolean') dpop.requireNonce = body.requireNonce;
+          if (typeof body?.revokedBefore === 'number') dpop.revokedBefore = body.revokedBefore;
+          if (body?.revokedBefore === null) delete dpop.revokedBefore;
           if (body?.rotate === true) dpop.nonce = newNonce();
         }
         return json(res, 200, dpop);

@@ -57,7 +57,7 @@ async function untilQuiet(apiUrl: string): Promise<void> {
   throw new Error('the demo API kept receiving requests for 10 s');
 }
 
-async function setDemoDpop(apiUrl: string, change: { requireNonce?: boolean; rotate?: boolean }): Promise<void> {
+async function setDemoDpop(apiUrl: string, change: { requireNonce?: boolean; rotate?: boolean; revokedBefore?: number | null }): Promise<void> {
   const res = await fetch(`${apiUrl}/__demo/dpop`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(change) });
   expect(res.status).toBe(200);
 }
@@ -282,6 +282,32 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
     const second = decodeJwt((await demoLast(stack.apiUrl)).headers.dpop ?? '');
     expect(second).toMatchObject({ htm: 'DELETE', htu: `${stack.apiUrl}/whoami` });
     expect(second.jti).not.toBe(claims.jti);
+  });
+
+  it('a token the API refuses as revoked, its nonce moved on meanwhile: one forced refresh, and the retry goes once more with the new nonce (200, nothing of it shown)', async () => {
+    const user = 'dpop-revoked-then-nonce';
+    const cookie = await login(appA, user);
+    await setDemoDpop(stack.apiUrl, { requireNonce: true, rotate: true });
+    try {
+      expect((await call(appA, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
+      // Every token issued so far is revoked at the API; the refreshed one, issued from the next second on, is not.
+      const revokedBefore = Math.floor(Date.now() / 1000) + 1;
+      await setDemoDpop(stack.apiUrl, { revokedBefore });
+      await waitUntil('the second tokens are good from', revokedBefore * 1000);
+      const grantsBefore = await idpGrants(stack.issuer);
+      const s0 = await demoStats(stack.apiUrl);
+      const answer = await call(appA, '/api/proxy/demo/whoami', cookie);
+      expect({ status: answer.status, sub: (answer.body as { sub?: string }).sub, nonce: answer.headers.get('dpop-nonce') }).toEqual({ status: 200, sub: user, nonce: null });
+      const s1 = await demoStats(stack.apiUrl);
+      // Revoked (the nonce moved on), the retry with the new token refused for the old nonce, once
+      // more with the new one; a worker that had not met the nonce yet is refused for it once more first.
+      const nonceRefusals = (s1.dpop.refused.use_dpop_nonce ?? 0) - (s0.dpop.refused.use_dpop_nonce ?? 0);
+      expect({ revoked: (s1.dpop.refused.revoked ?? 0) - (s0.dpop.refused.revoked ?? 0), requests: s1.requests - s0.requests }).toEqual({ revoked: 1, requests: 2 + nonceRefusals });
+      expect(nonceRefusals).toBeGreaterThanOrEqual(1);
+      expect(refreshGrantsOf(await idpGrants(stack.issuer), user) - refreshGrantsOf(grantsBefore, user)).toBe(1);
+    } finally {
+      await setDemoDpop(stack.apiUrl, { requireNonce: false, revokedBefore: null });
+    }
   });
 
   it('a DPoP API that asks for a stronger sign-in in its own scheme (DPoP error="insufficient_user_authentication") → 401 step_up_required, with no forced refresh', async () => {

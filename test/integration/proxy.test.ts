@@ -266,6 +266,7 @@ beforeAll(async () => {
       failingclient: { url: apiUrl, auth: 'client' },
       revokedclient: { url: apiUrl, auth: 'client' },
       unluckyclient: { url: apiUrl, auth: 'client' },
+      writeclient: { url: apiUrl, auth: 'client' },
       challengedclient: { url: challenger.url, auth: 'client' },
       slow: { url: apiUrl, timeoutMs: 500 },
       small: { url: apiUrl, maxBodyBytes: 1024 },
@@ -624,15 +625,12 @@ describe('credentials per API', () => {
     expect((await json<{ sub?: string }>(recovered)).sub).toBe(CLIENT_ID);
     expect((await idpGrants(stack.issuer)).success.client_credentials ?? 0).toBe(grantsBefore + 1);
   });
-  it('client: a token the upstream refuses is replaced by one new grant and the call retried, at most once per FORCED_REFRESH_INTERVAL; a call with a body is not retried', async () => {
+  it('client: a token the upstream refuses is replaced by one new grant and the call retried, at most once per FORCED_REFRESH_INTERVAL; a write is not sent again, but its refusal replaces the token too', async () => {
     const grants = async () => (await idpGrants(stack.issuer)).success.client_credentials ?? 0;
     expect((await proxyFetch('/api/proxy/revokedclient/whoami', { anonymous: true })).status).toBe(200);
     const refusedToken = await lastBearerAt(stack.apiUrl);
     const before = await grants();
     // The demo API's status route answers 401 to every token: the refused one, then its replacement.
-    const posted = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true, method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
-    expect(posted.status).toBe(401);
-    expect(await grants()).toBe(before);
     const refused = await proxyFetch('/api/proxy/revokedclient/status/401', { anonymous: true });
     expect([refused.status, await json(refused)]).toEqual([401, { status: 401 }]);
     expect(await grants()).toBe(before + 1);
@@ -643,6 +641,18 @@ describe('credentials per API', () => {
     expect((await proxyFetch('/api/proxy/revokedclient/whoami', { anonymous: true })).status).toBe(200);
     expect(await lastBearerAt(stack.apiUrl)).toBe(replacement);
     expect(await grants()).toBe(before + 1);
+
+    // A write's 401 goes back as it is, the write sent once (the API last saw the refused token),
+    // but the token is replaced all the same: the SPA's retry of the write carries the new one.
+    expect((await proxyFetch('/api/proxy/writeclient/whoami', { anonymous: true })).status).toBe(200);
+    const refusedForWrite = await lastBearerAt(stack.apiUrl);
+    const beforeWrite = await grants();
+    const posted = await proxyFetch('/api/proxy/writeclient/status/401', { anonymous: true, method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    expect([posted.status, await json(posted)]).toEqual([401, { status: 401 }]);
+    expect(await lastBearerAt(stack.apiUrl)).toBe(refusedForWrite);
+    expect(await grants()).toBe(beforeWrite + 1);
+    expect((await proxyFetch('/api/proxy/writeclient/whoami', { anonymous: true })).status).toBe(200);
+    expect(await lastBearerAt(stack.apiUrl)).not.toBe(refusedForWrite);
   });
 
   it('client: a replacement grant that fails leaves the refused token in use and the upstream’s 401 as the answer', async () => {

@@ -317,6 +317,29 @@ describe('forced refreshes', () => {
     }
   });
 
+  it('a write whose token the API refuses is not sent again: its 401 goes back, but the token is replaced, so the SPA’s retry carries the new one', async () => {
+    const secretsOf = (key: string) => storedSecrets(stack.appEnv.REDIS_URL as string, key, stack.appEnv.SESSION_SECRET as string);
+    const requestsAtApi = async () => ((await (await fetch(`${stack.apiUrl}/__demo/stats`)).json()) as { requests: number }).requests;
+    for (const method of ['POST', 'PUT', 'PATCH', 'DELETE']) {
+      const user = `refused-write-${method.toLowerCase()}`;
+      const { cookie, key } = await newSession(appA, user);
+      const tokenBefore = (await secretsOf(key)).accessToken;
+      const before = await refreshesOf(user);
+      const requestsBefore = await requestsAtApi();
+      const refused = await fetch(`${appA}/api/proxy/demo/status/401?challenge=${encodeURIComponent('Bearer error="invalid_token"')}`, {
+        method,
+        headers: { cookie, 'x-csrf': '1', 'content-type': 'application/json' },
+        body: JSON.stringify({ order: 42 }),
+      });
+      expect([refused.status, await refused.json()], method).toEqual([401, { status: 401 }]);
+      expect(await requestsAtApi(), `${method} went once`).toBe(requestsBefore + 1);
+      expect((await refreshesOf(user)).ok - before.ok, method).toBe(1);
+      const tokenAfter = (await secretsOf(key)).accessToken;
+      expect(tokenAfter, method).not.toBe(tokenBefore);
+      expect((await call(appB, WHOAMI, cookie)).status, method).toBe(200);
+    }
+  });
+
   it('an API that always answers 401: at most one forced refresh per session per FORCED_REFRESH_INTERVAL across instances, every 401 passed through', async () => {
     const user = 'always-401';
     const { cookie, key } = await newSession(appA, user);
