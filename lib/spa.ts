@@ -547,8 +547,8 @@ export function spaBuildProblem(builtWithSpa: boolean, spa: SpaSource | undefine
   return undefined;
 }
 
-/** The SPA's answer for a request, from whichever source is configured; null when it has none. */
 /**
+ * The SPA's answer for a request, from whichever source is configured; null when it has none.
  * `sendTimeoutMs` (PROXY_SEND_TIMEOUT_MS) ends a file's answer the browser stops taking, which
  * would hold the file open and its buffers for as long as the connection stays. (An SPA host's
  * answer ends by itself: its request times out while the browser's side holds it paused.)
