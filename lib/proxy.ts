@@ -1128,7 +1128,10 @@ export function endWhenBrowserStalls(body: Readable, timeoutMs: number, event: '
   body.once('close', disarm);
 }
 
-/** The whole proxy: checks, credentials, one upstream exchange (two when a 401 earns one refresh). */
+/**
+ * The whole proxy: checks, credentials, one upstream exchange; once more for a DPoP nonce the API
+ * names, and again after a 401 earns one refresh, for a request that can go again.
+ */
 export const forwardRequest = withProxyTelemetry(forward, () => getConfig().apis);
 
 async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
@@ -1204,7 +1207,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
 
     let nonceDemanded = false;
     /** One exchange; when a DPoP API names the nonce it wants (having not acted), once more with it if `again` has the body. */
-    const exchange = async (first: Readable | null, again: (() => Readable | null) | undefined) => {
+    const sendWithNonce = async (first: Readable | null, again: (() => Readable | null) | undefined) => {
       const sent = await send(credentials.token, first);
       nonceDemanded = api.dpop === true && credentials.token !== undefined && dpopNonceDemanded(api.name, sent.status, sent.rawHeaders);
       if (!nonceDemanded || !again) return sent;
@@ -1215,7 +1218,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     };
 
     const resendable = !hasBody && REPLAYABLE_METHODS.has(method);
-    let answer = await exchange(body, !hasBody || kept ? () => (kept ? Readable.from([kept]) : null) : undefined);
+    let answer = await sendWithNonce(body, !hasBody || kept ? () => (kept ? Readable.from([kept]) : null) : undefined);
     const scheme: TokenScheme = proofFor ? 'dpop' : 'bearer';
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
@@ -1238,7 +1241,7 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       if (resendable) {
         discard(answer.body);
         credentials = retried ? { ...credentials, token: retried.token, session: retried.session } : { ...credentials, token: clientRetryToken };
-        answer = await exchange(null, () => null);
+        answer = await sendWithNonce(null, () => null);
         await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
       }
     }
