@@ -12,7 +12,7 @@ import { clientCredentialsToken, IdpError } from './oidc.ts';
 import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, parseChallenges, refusesTheToken, stepUpDetails, stepUpRefusal, whenSignInTooOld, type TokenScheme } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
-import { getAccessToken, mayForceRefresh, type TokenRequest } from './tokens.ts';
+import { getAccessToken, mayForceRefresh, tokenReplacing, type TokenRequest } from './tokens.ts';
 
 /**
  * The proxy core, framework-free: an inbound request in, a streamed answer out. The Next route
@@ -1241,6 +1241,16 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
       if (resendable) {
         discard(answer.body);
         credentials = retried ? { ...credentials, token: retried.token, session: retried.session } : { ...credentials, token: clientRetryToken };
+        answer = await sendWithNonce(null, () => null);
+        await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
+      }
+    } else if (refusedToken !== undefined && resendable && credentials.session) {
+      // The interval's forced refresh is spent, maybe by a call refused alongside this one (a
+      // write, say) whose refresh has stored a new token since: this call goes again with that.
+      const replacing = await tokenReplacing(credentials.session, tokenRequestFor(api), refusedToken);
+      if (replacing) {
+        discard(answer.body);
+        credentials = { ...credentials, token: replacing.token, session: replacing.session };
         answer = await sendWithNonce(null, () => null);
         await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
       }

@@ -292,6 +292,18 @@ function renewedElsewhere(cause?: unknown): GatehouseError {
 }
 
 /**
+ * The token that has replaced `refused` in the store (read from the primary), when another call's
+ * refresh, in any instance, already did: a call refused while the forced-refresh budget is spent
+ * goes again with it instead of taking the upstream's 401 back.
+ */
+export async function tokenReplacing(session: Session, request: TokenRequest, refused: string): Promise<{ token: string; session: Session } | undefined> {
+  const current = (await loadSession(session.id, { latest: true }).catch(() => undefined))?.session;
+  const held = current ? heldToken(current, request) : undefined;
+  if (!current || !held || held.token === refused || (held.expiresAt !== null && held.expiresAt <= Date.now())) return undefined;
+  return { token: held.token, session: current };
+}
+
+/**
  * An upstream 401 may force a refresh at most once per session per FORCED_REFRESH_INTERVAL, across
  * instances (one SET NX PX, on the 401 path only), so an API that answers 401 to everything cannot
  * drive the IdP at the browser's request rate. False, too, when there is nothing to refresh with

@@ -54,8 +54,8 @@ export interface DemoApiHandle {
   lastRequests: DemoRequestRecord[];
   /** `downloadsCut`: downloads whose connection closed before all their bytes were written. */
   stats: { aborted: number; requests: number; uploads: number[]; downloadsCut: number; dpop: DemoDpopStats };
-  /** DPoP: demand the API's own nonce in every proof, refuse tokens issued before a time (also at POST /__demo/dpop). */
-  dpop: { requireNonce: boolean; nonce: string; revokedBefore?: number };
+  /** DPoP: demand the API's own nonce in every proof (also at POST /__demo/dpop). */
+  dpop: { requireNonce: boolean; nonce: string };
   /** Every WebSocket handshake that arrived (refused ones too), and the sockets accepted, newest first. */
   websockets: { upgrades: number; sockets: DemoSocketRecord[] };
   close(): Promise<void>;
@@ -84,7 +84,10 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   /** Sockets opened with `?paused=1`: not read from until GET /__demo/ws/resume. */
   const pausedSockets = new Set<WebSocket>();
   let audience = options.audience ?? '';
-  const dpop: { requireNonce: boolean; nonce: string; revokedBefore?: number } = { requireNonce: false, nonce: newNonce() };
+  const dpop = { requireNonce: false, nonce: newNonce() };
+  /** `POST /__demo/revoke {"before": <epoch seconds> | null}`: tokens issued earlier are refused as revoked. */
+  const revocation: { before?: number } = {};
+  const revoked = (claims: JWTPayload) => revocation.before !== undefined && (claims.iat ?? 0) < revocation.before;
   /** `jkt jti` → when it may be forgotten: a proof is good once. */
   const seenProofs = new Map<string, number>();
 
@@ -108,15 +111,17 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
     }
     const boundTo = (claims.cnf as { jkt?: unknown } | undefined)?.jkt;
     const scheme = match[1].toLowerCase();
-    if (typeof boundTo !== 'string') return scheme === 'bearer' ? { ok: true, claims } : refuseProof('unbound_token', 'invalid_token');
+    if (typeof boundTo !== 'string') {
+      if (scheme !== 'bearer') return refuseProof('unbound_token', 'invalid_token');
+      return revoked(claims) ? { ok: false, challenge: 'Bearer error="invalid_token", error_description="revoked"' } : { ok: true, claims };
+    }
     // A bound token is worth nothing without a proof of its key: as a bearer it is refused.
     if (scheme !== 'dpop') return refuseProof('bearer_for_bound_token', 'invalid_token');
     const refusal = await checkProof(req, path, match[2], boundTo);
     if (refusal) return refusal;
-    // `revokedBefore` (POST /__demo/dpop, epoch seconds): a token issued earlier is refused as
-    // revoked, and the nonce moves on, as a server's may at any time: the retry with a refreshed
-    // token then holds a nonce that is no longer wanted.
-    if (dpop.revokedBefore !== undefined && (claims.iat ?? 0) < dpop.revokedBefore) {
+    // A revoked token's refusal moves the nonce on, as a server's may at any time: the retry with a
+    // refreshed token then holds a nonce that is no longer wanted.
+    if (revoked(claims)) {
       dpop.nonce = newNonce();
       return refuseProof('revoked', 'invalid_token');
     }
@@ -173,12 +178,16 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       if (req.headers['x-forwarded-host']) return json(res, 404, { error: 'not_found' });
       if (rest[0] === 'stats') return json(res, 200, stats);
       if (rest[0] === 'last') return json(res, lastRequests[0] ? 200 : 404, lastRequests[0] ?? { error: 'no_requests' });
+      if (rest[0] === 'revoke' && method === 'POST') {
+        const body = (await readBody(req)) as { before?: unknown } | null;
+        if (typeof body?.before === 'number') revocation.before = body.before;
+        else delete revocation.before;
+        return json(res, 200, revocation);
+      }
       if (rest[0] === 'dpop') {
         if (method === 'POST') {
-          const body = (await readBody(req)) as { requireNonce?: unknown; rotate?: unknown; revokedBefore?: unknown } | null;
+          const body = (await readBody(req)) as { requireNonce?: unknown; rotate?: unknown } | null;
           if (typeof body?.requireNonce === 'boolean') dpop.requireNonce = body.requireNonce;
-          if (typeof body?.revokedBefore === 'number') dpop.revokedBefore = body.revokedBefore;
-          if (body?.revokedBefore === null) delete dpop.revokedBefore;
           if (body?.rotate === true) dpop.nonce = newNonce();
         }
         return json(res, 200, dpop);
@@ -211,6 +220,9 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       return json(res, 200, verification.ok ? { sub: verification.claims.sub } : { anonymous: true });
     }
     if (!verification.ok) {
+      // `?delayRefusalMs=`: a refusal that takes its time, for what other calls do meanwhile.
+      const delayMs = clampInt(query.delayRefusalMs, 0, 0, 10_000);
+      if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
       res.setHeader('www-authenticate', verification.challenge ?? 'Bearer error="invalid_token"');
       if (verification.nonce) res.setHeader('dpop-nonce', verification.nonce);
       return json(res, 401, { error: 'invalid_token' });

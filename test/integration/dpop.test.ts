@@ -16,7 +16,7 @@ import { browserRequest, followFlow, jarFor, type CookieJars } from '../../e2e/s
 import { defaultServerShape, restartGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
 import type { DemoDpopStats } from '../../scripts/demo-api.ts';
 import type { DevIdpDpop, GrantCounters } from '../../scripts/dev-idp.ts';
-import { REDIS_URL, RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, waitUntil, type CallResult } from '../support/http-client.ts';
+import { REDIS_URL, RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, revokeAtDemoApi, waitUntil, type CallResult } from '../support/http-client.ts';
 import { storedSecrets, type StoredSecrets } from '../support/stored-session.ts';
 import { rawAnswer, startScriptedUpstream, type ScriptedUpstream } from '../support/scripted-upstream.ts';
 
@@ -57,7 +57,7 @@ async function untilQuiet(apiUrl: string): Promise<void> {
   throw new Error('the demo API kept receiving requests for 10 s');
 }
 
-async function setDemoDpop(apiUrl: string, change: { requireNonce?: boolean; rotate?: boolean; revokedBefore?: number | null }): Promise<void> {
+async function setDemoDpop(apiUrl: string, change: { requireNonce?: boolean; rotate?: boolean }): Promise<void> {
   const res = await fetch(`${apiUrl}/__demo/dpop`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(change) });
   expect(res.status).toBe(200);
 }
@@ -292,7 +292,7 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
       expect((await call(appA, '/api/proxy/demo/whoami', cookie)).status).toBe(200);
       // Every token issued so far is revoked at the API; the refreshed one, issued from the next second on, is not.
       const revokedBefore = Math.floor(Date.now() / 1000) + 1;
-      await setDemoDpop(stack.apiUrl, { revokedBefore });
+      await revokeAtDemoApi(stack.apiUrl, revokedBefore);
       await waitUntil('the second tokens are good from', revokedBefore * 1000);
       const grantsBefore = await idpGrants(stack.issuer);
       const s0 = await demoStats(stack.apiUrl);
@@ -306,7 +306,8 @@ describe(`DPoP-bound sessions across two instances (${shape})`, () => {
       expect(nonceRefusals).toBeGreaterThanOrEqual(1);
       expect(refreshGrantsOf(await idpGrants(stack.issuer), user) - refreshGrantsOf(grantsBefore, user)).toBe(1);
     } finally {
-      await setDemoDpop(stack.apiUrl, { requireNonce: false, revokedBefore: null });
+      await setDemoDpop(stack.apiUrl, { requireNonce: false });
+      await revokeAtDemoApi(stack.apiUrl, null);
     }
   });
 

@@ -5,7 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startGatehouse, startStack, type Stack } from '../../e2e/support/stack.ts';
-import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
+import { RedisProbe, call, clearsSessionCookie, idpGrants, login, refreshGrantsOf, revokeAtDemoApi, setIdpDelays, waitFor, waitUntil } from '../support/http-client.ts';
 import { storedSecrets } from '../support/stored-session.ts';
 
 // Tokens are due 8 s after each refresh and expire 20 s after it.
@@ -337,6 +337,28 @@ describe('forced refreshes', () => {
       const tokenAfter = (await secretsOf(key)).accessToken;
       expect(tokenAfter, method).not.toBe(tokenBefore);
       expect((await call(appB, WHOAMI, cookie)).status, method).toBe(200);
+    }
+  });
+
+  it('a read refused alongside a write whose refusal spent the interval’s forced refresh goes again, in the other instance, with the token that refresh stored', async () => {
+    const user = 'refused-read-and-write';
+    const { cookie } = await newSession(appA, user);
+    const before = await refreshesOf(user);
+    // Every token issued so far is revoked at the API; the refreshed one, from the next second on, is not.
+    const revokedBefore = Math.floor(Date.now() / 1000) + 1;
+    await revokeAtDemoApi(stack.apiUrl, revokedBefore);
+    try {
+      await waitUntil('the second tokens are good from', revokedBefore * 1000);
+      // The read's refusal takes its time; the write's comes at once, spends the forced refresh and stores a new token.
+      const read = call(appB, `${WHOAMI}?delayRefusalMs=1500`, cookie);
+      const lastAtApi = async () => ((await (await fetch(`${stack.apiUrl}/__demo/last`)).json()) as { query?: Record<string, string> }).query ?? {};
+      await waitFor('the read to reach the API', async () => ((await lastAtApi()).delayRefusalMs ? true : undefined), 5_000, 20);
+      const write = await fetch(`${appA}/api/proxy/demo/echo`, { method: 'POST', headers: { cookie, 'x-csrf': '1', 'content-type': 'application/json' }, body: '{}' });
+      expect(write.status).toBe(401);
+      expect(await read).toMatchObject({ status: 200, body: { sub: user } });
+      expect((await refreshesOf(user)).ok - before.ok).toBe(1);
+    } finally {
+      await revokeAtDemoApi(stack.apiUrl, null);
     }
   });
 

@@ -129,6 +129,12 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
 }
 
 /** Waits until the wall clock reaches `epochMs` (a deadline derived from observed state, not a guess). */
+/** The demo API refuses every token issued before `beforeSec` (epoch seconds) as revoked; null lifts that. */
+export async function revokeAtDemoApi(apiUrl: string, beforeSec: number | null): Promise<void> {
+  const res = await fetch(`${apiUrl}/__demo/revoke`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ before: beforeSec }) });
+  if (res.status !== 200) throw new Error(`the demo API answered ${res.status} to a revocation`);
+}
+
 export async function waitUntil(what: string, epochMs: number, maxWaitMs = 60_000): Promise<void> {
   await waitFor(what, () => (Date.now() >= epochMs ? true : undefined), maxWaitMs, 100);
 }
