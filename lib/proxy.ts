@@ -1108,8 +1108,9 @@ const openCalls = new OpenCalls();
 /**
  * Ends a streamed answer that waits longer than `timeoutMs` for the browser to take more of it (as
  * nginx's send_timeout does): a browser that stops reading holds its API connection otherwise for
- * as long as the API keeps sending (or an SPA_DIR file open, for as long as it stays). Both adapters pause the body while the browser's side is full.
- * An answer with nothing to send (an idle event stream) is never paused, so it is never timed.
+ * as long as the API keeps sending (or an SPA_DIR file open, for as long as it stays). Both
+ * adapters pause the body while the browser's side is full. An answer with nothing to send (an
+ * idle event stream) is never paused, so it is never timed.
  */
 export function endWhenBrowserStalls(body: Readable, timeoutMs: number, event: 'proxy.send_timeout' | 'spa.send_timeout', where: Record<string, string>): void {
   let timer: NodeJS.Timeout | undefined;

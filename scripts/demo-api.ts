@@ -87,6 +87,8 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
   const dpop = { requireNonce: false, nonce: newNonce() };
   /** `POST /__demo/revoke {"before": <epoch seconds> | null}`: tokens issued earlier are refused as revoked. */
   const revocation: { before?: number } = {};
+  /** Refusals held by `?holdRefusal=<id>`, by id: each resolves when released. */
+  const heldRefusals = new Map<string, () => void>();
   const revoked = (claims: JWTPayload) => revocation.before !== undefined && (claims.iat ?? 0) < revocation.before;
   /** `jkt jti` → when it may be forgotten: a proof is good once. */
   const seenProofs = new Map<string, number>();
@@ -178,6 +180,12 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       if (req.headers['x-forwarded-host']) return json(res, 404, { error: 'not_found' });
       if (rest[0] === 'stats') return json(res, 200, stats);
       if (rest[0] === 'last') return json(res, lastRequests[0] ? 200 : 404, lastRequests[0] ?? { error: 'no_requests' });
+      if (rest[0] === 'release' && method === 'POST') {
+        const release = heldRefusals.get(query.id ?? '');
+        heldRefusals.delete(query.id ?? '');
+        release?.();
+        return json(res, release ? 200 : 404, { released: release !== undefined });
+      }
       if (rest[0] === 'revoke' && method === 'POST') {
         const body = (await readBody(req)) as { before?: unknown } | null;
         if (typeof body?.before === 'number') revocation.before = body.before;
@@ -220,9 +228,15 @@ export async function startDemoApi(options: DemoApiOptions = {}): Promise<DemoAp
       return json(res, 200, verification.ok ? { sub: verification.claims.sub } : { anonymous: true });
     }
     if (!verification.ok) {
-      // `?delayRefusalMs=`: a refusal that takes its time, for what other calls do meanwhile.
-      const delayMs = clampInt(query.delayRefusalMs, 0, 0, 10_000);
-      if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
+      // `?holdRefusal=<id>`: a refusal held until POST /__demo/release?id=<id> (10 s at most), for
+      // what other calls do meanwhile.
+      const holdId = query.holdRefusal;
+      if (holdId) {
+        await new Promise<void>((resolve) => {
+          heldRefusals.set(holdId, resolve);
+          setTimeout(resolve, 10_000).unref();
+        });
+      }
       res.setHeader('www-authenticate', verification.challenge ?? 'Bearer error="invalid_token"');
       if (verification.nonce) res.setHeader('dpop-nonce', verification.nonce);
       return json(res, 401, { error: 'invalid_token' });

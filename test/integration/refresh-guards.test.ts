@@ -349,12 +349,14 @@ describe('forced refreshes', () => {
     await revokeAtDemoApi(stack.apiUrl, revokedBefore);
     try {
       await waitUntil('the second tokens are good from', revokedBefore * 1000);
-      // The read's refusal takes its time; the write's comes at once, spends the forced refresh and stores a new token.
-      const read = call(appB, `${WHOAMI}?delayRefusalMs=1500`, cookie);
+      // The API holds the read's refusal; the write's comes at once, spends the forced refresh and
+      // stores a new token; only then is the read refused.
+      const read = call(appB, `${WHOAMI}?holdRefusal=the-read`, cookie);
       const lastAtApi = async () => ((await (await fetch(`${stack.apiUrl}/__demo/last`)).json()) as { query?: Record<string, string> }).query ?? {};
-      await waitFor('the read to reach the API', async () => ((await lastAtApi()).delayRefusalMs ? true : undefined), 5_000, 20);
+      await waitFor('the read to reach the API', async () => ((await lastAtApi()).holdRefusal ? true : undefined), 5_000, 20);
       const write = await fetch(`${appA}/api/proxy/demo/echo`, { method: 'POST', headers: { cookie, 'x-csrf': '1', 'content-type': 'application/json' }, body: '{}' });
       expect(write.status).toBe(401);
+      expect((await fetch(`${stack.apiUrl}/__demo/release?id=the-read`, { method: 'POST' })).status).toBe(200);
       expect(await read).toMatchObject({ status: 200, body: { sub: user } });
       expect((await refreshesOf(user)).ok - before.ok).toBe(1);
     } finally {
