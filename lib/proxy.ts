@@ -12,7 +12,7 @@ import { clientCredentialsToken, IdpError } from './oidc.ts';
 import { endedSessionHeaders, holdOpen, sessionFromCookieHeader, touchSession, withoutSession, type Session, type SessionEndSeenBy } from './session.ts';
 import { missingAuthentication, parseChallenges, refusesTheToken, stepUpDetails, stepUpRefusal, whenSignInTooOld, type TokenScheme } from './step-up.ts';
 import { withProxyTelemetry, withUpstreamTelemetry } from './telemetry.ts';
-import { getAccessToken, mayForceRefresh, tokenReplacing, type TokenRequest } from './tokens.ts';
+import { getAccessToken, replaceRefusedToken, type TokenRequest } from './tokens.ts';
 
 /**
  * The proxy core, framework-free: an inbound request in, a streamed answer out. The Next route
@@ -1207,54 +1207,42 @@ async function forward(inbound: InboundRequest): Promise<ProxyResponse> {
     };
 
     let nonceDemanded = false;
-    /** One exchange; when a DPoP API names the nonce it wants (having not acted), once more with it if `again` has the body. */
-    const sendWithNonce = async (first: Readable | null, again: (() => Readable | null) | undefined) => {
+    /** One exchange; when a DPoP API names the nonce it wants (having not acted), once more with it if the body can go again. */
+    const sendWithNonce = async (first: Readable | null, canResend: boolean) => {
       const sent = await send(credentials.token, first);
       nonceDemanded = api.dpop === true && credentials.token !== undefined && dpopNonceDemanded(api.name, sent.status, sent.rawHeaders);
-      if (!nonceDemanded || !again) return sent;
+      if (!nonceDemanded || !canResend) return sent;
       discard(sent.body);
-      const resent = await send(credentials.token, again());
+      const resent = await send(credentials.token, kept ? Readable.from([kept]) : null);
       nonceDemanded = dpopNonceDemanded(api.name, resent.status, resent.rawHeaders);
       return resent;
     };
 
-    const resendable = !hasBody && REPLAYABLE_METHODS.has(method);
-    let answer = await sendWithNonce(body, !hasBody || kept ? () => (kept ? Readable.from([kept]) : null) : undefined);
+    let answer = await sendWithNonce(body, !hasBody || kept !== undefined);
     const scheme: TokenScheme = proofFor ? 'dpop' : 'bearer';
     // Asked before any forced refresh: a new token from the same sign-in cannot meet a step-up.
     await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
-    // The token looked valid but was refused (revoked, clock skew): one refresh (or exchange, or client grant), one retry.
+    // The token looked valid but was refused (revoked, clock skew): a new one (refresh, exchange or
+    // client grant), and one retry. Replaced whether or not this request can go again: a write is
+    // not sent twice and its 401 goes back (checked against the token it was sent with), but the
+    // SPA's retry of it then carries the new token.
     const refusedToken = answer.status === 401 && !nonceDemanded && (await refusesTheToken(answer.rawHeaders, scheme)) ? credentials.token : undefined;
-    const clientRetryToken = refusedToken && api.auth === 'client' ? await replacementClientToken(api, refusedToken) : undefined;
-    const mayRefresh = refusedToken !== undefined && credentials.session !== null && (await mayForceRefresh(credentials.session, tokenRequestFor(api)));
-    if (clientRetryToken !== undefined || mayRefresh) {
-      // Replaced whether or not this request can go again: a write the API refused is not sent
-      // twice and its 401 goes back (checked against the token it was sent with), but the SPA's
-      // retry of it then carries the new token.
-      let retried: Awaited<ReturnType<typeof getAccessToken>> | undefined;
-      if (credentials.session && refusedToken) {
-        retried = await getAccessToken(credentials.session, { ...tokenRequestFor(api), rejectedToken: refusedToken }).catch((error: unknown) => {
-          discard(answer.body);
-          throw error;
-        });
-        refreshed = true;
-      }
-      if (resendable) {
+    let replacement: { token: string; session: Session | null; refreshed?: boolean } | undefined;
+    if (refusedToken !== undefined && api.auth === 'client') {
+      const token = await replacementClientToken(api, refusedToken);
+      if (token !== undefined) replacement = { token, session: null };
+    } else if (refusedToken !== undefined && credentials.session) {
+      replacement = await replaceRefusedToken(credentials.session, tokenRequestFor(api), refusedToken).catch((error: unknown) => {
         discard(answer.body);
-        credentials = retried ? { ...credentials, token: retried.token, session: retried.session } : { ...credentials, token: clientRetryToken };
-        answer = await sendWithNonce(null, () => null);
-        await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
-      }
-    } else if (refusedToken !== undefined && resendable && credentials.session) {
-      // The interval's forced refresh is spent, maybe by a call refused alongside this one (a
-      // write, say) whose refresh has stored a new token since: this call goes again with that.
-      const replacing = await tokenReplacing(credentials.session, tokenRequestFor(api), refusedToken);
-      if (replacing) {
-        discard(answer.body);
-        credentials = { ...credentials, token: replacing.token, session: replacing.session };
-        answer = await sendWithNonce(null, () => null);
-        await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
-      }
+        throw error;
+      });
+      if (replacement?.refreshed) refreshed = true;
+    }
+    if (replacement && !hasBody && REPLAYABLE_METHODS.has(method)) {
+      discard(answer.body);
+      credentials = { ...credentials, token: replacement.token, session: replacement.session };
+      answer = await sendWithNonce(null, true);
+      await refuseStepUpChallenge(answer, credentials, scheme, { requestId, api: api.name });
     }
     if (!isFinalStatus(answer.status)) {
       if (answer.body instanceof Readable) answer.body.destroy();

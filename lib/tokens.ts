@@ -292,15 +292,16 @@ function renewedElsewhere(cause?: unknown): GatehouseError {
 }
 
 /**
- * The token that has replaced `refused` in the store (read from the primary), when another call's
- * refresh, in any instance, already did: a call refused while the forced-refresh budget is spent
- * goes again with it instead of taking the upstream's 401 back.
+ * A token in place of one an upstream refused: a forced refresh (see mayForceRefresh), or, when
+ * the interval's is spent, the token another call's refresh (a call refused alongside, in any
+ * instance) has stored since, read from the primary; undefined when there is neither.
  */
-export async function tokenReplacing(session: Session, request: TokenRequest, refused: string): Promise<{ token: string; session: Session } | undefined> {
+export async function replaceRefusedToken(session: Session, request: TokenRequest, refused: string): Promise<{ token: string; session: Session; refreshed: boolean } | undefined> {
+  if (await mayForceRefresh(session, request)) return { ...(await getAccessToken(session, { ...request, rejectedToken: refused })), refreshed: true };
   const current = (await loadSession(session.id, { latest: true }).catch(() => undefined))?.session;
   const held = current ? heldToken(current, request) : undefined;
   if (!current || !held || held.token === refused || (held.expiresAt !== null && held.expiresAt <= Date.now())) return undefined;
-  return { token: held.token, session: current };
+  return { token: held.token, session: current, refreshed: false };
 }
 
 /**
